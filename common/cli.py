@@ -1,0 +1,137 @@
+"""The `mtaq` command: run (all in one), ingress, worker, queue (mailq), passwd."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from common.settings import Settings, add_arguments
+
+__all__ = ["main"]
+
+log = logging.getLogger("mtaq")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these exact settings."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        env[f"MTAQ_{f.name.upper()}"] = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+    return env
+
+
+def cmd_run(settings: Settings) -> int:
+    from common.embedded import EmbeddedRedis
+    from common.logging import setup_logging
+    from common.supervise import Child, Supervisor
+
+    setup_logging("run", settings.log_level)
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
+        embedded.start()
+        log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
+        settings = settings.replace(redis_url=embedded.url)
+    env = settings_env(settings.replace(processes=settings.processes or 1))
+    me = [sys.executable, "-m", "common.cli"]
+    children = [Child("ingress", argv=[*me, "ingress"], env=env)]
+    children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
+    log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
+    try:
+        return Supervisor(children, stop_timeout=settings.shutdown_grace + 10).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
+
+
+def cmd_ingress(settings: Settings) -> int:
+    from ingress.process import main as ingress_main
+
+    return ingress_main(settings)
+
+
+def cmd_worker(settings: Settings, burst: bool = False) -> int:
+    from worker.process import main as worker_main
+
+    return worker_main(settings, burst=burst)
+
+
+def cmd_passwd(settings: Settings, user: str) -> int:
+    from ingress.auth import set_password
+
+    if not settings.auth_file:
+        print("mtaq passwd: say where the credentials live: --auth-file PATH (or MTAQ_AUTH_FILE)", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {user}: ")
+        if password != getpass.getpass("again: "):
+            print("mtaq passwd: the passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("mtaq passwd: empty password refused", file=sys.stderr)
+        return 1
+    set_password(settings.auth_file, user, password)
+    print(f"mtaq passwd: {user} set in {settings.auth_file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtaq", description="mtaq mail transfer agent")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="all in one: embedded Redis, one ingress, N workers")
+    add_arguments(run, "run")
+    ing = sub.add_parser("ingress", help="the SMTP server")
+    add_arguments(ing, "ingress")
+    wrk = sub.add_parser("worker", help="an RQ delivery worker (with the retry scheduler)")
+    add_arguments(wrk, "worker")
+    wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    q = sub.add_parser("queue", help="show the queue, like mailq; flush or delete")
+    add_arguments(q, "queue")
+    q.add_argument("action", nargs="?", default="list", choices=["list", "stats", "flush", "delete"])
+    q.add_argument("ids", nargs="*", help="queue ids for delete")
+    pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
+    add_arguments(pw, "passwd")
+    pw.add_argument("--auth-file", "--auth_file", dest="auth_file", default=None)
+    pw.add_argument("user")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return 2
+    from common.redisconn import NoRedis
+
+    try:
+        if args.command == "run":
+            return cmd_run(settings)
+        if args.command == "ingress":
+            return cmd_ingress(settings)
+        if args.command == "worker":
+            return cmd_worker(settings, args.burst)
+        if args.command == "passwd":
+            return cmd_passwd(settings, args.user)
+        from common.queuecli import cmd_queue
+
+        return cmd_queue(settings, args.action, args.ids)
+    except NoRedis as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The envelope model shared by ingress and worker, and its explicit JSON form.
+
+An envelope is what SMTP carried around the message: the reverse path, the forward paths and the
+ESMTP parameters that must survive to delivery (RFC 3461 DSN parameters, BODY, SMTPUTF8). The
+message itself is stored once, beside it, as bytes. Per-recipient delivery state is kept apart
+(``RecipientStatus``) because different workers update different recipients of one message at the
+same time.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "FINAL_STATES",
+    "Envelope",
+    "RcptState",
+    "Recipient",
+    "RecipientStatus",
+    "domain_of",
+    "new_queue_id",
+]
+
+
+class RcptState(str, Enum):
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+
+FINAL_STATES = frozenset({RcptState.DELIVERED, RcptState.BOUNCED})
+
+
+def new_queue_id() -> str:
+    """A queue id that sorts by arrival time: microseconds since the epoch in hex, plus randomness
+    so that two ingress processes never collide."""
+    return f"{time.time_ns() // 1000:X}{secrets.token_hex(3).upper()}"
+
+
+def domain_of(address: str) -> str:
+    """The domain of a mailbox, lower-cased and without a trailing dot ('' for a bare local part)."""
+    _, at, domain = address.rpartition("@")
+    return domain.rstrip(".").lower() if at else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    # RFC 3461: NOTIFY (empty tuple = not given, which means FAILURE and DELAY) and ORCPT.
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"a": self.address}
+        if self.notify:
+            d["n"] = list(self.notify)
+        if self.orcpt is not None:
+            d["o"] = self.orcpt
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipient:
+        return cls(address=d["a"], notify=tuple(d.get("n", ())), orcpt=d.get("o"))
+
+    def wants(self, kind: str) -> bool:
+        """Whether a DSN of ``kind`` (SUCCESS, FAILURE, DELAY) goes to the sender for this recipient."""
+        if not self.notify:
+            return kind in ("FAILURE", "DELAY")
+        return kind in self.notify
+
+
+@dataclass(slots=True)
+class Envelope:
+    id: str
+    sender: str  # "" is the null reverse path <>
+    recipients: list[Recipient]
+    received_at: float = field(default_factory=time.time)
+    helo: str = ""
+    client_addr: str = ""
+    client_name: str = ""
+    protocol: str = "ESMTP"
+    body_8bit: bool = False  # BODY=8BITMIME on MAIL
+    smtputf8: bool = False
+    ret: str | None = None  # RFC 3461 RET=FULL|HDRS
+    envid: str | None = None  # RFC 3461 ENVID (xtext decoded)
+    auth_user: str | None = None
+
+    @property
+    def is_bounce(self) -> bool:
+        return self.sender == ""
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {
+            "v": 1,
+            "id": self.id,
+            "from": self.sender,
+            "rcpt": [r.to_dict() for r in self.recipients],
+            "t": self.received_at,
+            "helo": self.helo,
+            "addr": self.client_addr,
+            "name": self.client_name,
+            "proto": self.protocol,
+        }
+        if self.body_8bit:
+            d["8bit"] = True
+        if self.smtputf8:
+            d["utf8"] = True
+        if self.ret is not None:
+            d["ret"] = self.ret
+        if self.envid is not None:
+            d["envid"] = self.envid
+        if self.auth_user is not None:
+            d["auth"] = self.auth_user
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Envelope:
+        d = json.loads(raw)
+        if d.get("v") != 1:
+            raise ValueError(f"unknown envelope version {d.get('v')!r}")
+        return cls(
+            id=d["id"],
+            sender=d["from"],
+            recipients=[Recipient.from_dict(r) for r in d["rcpt"]],
+            received_at=d["t"],
+            helo=d.get("helo", ""),
+            client_addr=d.get("addr", ""),
+            client_name=d.get("name", ""),
+            protocol=d.get("proto", "ESMTP"),
+            body_8bit=d.get("8bit", False),
+            smtputf8=d.get("utf8", False),
+            ret=d.get("ret"),
+            envid=d.get("envid"),
+            auth_user=d.get("auth"),
+        )
+
+
+@dataclass(slots=True)
+class RecipientStatus:
+    """Where one recipient of one message stands. Stored as JSON, one hash field per recipient."""
+
+    state: RcptState = RcptState.PENDING
+    attempts: int = 0
+    dsn: str = ""  # enhanced status code of the last outcome, e.g. "5.1.1"
+    reply: str = ""  # the remote reply (or our own diagnostic) of the last attempt
+    relay: str = ""  # host[ip]:port that gave the reply, "none" when no host answered
+    remote_mta: str = ""  # the host name that gave the reply (Remote-MTA of a DSN)
+    updated: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "s": self.state.value,
+                "n": self.attempts,
+                "d": self.dsn,
+                "r": self.reply,
+                "h": self.relay,
+                "m": self.remote_mta,
+                "u": self.updated,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> RecipientStatus:
+        d = json.loads(raw)
+        return cls(
+            state=RcptState(d["s"]),
+            attempts=d.get("n", 0),
+            dsn=d.get("d", ""),
+            reply=d.get("r", ""),
+            relay=d.get("h", ""),
+            remote_mta=d.get("m", ""),
+            updated=d.get("u", 0.0),
+        )

@@ -1,0 +1,95 @@
+"""`mtaq queue`: the operator's view of the queue, in the layout of Postfix's mailq."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from typing import TextIO
+
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+from common.envelope import RcptState
+from common.redisconn import connect
+from common.settings import Settings
+from common.store import Store, next_hop
+
+__all__ = ["cmd_queue", "format_queue"]
+
+
+def format_queue(store: Store, out: TextIO) -> int:
+    ids = store.queue_ids()
+    if not ids:
+        out.write("Mail queue is empty\n")
+        return 0
+    out.write(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------\n")
+    total = 0
+    for qid in ids:
+        msg = store.load(qid)
+        if msg is None:
+            continue
+        env = msg.envelope
+        statuses = store.statuses(qid)
+        total += len(msg.body)
+        mark = "*" if all(s.state is RcptState.PENDING for s in statuses.values()) else " "
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
+        out.write(f"{qid + mark:<22} {len(msg.body):>8} {arrival:<20} {env.sender or 'MAILER-DAEMON'}\n")
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for i, r in enumerate(env.recipients):
+            st = statuses.get(i)
+            if st is None or st.final:
+                continue
+            by_reason[st.reply if st.state is RcptState.DEFERRED else ""].append(r.address)
+        for reason, rcpts in by_reason.items():
+            if reason:
+                out.write(f"{'':<53}({reason[:200]})\n")
+            for a in rcpts:
+                out.write(f"{'':<53}{a}\n")
+        out.write("\n")
+    out.write(f"-- {total // 1024} Kbytes in {len(ids)} Request{'s' if len(ids) != 1 else ''}.\n")
+    return 0
+
+
+def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys.stdout) -> int:
+    store = Store(connect(settings), settings.queue_name, relayhost=settings.relayhost,
+                  job_max_messages=settings.job_max_messages, job_timeout=settings.job_timeout)
+    if action == "list":
+        return format_queue(store, out)
+    if action == "stats":
+        q = store.queue
+        counts = {
+            "messages in queue": store.queue_size(),
+            "jobs waiting": q.count,
+            "jobs running": StartedJobRegistry(queue=q).count,
+            "jobs scheduled (retries)": ScheduledJobRegistry(queue=q).count,  # type: ignore[no-untyped-call]
+            "jobs failed": FailedJobRegistry(queue=q).count,
+        }
+        counts.update({f"total {k}": v for k, v in sorted(store.stats().items())})
+        for k, v in counts.items():
+            out.write(f"{k:<28} {v}\n")
+        return 0
+    if action == "flush":
+        # like `postqueue -f`: every message with a recipient not yet final, now, per destination
+        dests: dict[str, list[str]] = defaultdict(list)
+        for qid in store.queue_ids():
+            env = store.load_envelope(qid)
+            if env is None:
+                continue
+            statuses = store.statuses(qid)
+            for d in {next_hop(r.address, store.relayhost) for i, r in enumerate(env.recipients)
+                      if not statuses.get(i) or not statuses[i].final}:
+                dests[d].append(qid)
+        for d, qids in dests.items():
+            for i in range(0, len(qids), store.job_max_messages):
+                store.enqueue_now(d, qids[i:i + store.job_max_messages])
+        out.write(f"flushed {sum(len(v) for v in dests.values())} message(s) to {len(dests)} destination(s)\n")
+        return 0
+    if action == "delete":
+        if not ids:
+            out.write("mtaq queue delete: name the queue ids (`mtaq queue` lists them)\n")
+            return 2
+        for qid in ids:
+            store.delete(qid)
+            out.write(f"{qid}: removed\n")
+        return 0
+    raise AssertionError(action)

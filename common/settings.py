@@ -1,0 +1,159 @@
+"""One typed Settings object for every role.
+
+Each field is an environment variable ``MTAQ_<NAME>`` and a command-line flag ``--<name>``
+(underscores become dashes); a flag beats the environment, which beats the default. Defaults follow
+Postfix where Postfix has an equivalent parameter (named in the field's help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["Settings", "add_arguments", "parse_hostport"]
+
+
+def _opt(default: Any, help: str, roles: tuple[str, ...] = ("all",)) -> Any:
+    return field(default=default, metadata={"help": help, "roles": roles})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- where things are
+    listen: str = _opt("127.0.0.1:2525", "ingress address host:port", ("ingress",))
+    hostname: str = _opt("", "our host name in the greeting, EHLO and Received: (default: the FQDN)")
+    redis_url: str = _opt("", "Redis URL; unset with `mtaq run` = the embedded redis-server in data_dir")
+    data_dir: str = _opt("./var", "where the embedded Redis keeps its AOF and socket")
+    workers: int = _opt(2, "worker processes started by `mtaq run`", ("run",))
+    processes: int = _opt(0, "ingress processes sharing the port (0 = CPU count; `run` uses 1)", ("ingress",))
+    queue_name: str = _opt("mtaq", "the RQ queue the workers take jobs from")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    redis_appendfsync: str = _opt(
+        "always", "embedded Redis: always (250 means on disk) or everysec (may lose 1 s on power cut)", ("run",)
+    )
+    # -- delivery (worker)
+    dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker",))
+    smtp_port: int = _opt(25, "remote port for MX delivery", ("worker",))
+    relayhost: str = _opt("", "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost)", ("worker",))
+    min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
+    max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
+    queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
+    connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
+    smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
+    max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
+    job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
+    # -- ingress policy and limits
+    mynetworks: str = _opt("127.0.0.0/8,::1/128", "comma list of networks allowed to relay", ("ingress",))
+    relay_domains: str = _opt("", "comma list of domains anyone may send to (inbound relay)", ("ingress",))
+    max_message_size: int = _opt(10240000, "octets, advertised in SIZE (Postfix message_size_limit)", ("ingress",))
+    max_recipients: int = _opt(1000, "recipients per message (Postfix smtpd_recipient_limit)", ("ingress",))
+    max_errors: int = _opt(20, "errors before 421 and close (Postfix smtpd_hard_error_limit)", ("ingress",))
+    idle_timeout: float = _opt(300.0, "seconds a client may stay silent (Postfix smtpd_timeout)", ("ingress",))
+    max_connections: int = _opt(1000, "concurrent connections per ingress process", ("ingress",))
+    max_connections_per_client: int = _opt(
+        50, "concurrent connections per client address (Postfix smtpd_client_connection_count_limit)", ("ingress",)
+    )
+    max_queue: int = _opt(0, "messages in the queue before new mail gets 452 (0 = no limit)", ("ingress",))
+    tls_cert: str = _opt("", "PEM certificate chain for STARTTLS; unset = no STARTTLS", ("ingress",))
+    tls_key: str = _opt("", "PEM private key for tls_cert", ("ingress",))
+    tls_required: bool = _opt(False, "refuse MAIL before STARTTLS (submission)", ("ingress",))
+    auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
+    commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
+    job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
+    shutdown_grace: float = _opt(30.0, "seconds SIGTERM waits for transactions in flight", ("ingress",))
+
+    def __post_init__(self) -> None:
+        if not self.hostname:
+            object.__setattr__(self, "hostname", socket.getfqdn() or "localhost")
+        for net in self.networks:
+            del net  # parsing in .networks raises on a bad entry, early
+        if self.redis_appendfsync not in ("always", "everysec"):
+            raise ValueError("redis_appendfsync must be 'always' or 'everysec'")
+        if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:
+            raise ValueError("need 0 < min_backoff <= max_backoff")
+
+    # -- parsed views
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n.strip(), strict=False) for n in self.mynetworks.split(",") if n.strip()]
+
+    @property
+    def relay_domain_set(self) -> frozenset[str]:
+        return frozenset(d.strip().lower().rstrip(".") for d in self.relay_domains.split(",") if d.strip())
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, 2525)
+
+    @property
+    def dns_server_list(self) -> list[tuple[str, int]]:
+        return [parse_hostport(s.strip(), 53) for s in self.dns_servers.split(",") if s.strip()]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MTAQ_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        names = {f.name for f in fields(cls)}
+        return cls.from_env(env, **{k: v for k, v in vars(ns).items() if k in names})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind: type[Any] = type(f.default)
+    if kind is bool:
+        if raw.strip().lower() in ("1", "yes", "true", "on"):
+            return True
+        if raw.strip().lower() in ("0", "no", "false", "off", ""):
+            return False
+        raise ValueError(f"MTAQ_{f.name.upper()}={raw!r}: expected yes or no")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"MTAQ_{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or ``[host]:port`` -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    return host, int(port) if port else default_port
+
+
+def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """Add a ``--name`` flag for every setting the role uses. Defaults stay None so that the
+    environment is not overridden by a flag that was not given."""
+    for f in fields(Settings):
+        roles: Sequence[str] = f.metadata["roles"]
+        if "all" not in roles and role not in roles and role != "run":
+            continue
+        # Both spellings: --redis-url reads well, --redis_url is the setting's own name.
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        help_text = f"{f.metadata['help']} [env MTAQ_{f.name.upper()}, default {f.default!r}]"
+        if isinstance(f.default, bool):
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=None, help=help_text)

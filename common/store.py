@@ -1,0 +1,188 @@
+"""Every Redis key mtaq writes, and the operations on them.
+
+No other module builds a key string. Keys (all prefixed ``mtaq:``; RQ keeps its own ``rq:`` keys):
+
+``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once)
+``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
+``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
+``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
+``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, attempts, dsn
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.serializers import JSONSerializer
+
+from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
+
+__all__ = [
+    "DELIVER_FUNC",
+    "Message",
+    "Store",
+    "next_hop",
+]
+
+PREFIX = "mtaq:"
+INDEX = PREFIX + "index"
+STATS = PREFIX + "stats"
+# The job function, by import path: common/ must not import worker/.
+DELIVER_FUNC = "worker.jobs.deliver"
+# Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
+# cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
+# is ours (worker/retry.py), never RQ's.
+CRASH_RETRY = Retry(max=10, interval=[30, 60, 300])
+
+
+def msg_key(qid: str) -> str:
+    return f"{PREFIX}msg:{qid}"
+
+
+def rcpt_key(qid: str) -> str:
+    return f"{PREFIX}rcpt:{qid}"
+
+
+def left_key(qid: str) -> str:
+    return f"{PREFIX}left:{qid}"
+
+
+def next_hop(address: str, relayhost: str) -> str:
+    """The destination a recipient is delivered to and grouped by: its domain, or the relayhost.
+
+    A relayhost is taken literally (no MX lookup), as Postfix does for ``[host]:port``."""
+    if relayhost:
+        if relayhost.startswith("["):
+            return relayhost
+        host, _, port = relayhost.partition(":")
+        return f"[{host}]:{port}" if port else f"[{host}]"
+    return domain_of(address)
+
+
+# KEYS: rcpt hash, left counter, stats hash, index; ARGV: field, new status JSON, final (1/0), stat name,
+# queue id. Returns the recipients left when the status became final, -1 when it already was final (a
+# re-run job: nothing changes), -2 when the message is gone, -3 after a non-final update.
+_SET_STATUS = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return -2 end
+if string.find(old, '"s":"delivered"', 1, true) or string.find(old, '"s":"bounced"', 1, true) then
+  return -1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
+return -3
+"""
+
+
+@dataclass(slots=True)
+class Message:
+    envelope: Envelope
+    body: bytes
+
+
+class Store:
+    """Queue storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
+
+    def __init__(self, r: redis.Redis, queue_name: str = "mtaq", *, relayhost: str = "",
+                 job_max_messages: int = 100, job_timeout: int = 1800) -> None:
+        self.redis = r
+        self.queue = Queue(queue_name, connection=r, serializer=JSONSerializer)
+        self.relayhost = relayhost
+        self.job_max_messages = max(1, job_max_messages)
+        self.job_timeout = job_timeout
+        self._set_status = r.register_script(_SET_STATUS)
+
+    # -- writing new mail -------------------------------------------------------------------------
+    def commit(self, messages: Sequence[Message], *, delete: Iterable[str] = ()) -> None:
+        """Store messages and their delivery jobs in one MULTI/EXEC: all of it or nothing.
+
+        ``delete`` removes finished messages in the same transaction (a DSN replaces its original).
+        Raises redis.ConnectionError / redis.ResponseError (OOM) and stores nothing then."""
+        pipe = self.redis.pipeline(transaction=True)
+        by_dest: dict[str, list[str]] = defaultdict(list)
+        for m in messages:
+            env = m.envelope
+            pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
+            fresh = RecipientStatus().to_json()
+            pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
+            pipe.set(left_key(env.id), len(env.recipients))
+            pipe.zadd(INDEX, {env.id: env.received_at})
+            for dest in dict.fromkeys(next_hop(r.address, self.relayhost) for r in env.recipients):
+                by_dest[dest].append(env.id)
+        if messages:
+            pipe.hincrby(STATS, "received", len(messages))
+        for qid in delete:
+            self._delete(pipe, qid)
+        jobs = [
+            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids[i:i + self.job_max_messages]), **self._job_opts())
+            for dest, ids in by_dest.items()
+            for i in range(0, len(ids), self.job_max_messages)
+        ]
+        if jobs:
+            self.queue.enqueue_many(jobs, pipeline=pipe)
+        pipe.execute()
+
+    def _job_opts(self) -> dict[str, Any]:
+        return {"timeout": self.job_timeout, "result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
+
+    def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
+        """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
+        self.queue.enqueue_in(datetime.timedelta(seconds=max(0.0, delay)), DELIVER_FUNC, destination,
+                              list(ids), job_timeout=self.job_timeout, result_ttl=0,
+                              failure_ttl=30 * 86400, retry=CRASH_RETRY)
+
+    def enqueue_now(self, destination: str, ids: Sequence[str]) -> None:
+        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), job_timeout=self.job_timeout,
+                           result_ttl=0, failure_ttl=30 * 86400, retry=CRASH_RETRY)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def load(self, qid: str) -> Message | None:
+        raw = self.redis.hmget(msg_key(qid), ["env", "body"])
+        if raw[0] is None or raw[1] is None:
+            return None
+        body = raw[1]
+        return Message(Envelope.from_json(raw[0]), body if isinstance(body, bytes) else body.encode())
+
+    def load_envelope(self, qid: str) -> Envelope | None:
+        raw = self.redis.hget(msg_key(qid), "env")
+        return None if raw is None else Envelope.from_json(raw)
+
+    def statuses(self, qid: str) -> dict[int, RecipientStatus]:
+        raw = self.redis.hgetall(rcpt_key(qid))
+        return {int(k): RecipientStatus.from_json(v) for k, v in raw.items()}
+
+    def queue_size(self) -> int:
+        return int(self.redis.zcard(INDEX))
+
+    def queue_ids(self, start: int = 0, end: int = -1) -> list[str]:
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.zrange(INDEX, start, end)]
+
+    def stats(self) -> dict[str, int]:
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in self.redis.hgetall(STATS).items()}
+
+    # -- recipient state --------------------------------------------------------------------------
+    def set_statuses(self, qid: str, updates: dict[int, RecipientStatus]) -> list[int]:
+        """Record outcomes; returns, per update, what _SET_STATUS returned (see there)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for idx, st in updates.items():
+            stat = {RcptState.DELIVERED: "delivered", RcptState.BOUNCED: "bounced"}.get(st.state, "deferred")
+            self._set_status(keys=[rcpt_key(qid), left_key(qid), STATS, INDEX],
+                             args=[str(idx), st.to_json(), "1" if st.final else "0", stat, qid], client=pipe)
+        return [int(x) for x in pipe.execute()]
+
+    def delete(self, qid: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self._delete(pipe, qid)
+        pipe.execute()
+
+    @staticmethod
+    def _delete(pipe: Any, qid: str) -> None:
+        pipe.delete(msg_key(qid), rcpt_key(qid), left_key(qid))
+        pipe.zrem(INDEX, qid)

@@ -1,0 +1,129 @@
+"""SMTP AUTH credentials: a file of scrypt-hashed passwords, and a limiter for failed attempts.
+
+File format, one user a line (``mtaq passwd`` writes it): ``user:$scrypt$n=16384,r=8,p=1$<salt>$<key>``
+with salt and key in unpadded base64. scrypt is the memory-hard KDF of OpenSSL, through hashlib:
+no new dependency, and no plain-text or fast-hash passwords ever.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections import deque
+from pathlib import Path
+
+__all__ = ["AuthLimiter", "Credentials", "hash_password", "set_password", "verify_password"]
+
+# OWASP's scrypt floor: N=2^17, r=8, p=1 (128 MiB). We take N=2^14 (16 MiB, ~50 ms here) so that a
+# burst of AUTH attempts cannot exhaust the ingress's memory; the limiter bounds guessing instead.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+KEY_LEN = 32
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode().rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s + "=" * (-len(s) % 4))
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=KEY_LEN,
+                         maxmem=64 * 1024 * 1024)
+    return f"$scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        _, scheme, params, salt_s, key_s = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        p = dict(kv.split("=") for kv in params.split(","))
+        n, r, par = int(p["n"]), int(p["r"]), int(p["p"])
+        salt, key = _unb64(salt_s), _unb64(key_s)
+    except (ValueError, KeyError):
+        return False
+    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=par, dklen=len(key), maxmem=256 * 1024 * 1024)
+    return hmac.compare_digest(got, key)
+
+
+class Credentials:
+    """The auth file, re-read when it changes (``mtaq passwd`` needs no restart)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._mtime = -1.0
+        self._users: dict[str, str] = {}
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._users = {}
+            return
+        if mtime == self._mtime:
+            return
+        users: dict[str, str] = {}
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and ":" in line:
+                user, _, encoded = line.partition(":")
+                users[user] = encoded
+        self._users, self._mtime = users, mtime
+
+    def verify(self, username: str, password: str) -> bool:
+        self._reload()
+        encoded = self._users.get(username)
+        if encoded is None:
+            # spend the same time as for a known user, so timing does not reveal who exists
+            verify_password(password, hash_password("x", salt=b"\0" * 16))
+            return False
+        return verify_password(password, encoded)
+
+
+def set_password(path: str, username: str, password: str) -> None:
+    """Add or replace a user, atomically, file mode 0600."""
+    if not username or ":" in username or any(c.isspace() for c in username):
+        raise ValueError("user name must be non-empty, without ':' or white space")
+    p = Path(path)
+    lines = p.read_text().splitlines() if p.exists() else []
+    lines = [ln for ln in lines if ln.partition(":")[0] != username]
+    lines.append(f"{username}:{hash_password(password)}")
+    tmp = p.with_name(p.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, p)
+
+
+class AuthLimiter:
+    """Failed AUTH attempts per client address within a sliding window (Postfix's anvil
+    smtpd_client_auth_rate_limit): past the limit an address gets no more password checks."""
+
+    def __init__(self, max_failures: int = 5, window: float = 60.0) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._fails: dict[str, deque[float]] = {}
+
+    def _recent(self, ip: str, now: float) -> deque[float]:
+        q = self._fails.setdefault(ip, deque())
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        return q
+
+    def blocked(self, ip: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return len(self._recent(ip, now)) >= self.max_failures
+
+    def failed(self, ip: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._recent(ip, now).append(now)
+        if len(self._fails) > 10000:  # bound memory against many addresses
+            for k in [k for k, q in self._fails.items() if not q][:5000]:
+                del self._fails[k]

@@ -1,0 +1,105 @@
+"""Group commit: messages whose DATA has ended wait here, and one writer stores everything buffered
+in one MULTI/EXEC, then answers all of those clients. Idle, a batch is one message and adds no
+delay; under load batches grow by themselves, as a database's group commit does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from common.store import Message, Store
+from ingress import replies
+from ingress.replies import Reply
+
+__all__ = ["Committer", "StorageRefused", "classify_redis_error"]
+
+log = logging.getLogger("mtaq.ingress")
+
+
+class StorageRefused(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def classify_redis_error(e: Exception) -> Reply:
+    """451 4.3.0 when Redis is unreachable or broken; 452 4.3.1 when it refuses to grow (OOM under
+    noeviction), which tells the client to come back later without counting against it."""
+    if isinstance(e, redis.ResponseError) and str(e).startswith("OOM"):
+        return replies.INSUFFICIENT_STORAGE
+    return replies.STORAGE_FAILED
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: Message
+    future: asyncio.Future[None]
+
+
+class Committer:
+    def __init__(self, store: Store, *, max_batch: int = 256, max_queue: int = 0) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._pending: list[_Pending] = []
+        self._task: asyncio.Task[None] | None = None
+        self._queue_size = 0
+        self._full_until = 0.0  # after an OOM, refuse new mail for a moment without asking Redis
+        self.batches = 0
+        self.committed = 0
+
+    async def submit(self, message: Message) -> None:
+        """Resolve once the message and its jobs are in Redis; raise StorageRefused if they are not."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(message, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        await asyncio.shield(fut)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            try:
+                await asyncio.to_thread(self.store.commit, [p.message for p in batch])
+            except (redis.RedisError, OSError) as e:
+                reply = classify_redis_error(e)
+                if reply is replies.INSUFFICIENT_STORAGE:
+                    self._full_until = time.monotonic() + 1.0
+                log.warning("queue write of %d message(s) failed: %s -> %s", len(batch), e, reply)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(StorageRefused(reply))
+                continue
+            self.batches += 1
+            self.committed += len(batch)
+            self._queue_size += len(batch)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result(None)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far has an answer (graceful shutdown)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
+    # -- backpressure -----------------------------------------------------------------------------
+    def gate(self) -> Reply | None:
+        """Called by sessions at MAIL and at the end of DATA: 452 4.3.1 while Redis is full or the
+        queue holds more than max_queue messages, else None."""
+        if time.monotonic() < self._full_until:
+            return replies.INSUFFICIENT_STORAGE
+        if self.max_queue and self._queue_size >= self.max_queue:
+            return replies.INSUFFICIENT_STORAGE
+        return None
+
+    async def watch_queue(self, interval: float = 1.0) -> None:
+        """Keep the queue size fresh for gate(); Redis being down shows up at commit, not here."""
+        while True:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._queue_size = await asyncio.to_thread(self.store.queue_size)
+            await asyncio.sleep(interval)

@@ -1,0 +1,307 @@
+"""asyncio glue around the sans-IO session: the only ingress module that touches sockets.
+
+Feeds bytes into ``Session``, writes its replies, and carries out what it asks for: store a message
+(group commit), upgrade to TLS, check a password. Also enforces what needs a clock or a view of every
+connection: the idle deadline, connection limits, the AUTH failure limiter, graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from common.envelope import Envelope, new_queue_id
+from common.store import Message, Store
+from ingress import replies
+from ingress.auth import AuthLimiter, Credentials
+from ingress.commit import Committer, StorageRefused
+from ingress.received import received_header
+from ingress.session import (
+    Authenticate,
+    Close,
+    Event,
+    Peer,
+    Send,
+    Session,
+    SessionConfig,
+    StartTLS,
+    Transaction,
+)
+
+__all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
+
+log = logging.getLogger("mtaq.ingress")
+
+# A slow client must complete a command, or send this many octets of message data, within the idle
+# timeout: one byte a second (slowloris) does not keep a connection alive.
+PROGRESS_OCTETS = 512
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Ingress:
+    """What every connection of one ingress process shares."""
+
+    def __init__(self, store: Store, config: SessionConfig, *, idle_timeout: float, max_connections: int,
+                 max_per_client: int, commit_max_messages: int = 256, max_queue: int = 0,
+                 ssl_context: ssl.SSLContext | None = None, credentials: Credentials | None = None,
+                 shutdown_grace: float = 30.0) -> None:
+        self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue)
+        self.config = SessionConfig(**{**config.__dict__, "mail_gate": self.committer.gate,
+                                       "tls_available": ssl_context is not None,
+                                       "auth_available": credentials is not None})
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.ssl_context = ssl_context
+        self.credentials = credentials
+        self.auth_limiter = AuthLimiter()
+        self.shutdown_grace = shutdown_grace
+        self.connections: set[SMTPProtocol] = set()
+        self.per_client: Counter[str] = Counter()
+        self.server: asyncio.Server | None = None
+        self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def protocol(self) -> SMTPProtocol:
+        return SMTPProtocol(self)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, host: str = "", port: int = 0, *, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
+        self.spawn(self.committer.watch_queue())
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]:
+        return self.server.sockets if self.server is not None else ()
+
+    async def shutdown(self) -> None:
+        """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
+        wait for the last group commit. Nothing the ingress answered 250 to is lost: 250 is only
+        ever sent after the commit."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.shutdown_if_idle()
+        deadline = time.monotonic() + self.shutdown_grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.shutdown_if_idle()
+        for conn in list(self.connections):
+            conn.abort()
+        await self.committer.flush()
+        for t in list(self._tasks):
+            t.cancel()
+
+
+class SMTPProtocol(asyncio.Protocol):
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer_ip = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._octets_since_progress = 0
+        self._closing = False
+
+    # -- asyncio callbacks ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer_ip = str(peer[0])
+        ing = self.ingress
+        if ing.stopping:
+            self._refuse(replies.SHUTTING_DOWN)
+            return
+        if len(ing.connections) >= ing.max_connections or ing.per_client[self.peer_ip] >= ing.max_per_client:
+            log.warning("connection from [%s] refused: too many connections", self.peer_ip)
+            self._refuse(replies.TOO_MANY_CONNECTIONS)
+            return
+        ing.connections.add(self)
+        ing.per_client[self.peer_ip] += 1
+        self.session = Session(ing.config, Peer(self.peer_ip, int(peer[1])))
+        log.debug("connect from [%s]", self.peer_ip)
+        self._arm_timer()
+        self._handle(self.session.start())
+
+    def _refuse(self, reply: replies.Reply) -> None:
+        assert self.transport is not None
+        self.transport.write(reply.to_bytes())
+        self.transport.close()
+        self._closing = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or self._closing:
+            return
+        events = self.session.receive_data(data)
+        self._octets_since_progress += len(data)
+        if any(isinstance(e, Send) for e in events) or self._octets_since_progress >= PROGRESS_OCTETS:
+            self._arm_timer()
+        self._handle(events)
+
+    def eof_received(self) -> bool | None:
+        if self.session is not None:
+            self._handle(self.session.eof())
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        ing = self.ingress
+        if self in ing.connections:
+            ing.connections.discard(self)
+            ing.per_client[self.peer_ip] -= 1
+            if ing.per_client[self.peer_ip] <= 0:
+                del ing.per_client[self.peer_ip]
+        log.debug("disconnect from [%s]", self.peer_ip)
+
+    # -- the session's requests -------------------------------------------------------------------
+    def _handle(self, events: list[Event]) -> None:
+        for ev in events:
+            if self.transport is None or self._closing:
+                return
+            if isinstance(ev, Send):
+                self.transport.write(ev.data)
+            elif isinstance(ev, Transaction):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._store(ev))
+            elif isinstance(ev, StartTLS):
+                self.ingress.spawn(self._start_tls())
+            elif isinstance(ev, Authenticate):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._authenticate(ev))
+            elif isinstance(ev, Close):
+                self._closing = True
+                self.transport.close()
+
+    def _resume(self, events: list[Event]) -> None:
+        if self.transport is not None and not self._closing:
+            self._arm_timer()
+            self._handle(events)
+            if self.session is not None and not self.session.waiting and not self._closing:
+                self.transport.resume_reading()
+
+    async def _store(self, tx: Transaction) -> None:
+        assert self.session is not None
+        qid = new_queue_id()
+        now = time.time()
+        env = Envelope(id=qid, sender=tx.sender, recipients=list(tx.recipients), received_at=now, helo=tx.helo,
+                       client_addr=self.peer_ip, client_name=self.session.peer.name, protocol=tx.protocol,
+                       body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, ret=tx.ret, envid=tx.envid,
+                       auth_user=tx.auth_user)
+        trace = received_header(hostname=self.ingress.config.hostname, helo=tx.helo, client_ip=self.peer_ip,
+                                client_name=self.session.peer.name, protocol=tx.protocol, queue_id=qid,
+                                recipient=tx.recipients[0].address if len(tx.recipients) == 1 else None,
+                                when=now)
+        try:
+            await self.ingress.committer.submit(Message(env, trace + tx.data))
+        except StorageRefused as e:
+            self._resume(self.session.message_failed(e.reply))
+            return
+        log.info("%s: client=%s[%s], from=<%s>, nrcpt=%d, size=%d", qid, self.session.peer.name, self.peer_ip,
+                 tx.sender, len(tx.recipients), len(tx.data))
+        self._resume(self.session.message_stored(qid))
+
+    async def _start_tls(self) -> None:
+        assert self.session is not None and self.transport is not None
+        ctx = self.ingress.ssl_context
+        if ctx is None:  # the session never offers STARTTLS without a context
+            self.abort()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            new = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, ctx, server_side=True), timeout=self.ingress.idle_timeout
+            )
+        except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as e:
+            log.info("TLS handshake with [%s] failed: %s", self.peer_ip, e)
+            self.abort()
+            return
+        if new is None:
+            self.abort()
+            return
+        self.transport = new
+        self._resume(self.session.tls_started())
+
+    async def _authenticate(self, ev: Authenticate) -> None:
+        assert self.session is not None
+        ing = self.ingress
+        if ing.credentials is None or ing.auth_limiter.blocked(self.peer_ip):
+            ok = False
+        else:
+            ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
+        if not ok:
+            ing.auth_limiter.failed(self.peer_ip)
+            # the user name is logged as sent; the password never is
+            log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username)
+        self._resume(self.session.auth_result(ok))
+
+    # -- deadlines and shutdown -------------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        self._octets_since_progress = 0
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.ingress.idle_timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        if self.session is None or self._closing:
+            return
+        if self.session.waiting:  # our own storage is slow, not the client
+            self._arm_timer()
+            return
+        log.info("timeout after %s from [%s]", "DATA" if self.session.in_transaction else "command", self.peer_ip)
+        self._handle(self.session.timeout())
+        self.abort_later()
+
+    def shutdown_if_idle(self) -> None:
+        if self.session is not None and not self.session.in_transaction and not self.session.waiting:
+            self._handle(self.session.shutdown())
+
+    def abort_later(self, delay: float = 1.0) -> None:
+        asyncio.get_running_loop().call_later(delay, self.abort)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def install_signal_handlers(ingress: Ingress, done: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not ingress.stopping:
+            log.info("SIGTERM: no new connections; finishing transactions in flight")
+            ingress.spawn(_stop(ingress, done))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _stop(ingress: Ingress, done: asyncio.Event) -> None:
+    await ingress.shutdown()
+    done.set()

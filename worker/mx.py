@@ -1,0 +1,372 @@
+"""Where to deliver mail for a destination: MX resolution (RFC 5321 §5.1, RFC 7505 null MX).
+
+The rules are pure functions (``order_mx``, ``parse_destination``) and one small class that asks a
+dnspython resolver and applies them (``MXResolver``). Errors are two exceptions carrying the
+enhanced status code (RFC 3463) and a Postfix-style diagnostic: ``DnsPermanent`` means bounce,
+``DnsTransient`` means defer and try again later.
+
+The outcomes, following Postfix where the RFC leaves a choice:
+
+====================================  ===========================================================
+MX records                            sorted by preference, equal preferences shuffled, deduped
+no MX record (NOERROR/NODATA)         implicit MX: the domain's own A/AAAA at preference 0
+null MX (``0 .``, RFC 7505)           DnsPermanent 5.1.10
+domain NXDOMAIN                       DnsPermanent 5.1.2
+SERVFAIL, timeout, no server answers  DnsTransient 4.4.3
+an MX host without addresses          skipped; if every host fails: transient if any failure was
+                                      transient, else DnsPermanent 5.4.4 (unable to route)
+an MX host that is us                 hosts at its preference and below are dropped (Postfix's
+                                      rule); nothing better left -> DnsPermanent 5.4.6 loop
+``[host]``, ``[host]:port``           no MX lookup: the host's A/AAAA, or the IP literal itself
+====================================  ===========================================================
+
+Loop detection applies to MX (and implicit MX) answers only, not to ``[host]`` literals: as in
+Postfix, a literal next hop on our own address (a content filter at ``[127.0.0.1]:10025``, a
+test sink) is an operator's explicit choice, and an address comparison without ports cannot tell
+it from a loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+__all__ = [
+    "MAX_ADDRESSES",
+    "DnsError",
+    "DnsPermanent",
+    "DnsTransient",
+    "MXResolver",
+    "Target",
+    "make_resolver",
+    "order_mx",
+    "parse_destination",
+]
+
+MAX_ADDRESSES = 5
+"""Addresses tried per delivery attempt (Postfix ``smtp_mx_address_limit``)."""
+
+
+class DnsError(Exception):
+    """A destination that cannot be resolved now; ``dsn`` is the RFC 3463 status."""
+
+    def __init__(self, dsn: str, text: str) -> None:
+        super().__init__(f"{dsn} {text}")
+        self.dsn = dsn
+        self.text = text
+
+
+class DnsPermanent(DnsError):
+    """The destination will not resolve to a mail server: bounce (5.x.x)."""
+
+
+class DnsTransient(DnsError):
+    """Name service trouble that may pass: defer (4.x.x)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One address to try, in order: ``hostname`` is the MX host name (or the literal)."""
+
+    hostname: str
+    ip: str
+    port: int
+    preference: int
+
+    def __str__(self) -> str:
+        """Postfix's ``host[ip]:port``, as used in logs and in RecipientStatus.relay."""
+        return f"{self.hostname}[{self.ip}]:{self.port}"
+
+
+def order_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[str]:
+    """MX host names in the order to try them (RFC 5321 §5.1).
+
+    Lower preference first; hosts of equal preference are shuffled so that senders spread their
+    load; a host listed twice is tried once, at its best preference. Names are compared without
+    case or trailing dot and returned as given (first spelling seen at the best preference).
+    """
+    best: dict[str, tuple[int, str]] = {}
+    for pref, host in records:
+        key = _name_key(host)
+        if key not in best or pref < best[key][0]:
+            best[key] = (pref, host)
+    by_pref: dict[int, list[str]] = {}
+    for pref, host in best.values():
+        by_pref.setdefault(pref, []).append(host)
+    ordered: list[str] = []
+    for pref in sorted(by_pref):
+        level = by_pref[pref]
+        rng.shuffle(level)
+        ordered.extend(level)
+    return ordered
+
+
+def parse_destination(destination: str, port: int) -> tuple[str, int, bool]:
+    """``(host, port, literal)`` of a next-hop destination, Postfix style.
+
+    ``example.com`` -> MX lookup; ``example.com:587`` -> MX lookup, port 587; ``[host]`` and
+    ``[host]:port`` -> no MX lookup (``literal``), the host's own addresses or the IP literal.
+    An RFC 5321 ``[IPv6:...]`` address literal is accepted too. Raises ValueError on a bad port.
+    """
+    dest = destination.strip()
+    if dest.startswith("["):
+        host, close, rest = dest[1:].partition("]")
+        if not close or not host:
+            raise ValueError(f"bad destination {destination!r}")
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad destination {destination!r}")
+            port = _port(rest[1:], destination)
+        return host, port, True
+    if dest.count(":") == 1:
+        host, _, p = dest.partition(":")
+        return host, _port(p, destination), False
+    return dest, port, False
+
+
+def make_resolver(servers: Sequence[tuple[str, int]], timeout: float = 5.0) -> dns.resolver.Resolver:
+    """A caching resolver: the system's (``/etc/resolv.conf``) when ``servers`` is empty, else
+    exactly those ``(ip, port)`` servers. ``timeout`` is the wait for one server; one lookup gives
+    up after ``timeout`` times the number of servers. Answers, NXDOMAIN and NODATA included, are
+    cached to their TTL (negative answers to the SOA minimum)."""
+    if servers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
+    else:
+        resolver = dns.resolver.Resolver()
+    resolver.timeout = timeout
+    resolver.lifetime = timeout * max(1, len(resolver.nameservers))
+    resolver.cache = dns.resolver.LRUCache()
+    return resolver
+
+
+class MXResolver:
+    """Turns a destination into the ordered list of addresses to try."""
+
+    def __init__(
+        self,
+        resolver: dns.resolver.Resolver,
+        *,
+        local_names: Iterable[str] = (),
+        local_ips: Iterable[str] = (),
+        max_addresses: int = MAX_ADDRESSES,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.local_names = frozenset(_name_key(n) for n in local_names if n.strip())
+        self.local_ips = frozenset(_ip_key(a) for a in local_ips if a.strip())
+        self.max_addresses = max_addresses
+        self.rng = rng if rng is not None else random.Random()
+
+    def targets(self, destination: str, port: int) -> list[Target]:
+        """Addresses to try for ``destination``, best first, at most ``max_addresses``.
+
+        Raises DnsPermanent (bounce) or DnsTransient (defer); never returns an empty list.
+        """
+        try:
+            host, port, literal = parse_destination(destination, port)
+        except ValueError as e:
+            # A configuration mistake (transport map, relayhost): defer until someone fixes it.
+            raise DnsTransient("4.3.5", f"mail system configuration error: {e}") from None
+        if literal:
+            return self._literal(host, port)
+        return self._mx(host, port)
+
+    # -- literal next hop: no MX lookup
+
+    def _literal(self, host: str, port: int) -> list[Target]:
+        if _is_ip(host):
+            return [Target(host, str(ipaddress.ip_address(host)), port, 0)]
+        found = self._addresses(host)
+        if found.ips:
+            return [Target(_display(host), ip, port, 0) for ip in found.ips[: self.max_addresses]]
+        raise found.error(host)
+
+    # -- MX lookup
+
+    def _mx(self, domain: str, port: int) -> list[Target]:
+        qname = self._qname(domain, "5.1.2")
+        try:
+            answer = self.resolver.resolve(qname, dns.rdatatype.MX, search=False)
+        except dns.resolver.NoAnswer:
+            return self._implicit_mx(domain, port)
+        except dns.resolver.NXDOMAIN:
+            raise DnsPermanent("5.1.2", _host_not_found(domain, "MX")) from None
+        except dns.exception.DNSException as e:  # SERVFAIL/REFUSED everywhere, timeout, ...
+            raise DnsTransient("4.4.3", _try_again(domain, "MX", e)) from None
+        records = [(int(rr.preference), rr.exchange.to_text(omit_final_dot=True)) for rr in answer]
+        real = [(pref, host) for pref, host in records if host not in ("", ".")]
+        if not real:
+            # RFC 7505 §3: "0 ." says the domain accepts no mail at all.
+            raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+        return self._resolve_hosts(domain, order_mx(real, self.rng), dict(_pref_map(real)), port)
+
+    def _implicit_mx(self, domain: str, port: int) -> list[Target]:
+        """RFC 5321 §5.1: no MX records -> the domain itself is the sole host, preference 0."""
+        found = self._addresses(domain)
+        if not found.ips:
+            raise found.error(domain)
+        targets = [Target(_display(domain), ip, port, 0) for ip in found.ips]
+        if self._is_self(domain, targets):
+            raise DnsPermanent("5.4.6", f"mail for {domain} loops back to myself")
+        return targets[: self.max_addresses]
+
+    def _resolve_hosts(self, domain: str, hosts: list[str], prefs: dict[str, int], port: int) -> list[Target]:
+        targets: list[Target] = []
+        failures: list[tuple[str, _Addresses]] = []
+        self_pref: int | None = None
+        for host in hosts:
+            pref = prefs[_name_key(host)]
+            if self_pref is not None and pref >= self_pref:
+                break  # Postfix: drop the MX hosts that are no better than us
+            if len(targets) >= self.max_addresses and pref > targets[-1].preference:
+                break  # enough addresses, and this preference level is complete (loop check done)
+            if _name_key(host) in self.local_names:
+                self_pref = pref
+                continue
+            found = self._addresses(host)
+            if not found.ips:
+                failures.append((host, found))
+                continue
+            host_targets = [Target(host, ip, port, pref) for ip in found.ips]
+            if self._is_self(host, host_targets):
+                self_pref = pref
+                continue
+            targets.extend(host_targets)
+        if self_pref is not None:
+            targets = [t for t in targets if t.preference < self_pref]
+            if not targets:
+                raise DnsPermanent("5.4.6", f"mail for {domain} loops back to myself")
+        if targets:
+            return targets[: self.max_addresses]
+        transient = [(h, f) for h, f in failures if f.transient]
+        if transient:
+            host, found = transient[0]
+            raise found.error(host)
+        detail = "; ".join(found.error(host).text for host, found in failures[:3])
+        raise DnsPermanent("5.4.4", f"Unable to route: no MX host for {domain} has an address ({detail})")
+
+    # -- helpers
+
+    def _qname(self, name: str, dsn: str) -> dns.name.Name:
+        try:
+            return dns.name.from_text(name)
+        except (dns.exception.DNSException, UnicodeError, ValueError) as e:
+            raise DnsPermanent(dsn, f"Host or domain name not found: bad name {name!r} ({e})") from None
+
+    def _addresses(self, host: str) -> _Addresses:
+        """A then AAAA of ``host``; one failing family does not spoil the other."""
+        qname = self._qname(host, "5.4.4")
+        out = _Addresses(host)
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                answer = self.resolver.resolve(qname, rdtype, search=False)
+            except dns.resolver.NoAnswer:
+                out.nodata = True
+                continue
+            except dns.resolver.NXDOMAIN:
+                out.nxdomain = True
+                break  # the name does not exist: no point asking for AAAA
+            except dns.exception.DNSException as e:
+                out.errors.append(f"{dns.rdatatype.to_text(rdtype)}: {_reason(e)}")
+                continue
+            for rr in answer:
+                ip = str(ipaddress.ip_address(rr.address))
+                if ip not in out.ips:
+                    out.ips.append(ip)
+        return out
+
+    def _is_self(self, host: str, targets: Sequence[Target]) -> bool:
+        if _name_key(host) in self.local_names:
+            return True
+        return any(_ip_key(t.ip) in self.local_ips for t in targets)
+
+
+class _Addresses:
+    """What the A/AAAA lookups of one host found."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.ips: list[str] = []
+        self.nxdomain = False
+        self.nodata = False
+        self.errors: list[str] = []
+
+    @property
+    def transient(self) -> bool:
+        return bool(self.errors) and not self.nxdomain
+
+    def error(self, host: str) -> DnsError:
+        if self.transient:
+            reasons = ", ".join(self.errors)
+            return DnsTransient("4.4.3", f"Host or domain name lookup failed for {host}: {reasons}")
+        if self.nxdomain:
+            return DnsPermanent("5.4.4", _host_not_found(host, "A"))
+        return DnsPermanent(
+            "5.4.4",
+            f"Host or domain name not found. Name service error for name={host} type=AAAA: "
+            "Host found but no data record of requested type",
+        )
+
+
+def _pref_map(records: Iterable[tuple[int, str]]) -> Iterable[tuple[str, int]]:
+    best: dict[str, int] = {}
+    for pref, host in records:
+        key = _name_key(host)
+        best[key] = min(pref, best.get(key, pref))
+    return best.items()
+
+
+def _host_not_found(name: str, rdtype: str) -> str:
+    return f"Host or domain name not found. Name service error for name={name} type={rdtype}: Host not found"
+
+
+def _try_again(name: str, rdtype: str, e: Exception) -> str:
+    return f"Name service error for name={name} type={rdtype}: {_reason(e)}"
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, dns.exception.Timeout):
+        return "timed out, try again"
+    if isinstance(e, dns.resolver.NoNameservers):
+        return "server failure, try again"
+    return f"{type(e).__name__}, try again"
+
+
+def _name_key(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def _display(name: str) -> str:
+    return name.strip().rstrip(".")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _ip_key(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return text.strip().lower()
+
+
+def _port(text: str, destination: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in destination {destination!r}")
+    return int(text)

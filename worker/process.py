@@ -1,0 +1,38 @@
+"""Running a worker: an RQ SimpleWorker (no fork per job, so SMTP connections and the DNS cache
+live across jobs) with RQ's scheduler, which carries our retries."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from common.logging import setup_logging
+from common.redisconn import redis_url
+from common.settings import Settings
+from common.store import Store
+from worker.jobs import make_context, set_context
+
+__all__ = ["main"]
+
+log = logging.getLogger("mtaq.worker")
+
+# RQ blocks on BLPOP for worker_ttl - 15 s; the socket timeout must outlast that, and stays bounded
+# so that a Redis that hangs does not hang the worker for ever.
+WORKER_TTL = 60
+
+
+def main(settings: Settings, *, burst: bool = False) -> int:
+    setup_logging("worker", settings.log_level)
+    r = redis.Redis.from_url(redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10,
+                             health_check_interval=30)
+    store = Store(r, settings.queue_name, relayhost=settings.relayhost, job_max_messages=settings.job_max_messages,
+                  job_timeout=settings.job_timeout)
+    set_context(make_context(settings, store))
+    w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL)
+    log.info("worker on queue %s, smtp port %d, dns %s", settings.queue_name, settings.smtp_port,
+             settings.dns_servers or "system")
+    w.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    return 0

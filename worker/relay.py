@@ -1,0 +1,166 @@
+"""Deliver a batch of messages to one destination: MX targets in turn, one connection per target
+reused across messages (RSET between), at most 50 recipients per transaction.
+
+Outcomes are per recipient and of three kinds, as in python-slimta: delivered, permanent failure
+(bounce) and transient failure (retry later). Nothing here touches Redis: the job records outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from common.envelope import Envelope
+from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
+from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
+
+__all__ = ["Kind", "Outcome", "Parcel", "deliver"]
+
+log = logging.getLogger("mtaq.delivery")
+
+# RFC 5321 §4.5.3.1.8 obliges servers to take 100 recipients; Postfix sends 50 per transaction
+# (smtp_destination_recipient_limit), which keeps a single 452 from deferring too many.
+RCPTS_PER_TRANSACTION = 50
+
+
+class Kind(str, Enum):
+    SENT = "sent"
+    BOUNCED = "bounced"
+    DEFERRED = "deferred"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    dsn: str
+    reply: str  # what to show: the remote reply, or our own diagnostic
+    relay: str  # host[ip]:port, or "none"
+    remote_mta: str = ""
+
+
+@dataclass(slots=True)
+class Parcel:
+    """One message and the recipients (positions in its envelope) to deliver to this destination."""
+
+    envelope: Envelope
+    body: bytes
+    rcpt_idx: list[int]
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+
+    def pending(self) -> list[int]:
+        return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].kind is Kind.DEFERRED]
+
+
+def _fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:
+    for p in parcels:
+        for i in p.pending():
+            p.outcomes[i] = outcome
+
+
+def mail_options(env: Envelope, size: int, conn: SMTPConnection) -> list[str] | Outcome:
+    opts: list[str] = []
+    if conn.supports("size"):
+        opts.append(f"SIZE={size}")  # RFC 1870: lets the server refuse before the data is sent
+    if env.body_8bit and conn.supports("8bitmime"):
+        opts.append("BODY=8BITMIME")
+    if env.smtputf8:
+        if not conn.supports("smtputf8"):
+            # RFC 6531 §3.4: no downgrade; a permanent failure as Postfix reports it
+            return Outcome(Kind.BOUNCED, "5.6.7", "SMTPUTF8 is required, but was not offered by host", "")
+        opts.append("SMTPUTF8")
+    return opts
+
+
+def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver, port: int, helo_name: str,
+            connect_timeout: float, timeout: float,
+            connection_factory: Callable[..., SMTPConnection] = SMTPConnection) -> None:
+    """Fill in ``parcel.outcomes`` for every recipient of every parcel."""
+    try:
+        targets = resolver.targets(destination, port)
+    except DnsPermanent as e:
+        _fail_all(parcels, Outcome(Kind.BOUNCED, e.dsn, e.text, "none"))
+        return
+    except DnsTransient as e:
+        _fail_all(parcels, Outcome(Kind.DEFERRED, e.dsn, e.text, "none"))
+        return
+    if not targets:
+        _fail_all(parcels, Outcome(Kind.DEFERRED, "4.4.4", f"No route to {destination}", "none"))
+        return
+    last: Outcome = Outcome(Kind.DEFERRED, "4.4.1", f"No reachable host for {destination}", "none")
+    for target in targets:
+        if not any(p.pending() for p in parcels):
+            return
+        conn = connection_factory(helo_name=helo_name, connect_timeout=connect_timeout, timeout=timeout)
+        relay = f"{target.hostname}[{target.ip}]:{target.port}"
+        try:
+            conn.open(target.ip, target.port)
+        except ConnectFailed as e:
+            reply = e.reply
+            if reply is not None and reply.permanent:
+                # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting)
+                last = Outcome(Kind.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
+            else:
+                last = Outcome(Kind.DEFERRED, "4.4.1", e.text, relay if reply else "none", target.hostname)
+            _defer_pending(parcels, last)
+            continue
+        try:
+            _send_parcels(conn, parcels, relay, target)
+        finally:
+            conn.quit()
+    # whatever is still pending keeps the last transient outcome it got (or the last connect failure)
+    _defer_pending(parcels, last, only_unset=True)
+
+
+def _defer_pending(parcels: Sequence[Parcel], outcome: Outcome, *, only_unset: bool = False) -> None:
+    for p in parcels:
+        for i in p.pending():
+            if not (only_unset and i in p.outcomes):
+                p.outcomes[i] = outcome
+
+
+def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target) -> None:
+    for parcel in parcels:
+        pending = parcel.pending()
+        if not pending:
+            continue
+        if not conn.alive:
+            return
+        env = parcel.envelope
+        opts = mail_options(env, len(parcel.body), conn)
+        if isinstance(opts, Outcome):
+            for i in pending:
+                parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
+            continue
+        for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
+            chunk = pending[start:start + RCPTS_PER_TRANSACTION]
+            result = conn.send(env.sender, [env.recipients[i].address for i in chunk], parcel.body,
+                               mail_options=opts)
+            for pos, reply in result.replies.items():
+                parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
+            if result.broken:
+                lost = Outcome(Kind.DEFERRED, "4.4.2", f"lost connection with {relay} while sending message",
+                               relay, target.hostname)
+                for i in chunk:
+                    if i not in result.replies:
+                        parcel.outcomes[i] = lost
+                return
+            if not conn.reset():
+                return
+
+
+def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
+    if 200 <= reply.code < 300:
+        return Outcome(Kind.SENT, reply.dsn, str(reply), relay, host)
+    if reply.permanent:
+        return Outcome(Kind.BOUNCED, reply.dsn, f"host {relay} said: {reply}", relay, host)
+    return Outcome(Kind.DEFERRED, reply.dsn, f"host {relay} said: {reply}", relay, host)
+
+
+def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float, status: str | None = None) -> None:
+    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status, reply."""
+    delay = time.time() - received_at
+    log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)", qid, rcpt, outcome.relay or "none",
+             delay, outcome.dsn, status or outcome.kind.value, outcome.reply)

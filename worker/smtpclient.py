@@ -1,0 +1,215 @@
+"""One SMTP client connection to a remote MX, with per-recipient results.
+
+Built on smtplib (EHLO/HELO, STARTTLS, MAIL/RCPT/DATA). Opportunistic TLS as Postfix's ``may``
+level: STARTTLS when offered, certificates not verified (RFC 7435), and on a failed handshake the
+same host is tried again in plain text.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ConnectFailed", "RemoteReply", "SMTPConnection", "TransactionResult"]
+
+_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\s")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReply:
+    code: int
+    text: str  # the reply text, multi-line joined with spaces, as Postfix logs it
+
+    @classmethod
+    def of(cls, code: int, raw: bytes | str) -> RemoteReply:
+        b = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
+        return cls(code, " ".join(b.decode("utf-8", "replace").split()))
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code the server gave, else one derived from the basic code (RFC 3463)."""
+        m = _ENHANCED.match(self.text.encode() + b" ")
+        if m and m.group(1).decode() == str(self.code)[0]:
+            return b".".join(m.groups()).decode()
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
+
+    @property
+    def transient(self) -> bool:
+        return not (200 <= self.code < 300 or 500 <= self.code < 600)
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class ConnectFailed(Exception):
+    """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
+
+    def __init__(self, text: str, reply: RemoteReply | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.reply = reply
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    # recipient position in the list given -> the reply that decided it (RCPT's or DATA's)
+    replies: dict[int, RemoteReply]
+    # True when the connection broke before every recipient had a reply
+    broken: bool = False
+
+
+def _tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # opportunistic: an unverified TLS beats plain text
+    return ctx
+
+
+class SMTPConnection:
+    def __init__(self, *, helo_name: str, connect_timeout: float, timeout: float) -> None:
+        self.helo_name = helo_name
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.smtp: smtplib.SMTP | None = None
+        self.tls = False
+        self.esmtp = False
+
+    def open(self, ip: str, port: int, *, try_tls: bool = True) -> None:
+        """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered."""
+        smtp = smtplib.SMTP(timeout=self.connect_timeout)
+        try:
+            code, banner = smtp.connect(ip, port)
+        except (OSError, smtplib.SMTPException) as e:
+            smtp.close()
+            raise ConnectFailed(f"connect to {ip}:{port}: {_reason(e)}") from None
+        if smtp.sock is not None:
+            smtp.sock.settimeout(self.timeout)
+        if code != 220:
+            _quit(smtp)
+            reply = RemoteReply.of(code, banner)
+            raise ConnectFailed(f"host refused to talk to me: {reply}", reply)
+        try:
+            self._hello(smtp)
+            if try_tls and smtp.has_extn("starttls"):
+                try:
+                    code, _ = smtp.starttls(context=_tls_context())
+                except (ssl.SSLError, OSError, smtplib.SMTPException):
+                    smtp.close()
+                    # handshake failed: Postfix's "may" level delivers in plain text instead
+                    return self.open(ip, port, try_tls=False)
+                if code == 220:
+                    self.tls = True
+                    self._hello(smtp)
+        except (OSError, smtplib.SMTPException) as e:
+            smtp.close()
+            raise ConnectFailed(f"lost connection with {ip}:{port} during greeting: {_reason(e)}") from None
+        self.smtp = smtp
+
+    def _hello(self, smtp: smtplib.SMTP) -> None:
+        code, resp = smtp.ehlo(self.helo_name)
+        self.esmtp = code == 250
+        if not self.esmtp:
+            code, resp = smtp.helo(self.helo_name)
+            if code != 250:
+                raise ConnectFailed(f"host rejected HELO: {RemoteReply.of(code, resp)}", RemoteReply.of(code, resp))
+
+    def supports(self, extension: str) -> bool:
+        return self.smtp is not None and self.esmtp and self.smtp.has_extn(extension)
+
+    def send(self, sender: str, recipients: Sequence[str], body: bytes, *, mail_options: Sequence[str] = ()
+             ) -> TransactionResult:
+        """One mail transaction. Every recipient ends with a reply unless the connection broke."""
+        assert self.smtp is not None
+        smtp = self.smtp
+        replies: dict[int, RemoteReply] = {}
+        try:
+            code, resp = smtp.mail(sender, list(mail_options))
+            if code != 250:
+                # MAIL refused: that reply decides every recipient of the message
+                reply = RemoteReply.of(code, resp)
+                self._rset()
+                return TransactionResult({i: reply for i in range(len(recipients))})
+            accepted: list[int] = []
+            for i, rcpt in enumerate(recipients):
+                code, resp = smtp.rcpt(rcpt)
+                reply = RemoteReply.of(code, resp)
+                if 200 <= code < 300:
+                    accepted.append(i)
+                else:
+                    replies[i] = reply
+            if not accepted:
+                self._rset()
+                return TransactionResult(replies)
+            data_resp: bytes | str
+            try:
+                code, data_resp = smtp.data(body)
+            except smtplib.SMTPDataError as e:  # DATA itself refused (no 354)
+                code, data_resp = e.smtp_code, e.smtp_error
+            reply = RemoteReply.of(code, data_resp)
+            for i in accepted:
+                replies[i] = reply
+            if code != 250:
+                self._rset()
+            return TransactionResult(replies)
+        except smtplib.SMTPRecipientsRefused as e:  # pragma: no cover - smtplib.rcpt never raises it
+            raise AssertionError(e) from None
+        except (OSError, smtplib.SMTPException):
+            self.close()
+            return TransactionResult(replies, broken=True)
+
+    def _rset(self) -> None:
+        assert self.smtp is not None
+        try:
+            self.smtp.rset()
+        except (OSError, smtplib.SMTPException):
+            self.close()
+
+    def reset(self) -> bool:
+        """RSET between messages on a reused connection; False when the connection is gone."""
+        if self.smtp is None:
+            return False
+        try:
+            code, _ = self.smtp.rset()
+        except (OSError, smtplib.SMTPException):
+            self.close()
+            return False
+        return code == 250
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp is not None
+
+    def quit(self) -> None:
+        if self.smtp is not None:
+            _quit(self.smtp)
+            self.smtp = None
+
+    def close(self) -> None:
+        if self.smtp is not None:
+            self.smtp.close()
+            self.smtp = None
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, socket.timeout | TimeoutError):
+        return "Connection timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(e, smtplib.SMTPServerDisconnected):
+        return "Connection closed by remote host"
+    return str(e) or type(e).__name__
