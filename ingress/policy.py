@@ -59,7 +59,13 @@ def _bad(why: str) -> PathError:
 def _is_atext(ch: str, smtputf8: bool) -> bool:
     if ch.isascii():
         return ch.isalnum() or ch in _ATEXT_SPECIALS
-    return smtputf8  # RFC 6531 §3.3: atext =/ UTF8-non-ascii
+    return smtputf8 and _utf8_ok(ch)  # RFC 6531 §3.3: atext =/ UTF8-non-ascii
+
+
+def _utf8_ok(ch: str) -> bool:
+    """A non-ASCII character we accept in an address: printable and not a space (no NBSP, no
+    U+2028 line separator, no bidi controls)."""
+    return ch.isprintable() and not ch.isspace()
 
 
 def _check_dot_string(local: str, smtputf8: bool) -> None:
@@ -89,7 +95,7 @@ def _check_quoted_string(local: str, smtputf8: bool) -> None:
         if ch == '"':
             raise _bad("stray quote")
         if not ch.isascii():
-            if not smtputf8:
+            if not (smtputf8 and _utf8_ok(ch)):
                 raise _bad("non-ASCII")
         elif not 32 <= ord(ch) <= 126:
             raise _bad("control character in quoted string")
@@ -142,7 +148,7 @@ def _check_domain(domain: str, smtputf8: bool) -> None:
             if ch.isascii():
                 if not (ch.isalnum() or ch == "-"):
                     raise _bad("invalid character in domain")
-            elif not smtputf8:
+            elif not (smtputf8 and _utf8_ok(ch)):
                 raise _bad("non-ASCII domain")
 
 
@@ -208,8 +214,8 @@ def parse_path(text: str, *, smtputf8: bool) -> str:
         inner = text
     if inner == "":
         return ""
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in inner):
-        raise _bad("whitespace or control character in path")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in inner):
+        raise _bad("control character in path")  # spaces are checked by the grammar below
     mailbox = _strip_source_route(inner)
     if mailbox.lower() == "postmaster":
         return mailbox

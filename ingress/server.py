@@ -252,6 +252,8 @@ class SMTPProtocol(asyncio.Protocol):
         ing = self.ingress
         if ing.credentials is None or ing.auth_limiter.blocked(self.peer_ip):
             ok = False
+        elif ev.authzid and ev.authzid != ev.username:
+            ok = False  # no proxy authorization: a user may only act as itself
         else:
             ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
         if not ok:

@@ -27,7 +27,7 @@ import binascii
 import dataclasses
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from common.settings import Settings
 
 __all__ = [
+    "KNOWN_VERBS",
     "MAX_AUTH_LINE",
+    "MAX_BUFFERED_LINE",
     "MAX_BUFFER_WHILE_WAITING",
     "MAX_COMMAND_LINE",
     "MAX_ENVID",
@@ -47,6 +49,7 @@ __all__ = [
     "MAX_ORCPT",
     "MAX_RCPT_LINE",
     "MAX_TEXT_LINE",
+    "PIPELINE_OVERFLOW",
     "TRANSITIONS",
     "Authenticate",
     "Close",
@@ -87,8 +90,6 @@ MAX_ORCPT = 500
 MAX_BUFFER_WHILE_WAITING = 1 << 20
 
 PIPELINE_OVERFLOW = Reply(421, "4.7.0", "Error: too much pipelined input")
-_SENDER_OK = replies.SENDER_OK
-_RECIPIENT_OK = replies.RECIPIENT_OK
 
 
 # -- configuration and events ----------------------------------------------------------------------
@@ -330,6 +331,17 @@ class Session:
         self._auth_mech = ""
         self._auth_step: list[str] = []
         self._auth_pending: str | None = None
+        # the mail transaction (RFC 5321 §3.3), cleared by _reset_transaction
+        self._sender: str | None = None
+        self._recipients: list[Recipient] = []
+        self._body_8bit = False
+        self._smtputf8 = False
+        self._ret: str | None = None
+        self._envid: str | None = None
+        self._data = bytearray()
+        self._prev_crlf = True  # the previous line (or the DATA command) ended in CRLF
+        self._in_long_line = False  # discarding the rest of an overlong text line
+        self._too_big = self._too_long = self._bare = self._nul = False
         self._reset_transaction()
 
     # -- public API --------------------------------------------------------------------------------
@@ -351,6 +363,11 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._state is State.CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Octets of input held, not yet processed (bounded; see the MAX_* constants)."""
+        return len(self._buf) + len(self._data)
 
     @property
     def protocol(self) -> str:
@@ -675,7 +692,7 @@ class Session:
         self._smtputf8 = smtputf8
         self._ret = ret
         self._envid = envid
-        self._send(_SENDER_OK)
+        self._send(replies.SENDER_OK)
         return target
 
     def _cmd_rcpt(self, arg: str, target: State) -> State | None:
@@ -722,7 +739,7 @@ class Session:
         if denied is not None:
             raise _ArgError(denied)
         self._recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
-        self._send(_RECIPIENT_OK)
+        self._send(replies.RECIPIENT_OK)
         return target
 
     def _cmd_data(self, arg: str, target: State) -> State | None:
@@ -887,12 +904,12 @@ class Session:
         self._state = State.WAIT_STORE
 
     def _reset_transaction(self) -> None:
-        self._sender: str | None = None
-        self._recipients: list[Recipient] = []
+        self._sender = None
+        self._recipients = []
         self._body_8bit = False
         self._smtputf8 = False
-        self._ret: str | None = None
-        self._envid: str | None = None
+        self._ret = None
+        self._envid = None
         self._data = bytearray()
         self._prev_crlf = True
         self._in_long_line = False

@@ -7,7 +7,8 @@
 
 A name that is not in the records gets NXDOMAIN, a name without the asked type NOERROR/NODATA,
 both with an SOA in the authority section so that resolvers can cache the negative answer. Names
-in ``.servfail`` get SERVFAIL; names in ``.drop`` get no answer at all (the client times out). A
+in ``.servfail`` get SERVFAIL; names in ``.drop`` get no answer at all (the client times out);
+an entry ``"name/AAAA"`` limits the fault to one record type. A
 CNAME is followed within the records. Answers that do not fit a UDP datagram are truncated (TC) and
 the client retries over TCP. Every question is recorded in ``.queries``.
 """
@@ -67,9 +68,10 @@ class ZoneServer:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.port = 0
-        self.servfail: set[str] = set()
+        self.servfail: set[str] = set()  # "name" or "name/TYPE"
         self.drop: set[str] = set()
         self.queries: list[Query] = []
+        self.errors: list[Exception] = []  # exceptions raised while answering (should stay empty)
         self._lock = threading.Lock()
         self._records: dict[dns.name.Name, list[dns.rdata.Rdata]] = {}
         self._udp: _UDPServer | None = None
@@ -83,7 +85,9 @@ class ZoneServer:
 
     def add(self, name: str, rdtype: str, text: str) -> None:
         """Add one record (``"MX", "10 mx1.a.test."``); relative names in ``text`` end at the root."""
-        rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text, origin=dns.name.root)
+        rdata = dns.rdata.from_text(
+            dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text, origin=dns.name.root, relativize=False
+        )
         with self._lock:
             self._records.setdefault(_key(name), []).append(rdata)
 
@@ -171,6 +175,15 @@ class ZoneServer:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
             return None
+        try:
+            return self._respond(query, transport)
+        except Exception as e:  # a bug here must fail the test fast, not look like a timeout
+            self.errors.append(e)
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+
+    def _respond(self, query: dns.message.Message, transport: str) -> bytes | None:
         if not query.question:
             response = dns.message.make_response(query)
             response.set_rcode(dns.rcode.FORMERR)
@@ -180,13 +193,13 @@ class ZoneServer:
         rdtype = question.rdtype
         with self._lock:
             self.queries.append(Query(qname.to_text(), dns.rdatatype.to_text(rdtype), transport))
-            drop = {_key(n) for n in self.drop}
-            servfail = {_key(n) for n in self.servfail}
+            drop = _faults(self.drop)
+            servfail = _faults(self.servfail)
             records = {k: list(v) for k, v in self._records.items()}
-        if qname in drop:
+        if _hit(drop, qname, rdtype):
             return None
         response = dns.message.make_response(query)
-        if qname in servfail:
+        if _hit(servfail, qname, rdtype):
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
         response.flags |= dns.flags.AA
@@ -207,8 +220,8 @@ class ZoneServer:
         qname: dns.name.Name,
         rdtype: dns.rdatatype.RdataType,
         records: dict[dns.name.Name, list[dns.rdata.Rdata]],
-        servfail: set[dns.name.Name],
-        drop: set[dns.name.Name],
+        servfail: set[tuple[dns.name.Name, int | None]],
+        drop: set[tuple[dns.name.Name, int | None]],
     ) -> None:
         name = qname
         for _ in range(8):  # CNAME chain, loops cut short
@@ -227,7 +240,7 @@ class ZoneServer:
                 return
             self._add(response.answer, name, cnames[:1])
             name = cnames[0].target.canonicalize()  # type: ignore[attr-defined]
-            if name in servfail or name in drop:
+            if _hit(servfail, name, rdtype) or _hit(drop, name, rdtype):
                 return  # the resolver asks for the target itself and meets the fault there
         return
 
@@ -244,10 +257,25 @@ class ZoneServer:
             dns.rdataclass.IN,
             dns.rdatatype.SOA,
             f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {self.negative_ttl}",
+            origin=dns.name.root,
+            relativize=False,
         )
         rrset = dns.rrset.RRset(zone, dns.rdataclass.IN, dns.rdatatype.SOA)
         rrset.add(soa, self.negative_ttl)
         response.authority.append(rrset)
+
+
+def _faults(entries: Iterable[str]) -> set[tuple[dns.name.Name, int | None]]:
+    """``"name"`` (every type) or ``"name/TYPE"`` (that type only) -> (name, type or None)."""
+    out: set[tuple[dns.name.Name, int | None]] = set()
+    for entry in list(entries):
+        name, _, rdtype = entry.partition("/")
+        out.add((_key(name), int(dns.rdatatype.from_text(rdtype)) if rdtype else None))
+    return out
+
+
+def _hit(faults: set[tuple[dns.name.Name, int | None]], name: dns.name.Name, rdtype: int) -> bool:
+    return (name, None) in faults or (name, int(rdtype)) in faults
 
 
 class _UDPServer(socketserver.ThreadingUDPServer):

@@ -150,7 +150,7 @@ def build_dsn(
 @dataclass(frozen=True)
 class _Part:
     headers: list[bytes]
-    body: bytes  # CRLF line endings; ends without the line break before the next boundary
+    body: bytes  # CRLF line endings; the CRLF before the next boundary belongs to the boundary
     eight_bit: bool = False
 
     def render(self) -> bytes:
@@ -276,7 +276,7 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
                     _field("Content-Type", "message/rfc822"),
                     _field("Content-Transfer-Encoding", "7bit"),
                 ],
-                _strip_final_crlf(whole),
+                whole,
             )
         if eight_bit_ok and _eight_bit_clean(whole):
             return _Part(
@@ -285,7 +285,7 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
                     _field("Content-Type", "message/rfc822"),
                     _field("Content-Transfer-Encoding", "8bit"),
                 ],
-                _strip_final_crlf(whole),
+                whole,
                 eight_bit=True,
             )
     headers = _header_section(whole)
@@ -293,10 +293,10 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
     content_type = _field("Content-Type", "text/rfc822-headers")
     if _seven_bit_clean(headers):
         return _Part([description, content_type, _field("Content-Transfer-Encoding", "7bit")],
-                     _strip_final_crlf(headers))
+                     headers)
     if eight_bit_ok and _eight_bit_clean(headers):
         return _Part([description, content_type, _field("Content-Transfer-Encoding", "8bit")],
-                     _strip_final_crlf(headers), eight_bit=True)
+                     headers, eight_bit=True)
     return _Part(
         [description, content_type, _field("Content-Transfer-Encoding", "quoted-printable")],
         _quoted_printable(headers),
@@ -398,5 +398,4 @@ def _eight_bit_clean(data: bytes) -> bool:
 def _quoted_printable(data: bytes) -> bytes:
     """Quoted-printable of CRLF text (RFC 2045 §6.7), lines kept as lines, CRLF endings."""
     text = data.replace(b"\r\n", b"\n")
-    encoded = quopri.encodestring(text, quotetabs=False)
-    return _strip_final_crlf(_crlf(encoded))
+    return _crlf(quopri.encodestring(text, quotetabs=False))

@@ -96,8 +96,9 @@ def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver
         conn = connection_factory(helo_name=helo_name, connect_timeout=connect_timeout, timeout=timeout)
         relay = f"{target.hostname}[{target.ip}]:{target.port}"
         try:
-            conn.open(target.ip, target.port)
+            conn.open(target.ip, target.port, name=target.hostname)
         except ConnectFailed as e:
+            log.info("%s", e.text)
             reply = e.reply
             if reply is not None and reply.permanent:
                 # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting)

@@ -82,20 +82,21 @@ class SMTPConnection:
         self.tls = False
         self.esmtp = False
 
-    def open(self, ip: str, port: int, *, try_tls: bool = True) -> None:
+    def open(self, ip: str, port: int, *, name: str = "", try_tls: bool = True) -> None:
         """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered."""
+        relay = f"{name or ip}[{ip}]:{port}"
         smtp = smtplib.SMTP(timeout=self.connect_timeout)
         try:
             code, banner = smtp.connect(ip, port)
         except (OSError, smtplib.SMTPException) as e:
             smtp.close()
-            raise ConnectFailed(f"connect to {ip}:{port}: {_reason(e)}") from None
+            raise ConnectFailed(f"connect to {relay}: {_reason(e)}") from None
         if smtp.sock is not None:
             smtp.sock.settimeout(self.timeout)
         if code != 220:
             _quit(smtp)
             reply = RemoteReply.of(code, banner)
-            raise ConnectFailed(f"host refused to talk to me: {reply}", reply)
+            raise ConnectFailed(f"host {relay} refused to talk to me: {reply}", reply)
         try:
             self._hello(smtp)
             if try_tls and smtp.has_extn("starttls"):
@@ -104,13 +105,13 @@ class SMTPConnection:
                 except (ssl.SSLError, OSError, smtplib.SMTPException):
                     smtp.close()
                     # handshake failed: Postfix's "may" level delivers in plain text instead
-                    return self.open(ip, port, try_tls=False)
+                    return self.open(ip, port, name=name, try_tls=False)
                 if code == 220:
                     self.tls = True
                     self._hello(smtp)
         except (OSError, smtplib.SMTPException) as e:
             smtp.close()
-            raise ConnectFailed(f"lost connection with {ip}:{port} during greeting: {_reason(e)}") from None
+            raise ConnectFailed(f"lost connection with {relay} during greeting: {_reason(e)}") from None
         self.smtp = smtp
 
     def _hello(self, smtp: smtplib.SMTP) -> None:
@@ -119,7 +120,8 @@ class SMTPConnection:
         if not self.esmtp:
             code, resp = smtp.helo(self.helo_name)
             if code != 250:
-                raise ConnectFailed(f"host rejected HELO: {RemoteReply.of(code, resp)}", RemoteReply.of(code, resp))
+                reply = RemoteReply.of(code, resp)
+                raise ConnectFailed(f"host refused HELO: {reply}", reply)
 
     def supports(self, extension: str) -> bool:
         return self.smtp is not None and self.esmtp and self.smtp.has_extn(extension)

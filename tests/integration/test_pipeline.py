@@ -1,0 +1,221 @@
+"""The whole path: SMTP client -> ingress -> real Redis -> worker -> DNS -> aiosmtpd MX sinks."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from collections.abc import Callable
+from email.message import EmailMessage
+
+import pytest
+
+from tests.dnsserver import ZoneServer
+from tests.integration.conftest import MTA, message
+from tests.redisserver import RedisServer
+from tests.sinks import SinkServer, wait_for
+
+SENDER = "alice@client.test"
+
+
+@pytest.fixture
+def zone(dns: ZoneServer) -> ZoneServer:
+    # the sender's own domain, where DSNs go
+    dns.add("client.test.", "MX", "10 mx.client.test.")
+    dns.add("mx.client.test.", "A", "127.0.0.9")
+    return dns
+
+
+def parse(data: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def dsn_fields(data: bytes) -> list[dict[str, str]]:
+    """The per-recipient blocks of an RFC 3464 report."""
+    report = parse(data)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = status.get_payload()
+    assert isinstance(blocks, list)
+    return [{k.lower(): str(v) for k, v in b.items()} for b in blocks[1:] if not isinstance(b, str)]
+
+
+def test_delivery_to_three_domains_at_once(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                           mta_factory: Callable[..., MTA]) -> None:
+    boxes = {}
+    for n, d in enumerate(["a", "b", "c"], start=2):
+        zone.add(f"{d}.test.", "MX", f"10 mx.{d}.test.")
+        zone.add(f"mx.{d}.test.", "A", f"127.0.0.{n}")
+        boxes[d] = sinks(f"127.0.0.{n}")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    rcpts = ["u1@a.test", "u2@b.test", "u3@c.test", "u4@a.test"]
+    qid = mta.send(SENDER, rcpts, message("three"))
+    assert wait_for(lambda: all(b.messages for b in boxes.values()), 20), mta.logs()
+    assert sorted(boxes["a"].messages[0][1]) == ["u1@a.test", "u4@a.test"]  # one transaction per domain
+    assert boxes["b"].messages[0][1] == ["u2@b.test"]
+    got = parse(boxes["c"].messages[0][2])
+    assert got["Subject"] == "three"
+    assert qid in got["Received"] and "mtaq.test" in got["Received"]
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+    assert "status=sent" in mta.logs() and f"{qid}: to=<u2@b.test>, relay=mx.b.test[127.0.0.3]" in mta.logs()
+
+
+def test_mx_failover_when_first_mx_is_down(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                          mta_factory: Callable[..., MTA]) -> None:
+    zone.add("a.test.", "MX", "10 mx1.a.test.")
+    zone.add("a.test.", "MX", "20 mx2.a.test.")
+    zone.add("mx1.a.test.", "A", "127.0.0.2")  # nothing listens there
+    zone.add("mx2.a.test.", "A", "127.0.0.3")
+    backup = sinks("127.0.0.3")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    mta.send(SENDER, ["bob@a.test"], message("failover"))
+    assert wait_for(lambda: backup.messages, 20), mta.logs()
+    assert "Connection refused" in mta.logs() or "connect to" in mta.logs()
+
+
+def test_implicit_mx(zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]) -> None:
+    zone.add("b.test.", "A", "127.0.0.4")  # no MX: the domain's own address (RFC 5321 §5.1)
+    box = sinks("127.0.0.4")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    mta.send(SENDER, ["bob@b.test"], message("implicit"))
+    assert wait_for(lambda: box.messages, 20), mta.logs()
+
+
+@pytest.mark.parametrize(("domain", "records", "status"), [
+    ("null.test", [("MX", "0 .")], "5.1.10"),  # RFC 7505
+    ("nx.test", [], "5.1.2"),  # NXDOMAIN
+])
+def test_unroutable_domains_bounce(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                   mta_factory: Callable[..., MTA], domain: str,
+                                   records: list[tuple[str, str]], status: str) -> None:
+    for rdtype, text in records:
+        zone.add(f"{domain}.", rdtype, text)
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    qid = mta.send(SENDER, [f"bob@{domain}"], message("unroutable"))
+    assert wait_for(lambda: home.messages, 20), mta.logs()
+    mail_from, to, data = home.messages[0]
+    assert mail_from == "" and to == [SENDER]
+    [block] = dsn_fields(data)
+    assert block["final-recipient"] == f"rfc822; bob@{domain}"
+    assert block["action"] == "failed" and block["status"] == status
+    assert f"{qid}: to=<bob@{domain}>" in mta.logs() and "status=bounced" in mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+
+
+def test_550_next_to_250_one_delivered_one_dsn(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                               mta_factory: Callable[..., MTA]) -> None:
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.rcpt_replies["bad@a.test"] = "550 5.1.1 <bad@a.test>: Recipient address rejected: User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    mta.send(SENDER, ["good@a.test", "bad@a.test"], message("mixed"))
+    assert wait_for(lambda: box.messages and home.messages, 20), mta.logs()
+    assert box.messages[0][1] == ["good@a.test"]
+    [block] = dsn_fields(home.messages[0][2])
+    assert block["final-recipient"] == "rfc822; bad@a.test"
+    assert block["status"] == "5.1.1"
+    assert "User unknown" in block["diagnostic-code"] and block["remote-mta"] == "dns; mx.a.test"
+    report = parse(home.messages[0][2])
+    headers = next(p for p in report.walk() if p.get_content_type() == "text/rfc822-headers")
+    assert "Subject: mixed" in headers.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+
+
+def test_451_retries_then_bounces_after_queue_lifetime(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                                       mta_factory: Callable[..., MTA]) -> None:
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.rcpt_default = "451 4.3.0 Try again later"
+    home = sinks("127.0.0.9")
+    mta = mta_factory(min_backoff=1, max_backoff=1, queue_lifetime=4)
+    mta.start_ingress()
+    mta.start_worker()
+    qid = mta.send(SENDER, ["slow@a.test"], message("later"))
+    assert wait_for(lambda: home.messages, 30), mta.logs()
+    assert box.attempts >= 2, mta.logs()  # tried, deferred, tried again
+    [block] = dsn_fields(home.messages[0][2])
+    assert block["action"] == "failed" and block["status"].startswith("4.")
+    assert "451" in block["diagnostic-code"]
+    assert mta.logs().count(f"{qid}: to=<slow@a.test>") >= 3 and "status=deferred" in mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+
+
+def test_no_bounce_for_null_sender(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                   mta_factory: Callable[..., MTA]) -> None:
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    qid = mta.send("", ["bad@a.test"], message("a bounce itself"))
+    assert wait_for(lambda: mta.store.queue_size() == 0, 20), mta.logs()
+    assert f"{qid}: to=<bad@a.test>" in mta.logs()
+    assert home.messages == []  # never a bounce of a bounce
+
+
+def test_redis_down_at_data_gets_451_and_retry_works(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                                     mta_factory: Callable[..., MTA],
+                                                     redis_server: RedisServer) -> None:
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    mta = mta_factory()
+    mta.start_ingress()
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt("bob@a.test")[0] == 250
+        redis_server.stop()
+        code, resp = s.data(message("redis down"))
+        assert code == 451 and resp.startswith(b"4.3.0"), (code, resp)
+        assert s.noop()[0] == 250  # the session survives
+    redis_server.start()
+    mta.start_worker()
+    mta.send(SENDER, ["bob@a.test"], message("after"))
+    assert wait_for(lambda: box.messages, 20), mta.logs()
+    assert [parse(m[2])["Subject"] for m in box.messages] == ["after"]  # nothing half-stored
+
+
+def test_relay_denied_for_strangers(zone: ZoneServer, mta_factory: Callable[..., MTA]) -> None:
+    mta = mta_factory(mynetworks="10.9.9.0/24", relay_domains="ours.test")
+    mta.start_ingress()
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        code, resp = s.rcpt("bob@elsewhere.test")
+        assert (code, resp[:5]) == (554, b"5.7.1")
+        assert s.rcpt("bob@ours.test")[0] == 250
+
+
+def test_smtplib_sendmail_round_trip(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                     mta_factory: Callable[..., MTA]) -> None:
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker(2)
+    with smtplib.SMTP("127.0.0.1", mta.port) as s:
+        for i in range(20):
+            assert s.sendmail(SENDER, [f"u{i}@a.test"], message(f"m{i}")) == {}
+    assert wait_for(lambda: len(box.messages) == 20, 30), mta.logs()

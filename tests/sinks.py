@@ -1,0 +1,263 @@
+"""Remote MX stand-ins for integration tests: aiosmtpd servers on loopback addresses.
+
+The worker has one ``smtp_port`` for every MX, so tests put several sinks on one port across
+127.0.0.x addresses (Linux routes all of 127.0.0.0/8 to loopback)::
+
+    port = free_port()
+    with SinkServer("127.0.0.2", port) as mx1, SinkServer("127.0.0.3", port) as mx2:
+        mx1.rcpt_replies["bad@b.test"] = "550 5.1.1 No such user"
+        mx2.data_reply = "451 4.3.0 try later"
+        ...
+        assert wait_for(lambda: len(mx1.messages) == 1, 10)
+
+Replies are scripted per recipient (``rcpt_replies``), for every recipient (``rcpt_default``), for
+MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the connection at a
+command. ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
+``tls_broken=True`` offers STARTTLS and then fails the handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+
+__all__ = ["LOOPBACK_HOSTS", "Delivery", "SinkServer", "free_port", "wait_for"]
+
+LOOPBACK_HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(1, 10))
+"""The addresses ``free_port`` checks: tests place sinks, ingress and DNS among these."""
+
+HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
+
+
+def free_port(hosts: Iterable[str] = LOOPBACK_HOSTS) -> int:
+    """A TCP port that is free on every one of ``hosts`` right now (tests bind it soon after)."""
+    hosts = list(hosts)
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first:
+            first.bind((hosts[0], 0))
+            port: int = first.getsockname()[1]
+            with contextlib.ExitStack() as stack:
+                try:
+                    for host in hosts[1:]:
+                        s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                        s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no TCP port free on all of {hosts}")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true (-> True) or ``timeout`` seconds pass (-> False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One accepted transaction, with what the session looked like."""
+
+    mail_from: str  # "" for the null sender <>
+    rcpt_tos: list[str]
+    data: bytes
+    helo: str
+    tls: bool
+    mail_options: list[str]
+    peer: str
+
+
+class SinkServer:
+    """An SMTP server on ``host:port`` that records what it accepts and answers as scripted."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.2",
+        port: int | None = None,
+        *,
+        tls: bool = False,
+        tls_broken: bool = False,
+        hostname: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port if port is not None else free_port([host])
+        self.hostname = hostname or f"sink-{host}"
+        # Scripted replies; tests may change them while the server runs.
+        self.rcpt_replies: dict[str, str] = {}
+        self.rcpt_default: str | None = None
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.hangup_on: str | None = None  # "MAIL", "RCPT" or "DATA": drop the connection there
+        # What happened.
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.deliveries: list[Delivery] = []
+        self.rejected: list[tuple[str, str]] = []  # (recipient, reply) for scripted RCPT refusals
+        self.hangups = 0
+        self.attempts = 0  # transactions begun: MAIL commands received, whatever the outcome
+        self.lock = threading.Lock()
+        self.ca: trustme.CA | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        if tls or tls_broken:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            if not tls_broken:  # without a certificate every handshake fails: "no shared cipher"
+                self.ca = trustme.CA()
+                self.ca.issue_cert(self.hostname, host).configure_cert(context)
+            self._tls_context = context
+        self._controller: Controller | None = None
+
+    # -- lifecycle
+
+    def start(self) -> SinkServer:
+        if self._controller is not None:
+            return self
+        kwargs: dict[str, Any] = {}
+        if self._tls_context is not None:
+            kwargs["tls_context"] = self._tls_context
+        controller = Controller(
+            _Handler(self),
+            hostname=self.host,
+            port=self.port,
+            server_hostname=self.hostname,
+            ready_timeout=5.0,
+            **kwargs,
+        )
+        controller.start()
+        self._controller = controller
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            controller, self._controller = self._controller, None
+            controller.stop()
+
+    def __enter__(self) -> SinkServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- views
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def recipients(self) -> list[str]:
+        """Every recipient of every accepted message, in order."""
+        with self.lock:
+            return [r for _, rcpts, _ in self.messages for r in rcpts]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.deliveries.clear()
+            self.rejected.clear()
+            self.hangups = 0
+            self.attempts = 0
+
+    def trust(self, context: ssl.SSLContext) -> None:
+        """Make a client context trust this sink's certificate (``tls=True`` only)."""
+        if self.ca is None:
+            raise ValueError("this sink has no certificate")
+        self.ca.configure_trust(context)
+
+    # -- called from the server thread
+
+    def _hangup(self, server: Any, command: str) -> bool:
+        if self.hangup_on != command:
+            return False
+        with self.lock:
+            self.hangups += 1
+        transport = getattr(server, "transport", None)
+        if transport is not None:
+            transport.abort()
+        return True
+
+    def _record(self, delivery: Delivery) -> None:
+        with self.lock:
+            self.deliveries.append(delivery)
+            self.messages.append((delivery.mail_from, list(delivery.rcpt_tos), delivery.data))
+
+
+class _Handler:
+    """aiosmtpd handler hooks; the state lives in the SinkServer."""
+
+    def __init__(self, sink: SinkServer) -> None:
+        self.sink = sink
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: Sequence[str]
+    ) -> str:
+        with self.sink.lock:
+            self.sink.attempts += 1
+        if self.sink._hangup(server, "MAIL"):
+            return "421 4.4.2 closing"
+        if self.sink.mail_reply is not None and not self.sink.mail_reply.startswith("2"):
+            return self.sink.mail_reply
+        # aiosmtpd takes an empty mail_from for "no MAIL yet": keep "<>" and translate when recording
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return self.sink.mail_reply or "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Sequence[str]
+    ) -> str:
+        if self.sink._hangup(server, "RCPT"):
+            return "421 4.4.2 closing"
+        scripted = _lookup(self.sink.rcpt_replies, address)
+        if scripted is None:
+            scripted = self.sink.rcpt_default
+        if scripted is not None and not scripted.startswith("2"):
+            with self.sink.lock:
+                self.sink.rejected.append((address, scripted))
+            return scripted
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return scripted or "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.sink._hangup(server, "DATA"):
+            return "421 4.4.2 closing"
+        if self.sink.data_reply is not None and not self.sink.data_reply.startswith("2"):
+            return self.sink.data_reply
+        content = envelope.original_content if envelope.original_content is not None else envelope.content
+        data = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        self.sink._record(
+            Delivery(
+                mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,  # "" is <>, as in Envelope
+                rcpt_tos=list(envelope.rcpt_tos),
+                data=data,
+                helo=session.host_name or "",
+                tls=session.ssl is not None,
+                mail_options=list(envelope.mail_options),
+                peer=peer,
+            )
+        )
+        return self.sink.data_reply or "250 2.0.0 Ok: queued"
+
+
+def _lookup(replies: dict[str, str], address: str) -> str | None:
+    if address in replies:
+        return replies[address]
+    low = address.lower()
+    for key, reply in list(replies.items()):
+        if key.lower() == low:
+            return reply
+    return None

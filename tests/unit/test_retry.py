@@ -1,0 +1,69 @@
+"""The backoff schedule: Postfix's clamp(age, min, max), with a final attempt at the deadline."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.retry import backoff, expired, next_retry
+
+MIN, MAX, LIFE = 300.0, 4000.0, 5 * 86400.0
+
+
+@pytest.mark.parametrize(
+    ("age", "expected"),
+    [(0.0, 300.0), (-50.0, 300.0), (299.0, 300.0), (300.0, 300.0), (1200.0, 1200.0), (4000.0, 4000.0), (1e6, 4000.0)],
+)
+def test_backoff_is_age_clamped(age: float, expected: float) -> None:
+    assert backoff(age, MIN, MAX) == expected
+
+
+def test_next_retry_follows_backoff_inside_the_lifetime() -> None:
+    t0 = 1_000_000.0
+    assert next_retry(t0, t0 + 5, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) == MIN
+    assert next_retry(t0, t0 + 1000, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) == 1000
+    assert next_retry(t0, t0 + 86400, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) == MAX
+
+
+def test_schedule_roughly_doubles_then_levels_off() -> None:
+    t0, now, delays = 0.0, 0.0, []
+    for _ in range(8):
+        delay = next_retry(t0, now, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE)
+        assert delay is not None
+        delays.append(delay)
+        now += delay
+    assert delays == [300, 300, 600, 1200, 2400, 4000, 4000, 4000]
+
+
+def test_last_attempt_is_at_the_deadline_then_give_up() -> None:
+    t0 = 0.0
+    # 100 s before the deadline: a 4000 s backoff would overshoot, so the last try is at the deadline.
+    assert next_retry(t0, LIFE - 100, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) == 100
+    assert next_retry(t0, LIFE, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) is None
+    assert next_retry(t0, LIFE + 1, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) is None
+
+
+def test_short_lifetime_gives_attempt_retry_bounce() -> None:
+    """A test-sized lifetime: attempts at 0, 1, 2 (the deadline), then the recipient bounces."""
+    t0, now, attempts = 0.0, 0.0, [0.0]
+    while (delay := next_retry(t0, now, min_backoff=1, max_backoff=1, queue_lifetime=2)) is not None:
+        now += delay
+        attempts.append(now)
+    assert attempts == [0.0, 1.0, 2.0]
+
+
+def test_no_attempt_is_ever_scheduled_past_the_deadline() -> None:
+    t0 = 50.0
+    for now in [50.0, 51.0, 300.0, 7000.0, 430000.0, 431999.0]:
+        delay = next_retry(t0, t0 + now, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE)
+        assert delay is not None
+        assert 0 < delay <= MAX
+        assert t0 + now + delay <= t0 + LIFE
+
+
+def test_clock_behind_the_arrival_time_counts_as_new() -> None:
+    assert next_retry(1000.0, 990.0, min_backoff=MIN, max_backoff=MAX, queue_lifetime=LIFE) == MIN
+
+
+def test_expired() -> None:
+    assert not expired(0.0, LIFE - 1, LIFE)
+    assert expired(0.0, LIFE, LIFE)

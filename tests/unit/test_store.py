@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import fakeredis
+import pytest
+import redis
+
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.store import INDEX, Message, Store, left_key, msg_key, next_hop, rcpt_key
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(fakeredis.FakeRedis(), "mtaq", job_max_messages=2)
+
+
+def env(qid: str, *rcpts: str, sender: str = "a@x.test") -> Envelope:
+    return Envelope(id=qid, sender=sender, recipients=[Recipient(r) for r in rcpts], received_at=1000.0)
+
+
+def test_commit_writes_body_once_state_and_one_job_per_destination(store: Store) -> None:
+    store.commit([Message(env("Q1", "a@one.test", "b@one.test", "c@two.test"), b"body")])
+    r = store.redis
+    assert r.hget(msg_key("Q1"), "body") == b"body"
+    assert int(r.get(left_key("Q1")) or 0) == 3
+    assert r.hlen(rcpt_key("Q1")) == 3
+    assert r.zscore(INDEX, "Q1") == 1000.0
+    jobs = store.queue.get_jobs()
+    assert sorted(j.args[0] for j in jobs) == ["one.test", "two.test"]
+    assert all(j.args[1] == ["Q1"] for j in jobs)
+
+
+def test_jobs_carry_at_most_job_max_messages(store: Store) -> None:
+    store.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(5)])
+    assert sorted(len(j.args[1]) for j in store.queue.get_jobs()) == [1, 2, 2]
+
+
+def test_commit_is_all_or_nothing() -> None:
+    server = fakeredis.FakeServer()
+    r = fakeredis.FakeRedis(server=server)
+    s = Store(r, "mtaq")
+    server.connected = False
+    with pytest.raises(redis.ConnectionError):
+        s.commit([Message(env("Q1", "a@one.test"), b"x")])
+    server.connected = True
+    assert r.keys("*") == []
+
+
+def test_final_status_counts_down_once(store: Store) -> None:
+    store.commit([Message(env("Q1", "a@one.test", "b@one.test"), b"x")])
+    done = RecipientStatus(RcptState.DELIVERED, attempts=1, dsn="2.0.0")
+    assert store.set_statuses("Q1", {0: done}) == [1]
+    # a re-run job reports the same recipient again: nothing changes
+    assert store.set_statuses("Q1", {0: done}) == [-1]
+    deferred = RecipientStatus(RcptState.DEFERRED, attempts=1, dsn="4.0.0")
+    assert store.set_statuses("Q1", {1: deferred}) == [-3]
+    assert store.set_statuses("Q1", {1: RecipientStatus(RcptState.BOUNCED, dsn="5.1.1")}) == [0]
+    assert store.statuses("Q1")[1].state is RcptState.BOUNCED
+    assert store.stats() == {"received": 1, "delivered": 1, "deferred": 1, "bounced": 1}
+
+
+def test_delete_in_same_transaction_as_new_message(store: Store) -> None:
+    store.commit([Message(env("Q1", "a@one.test"), b"x")])
+    store.commit([Message(env("B1", "a@x.test", sender=""), b"dsn")], delete=["Q1"])
+    assert store.load("Q1") is None
+    assert store.queue_ids() == ["B1"]
+    loaded = store.load("B1")
+    assert loaded is not None and loaded.envelope.is_bounce and loaded.body == b"dsn"
+
+
+@pytest.mark.parametrize(("relayhost", "hop"), [
+    ("", "example.com"),
+    ("smart.test", "[smart.test]"),
+    ("smart.test:2525", "[smart.test]:2525"),
+    ("[10.0.0.1]:26", "[10.0.0.1]:26"),
+])
+def test_next_hop(relayhost: str, hop: str) -> None:
+    assert next_hop("User@Example.COM.", relayhost) == hop
+
+
+def test_envelope_round_trip() -> None:
+    e = Envelope(id="Q", sender="", recipients=[Recipient("a@b", ("SUCCESS", "FAILURE"), "rfc822;a@b")],
+                 body_8bit=True, smtputf8=True, ret="HDRS", envid="x+y", auth_user="u")
+    assert Envelope.from_json(e.to_json()) == e
+    st = RecipientStatus(RcptState.DEFERRED, 3, "4.4.1", "connect refused", "none", "mx", 5.0)
+    assert RecipientStatus.from_json(st.to_json()) == st
