@@ -48,6 +48,9 @@ class Settings:
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
+    maintenance_interval: int = _opt(
+        600, "seconds between RQ registry clean-ups; a job whose worker died is re-run by one", ("worker",)
+    )
     # -- ingress policy and limits
     mynetworks: str = _opt("127.0.0.0/8,::1/128", "comma list of networks allowed to relay", ("ingress",))
     relay_domains: str = _opt("", "comma list of domains anyone may send to (inbound relay)", ("ingress",))

@@ -38,7 +38,7 @@ DELIVER_FUNC = "worker.jobs.deliver"
 # Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
 # cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
 # is ours (worker/retry.py), never RQ's.
-CRASH_RETRY = Retry(max=10, interval=[30, 60, 300])
+CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
 
 
 def msg_key(qid: str) -> str:

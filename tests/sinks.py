@@ -18,6 +18,7 @@ command. ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -102,6 +103,7 @@ class SinkServer:
         self.mail_reply: str | None = None
         self.data_reply: str | None = None
         self.hangup_on: str | None = None  # "MAIL", "RCPT" or "DATA": drop the connection there
+        self.data_delay = 0.0  # seconds to wait before answering the end of DATA (a slow remote)
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -232,6 +234,8 @@ class _Handler:
         return scripted or "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.sink.data_delay:
+            await asyncio.sleep(self.sink.data_delay)
         if self.sink._hangup(server, "DATA"):
             return "421 4.4.2 closing"
         if self.sink.data_reply is not None and not self.sink.data_reply.startswith("2"):

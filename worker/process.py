@@ -31,7 +31,8 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     store = Store(r, settings.queue_name, relayhost=settings.relayhost, job_max_messages=settings.job_max_messages,
                   job_timeout=settings.job_timeout)
     set_context(make_context(settings, store))
-    w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL)
+    w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
+                     maintenance_interval=settings.maintenance_interval)
     log.info("worker on queue %s, smtp port %d, dns %s", settings.queue_name, settings.smtp_port,
              settings.dns_servers or "system")
     w.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())

@@ -1,0 +1,92 @@
+"""Benchmark instrumentation, loaded only when bench/trace is on PYTHONPATH (bench.throughput
+--trace DIR does that for the mtaq processes it starts). Records, one JSON line per event, into
+$MTAQ_BENCH_TRACE/<role>-<pid>.jsonl:
+
+- every Store.commit (messages, deletes, seconds): at the ingress that is one group commit;
+- every worker.jobs.deliver job (messages it carries, seconds inside the job function).
+
+It wraps the functions after their modules are imported; nothing in the project changes."""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import time
+
+_DIR = os.environ.get("MTAQ_BENCH_TRACE", "")
+
+
+def _role() -> str:
+    for word in ("ingress", "worker", "run"):
+        if word in sys.argv:
+            return word
+    return "proc"
+
+
+_out = None
+
+
+def _emit(rec: dict) -> None:
+    global _out
+    if _out is None:
+        _out = open(os.path.join(_DIR, f"{_role()}-{os.getpid()}.jsonl"), "a", buffering=1)
+    rec["t"] = time.time()
+    _out.write(json.dumps(rec) + "\n")
+
+
+def _patch_store(mod) -> None:
+    orig = mod.Store.commit
+
+    @functools.wraps(orig)
+    def commit(self, messages, *, delete=()):
+        delete = list(delete)
+        t0 = time.perf_counter()
+        try:
+            return orig(self, messages, delete=delete)
+        finally:
+            _emit({"ev": "commit", "n": len(messages), "del": len(delete), "s": time.perf_counter() - t0})
+
+    mod.Store.commit = commit
+
+
+def _patch_jobs(mod) -> None:
+    orig = mod.deliver
+
+    @functools.wraps(orig)
+    def deliver(destination, ids):
+        t0 = time.perf_counter()
+        try:
+            return orig(destination, ids)
+        finally:
+            _emit({"ev": "job", "n": len(ids), "s": time.perf_counter() - t0})
+
+    mod.deliver = deliver
+
+
+_PATCHES = {"common.store": _patch_store, "worker.jobs": _patch_jobs}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in _PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, patch = spec.loader, _PATCHES[name]
+        orig_exec = loader.exec_module
+
+        def exec_module(module):
+            orig_exec(module)
+            patch(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+if _DIR:
+    sys.meta_path.insert(0, _Finder())
