@@ -8,6 +8,7 @@ connection: the idle deadline, connection limits, the AUTH failure limiter, grac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -209,7 +210,12 @@ class SMTPProtocol(asyncio.Protocol):
         assert self.session is not None
         qid = new_queue_id()
         now = time.time()
-        env = Envelope(id=qid, sender=tx.sender, recipients=list(tx.recipients), received_at=now, helo=tx.helo,
+        # RFC 5321 §4.5.1: bare <postmaster> is accepted; with no local delivery it goes to our hostname's
+        # postmaster, wherever that domain's MX points
+        host = self.ingress.config.hostname
+        rcpts = [r if "@" in r.address else dataclasses.replace(r, address=f"{r.address}@{host}")
+                 for r in tx.recipients]
+        env = Envelope(id=qid, sender=tx.sender, recipients=rcpts, received_at=now, helo=tx.helo,
                        client_addr=self.peer_ip, client_name=self.session.peer.name, protocol=tx.protocol,
                        body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, ret=tx.ret, envid=tx.envid,
                        auth_user=tx.auth_user)

@@ -219,3 +219,37 @@ def test_smtplib_sendmail_round_trip(zone: ZoneServer, sinks: Callable[..., Sink
         for i in range(20):
             assert s.sendmail(SENDER, [f"u{i}@a.test"], message(f"m{i}")) == {}
     assert wait_for(lambda: len(box.messages) == 20, 30), mta.logs()
+
+
+def test_dsn_parameters_are_honoured_end_to_end(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                               mta_factory: Callable[..., MTA]) -> None:
+    """RFC 3461 through the whole path: NOTIFY=NEVER -> no bounce, NOTIFY=SUCCESS -> a report,
+    RET=FULL -> the whole message comes back, ENVID and ORCPT are echoed."""
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
+    box.rcpt_replies["quiet@a.test"] = "550 5.1.1 User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.has_extn("dsn")
+        assert s.mail(SENDER, ["RET=FULL", "ENVID=env+2Bid"])[0] == 250
+        assert s.rcpt("bad@a.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;Bad@A.test"])[0] == 250
+        assert s.rcpt("quiet@a.test", ["NOTIFY=NEVER"])[0] == 250
+        assert s.rcpt("good@a.test", ["NOTIFY=SUCCESS"])[0] == 250
+        assert s.data(message("params", body="the whole body\r\n"))[0] == 250
+    assert wait_for(lambda: home.messages, 20), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+    assert len(home.messages) == 1  # one report for the message
+    data = home.messages[0][2]
+    blocks = {b["final-recipient"]: b for b in dsn_fields(data)}
+    assert set(blocks) == {"rfc822; bad@a.test", "rfc822; good@a.test"}  # quiet@ asked for nothing
+    assert blocks["rfc822; bad@a.test"]["action"] == "failed"
+    assert blocks["rfc822; bad@a.test"]["original-recipient"] == "rfc822; Bad@A.test"
+    assert blocks["rfc822; good@a.test"]["action"] == "relayed"
+    assert b"Original-Envelope-Id: env+id" in data or b"Original-Envelope-Id: env+2Bid" in data
+    assert b"the whole body" in data  # RET=FULL
