@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,9 @@ return -3
 """
 
 
+_STAT_OF = {RcptState.DELIVERED: "delivered", RcptState.BOUNCED: "bounced"}
+
+
 @dataclass(slots=True)
 class Message:
     envelope: Envelope
@@ -144,11 +147,24 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------------
     def load(self, qid: str) -> Message | None:
-        raw = self.redis.hmget(msg_key(qid), ["env", "body"])
-        if raw[0] is None or raw[1] is None:
-            return None
-        body = raw[1]
-        return Message(Envelope.from_json(raw[0]), body if isinstance(body, bytes) else body.encode())
+        found = self.load_many([qid])[0]
+        return None if found is None else found[0]
+
+    def load_many(self, ids: Sequence[str]) -> list[tuple[Message, dict[int, RecipientStatus]] | None]:
+        """Messages with their recipient states, in one round trip; None for one that is gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.hmget(msg_key(qid), ["env", "body"])
+            pipe.hgetall(rcpt_key(qid))
+        raw = pipe.execute()
+        out: list[tuple[Message, dict[int, RecipientStatus]] | None] = []
+        for (env, body), states in zip(raw[0::2], raw[1::2], strict=True):
+            if env is None or body is None:
+                out.append(None)
+                continue
+            message = Message(Envelope.from_json(env), body if isinstance(body, bytes) else body.encode())
+            out.append((message, {int(k): RecipientStatus.from_json(v) for k, v in states.items()}))
+        return out
 
     def load_envelope(self, qid: str) -> Envelope | None:
         raw = self.redis.hget(msg_key(qid), "env")
@@ -168,14 +184,31 @@ class Store:
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in self.redis.hgetall(STATS).items()}
 
     # -- recipient state --------------------------------------------------------------------------
-    def set_statuses(self, qid: str, updates: dict[int, RecipientStatus]) -> list[int]:
-        """Record outcomes; returns, per update, what _SET_STATUS returned (see there)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for idx, st in updates.items():
-            stat = {RcptState.DELIVERED: "delivered", RcptState.BOUNCED: "bounced"}.get(st.state, "deferred")
-            self._set_status(keys=[rcpt_key(qid), left_key(qid), STATS, INDEX],
-                             args=[str(idx), st.to_json(), "1" if st.final else "0", stat, qid], client=pipe)
-        return [int(x) for x in pipe.execute()]
+    def set_statuses(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, list[int]]:
+        """Record outcomes of any number of messages in one round trip; returns, per queue id, what
+        _SET_STATUS returned for each update (0: that message is finished)."""
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            order: list[str] = []
+            for qid, ups in updates.items():
+                for idx, st in ups.items():
+                    stat = _STAT_OF.get(st.state, "deferred")
+                    # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
+                    # one more round trip each time
+                    pipe.evalsha(self._set_status.sha, 4, rcpt_key(qid), left_key(qid), STATS, INDEX,
+                                 str(idx), st.to_json(), "1" if st.final else "0", stat, qid)
+                    order.append(qid)
+            try:
+                results = pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self.redis.script_load(_SET_STATUS)  # a restarted Redis forgot it; nothing ran
+        out: dict[str, list[int]] = {qid: [] for qid in updates}
+        for qid, r in zip(order, results, strict=True):
+            out[qid].append(int(r))
+        return out
 
     def delete(self, qid: str) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -104,6 +104,9 @@ class SinkServer:
         self.data_reply: str | None = None
         self.hangup_on: str | None = None  # "MAIL", "RCPT" or "DATA": drop the connection there
         self.data_delay = 0.0  # seconds to wait before answering the end of DATA (a slow remote)
+        # advertise PIPELINING (RFC 2920) as nearly every real MX does; aiosmtpd reads commands one
+        # line at a time, so it serves a pipelining client correctly
+        self.pipelining = True
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -202,6 +205,13 @@ class _Handler:
 
     def __init__(self, sink: SinkServer) -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: Sequence[str]

@@ -1,12 +1,16 @@
 """The RQ job functions: thin. Load the batch, hand it to relay.deliver, record the outcomes,
-schedule the retry, finish messages whose last recipient is final (DSN, then delete)."""
+schedule the retry, finish messages whose last recipient is final (DSN, then delete).
+
+Redis round trips per job: one to load the batch, one per SMTP transaction to mark its final
+recipients (right after the remote reply, so a re-run job never sends them again), one for the
+deferred ones, one to finish every completed message (DSNs and deletes in one transaction)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
@@ -18,8 +22,9 @@ from worker.mx import MXResolver, make_resolver
 from worker.relay import Kind, Outcome, Parcel, log_attempt
 from worker.relay import deliver as relay_deliver
 from worker.retry import next_retry
+from worker.smtpclient import ConnectionCache
 
-__all__ = ["Context", "deliver", "finish_message", "set_context"]
+__all__ = ["Context", "deliver", "make_context", "make_dsn", "set_context"]
 
 log = logging.getLogger("mtaq.worker")
 
@@ -29,6 +34,7 @@ class Context:
     settings: Settings
     store: Store
     resolver: MXResolver
+    connections: ConnectionCache = field(default_factory=ConnectionCache)
 
 
 _context: Context | None = None
@@ -57,68 +63,113 @@ def context() -> Context:
     return _context if _context is not None else _default_context()
 
 
+_STATE_OF = {Kind.SENT: RcptState.DELIVERED, Kind.BOUNCED: RcptState.BOUNCED, Kind.DEFERRED: RcptState.DEFERRED}
+
+
+class _Batch:
+    """One job's messages and what has been recorded of them so far."""
+
+    def __init__(self, ctx: Context, loaded: dict[str, tuple[Message, dict[int, RecipientStatus]]]) -> None:
+        self.ctx = ctx
+        self.loaded = loaded
+        self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
+        self.finished: list[str] = []
+
+    def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
+        out = p.outcomes[i]
+        state = _STATE_OF[out.kind]
+        if state is RcptState.DEFERRED and delay is None:
+            state = RcptState.BOUNCED  # past queue_lifetime: bounce with the last reply
+            out = Outcome(Kind.BOUNCED, out.dsn, f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s "
+                          "in queue)", out.relay, out.remote_mta)
+        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
+        old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        return RecipientStatus(state=state, attempts=old.attempts + 1, dsn=out.dsn, reply=out.reply,
+                               relay=out.relay, remote_mta=out.remote_mta, updated=now)
+
+    def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        for qid, results in self.ctx.store.set_statuses(updates).items():
+            self.recorded[qid].update(updates[qid])
+            if 0 in results:
+                self.finished.append(qid)
+
+    def record_final(self, p: Parcel, positions: list[int]) -> None:
+        now = time.time()
+        self.write({p.envelope.id: {i: self.status(p, i, now, 0.0) for i in positions}})
+
+
 def deliver(destination: str, ids: Sequence[str]) -> None:
     """RQ job: deliver the pending recipients of these messages that go to ``destination``."""
     ctx = context()
     store, s = ctx.store, ctx.settings
     parcels: list[Parcel] = []
-    for qid in ids:
-        msg = store.load(qid)
-        if msg is None:
+    loaded: dict[str, tuple[Message, dict[int, RecipientStatus]]] = {}
+    for found in store.load_many(ids):
+        if found is None:
             continue  # finished meanwhile (a re-run job after a crash)
-        statuses = store.statuses(qid)
+        msg, statuses = found
         idx = [i for i, r in enumerate(msg.envelope.recipients)
                if next_hop(r.address, store.relayhost) == destination
                and not statuses.get(i, RecipientStatus()).final]
         if idx:
             parcels.append(Parcel(msg.envelope, msg.body, idx))
+            loaded[msg.envelope.id] = found
     if not parcels:
         return
+    batch = _Batch(ctx, loaded)
     relay_deliver(destination, parcels, resolver=ctx.resolver, port=s.smtp_port, helo_name=s.hostname,
-                  connect_timeout=s.connect_timeout, timeout=s.smtp_timeout)
+                  connect_timeout=s.connect_timeout, timeout=s.smtp_timeout, record=batch.record_final,
+                  cache=ctx.connections)
+    # what relay did not record: deferrals (which may expire into bounces) and DNS verdicts
     now = time.time()
+    rest: dict[str, dict[int, RecipientStatus]] = {}
     retry_ids: list[str] = []
     retry_delay: float | None = None
     for p in parcels:
-        statuses = store.statuses(p.envelope.id)
-        updates: dict[int, RecipientStatus] = {}
+        qid = p.envelope.id
         delay = next_retry(p.envelope.received_at, now, min_backoff=s.min_backoff, max_backoff=s.max_backoff,
                            queue_lifetime=s.queue_lifetime)
-        for i in p.rcpt_idx:
-            out = p.outcomes[i]
-            old = statuses.get(i, RecipientStatus())
-            state = {Kind.SENT: RcptState.DELIVERED, Kind.BOUNCED: RcptState.BOUNCED}.get(out.kind, RcptState.DEFERRED)
-            status_word = out.kind.value
-            if state is RcptState.DEFERRED and delay is None:
-                state, status_word = RcptState.BOUNCED, "bounced"
-                out = Outcome(Kind.BOUNCED, out.dsn, f"{out.reply} (message expired after "
-                              f"{now - p.envelope.received_at:.0f}s in queue)", out.relay, out.remote_mta)
-            log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, status_word)
-            updates[i] = RecipientStatus(state=state, attempts=old.attempts + 1, dsn=out.dsn, reply=out.reply,
-                                         relay=out.relay, remote_mta=out.remote_mta, updated=now)
-        results = store.set_statuses(p.envelope.id, updates)
-        if any(st.state is RcptState.DEFERRED for st in updates.values()) and delay is not None:
-            retry_ids.append(p.envelope.id)
+        ups = {i: batch.status(p, i, now, delay) for i in p.rcpt_idx if i not in batch.recorded[qid]}
+        if ups:
+            rest[qid] = ups
+        if delay is not None and any(u.state is RcptState.DEFERRED for u in ups.values()):
+            retry_ids.append(qid)
             retry_delay = delay if retry_delay is None else min(retry_delay, delay)
-        if 0 in results:
-            finish_message(ctx, p.envelope.id)
+    if rest:
+        batch.write(rest)
+    if batch.finished:
+        finish_messages(ctx, batch)
     if retry_ids and retry_delay is not None:
         store.schedule(destination, retry_ids, retry_delay)
         log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
 
-def finish_message(ctx: Context, qid: str) -> None:
-    """Every recipient is final: send the DSN the sender asked for (if any) and remove the message,
-    both in one transaction."""
+def finish_messages(ctx: Context, batch: _Batch) -> None:
+    """Every recipient of these messages is final: queue the DSNs their senders asked for and
+    remove the messages, all in one transaction. A message with recipients at other destinations
+    has its states read again (another job finished those); otherwise this job's view is whole."""
     store = ctx.store
-    msg = store.load(qid)
-    if msg is None:
-        return
-    statuses = store.statuses(qid)
-    dsn = make_dsn(msg, statuses, ctx.settings.hostname, time.time())
-    store.commit([dsn] if dsn is not None else [], delete=[qid])
-    if dsn is not None:
-        log.info("%s: sender non-delivery notification: %s", qid, dsn.envelope.id)
+    views: dict[str, tuple[Message, dict[int, RecipientStatus]]] = {}
+    stale: list[str] = []
+    for qid in batch.finished:
+        msg, before = batch.loaded[qid]
+        states = {**before, **batch.recorded[qid]}
+        if len(states) == len(msg.envelope.recipients) and all(st.final for st in states.values()):
+            views[qid] = (msg, states)
+        else:
+            stale.append(qid)
+    for found in store.load_many(stale) if stale else []:
+        if found is not None:
+            views[found[0].envelope.id] = found
+    now = time.time()
+    dsns: list[Message] = []
+    for qid, (msg, states) in views.items():
+        dsn = make_dsn(msg, states, ctx.settings.hostname, now)
+        if dsn is not None:
+            dsns.append(dsn)
+            log.info("%s: sender delivery status notification: %s", qid, dsn.envelope.id)
+        log.info("%s: removed", qid)
+    store.commit(dsns, delete=list(views))
 
 
 def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, now: float) -> Message | None:

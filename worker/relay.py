@@ -15,7 +15,7 @@ from enum import Enum
 
 from common.envelope import Envelope
 from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
-from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
+from worker.smtpclient import ConnectFailed, ConnectionCache, RemoteReply, SMTPConnection
 
 __all__ = ["Kind", "Outcome", "Parcel", "deliver"]
 
@@ -74,10 +74,17 @@ def mail_options(env: Envelope, size: int, conn: SMTPConnection) -> list[str] | 
     return opts
 
 
+Recorder = Callable[[Parcel, list[int]], None]
+
+
 def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver, port: int, helo_name: str,
-            connect_timeout: float, timeout: float,
-            connection_factory: Callable[..., SMTPConnection] = SMTPConnection) -> None:
-    """Fill in ``parcel.outcomes`` for every recipient of every parcel."""
+            connect_timeout: float, timeout: float, record: Recorder | None = None,
+            cache: ConnectionCache | None = None) -> None:
+    """Fill in ``parcel.outcomes`` for every recipient of every parcel.
+
+    ``record(parcel, positions)`` is called right after a transaction with the recipients whose
+    outcome became final there (sent or bounced), so that they are marked before anything else is
+    tried: a job re-run after a crash does not send them again."""
     try:
         targets = resolver.targets(destination, port)
     except DnsPermanent as e:
@@ -93,10 +100,12 @@ def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver
     for target in targets:
         if not any(p.pending() for p in parcels):
             return
-        conn = connection_factory(helo_name=helo_name, connect_timeout=connect_timeout, timeout=timeout)
         relay = f"{target.hostname}[{target.ip}]:{target.port}"
+        conn = cache.take(target.ip, target.port) if cache is not None else None
         try:
-            conn.open(target.ip, target.port, name=target.hostname)
+            if conn is None:
+                conn = SMTPConnection(helo_name=helo_name, connect_timeout=connect_timeout, timeout=timeout)
+                conn.open(target.ip, target.port, name=target.hostname)
         except ConnectFailed as e:
             log.info("%s", e.text)
             reply = e.reply
@@ -108,9 +117,12 @@ def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver
             _defer_pending(parcels, last)
             continue
         try:
-            _send_parcels(conn, parcels, relay, target)
+            _send_parcels(conn, parcels, relay, target, record)
         finally:
-            conn.quit()
+            if cache is not None:
+                cache.give(target.ip, target.port, conn)
+            else:
+                conn.quit()
     # whatever is still pending keeps the last transient outcome it got (or the last connect failure)
     _defer_pending(parcels, last, only_unset=True)
 
@@ -122,7 +134,8 @@ def _defer_pending(parcels: Sequence[Parcel], outcome: Outcome, *, only_unset: b
                 p.outcomes[i] = outcome
 
 
-def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target) -> None:
+def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target,
+                  record: Recorder | None) -> None:
     for parcel in parcels:
         pending = parcel.pending()
         if not pending:
@@ -134,6 +147,8 @@ def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, t
         if isinstance(opts, Outcome):
             for i in pending:
                 parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
+            if record is not None:
+                record(parcel, pending)
             continue
         for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
             chunk = pending[start:start + RCPTS_PER_TRANSACTION]
@@ -141,6 +156,9 @@ def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, t
                                mail_options=opts)
             for pos, reply in result.replies.items():
                 parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
+            final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].kind is not Kind.DEFERRED]
+            if final and record is not None:
+                record(parcel, final)
             if result.broken:
                 lost = Outcome(Kind.DEFERRED, "4.4.2", f"lost connection with {relay} while sending message",
                                relay, target.hostname)
@@ -148,7 +166,9 @@ def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, t
                     if i not in result.replies:
                         parcel.outcomes[i] = lost
                 return
-            if not conn.reset():
+            # after a transaction the server is reset by itself (RFC 5321 §4.1.1.4); send() sent
+            # RSET after one that failed part-way
+            if not conn.alive:
                 return
 
 

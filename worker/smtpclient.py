@@ -11,10 +11,11 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ConnectFailed", "RemoteReply", "SMTPConnection", "TransactionResult"]
+__all__ = ["ConnectFailed", "ConnectionCache", "RemoteReply", "SMTPConnection", "TransactionResult"]
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\s")
 
@@ -85,7 +86,7 @@ class SMTPConnection:
     def open(self, ip: str, port: int, *, name: str = "", try_tls: bool = True) -> None:
         """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered."""
         relay = f"{name or ip}[{ip}]:{port}"
-        smtp = smtplib.SMTP(timeout=self.connect_timeout)
+        smtp = smtplib.SMTP(timeout=self.connect_timeout, local_hostname=self.helo_name)  # no getfqdn() each time
         try:
             code, banner = smtp.connect(ip, port)
         except (OSError, smtplib.SMTPException) as e:
@@ -130,6 +131,8 @@ class SMTPConnection:
              ) -> TransactionResult:
         """One mail transaction. Every recipient ends with a reply unless the connection broke."""
         assert self.smtp is not None
+        if self.supports("pipelining"):
+            return self._send_pipelined(sender, recipients, body, mail_options)
         smtp = self.smtp
         replies: dict[int, RemoteReply] = {}
         try:
@@ -167,6 +170,53 @@ class SMTPConnection:
             self.close()
             return TransactionResult(replies, broken=True)
 
+    def _send_pipelined(self, sender: str, recipients: Sequence[str], body: bytes, mail_options: Sequence[str]
+                        ) -> TransactionResult:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order; two round
+        trips a message instead of 3 + recipients."""
+        assert self.smtp is not None
+        smtp = self.smtp
+        if "SMTPUTF8" in mail_options:
+            smtp.command_encoding = "utf-8"
+        opts = "".join(" " + o for o in mail_options)
+        lines = [f"MAIL FROM:{smtplib.quoteaddr(sender)}{opts}"]
+        lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in recipients]
+        lines.append("DATA")
+        replies: dict[int, RemoteReply] = {}
+        try:
+            smtp.send("\r\n".join(lines) + "\r\n")
+            mail = RemoteReply.of(*smtp.getreply())
+            rcpt = [RemoteReply.of(*smtp.getreply()) for _ in recipients]
+            data = RemoteReply.of(*smtp.getreply())
+            accepted = [i for i, r in enumerate(rcpt) if 200 <= r.code < 300]
+            if mail.code != 250:
+                replies = dict.fromkeys(range(len(recipients)), mail)
+            else:
+                replies = {i: r for i, r in enumerate(rcpt) if i not in accepted}
+            if data.code != 354:
+                # a refused DATA decides the accepted recipients (the server had no valid one, or
+                # refuses the message); RSET clears whatever the server kept
+                for i in accepted:
+                    replies[i] = data if mail.code == 250 else mail
+                self._rset()
+                return TransactionResult(replies)
+            if not accepted or mail.code != 250:
+                # a server that said 354 without a valid recipient: end the empty message
+                smtp.send(b".\r\n")
+                smtp.getreply()
+                self._rset()
+                return TransactionResult(replies)
+            smtp.send(_dot_stuff(body))
+            final = RemoteReply.of(*smtp.getreply())
+            for i in accepted:
+                replies[i] = final
+            if final.code != 250:
+                self._rset()
+            return TransactionResult(replies)
+        except (OSError, smtplib.SMTPException):
+            self.close()
+            return TransactionResult(replies, broken=True)
+
     def _rset(self) -> None:
         assert self.smtp is not None
         try:
@@ -174,15 +224,16 @@ class SMTPConnection:
         except (OSError, smtplib.SMTPException):
             self.close()
 
-    def reset(self) -> bool:
-        """RSET between messages on a reused connection; False when the connection is gone."""
+    def noop(self) -> bool:
         if self.smtp is None:
             return False
         try:
-            code, _ = self.smtp.rset()
+            code, _ = self.smtp.noop()
         except (OSError, smtplib.SMTPException):
             self.close()
             return False
+        if code != 250:
+            self.quit()
         return code == 250
 
     @property
@@ -198,6 +249,54 @@ class SMTPConnection:
         if self.smtp is not None:
             self.smtp.close()
             self.smtp = None
+
+
+def _dot_stuff(body: bytes) -> bytes:
+    """RFC 5321 §4.5.2: a line starting with '.' gets another; the data ends with CRLF.CRLF."""
+    stuffed = _LEADING_DOT.sub(b"..", body)
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+class ConnectionCache:
+    """Idle connections kept between jobs, one per remote address, as Postfix's scache does
+    (smtp_connection_cache_time_limit). A NOOP proves one still lives before it is reused."""
+
+    def __init__(self, idle_limit: float = 5.0) -> None:
+        self.idle_limit = idle_limit
+        self._idle: dict[tuple[str, int], tuple[SMTPConnection, float]] = {}
+
+    def take(self, ip: str, port: int) -> SMTPConnection | None:
+        self.sweep()
+        hit = self._idle.pop((ip, port), None)
+        if hit is None:
+            return None
+        conn = hit[0]
+        return conn if conn.noop() else None
+
+    def give(self, ip: str, port: int, conn: SMTPConnection) -> None:
+        if not conn.alive:
+            return
+        old = self._idle.pop((ip, port), None)
+        if old is not None:
+            old[0].quit()
+        self._idle[(ip, port)] = (conn, time.monotonic())
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for key, (conn, since) in list(self._idle.items()):
+            if now - since > self.idle_limit:
+                del self._idle[key]
+                conn.quit()
+
+    def close(self) -> None:
+        for conn, _ in self._idle.values():
+            conn.quit()
+        self._idle.clear()
 
 
 def _quit(smtp: smtplib.SMTP) -> None:

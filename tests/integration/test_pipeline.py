@@ -253,3 +253,29 @@ def test_dsn_parameters_are_honoured_end_to_end(zone: ZoneServer, sinks: Callabl
     assert blocks["rfc822; good@a.test"]["action"] == "relayed"
     assert b"Original-Envelope-Id: env+id" in data or b"Original-Envelope-Id: env+2Bid" in data
     assert b"the whole body" in data  # RET=FULL
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_batch_over_one_connection_with_and_without_pipelining(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                                               mta_factory: Callable[..., MTA],
+                                                               pipelining: bool) -> None:
+    """Many messages, some with a refused recipient, through one job: each message gets exactly its
+    own recipients, whether the remote pipelines (RFC 2920) or answers command by command."""
+    zone.add("a.test.", "MX", "10 mx.a.test.")
+    zone.add("mx.a.test.", "A", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.pipelining = pipelining
+    box.rcpt_replies["nobody@a.test"] = "550 5.1.1 User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    with mta.smtp() as s:
+        for i in range(10):
+            rcpts = [f"u{i}@a.test", "nobody@a.test"] if i % 3 == 0 else [f"u{i}@a.test"]
+            assert s.sendmail(SENDER, rcpts, message(f"m{i}")) == {}
+    mta.start_worker()  # after the mail is queued: the worker finds whole batches
+    assert wait_for(lambda: len(box.messages) == 10 and len(home.messages) == 4, 20), mta.logs()
+    assert sorted((parse(d)["Subject"], r) for _, r, d in box.messages) == sorted(
+        (f"m{i}", [f"u{i}@a.test"]) for i in range(10))
+    assert all(any(o.startswith("SIZE=") for o in d.mail_options) for d in box.deliveries)  # RFC 1870
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10)

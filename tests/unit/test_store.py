@@ -48,12 +48,12 @@ def test_commit_is_all_or_nothing() -> None:
 def test_final_status_counts_down_once(store: Store) -> None:
     store.commit([Message(env("Q1", "a@one.test", "b@one.test"), b"x")])
     done = RecipientStatus(RcptState.DELIVERED, attempts=1, dsn="2.0.0")
-    assert store.set_statuses("Q1", {0: done}) == [1]
+    assert store.set_statuses({"Q1": {0: done}}) == {"Q1": [1]}
     # a re-run job reports the same recipient again: nothing changes
-    assert store.set_statuses("Q1", {0: done}) == [-1]
+    assert store.set_statuses({"Q1": {0: done}}) == {"Q1": [-1]}
     deferred = RecipientStatus(RcptState.DEFERRED, attempts=1, dsn="4.0.0")
-    assert store.set_statuses("Q1", {1: deferred}) == [-3]
-    assert store.set_statuses("Q1", {1: RecipientStatus(RcptState.BOUNCED, dsn="5.1.1")}) == [0]
+    assert store.set_statuses({"Q1": {1: deferred}}) == {"Q1": [-3]}
+    assert store.set_statuses({"Q1": {1: RecipientStatus(RcptState.BOUNCED, dsn="5.1.1")}}) == {"Q1": [0]}
     assert store.statuses("Q1")[1].state is RcptState.BOUNCED
     assert store.stats() == {"received": 1, "delivered": 1, "deferred": 1, "bounced": 1}
 
