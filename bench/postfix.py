@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -150,6 +151,10 @@ class PostfixInstance:
         return "".join(f"{k} = {v}\n" for k, v in params.items())
 
     def setup(self) -> None:
+        for parent in self.base.parents:  # mail_owner must reach base: a mkdtemp() parent is 0700
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
         for d in (self.base, self.config_dir, self.queue_dir, self.data_dir):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o755)  # a mkdtemp() directory is 0700: postfix (mail_owner) must traverse it

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from typing import IO, Any
 
 _DIR = os.environ.get("MTAQ_BENCH_TRACE", "")
 
@@ -27,22 +28,22 @@ def _role() -> str:
     return "proc"
 
 
-_out = None
+_out: IO[str] | None = None
 
 
-def _emit(rec: dict) -> None:
+def _emit(rec: dict[str, Any]) -> None:
     global _out
-    if _out is None:
-        _out = open(os.path.join(_DIR, f"{_role()}-{os.getpid()}.jsonl"), "a", buffering=1)
+    if _out is None:  # kept open for the life of the process (line-buffered)
+        _out = open(os.path.join(_DIR, f"{_role()}-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
     rec["t"] = time.time()
     _out.write(json.dumps(rec) + "\n")
 
 
-def _patch_store(mod) -> None:
+def _patch_store(mod: Any) -> None:
     orig = mod.Store.commit
 
     @functools.wraps(orig)
-    def commit(self, messages, *, delete=()):
+    def commit(self: Any, messages: Any, *, delete: Any = ()) -> Any:
         delete = list(delete)
         t0 = time.perf_counter()
         try:
@@ -53,11 +54,11 @@ def _patch_store(mod) -> None:
     mod.Store.commit = commit
 
 
-def _patch_jobs(mod) -> None:
+def _patch_jobs(mod: Any) -> None:
     orig = mod.deliver
 
     @functools.wraps(orig)
-    def deliver(destination, ids):
+    def deliver(destination: str, ids: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return orig(destination, ids)
@@ -71,7 +72,7 @@ _PATCHES = {"common.store": _patch_store, "worker.jobs": _patch_jobs}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name not in _PATCHES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -80,11 +81,11 @@ class _Finder(importlib.abc.MetaPathFinder):
         loader, patch = spec.loader, _PATCHES[name]
         orig_exec = loader.exec_module
 
-        def exec_module(module):
+        def exec_module(module: Any) -> None:
             orig_exec(module)
             patch(module)
 
-        loader.exec_module = exec_module
+        loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
