@@ -24,12 +24,11 @@ def format_queue(store: Store, out: TextIO) -> int:
         return 0
     out.write(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------\n")
     total = 0
-    for qid in ids:
-        msg = store.load(qid)
-        if msg is None:
-            continue
-        env = msg.envelope
-        statuses = store.statuses(qid)
+    for found in (f for i in range(0, len(ids), 500) for f in store.load_many(ids[i:i + 500])):
+        if found is None:
+            continue  # delivered while we looked
+        msg, statuses = found
+        env, qid = msg.envelope, msg.envelope.id
         total += len(msg.body)
         mark = "*" if all(s.state is RcptState.PENDING for s in statuses.values()) else " "
         arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
@@ -51,8 +50,7 @@ def format_queue(store: Store, out: TextIO) -> int:
 
 
 def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys.stdout) -> int:
-    store = Store(connect(settings), settings.queue_name, relayhost=settings.relayhost,
-                  job_max_messages=settings.job_max_messages, job_timeout=settings.job_timeout)
+    store = Store.from_settings(settings, connect(settings))
     if action == "list":
         return format_queue(store, out)
     if action == "stats":
@@ -70,18 +68,18 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
         return 0
     if action == "flush":
         # like `postqueue -f`: every message with a recipient not yet final, now, per destination
-        dests: dict[str, list[str]] = defaultdict(list)
+        dests: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for qid in store.queue_ids():
-            env = store.load_envelope(qid)
-            if env is None:
+            found = store.load_many([qid])[0]
+            if found is None:
                 continue
-            statuses = store.statuses(qid)
-            for d in {next_hop(r.address, store.relayhost) for i, r in enumerate(env.recipients)
+            msg, statuses = found
+            for d in {next_hop(r.address, store.relayhost) for i, r in enumerate(msg.envelope.recipients)
                       if not statuses.get(i) or not statuses[i].final}:
-                dests[d].append(qid)
-        for d, qids in dests.items():
-            for i in range(0, len(qids), store.job_max_messages):
-                store.enqueue_now(d, qids[i:i + store.job_max_messages])
+                dests[d].append((qid, len(msg.body)))
+        for d, sized in dests.items():
+            for ids in store.batches(sized):
+                store.enqueue_now(d, ids)
         out.write(f"flushed {sum(len(v) for v in dests.values())} message(s) to {len(dests)} destination(s)\n")
         return 0
     if action == "delete":

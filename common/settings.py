@@ -69,6 +69,8 @@ class Settings:
     auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
+    job_max_bytes: int = _opt(20_000_000, "octets of messages per delivery job (one larger message still goes)",
+                              ("ingress", "worker"))
     shutdown_grace: float = _opt(30.0, "seconds SIGTERM waits for transactions in flight", ("ingress",))
 
     def __post_init__(self) -> None:

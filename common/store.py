@@ -22,6 +22,7 @@ from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
+from common.settings import Settings
 
 __all__ = [
     "DELIVER_FUNC",
@@ -94,13 +95,34 @@ class Store:
     """Queue storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
     def __init__(self, r: redis.Redis, queue_name: str = "mtaq", *, relayhost: str = "",
-                 job_max_messages: int = 100, job_timeout: int = 1800) -> None:
+                 job_max_messages: int = 100, job_max_bytes: int = 20_000_000, job_timeout: int = 1800) -> None:
         self.redis = r
         self.queue = Queue(queue_name, connection=r, serializer=JSONSerializer)
         self.relayhost = relayhost
         self.job_max_messages = max(1, job_max_messages)
+        self.job_max_bytes = job_max_bytes
         self.job_timeout = job_timeout
         self._set_status = r.register_script(_SET_STATUS)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, r: redis.Redis) -> Store:
+        return cls(r, settings.queue_name, relayhost=settings.relayhost, job_max_messages=settings.job_max_messages,
+                   job_max_bytes=settings.job_max_bytes, job_timeout=settings.job_timeout)
+
+    def batches(self, sized: Sequence[tuple[str, int]]) -> list[list[str]]:
+        """Split (queue id, size) pairs into job batches within job_max_messages and job_max_bytes."""
+        out: list[list[str]] = []
+        current: list[str] = []
+        total = 0
+        for qid, size in sized:
+            if current and (len(current) >= self.job_max_messages or total + size > self.job_max_bytes):
+                out.append(current)
+                current, total = [], 0
+            current.append(qid)
+            total += size
+        if current:
+            out.append(current)
+        return out
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(self, messages: Sequence[Message], *, delete: Iterable[str] = ()) -> None:
@@ -109,7 +131,7 @@ class Store:
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original).
         Raises redis.ConnectionError / redis.ResponseError (OOM) and stores nothing then."""
         pipe = self.redis.pipeline(transaction=True)
-        by_dest: dict[str, list[str]] = defaultdict(list)
+        by_dest: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for m in messages:
             env = m.envelope
             pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
@@ -118,15 +140,15 @@ class Store:
             pipe.set(left_key(env.id), len(env.recipients))
             pipe.zadd(INDEX, {env.id: env.received_at})
             for dest in dict.fromkeys(next_hop(r.address, self.relayhost) for r in env.recipients):
-                by_dest[dest].append(env.id)
+                by_dest[dest].append((env.id, len(m.body)))
         if messages:
             pipe.hincrby(STATS, "received", len(messages))
         for qid in delete:
             self._delete(pipe, qid)
         jobs = [
-            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids[i:i + self.job_max_messages]), **self._job_opts())
-            for dest, ids in by_dest.items()
-            for i in range(0, len(ids), self.job_max_messages)
+            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids), **self._job_opts())
+            for dest, sized in by_dest.items()
+            for ids in self.batches(sized)
         ]
         if jobs:
             self.queue.enqueue_many(jobs, pipeline=pipe)
@@ -165,10 +187,6 @@ class Store:
             message = Message(Envelope.from_json(env), body if isinstance(body, bytes) else body.encode())
             out.append((message, {int(k): RecipientStatus.from_json(v) for k, v in states.items()}))
         return out
-
-    def load_envelope(self, qid: str) -> Envelope | None:
-        raw = self.redis.hget(msg_key(qid), "env")
-        return None if raw is None else Envelope.from_json(raw)
 
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
         raw = self.redis.hgetall(rcpt_key(qid))

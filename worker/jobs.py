@@ -48,9 +48,7 @@ def set_context(ctx: Context | None) -> None:
 @cache
 def _default_context() -> Context:
     settings = Settings.from_env()
-    return make_context(settings, Store(connect(settings), settings.queue_name, relayhost=settings.relayhost,
-                                        job_max_messages=settings.job_max_messages,
-                                        job_timeout=settings.job_timeout))
+    return make_context(settings, Store.from_settings(settings, connect(settings)))
 
 
 def make_context(settings: Settings, store: Store) -> Context:

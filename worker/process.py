@@ -28,8 +28,7 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level)
     r = redis.Redis.from_url(redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10,
                              health_check_interval=30)
-    store = Store(r, settings.queue_name, relayhost=settings.relayhost, job_max_messages=settings.job_max_messages,
-                  job_timeout=settings.job_timeout)
+    store = Store.from_settings(settings, r)
     set_context(make_context(settings, store))
     w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
                      maintenance_interval=settings.maintenance_interval)

@@ -83,3 +83,9 @@ def test_envelope_round_trip() -> None:
     assert Envelope.from_json(e.to_json()) == e
     st = RecipientStatus(RcptState.DEFERRED, 3, "4.4.1", "connect refused", "none", "mx", 5.0)
     assert RecipientStatus.from_json(st.to_json()) == st
+
+
+def test_batches_respect_message_and_byte_limits() -> None:
+    s = Store(fakeredis.FakeRedis(), "mtaq", job_max_messages=3, job_max_bytes=100)
+    sized = [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("e", 95), ("f", 200), ("g", 1)]
+    assert s.batches(sized) == [["a", "b", "c"], ["d"], ["e"], ["f"], ["g"]]
