@@ -3,7 +3,7 @@ from __future__ import annotations
 import email
 import email.policy
 
-from common.envelope import Envelope, Recipient, RecipientStatus, RcptState
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.store import Message
 from worker.jobs import make_dsn
 

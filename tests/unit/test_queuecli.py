@@ -5,7 +5,7 @@ import io
 import fakeredis
 import pytest
 
-from common.envelope import Envelope, Recipient, RecipientStatus, RcptState
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.queuecli import format_queue
 from common.store import Message, Store
 
