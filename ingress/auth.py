@@ -8,6 +8,7 @@ no new dependency, and no plain-text or fast-hash passwords ever.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -47,10 +48,19 @@ def verify_password(password: str, encoded: str) -> bool:
         p = dict(kv.split("=") for kv in params.split(","))
         n, r, par = int(p["n"]), int(p["r"]), int(p["p"])
         salt, key = _unb64(salt_s), _unb64(key_s)
-    except (ValueError, KeyError):
+        # a damaged line (n not a power of two, a memory cost past maxmem, an empty key) makes
+        # hashlib raise: that is a failed check, not an exception in the ingress
+        got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=par, dklen=len(key),
+                             maxmem=256 * 1024 * 1024)
+    except (ValueError, KeyError, OverflowError, MemoryError):
         return False
-    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=par, dklen=len(key), maxmem=256 * 1024 * 1024)
     return hmac.compare_digest(got, key)
+
+
+@functools.cache
+def _decoy() -> str:
+    """A hash to check unknown users against: one scrypt for them as for a known user."""
+    return hash_password("decoy", salt=b"\0" * 16)
 
 
 class Credentials:
@@ -58,16 +68,18 @@ class Credentials:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._mtime = -1.0
+        self._version: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
 
     def _reload(self) -> None:
         try:
-            mtime = self.path.stat().st_mtime
+            st = self.path.stat()
         except FileNotFoundError:
-            self._users = {}
+            self._users, self._version = {}, None
             return
-        if mtime == self._mtime:
+        # `mtaq passwd` replaces the file (a new inode): two changes within one mtime tick still show
+        version = (st.st_mtime_ns, st.st_ino, st.st_size)
+        if version == self._version:
             return
         users: dict[str, str] = {}
         for line in self.path.read_text().splitlines():
@@ -75,14 +87,14 @@ class Credentials:
             if line and not line.startswith("#") and ":" in line:
                 user, _, encoded = line.partition(":")
                 users[user] = encoded
-        self._users, self._mtime = users, mtime
+        self._users, self._version = users, version
 
     def verify(self, username: str, password: str) -> bool:
         self._reload()
         encoded = self._users.get(username)
         if encoded is None:
-            # spend the same time as for a known user, so timing does not reveal who exists
-            verify_password(password, hash_password("x", salt=b"\0" * 16))
+            # spend the same time as for a known user (one scrypt), so timing does not reveal who exists
+            verify_password(password, _decoy())
             return False
         return verify_password(password, encoded)
 
@@ -104,12 +116,17 @@ def set_password(path: str, username: str, password: str) -> None:
 
 class AuthLimiter:
     """Failed AUTH attempts per client address within a sliding window (Postfix's anvil
-    smtpd_client_auth_rate_limit): past the limit an address gets no more password checks."""
+    smtpd_client_auth_rate_limit): past the limit an address gets no more password checks.
+
+    Checks still running count as failures until they end (``begin``/``end``), so that a client
+    with many connections cannot start more than ``max_failures`` guesses at once. One limiter per
+    ingress process: with N processes an address may fail up to N * max_failures times per window."""
 
     def __init__(self, max_failures: int = 5, window: float = 60.0) -> None:
         self.max_failures = max_failures
         self.window = window
         self._fails: dict[str, deque[float]] = {}
+        self._running: dict[str, int] = {}
 
     def _recent(self, ip: str, now: float) -> deque[float]:
         q = self._fails.setdefault(ip, deque())
@@ -119,11 +136,29 @@ class AuthLimiter:
 
     def blocked(self, ip: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return len(self._recent(ip, now)) >= self.max_failures
+        return len(self._recent(ip, now)) + self._running.get(ip, 0) >= self.max_failures
+
+    def begin(self, ip: str, now: float | None = None) -> bool:
+        """May ``ip`` have its password checked now? True reserves a slot until ``end``."""
+        if self.blocked(ip, now):
+            return False
+        self._running[ip] = self._running.get(ip, 0) + 1
+        return True
+
+    def end(self, ip: str, *, failed: bool, now: float | None = None) -> None:
+        left = self._running.get(ip, 0) - 1
+        if left > 0:
+            self._running[ip] = left
+        else:
+            self._running.pop(ip, None)
+        if failed:
+            self.failed(ip, now)
 
     def failed(self, ip: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._recent(ip, now).append(now)
+        q = self._recent(ip, now)
+        if len(q) < self.max_failures:  # past the limit nothing more needs remembering
+            q.append(now)
         if len(self._fails) > 10000:  # bound memory against many addresses
-            for k in [k for k, q in self._fails.items() if not q][:5000]:
+            for k in [k for k, v in self._fails.items() if not v or v[-1] <= now - self.window][:5000]:
                 del self._fails[k]

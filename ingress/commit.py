@@ -30,7 +30,12 @@ class StorageRefused(Exception):
 def classify_redis_error(e: Exception) -> Reply:
     """451 4.3.0 when Redis is unreachable or broken; 452 4.3.1 when it refuses to grow (OOM under
     noeviction), which tells the client to come back later without counting against it."""
-    if isinstance(e, redis.ResponseError) and str(e).startswith("OOM"):
+    # redis-py maps the "OOM" error prefix to OutOfMemoryError and strips it from the text; inside
+    # MULTI/EXEC the text becomes "Command # 1 (HSET ...) of pipeline caused error: command not
+    # allowed when used memory > 'maxmemory'." Match the class, and the text for other clients.
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return replies.INSUFFICIENT_STORAGE
+    if isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e)):
         return replies.INSUFFICIENT_STORAGE
     return replies.STORAGE_FAILED
 
@@ -66,11 +71,12 @@ class Committer:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
             try:
                 await asyncio.to_thread(self.store.commit, [p.message for p in batch])
-            except (redis.RedisError, OSError) as e:
+            except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = classify_redis_error(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = time.monotonic() + 1.0
-                log.warning("queue write of %d message(s) failed: %s -> %s", len(batch), e, reply)
+                log.warning("queue write of %d message(s) failed: %s -> %s", len(batch), e, reply,
+                            exc_info=not isinstance(e, redis.RedisError | OSError))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(StorageRefused(reply))
@@ -101,5 +107,9 @@ class Committer:
         """Keep the queue size fresh for gate(); Redis being down shows up at commit, not here."""
         while True:
             with contextlib.suppress(redis.RedisError, OSError):
-                self._queue_size = await asyncio.to_thread(self.store.queue_size)
+                seen = self.committed
+                size = await asyncio.to_thread(self.store.queue_size)
+                # a commit that ended while ZCARD ran may be missing from its answer: never let a
+                # stale count undo it (the next round corrects any excess)
+                self._queue_size = size if self.committed == seen else max(size, self._queue_size)
             await asyncio.sleep(interval)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+from typing import Any
 
 from common.logging import setup_logging
 from common.redisconn import connect
@@ -55,6 +57,12 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 
 def serve(settings: Settings, sock: socket.socket) -> None:
     """One ingress process (also the target of each forked child)."""
+    # A forked child inherits the supervisor's SIGTERM/SIGINT handlers, which only set a flag in the
+    # parent's Supervisor: a signal arriving before the event loop installs its own would be lost and
+    # the child would run on until SIGKILL. Until then, the default action (exit) is right: nothing
+    # has been accepted yet.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("ingress", settings.log_level)
     asyncio.run(_serve(settings, sock))
 
@@ -70,4 +78,21 @@ def main(settings: Settings) -> int:
     # loses no queued connection
     children = [Child(f"ingress-{i + 1}", target=serve, args=(settings, sock)) for i in range(n)]
     log.info("ingress on %s:%s with %d processes", *sock.getsockname()[:2], n)
-    return Supervisor(children).run()
+    # each child needs up to shutdown_grace to finish its transactions (then CLOSE_GRACE and its last
+    # group commit); only then may the supervisor resort to SIGKILL
+    return _IngressSupervisor(children, sock, stop_timeout=settings.shutdown_grace + 10).run()
+
+
+class _IngressSupervisor(Supervisor):
+    """Closes the parent's copy of the listening socket when told to stop. Each child closes its
+    own copy at SIGTERM; were the parent to keep one, the kernel would go on completing handshakes
+    into the backlog that nobody accepts, and those clients would wait, then get a reset, instead of
+    a prompt refusal that sends them to the next MX. (No child is forked after the stop request.)"""
+
+    def __init__(self, children: list[Child], sock: socket.socket, *, stop_timeout: float) -> None:
+        super().__init__(children, stop_timeout=stop_timeout)
+        self._sock = sock
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        super().request_stop(signum, frame)
+        self._sock.close()

@@ -23,6 +23,8 @@ __all__ = [
     "AUTH_MECHANISM_UNKNOWN",
     "AUTH_NOT_AVAILABLE",
     "AUTH_OK",
+    "AUTH_RATE_LIMITED",
+    "AUTH_TEMP_FAILURE",
     "BAD_ADDRESS",
     "BAD_PARAM_VALUE",
     "BAD_SEQUENCE",
@@ -159,6 +161,10 @@ AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+# Too many failed attempts from this address lately (the limiter in auth.py): temporary, and said
+# plainly, so that a user behind the same address as a guesser is not told the password is wrong.
+AUTH_RATE_LIMITED = Reply(454, "4.7.0", "Error: too many failed authentication attempts, try again later")
 
 
 def greeting(hostname: str) -> Reply:

@@ -43,6 +43,13 @@ log = logging.getLogger("mtaq.ingress")
 # A slow client must complete a command, or send this many octets of message data, within the idle
 # timeout: one byte a second (slowloris) does not keep a connection alive.
 PROGRESS_OCTETS = 512
+# After we close a connection (221, 421, EOF), the close must complete within this many seconds or
+# the connection is aborted: a client that reads nothing, or never answers a TLS close_notify,
+# would otherwise hold its slot (and its share of max_connections_per_client) indefinitely.
+CLOSE_GRACE = 2.0
+# Input the TLS layer may hand us between the end of the handshake and our handshake task resuming:
+# one round of pipelined commands at most (RFC 2920); more than this aborts the connection.
+MAX_EARLY_TLS_DATA = 64 * 1024
 
 
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -124,8 +131,13 @@ class SMTPProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.peer_ip = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._octets_since_progress = 0
         self._closing = False
+        self._lost = False
+        self._write_paused = False
+        # Not None while a STARTTLS handshake runs: what the TLS layer decrypted before we resumed
+        self._tls_early: bytearray | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,11 +163,25 @@ class SMTPProtocol(asyncio.Protocol):
     def _refuse(self, reply: replies.Reply) -> None:
         assert self.transport is not None
         self.transport.write(reply.to_bytes())
-        self.transport.close()
+        self._close()
+
+    def _close(self) -> None:
+        """Close after the pending writes; abort if that takes longer than CLOSE_GRACE."""
         self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self.abort_later(CLOSE_GRACE)
 
     def data_received(self, data: bytes) -> None:
         if self.session is None or self._closing:
+            return
+        if self._tls_early is not None:
+            # Clear-text reading stopped at STARTTLS, so this is the client's first input under TLS,
+            # decrypted in the same read that finished the handshake, before _start_tls resumed.
+            # The session (still WAIT_TLS) would drop it; keep it for when the session is told.
+            self._tls_early += data
+            if len(self._tls_early) > MAX_EARLY_TLS_DATA:
+                self.abort()
             return
         events = self.session.receive_data(data)
         self._octets_since_progress += len(data)
@@ -168,10 +194,31 @@ class SMTPProtocol(asyncio.Protocol):
             self._handle(self.session.eof())
         return None
 
+    def pause_writing(self) -> None:
+        """The client does not read its replies and our write buffer passed its high-water mark:
+        read no more commands until it drains. Without this, a client pipelining NOOPs and reading
+        nothing grows the buffer without end; with it, such a client is cut at the idle timeout."""
+        self._write_paused = True
+        if self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if (self.transport is not None and not self._closing and self.session is not None
+                and not self.session.waiting):
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        """Also called by _start_tls when a handshake fails: asyncio's TLS layer does not report a
+        connection lost during the handshake to us, and the slot must be given back all the same.
+        Runs once."""
+        if self._lost:
+            return
+        self._lost = True
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
         ing = self.ingress
         if self in ing.connections:
             ing.connections.discard(self)
@@ -191,22 +238,44 @@ class SMTPProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._store(ev))
             elif isinstance(ev, StartTLS):
+                # Read nothing more in clear text: the client's ClientHello must stay in the socket
+                # for the TLS layer, and from here on whatever reaches data_received has come
+                # through TLS (see _tls_early) -- never clear text injected behind STARTTLS.
+                self.transport.pause_reading()
+                self._tls_early = bytearray()
                 self.ingress.spawn(self._start_tls())
             elif isinstance(ev, Authenticate):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._authenticate(ev))
             elif isinstance(ev, Close):
-                self._closing = True
-                self.transport.close()
+                self._close()
 
     def _resume(self, events: list[Event]) -> None:
         if self.transport is not None and not self._closing:
             self._arm_timer()
             self._handle(events)
-            if self.session is not None and not self.session.waiting and not self._closing:
+            if (self.session is not None and not self.session.waiting and not self._closing
+                    and not self._write_paused):
                 self.transport.resume_reading()
 
     async def _store(self, tx: Transaction) -> None:
+        assert self.session is not None
+        try:
+            qid = await self._commit(tx)
+        except StorageRefused as e:
+            self._resume(self.session.message_failed(e.reply))
+            return
+        except Exception:  # a bug, not the client's fault: it must still get an answer, and never 250
+            log.exception("storing a message from [%s] failed", self.peer_ip)
+            self._resume(self.session.message_failed(replies.STORAGE_FAILED))
+            return
+        log.info("%s: client=%s[%s], from=<%s>, nrcpt=%d, size=%d%s", qid, self.session.peer.name, self.peer_ip,
+                 tx.sender, len(tx.recipients), len(tx.data),
+                 "" if tx.auth_user is None else f", sasl_username={tx.auth_user[:64]!r}")
+        self._resume(self.session.message_stored(qid))
+
+    async def _commit(self, tx: Transaction) -> str:
+        """Store the message with its trace header; its queue id once it is in Redis."""
         assert self.session is not None
         qid = new_queue_id()
         now = time.time()
@@ -223,14 +292,8 @@ class SMTPProtocol(asyncio.Protocol):
                                 client_name=self.session.peer.name, protocol=tx.protocol, queue_id=qid,
                                 recipient=tx.recipients[0].address if len(tx.recipients) == 1 else None,
                                 when=now)
-        try:
-            await self.ingress.committer.submit(Message(env, trace + tx.data))
-        except StorageRefused as e:
-            self._resume(self.session.message_failed(e.reply))
-            return
-        log.info("%s: client=%s[%s], from=<%s>, nrcpt=%d, size=%d", qid, self.session.peer.name, self.peer_ip,
-                 tx.sender, len(tx.recipients), len(tx.data))
-        self._resume(self.session.message_stored(qid))
+        await self.ingress.committer.submit(Message(env, trace + tx.data))
+        return qid
 
     async def _start_tls(self) -> None:
         assert self.session is not None and self.transport is not None
@@ -244,29 +307,55 @@ class SMTPProtocol(asyncio.Protocol):
                 loop.start_tls(self.transport, self, ctx, server_side=True), timeout=self.ingress.idle_timeout
             )
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as e:
-            log.info("TLS handshake with [%s] failed: %s", self.peer_ip, e)
-            self.abort()
+            log.info("TLS handshake with [%s] failed: %s", self.peer_ip, e or type(e).__name__)
+            self._handshake_failed()
+            return
+        except Exception:
+            log.exception("TLS handshake with [%s] failed", self.peer_ip)
+            self._handshake_failed()
             return
         if new is None:
-            self.abort()
+            self._handshake_failed()
             return
         self.transport = new
+        self._write_paused = False
+        early, self._tls_early = bytes(self._tls_early or b""), None
         self._resume(self.session.tls_started())
+        if early:
+            self.data_received(early)  # before any later read: resume_reading only schedules one
+
+    def _handshake_failed(self) -> None:
+        # A timeout or a reset during the handshake never reaches our connection_lost (the TLS
+        # layer swallows it while it is handshaking): abort and release the connection here.
+        self.abort()
+        self.connection_lost(None)
 
     async def _authenticate(self, ev: Authenticate) -> None:
         assert self.session is not None
         ing = self.ingress
-        if ing.credentials is None or ing.auth_limiter.blocked(self.peer_ip):
-            ok = False
-        elif ev.authzid and ev.authzid != ev.username:
-            ok = False  # no proxy authorization: a user may only act as itself
+        limiter = ing.auth_limiter
+        ok, failure = False, None
+        if ing.credentials is None:
+            pass
+        elif not limiter.begin(self.peer_ip):
+            failure = replies.AUTH_RATE_LIMITED
+            log.warning("[%s]: %s authentication refused: too many failures", self.peer_ip, ev.mechanism)
         else:
-            ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
-        if not ok:
-            ing.auth_limiter.failed(self.peer_ip)
-            # the user name is logged as sent; the password never is
-            log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username)
-        self._resume(self.session.auth_result(ok))
+            try:
+                if ev.authzid and ev.authzid != ev.username:
+                    ok = False  # no proxy authorization: a user may only act as itself
+                else:
+                    ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
+            except Exception:  # the auth file unreadable, say: not the client's failure
+                log.exception("[%s]: checking credentials failed", self.peer_ip)
+                failure = replies.AUTH_TEMP_FAILURE
+            finally:
+                limiter.end(self.peer_ip, failed=not ok and failure is None)
+            if not ok and failure is None:
+                # the user name is logged as sent (repr: no line breaks; cut short); the password never is
+                log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism,
+                            ev.username[:64])
+        self._resume(self.session.auth_result(ok, failure))
 
     # -- deadlines and shutdown -------------------------------------------------------------------
     def _arm_timer(self) -> None:
@@ -283,14 +372,15 @@ class SMTPProtocol(asyncio.Protocol):
             return
         log.info("timeout after %s from [%s]", "DATA" if self.session.in_transaction else "command", self.peer_ip)
         self._handle(self.session.timeout())
-        self.abort_later()
 
     def shutdown_if_idle(self) -> None:
-        if self.session is not None and not self.session.in_transaction and not self.session.waiting:
+        if (self.session is not None and not self._closing and not self.session.in_transaction
+                and not self.session.waiting):
             self._handle(self.session.shutdown())
 
     def abort_later(self, delay: float = 1.0) -> None:
-        asyncio.get_running_loop().call_later(delay, self.abort)
+        if self._abort_timer is None:
+            self._abort_timer = asyncio.get_running_loop().call_later(delay, self.abort)
 
     def abort(self) -> None:
         self._closing = True

@@ -426,14 +426,16 @@ class Session:
         self._state = State.CONNECTED
         return []
 
-    def auth_result(self, ok: bool) -> list[Event]:
+    def auth_result(self, ok: bool, failure: Reply | None = None) -> list[Event]:
+        """The verdict on an Authenticate. ``failure`` replaces ``535 5.7.8`` when the credentials
+        were not checked at all (rate limited, or a temporary failure: ``454 4.7.0``)."""
         if self._state is not State.WAIT_AUTH:
             return []
         if ok:
             self.auth_user = self._auth_pending
             reply = replies.AUTH_OK
         else:
-            reply = replies.AUTH_FAILED
+            reply = failure or replies.AUTH_FAILED
         self._auth_pending = None
         return self._end_wait(State.WAIT_AUTH, reply, counts=not ok)
 

@@ -1,0 +1,169 @@
+"""`mtaq ingress --processes N` on one port, a child killed and restarted, SIGTERM to the parent;
+graceful shutdown of one ingress: transactions in flight finish, idle clients get 421 4.3.2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.conftest import MTA
+from tests.integration.smtpwire import Wire
+from tests.sinks import wait_for
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies excluded), from /proc."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return sorted(c for c in out if alive(c))
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def refused(port: int) -> bool:
+    try:
+        with Wire(port, timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def serve_one(mta: MTA, tag: str) -> str:
+    return mta.send("a@client.test", ["bob@a.test"], f"Subject: {tag}\r\n\r\nx\r\n")
+
+
+def test_processes_share_one_port_restart_and_stop(mta_factory: Callable[..., MTA]) -> None:
+    mta = mta_factory(processes=2, shutdown_grace=3)
+    mta.start_ingress()
+    parent = mta.procs["ingress"]
+    assert wait_for(lambda: len(children(parent.pid)) == 2, 10), children(parent.pid)
+    first = children(parent.pid)
+    ids = [serve_one(mta, f"m{i}") for i in range(10)]
+
+    # SIGKILL one child: the other keeps serving the port, the supervisor starts a new one
+    victim = first[0]
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:
+        ids.append(serve_one(mta, f"during{len(ids)}"))
+        time.sleep(0.05)
+    assert wait_for(lambda: len(children(parent.pid)) == 2 and victim not in children(parent.pid), 10)
+    now = children(parent.pid)
+    assert first[1] in now and len(set(now) - set(first)) == 1
+    ids += [serve_one(mta, f"after{i}") for i in range(10)]
+    assert sorted(mta.store.queue_ids()) == sorted(ids)
+    log = mta.logs()
+    assert f"ingress-1 (pid {victim}) exited with -9" in log or f"ingress-2 (pid {victim}) exited with -9" in log
+    served_by = {pid for pid in {*first, *now} if any(f"mtaq/ingress[{pid}]: INFO {qid}:" in log for qid in ids)}
+    assert served_by <= {*first, *now} and parent.pid not in served_by
+    assert set(now) & served_by, "the restarted set of children never served"
+
+    # SIGTERM to the parent stops every child and then the parent; a transaction in flight finishes
+    idle = Wire(mta.port)
+    idle.greet()
+    busy = Wire(mta.port)
+    busy.greet()
+    assert busy.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+    assert busy.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
+    assert busy.cmd("DATA").code == 354
+    t0 = time.monotonic()
+    parent.send_signal(signal.SIGTERM)
+    assert idle.reply(timeout=5).status == (421, "4.3.2")
+    idle.close()
+    # no process accepts any more, and none holds the port open: new clients are refused at once
+    assert wait_for(lambda: refused(mta.port), 3)
+    last = busy.cmd(b"Subject: last\r\n\r\nx\r\n.")
+    assert last.status == (250, "2.0.0")
+    assert busy.reply().status == (421, "4.3.2")
+    busy.close()
+    ids.append(last.text.rsplit(" ", 1)[-1])
+    assert parent.wait(timeout=3 + 10) == 0
+    assert time.monotonic() - t0 < 3  # nothing left in flight: no need to wait for the grace period
+    assert wait_for(lambda: not any(alive(c) for c in now), 5), [c for c in now if alive(c)]
+    assert sorted(mta.store.queue_ids()) == sorted(ids)
+
+
+def test_graceful_shutdown(mta_factory: Callable[..., MTA]) -> None:
+    mta = mta_factory(shutdown_grace=5)
+    mta.start_ingress()
+    proc = mta.procs["ingress"]
+    busy = Wire(mta.port)
+    busy.greet()
+    assert busy.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+    assert busy.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
+    assert busy.cmd("DATA").code == 354
+    busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    idle = Wire(mta.port)
+    idle.greet()
+
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert idle.reply(timeout=3).status == (421, "4.3.2")  # the idle client is told at once
+    assert idle.closed(timeout=3)
+    idle.close()
+    assert time.monotonic() - t0 < 2
+    assert wait_for(lambda: refused(mta.port), 3)  # no new connections
+    time.sleep(0.5)
+    busy.send(b"second half\r\n")
+    done = busy.cmd(".")
+    assert done.status == (250, "2.0.0")  # the transaction in flight completes
+    assert busy.reply(timeout=3).status == (421, "4.3.2")
+    assert busy.closed(timeout=3)
+    busy.close()
+    assert proc.wait(timeout=5) == 0
+    assert time.monotonic() - t0 < 5  # well within shutdown_grace: nothing was left to wait for
+    qid = done.text.rsplit(" ", 1)[-1]
+    stored = mta.store.load(qid)
+    assert stored is not None and stored.body.endswith(b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+    assert mta.store.queue_ids() == [qid]
+    assert "ingress stopped" in mta.logs()
+
+
+def test_shutdown_is_bounded_by_grace(mta_factory: Callable[..., MTA]) -> None:
+    mta = mta_factory(shutdown_grace=2)
+    mta.start_ingress()
+    proc = mta.procs["ingress"]
+    stuck = Wire(mta.port)
+    stuck.greet()
+    assert stuck.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+    assert stuck.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
+    assert stuck.cmd("DATA").code == 354
+    stop = threading.Event()
+
+    def dribble() -> None:  # progress enough to beat the idle timeout, never the end of DATA
+        while not stop.is_set():
+            try:
+                stuck.sock.sendall(b"y" * 600 + b"\r\n")
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=dribble)
+    t.start()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        code = None
+    elapsed = time.monotonic() - t0
+    stop.set()
+    t.join(5)
+    stuck.close()
+    assert code == 0 and 1.8 < elapsed < 4.0, (code, elapsed)
+    assert mta.store.queue_ids() == []  # the unfinished message was never accepted

@@ -1,0 +1,94 @@
+"""The group committer's error classification, failure handling and backpressure gate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from common.envelope import Envelope, Recipient
+from common.store import Message
+from ingress import replies
+from ingress.commit import Committer, StorageRefused, classify_redis_error
+
+
+@pytest.mark.parametrize(("error", "reply"), [
+    (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+     replies.INSUFFICIENT_STORAGE),
+    # what redis-py raises for an OOM inside MULTI/EXEC: the "OOM" prefix is gone from the text
+    (redis.exceptions.OutOfMemoryError("Command # 1 (HSET k a) of pipeline caused error: command not allowed "
+                                       "when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
+    (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
+    (redis.ConnectionError("Connection refused"), replies.STORAGE_FAILED),
+    (redis.ResponseError("EXECABORT Transaction discarded"), replies.STORAGE_FAILED),
+    (TypeError("a bug"), replies.STORAGE_FAILED),
+])
+def test_classify(error: Exception, reply: replies.Reply) -> None:
+    assert classify_redis_error(error) is reply
+
+
+class FakeStore:
+    def __init__(self, error: Exception | None = None, size: int = 0) -> None:
+        self.error = error
+        self.size = size
+        self.committed: list[str] = []
+
+    def commit(self, messages: Sequence[Message]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.committed += [m.envelope.id for m in messages]
+        self.size += len(messages)
+
+    def queue_size(self) -> int:
+        return self.size
+
+
+def msg(qid: str) -> Message:
+    return Message(Envelope(id=qid, sender="a@b.test", recipients=[Recipient("c@d.test")]), b"x\r\n")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_any_failure_answers_every_client_of_the_batch() -> None:
+    async def go() -> list[object]:
+        c = Committer(FakeStore(error=TypeError("unexpected")))  # type: ignore[arg-type]
+        return await asyncio.gather(*(c.submit(msg(str(i))) for i in range(3)), return_exceptions=True)
+
+    results = run(go())
+    assert all(isinstance(r, StorageRefused) and r.reply is replies.STORAGE_FAILED for r in results)
+
+
+def test_oom_closes_the_gate_for_a_moment() -> None:
+    async def go() -> tuple[object, replies.Reply | None]:
+        c = Committer(FakeStore(error=redis.exceptions.OutOfMemoryError("x")))  # type: ignore[arg-type]
+        try:
+            await c.submit(msg("1"))
+        except StorageRefused as e:
+            return e.reply, c.gate()
+        raise AssertionError("stored")
+
+    assert run(go()) == (replies.INSUFFICIENT_STORAGE, replies.INSUFFICIENT_STORAGE)
+
+
+def test_max_queue_gate() -> None:
+    async def go() -> list[replies.Reply | None]:
+        store = FakeStore()
+        c = Committer(store, max_queue=2)  # type: ignore[arg-type]
+        gates = [c.gate()]
+        await c.submit(msg("1"))
+        gates.append(c.gate())
+        await c.submit(msg("2"))
+        gates.append(c.gate())
+        store.size = 0  # the workers drained the queue
+        task = asyncio.create_task(c.watch_queue(interval=0.01))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        gates.append(c.gate())
+        return gates
+
+    assert run(go()) == [None, None, replies.INSUFFICIENT_STORAGE, None]
