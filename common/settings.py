@@ -68,6 +68,8 @@ class Settings:
     tls_required: bool = _opt(False, "refuse MAIL before STARTTLS (submission)", ("ingress",))
     auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
+    commit_wait: float = _opt(0.002, "seconds a group commit waits for more messages under load (idle: none)",
+                              ("ingress",))
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
     job_max_bytes: int = _opt(20_000_000, "octets of messages per delivery job (one larger message still goes)",
                               ("ingress", "worker"))

@@ -35,13 +35,13 @@ def bind(listen: tuple[str, int]) -> socket.socket:
 
 
 def build_ingress(settings: Settings) -> Ingress:
-    store = Store(connect(settings, timeout=5.0), settings.queue_name, relayhost=settings.relayhost,
-                  job_max_messages=settings.job_max_messages, job_timeout=settings.job_timeout)
+    store = Store.from_settings(settings, connect(settings, timeout=5.0))
     ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     creds = Credentials(settings.auth_file) if settings.auth_file else None
     return Ingress(store, SessionConfig.from_settings(settings), idle_timeout=settings.idle_timeout,
                    max_connections=settings.max_connections, max_per_client=settings.max_connections_per_client,
-                   commit_max_messages=settings.commit_max_messages, max_queue=settings.max_queue,
+                   commit_max_messages=settings.commit_max_messages, commit_wait=settings.commit_wait,
+                   max_queue=settings.max_queue,
                    ssl_context=ssl_ctx, credentials=creds, shutdown_grace=settings.shutdown_grace)
 
 

@@ -63,10 +63,10 @@ class Ingress:
     """What every connection of one ingress process shares."""
 
     def __init__(self, store: Store, config: SessionConfig, *, idle_timeout: float, max_connections: int,
-                 max_per_client: int, commit_max_messages: int = 256, max_queue: int = 0,
+                 max_per_client: int, commit_max_messages: int = 256, commit_wait: float = 0.0, max_queue: int = 0,
                  ssl_context: ssl.SSLContext | None = None, credentials: Credentials | None = None,
                  shutdown_grace: float = 30.0) -> None:
-        self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue)
+        self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
         self.config = SessionConfig(**{**config.__dict__, "mail_gate": self.committer.gate,
                                        "tls_available": ssl_context is not None,
                                        "auth_available": credentials is not None})

@@ -92,3 +92,35 @@ def test_max_queue_gate() -> None:
         return gates
 
     assert run(go()) == [None, None, replies.INSUFFICIENT_STORAGE, None]
+
+
+class BatchRecorder(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def commit(self, messages: Sequence[Message]) -> None:
+        self.batches.append(len(messages))
+        super().commit(messages)
+
+
+def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> None:
+    async def go() -> tuple[float, list[int]]:
+        store = BatchRecorder()
+        c = Committer(store, wait=0.2)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await c.submit(msg("idle"))
+        idle = loop.time() - t0
+        # a burst: the first commit takes what is there, later ones wait for the rest
+        await asyncio.gather(*(c.submit(msg(f"a{i}")) for i in range(2)))
+        burst = [asyncio.create_task(c.submit(msg(f"b{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        burst += [asyncio.create_task(c.submit(msg(f"c{i}"))) for i in range(3)]
+        await asyncio.gather(*burst)
+        return idle, store.batches
+
+    idle, batches = run(go())
+    assert idle < 0.1  # a lone message is not held back by the wait
+    assert batches[0] == 1 and batches[1] == 2
+    assert batches[2:] == [6]  # after a batch of 2, the committer waited and took the whole burst
