@@ -32,21 +32,27 @@ def cmd_run(settings: Settings) -> int:
     from common.supervise import Child, Supervisor
 
     setup_logging("run", settings.log_level)
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
-        embedded.start()
-        log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
-        settings = settings.replace(redis_url=embedded.url)
-    env = settings_env(settings.replace(processes=settings.processes or 1))
-    me = [sys.executable, "-m", "common.cli"]
-    children = [Child("ingress", argv=[*me, "ingress"], env=env)]
-    children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
-    log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
+    # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
+    # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
+    # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
+    # if it dies (EmbeddedRedis.watch).
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir,
+                                                             appendfsync=settings.redis_appendfsync)
     try:
-        return Supervisor(children, stop_timeout=settings.shutdown_grace + 10).run()
-    finally:
         if embedded is not None:
+            embedded.start()
+            log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket,
+                     settings.redis_appendfsync)
+            settings = settings.replace(redis_url=embedded.url)
+        env = settings_env(settings.replace(processes=settings.processes or 1))
+        me = [sys.executable, "-m", "common.cli"]
+        children = [Child("ingress", argv=[*me, "ingress"], env=env)]
+        children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
+        log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
+        return Supervisor(children, stop_timeout=settings.shutdown_grace + 10,
+                          watch=embedded.watch if embedded is not None else None).run()
+    finally:
+        if embedded is not None and embedded.proc is not None:  # last: the children are gone
             embedded.stop()
             log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
 
@@ -96,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     q = sub.add_parser("queue", help="show the queue, like mailq; flush or delete")
     add_arguments(q, "queue")
-    q.add_argument("action", nargs="?", default="list", choices=["list", "stats", "flush", "delete"])
+    q.add_argument("action", nargs="?", default="list", choices=["list", "stats", "flush", "sweep", "delete"])
     q.add_argument("ids", nargs="*", help="queue ids for delete")
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -11,8 +12,11 @@ from pathlib import Path
 import redis
 
 from common.redisconn import embedded_socket
+from common.supervise import restart_delay
 
 __all__ = ["EmbeddedRedis", "find_redis_server"]
+
+log = logging.getLogger("mtaq.redis")
 
 
 def find_redis_server() -> str:
@@ -39,6 +43,9 @@ class EmbeddedRedis:
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.next_start = 0.0
 
     @property
     def url(self) -> str:
@@ -74,9 +81,25 @@ class EmbeddedRedis:
                                    f"{self.data_dir}? Stop it or pick another --data-dir.")
             finally:
                 probe.close()
+        self._spawn()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # also Ctrl-C while it loads: it is in its own session, so stop it here
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
         conf = self.data_dir / "redis.conf"
         conf.write_text(self.config())
-        self.proc = subprocess.Popen([find_redis_server(), str(conf)], stdin=subprocess.DEVNULL)
+        # Its own session: a terminal's Ctrl-C goes to the foreground process group, and Redis must not
+        # get it. The supervisor stops the ingress and the workers first (they still write while they
+        # finish), then Redis (stop()).
+        self.proc = subprocess.Popen([find_redis_server(), str(conf)], stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.started = time.monotonic()
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -90,8 +113,25 @@ class EmbeddedRedis:
             except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
                 pass
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"redis-server did not answer within {timeout:.0f}s; see {self.data_dir}/redis.log")
+
+    def watch(self) -> None:
+        """Called from the supervisor's loop: restart a redis-server that died, from the same data
+        dir and AOF, with the supervisor's backoff if it dies at once. Does not wait for it to load:
+        the ingress and the workers reconnect by themselves (until then a commit answers 451)."""
+        if self.proc is None or (code := self.proc.poll()) is None:
+            return
+        now = time.monotonic()
+        if self.next_start == 0.0:
+            delay = restart_delay(now - self.started, self.restarts)
+            log.error("redis-server (pid %s) exited with %s; restarting in %.0fs (see %s)",
+                      self.proc.pid, code, delay, self.data_dir / "redis.log")
+            self.next_start = now + delay
+        if now >= self.next_start:
+            self.restarts += 1
+            self.next_start = 0.0
+            self._spawn()
+            log.info("restarted redis-server (pid %s)", self.proc.pid)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None:

@@ -152,6 +152,7 @@ class RecipientStatus:
     relay: str = ""  # host[ip]:port that gave the reply, "none" when no host answered
     remote_mta: str = ""  # the host name that gave the reply (Remote-MTA of a DSN)
     updated: float = 0.0
+    next_attempt: float = 0.0  # when a deferred recipient is due again (a retry job runs then)
 
     @property
     def final(self) -> bool:
@@ -167,6 +168,7 @@ class RecipientStatus:
                 "h": self.relay,
                 "m": self.remote_mta,
                 "u": self.updated,
+                "x": self.next_attempt,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -183,4 +185,5 @@ class RecipientStatus:
             relay=d.get("h", ""),
             remote_mta=d.get("m", ""),
             updated=d.get("u", 0.0),
+            next_attempt=d.get("x", 0.0),
         )

@@ -79,8 +79,16 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
                 dests[d].append((qid, len(msg.body)))
         for d, sized in dests.items():
             for ids in store.batches(sized):
-                store.enqueue_now(d, ids)
+                store.enqueue_now(d, ids, force=True)
         out.write(f"flushed {sum(len(v) for v in dests.values())} message(s) to {len(dests)} destination(s)\n")
+        return 0
+    if action == "sweep":
+        from worker.jobs import make_context
+        from worker.sweep import sweep
+
+        r = sweep(make_context(settings, store))
+        out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, "
+                  f"requeued {r.requeued} overdue\n")
         return 0
     if action == "delete":
         if not ids:

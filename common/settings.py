@@ -49,7 +49,7 @@ class Settings:
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
     maintenance_interval: int = _opt(
-        600, "seconds between RQ registry clean-ups; a job whose worker died is re-run by one", ("worker",)
+        600, "seconds between queue sweeps and RQ registry clean-ups (re-run jobs whose worker died)", ("worker",)
     )
     # -- ingress policy and limits
     mynetworks: str = _opt("127.0.0.0/8,::1/128", "comma list of networks allowed to relay", ("ingress",))

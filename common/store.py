@@ -54,6 +54,20 @@ def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
 
 
+def lease_key(qid: str, destination: str) -> str:
+    return f"{PREFIX}lease:{qid}:{destination}"
+
+
+SWEEP_LOCK = PREFIX + "sweep-lock"
+
+# KEYS: lease; ARGV: token. Release a lease only if it is still ours (a job that overran its lease
+# must not free the next holder's).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def next_hop(address: str, relayhost: str) -> str:
     """The destination a recipient is delivered to and grouped by: its domain, or the relayhost.
 
@@ -103,6 +117,7 @@ class Store:
         self.job_max_bytes = job_max_bytes
         self.job_timeout = job_timeout
         self._set_status = r.register_script(_SET_STATUS)
+        self._release = r.register_script(_RELEASE)
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis) -> Store:
@@ -163,8 +178,10 @@ class Store:
                               list(ids), job_timeout=self.job_timeout, result_ttl=0,
                               failure_ttl=30 * 86400, retry=CRASH_RETRY)
 
-    def enqueue_now(self, destination: str, ids: Sequence[str]) -> None:
-        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), job_timeout=self.job_timeout,
+    def enqueue_now(self, destination: str, ids: Sequence[str], *, force: bool = False) -> None:
+        """A delivery attempt now. ``force`` (`mtaq queue flush`) also tries deferred recipients
+        whose next attempt is not due yet; otherwise a job leaves those to their retry job."""
+        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), force, job_timeout=self.job_timeout,
                            result_ttl=0, failure_ttl=30 * 86400, retry=CRASH_RETRY)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -227,6 +244,24 @@ class Store:
         for qid, r in zip(order, results, strict=True):
             out[qid].append(int(r))
         return out
+
+    # -- leases: one job at a time works on a (message, destination) ---------------------------------
+    def lease(self, qids: Sequence[str], destination: str, token: str, seconds: float) -> list[str]:
+        """Take the lease of each message for this destination; returns those taken. A lease held
+        by another job (a duplicate chain, a flush, a sweep) means that job is on it now."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
+        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
+
+    def release(self, qids: Sequence[str], destination: str, token: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
+        pipe.execute()
+
+    def try_lock(self, key: str, seconds: int) -> bool:
+        return bool(self.redis.set(key, "1", nx=True, ex=max(1, seconds)))
 
     def delete(self, qid: str) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -1,4 +1,4 @@
-"""A small process supervisor: start children, restart one that dies, stop all on SIGTERM/SIGINT.
+"""A small process supervisor: start children, restart one that dies, stop all on SIGTERM/SIGINT/SIGHUP.
 
 Used by `mtaq run` (ingress + workers) and `mtaq ingress --processes N`."""
 
@@ -15,12 +15,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Child", "Supervisor"]
+__all__ = ["Child", "Supervisor", "restart_delay"]
 
 log = logging.getLogger("mtaq.supervisor")
 
 # A child that dies this soon after its start is failing, not crashing: back off before restarting.
 FAST_FAIL = 2.0
+# SIGHUP too: the children are in their own sessions (below), so when the terminal goes away only the
+# supervisor hears it, and it must not die leaving them running
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def restart_delay(lived: float, restarts: int) -> float:
+    """Seconds to wait before restarting a process that lived ``lived`` seconds: none after a crash,
+    1, 2, 4 ... 30 s while it keeps dying at once."""
+    return min(30.0, 2.0 ** min(restarts, 5)) if lived < FAST_FAIL else 0.0
+
+
+def _own_session(target: Callable[..., Any], *args: Any) -> Any:
+    os.setsid()
+    return target(*args)
 
 
 @dataclass
@@ -36,12 +50,15 @@ class Child:
     next_start: float = field(default=0.0)
 
     def start(self) -> None:
+        # Each child in its own session: a terminal's Ctrl-C (SIGINT to the foreground process group)
+        # reaches the supervisor only, which then stops the children with SIGTERM, once and in order.
         if self.argv is not None:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
         else:
             assert self.target is not None
             ctx = multiprocessing.get_context("fork")
-            self.proc = ctx.Process(target=self.target, args=self.args, name=self.name, daemon=False)
+            self.proc = ctx.Process(target=_own_session, args=(self.target, *self.args), name=self.name,
+                                    daemon=False)
             self.proc.start()
         self.started = time.monotonic()
 
@@ -65,29 +82,32 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], *, stop_timeout: float = 40.0) -> None:
+    def __init__(self, children: list[Child], *, stop_timeout: float = 40.0,
+                 watch: Callable[[], None] | None = None) -> None:
         self.children = children
         self.stop_timeout = stop_timeout
+        self.watch = watch  # called on every turn of the loop until the stop request (mtaq run: Redis)
         self._stop = False
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
         self._stop = True
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.request_stop)
         for c in self.children:
             c.start()
             log.info("started %s (pid %s)", c.name, c.pid)
         while not self._stop:
+            if self.watch is not None:
+                self.watch()
             now = time.monotonic()
             for c in self.children:
                 code = c.exitcode()
                 if code is None or self._stop:
                     continue
                 if c.next_start == 0.0:
-                    quick = now - c.started < FAST_FAIL
-                    delay = min(30.0, 2.0 ** min(c.restarts, 5)) if quick else 0.0
+                    delay = restart_delay(now - c.started, c.restarts)
                     log.error("%s (pid %s) exited with %s; restarting in %.0fs", c.name, c.pid, code, delay)
                     c.next_start = now + delay
                 if now >= c.next_start:

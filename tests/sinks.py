@@ -93,8 +93,10 @@ class SinkServer:
         tls: bool = False,
         tls_broken: bool = False,
         hostname: str | None = None,
+        smtputf8: bool = False,
     ) -> None:
         self.host = host
+        self.smtputf8 = smtputf8
         self.port = port if port is not None else free_port([host])
         self.hostname = hostname or f"sink-{host}"
         # Scripted replies; tests may change them while the server runs.
@@ -138,6 +140,7 @@ class SinkServer:
             port=self.port,
             server_hostname=self.hostname,
             ready_timeout=5.0,
+            enable_SMTPUTF8=self.smtputf8,
             **kwargs,
         )
         controller.start()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
-from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of, new_queue_id
 from common.redisconn import connect
 from common.settings import Settings
 from common.store import Message, Store, next_hop
@@ -83,7 +85,8 @@ class _Batch:
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
         return RecipientStatus(state=state, attempts=old.attempts + 1, dsn=out.dsn, reply=out.reply,
-                               relay=out.relay, remote_mta=out.remote_mta, updated=now)
+                               relay=out.relay, remote_mta=out.remote_mta, updated=now,
+                               next_attempt=now + delay if state is RcptState.DEFERRED and delay else 0.0)
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         for qid, results in self.ctx.store.set_statuses(updates).items():
@@ -93,28 +96,69 @@ class _Batch:
 
     def record_final(self, p: Parcel, positions: list[int]) -> None:
         now = time.time()
-        self.write({p.envelope.id: {i: self.status(p, i, now, 0.0) for i in positions}})
+        self.write({p.envelope.id: {i: self.status(p, i, now, None) for i in positions}})
 
 
-def deliver(destination: str, ids: Sequence[str]) -> None:
-    """RQ job: deliver the pending recipients of these messages that go to ``destination``."""
+def _all_final(msg: Message, statuses: dict[int, RecipientStatus]) -> bool:
+    return all(statuses.get(i, RecipientStatus()).final for i in range(len(msg.envelope.recipients)))
+
+
+def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
+    """RQ job: deliver the due recipients of these messages that go to ``destination``.
+
+    ``force`` (a flush) also takes deferred recipients whose next attempt is not due yet. A message
+    another job holds the lease of (for this destination) is left to that job. Messages found with
+    every recipient final (their finishing was interrupted) are finished here."""
     ctx = context()
     store, s = ctx.store, ctx.settings
-    parcels: list[Parcel] = []
+    now = time.time()
     loaded: dict[str, tuple[Message, dict[int, RecipientStatus]]] = {}
+    due: dict[str, list[int]] = {}
+    reroute: dict[str, list[str]] = defaultdict(list)
+    leftover: list[str] = []
     for found in store.load_many(ids):
         if found is None:
             continue  # finished meanwhile (a re-run job after a crash)
         msg, statuses = found
-        idx = [i for i, r in enumerate(msg.envelope.recipients)
-               if next_hop(r.address, store.relayhost) == destination
-               and not statuses.get(i, RecipientStatus()).final]
-        if idx:
-            parcels.append(Parcel(msg.envelope, msg.body, idx))
-            loaded[msg.envelope.id] = found
-    if not parcels:
-        return
+        qid = msg.envelope.id
+        if _all_final(msg, statuses):
+            leftover.append(qid)
+            loaded[qid] = found
+            continue
+        mine: list[int] = []
+        for i, r in enumerate(msg.envelope.recipients):
+            st = statuses.get(i, RecipientStatus())
+            hop = next_hop(r.address, store.relayhost)
+            if st.final or destination not in (hop, domain_of(r.address)):
+                continue
+            if hop != destination:  # queued before the relayhost changed: send it the way it goes now
+                if qid not in reroute[hop]:
+                    reroute[hop].append(qid)
+            elif force or st.state is RcptState.PENDING or st.next_attempt <= now + 1:
+                mine.append(i)
+        if mine:
+            loaded[qid] = found
+            due[qid] = mine
+    token = uuid.uuid4().hex
+    leased = store.lease(list(due), destination, token, s.job_timeout + 60) if due else []
     batch = _Batch(ctx, loaded)
+    batch.finished.extend(leftover)
+    try:
+        parcels = [Parcel(loaded[q][0].envelope, loaded[q][0].body, due[q]) for q in leased]
+        if parcels:
+            _deliver_parcels(ctx, batch, destination, parcels)
+    finally:
+        if leased:
+            store.release(leased, destination, token)
+        if batch.finished:
+            finish_messages(ctx, batch)
+    for hop, qids in reroute.items():
+        log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
+        store.enqueue_now(hop, qids)
+
+
+def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: list[Parcel]) -> None:
+    store, s = ctx.store, ctx.settings
     relay_deliver(destination, parcels, resolver=ctx.resolver, port=s.smtp_port, helo_name=s.hostname,
                   connect_timeout=s.connect_timeout, timeout=s.smtp_timeout, record=batch.record_final,
                   cache=ctx.connections)
@@ -135,8 +179,6 @@ def deliver(destination: str, ids: Sequence[str]) -> None:
             retry_delay = delay if retry_delay is None else min(retry_delay, delay)
     if rest:
         batch.write(rest)
-    if batch.finished:
-        finish_messages(ctx, batch)
     if retry_ids and retry_delay is not None:
         store.schedule(destination, retry_ids, retry_delay)
         log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
@@ -149,25 +191,39 @@ def finish_messages(ctx: Context, batch: _Batch) -> None:
     store = ctx.store
     views: dict[str, tuple[Message, dict[int, RecipientStatus]]] = {}
     stale: list[str] = []
-    for qid in batch.finished:
+    for qid in dict.fromkeys(batch.finished):
         msg, before = batch.loaded[qid]
-        states = {**before, **batch.recorded[qid]}
-        if len(states) == len(msg.envelope.recipients) and all(st.final for st in states.values()):
+        states = {**before, **batch.recorded.get(qid, {})}
+        if _all_final(msg, states):
             views[qid] = (msg, states)
         else:
             stale.append(qid)
     for found in store.load_many(stale) if stale else []:
         if found is not None:
             views[found[0].envelope.id] = found
+    finish_loaded(ctx, list(views.values()))
+
+
+# How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
+# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built.
+FINISH_CLAIM = 3600.0
+
+
+def finish_loaded(ctx: Context, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
+    """DSNs and deletes of finished messages, in one transaction, each claimed first."""
+    if not done:
+        return
+    claimed = set(ctx.store.lease([m.envelope.id for m, _ in done], "finish", uuid.uuid4().hex, FINISH_CLAIM))
+    done = [d for d in done if d[0].envelope.id in claimed]
     now = time.time()
     dsns: list[Message] = []
-    for qid, (msg, states) in views.items():
+    for msg, states in done:
         dsn = make_dsn(msg, states, ctx.settings.hostname, now)
         if dsn is not None:
             dsns.append(dsn)
-            log.info("%s: sender delivery status notification: %s", qid, dsn.envelope.id)
-        log.info("%s: removed", qid)
-    store.commit(dsns, delete=list(views))
+            log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
+        log.info("%s: removed", msg.envelope.id)
+    ctx.store.commit(dsns, delete=[m.envelope.id for m, _ in done])
 
 
 def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, now: float) -> Message | None:
@@ -195,5 +251,6 @@ def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, 
     body = build_dsn(reporting_mta=hostname, queue_id=env.id, envid=env.envid, arrival=env.received_at,
                      original_sender=env.sender, recipients=report, original=msg.body, ret=env.ret, now=now)
     bounce = Envelope(id=new_queue_id(), sender="", recipients=[Recipient(env.sender)], received_at=now,
-                      helo=hostname, client_addr="127.0.0.1", client_name="localhost", protocol="local")
+                      helo=hostname, client_addr="127.0.0.1", client_name="localhost", protocol="local",
+                      smtputf8=not env.sender.isascii())
     return Message(bounce, body)

@@ -14,6 +14,7 @@ from common.redisconn import redis_url
 from common.settings import Settings
 from common.store import Store
 from worker.jobs import make_context, set_context
+from worker.sweep import start_sweeper
 
 __all__ = ["main"]
 
@@ -29,10 +30,15 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     r = redis.Redis.from_url(redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10,
                              health_check_interval=30)
     store = Store.from_settings(settings, r)
-    set_context(make_context(settings, store))
+    ctx = make_context(settings, store)
+    set_context(ctx)
+    start_sweeper(ctx, settings.maintenance_interval)
     w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
                      maintenance_interval=settings.maintenance_interval)
     log.info("worker on queue %s, smtp port %d, dns %s", settings.queue_name, settings.smtp_port,
              settings.dns_servers or "system")
-    w.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    # RQ reconfigures its loggers in work(): keep its per-job lines out of INFO, where our own
+    # delivery line says more, once
+    rq_level = settings.log_level.upper() if settings.log_level.upper() in ("DEBUG", "ERROR") else "WARNING"
+    w.work(burst=burst, with_scheduler=True, logging_level=rq_level)
     return 0

@@ -60,17 +60,31 @@ def _fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:
             p.outcomes[i] = outcome
 
 
-def mail_options(env: Envelope, size: int, conn: SMTPConnection) -> list[str] | Outcome:
+def utf8_addresses(env: Envelope) -> bool:
+    return not (env.sender.isascii() and all(r.address.isascii() for r in env.recipients))
+
+
+def needs_smtputf8(env: Envelope, body: bytes) -> bool:
+    """Whether an SMTPUTF8 message really needs it: a non-ASCII address or header. A client may ask
+    for SMTPUTF8 on all-ASCII mail; like Postfix, such mail goes to a server without it unchanged."""
+    if utf8_addresses(env):
+        return True
+    head, _, _ = body.partition(b"\r\n\r\n")
+    return not head.isascii()
+
+
+def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] | Outcome:
     opts: list[str] = []
     if conn.supports("size"):
-        opts.append(f"SIZE={size}")  # RFC 1870: lets the server refuse before the data is sent
+        opts.append(f"SIZE={len(body)}")  # RFC 1870: lets the server refuse before the data is sent
     if env.body_8bit and conn.supports("8bitmime"):
         opts.append("BODY=8BITMIME")
-    if env.smtputf8:
-        if not conn.supports("smtputf8"):
+    if env.smtputf8 or utf8_addresses(env):
+        if conn.supports("smtputf8"):
+            opts.append("SMTPUTF8")
+        elif needs_smtputf8(env, body):
             # RFC 6531 §3.4: no downgrade; a permanent failure as Postfix reports it
             return Outcome(Kind.BOUNCED, "5.6.7", "SMTPUTF8 is required, but was not offered by host", "")
-        opts.append("SMTPUTF8")
     return opts
 
 
@@ -118,11 +132,13 @@ def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver
             continue
         try:
             _send_parcels(conn, parcels, relay, target, record)
-        finally:
-            if cache is not None:
-                cache.give(target.ip, target.port, conn)
-            else:
-                conn.quit()
+        except BaseException:
+            conn.close()  # its state is unknown: never cached
+            raise
+        if cache is not None:
+            cache.give(target.ip, target.port, conn)
+        else:
+            conn.quit()
     # whatever is still pending keeps the last transient outcome it got (or the last connect failure)
     _defer_pending(parcels, last, only_unset=True)
 
@@ -142,34 +158,53 @@ def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, t
             continue
         if not conn.alive:
             return
-        env = parcel.envelope
-        opts = mail_options(env, len(parcel.body), conn)
-        if isinstance(opts, Outcome):
-            for i in pending:
-                parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
-            if record is not None:
-                record(parcel, pending)
-            continue
-        for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
-            chunk = pending[start:start + RCPTS_PER_TRANSACTION]
+        if not _send_parcel(conn, parcel, pending, relay, target, record):
+            return
+
+
+def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay: str, target: Target,
+                 record: Recorder | None) -> bool:
+    """One message's transactions on this connection; False when the connection is gone."""
+    env = parcel.envelope
+    opts = mail_options(env, parcel.body, conn)
+    if isinstance(opts, Outcome):
+        for i in pending:
+            parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
+        if record is not None:
+            record(parcel, pending)
+        return True
+    for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
+        chunk = pending[start:start + RCPTS_PER_TRANSACTION]
+        try:
             result = conn.send(env.sender, [env.recipients[i].address for i in chunk], parcel.body,
                                mail_options=opts)
-            for pos, reply in result.replies.items():
-                parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
-            final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].kind is not Kind.DEFERRED]
-            if final and record is not None:
-                record(parcel, final)
-            if result.broken:
-                lost = Outcome(Kind.DEFERRED, "4.4.2", f"lost connection with {relay} while sending message",
-                               relay, target.hostname)
-                for i in chunk:
-                    if i not in result.replies:
-                        parcel.outcomes[i] = lost
-                return
-            # after a transaction the server is reset by itself (RFC 5321 §4.1.1.4); send() sent
-            # RSET after one that failed part-way
-            if not conn.alive:
-                return
+        except Exception:
+            # a surprise in the client (a bug, an address it cannot encode) must not stop the
+            # other messages of the job, nor leave the connection mid-transaction for the next
+            log.exception("%s: unexpected error while sending to %s", env.id, relay)
+            conn.close()
+            oops = Outcome(Kind.DEFERRED, "4.3.0", "internal error while sending (see the worker log)",
+                           relay, target.hostname)
+            for i in parcel.pending():
+                parcel.outcomes[i] = oops
+            return False
+        for pos, reply in result.replies.items():
+            parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
+        final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].kind is not Kind.DEFERRED]
+        if final and record is not None:
+            record(parcel, final)
+        if result.broken:
+            lost = Outcome(Kind.DEFERRED, "4.4.2", f"lost connection with {relay} while sending message",
+                           relay, target.hostname)
+            for i in chunk:
+                if i not in result.replies:
+                    parcel.outcomes[i] = lost
+            return False
+        # after a transaction the server is reset by itself (RFC 5321 §4.1.1.4); send() sent
+        # RSET after one that failed part-way
+        if not conn.alive:
+            return False
+    return True
 
 
 def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:

@@ -131,6 +131,8 @@ class SMTPConnection:
              ) -> TransactionResult:
         """One mail transaction. Every recipient ends with a reply unless the connection broke."""
         assert self.smtp is not None
+        # per transaction: a cached connection must not keep UTF-8 from an earlier SMTPUTF8 message
+        self.smtp.command_encoding = "utf-8" if "SMTPUTF8" in mail_options else "ascii"
         if self.supports("pipelining"):
             return self._send_pipelined(sender, recipients, body, mail_options)
         smtp = self.smtp
@@ -176,8 +178,6 @@ class SMTPConnection:
         trips a message instead of 3 + recipients."""
         assert self.smtp is not None
         smtp = self.smtp
-        if "SMTPUTF8" in mail_options:
-            smtp.command_encoding = "utf-8"
         opts = "".join(" " + o for o in mail_options)
         lines = [f"MAIL FROM:{smtplib.quoteaddr(sender)}{opts}"]
         lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in recipients]

@@ -8,11 +8,13 @@ import smtplib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
 from tests.integration.conftest import ROOT, message, wait_port
+from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 
 
@@ -20,10 +22,12 @@ def start_run(data_dir: Path, port: int, dns: ZoneServer, mx_port: int, log: Pat
               ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, MTAQ_DNS_SERVERS=f"127.0.0.1:{dns.port}", MTAQ_SMTP_PORT=str(mx_port),
                MTAQ_HOSTNAME="mtaq.test", MTAQ_LOG_LEVEL="INFO")
+    # its own session, as a shell starts a foreground job in its own process group: the test can then
+    # signal the whole group as a terminal's Ctrl-C does
     with open(log, "ab") as out:
         p = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "--data-dir", str(data_dir),
                               "--listen", f"127.0.0.1:{port}", "--workers", str(workers)],
-                             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_port("127.0.0.1", port)
     return p
 
@@ -31,6 +35,28 @@ def start_run(data_dir: Path, port: int, dns: ZoneServer, mx_port: int, log: Pat
 def queue_listing(data_dir: Path) -> str:
     return subprocess.run([sys.executable, "-m", "common.cli", "queue", "--data-dir", str(data_dir)], cwd=ROOT,
                           capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def stop(p: subprocess.Popen[bytes], log: Path) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0, log.read_text()
+
+
+def refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
 
 
 def test_run_keeps_the_queue_across_restarts_and_delivers(tmp_path: Path, dns: ZoneServer, mx_port: int,
@@ -67,3 +93,75 @@ def test_run_keeps_the_queue_across_restarts_and_delivers(tmp_path: Path, dns: Z
         p.send_signal(signal.SIGINT)  # Ctrl-C
         assert p.wait(60) == 0, log.read_text()
     assert "status=sent" in log.read_text()
+
+
+def test_ctrl_c_lets_the_transaction_in_flight_finish_before_redis_stops(tmp_path: Path, dns: ZoneServer,
+                                                                        mx_port: int) -> None:
+    data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
+    p = start_run(data_dir, port, dns, mx_port, log, workers=0)
+    try:
+        busy = Wire(port)
+        busy.greet()
+        assert busy.cmd("MAIL FROM:<alice@client.test>").status == (250, "2.1.0")
+        assert busy.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
+        assert busy.cmd("DATA").code == 354
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the terminal signals its whole foreground process group
+        assert wait_for(lambda: refused(port), 10), log.read_text()  # the ingress is shutting down
+        time.sleep(0.5)
+        busy.send(b"second half\r\n")
+        done = busy.cmd(".", timeout=10)
+        assert done.status == (250, "2.0.0"), (str(done), log.read_text())  # not 451: Redis is still up
+        assert busy.reply(timeout=5).status == (421, "4.3.2")
+        busy.close()
+        assert p.wait(60) == 0, log.read_text()
+    finally:
+        stop(p, log)
+    qid = done.text.rsplit(" ", 1)[-1]
+    text = log.read_text()
+    assert text.index("ingress stopped") < text.index("redis-server stopped"), text
+
+    p = start_run(data_dir, port, dns, mx_port, log, workers=0)
+    try:
+        listing = queue_listing(data_dir)
+        assert qid in listing and "bob@a.test" in listing and "1 Request." in listing, listing
+    finally:
+        stop(p, log)
+
+
+def test_run_restarts_a_killed_redis_server(tmp_path: Path, dns: ZoneServer, mx_port: int) -> None:
+    data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
+    p = start_run(data_dir, port, dns, mx_port, log, workers=0)
+    pid_file = data_dir / "redis.pid"
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.sendmail("alice@client.test", ["bob@a.test"], message("before"))
+        old = int(pid_file.read_text())
+        os.kill(old, signal.SIGKILL)
+
+        def restarted() -> bool:
+            try:
+                pid = int(pid_file.read_text())
+            except (FileNotFoundError, ValueError):
+                return False
+            return pid != old and alive(pid)
+
+        assert wait_for(restarted, 15), log.read_text()
+        new = int(pid_file.read_text())
+
+        def accepted() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                    s.sendmail("carol@client.test", ["dave@a.test"], message("after"))
+            except (smtplib.SMTPException, OSError):
+                return False
+            return True
+
+        assert wait_for(accepted, 15, interval=0.2), log.read_text()
+        listing = queue_listing(data_dir)
+        # the message accepted before the kill survived it (AOF, appendfsync always)
+        assert "bob@a.test" in listing and "dave@a.test" in listing and "2 Requests." in listing, listing
+        assert f"redis-server (pid {old}) exited with -9" in log.read_text()
+    finally:
+        stop(p, log)
+    assert not alive(new)  # stopped with the rest: no redis-server left behind

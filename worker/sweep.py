@@ -1,0 +1,101 @@
+"""The queue sweep: what no job will pick up by itself, found and handed back to the jobs.
+
+Jobs carry the whole delivery schedule, so a message is only stuck when its job is gone: a job that
+failed for good (RQ's FailedJobRegistry), a message whose finishing was interrupted, a relayhost
+changed under a queued job. Like Postfix's queue manager scanning its deferred queue, one worker at
+a time (a Redis lock) walks the queue every ``maintenance_interval`` and
+- finishes messages whose recipients are all final (DSN and delete), once they have been so for a
+  while (a job may be finishing them right now);
+- queues a job now for recipients overdue by more than a job's lifetime: never tried although
+  queued that long, or deferred past their next attempt. A job they still have is harmless: the
+  lease keeps two jobs off one message, and a recipient not yet due is left alone.
+Expired recipients need nothing special: the job bounces them when it finds them past the lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from common.envelope import RcptState, RecipientStatus
+from common.store import SWEEP_LOCK, Message, next_hop
+from worker.jobs import Context, finish_loaded
+
+__all__ = ["SweepReport", "start_sweeper", "sweep"]
+
+log = logging.getLogger("mtaq.sweep")
+
+CHUNK = 500
+# A message complete for this long is not being finished by a job any more.
+SETTLED = 60.0
+
+
+@dataclass
+class SweepReport:
+    messages: int = 0
+    finished: int = 0
+    requeued: int = 0
+
+
+def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -> bool:
+    if st.final:
+        return False
+    due_since = received_at if st.state is RcptState.PENDING else st.next_attempt
+    return due_since < now - grace
+
+
+def sweep(ctx: Context, now: float | None = None) -> SweepReport:
+    now = time.time() if now is None else now
+    store, s = ctx.store, ctx.settings
+    grace = s.job_timeout + 120.0
+    report = SweepReport()
+    ids = store.queue_ids()
+    for start in range(0, len(ids), CHUNK):
+        done: list[tuple[Message, dict[int, RecipientStatus]]] = []
+        lost: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for found in store.load_many(ids[start:start + CHUNK]):
+            if found is None:
+                continue
+            report.messages += 1
+            msg, states = found
+            env = msg.envelope
+            everyone = [states.get(i, RecipientStatus()) for i in range(len(env.recipients))]
+            if all(st.final for st in everyone):
+                if max((st.updated for st in everyone), default=0.0) < now - SETTLED:
+                    done.append(found)
+                continue
+            hops = {next_hop(r.address, store.relayhost) for r, st in zip(env.recipients, everyone, strict=True)
+                    if overdue(st, env.received_at, now, grace)}
+            for hop in hops:
+                lost[hop].append((env.id, len(msg.body)))
+        finish_loaded(ctx, done)
+        report.finished += len(done)
+        for hop, sized in lost.items():
+            for batch in store.batches(sized):
+                store.enqueue_now(hop, batch)
+                report.requeued += len(batch)
+    if report.finished or report.requeued:
+        log.warning("sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+                    report.messages, report.finished, report.requeued)
+    return report
+
+
+def start_sweeper(ctx: Context, interval: float) -> threading.Thread:
+    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval * random.uniform(0.5, 1.0))
+            try:
+                if ctx.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
+                    sweep(ctx)
+            except Exception:
+                log.exception("sweep failed; next try in about %.0fs", interval)
+
+    t = threading.Thread(target=loop, name="mtaq-sweep", daemon=True)
+    t.start()
+    return t
