@@ -40,7 +40,8 @@ class Settings:
     # -- delivery (worker)
     dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker",))
     smtp_port: int = _opt(25, "remote port for MX delivery", ("worker",))
-    relayhost: str = _opt("", "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost)", ("worker",))
+    relayhost: str = _opt("", "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost); ingress and "
+                          "workers group mail by it, so give both the same", ("ingress", "worker"))
     min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
     max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
     queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
