@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message
+from tests.integration.conftest import MTA, message, route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 
@@ -73,10 +73,8 @@ def test_ingress_sigkill_mid_data_stores_nothing_half(zone_a: ZoneServer, redis_
 
 @pytest.fixture
 def zone_a(dns: ZoneServer) -> ZoneServer:
-    dns.add("a.test.", "MX", "10 mx.a.test.")
-    dns.add("mx.a.test.", "A", "127.0.0.2")
-    dns.add("client.test.", "MX", "10 mx.client.test.")
-    dns.add("mx.client.test.", "A", "127.0.0.9")
+    route(dns, "a.test", "127.0.0.2")
+    route(dns, "client.test", "127.0.0.9")
     return dns
 
 

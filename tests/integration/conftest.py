@@ -160,6 +160,21 @@ def mta_factory(redis_server: RedisServer, dns: ZoneServer, mx_port: int, tmp_pa
         m.stop_all()
 
 
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def route(zone: ZoneServer, domain: str, ip: str) -> None:
+    """``domain`` has one MX, ``mx.<domain>``, at ``ip``."""
+    zone.add(f"{domain}.", "MX", f"10 mx.{domain}.")
+    zone.add(f"mx.{domain}.", "A", ip)
+
+
 def message(subject: str = "test", body: str = "hello\r\n", sender: str = "alice@client.test",
             to: str = "bob@a.test") -> bytes:
     return (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n"

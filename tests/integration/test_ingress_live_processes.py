@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.conftest import MTA
+from tests.integration.conftest import MTA, alive
 from tests.integration.smtpwire import Wire
 from tests.sinks import wait_for
 
@@ -25,14 +25,6 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return sorted(c for c in out if alive(c))
-
-
-def alive(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z"
 
 
 def refused(port: int) -> bool:

@@ -11,7 +11,7 @@ from email.message import EmailMessage
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message
+from tests.integration.conftest import MTA, message, route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 
@@ -21,8 +21,7 @@ SENDER = "alice@client.test"
 @pytest.fixture
 def zone(dns: ZoneServer) -> ZoneServer:
     # the sender's own domain, where DSNs go
-    dns.add("client.test.", "MX", "10 mx.client.test.")
-    dns.add("mx.client.test.", "A", "127.0.0.9")
+    route(dns, "client.test", "127.0.0.9")
     return dns
 
 
@@ -116,8 +115,7 @@ def test_unroutable_domains_bounce(zone: ZoneServer, sinks: Callable[..., SinkSe
 
 def test_550_next_to_250_one_delivered_one_dsn(zone: ZoneServer, sinks: Callable[..., SinkServer],
                                                mta_factory: Callable[..., MTA]) -> None:
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 <bad@a.test>: Recipient address rejected: User unknown"
     home = sinks("127.0.0.9")
@@ -139,8 +137,7 @@ def test_550_next_to_250_one_delivered_one_dsn(zone: ZoneServer, sinks: Callable
 
 def test_451_retries_then_bounces_after_queue_lifetime(zone: ZoneServer, sinks: Callable[..., SinkServer],
                                                        mta_factory: Callable[..., MTA]) -> None:
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_default = "451 4.3.0 Try again later"
     home = sinks("127.0.0.9")
@@ -159,8 +156,7 @@ def test_451_retries_then_bounces_after_queue_lifetime(zone: ZoneServer, sinks: 
 
 def test_no_bounce_for_null_sender(zone: ZoneServer, sinks: Callable[..., SinkServer],
                                    mta_factory: Callable[..., MTA]) -> None:
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
     home = sinks("127.0.0.9")
@@ -176,8 +172,7 @@ def test_no_bounce_for_null_sender(zone: ZoneServer, sinks: Callable[..., SinkSe
 def test_redis_down_at_data_gets_451_and_retry_works(zone: ZoneServer, sinks: Callable[..., SinkServer],
                                                      mta_factory: Callable[..., MTA],
                                                      redis_server: RedisServer) -> None:
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     mta = mta_factory()
     mta.start_ingress()
@@ -209,8 +204,7 @@ def test_relay_denied_for_strangers(zone: ZoneServer, mta_factory: Callable[...,
 
 def test_smtplib_sendmail_round_trip(zone: ZoneServer, sinks: Callable[..., SinkServer],
                                      mta_factory: Callable[..., MTA]) -> None:
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     mta = mta_factory()
     mta.start_ingress()
@@ -225,8 +219,7 @@ def test_dsn_parameters_are_honoured_end_to_end(zone: ZoneServer, sinks: Callabl
                                                mta_factory: Callable[..., MTA]) -> None:
     """RFC 3461 through the whole path: NOTIFY=NEVER -> no bounce, NOTIFY=SUCCESS -> a report,
     RET=FULL -> the whole message comes back, ENVID and ORCPT are echoed."""
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
     box.rcpt_replies["quiet@a.test"] = "550 5.1.1 User unknown"
@@ -261,8 +254,7 @@ def test_batch_over_one_connection_with_and_without_pipelining(zone: ZoneServer,
                                                                pipelining: bool) -> None:
     """Many messages, some with a refused recipient, through one job: each message gets exactly its
     own recipients, whether the remote pipelines (RFC 2920) or answers command by command."""
-    zone.add("a.test.", "MX", "10 mx.a.test.")
-    zone.add("mx.a.test.", "A", "127.0.0.2")
+    route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.pipelining = pipelining
     box.rcpt_replies["nobody@a.test"] = "550 5.1.1 User unknown"

@@ -16,6 +16,7 @@ from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.settings import Settings
 from common.store import Message, Store
 from tests.dnsserver import ZoneServer
+from tests.integration.conftest import route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer
 from worker import jobs
@@ -27,9 +28,8 @@ BODY = b"From: alice@client.test\r\nSubject: recovery\r\n\r\nhello\r\n"
 
 @pytest.fixture
 def zone(dns: ZoneServer) -> ZoneServer:
-    for name, ip in (("a.test", "127.0.0.2"), ("client.test", "127.0.0.9")):
-        dns.add(f"{name}.", "MX", f"10 mx.{name}.")
-        dns.add(f"mx.{name}.", "A", ip)
+    route(dns, "a.test", "127.0.0.2")
+    route(dns, "client.test", "127.0.0.9")
     return dns
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import ROOT, message, wait_port
+from tests.integration.conftest import ROOT, alive, message, wait_port
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 
@@ -49,14 +49,6 @@ def refused(port: int) -> bool:
             return False
     except OSError:
         return True
-
-
-def alive(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z"
 
 
 def test_run_keeps_the_queue_across_restarts_and_delivers(tmp_path: Path, dns: ZoneServer, mx_port: int,
