@@ -101,9 +101,12 @@ class SMTPConnection:
         try:
             self._hello(smtp)
             if try_tls and smtp.has_extn("starttls"):
+                # smtplib takes the TLS server name (SNI) from the host given to its constructor,
+                # which we leave empty so that connect() reports the greeting itself
+                smtp._host = name or ip  # type: ignore[attr-defined]
                 try:
                     code, _ = smtp.starttls(context=_tls_context())
-                except (ssl.SSLError, OSError, smtplib.SMTPException):
+                except (ssl.SSLError, OSError, ValueError, smtplib.SMTPException):
                     smtp.close()
                     # handshake failed: Postfix's "may" level delivers in plain text instead
                     return self.open(ip, port, name=name, try_tls=False)

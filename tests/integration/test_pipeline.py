@@ -271,3 +271,19 @@ def test_batch_over_one_connection_with_and_without_pipelining(zone: ZoneServer,
         (f"m{i}", [f"u{i}@a.test"]) for i in range(10))
     assert all(any(o.startswith("SIZE=") for o in d.mail_options) for d in box.deliveries)  # RFC 1870
     assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+
+
+@pytest.mark.parametrize(("tls", "broken"), [(True, False), (False, True)])
+def test_opportunistic_starttls_and_plain_text_fallback(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                                        mta_factory: Callable[..., MTA], tls: bool,
+                                                        broken: bool) -> None:
+    """STARTTLS when the MX offers it (unverified, RFC 7435); a failed handshake does not stop the
+    mail: the same host again in plain text, as Postfix's `may` level does."""
+    route(zone, "a.test", "127.0.0.2")
+    box = sinks("127.0.0.2", tls=tls, tls_broken=broken)
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    mta.send(SENDER, ["bob@a.test"], message("tls"))
+    assert wait_for(lambda: box.deliveries, 20), mta.logs()
+    assert box.deliveries[0].tls is tls
