@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     environment is not overridden by a flag that was not given."""
     for f in fields(Settings):
         roles: Sequence[str] = f.metadata["roles"]
-        if "all" not in roles and role not in roles and role != "run":
+        if "all" not in roles and role not in roles and role not in ("run", "queue"):
             continue
         # Both spellings: --redis-url reads well, --redis_url is the setting's own name.
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
