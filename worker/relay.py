@@ -126,8 +126,10 @@ def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver
             if reply is not None and reply.permanent:
                 # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting)
                 last = Outcome(Kind.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
+            elif reply is not None:
+                last = Outcome(Kind.DEFERRED, reply.dsn, e.text, relay, target.hostname)
             else:
-                last = Outcome(Kind.DEFERRED, "4.4.1", e.text, relay if reply else "none", target.hostname)
+                last = Outcome(Kind.DEFERRED, "4.4.1", e.text, "none", target.hostname)
             _defer_pending(parcels, last)
             continue
         try:

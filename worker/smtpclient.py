@@ -99,7 +99,7 @@ class SMTPConnection:
             reply = RemoteReply.of(code, banner)
             raise ConnectFailed(f"host {relay} refused to talk to me: {reply}", reply)
         try:
-            self._hello(smtp)
+            self._hello(smtp, relay)
             if try_tls and smtp.has_extn("starttls"):
                 # smtplib takes the TLS server name (SNI) from the host given to its constructor,
                 # which we leave empty so that connect() reports the greeting itself
@@ -112,20 +112,28 @@ class SMTPConnection:
                     return self.open(ip, port, name=name, try_tls=False)
                 if code == 220:
                     self.tls = True
-                    self._hello(smtp)
+                    self._hello(smtp, relay)
+        except ConnectFailed:
+            smtp.close()
+            raise
         except (OSError, smtplib.SMTPException) as e:
             smtp.close()
             raise ConnectFailed(f"lost connection with {relay} during greeting: {_reason(e)}") from None
         self.smtp = smtp
 
-    def _hello(self, smtp: smtplib.SMTP) -> None:
+    def _hello(self, smtp: smtplib.SMTP, relay: str) -> None:
         code, resp = smtp.ehlo(self.helo_name)
         self.esmtp = code == 250
+        if 400 <= code < 500:
+            # RFC 5321 §4.1.4: HELO is the fallback for a server that does not know EHLO (5xx); a
+            # 4xx (421: closing) is the server refusing us now, and it has likely hung up already
+            reply = RemoteReply.of(code, resp)
+            raise ConnectFailed(f"host {relay} refused to talk to me: {reply}", reply)
         if not self.esmtp:
             code, resp = smtp.helo(self.helo_name)
             if code != 250:
                 reply = RemoteReply.of(code, resp)
-                raise ConnectFailed(f"host refused HELO: {reply}", reply)
+                raise ConnectFailed(f"host {relay} refused HELO: {reply}", reply)
 
     def supports(self, extension: str) -> bool:
         return self.smtp is not None and self.esmtp and self.smtp.has_extn(extension)
@@ -173,6 +181,11 @@ class SMTPConnection:
             raise AssertionError(e) from None
         except (OSError, smtplib.SMTPException):
             self.close()
+            if any(r.code == 421 for r in replies.values()):
+                # the server said 421 and hung up: that reply decides the rest, as in the pipelined case
+                closing = next(r for r in replies.values() if r.code == 421)
+                for i in range(len(recipients)):
+                    replies.setdefault(i, closing)
             return TransactionResult(replies, broken=True)
 
     def _send_pipelined(self, sender: str, recipients: Sequence[str], body: bytes, mail_options: Sequence[str]
@@ -186,16 +199,26 @@ class SMTPConnection:
         lines += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in recipients]
         lines.append("DATA")
         replies: dict[int, RemoteReply] = {}
+        accepted: list[int] = []
+        last: RemoteReply | None = None  # the last reply read, to explain a connection that then broke
         try:
             smtp.send("\r\n".join(lines) + "\r\n")
-            mail = RemoteReply.of(*smtp.getreply())
-            rcpt = [RemoteReply.of(*smtp.getreply()) for _ in recipients]
-            data = RemoteReply.of(*smtp.getreply())
-            accepted = [i for i, r in enumerate(rcpt) if 200 <= r.code < 300]
+            mail = last = RemoteReply.of(*smtp.getreply())
             if mail.code != 250:
                 replies = dict.fromkeys(range(len(recipients)), mail)
-            else:
-                replies = {i: r for i, r in enumerate(rcpt) if i not in accepted}
+            # Each reply is kept as it is read: a server may answer some RCPTs, then say 421 and
+            # hang up (Postfix's smtpd_hard_error_limit: "421 4.7.0 Error: too many errors"). The
+            # 5xx it gave before are final; losing them would defer those recipients, and with
+            # them the good ones sent after them, on every retry until the queue lifetime.
+            for i in range(len(recipients)):
+                last = RemoteReply.of(*smtp.getreply())
+                if mail.code != 250:
+                    continue
+                if 200 <= last.code < 300:
+                    accepted.append(i)
+                else:
+                    replies[i] = last
+            data = last = RemoteReply.of(*smtp.getreply())
             if data.code != 354:
                 # a refused DATA decides the accepted recipients (the server had no valid one, or
                 # refuses the message); RSET clears whatever the server kept
@@ -210,7 +233,7 @@ class SMTPConnection:
                 self._rset()
                 return TransactionResult(replies)
             smtp.send(_dot_stuff(body))
-            final = RemoteReply.of(*smtp.getreply())
+            final = last = RemoteReply.of(*smtp.getreply())
             for i in accepted:
                 replies[i] = final
             if final.code != 250:
@@ -218,6 +241,11 @@ class SMTPConnection:
             return TransactionResult(replies)
         except (OSError, smtplib.SMTPException):
             self.close()
+            if last is not None and last.code == 421:
+                # the server said why it closed (RFC 5321 §3.8): that reply, not "lost connection",
+                # decides what is left, as Postfix reports it
+                for i in range(len(recipients)):
+                    replies.setdefault(i, last)
             return TransactionResult(replies, broken=True)
 
     def _rset(self) -> None:
