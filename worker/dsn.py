@@ -117,7 +117,8 @@ def build_dsn(
     parts = [
         _human_part(mta, recipients, postmaster),
         _status_part(mta, queue_id, envid, arrival, original_sender, recipients),
-        _original_part(original, ret, eight_bit_ok, return_limit),
+        _original_part(original, ret, eight_bit_ok, return_limit,
+                       undelivered=any(r.action == "failed" for r in recipients)),
     ]
     eight_bit = any(p.eight_bit for p in parts)
     while any(boundary.encode() in p.body for p in parts):  # vanishingly unlikely, but cheap to rule out
@@ -265,14 +266,16 @@ def _status_part(
     )
 
 
-def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_limit: int | None) -> _Part:
+def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_limit: int | None, *,
+                   undelivered: bool = True) -> _Part:
     whole = _crlf(original)
+    what = "Undelivered Message" if undelivered else "Message"  # a success report returns no failure
     full = (ret or "").upper() == "FULL" and (return_limit is None or len(whole) <= return_limit)
     if full:
         if _seven_bit_clean(whole):
             return _Part(
                 [
-                    _field("Content-Description", "Undelivered Message"),
+                    _field("Content-Description", what),
                     _field("Content-Type", "message/rfc822"),
                     _field("Content-Transfer-Encoding", "7bit"),
                 ],
@@ -281,7 +284,7 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
         if eight_bit_ok and _eight_bit_clean(whole):
             return _Part(
                 [
-                    _field("Content-Description", "Undelivered Message"),
+                    _field("Content-Description", what),
                     _field("Content-Type", "message/rfc822"),
                     _field("Content-Transfer-Encoding", "8bit"),
                 ],
@@ -289,7 +292,7 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
                 eight_bit=True,
             )
     headers = _header_section(whole)
-    description = _field("Content-Description", "Undelivered Message Headers")
+    description = _field("Content-Description", f"{what} Headers")
     content_type = _field("Content-Type", "text/rfc822-headers")
     if _seven_bit_clean(headers):
         return _Part([description, content_type, _field("Content-Transfer-Encoding", "7bit")],

@@ -53,3 +53,11 @@ def test_success_is_silent_by_default_and_delay_only_notify_silences_failure() -
 
 def test_never_a_bounce_for_a_bounce() -> None:
     assert make_dsn(msg(Recipient("b@y.test"), sender=""), {0: BOUNCED}, "h", 2000.0) is None
+
+
+def test_a_success_report_does_not_call_the_returned_headers_undelivered() -> None:
+    dsn = make_dsn(msg(Recipient("b@y.test", notify=("SUCCESS",))), {0: SENT}, "h", 2000.0)
+    assert dsn is not None
+    assert b"Undelivered" not in dsn.body and b"Content-Description: Message Headers" in dsn.body
+    bounce = make_dsn(msg(Recipient("b@y.test")), {0: BOUNCED}, "h", 2000.0)
+    assert bounce is not None and b"Content-Description: Undelivered Message Headers" in bounce.body
