@@ -196,8 +196,8 @@ def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay
         if final and record is not None:
             record(parcel, final)
         if result.broken:
-            lost = Outcome(Kind.DEFERRED, "4.4.2", f"lost connection with {relay} while sending message",
-                           relay, target.hostname)
+            what = f"conversation with {relay} timed out" if result.timed_out else f"lost connection with {relay}"
+            lost = Outcome(Kind.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname)
             for i in chunk:
                 if i not in result.replies:
                     parcel.outcomes[i] = lost

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Sequence
@@ -65,6 +64,7 @@ class TransactionResult:
     replies: dict[int, RemoteReply]
     # True when the connection broke before every recipient had a reply
     broken: bool = False
+    timed_out: bool = False  # ...because the server stopped answering (Postfix: "timed out")
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -179,14 +179,14 @@ class SMTPConnection:
             return TransactionResult(replies)
         except smtplib.SMTPRecipientsRefused as e:  # pragma: no cover - smtplib.rcpt never raises it
             raise AssertionError(e) from None
-        except (OSError, smtplib.SMTPException):
+        except (OSError, smtplib.SMTPException) as e:
             self.close()
             if any(r.code == 421 for r in replies.values()):
                 # the server said 421 and hung up: that reply decides the rest, as in the pipelined case
                 closing = next(r for r in replies.values() if r.code == 421)
                 for i in range(len(recipients)):
                     replies.setdefault(i, closing)
-            return TransactionResult(replies, broken=True)
+            return TransactionResult(replies, broken=True, timed_out=_timed_out(e))
 
     def _send_pipelined(self, sender: str, recipients: Sequence[str], body: bytes, mail_options: Sequence[str]
                         ) -> TransactionResult:
@@ -239,14 +239,14 @@ class SMTPConnection:
             if final.code != 250:
                 self._rset()
             return TransactionResult(replies)
-        except (OSError, smtplib.SMTPException):
+        except (OSError, smtplib.SMTPException) as e:
             self.close()
             if last is not None and last.code == 421:
                 # the server said why it closed (RFC 5321 §3.8): that reply, not "lost connection",
                 # decides what is left, as Postfix reports it
                 for i in range(len(recipients)):
                     replies.setdefault(i, last)
-            return TransactionResult(replies, broken=True)
+            return TransactionResult(replies, broken=True, timed_out=_timed_out(e))
 
     def _rset(self) -> None:
         assert self.smtp is not None
@@ -337,8 +337,13 @@ def _quit(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
+def _timed_out(e: BaseException) -> bool:
+    # smtplib turns a read timeout into SMTPServerDisconnected, with the TimeoutError as its context
+    return isinstance(e, TimeoutError) or isinstance(e.__context__, TimeoutError)
+
+
 def _reason(e: BaseException) -> str:
-    if isinstance(e, socket.timeout | TimeoutError):
+    if _timed_out(e):
         return "Connection timed out"
     if isinstance(e, ConnectionRefusedError):
         return "Connection refused"

@@ -36,9 +36,9 @@ def zone(dns: ZoneServer) -> ZoneServer:
 @pytest.fixture
 def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> Iterator[Callable[..., jobs.Context]]:
     def make(**overrides: object) -> jobs.Context:
+        base: dict[str, object] = {"smtp_timeout": 5, "job_timeout": 30, "connect_timeout": 2}
         settings = Settings(hostname="mtaq.test", redis_url=redis_server.url, dns_servers=f"127.0.0.1:{zone.port}",
-                            smtp_port=mx_port, connect_timeout=2, smtp_timeout=5, job_timeout=30,
-                            **overrides)  # type: ignore[arg-type]
+                            smtp_port=mx_port, **{**base, **overrides})  # type: ignore[arg-type]
         ctx = jobs.make_context(settings, Store.from_settings(settings, redis.Redis.from_url(redis_server.url)))
         jobs.set_context(ctx)
         return ctx
@@ -194,3 +194,15 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
     assert ctx.connections._idle == {}  # the connection in an unknown state was not kept
     assert box.messages == []
     assert len(ctx.store.queue.scheduled_job_registry.get_job_ids()) == 1  # one retry for both
+
+
+def test_a_remote_that_stops_answering_is_reported_as_timed_out(ctx_factory: Callable[..., jobs.Context],
+                                                                 sinks: Callable[..., SinkServer]) -> None:
+    box = sinks("127.0.0.2")
+    box.data_delay = 3.0
+    ctx = ctx_factory(smtp_timeout=1)
+    qid = queue(ctx, "bob@a.test")
+    jobs.deliver("a.test", [qid])
+    st = ctx.store.statuses(qid)[0]
+    assert st.state is RcptState.DEFERRED and st.dsn == "4.4.2"
+    assert st.reply.startswith("conversation with mx.a.test[127.0.0.2]") and "timed out while sending" in st.reply
