@@ -12,8 +12,9 @@ The worker has one ``smtp_port`` for every MX, so tests put several sinks on one
 
 Replies are scripted per recipient (``rcpt_replies``), for every recipient (``rcpt_default``), for
 MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the connection at a
-command. ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
-``tls_broken=True`` offers STARTTLS and then fails the handshake.
+command; ``eightbitmime = False`` stops advertising 8BITMIME. ``tls=True`` offers STARTTLS with a
+trustme certificate (``.ca`` trusts it); ``tls_broken=True`` offers STARTTLS and then fails the
+handshake.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class SinkServer:
         # advertise PIPELINING (RFC 2920) as nearly every real MX does; aiosmtpd reads commands one
         # line at a time, so it serves a pipelining client correctly
         self.pipelining = True
+        # aiosmtpd advertises 8BITMIME (RFC 6152); False drops it from the EHLO reply, as an old MX
+        self.eightbitmime = True
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -214,6 +217,8 @@ class _Handler:
         session.host_name = hostname
         if self.sink.pipelining:
             responses.insert(1, "250-PIPELINING")
+        if not self.sink.eightbitmime:
+            responses = [r for r in responses if r != "250-8BITMIME"]
         return responses
 
     async def handle_MAIL(

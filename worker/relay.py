@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from common.envelope import Envelope
+from worker.mime7bit import to_7bit
 from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
 from worker.smtpclient import ConnectFailed, ConnectionCache, RemoteReply, SMTPConnection
 
@@ -49,6 +50,8 @@ class Parcel:
     body: bytes
     rcpt_idx: list[int]
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+    # what goes to a server without 8BITMIME: worked out (and logged) once per parcel
+    body_7bit: bytes | None = field(default=None, repr=False)
 
     def pending(self) -> list[int]:
         return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].kind is Kind.DEFERRED]
@@ -73,7 +76,29 @@ def needs_smtputf8(env: Envelope, body: bytes) -> bool:
     return not head.isascii()
 
 
+def body_to_send(parcel: Parcel, conn: SMTPConnection) -> bytes:
+    """The message as this server may take it. 8-bit mail (BODY=8BITMIME, or octets above 127 in
+    it) to a server without 8BITMIME is converted to 7-bit MIME (RFC 6152 §3), as Postfix does
+    (disable_mime_output_conversion = no). A message that cannot be converted (8-bit header fields,
+    8-bit text without MIME) goes unchanged, as Postfix sends it: see worker/mime7bit.py."""
+    body = parcel.body
+    if conn.supports("8bitmime") or (not parcel.envelope.body_8bit and body.isascii()):
+        return body
+    if parcel.body_7bit is None:
+        converted = to_7bit(body)
+        if converted is None:
+            log.info("%s: cannot convert 8BITMIME to 7BIT MIME: sending 8-bit content unchanged",
+                     parcel.envelope.id)
+            parcel.body_7bit = body
+        else:
+            if converted is not body:
+                log.info("%s: 8BITMIME to 7BIT MIME conversion", parcel.envelope.id)
+            parcel.body_7bit = converted
+    return parcel.body_7bit
+
+
 def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] | Outcome:
+    """MAIL FROM parameters for ``body``, the message as it will be sent (``body_to_send``)."""
     opts: list[str] = []
     if conn.supports("size"):
         opts.append(f"SIZE={len(body)}")  # RFC 1870: lets the server refuse before the data is sent
@@ -168,7 +193,8 @@ def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay
                  record: Recorder | None) -> bool:
     """One message's transactions on this connection; False when the connection is gone."""
     env = parcel.envelope
-    opts = mail_options(env, parcel.body, conn)
+    body = body_to_send(parcel, conn)
+    opts = mail_options(env, body, conn)
     if isinstance(opts, Outcome):
         for i in pending:
             parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
@@ -178,7 +204,7 @@ def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay
     for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
         chunk = pending[start:start + RCPTS_PER_TRANSACTION]
         try:
-            result = conn.send(env.sender, [env.recipients[i].address for i in chunk], parcel.body,
+            result = conn.send(env.sender, [env.recipients[i].address for i in chunk], body,
                                mail_options=opts)
         except Exception:
             # a surprise in the client (a bug, an address it cannot encode) must not stop the

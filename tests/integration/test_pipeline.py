@@ -287,3 +287,44 @@ def test_opportunistic_starttls_and_plain_text_fallback(zone: ZoneServer, sinks:
     mta.send(SENDER, ["bob@a.test"], message("tls"))
     assert wait_for(lambda: box.deliveries, 20), mta.logs()
     assert box.deliveries[0].tls is tls
+
+
+@pytest.mark.parametrize("eightbitmime", [False, True])
+def test_8bit_mail_to_a_server_without_8bitmime_is_converted(zone: ZoneServer, sinks: Callable[..., SinkServer],
+                                                             mta_factory: Callable[..., MTA],
+                                                             eightbitmime: bool) -> None:
+    """RFC 6152 §3: 8-bit mail never goes raw to a server that does not offer 8BITMIME; it is
+    converted to 7-bit MIME (quoted-printable), as Postfix does. With 8BITMIME offered the bytes
+    arrive unchanged, with BODY=8BITMIME."""
+    route(zone, "a.test", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.eightbitmime = eightbitmime
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    text = "Grüße aus Köln, ça va?\r\n"
+    data = (f"From: <{SENDER}>\r\nTo: <bob@a.test>\r\nSubject: eight bit\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n").encode() \
+        + text.encode()
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.has_extn("8bitmime")
+        assert s.mail(SENDER, ["BODY=8BITMIME"])[0] == 250
+        assert s.rcpt("bob@a.test")[0] == 250
+        assert s.data(data)[0] == 250
+    assert wait_for(lambda: box.deliveries, 20), mta.logs()
+    delivery = box.deliveries[0]
+    got = delivery.data
+    assert f"SIZE={len(got)}" in delivery.mail_options  # RFC 1870: the size of what was sent
+    if eightbitmime:
+        assert got.endswith(data)  # unchanged behind the Received header ingress puts in front
+        assert "BODY=8BITMIME" in delivery.mail_options
+        assert "8BITMIME to 7BIT MIME" not in mta.logs()
+        return
+    assert got.isascii() and "BODY=8BITMIME" not in delivery.mail_options
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.endswith(b"Content-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Transfer-Encoding: quoted-printable")
+    assert body == b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln, =C3=A7a va?\r\n"
+    assert parse(got).get_content() == parse(data).get_content() == text
+    assert mta.logs().count("8BITMIME to 7BIT MIME conversion") == 1
