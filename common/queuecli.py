@@ -18,16 +18,11 @@ __all__ = ["cmd_queue", "format_queue"]
 
 
 def format_queue(store: Store, out: TextIO) -> int:
-    ids = store.queue_ids()
-    if not ids:
-        out.write("Mail queue is empty\n")
-        return 0
-    out.write(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------\n")
-    total = 0
-    for found in (f for i in range(0, len(ids), 500) for f in store.load_many(ids[i:i + 500])):
-        if found is None:
-            continue  # delivered while we looked
-        msg, statuses = found
+    total = count = 0
+    for msg, statuses in (found for chunk in store.walk() for found in chunk):
+        if not count:
+            out.write(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------\n")
+        count += 1
         env, qid = msg.envelope, msg.envelope.id
         total += len(msg.body)
         mark = "*" if all(s.state is RcptState.PENDING for s in statuses.values()) else " "
@@ -45,7 +40,10 @@ def format_queue(store: Store, out: TextIO) -> int:
             for a in rcpts:
                 out.write(f"{'':<53}{a}\n")
         out.write("\n")
-    out.write(f"-- {total // 1024} Kbytes in {len(ids)} Request{'s' if len(ids) != 1 else ''}.\n")
+    if not count:
+        out.write("Mail queue is empty\n")
+        return 0
+    out.write(f"-- {total // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
     return 0
 
 
@@ -69,18 +67,12 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
     if action == "flush":
         # like `postqueue -f`: every message with a recipient not yet final, now, per destination
         dests: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for qid in store.queue_ids():
-            found = store.load_many([qid])[0]
-            if found is None:
-                continue
-            msg, statuses = found
+        for msg, statuses in (found for chunk in store.walk() for found in chunk):
             for d in {next_hop(r.address, store.relayhost) for i, r in enumerate(msg.envelope.recipients)
                       if not statuses.get(i) or not statuses[i].final}:
-                dests[d].append((qid, len(msg.body)))
-        for d, sized in dests.items():
-            for ids in store.batches(sized):
-                store.enqueue_now(d, ids, force=True)
-        out.write(f"flushed {sum(len(v) for v in dests.values())} message(s) to {len(dests)} destination(s)\n")
+                dests[d].append((msg.envelope.id, len(msg.body)))
+        queued = store.enqueue_sized(dests, force=True)
+        out.write(f"flushed {queued} message(s) to {len(dests)} destination(s)\n")
         return 0
     if action == "sweep":
         from worker.jobs import make_context

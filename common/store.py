@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,8 @@ DELIVER_FUNC = "worker.jobs.deliver"
 # cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
 # is ours (worker/retry.py), never RQ's.
 CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
+# Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
+_JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
 
 
 def msg_key(qid: str) -> str:
@@ -161,7 +163,7 @@ class Store:
         for qid in delete:
             self._delete(pipe, qid)
         jobs = [
-            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids), **self._job_opts())
+            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids), timeout=self.job_timeout, **_JOB_KEEP)
             for dest, sized in by_dest.items()
             for ids in self.batches(sized)
         ]
@@ -169,25 +171,38 @@ class Store:
             self.queue.enqueue_many(jobs, pipeline=pipe)
         pipe.execute()
 
-    def _job_opts(self) -> dict[str, Any]:
-        return {"timeout": self.job_timeout, "result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
-
     def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
         """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
         self.queue.enqueue_in(datetime.timedelta(seconds=max(0.0, delay)), DELIVER_FUNC, destination,
-                              list(ids), job_timeout=self.job_timeout, result_ttl=0,
-                              failure_ttl=30 * 86400, retry=CRASH_RETRY)
+                              list(ids), job_timeout=self.job_timeout, **_JOB_KEEP)
 
     def enqueue_now(self, destination: str, ids: Sequence[str], *, force: bool = False) -> None:
         """A delivery attempt now. ``force`` (`mtaq queue flush`) also tries deferred recipients
         whose next attempt is not due yet; otherwise a job leaves those to their retry job."""
         self.queue.enqueue(DELIVER_FUNC, destination, list(ids), force, job_timeout=self.job_timeout,
-                           result_ttl=0, failure_ttl=30 * 86400, retry=CRASH_RETRY)
+                           **_JOB_KEEP)
+
+    def enqueue_sized(self, by_hop: Mapping[str, Sequence[tuple[str, int]]], *, force: bool = False) -> int:
+        """Jobs now for (queue id, size) pairs per next hop, within the job limits; returns how many
+        messages were queued (a message counts once per hop)."""
+        queued = 0
+        for hop, sized in by_hop.items():
+            for ids in self.batches(sized):
+                self.enqueue_now(hop, ids, force=force)
+                queued += len(ids)
+        return queued
 
     # -- reading ----------------------------------------------------------------------------------
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]
         return None if found is None else found[0]
+
+    def walk(self, chunk: int = 500) -> Iterator[list[tuple[Message, dict[int, RecipientStatus]]]]:
+        """The whole queue in arrival order, loaded a chunk (one round trip) at a time; messages
+        finished meanwhile are left out."""
+        ids = self.queue_ids()
+        for start in range(0, len(ids), chunk):
+            yield [found for found in self.load_many(ids[start:start + chunk]) if found is not None]
 
     def load_many(self, ids: Sequence[str]) -> list[tuple[Message, dict[int, RecipientStatus]] | None]:
         """Messages with their recipient states, in one round trip; None for one that is gone."""

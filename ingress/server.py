@@ -67,9 +67,9 @@ class Ingress:
                  ssl_context: ssl.SSLContext | None = None, credentials: Credentials | None = None,
                  shutdown_grace: float = 30.0) -> None:
         self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
-        self.config = SessionConfig(**{**config.__dict__, "mail_gate": self.committer.gate,
-                                       "tls_available": ssl_context is not None,
-                                       "auth_available": credentials is not None})
+        self.config = dataclasses.replace(config, mail_gate=self.committer.gate,
+                                          tls_available=ssl_context is not None,
+                                          auth_available=credentials is not None)
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_per_client = max_per_client

@@ -324,11 +324,6 @@ class ConnectionCache:
                 del self._idle[key]
                 conn.quit()
 
-    def close(self) -> None:
-        for conn, _ in self._idle.values():
-            conn.quit()
-        self._idle.clear()
-
 
 def _quit(smtp: smtplib.SMTP) -> None:
     try:

@@ -53,13 +53,10 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
     store, s = ctx.store, ctx.settings
     grace = s.job_timeout + 120.0
     report = SweepReport()
-    ids = store.queue_ids()
-    for start in range(0, len(ids), CHUNK):
+    for chunk in store.walk(CHUNK):
         done: list[tuple[Message, dict[int, RecipientStatus]]] = []
         lost: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for found in store.load_many(ids[start:start + CHUNK]):
-            if found is None:
-                continue
+        for found in chunk:
             report.messages += 1
             msg, states = found
             env = msg.envelope
@@ -74,10 +71,7 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                 lost[hop].append((env.id, len(msg.body)))
         finish_loaded(ctx, done)
         report.finished += len(done)
-        for hop, sized in lost.items():
-            for batch in store.batches(sized):
-                store.enqueue_now(hop, batch)
-                report.requeued += len(batch)
+        report.requeued += store.enqueue_sized(lost)
     if report.finished or report.requeued:
         log.warning("sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
                     report.messages, report.finished, report.requeued)

@@ -89,3 +89,13 @@ def test_batches_respect_message_and_byte_limits() -> None:
     s = Store(fakeredis.FakeRedis(), "mtaq", job_max_messages=3, job_max_bytes=100)
     sized = [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("e", 95), ("f", 200), ("g", 1)]
     assert s.batches(sized) == [["a", "b", "c"], ["d"], ["e"], ["f"], ["g"]]
+
+
+def test_walk_and_enqueue_sized(store: Store) -> None:
+    store.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)])
+    store.queue.empty()  # type: ignore[no-untyped-call]
+    chunks = list(store.walk(chunk=2))
+    assert [[m.envelope.id for m, _ in c] for c in chunks] == [["Q0", "Q1"], ["Q2"]]
+    assert store.enqueue_sized({"one.test": [("Q0", 1), ("Q1", 1), ("Q2", 1)]}, force=True) == 3
+    assert sorted(len(j.args[1]) for j in store.queue.get_jobs()) == [1, 2]  # job_max_messages=2
+    assert all(j.args[2] is True for j in store.queue.get_jobs())
