@@ -33,8 +33,9 @@ async def _reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             return int(line[:3]), b"".join(lines)
 
 
-async def _client(host: str, port: int, todo: list[int], body: bytes, rcpt_domain: str,
-                  per_connection: int, result: list[int]) -> None:
+async def _client(
+    host: str, port: int, todo: list[int], body: bytes, rcpt_domain: str, per_connection: int, result: list[int]
+) -> None:
     while todo:
         reader, writer = await asyncio.open_connection(host, port)
         try:
@@ -61,8 +62,16 @@ async def _client(host: str, port: int, todo: list[int], body: bytes, rcpt_domai
             writer.close()
 
 
-def run_load(host: str, port: int, *, messages: int, concurrency: int, size: int = 2000,
-             rcpt_domain: str = "sink.test", per_connection: int = 100) -> LoadResult:
+def run_load(
+    host: str,
+    port: int,
+    *,
+    messages: int,
+    concurrency: int,
+    size: int = 2000,
+    rcpt_domain: str = "sink.test",
+    per_connection: int = 100,
+) -> LoadResult:
     """Send ``messages`` messages of about ``size`` octets; returns when every one has its reply."""
     line = b"x" * 76 + b"\r\n"
     body = b"Subject: load\r\nFrom: load@loadgen.test\r\n\r\n" + line * max(1, size // len(line))
@@ -70,8 +79,9 @@ def run_load(host: str, port: int, *, messages: int, concurrency: int, size: int
     result = [0, 0]
 
     async def main() -> None:
-        await asyncio.gather(*(_client(host, port, todo, body, rcpt_domain, per_connection, result)
-                               for _ in range(concurrency)))
+        await asyncio.gather(
+            *(_client(host, port, todo, body, rcpt_domain, per_connection, result) for _ in range(concurrency))
+        )
 
     t0 = time.perf_counter()
     asyncio.run(main())

@@ -54,8 +54,14 @@ class SmtpSink:
 
     def __init__(self, port: int, *, backlog: int = 1024, user: str = "nobody") -> None:
         self.port = port
-        self.argv = [SMTP_SINK, "-m", "1024", *(["-u", user] if os.geteuid() == 0 else []),
-                     f"127.0.0.1:{port}", str(backlog)]
+        self.argv = [
+            SMTP_SINK,
+            "-m",
+            "1024",
+            *(["-u", user] if os.geteuid() == 0 else []),
+            f"127.0.0.1:{port}",
+            str(backlog),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SmtpSink:
@@ -165,15 +171,17 @@ class PostfixInstance:
         shutil.chown(self.data_dir, "postfix", "postfix")
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([POSTFIX, "-c", str(self.config_dir), *args], capture_output=True, text=True,
-                              check=check, timeout=60)
+        return subprocess.run(
+            [POSTFIX, "-c", str(self.config_dir), *args], capture_output=True, text=True, check=check, timeout=60
+        )
 
     def start(self) -> None:
         self.setup()
         r = self._postfix("start", check=False)
         if r.returncode != 0:
-            raise RuntimeError(f"postfix -c {self.config_dir} start failed ({r.returncode}): "
-                               f"{(r.stderr or r.stdout).strip()}")
+            raise RuntimeError(
+                f"postfix -c {self.config_dir} start failed ({r.returncode}): {(r.stderr or r.stdout).strip()}"
+            )
 
     def stop(self) -> None:
         self._postfix("stop", check=False)

@@ -83,7 +83,7 @@ def summarise(path: Path, *, top: int = 15, match: str = "", files: str = "") ->
         print(f"    {n / total:6.1%}  {k}")
     print(f"  inclusive time by function{' in ' + files if files else ''}:")
     shown = [(k, n) for k, n in incl.most_common() if not files or re.search(files, k)]
-    for k, n in shown[:top + 10]:
+    for k, n in shown[: top + 10]:
         print(f"    {n / total:6.1%}  {k}")
 
 

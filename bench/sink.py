@@ -25,8 +25,9 @@ class Counter:
         self.n = 0
         self.last = 0.0
 
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         responses.insert(1, "250-PIPELINING")  # as Postfix's smtp-sink and real MX hosts do
         return responses

@@ -82,8 +82,11 @@ def wait_delivered(label: str, counter: Path, already: int, target: int, t0: flo
     delivered = count(counter) - already
     elapsed = time.perf_counter() - t0
     note = "" if delivered >= target else f" (TIMED OUT after {timeout:.0f}s)"
-    print(f"  {label} delivered {delivered} in {elapsed:.2f}s from the first connection "
-          f"= {delivered / elapsed:.0f} msgs/s{note}", flush=True)
+    print(
+        f"  {label} delivered {delivered} in {elapsed:.2f}s from the first connection "
+        f"= {delivered / elapsed:.0f} msgs/s{note}",
+        flush=True,
+    )
     return delivered / elapsed
 
 
@@ -117,8 +120,13 @@ def py_spy_exe() -> str | None:
     return str(near) if near.exists() else shutil.which("py-spy")
 
 
-def start_profilers(run_pid: int, out: Path, expect: int, *, wall: bool = False,
-                    ) -> list[tuple[str, subprocess.Popen[bytes]]]:
+def start_profilers(
+    run_pid: int,
+    out: Path,
+    expect: int,
+    *,
+    wall: bool = False,
+) -> list[tuple[str, subprocess.Popen[bytes]]]:
     exe = py_spy_exe()
     if exe is None:
         print("  --py-spy: py-spy not found (pip install py-spy); not profiling", flush=True)
@@ -139,9 +147,24 @@ def start_profilers(run_pid: int, out: Path, expect: int, *, wall: bool = False,
     profs = []
     for pid, role in sorted(roles.items(), key=lambda x: x[1]):
         name = f"{role}-{pid}"
-        p = subprocess.Popen([exe, "record", "--nonblocking", "--rate", "200", "--format", "raw", "--pid", str(pid),
-                              *(["--idle"] if wall else []),
-                              "-o", str(out / f"{name}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--nonblocking",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--pid",
+                str(pid),
+                *(["--idle"] if wall else []),
+                "-o",
+                str(out / f"{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         profs.append((name, p))
     time.sleep(1.0)  # py-spy attaches
     print(f"  py-spy recording {', '.join(n for n, _ in profs)} -> {out}", flush=True)
@@ -164,21 +187,27 @@ def trace_summary(trace_dir: Path) -> None:
                 jobs.setdefault(f.stem, []).append(r)
     print("\ntrace (bench/trace/sitecustomize.py):")
     if commits:
-        print(f"  ingress group commits: {len(commits)} for {sum(commits)} messages; messages per commit: "
-              f"mean {statistics.mean(commits):.1f}, median {statistics.median(commits):.0f}, max {max(commits)}")
+        print(
+            f"  ingress group commits: {len(commits)} for {sum(commits)} messages; messages per commit: "
+            f"mean {statistics.mean(commits):.1f}, median {statistics.median(commits):.0f}, max {max(commits)}"
+        )
     all_jobs = [r for rs in jobs.values() for r in rs]
     if all_jobs:
         ns = [int(r["n"]) for r in all_jobs]
-        print(f"  delivery jobs: {len(ns)} for {sum(ns)} messages; messages per job: mean {statistics.mean(ns):.1f}, "
-              f"median {statistics.median(ns):.0f}, max {max(ns)}; worker-side commits (finish_message): "
-              f"{worker_commits}")
+        print(
+            f"  delivery jobs: {len(ns)} for {sum(ns)} messages; messages per job: mean {statistics.mean(ns):.1f}, "
+            f"median {statistics.median(ns):.0f}, max {max(ns)}; worker-side commits (finish_message): "
+            f"{worker_commits}"
+        )
         for name, rs in sorted(jobs.items()):
             inside = sum(r["s"] for r in rs)
             span = (rs[-1]["t"] - (rs[0]["t"] - rs[0]["s"])) if rs else 0.0
             n = sum(int(r["n"]) for r in rs)
-            print(f"    {name}: {len(rs)} jobs, {n} msgs, {inside:.2f}s inside deliver() over a {span:.2f}s span "
-                  f"({inside / n * 1000 if n else 0:.2f} ms/msg inside, "
-                  f"{(span - inside) / len(rs) * 1000:.1f} ms/job outside = RQ + idle)")
+            print(
+                f"    {name}: {len(rs)} jobs, {n} msgs, {inside:.2f}s inside deliver() over a {span:.2f}s span "
+                f"({inside / n * 1000 if n else 0:.2f} ms/msg inside, "
+                f"{(span - inside) / len(rs) * 1000:.1f} ms/job outside = RQ + idle)"
+            )
 
 
 def redis_commandstats(sock: Path, messages: int, top: int = 14) -> None:
@@ -195,8 +224,10 @@ def redis_commandstats(sock: Path, messages: int, top: int = 14) -> None:
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
     usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
     total = sum(calls.values())
-    print(f"\nredis: {total} commands = {total / max(1, messages):.1f} per message, "
-          f"{sum(usec.values()) / 1e6:.2f}s of Redis CPU in commands; top:")
+    print(
+        f"\nredis: {total} commands = {total / max(1, messages):.1f} per message, "
+        f"{sum(usec.values()) / 1e6:.2f}s of Redis CPU in commands; top:"
+    )
     for k, n in sorted(calls.items(), key=lambda x: -x[1])[:top]:
         print(f"    {k:16}{n:>8}{n / max(1, messages):>8.2f}/msg")
 
@@ -213,21 +244,38 @@ def run_mtaq(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path) ->
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(BENCH / "trace"), env.get("PYTHONPATH", "")) if x)
     extra = [f"--{k}={v}" for k, v in (x.split("=", 1) for x in a.mtaq_opt)]
     already = count(counter)
-    mtaq = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "--data-dir", str(tmp / "var"),
-                             "--listen", f"127.0.0.1:{mtaq_port}", "--workers", str(a.workers),
-                             "--relayhost", f"[127.0.0.1]:{sink_port}",
-                             "--redis-appendfsync", a.appendfsync, *extra], env=env)
+    mtaq = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "run",
+            "--data-dir",
+            str(tmp / "var"),
+            "--listen",
+            f"127.0.0.1:{mtaq_port}",
+            "--workers",
+            str(a.workers),
+            "--relayhost",
+            f"[127.0.0.1]:{sink_port}",
+            "--redis-appendfsync",
+            a.appendfsync,
+            *extra,
+        ],
+        env=env,
+    )
     profs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
         wait_port(mtaq_port)
         if a.py_spy:
             profs = start_profilers(mtaq.pid, Path(a.py_spy), 1 + a.workers, wall=a.wall)
-        print(f"mtaq run: {a.workers} workers, appendfsync {a.appendfsync}; sending {a.messages} messages",
-              flush=True)
+        print(f"mtaq run: {a.workers} workers, appendfsync {a.appendfsync}; sending {a.messages} messages", flush=True)
         t0 = time.perf_counter()
         acc = run_load("127.0.0.1", mtaq_port, messages=a.messages, concurrency=a.concurrency, size=a.size)
-        print(f"  mtaq accepted {acc.sent} ({acc.failed} failed) in {acc.seconds:.2f}s = {acc.rate:.0f} msgs/s",
-              flush=True)
+        print(
+            f"  mtaq accepted {acc.sent} ({acc.failed} failed) in {acc.seconds:.2f}s = {acc.rate:.0f} msgs/s",
+            flush=True,
+        )
         delivered = wait_delivered("mtaq", counter, already, acc.sent, t0, a.timeout)
         if trace_dir is not None:
             redis_commandstats(tmp / "var" / "redis.sock", acc.sent)
@@ -239,12 +287,17 @@ def run_mtaq(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path) ->
         from bench.pyspy_summary import summarise
 
         for name, _ in profs:
-            summarise(Path(a.py_spy) / f"{name}.txt", top=a.top,
-                      files=r"\((worker|common|ingress|rq|smtplib|redis/client|concurrent)")
+            summarise(
+                Path(a.py_spy) / f"{name}.txt",
+                top=a.top,
+                files=r"\((worker|common|ingress|rq|smtplib|redis/client|concurrent)",
+            )
     if trace_dir is not None:
         trace_summary(trace_dir)
-    return [Row("mtaq", "accept", acc.rate, f"{acc.failed} failed" if acc.failed else ""),
-            Row("mtaq", "deliver", delivered)]
+    return [
+        Row("mtaq", "accept", acc.rate, f"{acc.failed} failed" if acc.failed else ""),
+        Row("mtaq", "deliver", delivered),
+    ]
 
 
 def run_postfix(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path) -> list[Row]:
@@ -260,8 +313,10 @@ def run_postfix(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path)
             wait_port(port)
             print(f"baseline: {a.messages} messages, {a.concurrency} connections -> Postfix smtp-sink", flush=True)
             r = run_load("127.0.0.1", port, messages=a.messages, concurrency=a.concurrency, size=a.size)
-            print(f"  smtp-sink accepted {r.sent} ({r.failed} failed) in {r.seconds:.2f}s = {r.rate:.0f} msgs/s",
-                  flush=True)
+            print(
+                f"  smtp-sink accepted {r.sent} ({r.failed} failed) in {r.seconds:.2f}s = {r.rate:.0f} msgs/s",
+                flush=True,
+            )
             rows.append(Row("smtp-sink", "accept", r.rate))
     why = postfix.missing()
     if why:
@@ -277,19 +332,24 @@ def run_postfix(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path)
         return rows
     try:
         wait_port(port)
-        print(f"postfix {inst.config_dir}: relayhost [127.0.0.1]:{sink_port}; sending {a.messages} messages",
-              flush=True)
+        print(
+            f"postfix {inst.config_dir}: relayhost [127.0.0.1]:{sink_port}; sending {a.messages} messages", flush=True
+        )
         t0 = time.perf_counter()
         acc = run_load("127.0.0.1", port, messages=a.messages, concurrency=a.concurrency, size=a.size)
-        print(f"  postfix accepted {acc.sent} ({acc.failed} failed) in {acc.seconds:.2f}s = {acc.rate:.0f} msgs/s",
-              flush=True)
+        print(
+            f"  postfix accepted {acc.sent} ({acc.failed} failed) in {acc.seconds:.2f}s = {acc.rate:.0f} msgs/s",
+            flush=True,
+        )
         delivered = wait_delivered("postfix", counter, already, acc.sent, t0, a.timeout)
         if count(counter) - already < acc.sent:
             print(f"  postfix queue: {inst.queued()} file(s) left\n{inst.log_tail(5)}", flush=True)
     finally:
         inst.stop()
-    rows += [Row("postfix", "accept", acc.rate, f"{acc.failed} failed" if acc.failed else ""),
-             Row("postfix", "deliver", delivered)]
+    rows += [
+        Row("postfix", "accept", acc.rate, f"{acc.failed} failed" if acc.failed else ""),
+        Row("postfix", "deliver", delivered),
+    ]
     return rows
 
 
@@ -298,6 +358,7 @@ def table(rows: list[Row]) -> None:
         return next((r.rate for r in rows if r.name == name and r.kind == kind), None)
 
     base_sink, base_c = find("aiosmtpd sink", "accept"), find("smtp-sink", "accept")
+
     def vs_sink(r: Row) -> float | None:
         return base_sink
 
@@ -332,12 +393,20 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up waiting for delivery after this")
     p.add_argument("--postfix", action="store_true", help="add the smtp-sink and Postfix baselines if installed")
     p.add_argument("--no-mtaq", action="store_true", help="baselines only")
-    p.add_argument("--mtaq-opt", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra `mtaq run` option, e.g. --mtaq-opt job-max-messages=50 (repeatable)")
+    p.add_argument(
+        "--mtaq-opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra `mtaq run` option, e.g. --mtaq-opt job-max-messages=50 (repeatable)",
+    )
     p.add_argument("--trace", metavar="DIR", help="record messages per group commit / per job in DIR")
     p.add_argument("--py-spy", metavar="DIR", help="py-spy profiles of the mtaq processes into DIR")
-    p.add_argument("--wall", action="store_true",
-                   help="py-spy --idle: wall-clock profile (blocked in recv/epoll counts), not CPU only")
+    p.add_argument(
+        "--wall",
+        action="store_true",
+        help="py-spy --idle: wall-clock profile (blocked in recv/epoll counts), not CPU only",
+    )
     p.add_argument("--top", type=int, default=15, help="lines per py-spy summary")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (queues, logs)")
     a = p.parse_args()
@@ -345,15 +414,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mtaq-bench-"))
     sink_port = free_port()
     counter = tmp / "count"
-    sink = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(sink_port),
-                             "--count-file", str(counter)])
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "--port", str(sink_port), "--count-file", str(counter)]
+    )
     rows: list[Row] = []
     try:
         wait_port(sink_port)
         print(f"baseline: {a.messages} messages, {a.concurrency} connections -> aiosmtpd sink", flush=True)
         base = run_load("127.0.0.1", sink_port, messages=a.messages, concurrency=a.concurrency, size=a.size)
-        print(f"  aiosmtpd sink accepted {base.sent} ({base.failed} failed) in {base.seconds:.2f}s "
-              f"= {base.rate:.0f} msgs/s", flush=True)
+        print(
+            f"  aiosmtpd sink accepted {base.sent} ({base.failed} failed) in {base.seconds:.2f}s "
+            f"= {base.rate:.0f} msgs/s",
+            flush=True,
+        )
         rows.append(Row("aiosmtpd sink", "accept", base.rate))
         time.sleep(0.5)
         if not a.no_mtaq:

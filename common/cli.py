@@ -36,21 +36,20 @@ def cmd_run(settings: Settings) -> int:
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
     # if it dies (EmbeddedRedis.watch).
-    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir,
-                                                             appendfsync=settings.redis_appendfsync)
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
     try:
         if embedded is not None:
             embedded.start()
-            log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket,
-                     settings.redis_appendfsync)
+            log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
             settings = settings.replace(redis_url=embedded.url)
         env = settings_env(settings.replace(processes=settings.processes or 1))
         me = [sys.executable, "-m", "common.cli"]
         children = [Child("ingress", argv=[*me, "ingress"], env=env)]
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
         log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
-        return Supervisor(children, stop_timeout=settings.shutdown_grace + 10,
-                          watch=embedded.watch if embedded is not None else None).run()
+        return Supervisor(
+            children, stop_timeout=settings.shutdown_grace + 10, watch=embedded.watch if embedded is not None else None
+        ).run()
     finally:
         if embedded is not None and embedded.proc is not None:  # last: the children are gone
             embedded.stop()

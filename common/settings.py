@@ -40,8 +40,12 @@ class Settings:
     # -- delivery (worker)
     dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker",))
     smtp_port: int = _opt(25, "remote port for MX delivery", ("worker",))
-    relayhost: str = _opt("", "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost); ingress and "
-                          "workers group mail by it, so give both the same", ("ingress", "worker"))
+    relayhost: str = _opt(
+        "",
+        "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost); ingress and "
+        "workers group mail by it, so give both the same",
+        ("ingress", "worker"),
+    )
     min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
     max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
     queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
@@ -69,11 +73,13 @@ class Settings:
     tls_required: bool = _opt(False, "refuse MAIL before STARTTLS (submission)", ("ingress",))
     auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
-    commit_wait: float = _opt(0.002, "seconds a group commit waits for more messages under load (idle: none)",
-                              ("ingress",))
+    commit_wait: float = _opt(
+        0.002, "seconds a group commit waits for more messages under load (idle: none)", ("ingress",)
+    )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
-    job_max_bytes: int = _opt(20_000_000, "octets of messages per delivery job (one larger message still goes)",
-                              ("ingress", "worker"))
+    job_max_bytes: int = _opt(
+        20_000_000, "octets of messages per delivery job (one larger message still goes)", ("ingress", "worker")
+    )
     shutdown_grace: float = _opt(30.0, "seconds SIGTERM waits for transactions in flight", ("ingress",))
 
     def __post_init__(self) -> None:
@@ -161,7 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
         help_text = f"{f.metadata['help']} [env MTAQ_{f.name.upper()}, default {f.default!r}]"
         if isinstance(f.default, bool):
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(*flags, dest=f.name, type=type(f.default), default=None, help=help_text)

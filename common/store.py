@@ -110,8 +110,16 @@ class Message:
 class Store:
     """Queue storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
-    def __init__(self, r: redis.Redis, queue_name: str = "mtaq", *, relayhost: str = "",
-                 job_max_messages: int = 100, job_max_bytes: int = 20_000_000, job_timeout: int = 1800) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        queue_name: str = "mtaq",
+        *,
+        relayhost: str = "",
+        job_max_messages: int = 100,
+        job_max_bytes: int = 20_000_000,
+        job_timeout: int = 1800,
+    ) -> None:
         self.redis = r
         self.queue = Queue(queue_name, connection=r, serializer=JSONSerializer)
         self.relayhost = relayhost
@@ -123,8 +131,14 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis) -> Store:
-        return cls(r, settings.queue_name, relayhost=settings.relayhost, job_max_messages=settings.job_max_messages,
-                   job_max_bytes=settings.job_max_bytes, job_timeout=settings.job_timeout)
+        return cls(
+            r,
+            settings.queue_name,
+            relayhost=settings.relayhost,
+            job_max_messages=settings.job_max_messages,
+            job_max_bytes=settings.job_max_bytes,
+            job_timeout=settings.job_timeout,
+        )
 
     def batches(self, sized: Sequence[tuple[str, int]]) -> list[list[str]]:
         """Split (queue id, size) pairs into job batches within job_max_messages and job_max_bytes."""
@@ -173,14 +187,19 @@ class Store:
 
     def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
         """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
-        self.queue.enqueue_in(datetime.timedelta(seconds=max(0.0, delay)), DELIVER_FUNC, destination,
-                              list(ids), job_timeout=self.job_timeout, **_JOB_KEEP)
+        self.queue.enqueue_in(
+            datetime.timedelta(seconds=max(0.0, delay)),
+            DELIVER_FUNC,
+            destination,
+            list(ids),
+            job_timeout=self.job_timeout,
+            **_JOB_KEEP,
+        )
 
     def enqueue_now(self, destination: str, ids: Sequence[str], *, force: bool = False) -> None:
         """A delivery attempt now. ``force`` (`mtaq queue flush`) also tries deferred recipients
         whose next attempt is not due yet; otherwise a job leaves those to their retry job."""
-        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), force, job_timeout=self.job_timeout,
-                           **_JOB_KEEP)
+        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), force, job_timeout=self.job_timeout, **_JOB_KEEP)
 
     def enqueue_sized(self, by_hop: Mapping[str, Sequence[tuple[str, int]]], *, force: bool = False) -> int:
         """Jobs now for (queue id, size) pairs per next hop, within the job limits; returns how many
@@ -202,7 +221,7 @@ class Store:
         finished meanwhile are left out."""
         ids = self.queue_ids()
         for start in range(0, len(ids), chunk):
-            yield [found for found in self.load_many(ids[start:start + chunk]) if found is not None]
+            yield [found for found in self.load_many(ids[start : start + chunk]) if found is not None]
 
     def load_many(self, ids: Sequence[str]) -> list[tuple[Message, dict[int, RecipientStatus]] | None]:
         """Messages with their recipient states, in one round trip; None for one that is gone."""
@@ -245,8 +264,19 @@ class Store:
                     stat = _STAT_OF.get(st.state, "deferred")
                     # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
                     # one more round trip each time
-                    pipe.evalsha(self._set_status.sha, 4, rcpt_key(qid), left_key(qid), STATS, INDEX,
-                                 str(idx), st.to_json(), "1" if st.final else "0", stat, qid)
+                    pipe.evalsha(
+                        self._set_status.sha,
+                        4,
+                        rcpt_key(qid),
+                        left_key(qid),
+                        STATS,
+                        INDEX,
+                        str(idx),
+                        st.to_json(),
+                        "1" if st.final else "0",
+                        stat,
+                        qid,
+                    )
                     order.append(qid)
             try:
                 results = pipe.execute()

@@ -57,8 +57,7 @@ class Child:
         else:
             assert self.target is not None
             ctx = multiprocessing.get_context("fork")
-            self.proc = ctx.Process(target=_own_session, args=(self.target, *self.args), name=self.name,
-                                    daemon=False)
+            self.proc = ctx.Process(target=_own_session, args=(self.target, *self.args), name=self.name, daemon=False)
             self.proc.start()
         self.started = time.monotonic()
 
@@ -82,8 +81,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], *, stop_timeout: float = 40.0,
-                 watch: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, children: list[Child], *, stop_timeout: float = 40.0, watch: Callable[[], None] | None = None
+    ) -> None:
         self.children = children
         self.stop_timeout = stop_timeout
         self.watch = watch  # called on every turn of the loop until the stop request (mtaq run: Redis)

@@ -35,8 +35,9 @@ def _unb64(s: str) -> bytes:
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
     salt = salt if salt is not None else secrets.token_bytes(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=KEY_LEN,
-                         maxmem=64 * 1024 * 1024)
+    key = hashlib.scrypt(
+        password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=KEY_LEN, maxmem=64 * 1024 * 1024
+    )
     return f"$scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(key)}"
 
 
@@ -50,8 +51,7 @@ def verify_password(password: str, encoded: str) -> bool:
         salt, key = _unb64(salt_s), _unb64(key_s)
         # a damaged line (n not a power of two, a memory cost past maxmem, an empty key) makes
         # hashlib raise: that is a failed check, not an exception in the ingress
-        got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=par, dklen=len(key),
-                             maxmem=256 * 1024 * 1024)
+        got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=par, dklen=len(key), maxmem=256 * 1024 * 1024)
     except (ValueError, KeyError, OverflowError, MemoryError):
         return False
     return hmac.compare_digest(got, key)

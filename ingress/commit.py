@@ -74,15 +74,20 @@ class Committer:
                 # under load (the last batch carried several messages) trade a little latency for
                 # bigger batches: fewer fsyncs, fewer and larger jobs. Idle, commit at once.
                 await asyncio.sleep(self.wait)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
                 await asyncio.to_thread(self.store.commit, [p.message for p in batch])
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = classify_redis_error(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = time.monotonic() + 1.0
-                log.warning("queue write of %d message(s) failed: %s -> %s", len(batch), e, reply,
-                            exc_info=not isinstance(e, redis.RedisError | OSError))
+                log.warning(
+                    "queue write of %d message(s) failed: %s -> %s",
+                    len(batch),
+                    e,
+                    reply,
+                    exc_info=not isinstance(e, redis.RedisError | OSError),
+                )
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(StorageRefused(reply))

@@ -38,11 +38,19 @@ def build_ingress(settings: Settings) -> Ingress:
     store = Store.from_settings(settings, connect(settings, timeout=5.0))
     ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     creds = Credentials(settings.auth_file) if settings.auth_file else None
-    return Ingress(store, SessionConfig.from_settings(settings), idle_timeout=settings.idle_timeout,
-                   max_connections=settings.max_connections, max_per_client=settings.max_connections_per_client,
-                   commit_max_messages=settings.commit_max_messages, commit_wait=settings.commit_wait,
-                   max_queue=settings.max_queue,
-                   ssl_context=ssl_ctx, credentials=creds, shutdown_grace=settings.shutdown_grace)
+    return Ingress(
+        store,
+        SessionConfig.from_settings(settings),
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
+        max_per_client=settings.max_connections_per_client,
+        commit_max_messages=settings.commit_max_messages,
+        commit_wait=settings.commit_wait,
+        max_queue=settings.max_queue,
+        ssl_context=ssl_ctx,
+        credentials=creds,
+        shutdown_grace=settings.shutdown_grace,
+    )
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:

@@ -62,14 +62,28 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 class Ingress:
     """What every connection of one ingress process shares."""
 
-    def __init__(self, store: Store, config: SessionConfig, *, idle_timeout: float, max_connections: int,
-                 max_per_client: int, commit_max_messages: int = 256, commit_wait: float = 0.0, max_queue: int = 0,
-                 ssl_context: ssl.SSLContext | None = None, credentials: Credentials | None = None,
-                 shutdown_grace: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: SessionConfig,
+        *,
+        idle_timeout: float,
+        max_connections: int,
+        max_per_client: int,
+        commit_max_messages: int = 256,
+        commit_wait: float = 0.0,
+        max_queue: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        credentials: Credentials | None = None,
+        shutdown_grace: float = 30.0,
+    ) -> None:
         self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
-        self.config = dataclasses.replace(config, mail_gate=self.committer.gate,
-                                          tls_available=ssl_context is not None,
-                                          auth_available=credentials is not None)
+        self.config = dataclasses.replace(
+            config,
+            mail_gate=self.committer.gate,
+            tls_available=ssl_context is not None,
+            auth_available=credentials is not None,
+        )
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_per_client = max_per_client
@@ -204,8 +218,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if (self.transport is not None and not self._closing and self.session is not None
-                and not self.session.waiting):
+        if self.transport is not None and not self._closing and self.session is not None and not self.session.waiting:
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,8 +267,7 @@ class SMTPProtocol(asyncio.Protocol):
         if self.transport is not None and not self._closing:
             self._arm_timer()
             self._handle(events)
-            if (self.session is not None and not self.session.waiting and not self._closing
-                    and not self._write_paused):
+            if self.session is not None and not self.session.waiting and not self._closing and not self._write_paused:
                 self.transport.resume_reading()
 
     async def _store(self, tx: Transaction) -> None:
@@ -269,9 +281,16 @@ class SMTPProtocol(asyncio.Protocol):
             log.exception("storing a message from [%s] failed", self.peer_ip)
             self._resume(self.session.message_failed(replies.STORAGE_FAILED))
             return
-        log.info("%s: client=%s[%s], from=<%s>, nrcpt=%d, size=%d%s", qid, self.session.peer.name, self.peer_ip,
-                 tx.sender, len(tx.recipients), len(tx.data),
-                 "" if tx.auth_user is None else f", sasl_username={tx.auth_user[:64]!r}")
+        log.info(
+            "%s: client=%s[%s], from=<%s>, nrcpt=%d, size=%d%s",
+            qid,
+            self.session.peer.name,
+            self.peer_ip,
+            tx.sender,
+            len(tx.recipients),
+            len(tx.data),
+            "" if tx.auth_user is None else f", sasl_username={tx.auth_user[:64]!r}",
+        )
         self._resume(self.session.message_stored(qid))
 
     async def _commit(self, tx: Transaction) -> str:
@@ -282,16 +301,34 @@ class SMTPProtocol(asyncio.Protocol):
         # RFC 5321 §4.5.1: bare <postmaster> is accepted; with no local delivery it goes to our hostname's
         # postmaster, wherever that domain's MX points
         host = self.ingress.config.hostname
-        rcpts = [r if "@" in r.address else dataclasses.replace(r, address=f"{r.address}@{host}")
-                 for r in tx.recipients]
-        env = Envelope(id=qid, sender=tx.sender, recipients=rcpts, received_at=now, helo=tx.helo,
-                       client_addr=self.peer_ip, client_name=self.session.peer.name, protocol=tx.protocol,
-                       body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, ret=tx.ret, envid=tx.envid,
-                       auth_user=tx.auth_user)
-        trace = received_header(hostname=self.ingress.config.hostname, helo=tx.helo, client_ip=self.peer_ip,
-                                client_name=self.session.peer.name, protocol=tx.protocol, queue_id=qid,
-                                recipient=tx.recipients[0].address if len(tx.recipients) == 1 else None,
-                                when=now)
+        rcpts = [
+            r if "@" in r.address else dataclasses.replace(r, address=f"{r.address}@{host}") for r in tx.recipients
+        ]
+        env = Envelope(
+            id=qid,
+            sender=tx.sender,
+            recipients=rcpts,
+            received_at=now,
+            helo=tx.helo,
+            client_addr=self.peer_ip,
+            client_name=self.session.peer.name,
+            protocol=tx.protocol,
+            body_8bit=tx.body_8bit,
+            smtputf8=tx.smtputf8,
+            ret=tx.ret,
+            envid=tx.envid,
+            auth_user=tx.auth_user,
+        )
+        trace = received_header(
+            hostname=self.ingress.config.hostname,
+            helo=tx.helo,
+            client_ip=self.peer_ip,
+            client_name=self.session.peer.name,
+            protocol=tx.protocol,
+            queue_id=qid,
+            recipient=tx.recipients[0].address if len(tx.recipients) == 1 else None,
+            when=now,
+        )
         await self.ingress.committer.submit(Message(env, trace + tx.data))
         return qid
 
@@ -353,8 +390,7 @@ class SMTPProtocol(asyncio.Protocol):
                 limiter.end(self.peer_ip, failed=not ok and failure is None)
             if not ok and failure is None:
                 # the user name is logged as sent (repr: no line breaks; cut short); the password never is
-                log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism,
-                            ev.username[:64])
+                log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username[:64])
         self._resume(self.session.auth_result(ok, failure))
 
     # -- deadlines and shutdown -------------------------------------------------------------------
@@ -374,8 +410,12 @@ class SMTPProtocol(asyncio.Protocol):
         self._handle(self.session.timeout())
 
     def shutdown_if_idle(self) -> None:
-        if (self.session is not None and not self._closing and not self.session.in_transaction
-                and not self.session.waiting):
+        if (
+            self.session is not None
+            and not self._closing
+            and not self.session.in_transaction
+            and not self.session.waiting
+        ):
             self._handle(self.session.shutdown())
 
     def abort_later(self, delay: float = 1.0) -> None:

@@ -124,8 +124,12 @@ class ZoneServer:
         self._udp, self._tcp = udp, tcp
         self.port = udp.server_address[1]
         for server in (udp, tcp):
-            t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                                 name=f"zoneserver-{type(server).__name__}")
+            t = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                daemon=True,
+                name=f"zoneserver-{type(server).__name__}",
+            )
             t.start()
             self._threads.append(t)
         return self

@@ -122,8 +122,9 @@ class RedisServer:
                     pass
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"redis-server did not answer PING in {self.startup_timeout}s: "
-                                       f"{self._log_tail()}")
+                    raise RuntimeError(
+                        f"redis-server did not answer PING in {self.startup_timeout}s: {self._log_tail()}"
+                    )
                 time.sleep(0.02)
         finally:
             probe.close()

@@ -212,8 +212,9 @@ class _Handler:
     def __init__(self, sink: SinkServer) -> None:
         self.sink = sink
 
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         if self.sink.pipelining:
             responses.insert(1, "250-PIPELINING")

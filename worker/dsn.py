@@ -117,8 +117,9 @@ def build_dsn(
     parts = [
         _human_part(mta, recipients, postmaster),
         _status_part(mta, queue_id, envid, arrival, original_sender, recipients),
-        _original_part(original, ret, eight_bit_ok, return_limit,
-                       undelivered=any(r.action == "failed" for r in recipients)),
+        _original_part(
+            original, ret, eight_bit_ok, return_limit, undelivered=any(r.action == "failed" for r in recipients)
+        ),
     ]
     eight_bit = any(p.eight_bit for p in parts)
     while any(boundary.encode() in p.body for p in parts):  # vanishingly unlikely, but cheap to rule out
@@ -195,9 +196,14 @@ def _human_part(mta: str, recipients: Sequence[DsnRecipient], postmaster: str) -
     text = "\n".join(lines)
     if text.isascii():
         body = _crlf(text.encode("ascii"))
-        return _Part([_field("Content-Description", "Notification"),
-                      _field("Content-Type", "text/plain; charset=us-ascii"),
-                      _field("Content-Transfer-Encoding", "7bit")], body)
+        return _Part(
+            [
+                _field("Content-Description", "Notification"),
+                _field("Content-Type", "text/plain; charset=us-ascii"),
+                _field("Content-Transfer-Encoding", "7bit"),
+            ],
+            body,
+        )
     return _Part(
         [
             _field("Content-Description", "Notification"),
@@ -266,8 +272,9 @@ def _status_part(
     )
 
 
-def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_limit: int | None, *,
-                   undelivered: bool = True) -> _Part:
+def _original_part(
+    original: bytes, ret: str | None, eight_bit_ok: bool, return_limit: int | None, *, undelivered: bool = True
+) -> _Part:
     whole = _crlf(original)
     what = "Undelivered Message" if undelivered else "Message"  # a success report returns no failure
     full = (ret or "").upper() == "FULL" and (return_limit is None or len(whole) <= return_limit)
@@ -295,11 +302,9 @@ def _original_part(original: bytes, ret: str | None, eight_bit_ok: bool, return_
     description = _field("Content-Description", f"{what} Headers")
     content_type = _field("Content-Type", "text/rfc822-headers")
     if _seven_bit_clean(headers):
-        return _Part([description, content_type, _field("Content-Transfer-Encoding", "7bit")],
-                     headers)
+        return _Part([description, content_type, _field("Content-Transfer-Encoding", "7bit")], headers)
     if eight_bit_ok and _eight_bit_clean(headers):
-        return _Part([description, content_type, _field("Content-Transfer-Encoding", "8bit")],
-                     headers, eight_bit=True)
+        return _Part([description, content_type, _field("Content-Transfer-Encoding", "8bit")], headers, eight_bit=True)
     return _Part(
         [description, content_type, _field("Content-Transfer-Encoding", "quoted-printable")],
         _quoted_printable(headers),

@@ -54,8 +54,11 @@ def _default_context() -> Context:
 
 
 def make_context(settings: Settings, store: Store) -> Context:
-    resolver = MXResolver(make_resolver(settings.dns_server_list), local_names=[settings.hostname],
-                          max_addresses=settings.max_mx_addresses)
+    resolver = MXResolver(
+        make_resolver(settings.dns_server_list),
+        local_names=[settings.hostname],
+        max_addresses=settings.max_mx_addresses,
+    )
     return Context(settings, store, resolver)
 
 
@@ -80,13 +83,25 @@ class _Batch:
         state = _STATE_OF[out.kind]
         if state is RcptState.DEFERRED and delay is None:
             state = RcptState.BOUNCED  # past queue_lifetime: bounce with the last reply
-            out = Outcome(Kind.BOUNCED, out.dsn, f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s "
-                          "in queue)", out.relay, out.remote_mta)
+            out = Outcome(
+                Kind.BOUNCED,
+                out.dsn,
+                f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
+                out.relay,
+                out.remote_mta,
+            )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
-        return RecipientStatus(state=state, attempts=old.attempts + 1, dsn=out.dsn, reply=out.reply,
-                               relay=out.relay, remote_mta=out.remote_mta, updated=now,
-                               next_attempt=now + delay if state is RcptState.DEFERRED and delay else 0.0)
+        return RecipientStatus(
+            state=state,
+            attempts=old.attempts + 1,
+            dsn=out.dsn,
+            reply=out.reply,
+            relay=out.relay,
+            remote_mta=out.remote_mta,
+            updated=now,
+            next_attempt=now + delay if state is RcptState.DEFERRED and delay else 0.0,
+        )
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         for qid, results in self.ctx.store.set_statuses(updates).items():
@@ -159,9 +174,17 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
 
 def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: list[Parcel]) -> None:
     store, s = ctx.store, ctx.settings
-    relay_deliver(destination, parcels, resolver=ctx.resolver, port=s.smtp_port, helo_name=s.hostname,
-                  connect_timeout=s.connect_timeout, timeout=s.smtp_timeout, record=batch.record_final,
-                  cache=ctx.connections)
+    relay_deliver(
+        destination,
+        parcels,
+        resolver=ctx.resolver,
+        port=s.smtp_port,
+        helo_name=s.hostname,
+        connect_timeout=s.connect_timeout,
+        timeout=s.smtp_timeout,
+        record=batch.record_final,
+        cache=ctx.connections,
+    )
     # what relay did not record: deferrals (which may expire into bounces) and DNS verdicts
     now = time.time()
     rest: dict[str, dict[int, RecipientStatus]] = {}
@@ -169,8 +192,13 @@ def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: lis
     retry_delay: float | None = None
     for p in parcels:
         qid = p.envelope.id
-        delay = next_retry(p.envelope.received_at, now, min_backoff=s.min_backoff, max_backoff=s.max_backoff,
-                           queue_lifetime=s.queue_lifetime)
+        delay = next_retry(
+            p.envelope.received_at,
+            now,
+            min_backoff=s.min_backoff,
+            max_backoff=s.max_backoff,
+            queue_lifetime=s.queue_lifetime,
+        )
         ups = {i: batch.status(p, i, now, delay) for i in p.rcpt_idx if i not in batch.recorded[qid]}
         if ups:
             rest[qid] = ups
@@ -244,13 +272,39 @@ def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, 
             action = "relayed"
         else:
             continue
-        report.append(DsnRecipient(address=r.address, orcpt=r.orcpt, action=action, status=st.dsn or "5.0.0",
-                                   remote_mta=st.remote_mta, diagnostic=st.reply, last_attempt=st.updated or None))
+        report.append(
+            DsnRecipient(
+                address=r.address,
+                orcpt=r.orcpt,
+                action=action,
+                status=st.dsn or "5.0.0",
+                remote_mta=st.remote_mta,
+                diagnostic=st.reply,
+                last_attempt=st.updated or None,
+            )
+        )
     if not report:
         return None
-    body = build_dsn(reporting_mta=hostname, queue_id=env.id, envid=env.envid, arrival=env.received_at,
-                     original_sender=env.sender, recipients=report, original=msg.body, ret=env.ret, now=now)
-    bounce = Envelope(id=new_queue_id(), sender="", recipients=[Recipient(env.sender)], received_at=now,
-                      helo=hostname, client_addr="127.0.0.1", client_name="localhost", protocol="local",
-                      smtputf8=not env.sender.isascii())
+    body = build_dsn(
+        reporting_mta=hostname,
+        queue_id=env.id,
+        envid=env.envid,
+        arrival=env.received_at,
+        original_sender=env.sender,
+        recipients=report,
+        original=msg.body,
+        ret=env.ret,
+        now=now,
+    )
+    bounce = Envelope(
+        id=new_queue_id(),
+        sender="",
+        recipients=[Recipient(env.sender)],
+        received_at=now,
+        helo=hostname,
+        client_addr="127.0.0.1",
+        client_name="localhost",
+        protocol="local",
+        smtputf8=not env.sender.isascii(),
+    )
     return Message(bounce, body)

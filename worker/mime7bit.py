@@ -85,7 +85,7 @@ def _split(entity: bytes) -> tuple[bytes, bytes | None]:
     end = entity.find(b"\r\n\r\n")
     if end < 0:
         return entity, None
-    return entity[:end + 2], entity[end + 4:]
+    return entity[: end + 2], entity[end + 4 :]
 
 
 def _headers(head: bytes, default_type: str) -> Message:
@@ -110,8 +110,9 @@ def _entity(entity: bytes, *, top: bool, default_type: str) -> bytes:
     ctype = msg.get_content_type()
     maintype = msg.get_content_maintype()
     if maintype == "multipart":
-        new_body = _multipart(body, msg.get_boundary(), "message/rfc822" if ctype == "multipart/digest"
-                              else "text/plain")
+        new_body = _multipart(
+            body, msg.get_boundary(), "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+        )
         return _join(_relabel(head, cte), new_body)
     if ctype == "message/rfc822":
         new_body = _entity(body, top=True, default_type="text/plain") if body else body
@@ -142,27 +143,28 @@ def _multipart(body: bytes, boundary: str | None, default_type: str) -> bytes:
         if has_8bit(body):
             raise _Unconvertible("8-bit multipart without a boundary")
         return body
-    delimiter = re.compile(rb"(?m)^--" + re.escape(boundary.encode("ascii", "surrogateescape"))
-                           + rb"(--)?[ \t]*(?:\r\n|\Z)")
+    delimiter = re.compile(
+        rb"(?m)^--" + re.escape(boundary.encode("ascii", "surrogateescape")) + rb"(--)?[ \t]*(?:\r\n|\Z)"
+    )
     lines = list(delimiter.finditer(body))
     if not lines:
         if has_8bit(body):
             raise _Unconvertible("8-bit multipart without a delimiter")
         return body
-    preamble = body[:lines[0].start()]
+    preamble = body[: lines[0].start()]
     if has_8bit(preamble):
         raise _Unconvertible("8-bit preamble")
     out = [preamble]
     for n, line in enumerate(lines):
         out.append(line.group(0))
         if line.group(1):  # the close delimiter: what follows is the epilogue
-            epilogue = body[line.end():]
+            epilogue = body[line.end() :]
             if has_8bit(epilogue):
                 raise _Unconvertible("8-bit epilogue")
             out.append(epilogue)
             break
         end = lines[n + 1].start() if n + 1 < len(lines) else len(body)
-        region = body[line.end():end]
+        region = body[line.end() : end]
         if n + 1 < len(lines) and region.endswith(CRLF):
             # the CRLF before a delimiter belongs to the delimiter (RFC 2046 §5.1.1)
             out.append(_entity(region[:-2], top=False, default_type=default_type) + CRLF)
@@ -181,9 +183,9 @@ def _set_cte(head: bytes, value: str) -> bytes:
     found = list(_CTE_FIELD.finditer(head))
     if not found:
         return head + field
-    out = head[:found[0].start()] + field
+    out = head[: found[0].start()] + field
     for prev, nxt in zip(found, [*found[1:], None], strict=True):
-        out += head[prev.end():nxt.start() if nxt is not None else len(head)]
+        out += head[prev.end() : nxt.start() if nxt is not None else len(head)]
     return out
 
 
@@ -195,8 +197,10 @@ def _relabel(head: bytes, cte: str) -> bytes:
 def _qp(data: bytes) -> bytes:
     """Quoted-printable (RFC 2045 §6.7) with CRLF line breaks kept as hard breaks: each line alone,
     so that a CR or LF not in a CRLF pair is encoded and soft breaks are CRLF too."""
-    return CRLF.join(binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"=\n", b"=\r\n")
-                     for line in data.split(CRLF))
+    return CRLF.join(
+        binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"=\n", b"=\r\n")
+        for line in data.split(CRLF)
+    )
 
 
 def _b64(data: bytes) -> bytes:

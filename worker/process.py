@@ -27,16 +27,26 @@ WORKER_TTL = 60
 
 def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level)
-    r = redis.Redis.from_url(redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10,
-                             health_check_interval=30)
+    r = redis.Redis.from_url(
+        redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
+    )
     store = Store.from_settings(settings, r)
     ctx = make_context(settings, store)
     set_context(ctx)
     start_sweeper(ctx, settings.maintenance_interval)
-    w = SimpleWorker([store.queue], connection=r, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
-                     maintenance_interval=settings.maintenance_interval)
-    log.info("worker on queue %s, smtp port %d, dns %s", settings.queue_name, settings.smtp_port,
-             settings.dns_servers or "system")
+    w = SimpleWorker(
+        [store.queue],
+        connection=r,
+        serializer=JSONSerializer,
+        worker_ttl=WORKER_TTL,
+        maintenance_interval=settings.maintenance_interval,
+    )
+    log.info(
+        "worker on queue %s, smtp port %d, dns %s",
+        settings.queue_name,
+        settings.smtp_port,
+        settings.dns_servers or "system",
+    )
     # RQ reconfigures its loggers in work(): keep its per-job lines out of INFO, where our own
     # delivery line says more, once
     rq_level = settings.log_level.upper() if settings.log_level.upper() in ("DEBUG", "ERROR") else "WARNING"

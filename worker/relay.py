@@ -87,8 +87,7 @@ def body_to_send(parcel: Parcel, conn: SMTPConnection) -> bytes:
     if parcel.body_7bit is None:
         converted = to_7bit(body)
         if converted is None:
-            log.info("%s: cannot convert 8BITMIME to 7BIT MIME: sending 8-bit content unchanged",
-                     parcel.envelope.id)
+            log.info("%s: cannot convert 8BITMIME to 7BIT MIME: sending 8-bit content unchanged", parcel.envelope.id)
             parcel.body_7bit = body
         else:
             if converted is not body:
@@ -116,9 +115,18 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] 
 Recorder = Callable[[Parcel, list[int]], None]
 
 
-def deliver(destination: str, parcels: Sequence[Parcel], *, resolver: MXResolver, port: int, helo_name: str,
-            connect_timeout: float, timeout: float, record: Recorder | None = None,
-            cache: ConnectionCache | None = None) -> None:
+def deliver(
+    destination: str,
+    parcels: Sequence[Parcel],
+    *,
+    resolver: MXResolver,
+    port: int,
+    helo_name: str,
+    connect_timeout: float,
+    timeout: float,
+    record: Recorder | None = None,
+    cache: ConnectionCache | None = None,
+) -> None:
     """Fill in ``parcel.outcomes`` for every recipient of every parcel.
 
     ``record(parcel, positions)`` is called right after a transaction with the recipients whose
@@ -177,8 +185,9 @@ def _defer_pending(parcels: Sequence[Parcel], outcome: Outcome, *, only_unset: b
                 p.outcomes[i] = outcome
 
 
-def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target,
-                  record: Recorder | None) -> None:
+def _send_parcels(
+    conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target, record: Recorder | None
+) -> None:
     for parcel in parcels:
         pending = parcel.pending()
         if not pending:
@@ -189,8 +198,9 @@ def _send_parcels(conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, t
             return
 
 
-def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay: str, target: Target,
-                 record: Recorder | None) -> bool:
+def _send_parcel(
+    conn: SMTPConnection, parcel: Parcel, pending: list[int], relay: str, target: Target, record: Recorder | None
+) -> bool:
     """One message's transactions on this connection; False when the connection is gone."""
     env = parcel.envelope
     body = body_to_send(parcel, conn)
@@ -202,17 +212,17 @@ def _send_parcel(conn: SMTPConnection, parcel: Parcel, pending: list[int], relay
             record(parcel, pending)
         return True
     for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
-        chunk = pending[start:start + RCPTS_PER_TRANSACTION]
+        chunk = pending[start : start + RCPTS_PER_TRANSACTION]
         try:
-            result = conn.send(env.sender, [env.recipients[i].address for i in chunk], body,
-                               mail_options=opts)
+            result = conn.send(env.sender, [env.recipients[i].address for i in chunk], body, mail_options=opts)
         except Exception:
             # a surprise in the client (a bug, an address it cannot encode) must not stop the
             # other messages of the job, nor leave the connection mid-transaction for the next
             log.exception("%s: unexpected error while sending to %s", env.id, relay)
             conn.close()
-            oops = Outcome(Kind.DEFERRED, "4.3.0", "internal error while sending (see the worker log)",
-                           relay, target.hostname)
+            oops = Outcome(
+                Kind.DEFERRED, "4.3.0", "internal error while sending (see the worker log)", relay, target.hostname
+            )
             for i in parcel.pending():
                 parcel.outcomes[i] = oops
             return False
@@ -246,5 +256,13 @@ def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
 def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float, status: str | None = None) -> None:
     """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status, reply."""
     delay = time.time() - received_at
-    log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)", qid, rcpt, outcome.relay or "none",
-             delay, outcome.dsn, status or outcome.kind.value, outcome.reply)
+    log.info(
+        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+        qid,
+        rcpt,
+        outcome.relay or "none",
+        delay,
+        outcome.dsn,
+        status or outcome.kind.value,
+        outcome.reply,
+    )

@@ -138,8 +138,9 @@ class SMTPConnection:
     def supports(self, extension: str) -> bool:
         return self.smtp is not None and self.esmtp and self.smtp.has_extn(extension)
 
-    def send(self, sender: str, recipients: Sequence[str], body: bytes, *, mail_options: Sequence[str] = ()
-             ) -> TransactionResult:
+    def send(
+        self, sender: str, recipients: Sequence[str], body: bytes, *, mail_options: Sequence[str] = ()
+    ) -> TransactionResult:
         """One mail transaction. Every recipient ends with a reply unless the connection broke."""
         assert self.smtp is not None
         # per transaction: a cached connection must not keep UTF-8 from an earlier SMTPUTF8 message
@@ -188,8 +189,9 @@ class SMTPConnection:
                     replies.setdefault(i, closing)
             return TransactionResult(replies, broken=True, timed_out=_timed_out(e))
 
-    def _send_pipelined(self, sender: str, recipients: Sequence[str], body: bytes, mail_options: Sequence[str]
-                        ) -> TransactionResult:
+    def _send_pipelined(
+        self, sender: str, recipients: Sequence[str], body: bytes, mail_options: Sequence[str]
+    ) -> TransactionResult:
         """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order; two round
         trips a message instead of 3 + recipients."""
         assert self.smtp is not None

@@ -65,16 +65,23 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                 if max((st.updated for st in everyone), default=0.0) < now - SETTLED:
                     done.append(found)
                 continue
-            hops = {next_hop(r.address, store.relayhost) for r, st in zip(env.recipients, everyone, strict=True)
-                    if overdue(st, env.received_at, now, grace)}
+            hops = {
+                next_hop(r.address, store.relayhost)
+                for r, st in zip(env.recipients, everyone, strict=True)
+                if overdue(st, env.received_at, now, grace)
+            }
             for hop in hops:
                 lost[hop].append((env.id, len(msg.body)))
         finish_loaded(ctx, done)
         report.finished += len(done)
         report.requeued += store.enqueue_sized(lost)
     if report.finished or report.requeued:
-        log.warning("sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
-                    report.messages, report.finished, report.requeued)
+        log.warning(
+            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+            report.messages,
+            report.finished,
+            report.requeued,
+        )
     return report
 
 

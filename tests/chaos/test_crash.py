@@ -48,8 +48,9 @@ def test_redis_sigkill_after_250_loses_nothing(redis_server: RedisServer, mta_fa
     assert mta.store.queue.count >= 1  # and their delivery jobs came back with them
 
 
-def test_ingress_sigkill_mid_data_stores_nothing_half(zone_a: ZoneServer, redis_server: RedisServer,
-                                                      mta_factory: Callable[..., MTA]) -> None:
+def test_ingress_sigkill_mid_data_stores_nothing_half(
+    zone_a: ZoneServer, redis_server: RedisServer, mta_factory: Callable[..., MTA]
+) -> None:
     mta = mta_factory()
     mta.start_ingress()
     first = mta.send("alice@client.test", ["bob@a.test"], message("before"))
@@ -79,8 +80,9 @@ def zone_a(dns: ZoneServer) -> ZoneServer:
 
 
 @pytest.mark.slow
-def test_worker_sigkill_mid_delivery_is_rerun(zone_a: ZoneServer, sinks: Callable[..., SinkServer],
-                                              mta_factory: Callable[..., MTA]) -> None:
+def test_worker_sigkill_mid_delivery_is_rerun(
+    zone_a: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     """A worker killed while the remote is answering DATA: RQ finds the job abandoned once its
     heartbeat lapses (job_timeout + 60 s), re-runs it, and the message is delivered (at least once)."""
     box = sinks("127.0.0.2")

@@ -95,8 +95,9 @@ class MTA:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        p = subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=self.env, cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs[name] = p
         return p
 
@@ -144,8 +145,9 @@ class MTA:
 
 
 @pytest.fixture
-def mta_factory(redis_server: RedisServer, dns: ZoneServer, mx_port: int, tmp_path: Path
-                ) -> Iterator[Callable[..., MTA]]:
+def mta_factory(
+    redis_server: RedisServer, dns: ZoneServer, mx_port: int, tmp_path: Path
+) -> Iterator[Callable[..., MTA]]:
     made: list[MTA] = []
 
     def make(**settings: Any) -> MTA:
@@ -175,7 +177,9 @@ def route(zone: ZoneServer, domain: str, ip: str) -> None:
     zone.add(f"mx.{domain}.", "A", ip)
 
 
-def message(subject: str = "test", body: str = "hello\r\n", sender: str = "alice@client.test",
-            to: str = "bob@a.test") -> bytes:
-    return (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n"
-            f"\r\n{body}").encode()
+def message(
+    subject: str = "test", body: str = "hello\r\n", sender: str = "alice@client.test", to: str = "bob@a.test"
+) -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n\r\n{body}"
+    ).encode()

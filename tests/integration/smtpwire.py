@@ -89,10 +89,8 @@ def check_reply_lines(data: bytes) -> list[Reply]:
 
 
 class Wire:
-    def __init__(self, port: int, host: str = "127.0.0.1", *, source: str = "127.0.0.1",
-                 timeout: float = 5.0) -> None:
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout,
-                                                           source_address=(source, 0))
+    def __init__(self, port: int, host: str = "127.0.0.1", *, source: str = "127.0.0.1", timeout: float = 5.0) -> None:
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         self.timeout = timeout
         self.buf = b""
         self.tls = False
@@ -187,8 +185,9 @@ class Wire:
     def __enter__(self) -> Wire:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -71,8 +71,7 @@ def test_max_queue(dns: ZoneServer, sinks: Callable[..., SinkServer], mta_factor
     assert subjects(box) == ["m1", "m2", "m3"]
 
 
-def test_redis_out_of_memory(dns: ZoneServer, sinks: Callable[..., SinkServer], mx_port: int,
-                             tmp_path: Path) -> None:
+def test_redis_out_of_memory(dns: ZoneServer, sinks: Callable[..., SinkServer], mx_port: int, tmp_path: Path) -> None:
     setup_zone(dns)
     box = sinks("127.0.0.2")
     with RedisServer(tmp_path / "small-redis", maxmemory="3mb") as small:

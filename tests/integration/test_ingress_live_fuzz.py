@@ -28,8 +28,14 @@ QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
 def fuzz_mta(mta_factory: Callable[..., MTA]) -> Iterator[MTA]:
     # max_errors high: the server closes only on QUIT, a timeout or overflow, so the client always
     # reads every reply before the close (a close with unread input would reset the connection)
-    mta = mta_factory(max_errors=100000, idle_timeout=5, max_message_size=4096, max_recipients=5,
-                      relay_domains="ours.test", log_level="INFO")
+    mta = mta_factory(
+        max_errors=100000,
+        idle_timeout=5,
+        max_message_size=4096,
+        max_recipients=5,
+        relay_domains="ours.test",
+        log_level="INFO",
+    )
     mta.start_ingress()
     yield mta
     assert mta.procs["ingress"].poll() is None, mta.logs()[-3000:]
@@ -109,25 +115,67 @@ def test_arbitrary_bytes(fuzz_mta: MTA) -> None:
     assert len(calls) >= 250
 
 
-VERBS = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "STARTTLS", "AUTH",
-         "BDAT", "QUIT", "ehlo", "Mail", "rcpt"]
+VERBS = [
+    "EHLO",
+    "HELO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "RSET",
+    "NOOP",
+    "VRFY",
+    "EXPN",
+    "HELP",
+    "STARTTLS",
+    "AUTH",
+    "BDAT",
+    "QUIT",
+    "ehlo",
+    "Mail",
+    "rcpt",
+]
 COMMANDS = [
-    b"EHLO client.test", b"HELO client.test", b"MAIL FROM:<a@client.test>", b"MAIL FROM:<>",
-    b"MAIL FROM:<a@client.test> SIZE=100 BODY=8BITMIME", b"MAIL FROM:<a@client.test> SIZE=99999999",
-    b"MAIL FROM:<a@client.test> RET=HDRS ENVID=x+2By", b"RCPT TO:<bob@ours.test>", b"RCPT TO:<bob@a.test>",
-    b"RCPT TO:<bob@ours.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@ours.test", b"RCPT TO:<postmaster>",
-    b"RCPT TO:<user%elsewhere@ours.test>", b"DATA", b"RSET", b"NOOP", b"VRFY bob", b"HELP", b"STARTTLS",
-    b"AUTH PLAIN AGFsaWNlAHB3", b"AUTH LOGIN", b"*", b"BDAT 5 LAST", b".", b"..", b"", b"Subject: x",
-    b"body line", b".hidden", b"\x00", b"x" * 1200,
+    b"EHLO client.test",
+    b"HELO client.test",
+    b"MAIL FROM:<a@client.test>",
+    b"MAIL FROM:<>",
+    b"MAIL FROM:<a@client.test> SIZE=100 BODY=8BITMIME",
+    b"MAIL FROM:<a@client.test> SIZE=99999999",
+    b"MAIL FROM:<a@client.test> RET=HDRS ENVID=x+2By",
+    b"RCPT TO:<bob@ours.test>",
+    b"RCPT TO:<bob@a.test>",
+    b"RCPT TO:<bob@ours.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@ours.test",
+    b"RCPT TO:<postmaster>",
+    b"RCPT TO:<user%elsewhere@ours.test>",
+    b"DATA",
+    b"RSET",
+    b"NOOP",
+    b"VRFY bob",
+    b"HELP",
+    b"STARTTLS",
+    b"AUTH PLAIN AGFsaWNlAHB3",
+    b"AUTH LOGIN",
+    b"*",
+    b"BDAT 5 LAST",
+    b".",
+    b"..",
+    b"",
+    b"Subject: x",
+    b"body line",
+    b".hidden",
+    b"\x00",
+    b"x" * 1200,
 ]
 ENDINGS = [b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""]
-TRANSACTION = (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\n"
-               b"Subject: fuzz\r\n\r\nbody\r\n.\r\n")
+TRANSACTION = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@ours.test>\r\nDATA\r\nSubject: fuzz\r\n\r\nbody\r\n.\r\n"
 
 line = st.one_of(
     st.sampled_from(COMMANDS),
-    st.builds(lambda v, a: f"{v} {a}".encode(), st.sampled_from(VERBS),
-              st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)),
+    st.builds(
+        lambda v, a: f"{v} {a}".encode(),
+        st.sampled_from(VERBS),
+        st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40),
+    ),
     st.binary(max_size=60),
 )
 element = st.one_of(
@@ -144,7 +192,7 @@ def test_arbitrary_command_sequences(fuzz_mta: MTA) -> None:
     def run(elements: list[bytes], greet_first: bool, pieces: int) -> None:
         data = (b"EHLO client.test\r\n" if greet_first else b"") + b"".join(elements)
         size = max(1, len(data) // pieces)
-        replies = check(fuzz_mta, [data[i:i + size] for i in range(0, len(data), size)])
+        replies = check(fuzz_mta, [data[i : i + size] for i in range(0, len(data), size)])
         completed.append(sum(1 for r in replies if QUEUED.fullmatch(r.text)))
 
     run()
@@ -153,15 +201,21 @@ def test_arbitrary_command_sequences(fuzz_mta: MTA) -> None:
     assert sum(completed) > 0, "no example ever completed a transaction: the strategy is too weak"
 
 
-@pytest.mark.parametrize("bad", [
-    b"250 ok",  # no CRLF
-    b"250 ok\n",  # bare LF
-    b"25 ok\r\n", b"650 ok\r\n", b"2500 ok\r\n", b"250-ok\r\n",  # bad code; unfinished multi-line
-    b"250-a\r\n251 b\r\n",  # code changes inside a reply
-    b"550 2.0.0 mixed classes\r\n",
-    b"250 caf\xc3\xa9\r\n",  # 8-bit text
-    b"250 a\rb\r\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"250 ok",  # no CRLF
+        b"250 ok\n",  # bare LF
+        b"25 ok\r\n",
+        b"650 ok\r\n",
+        b"2500 ok\r\n",
+        b"250-ok\r\n",  # bad code; unfinished multi-line
+        b"250-a\r\n251 b\r\n",  # code changes inside a reply
+        b"550 2.0.0 mixed classes\r\n",
+        b"250 caf\xc3\xa9\r\n",  # 8-bit text
+        b"250 a\rb\r\n",
+    ],
+)
 def test_reply_checker_rejects_malformed(bad: bytes) -> None:
     with pytest.raises(AssertionError):
         check_reply_lines(bad)

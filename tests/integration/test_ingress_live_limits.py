@@ -262,8 +262,11 @@ def test_eight_bit_data_without_8bitmime_is_kept(mta: MTA) -> None:
 SMUGGLED = b"MAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@ours.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n"
 
 
-@pytest.mark.parametrize("sequence", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r"],
-                         ids=["LF.LF", "CRLF.LF", "LF.CRLF", "CR.CR", "CR.CRLF", "CRLF.CR"])
+@pytest.mark.parametrize(
+    "sequence",
+    [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r"],
+    ids=["LF.LF", "CRLF.LF", "LF.CRLF", "CR.CR", "CR.CRLF", "CRLF.CR"],
+)
 def test_smtp_smuggling_is_impossible(mta: MTA, sequence: bytes) -> None:
     # CVE-2023-51764 family: a bare LF or CR around the dot neither ends the message nor lets the
     # commands behind it run. The message is refused whole (Postfix smtpd_forbid_bare_newline).
@@ -337,8 +340,10 @@ def test_slowloris_is_cut_and_does_not_slow_others(mta_factory: Callable[..., MT
         except Exception:
             return None
 
-    threads = [threading.Thread(target=slow, args=("command", False)),
-               threading.Thread(target=slow, args=("data", True))]
+    threads = [
+        threading.Thread(target=slow, args=("command", False)),
+        threading.Thread(target=slow, args=("data", True)),
+    ]
     for t in threads:
         t.start()
     time.sleep(0.5)
@@ -389,8 +394,10 @@ def test_client_that_never_reads_is_cut(mta_factory: Callable[..., MTA]) -> None
     assert cut_at is not None, f"still connected after 15 s, {sent} octets sent"
     assert stalled_at is not None and cut_at - stalled_at < 6, (stalled_at, cut_at)
     grown = rss_kib(pid) - before
-    print(f"never-reads: {sent} octets sent, stalled after {stalled_at - t0:.1f}s, cut {cut_at - stalled_at:.1f}s "
-          f"later, ingress RSS +{grown} KiB")
+    print(
+        f"never-reads: {sent} octets sent, stalled after {stalled_at - t0:.1f}s, cut {cut_at - stalled_at:.1f}s "
+        f"later, ingress RSS +{grown} KiB"
+    )
     assert grown < 10_000, f"ingress grew by {grown} KiB for {sent} octets of NOOPs"
     assert mta.procs["ingress"].poll() is None
     with Wire(mta.port) as w:

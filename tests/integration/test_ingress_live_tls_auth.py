@@ -42,8 +42,14 @@ def b64(text: str) -> str:
 
 
 def passwd(auth_file: Path, user: str, password: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "common.cli", "passwd", "--auth-file", str(auth_file), user],
-                          input=password + "\n", capture_output=True, text=True, cwd=ROOT, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", "passwd", "--auth-file", str(auth_file), user],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
 
 
 def queued_id(reply_text: str) -> str:
@@ -76,8 +82,9 @@ def auth_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def secure_mta(mta_factory: Callable[..., MTA], tls: TLSFiles, auth_file: Path) -> MTA:
-    mta = mta_factory(tls_cert=tls.cert, tls_key=tls.key, auth_file=auth_file, mynetworks="10.255.255.0/24",
-                      relay_domains="ours.test")
+    mta = mta_factory(
+        tls_cert=tls.cert, tls_key=tls.key, auth_file=auth_file, mynetworks="10.255.255.0/24", relay_domains="ours.test"
+    )
     mta.start_ingress()
     return mta
 
@@ -345,7 +352,6 @@ def test_auth_before_ehlo_and_over_helo(secure_mta: MTA, tls: TLSFiles) -> None:
         assert w.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}").status == (503, "5.5.1")
         assert w.cmd("EHLO client.test").code == 250
         assert w.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}").status == (235, "2.7.0")
-
 
 
 def test_sigterm_with_idle_tls_client_exits_promptly(secure_mta: MTA, tls: TLSFiles) -> None:

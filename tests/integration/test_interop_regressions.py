@@ -26,8 +26,14 @@ TOO_MANY_ERRORS = "421 4.7.0 pfb.test Error: too many errors"
 
 
 class PostfixLikeServer:
-    def __init__(self, *, reject: dict[str, str] | None = None, hard_error_limit: int | None = None,
-                 pipelining: bool = True, ehlo_421: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        reject: dict[str, str] | None = None,
+        hard_error_limit: int | None = None,
+        pipelining: bool = True,
+        ehlo_421: bool = False,
+    ) -> None:
         self.reject = reject or {}
         self.hard_error_limit = hard_error_limit
         self.pipelining = pipelining
@@ -47,8 +53,9 @@ class PostfixLikeServer:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stop.set()
         self._thread.join(5)
         self._sock.close()
@@ -187,8 +194,15 @@ def test_421_to_ehlo_defers_with_the_servers_reply_and_no_helo() -> None:
     parcel = Parcel(env, b"Subject: t\r\n\r\nx\r\n", [0])
     resolver = MXResolver(dns.resolver.Resolver(configure=False))
     with PostfixLikeServer(ehlo_421=True) as server:
-        deliver(f"[127.0.0.1]:{server.port}", [parcel], resolver=resolver, port=25, helo_name="mtaq.test",
-                connect_timeout=5.0, timeout=5.0)
+        deliver(
+            f"[127.0.0.1]:{server.port}",
+            [parcel],
+            resolver=resolver,
+            port=25,
+            helo_name="mtaq.test",
+            connect_timeout=5.0,
+            timeout=5.0,
+        )
     out = parcel.outcomes[0]
     assert out.kind is Kind.DEFERRED
     assert out.dsn == "4.7.0"

@@ -42,8 +42,9 @@ def dsn_fields(data: bytes) -> list[dict[str, str]]:
     return [{k.lower(): str(v) for k, v in b.items()} for b in blocks[1:] if not isinstance(b, str)]
 
 
-def test_delivery_to_three_domains_at_once(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                           mta_factory: Callable[..., MTA]) -> None:
+def test_delivery_to_three_domains_at_once(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     boxes = {}
     for n, d in enumerate(["a", "b", "c"], start=2):
         zone.add(f"{d}.test.", "MX", f"10 mx.{d}.test.")
@@ -64,8 +65,9 @@ def test_delivery_to_three_domains_at_once(zone: ZoneServer, sinks: Callable[...
     assert "status=sent" in mta.logs() and f"{qid}: to=<u2@b.test>, relay=mx.b.test[127.0.0.3]" in mta.logs()
 
 
-def test_mx_failover_when_first_mx_is_down(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                          mta_factory: Callable[..., MTA]) -> None:
+def test_mx_failover_when_first_mx_is_down(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     zone.add("a.test.", "MX", "10 mx1.a.test.")
     zone.add("a.test.", "MX", "20 mx2.a.test.")
     zone.add("mx1.a.test.", "A", "127.0.0.2")  # nothing listens there
@@ -89,13 +91,21 @@ def test_implicit_mx(zone: ZoneServer, sinks: Callable[..., SinkServer], mta_fac
     assert wait_for(lambda: box.messages, 20), mta.logs()
 
 
-@pytest.mark.parametrize(("domain", "records", "status"), [
-    ("null.test", [("MX", "0 .")], "5.1.10"),  # RFC 7505
-    ("nx.test", [], "5.1.2"),  # NXDOMAIN
-])
-def test_unroutable_domains_bounce(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                   mta_factory: Callable[..., MTA], domain: str,
-                                   records: list[tuple[str, str]], status: str) -> None:
+@pytest.mark.parametrize(
+    ("domain", "records", "status"),
+    [
+        ("null.test", [("MX", "0 .")], "5.1.10"),  # RFC 7505
+        ("nx.test", [], "5.1.2"),  # NXDOMAIN
+    ],
+)
+def test_unroutable_domains_bounce(
+    zone: ZoneServer,
+    sinks: Callable[..., SinkServer],
+    mta_factory: Callable[..., MTA],
+    domain: str,
+    records: list[tuple[str, str]],
+    status: str,
+) -> None:
     for rdtype, text in records:
         zone.add(f"{domain}.", rdtype, text)
     home = sinks("127.0.0.9")
@@ -113,8 +123,9 @@ def test_unroutable_domains_bounce(zone: ZoneServer, sinks: Callable[..., SinkSe
     assert wait_for(lambda: mta.store.queue_size() == 0, 10)
 
 
-def test_550_next_to_250_one_delivered_one_dsn(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                               mta_factory: Callable[..., MTA]) -> None:
+def test_550_next_to_250_one_delivered_one_dsn(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 <bad@a.test>: Recipient address rejected: User unknown"
@@ -135,8 +146,9 @@ def test_550_next_to_250_one_delivered_one_dsn(zone: ZoneServer, sinks: Callable
     assert wait_for(lambda: mta.store.queue_size() == 0, 10)
 
 
-def test_451_retries_then_bounces_after_queue_lifetime(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                                       mta_factory: Callable[..., MTA]) -> None:
+def test_451_retries_then_bounces_after_queue_lifetime(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_default = "451 4.3.0 Try again later"
@@ -154,8 +166,9 @@ def test_451_retries_then_bounces_after_queue_lifetime(zone: ZoneServer, sinks: 
     assert wait_for(lambda: mta.store.queue_size() == 0, 10)
 
 
-def test_no_bounce_for_null_sender(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                   mta_factory: Callable[..., MTA]) -> None:
+def test_no_bounce_for_null_sender(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
@@ -169,9 +182,9 @@ def test_no_bounce_for_null_sender(zone: ZoneServer, sinks: Callable[..., SinkSe
     assert home.messages == []  # never a bounce of a bounce
 
 
-def test_redis_down_at_data_gets_451_and_retry_works(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                                     mta_factory: Callable[..., MTA],
-                                                     redis_server: RedisServer) -> None:
+def test_redis_down_at_data_gets_451_and_retry_works(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA], redis_server: RedisServer
+) -> None:
     route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     mta = mta_factory()
@@ -202,8 +215,9 @@ def test_relay_denied_for_strangers(zone: ZoneServer, mta_factory: Callable[...,
         assert s.rcpt("bob@ours.test")[0] == 250
 
 
-def test_smtplib_sendmail_round_trip(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                     mta_factory: Callable[..., MTA]) -> None:
+def test_smtplib_sendmail_round_trip(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     route(zone, "a.test", "127.0.0.2")
     box = sinks("127.0.0.2")
     mta = mta_factory()
@@ -215,8 +229,9 @@ def test_smtplib_sendmail_round_trip(zone: ZoneServer, sinks: Callable[..., Sink
     assert wait_for(lambda: len(box.messages) == 20, 30), mta.logs()
 
 
-def test_dsn_parameters_are_honoured_end_to_end(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                               mta_factory: Callable[..., MTA]) -> None:
+def test_dsn_parameters_are_honoured_end_to_end(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
     """RFC 3461 through the whole path: NOTIFY=NEVER -> no bounce, NOTIFY=SUCCESS -> a report,
     RET=FULL -> the whole message comes back, ENVID and ORCPT are echoed."""
     route(zone, "a.test", "127.0.0.2")
@@ -249,9 +264,9 @@ def test_dsn_parameters_are_honoured_end_to_end(zone: ZoneServer, sinks: Callabl
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
-def test_batch_over_one_connection_with_and_without_pipelining(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                                               mta_factory: Callable[..., MTA],
-                                                               pipelining: bool) -> None:
+def test_batch_over_one_connection_with_and_without_pipelining(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA], pipelining: bool
+) -> None:
     """Many messages, some with a refused recipient, through one job: each message gets exactly its
     own recipients, whether the remote pipelines (RFC 2920) or answers command by command."""
     route(zone, "a.test", "127.0.0.2")
@@ -268,15 +283,16 @@ def test_batch_over_one_connection_with_and_without_pipelining(zone: ZoneServer,
     mta.start_worker()  # after the mail is queued: the worker finds whole batches
     assert wait_for(lambda: len(box.messages) == 10 and len(home.messages) == 4, 20), mta.logs()
     assert sorted((parse(d)["Subject"], r) for _, r, d in box.messages) == sorted(
-        (f"m{i}", [f"u{i}@a.test"]) for i in range(10))
+        (f"m{i}", [f"u{i}@a.test"]) for i in range(10)
+    )
     assert all(any(o.startswith("SIZE=") for o in d.mail_options) for d in box.deliveries)  # RFC 1870
     assert wait_for(lambda: mta.store.queue_size() == 0, 10)
 
 
 @pytest.mark.parametrize(("tls", "broken"), [(True, False), (False, True)])
-def test_opportunistic_starttls_and_plain_text_fallback(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                                        mta_factory: Callable[..., MTA], tls: bool,
-                                                        broken: bool) -> None:
+def test_opportunistic_starttls_and_plain_text_fallback(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA], tls: bool, broken: bool
+) -> None:
     """STARTTLS when the MX offers it (unverified, RFC 7435); a failed handshake does not stop the
     mail: the same host again in plain text, as Postfix's `may` level does."""
     route(zone, "a.test", "127.0.0.2")
@@ -290,9 +306,9 @@ def test_opportunistic_starttls_and_plain_text_fallback(zone: ZoneServer, sinks:
 
 
 @pytest.mark.parametrize("eightbitmime", [False, True])
-def test_8bit_mail_to_a_server_without_8bitmime_is_converted(zone: ZoneServer, sinks: Callable[..., SinkServer],
-                                                             mta_factory: Callable[..., MTA],
-                                                             eightbitmime: bool) -> None:
+def test_8bit_mail_to_a_server_without_8bitmime_is_converted(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA], eightbitmime: bool
+) -> None:
     """RFC 6152 §3: 8-bit mail never goes raw to a server that does not offer 8BITMIME; it is
     converted to 7-bit MIME (quoted-printable), as Postfix does. With 8BITMIME offered the bytes
     arrive unchanged, with BODY=8BITMIME."""
@@ -303,9 +319,10 @@ def test_8bit_mail_to_a_server_without_8bitmime_is_converted(zone: ZoneServer, s
     mta.start_ingress()
     mta.start_worker()
     text = "Grüße aus Köln, ça va?\r\n"
-    data = (f"From: <{SENDER}>\r\nTo: <bob@a.test>\r\nSubject: eight bit\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n").encode() \
-        + text.encode()
+    data = (
+        f"From: <{SENDER}>\r\nTo: <bob@a.test>\r\nSubject: eight bit\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode() + text.encode()
     with mta.smtp() as s:
         s.ehlo()
         assert s.has_extn("8bitmime")
@@ -323,8 +340,7 @@ def test_8bit_mail_to_a_server_without_8bitmime_is_converted(zone: ZoneServer, s
         return
     assert got.isascii() and "BODY=8BITMIME" not in delivery.mail_options
     head, _, body = got.partition(b"\r\n\r\n")
-    assert head.endswith(b"Content-Type: text/plain; charset=utf-8\r\n"
-                         b"Content-Transfer-Encoding: quoted-printable")
+    assert head.endswith(b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable")
     assert body == b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln, =C3=A7a va?\r\n"
     assert parse(got).get_content() == parse(data).get_content() == text
     assert mta.logs().count("8BITMIME to 7BIT MIME conversion") == 1

@@ -37,8 +37,13 @@ def zone(dns: ZoneServer) -> ZoneServer:
 def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> Iterator[Callable[..., jobs.Context]]:
     def make(**overrides: object) -> jobs.Context:
         base: dict[str, object] = {"smtp_timeout": 5, "job_timeout": 30, "connect_timeout": 2}
-        settings = Settings(hostname="mtaq.test", redis_url=redis_server.url, dns_servers=f"127.0.0.1:{zone.port}",
-                            smtp_port=mx_port, **{**base, **overrides})  # type: ignore[arg-type]
+        settings = Settings(
+            hostname="mtaq.test",
+            redis_url=redis_server.url,
+            dns_servers=f"127.0.0.1:{zone.port}",
+            smtp_port=mx_port,
+            **{**base, **overrides},  # type: ignore[arg-type]
+        )
         ctx = jobs.make_context(settings, Store.from_settings(settings, redis.Redis.from_url(redis_server.url)))
         jobs.set_context(ctx)
         return ctx
@@ -47,23 +52,31 @@ def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> It
     jobs.set_context(None)
 
 
-def queue(ctx: jobs.Context, *rcpts: str, sender: str = SENDER, received_at: float | None = None,
-          smtputf8: bool = False) -> str:
-    env = Envelope(id=f"Q{time.time_ns()}", sender=sender, recipients=[Recipient(r) for r in rcpts],
-                   received_at=received_at or time.time(), smtputf8=smtputf8)
+def queue(
+    ctx: jobs.Context, *rcpts: str, sender: str = SENDER, received_at: float | None = None, smtputf8: bool = False
+) -> str:
+    env = Envelope(
+        id=f"Q{time.time_ns()}",
+        sender=sender,
+        recipients=[Recipient(r) for r in rcpts],
+        received_at=received_at or time.time(),
+        smtputf8=smtputf8,
+    )
     ctx.store.commit([Message(env, BODY)])
     ctx.store.queue.empty()  # type: ignore[no-untyped-call]  # the job is "lost": the tests decide what runs
     return env.id
 
 
 def test_a_rerun_job_finishes_a_message_whose_finishing_was_interrupted(
-        ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]) -> None:
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     home = sinks("127.0.0.9")
     ctx = ctx_factory()
     qid = queue(ctx, "bad@a.test")
     # the recipient bounced and was recorded, then the worker died before the DSN and the delete
-    assert ctx.store.set_statuses({qid: {0: RecipientStatus(RcptState.BOUNCED, 1, "5.1.1", "550 5.1.1 no",
-                                                            updated=time.time())}}) == {qid: [0]}
+    assert ctx.store.set_statuses(
+        {qid: {0: RecipientStatus(RcptState.BOUNCED, 1, "5.1.1", "550 5.1.1 no", updated=time.time())}}
+    ) == {qid: [0]}
     jobs.deliver("a.test", [qid])  # RQ re-runs the job
     assert ctx.store.load(qid) is None
     [dsn_id] = ctx.store.queue_ids()
@@ -84,8 +97,9 @@ def test_sweep_finishes_left_behind_messages_once_settled(ctx_factory: Callable[
     assert sweep(ctx, now=time.time() + 240).finished == 0
 
 
-def test_sweep_requeues_recipients_whose_job_is_gone(ctx_factory: Callable[..., jobs.Context],
-                                                     sinks: Callable[..., SinkServer]) -> None:
+def test_sweep_requeues_recipients_whose_job_is_gone(
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
     fresh = queue(ctx, "new@a.test")
@@ -99,21 +113,30 @@ def test_sweep_requeues_recipients_whose_job_is_gone(ctx_factory: Callable[..., 
     assert ctx.store.load(old) is None and ctx.store.load(fresh) is not None
 
 
-def test_recipients_not_due_are_left_to_their_retry_unless_flushed(ctx_factory: Callable[..., jobs.Context],
-                                                                  sinks: Callable[..., SinkServer]) -> None:
+def test_recipients_not_due_are_left_to_their_retry_unless_flushed(
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
     qid = queue(ctx, "later@a.test")
-    ctx.store.set_statuses({qid: {0: RecipientStatus(RcptState.DEFERRED, 1, "4.0.0", "451 later",
-                                                     updated=time.time(), next_attempt=time.time() + 300)}})
+    ctx.store.set_statuses(
+        {
+            qid: {
+                0: RecipientStatus(
+                    RcptState.DEFERRED, 1, "4.0.0", "451 later", updated=time.time(), next_attempt=time.time() + 300
+                )
+            }
+        }
+    )
     jobs.deliver("a.test", [qid])  # a duplicate job (a second chain): nothing to do yet
     assert box.attempts == 0
     jobs.deliver("a.test", [qid], True)  # mtaq queue flush
     assert box.attempts == 1 and ctx.store.load(qid) is None
 
 
-def test_a_leased_message_is_left_to_the_job_holding_it(ctx_factory: Callable[..., jobs.Context],
-                                                        sinks: Callable[..., SinkServer]) -> None:
+def test_a_leased_message_is_left_to_the_job_holding_it(
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
     qid = queue(ctx, "bob@a.test")
@@ -126,7 +149,8 @@ def test_a_leased_message_is_left_to_the_job_holding_it(ctx_factory: Callable[..
 
 
 def test_jobs_queued_before_a_relayhost_change_follow_the_relayhost(
-        ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer], mx_port: int) -> None:
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer], mx_port: int
+) -> None:
     smart = sinks("127.0.0.5")
     ctx = ctx_factory()
     qid = queue(ctx, "bob@a.test")  # queued for a.test
@@ -138,8 +162,9 @@ def test_jobs_queued_before_a_relayhost_change_follow_the_relayhost(
     assert [m[1] for m in smart.messages] == [["bob@a.test"]]
 
 
-def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(ctx_factory: Callable[..., jobs.Context],
-                                                      sinks: Callable[..., SinkServer]) -> None:
+def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
     home = sinks("127.0.0.9", smtputf8=True)
@@ -156,7 +181,8 @@ def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(ctx_factory: Callable[...,
 
 
 def test_a_utf8_address_to_a_server_without_smtputf8_bounces_alone(
-        ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]) -> None:
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")  # no SMTPUTF8
     ctx = ctx_factory()
     bad = queue(ctx, "bøb@a.test", smtputf8=True)
@@ -170,8 +196,8 @@ def test_a_utf8_address_to_a_server_without_smtputf8_bounces_alone(
 
 
 def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
-        ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worker.smtpclient import SMTPConnection
 
     box = sinks("127.0.0.2")
@@ -196,8 +222,9 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
     assert len(ctx.store.queue.scheduled_job_registry.get_job_ids()) == 1  # one retry for both
 
 
-def test_a_remote_that_stops_answering_is_reported_as_timed_out(ctx_factory: Callable[..., jobs.Context],
-                                                                 sinks: Callable[..., SinkServer]) -> None:
+def test_a_remote_that_stops_answering_is_reported_as_timed_out(
+    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+) -> None:
     box = sinks("127.0.0.2")
     box.data_delay = 3.0
     ctx = ctx_factory(smtp_timeout=1)

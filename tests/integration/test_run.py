@@ -18,23 +18,51 @@ from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 
 
-def start_run(data_dir: Path, port: int, dns: ZoneServer, mx_port: int, log: Path, workers: int
-              ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, MTAQ_DNS_SERVERS=f"127.0.0.1:{dns.port}", MTAQ_SMTP_PORT=str(mx_port),
-               MTAQ_HOSTNAME="mtaq.test", MTAQ_LOG_LEVEL="INFO")
+def start_run(
+    data_dir: Path, port: int, dns: ZoneServer, mx_port: int, log: Path, workers: int
+) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        MTAQ_DNS_SERVERS=f"127.0.0.1:{dns.port}",
+        MTAQ_SMTP_PORT=str(mx_port),
+        MTAQ_HOSTNAME="mtaq.test",
+        MTAQ_LOG_LEVEL="INFO",
+    )
     # its own session, as a shell starts a foreground job in its own process group: the test can then
     # signal the whole group as a terminal's Ctrl-C does
     with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "--data-dir", str(data_dir),
-                              "--listen", f"127.0.0.1:{port}", "--workers", str(workers)],
-                             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "common.cli",
+                "run",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     wait_port("127.0.0.1", port)
     return p
 
 
 def queue_listing(data_dir: Path) -> str:
-    return subprocess.run([sys.executable, "-m", "common.cli", "queue", "--data-dir", str(data_dir)], cwd=ROOT,
-                          capture_output=True, text=True, check=True, timeout=30).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", "queue", "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
 
 
 def stop(p: subprocess.Popen[bytes], log: Path) -> None:
@@ -51,8 +79,9 @@ def refused(port: int) -> bool:
         return True
 
 
-def test_run_keeps_the_queue_across_restarts_and_delivers(tmp_path: Path, dns: ZoneServer, mx_port: int,
-                                                          sinks: Callable[..., SinkServer]) -> None:
+def test_run_keeps_the_queue_across_restarts_and_delivers(
+    tmp_path: Path, dns: ZoneServer, mx_port: int, sinks: Callable[..., SinkServer]
+) -> None:
     dns.add("a.test.", "MX", "10 mx.a.test.")
     dns.add("mx.a.test.", "A", "127.0.0.2")
     data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
@@ -87,8 +116,9 @@ def test_run_keeps_the_queue_across_restarts_and_delivers(tmp_path: Path, dns: Z
     assert "status=sent" in log.read_text()
 
 
-def test_ctrl_c_lets_the_transaction_in_flight_finish_before_redis_stops(tmp_path: Path, dns: ZoneServer,
-                                                                        mx_port: int) -> None:
+def test_ctrl_c_lets_the_transaction_in_flight_finish_before_redis_stops(
+    tmp_path: Path, dns: ZoneServer, mx_port: int
+) -> None:
     data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
     p = start_run(data_dir, port, dns, mx_port, log, workers=0)
     try:

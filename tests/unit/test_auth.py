@@ -18,12 +18,19 @@ def test_hash_round_trip_and_no_plain_text() -> None:
     assert not verify_password("s3cret ", encoded)
 
 
-@pytest.mark.parametrize("damaged", [
-    "", "plain", "$md5$x$y$z", "$scrypt$n=16384,r=8$AAAA$AAAA",
-    "$scrypt$n=1000,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # n not 2^k
-    "$scrypt$n=1073741824,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAA",  # past maxmem
-    "$scrypt$n=16384,r=8,p=1$!!$AAAA", "$scrypt$n=x,r=8,p=1$AAAA$AAAA",
-])
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "",
+        "plain",
+        "$md5$x$y$z",
+        "$scrypt$n=16384,r=8$AAAA$AAAA",
+        "$scrypt$n=1000,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # n not 2^k
+        "$scrypt$n=1073741824,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAA",  # past maxmem
+        "$scrypt$n=16384,r=8,p=1$!!$AAAA",
+        "$scrypt$n=x,r=8,p=1$AAAA$AAAA",
+    ],
+)
 def test_damaged_hash_is_a_failed_check_not_an_exception(damaged: str) -> None:
     assert verify_password("anything", damaged) is False
 

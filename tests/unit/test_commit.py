@@ -15,17 +15,26 @@ from ingress import replies
 from ingress.commit import Committer, StorageRefused, classify_redis_error
 
 
-@pytest.mark.parametrize(("error", "reply"), [
-    (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
-     replies.INSUFFICIENT_STORAGE),
-    # what redis-py raises for an OOM inside MULTI/EXEC: the "OOM" prefix is gone from the text
-    (redis.exceptions.OutOfMemoryError("Command # 1 (HSET k a) of pipeline caused error: command not allowed "
-                                       "when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
-    (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
-    (redis.ConnectionError("Connection refused"), replies.STORAGE_FAILED),
-    (redis.ResponseError("EXECABORT Transaction discarded"), replies.STORAGE_FAILED),
-    (TypeError("a bug"), replies.STORAGE_FAILED),
-])
+@pytest.mark.parametrize(
+    ("error", "reply"),
+    [
+        (
+            redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+            replies.INSUFFICIENT_STORAGE,
+        ),
+        # what redis-py raises for an OOM inside MULTI/EXEC: the "OOM" prefix is gone from the text
+        (
+            redis.exceptions.OutOfMemoryError(
+                "Command # 1 (HSET k a) of pipeline caused error: command not allowed when used memory > 'maxmemory'."
+            ),
+            replies.INSUFFICIENT_STORAGE,
+        ),
+        (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
+        (redis.ConnectionError("Connection refused"), replies.STORAGE_FAILED),
+        (redis.ResponseError("EXECABORT Transaction discarded"), replies.STORAGE_FAILED),
+        (TypeError("a bug"), replies.STORAGE_FAILED),
+    ],
+)
 def test_classify(error: Exception, reply: replies.Reply) -> None:
     assert classify_redis_error(error) is reply
 

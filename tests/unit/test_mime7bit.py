@@ -11,10 +11,12 @@ import pytest
 
 from worker.mime7bit import to_7bit
 
-HEAD = (b"Received: from client.test (client.test [127.0.0.1])\r\n"
-        b"\tby mtaq.test with ESMTP id 1; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
-        b"From: alice@client.test\r\nTo: bob@a.test\r\nSubject:  two  spaces kept\r\n"
-        b"X-Tab:\tkept\r\nMIME-Version: 1.0\r\n")
+HEAD = (
+    b"Received: from client.test (client.test [127.0.0.1])\r\n"
+    b"\tby mtaq.test with ESMTP id 1; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    b"From: alice@client.test\r\nTo: bob@a.test\r\nSubject:  two  spaces kept\r\n"
+    b"X-Tab:\tkept\r\nMIME-Version: 1.0\r\n"
+)
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -33,31 +35,44 @@ def leaves(msg: EmailMessage) -> list[EmailMessage]:
     return [p for p in msg.walk() if not p.is_multipart()]
 
 
-@pytest.mark.parametrize("message", [
-    HEAD + b"Content-Type: text/plain\r\n\r\nplain ascii\r\n",
-    b"Subject: not MIME at all\r\n\r\nhello\r\n",
-    HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
-    b"Subject: headers only\r\n",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        HEAD + b"Content-Type: text/plain\r\n\r\nplain ascii\r\n",
+        b"Subject: not MIME at all\r\n\r\nhello\r\n",
+        HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+        b"Subject: headers only\r\n",
+    ],
+)
 def test_seven_bit_mail_comes_back_as_it_is(message: bytes) -> None:
     assert to_7bit(message) is message
 
 
-@pytest.mark.parametrize(("text", "charset"), [
-    ("Grüße aus Köln, ça va? Ünïcödé\r\nsecond line \r\n.dot line\r\n", "utf-8"),
-    ("Grüße aus Köln, ça va?\r\n" + "é" * 120 + "\r\n", "iso-8859-1"),
-])
+@pytest.mark.parametrize(
+    ("text", "charset"),
+    [
+        ("Grüße aus Köln, ça va? Ünïcödé\r\nsecond line \r\n.dot line\r\n", "utf-8"),
+        ("Grüße aus Köln, ça va?\r\n" + "é" * 120 + "\r\n", "iso-8859-1"),
+    ],
+)
 def test_text_plain_8bit_becomes_quoted_printable(text: str, charset: str) -> None:
     raw = text.encode(charset)
-    message = (HEAD + f"Content-Type: text/plain; charset={charset}\r\n".encode()
-               + b"Content-Transfer-Encoding: 8bit\r\nX-After: kept\r\n\r\n" + raw)
+    message = (
+        HEAD
+        + f"Content-Type: text/plain; charset={charset}\r\n".encode()
+        + b"Content-Transfer-Encoding: 8bit\r\nX-After: kept\r\n\r\n"
+        + raw
+    )
     out = to_7bit(message)
     assert out is not None
     seven_bit(out)
     head, _, body = out.partition(b"\r\n\r\n")
     # every other field byte for byte, in its place; only the CTE value changed
-    assert head == (HEAD + f"Content-Type: text/plain; charset={charset}\r\n".encode()
-                    + b"Content-Transfer-Encoding: quoted-printable\r\nX-After: kept")
+    assert head == (
+        HEAD
+        + f"Content-Type: text/plain; charset={charset}\r\n".encode()
+        + b"Content-Transfer-Encoding: quoted-printable\r\nX-After: kept"
+    )
     got = parse(out)
     assert got.get_payload(decode=True) == raw
     assert got.get_content() == parse(message).get_content() == text
@@ -67,32 +82,37 @@ def test_text_plain_8bit_becomes_quoted_printable(text: str, charset: str) -> No
 def test_undeclared_8bit_octets_are_converted_and_the_field_added() -> None:
     message = HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
     out = to_7bit(message)
-    assert out == HEAD + (b"Content-Type: text/plain; charset=utf-8\r\n"
-                          b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n")
+    assert out == HEAD + (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n"
+    )
 
 
 def test_multipart_alternative_only_the_8bit_part_changes() -> None:
     html = b"<p>caf\xc3\xa9</p>\r\n"
-    plain_part = (b"--=_b1\r\nContent-Type: text/plain; charset=us-ascii\r\n"
-                  b"Content-Transfer-Encoding: 7bit\r\n\r\nplain = ascii  \r\n")
-    message = (HEAD + b'Content-Type: multipart/alternative;\r\n boundary="=_b1"\r\n'
-               b"Content-Transfer-Encoding: 8bit\r\n\r\n"
-               b"This is a preamble.\r\n"
-               + plain_part
-               + b"--=_b1 \r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-               + html
-               + b"--=_b1--\r\nepilogue\r\n")
+    plain_part = (
+        b"--=_b1\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\nplain = ascii  \r\n"
+    )
+    message = (
+        HEAD + b'Content-Type: multipart/alternative;\r\n boundary="=_b1"\r\n'
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+        b"This is a preamble.\r\n"
+        + plain_part
+        + b"--=_b1 \r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + html
+        + b"--=_b1--\r\nepilogue\r\n"
+    )
     out = to_7bit(message)
     assert out is not None
     seven_bit(out)
-    expected = (HEAD + b'Content-Type: multipart/alternative;\r\n boundary="=_b1"\r\n'
-                b"Content-Transfer-Encoding: 7bit\r\n\r\n"
-                b"This is a preamble.\r\n"
-                + plain_part
-                + b"--=_b1 \r\nContent-Type: text/html; charset=utf-8\r\n"
-                b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-                b"<p>caf=C3=A9</p>\r\n"
-                b"--=_b1--\r\nepilogue\r\n")
+    expected = (
+        HEAD + b'Content-Type: multipart/alternative;\r\n boundary="=_b1"\r\n'
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+        b"This is a preamble.\r\n" + plain_part + b"--=_b1 \r\nContent-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"<p>caf=C3=A9</p>\r\n"
+        b"--=_b1--\r\nepilogue\r\n"
+    )
     assert out == expected
     before, after = leaves(parse(message)), leaves(parse(out))
     assert [p.get_content_type() for p in after] == ["text/plain", "text/html"]
@@ -103,11 +123,13 @@ def test_multipart_alternative_only_the_8bit_part_changes() -> None:
 def test_application_octet_stream_becomes_base64() -> None:
     blob = bytes(range(256)) * 3
     blob = blob.replace(b"\r", b"").replace(b"\n", b"")  # a DATA stream holds no bare CR or LF
-    message = (HEAD + b"Content-Type: multipart/mixed; boundary=XYZ\r\n\r\n"
-               b"--XYZ\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n"
-               b"--XYZ\r\nContent-Type: application/octet-stream\r\n"
-               b"Content-Disposition: attachment; filename=blob.bin\r\n"
-               b"Content-Transfer-Encoding: 8bit\r\n\r\n" + blob + b"\r\n--XYZ--\r\n")
+    message = (
+        HEAD + b"Content-Type: multipart/mixed; boundary=XYZ\r\n\r\n"
+        b"--XYZ\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n"
+        b"--XYZ\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename=blob.bin\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + blob + b"\r\n--XYZ--\r\n"
+    )
     out = to_7bit(message)
     assert out is not None
     seven_bit(out)
@@ -120,12 +142,15 @@ def test_application_octet_stream_becomes_base64() -> None:
 
 
 def test_nested_message_rfc822_is_converted_inside() -> None:
-    inner = (b"From: carol@c.test\r\nSubject: inner\r\nMIME-Version: 1.0\r\n"
-             b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-             b"na\xc3\xafve\r\n")
-    message = (HEAD + b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n"
-               b"--outer\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-               + inner + b"--outer--\r\n")
+    inner = (
+        b"From: carol@c.test\r\nSubject: inner\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"na\xc3\xafve\r\n"
+    )
+    message = (
+        HEAD + b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n"
+        b"--outer\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + inner + b"--outer--\r\n"
+    )
     out = to_7bit(message)
     assert out is not None
     seven_bit(out)
@@ -145,22 +170,27 @@ def test_long_lines_are_soft_broken_with_crlf() -> None:
     assert parse(out).get_payload(decode=True) == "ä".encode() * 200
 
 
-@pytest.mark.parametrize("message", [
-    HEAD + b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain\r\n\r\ncaf\xc3\xa9\r\n",  # 8-bit header
-    b"Subject: old style\r\n\r\njust send 8: caf\xe9\r\n",  # not MIME
-    HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX-Name: \xc3\xa9\r\n\r\nx\r\n--b--\r\n",
-    HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\npr\xc3\xa9amble\r\n--b\r\n\r\nx\r\n--b--\r\n",
-    HEAD + b"Content-Type: message/rfc822\r\n\r\nSubject: inner, not MIME\r\n\r\ncaf\xc3\xa9\r\n",
-    HEAD + b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n\xff\xfe\r\n",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        HEAD + b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain\r\n\r\ncaf\xc3\xa9\r\n",  # 8-bit header
+        b"Subject: old style\r\n\r\njust send 8: caf\xe9\r\n",  # not MIME
+        HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX-Name: \xc3\xa9\r\n\r\nx\r\n--b--\r\n",
+        HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n\r\npr\xc3\xa9amble\r\n--b\r\n\r\nx\r\n--b--\r\n",
+        HEAD + b"Content-Type: message/rfc822\r\n\r\nSubject: inner, not MIME\r\n\r\ncaf\xc3\xa9\r\n",
+        HEAD + b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n\xff\xfe\r\n",
+    ],
+)
 def test_no_conversion_gives_none(message: bytes) -> None:
     assert to_7bit(message) is None
 
 
 def test_crlf_everywhere_and_idempotent() -> None:
-    message = (HEAD + b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
-               b"--q\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nline \xc3\xa9\r\n\tindent\r\n\r\n"
-               b"--q\r\nContent-Type: application/pdf\r\n\r\n%PDF\xe2\xe3\xcf\xd3\r\n--q--\r\n")
+    message = (
+        HEAD + b"Content-Type: multipart/mixed; boundary=q\r\n\r\n"
+        b"--q\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nline \xc3\xa9\r\n\tindent\r\n\r\n"
+        b"--q\r\nContent-Type: application/pdf\r\n\r\n%PDF\xe2\xe3\xcf\xd3\r\n--q--\r\n"
+    )
     out = to_7bit(message)
     assert out is not None
     seven_bit(out)

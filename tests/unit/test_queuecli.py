@@ -13,8 +13,12 @@ from common.store import Message, Store
 @pytest.fixture
 def store() -> Store:
     s = Store(fakeredis.FakeRedis(), "mtaq")
-    env = Envelope(id="Q1", sender="a@x.test", recipients=[Recipient("b@y.test"), Recipient("c@z.test")],
-                   received_at=1_700_000_000.0)
+    env = Envelope(
+        id="Q1",
+        sender="a@x.test",
+        recipients=[Recipient("b@y.test"), Recipient("c@z.test")],
+        received_at=1_700_000_000.0,
+    )
     s.commit([Message(env, b"x" * 2048)])
     return s
 
@@ -29,10 +33,16 @@ def test_listing_shows_sender_pending_recipients_and_deferral_reason(store: Stor
     out = io.StringIO()
     format_queue(store, out)
     assert "Q1*" in out.getvalue()  # never tried yet: Postfix marks the active queue with *
-    store.set_statuses({"Q1": {
-        0: RecipientStatus(RcptState.DEFERRED, 1, "4.4.1", "connect to mx.y.test[127.0.0.2]:25: Connection refused"),
-        1: RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok"),
-    }})
+    store.set_statuses(
+        {
+            "Q1": {
+                0: RecipientStatus(
+                    RcptState.DEFERRED, 1, "4.4.1", "connect to mx.y.test[127.0.0.2]:25: Connection refused"
+                ),
+                1: RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok"),
+            }
+        }
+    )
     out = io.StringIO()
     format_queue(store, out)
     text = out.getvalue()

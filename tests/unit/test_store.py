@@ -67,19 +67,30 @@ def test_delete_in_same_transaction_as_new_message(store: Store) -> None:
     assert loaded is not None and loaded.envelope.is_bounce and loaded.body == b"dsn"
 
 
-@pytest.mark.parametrize(("relayhost", "hop"), [
-    ("", "example.com"),
-    ("smart.test", "[smart.test]"),
-    ("smart.test:2525", "[smart.test]:2525"),
-    ("[10.0.0.1]:26", "[10.0.0.1]:26"),
-])
+@pytest.mark.parametrize(
+    ("relayhost", "hop"),
+    [
+        ("", "example.com"),
+        ("smart.test", "[smart.test]"),
+        ("smart.test:2525", "[smart.test]:2525"),
+        ("[10.0.0.1]:26", "[10.0.0.1]:26"),
+    ],
+)
 def test_next_hop(relayhost: str, hop: str) -> None:
     assert next_hop("User@Example.COM.", relayhost) == hop
 
 
 def test_envelope_round_trip() -> None:
-    e = Envelope(id="Q", sender="", recipients=[Recipient("a@b", ("SUCCESS", "FAILURE"), "rfc822;a@b")],
-                 body_8bit=True, smtputf8=True, ret="HDRS", envid="x+y", auth_user="u")
+    e = Envelope(
+        id="Q",
+        sender="",
+        recipients=[Recipient("a@b", ("SUCCESS", "FAILURE"), "rfc822;a@b")],
+        body_8bit=True,
+        smtputf8=True,
+        ret="HDRS",
+        envid="x+y",
+        auth_user="u",
+    )
     assert Envelope.from_json(e.to_json()) == e
     st = RecipientStatus(RcptState.DEFERRED, 3, "4.4.1", "connect refused", "none", "mx", 5.0)
     assert RecipientStatus.from_json(st.to_json()) == st
