@@ -33,13 +33,16 @@ __all__ = [
 
 PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
+HOLD = PREFIX + "hold"  # set of queue ids on hold: no delivery, no expiry, no bounce
 STATS = PREFIX + "stats"
 # The job function, by import path: common/ must not import worker/.
 DELIVER_FUNC = "worker.jobs.deliver"
 # Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
 # cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
 # is ours (worker/retry.py), never RQ's.
-CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
+# The first re-run is immediate (the abandonment was only seen once the job's heartbeat lapsed, seconds
+# after the death) and needs no scheduler; a worker killed over and over is retried for a while.
+CRASH_RETRY = Retry(max=20, interval=[0, 5, 10, 30])
 # Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
 _JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
 
@@ -61,6 +64,15 @@ def lease_key(qid: str, destination: str) -> str:
 
 
 SWEEP_LOCK = PREFIX + "sweep-lock"
+
+
+# Per-destination delivery limits shared by every worker (worker/limits.py):
+# ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
+# ``mtaq:dest:<d>:state`` hash, window (slow start) and failures (consecutive connection failures);
+# ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
+# ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).
+def dest_key(destination: str, what: str) -> str:
+    return f"{PREFIX}dest:{destination}:{what}"
 
 # KEYS: lease; ARGV: token. Release a lease only if it is still ours (a job that overran its lease
 # must not free the next holder's).
@@ -238,6 +250,13 @@ class Store:
             message = Message(Envelope.from_json(env), body if isinstance(body, bytes) else body.encode())
             out.append((message, {int(k): RecipientStatus.from_json(v) for k, v in states.items()}))
         return out
+
+    def held(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` that are on hold."""
+        if not ids:
+            return set()
+        flags = self.redis.smismember(HOLD, list(ids))
+        return {qid for qid, on in zip(ids, flags, strict=True) if on}
 
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
         raw = self.redis.hgetall(rcpt_key(qid))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from worker.smtpproto import (
     Client,
@@ -189,35 +190,59 @@ class SMTPConnection:
 
 
 class ConnectionCache:
-    """Idle connections kept between jobs, one per remote address, as Postfix's scache does
-    (smtp_connection_cache_time_limit). A NOOP proves one still lives before it is reused."""
+    """Idle connections kept between jobs, per destination, as Postfix's scache does
+    (smtp_connection_cache_time_limit). Each keeps what it was opened with (``extra``: its target
+    and its destination slot, which an idle connection still holds: it is a connection). A NOOP
+    proves one still lives before it is reused. Shared by the conversations of one process."""
 
-    def __init__(self, idle_limit: float = 5.0) -> None:
+    def __init__(self, idle_limit: float = 2.0, *, on_drop: Callable[[object], None] | None = None) -> None:
         self.idle_limit = idle_limit
-        self._idle: dict[tuple[str, int], tuple[SMTPConnection, float]] = {}
+        self.on_drop = on_drop
+        self._idle: dict[str, list[tuple[SMTPConnection, object, float]]] = {}
+        self._lock = threading.Lock()
 
-    def take(self, ip: str, port: int) -> SMTPConnection | None:
+    def take(self, key: str) -> tuple[SMTPConnection, object] | None:
         self.sweep()
-        hit = self._idle.pop((ip, port), None)
-        if hit is None:
-            return None
-        conn = hit[0]
-        return conn if conn.noop() else None
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, extra, _ = idle.pop()
+            if conn.noop():
+                return conn, extra
+            self._drop(conn, extra)
 
-    def give(self, ip: str, port: int, conn: SMTPConnection) -> None:
+    def give(self, key: str, conn: SMTPConnection, extra: object) -> None:
         if not conn.alive:
+            self._drop(conn, extra)
             return
-        old = self._idle.pop((ip, port), None)
-        if old is not None:
-            old[0].quit()
-        self._idle[(ip, port)] = (conn, time.monotonic())
+        with self._lock:
+            self._idle.setdefault(key, []).append((conn, extra, time.monotonic()))
 
-    def sweep(self) -> None:
+    def sweep(self, *, everything: bool = False) -> None:
         now = time.monotonic()
-        for key, (conn, since) in list(self._idle.items()):
-            if now - since > self.idle_limit:
-                del self._idle[key]
-                conn.quit()
+        stale: list[tuple[SMTPConnection, object]] = []
+        with self._lock:
+            for key, idle in list(self._idle.items()):
+                keep = [(c, e, t) for c, e, t in idle if not everything and now - t <= self.idle_limit]
+                stale.extend((c, e) for c, e, t in idle if everything or now - t > self.idle_limit)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        for conn, extra in stale:
+            conn.quit()
+            self._drop(conn, extra)
+
+    def _drop(self, conn: SMTPConnection, extra: object) -> None:
+        conn.close()
+        if self.on_drop is not None:
+            self.on_drop(extra)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
 
 
 def _reason(e: BaseException) -> str:

@@ -201,7 +201,7 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
     from worker.smtpclient import SMTPConnection
 
     box = sinks("127.0.0.2")
-    ctx = ctx_factory()
+    ctx = ctx_factory(destination_concurrency=1)  # one conversation: the second message waits for it
     first = queue(ctx, "one@a.test")
     second = queue(ctx, "two@a.test")
     real_send = SMTPConnection.send
@@ -217,7 +217,7 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
         st = ctx.store.statuses(qid)[0]
         assert st.state is RcptState.DEFERRED and st.next_attempt > time.time()
     assert ctx.store.statuses(first)[0].dsn == "4.3.0"
-    assert ctx.connections._idle == {}  # the connection in an unknown state was not kept
+    assert len(ctx.cache) == 0  # the connection in an unknown state was not kept
     assert box.messages == []
     assert len(ctx.store.queue.scheduled_job_registry.get_job_ids()) == 1  # one retry for both
 

@@ -1,0 +1,450 @@
+"""The delivery service: what a delivery job does, built with everything it uses passed in
+(settings, message storage, MX resolver, destination limits, clock). worker/jobs.py is the thin RQ
+adapter over it; worker/pool.py runs many jobs at once in one process.
+
+One job = one destination, some messages. It
+1. hands the job back to RQ's scheduler when the destination is throttled (marked down after
+   repeated connection failures) or its connection window is full (worker/limits.py);
+2. loads the messages, leaves out what is on hold or not due, leases each (message, destination)
+   for ``LEASE_TTL`` seconds, pushed on by the heartbeat while the job lives;
+3. runs conversations: a cached idle connection or a new one, plus more in threads while the job
+   has more messages than conversations and the destination has free slots, each up to
+   ``destination_messages_per_connection`` messages;
+4. marks final recipients right after each transaction (a re-run job never sends them again),
+   records the deferrals, schedules the retry, finishes completed messages (DSN, delete).
+
+Redis round trips per job: one to load the batch, one per SMTP transaction to mark its final
+recipients, one for the deferred ones, one to finish every completed message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import redis
+
+from common.envelope import RcptState, RecipientStatus, domain_of
+from common.settings import Settings
+from common.store import Message, Store, lease_key, next_hop
+from worker.limits import DestinationLimits, Slot
+from worker.mx import MXResolver
+from worker.relay import Dialer, Kind, Opened, Outcome, Parcel, Work, converse, fail_all, log_attempt, resolve
+from worker.retry import next_retry
+from worker.smtpclient import ConnectionCache
+
+__all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
+
+log = logging.getLogger("mtaq.worker")
+
+LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's last heartbeat
+SLOT_WAIT = 1.0  # seconds a job waits for a connection slot before handing itself back
+PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
+BUSY_RETRY = 2.0  # a handed-back job runs again after about this long
+# How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
+# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built.
+FINISH_CLAIM = 3600.0
+
+# KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_STATE_OF = {Kind.SENT: RcptState.DELIVERED, Kind.BOUNCED: RcptState.BOUNCED, Kind.DEFERRED: RcptState.DEFERRED}
+
+Loaded = dict[str, tuple[Message, dict[int, RecipientStatus]]]
+# the RFC 3464 report for a finished message (worker.jobs.make_dsn), or None
+DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
+
+
+def _all_final(msg: Message, statuses: dict[int, RecipientStatus]) -> bool:
+    return all(statuses.get(i, RecipientStatus()).final for i in range(len(msg.envelope.recipients)))
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        resolver: MXResolver,
+        limits: DestinationLimits,
+        *,
+        dsn: DsnMaker,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.resolver = resolver
+        self.limits = limits
+        self.dsn = dsn
+        self.clock = clock
+        self.sleep = sleep
+        self.permits = threading.BoundedSemaphore(max(1, settings.worker_concurrency))
+        self.cache = ConnectionCache(on_drop=self._drop_idle)
+        self.dialer = Dialer(
+            settings.hostname,
+            settings.smtp_port,
+            settings.connect_timeout,
+            settings.smtp_timeout,
+            max(1, settings.destination_messages_per_connection),
+        )
+        self.stopping = threading.Event()
+        self._leases: dict[str, tuple[str, list[str]]] = {}  # token -> (destination, queue ids)
+        self._lock = threading.Lock()
+        self._renew = store.redis.register_script(_RENEW)
+
+    # -- the job ------------------------------------------------------------------------------------
+    def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
+        """Deliver the due recipients of these messages that go to ``destination``.
+
+        ``force`` (a flush) also takes deferred recipients whose next attempt is not due yet and
+        tries a throttled destination. A message another job holds the lease of (for this
+        destination) is left to that job. Messages found with every recipient final (their
+        finishing was interrupted) are finished here."""
+        if not force:
+            down = self.limits.down(destination)
+            if down is not None:
+                delay = down.seconds + random.uniform(0.0, 5.0)
+                log.info(
+                    "%s: delivery temporarily suspended (%s): %d message(s) retry in %.0fs",
+                    destination,
+                    down.reason,
+                    len(ids),
+                    delay,
+                )
+                self.store.schedule(destination, ids, delay)
+                return
+        conversation = self._conversation(destination)
+        if conversation is None:
+            delay = BUSY_RETRY * random.uniform(0.5, 1.5)
+            log.debug("%s: all connection slots busy: %d message(s) retry in %.1fs", destination, len(ids), delay)
+            self.store.schedule(destination, ids, delay)
+            return
+        opened, slot = conversation
+        handed_over = False
+        try:
+            handed_over = self._deliver(destination, ids, force, opened, slot)
+        finally:
+            if not handed_over:
+                self._end_conversation(destination, opened, slot)
+
+    def _conversation(self, destination: str) -> tuple[Opened | None, Slot] | None:
+        """A permit (worker_concurrency) and a slot: with a cached connection, or a slot for a new one."""
+        if not self.permits.acquire(timeout=PERMIT_WAIT):
+            return None
+        cached = self.cache.take(destination)
+        if cached is not None:
+            conn, extra = cached
+            assert isinstance(extra, tuple)
+            slot, target, sent = extra
+            return Opened(conn, -1, sent, target), slot
+        deadline = time.monotonic() + SLOT_WAIT
+        while True:
+            got = self.limits.acquire(destination)
+            if got is not None:
+                return None, got
+            if time.monotonic() >= deadline or self.stopping.is_set():
+                self.permits.release()
+                return None
+            self.sleep(0.05 + random.uniform(0.0, 0.1))
+
+    def _end_conversation(self, destination: str, opened: Opened | None, slot: Slot) -> None:
+        self.permits.release()
+        if opened is not None and opened.to is not None and opened.conn.alive and not self.stopping.is_set():
+            self.cache.give(destination, opened.conn, (slot, opened.to, opened.sent))
+            return
+        if opened is not None:
+            opened.conn.quit()
+        self.limits.release(slot)
+
+    def _drop_idle(self, extra: object) -> None:
+        slot = extra[0] if isinstance(extra, tuple) else None
+        if isinstance(slot, Slot):
+            self.limits.release(slot)
+
+    def _deliver(self, destination: str, ids: Sequence[str], force: bool, opened: Opened | None, slot: Slot) -> bool:
+        """The job with its first conversation in hand; True when that conversation was handed on
+        (to the cache or closed) here."""
+        store = self.store
+        now = self.clock()
+        loaded: Loaded = {}
+        due: dict[str, list[int]] = {}
+        reroute: dict[str, list[str]] = defaultdict(list)
+        leftover: list[str] = []
+        held = store.held(ids)
+        for found in store.load_many(ids):
+            if found is None:
+                continue  # finished meanwhile (a re-run job after a crash)
+            msg, statuses = found
+            qid = msg.envelope.id
+            if qid in held:
+                continue  # on hold: no delivery, no expiry, no bounce until released
+            if _all_final(msg, statuses):
+                leftover.append(qid)
+                loaded[qid] = found
+                continue
+            mine: list[int] = []
+            for i, r in enumerate(msg.envelope.recipients):
+                st = statuses.get(i, RecipientStatus())
+                hop = next_hop(r.address, store.relayhost)
+                if st.final or destination not in (hop, domain_of(r.address)):
+                    continue
+                if hop != destination:  # queued before the relayhost changed: send it the way it goes now
+                    if qid not in reroute[hop]:
+                        reroute[hop].append(qid)
+                elif force or st.state is RcptState.PENDING or st.next_attempt <= now + 1:
+                    mine.append(i)
+            if mine:
+                loaded[qid] = found
+                due[qid] = mine
+        token = uuid.uuid4().hex
+        leased = store.lease(list(due), destination, token, LEASE_TTL) if due else []
+        if leased:
+            with self._lock:
+                self._leases[token] = (destination, leased)
+        batch = _Batch(self, loaded)
+        batch.finished.extend(leftover)
+        handed = False
+        try:
+            parcels = [Parcel(loaded[q][0].envelope, loaded[q][0].body, due[q]) for q in leased]
+            if parcels:
+                handed = True
+                self._run(destination, batch, parcels, opened, slot)
+        finally:
+            if leased:
+                with self._lock:
+                    self._leases.pop(token, None)
+                store.release(leased, destination, token)
+            if batch.finished:
+                self.finish_messages(batch)
+        for hop, qids in reroute.items():
+            log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
+            store.enqueue_now(hop, qids)
+        return handed
+
+    def _run(self, destination: str, batch: _Batch, parcels: list[Parcel], opened: Opened | None, slot: Slot) -> None:
+        """The conversations of one job, then what they did not record: deferrals, DNS verdicts."""
+        found = resolve(self.resolver, destination, self.settings.smtp_port)
+        if isinstance(found, Outcome):
+            fail_all(parcels, found)
+            self._end_conversation(destination, opened, slot)
+        else:
+            if opened is not None:
+                # a cached connection: to which of today's addresses (equal preferences are shuffled)
+                to = opened.to
+                where = [n for n, t in enumerate(found) if to is not None and (t.ip, t.port) == (to.ip, to.port)]
+                if where:
+                    opened.target = where[0]
+                else:
+                    opened.conn.quit()
+                    opened = None
+            work = Work(parcels, found)
+            extras = self._more_conversations(destination, work, batch)
+            self._conversation_thread(destination, work, batch, opened, slot)
+            for t in extras:
+                t.join()
+            untouched = [p for p in work.left() if not p.outcomes] if self.stopping.is_set() else []
+            if untouched:  # stopping: hand back what no conversation took, untried
+                self.store.enqueue_now(destination, [p.envelope.id for p in untouched])
+                parcels = [p for p in parcels if p not in untouched]
+            for p in parcels:
+                for i in p.pending():
+                    if i not in p.outcomes:
+                        p.outcomes[i] = work.last
+        self._record_rest(destination, batch, parcels)
+
+    def _more_conversations(self, destination: str, work: Work, batch: _Batch) -> list[threading.Thread]:
+        """Conversations beside the job's own, while it has more messages than conversations and
+        the destination's window and this process's worker_concurrency have room."""
+        extras: list[threading.Thread] = []
+        while len(work) > len(extras) + 1 and not self.stopping.is_set():
+            if not self.permits.acquire(blocking=False):
+                break
+            slot = self.limits.acquire(destination)
+            if slot is None:
+                self.permits.release()
+                break
+            t = threading.Thread(
+                target=self._conversation_thread,
+                args=(destination, work, batch, None, slot),
+                name=f"mtaq-smtp-{destination}",
+                daemon=True,
+            )
+            t.start()
+            extras.append(t)
+        return extras
+
+    def _conversation_thread(
+        self, destination: str, work: Work, batch: _Batch, opened: Opened | None, slot: Slot
+    ) -> None:
+        result: Opened | None = None
+        try:
+            result = converse(
+                work,
+                self.dialer,
+                record=batch.record_final,
+                opened=opened,
+                stopping=self.stopping.is_set,
+                pace=lambda: self._pace(destination),
+                feedback=lambda ok, why: self._feedback(destination, ok, why),
+            )
+        except Exception:
+            log.exception("%s: conversation failed", destination)
+        finally:
+            self._end_conversation(destination, result, slot)
+
+    def _pace(self, destination: str) -> None:
+        wait = self.limits.pace(destination)
+        if wait > 0:
+            self.sleep(wait)
+
+    def _feedback(self, destination: str, ok: bool, why: str) -> None:
+        try:
+            if ok:
+                self.limits.succeeded(destination)
+            else:
+                self.limits.failed(destination, why)
+        except redis.RedisError:
+            log.warning("%s: could not record the connection outcome (Redis unavailable)", destination)
+
+    def _record_rest(self, destination: str, batch: _Batch, parcels: list[Parcel]) -> None:
+        s = self.settings
+        now = self.clock()
+        rest: dict[str, dict[int, RecipientStatus]] = {}
+        retry_ids: list[str] = []
+        retry_delay: float | None = None
+        for p in parcels:
+            qid = p.envelope.id
+            delay = next_retry(
+                p.envelope.received_at,
+                now,
+                min_backoff=s.min_backoff,
+                max_backoff=s.max_backoff,
+                queue_lifetime=s.queue_lifetime,
+            )
+            ups = {i: batch.status(p, i, now, delay) for i in p.rcpt_idx if i not in batch.recorded[qid]}
+            if ups:
+                rest[qid] = ups
+            if delay is not None and any(u.state is RcptState.DEFERRED for u in ups.values()):
+                retry_ids.append(qid)
+                retry_delay = delay if retry_delay is None else min(retry_delay, delay)
+        if rest:
+            batch.write(rest)
+        if retry_ids and retry_delay is not None:
+            self.store.schedule(destination, retry_ids, retry_delay)
+            log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
+
+    # -- finishing ----------------------------------------------------------------------------------
+    def finish_messages(self, batch: _Batch) -> None:
+        """Every recipient of these messages is final: queue the DSNs their senders asked for and
+        remove the messages, all in one transaction. A message with recipients at other
+        destinations has its states read again (another job finished those)."""
+        views: Loaded = {}
+        stale: list[str] = []
+        for qid in dict.fromkeys(batch.finished):
+            msg, before = batch.loaded[qid]
+            states = {**before, **batch.recorded.get(qid, {})}
+            if _all_final(msg, states):
+                views[qid] = (msg, states)
+            else:
+                stale.append(qid)
+        for found in self.store.load_many(stale) if stale else []:
+            if found is not None:
+                views[found[0].envelope.id] = found
+        self.finish_loaded(list(views.values()))
+
+    def finish_loaded(self, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
+        """DSNs and deletes of finished messages, in one transaction, each claimed first."""
+        if not done:
+            return
+        claimed = set(self.store.lease([m.envelope.id for m, _ in done], "finish", uuid.uuid4().hex, FINISH_CLAIM))
+        done = [d for d in done if d[0].envelope.id in claimed]
+        now = self.clock()
+        dsns: list[Message] = []
+        for msg, states in done:
+            dsn = self.dsn(msg, states, self.settings.hostname, now)
+            if dsn is not None:
+                dsns.append(dsn)
+                log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
+            log.info("%s: removed", msg.envelope.id)
+        self.store.commit(dsns, delete=[m.envelope.id for m, _ in done])
+
+    # -- liveness -----------------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Push on every lease this process holds: message leases, connection slots; close idle
+        connections past their time. Called every few seconds (worker/pool.py)."""
+        with self._lock:
+            leases = list(self._leases.items())
+        if leases:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for token, (dest, qids) in leases:
+                for qid in qids:
+                    self._renew(keys=[lease_key(qid, dest)], args=[token, int(LEASE_TTL * 1000)], client=pipe)
+            pipe.execute()
+        self.limits.heartbeat()
+        self.cache.sweep()
+
+    def in_flight(self) -> int:
+        """Messages held by this process's jobs now."""
+        with self._lock:
+            return sum(len(q) for _, q in self._leases.values())
+
+    def stop(self) -> None:
+        """Stop taking messages: conversations end after their transaction, the rest is handed back."""
+        self.stopping.set()
+        self.cache.sweep(everything=True)
+
+
+class _Batch:
+    """One job's messages and what has been recorded of them so far (conversations share it)."""
+
+    def __init__(self, service: DeliveryService, loaded: Loaded) -> None:
+        self.service = service
+        self.loaded = loaded
+        self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
+        self.finished: list[str] = []
+        self._lock = threading.Lock()
+
+    def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
+        out = p.outcomes[i]
+        state = _STATE_OF[out.kind]
+        if state is RcptState.DEFERRED and delay is None:
+            state = RcptState.BOUNCED  # past queue_lifetime: bounce with the last reply
+            out = Outcome(
+                Kind.BOUNCED,
+                out.dsn,
+                f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
+                out.relay,
+                out.remote_mta,
+            )
+        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
+        old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        return RecipientStatus(
+            state=state,
+            attempts=old.attempts + 1,
+            dsn=out.dsn,
+            reply=out.reply,
+            relay=out.relay,
+            remote_mta=out.remote_mta,
+            updated=now,
+            next_attempt=now + delay if state is RcptState.DEFERRED and delay else 0.0,
+        )
+
+    def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        results = self.service.store.set_statuses(updates)
+        with self._lock:
+            for qid, codes in results.items():
+                self.recorded[qid].update(updates[qid])
+                if 0 in codes:
+                    self.finished.append(qid)
+
+    def record_final(self, p: Parcel, positions: list[int]) -> None:
+        now = self.service.clock()
+        self.write({p.envelope.id: {i: self.status(p, i, now, None) for i in positions}})
