@@ -62,7 +62,9 @@ class Settings:
         "(Postfix default_destination_concurrency_limit)",
         ("worker",),
     )
-    destination_rate: float = _opt(0.0, "messages per second to one destination, all workers (0 = no limit)", ("worker",))
+    destination_rate: float = _opt(
+        0.0, "messages per second to one destination, all workers (0 = no limit)", ("worker",)
+    )
     destination_messages_per_connection: int = _opt(
         100, "messages over one connection before a new one (Postfix smtp_connection_reuse_count_limit)", ("worker",)
     )
