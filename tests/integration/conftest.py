@@ -96,7 +96,7 @@ class MTA:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         p = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "mtaq", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
         self.procs[name] = p
         return p

@@ -13,6 +13,8 @@ from common.envelope import RcptState
 from common.redisconn import connect
 from common.settings import Settings
 from common.store import Store, next_hop
+from worker.jobs import make_context
+from worker.sweep import sweep
 
 __all__ = ["cmd_queue", "format_queue"]
 
@@ -78,9 +80,6 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
         out.write(f"flushed {queued} message(s) to {len(dests)} destination(s)\n")
         return 0
     if action == "sweep":
-        from worker.jobs import make_context
-        from worker.sweep import sweep
-
         r = sweep(make_context(settings, store))
         out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
         return 0

@@ -6,8 +6,8 @@ import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.queuecli import format_queue
 from common.store import Message, Store
+from mtaq.queuecmd import format_queue
 
 
 @pytest.fixture
