@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from common.jobqueue import DeliveryQueue
 from common.store import Store
 from tests.dnsserver import ZoneServer
 from tests.redisserver import RedisServer
@@ -91,7 +92,8 @@ class MTA:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.redis = redis.Redis.from_url(redis_url)
-        self.store = Store(self.redis, relayhost=base.get("relayhost", ""))
+        self.store = Store(self.redis)
+        self.queue = DeliveryQueue(self.redis)
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process

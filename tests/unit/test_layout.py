@@ -10,7 +10,7 @@ import pytest
 from rq.utils import import_attribute
 
 import worker.jobs
-from common import store
+from common import jobqueue
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,4 +36,4 @@ def test_imports_run_downward(package: str, forbidden: set[str]) -> None:
 
 
 def test_delivery_job_path_names_the_real_function() -> None:
-    assert import_attribute(store.DELIVER_FUNC) is worker.jobs.deliver
+    assert import_attribute(jobqueue.DELIVER_FUNC) is worker.jobs.deliver
