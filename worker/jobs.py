@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.settings import Settings
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message
 from worker.dsn import DsnRecipient, build_dsn
 from worker.limits import DestinationLimits
 from worker.mx import MXResolver, local_addresses, make_resolver
@@ -32,7 +33,7 @@ def install(service: DeliveryService | None) -> None:
 set_context = install
 
 
-def make_context(settings: Settings, store: Store, *, clock: Callable[[], float] = time.time) -> DeliveryService:
+def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
     """A delivery service from settings: the resolver (with the addresses we listen on, for loop
     detection), the shared destination limits on the store's Redis, and ``clock``."""
     resolver = MXResolver(
@@ -42,14 +43,14 @@ def make_context(settings: Settings, store: Store, *, clock: Callable[[], float]
         max_addresses=settings.max_mx_addresses,
     )
     limits = DestinationLimits(
-        store.redis,
+        spool.store.redis,
         concurrency=settings.destination_concurrency,
         rate=settings.destination_rate,
         failure_limit=settings.destination_failure_limit,
         retry_time=settings.destination_retry_time,
         clock=clock,
     )
-    return DeliveryService(settings, store, resolver, limits, dsn=make_dsn, clock=clock)
+    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, clock=clock)
 
 
 Context = DeliveryService  # the name the callers of make_context know it by

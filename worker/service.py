@@ -31,7 +31,8 @@ import redis
 
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
-from common.store import Message, Store, lease_key, next_hop
+from common.spool import Spool
+from common.store import Message, lease_key
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver
 from worker.relay import Dialer, Kind, Opened, Outcome, Parcel, Work, converse, fail_all, log_attempt, resolve
@@ -71,7 +72,7 @@ class DeliveryService:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        spool: Spool,
         resolver: MXResolver,
         limits: DestinationLimits,
         *,
@@ -80,7 +81,9 @@ class DeliveryService:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.spool = spool
+        self.store = spool.store
+        self.queue = spool.queue
         self.resolver = resolver
         self.limits = limits
         self.dsn = dsn
@@ -98,7 +101,7 @@ class DeliveryService:
         self.stopping = threading.Event()
         self._leases: dict[str, tuple[str, list[str]]] = {}  # token -> (destination, queue ids)
         self._lock = threading.Lock()
-        self._renew = store.redis.register_script(_RENEW)
+        self._renew = spool.store.redis.register_script(_RENEW)
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -119,13 +122,13 @@ class DeliveryService:
                     len(ids),
                     delay,
                 )
-                self.store.schedule(destination, ids, delay)
+                self.queue.schedule(destination, ids, delay)
                 return
         conversation = self._conversation(destination)
         if conversation is None:
             delay = BUSY_RETRY * random.uniform(0.5, 1.5)
             log.debug("%s: all connection slots busy: %d message(s) retry in %.1fs", destination, len(ids), delay)
-            self.store.schedule(destination, ids, delay)
+            self.queue.schedule(destination, ids, delay)
             return
         opened, slot = conversation
         handed_over = False
@@ -193,7 +196,7 @@ class DeliveryService:
             mine: list[int] = []
             for i, r in enumerate(msg.envelope.recipients):
                 st = statuses.get(i, RecipientStatus())
-                hop = next_hop(r.address, store.relayhost)
+                hop = self.spool.router.hop(r.address)
                 if st.final or destination not in (hop, domain_of(r.address)):
                     continue
                 if hop != destination:  # queued before the relayhost changed: send it the way it goes now
@@ -226,7 +229,7 @@ class DeliveryService:
                 self.finish_messages(batch)
         for hop, qids in reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
-            store.enqueue_now(hop, qids)
+            self.queue.enqueue_now(hop, qids)
         return handed
 
     def _run(self, destination: str, batch: _Batch, parcels: list[Parcel], opened: Opened | None, slot: Slot) -> None:
@@ -252,7 +255,7 @@ class DeliveryService:
                 t.join()
             untouched = [p for p in work.left() if not p.outcomes] if self.stopping.is_set() else []
             if untouched:  # stopping: hand back what no conversation took, untried
-                self.store.enqueue_now(destination, [p.envelope.id for p in untouched])
+                self.queue.enqueue_now(destination, [p.envelope.id for p in untouched])
                 parcels = [p for p in parcels if p not in untouched]
             for p in parcels:
                 for i in p.pending():
@@ -338,7 +341,7 @@ class DeliveryService:
         if rest:
             batch.write(rest)
         if retry_ids and retry_delay is not None:
-            self.store.schedule(destination, retry_ids, retry_delay)
+            self.queue.schedule(destination, retry_ids, retry_delay)
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
     # -- finishing ----------------------------------------------------------------------------------
@@ -374,7 +377,7 @@ class DeliveryService:
                 dsns.append(dsn)
                 log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
             log.info("%s: removed", msg.envelope.id)
-        self.store.commit(dsns, delete=[m.envelope.id for m, _ in done])
+        self.spool.commit(dsns, delete=[m.envelope.id for m, _ in done])
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:
