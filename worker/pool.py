@@ -1,0 +1,202 @@
+"""An RQ worker that runs many delivery jobs at once, each in its own thread.
+
+Why threads in one RQ worker (see docs/architecture.md, "Many conversations per worker"): a
+delivery job spends nearly all its time waiting on a remote server, so what limits a worker is how
+many conversations it can wait on at once, not CPU. RQ 3 tracks several executions per worker
+(``Worker.executions``, ``get_current_executions()``), so every job running here is a real RQ
+execution: in the StartedJobRegistry, with a heartbeat, visible in ``rq info`` and rq-dashboard,
+failed or retried by RQ's own rules. RQ's ``WorkerPool`` would be one process per job (~40 MB each);
+an asyncio loop would need an asyncio RQ and redis client underneath, which RQ is not.
+
+- The main thread is RQ's loop: it dequeues a job only when one of ``worker_concurrency`` job
+  slots is free, registers its execution, and hands it to a thread.
+- A heartbeat thread pushes on, every ``HEARTBEAT`` seconds, the worker's key, every execution
+  (``EXECUTION_TTL``), and the leases the delivery service holds (messages, connection slots). A
+  worker killed with SIGKILL stops heartbeating: its executions lapse after ``EXECUTION_TTL``
+  seconds and RQ's registry clean-up (run every ``RECOVERY_INTERVAL`` seconds by some worker) re-runs
+  their jobs at once (CRASH_RETRY); the message leases lapse with them, so the re-run may take them.
+- Job timeouts: RQ's ``TimerDeathPenalty`` (the SIGALRM one only works in the main thread).
+- SIGTERM (warm shutdown): no more jobs are taken; conversations end after the transaction in
+  progress; what they had not started is handed back to the queue; the worker waits for its jobs
+  (``STOP_GRACE``) and leaves. A second SIGTERM is a cold shutdown (RQ's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+from rq import SimpleWorker
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as rq_now
+from rq.worker import WorkerStatus
+
+from worker.service import DeliveryService
+
+__all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
+
+log = logging.getLogger("mtaq.worker")
+
+HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
+EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
+RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
+DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
+STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
+
+
+class ConcurrentWorker(SimpleWorker):
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, service: DeliveryService, concurrency: int = 100, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.service = service
+        self.concurrency = max(1, concurrency)
+        self._free = threading.Semaphore(self.concurrency)
+        self._running: dict[str, tuple[Job, Any, threading.Thread]] = {}  # execution id -> job, execution
+        self._running_lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- RQ's loop, with room for many jobs
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        self._start_heartbeat()
+        idle_since = time.monotonic()
+        while True:
+            if self._stop_requested:
+                return None
+            if not self._free.acquire(timeout=1.0):
+                continue  # every job slot busy: the queue waits in Redis, where others may take it
+            try:
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    None if timeout is None else min(timeout, DEQUEUE_WAIT),
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                self._free.release()
+                if max_idle_time is not None and not self._running and time.monotonic() - idle_since > max_idle_time:
+                    return None
+                continue
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                self._free.release()
+                log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
+                time.sleep(1.0)
+                continue
+            except BaseException:
+                self._free.release()
+                raise
+            if result is None:  # burst mode, nothing waiting: leave once the jobs in flight are done
+                self._free.release()
+                return None
+            job, queue = result
+            job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+            return job, queue
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Register the execution here (the main thread), run the job in a thread of its own."""
+        try:
+            execution = self.prepare_execution(job)
+        except BaseException:
+            self._free.release()
+            raise
+        t = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"rq-{job.id}", daemon=True)
+        with self._running_lock:
+            self._running[execution.id] = (job, execution, t)
+        t.start()
+
+    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        except Exception:
+            # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
+            log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
+        finally:
+            with self._running_lock:
+                self._running.pop(execution.id, None)
+            self._free.release()
+            with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
+                self._set_idle_if_done()
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        # An execution lives EXECUTION_TTL past the last heartbeat, however long the job may run
+        # (job_timeout is enforced by the death penalty): a dead worker's jobs are seen in seconds.
+        return EXECUTION_TTL
+
+    def _set_idle_if_done(self) -> None:
+        with self._running_lock:
+            idle = not self._running
+        if idle:
+            self.set_state(WorkerStatus.IDLE)
+
+    # -- liveness
+    def _start_heartbeat(self) -> None:
+        if self._beat is not None:
+            return
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="mtaq-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._beat_stop.wait(HEARTBEAT):
+            try:
+                self.beat()
+            except Exception as e:
+                log.warning("worker %s: heartbeat failed (%s); next in %.0fs", self.name, e, HEARTBEAT)
+
+    def beat(self) -> None:
+        """One heartbeat: the worker, its executions and their jobs, the service's leases."""
+        with self._running_lock:
+            running = list(self._running.values())
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(EXECUTION_TTL + 60, pipeline=pipe)
+            for job, execution, _ in running:
+                execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
+                job.heartbeat(rq_now(), EXECUTION_TTL, pipeline=pipe, xx=True)
+            pipe.execute()
+        self.service.heartbeat()
+        if not running:
+            self._set_idle_if_done()
+
+    # -- stopping
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """Warm shutdown: the main loop sees the flag within DEQUEUE_WAIT seconds."""
+        log.info("worker %s: stopping: finishing %d job(s) in flight", self.name, len(self._running))
+        self._shutdown_requested_date = rq_now()
+        self._stop_requested = True
+        self.service.stop()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+
+    def teardown(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        while True:
+            with self._running_lock:
+                threads = [t for _, _, t in self._running.values()]
+            if not threads or time.monotonic() > deadline:
+                break
+            threads[0].join(max(0.1, deadline - time.monotonic()))
+        if threads:
+            log.warning("worker %s: %d job(s) still running at exit; RQ re-runs them", self.name, len(threads))
+        self.service.stop()
+        self._beat_stop.set()
+        super().teardown()  # type: ignore[no-untyped-call]
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        if self.last_cleaned_at is None:
+            return True
+        return (rq_now() - self.last_cleaned_at).total_seconds() > RECOVERY_INTERVAL
