@@ -7,8 +7,8 @@ In Postfix's queue manager's spirit (qmgr: destination concurrency, slow start, 
   expired members, so a slot held by a dead process lapses after ``SLOT_TTL`` seconds; the
   holder's heartbeat (every few seconds) pushes the expiry on.
 - **Slow start.** The slots on offer are ``window``, not ``destination_concurrency``: a destination
-  starts at ``INITIAL_WINDOW`` connections and the window grows by one for each conversation that
-  got through, up to ``destination_concurrency``; a failed connection takes one off.
+  starts at ``INITIAL_WINDOW`` connections and the window grows by one for each message delivered,
+  up to ``destination_concurrency``; a failed connection takes one off.
 - **Dead destinations.** ``destination_failure_limit`` connection failures in a row mark the
   destination down (``mtaq:dest:<d>:down`` with a TTL of ``destination_retry_time``): jobs for it
   are handed back to RQ's scheduler until then instead of every worker trying it again.
@@ -179,7 +179,7 @@ class DestinationLimits:
             return len(self._held)
 
     def succeeded(self, destination: str) -> None:
-        """A conversation got through: the window grows, the failure count starts again."""
+        """A message got through: the window grows, the failure count starts again."""
         self._feed(destination, True, "")
 
     def failed(self, destination: str, reason: str) -> bool:

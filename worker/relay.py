@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from common.envelope import Envelope
 from worker.mime7bit import to_7bit
 from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
 from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
 
-__all__ = ["Dialer", "Kind", "Opened", "Outcome", "Parcel", "Work", "converse", "deliver", "resolve"]
+__all__ = ["Dialer", "Kind", "Opened", "Outcome", "Owner", "Parcel", "Work", "converse", "deliver", "resolve"]
 
 log = logging.getLogger("mtaq.delivery")
 
@@ -111,17 +112,49 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] 
 Recorder = Callable[[Parcel, list[int]], None]
 
 
-class Work:
-    """The parcels of one job, shared by its conversations (threads). A parcel carries a floor:
-    the first target (MX address, in order) it may still be tried at; a conversation on target
-    ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back with
-    floor ``t + 1``: the next MX gets its turn, as in Postfix."""
+class Owner(Protocol):
+    """The job a parcel belongs to: it records final outcomes and hears when a parcel is done."""
 
-    def __init__(self, parcels: Sequence[Parcel], targets: Sequence[Target]) -> None:
+    def record(self, parcel: Parcel, positions: list[int]) -> None: ...
+
+    def done(self, parcel: Parcel) -> None: ...
+
+
+class _Solo:
+    def __init__(self, record: Recorder | None) -> None:
+        self._record = record
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        if self._record is not None:
+            self._record(parcel, positions)
+
+    def done(self, parcel: Parcel) -> None:
+        pass
+
+
+class Work:
+    """Parcels waiting for a conversation with one destination, shared by the conversations of a
+    process (threads) and fed by its jobs (each parcel keeps its ``Owner``). A parcel carries a
+    floor: the first target (MX address, in order) it may still be tried at; a conversation on
+    target ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back
+    with floor ``t + 1``: the next MX gets its turn, as in Postfix."""
+
+    def __init__(self, targets: Sequence[Target], parcels: Sequence[Parcel] = (), owner: Owner | None = None) -> None:
         self.targets = list(targets)
-        self._queue: list[tuple[Parcel, int]] = [(p, 0) for p in parcels if p.pending()]
+        self._queue: list[tuple[Parcel, int]] = []
+        self._owners: dict[int, Owner] = {}
         self._lock = threading.Lock()
+        self.conversations = 0  # running now (the service counts them)
         self.last = Outcome(Kind.DEFERRED, "4.4.1", "No reachable host", "none")
+        if parcels:
+            self.add(parcels, owner or _Solo(None))
+
+    def add(self, parcels: Sequence[Parcel], owner: Owner) -> None:
+        with self._lock:
+            for p in parcels:
+                if p.pending():
+                    self._queue.append((p, 0))
+                    self._owners[id(p)] = owner
 
     def take(self, t: int) -> Parcel | None:
         with self._lock:
@@ -143,12 +176,38 @@ class Work:
         with self._lock:
             return len(self._queue)
 
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        owner = self._owners.get(id(parcel))
+        if owner is not None:
+            owner.record(parcel, positions)
+
+    def finished(self, parcel: Parcel) -> None:
+        """A conversation is done with this parcel (it is not coming back)."""
+        with self._lock:
+            owner = self._owners.pop(id(parcel), None)
+        if owner is not None:
+            owner.done(parcel)
+
+    def withdraw(self, parcels: Sequence[Parcel]) -> list[Parcel]:
+        """Take these parcels back out, those still waiting (their job hands them back)."""
+        mine = {id(p) for p in parcels}
+        with self._lock:
+            out = [p for p, _ in self._queue if id(p) in mine]
+            self._queue = [(p, f) for p, f in self._queue if id(p) not in mine]
+            for p in out:
+                self._owners.pop(id(p), None)
+        return out
+
     def left(self) -> list[Parcel]:
-        """What no conversation took (every address failed, or the worker is stopping)."""
+        """Everything still waiting, taken out (no conversation will take it)."""
         with self._lock:
             out = [p for p, _ in self._queue]
             self._queue.clear()
-            return out
+            owners = [self._owners.pop(id(p), None) for p in out]
+        for p, owner in zip(out, owners, strict=True):
+            if owner is not None:
+                owner.done(p)
+        return out
 
     def failed(self, outcome: Outcome) -> None:
         with self._lock:
@@ -180,16 +239,18 @@ def converse(
     work: Work,
     dialer: Dialer,
     *,
-    record: Recorder,
     opened: Opened | None = None,
     stopping: Callable[[], bool] = lambda: False,
     pace: Callable[[], None] = lambda: None,
     feedback: Callable[[bool, str], None] = lambda ok, why: None,
-) -> Opened | None:
+) -> tuple[Opened | None, bool]:
     """One conversation: take parcels from ``work`` and send them, target after target, until
-    none is left for it. Returns the connection still open and reusable (for the cache), else None.
-    ``feedback(ok, why)`` hears of each connection attempt (slow start, dead destinations)."""
+    none is left for it. Returns the connection still open and reusable (for the cache), else None,
+    and whether it reached any server. ``feedback(ok, why)`` hears of each failed connection and
+    each delivered message (slow start, dead destinations)."""
     targets = work.targets
+    reached = opened is not None
+    record = work.record
     first = opened.target if opened is not None else 0
     for t in range(first, len(targets)):
         target = targets[t]
@@ -209,8 +270,8 @@ def converse(
                     work.failed(_connect_outcome(e, relay, target))
                     feedback(False, e.text)
                     break  # the next address
-                feedback(True, "")
                 opened = Opened(conn, t, to=target)
+                reached = True
             parcel = work.take(t)
             if parcel is None:
                 break
@@ -222,8 +283,12 @@ def converse(
                 work.back(parcel, t + 1)
                 raise
             opened.sent += 1
+            if any(o.kind is Kind.SENT for o in parcel.outcomes.values()):
+                feedback(True, "")  # slow start: the window grows while deliveries succeed
             if parcel.pending() and t + 1 < len(targets):
                 work.back(parcel, t + 1)  # deferred here: the next MX may take it
+            else:
+                work.finished(parcel)
             if not alive or not opened.conn.alive:
                 opened.conn.close()
                 opened = None
@@ -233,8 +298,8 @@ def converse(
                 opened = None
     if opened is not None and (not opened.conn.alive or opened.sent >= dialer.messages_per_connection):
         opened.conn.quit()
-        return None
-    return opened
+        return None, reached
+    return opened, reached
 
 
 def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
@@ -281,8 +346,8 @@ def deliver(
     if isinstance(found, Outcome):
         fail_all(parcels, found)
         return
-    work = Work(parcels, found)
-    opened = converse(work, Dialer(helo_name, port, connect_timeout, timeout), record=record or (lambda p, i: None))
+    work = Work(found, parcels, _Solo(record))
+    opened, _ = converse(work, Dialer(helo_name, port, connect_timeout, timeout))
     if opened is not None:
         opened.conn.quit()
     defer_left(parcels, work)

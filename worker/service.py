@@ -34,7 +34,7 @@ from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, lease_key
 from worker.limits import DestinationLimits, Slot
-from worker.mx import MXResolver
+from worker.mx import MXResolver, Target
 from worker.relay import Dialer, Kind, Opened, Outcome, Parcel, Work, converse, fail_all, log_attempt, resolve
 from worker.retry import next_retry
 from worker.smtpclient import ConnectionCache
@@ -44,9 +44,9 @@ __all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
 log = logging.getLogger("mtaq.worker")
 
 LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's last heartbeat
-SLOT_WAIT = 1.0  # seconds a job waits for a connection slot before handing itself back
+SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing itself back
 PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
-BUSY_RETRY = 2.0  # a handed-back job runs again after about this long
+BUSY_RETRY = 1.0  # a handed-back job runs again after about this long
 # How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
 # sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built.
 FINISH_CLAIM = 3600.0
@@ -101,6 +101,9 @@ class DeliveryService:
         self.stopping = threading.Event()
         self._leases: dict[str, tuple[str, list[str]]] = {}  # token -> (destination, queue ids)
         self._lock = threading.Lock()
+        self._freed = threading.Condition()  # a conversation ended: a connection or slot is free
+        self._lanes: dict[str, Work] = {}  # destination -> the parcels its conversations take from
+        self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
 
     # -- the job ------------------------------------------------------------------------------------
@@ -124,57 +127,6 @@ class DeliveryService:
                 )
                 self.queue.schedule(destination, ids, delay)
                 return
-        conversation = self._conversation(destination)
-        if conversation is None:
-            delay = BUSY_RETRY * random.uniform(0.5, 1.5)
-            log.debug("%s: all connection slots busy: %d message(s) retry in %.1fs", destination, len(ids), delay)
-            self.queue.schedule(destination, ids, delay)
-            return
-        opened, slot = conversation
-        handed_over = False
-        try:
-            handed_over = self._deliver(destination, ids, force, opened, slot)
-        finally:
-            if not handed_over:
-                self._end_conversation(destination, opened, slot)
-
-    def _conversation(self, destination: str) -> tuple[Opened | None, Slot] | None:
-        """A permit (worker_concurrency) and a slot: with a cached connection, or a slot for a new one."""
-        if not self.permits.acquire(timeout=PERMIT_WAIT):
-            return None
-        cached = self.cache.take(destination)
-        if cached is not None:
-            conn, extra = cached
-            assert isinstance(extra, tuple)
-            slot, target, sent = extra
-            return Opened(conn, -1, sent, target), slot
-        deadline = time.monotonic() + SLOT_WAIT
-        while True:
-            got = self.limits.acquire(destination)
-            if got is not None:
-                return None, got
-            if time.monotonic() >= deadline or self.stopping.is_set():
-                self.permits.release()
-                return None
-            self.sleep(0.05 + random.uniform(0.0, 0.1))
-
-    def _end_conversation(self, destination: str, opened: Opened | None, slot: Slot) -> None:
-        self.permits.release()
-        if opened is not None and opened.to is not None and opened.conn.alive and not self.stopping.is_set():
-            self.cache.give(destination, opened.conn, (slot, opened.to, opened.sent))
-            return
-        if opened is not None:
-            opened.conn.quit()
-        self.limits.release(slot)
-
-    def _drop_idle(self, extra: object) -> None:
-        slot = extra[0] if isinstance(extra, tuple) else None
-        if isinstance(slot, Slot):
-            self.limits.release(slot)
-
-    def _deliver(self, destination: str, ids: Sequence[str], force: bool, opened: Opened | None, slot: Slot) -> bool:
-        """The job with its first conversation in hand; True when that conversation was handed on
-        (to the cache or closed) here."""
         store = self.store
         now = self.clock()
         loaded: Loaded = {}
@@ -214,12 +166,10 @@ class DeliveryService:
                 self._leases[token] = (destination, leased)
         batch = _Batch(self, loaded)
         batch.finished.extend(leftover)
-        handed = False
         try:
             parcels = [Parcel(loaded[q][0].envelope, loaded[q][0].body, due[q]) for q in leased]
             if parcels:
-                handed = True
-                self._run(destination, batch, parcels, opened, slot)
+                self._run(destination, batch, parcels)
         finally:
             if leased:
                 with self._lock:
@@ -230,69 +180,129 @@ class DeliveryService:
         for hop, qids in reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
-        return handed
 
-    def _run(self, destination: str, batch: _Batch, parcels: list[Parcel], opened: Opened | None, slot: Slot) -> None:
-        """The conversations of one job, then what they did not record: deferrals, DNS verdicts."""
+    def _run(self, destination: str, batch: _Batch, parcels: list[Parcel]) -> None:
+        """Put the job's parcels in its destination's lane (the parcels this process's
+        conversations with it take from), see that conversations run, wait for the parcels; then
+        record what the conversations did not: deferrals, DNS verdicts."""
         found = resolve(self.resolver, destination, self.settings.smtp_port)
         if isinstance(found, Outcome):
             fail_all(parcels, found)
-            self._end_conversation(destination, opened, slot)
-        else:
-            if opened is not None:
-                # a cached connection: to which of today's addresses (equal preferences are shuffled)
-                to = opened.to
-                where = [n for n, t in enumerate(found) if to is not None and (t.ip, t.port) == (to.ip, to.port)]
-                if where:
-                    opened.target = where[0]
-                else:
-                    opened.conn.quit()
-                    opened = None
-            work = Work(parcels, found)
-            extras = self._more_conversations(destination, work, batch)
-            self._conversation_thread(destination, work, batch, opened, slot)
-            for t in extras:
-                t.join()
-            untouched = [p for p in work.left() if not p.outcomes] if self.stopping.is_set() else []
-            if untouched:  # stopping: hand back what no conversation took, untried
-                self.queue.enqueue_now(destination, [p.envelope.id for p in untouched])
-                parcels = [p for p in parcels if p not in untouched]
-            for p in parcels:
-                for i in p.pending():
-                    if i not in p.outcomes:
-                        p.outcomes[i] = work.last
+            self._record_rest(destination, batch, parcels)
+            return
+        owner = _Owner(batch, parcels)
+        lane = self._lane(destination, found)
+        try:
+            lane.add(parcels, owner)
+            handed = self._tend(destination, lane, owner, parcels)
+        finally:
+            self._leave_lane(destination, lane)
+        if handed:
+            ids = [p.envelope.id for p in handed]
+            if self.stopping.is_set():
+                log.info("%s: stopping: %d message(s) handed back to the queue", destination, len(ids))
+                self.queue.enqueue_now(destination, ids)
+            else:
+                delay = BUSY_RETRY * random.uniform(0.5, 1.5)
+                log.debug("%s: no connection slot: %d message(s) retry in %.1fs", destination, len(ids), delay)
+                self.queue.schedule(destination, ids, delay)
+            parcels = [p for p in parcels if p not in handed]
+        for p in parcels:
+            for i in p.pending():
+                if i not in p.outcomes:
+                    p.outcomes[i] = lane.last
         self._record_rest(destination, batch, parcels)
 
-    def _more_conversations(self, destination: str, work: Work, batch: _Batch) -> list[threading.Thread]:
-        """Conversations beside the job's own, while it has more messages than conversations and
-        the destination's window and this process's worker_concurrency have room."""
-        extras: list[threading.Thread] = []
-        while len(work) > len(extras) + 1 and not self.stopping.is_set():
+    def _tend(self, destination: str, lane: Work, owner: _Owner, parcels: list[Parcel]) -> list[Parcel]:
+        """Until the job's parcels are done: start conversations while the lane has more parcels
+        than conversations (and slots and permits allow). Returns the parcels handed back: when
+        stopping, or when no conversation could be had for SLOT_WAIT seconds."""
+        no_slot_since: float | None = None
+        handed: list[Parcel] = []
+        while not owner.wait(0.1):
+            if handed:
+                continue  # what a conversation had taken finishes its transaction
+            if self.stopping.is_set():
+                handed = owner.withdrawn(lane.withdraw(parcels))
+                continue
+            started = self._staff(destination, lane)
+            with self._freed:
+                idle = lane.conversations == 0
+            if not idle or started:
+                no_slot_since = None
+                continue
+            if no_slot_since is None:
+                no_slot_since = time.monotonic()
+            elif time.monotonic() - no_slot_since > SLOT_WAIT:
+                handed = owner.withdrawn(lane.withdraw(parcels))
+        return handed
+
+    def _lane(self, destination: str, targets: list[Target]) -> Work:
+        with self._freed:
+            lane = self._lanes.get(destination)
+            if lane is None:
+                lane = self._lanes[destination] = Work(targets)
+            self._lane_users[destination] += 1
+            return lane
+
+    def _leave_lane(self, destination: str, lane: Work) -> None:
+        with self._freed:
+            self._lane_users[destination] -= 1
+            if self._lane_users[destination] <= 0 and lane.conversations == 0:
+                self._lanes.pop(destination, None)
+                self._lane_users.pop(destination, None)
+
+    def _staff(self, destination: str, lane: Work) -> bool:
+        """Start conversations while the lane has more parcels waiting than conversations."""
+        started = False
+        while not self.stopping.is_set():
+            with self._freed:
+                if len(lane) <= lane.conversations:
+                    break
             if not self.permits.acquire(blocking=False):
                 break
-            slot = self.limits.acquire(destination)
-            if slot is None:
+            conversation = self._conversation(destination, lane)
+            if conversation is None:
                 self.permits.release()
                 break
-            t = threading.Thread(
+            opened, slot = conversation
+            with self._freed:
+                lane.conversations += 1
+            threading.Thread(
                 target=self._conversation_thread,
-                args=(destination, work, batch, None, slot),
+                args=(destination, lane, opened, slot),
                 name=f"mtaq-smtp-{destination}",
                 daemon=True,
-            )
-            t.start()
-            extras.append(t)
-        return extras
+            ).start()
+            started = True
+        return started
 
-    def _conversation_thread(
-        self, destination: str, work: Work, batch: _Batch, opened: Opened | None, slot: Slot
-    ) -> None:
+    def _conversation(self, destination: str, lane: Work) -> tuple[Opened | None, Slot] | None:
+        """A cached idle connection (it holds its slot) to one of the lane's addresses, or a slot
+        for a new connection; None when the destination's window is full."""
+        while True:
+            cached = self.cache.take(destination)
+            if cached is None:
+                break
+            conn, extra = cached
+            assert isinstance(extra, tuple)
+            slot, to, sent = extra
+            # to which of the lane's addresses (equal MX preferences are shuffled)
+            where = [n for n, t in enumerate(lane.targets) if (t.ip, t.port) == (to.ip, to.port)]
+            if where:
+                return Opened(conn, where[0], sent, to), slot
+            conn.quit()
+            self.limits.release(slot)
+        got = self.limits.acquire(destination)
+        return None if got is None else (None, got)
+
+    def _conversation_thread(self, destination: str, lane: Work, opened: Opened | None, slot: Slot) -> None:
         result: Opened | None = None
+        reached = False
         try:
-            result = converse(
-                work,
+            result, reached = converse(
+                lane,
                 self.dialer,
-                record=batch.record_final,
                 opened=opened,
                 stopping=self.stopping.is_set,
                 pace=lambda: self._pace(destination),
@@ -301,7 +311,29 @@ class DeliveryService:
         except Exception:
             log.exception("%s: conversation failed", destination)
         finally:
-            self._end_conversation(destination, result, slot)
+            self.permits.release()
+            if result is not None and result.to is not None and result.conn.alive and not self.stopping.is_set():
+                self.cache.give(destination, result.conn, (slot, result.to, result.sent))
+            else:
+                if result is not None:
+                    result.conn.quit()
+                self.limits.release(slot)
+            with self._freed:
+                lane.conversations -= 1
+                alone = lane.conversations == 0
+                if alone and self._lane_users.get(destination, 0) <= 0 and self._lanes.get(destination) is lane:
+                    del self._lanes[destination]  # the next job resolves the destination afresh
+            if alone and not reached and not self.stopping.is_set():
+                # every address failed and no other conversation runs: what waits gets the last
+                # failure now, rather than the next conversation failing the same way
+                lane.left()
+            with self._freed:
+                self._freed.notify_all()
+
+    def _drop_idle(self, extra: object) -> None:
+        slot = extra[0] if isinstance(extra, tuple) else None
+        if isinstance(slot, Slot):
+            self.limits.release(slot)
 
     def _pace(self, destination: str) -> None:
         wait = self.limits.pace(destination)
@@ -403,6 +435,36 @@ class DeliveryService:
         """Stop taking messages: conversations end after their transaction, the rest is handed back."""
         self.stopping.set()
         self.cache.sweep(everything=True)
+
+
+class _Owner:
+    """A job's share of a lane: its final outcomes go to its batch; it waits for its parcels."""
+
+    def __init__(self, batch: _Batch, parcels: list[Parcel]) -> None:
+        self.batch = batch
+        self.left = {id(p) for p in parcels}
+        self._cond = threading.Condition()
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        self.batch.record_final(parcel, positions)
+
+    def done(self, parcel: Parcel) -> None:
+        with self._cond:
+            self.left.discard(id(parcel))
+            if not self.left:
+                self._cond.notify_all()
+
+    def withdrawn(self, parcels: list[Parcel]) -> list[Parcel]:
+        for p in parcels:
+            self.done(p)
+        return parcels
+
+    def wait(self, timeout: float) -> bool:
+        """True once every parcel is done."""
+        with self._cond:
+            if self.left:
+                self._cond.wait(timeout)
+            return not self.left
 
 
 class _Batch:

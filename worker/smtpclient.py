@@ -195,7 +195,7 @@ class ConnectionCache:
     and its destination slot, which an idle connection still holds: it is a connection). A NOOP
     proves one still lives before it is reused. Shared by the conversations of one process."""
 
-    def __init__(self, idle_limit: float = 2.0, *, on_drop: Callable[[object], None] | None = None) -> None:
+    def __init__(self, idle_limit: float = 1.0, *, on_drop: Callable[[object], None] | None = None) -> None:
         self.idle_limit = idle_limit
         self.on_drop = on_drop
         self._idle: dict[str, list[tuple[SMTPConnection, object, float]]] = {}
