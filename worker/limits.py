@@ -38,6 +38,7 @@ log = logging.getLogger("mtaq.limits")
 
 INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
 SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
+FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure still counts at once)
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
 # KEYS: slots, state; ARGV: now, expiry, token, limit, initial window. 1 = taken, 0 = all busy.
@@ -67,7 +68,7 @@ return n
 """
 
 # KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
-# Returns 1 when this failure marked the destination down.
+# Returns 1 when this failure marked the destination down, 2 when a success found the window full.
 _FEEDBACK = """
 local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
 local limit = tonumber(ARGV[2])
@@ -75,6 +76,7 @@ local result = 0
 if ARGV[1] == '1' then
   window = math.min(window + 1, limit)
   redis.call('HSET', KEYS[1], 'window', window, 'failures', 0)
+  if window >= limit then result = 2 end
 else
   local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   window = math.max(window - 1, 1)
@@ -136,6 +138,7 @@ class DestinationLimits:
         self._feedback = r.register_script(_FEEDBACK)
         self._rate = r.register_script(_RATE)
         self._held: dict[str, Slot] = {}
+        self._full_until: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -179,14 +182,21 @@ class DestinationLimits:
             return len(self._held)
 
     def succeeded(self, destination: str) -> None:
-        """A message got through: the window grows, the failure count starts again."""
-        self._feed(destination, True, "")
+        """A message got through: the window grows, the failure count starts again. Once the
+        window is full and no failure was seen, the news is not written for a while (every write
+        waits for Redis's fsync)."""
+        now = self.clock()
+        if self._full_until.get(destination, 0.0) > now:
+            return
+        if self._feed(destination, True, "") == "full":
+            self._full_until[destination] = now + FULL_QUIET
 
     def failed(self, destination: str, reason: str) -> bool:
         """A connection failed; True when that marked the destination down."""
-        return self._feed(destination, False, reason)
+        self._full_until.pop(destination, None)
+        return self._feed(destination, False, reason) == "down"
 
-    def _feed(self, destination: str, ok: bool, reason: str) -> bool:
+    def _feed(self, destination: str, ok: bool, reason: str) -> str:
         keys = [dest_key(destination, "state"), dest_key(destination, "down")]
         args = [
             "1" if ok else "0",
@@ -197,8 +207,8 @@ class DestinationLimits:
             reason or "connection failures",
             STATE_TTL,
         ]
-        went_down = bool(self._feedback(keys=keys, args=args))
-        if went_down:
+        result = int(self._feedback(keys=keys, args=args))
+        if result == 1:
             log.warning(
                 "%s: %d connection failures in a row: delivery suspended for %.0fs (%s)",
                 destination,
@@ -206,7 +216,8 @@ class DestinationLimits:
                 self.retry_time,
                 reason,
             )
-        return went_down
+            return "down"
+        return "full" if result == 2 else ""
 
     def down(self, destination: str) -> Down | None:
         """Why and for how long the destination is throttled, or None."""
