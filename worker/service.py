@@ -161,6 +161,12 @@ class DeliveryService:
                 due[qid] = mine
         token = uuid.uuid4().hex
         leased = store.lease(list(due), destination, token, LEASE_TTL) if due else []
+        busy = [q for q in due if q not in set(leased)]
+        if busy:
+            # Another job holds them now, or a dead worker's job did (its lease lapses within
+            # LEASE_TTL): look again then, so that nothing is left without a job. A live holder
+            # leaves them final or with a retry of their own, and the look finds nothing to do.
+            self.queue.schedule(destination, busy, LEASE_TTL + random.uniform(1.0, 5.0))
         if leased:
             with self._lock:
                 self._leases[token] = (destination, leased)

@@ -232,3 +232,38 @@ def test_a_remote_that_stops_answering_is_reported_as_timed_out(
     st = ctx.store.statuses(qid)[0]
     assert st.state is RcptState.DEFERRED and st.dsn == "4.4.2"
     assert st.reply.startswith("conversation with mx.a.test[127.0.0.2]") and "timed out while sending" in st.reply
+
+
+def test_an_mx_on_the_address_we_listen_on_bounces_as_a_loop(
+    ctx_factory: Callable[..., jobs.Context], zone: ZoneServer, sinks: Callable[..., SinkServer]
+) -> None:
+    """The worker knows the address the ingress listens on (the `listen` setting): mail whose MX
+    resolves to it would come back to us, so it bounces 5.4.6 instead of looping."""
+    sinks("127.0.0.9")  # the sender's domain, for the DSN
+    route(zone, "loops.test", "127.0.0.1")
+    ctx = ctx_factory(listen="127.0.0.1:2525")
+    qid = queue(ctx, "bob@loops.test")
+    jobs.deliver("loops.test", [qid])
+    assert ctx.store.load(qid) is None
+    [dsn_id] = ctx.store.queue_ids()
+    dsn = ctx.store.load(dsn_id)
+    assert dsn is not None and b"Status: 5.4.6" in dsn.body
+
+
+def test_an_mx_with_only_an_ipv6_address_gets_the_mail_over_ipv6(
+    ctx_factory: Callable[..., jobs.Context], zone: ZoneServer, mx_port: int
+) -> None:
+    zone.add("v6.test.", "MX", "10 mx.v6.test.")
+    zone.add("mx.v6.test.", "AAAA", "::1")
+    try:
+        box = SinkServer("::1", mx_port).start()
+    except (OSError, RuntimeError) as e:  # pragma: no cover - a host without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        ctx = ctx_factory()
+        qid = queue(ctx, "bob@v6.test")
+        jobs.deliver("v6.test", [qid])
+        assert [m[1] for m in box.messages] == [["bob@v6.test"]]
+        assert ctx.store.load(qid) is None
+    finally:
+        box.stop()
