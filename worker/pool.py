@@ -33,6 +33,7 @@ from typing import Any
 import redis
 from rq import SimpleWorker
 from rq.exceptions import DequeueTimeout
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import TimerDeathPenalty
@@ -131,6 +132,27 @@ class ConcurrentWorker(SimpleWorker):
             self._free.release()
             with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
                 self._set_idle_if_done()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        self._forget_lapsed_executions(job)
+        super().handle_job_success(job, queue, started_job_registry, execution)
+
+    def _forget_lapsed_executions(self, job: Job) -> None:
+        """A job re-run after its worker died still lists the dead execution in its
+        ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
+        entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
+        found in Redis". Drop such entries first."""
+        registry = ExecutionRegistry(job.id, connection=self.connection)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.connection.zrange(registry.key, 0, -1)]
+        if len(ids) < 2:
+            return
+        with self.connection.pipeline() as pipe:
+            for eid in ids:
+                pipe.exists(Execution(eid, job.id, connection=self.connection).key)
+            alive = pipe.execute()
+        gone = [eid for eid, there in zip(ids, alive, strict=True) if not there]
+        if gone:
+            self.connection.zrem(registry.key, *gone)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # An execution lives EXECUTION_TTL past the last heartbeat, however long the job may run
