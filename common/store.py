@@ -40,6 +40,7 @@ PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
 SWEEP_LOCK = PREFIX + "sweep-lock"
+RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
 HOLD = PREFIX + "hold"  # set of queue ids on hold: no delivery, no expiry, no bounce
 
 

@@ -13,7 +13,8 @@ an asyncio loop would need an asyncio RQ and redis client underneath, which RQ i
 - A heartbeat thread pushes on, every ``HEARTBEAT`` seconds, the worker's key, every execution
   (``EXECUTION_TTL``), and the leases the delivery service holds (messages, connection slots). A
   worker killed with SIGKILL stops heartbeating: its executions lapse after ``EXECUTION_TTL``
-  seconds and RQ's registry clean-up (run every ``RECOVERY_INTERVAL`` seconds by some worker) re-runs
+  seconds and RQ's registry clean-up (run every ``RECOVERY_INTERVAL`` seconds by every worker, in a
+  thread of its own so that a young worker takes jobs at once) re-runs
   their jobs at once (CRASH_RETRY); the message leases lapse with them, so the re-run may take them.
 - Job timeouts: RQ's ``TimerDeathPenalty`` (the SIGALRM one only works in the main thread).
 - SIGTERM (warm shutdown): no more jobs are taken; conversations end after the transaction in
@@ -31,15 +32,18 @@ import time
 from typing import Any
 
 import redis
-from rq import SimpleWorker
+from rq import SimpleWorker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution, ExecutionRegistry
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import clean_registries
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
+from common.store import RECOVERY_LOCK
 from worker.service import DeliveryService
 
 __all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
@@ -50,6 +54,7 @@ HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
 EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
 DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
+INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before it is handed back
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 
 
@@ -78,8 +83,6 @@ class ConcurrentWorker(SimpleWorker):
             if not self._free.acquire(timeout=1.0):
                 continue  # every job slot busy: the queue waits in Redis, where others may take it
             try:
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
                 result = self.queue_class.dequeue_any(
                     self._ordered_queues,
                     None if timeout is None else min(timeout, DEQUEUE_WAIT),
@@ -171,6 +174,7 @@ class ConcurrentWorker(SimpleWorker):
             return
         self._beat = threading.Thread(target=self._heartbeat_loop, name="mtaq-heartbeat", daemon=True)
         self._beat.start()
+        threading.Thread(target=self._recovery_loop, name="mtaq-recovery", daemon=True).start()
 
     def _heartbeat_loop(self) -> None:
         while not self._beat_stop.wait(HEARTBEAT):
@@ -217,8 +221,55 @@ class ConcurrentWorker(SimpleWorker):
         self._beat_stop.set()
         super().teardown()  # type: ignore[no-untyped-call]
 
+    def clean_registries(self) -> None:
+        """RQ's registry clean-up (abandoned jobs re-run, dead workers forgotten), under a lock of
+        our own: RQ's lasts 899 s, so a worker killed while cleaning would stop every clean-up for a
+        quarter of an hour, and the mail of every worker that dies meanwhile with it."""
+        for queue in self.queues:
+            key = f"{RECOVERY_LOCK}:{queue.name}"
+            if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_INTERVAL * 3):
+                continue
+            try:
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                self._rescue_intermediate(queue)
+            finally:
+                if self.connection.get(key) in (self.name, self.name.encode()):
+                    self.connection.delete(key)
+        self.last_cleaned_at = rq_now()  # type: ignore[assignment]
+
+    def _rescue_intermediate(self, queue: Queue) -> None:
+        """A job taken off the queue by a worker that died before it registered the execution sits
+        in RQ's intermediate queue; RQ hands it back after a minute. We do after INTERMEDIATE_GRACE
+        seconds: mail held by a dead worker is to go out again within 60 s."""
+        inter = IntermediateQueue(queue.key, connection=self.connection)
+        for job_id in inter.get_job_ids():
+            if job_id in queue.started_job_registry:
+                continue
+            if inter.set_first_seen(job_id):
+                continue
+            first = inter.get_first_seen(job_id)
+            if first is None or (rq_now() - first).total_seconds() < INTERMEDIATE_GRACE:
+                continue
+            job = queue.fetch_job(job_id)
+            if job is None:
+                inter.remove(job_id)
+                continue
+            log.warning("worker %s: job %s was taken by a worker that died: handed back", self.name, job_id)
+            self.handle_job_failure(job, queue, exc_string="taken off the queue by a worker that died")
+            inter.remove(job_id)
+
     @property
     def should_run_maintenance_tasks(self) -> bool:
-        if self.last_cleaned_at is None:
-            return True
-        return (rq_now() - self.last_cleaned_at).total_seconds() > RECOVERY_INTERVAL
+        # RQ's own loop never runs them inline: the recovery thread does (_recovery_loop), so that
+        # a worker takes jobs from its first second, however much a clean-up has to do.
+        return False
+
+    def _recovery_loop(self) -> None:
+        while True:
+            try:
+                self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
+            except Exception as e:
+                log.warning("worker %s: registry clean-up failed (%s); next in %ds", self.name, e, RECOVERY_INTERVAL)
+            if self._beat_stop.wait(RECOVERY_INTERVAL):
+                return
