@@ -48,8 +48,10 @@ SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing itse
 PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
 BUSY_RETRY = 1.0  # a handed-back job runs again after about this long
 # How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
-# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built.
-FINISH_CLAIM = 3600.0
+# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built. Short:
+# a finisher that died has its message finished by the next look, within a minute.
+FINISH_CLAIM = 30.0
+WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
 
 # KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
 _RENEW = """
@@ -170,7 +172,7 @@ class DeliveryService:
         if leased:
             with self._lock:
                 self._leases[token] = (destination, leased)
-        batch = _Batch(self, loaded)
+        batch = _Batch(self, loaded, destination)
         batch.finished.extend(leftover)
         try:
             parcels = [Parcel(loaded[q][0].envelope, loaded[q][0].body, due[q]) for q in leased]
@@ -399,13 +401,19 @@ class DeliveryService:
         for found in self.store.load_many(stale) if stale else []:
             if found is not None:
                 views[found[0].envelope.id] = found
-        self.finish_loaded(list(views.values()))
+        self.finish_loaded(list(views.values()), batch.destination)
 
-    def finish_loaded(self, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
+    def finish_loaded(
+        self, done: Sequence[tuple[Message, dict[int, RecipientStatus]]], destination: str | None = None
+    ) -> None:
         """DSNs and deletes of finished messages, in one transaction, each claimed first."""
         if not done:
             return
         claimed = set(self.store.lease([m.envelope.id for m, _ in done], "finish", uuid.uuid4().hex, FINISH_CLAIM))
+        others = [m.envelope.id for m, _ in done if m.envelope.id not in claimed]
+        if others and destination is not None:
+            # another finisher has it, or had it and died: look again once its claim has lapsed
+            self.queue.schedule(destination, others, FINISH_CLAIM + random.uniform(1.0, 5.0))
         done = [d for d in done if d[0].envelope.id in claimed]
         now = self.clock()
         dsns: list[Message] = []
@@ -476,8 +484,9 @@ class _Owner:
 class _Batch:
     """One job's messages and what has been recorded of them so far (conversations share it)."""
 
-    def __init__(self, service: DeliveryService, loaded: Loaded) -> None:
+    def __init__(self, service: DeliveryService, loaded: Loaded, destination: str | None = None) -> None:
         self.service = service
+        self.destination = destination
         self.loaded = loaded
         self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
         self.finished: list[str] = []
@@ -509,7 +518,18 @@ class _Batch:
         )
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
-        results = self.service.store.set_statuses(updates)
+        """Record outcomes. A Redis that is restarting is waited for (WRITE_PATIENCE): the mail has
+        gone, and a failed job would send it again."""
+        deadline = time.monotonic() + WRITE_PATIENCE
+        while True:
+            try:
+                results = self.service.store.set_statuses(updates)
+                break
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Redis unavailable: %d outcome(s) wait to be recorded", sum(map(len, updates.values())))
+                time.sleep(0.5)
         with self._lock:
             for qid, codes in results.items():
                 self.recorded[qid].update(updates[qid])
