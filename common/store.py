@@ -6,7 +6,10 @@ No other module builds a key string. Keys (all prefixed ``mtaq:``; RQ keeps its 
 ``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
 ``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
-``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, attempts, dsn
+``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, attempts, dsn, and the
+                    metrics' own (common/metrics.py: accepted, connections, rejected:<code>, ...)
+``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
+``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ __all__ = [
 PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
+HOLD = PREFIX + "hold"
+SAMPLES = PREFIX + "samples"
+SAMPLE_LOCK = PREFIX + "samples-lock"
 # The job function, by import path: common/ must not import worker/.
 DELIVER_FUNC = "worker.jobs.deliver"
 # Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
+from common import metrics
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of, new_queue_id
 from common.redisconn import connect
 from common.settings import Settings
@@ -92,6 +93,7 @@ class _Batch:
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        metrics.delivery_attempt(state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
         return RecipientStatus(
             state=state,
             attempts=old.attempts + 1,
