@@ -136,9 +136,10 @@ class Monitor:
         workers = self.workers()
         stats = {k: int(v) for k, v in self.stats().items()}
         problems = [] if workers else ["no worker heartbeat: start `mtaq worker`"]
-        return render(
-            sh, workers, self.samples(sh.now - 3600 - 120), hostname=self.hostname, stats=stats, problems=problems
-        )
+        # the chart ends with the queue as it is now, between two samples
+        live = Sample(sh.now, sh.messages, stats.get("delivered", 0) + stats.get("bounced", 0))
+        samples = [*self.samples(sh.now - 3600 - 120), live]
+        return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
 
 
 class MtaqCollector(Collector):
@@ -197,7 +198,7 @@ class MtaqCollector(Collector):
         lat = HistogramMetricFamily(
             "mtaq_delivery_latency_seconds", "Seconds from arrival to a recipient's final state (sent or bounced)"
         )
-        lat.add_metric([], buckets, sum_value=st.get(m.LATENCY_SUM, 0.0))
+        lat.add_metric([], buckets, sum_value=st.get(m.LATENCY_SUM_MS, 0.0) / 1000.0)
         yield lat
         qm = GaugeMetricFamily("mtaq_queue_messages", "Messages in the queue by state", labels=["state"])
         for state in QUEUE_STATES:

@@ -51,7 +51,7 @@ RECEIVED_BYTES = "received_bytes"
 RETRIES = "retries"
 REJECTED_PREFIX = "rejected:"
 LATENCY_BUCKET_PREFIX = "latency_le:"  # one field per bucket, not cumulative; "+Inf" last
-LATENCY_SUM = "latency_sum"
+LATENCY_SUM_MS = "latency_sum_ms"  # milliseconds: every field of the hash stays an integer
 LATENCY_COUNT = "latency_count"
 
 
@@ -69,7 +69,6 @@ class Counters:
         self.interval = interval
         self._lock = threading.Lock()
         self._ints: Counter[str] = Counter()
-        self._floats: dict[str, float] = {}
         self._redis: redis.Redis | None = None
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
@@ -87,22 +86,15 @@ class Counters:
             self._ints[name] += n
             self._start()
 
-    def add_float(self, name: str, x: float) -> None:
+    def pending(self) -> dict[str, int]:
         with self._lock:
-            self._after_fork()
-            self._floats[name] = self._floats.get(name, 0.0) + x
-            self._start()
-
-    def pending(self) -> dict[str, float]:
-        with self._lock:
-            return {**self._ints, **self._floats}
+            return dict(self._ints)
 
     def _after_fork(self) -> None:
         # a forked ingress child inherits the parent's counts (written by the parent) and no thread
         if os.getpid() != self._pid:
             self._pid = os.getpid()
             self._ints.clear()
-            self._floats.clear()
             self._thread = None
 
     def _start(self) -> None:
@@ -120,24 +112,19 @@ class Counters:
         """Write what was counted; on a Redis error keep it for the next round. True when written."""
         with self._lock:
             r = self._redis
-            if r is None or os.getpid() != self._pid or not (self._ints or self._floats):
+            if r is None or os.getpid() != self._pid or not self._ints:
                 return True
-            ints, floats = self._ints, self._floats
-            self._ints, self._floats = Counter(), {}
+            ints, self._ints = self._ints, Counter()
         try:
             pipe = r.pipeline(transaction=False)
             for k, v in ints.items():
                 pipe.hincrby(STATS, k, v)
-            for k, x in floats.items():
-                pipe.hincrbyfloat(STATS, k, x)
             pipe.execute()
             return True
         except (redis.RedisError, OSError) as e:
             log.debug("metrics not written yet: %s", e)
             with self._lock:
                 self._ints.update(ints)
-                for k, x in floats.items():
-                    self._floats[k] = self._floats.get(k, 0.0) + x
             return False
 
 
@@ -181,4 +168,4 @@ def delivery_attempt(final: bool, seconds_in_queue: float, earlier_attempts: int
     if final:
         counters.add(latency_bucket(seconds_in_queue))
         counters.add(LATENCY_COUNT)
-        counters.add_float(LATENCY_SUM, max(0.0, seconds_in_queue))
+        counters.add(LATENCY_SUM_MS, round(max(0.0, seconds_in_queue) * 1000))
