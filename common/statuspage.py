@@ -80,8 +80,10 @@ def chart_svg(samples: Sequence[Sample], now: float, window: float = 3600.0) -> 
     recent = [s for s in samples if s.t >= t0 - 120]
     depth = [(s.t, float(s.depth)) for s in recent if s.t >= t0]
     rate = [(t, r) for t, r in rates(recent) if t >= t0]
-    dmax = max([v for _, v in depth] + [1.0])
-    rmax = max([v for _, v in rate] + [1.0])
+    # headroom above the highest point, so that a flat line does not run along the frame
+    dtop = max([v for _, v in depth] + [1.0])
+    rtop = max([v for _, v in rate] + [1.0])
+    dmax, rmax = dtop * 1.2, rtop * 1.2
     w, h = CHART_W - 2 * PAD, CHART_H - 2 * PAD
     ticks = "".join(
         f'<text x="{PAD + i / 4 * w:.0f}" y="{CHART_H - 12}" text-anchor="middle">-{60 - i * 15}m</text>'
@@ -100,9 +102,9 @@ def chart_svg(samples: Sequence[Sample], now: float, window: float = 3600.0) -> 
         f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_W}" height="{CHART_H}" '
         f'viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="queue depth and delivery rate, last hour">'
         f'<rect x="{PAD}" y="{PAD}" width="{w}" height="{h}" fill="#fafafa" stroke="#ccc"/>'
-        f'<text x="{PAD}" y="{PAD - 8}" class="depth-label">queue depth (max {dmax:.0f} messages)</text>'
+        f'<text x="{PAD}" y="{PAD - 8}" class="depth-label">queue depth (max {dtop:.0f} messages)</text>'
         f'<text x="{CHART_W - PAD}" y="{PAD - 8}" text-anchor="end" class="rate-label">'
-        f"delivery rate (max {rmax:.0f}/min)</text>"
+        f"delivery rate (max {rtop:.0f}/min)</text>"
         f"{ticks}{body}</svg>"
     )
 
