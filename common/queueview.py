@@ -16,7 +16,8 @@ from typing import Any
 import redis
 
 from common.envelope import Envelope, RcptState, RecipientStatus
-from common.store import HOLD, INDEX, msg_key, next_hop, rcpt_key
+from common.routing import next_hop
+from common.store import HOLD, INDEX, msg_key, rcpt_key
 
 __all__ = [
     "AGE_BUCKETS",

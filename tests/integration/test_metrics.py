@@ -46,7 +46,7 @@ def test_metrics_of_mtaq_run_count_real_traffic(
         MTAQ_HOSTNAME="mtaq.test",
         MTAQ_CONNECT_TIMEOUT="2",
     )
-    argv = [sys.executable, "-m", "common.cli", "run", "--data-dir", str(tmp_path / "var")]
+    argv = [sys.executable, "-m", "mtaq", "run", "--data-dir", str(tmp_path / "var")]
     argv += ["--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}", "--workers", "2"]
     with open(log, "ab") as out:
         p = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
