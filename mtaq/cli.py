@@ -17,7 +17,7 @@ from common.settings import Settings, add_arguments
 from common.supervise import Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
-from mtaq.opscmd import add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
+from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from worker.process import main as worker_main
 
@@ -87,7 +87,7 @@ def cmd_passwd(settings: Settings, user: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtaq", description="mtaq mail transfer agent")
+    p = OneLineParser(prog="mtaq", description="mtaq mail transfer agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="all in one: embedded Redis, one ingress, N workers")
     add_arguments(run, "run")

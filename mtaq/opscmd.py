@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 from common.exporter import Monitor, serve_in_thread
 from common.health import CHECKS, DEFAULT_CHECKS, run_checks
@@ -18,6 +18,7 @@ from common.redisconn import connect
 from common.settings import Settings
 
 __all__ = [
+    "OneLineParser",
     "add_exporter_parser",
     "add_health_parser",
     "add_settings",
@@ -25,6 +26,14 @@ __all__ = [
     "cmd_health",
     "serve_monitor",
 ]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line with a hint, not the whole usage text (exit 2 as argparse does)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
 
 # where Redis is: every operator command needs these
 REDIS_SETTINGS = ("redis_url", "data_dir", "queue_name")
