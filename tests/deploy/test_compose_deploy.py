@@ -249,7 +249,7 @@ def test_compose_deployment_delivers_mail(deployment: dict[str, object]) -> None
 
     def queue_empty() -> bool:
         out = _run([*dc, "exec", "-T", "ingress", "mtaq", "queue", "stats"], env=env, cwd=ctx)
-        return re.search(r"messages in queue\s+0\b", out) is not None
+        return re.search(r"^messages in queue: 0 ", out, re.M) is not None
 
     _wait("queue empty", queue_empty, 60, t0)
     stats = _run([*dc, "exec", "-T", "ingress", "mtaq", "queue", "stats"], env=env, cwd=ctx)
