@@ -131,7 +131,7 @@ def load_views(
             yield MessageView(env, int(size), rcpts, bool(held[n]))
 
 
-_VOLATILE = re.compile(r"\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
+_VOLATILE = re.compile(r"\b[0-9A-F]{10,}\b|\b\d{6,}\b")  # queue ids, long numbers; not ports
 
 
 def reason_of(reply: str, limit: int = 100) -> str:

@@ -59,12 +59,12 @@ def list_text(views: Sequence[MessageView], now: float) -> str:
         head = f"{v.qid + _MARK[v.state]:<21}{age_text(v.age(now)):>7} {v.size:>9}  "
         out.append(head + cut(sender, WIDTH - len(head)))
         for r in v.open:
-            state = r.state.value if not v.held else f"held/{r.state.value}"
-            line = f"  {state:<19}{r.status.attempts:>7} {'':>9}  "
-            out.append(line + cut(r.address, WIDTH - len(line)))
             if r.state is RcptState.DEFERRED and r.status.reply:
-                pad = " " * 40
-                out.append(pad + "(" + cut(r.status.reply, WIDTH - len(pad) - 2) + ")")
+                out.append(" " * 10 + "(" + cut(r.status.reply, WIDTH - 12) + ")")
+            tries = f", {r.status.attempts} tr{'y' if r.status.attempts == 1 else 'ies'}" if r.status.attempts else ""
+            label = f"held ({r.state.value}{tries})" if v.held else f"{r.state.value}{tries}"
+            line = f"{'':10}{label:<30}"
+            out.append(line + cut(r.address, WIDTH - len(line)))
         out.append("")
     n = len(views)
     out.append(f"-- {total // 1024} Kbytes in {n} Request{'s' if n != 1 else ''}.")
@@ -189,11 +189,12 @@ def stats_text(
     if throttled:
         out.append("destinations throttled or down:")
         for dest, why, ttl in throttled:
-            out.append(cut(f"  {dest} for {age_text(ttl)}: {why}", WIDTH))
+            head = f"  {dest} for {age_text(ttl)}: "
+            out.append(head + cut(why, WIDTH - len(head)))
     if shape.reasons:
         out.append("top deferral reasons:")
         for reason, n in shape.reasons.most_common(5):
-            out.append(cut(f"  {n:>6}  {reason}", WIDTH))
+            out.append(f"  {n:>6}  " + cut(reason, WIDTH - 10))
     shown = ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if ":" not in k and "latency" not in k)
     out += textwrap.wrap("totals since Redis started: " + shown, WIDTH, subsequent_indent="  ")
     return "\n".join(out) + "\n"
