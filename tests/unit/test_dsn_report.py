@@ -118,3 +118,10 @@ def test_never_a_delay_warning_for_mail_from_null() -> None:
     m = msg(Recipient("slow@y.test"), sender="")
     assert delay_warning_recipients(m.envelope, {0: DEFERRED}) == []
     assert make_delay_dsn(m, {0: DEFERRED}, "h", 20000.0) is None
+
+
+def test_trusted_is_kept_in_the_envelope_json_and_absent_means_false() -> None:
+    env = Envelope(id="Q1", sender="a@x.test", recipients=[Recipient("b@y.test")], trusted=True)
+    assert '"trusted":true' in env.to_json() and Envelope.from_json(env.to_json()).trusted
+    env.trusted = False
+    assert "trusted" not in env.to_json() and not Envelope.from_json(env.to_json()).trusted

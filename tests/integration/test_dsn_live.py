@@ -1,0 +1,84 @@
+"""Delay warnings and bounce_lifetime end to end: ingress and worker processes, a real Redis, DNS on
+loopback, aiosmtpd sinks as the remote MX and as the sender's own MX (where reports arrive)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from email.message import EmailMessage
+
+import pytest
+
+from tests.dnsserver import ZoneServer
+from tests.integration.conftest import MTA, message, route
+from tests.sinks import SinkServer, wait_for
+
+SENDER = "alice@client.test"
+
+
+@pytest.fixture
+def zone(dns: ZoneServer) -> ZoneServer:
+    route(dns, "client.test", "127.0.0.9")  # the sender's domain: reports go there
+    route(dns, "a.test", "127.0.0.2")
+    return dns
+
+
+def parse(data: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def actions(data: bytes) -> list[str]:
+    """The Action of each recipient block of an RFC 3464 report."""
+    report = parse(data)
+    assert report.get_content_type() == "multipart/report" and report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = status.get_payload()
+    assert isinstance(blocks, list)
+    return [str(b["Action"]) for b in blocks[1:] if isinstance(b, email.message.Message)]
+
+
+def test_a_recipient_deferred_past_delay_warning_gets_exactly_one_delayed_dsn(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    box = sinks("127.0.0.2")
+    box.rcpt_default = "451 4.3.0 Try again later"
+    home = sinks("127.0.0.9")
+    # retried every second; warned at the first deferral 2 s after arrival; gives up at 8 s, so
+    # several deferrals come after the warning, each a chance to send a second one
+    mta = mta_factory(min_backoff=1, max_backoff=1, queue_lifetime=8, delay_warning=2)
+    mta.start_ingress()
+    mta.start_worker()
+    qid = mta.send(SENDER, ["slow@a.test"], message("slow"))
+    assert wait_for(lambda: any("failed" in actions(m[2]) for m in home.messages), 60), mta.logs()
+    reports = [(m[0], m[1], actions(m[2]), parse(m[2])) for m in home.messages]
+    delayed = [r for r in reports if r[2] == ["delayed"]]
+    assert len(delayed) == 1, mta.logs()
+    sender, rcpts, _, report = delayed[0]
+    assert sender == "" and rcpts == [SENDER]
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    assert [r[2] for r in reports].count(["failed"]) == 1 and len(reports) == 2
+    logs = mta.logs()
+    warned_at = logs.index(f"{qid}: sender delay notification:")
+    assert f"{qid}: to=<slow@a.test>" in logs[warned_at:] and "status=deferred" in logs[warned_at:], logs
+    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+
+
+def test_a_bounce_gives_up_at_bounce_lifetime_while_other_mail_waits(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    box = sinks("127.0.0.2")
+    box.rcpt_default = "451 4.3.0 Try again later"
+    home = sinks("127.0.0.9")
+    mta = mta_factory(min_backoff=1, max_backoff=1, queue_lifetime=600, bounce_lifetime=3)
+    mta.start_ingress()
+    mta.start_worker()
+    bounce = mta.send("", ["slow@a.test"], message("a bounce"))
+    ordinary = mta.send(SENDER, ["slow2@a.test"], message("ordinary"))
+    assert wait_for(lambda: mta.store.load(bounce) is None, 60), mta.logs()
+    assert mta.store.load(ordinary) is not None  # queue_lifetime (600 s) still holds it
+    logs = mta.logs()
+    assert f"{bounce}: to=<slow@a.test>" in logs and "gave up after" in logs, logs
+    assert home.messages == []  # nobody to tell about a bounce that could not be delivered
