@@ -82,3 +82,54 @@ def test_a_bounce_gives_up_at_bounce_lifetime_while_other_mail_waits(
     logs = mta.logs()
     assert f"{bounce}: to=<slow@a.test>" in logs and "gave up after" in logs, logs
     assert home.messages == []  # nobody to tell about a bounce that could not be delivered
+
+
+def test_mail_from_outside_gets_only_headers_back_and_is_told_why(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    """An inbound relay: the client is neither in mynetworks nor authenticated, so a bounce to the
+    sender it claimed must not carry the content (backscatter), whatever RET says."""
+    box = sinks("127.0.0.2")
+    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory(mynetworks="10.9.9.0/24", relay_domains="a.test")
+    mta.start_ingress()
+    mta.start_worker()
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER, ["RET=FULL"])[0] == 250
+        assert s.rcpt("bad@a.test")[0] == 250
+        assert s.data(message("outside", body="SECRET-CONTENT\r\n"))[0] == 250
+    assert wait_for(lambda: home.messages, 30), mta.logs()
+    data = home.messages[0][2]
+    assert actions(data) == ["failed"] and b"SECRET-CONTENT" not in data
+    report = parse(data)
+    kinds = [p.get_content_type() for p in report.iter_parts()]
+    assert kinds == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    text = " ".join(next(iter(report.iter_parts())).get_content().split())
+    assert "only its headers are attached" in text
+
+
+def test_eight_bit_mail_with_ret_full_comes_back_whole_over_8bitmime(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    box = sinks("127.0.0.2")
+    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
+    home = sinks("127.0.0.9")
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    body = "From: <alice@client.test>\r\nSubject: café\r\nMIME-Version: 1.0\r\n"
+    body += "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nsmörgåsbord\r\n"
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER, ["RET=FULL", "BODY=8BITMIME"])[0] == 250
+        assert s.rcpt("bad@a.test")[0] == 250
+        assert s.data(body.encode())[0] == 250
+    assert wait_for(lambda: home.deliveries, 30), mta.logs()
+    delivery = home.deliveries[0]
+    assert "BODY=8BITMIME" in delivery.mail_options  # the report is 8-bit and says so
+    report = parse(delivery.data)
+    original = list(report.iter_parts())[2]
+    assert original.get_content_type() == "message/rfc822" and original["Content-Transfer-Encoding"] == "8bit"
+    assert "smörgåsbord".encode() in delivery.data
