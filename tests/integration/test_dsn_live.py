@@ -133,3 +133,31 @@ def test_eight_bit_mail_with_ret_full_comes_back_whole_over_8bitmime(
     original = list(report.iter_parts())[2]
     assert original.get_content_type() == "message/rfc822" and original["Content-Transfer-Encoding"] == "8bit"
     assert "smörgåsbord".encode() in delivery.data
+
+
+def test_smtputf8_bounce_is_an_internationalized_report_in_one_escaping(
+    zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    box = sinks("127.0.0.2", smtputf8=True)
+    box.rcpt_replies["rejectjörg@a.test"] = "550 5.1.1 <rejectjörg@a.test>: User unknown"
+    home = sinks("127.0.0.9", smtputf8=True)
+    mta = mta_factory()
+    mta.start_ingress()
+    mta.start_worker()
+    body = "From: <jörg@client.test>\r\nTo: <rejectjörg@a.test>\r\nSubject: grüße\r\n\r\nhallo\r\n"
+    with mta.smtp() as s:
+        s.ehlo()
+        assert s.mail("jörg@client.test", ["SMTPUTF8", "RET=FULL"])[0] == 250
+        assert s.rcpt("rejectjörg@a.test")[0] == 250
+        assert s.data(body.encode())[0] == 250
+    assert wait_for(lambda: home.deliveries, 30), mta.logs()
+    delivery = home.deliveries[0]
+    assert delivery.rcpt_tos == ["jörg@client.test"] and "SMTPUTF8" in delivery.mail_options
+    report = parse(delivery.data)
+    assert report.get_param("report-type") == "global-delivery-status"
+    kinds = [p.get_content_type() for p in report.iter_parts()]
+    assert kinds == ["text/plain", "message/global-delivery-status", "message/global"]
+    status = delivery.data.decode("utf-8").split("message/global-delivery-status", 1)[1]
+    assert "Final-Recipient: utf-8; rejectjörg@a.test" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1 <rejectjörg@a.test>: User unknown" in status
+    assert "\\x" not in delivery.data.decode("utf-8")  # neither \x{F6} nor \xf6 beside the UTF-8
