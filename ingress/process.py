@@ -12,7 +12,7 @@ from typing import Any
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
-from common.store import Store
+from common.spool import Spool
 from common.supervise import Child, Supervisor
 from ingress.auth import Credentials
 from ingress.server import Ingress, install_signal_handlers, make_ssl_context
@@ -35,11 +35,11 @@ def bind(listen: tuple[str, int]) -> socket.socket:
 
 
 def build_ingress(settings: Settings) -> Ingress:
-    store = Store.from_settings(settings, connect(settings, timeout=5.0))
+    spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
     ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     creds = Credentials(settings.auth_file) if settings.auth_file else None
     return Ingress(
-        store,
+        spool,
         SessionConfig.from_settings(settings),
         idle_timeout=settings.idle_timeout,
         max_connections=settings.max_connections,

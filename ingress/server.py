@@ -19,7 +19,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from common.envelope import Envelope, new_queue_id
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
@@ -65,7 +66,7 @@ class Ingress:
 
     def __init__(
         self,
-        store: Store,
+        spool: Spool,
         config: SessionConfig,
         *,
         idle_timeout: float,
@@ -78,7 +79,7 @@ class Ingress:
         credentials: Credentials | None = None,
         shutdown_grace: float = 30.0,
     ) -> None:
-        self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
+        self.committer = Committer(spool, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
         self.config = dataclasses.replace(
             config,
             mail_gate=self.committer.gate,

@@ -4,8 +4,8 @@ Called by the delivery job right after it has recorded a round of deferrals, wit
 that were deferred and their recipient states as now recorded. The decisions are pure
 (``worker/retry.py``: is it late enough; ``worker/dsn.py``: who wants to hear of it, never mail
 from ``<>``); the once-per-message promise is the store's: a claim in the message's own hash
-(``Store.claim_delay_warnings``), so two jobs for two destinations of one message, or a re-run job,
-never send two.
+(``Store.claim_delay_warnings``), so two jobs for two destinations of one message, or a re-run
+job, never send two. The report is queued like any mail (``Spool.commit``).
 
 The claim is taken before the report is queued. A worker dying between the two loses that warning
 (at most once), rather than risking two: a warning is advice, not mail anyone handed us.
@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 
 from common.envelope import RecipientStatus
 from common.settings import Settings
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message
 from worker.dsn import delay_warning_recipients, make_delay_dsn
 from worker.retry import delay_warning_due, lifetime
 
@@ -28,7 +29,7 @@ log = logging.getLogger("mtaq.worker")
 
 
 def warn_delayed(
-    store: Store,
+    spool: Spool,
     settings: Settings,
     deferred: Sequence[tuple[Message, Mapping[int, RecipientStatus]]],
     now: float,
@@ -44,7 +45,7 @@ def warn_delayed(
     ]
     if not due:
         return []
-    claimed = set(store.claim_delay_warnings([m.envelope.id for m, _ in due], now))
+    claimed = set(spool.store.claim_delay_warnings([m.envelope.id for m, _ in due], now))
     reports: list[Message] = []
     warned: list[str] = []
     for msg, states in due:
@@ -59,5 +60,5 @@ def warn_delayed(
         warned.append(env.id)
         log.info("%s: sender delay notification: %s", env.id, report.envelope.id)
     if reports:
-        store.commit(reports)
+        spool.commit(reports)
     return warned

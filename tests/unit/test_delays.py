@@ -10,7 +10,10 @@ import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.jobqueue import DeliveryQueue
+from common.routing import Router
 from common.settings import Settings
+from common.spool import Spool
 from common.store import Message, Store, msg_key
 from worker.delays import warn_delayed
 
@@ -19,19 +22,25 @@ DEFERRED = RecipientStatus(RcptState.DEFERRED, 1, "4.4.1", "451 4.4.1 later", "m
 
 
 @pytest.fixture
-def store() -> Store:
-    return Store(fakeredis.FakeRedis(), "mtaq")
+def spool() -> Spool:
+    r = fakeredis.FakeRedis()
+    return Spool(Store(r), DeliveryQueue(r, "mtaq"), Router())
+
+
+@pytest.fixture
+def store(spool: Spool) -> Store:
+    return spool.store
 
 
 def settings(delay_warning: float = 14400.0) -> Settings:
     return Settings(hostname="mtaq.test", delay_warning=delay_warning, queue_lifetime=86400.0)
 
 
-def queued(store: Store, qid: str = "Q1", sender: str = "a@x.test", notify: tuple[str, ...] = ()) -> Message:
+def queued(spool: Spool, qid: str = "Q1", sender: str = "a@x.test", notify: tuple[str, ...] = ()) -> Message:
     rcpts = [Recipient("slow@y.test", notify=notify)]
     env = Envelope(id=qid, sender=sender, recipients=rcpts, received_at=T0, protocol="ESMTP")
     m = Message(env, b"Subject: s\r\n\r\nbody\r\n")
-    store.commit([m])
+    spool.commit([m])
     return m
 
 
@@ -41,14 +50,14 @@ def reports(store: Store) -> list[Message]:
     return [f[0] for f in found if f is not None and f[0].envelope.protocol == "local"]
 
 
-def test_one_warning_after_delay_warning_and_never_a_second(store: Store) -> None:
-    m = queued(store)
+def test_one_warning_after_delay_warning_and_never_a_second(spool: Spool, store: Store) -> None:
+    m = queued(spool)
     s = settings()
-    assert warn_delayed(store, s, [(m, {0: DEFERRED})], T0 + 14399) == []  # not yet
+    assert warn_delayed(spool, s, [(m, {0: DEFERRED})], T0 + 14399) == []  # not yet
     assert reports(store) == []
-    assert warn_delayed(store, s, [(m, {0: DEFERRED})], T0 + 14400) == ["Q1"]
-    assert warn_delayed(store, s, [(m, {0: DEFERRED})], T0 + 20000) == []  # later deferrals: no more
-    assert warn_delayed(store, s, [(m, {0: DEFERRED})], T0 + 30000) == []
+    assert warn_delayed(spool, s, [(m, {0: DEFERRED})], T0 + 14400) == ["Q1"]
+    assert warn_delayed(spool, s, [(m, {0: DEFERRED})], T0 + 20000) == []  # later deferrals: no more
+    assert warn_delayed(spool, s, [(m, {0: DEFERRED})], T0 + 30000) == []
     [report] = reports(store)
     assert [r.address for r in report.envelope.recipients] == ["a@x.test"]
     parsed = email.message_from_bytes(report.body, policy=email.policy.default)
@@ -57,24 +66,24 @@ def test_one_warning_after_delay_warning_and_never_a_second(store: Store) -> Non
     assert store.redis.hexists(msg_key("Q1"), "warned")
 
 
-def test_two_workers_racing_send_one_warning(store: Store) -> None:
-    m = queued(store)
-    first = warn_delayed(store, settings(), [(m, {0: DEFERRED})], T0 + 15000)
-    second = warn_delayed(store, settings(), [(m, {0: DEFERRED})], T0 + 15000)
+def test_two_workers_racing_send_one_warning(spool: Spool, store: Store) -> None:
+    m = queued(spool)
+    first = warn_delayed(spool, settings(), [(m, {0: DEFERRED})], T0 + 15000)
+    second = warn_delayed(spool, settings(), [(m, {0: DEFERRED})], T0 + 15000)
     assert first + second == ["Q1"] and len(reports(store)) == 1
 
 
-def test_no_warning_when_off_for_bounces_or_for_who_did_not_ask(store: Store) -> None:
-    off = queued(store, "Q1")
-    bounce = queued(store, "Q2", sender="")
-    quiet = queued(store, "Q3", notify=("FAILURE",))
-    assert warn_delayed(store, settings(delay_warning=0.0), [(off, {0: DEFERRED})], T0 + 10**6) == []
-    assert warn_delayed(store, settings(), [(bounce, {0: DEFERRED}), (quiet, {0: DEFERRED})], T0 + 10**6) == []
+def test_no_warning_when_off_for_bounces_or_for_who_did_not_ask(spool: Spool, store: Store) -> None:
+    off = queued(spool, "Q1")
+    bounce = queued(spool, "Q2", sender="")
+    quiet = queued(spool, "Q3", notify=("FAILURE",))
+    assert warn_delayed(spool, settings(delay_warning=0.0), [(off, {0: DEFERRED})], T0 + 10**6) == []
+    assert warn_delayed(spool, settings(), [(bounce, {0: DEFERRED}), (quiet, {0: DEFERRED})], T0 + 10**6) == []
     assert reports(store) == []
 
 
-def test_a_finished_message_is_not_warned_about(store: Store) -> None:
-    m = queued(store)
+def test_a_finished_message_is_not_warned_about(spool: Spool, store: Store) -> None:
+    m = queued(spool)
     store.delete("Q1")
-    assert warn_delayed(store, settings(), [(m, {0: DEFERRED})], T0 + 15000) == []
+    assert warn_delayed(spool, settings(), [(m, {0: DEFERRED})], T0 + 15000) == []
     assert not store.redis.exists(msg_key("Q1"))  # the claim did not bring the hash back
