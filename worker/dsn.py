@@ -1,7 +1,7 @@
 """Delivery status notifications (RFC 3464 in an RFC 6522 ``multipart/report``): pure, bytes out.
 
 ``make_dsn`` decides what a finished message reports and to whom, ``make_delay_dsn`` the delay
-warning; ``build_dsn`` writes the report. One report per message and per kind, from the null
+warning; ``render_dsn`` writes the report. One report per message and per kind, from the null
 sender, to the original MAIL FROM, with three parts: a human explanation, the delivery status
 fields (one block per recipient) and the original message or its headers.
 
@@ -46,7 +46,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
-from typing import Any
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.store import Message
@@ -69,7 +68,6 @@ from worker.dsnfields import (
 __all__ = [
     "ACTIONS",
     "DsnRecipient",
-    "build_dsn",
     "delay_warning_recipients",
     "format_date",
     "make_delay_dsn",
@@ -248,11 +246,6 @@ class Report:
     international: bool  # report-type=global-delivery-status (RFC 6533): queue it with SMTPUTF8
 
 
-def build_dsn(**kwargs: Any) -> bytes:
-    """``render_dsn(...).data``: the report's bytes."""
-    return render_dsn(**kwargs).data
-
-
 def render_dsn(
     *,
     reporting_mta: str,
@@ -288,7 +281,7 @@ def render_dsn(
             raise ValueError(f"unknown DSN action {r.action!r}")
     whole = crlf(original)
     international = utf8_ok and not _all_ascii(original_sender, recipients, header_section(whole))
-    mta = field_text(reporting_mta, international) or "localhost"
+    mta = escape(reporting_mta) or "localhost"  # a host name: ASCII in the top-level fields too
     # RFC 2046 §5.1.1: 1-70 characters from a small set, and never found in the content.
     boundary = _BCHARS_RE.sub("_", f"=_{secrets.token_hex(8)}.{int(now)}.{queue_id}/{mta}")[:70]
 
