@@ -3,15 +3,13 @@ loopback, aiosmtpd sinks as the remote MX and as the sender's own MX (where repo
 
 from __future__ import annotations
 
-import email
-import email.policy
 from collections.abc import Callable
-from email.message import EmailMessage
 
 import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.integration.conftest import MTA, message, route
+from tests.integration.test_pipeline import dsn_fields, parse
 from tests.sinks import SinkServer, wait_for
 
 SENDER = "alice@client.test"
@@ -24,33 +22,32 @@ def zone(dns: ZoneServer) -> ZoneServer:
     return dns
 
 
-def parse(data: bytes) -> EmailMessage:
-    msg = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
-
-
 def actions(data: bytes) -> list[str]:
     """The Action of each recipient block of an RFC 3464 report."""
-    report = parse(data)
-    assert report.get_content_type() == "multipart/report" and report.get_param("report-type") == "delivery-status"
-    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
-    blocks = status.get_payload()
-    assert isinstance(blocks, list)
-    return [str(b["Action"]) for b in blocks[1:] if isinstance(b, email.message.Message)]
+    return [b["action"] for b in dsn_fields(data)]
+
+
+def running(mta_factory: Callable[..., MTA], **settings: object) -> MTA:
+    mta = mta_factory(**settings)
+    mta.start_ingress()
+    mta.start_worker()
+    return mta
+
+
+def refusing(sinks: Callable[..., SinkServer], reply: str, **kw: object) -> tuple[SinkServer, SinkServer]:
+    """The remote MX (every recipient gets ``reply``) and the sender's own MX, where reports land."""
+    box = sinks("127.0.0.2", **kw)
+    box.rcpt_default = reply
+    return box, sinks("127.0.0.9", **kw)
 
 
 def test_a_recipient_deferred_past_delay_warning_gets_exactly_one_delayed_dsn(
     zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
 ) -> None:
-    box = sinks("127.0.0.2")
-    box.rcpt_default = "451 4.3.0 Try again later"
-    home = sinks("127.0.0.9")
+    _, home = refusing(sinks, "451 4.3.0 Try again later")
     # retried every second; warned at the first deferral 2 s after arrival; gives up at 8 s, so
     # several deferrals come after the warning, each a chance to send a second one
-    mta = mta_factory(min_backoff=1, max_backoff=1, queue_lifetime=8, delay_warning=2)
-    mta.start_ingress()
-    mta.start_worker()
+    mta = running(mta_factory, min_backoff=1, max_backoff=1, queue_lifetime=8, delay_warning=2)
     qid = mta.send(SENDER, ["slow@a.test"], message("slow"))
     assert wait_for(lambda: any("failed" in actions(m[2]) for m in home.messages), 60), mta.logs()
     reports = [(m[0], m[1], actions(m[2]), parse(m[2])) for m in home.messages]
@@ -69,12 +66,8 @@ def test_a_recipient_deferred_past_delay_warning_gets_exactly_one_delayed_dsn(
 def test_a_bounce_gives_up_at_bounce_lifetime_while_other_mail_waits(
     zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
 ) -> None:
-    box = sinks("127.0.0.2")
-    box.rcpt_default = "451 4.3.0 Try again later"
-    home = sinks("127.0.0.9")
-    mta = mta_factory(min_backoff=1, max_backoff=1, queue_lifetime=600, bounce_lifetime=3)
-    mta.start_ingress()
-    mta.start_worker()
+    _, home = refusing(sinks, "451 4.3.0 Try again later")
+    mta = running(mta_factory, min_backoff=1, max_backoff=1, queue_lifetime=600, bounce_lifetime=3)
     bounce = mta.send("", ["slow@a.test"], message("a bounce"))
     ordinary = mta.send(SENDER, ["slow2@a.test"], message("ordinary"))
     assert wait_for(lambda: mta.store.load(bounce) is None, 60), mta.logs()
@@ -89,12 +82,8 @@ def test_mail_from_outside_gets_only_headers_back_and_is_told_why(
 ) -> None:
     """An inbound relay: the client is neither in mynetworks nor authenticated, so a bounce to the
     sender it claimed must not carry the content (backscatter), whatever RET says."""
-    box = sinks("127.0.0.2")
-    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
-    home = sinks("127.0.0.9")
-    mta = mta_factory(mynetworks="10.9.9.0/24", relay_domains="a.test")
-    mta.start_ingress()
-    mta.start_worker()
+    _, home = refusing(sinks, "550 5.1.1 User unknown")
+    mta = running(mta_factory, mynetworks="10.9.9.0/24", relay_domains="a.test")
     with mta.smtp() as s:
         s.ehlo()
         assert s.mail(SENDER, ["RET=FULL"])[0] == 250
@@ -113,12 +102,8 @@ def test_mail_from_outside_gets_only_headers_back_and_is_told_why(
 def test_eight_bit_mail_with_ret_full_comes_back_whole_over_8bitmime(
     zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
 ) -> None:
-    box = sinks("127.0.0.2")
-    box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
-    home = sinks("127.0.0.9")
-    mta = mta_factory()
-    mta.start_ingress()
-    mta.start_worker()
+    _, home = refusing(sinks, "550 5.1.1 User unknown")
+    mta = running(mta_factory)
     body = "From: <alice@client.test>\r\nSubject: café\r\nMIME-Version: 1.0\r\n"
     body += "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nsmörgåsbord\r\n"
     with mta.smtp() as s:
@@ -138,12 +123,8 @@ def test_eight_bit_mail_with_ret_full_comes_back_whole_over_8bitmime(
 def test_smtputf8_bounce_is_an_internationalized_report_in_one_escaping(
     zone: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
 ) -> None:
-    box = sinks("127.0.0.2", smtputf8=True)
-    box.rcpt_replies["rejectjörg@a.test"] = "550 5.1.1 <rejectjörg@a.test>: User unknown"
-    home = sinks("127.0.0.9", smtputf8=True)
-    mta = mta_factory()
-    mta.start_ingress()
-    mta.start_worker()
+    _, home = refusing(sinks, "550 5.1.1 <rejectjörg@a.test>: User unknown", smtputf8=True)
+    mta = running(mta_factory)
     body = "From: <jörg@client.test>\r\nTo: <rejectjörg@a.test>\r\nSubject: grüße\r\n\r\nhallo\r\n"
     with mta.smtp() as s:
         s.ehlo()
