@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import email
 import email.message
+import email.parser
 import email.policy
+import re
 from email.message import EmailMessage
 
 import pytest
@@ -125,3 +127,69 @@ def test_trusted_is_kept_in_the_envelope_json_and_absent_means_false() -> None:
     assert '"trusted":true' in env.to_json() and Envelope.from_json(env.to_json()).trusted
     env.trusted = False
     assert "trusted" not in env.to_json() and not Envelope.from_json(env.to_json()).trusted
+
+
+# -- every kind of report, checked against the structure RFC 3464 / RFC 6522 / RFC 6533 give it
+
+UTF8_BODY = "From: jörg@x.test\r\nSubject: grüße\r\n\r\nbody\r\n".encode()
+EIGHT_BIT_BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\ncaf\xc3\xa9\r\n"
+
+
+def kinds() -> dict[str, Message | None]:
+    success = Recipient("good@y.test", notify=("SUCCESS", "FAILURE"))
+    utf8 = msg(Recipient("jörg@y.test"), body=UTF8_BODY, sender="jörg@x.test", smtputf8=True, ret="FULL", trusted=True)
+    return {
+        "failed": make_dsn(msg(Recipient("bad@y.test"), ret="FULL", trusted=True), {0: BOUNCED}, "h.test", 2e3),
+        "mixed": make_dsn(msg(Recipient("bad@y.test"), success), {0: BOUNCED, 1: SENT}, "h.test", 2e3),
+        "success": make_dsn(msg(success), {0: SENT}, "h.test", 2e3),
+        "delayed": make_delay_dsn(msg(Recipient("slow@y.test")), {0: DEFERRED}, "h.test", 2e4, retry_until=9e4),
+        "8bit-headers": make_dsn(msg(Recipient("b@y.test"), body=EIGHT_BIT_BODY, ret="FULL"), {0: BOUNCED}, "h", 2e3),
+        "global": make_dsn(utf8, {0: BOUNCED}, "h.test", 2e3),
+    }
+
+
+def blocks_of(part: email.message.MIMEPart, raw: bytes, international: bool) -> list[dict[str, str]]:
+    if not international:
+        payload = part.get_payload()
+        assert isinstance(payload, list)
+        return [{k.lower(): str(v) for k, v in b.items()} for b in payload if isinstance(b, email.message.Message)]
+    text = raw.decode("utf-8").split("Content-Type: message/global-delivery-status", 1)[1]
+    body = text.split("\r\n\r\n", 1)[1].split("\r\n--", 1)[0]
+    parser = email.parser.HeaderParser(policy=email.policy.default)
+    return [{k.lower(): str(v) for k, v in parser.parsestr(b + "\r\n").items()} for b in body.split("\r\n\r\n")]
+
+
+@pytest.mark.parametrize("kind", ["failed", "mixed", "success", "delayed", "8bit-headers", "global"])
+def test_every_report_has_the_rfc3464_structure(kind: str) -> None:
+    dsn = kinds()[kind]
+    assert dsn is not None
+    raw = dsn.body
+    report = parse(dsn)
+    assert dsn.envelope.sender == "" and report["Auto-Submitted"] == "auto-replied"
+    international = report.get_param("report-type") == "global-delivery-status"
+    assert international is (kind == "global")
+    assert raw.isascii() is (kind != "global")  # 8-bit only where the path back was said to carry it
+    human, status, original = report.iter_parts()  # RFC 6522: exactly three parts here
+    assert human.get_content_type() == "text/plain"
+    expected = "message/global-delivery-status" if international else "message/delivery-status"
+    assert status.get_content_type() == expected
+    assert original.get_content_type() in (
+        "message/rfc822",
+        "text/rfc822-headers",
+        "message/global",
+        "message/global-headers",
+    )
+    per_message, *per_recipient = blocks_of(status, raw, international)
+    assert per_message["reporting-mta"] in ("dns; h.test", "dns; h")
+    assert per_recipient
+    for block in per_recipient:
+        assert block["action"] in {"failed", "delayed", "delivered", "relayed", "expanded"}
+        assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["status"])
+        assert block["status"][0] == {"failed": "5", "delayed": "4"}.get(block["action"], "2")
+        address_type, _, address = block["final-recipient"].partition("; ")
+        assert address_type in ("rfc822", "utf-8") and address
+        assert (address_type == "utf-8") is (not address.isascii() or "\\x{" in address)
+        if "diagnostic-code" in block:
+            assert re.match(r"(smtp|X-Mtaq); \S", block["diagnostic-code"])
+    if kind == "delayed":
+        assert all("will-retry-until" in b for b in per_recipient)
