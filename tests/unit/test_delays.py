@@ -87,3 +87,11 @@ def test_a_finished_message_is_not_warned_about(spool: Spool, store: Store) -> N
     store.delete("Q1")
     assert warn_delayed(spool, settings(), [(m, {0: DEFERRED})], T0 + 15000) == []
     assert not store.redis.exists(msg_key("Q1"))  # the claim did not bring the hash back
+
+
+def test_negative_delay_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="delay_warning"):
+        Settings(hostname="h.test", delay_warning=-1.0)
+    with pytest.raises(ValueError, match="bounce_lifetime"):
+        Settings(hostname="h.test", bounce_lifetime=-1.0)
+    assert Settings(hostname="h.test").delay_warning == 0.0  # off unless set
