@@ -25,6 +25,7 @@ from common.store import Message
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
+from ingress.policy import is_trusted
 from ingress.received import received_header
 from ingress.session import (
     Authenticate,
@@ -324,6 +325,8 @@ class SMTPProtocol(asyncio.Protocol):
             ret=tx.ret,
             envid=tx.envid,
             auth_user=tx.auth_user,
+            # issue 11.3 (dsn branch stand-in; the ingress branch's version wins at merge)
+            trusted=is_trusted(self.peer_ip, tx.auth_user, self.session.config.networks),
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,
