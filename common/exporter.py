@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,7 +35,7 @@ from common import metrics as m
 from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
 from common.settings import parse_hostport
 from common.statuspage import Sample, WorkerInfo, render, sample_from_json
-from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS
+from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 
 __all__ = ["Monitor", "MonitorServer", "serve_in_thread"]
 
@@ -100,7 +100,21 @@ class Monitor:
         return sorted(out, key=lambda w: (w.hostname, w.name))
 
     def concurrency(self) -> Counter[str]:
-        """Delivery jobs running now per destination (a job is one destination's batch)."""
+        """Deliveries running now per destination: the engine's connection slots where its keys
+        exist (``mtaq:dest:<d>:slots``, token -> lease expiry), else the running delivery jobs (a
+        job is one destination's batch)."""
+        now = self.clock()
+        pattern = dest_key("*", "slots")
+        prefix, suffix = pattern.split("*")
+        keys = [_text(k) for k in self.redis.scan_iter(match=pattern, count=500)]
+        if keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for k in keys:
+                pipe.zcount(k, now, "+inf")
+            slots = Counter(
+                {k[len(prefix) : len(k) - len(suffix)]: int(n) for k, n in zip(keys, pipe.execute(), strict=True)}
+            )
+            return +slots
         q = Queue(self.queue_name, connection=self.redis, serializer=JSONSerializer)
         ids = StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
         out: Counter[str] = Counter()
@@ -142,6 +156,19 @@ class Monitor:
         return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
 
 
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+def _labeled(name: str, doc: str, label: str, values: Iterable[tuple[str, float]]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=[label])
+    for key, value in values:
+        g.add_metric([key], value)
+    return g
+
+
 class MtaqCollector(Collector):
     """Prometheus collector: reads Redis at every scrape (nothing is kept in this process)."""
 
@@ -157,13 +184,9 @@ class MtaqCollector(Collector):
             conc = mon.concurrency()
         except (redis.RedisError, OSError) as e:
             log.warning("metrics: Redis unreachable: %s", e)
-            up = GaugeMetricFamily("mtaq_redis_up", "1 when this exporter could read Redis")
-            up.add_metric([], 0)
-            yield up
+            yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 0)
             return
-        up = GaugeMetricFamily("mtaq_redis_up", "1 when this exporter could read Redis")
-        up.add_metric([], 1)
-        yield up
+        yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 1)
 
         def counter(name: str, doc: str, field: str) -> CounterMetricFamily:
             c = CounterMetricFamily(name, doc)
@@ -199,35 +222,31 @@ class MtaqCollector(Collector):
         )
         lat.add_metric([], buckets, sum_value=st.get(m.LATENCY_SUM_MS, 0.0) / 1000.0)
         yield lat
-        qm = GaugeMetricFamily("mtaq_queue_messages", "Messages in the queue by state", labels=["state"])
-        for state in QUEUE_STATES:
-            qm.add_metric([state], sh.by_state.get(state, 0))
-        yield qm
-        qb = GaugeMetricFamily("mtaq_queue_bytes", "Octets of the messages in the queue")
-        qb.add_metric([], sh.size)
-        yield qb
-        oldest = GaugeMetricFamily("mtaq_oldest_message_age_seconds", "Age of the oldest message in the queue")
-        oldest.add_metric([], 0.0 if sh.oldest is None else max(0.0, sh.now - sh.oldest))
-        yield oldest
-        wa = GaugeMetricFamily("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts")
-        wa.add_metric([], len(workers))
-        yield wa
-        dc = GaugeMetricFamily(
-            "mtaq_destination_concurrency",
-            f"Delivery jobs running now per destination (the {TOP_DESTINATIONS} busiest)",
-            labels=["destination"],
+        yield _labeled(
+            "mtaq_queue_messages",
+            "Messages in the queue by state",
+            "state",
+            [(state, sh.by_state.get(state, 0)) for state in QUEUE_STATES],
         )
-        for dest, n in conc.most_common(TOP_DESTINATIONS):
-            dc.add_metric([dest], n)
-        yield dc
-        dq = GaugeMetricFamily(
+        yield _gauge("mtaq_queue_bytes", "Octets of the messages in the queue", sh.size)
+        yield _gauge(
+            "mtaq_oldest_message_age_seconds",
+            "Age of the oldest message in the queue",
+            0.0 if sh.oldest is None else max(0.0, sh.now - sh.oldest),
+        )
+        yield _gauge("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts", len(workers))
+        yield _labeled(
+            "mtaq_destination_concurrency",
+            f"Deliveries running now per destination (the {TOP_DESTINATIONS} busiest)",
+            "destination",
+            conc.most_common(TOP_DESTINATIONS),
+        )
+        yield _labeled(
             "mtaq_destination_queue_messages",
             f"Messages queued per destination (the {TOP_DESTINATIONS} largest)",
-            labels=["destination"],
+            "destination",
+            [(dest, sum(row)) for dest, row in sh.top_destinations(TOP_DESTINATIONS)],
         )
-        for dest, row in sh.top_destinations(TOP_DESTINATIONS):
-            dq.add_metric([dest], sum(row))
-        yield dq
 
 
 class MonitorServer(ThreadingHTTPServer):
