@@ -11,9 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rq.job import Job
+
+from common.jobqueue import DeliveryQueue
 from tests.dnsserver import ZoneServer
 from tests.integration.conftest import MTA, ROOT, message, route
-from tests.sinks import SinkServer, wait_for
+from tests.sinks import SinkServer, free_port, wait_for
 
 LONG = "451 4.3.0 " + "the remote is busy right now and would like you to come back a little later " * 3
 
@@ -77,6 +80,13 @@ def test_queue_commands_on_a_queue_in_known_states(
     assert states(mta, mixed) == {"a@later.test": "deferred", "b@never.test": "bounced", "c@ok.test": "delivered"}
     assert states(mta, kept) == {"k@ok.test": "pending"}
     assert ok.recipients() == ["c@ok.test"], "the held message was delivered"
+    # and again with the worker running: a forced job for the held message changes nothing
+    dq = DeliveryQueue(mta.redis)
+    dq.enqueue_now("ok.test", [kept], force=True)
+    job_ids = dq.rq.get_job_ids()
+    # result_ttl is 0: a job that ran is gone (a failed one would stay, in the failed registry)
+    assert wait_for(lambda: not any(Job.exists(j, connection=mta.redis) for j in job_ids), 30), mta.logs()
+    assert states(mta, kept) == {"k@ok.test": "pending"} and ok.recipients() == ["c@ok.test"]
 
     # the table: like mailq, 100 columns, long replies cut with …, the hold marked with !
     r = mtaq(mta, "queue", "list")
@@ -168,7 +178,8 @@ def test_queue_commands_on_a_queue_in_known_states(
 
 
 def test_health_names_each_failure(mta_factory: Callable[..., MTA]) -> None:
-    mta = mta_factory()
+    mport = free_port()
+    mta = mta_factory(metrics_listen=f"127.0.0.1:{mport}")  # the ingress serves metrics too
     r = mtaq(mta, "health")
     assert r.returncode == 1
     assert "ingress: FAILED" in r.stderr and "worker: FAILED" in r.stderr and "redis: ok" in r.stdout
@@ -178,6 +189,7 @@ def test_health_names_each_failure(mta_factory: Callable[..., MTA]) -> None:
     doc = json.loads(mtaq(mta, "health", "--json").stdout)
     assert doc["ok"] is True and [c["name"] for c in doc["checks"]][:3] == ["redis", "ingress", "worker"]
     assert "220" in doc["checks"][1]["detail"]
+    assert mtaq(mta, "health", "--check", "metrics").returncode == 0  # `mtaq ingress` serves /metrics
     mta.stop("worker0")
     assert wait_for(lambda: mtaq(mta, "health").returncode == 1, 30)
     assert mtaq(mta, "health", "--check", "redis", "--check", "ingress").returncode == 0
