@@ -23,6 +23,7 @@ from common.store import Message, Store
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
+from ingress.config import IngressConfig
 from ingress.received import received_header
 from ingress.session import (
     Authenticate,
@@ -31,7 +32,6 @@ from ingress.session import (
     Peer,
     Send,
     Session,
-    SessionConfig,
     StartTLS,
     Transaction,
 )
@@ -62,35 +62,20 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 class Ingress:
     """What every connection of one ingress process shares."""
 
-    def __init__(
-        self,
-        store: Store,
-        config: SessionConfig,
-        *,
-        idle_timeout: float,
-        max_connections: int,
-        max_per_client: int,
-        commit_max_messages: int = 256,
-        commit_wait: float = 0.0,
-        max_queue: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        credentials: Credentials | None = None,
-        shutdown_grace: float = 30.0,
-    ) -> None:
-        self.committer = Committer(store, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
-        self.config = dataclasses.replace(
-            config,
-            mail_gate=self.committer.gate,
-            tls_available=ssl_context is not None,
-            auth_available=credentials is not None,
+    def __init__(self, store: Store, config: IngressConfig) -> None:
+        self.committer = Committer(
+            store, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
         )
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self.ssl_context = ssl_context
-        self.credentials = credentials
+        # the session's view: tls_available and auth_available were derived from the same files
+        # as the context and the credentials below, once, in IngressConfig.from_settings
+        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate)
+        self.idle_timeout = config.idle_timeout
+        self.max_connections = config.max_connections
+        self.max_per_client = config.max_per_client
+        self.ssl_context = make_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.credentials = Credentials(config.auth_file) if config.auth_file else None
         self.auth_limiter = AuthLimiter()
-        self.shutdown_grace = shutdown_grace
+        self.shutdown_grace = config.shutdown_grace
         self.connections: set[SMTPProtocol] = set()
         self.per_client: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
