@@ -357,25 +357,27 @@ class SMTPProtocol(asyncio.Protocol):
         ing = self.ingress
         limiter = ing.auth_limiter
         ok, failure = False, None
-        if ing.credentials is None:
-            pass
-        elif not limiter.begin(self.peer_ip):
-            failure = replies.AUTH_RATE_LIMITED
-            log.warning("[%s]: %s authentication refused: too many failures", self.peer_ip, ev.mechanism)
-        else:
-            try:
-                if ev.authzid and ev.authzid != ev.username:
-                    ok = False  # no proxy authorization: a user may only act as itself
+        if ing.credentials is not None:
+            async with limiter.checking(self.peer_ip) as allowed:
+                if not allowed:
+                    failure = replies.AUTH_RATE_LIMITED
+                    log.warning("[%s]: %s authentication refused: too many failures", self.peer_ip, ev.mechanism)
                 else:
-                    ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
-            except Exception:  # the auth file unreadable, say: not the client's failure
-                log.exception("[%s]: checking credentials failed", self.peer_ip)
-                failure = replies.AUTH_TEMP_FAILURE
-            finally:
-                limiter.end(self.peer_ip, failed=not ok and failure is None)
-            if not ok and failure is None:
-                # the user name is logged as sent (repr: no line breaks; cut short); the password never is
-                log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username[:64])
+                    try:
+                        if ev.authzid and ev.authzid != ev.username:
+                            ok = False  # no proxy authorization: a user may only act as itself
+                        else:
+                            ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
+                    except Exception:  # the auth file unreadable, say: not the client's failure
+                        log.exception("[%s]: checking credentials failed", self.peer_ip)
+                        failure = replies.AUTH_TEMP_FAILURE
+                    if not ok and failure is None:
+                        limiter.failed(self.peer_ip)
+                        # the user name is logged as sent (repr: no line breaks; cut short); the
+                        # password never is
+                        log.warning(
+                            "[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username[:64]
+                        )
         self._resume(self.session.auth_result(ok, failure))
 
     # -- deadlines and shutdown -------------------------------------------------------------------

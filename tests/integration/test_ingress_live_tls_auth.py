@@ -399,3 +399,34 @@ def test_sigterm_with_idle_tls_client_exits_promptly(
     assert w.reply(timeout=GENEROUS).status == (421, "4.3.2")
     assert proc.wait(timeout=GENEROUS) == 0
     w.close()
+
+
+def test_parallel_correct_logins_are_all_accepted(secure_mta: MTA, tls: TLSFiles) -> None:
+    # Issue 11.1: Postfix opening ten connections with the right password got 454 on half of them,
+    # the limiter counting checks still running as failures. Ten clients, one address, every AUTH
+    # PLAIN sent at the same moment (a barrier): all ten accepted.
+    sessions = [tls_session(secure_mta, tls, source="127.0.0.9") for _ in range(10)]
+    barrier = threading.Barrier(len(sessions))
+    replies: list[str] = []
+    lock = threading.Lock()
+
+    def login(w: Wire) -> None:
+        barrier.wait()
+        r = w.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}", timeout=GENEROUS)
+        with lock:
+            replies.append(str(r))
+
+    threads = [threading.Thread(target=login, args=(w,)) for w in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GENEROUS)
+    for w in sessions:
+        w.close()
+    print("\n".join(sorted(replies)))
+    assert sorted(replies) == ["235 2.7.0 Authentication successful"] * 10, replies
+    # and failures are still limited: five wrong guesses, then even the right password waits
+    with tls_session(secure_mta, tls, source="127.0.0.9") as w:
+        for i in range(5):
+            assert w.cmd(f"AUTH PLAIN {plain(USER, f'guess{i}')}").status == (535, "5.7.8")
+        assert w.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}").status == (454, "4.7.0")
