@@ -3,12 +3,50 @@ and what the server around it needs (deadlines, limits, group commit, TLS and AU
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.settings import Settings
-from ingress.session import SessionConfig
+from ingress.replies import Reply
 
-__all__ = ["IngressConfig"]
+__all__ = ["IngressConfig", "SessionConfig"]
+
+
+def _no_gate() -> Reply | None:
+    return None
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    max_errors: int = 20
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    relay_domains: frozenset[str] = frozenset()
+    tls_available: bool = False
+    tls_required: bool = False
+    auth_available: bool = False
+    # Called at MAIL and at the end of DATA; returns a Reply (e.g. 452 4.3.1) to refuse while the
+    # queue is full, or None. Injected so the session stays pure.
+    mail_gate: Callable[[], Reply | None] = _no_gate
+
+    @classmethod
+    def from_settings(cls, s: Settings, **kw: object) -> SessionConfig:
+        base = cls(
+            hostname=s.hostname,
+            max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients,
+            max_errors=s.max_errors,
+            networks=tuple(s.networks),
+            relay_domains=s.relay_domain_set,
+            tls_available=bool(s.tls_cert),
+            tls_required=s.tls_required,
+            auth_available=bool(s.auth_file),
+        )
+        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ __all__ = [
     "ArgError",
     "MailParams",
     "RcptParams",
+    "decode_orcpt",
     "esmtp_params",
     "parse_mail_params",
     "parse_rcpt_params",
@@ -151,11 +152,15 @@ def parse_mail_params(items: list[str]) -> MailParams:
 class RcptParams:
     notify: tuple[str, ...] = ()
     orcpt: str | None = None
+    # An ORCPT that could not be read is dropped, the recipient kept (a lost Original-Recipient
+    # costs less than refused mail): why, for the log. Never the value itself.
+    orcpt_dropped: str | None = None
 
 
-def parse_rcpt_params(items: list[str]) -> RcptParams:
+def parse_rcpt_params(items: list[str], *, smtputf8: bool = False) -> RcptParams:
     notify: tuple[str, ...] = ()
     orcpt: str | None = None
+    dropped: str | None = None
     for key, value in esmtp_params(items).items():
         if key == "NOTIFY":
             kinds = (value or "").upper().split(",")
@@ -166,20 +171,84 @@ def parse_rcpt_params(items: list[str]) -> RcptParams:
                 raise ArgError(replies.BAD_PARAM_VALUE)
             notify = tuple(kinds)
         elif key == "ORCPT":
-            addr_type, semi, xtext = (value or "").partition(";")
-            if (
-                value is None
-                or len(value) > MAX_ORCPT
-                or not semi
-                or not addr_type
-                or not all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in addr_type)
-                or not xtext
-            ):
-                raise ArgError(replies.BAD_PARAM_VALUE)
             try:
-                orcpt = f"{addr_type};{xtext_decode(xtext)}"
-            except ValueError:
-                raise ArgError(replies.BAD_PARAM_VALUE) from None
+                orcpt = decode_orcpt(value, smtputf8=smtputf8)
+            except ValueError as e:
+                dropped = str(e)
         else:
             raise ArgError(replies.PARAM_NOT_RECOGNIZED)
-    return RcptParams(notify=notify, orcpt=orcpt)
+    return RcptParams(notify=notify, orcpt=orcpt, orcpt_dropped=dropped)
+
+
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
+def _unplus(raw: bytes) -> bytes:
+    """xtext's ``+XX`` escapes (RFC 3461 §4) decoded to octets; other octets as they are."""
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x2B:  # "+"
+            digits = raw[i + 1 : i + 3].decode("ascii", "replace")
+            if len(digits) != 2 or not set(digits) <= _HEX:
+                raise ValueError("bad xtext escape")
+            out.append(int(digits, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out)
+
+
+def _unembed(text: str) -> str:
+    """RFC 6533 §3 EmbeddedUnicodeChar: ``\\x{HEXPOINT}`` is that code point."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("\\x{", i):
+            end = text.find("}", i + 3)
+            digits = text[i + 3 : end] if end > 0 else ""
+            if not 2 <= len(digits) <= 6 or not set(digits) <= _HEX or int(digits, 16) > 0x10FFFF:
+                raise ValueError("bad \\x{} escape")
+            out.append(chr(int(digits, 16)))
+            i = end + 1
+        elif text[i] == "\\":
+            raise ValueError("stray backslash")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def decode_orcpt(value: str | None, *, smtputf8: bool) -> str:
+    """RFC 3461 §4.2 ORCPT ``addr-type;xtext``, read liberally: returns ``addr-type;address``
+    decoded. An Internet mail address comes as ``rfc822`` in xtext (Postfix escapes the octets of
+    a UTF-8 address: ``rfc822;j+C3+B6rg@x``) or as RFC 6533 ``utf-8`` (``\\x{F6}`` escapes, or raw
+    UTF-8 under SMTPUTF8: ``utf-8;jörg@x``); both are kept as ``rfc822;<the address>``, which
+    the DSN writes back as utf-8 when it is not ASCII. Raises ValueError saying what is wrong."""
+    if value is None:
+        raise ValueError("no value")
+    if len(value.encode("utf-8")) > MAX_ORCPT:
+        raise ValueError(f"longer than {MAX_ORCPT} octets")
+    addr_type, semi, encoded = value.partition(";")
+    if not semi or not addr_type or not all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in addr_type):
+        raise ValueError("no address type")
+    if not encoded:
+        raise ValueError("empty address")
+    if not encoded.isascii() and not smtputf8:
+        raise ValueError("UTF-8 without SMTPUTF8")
+    kind = addr_type.lower()
+    if kind not in ("rfc822", "utf-8"):
+        return f"{addr_type};{xtext_decode(encoded)}"  # another kind of address: printable ASCII
+    if any(not ("!" <= ch <= "~") for ch in encoded if ch.isascii()):
+        raise ValueError("space or control character")
+    if kind == "utf-8":
+        address = _unembed(encoded)  # RFC 6533 has no "+" escapes: a "+" is taken as it is
+    else:
+        try:
+            address = _unplus(encoded.encode("utf-8")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("xtext escapes that are not UTF-8") from None
+    if any(not ch.isprintable() for ch in address):
+        raise ValueError("non-printable character")
+    return f"rfc822;{address}"

@@ -24,6 +24,7 @@ from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
 from ingress.config import IngressConfig
+from ingress.notes import NoteLog
 from ingress.received import received_header
 from ingress.session import (
     Authenticate,
@@ -75,6 +76,7 @@ class Ingress:
         self.ssl_context = make_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.credentials = Credentials(config.auth_file) if config.auth_file else None
         self.auth_limiter = AuthLimiter()
+        self.notes = NoteLog(log)
         self.shutdown_grace = config.shutdown_grace
         self.connections: set[SMTPProtocol] = set()
         self.per_client: Counter[str] = Counter()
@@ -227,6 +229,9 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- the session's requests -------------------------------------------------------------------
     def _handle(self, events: list[Event]) -> None:
+        if self.session is not None:
+            for note in self.session.take_notes():
+                self.ingress.notes.emit(note)
         for ev in events:
             if self.transport is None or self._closing:
                 return

@@ -22,14 +22,13 @@ Choices where the RFCs leave room (following Postfix):
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from common.envelope import Recipient
 from ingress import policy, replies
+from ingress.config import SessionConfig
 from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction
 from ingress.limits import (
     MAX_AUTH_LINE,
@@ -43,14 +42,12 @@ from ingress.limits import (
     MAX_TEXT_LINE,
     line_limit,
 )
+from ingress.notes import Note, printable, reject_line
 from ingress.params import ArgError, parse_mail_params, parse_rcpt_params, split_path, xtext_decode
 from ingress.readers import OVERLONG, DataReader, DataStep, LineReader
 from ingress.replies import Reply
 from ingress.sasl import MECHANISMS, Answer, Challenge, Refused, Sasl, Step
 from ingress.states import IN_TRANSACTION, KNOWN_VERBS, TRANSITIONS, WAITING, Input, State, allows, next_state
-
-if TYPE_CHECKING:
-    from common.settings import Settings
 
 __all__ = [
     "KNOWN_VERBS",
@@ -79,41 +76,6 @@ __all__ = [
 ]
 
 PIPELINE_OVERFLOW = Reply(421, "4.7.0", "Error: too much pipelined input")
-
-
-def _no_gate() -> Reply | None:
-    return None
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    hostname: str
-    max_message_size: int
-    max_recipients: int
-    max_errors: int = 20
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    relay_domains: frozenset[str] = frozenset()
-    tls_available: bool = False
-    tls_required: bool = False
-    auth_available: bool = False
-    # Called at MAIL and at the end of DATA; returns a Reply (e.g. 452 4.3.1) to refuse while the
-    # queue is full, or None. Injected so the session stays pure.
-    mail_gate: Callable[[], Reply | None] = _no_gate
-
-    @classmethod
-    def from_settings(cls, s: Settings, **kw: object) -> SessionConfig:
-        base = cls(
-            hostname=s.hostname,
-            max_message_size=s.max_message_size,
-            max_recipients=s.max_recipients,
-            max_errors=s.max_errors,
-            networks=tuple(s.networks),
-            relay_domains=s.relay_domain_set,
-            tls_available=bool(s.tls_cert),
-            tls_required=s.tls_required,
-            auth_available=bool(s.auth_file),
-        )
-        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -147,6 +109,11 @@ class Session:
         self._sasl: Sasl | None = None
         self._auth_pending: str | None = None  # the user name being checked
         self._tx = _Transaction()
+        # for the log: the command being answered, and the paths it named
+        self._notes: list[Note] = []
+        self._command = "CONNECT"
+        self._cmd_from: str | None = None
+        self._cmd_to: str | None = None
 
     # -- public API --------------------------------------------------------------------------------
     @property
@@ -180,6 +147,11 @@ class Session:
             return "SMTP"
         name = "UTF8SMTP" if self._tx.smtputf8 else "ESMTP"
         return name + ("S" if self.tls else "") + ("A" if self.auth_user is not None else "")
+
+    def take_notes(self) -> list[Note]:
+        """Lines for the log written since the last call (refusals, dropped parameters)."""
+        notes, self._notes = self._notes, []
+        return notes
 
     def start(self) -> list[Event]:
         self._send(replies.greeting(self.config.hostname), counts=False)
@@ -254,16 +226,39 @@ class Session:
         self._state = next_state(self._state, trigger)
 
     # -- output ------------------------------------------------------------------------------------
-    def _send(self, reply: Reply, *, counts: bool | None = None) -> None:
-        """Queue a reply. Replies >= 400 count as client errors unless ``counts=False``."""
+    def _send(self, reply: Reply, *, counts: bool | None = None, note: bool = True) -> None:
+        """Queue a reply. Replies >= 400 count as client errors unless ``counts=False``, and are
+        noted for the log unless ``note=False`` (the caller logs those itself)."""
         self._out.append(Send(reply.to_bytes()))
+        if note and reply.code >= 400:
+            self._note_reject(reply)
         if counts is None:
             counts = reply.code >= 400
         if counts:
             self.errors += 1
             if self.errors >= self.config.max_errors:
                 self._out.append(Send(replies.TOO_MANY_ERRORS.to_bytes()))
+                self._note(logging.WARNING, f"too many errors after {self._command} from {self._client}")
                 self._close()
+
+    @property
+    def _client(self) -> str:
+        return f"{printable(self.peer.name)}[{self.peer.ip}]"
+
+    def _note(self, level: int, text: str) -> None:
+        self._notes.append(Note(level, text))
+
+    def _note_reject(self, reply: Reply) -> None:
+        line = reject_line(
+            self._command,
+            self.peer,
+            reply,
+            sender=self._cmd_from,
+            recipient=self._cmd_to,
+            helo=self.helo,
+            protocol="ESMTP" if self._esmtp else "SMTP",
+        )
+        self._note(logging.INFO, line)
 
     def _close(self) -> None:
         self._out.append(Close(reply_sent=True))
@@ -273,7 +268,7 @@ class Session:
     def _close_with(self, reply: Reply) -> list[Event]:
         if self.closed:
             return []
-        self._send(reply, counts=False)
+        self._send(reply, counts=False, note=False)  # the caller logs why (timeout, shutdown)
         self._close()
         return self._take()
 
@@ -296,7 +291,7 @@ class Session:
             self._transition(Input.STORE_DONE)
         else:
             self._transition(Input.AUTH_VERDICT)
-        self._send(reply, counts=counts)
+        self._send(reply, counts=counts, note=False)  # storage and AUTH verdicts: the server logs them
         if self._overflow and not self.closed:
             self._send(PIPELINE_OVERFLOW, counts=False)
             self._close()
@@ -319,6 +314,7 @@ class Session:
             if line is None:
                 return
             if line is OVERLONG:
+                self._command, self._cmd_from, self._cmd_to = "UNKNOWN", self._tx.sender, None
                 if self._state is State.AUTH_INPUT:
                     self._transition(Input.AUTH_ABORT)
                 self._send(replies.LINE_TOO_LONG)
@@ -326,6 +322,9 @@ class Session:
             self._handle(line)
 
     def _handle(self, line: bytes) -> None:
+        guess = line[:8].split(b" ", 1)[0].upper().decode("ascii", "replace")
+        self._command = "AUTH" if self._state is State.AUTH_INPUT else guess if guess in KNOWN_VERBS else "UNKNOWN"
+        self._cmd_from, self._cmd_to = self._tx.sender, None
         if self._state is State.AUTH_INPUT:
             self._auth_response(line)
             return
@@ -439,6 +438,7 @@ class Session:
             sender = policy.parse_reverse_path(path, smtputf8=params.smtputf8)
         except policy.PathError as exc:
             raise ArgError(exc.reply) from None
+        self._cmd_from = sender
         gate = self.config.mail_gate()
         if gate is not None:
             self._send(gate, counts=False)
@@ -455,11 +455,12 @@ class Session:
 
     def _cmd_rcpt(self, arg: str) -> str | Input | None:
         path, items = split_path(arg, "TO:")
-        params = parse_rcpt_params(items)
+        params = parse_rcpt_params(items, smtputf8=self._tx.smtputf8)
         try:
             address = policy.parse_forward_path(path, smtputf8=self._tx.smtputf8)
         except policy.PathError as exc:
             raise ArgError(exc.reply) from None
+        self._cmd_to = address
         if len(self._tx.recipients) >= self.config.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 and the client retries the rest later; not the client's error.
             self._send(replies.TOO_MANY_RECIPIENTS, counts=False)
@@ -469,6 +470,12 @@ class Session:
         )
         if denied is not None:
             raise ArgError(denied)
+        if params.orcpt_dropped is not None:
+            # keep the recipient: a lost Original-Recipient costs less than a refused message
+            self._note(
+                logging.WARNING,
+                f"{self._client}: ORCPT of <{printable(address)}> dropped: {params.orcpt_dropped}",
+            )
         self._tx.recipients.append(Recipient(address=address, notify=params.notify, orcpt=params.orcpt))
         self._send(replies.RECIPIENT_OK)
         return "RCPT"
@@ -534,6 +541,7 @@ class Session:
     def _end_data(self, reader: DataReader) -> None:
         refusal = reader.refusal
         gate = None if refusal is not None else self.config.mail_gate()
+        self._command, self._cmd_from, self._cmd_to = "END-OF-MESSAGE", self._tx.sender, None
         if refusal is not None or gate is not None:
             self._reset_transaction()
             self._transition(Input.DATA_REFUSED)

@@ -1,0 +1,45 @@
+"""What real peers sent a live `mtaq ingress` (issue 11), reproduced without those peers: Postfix's
+SMTPUTF8 ORCPT, trailing-dot domains, refusals in the log, relay recipients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.conftest import MTA
+from tests.integration.eventually import wait_for_log
+from tests.integration.smtpwire import Wire
+
+OK = (250, "2.1.5")
+
+
+@pytest.fixture
+def relay_mta(mta_factory: Callable[..., MTA]) -> MTA:
+    # the client (127.0.0.1) is outside mynetworks: only ours.test is accepted from it
+    mta = mta_factory(mynetworks="10.255.255.0/24", relay_domains="ours.test")
+    mta.start_ingress()
+    return mta
+
+
+def test_smtputf8_orcpt_as_postfix_sends_it(relay_mta: MTA) -> None:
+    with Wire(relay_mta.port) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<sender@client.test> SMTPUTF8").status == (250, "2.1.0")
+        # Postfix: xtext-escaped UTF-8 under rfc822; RFC 6533: utf-8-addr-unitext
+        assert w.cmd("RCPT TO:<jörg@ours.test> ORCPT=rfc822;j+C3+B6rg@foreign.example").status == OK
+        assert w.cmd("RCPT TO:<anna@ours.test> ORCPT=utf-8;änna@foreign.example").status == OK
+        # really malformed: the recipient is kept, the ORCPT dropped and logged
+        assert w.cmd("RCPT TO:<bob@ours.test> ORCPT=rfc822;bad+ZZ").status == OK
+        assert w.cmd("DATA").code == 354
+        done = w.cmd(b"Subject: utf8\r\n\r\nx\r\n.")
+        assert done.status == (250, "2.0.0")
+    stored = relay_mta.store.load(done.text.rsplit(" ", 1)[-1])
+    assert stored is not None
+    assert [(r.address, r.orcpt) for r in stored.envelope.recipients] == [
+        ("jörg@ours.test", "rfc822;jörg@foreign.example"),
+        ("anna@ours.test", "rfc822;änna@foreign.example"),
+        ("bob@ours.test", None),
+    ]
+    wait_for_log(relay_mta.log_dir / "ingress.log", "ORCPT of <bob@ours.test> dropped: bad xtext escape")
