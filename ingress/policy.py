@@ -120,7 +120,7 @@ def unquote_local_part(local: str) -> str:
 def _check_domain(domain: str, smtputf8: bool) -> None:
     """Domain (RFC 5321 §4.1.2, U-labels allowed under RFC 6531 §3.3) or address literal.
 
-    A single trailing dot is tolerated, as Postfix does; policy strips it before comparing."""
+    A single trailing dot is tolerated, as Postfix does; ``parse_path`` strips it."""
     if not domain:
         raise _bad("empty domain")
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
@@ -227,7 +227,9 @@ def parse_path(text: str, *, smtputf8: bool) -> str:
     else:
         _check_dot_string(local, smtputf8)
     _check_domain(domain, smtputf8)
-    return f"{local}@{domain}"
+    # Postfix strips the trailing dot of a domain (trivial-rewrite) before it looks at the address:
+    # ``user@ours.test.`` is ``user@ours.test`` for policy, storage and the next hop alike
+    return f"{local}@{domain.removesuffix('.')}"
 
 
 def parse_reverse_path(text: str, *, smtputf8: bool) -> str:

@@ -43,3 +43,21 @@ def test_smtputf8_orcpt_as_postfix_sends_it(relay_mta: MTA) -> None:
         ("bob@ours.test", None),
     ]
     wait_for_log(relay_mta.log_dir / "ingress.log", "ORCPT of <bob@ours.test> dropped: bad xtext escape")
+
+
+def test_trailing_dot_domain_is_normalised(relay_mta: MTA) -> None:
+    # issue 11.9: <user@ours.test.> was accepted and forwarded as is, then refused by the next hop
+    with Wire(relay_mta.port) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<sender@client.test.>").status == (250, "2.1.0")
+        assert w.cmd("RCPT TO:<user@ours.test.>").status == OK
+        assert w.cmd("RCPT TO:<user@elsewhere.test.>").status == (554, "5.7.1")
+        assert w.cmd("DATA").code == 354
+        done = w.cmd(b"Subject: dot\r\n\r\nx\r\n.")
+        assert done.status == (250, "2.0.0")
+    qid = done.text.rsplit(" ", 1)[-1]
+    stored = relay_mta.store.load(qid)
+    assert stored is not None
+    assert stored.envelope.sender == "sender@client.test"
+    assert [r.address for r in stored.envelope.recipients] == ["user@ours.test"]
+    assert b"for <user@ours.test>;" in stored.body.split(b"\r\n\r\n", 1)[0]
