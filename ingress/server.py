@@ -24,7 +24,7 @@ from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
 from ingress.config import IngressConfig
-from ingress.notes import NoteLog
+from ingress.notes import Note, NoteLog, reject_line
 from ingress.received import received_header
 from ingress.session import (
     Authenticate,
@@ -151,7 +151,16 @@ class SMTPProtocol(asyncio.Protocol):
             self._refuse(replies.SHUTTING_DOWN)
             return
         if len(ing.connections) >= ing.max_connections or ing.per_client[self.peer_ip] >= ing.max_per_client:
-            log.warning("connection from [%s] refused: too many connections", self.peer_ip)
+            line = reject_line(
+                "CONNECT",
+                Peer(self.peer_ip, int(peer[1])),
+                replies.TOO_MANY_CONNECTIONS,
+                sender=None,
+                recipient=None,
+                helo="",
+                protocol="SMTP",
+            )
+            ing.notes.emit(Note(logging.WARNING, line))  # rate-limited: a flood of connections too
             self._refuse(replies.TOO_MANY_CONNECTIONS)
             return
         ing.connections.add(self)

@@ -61,3 +61,31 @@ def test_trailing_dot_domain_is_normalised(relay_mta: MTA) -> None:
     assert stored.envelope.sender == "sender@client.test"
     assert [r.address for r in stored.envelope.recipients] == ["user@ours.test"]
     assert b"for <user@ours.test>;" in stored.body.split(b"\r\n\r\n", 1)[0]
+
+
+def test_refusals_are_logged_once_postfix_style(relay_mta: MTA) -> None:
+    # issue 11.4: relay denials, smuggling, NUL bytes, syntax errors left no trace in the log
+    with Wire(relay_mta.port) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+        assert w.cmd("RCPT TO:<victim@elsewhere.test>").status == (554, "5.7.1")
+        assert w.cmd(b"NO\x00OP").status == (500, "5.5.2")
+        assert w.cmd("RCPT TO:<a b@ours.test>").status == (501, "5.1.3")
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == OK
+        assert w.cmd("DATA").code == 354
+        w.send(b"Subject: outer\r\n\r\nhello\n.\nMAIL FROM:<evil@x.test>\r\n.\r\n")
+        assert w.reply().status == (550, "5.6.0")
+        assert w.cmd("QUIT").code == 221
+    path = relay_mta.log_dir / "ingress.log"
+    expected = [
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <victim@elsewhere.test>: Relay access denied; "
+        "from=<a@client.test> to=<victim@elsewhere.test> proto=ESMTP helo=<client.test>",
+        "NOQUEUE: reject: UNKNOWN from unknown[127.0.0.1]: 500 5.5.2 ",
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 501 5.1.3 ",
+        "NOQUEUE: reject: END-OF-MESSAGE from unknown[127.0.0.1]: 550 5.6.0 Error: message contains bare CR or "
+        "LF; from=<a@client.test> proto=ESMTP helo=<client.test>",
+    ]
+    log = wait_for_log(path, expected[-1])
+    for line in expected:
+        assert log.count(line) == 1, (line, log)
+    assert log.count("NOQUEUE: reject:") == len(expected)  # nothing for the smuggled MAIL
