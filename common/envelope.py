@@ -90,6 +90,9 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET=FULL|HDRS
     envid: str | None = None  # RFC 3461 ENVID (xtext decoded)
     auth_user: str | None = None
+    # the client was in mynetworks or authenticated: a DSN may carry the full content (else headers
+    # only, so that forged senders cannot have our bounces carry their content to a third party)
+    trusted: bool = False
 
     @property
     def is_bounce(self) -> bool:
@@ -117,6 +120,8 @@ class Envelope:
             d["envid"] = self.envid
         if self.auth_user is not None:
             d["auth"] = self.auth_user
+        if self.trusted:
+            d["trusted"] = True
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -138,6 +143,7 @@ class Envelope:
             ret=d.get("ret"),
             envid=d.get("envid"),
             auth_user=d.get("auth"),
+            trusted=d.get("trusted", False),
         )
 
 

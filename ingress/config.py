@@ -18,6 +18,10 @@ def _no_gate() -> Reply | None:
     return None
 
 
+def _any_recipient(address: str) -> Reply | None:
+    return None
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     hostname: str
@@ -32,6 +36,11 @@ class SessionConfig:
     # Called at MAIL and at the end of DATA; returns a Reply (e.g. 452 4.3.1) to refuse while the
     # queue is full, or None. Injected so the session stays pure.
     mail_gate: Callable[[], Reply | None] = _no_gate
+    # Called for each recipient of a relay domain: None when it is a valid one, else the reply
+    # (relay_recipients: 550 5.1.1). Injected like mail_gate.
+    recipient_check: Callable[[str], Reply | None] = _any_recipient
+    # Ask the next hop about relay-domain recipients of untrusted clients (VerifyRecipient events).
+    verify_recipients: bool = False
 
     @classmethod
     def from_settings(cls, s: Settings, **kw: object) -> SessionConfig:
@@ -62,11 +71,20 @@ class IngressConfig:
     tls_cert: str = ""  # STARTTLS is offered exactly when this is set (session.tls_available)
     tls_key: str = ""
     auth_file: str = ""  # AUTH is offered exactly when this is set (session.auth_available)
+    # inbound relay without backscatter
+    relay_recipients: str = ""
+    verify_relay_recipients: bool = False
+    verify_positive_ttl: float = 604800.0
+    verify_negative_ttl: float = 10800.0
+    verify_timeout: float = 10.0
+    relayhost: str = ""  # where the workers deliver, so where a verification asks
+    smtp_port: int = 25
+    dns_servers: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngressConfig:
         return cls(
-            session=SessionConfig.from_settings(s),
+            session=SessionConfig.from_settings(s, verify_recipients=s.verify_relay_recipients),
             idle_timeout=s.idle_timeout,
             max_connections=s.max_connections,
             max_per_client=s.max_connections_per_client,
@@ -77,4 +95,12 @@ class IngressConfig:
             tls_cert=s.tls_cert,
             tls_key=s.tls_key,
             auth_file=s.auth_file,
+            relay_recipients=s.relay_recipients,
+            verify_relay_recipients=s.verify_relay_recipients,
+            verify_positive_ttl=s.verify_positive_ttl,
+            verify_negative_ttl=s.verify_negative_ttl,
+            verify_timeout=s.verify_timeout,
+            relayhost=s.relayhost,
+            smtp_port=s.smtp_port,
+            dns_servers=tuple(s.dns_server_list),
         )

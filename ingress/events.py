@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from common.envelope import Recipient
 
-__all__ = ["Authenticate", "Close", "Event", "Peer", "Send", "StartTLS", "Transaction"]
+__all__ = ["Authenticate", "Close", "Event", "Peer", "Send", "StartTLS", "Transaction", "VerifyRecipient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class Transaction:
     ret: str | None
     envid: str | None
     auth_user: str | None
+    trusted: bool = False  # the client was in mynetworks or authenticated (DSNs with full content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,4 +75,12 @@ class Close:
     reply_sent: bool = True
 
 
-Event = Send | Transaction | StartTLS | Authenticate | Close
+@dataclass(frozen=True, slots=True)
+class VerifyRecipient:
+    """Ask the next hop whether this relay-domain recipient exists, then call
+    recipient_verified(None) to accept it or recipient_verified(reply) to refuse it."""
+
+    address: str
+
+
+Event = Send | Transaction | StartTLS | Authenticate | Close | VerifyRecipient

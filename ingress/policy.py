@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PATH",
     "Network",
     "PathError",
+    "in_relay_domains",
     "is_trusted",
     "parse_forward_path",
     "parse_path",
@@ -266,6 +267,12 @@ def is_trusted(client_ip: str, auth_user: str | None, networks: Iterable[Network
     if addr is None:
         return False
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+def in_relay_domains(address: str, relay_domains: frozenset[str]) -> bool:
+    """Whether ``address``'s domain is one of ``relay_domains`` (any case, trailing dot or not)."""
+    _, at, domain = address.rpartition("@")
+    return bool(at) and domain.lower().rstrip(".") in {d.lower().rstrip(".") for d in relay_domains}
 
 
 def relay_check(

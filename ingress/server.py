@@ -18,14 +18,18 @@ from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import dns.asyncresolver
+
 from common.envelope import Envelope, new_queue_id
 from common.store import Message, Store
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
 from ingress.config import IngressConfig
+from ingress.events import VerifyRecipient
 from ingress.notes import Note, NoteLog, reject_line
 from ingress.received import received_header
+from ingress.recipients import RecipientTable
 from ingress.session import (
     Authenticate,
     Close,
@@ -36,6 +40,7 @@ from ingress.session import (
     StartTLS,
     Transaction,
 )
+from ingress.verify import Probe, Verifier, smtp_probe
 
 __all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
 
@@ -67,9 +72,13 @@ class Ingress:
         self.committer = Committer(
             store, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
         )
+        self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
+        self.verifier = _verifier(config) if config.verify_relay_recipients else None
         # the session's view: tls_available and auth_available were derived from the same files
         # as the context and the credentials below, once, in IngressConfig.from_settings
         self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate)
+        if self.recipients is not None:
+            self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
         self.max_per_client = config.max_per_client
@@ -259,6 +268,9 @@ class SMTPProtocol(asyncio.Protocol):
             elif isinstance(ev, Authenticate):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._authenticate(ev))
+            elif isinstance(ev, VerifyRecipient):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._verify(ev))
             elif isinstance(ev, Close):
                 self._close()
 
@@ -317,6 +329,7 @@ class SMTPProtocol(asyncio.Protocol):
             ret=tx.ret,
             envid=tx.envid,
             auth_user=tx.auth_user,
+            trusted=tx.trusted,
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,
@@ -394,6 +407,15 @@ class SMTPProtocol(asyncio.Protocol):
                         )
         self._resume(self.session.auth_result(ok, failure))
 
+    async def _verify(self, ev: VerifyRecipient) -> None:
+        assert self.session is not None
+        verifier = self.ingress.verifier
+        if verifier is None:  # the session asks only when verification is configured
+            refusal: replies.Reply | None = replies.UNVERIFIED_RECIPIENT
+        else:
+            refusal = await verifier.check(ev.address)
+        self._resume(self.session.recipient_verified(refusal))
+
     # -- deadlines and shutdown -------------------------------------------------------------------
     def _arm_timer(self) -> None:
         self._octets_since_progress = 0
@@ -427,6 +449,26 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _verifier(config: IngressConfig) -> Verifier:
+    resolver = dns.asyncresolver.Resolver(configure=not config.dns_servers)
+    if config.dns_servers:
+        resolver.nameservers = [host for host, _ in config.dns_servers]
+        resolver.port = config.dns_servers[0][1]
+    resolver.lifetime = config.verify_timeout
+
+    async def probe(address: str) -> Probe:
+        return await smtp_probe(
+            address,
+            relayhost=config.relayhost,
+            port=config.smtp_port,
+            helo=config.session.hostname,
+            timeout=config.verify_timeout,
+            resolver=resolver,
+        )
+
+    return Verifier(probe, positive_ttl=config.verify_positive_ttl, negative_ttl=config.verify_negative_ttl)
 
 
 def install_signal_handlers(ingress: Ingress, done: asyncio.Event) -> None:

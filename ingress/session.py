@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from common.envelope import Recipient
 from ingress import policy, replies
 from ingress.config import SessionConfig
-from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction
+from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction, VerifyRecipient
 from ingress.limits import (
     MAX_AUTH_LINE,
     MAX_BUFFER_WHILE_WAITING,
@@ -108,6 +108,7 @@ class Session:
         self._out: list[Event] = []
         self._sasl: Sasl | None = None
         self._auth_pending: str | None = None  # the user name being checked
+        self._verifying: Recipient | None = None  # the recipient a VerifyRecipient asks about
         self._tx = _Transaction()
         # for the log: the command being answered, and the paths it named
         self._notes: list[Note] = []
@@ -213,6 +214,19 @@ class Session:
         self._auth_pending = None
         return self._end_wait(State.WAIT_AUTH, reply, counts=not ok)
 
+    def recipient_verified(self, refusal: Reply | None) -> list[Event]:
+        """The verdict on a VerifyRecipient: None accepts the recipient, a reply refuses it."""
+        if self._state is not State.WAIT_VERIFY or self._verifying is None:
+            return []
+        rcpt, self._verifying = self._verifying, None
+        self._command, self._cmd_from, self._cmd_to = "RCPT", self._tx.sender, rcpt.address
+        if refusal is None:
+            self._tx.recipients.append(rcpt)
+        trigger = Input.RCPT_VERIFIED if self._tx.recipients else Input.RCPT_UNVERIFIED
+        return self._end_wait(
+            State.WAIT_VERIFY, refusal or replies.RECIPIENT_OK, counts=refusal is not None, trigger=trigger
+        )
+
     def timeout(self) -> list[Event]:
         return self._close_with(replies.TIMEOUT)
 
@@ -283,15 +297,21 @@ class Session:
         self._out = []
         return out
 
-    def _end_wait(self, expected: State, reply: Reply, *, counts: bool = False) -> list[Event]:
+    def _end_wait(
+        self, expected: State, reply: Reply, *, counts: bool = False, trigger: Input | None = None
+    ) -> list[Event]:
         if self._state is not expected:
             return []
         if expected is State.WAIT_STORE:
             self._reset_transaction()
             self._transition(Input.STORE_DONE)
-        else:
+        elif expected is State.WAIT_AUTH:
             self._transition(Input.AUTH_VERDICT)
-        self._send(reply, counts=counts, note=False)  # storage and AUTH verdicts: the server logs them
+        else:
+            assert trigger is not None
+            self._transition(trigger)
+        # storage and AUTH verdicts: the server logs them; a refused verification is noted here
+        self._send(reply, counts=counts, note=expected is State.WAIT_VERIFY)
         if self._overflow and not self.closed:
             self._send(PIPELINE_OVERFLOW, counts=False)
             self._close()
@@ -470,13 +490,26 @@ class Session:
         )
         if denied is not None:
             raise ArgError(denied)
+        if policy.in_relay_domains(address, self.config.relay_domains):
+            unlisted = self.config.recipient_check(address)  # relay_recipients, for every client
+            if unlisted is not None:
+                raise ArgError(unlisted)
         if params.orcpt_dropped is not None:
             # keep the recipient: a lost Original-Recipient costs less than a refused message
             self._note(
                 logging.WARNING,
                 f"{self._client}: ORCPT of <{printable(address)}> dropped: {params.orcpt_dropped}",
             )
-        self._tx.recipients.append(Recipient(address=address, notify=params.notify, orcpt=params.orcpt))
+        rcpt = Recipient(address=address, notify=params.notify, orcpt=params.orcpt)
+        if (
+            self.config.verify_recipients
+            and policy.in_relay_domains(address, self.config.relay_domains)
+            and not policy.is_trusted(self.peer.ip, self.auth_user, self.config.networks)
+        ):
+            self._verifying = rcpt
+            self._out.append(VerifyRecipient(address))
+            return Input.VERIFY_ASKED
+        self._tx.recipients.append(rcpt)
         self._send(replies.RECIPIENT_OK)
         return "RCPT"
 
@@ -564,6 +597,7 @@ class Session:
                 ret=tx.ret,
                 envid=tx.envid,
                 auth_user=self.auth_user,
+                trusted=policy.is_trusted(self.peer.ip, self.auth_user, self.config.networks),
             )
         )
         self._transition(Input.DATA_ACCEPTED)

@@ -36,6 +36,7 @@ class State(str, Enum):
     WAIT_STORE = "wait_store"  # Transaction outstanding
     WAIT_TLS = "wait_tls"  # StartTLS outstanding
     WAIT_AUTH = "wait_auth"  # Authenticate outstanding
+    WAIT_VERIFY = "wait_verify"  # VerifyRecipient outstanding (a RCPT waits for the next hop's word)
     CLOSED = "closed"
 
 
@@ -50,6 +51,9 @@ class Input(str, Enum):
     AUTH_ANSWER = "auth answer"  # the SASL exchange gave credentials: check them
     AUTH_ABORT = "auth abort"  # "*", an undecodable or overlong SASL line
     AUTH_VERDICT = "auth verdict"  # the credentials were checked (or not, rate limited)
+    VERIFY_ASKED = "verify asked"  # a relay recipient goes to be verified at the next hop
+    RCPT_VERIFIED = "rcpt verified"  # the verdict, with at least one recipient accepted
+    RCPT_UNVERIFIED = "rcpt unverified"  # refused, and no recipient accepted yet
     EOF = "eof"  # the client closed
     CLOSE = "close"  # we close: QUIT, 421 (timeout, errors, shutdown, overflow)
 
@@ -86,13 +90,16 @@ EVENTS: dict[Input, dict[State, State]] = {
     Input.AUTH_ANSWER: {State.AUTH_INPUT: State.WAIT_AUTH},
     Input.AUTH_ABORT: {State.AUTH_INPUT: State.READY},
     Input.AUTH_VERDICT: {State.WAIT_AUTH: State.READY},
+    Input.VERIFY_ASKED: {State.MAIL: State.WAIT_VERIFY, State.RCPT: State.WAIT_VERIFY},
+    Input.RCPT_VERIFIED: {State.WAIT_VERIFY: State.RCPT},
+    Input.RCPT_UNVERIFIED: {State.WAIT_VERIFY: State.MAIL},
     Input.EOF: {state: State.CLOSED for state in State},
     Input.CLOSE: {state: State.CLOSED for state in State},
 }
 
 KNOWN_VERBS = frozenset(verb for row in TRANSITIONS.values() for verb in row)
-WAITING = frozenset({State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH})
-IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.WAIT_STORE})
+WAITING = frozenset({State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_VERIFY})
+IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.WAIT_STORE, State.WAIT_VERIFY})
 
 
 class IllegalTransition(RuntimeError):

@@ -5,12 +5,14 @@ SMTPUTF8 ORCPT, trailing-dot domains, refusals in the log, relay recipients.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import MTA
-from tests.integration.eventually import wait_for_log
+from tests.integration.eventually import GENEROUS, wait_for_log
 from tests.integration.smtpwire import Wire
+from tests.sinks import SinkServer, free_port
 
 OK = (250, "2.1.5")
 
@@ -89,3 +91,66 @@ def test_refusals_are_logged_once_postfix_style(relay_mta: MTA) -> None:
     for line in expected:
         assert log.count(line) == 1, (line, log)
     assert log.count("NOQUEUE: reject:") == len(expected)  # nothing for the smuggled MAIL
+
+
+def test_relay_recipients_and_verification_against_the_next_hop(
+    mta_factory: Callable[..., MTA], sinks: Callable[..., SinkServer], mx_port: int, tmp_path: Path
+) -> None:
+    # issue 11.3: an inbound relay that accepts unknown recipients later bounces to forged senders
+    # (backscatter). The table refuses the unlisted; verification asks the next hop (an aiosmtpd
+    # sink that refuses one recipient) at RCPT time, and remembers the answer.
+    hop = sinks("127.0.0.5")
+    hop.rcpt_replies = {"gone@ours.test": "550 5.1.1 <gone@ours.test>: no such user"}
+    table = tmp_path / "relay_recipients"
+    table.write_text("# who exists behind us\nbob@ours.test\ngone@ours.test\n")
+    mta = mta_factory(
+        mynetworks="10.255.255.0/24",
+        relay_domains="ours.test",
+        relayhost=f"[127.0.0.5]:{mx_port}",
+        relay_recipients=table,
+        verify_relay_recipients="yes",
+    )
+    mta.start_ingress()
+    with Wire(mta.port) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<forged@elsewhere.test>").status == (250, "2.1.0")
+        carol = w.cmd("RCPT TO:<carol@ours.test>")  # not in the table: the next hop is not asked
+        assert str(carol) == "550 5.1.1 Recipient address rejected: User unknown in relay recipient table"
+        gone = w.cmd("RCPT TO:<gone@ours.test>")  # listed, but the next hop refuses it
+        assert str(gone) == "550 5.1.1 Recipient address rejected: undeliverable address"
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == OK
+        assert w.cmd("DATA").code == 354
+        done = w.cmd(b"Subject: inbound\r\n\r\nx\r\n.")
+        assert done.status == (250, "2.0.0")
+    stored = mta.store.load(done.text.rsplit(" ", 1)[-1])
+    assert stored is not None
+    assert [r.address for r in stored.envelope.recipients] == ["bob@ours.test"]
+    assert stored.envelope.trusted is False  # outside mynetworks, not authenticated: DSNs headers-only
+    assert [r for r, _ in hop.rejected] == ["gone@ours.test"]
+    assert hop.attempts == 2 and hop.messages == []  # two probes (MAIL FROM:<>), no mail sent
+    # the answers are cached: asking again does not reach the next hop
+    with Wire(mta.port) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<forged@elsewhere.test>").status == (250, "2.1.0")
+        assert w.cmd("RCPT TO:<gone@ours.test>").status == (550, "5.1.1")
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == OK
+    assert hop.attempts == 2
+    wait_for_log(mta.log_dir / "ingress.log", "recipient <gone@ours.test> invalid by verification: 127.0.0.5")
+
+
+def test_verification_without_an_answer_is_450_never_250(mta_factory: Callable[..., MTA]) -> None:
+    dead = free_port(["127.0.0.6"])  # nothing listens there
+    mta = mta_factory(
+        mynetworks="10.255.255.0/24",
+        relay_domains="ours.test",
+        relayhost=f"[127.0.0.6]:{dead}",
+        verify_relay_recipients="yes",
+    )
+    mta.start_ingress()
+    with Wire(mta.port, timeout=GENEROUS) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<a@elsewhere.test>").status == (250, "2.1.0")
+        assert str(w.cmd("RCPT TO:<bob@ours.test>")) == (
+            "450 4.1.1 Recipient address rejected: unverified address, try again later"
+        )
+        assert w.cmd("NOOP").status == (250, "2.0.0")

@@ -159,6 +159,7 @@ def test_complete_transaction_and_queued_reply() -> None:
         ret=None,
         envid=None,
         auth_user=None,
+        trusted=True,  # TRUSTED is in the networks
     )
     assert s.waiting and s.in_transaction
     assert s.message_stored("QID1") == [Send(b"250 2.0.0 Ok: queued as QID1\r\n")]
