@@ -122,8 +122,9 @@ class Verifier:
 async def next_hops(
     address: str, *, relayhost: str, port: int, resolver: dns.asyncresolver.Resolver
 ) -> list[tuple[str, int]]:
-    """Where to ask about ``address``: the relayhost, else the MX hosts (best first, at most
-    MAX_HOPS) or the domain itself when it has no MX. Empty when DNS gives no answer."""
+    """Where to ask about ``address``: the relayhost, else the addresses of the MX hosts (best
+    first, at most MAX_HOPS hosts) or of the domain itself when it has no MX, all looked up with
+    ``resolver`` (the workers' DNS). Empty when DNS gives no answer."""
     if relayhost:
         host, hop_port = parse_hostport(relayhost, port)
         return [(host, hop_port)]
@@ -136,7 +137,12 @@ async def next_hops(
         hosts = [domain]
     except (dns.exception.DNSException, OSError):
         return []
-    return [(h, port) for h in hosts]
+    out: list[tuple[str, int]] = []
+    for host in hosts:
+        for rdtype in ("A", "AAAA"):
+            with contextlib.suppress(dns.exception.DNSException, OSError):
+                out += [(str(r.address), port) for r in await resolver.resolve(host, rdtype)]
+    return out
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:

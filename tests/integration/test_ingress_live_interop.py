@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dnsserver import ZoneServer
 from tests.integration.conftest import MTA
 from tests.integration.eventually import GENEROUS, wait_for_log
 from tests.integration.smtpwire import Wire
@@ -154,3 +155,22 @@ def test_verification_without_an_answer_is_450_never_250(mta_factory: Callable[.
             "450 4.1.1 Recipient address rejected: unverified address, try again later"
         )
         assert w.cmd("NOOP").status == (250, "2.0.0")
+
+
+def test_verification_asks_the_mx_found_in_dns(
+    mta_factory: Callable[..., MTA], sinks: Callable[..., SinkServer], dns: ZoneServer
+) -> None:
+    # no relayhost: the ingress looks up the domain's MX (the test zone's DNS server, as the
+    # workers do) and asks that host
+    dns.add("ours.test.", "MX", "10 mx.ours.test.")
+    dns.add("mx.ours.test.", "A", "127.0.0.7")
+    hop = sinks("127.0.0.7")
+    hop.rcpt_replies = {"gone@ours.test": "550 5.1.1 no such user"}
+    mta = mta_factory(mynetworks="10.255.255.0/24", relay_domains="ours.test", verify_relay_recipients="yes")
+    mta.start_ingress()
+    with Wire(mta.port, timeout=GENEROUS) as w:
+        w.greet()
+        assert w.cmd("MAIL FROM:<a@elsewhere.test>").status == (250, "2.1.0")
+        assert w.cmd("RCPT TO:<gone@ours.test>").status == (550, "5.1.1")
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == OK
+    assert [r for r, _ in hop.rejected] == ["gone@ours.test"] and hop.attempts == 2
