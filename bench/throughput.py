@@ -248,7 +248,7 @@ def run_mtaq(a: argparse.Namespace, tmp: Path, sink_port: int, counter: Path) ->
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "mtaq",
             "run",
             "--data-dir",
             str(tmp / "var"),

@@ -144,8 +144,16 @@ class Settings:
         names = {f.name for f in fields(cls)}
         return cls.from_env(env, **{k: v for k, v in vars(ns).items() if k in names})
 
+    def to_env(self) -> dict[str, str]:
+        """The ``MTAQ_*`` variables that give a child process these exact settings (from_env's inverse)."""
+        return {f"MTAQ_{f.name.upper()}": _render(getattr(self, f.name)) for f in fields(self)}
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _render(value: Any) -> str:
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
-from common.store import Store
+from common.spool import Spool
 from common.supervise import Child, Supervisor
 from ingress.config import IngressConfig
 from ingress.server import Ingress, install_signal_handlers
@@ -34,8 +34,8 @@ def bind(listen: tuple[str, int]) -> socket.socket:
 
 
 def build_ingress(settings: Settings) -> Ingress:
-    store = Store.from_settings(settings, connect(settings, timeout=5.0))
-    return Ingress(store, IngressConfig.from_settings(settings))
+    spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
+    return Ingress(spool, IngressConfig.from_settings(settings))
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:

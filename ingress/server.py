@@ -21,7 +21,8 @@ from typing import Any
 import dns.asyncresolver
 
 from common.envelope import Envelope, new_queue_id
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
@@ -68,9 +69,9 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 class Ingress:
     """What every connection of one ingress process shares."""
 
-    def __init__(self, store: Store, config: IngressConfig) -> None:
+    def __init__(self, spool: Spool, config: IngressConfig) -> None:
         self.committer = Committer(
-            store, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
+            spool, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None

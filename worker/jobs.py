@@ -18,7 +18,8 @@ from functools import cache
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of, new_queue_id
 from common.redisconn import connect
 from common.settings import Settings
-from common.store import Message, Store, next_hop
+from common.spool import Spool
+from common.store import Message, Store
 from worker.dsn import DsnRecipient, build_dsn
 from worker.mx import MXResolver, make_resolver
 from worker.relay import Kind, Outcome, Parcel, log_attempt
@@ -34,9 +35,13 @@ log = logging.getLogger("mtaq.worker")
 @dataclass
 class Context:
     settings: Settings
-    store: Store
+    spool: Spool
     resolver: MXResolver
     connections: ConnectionCache = field(default_factory=ConnectionCache)
+
+    @property
+    def store(self) -> Store:
+        return self.spool.store
 
 
 _context: Context | None = None
@@ -50,16 +55,16 @@ def set_context(ctx: Context | None) -> None:
 @cache
 def _default_context() -> Context:
     settings = Settings.from_env()
-    return make_context(settings, Store.from_settings(settings, connect(settings)))
+    return make_context(settings, Spool.from_settings(settings, connect(settings)))
 
 
-def make_context(settings: Settings, store: Store) -> Context:
+def make_context(settings: Settings, spool: Spool) -> Context:
     resolver = MXResolver(
         make_resolver(settings.dns_server_list),
         local_names=[settings.hostname],
         max_addresses=settings.max_mx_addresses,
     )
-    return Context(settings, store, resolver)
+    return Context(settings, spool, resolver)
 
 
 def context() -> Context:
@@ -143,7 +148,7 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
         mine: list[int] = []
         for i, r in enumerate(msg.envelope.recipients):
             st = statuses.get(i, RecipientStatus())
-            hop = next_hop(r.address, store.relayhost)
+            hop = ctx.spool.router.hop(r.address)
             if st.final or destination not in (hop, domain_of(r.address)):
                 continue
             if hop != destination:  # queued before the relayhost changed: send it the way it goes now
@@ -169,11 +174,11 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
             finish_messages(ctx, batch)
     for hop, qids in reroute.items():
         log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
-        store.enqueue_now(hop, qids)
+        ctx.spool.queue.enqueue_now(hop, qids)
 
 
 def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: list[Parcel]) -> None:
-    store, s = ctx.store, ctx.settings
+    s = ctx.settings
     relay_deliver(
         destination,
         parcels,
@@ -208,7 +213,7 @@ def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: lis
     if rest:
         batch.write(rest)
     if retry_ids and retry_delay is not None:
-        store.schedule(destination, retry_ids, retry_delay)
+        ctx.spool.queue.schedule(destination, retry_ids, retry_delay)
         log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
 
@@ -251,7 +256,7 @@ def finish_loaded(ctx: Context, done: Sequence[tuple[Message, dict[int, Recipien
             dsns.append(dsn)
             log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
         log.info("%s: removed", msg.envelope.id)
-    ctx.store.commit(dsns, delete=[m.envelope.id for m, _ in done])
+    ctx.spool.commit(dsns, delete=[m.envelope.id for m, _ in done])
 
 
 def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, now: float) -> Message | None:

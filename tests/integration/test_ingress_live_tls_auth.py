@@ -44,7 +44,7 @@ def b64(text: str) -> str:
 
 def passwd(auth_file: Path, user: str, password: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "passwd", "--auth-file", str(auth_file), user],
+        [sys.executable, "-m", "mtaq", "passwd", "--auth-file", str(auth_file), user],
         input=password + "\n",
         capture_output=True,
         text=True,
