@@ -30,20 +30,9 @@ from common.envelope import Recipient
 from ingress import policy, replies
 from ingress.config import SessionConfig
 from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction, VerifyRecipient
-from ingress.limits import (
-    MAX_AUTH_LINE,
-    MAX_BUFFER_WHILE_WAITING,
-    MAX_BUFFERED_LINE,
-    MAX_COMMAND_LINE,
-    MAX_ENVID,
-    MAX_MAIL_LINE,
-    MAX_ORCPT,
-    MAX_RCPT_LINE,
-    MAX_TEXT_LINE,
-    line_limit,
-)
+from ingress.limits import MAX_AUTH_LINE, MAX_BUFFER_WHILE_WAITING, line_limit
 from ingress.notes import Note, printable, reject_line
-from ingress.params import ArgError, parse_mail_params, parse_rcpt_params, split_path, xtext_decode
+from ingress.params import ArgError, parse_mail_params, parse_rcpt_params, split_path
 from ingress.readers import OVERLONG, DataReader, DataStep, LineReader
 from ingress.replies import Reply
 from ingress.sasl import MECHANISMS, Answer, Challenge, Refused, Sasl, Step
@@ -51,15 +40,6 @@ from ingress.states import IN_TRANSACTION, KNOWN_VERBS, TRANSITIONS, WAITING, In
 
 __all__ = [
     "KNOWN_VERBS",
-    "MAX_AUTH_LINE",
-    "MAX_BUFFERED_LINE",
-    "MAX_BUFFER_WHILE_WAITING",
-    "MAX_COMMAND_LINE",
-    "MAX_ENVID",
-    "MAX_MAIL_LINE",
-    "MAX_ORCPT",
-    "MAX_RCPT_LINE",
-    "MAX_TEXT_LINE",
     "PIPELINE_OVERFLOW",
     "TRANSITIONS",
     "Authenticate",
@@ -72,7 +52,6 @@ __all__ = [
     "StartTLS",
     "State",
     "Transaction",
-    "xtext_decode",
 ]
 
 PIPELINE_OVERFLOW = Reply(421, "4.7.0", "Error: too much pipelined input")

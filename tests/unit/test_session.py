@@ -11,13 +11,11 @@ import pytest
 from common.envelope import Recipient
 from common.settings import Settings
 from ingress import replies
+from ingress.limits import MAX_BUFFER_WHILE_WAITING, MAX_BUFFERED_LINE, MAX_COMMAND_LINE, MAX_TEXT_LINE
+from ingress.params import xtext_decode
 from ingress.replies import Reply
 from ingress.session import (
     KNOWN_VERBS,
-    MAX_BUFFER_WHILE_WAITING,
-    MAX_BUFFERED_LINE,
-    MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
     PIPELINE_OVERFLOW,
     TRANSITIONS,
     Authenticate,
@@ -30,7 +28,6 @@ from ingress.session import (
     StartTLS,
     State,
     Transaction,
-    xtext_decode,
 )
 
 HOST = "mx.example.net"
