@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ingress.auth import AuthLimiter, Credentials, hash_password, set_password, verify_password
+from tests.unit.fakeclock import FakeClock
 
 
 def test_hash_round_trip_and_no_plain_text() -> None:
@@ -64,14 +65,6 @@ def test_unknown_user_costs_one_scrypt_like_a_known_one(tmp_path: Path, monkeypa
         calls.clear()
         assert not creds.verify(user, "wrong")
         assert len(calls) == 1, user  # timing does not tell who exists
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_limiter_counts_failures_only() -> None:

@@ -12,6 +12,7 @@ from ingress.config import SessionConfig
 from ingress.events import Peer
 from ingress.notes import Note, NoteLog, printable
 from ingress.session import Session
+from tests.unit.fakeclock import FakeClock
 
 CLIENT = Peer("203.0.113.9", 40001, "client.example")
 SECRET = "s3cret-Passw0rd"
@@ -100,14 +101,6 @@ def test_auth_payloads_are_never_logged(exchange: list[str]) -> None:
         assert text.startswith("NOQUEUE: reject: AUTH from client.example[203.0.113.9]: ")
         assert SECRET not in text and "alice" not in text and base64.b64encode(SECRET.encode()).decode() not in text
         assert "YWxpY2U" not in text  # base64 of the user name either
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_flood_is_rate_limited_and_the_gap_counted(caplog: pytest.LogCaptureFixture) -> None:

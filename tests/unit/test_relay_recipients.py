@@ -19,17 +19,10 @@ from ingress.recipients import RecipientTable, parse_table
 from ingress.replies import Reply
 from ingress.session import Session, State
 from ingress.verify import TEMPFAIL_TTL, Probe, Verdict, Verifier
+from tests.unit.fakeclock import FakeClock
 
 OUTSIDE = Peer("203.0.113.9", 40001)
 INSIDE = Peer("192.0.2.7", 40000)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the table ---------------------------------------------------------------------------------------
