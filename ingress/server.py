@@ -414,7 +414,11 @@ class SMTPProtocol(asyncio.Protocol):
         if verifier is None:  # the session asks only when verification is configured
             refusal: replies.Reply | None = replies.UNVERIFIED_RECIPIENT
         else:
-            refusal = await verifier.check(ev.address)
+            try:
+                refusal = await verifier.check(ev.address)
+            except Exception:  # a bug: the client must still get an answer, and never a 250
+                log.exception("verifying <%s> for [%s] failed", ev.address, self.peer_ip)
+                refusal = replies.UNVERIFIED_RECIPIENT
         self._resume(self.session.recipient_verified(refusal))
 
     # -- deadlines and shutdown -------------------------------------------------------------------

@@ -88,7 +88,14 @@ class Verifier:
             return hit[1]
         pending = self._inflight.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # we are the one being cancelled
+            # the session that was probing went away (its task cancelled): ask ourselves
+            return await self.result(address)
         fut: asyncio.Future[Probe] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

@@ -196,3 +196,27 @@ def test_envelope_trusted_round_trip(trusted: bool) -> None:
     assert ('"trusted":true' in raw) is trusted
     assert Envelope.from_json(raw).trusted is trusted
     assert Envelope.from_json(raw.replace(',"trusted":true', "")).trusted is False  # absent = False
+
+
+def test_a_waiter_whose_prober_went_away_asks_itself() -> None:
+    async def run() -> Reply | None:
+        started = asyncio.Event()
+        calls = 0
+
+        async def probe(address: str) -> Probe:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                started.set()
+                await asyncio.sleep(3600)  # the first prober's connection is cut meanwhile
+            return Probe(Verdict.INVALID, "550")
+
+        v = Verifier(probe)
+        first = asyncio.create_task(v.check("bob@ours.test"))
+        await started.wait()
+        second = asyncio.create_task(v.check("bob@ours.test"))
+        await asyncio.sleep(0)
+        first.cancel()
+        return await asyncio.wait_for(second, 5)
+
+    assert asyncio.run(run()) == replies.UNDELIVERABLE_RECIPIENT
