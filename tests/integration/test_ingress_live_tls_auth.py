@@ -339,7 +339,7 @@ def test_auth_failures_are_rate_limited_per_address(secure_mta: MTA, tls: TLSFil
     with tls_session(secure_mta, tls) as w:  # another address is not affected
         assert w.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}").status == (235, "2.7.0")
 
-    # many connections guessing at the same moment: checks in flight count, so no more than 5 get
+    # many connections guessing at the same moment: one address's checks take turns, so no more than 5 get
     # a verdict on their password
     crowd = "127.0.0.8"
     sessions = [tls_session(secure_mta, tls, source=crowd) for _ in range(8)]
