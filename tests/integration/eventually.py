@@ -9,9 +9,10 @@ a guess).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tests.sinks import wait_for
 
 __all__ = ["GENEROUS", "eventually", "wait_for_log"]
 
@@ -21,11 +22,7 @@ GENEROUS = 60.0
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = GENEROUS, interval: float = 0.05) -> None:
     """Return once ``check()`` is true; AssertionError naming ``what`` if it never is."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not seen within {timeout:.0f} s")
-        time.sleep(interval)
+    assert wait_for(check, timeout, interval), f"{what}: not seen within {timeout:.0f} s"
 
 
 def wait_for_log(path: Path, text: str, timeout: float = GENEROUS, *, count: int = 1) -> str:
