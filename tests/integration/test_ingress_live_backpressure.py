@@ -54,9 +54,9 @@ def test_max_queue(dns: ZoneServer, sinks: Callable[..., SinkServer], mta_factor
     assert sorted(mta.store.queue_ids()) == sorted(ids)
 
     mta.start_worker()
-    assert wait_for(lambda: len(box.messages) == 2, 20), mta.logs()
+    assert wait_for(lambda: len(box.messages) == 2, GENEROUS), mta.logs()
     assert subjects(box) == ["m1", "m2"]
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS), mta.logs()
     # the queue drained: the ingress accepts again (its view of the queue refreshes every second)
     statuses: list[tuple[int, str]] = []
 
@@ -70,7 +70,7 @@ def test_max_queue(dns: ZoneServer, sinks: Callable[..., SinkServer], mta_factor
     assert early.cmd("DATA").code == 354
     assert early.cmd(b"Subject: m3\r\n\r\nx\r\n.").status == (250, "2.0.0")
     early.close()
-    assert wait_for(lambda: len(box.messages) == 3, 20), mta.logs()
+    assert wait_for(lambda: len(box.messages) == 3, GENEROUS), mta.logs()
     assert subjects(box) == ["m1", "m2", "m3"]
 
 
@@ -115,9 +115,9 @@ def test_redis_out_of_memory(dns: ZoneServer, sinks: Callable[..., SinkServer], 
             # room again: the worker delivers every accepted message, once
             small.client().config_set("maxmemory", "0")
             mta.start_worker()
-            assert wait_for(lambda: len(box.messages) >= len(accepted), 30), mta.logs()
+            assert wait_for(lambda: len(box.messages) >= len(accepted), GENEROUS), mta.logs()
             assert subjects(box) == sorted(accepted.values())
-            assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+            assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS), mta.logs()
             # the pause after an OOM ends (a second after the last refusal): wait for it, not a guess
 
             def mail_accepted() -> bool:
@@ -127,6 +127,6 @@ def test_redis_out_of_memory(dns: ZoneServer, sinks: Callable[..., SinkServer], 
 
             eventually(mail_accepted, "mail accepted again after the OOM pause", interval=0.2)
             mta.send("a@client.test", ["bob@ours.test"], "Subject: after\r\n\r\nx\r\n")
-            assert wait_for(lambda: len(box.messages) == len(accepted) + 1, 20), mta.logs()
+            assert wait_for(lambda: len(box.messages) == len(accepted) + 1, GENEROUS), mta.logs()
         finally:
             mta.stop_all()
