@@ -90,8 +90,7 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET=FULL|HDRS
     envid: str | None = None  # RFC 3461 ENVID (xtext decoded)
     auth_user: str | None = None
-    # the client was in mynetworks or authenticated: a DSN may carry the full content (else headers
-    # only, so that forged senders cannot have our bounces carry their content to a third party)
+    # from mynetworks or authenticated (issue 11.3): only then may a DSN return the whole message
     trusted: bool = False
 
     @property

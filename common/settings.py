@@ -49,6 +49,17 @@ class Settings:
     min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
     max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
     queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
+    bounce_lifetime: float = _opt(
+        0.0,
+        "seconds before an undeliverable bounce (from <>) is dropped; 0 = queue_lifetime "
+        "(Postfix bounce_queue_lifetime)",
+        ("worker",),
+    )
+    delay_warning: float = _opt(
+        0.0,
+        "seconds in the queue before the sender gets one delay warning; 0 = none (Postfix delay_warning_time)",
+        ("worker",),
+    )
     connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
@@ -110,6 +121,8 @@ class Settings:
             raise ValueError("redis_appendfsync must be 'always' or 'everysec'")
         if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:
             raise ValueError("need 0 < min_backoff <= max_backoff")
+        if self.bounce_lifetime < 0 or self.delay_warning < 0:
+            raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
 
     # -- parsed views
     @property
