@@ -42,8 +42,8 @@ class Settings:
         "always", "embedded Redis: always (250 means on disk) or everysec (may lose 1 s on power cut)", ("run",)
     )
     # -- delivery (worker)
-    dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker",))
-    smtp_port: int = _opt(25, "remote port for MX delivery", ("worker",))
+    dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker", "ingress"))
+    smtp_port: int = _opt(25, "remote port for MX delivery (and recipient verification)", ("worker", "ingress"))
     relayhost: str = _opt(
         "",
         "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost); ingress and "
@@ -96,6 +96,25 @@ class Settings:
         20_000_000, "octets of messages per delivery job (one larger message still goes)", ("ingress", "worker")
     )
     shutdown_grace: float = _opt(30.0, "seconds SIGTERM waits for transactions in flight", ("ingress",))
+    # -- inbound relay without backscatter (ingress)
+    relay_recipients: str = _opt(
+        "",
+        "file of the valid recipients of relay_domains, an address or @domain a line; others get 550 "
+        "5.1.1 (Postfix relay_recipient_maps); unset = all",
+        ("ingress",),
+    )
+    verify_relay_recipients: bool = _opt(
+        False,
+        "ask the next hop at RCPT whether a relay_domains recipient exists (reject_unverified_recipient)",
+        ("ingress",),
+    )
+    verify_positive_ttl: float = _opt(
+        604800.0, "seconds a verified recipient is remembered (address_verify_positive_refresh_time)", ("ingress",)
+    )
+    verify_negative_ttl: float = _opt(
+        10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
+    )
+    verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
 
     def __post_init__(self) -> None:
         if not self.hostname:

@@ -290,18 +290,23 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release(self, qids: Sequence[str], destination: str | None = None, token: str | None = None) -> list[str]:
-        """With a destination and token: give back this job's leases (those still ours). Without:
-        take messages off hold (`mtaq queue release`); returns those that were held."""
+    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
+        the hold set's release(ids)."""
         pipe = self.redis.pipeline(transaction=False)
-        if destination is None or token is None:
-            for qid in qids:
-                pipe.srem(HOLD, qid)
-            return [qid for qid, removed in zip(qids, pipe.execute(), strict=True) if removed]
         for qid in qids:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
-        return []
+
+    def release(self, ids: Sequence[str]) -> list[str]:
+        """Take messages off hold (`mtaq queue release`); returns those that were held."""
+        ids = list(ids)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.srem(HOLD, qid)
+        return [qid for qid, removed in zip(ids, pipe.execute(), strict=True) if removed]
 
     def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
         """Mark the delay warning of each message as sent; returns those this caller marked (a
