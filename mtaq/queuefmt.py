@@ -118,7 +118,7 @@ def show_json(v: MessageView, headers: list[tuple[str, str]], body: bytes | None
             "ret": env.ret,
             "envid": env.envid,
             "auth_user": env.auth_user,
-            "trusted": bool(getattr(env, "trusted", False)),
+            "trusted": env.trusted,
         },
         "headers": [[k, val] for k, val in headers],
     }
