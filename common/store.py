@@ -2,15 +2,18 @@
 
 No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` keys, common/jobqueue.py):
 
-``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once)
+``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once);
+                    ``warned`` (time) once its delay warning was queued
 ``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
 ``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
-``mtaq:stats``      hash of counters: received, delivered, bounced, deferred
+``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, and the metrics' own
+                    (common/metrics.py: accepted, connections, rejected:<code>, latency buckets ...)
 ``mtaq:lease:<id>:<destination>``  string with a TTL: the job working on that message for that destination
 ``mtaq:sweep-lock`` string with a TTL: the worker sweeping the queue now
-``mtaq:hold``       set of queue ids on hold
-``mtaq:dest:<destination>:slots|state|down|rate``  shared delivery limits (worker/limits.py)
+``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
+``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
+``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
 StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
@@ -40,8 +43,10 @@ PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
 SWEEP_LOCK = PREFIX + "sweep-lock"
+HOLD = PREFIX + "hold"
 RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
-HOLD = PREFIX + "hold"  # set of queue ids on hold: no delivery, no expiry, no bounce
+SAMPLES = PREFIX + "samples"
+SAMPLE_LOCK = PREFIX + "samples-lock"
 
 
 def msg_key(qid: str) -> str:
@@ -60,11 +65,11 @@ def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
-# Per-destination delivery limits shared by every worker (worker/limits.py):
+# Per-destination delivery limits shared by every worker (the engine's):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
-# ``mtaq:dest:<d>:state`` hash, window (slow start) and failures (consecutive connection failures);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
 # ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).
+# `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
 def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"
 
@@ -122,6 +127,15 @@ return -3
 """
 
 
+# The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
+# message; KEYS: msg hash; ARGV: field, time. 1 when this caller claimed it, 0 when claimed before or gone.
+WARNED_FIELD = "warned"
+_CLAIM_WARNING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 _STAT_OF = {RcptState.DELIVERED: "delivered", RcptState.BOUNCED: "bounced"}
 
 
@@ -138,6 +152,7 @@ class Store:
         self.redis = r
         self._set_status = r.register_script(_SET_STATUS)
         self._release = r.register_script(_RELEASE)
+        self._claim_warning = r.register_script(_CLAIM_WARNING)
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -200,6 +215,24 @@ class Store:
         flags = self.redis.smismember(HOLD, list(ids))
         return {qid for qid, on in zip(ids, flags, strict=True) if on}
 
+    def hold(self, ids: Sequence[str]) -> list[str]:
+        """Put messages on hold (`mtaq queue hold`): no delivery, no expiry, no bounce until
+        released. Returns those newly held; an id not in the queue is not held."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.zscore(INDEX, qid)
+        queued = [qid for qid, score in zip(ids, pipe.execute(), strict=True) if score is not None]
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in queued:
+            pipe.sadd(HOLD, qid)
+        return [qid for qid, added in zip(queued, pipe.execute(), strict=True) if added]
+
+    def held_ids(self) -> list[str]:
+        return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
+
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
         raw = self.redis.hgetall(rcpt_key(qid))
         return {int(k): RecipientStatus.from_json(v) for k, v in raw.items()}
@@ -259,11 +292,31 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release(self, qids: Sequence[str], destination: str, token: str) -> None:
+    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
+        the hold set's release(ids)."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
+
+    def release(self, ids: Sequence[str]) -> list[str]:
+        """Take messages off hold (`mtaq queue release`); returns those that were held."""
+        ids = list(ids)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.srem(HOLD, qid)
+        return [qid for qid, removed in zip(ids, pipe.execute(), strict=True) if removed]
+
+    def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
+        """Mark the delay warning of each message as sent; returns those this caller marked (a
+        message warned before, or gone, is left out): one warning per message, whoever asks."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            self._claim_warning(keys=[msg_key(qid)], args=[WARNED_FIELD, repr(now)], client=pipe)
+        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
     def try_lock(self, key: str, seconds: int) -> bool:
         return bool(self.redis.set(key, "1", nx=True, ex=max(1, seconds)))
@@ -277,3 +330,4 @@ class Store:
     def _delete(pipe: Any, qid: str) -> None:
         pipe.delete(msg_key(qid), rcpt_key(qid), left_key(qid))
         pipe.zrem(INDEX, qid)
+        pipe.srem(HOLD, qid)

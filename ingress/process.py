@@ -14,9 +14,8 @@ from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.supervise import Child, Supervisor
-from ingress.auth import Credentials
-from ingress.server import Ingress, install_signal_handlers, make_ssl_context
-from ingress.session import SessionConfig
+from ingress.config import IngressConfig
+from ingress.server import Ingress, install_signal_handlers
 
 __all__ = ["bind", "build_ingress", "main", "serve"]
 
@@ -36,21 +35,7 @@ def bind(listen: tuple[str, int]) -> socket.socket:
 
 def build_ingress(settings: Settings) -> Ingress:
     spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
-    ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
-    creds = Credentials(settings.auth_file) if settings.auth_file else None
-    return Ingress(
-        spool,
-        SessionConfig.from_settings(settings),
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-        max_per_client=settings.max_connections_per_client,
-        commit_max_messages=settings.commit_max_messages,
-        commit_wait=settings.commit_wait,
-        max_queue=settings.max_queue,
-        ssl_context=ssl_ctx,
-        credentials=creds,
-        shutdown_grace=settings.shutdown_grace,
-    )
+    return Ingress(spool, IngressConfig.from_settings(settings))
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:
@@ -71,12 +56,12 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     # has been accepted yet.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     asyncio.run(_serve(settings, sock))
 
 
 def main(settings: Settings) -> int:
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     sock = bind(settings.listen_addr)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:

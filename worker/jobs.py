@@ -10,16 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
+from common.envelope import RecipientStatus
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
-from worker.dsn import DsnRecipient, build_dsn
+from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
 from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
 
-__all__ = ["Context", "deliver", "install", "make_context", "make_dsn", "set_context"]
+__all__ = ["Context", "deliver", "finish_loaded", "install", "make_context", "make_dsn", "set_context"]
 
 _service: DeliveryService | None = None
 
@@ -63,57 +63,6 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
     _service.deliver(destination, ids, force)
 
 
-def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, now: float) -> Message | None:
-    """The RFC 3464 report for a finished message, or None: never for mail from <> (no loops),
-    failures unless NOTIFY said otherwise, successes only when NOTIFY=SUCCESS asked."""
-    env = msg.envelope
-    if env.is_bounce:
-        return None
-    report: list[DsnRecipient] = []
-    for i, r in enumerate(env.recipients):
-        st = statuses.get(i)
-        if st is None:
-            continue
-        if st.state is RcptState.BOUNCED and r.wants("FAILURE"):
-            action = "failed"
-        elif st.state is RcptState.DELIVERED and r.wants("SUCCESS"):
-            # we do not pass NOTIFY on to the next hop, so we report "relayed" (RFC 3461 §4.1)
-            action = "relayed"
-        else:
-            continue
-        report.append(
-            DsnRecipient(
-                address=r.address,
-                orcpt=r.orcpt,
-                action=action,
-                status=st.dsn or "5.0.0",
-                remote_mta=st.remote_mta,
-                diagnostic=st.reply,
-                last_attempt=st.updated or None,
-            )
-        )
-    if not report:
-        return None
-    body = build_dsn(
-        reporting_mta=hostname,
-        queue_id=env.id,
-        envid=env.envid,
-        arrival=env.received_at,
-        original_sender=env.sender,
-        recipients=report,
-        original=msg.body,
-        ret=env.ret,
-        now=now,
-    )
-    bounce = Envelope(
-        id=new_queue_id(),
-        sender="",
-        recipients=[Recipient(env.sender)],
-        received_at=now,
-        helo=hostname,
-        client_addr="127.0.0.1",
-        client_name="localhost",
-        protocol="local",
-        smtputf8=not env.sender.isascii(),
-    )
-    return Message(bounce, body)
+def finish_loaded(service: DeliveryService, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
+    """DSNs and deletes of finished messages (`mtaq queue bounce`): the service's, by its old name."""
+    service.finish_loaded(done)

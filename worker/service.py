@@ -33,10 +33,11 @@ from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, lease_key
+from worker.delays import warn_delayed
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
 from worker.relay import Dialer, Kind, Opened, Outcome, Parcel, Work, converse, fail_all, log_attempt, resolve
-from worker.retry import next_retry
+from worker.retry import lifetime, next_retry
 from worker.smtpclient import ConnectionCache
 
 __all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
@@ -182,7 +183,7 @@ class DeliveryService:
             if leased:
                 with self._lock:
                     self._leases.pop(token, None)
-                store.release(leased, destination, token)
+                store.release_leases(leased, destination, token)
             if batch.finished:
                 self.finish_messages(batch)
         for hop, qids in reroute.items():
@@ -370,7 +371,7 @@ class DeliveryService:
                 now,
                 min_backoff=s.min_backoff,
                 max_backoff=s.max_backoff,
-                queue_lifetime=s.queue_lifetime,
+                queue_lifetime=lifetime(p.envelope.is_bounce, s.queue_lifetime, s.bounce_lifetime),
             )
             ups = {i: batch.status(p, i, now, delay) for i in p.rcpt_idx if i not in batch.recorded[qid]}
             if ups:
@@ -380,6 +381,9 @@ class DeliveryService:
                 retry_delay = delay if retry_delay is None else min(retry_delay, delay)
         if rest:
             batch.write(rest)
+        # delay warnings (issue 8.6): once the deferrals are recorded, see worker/delays.py
+        states = {q: {**batch.loaded[q][1], **batch.recorded[q]} for q in retry_ids}
+        warn_delayed(self.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now)
         if retry_ids and retry_delay is not None:
             self.queue.schedule(destination, retry_ids, retry_delay)
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
