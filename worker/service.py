@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
+from common import metrics
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
 from common.spool import Spool
@@ -510,6 +511,7 @@ class _Batch:
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        metrics.delivery_attempt(state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
         return RecipientStatus(
             state=state,
             attempts=old.attempts + 1,
