@@ -108,11 +108,23 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixInstance:
     """A private Postfix on 127.0.0.1:port relaying all mail to [127.0.0.1]:relay_port."""
 
-    def __init__(self, base: Path, port: int, relay_port: int, *, process_limit: int = 100) -> None:
+    def __init__(
+        self,
+        base: Path,
+        port: int,
+        relay_port: int,
+        *,
+        process_limit: int = 100,
+        transports: dict[str, str] | None = None,
+    ) -> None:
         self.base = base.absolute()
         self.port = port
         self.relay_port = relay_port
         self.process_limit = process_limit
+        # domain -> nexthop ("smtp:[127.0.0.10]:2525"): a private Postfix cannot be pointed at our
+        # loopback DNS server (it resolves through the system's resolver), so the slow-destination
+        # load routes each domain with transport_maps instead of MX lookups
+        self.transports = transports
         self.config_dir = self.base / "etc"
         self.queue_dir = self.base / "spool"
         self.data_dir = self.base / "lib"
@@ -139,7 +151,8 @@ class PostfixInstance:
             "inet_interfaces": "127.0.0.1",
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
-            "relayhost": f"[127.0.0.1]:{self.relay_port}",
+            "relayhost": f"[127.0.0.1]:{self.relay_port}" if not self.transports else "",
+            "transport_maps": f"texthash:{self.config_dir / 'transport'}" if self.transports else "",
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
             "smtpd_recipient_restrictions": "",
             "smtpd_peername_lookup": "no",
@@ -166,6 +179,8 @@ class PostfixInstance:
             d.chmod(0o755)  # a mkdtemp() directory is 0700: postfix (mail_owner) must traverse it
         (self.config_dir / "main.cf").write_text(self.main_cf())
         (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        if self.transports:
+            (self.config_dir / "transport").write_text("".join(f"{d} {t}\n" for d, t in self.transports.items()))
         # postfix-files lists what `postfix set-permissions`/create-missing manage; it lives in
         # meta_directory, which stays the system's
         shutil.chown(self.data_dir, "postfix", "postfix")
@@ -182,6 +197,13 @@ class PostfixInstance:
             raise RuntimeError(
                 f"postfix -c {self.config_dir} start failed ({r.returncode}): {(r.stderr or r.stdout).strip()}"
             )
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if Path(f"/proc/{pid}").exists() else None
 
     def stop(self) -> None:
         self._postfix("stop", check=False)
