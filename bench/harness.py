@@ -15,7 +15,7 @@ from bench.loadgen import LoadResult
 from bench.loads import Load, Probe, Progress, generator, smtp_source
 from bench.measure import Sampler
 from bench.report import Result
-from bench.sinkdump import DumpSink
+from bench.sinkdump import Sink
 from bench.systems import System
 
 __all__ = ["measure"]
@@ -42,7 +42,7 @@ def progress_line(text: Callable[[], str], every: float = 1.0) -> Iterator[None]
             print(f"\r{'':<100}\r", end="", flush=True)
 
 
-def _wait_delivered(sink: DumpSink, target: int, deadline: float) -> bool:
+def _wait_delivered(sink: Sink, target: int, deadline: float) -> bool:
     while sink.count() < target:
         if time.monotonic() > deadline:
             return False
@@ -57,7 +57,7 @@ def _wait_delivered(sink: DumpSink, target: int, deadline: float) -> bool:
 def measure(
     system: System,
     load: Load,
-    sink: DumpSink,
+    sink: Sink,
     *,
     probe_interval: float = 0.05,
     around: Callable[[System], contextlib.AbstractContextManager[None]] | None = None,

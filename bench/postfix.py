@@ -170,6 +170,7 @@ class PostfixInstance:
         return "".join(f"{k} = {v}\n" for k, v in params.items())
 
     def setup(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
         for parent in self.base.parents:  # mail_owner must reach base: a mkdtemp() parent is 0700
             mode = parent.stat().st_mode
             if not mode & stat.S_IXOTH:

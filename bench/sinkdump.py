@@ -17,8 +17,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-__all__ = ["DumpSink", "Received", "ensure_postfix_tools", "parse_sent_ns"]
+__all__ = ["DumpSink", "Received", "Sink", "SinkGroup", "ensure_postfix_tools", "parse_sent_ns"]
 
 _SENT = re.compile(rb"^X-Bench-Sent: (\d+)\r?$", re.MULTILINE)
 HEAD_BYTES = 8192  # the header sits in the first lines: the sink's own X-* lines, Received:, ours
@@ -133,3 +134,34 @@ class DumpSink:
         for sub in os.scandir(self.dir):
             shutil.rmtree(sub.path, ignore_errors=True)
         return out
+
+
+class SinkGroup:
+    """Several DumpSinks counted as one (the slow-destination load's ten remote servers)."""
+
+    def __init__(self, sinks: list[DumpSink]) -> None:
+        self.sinks = sinks
+
+    def __enter__(self) -> SinkGroup:
+        for s in self.sinks:
+            s.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.sinks:
+            s.stop()
+
+    def files(self) -> list[Path]:
+        return [f for s in self.sinks for f in s.files()]
+
+    def count(self) -> int:
+        return sum(s.count() for s in self.sinks)
+
+    def collect(self) -> list[Received]:
+        return [r for s in self.sinks for r in s.collect()]
+
+
+class Sink(Protocol):
+    def files(self) -> list[Path]: ...
+    def count(self) -> int: ...
+    def collect(self) -> list[Received]: ...
