@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from bench.loadgen import LoadResult
 from bench.loads import Load, Probe, Progress, generator, smtp_source
@@ -66,6 +67,7 @@ def measure(
     """``around(system)`` is entered once the system is up and left when all is delivered (the
     profilers of bench/profile.py)."""
     sink.collect()  # start empty
+    loadavg = float(Path("/proc/loadavg").read_text().split()[0])
     progress = Progress()
     probe: Probe | None = None
     note = ""
@@ -119,6 +121,7 @@ def measure(
         peak_procs=sampler.peak_procs,
         note=note,
         run=run,
+        loadavg=loadavg,
     )
 
 

@@ -38,6 +38,7 @@ class Result:
     peak_procs: int
     note: str = ""
     run: int = 1
+    loadavg: float | None = None  # the machine's 1-minute load average as the measurement began
 
     @property
     def ingress_rate(self) -> float:
@@ -73,6 +74,7 @@ class Result:
             "cpu_s_per_1000": round(self.cpu_per_1000, 2),
             "peak_pss_mib": round(self.peak_pss_mib, 1),
             "peak_processes": self.peak_procs,
+            "loadavg_1m": self.loadavg,
             "note": self.note,
         }
 

@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(results, {"slowdest": title}))
     for line in verdict(results):
         print(line)
+    if not results:
+        print("bench: nothing was measured (see the lines above)", file=sys.stderr)
+        return 1
     meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "results"}
     print(f"\nwrote {write_json(a.results, 'slowdest', result_json({**meta, 'params': params}, results))}")

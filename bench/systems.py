@@ -30,9 +30,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
+def wait_port(
+    port: int, timeout: float = 60.0, host: str = "127.0.0.1", proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until something accepts on host:port; gives up early when ``proc`` (the server) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening on {host}:{port}")
         try:
             socket.create_connection((host, port), timeout=0.5).close()
             return
@@ -84,7 +89,8 @@ class Mtaq:
         self.base = base
         self.port = free_port()
         self.name = name or ("mtaq" if workers is None else f"mtaq --workers {workers}")
-        env = dict(os.environ, MTAQ_LOG_LEVEL="WARNING", MTAQ_HOSTNAME="mtaq-bench.test")
+        # log level stays the default (INFO, a line per delivery), as Postfix logs every delivery too
+        env = dict(os.environ, MTAQ_HOSTNAME="mtaq-bench.test")
         env.update(
             MTAQ_LISTEN=f"127.0.0.1:{self.port}",
             MTAQ_DATA_DIR=str(base / "var"),
@@ -108,7 +114,7 @@ class Mtaq:
                 [str(self.exe), "run"], env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
         try:
-            wait_port(self.port)
+            wait_port(self.port, proc=self.proc)
         except RuntimeError as e:
             self.stop()
             raise RuntimeError(f"{self.name}: {e}\n{self.log_tail()}") from None
@@ -172,7 +178,7 @@ class AcceptOnly:
             [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--count-file", str(self.base / "count")],
             cwd=Path(__file__).resolve().parent.parent,
         )
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
         _stop_proc(self.proc)

@@ -172,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         per_connection=a.per_connection,
                         timeout=a.timeout,
                     )
-                    for kind in a.systems:
+                    # every other run in reverse order, so that a drift in the machine's other
+                    # load does not always fall on the same system
+                    for kind in a.systems if run % 2 else a.systems[::-1]:
                         system = make_system(kind, a, tmp / f"{run}-{load_name}-{kind}", sink_port)
                         if system is None:
                             continue
@@ -190,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                         results.append(r)
     print(render_table(results, describe(a)))
+    if not results:
+        print("bench: nothing was measured (see the lines above)", file=sys.stderr)
+        return 1
     meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     params = {k: v for k, v in vars(a).items() if k not in ("results",)}
     doc = result_json({**meta, "params": {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}}, results)
