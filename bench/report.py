@@ -17,7 +17,18 @@ from typing import Any
 
 from bench.measure import percentile
 
-__all__ = ["SCHEMA", "Result", "environment", "ratios", "render_table", "result_json", "write_json"]
+__all__ = [
+    "SCHEMA",
+    "Result",
+    "environment",
+    "medians",
+    "ratios",
+    "render_medians",
+    "render_table",
+    "result_json",
+    "rows",
+    "write_json",
+]
 
 SCHEMA = 1
 BASELINE = "postfix"
@@ -132,12 +143,54 @@ def render_table(results: Sequence[Result], describe: dict[str, str] | None = No
     return "\n".join(lines)
 
 
-def result_json(meta: dict[str, Any], results: Sequence[Result]) -> dict[str, Any]:
+def rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """A result's figures and its ratios to Postfix: the JSON's "results" entries."""
     rs = ratios(results)
+    return [{**r.figures(), "vs_postfix": rs[(r.run, r.load, r.system)]} for r in results]
+
+
+def medians(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (load, system), the median over runs of each figure and of each run's ratio to Postfix
+    (ratio first, then median: a noisy machine moves both systems of one run together). Works
+    on the JSON's "results" entries, so a saved run can be summarised again."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault((e["load"], e["system"]), []).append(e)
+    out: list[dict[str, Any]] = []
+    for (load, system), group in groups.items():
+        row: dict[str, Any] = {"load": load, "system": system, "runs": len(group)}
+        for k in ("ingress_msgs_s", "e2e_msgs_s", "latency_p50_ms", "latency_p99_ms", *RATIO_KEYS[2:]):
+            row[k] = _round(percentile([e[k] for e in group if e[k] is not None], 50))
+        for k in RATIO_KEYS:
+            row[f"x_{k}"] = _round(percentile([x for e in group if (x := e["vs_postfix"][k]) is not None], 50), 2)
+        out.append(row)
+    return out
+
+
+def render_medians(entries: Sequence[dict[str, Any]]) -> str:
+    head = (
+        f"{'load':<16}{'system':<20}{'ingress/s':>10}{'e2e/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/1k':>9}"
+        f"{'PSS MiB':>8}  {'x Postfix: ingress':>18}{'e2e':>6}{'CPU':>6}{'PSS':>6}"
+    )
+    lines = [head]
+    for m in medians(entries):
+        lines.append(
+            f"{m['load']:<16}{m['system']:<20}{_cell(m['ingress_msgs_s'], 10)}{_cell(m['e2e_msgs_s'], 8)}"
+            f"{_cell(m['latency_p50_ms'], 8)}{_cell(m['latency_p99_ms'], 8)}{_cell(m['cpu_s_per_1000'], 9, '.2f')}"
+            f"{_cell(m['peak_pss_mib'], 8)}  {_cell(m['x_ingress_msgs_s'], 18, '.2f')}"
+            f"{_cell(m['x_e2e_msgs_s'], 6, '.2f')}{_cell(m['x_cpu_s_per_1000'], 6, '.2f')}"
+            f"{_cell(m['x_peak_pss_mib'], 6, '.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def result_json(meta: dict[str, Any], results: Sequence[Result]) -> dict[str, Any]:
+    entries = rows(results)
     return {
         "schema": SCHEMA,
         **meta,
-        "results": [{**r.figures(), "vs_postfix": rs[(r.run, r.load, r.system)]} for r in results],
+        "results": entries,
+        "medians": medians(entries),
     }
 
 
@@ -181,3 +234,15 @@ def environment(mtaq_exe: Path | None) -> dict[str, Any]:
         "host": {"cpus": os.cpu_count(), "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]},
         "versions": versions,
     }
+
+
+def main() -> None:
+    """``python -m bench.report FILE.json ...``: the medians of saved runs, again."""
+    import sys
+
+    entries = [e for f in sys.argv[1:] for e in json.loads(Path(f).read_text())["results"]]
+    print(render_medians(entries))
+
+
+if __name__ == "__main__":
+    main()

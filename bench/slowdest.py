@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import postfix
 from bench.harness import cpu_note, measure
 from bench.loads import Load
-from bench.report import Result, environment, ratios, render_table, result_json, write_json
+from bench.report import Result, environment, ratios, render_medians, render_table, result_json, rows, write_json
 from bench.sinkdump import DumpSink, SinkGroup, ensure_postfix_tools
 from bench.systems import Mtaq, Postfix, System, free_port, wait_port
 from bench.throughput import BENCH, default_mtaq, workdir
@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(results, {"slowdest": title}))
     for line in verdict(results):
         print(line)
+    if a.runs > 1 and results:
+        print(f"\nmedians over {a.runs} runs (ratios: the median of each run's ratio)")
+        print(render_medians(rows(results)))
     if not results:
         print("bench: nothing was measured (see the lines above)", file=sys.stderr)
         return 1

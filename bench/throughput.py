@@ -37,7 +37,7 @@ from pathlib import Path
 from bench import postfix
 from bench.harness import cpu_note, measure
 from bench.loads import Load
-from bench.report import Result, environment, render_table, result_json, write_json
+from bench.report import Result, environment, render_medians, render_table, result_json, rows, write_json
 from bench.sinkdump import DumpSink, ensure_postfix_tools
 from bench.systems import AcceptOnly, Mtaq, Postfix, System, free_port, wait_port
 
@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                         results.append(r)
     print(render_table(results, describe(a)))
+    if a.runs > 1 and results:
+        print(f"\nmedians over {a.runs} runs (ratios: the median of each run's ratio)")
+        print(render_medians(rows(results)))
     if not results:
         print("bench: nothing was measured (see the lines above)", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.measure import Stat, parse_pss_kib, parse_stat, percentile, tree
-from bench.report import SCHEMA, Result, ratios, render_table, result_json
+from bench.report import SCHEMA, Result, medians, ratios, render_medians, render_table, result_json, rows
 from bench.sinkdump import parse_sent_ns
 from bench.slowdest import transports, verdict, zone
 
@@ -130,3 +130,12 @@ def test_verdict_applies_issue_8s_bar() -> None:
     assert "meets the bar" in verdict(rs)[0]
     rs = [_result("postfix", 500, 100, 200), _result("mtaq", 500, 120, 410)]
     assert "misses the bar" in verdict(rs)[0]
+
+
+def test_medians_take_each_runs_ratio_then_the_median() -> None:
+    rs = [_result("postfix", 500, 400, 200, run=n) for n in (1, 2, 3)]
+    rs += [_result("mtaq", v, 2 * v, 100, run=n) for n, v in ((1, 1000), (2, 400), (3, 600))]
+    m = {x["system"]: x for x in medians(rows(rs))}["mtaq"]
+    assert m["runs"] == 3 and m["ingress_msgs_s"] == 600.0 and m["x_ingress_msgs_s"] == 1.2
+    assert m["e2e_msgs_s"] == 1200.0 and m["x_e2e_msgs_s"] == 3.0 and m["x_peak_pss_mib"] == 0.5
+    assert "1.20" in render_medians(rows(rs))
