@@ -114,8 +114,11 @@ def ratios(results: Sequence[Result]) -> dict[Key, dict[str, float | None]]:
     return out
 
 
-def _cell(v: float | None, width: int, fmt: str = ".0f") -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+def _cell(v: float | None, width: int, fmt: str = "") -> str:
+    """A right-aligned number; ``fmt`` unset: whole numbers, one decimal below 10 (a slow rate)."""
+    if v is None:
+        return f"{'-':>{width}}"
+    return f"{v:>{width}{fmt or ('.1f' if abs(v) < 10 else '.0f')}}"
 
 
 def render_table(results: Sequence[Result], describe: dict[str, str] | None = None) -> str:
@@ -160,7 +163,7 @@ def medians(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (load, system), group in groups.items():
         row: dict[str, Any] = {"load": load, "system": system, "runs": len(group)}
         for k in ("ingress_msgs_s", "e2e_msgs_s", "latency_p50_ms", "latency_p99_ms", *RATIO_KEYS[2:]):
-            row[k] = _round(percentile([e[k] for e in group if e[k] is not None], 50))
+            row[k] = _round(percentile([e[k] for e in group if e[k] is not None], 50), 2)
         for k in RATIO_KEYS:
             row[f"x_{k}"] = _round(percentile([x for e in group if (x := e["vs_postfix"][k]) is not None], 50), 2)
         out.append(row)

@@ -124,7 +124,10 @@ class DumpSink:
         out: list[Received] = []
         for f in self.files():
             try:
-                at = f.stat().st_mtime
+                st = f.stat()
+                if st.st_size == 0:  # still in DATA (a timed-out run): not delivered
+                    continue
+                at = st.st_mtime
                 with f.open("rb") as fh:
                     head = fh.read(HEAD_BYTES)
             except FileNotFoundError:
