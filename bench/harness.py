@@ -45,6 +45,8 @@ def progress_line(text: Callable[[], str], every: float = 1.0) -> Iterator[None]
 
 def _wait_delivered(sink: Sink, target: int, deadline: float) -> bool:
     while sink.count() < target:
+        if not sink.alive():
+            raise RuntimeError("the sink exited (smtp-sink logs why on stderr)")
         if time.monotonic() > deadline:
             return False
         time.sleep(0.25)

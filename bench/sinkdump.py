@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ class DumpSink:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o777)
+        if os.geteuid() == 0:  # nobody must reach it: a mkdtemp() parent is 0700
+            for parent in self.dir.parents:
+                mode = parent.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    parent.chmod(mode | stat.S_IXOTH)
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -96,6 +102,9 @@ class DumpSink:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> DumpSink:
         self.start()
@@ -154,6 +163,9 @@ class SinkGroup:
         for s in self.sinks:
             s.stop()
 
+    def alive(self) -> bool:
+        return all(s.alive() for s in self.sinks)
+
     def files(self) -> list[Path]:
         return [f for s in self.sinks for f in s.files()]
 
@@ -165,6 +177,7 @@ class SinkGroup:
 
 
 class Sink(Protocol):
+    def alive(self) -> bool: ...
     def files(self) -> list[Path]: ...
     def count(self) -> int: ...
     def collect(self) -> list[Received]: ...
