@@ -110,8 +110,10 @@ class Mtaq:
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
+            # cwd: its own directory, never the harness's checkout, whose packages `python -m`
+            # children would otherwise import ahead of the other checkout's
             self.proc = subprocess.Popen(
-                [str(self.exe), "run"], env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                [str(self.exe), "run"], env=self.env, cwd=self.base, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
         try:
             wait_port(self.port, proc=self.proc)
