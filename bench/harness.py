@@ -4,6 +4,7 @@ bench/throughput.py (the headline loads) and bench/slowdest.py (slow remote serv
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -11,15 +12,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen import LoadResult
 from bench.loads import Load, Probe, Progress, generator, smtp_source
 from bench.measure import Sampler
-from bench.report import Result
-from bench.sinkdump import Sink
+from bench.report import Result, environment, render_medians, result_json, rows, write_json
+from bench.sinkdump import Sink, ensure_postfix_tools
 from bench.systems import System
 
-__all__ = ["measure"]
+__all__ = ["begin", "finish", "measure", "measure_and_print"]
 
 
 @contextlib.contextmanager
@@ -125,6 +127,49 @@ def measure(
         run=run,
         loadavg=loadavg,
     )
+
+
+def measure_and_print(system: System, load: Load, sink: Sink, **kw: Any) -> Result | None:
+    """``measure`` with its one-line summary; None (and why) when the system could not run."""
+    try:
+        r = measure(system, load, sink, **kw)
+    except RuntimeError as e:
+        print(f"  {system.name}: {e}", flush=True)
+        return None
+    f = r.figures()
+    print(
+        f"  run {r.run} {load.kind} -> {r.system}: {f['ingress_msgs_s']} msgs/s in, {f['e2e_msgs_s']} end to end, "
+        f"p99 {f['latency_p99_ms']} ms, peak PSS {f['peak_pss_mib']} MiB" + (f" ({r.note})" if r.note else ""),
+        flush=True,
+    )
+    return r
+
+
+def begin(label: str, mtaq: Path | None) -> dict[str, Any] | None:
+    """The sink's tools (installed when missing, if we may) and the run's metadata; None when the
+    tools are missing (after a line saying what to do)."""
+    why = ensure_postfix_tools()
+    if why:
+        print(f"bench: {why}", file=sys.stderr)
+        return None
+    meta = environment(mtaq)
+    print(f"{label}: {cpu_note()}; mtaq {meta['versions'].get('mtaq', {}).get('commit', '?')}", flush=True)
+    return meta
+
+
+def finish(a: argparse.Namespace, name: str, meta: dict[str, Any], results: list[Result], table: str) -> int:
+    """The table, the medians of several runs, the JSON file; exit status 1 when nothing ran."""
+    print(table)
+    if a.runs > 1 and results:
+        print(f"\nmedians over {a.runs} runs (ratios: the median of each run's ratio)")
+        print(render_medians(rows(results)))
+    if not results:
+        print("bench: nothing was measured (see the lines above)", file=sys.stderr)
+        return 1
+    meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "results"}
+    print(f"\nwrote {write_json(a.results, name, result_json({**meta, 'params': params}, results))}")
+    return 0
 
 
 def cpu_note() -> str:

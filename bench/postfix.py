@@ -1,7 +1,5 @@
 """Postfix baselines for the benchmark (optional: only when Postfix's programs are installed).
 
-- ``SmtpSink``: Postfix's ``smtp-sink``, a C SMTP server that accepts and discards mail: what
-  accepting costs with no queue behind it.
 - ``PostfixInstance``: a private, throw-away Postfix instance (its own config_directory,
   queue_directory and data_directory under a temporary directory, smtpd on a loopback port, no
   chroot, logging to a file through postlogd) that relays everything to ``relayhost=[127.0.0.1]:PORT``
@@ -22,17 +20,10 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["PostfixInstance", "SmtpSink", "missing", "missing_sink"]
+__all__ = ["PostfixInstance", "missing"]
 
 POSTFIX = "postfix"
-SMTP_SINK = "smtp-sink"
 POSTCONF = "postconf"
-
-
-def missing_sink() -> str | None:
-    if shutil.which(SMTP_SINK) is None:
-        return "smtp-sink not found (apt-get install postfix)"
-    return None
 
 
 def missing() -> str | None:
@@ -47,35 +38,6 @@ def missing() -> str | None:
 def _postconf(name: str) -> str:
     out = subprocess.run([POSTCONF, "-dh", name], capture_output=True, text=True, check=True)
     return out.stdout.strip()
-
-
-class SmtpSink:
-    """smtp-sink on 127.0.0.1:port (accepts everything, stores nothing)."""
-
-    def __init__(self, port: int, *, backlog: int = 1024, user: str = "nobody") -> None:
-        self.port = port
-        self.argv = [
-            SMTP_SINK,
-            "-m",
-            "1024",
-            *(["-u", user] if os.geteuid() == 0 else []),
-            f"127.0.0.1:{port}",
-            str(backlog),
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> SmtpSink:
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 _MASTER_CF = """\

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.systems import Mtaq
+from bench.systems import Mtaq, stop_proc
 
 BENCH = Path(__file__).resolve().parent
 
@@ -165,16 +165,6 @@ def trace_env(trace_dir: Path) -> dict[str, str]:
     return {"MTAQ_BENCH_TRACE": str(trace_dir), "PYTHONPATH": path}
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextlib.contextmanager
 def instrument(
     system: Mtaq, *, trace: Path | None, py_spy: Path | None, wall: bool, top: int, workers: int, messages: int
@@ -187,7 +177,7 @@ def instrument(
         if trace is not None:
             redis_commandstats(system.base / "var" / "redis.sock", messages)
         for _, p in profs:
-            _stop(p, signal.SIGINT, 30)
+            stop_proc(p, 30, signal.SIGINT)
     if profs and py_spy is not None:
         from bench.pyspy_summary import summarise
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bench.systems import stop_proc
+
 __all__ = ["DumpSink", "Received", "Sink", "SinkGroup", "ensure_postfix_tools", "parse_sent_ns"]
 
 _SENT = re.compile(rb"^X-Bench-Sent: (\d+)\r?$", re.MULTILINE)
@@ -95,13 +97,7 @@ class DumpSink:
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_proc(self.proc, 10)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

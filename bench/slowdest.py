@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import postfix
-from bench.harness import cpu_note, measure
+from bench.harness import begin, finish, measure_and_print
 from bench.loads import Load
-from bench.report import Result, environment, ratios, render_medians, render_table, result_json, rows, write_json
-from bench.sinkdump import DumpSink, SinkGroup, ensure_postfix_tools
+from bench.report import Result, ratios, render_table
+from bench.sinkdump import DumpSink, SinkGroup
 from bench.systems import Mtaq, Postfix, System, free_port, wait_port
 from bench.throughput import BENCH, default_mtaq, workdir
 
@@ -127,12 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tests.dnsserver import ZoneServer  # the project's loopback DNS server; needs dnspython
 
     a = parse_args(argv)
-    why = ensure_postfix_tools()
-    if why:
-        print(f"bench: {why}", file=sys.stderr)
+    meta = begin("slowdest", a.mtaq)
+    if meta is None:
         return 2
-    meta = environment(a.mtaq)
-    print(f"slowdest: {cpu_note()}; mtaq {meta['versions'].get('mtaq', {}).get('commit', '?')}", flush=True)
     load = Load("slowdest", a.messages, a.sessions, a.size, domains=tuple(domains()), timeout=a.timeout)
     results: list[Result] = []
     with workdir(a.keep) as tmp, ZoneServer(zone()) as dns:
@@ -143,35 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wait_port(port, host=mx_ip(i))
             for run in range(1, a.runs + 1):
                 for system in systems(a, tmp / str(run), dns.port, port):
-                    try:
-                        r = measure(system, load, group, run=run)
-                    except RuntimeError as e:
-                        print(f"  {system.name}: {e}", flush=True)
-                        continue
-                    f = r.figures()
-                    print(
-                        f"  run {run} -> {r.system}: {f['e2e_msgs_s']} msgs/s end to end, "
-                        f"peak PSS {f['peak_pss_mib']} MiB" + (f" ({r.note})" if r.note else ""),
-                        flush=True,
-                    )
-                    results.append(r)
+                    r = measure_and_print(system, load, group, run=run)
+                    results += [r] if r else []
     title = (
         f"slow destinations: 10 domains, smtp-sink -w {a.wait:g} each; {a.sessions} sessions, "
         f"{a.messages} messages of {a.size} B"
     )
-    print(render_table(results, {"slowdest": title}))
-    for line in verdict(results):
-        print(line)
-    if a.runs > 1 and results:
-        print(f"\nmedians over {a.runs} runs (ratios: the median of each run's ratio)")
-        print(render_medians(rows(results)))
-    if not results:
-        print("bench: nothing was measured (see the lines above)", file=sys.stderr)
-        return 1
-    meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "results"}
-    print(f"\nwrote {write_json(a.results, 'slowdest', result_json({**meta, 'params': params}, results))}")
-    return 0
+    table = "\n".join([render_table(results, {"slowdest": title}), *verdict(results)])
+    return finish(a, "slowdest", meta, results, table)
 
 
 if __name__ == "__main__":

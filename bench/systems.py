@@ -12,6 +12,7 @@ whose process trees bench/measure.py accounts.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Protocol
 
 from bench import postfix
 
-__all__ = ["AcceptOnly", "Mtaq", "Postfix", "System", "free_port", "wait_port"]
+__all__ = ["AcceptOnly", "Mtaq", "Postfix", "System", "free_port", "stop_proc", "wait_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,9 +58,9 @@ class System(Protocol):
     def log_tail(self) -> str: ...
 
 
-def _stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+def stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float = 60, sig: int = signal.SIGTERM) -> None:
     if proc is not None and proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -122,7 +123,7 @@ class Mtaq:
             raise RuntimeError(f"{self.name}: {e}\n{self.log_tail()}") from None
 
     def stop(self) -> None:
-        _stop_proc(self.proc)
+        stop_proc(self.proc)
 
     def roots(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []
@@ -183,7 +184,7 @@ class AcceptOnly:
         wait_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
-        _stop_proc(self.proc)
+        stop_proc(self.proc)
 
     def roots(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []

@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench import postfix
-from bench.harness import cpu_note, measure
+from bench.harness import begin, finish, measure_and_print
 from bench.loads import Load
-from bench.report import Result, environment, render_medians, render_table, result_json, rows, write_json
-from bench.sinkdump import DumpSink, ensure_postfix_tools
+from bench.report import Result, render_table
+from bench.sinkdump import DumpSink
 from bench.systems import AcceptOnly, Mtaq, Postfix, System, free_port, wait_port
 
 BENCH = Path(__file__).resolve().parent
@@ -149,12 +149,9 @@ def describe(a: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    why = ensure_postfix_tools()
-    if why:
-        print(f"bench: {why}", file=sys.stderr)
+    meta = begin("bench", a.mtaq)
+    if meta is None:
         return 2
-    meta = environment(a.mtaq)
-    print(f"bench: {cpu_note()}; mtaq {meta['versions'].get('mtaq', {}).get('commit', '?')}", flush=True)
     results: list[Result] = []
     around = instrumenter(a)
     with workdir(a.keep) as tmp:
@@ -178,31 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         system = make_system(kind, a, tmp / f"{run}-{load_name}-{kind}", sink_port)
                         if system is None:
                             continue
-                        try:
-                            r = measure(system, load, sink, probe_interval=a.probe_interval, around=around, run=run)
-                        except RuntimeError as e:
-                            print(f"  {system.name}: {e}", flush=True)
-                            continue
-                        f = r.figures()
-                        print(
-                            f"  run {run} {load.kind} -> {r.system}: {f['ingress_msgs_s']} msgs/s in, "
-                            f"{f['e2e_msgs_s']} end to end, p99 {f['latency_p99_ms']} ms"
-                            + (f" ({r.note})" if r.note else ""),
-                            flush=True,
+                        r = measure_and_print(
+                            system, load, sink, probe_interval=a.probe_interval, around=around, run=run
                         )
-                        results.append(r)
-    print(render_table(results, describe(a)))
-    if a.runs > 1 and results:
-        print(f"\nmedians over {a.runs} runs (ratios: the median of each run's ratio)")
-        print(render_medians(rows(results)))
-    if not results:
-        print("bench: nothing was measured (see the lines above)", file=sys.stderr)
-        return 1
-    meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    params = {k: v for k, v in vars(a).items() if k not in ("results",)}
-    doc = result_json({**meta, "params": {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}}, results)
-    print(f"\nwrote {write_json(a.results, 'throughput', doc)}")
-    return 0
+                        results += [r] if r else []
+    return finish(a, "throughput", meta, results, render_table(results, describe(a)))
 
 
 if __name__ == "__main__":
