@@ -1,47 +1,44 @@
-"""Every Redis key mtaq writes, and the operations on them.
+"""Message storage: every Redis key mtaq writes, and the operations on them.
 
-No other module builds a key string. Keys (all prefixed ``mtaq:``; RQ keeps its own ``rq:`` keys):
+No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` keys, common/jobqueue.py):
 
-``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once)
+``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once);
+                    ``warned`` (time) once its delay warning was queued
 ``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
 ``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
-``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, attempts, dsn
+``mtaq:stats``      hash of counters: received, delivered, bounced, deferred
+``mtaq:lease:<id>:<destination>``  string with a TTL: the job working on that message for that destination
+``mtaq:sweep-lock`` string with a TTL: the worker sweeping the queue now
+
+Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
+StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
 """
 
 from __future__ import annotations
 
-import datetime
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue, Retry
-from rq.serializers import JSONSerializer
 
-from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
-from common.settings import Settings
+from common.envelope import Envelope, RcptState, RecipientStatus
 
 __all__ = [
-    "DELIVER_FUNC",
+    "SWEEP_LOCK",
     "Message",
     "Store",
-    "next_hop",
+    "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
 ]
 
 PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
-# The job function, by import path: common/ must not import worker/.
-DELIVER_FUNC = "worker.jobs.deliver"
-# Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
-# cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
-# is ours (worker/retry.py), never RQ's.
-CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
-# Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
-_JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
+SWEEP_LOCK = PREFIX + "sweep-lock"
 
 
 def msg_key(qid: str) -> str:
@@ -60,7 +57,36 @@ def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
-SWEEP_LOCK = PREFIX + "sweep-lock"
+class StoreError(Exception):
+    """Nothing was stored."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis is unreachable, timed out or failed: try again later (SMTP 451 4.3.0)."""
+
+
+class StoreFull(StoreError):
+    """Redis refuses to grow (OOM under noeviction): try again later (SMTP 452 4.3.1)."""
+
+
+def _is_full(e: redis.RedisError) -> bool:
+    # redis-py maps the "OOM" error prefix to OutOfMemoryError and strips it from the text; inside
+    # MULTI/EXEC the text becomes "Command # 1 (HSET ...) of pipeline caused error: command not
+    # allowed when used memory > 'maxmemory'." Match the class, and the text for other clients.
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e))
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise (StoreFull if _is_full(e) else StoreUnavailable)(str(e)) from e
+    except OSError as e:  # a socket error redis-py did not wrap
+        raise StoreUnavailable(str(e)) from e
+
 
 # KEYS: lease; ARGV: token. Release a lease only if it is still ours (a job that overran its lease
 # must not free the next holder's).
@@ -69,32 +95,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-
-def next_hop(address: str, relayhost: str) -> str:
-    """The destination a recipient is delivered to and grouped by: its domain, or the relayhost.
-
-    A relayhost is taken literally (no MX lookup), as Postfix does for ``[host]:port``."""
-    if relayhost:
-        if relayhost.startswith("["):
-            return relayhost
-        host, _, port = relayhost.partition(":")
-        return f"[{host}]:{port}" if port else f"[{host}]"
-    return domain_of(address)
-
-
-# KEYS: rcpt hash, left counter, stats hash, index; ARGV: field, new status JSON, final (1/0), stat name,
-# queue id. Returns the recipients left when the status became final, -1 when it already was final (a
-# re-run job: nothing changes), -2 when the message is gone, -3 after a non-final update.
+# KEYS: rcpt hash, left counter, stats hash; ARGV: field, new status JSON, final (1/0), stat name.
+# Returns the recipients left when the status became final, -1 when it already was final (a re-run
+# job: nothing changes), -2 when the message is gone, -3 after a non-final update.
 _SET_STATUS = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
-if string.find(old, '"s":"delivered"', 1, true) or string.find(old, '"s":"bounced"', 1, true) then
-  return -1
-end
+local state = cjson.decode(old)['s']
+if state == 'delivered' or state == 'bounced' then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
 return -3
+"""
+
+
+# The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
+# message; KEYS: msg hash; ARGV: field, time. 1 when this caller claimed it, 0 when claimed before or gone.
+WARNED_FIELD = "warned"
+_CLAIM_WARNING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -108,108 +129,39 @@ class Message:
 
 
 class Store:
-    """Queue storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
+    """Message storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
-    def __init__(
-        self,
-        r: redis.Redis,
-        queue_name: str = "mtaq",
-        *,
-        relayhost: str = "",
-        job_max_messages: int = 100,
-        job_max_bytes: int = 20_000_000,
-        job_timeout: int = 1800,
-    ) -> None:
+    def __init__(self, r: redis.Redis) -> None:
         self.redis = r
-        self.queue = Queue(queue_name, connection=r, serializer=JSONSerializer)
-        self.relayhost = relayhost
-        self.job_max_messages = max(1, job_max_messages)
-        self.job_max_bytes = job_max_bytes
-        self.job_timeout = job_timeout
         self._set_status = r.register_script(_SET_STATUS)
         self._release = r.register_script(_RELEASE)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, r: redis.Redis) -> Store:
-        return cls(
-            r,
-            settings.queue_name,
-            relayhost=settings.relayhost,
-            job_max_messages=settings.job_max_messages,
-            job_max_bytes=settings.job_max_bytes,
-            job_timeout=settings.job_timeout,
-        )
-
-    def batches(self, sized: Sequence[tuple[str, int]]) -> list[list[str]]:
-        """Split (queue id, size) pairs into job batches within job_max_messages and job_max_bytes."""
-        out: list[list[str]] = []
-        current: list[str] = []
-        total = 0
-        for qid, size in sized:
-            if current and (len(current) >= self.job_max_messages or total + size > self.job_max_bytes):
-                out.append(current)
-                current, total = [], 0
-            current.append(qid)
-            total += size
-        if current:
-            out.append(current)
-        return out
+        self._claim_warning = r.register_script(_CLAIM_WARNING)
 
     # -- writing new mail -------------------------------------------------------------------------
-    def commit(self, messages: Sequence[Message], *, delete: Iterable[str] = ()) -> None:
-        """Store messages and their delivery jobs in one MULTI/EXEC: all of it or nothing.
+    def commit(
+        self, messages: Sequence[Message], *, delete: Iterable[str] = (), also: Callable[[Any], None] | None = None
+    ) -> None:
+        """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
+        StoreFull and stores nothing then.
 
-        ``delete`` removes finished messages in the same transaction (a DSN replaces its original).
-        Raises redis.ConnectionError / redis.ResponseError (OOM) and stores nothing then."""
-        pipe = self.redis.pipeline(transaction=True)
-        by_dest: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for m in messages:
-            env = m.envelope
-            pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
-            fresh = RecipientStatus().to_json()
-            pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
-            pipe.set(left_key(env.id), len(env.recipients))
-            pipe.zadd(INDEX, {env.id: env.received_at})
-            for dest in dict.fromkeys(next_hop(r.address, self.relayhost) for r in env.recipients):
-                by_dest[dest].append((env.id, len(m.body)))
-        if messages:
-            pipe.hincrby(STATS, "received", len(messages))
-        for qid in delete:
-            self._delete(pipe, qid)
-        jobs = [
-            Queue.prepare_data(DELIVER_FUNC, args=(dest, ids), timeout=self.job_timeout, **_JOB_KEEP)
-            for dest, sized in by_dest.items()
-            for ids in self.batches(sized)
-        ]
-        if jobs:
-            self.queue.enqueue_many(jobs, pipeline=pipe)
-        pipe.execute()
-
-    def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
-        """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
-        self.queue.enqueue_in(
-            datetime.timedelta(seconds=max(0.0, delay)),
-            DELIVER_FUNC,
-            destination,
-            list(ids),
-            job_timeout=self.job_timeout,
-            **_JOB_KEEP,
-        )
-
-    def enqueue_now(self, destination: str, ids: Sequence[str], *, force: bool = False) -> None:
-        """A delivery attempt now. ``force`` (`mtaq queue flush`) also tries deferred recipients
-        whose next attempt is not due yet; otherwise a job leaves those to their retry job."""
-        self.queue.enqueue(DELIVER_FUNC, destination, list(ids), force, job_timeout=self.job_timeout, **_JOB_KEEP)
-
-    def enqueue_sized(self, by_hop: Mapping[str, Sequence[tuple[str, int]]], *, force: bool = False) -> int:
-        """Jobs now for (queue id, size) pairs per next hop, within the job limits; returns how many
-        messages were queued (a message counts once per hop)."""
-        queued = 0
-        for hop, sized in by_hop.items():
-            for ids in self.batches(sized):
-                self.enqueue_now(hop, ids, force=force)
-                queued += len(ids)
-        return queued
+        ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
+        ``also`` adds commands to it (their delivery jobs: common/spool.py)."""
+        with _translated():
+            pipe = self.redis.pipeline(transaction=True)
+            for m in messages:
+                env = m.envelope
+                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
+                fresh = RecipientStatus().to_json()
+                pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
+                pipe.set(left_key(env.id), len(env.recipients))
+                pipe.zadd(INDEX, {env.id: env.received_at})
+            if messages:
+                pipe.hincrby(STATS, "received", len(messages))
+            for qid in delete:
+                self._delete(pipe, qid)
+            if also is not None:
+                also(pipe)
+            pipe.execute()
 
     # -- reading ----------------------------------------------------------------------------------
     def load(self, qid: str) -> Message | None:
@@ -244,7 +196,8 @@ class Store:
         return {int(k): RecipientStatus.from_json(v) for k, v in raw.items()}
 
     def queue_size(self) -> int:
-        return int(self.redis.zcard(INDEX))
+        with _translated():
+            return int(self.redis.zcard(INDEX))
 
     def queue_ids(self, start: int = 0, end: int = -1) -> list[str]:
         return [x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.zrange(INDEX, start, end)]
@@ -266,16 +219,14 @@ class Store:
                     # one more round trip each time
                     pipe.evalsha(
                         self._set_status.sha,
-                        4,
+                        3,
                         rcpt_key(qid),
                         left_key(qid),
                         STATS,
-                        INDEX,
                         str(idx),
                         st.to_json(),
                         "1" if st.final else "0",
                         stat,
-                        qid,
                     )
                     order.append(qid)
             try:
@@ -299,11 +250,21 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release(self, qids: Sequence[str], destination: str, token: str) -> None:
+    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
+        the hold set's release(ids)."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
+
+    def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
+        """Mark the delay warning of each message as sent; returns those this caller marked (a
+        message warned before, or gone, is left out): one warning per message, whoever asks."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            self._claim_warning(keys=[msg_key(qid)], args=[WARNED_FIELD, repr(now)], client=pipe)
+        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
     def try_lock(self, key: str, seconds: int) -> bool:
         return bool(self.redis.set(key, "1", nx=True, ex=max(1, seconds)))

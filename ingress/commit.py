@@ -10,13 +10,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-import redis
-
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message, StoreError, StoreFull
 from ingress import replies
 from ingress.replies import Reply
 
-__all__ = ["Committer", "StorageRefused", "classify_redis_error"]
+__all__ = ["Committer", "StorageRefused", "storage_reply"]
 
 log = logging.getLogger("mtaq.ingress")
 
@@ -27,17 +26,10 @@ class StorageRefused(Exception):
         self.reply = reply
 
 
-def classify_redis_error(e: Exception) -> Reply:
-    """451 4.3.0 when Redis is unreachable or broken; 452 4.3.1 when it refuses to grow (OOM under
-    noeviction), which tells the client to come back later without counting against it."""
-    # redis-py maps the "OOM" error prefix to OutOfMemoryError and strips it from the text; inside
-    # MULTI/EXEC the text becomes "Command # 1 (HSET ...) of pipeline caused error: command not
-    # allowed when used memory > 'maxmemory'." Match the class, and the text for other clients.
-    if isinstance(e, redis.exceptions.OutOfMemoryError):
-        return replies.INSUFFICIENT_STORAGE
-    if isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e)):
-        return replies.INSUFFICIENT_STORAGE
-    return replies.STORAGE_FAILED
+def storage_reply(e: Exception) -> Reply:
+    """452 4.3.1 when Redis refuses to grow (OOM under noeviction), which tells the client to come
+    back later without counting against it; 451 4.3.0 for anything else that kept mail out."""
+    return replies.INSUFFICIENT_STORAGE if isinstance(e, StoreFull) else replies.STORAGE_FAILED
 
 
 @dataclass(slots=True)
@@ -47,8 +39,8 @@ class _Pending:
 
 
 class Committer:
-    def __init__(self, store: Store, *, max_batch: int = 256, max_queue: int = 0, wait: float = 0.0) -> None:
-        self.store = store
+    def __init__(self, spool: Spool, *, max_batch: int = 256, max_queue: int = 0, wait: float = 0.0) -> None:
+        self.spool = spool
         self.max_batch = max_batch
         self.wait = wait
         self._last_batch = 0
@@ -76,9 +68,9 @@ class Committer:
                 await asyncio.sleep(self.wait)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
-                await asyncio.to_thread(self.store.commit, [p.message for p in batch])
+                await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
-                reply = classify_redis_error(e)
+                reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = time.monotonic() + 1.0
                 log.warning(
@@ -86,7 +78,7 @@ class Committer:
                     len(batch),
                     e,
                     reply,
-                    exc_info=not isinstance(e, redis.RedisError | OSError),
+                    exc_info=not isinstance(e, StoreError),
                 )
                 for p in batch:
                     if not p.future.done():
@@ -118,9 +110,9 @@ class Committer:
     async def watch_queue(self, interval: float = 1.0) -> None:
         """Keep the queue size fresh for gate(); Redis being down shows up at commit, not here."""
         while True:
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(StoreError):
                 seen = self.committed
-                size = await asyncio.to_thread(self.store.queue_size)
+                size = await asyncio.to_thread(self.spool.store.queue_size)
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a
                 # stale count undo it (the next round corrects any excess)
                 self._queue_size = size if self.committed == seen else max(size, self._queue_size)

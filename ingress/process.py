@@ -12,11 +12,10 @@ from typing import Any
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
-from common.store import Store
+from common.spool import Spool
 from common.supervise import Child, Supervisor
-from ingress.auth import Credentials
-from ingress.server import Ingress, install_signal_handlers, make_ssl_context
-from ingress.session import SessionConfig
+from ingress.config import IngressConfig
+from ingress.server import Ingress, install_signal_handlers
 
 __all__ = ["bind", "build_ingress", "main", "serve"]
 
@@ -35,22 +34,8 @@ def bind(listen: tuple[str, int]) -> socket.socket:
 
 
 def build_ingress(settings: Settings) -> Ingress:
-    store = Store.from_settings(settings, connect(settings, timeout=5.0))
-    ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
-    creds = Credentials(settings.auth_file) if settings.auth_file else None
-    return Ingress(
-        store,
-        SessionConfig.from_settings(settings),
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-        max_per_client=settings.max_connections_per_client,
-        commit_max_messages=settings.commit_max_messages,
-        commit_wait=settings.commit_wait,
-        max_queue=settings.max_queue,
-        ssl_context=ssl_ctx,
-        credentials=creds,
-        shutdown_grace=settings.shutdown_grace,
-    )
+    spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
+    return Ingress(spool, IngressConfig.from_settings(settings))
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:

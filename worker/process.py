@@ -12,7 +12,7 @@ from rq.serializers import JSONSerializer
 from common.logging import setup_logging
 from common.redisconn import redis_url
 from common.settings import Settings
-from common.store import Store
+from common.spool import Spool
 from worker.jobs import make_context, set_context
 from worker.sweep import start_sweeper
 
@@ -30,12 +30,12 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     r = redis.Redis.from_url(
         redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
     )
-    store = Store.from_settings(settings, r)
-    ctx = make_context(settings, store)
+    spool = Spool.from_settings(settings, r)
+    ctx = make_context(settings, spool)
     set_context(ctx)
     start_sweeper(ctx, settings.maintenance_interval)
     w = SimpleWorker(
-        [store.queue],
+        [spool.queue.rq],
         connection=r,
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL,

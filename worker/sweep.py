@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
-from common.store import SWEEP_LOCK, Message, next_hop
+from common.store import SWEEP_LOCK, Message
 from worker.jobs import Context, finish_loaded
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
@@ -66,7 +66,7 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                     done.append(found)
                 continue
             hops = {
-                next_hop(r.address, store.relayhost)
+                ctx.spool.router.hop(r.address)
                 for r, st in zip(env.recipients, everyone, strict=True)
                 if overdue(st, env.received_at, now, grace)
             }
@@ -74,7 +74,7 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                 lost[hop].append((env.id, len(msg.body)))
         finish_loaded(ctx, done)
         report.finished += len(done)
-        report.requeued += store.enqueue_sized(lost)
+        report.requeued += ctx.spool.queue.enqueue_sized(lost)
     if report.finished or report.requeued:
         log.warning(
             "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",

@@ -39,8 +39,8 @@ def _emit(rec: dict[str, Any]) -> None:
     _out.write(json.dumps(rec) + "\n")
 
 
-def _patch_store(mod: Any) -> None:
-    orig = mod.Store.commit
+def _patch_spool(mod: Any) -> None:
+    orig = mod.Spool.commit
 
     @functools.wraps(orig)
     def commit(self: Any, messages: Any, *, delete: Any = ()) -> Any:
@@ -51,7 +51,7 @@ def _patch_store(mod: Any) -> None:
         finally:
             _emit({"ev": "commit", "n": len(messages), "del": len(delete), "s": time.perf_counter() - t0})
 
-    mod.Store.commit = commit
+    mod.Spool.commit = commit
 
 
 def _patch_jobs(mod: Any) -> None:
@@ -68,7 +68,7 @@ def _patch_jobs(mod: Any) -> None:
     mod.deliver = deliver
 
 
-_PATCHES = {"common.store": _patch_store, "worker.jobs": _patch_jobs}
+_PATCHES = {"common.spool": _patch_spool, "worker.jobs": _patch_jobs}
 
 
 class _Finder(importlib.abc.MetaPathFinder):

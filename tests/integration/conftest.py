@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from common.jobqueue import DeliveryQueue
 from common.store import Store
 from tests.dnsserver import ZoneServer
 from tests.redisserver import RedisServer
@@ -91,12 +92,13 @@ class MTA:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.redis = redis.Redis.from_url(redis_url)
-        self.store = Store(self.redis, relayhost=base.get("relayhost", ""))
+        self.store = Store(self.redis)
+        self.queue = DeliveryQueue(self.redis)
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         p = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "mtaq", *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
         self.procs[name] = p
         return p

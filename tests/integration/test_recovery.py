@@ -14,7 +14,8 @@ import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.settings import Settings
-from common.store import Message, Store
+from common.spool import Spool
+from common.store import Message
 from tests.dnsserver import ZoneServer
 from tests.integration.conftest import route
 from tests.redisserver import RedisServer
@@ -44,7 +45,7 @@ def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> It
             smtp_port=mx_port,
             **{**base, **overrides},  # type: ignore[arg-type]
         )
-        ctx = jobs.make_context(settings, Store.from_settings(settings, redis.Redis.from_url(redis_server.url)))
+        ctx = jobs.make_context(settings, Spool.from_settings(settings, redis.Redis.from_url(redis_server.url)))
         jobs.set_context(ctx)
         return ctx
 
@@ -62,8 +63,8 @@ def queue(
         received_at=received_at or time.time(),
         smtputf8=smtputf8,
     )
-    ctx.store.commit([Message(env, BODY)])
-    ctx.store.queue.empty()  # type: ignore[no-untyped-call]  # the job is "lost": the tests decide what runs
+    ctx.spool.commit([Message(env, BODY)])
+    ctx.spool.queue.rq.empty()  # type: ignore[no-untyped-call]  # the job is "lost": the tests decide what runs
     return env.id
 
 
@@ -106,7 +107,7 @@ def test_sweep_requeues_recipients_whose_job_is_gone(
     old = queue(ctx, "old@a.test", received_at=time.time() - 1000)  # queued longer than a job lives
     report = sweep(ctx)
     assert report.requeued == 1
-    [job] = ctx.store.queue.get_jobs()
+    [job] = ctx.spool.queue.rq.get_jobs()
     assert list(job.args) == ["a.test", [old], False]
     jobs.deliver(*job.args)
     assert [m[1] for m in box.messages] == [["old@a.test"]]
@@ -143,7 +144,7 @@ def test_a_leased_message_is_left_to_the_job_holding_it(
     assert ctx.store.lease([qid], "a.test", "other-job", 30) == [qid]
     jobs.deliver("a.test", [qid])
     assert box.attempts == 0 and ctx.store.load(qid) is not None
-    ctx.store.release([qid], "a.test", "other-job")
+    ctx.store.release_leases([qid], "a.test", "other-job")
     jobs.deliver("a.test", [qid])
     assert [m[1] for m in box.messages] == [["bob@a.test"]]
 
@@ -156,7 +157,7 @@ def test_jobs_queued_before_a_relayhost_change_follow_the_relayhost(
     qid = queue(ctx, "bob@a.test")  # queued for a.test
     ctx = ctx_factory(relayhost=f"[127.0.0.5]:{mx_port}")
     jobs.deliver("a.test", [qid])
-    [job] = ctx.store.queue.get_jobs()
+    [job] = ctx.spool.queue.rq.get_jobs()
     assert job.args[0] == f"[127.0.0.5]:{mx_port}"
     jobs.deliver(*job.args)
     assert [m[1] for m in smart.messages] == [["bob@a.test"]]
@@ -219,7 +220,7 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
     assert ctx.store.statuses(first)[0].dsn == "4.3.0"
     assert ctx.connections._idle == {}  # the connection in an unknown state was not kept
     assert box.messages == []
-    assert len(ctx.store.queue.scheduled_job_registry.get_job_ids()) == 1  # one retry for both
+    assert len(ctx.spool.queue.rq.scheduled_job_registry.get_job_ids()) == 1  # one retry for both
 
 
 def test_a_remote_that_stops_answering_is_reported_as_timed_out(

@@ -35,7 +35,7 @@ def start_run(
             [
                 sys.executable,
                 "-m",
-                "common.cli",
+                "mtaq",
                 "run",
                 "--data-dir",
                 str(data_dir),
@@ -56,7 +56,7 @@ def start_run(
 
 def queue_listing(data_dir: Path) -> str:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "queue", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "mtaq", "queue", "--data-dir", str(data_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,43 +7,33 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import redis
 
 from common.envelope import Envelope, Recipient
-from common.store import Message
+from common.store import Message, StoreFull, StoreUnavailable
 from ingress import replies
-from ingress.commit import Committer, StorageRefused, classify_redis_error
+from ingress.commit import Committer, StorageRefused, storage_reply
 
 
 @pytest.mark.parametrize(
     ("error", "reply"),
     [
-        (
-            redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
-            replies.INSUFFICIENT_STORAGE,
-        ),
-        # what redis-py raises for an OOM inside MULTI/EXEC: the "OOM" prefix is gone from the text
-        (
-            redis.exceptions.OutOfMemoryError(
-                "Command # 1 (HSET k a) of pipeline caused error: command not allowed when used memory > 'maxmemory'."
-            ),
-            replies.INSUFFICIENT_STORAGE,
-        ),
-        (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
-        (redis.ConnectionError("Connection refused"), replies.STORAGE_FAILED),
-        (redis.ResponseError("EXECABORT Transaction discarded"), replies.STORAGE_FAILED),
+        (StoreFull("command not allowed when used memory > 'maxmemory'."), replies.INSUFFICIENT_STORAGE),
+        (StoreUnavailable("Connection refused"), replies.STORAGE_FAILED),
         (TypeError("a bug"), replies.STORAGE_FAILED),
     ],
 )
-def test_classify(error: Exception, reply: replies.Reply) -> None:
-    assert classify_redis_error(error) is reply
+def test_storage_reply(error: Exception, reply: replies.Reply) -> None:
+    assert storage_reply(error) is reply
 
 
 class FakeStore:
+    """Stands in for the Spool (commit) and its Store (queue_size) at once."""
+
     def __init__(self, error: Exception | None = None, size: int = 0) -> None:
         self.error = error
         self.size = size
         self.committed: list[str] = []
+        self.store = self
 
     def commit(self, messages: Sequence[Message]) -> None:
         if self.error is not None:
@@ -74,7 +64,7 @@ def test_any_failure_answers_every_client_of_the_batch() -> None:
 
 def test_oom_closes_the_gate_for_a_moment() -> None:
     async def go() -> tuple[object, replies.Reply | None]:
-        c = Committer(FakeStore(error=redis.exceptions.OutOfMemoryError("x")))  # type: ignore[arg-type]
+        c = Committer(FakeStore(error=StoreFull("x")))  # type: ignore[arg-type]
         try:
             await c.submit(msg("1"))
         except StorageRefused as e:

@@ -5,41 +5,63 @@ import pytest
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.store import INDEX, Message, Store, left_key, msg_key, next_hop, rcpt_key
+from common.jobqueue import DeliveryQueue
+from common.routing import Router, next_hop
+from common.spool import Spool
+from common.store import (
+    INDEX,
+    Message,
+    Store,
+    StoreFull,
+    StoreUnavailable,
+    _translated,
+    left_key,
+    msg_key,
+    rcpt_key,
+)
+
+
+def make_spool(r: redis.Redis, job_max_messages: int = 100) -> Spool:
+    return Spool(Store(r), DeliveryQueue(r, "mtaq", job_max_messages=job_max_messages), Router())
 
 
 @pytest.fixture
-def store() -> Store:
-    return Store(fakeredis.FakeRedis(), "mtaq", job_max_messages=2)
+def spool() -> Spool:
+    return make_spool(fakeredis.FakeRedis(), job_max_messages=2)
+
+
+@pytest.fixture
+def store(spool: Spool) -> Store:
+    return spool.store
 
 
 def env(qid: str, *rcpts: str, sender: str = "a@x.test") -> Envelope:
     return Envelope(id=qid, sender=sender, recipients=[Recipient(r) for r in rcpts], received_at=1000.0)
 
 
-def test_commit_writes_body_once_state_and_one_job_per_destination(store: Store) -> None:
-    store.commit([Message(env("Q1", "a@one.test", "b@one.test", "c@two.test"), b"body")])
+def test_commit_writes_body_once_state_and_one_job_per_destination(spool: Spool, store: Store) -> None:
+    spool.commit([Message(env("Q1", "a@one.test", "b@one.test", "c@two.test"), b"body")])
     r = store.redis
     assert r.hget(msg_key("Q1"), "body") == b"body"
     assert int(r.get(left_key("Q1")) or 0) == 3
     assert r.hlen(rcpt_key("Q1")) == 3
     assert r.zscore(INDEX, "Q1") == 1000.0
-    jobs = store.queue.get_jobs()
+    jobs = spool.queue.rq.get_jobs()
     assert sorted(j.args[0] for j in jobs) == ["one.test", "two.test"]
     assert all(j.args[1] == ["Q1"] for j in jobs)
 
 
-def test_jobs_carry_at_most_job_max_messages(store: Store) -> None:
-    store.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(5)])
-    assert sorted(len(j.args[1]) for j in store.queue.get_jobs()) == [1, 2, 2]
+def test_jobs_carry_at_most_job_max_messages(spool: Spool) -> None:
+    spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(5)])
+    assert sorted(len(j.args[1]) for j in spool.queue.rq.get_jobs()) == [1, 2, 2]
 
 
 def test_commit_is_all_or_nothing() -> None:
     server = fakeredis.FakeServer()
     r = fakeredis.FakeRedis(server=server)
-    s = Store(r, "mtaq")
+    s = make_spool(r)
     server.connected = False
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreUnavailable):
         s.commit([Message(env("Q1", "a@one.test"), b"x")])
     server.connected = True
     assert r.keys("*") == []
@@ -97,16 +119,39 @@ def test_envelope_round_trip() -> None:
 
 
 def test_batches_respect_message_and_byte_limits() -> None:
-    s = Store(fakeredis.FakeRedis(), "mtaq", job_max_messages=3, job_max_bytes=100)
+    s = DeliveryQueue(fakeredis.FakeRedis(), "mtaq", job_max_messages=3, job_max_bytes=100)
     sized = [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("e", 95), ("f", 200), ("g", 1)]
     assert s.batches(sized) == [["a", "b", "c"], ["d"], ["e"], ["f"], ["g"]]
 
 
-def test_walk_and_enqueue_sized(store: Store) -> None:
-    store.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)])
-    store.queue.empty()  # type: ignore[no-untyped-call]
+def test_walk_and_enqueue_sized(spool: Spool, store: Store) -> None:
+    spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)])
+    spool.queue.rq.empty()  # type: ignore[no-untyped-call]
     chunks = list(store.walk(chunk=2))
     assert [[m.envelope.id for m, _ in c] for c in chunks] == [["Q0", "Q1"], ["Q2"]]
-    assert store.enqueue_sized({"one.test": [("Q0", 1), ("Q1", 1), ("Q2", 1)]}, force=True) == 3
-    assert sorted(len(j.args[1]) for j in store.queue.get_jobs()) == [1, 2]  # job_max_messages=2
-    assert all(j.args[2] is True for j in store.queue.get_jobs())
+    assert spool.queue.enqueue_sized({"one.test": [("Q0", 1), ("Q1", 1), ("Q2", 1)]}, force=True) == 3
+    assert sorted(len(j.args[1]) for j in spool.queue.rq.get_jobs()) == [1, 2]  # job_max_messages=2
+    assert all(j.args[2] is True for j in spool.queue.rq.get_jobs())
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), StoreFull),
+        # what redis-py raises for an OOM inside MULTI/EXEC: the "OOM" prefix is gone from the text
+        (
+            redis.exceptions.OutOfMemoryError(
+                "Command # 1 (HSET k a) of pipeline caused error: command not allowed when used memory > 'maxmemory'."
+            ),
+            StoreFull,
+        ),
+        (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), StoreFull),
+        (redis.ConnectionError("Connection refused"), StoreUnavailable),
+        (redis.TimeoutError("Timeout reading from socket"), StoreUnavailable),
+        (redis.ResponseError("EXECABORT Transaction discarded"), StoreUnavailable),
+        (ConnectionResetError("reset by peer"), StoreUnavailable),
+    ],
+)
+def test_redis_errors_become_store_errors(error: Exception, raised: type[Exception]) -> None:
+    with pytest.raises(raised), _translated():
+        raise error

@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import getpass
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from common.embedded import EmbeddedRedis
+from common.logging import setup_logging
+from common.redisconn import NoRedis
 from common.settings import Settings, add_arguments
+from common.supervise import Child, Supervisor
+from ingress.auth import set_password
+from ingress.process import main as ingress_main
+from mtaq.queuecmd import cmd_queue
+from worker.process import main as worker_main
 
 __all__ = ["main"]
 
 log = logging.getLogger("mtaq")
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a child process these exact settings."""
-    env = dict(os.environ)
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        env[f"MTAQ_{f.name.upper()}"] = ("yes" if value else "no") if isinstance(value, bool) else str(value)
-    return env
-
-
 def cmd_run(settings: Settings) -> int:
-    from common.embedded import EmbeddedRedis
-    from common.logging import setup_logging
-    from common.supervise import Child, Supervisor
-
     setup_logging("run", settings.log_level)
     # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
@@ -42,8 +36,8 @@ def cmd_run(settings: Settings) -> int:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
             settings = settings.replace(redis_url=embedded.url)
-        env = settings_env(settings.replace(processes=settings.processes or 1))
-        me = [sys.executable, "-m", "common.cli"]
+        env = {**os.environ, **settings.replace(processes=settings.processes or 1).to_env()}
+        me = [sys.executable, "-m", "mtaq"]
         children = [Child("ingress", argv=[*me, "ingress"], env=env)]
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
         log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
@@ -57,20 +51,14 @@ def cmd_run(settings: Settings) -> int:
 
 
 def cmd_ingress(settings: Settings) -> int:
-    from ingress.process import main as ingress_main
-
     return ingress_main(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
-    from worker.process import main as worker_main
-
     return worker_main(settings, burst=burst)
 
 
 def cmd_passwd(settings: Settings, user: str) -> int:
-    from ingress.auth import set_password
-
     if not settings.auth_file:
         print("mtaq passwd: say where the credentials live: --auth-file PATH (or MTAQ_AUTH_FILE)", file=sys.stderr)
         return 2
@@ -117,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 2
-    from common.redisconn import NoRedis
-
     try:
         if args.command == "run":
             return cmd_run(settings)
@@ -128,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args.burst)
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
-        from common.queuecli import cmd_queue
-
         return cmd_queue(settings, args.action, args.ids)
     except NoRedis as e:
         print(f"mtaq: {e}", file=sys.stderr)

@@ -7,12 +7,13 @@ import time
 from collections import defaultdict
 from typing import TextIO
 
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
-
 from common.envelope import RcptState
 from common.redisconn import connect
 from common.settings import Settings
-from common.store import Store, next_hop
+from common.spool import Spool
+from common.store import Store
+from worker.jobs import make_context
+from worker.sweep import sweep
 
 __all__ = ["cmd_queue", "format_queue"]
 
@@ -48,17 +49,18 @@ def format_queue(store: Store, out: TextIO) -> int:
 
 
 def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys.stdout) -> int:
-    store = Store.from_settings(settings, connect(settings))
+    spool = Spool.from_settings(settings, connect(settings))
+    store = spool.store
     if action == "list":
         return format_queue(store, out)
     if action == "stats":
-        q = store.queue
+        jobs = spool.queue.counts()
         counts = {
             "messages in queue": store.queue_size(),
-            "jobs waiting": q.count,
-            "jobs running": StartedJobRegistry(queue=q).count,
-            "jobs scheduled (retries)": ScheduledJobRegistry(queue=q).count,  # type: ignore[no-untyped-call]
-            "jobs failed": FailedJobRegistry(queue=q).count,
+            "jobs waiting": jobs.waiting,
+            "jobs running": jobs.running,
+            "jobs scheduled (retries)": jobs.scheduled,
+            "jobs failed": jobs.failed,
         }
         counts.update({f"total {k}": v for k, v in sorted(store.stats().items())})
         for k, v in counts.items():
@@ -69,19 +71,16 @@ def cmd_queue(settings: Settings, action: str, ids: list[str], out: TextIO = sys
         dests: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for msg, statuses in (found for chunk in store.walk() for found in chunk):
             for d in {
-                next_hop(r.address, store.relayhost)
+                spool.router.hop(r.address)
                 for i, r in enumerate(msg.envelope.recipients)
                 if not statuses.get(i) or not statuses[i].final
             }:
                 dests[d].append((msg.envelope.id, len(msg.body)))
-        queued = store.enqueue_sized(dests, force=True)
+        queued = spool.queue.enqueue_sized(dests, force=True)
         out.write(f"flushed {queued} message(s) to {len(dests)} destination(s)\n")
         return 0
     if action == "sweep":
-        from worker.jobs import make_context
-        from worker.sweep import sweep
-
-        r = sweep(make_context(settings, store))
+        r = sweep(make_context(settings, spool))
         out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
         return 0
     if action == "delete":

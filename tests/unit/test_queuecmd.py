@@ -6,13 +6,13 @@ import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.queuecli import format_queue
 from common.store import Message, Store
+from mtaq.queuecmd import format_queue
 
 
 @pytest.fixture
 def store() -> Store:
-    s = Store(fakeredis.FakeRedis(), "mtaq")
+    s = Store(fakeredis.FakeRedis())
     env = Envelope(
         id="Q1",
         sender="a@x.test",
@@ -25,7 +25,7 @@ def store() -> Store:
 
 def test_empty_queue() -> None:
     out = io.StringIO()
-    format_queue(Store(fakeredis.FakeRedis(), "mtaq"), out)
+    format_queue(Store(fakeredis.FakeRedis()), out)
     assert out.getvalue() == "Mail queue is empty\n"
 
 

@@ -1,0 +1,125 @@
+"""The delivery queue: RQ jobs ``deliver(next hop, [queue ids], force)``, their options, batching
+within the job limits, and counts. The messages themselves are in common/store.py."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from common.settings import Settings
+
+__all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DeliveryQueue", "QueueCounts"]
+
+# The job function, by import path: RQ needs a string, and common/ must not import worker/.
+# tests/unit/test_layout.py resolves it to the real function.
+DELIVER_FUNC = "worker.jobs.deliver"
+# Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
+# cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
+# is ours (worker/retry.py), never RQ's.
+CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
+# Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
+_JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    waiting: int
+    running: int
+    scheduled: int  # retries waiting for their time
+    failed: int
+
+
+class DeliveryQueue:
+    def __init__(
+        self,
+        r: redis.Redis,
+        name: str = "mtaq",
+        *,
+        job_func: str = DELIVER_FUNC,
+        job_max_messages: int = 100,
+        job_max_bytes: int = 20_000_000,
+        job_timeout: int = 1800,
+    ) -> None:
+        self.rq = Queue(name, connection=r, serializer=JSONSerializer)
+        self.job_func = job_func
+        self.job_max_messages = max(1, job_max_messages)
+        self.job_max_bytes = job_max_bytes
+        self.job_timeout = job_timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings, r: redis.Redis) -> DeliveryQueue:
+        return cls(
+            r,
+            settings.queue_name,
+            job_max_messages=settings.job_max_messages,
+            job_max_bytes=settings.job_max_bytes,
+            job_timeout=settings.job_timeout,
+        )
+
+    def batches(self, sized: Sequence[tuple[str, int]]) -> list[list[str]]:
+        """Split (queue id, size) pairs into job batches within job_max_messages and job_max_bytes."""
+        out: list[list[str]] = []
+        current: list[str] = []
+        total = 0
+        for qid, size in sized:
+            if current and (len(current) >= self.job_max_messages or total + size > self.job_max_bytes):
+                out.append(current)
+                current, total = [], 0
+            current.append(qid)
+            total += size
+        if current:
+            out.append(current)
+        return out
+
+    def stage(self, pipe: Any, by_hop: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        """Add the jobs for (queue id, size) pairs per next hop to the caller's MULTI/EXEC
+        (common/spool.py: a message and its jobs are stored together or not at all)."""
+        jobs = [
+            Queue.prepare_data(self.job_func, args=(hop, ids), timeout=self.job_timeout, **_JOB_KEEP)
+            for hop, sized in by_hop.items()
+            for ids in self.batches(sized)
+        ]
+        if jobs:
+            self.rq.enqueue_many(jobs, pipeline=pipe)
+
+    def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
+        """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
+        self.rq.enqueue_in(
+            datetime.timedelta(seconds=max(0.0, delay)),
+            self.job_func,
+            destination,
+            list(ids),
+            job_timeout=self.job_timeout,
+            **_JOB_KEEP,
+        )
+
+    def enqueue_now(self, destination: str, ids: Sequence[str], *, force: bool = False) -> None:
+        """A delivery attempt now. ``force`` (`mtaq queue flush`) also tries deferred recipients
+        whose next attempt is not due yet; otherwise a job leaves those to their retry job."""
+        self.rq.enqueue(self.job_func, destination, list(ids), force, job_timeout=self.job_timeout, **_JOB_KEEP)
+
+    def enqueue_sized(self, by_hop: Mapping[str, Sequence[tuple[str, int]]], *, force: bool = False) -> int:
+        """Jobs now for (queue id, size) pairs per next hop, within the job limits; returns how many
+        messages were queued (a message counts once per hop)."""
+        queued = 0
+        for hop, sized in by_hop.items():
+            for ids in self.batches(sized):
+                self.enqueue_now(hop, ids, force=force)
+                queued += len(ids)
+        return queued
+
+    def counts(self) -> QueueCounts:
+        q = self.rq
+        return QueueCounts(
+            waiting=q.count,
+            running=StartedJobRegistry(queue=q).count,
+            scheduled=ScheduledJobRegistry(queue=q).count,  # type: ignore[no-untyped-call]
+            failed=FailedJobRegistry(queue=q).count,
+        )

@@ -1,0 +1,50 @@
+"""Routing: which next hop a recipient goes to. Mail is grouped by it into delivery jobs (one job
+per next hop), so the ingress, the workers and `mtaq queue flush` must all route alike."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from common.envelope import Envelope, domain_of
+from common.settings import Settings
+
+__all__ = ["Router", "next_hop"]
+
+
+def next_hop(address: str, relayhost: str) -> str:
+    """The destination a recipient is delivered to and grouped by: its domain, or the relayhost.
+
+    A relayhost is taken literally (no MX lookup), as Postfix does for ``[host]:port``."""
+    if relayhost:
+        if relayhost.startswith("["):
+            return relayhost
+        host, _, port = relayhost.partition(":")
+        return f"[{host}]:{port}" if port else f"[{host}]"
+    return domain_of(address)
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    relayhost: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Router:
+        return cls(settings.relayhost)
+
+    def hop(self, address: str) -> str:
+        return next_hop(address, self.relayhost)
+
+    def hops(self, envelope: Envelope) -> list[str]:
+        """The distinct next hops of a message's recipients, in recipient order."""
+        return list(dict.fromkeys(self.hop(r.address) for r in envelope.recipients))
+
+    def by_hop(self, sized: Iterable[tuple[Envelope, int]]) -> dict[str, list[tuple[str, int]]]:
+        """(envelope, message size) pairs grouped per next hop as (queue id, size): a delivery
+        job's batch takes one next hop's messages (common/jobqueue.py)."""
+        out: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for env, size in sized:
+            for hop in self.hops(env):
+                out[hop].append((env.id, size))
+        return out

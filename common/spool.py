@@ -1,0 +1,33 @@
+"""The spool: message storage, its delivery queue and routing together, for the one operation that
+needs all three: a commit stores messages and their delivery jobs in one MULTI/EXEC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from common.jobqueue import DeliveryQueue
+from common.routing import Router
+from common.settings import Settings
+from common.store import Message, Store
+
+__all__ = ["Spool"]
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    store: Store
+    queue: DeliveryQueue
+    router: Router
+
+    @classmethod
+    def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
+        return cls(Store(r), DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
+
+    def commit(self, messages: Sequence[Message], *, delete: Iterable[str] = ()) -> None:
+        """Store messages with one delivery job per next hop (per job limits), and delete finished
+        ones, in one MULTI/EXEC: all of it or nothing. Raises StoreUnavailable / StoreFull."""
+        by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
+        self.store.commit(messages, delete=delete, also=lambda pipe: self.queue.stage(pipe, by_hop))

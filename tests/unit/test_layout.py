@@ -1,0 +1,39 @@
+"""The layout's rules, checked: imports run downward only (mtaq/ -> ingress/, worker/ -> common/),
+and the one dependency no import shows, the delivery job named by string, is real."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from rq.utils import import_attribute
+
+import worker.jobs
+from common import jobqueue
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level packages a module imports anywhere in it (function-local imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("common", {"ingress", "worker", "mtaq"}), ("ingress", {"worker", "mtaq"}), ("worker", {"ingress", "mtaq"})],
+)
+def test_imports_run_downward(package: str, forbidden: set[str]) -> None:
+    bad = {str(p.relative_to(ROOT)): sorted(imported_packages(p) & forbidden) for p in (ROOT / package).glob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_delivery_job_path_names_the_real_function() -> None:
+    assert import_attribute(jobqueue.DELIVER_FUNC) is worker.jobs.deliver
