@@ -17,7 +17,7 @@ from typing import Any
 from bench.loadgen import LoadResult
 from bench.loads import Load, Probe, Progress, generator, smtp_source
 from bench.measure import Sampler
-from bench.report import Result, environment, render_medians, result_json, rows, write_json
+from bench.report import Result, environment, public_path, render_medians, result_json, rows, write_json
 from bench.sinkdump import Sink, ensure_postfix_tools
 from bench.systems import System
 
@@ -167,7 +167,7 @@ def finish(a: argparse.Namespace, name: str, meta: dict[str, Any], results: list
         print("bench: nothing was measured (see the lines above)", file=sys.stderr)
         return 1
     meta["host"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "results"}
+    params = {k: public_path(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "results"}
     print(f"\nwrote {write_json(a.results, name, result_json({**meta, 'params': params}, results))}")
     return 0
 

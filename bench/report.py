@@ -22,6 +22,7 @@ __all__ = [
     "Result",
     "environment",
     "medians",
+    "public_path",
     "ratios",
     "render_medians",
     "render_table",
@@ -217,7 +218,17 @@ def mtaq_version(exe: Path) -> dict[str, str]:
     checkout = exe.absolute().parent.parent.parent
     rev = _run(["git", "-C", str(checkout), "describe", "--always", "--dirty"])
     branch = _run(["git", "-C", str(checkout), "rev-parse", "--abbrev-ref", "HEAD"])
-    return {"exe": str(exe), "commit": rev, "branch": branch}
+    return {"exe": public_path(exe), "commit": rev, "branch": branch}
+
+
+def public_path(path: Path) -> str:
+    """A path as the results may show it: relative to its checkout (".venv/bin/mtaq"), never the
+    machine's directories."""
+    p = path.absolute()
+    for up in p.parents:
+        if (up / ".git").exists():
+            return str(p.relative_to(up))
+    return p.name
 
 
 def environment(mtaq_exe: Path | None) -> dict[str, Any]:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from bench.measure import Stat, parse_pss_kib, parse_stat, percentile, tree
-from bench.report import SCHEMA, Result, medians, ratios, render_medians, render_table, result_json, rows
+from bench.report import (
+    SCHEMA,
+    Result,
+    medians,
+    public_path,
+    ratios,
+    render_medians,
+    render_table,
+    result_json,
+    rows,
+)
 from bench.sinkdump import parse_sent_ns
 from bench.slowdest import transports, verdict, zone
 
@@ -139,3 +150,9 @@ def test_medians_take_each_runs_ratio_then_the_median() -> None:
     assert m["runs"] == 3 and m["ingress_msgs_s"] == 600.0 and m["x_ingress_msgs_s"] == 1.2
     assert m["e2e_msgs_s"] == 1200.0 and m["x_e2e_msgs_s"] == 3.0 and m["x_peak_pss_mib"] == 0.5
     assert "1.20" in render_medians(rows(rs))
+
+
+def test_public_path_hides_the_machines_directories(tmp_path: Path) -> None:
+    (tmp_path / "co" / ".git").mkdir(parents=True)
+    assert public_path(tmp_path / "co" / ".venv" / "bin" / "mtaq") == ".venv/bin/mtaq"
+    assert public_path(tmp_path / "elsewhere" / "mtaq") == "mtaq"
