@@ -56,12 +56,12 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     # has been accepted yet.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     asyncio.run(_serve(settings, sock))
 
 
 def main(settings: Settings) -> int:
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     sock = bind(settings.listen_addr)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:
