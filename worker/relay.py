@@ -145,6 +145,7 @@ class Work:
         self._owners: dict[int, Owner] = {}
         self._lock = threading.Lock()
         self.conversations = 0  # running now (the service counts them)
+        self.staff_after = 0.0  # monotonic time before which no new conversation is asked for
         self.last = Outcome(Kind.DEFERRED, "4.4.1", "No reachable host", "none")
         if parcels:
             self.add(parcels, owner or _Solo(None))

@@ -49,6 +49,7 @@ LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's
 SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing itself back
 PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
 BUSY_RETRY = 1.0  # a handed-back job runs again after about this long
+STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot again
 # How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
 # sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built. Short:
 # a finisher that died has its message finished by the next look, within a minute.
@@ -229,7 +230,7 @@ class DeliveryService:
         stopping, or when no conversation could be had for SLOT_WAIT seconds."""
         no_slot_since: float | None = None
         handed: list[Parcel] = []
-        while not owner.wait(0.1):
+        while not owner.wait(0.2):
             if handed:
                 continue  # what a conversation had taken finishes its transaction
             if self.stopping.is_set():
@@ -265,6 +266,8 @@ class DeliveryService:
     def _staff(self, destination: str, lane: Work) -> bool:
         """Start conversations while the lane has more parcels waiting than conversations."""
         started = False
+        if time.monotonic() < lane.staff_after:
+            return False  # the window was full a moment ago: the jobs waiting on a lane ask in turn
         while not self.stopping.is_set():
             with self._freed:
                 if len(lane) <= lane.conversations:
@@ -274,6 +277,7 @@ class DeliveryService:
             conversation = self._conversation(destination, lane)
             if conversation is None:
                 self.permits.release()
+                lane.staff_after = time.monotonic() + STAFF_PAUSE
                 break
             opened, slot = conversation
             with self._freed:
@@ -330,6 +334,7 @@ class DeliveryService:
                 self.limits.release(slot)
             with self._freed:
                 lane.conversations -= 1
+                lane.staff_after = 0.0  # a connection (cached) or slot is free: the next look takes it
                 alone = lane.conversations == 0
                 if alone and self._lane_users.get(destination, 0) <= 0 and self._lanes.get(destination) is lane:
                     del self._lanes[destination]  # the next job resolves the destination afresh
