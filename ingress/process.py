@@ -9,6 +9,7 @@ import signal
 import socket
 from typing import Any
 
+from common.address import bind_listener
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
@@ -18,20 +19,9 @@ from ingress.auth import Credentials
 from ingress.server import Ingress, install_signal_handlers, make_ssl_context
 from ingress.session import SessionConfig
 
-__all__ = ["bind", "build_ingress", "main", "serve"]
+__all__ = ["build_ingress", "main", "serve"]
 
 log = logging.getLogger("mtaq.ingress")
-
-
-def bind(listen: tuple[str, int]) -> socket.socket:
-    host, port = listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 def build_ingress(settings: Settings) -> Ingress:
@@ -65,19 +55,13 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 
 def serve(settings: Settings, sock: socket.socket) -> None:
     """One ingress process (also the target of each forked child)."""
-    # A forked child inherits the supervisor's SIGTERM/SIGINT handlers, which only set a flag in the
-    # parent's Supervisor: a signal arriving before the event loop installs its own would be lost and
-    # the child would run on until SIGKILL. Until then, the default action (exit) is right: nothing
-    # has been accepted yet.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("ingress", settings.log_level)
     asyncio.run(_serve(settings, sock))
 
 
 def main(settings: Settings) -> int:
     setup_logging("ingress", settings.log_level)
-    sock = bind(settings.listen_addr)
+    sock = bind_listener(*settings.listen_addr)  # CannotBind: one line and EXIT_FATAL (mtaq/cli.py)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:
         serve(settings, sock)

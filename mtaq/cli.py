@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.embedded import EmbeddedRedis
+import redis
+
+from common.address import CannotBind, bind_listener
+from common.embedded import EmbeddedRedis, EmbeddedRedisError
+from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
 from common.redisconn import NoRedis
-from common.settings import Settings, add_arguments
-from common.supervise import Child, Supervisor
+from common.settings import Settings, add_arguments, hostname_problem
+from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
 from mtaq.queuecmd import cmd_queue
@@ -24,6 +28,12 @@ __all__ = ["main"]
 log = logging.getLogger("mtaq")
 
 
+def warn_hostname(settings: Settings) -> None:
+    problem = hostname_problem(settings.hostname)
+    if problem:
+        log.warning("%s", problem)
+
+
 def cmd_run(settings: Settings) -> int:
     setup_logging("run", settings.log_level)
     # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
@@ -32,6 +42,10 @@ def cmd_run(settings: Settings) -> int:
     # if it dies (EmbeddedRedis.watch).
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
     try:
+        if embedded is not None:
+            embedded.lock()  # another run on this data_dir: one line, before anything starts
+        bind_listener(*settings.listen_addr).close()  # the port in use: the same, before Redis starts
+        warn_hostname(settings)
         if embedded is not None:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
@@ -45,16 +59,24 @@ def cmd_run(settings: Settings) -> int:
             children, stop_timeout=settings.shutdown_grace + 10, watch=embedded.watch if embedded is not None else None
         ).run()
     finally:
-        if embedded is not None and embedded.proc is not None:  # last: the children are gone
+        if embedded is not None:  # last: the children are gone
+            was_running = embedded.proc is not None
             embedded.stop()
-            log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
+            if was_running:
+                log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
 
 
 def cmd_ingress(settings: Settings) -> int:
+    if SUPERVISOR_ENV not in os.environ:  # under `mtaq run`, the run has said it
+        setup_logging("ingress", settings.log_level)
+        warn_hostname(settings)
     return ingress_main(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
+    if SUPERVISOR_ENV not in os.environ:
+        setup_logging("worker", settings.log_level)
+        warn_hostname(settings)
     return worker_main(settings, burst=burst)
 
 
@@ -105,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 2
+    if args.command in ("ingress", "worker"):
+        die_with_supervisor()  # started by `mtaq run`: do not outlive it
     try:
         if args.command == "run":
             return cmd_run(settings)
@@ -115,8 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
         return cmd_queue(settings, args.action, args.ids)
-    except NoRedis as e:
+    except CannotBind as e:
         print(f"mtaq: {e}", file=sys.stderr)
+        return EXIT_FATAL  # the supervisor does not restart a child that says this
+    except (NoRedis, EmbeddedRedisError) as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return 1
+    except redis.ConnectionError as e:  # a worker whose Redis went away for good (RQ retries first)
+        print(f"mtaq: lost Redis: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

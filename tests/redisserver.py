@@ -25,6 +25,7 @@ from types import TracebackType
 import redis
 
 from common.embedded import find_redis_server  # the same binary `mtaq run` uses
+from common.supervise import stop_processes
 
 __all__ = ["RedisServer", "find_redis_server"]
 
@@ -145,13 +146,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([process], timeout, sig)
 
     def cleanup(self) -> None:
         """Stop, and remove the directory if this object created it."""

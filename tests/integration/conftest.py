@@ -18,6 +18,7 @@ import redis
 
 from common.jobqueue import DeliveryQueue
 from common.store import Store
+from common.supervise import stop_processes
 from tests.dnsserver import ZoneServer
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, free_port
@@ -113,13 +114,8 @@ class MTA:
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name, None)
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        if p is not None:
+            stop_processes([p], 15)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
