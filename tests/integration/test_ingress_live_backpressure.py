@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.smtpwire import Wire
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.smtpwire import Wire
 
 SIZE_LIMIT = 20000

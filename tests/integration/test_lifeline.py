@@ -20,7 +20,7 @@ import redis
 from common.embedded import EmbeddedRedis, find_redis_server
 from common.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import ROOT, alive, message, wait_port
+from tests.fixtures import ROOT, alive, message, wait_port
 from tests.integration.test_run import queue_listing, start_run, stop
 from tests.redisserver import RedisServer
 from tests.sinks import free_port, wait_for

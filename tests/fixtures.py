@@ -1,5 +1,7 @@
-"""Integration fixtures: a real redis-server, a real DNS server on loopback, aiosmtpd sinks on
-127.0.0.x as remote MX hosts, and mtaq's own ingress and worker as real processes."""
+"""The shared test fixtures, a pytest plugin (tests/conftest.py names it in ``pytest_plugins``): a
+real redis-server, a real DNS server on loopback, aiosmtpd sinks on 127.0.0.x as remote MX hosts,
+and mtaq's own ingress and worker as real processes. Tests import the helpers from here, never
+from a conftest."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tests.dnsserver import ZoneServer
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
