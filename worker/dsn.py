@@ -23,14 +23,14 @@ cannot inject a header), and the result is 7-bit whenever the sender's address i
 
 from __future__ import annotations
 
-import datetime
 import quopri
 import re
 import secrets
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime
+
+from common.dates import format_date
 
 __all__ = ["ACTIONS", "DsnRecipient", "build_dsn", "format_date", "subject_for"]
 
@@ -64,11 +64,6 @@ class DsnRecipient:
     remote_mta: str  # host name that gave the reply, "" if none answered
     diagnostic: str  # the remote reply, "550 5.1.1 no such user"; "" if none
     last_attempt: float | None
-
-
-def format_date(ts: float) -> str:
-    """An RFC 5322 date in UTC with a numeric zone: ``Mon, 01 Jan 2024 00:00:00 +0000``."""
-    return format_datetime(datetime.datetime.fromtimestamp(ts, tz=datetime.UTC))
 
 
 def subject_for(actions: Sequence[str]) -> str:
