@@ -21,7 +21,7 @@ from common.embedded import EmbeddedRedis, find_redis_server
 from common.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
 from tests.fixtures import ROOT, alive, message, wait_port
-from tests.integration.test_run import queue_listing, start_run, stop
+from tests.integration.test_run import queue_listing, refused, start_run, stop
 from tests.redisserver import RedisServer
 from tests.sinks import free_port, wait_for
 
@@ -45,14 +45,6 @@ def descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in parent_of.items() if parent in frontier} - found
         found |= frontier
     return {p for p in found if alive(p)}
-
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return False
-    except OSError:
-        return True
 
 
 def mtaq(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
