@@ -239,7 +239,9 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release(self, qids: Sequence[str], destination: str, token: str) -> None:
+    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
+        the hold set's release(ids)."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)

@@ -169,7 +169,7 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
             _deliver_parcels(ctx, batch, destination, parcels)
     finally:
         if leased:
-            store.release(leased, destination, token)
+            store.release_leases(leased, destination, token)
         if batch.finished:
             finish_messages(ctx, batch)
     for hop, qids in reroute.items():

@@ -144,7 +144,7 @@ def test_a_leased_message_is_left_to_the_job_holding_it(
     assert ctx.store.lease([qid], "a.test", "other-job", 30) == [qid]
     jobs.deliver("a.test", [qid])
     assert box.attempts == 0 and ctx.store.load(qid) is not None
-    ctx.store.release([qid], "a.test", "other-job")
+    ctx.store.release_leases([qid], "a.test", "other-job")
     jobs.deliver("a.test", [qid])
     assert [m[1] for m in box.messages] == [["bob@a.test"]]
 
