@@ -106,6 +106,12 @@ class Settings:
         return frozenset(d.strip().lower().rstrip(".") for d in self.relay_domains.split(",") if d.strip())
 
     @property
+    def stop_timeout(self) -> float:
+        """How long a supervisor waits for its children before SIGKILL: each needs up to
+        shutdown_grace for its transactions in flight, then CLOSE_GRACE and its last group commit."""
+        return self.shutdown_grace + 10
+
+    @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, 2525)
 

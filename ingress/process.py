@@ -70,9 +70,7 @@ def main(settings: Settings) -> int:
     # loses no queued connection
     children = [Child(f"ingress-{i + 1}", target=serve, args=(settings, sock)) for i in range(n)]
     log.info("ingress on %s:%s with %d processes", *sock.getsockname()[:2], n)
-    # each child needs up to shutdown_grace to finish its transactions (then CLOSE_GRACE and its last
-    # group commit); only then may the supervisor resort to SIGKILL
-    return _IngressSupervisor(children, sock, stop_timeout=settings.shutdown_grace + 10).run()
+    return _IngressSupervisor(children, sock, stop_timeout=settings.stop_timeout).run()
 
 
 class _IngressSupervisor(Supervisor):

@@ -56,7 +56,7 @@ def cmd_run(settings: Settings) -> int:
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
         log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
         return Supervisor(
-            children, stop_timeout=settings.shutdown_grace + 10, watch=embedded.watch if embedded is not None else None
+            children, stop_timeout=settings.stop_timeout, watch=embedded.watch if embedded is not None else None
         ).run()
     finally:
         if embedded is not None:  # last: the children are gone
