@@ -20,7 +20,7 @@ import redis
 from common.embedded import EmbeddedRedis, find_redis_server
 from common.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
-from tests.fixtures import ROOT, alive, message, wait_port
+from tests.fixtures import ROOT, alive, message, route, wait_port
 from tests.integration.test_run import queue_listing, refused, start_run, stop
 from tests.redisserver import RedisServer
 from tests.sinks import free_port, wait_for
@@ -70,10 +70,11 @@ def test_kill_9_of_run_takes_every_child_with_it_and_a_new_run_starts(
     tmp_path: Path, dns: ZoneServer, mx_port: int
 ) -> None:
     data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
+    route(dns, "deferred.test", "127.0.0.9")  # nobody listens there: the worker defers, the mail stays
     p = start_run(data_dir, port, dns, mx_port, log, workers=1)
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-            s.sendmail("alice@client.test", ["bob@nowhere.test"], message("kept"))
+            s.sendmail("alice@client.test", ["bob@deferred.test"], message("kept"))
         redis_pid = int((data_dir / "redis.pid").read_text())
         assert wait_for(lambda: len(descendants(p.pid)) >= 4, 15), log.read_text()  # redis, ingress, worker, scheduler
         below = descendants(p.pid)
@@ -90,7 +91,7 @@ def test_kill_9_of_run_takes_every_child_with_it_and_a_new_run_starts(
     p = start_run(data_dir, port, dns, mx_port, log, workers=0)
     try:
         listing = queue_listing(data_dir)
-        assert "bob@nowhere.test" in listing and "1 Request." in listing, listing
+        assert "bob@deferred.test" in listing and "1 Request." in listing, listing
     finally:
         stop(p, log)
     assert "a Redis already serves" not in log.read_text()
