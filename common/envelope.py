@@ -116,6 +116,8 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET=FULL|HDRS
     envid: str | None = None  # RFC 3461 ENVID (xtext decoded)
     auth_user: str | None = None
+    # from mynetworks or authenticated (issue 11.3): only then may a DSN return the whole message
+    trusted: bool = False
 
     @property
     def is_bounce(self) -> bool:
@@ -143,6 +145,8 @@ class Envelope:
             d["envid"] = self.envid
         if self.auth_user is not None:
             d["auth"] = self.auth_user
+        if self.trusted:
+            d["trusted"] = True
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -164,6 +168,7 @@ class Envelope:
             ret=d.get("ret"),
             envid=d.get("envid"),
             auth_user=d.get("auth"),
+            trusted=d.get("trusted", False),
         )
 
 

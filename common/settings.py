@@ -42,8 +42,8 @@ class Settings:
         "always", "embedded Redis: always (250 means on disk) or everysec (may lose 1 s on power cut)", ("run",)
     )
     # -- delivery (worker)
-    dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker",))
-    smtp_port: int = _opt(25, "remote port for MX delivery", ("worker",))
+    dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker", "ingress"))
+    smtp_port: int = _opt(25, "remote port for MX delivery (and recipient verification)", ("worker", "ingress"))
     relayhost: str = _opt(
         "",
         "smarthost host[:port] for all mail, no MX lookup (Postfix relayhost); ingress and "
@@ -53,6 +53,17 @@ class Settings:
     min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
     max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
     queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
+    bounce_lifetime: float = _opt(
+        0.0,
+        "seconds before an undeliverable bounce (from <>) is dropped; 0 = queue_lifetime "
+        "(Postfix bounce_queue_lifetime)",
+        ("worker",),
+    )
+    delay_warning: float = _opt(
+        0.0,
+        "seconds in the queue before the sender gets one delay warning; 0 = none (Postfix delay_warning_time)",
+        ("worker",),
+    )
     connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
@@ -85,6 +96,25 @@ class Settings:
         20_000_000, "octets of messages per delivery job (one larger message still goes)", ("ingress", "worker")
     )
     shutdown_grace: float = _opt(30.0, "seconds SIGTERM waits for transactions in flight", ("ingress",))
+    # -- inbound relay without backscatter (ingress)
+    relay_recipients: str = _opt(
+        "",
+        "file of the valid recipients of relay_domains, an address or @domain a line; others get 550 "
+        "5.1.1 (Postfix relay_recipient_maps); unset = all",
+        ("ingress",),
+    )
+    verify_relay_recipients: bool = _opt(
+        False,
+        "ask the next hop at RCPT whether a relay_domains recipient exists (reject_unverified_recipient)",
+        ("ingress",),
+    )
+    verify_positive_ttl: float = _opt(
+        604800.0, "seconds a verified recipient is remembered (address_verify_positive_refresh_time)", ("ingress",)
+    )
+    verify_negative_ttl: float = _opt(
+        10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
+    )
+    verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -95,6 +125,8 @@ class Settings:
             raise ValueError("redis_appendfsync must be 'always' or 'everysec'")
         if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:
             raise ValueError("need 0 < min_backoff <= max_backoff")
+        if self.bounce_lifetime < 0 or self.delay_warning < 0:
+            raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
 
     # -- parsed views
     @property

@@ -2,7 +2,8 @@
 
 No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` keys, common/jobqueue.py):
 
-``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once)
+``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once);
+                    ``warned`` (time) once its delay warning was queued
 ``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
 ``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
@@ -109,6 +110,15 @@ return -3
 """
 
 
+# The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
+# message; KEYS: msg hash; ARGV: field, time. 1 when this caller claimed it, 0 when claimed before or gone.
+WARNED_FIELD = "warned"
+_CLAIM_WARNING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 _STAT_OF = {RcptState.DELIVERED: "delivered", RcptState.BOUNCED: "bounced"}
 
 
@@ -125,6 +135,7 @@ class Store:
         self.redis = r
         self._set_status = r.register_script(_SET_STATUS)
         self._release = r.register_script(_RELEASE)
+        self._claim_warning = r.register_script(_CLAIM_WARNING)
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -246,6 +257,14 @@ class Store:
         for qid in qids:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
+
+    def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
+        """Mark the delay warning of each message as sent; returns those this caller marked (a
+        message warned before, or gone, is left out): one warning per message, whoever asks."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            self._claim_warning(keys=[msg_key(qid)], args=[WARNED_FIELD, repr(now)], client=pipe)
+        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
     def try_lock(self, key: str, seconds: int) -> bool:
         return bool(self.redis.set(key, "1", nx=True, ex=max(1, seconds)))

@@ -7,7 +7,9 @@ no new dependency, and no plain-text or fast-hash passwords ever.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -15,6 +17,7 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 __all__ = ["AuthLimiter", "Credentials", "hash_password", "set_password", "verify_password"]
@@ -118,15 +121,30 @@ class AuthLimiter:
     """Failed AUTH attempts per client address within a sliding window (Postfix's anvil
     smtpd_client_auth_rate_limit): past the limit an address gets no more password checks.
 
-    Checks still running count as failures until they end (``begin``/``end``), so that a client
-    with many connections cannot start more than ``max_failures`` guesses at once. One limiter per
-    ingress process: with N processes an address may fail up to N * max_failures times per window."""
+    Failures alone count, as anvil's do: a correct password is never refused because other checks
+    are running. Guessing in parallel is bounded another way: the checks of one address run one at
+    a time (``checking``), each seeing the failures of those before it, so an address with fifty
+    connections still gets no more than ``max_failures`` verdicts per window; and at most
+    ``max_concurrent`` scrypt checks run in the process at once (16 MiB each), the rest queue.
+    One limiter per ingress process: with N processes an address may fail up to N * max_failures
+    times per window."""
 
-    def __init__(self, max_failures: int = 5, window: float = 60.0) -> None:
+    def __init__(
+        self,
+        max_failures: int = 5,
+        window: float = 60.0,
+        *,
+        max_concurrent: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_failures = max_failures
         self.window = window
+        self.max_concurrent = max_concurrent
+        self.clock = clock
         self._fails: dict[str, deque[float]] = {}
-        self._running: dict[str, int] = {}
+        # addresses with a check running or queued: their turn, and how many hold or wait for it
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._kdf: asyncio.Semaphore | None = None  # made in the event loop that uses it
 
     def _recent(self, ip: str, now: float) -> deque[float]:
         q = self._fails.setdefault(ip, deque())
@@ -135,30 +153,37 @@ class AuthLimiter:
         return q
 
     def blocked(self, ip: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        return len(self._recent(ip, now)) + self._running.get(ip, 0) >= self.max_failures
-
-    def begin(self, ip: str, now: float | None = None) -> bool:
-        """May ``ip`` have its password checked now? True reserves a slot until ``end``."""
-        if self.blocked(ip, now):
-            return False
-        self._running[ip] = self._running.get(ip, 0) + 1
-        return True
-
-    def end(self, ip: str, *, failed: bool, now: float | None = None) -> None:
-        left = self._running.get(ip, 0) - 1
-        if left > 0:
-            self._running[ip] = left
-        else:
-            self._running.pop(ip, None)
-        if failed:
-            self.failed(ip, now)
+        now = self.clock() if now is None else now
+        return len(self._recent(ip, now)) >= self.max_failures
 
     def failed(self, ip: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         q = self._recent(ip, now)
         if len(q) < self.max_failures:  # past the limit nothing more needs remembering
             q.append(now)
         if len(self._fails) > 10000:  # bound memory against many addresses
             for k in [k for k, v in self._fails.items() if not v or v[-1] <= now - self.window][:5000]:
                 del self._fails[k]
+
+    @contextlib.asynccontextmanager
+    async def checking(self, ip: str) -> AsyncIterator[bool]:
+        """Wait for this address's turn and a free check slot; yields whether the password may be
+        checked (False: the address is over its limit). The caller reports a wrong password with
+        ``failed`` before leaving, so the next in line sees it."""
+        if self._kdf is None:
+            self._kdf = asyncio.Semaphore(self.max_concurrent)
+        turn, users = self._turns.get(ip, (asyncio.Lock(), 0))
+        self._turns[ip] = (turn, users + 1)
+        try:
+            async with turn:
+                if self.blocked(ip):
+                    yield False
+                    return
+                async with self._kdf:
+                    yield True
+        finally:
+            turn, users = self._turns[ip]
+            if users > 1:
+                self._turns[ip] = (turn, users - 1)
+            else:
+                del self._turns[ip]  # nobody else holds or waits for this address's turn

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PATH",
     "Network",
     "PathError",
+    "in_relay_domains",
     "is_trusted",
     "parse_forward_path",
     "parse_path",
@@ -120,7 +121,7 @@ def unquote_local_part(local: str) -> str:
 def _check_domain(domain: str, smtputf8: bool) -> None:
     """Domain (RFC 5321 §4.1.2, U-labels allowed under RFC 6531 §3.3) or address literal.
 
-    A single trailing dot is tolerated, as Postfix does; policy strips it before comparing."""
+    A single trailing dot is tolerated, as Postfix does; ``parse_path`` strips it."""
     if not domain:
         raise _bad("empty domain")
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
@@ -227,7 +228,9 @@ def parse_path(text: str, *, smtputf8: bool) -> str:
     else:
         _check_dot_string(local, smtputf8)
     _check_domain(domain, smtputf8)
-    return f"{local}@{domain}"
+    # Postfix strips the trailing dot of a domain (trivial-rewrite) before it looks at the address:
+    # ``user@ours.test.`` is ``user@ours.test`` for policy, storage and the next hop alike
+    return f"{local}@{domain.removesuffix('.')}"
 
 
 def parse_reverse_path(text: str, *, smtputf8: bool) -> str:
@@ -264,6 +267,12 @@ def is_trusted(client_ip: str, auth_user: str | None, networks: Iterable[Network
     if addr is None:
         return False
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+def in_relay_domains(address: str, relay_domains: frozenset[str]) -> bool:
+    """Whether ``address``'s domain is one of ``relay_domains`` (any case, trailing dot or not)."""
+    _, at, domain = address.rpartition("@")
+    return bool(at) and domain.lower().rstrip(".") in {d.lower().rstrip(".") for d in relay_domains}
 
 
 def relay_check(

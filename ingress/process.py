@@ -15,9 +15,8 @@ from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.supervise import Child, Supervisor
-from ingress.auth import Credentials
-from ingress.server import Ingress, install_signal_handlers, make_ssl_context
-from ingress.session import SessionConfig
+from ingress.config import IngressConfig
+from ingress.server import Ingress, install_signal_handlers
 
 __all__ = ["build_ingress", "main", "serve"]
 
@@ -26,21 +25,7 @@ log = logging.getLogger("mtaq.ingress")
 
 def build_ingress(settings: Settings) -> Ingress:
     spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
-    ssl_ctx = make_ssl_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
-    creds = Credentials(settings.auth_file) if settings.auth_file else None
-    return Ingress(
-        spool,
-        SessionConfig.from_settings(settings),
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-        max_per_client=settings.max_connections_per_client,
-        commit_max_messages=settings.commit_max_messages,
-        commit_wait=settings.commit_wait,
-        max_queue=settings.max_queue,
-        ssl_context=ssl_ctx,
-        credentials=creds,
-        shutdown_grace=settings.shutdown_grace,
-    )
+    return Ingress(spool, IngressConfig.from_settings(settings))
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:

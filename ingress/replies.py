@@ -47,6 +47,7 @@ __all__ = [
     "OK",
     "PARAM_NOT_RECOGNIZED",
     "RECIPIENT_OK",
+    "RECIPIENT_TABLE_UNAVAILABLE",
     "RELAY_DENIED",
     "RESET_OK",
     "SENDER_OK",
@@ -60,7 +61,10 @@ __all__ = [
     "TOO_MANY_CONNECTIONS",
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
+    "UNDELIVERABLE_RECIPIENT",
+    "UNKNOWN_RELAY_RECIPIENT",
     "UNRECOGNIZED",
+    "UNVERIFIED_RECIPIENT",
     "VRFY_CANNOT",
     "Reply",
     "ehlo_reply",
@@ -152,6 +156,12 @@ TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains bare CR or LF")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: message contains NUL characters")
+
+# -- relay recipients (Postfix relay_recipient_maps, reject_unverified_recipient)
+UNKNOWN_RELAY_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: User unknown in relay recipient table")
+RECIPIENT_TABLE_UNAVAILABLE = Reply(451, "4.3.0", "Error: recipient table unavailable, try again later")
+UNDELIVERABLE_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: undeliverable address")
+UNVERIFIED_RECIPIENT = Reply(450, "4.1.1", "Recipient address rejected: unverified address, try again later")
 
 # -- AUTH (RFC 4954 §6)
 ENCRYPTION_REQUIRED_FOR_AUTH = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")

@@ -18,13 +18,19 @@ from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import dns.asyncresolver
+
 from common.envelope import Envelope, new_queue_id
 from common.spool import Spool
 from common.store import Message
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
+from ingress.config import IngressConfig
+from ingress.events import VerifyRecipient
+from ingress.notes import Note, NoteLog, reject_line
 from ingress.received import received_header
+from ingress.recipients import RecipientTable
 from ingress.session import (
     Authenticate,
     Close,
@@ -32,10 +38,10 @@ from ingress.session import (
     Peer,
     Send,
     Session,
-    SessionConfig,
     StartTLS,
     Transaction,
 )
+from ingress.verify import Probe, Verifier, smtp_probe
 
 __all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
 
@@ -63,35 +69,25 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 class Ingress:
     """What every connection of one ingress process shares."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        config: SessionConfig,
-        *,
-        idle_timeout: float,
-        max_connections: int,
-        max_per_client: int,
-        commit_max_messages: int = 256,
-        commit_wait: float = 0.0,
-        max_queue: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        credentials: Credentials | None = None,
-        shutdown_grace: float = 30.0,
-    ) -> None:
-        self.committer = Committer(spool, max_batch=commit_max_messages, max_queue=max_queue, wait=commit_wait)
-        self.config = dataclasses.replace(
-            config,
-            mail_gate=self.committer.gate,
-            tls_available=ssl_context is not None,
-            auth_available=credentials is not None,
+    def __init__(self, spool: Spool, config: IngressConfig) -> None:
+        self.committer = Committer(
+            spool, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
         )
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self.ssl_context = ssl_context
-        self.credentials = credentials
+        self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
+        self.verifier = _verifier(config) if config.verify_relay_recipients else None
+        # the session's view: tls_available and auth_available were derived from the same files
+        # as the context and the credentials below, once, in IngressConfig.from_settings
+        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate)
+        if self.recipients is not None:
+            self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
+        self.idle_timeout = config.idle_timeout
+        self.max_connections = config.max_connections
+        self.max_per_client = config.max_per_client
+        self.ssl_context = make_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.credentials = Credentials(config.auth_file) if config.auth_file else None
         self.auth_limiter = AuthLimiter()
-        self.shutdown_grace = shutdown_grace
+        self.notes = NoteLog(log)
+        self.shutdown_grace = config.shutdown_grace
         self.connections: set[SMTPProtocol] = set()
         self.per_client: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
@@ -165,7 +161,16 @@ class SMTPProtocol(asyncio.Protocol):
             self._refuse(replies.SHUTTING_DOWN)
             return
         if len(ing.connections) >= ing.max_connections or ing.per_client[self.peer_ip] >= ing.max_per_client:
-            log.warning("connection from [%s] refused: too many connections", self.peer_ip)
+            line = reject_line(
+                "CONNECT",
+                Peer(self.peer_ip, int(peer[1])),
+                replies.TOO_MANY_CONNECTIONS,
+                sender=None,
+                recipient=None,
+                helo="",
+                protocol="SMTP",
+            )
+            ing.notes.emit(Note(logging.WARNING, line))  # rate-limited: a flood of connections too
             self._refuse(replies.TOO_MANY_CONNECTIONS)
             return
         ing.connections.add(self)
@@ -243,6 +248,9 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- the session's requests -------------------------------------------------------------------
     def _handle(self, events: list[Event]) -> None:
+        if self.session is not None:
+            for note in self.session.take_notes():
+                self.ingress.notes.emit(note)
         for ev in events:
             if self.transport is None or self._closing:
                 return
@@ -261,6 +269,9 @@ class SMTPProtocol(asyncio.Protocol):
             elif isinstance(ev, Authenticate):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._authenticate(ev))
+            elif isinstance(ev, VerifyRecipient):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._verify(ev))
             elif isinstance(ev, Close):
                 self._close()
 
@@ -319,6 +330,7 @@ class SMTPProtocol(asyncio.Protocol):
             ret=tx.ret,
             envid=tx.envid,
             auth_user=tx.auth_user,
+            trusted=tx.trusted,
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,
@@ -373,26 +385,41 @@ class SMTPProtocol(asyncio.Protocol):
         ing = self.ingress
         limiter = ing.auth_limiter
         ok, failure = False, None
-        if ing.credentials is None:
-            pass
-        elif not limiter.begin(self.peer_ip):
-            failure = replies.AUTH_RATE_LIMITED
-            log.warning("[%s]: %s authentication refused: too many failures", self.peer_ip, ev.mechanism)
+        if ing.credentials is not None:
+            async with limiter.checking(self.peer_ip) as allowed:
+                if not allowed:
+                    failure = replies.AUTH_RATE_LIMITED
+                    log.warning("[%s]: %s authentication refused: too many failures", self.peer_ip, ev.mechanism)
+                else:
+                    try:
+                        if ev.authzid and ev.authzid != ev.username:
+                            ok = False  # no proxy authorization: a user may only act as itself
+                        else:
+                            ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
+                    except Exception:  # the auth file unreadable, say: not the client's failure
+                        log.exception("[%s]: checking credentials failed", self.peer_ip)
+                        failure = replies.AUTH_TEMP_FAILURE
+                    if not ok and failure is None:
+                        limiter.failed(self.peer_ip)
+                        # the user name is logged as sent (repr: no line breaks; cut short); the
+                        # password never is
+                        log.warning(
+                            "[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username[:64]
+                        )
+        self._resume(self.session.auth_result(ok, failure))
+
+    async def _verify(self, ev: VerifyRecipient) -> None:
+        assert self.session is not None
+        verifier = self.ingress.verifier
+        if verifier is None:  # the session asks only when verification is configured
+            refusal: replies.Reply | None = replies.UNVERIFIED_RECIPIENT
         else:
             try:
-                if ev.authzid and ev.authzid != ev.username:
-                    ok = False  # no proxy authorization: a user may only act as itself
-                else:
-                    ok = await asyncio.to_thread(ing.credentials.verify, ev.username, ev.password)
-            except Exception:  # the auth file unreadable, say: not the client's failure
-                log.exception("[%s]: checking credentials failed", self.peer_ip)
-                failure = replies.AUTH_TEMP_FAILURE
-            finally:
-                limiter.end(self.peer_ip, failed=not ok and failure is None)
-            if not ok and failure is None:
-                # the user name is logged as sent (repr: no line breaks; cut short); the password never is
-                log.warning("[%s]: %s authentication failed for user %r", self.peer_ip, ev.mechanism, ev.username[:64])
-        self._resume(self.session.auth_result(ok, failure))
+                refusal = await verifier.check(ev.address)
+            except Exception:  # a bug: the client must still get an answer, and never a 250
+                log.exception("verifying <%s> for [%s] failed", ev.address, self.peer_ip)
+                refusal = replies.UNVERIFIED_RECIPIENT
+        self._resume(self.session.recipient_verified(refusal))
 
     # -- deadlines and shutdown -------------------------------------------------------------------
     def _arm_timer(self) -> None:
@@ -427,6 +454,26 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _verifier(config: IngressConfig) -> Verifier:
+    resolver = dns.asyncresolver.Resolver(configure=not config.dns_servers)
+    if config.dns_servers:
+        resolver.nameservers = [host for host, _ in config.dns_servers]
+        resolver.port = config.dns_servers[0][1]
+    resolver.lifetime = config.verify_timeout
+
+    async def probe(address: str) -> Probe:
+        return await smtp_probe(
+            address,
+            relayhost=config.relayhost,
+            port=config.smtp_port,
+            helo=config.session.hostname,
+            timeout=config.verify_timeout,
+            resolver=resolver,
+        )
+
+    return Verifier(probe, positive_ttl=config.verify_positive_ttl, negative_ttl=config.verify_negative_ttl)
 
 
 def install_signal_handlers(ingress: Ingress, done: asyncio.Event) -> None:

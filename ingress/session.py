@@ -4,16 +4,16 @@ Bytes go in (``receive_data``), events come out (``Send``, ``Transaction``, ``St
 ``Authenticate``, ``Close``). No sockets, no asyncio, no Redis: the caller owns all IO and reports
 back with ``message_stored``/``message_failed``, ``tls_started`` and ``auth_result``.
 
-Everything that decides which command is allowed when lives in ``TRANSITIONS``; a verb missing
-from the current state's row is answered ``503 5.5.1``. Handlers only validate arguments: on
-failure the state does not change, on success it becomes the table's target (AUTH alone refines
-its target into "read a continuation line" or "wait for the verdict").
+What is allowed when lives in the state table (ingress/states.py): ``TRANSITIONS`` for verbs (a verb
+missing from the current state's row is answered ``503 5.5.1``), ``EVENTS`` for the rest; the state
+changes only in ``_transition``. Handlers only validate arguments: on failure the state does not
+change, on success the handler names what moves it (its verb, or an ``Input``). The other concerns
+live beside this module: events.py (what the caller gets), readers.py (line framing and the DATA
+reader), params.py (MAIL/RCPT parameters), sasl.py (the AUTH exchange), limits.py.
 
 Choices where the RFCs leave room (following Postfix):
-- Lines end at LF in the command phase (a bare LF is tolerated), but only CRLF.CRLF ends DATA.
-  A bare CR or LF inside DATA rejects the message (550 5.6.0) once the real end arrives, so that
-  none of the SMTP smuggling sequences (``\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r``, ``\\r\\n.\\n``) can end a
-  message or start a command.
+- Lines end at LF in the command phase (a bare LF is tolerated), but only CRLF.CRLF ends DATA
+  (readers.py: no SMTP smuggling sequence can end a message or start a command).
 - 8-bit octets in DATA without BODY=8BITMIME are accepted, as Postfix does (RFC 6152 leaves the
   server free; refusing them only hurts legitimate but sloppy clients).
 - DATA before any accepted RCPT is ``503 5.5.1`` (a miss in the table).
@@ -22,33 +22,24 @@ Choices where the RFCs leave room (following Postfix):
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
-import ipaddress
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from common.envelope import Recipient
 from ingress import policy, replies
+from ingress.config import SessionConfig
+from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction, VerifyRecipient
+from ingress.limits import MAX_AUTH_LINE, MAX_BUFFER_WHILE_WAITING, line_limit
+from ingress.notes import Note, printable, reject_line
+from ingress.params import ArgError, parse_mail_params, parse_rcpt_params, split_path
+from ingress.readers import OVERLONG, DataReader, DataStep, LineReader
 from ingress.replies import Reply
-
-if TYPE_CHECKING:
-    from common.settings import Settings
+from ingress.sasl import MECHANISMS, Answer, Challenge, Refused, Sasl, Step
+from ingress.states import IN_TRANSACTION, KNOWN_VERBS, TRANSITIONS, WAITING, Input, State, allows, next_state
 
 __all__ = [
     "KNOWN_VERBS",
-    "MAX_AUTH_LINE",
-    "MAX_BUFFERED_LINE",
-    "MAX_BUFFER_WHILE_WAITING",
-    "MAX_COMMAND_LINE",
-    "MAX_ENVID",
-    "MAX_MAIL_LINE",
-    "MAX_ORCPT",
-    "MAX_RCPT_LINE",
-    "MAX_TEXT_LINE",
     "PIPELINE_OVERFLOW",
     "TRANSITIONS",
     "Authenticate",
@@ -61,253 +52,22 @@ __all__ = [
     "StartTLS",
     "State",
     "Transaction",
-    "xtext_decode",
 ]
-
-# -- limits ----------------------------------------------------------------------------------------
-# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, verb and CRLF included.
-MAX_COMMAND_LINE = 512
-# MAIL grows by what each advertised extension adds to it: " SIZE=" + 20 digits = 26 (RFC 1870 §3),
-# " BODY=8BITMIME" = 14 (RFC 6152), " SMTPUTF8" = 9 (RFC 6531), " RET=HDRS" = 9 and
-# " ENVID=" + 100 = 107 (RFC 3461 §4.3/§4.4), " AUTH=" + 500 = 506 (RFC 4954 §5).
-MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 9 + 9 + 107 + 506
-# RCPT grows by " NOTIFY=SUCCESS,FAILURE,DELAY" = 29 and " ORCPT=" + 500 = 507 (RFC 3461 §4.1/§4.2).
-MAX_RCPT_LINE = MAX_COMMAND_LINE + 29 + 507
-# RFC 4954 §4: an AUTH command line or SASL response line may be up to 12288 octets.
-MAX_AUTH_LINE = 12288
-# A partial command line (no LF yet) longer than every limit above is discarded as it arrives.
-MAX_BUFFERED_LINE = max(MAX_COMMAND_LINE, MAX_MAIL_LINE, MAX_RCPT_LINE, MAX_AUTH_LINE)
-# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF, i.e. 998 of content. It is
-# measured after dot-unstuffing, so on the wire a stuffed line may be 1001 octets (as aiosmtpd).
-MAX_TEXT_LINE = 1000
-# RFC 3461 §4.4: ENVID is at most 100 characters; §4.2: ORCPT at most 500.
-MAX_ENVID = 100
-MAX_ORCPT = 500
-# Input pipelined (RFC 2920) while a Transaction/Authenticate is outstanding. A client cannot send
-# a message body before our 354, so legitimate input here is a group of commands: at most
-# max_recipients RCPT lines of MAX_RCPT_LINE octets, ~1 MiB for Postfix's default of 1000. Beyond
-# this the session answers the outstanding event, then 421 4.7.0 and closes.
-MAX_BUFFER_WHILE_WAITING = 1 << 20
 
 PIPELINE_OVERFLOW = Reply(421, "4.7.0", "Error: too much pipelined input")
 
 
-# -- configuration and events ----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Peer:
-    ip: str
-    port: int
-    name: str = "unknown"  # verified reverse name, or "unknown"
+@dataclass(slots=True)
+class _Transaction:
+    """The mail transaction (RFC 5321 §3.3) between MAIL and the end of DATA (or RSET, EHLO...)."""
 
-
-def _no_gate() -> Reply | None:
-    return None
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    hostname: str
-    max_message_size: int
-    max_recipients: int
-    max_errors: int = 20
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    relay_domains: frozenset[str] = frozenset()
-    tls_available: bool = False
-    tls_required: bool = False
-    auth_available: bool = False
-    # Called at MAIL and at the end of DATA; returns a Reply (e.g. 452 4.3.1) to refuse while the
-    # queue is full, or None. Injected so the session stays pure.
-    mail_gate: Callable[[], Reply | None] = _no_gate
-
-    @classmethod
-    def from_settings(cls, s: Settings, **kw: object) -> SessionConfig:
-        base = cls(
-            hostname=s.hostname,
-            max_message_size=s.max_message_size,
-            max_recipients=s.max_recipients,
-            max_errors=s.max_errors,
-            networks=tuple(s.networks),
-            relay_domains=s.relay_domain_set,
-            tls_available=bool(s.tls_cert),
-            tls_required=s.tls_required,
-            auth_available=bool(s.auth_file),
-        )
-        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write these bytes to the client (one or more complete reply lines)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Transaction:
-    """A complete message. The server stores it, then calls message_stored() or message_failed()."""
-
-    sender: str
-    recipients: tuple[Recipient, ...]
-    data: bytes  # dot-unstuffed, CRLF line endings, without the final ".\r\n"
-    helo: str
-    protocol: str
-    body_8bit: bool
-    smtputf8: bool
-    ret: str | None
-    envid: str | None
-    auth_user: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """Upgrade the socket now (the 220 reply went out in the Send before), then call tls_started()."""
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticate:
-    """Verify these credentials, then call auth_result(ok)."""
-
-    mechanism: str
-    authzid: str
-    username: str
-    password: str
-
-    def __repr__(self) -> str:
-        return (
-            f"Authenticate(mechanism={self.mechanism!r}, authzid={self.authzid!r}, "
-            f"username={self.username!r}, password='***')"
-        )
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the connection after writing the pending Sends. reply_sent: a final reply (221/421) went
-    out; False when the client closed first."""
-
-    reply_sent: bool = True
-
-
-Event = Send | Transaction | StartTLS | Authenticate | Close
-
-
-# -- the state machine -----------------------------------------------------------------------------
-class State(str, Enum):
-    CONNECTED = "connected"  # greeted, no HELO/EHLO yet
-    READY = "ready"  # HELO/EHLO done, no transaction
-    MAIL = "mail"  # MAIL accepted, no recipient accepted yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading the message
-    AUTH_INPUT = "auth_input"  # reading a SASL response line
-    WAIT_STORE = "wait_store"  # Transaction outstanding
-    WAIT_TLS = "wait_tls"  # StartTLS outstanding
-    WAIT_AUTH = "wait_auth"  # Authenticate outstanding
-    CLOSED = "closed"
-
-
-def _row(here: State, **more: State) -> dict[str, State]:
-    """Verbs allowed in every command state, plus ``more``."""
-    anytime = {
-        "NOOP": here,
-        "VRFY": here,
-        "EXPN": here,
-        "HELP": here,
-        "EHLO": State.READY,
-        "HELO": State.READY,
-        "QUIT": State.CLOSED,
-    }
-    return anytime | more
-
-
-# {state: {verb: state after the verb succeeds}}. A verb not in its state's row: 503 5.5.1.
-TRANSITIONS: dict[State, dict[str, State]] = {
-    State.CONNECTED: _row(State.CONNECTED, RSET=State.CONNECTED, STARTTLS=State.WAIT_TLS),
-    State.READY: _row(State.READY, RSET=State.READY, STARTTLS=State.WAIT_TLS, AUTH=State.WAIT_AUTH, MAIL=State.MAIL),
-    State.MAIL: _row(State.MAIL, RSET=State.READY, RCPT=State.RCPT),
-    State.RCPT: _row(State.RCPT, RSET=State.READY, RCPT=State.RCPT, DATA=State.DATA),
-}
-KNOWN_VERBS = frozenset(verb for row in TRANSITIONS.values() for verb in row)
-_WAITING = frozenset({State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH})
-_IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.WAIT_STORE})
-_LINE_LIMIT = {b"MAIL": MAX_MAIL_LINE, b"RCPT": MAX_RCPT_LINE, b"AUTH": MAX_AUTH_LINE}
-
-
-class _ArgError(Exception):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
-
-
-def xtext_decode(value: str) -> str:
-    """RFC 3461 §4: xtext = *( xchar / "+" 2HEXCHAR ), xchar = "!".."~" except "+" and "=".
-    The decoded value must be printable ASCII (it ends up in DSN headers). Raises ValueError."""
-    out: list[str] = []
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "+":
-            digits = value[i + 1 : i + 3]
-            if len(digits) != 2 or any(d not in "0123456789ABCDEFabcdef" for d in digits):
-                raise ValueError("bad xtext escape")
-            ch = chr(int(digits, 16))
-            i += 3
-        elif "!" <= ch <= "~" and ch != "=":
-            i += 1
-        else:
-            raise ValueError("bad xtext character")
-        if not " " <= ch <= "~":
-            raise ValueError("non-printable xtext value")
-        out.append(ch)
-    return "".join(out)
-
-
-def _split_path(arg: str, keyword: str) -> tuple[str, list[str]]:
-    """``FROM:<path> params`` -> (``<path>``, params). A space after the colon is tolerated."""
-    if arg[: len(keyword)].upper() != keyword:
-        raise _ArgError(replies.SYNTAX_ERROR_ARGS)
-    rest = arg[len(keyword) :].lstrip(" ")
-    if not rest:
-        raise _ArgError(replies.SYNTAX_ERROR_ARGS)
-    if rest.startswith("<"):
-        quoted = False
-        i = 1
-        while i < len(rest):
-            ch = rest[i]
-            if quoted:
-                if ch == "\\":
-                    i += 1
-                elif ch == '"':
-                    quoted = False
-            elif ch == '"':
-                quoted = True
-            elif ch == ">":
-                break
-            i += 1
-        else:
-            raise _ArgError(replies.BAD_ADDRESS)
-        path, tail = rest[: i + 1], rest[i + 1 :]
-        if tail and not tail.startswith(" "):
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
-    else:
-        path, _, tail = rest.partition(" ")
-    return path, tail.split(" ") if tail.strip(" ") else []
-
-
-def _params(items: list[str]) -> dict[str, str | None]:
-    """ESMTP parameters (RFC 5321 §4.1.2 esmtp-param); keywords upper-cased; duplicates 501."""
-    out: dict[str, str | None] = {}
-    for item in items:
-        if not item:
-            continue  # several spaces between parameters
-        key, eq, value = item.partition("=")
-        key = key.upper()
-        if not key or (eq and not value):
-            raise _ArgError(replies.BAD_PARAM_VALUE)
-        if key in out:
-            raise _ArgError(replies.BAD_PARAM_VALUE)
-        out[key] = value if eq else None
-    return out
+    sender: str | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    body_8bit: bool = False
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    data: DataReader | None = None  # from the 354 on
 
 
 class Session:
@@ -322,27 +82,18 @@ class Session:
         self.errors = 0
         self._esmtp = False
         self._state = State.CONNECTED
-        self._buf = bytearray()
-        self._scan = 0  # self._buf holds no LF before this offset
-        self._discarding = False  # inside an overlong command line
+        self._lines = LineReader()
         self._overflow = False  # too much input arrived while waiting
         self._out: list[Event] = []
-        # SASL exchange
-        self._auth_mech = ""
-        self._auth_step: list[str] = []
-        self._auth_pending: str | None = None
-        # the mail transaction (RFC 5321 §3.3), cleared by _reset_transaction
-        self._sender: str | None = None
-        self._recipients: list[Recipient] = []
-        self._body_8bit = False
-        self._smtputf8 = False
-        self._ret: str | None = None
-        self._envid: str | None = None
-        self._data = bytearray()
-        self._prev_crlf = True  # the previous line (or the DATA command) ended in CRLF
-        self._in_long_line = False  # discarding the rest of an overlong text line
-        self._too_big = self._too_long = self._bare = self._nul = False
-        self._reset_transaction()
+        self._sasl: Sasl | None = None
+        self._auth_pending: str | None = None  # the user name being checked
+        self._verifying: Recipient | None = None  # the recipient a VerifyRecipient asks about
+        self._tx = _Transaction()
+        # for the log: the command being answered, and the paths it named
+        self._notes: list[Note] = []
+        self._command = "CONNECT"
+        self._cmd_from: str | None = None
+        self._cmd_to: str | None = None
 
     # -- public API --------------------------------------------------------------------------------
     @property
@@ -353,12 +104,12 @@ class Session:
     def waiting(self) -> bool:
         """A Transaction, StartTLS or Authenticate is outstanding: input is buffered, not processed
         (after StartTLS it is discarded)."""
-        return self._state in _WAITING
+        return self._state in WAITING
 
     @property
     def in_transaction(self) -> bool:
         """MAIL given and the transaction not yet finished (for graceful shutdown)."""
-        return self._state in _IN_TRANSACTION
+        return self._state in IN_TRANSACTION
 
     @property
     def closed(self) -> bool:
@@ -366,16 +117,21 @@ class Session:
 
     @property
     def buffered(self) -> int:
-        """Octets of input held, not yet processed (bounded; see the MAX_* constants)."""
-        return len(self._buf) + len(self._data)
+        """Octets of input held, not yet processed (bounded; see ingress/limits.py)."""
+        return len(self._lines) + (len(self._tx.data) if self._tx.data is not None else 0)
 
     @property
     def protocol(self) -> str:
         """RFC 3848 (and RFC 6531 §3.7.3 for SMTPUTF8) "with" keyword for the Received header."""
         if not self._esmtp:
             return "SMTP"
-        name = "UTF8SMTP" if self._smtputf8 else "ESMTP"
+        name = "UTF8SMTP" if self._tx.smtputf8 else "ESMTP"
         return name + ("S" if self.tls else "") + ("A" if self.auth_user is not None else "")
+
+    def take_notes(self) -> list[Note]:
+        """Lines for the log written since the last call (refusals, dropped parameters)."""
+        notes, self._notes = self._notes, []
+        return notes
 
     def start(self) -> list[Event]:
         self._send(replies.greeting(self.config.hostname), counts=False)
@@ -387,21 +143,21 @@ class Session:
             # (CVE-2011-0411) and is dropped.
             return self._take()
         if self.waiting:
-            room = MAX_BUFFER_WHILE_WAITING - len(self._buf)
+            room = MAX_BUFFER_WHILE_WAITING - len(self._lines)
             if len(data) > room:
                 self._overflow = True
                 data = data[: max(room, 0)]
-            self._buf += data
+            self._lines.feed(data)
             return []
-        self._buf += data
+        self._lines.feed(data)
         self._process()
         return self._take()
 
     def eof(self) -> list[Event]:
         if self.closed:
             return []
-        self._state = State.CLOSED
-        self._buf.clear()
+        self._transition(Input.EOF)
+        self._lines.clear()
         return [Close(reply_sent=False)]
 
     def message_stored(self, queue_id: str) -> list[Event]:
@@ -418,12 +174,10 @@ class Session:
         self.helo = ""
         self._esmtp = False
         self.auth_user = None
-        self._buf.clear()
-        self._scan = 0
-        self._discarding = False
+        self._lines.clear()
         self._overflow = False
         self._reset_transaction()
-        self._state = State.CONNECTED
+        self._transition(Input.TLS_STARTED)
         return []
 
     def auth_result(self, ok: bool, failure: Reply | None = None) -> list[Event]:
@@ -439,33 +193,75 @@ class Session:
         self._auth_pending = None
         return self._end_wait(State.WAIT_AUTH, reply, counts=not ok)
 
+    def recipient_verified(self, refusal: Reply | None) -> list[Event]:
+        """The verdict on a VerifyRecipient: None accepts the recipient, a reply refuses it."""
+        if self._state is not State.WAIT_VERIFY or self._verifying is None:
+            return []
+        rcpt, self._verifying = self._verifying, None
+        self._command, self._cmd_from, self._cmd_to = "RCPT", self._tx.sender, rcpt.address
+        if refusal is None:
+            self._tx.recipients.append(rcpt)
+        trigger = Input.RCPT_VERIFIED if self._tx.recipients else Input.RCPT_UNVERIFIED
+        return self._end_wait(
+            State.WAIT_VERIFY, refusal or replies.RECIPIENT_OK, counts=refusal is not None, trigger=trigger
+        )
+
     def timeout(self) -> list[Event]:
         return self._close_with(replies.TIMEOUT)
 
     def shutdown(self) -> list[Event]:
         return self._close_with(replies.SHUTTING_DOWN)
 
+    # -- the one writer of the state ---------------------------------------------------------------
+    def _transition(self, trigger: str | Input) -> None:
+        """Move as the state table says for ``trigger`` (a verb or an Input); a move it does not
+        list raises IllegalTransition (a bug here, never the client's doing)."""
+        self._state = next_state(self._state, trigger)
+
     # -- output ------------------------------------------------------------------------------------
-    def _send(self, reply: Reply, *, counts: bool | None = None) -> None:
-        """Queue a reply. Replies >= 400 count as client errors unless ``counts=False``."""
+    def _send(self, reply: Reply, *, counts: bool | None = None, note: bool = True) -> None:
+        """Queue a reply. Replies >= 400 count as client errors unless ``counts=False``, and are
+        noted for the log unless ``note=False`` (the caller logs those itself)."""
         self._out.append(Send(reply.to_bytes()))
+        if note and reply.code >= 400:
+            self._note_reject(reply)
         if counts is None:
             counts = reply.code >= 400
         if counts:
             self.errors += 1
             if self.errors >= self.config.max_errors:
                 self._out.append(Send(replies.TOO_MANY_ERRORS.to_bytes()))
+                self._note(logging.WARNING, f"too many errors after {self._command} from {self._client}")
                 self._close()
+
+    @property
+    def _client(self) -> str:
+        return f"{printable(self.peer.name)}[{self.peer.ip}]"
+
+    def _note(self, level: int, text: str) -> None:
+        self._notes.append(Note(level, text))
+
+    def _note_reject(self, reply: Reply) -> None:
+        line = reject_line(
+            self._command,
+            self.peer,
+            reply,
+            sender=self._cmd_from,
+            recipient=self._cmd_to,
+            helo=self.helo,
+            protocol="ESMTP" if self._esmtp else "SMTP",
+        )
+        self._note(logging.INFO, line)
 
     def _close(self) -> None:
         self._out.append(Close(reply_sent=True))
-        self._state = State.CLOSED
-        self._buf.clear()
+        self._transition(Input.CLOSE)
+        self._lines.clear()
 
     def _close_with(self, reply: Reply) -> list[Event]:
         if self.closed:
             return []
-        self._send(reply, counts=False)
+        self._send(reply, counts=False, note=False)  # the caller logs why (timeout, shutdown)
         self._close()
         return self._take()
 
@@ -480,13 +276,21 @@ class Session:
         self._out = []
         return out
 
-    def _end_wait(self, expected: State, reply: Reply, *, counts: bool = False) -> list[Event]:
+    def _end_wait(
+        self, expected: State, reply: Reply, *, counts: bool = False, trigger: Input | None = None
+    ) -> list[Event]:
         if self._state is not expected:
             return []
         if expected is State.WAIT_STORE:
             self._reset_transaction()
-        self._state = State.READY
-        self._send(reply, counts=counts)
+            self._transition(Input.STORE_DONE)
+        elif expected is State.WAIT_AUTH:
+            self._transition(Input.AUTH_VERDICT)
+        else:
+            assert trigger is not None
+            self._transition(trigger)
+        # storage and AUTH verdicts: the server logs them; a refused verification is noted here
+        self._send(reply, counts=counts, note=expected is State.WAIT_VERIFY)
         if self._overflow and not self.closed:
             self._send(PIPELINE_OVERFLOW, counts=False)
             self._close()
@@ -498,49 +302,32 @@ class Session:
     def _process(self) -> None:
         while not self.closed and not self.waiting:
             if self._state is State.DATA:
-                if not self._data_line():
+                assert self._tx.data is not None
+                step = self._tx.data.step(self._lines)
+                if step is DataStep.MORE:
                     return
-            else:
-                line = self._command_line()
-                if line is None:
-                    return
-                self._handle(line)
-
-    def _next_line(self) -> bytes | None:
-        idx = self._buf.find(b"\n", self._scan)
-        if idx < 0:
-            self._scan = len(self._buf)
-            return None
-        line = bytes(self._buf[: idx + 1])
-        del self._buf[: idx + 1]
-        self._scan = 0
-        return line
-
-    def _command_line(self) -> bytes | None:
-        """The next complete command line without its terminator (CRLF or bare LF), or None."""
-        while True:
-            line = self._next_line()
+                if step is DataStep.END:
+                    self._end_data(self._tx.data)
+                continue
+            line = self._lines.command_line()
             if line is None:
-                if len(self._buf) > MAX_BUFFERED_LINE:
-                    self._discarding = True  # answered once its LF arrives; memory stays bounded
-                    self._buf.clear()
-                    self._scan = 0
-                return None
-            if not self._discarding:
-                return line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            self._discarding = False
-            if self._state is State.AUTH_INPUT:
-                self._state = State.READY
-            self._send(replies.LINE_TOO_LONG)
-            if self.closed:
-                return None
+                return
+            if line is OVERLONG:
+                self._command, self._cmd_from, self._cmd_to = "UNKNOWN", self._tx.sender, None
+                if self._state is State.AUTH_INPUT:
+                    self._transition(Input.AUTH_ABORT)
+                self._send(replies.LINE_TOO_LONG)
+                continue
+            self._handle(line)
 
     def _handle(self, line: bytes) -> None:
+        guess = line[:8].split(b" ", 1)[0].upper().decode("ascii", "replace")
+        self._command = "AUTH" if self._state is State.AUTH_INPUT else guess if guess in KNOWN_VERBS else "UNKNOWN"
+        self._cmd_from, self._cmd_to = self._tx.sender, None
         if self._state is State.AUTH_INPUT:
             self._auth_response(line)
             return
-        limit = _LINE_LIMIT.get(line[:4].upper(), MAX_COMMAND_LINE)
-        if len(line) + 2 > limit:
+        if len(line) + 2 > line_limit(line):
             self._send(replies.LINE_TOO_LONG)
             return
         if b"\0" in line or b"\r" in line:
@@ -559,23 +346,22 @@ class Session:
         if not text.isascii() and verb not in ("MAIL", "RCPT"):
             self._send(replies.INVALID_CHARACTER)
             return
-        target = TRANSITIONS.get(self._state, {}).get(verb)
-        if target is None:
+        if not allows(self._state, verb):
             self._send(replies.BAD_SEQUENCE)
             return
-        handler: Callable[[str, State], State | None] = getattr(self, f"_cmd_{verb.lower()}")
+        handler: Callable[[str], str | Input | None] = getattr(self, f"_cmd_{verb.lower()}")
         try:
-            new_state = handler(arg.strip(" "), target)
-        except _ArgError as exc:
+            trigger = handler(arg.strip(" "))
+        except ArgError as exc:
             self._send(exc.reply)
             return
-        if new_state is not None and not self.closed:
-            self._state = new_state
+        if trigger is not None and not self.closed:
+            self._transition(trigger)
 
-    # -- commands: each returns the new state, or None to stay ---------------------------------------
-    def _cmd_ehlo(self, arg: str, target: State) -> State | None:
+    # -- commands: each returns what moves the state (its verb, or an Input), or None to stay --------
+    def _cmd_ehlo(self, arg: str) -> str | Input | None:
         if not arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         self.helo = arg
         self._esmtp = True
         self._reset_transaction()
@@ -583,155 +369,98 @@ class Session:
         if self.config.tls_available and not self.tls:
             keywords.append("STARTTLS")
         if self.config.auth_available and self.tls:
-            keywords.append("AUTH PLAIN LOGIN")
+            keywords.append("AUTH " + " ".join(MECHANISMS))
         keywords += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         self._send(replies.ehlo_reply(self.config.hostname, keywords))
-        return target
+        return "EHLO"
 
-    def _cmd_helo(self, arg: str, target: State) -> State | None:
+    def _cmd_helo(self, arg: str) -> str | Input | None:
         if not arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         self.helo = arg
         self._esmtp = False
         self._reset_transaction()
         self._send(replies.helo_reply(self.config.hostname))
-        return target
+        return "HELO"
 
-    def _cmd_noop(self, arg: str, target: State) -> State | None:
+    def _cmd_noop(self, arg: str) -> str | Input | None:
         self._send(replies.OK)
-        return target
+        return "NOOP"
 
-    def _cmd_rset(self, arg: str, target: State) -> State | None:
+    def _cmd_rset(self, arg: str) -> str | Input | None:
         if arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         self._reset_transaction()
         self._send(replies.RESET_OK)
-        return target
+        return "RSET"
 
-    def _cmd_quit(self, arg: str, target: State) -> State | None:
+    def _cmd_quit(self, arg: str) -> str | Input | None:
         self._send(replies.BYE)
         self._close()
-        return target
+        return None
 
-    def _cmd_vrfy(self, arg: str, target: State) -> State | None:
+    def _cmd_vrfy(self, arg: str) -> str | Input | None:
         if not arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         self._send(replies.VRFY_CANNOT)
-        return target
+        return "VRFY"
 
-    def _cmd_expn(self, arg: str, target: State) -> State | None:
+    def _cmd_expn(self, arg: str) -> str | Input | None:
         self._send(replies.EXPN_DISABLED)
         return None
 
-    def _cmd_help(self, arg: str, target: State) -> State | None:
+    def _cmd_help(self, arg: str) -> str | Input | None:
         self._send(replies.HELP)
-        return target
+        return "HELP"
 
-    def _cmd_starttls(self, arg: str, target: State) -> State | None:
+    def _cmd_starttls(self, arg: str) -> str | Input | None:
         if arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         if self.tls:
-            raise _ArgError(replies.TLS_ALREADY_ACTIVE)
+            raise ArgError(replies.TLS_ALREADY_ACTIVE)
         if not self.config.tls_available:
-            raise _ArgError(replies.TLS_NOT_AVAILABLE)
+            raise ArgError(replies.TLS_NOT_AVAILABLE)
         self._send(replies.STARTTLS_READY)
         self._out.append(StartTLS())
         # Anything pipelined after STARTTLS was sent in clear text: never act on it (CVE-2011-0411).
-        self._buf.clear()
-        self._scan = 0
-        return target
+        self._lines.clear()
+        return "STARTTLS"
 
-    def _cmd_mail(self, arg: str, target: State) -> State | None:
+    def _cmd_mail(self, arg: str) -> str | Input | None:
         if self.config.tls_required and not self.tls:
-            raise _ArgError(replies.MUST_STARTTLS)
-        path, items = _split_path(arg, "FROM:")
-        params = _params(items)
-        size = body = ret = envid = None
-        smtputf8 = False
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isascii() or not value.isdigit() or len(value) > 20:
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                size = int(value)
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                body = value.upper()
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                smtputf8 = True
-            elif key == "RET":
-                if value is None or value.upper() not in ("FULL", "HDRS"):
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                ret = value.upper()
-            elif key == "ENVID":
-                if value is None or len(value) > MAX_ENVID:
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                try:
-                    envid = xtext_decode(value)
-                except ValueError:
-                    raise _ArgError(replies.BAD_PARAM_VALUE) from None
-            elif key == "AUTH":
-                if value is None:
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                # RFC 4954 §5: we do not trust other hosts' AUTH= assertions; accepted and ignored.
-            else:
-                raise _ArgError(replies.PARAM_NOT_RECOGNIZED)
-        if size is not None and size > self.config.max_message_size:
-            raise _ArgError(replies.MESSAGE_TOO_BIG)
+            raise ArgError(replies.MUST_STARTTLS)
+        path, items = split_path(arg, "FROM:")
+        params = parse_mail_params(items)
+        if params.size is not None and params.size > self.config.max_message_size:
+            raise ArgError(replies.MESSAGE_TOO_BIG)
         try:
-            sender = policy.parse_reverse_path(path, smtputf8=smtputf8)
+            sender = policy.parse_reverse_path(path, smtputf8=params.smtputf8)
         except policy.PathError as exc:
-            raise _ArgError(exc.reply) from None
+            raise ArgError(exc.reply) from None
+        self._cmd_from = sender
         gate = self.config.mail_gate()
         if gate is not None:
             self._send(gate, counts=False)
             return None
-        self._reset_transaction()
-        self._sender = sender
-        self._body_8bit = body == "8BITMIME"
-        self._smtputf8 = smtputf8
-        self._ret = ret
-        self._envid = envid
+        self._tx = _Transaction(
+            sender=sender,
+            body_8bit=params.body_8bit,
+            smtputf8=params.smtputf8,
+            ret=params.ret,
+            envid=params.envid,
+        )
         self._send(replies.SENDER_OK)
-        return target
+        return "MAIL"
 
-    def _cmd_rcpt(self, arg: str, target: State) -> State | None:
-        path, items = _split_path(arg, "TO:")
-        notify: tuple[str, ...] = ()
-        orcpt: str | None = None
-        for key, value in _params(items).items():
-            if key == "NOTIFY":
-                kinds = (value or "").upper().split(",")
-                valid = kinds == ["NEVER"] or (
-                    set(kinds) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(kinds)) == len(kinds)
-                )
-                if value is None or not valid:
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                notify = tuple(kinds)
-            elif key == "ORCPT":
-                addr_type, semi, xtext = (value or "").partition(";")
-                if (
-                    value is None
-                    or len(value) > MAX_ORCPT
-                    or not semi
-                    or not addr_type
-                    or not all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in addr_type)
-                    or not xtext
-                ):
-                    raise _ArgError(replies.BAD_PARAM_VALUE)
-                try:
-                    orcpt = f"{addr_type};{xtext_decode(xtext)}"
-                except ValueError:
-                    raise _ArgError(replies.BAD_PARAM_VALUE) from None
-            else:
-                raise _ArgError(replies.PARAM_NOT_RECOGNIZED)
+    def _cmd_rcpt(self, arg: str) -> str | Input | None:
+        path, items = split_path(arg, "TO:")
+        params = parse_rcpt_params(items, smtputf8=self._tx.smtputf8)
         try:
-            address = policy.parse_forward_path(path, smtputf8=self._smtputf8)
+            address = policy.parse_forward_path(path, smtputf8=self._tx.smtputf8)
         except policy.PathError as exc:
-            raise _ArgError(exc.reply) from None
-        if len(self._recipients) >= self.config.max_recipients:
+            raise ArgError(exc.reply) from None
+        self._cmd_to = address
+        if len(self._tx.recipients) >= self.config.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 and the client retries the rest later; not the client's error.
             self._send(replies.TOO_MANY_RECIPIENTS, counts=False)
             return None
@@ -739,180 +468,118 @@ class Session:
             self.peer.ip, self.auth_user, address, self.config.networks, self.config.relay_domains
         )
         if denied is not None:
-            raise _ArgError(denied)
-        self._recipients.append(Recipient(address=address, notify=notify, orcpt=orcpt))
+            raise ArgError(denied)
+        if policy.in_relay_domains(address, self.config.relay_domains):
+            unlisted = self.config.recipient_check(address)  # relay_recipients, for every client
+            if unlisted is not None:
+                raise ArgError(unlisted)
+        if params.orcpt_dropped is not None:
+            # keep the recipient: a lost Original-Recipient costs less than a refused message
+            self._note(
+                logging.WARNING,
+                f"{self._client}: ORCPT of <{printable(address)}> dropped: {params.orcpt_dropped}",
+            )
+        rcpt = Recipient(address=address, notify=params.notify, orcpt=params.orcpt)
+        if (
+            self.config.verify_recipients
+            and policy.in_relay_domains(address, self.config.relay_domains)
+            and not policy.is_trusted(self.peer.ip, self.auth_user, self.config.networks)
+        ):
+            self._verifying = rcpt
+            self._out.append(VerifyRecipient(address))
+            return Input.VERIFY_ASKED
+        self._tx.recipients.append(rcpt)
         self._send(replies.RECIPIENT_OK)
-        return target
+        return "RCPT"
 
-    def _cmd_data(self, arg: str, target: State) -> State | None:
+    def _cmd_data(self, arg: str) -> str | Input | None:
         if arg:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
         self._send(replies.DATA_START)
-        self._data = bytearray()
-        self._prev_crlf = True  # the DATA command's own line end
-        self._in_long_line = False
-        self._too_big = self._too_long = self._bare = self._nul = False
-        return target
+        self._tx.data = DataReader(self.config.max_message_size)
+        return "DATA"
 
-    def _cmd_auth(self, arg: str, target: State) -> State | None:
+    def _cmd_auth(self, arg: str) -> str | Input | None:
         if not self._esmtp:
-            raise _ArgError(replies.BAD_SEQUENCE)  # RFC 4954 §4: AUTH follows EHLO
+            raise ArgError(replies.BAD_SEQUENCE)  # RFC 4954 §4: AUTH follows EHLO
         if not self.config.auth_available:
-            raise _ArgError(replies.AUTH_NOT_AVAILABLE)
+            raise ArgError(replies.AUTH_NOT_AVAILABLE)
         if not self.tls:
-            raise _ArgError(replies.ENCRYPTION_REQUIRED_FOR_AUTH)
+            raise ArgError(replies.ENCRYPTION_REQUIRED_FOR_AUTH)
         if self.auth_user is not None:
-            raise _ArgError(replies.AUTH_ALREADY)  # RFC 4954 §4: only one successful AUTH
+            raise ArgError(replies.AUTH_ALREADY)  # RFC 4954 §4: only one successful AUTH
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
-        initial = initial.strip(" ")
         if not mech:
-            raise _ArgError(replies.SYNTAX_ERROR_ARGS)
-        if mech not in ("PLAIN", "LOGIN"):
-            raise _ArgError(replies.AUTH_MECHANISM_UNKNOWN)
-        self._auth_mech = mech
-        self._auth_step = []
-        if not initial:
-            self._send(replies.AUTH_CONTINUE if mech == "PLAIN" else replies.LOGIN_USERNAME)
-            return State.AUTH_INPUT
-        if initial == "*":
-            raise _ArgError(replies.AUTH_CANCELLED)
-        return self._auth_feed(initial.encode("ascii", "replace"), target)
+            raise ArgError(replies.SYNTAX_ERROR_ARGS)
+        if mech not in MECHANISMS:
+            raise ArgError(replies.AUTH_MECHANISM_UNKNOWN)
+        self._sasl = Sasl(mech)
+        return self._sasl_step(self._sasl.start(initial.strip(" ")), done="AUTH")
 
     def _auth_response(self, line: bytes) -> None:
         """A SASL response line in state AUTH_INPUT."""
         if len(line) + 2 > MAX_AUTH_LINE:
-            self._state = State.READY
+            self._transition(Input.AUTH_ABORT)
             self._send(replies.LINE_TOO_LONG)
             return
         line = line.strip(b" ")
-        if line == b"*":
-            self._state = State.READY
-            self._send(replies.AUTH_CANCELLED)
+        assert self._sasl is not None
+        step = Refused(replies.AUTH_CANCELLED) if line == b"*" else self._sasl.respond(line)
+        if isinstance(step, Refused):
+            self._transition(Input.AUTH_ABORT)
+            self._send(step.reply)
             return
-        new_state = self._auth_feed(line, State.WAIT_AUTH)
-        if not self.closed:
-            self._state = State.READY if new_state is None else new_state
+        trigger = self._sasl_step(step, done=Input.AUTH_ANSWER)
+        if trigger is not None and not self.closed:
+            self._transition(trigger)
 
-    def _auth_feed(self, b64: bytes, target: State) -> State | None:
-        """One base64 response; returns AUTH_INPUT (ask for more), ``target`` (Authenticate issued)
-        or None (answered with an error)."""
-        try:
-            # RFC 4954 §4: "=" is an empty initial response.
-            raw = b"" if b64 == b"=" else base64.b64decode(b64, validate=True)
-            text = raw.decode("utf-8")
-        except (binascii.Error, ValueError):
-            self._send(replies.AUTH_BAD_BASE64)
-            return None
-        if self._auth_mech == "PLAIN":
-            parts = text.split("\0")  # RFC 4616 §2: [authzid] NUL authcid NUL passwd
-            if len(parts) != 3 or not parts[1]:
-                self._send(replies.AUTH_BAD_BASE64)
-                return None
-            return self._authenticate(parts[0], parts[1], parts[2], target)
-        self._auth_step.append(text)
-        if len(self._auth_step) == 1:
-            self._send(replies.LOGIN_PASSWORD)
-            return State.AUTH_INPUT
-        return self._authenticate("", self._auth_step[0], self._auth_step[1], target)
+    def _sasl_step(self, step: Step, *, done: str | Input) -> str | Input | None:
+        """Carry out one SASL step: ``done`` when credentials go to be checked, AUTH_CHALLENGE to read
+        another line, None when the exchange was refused (answered here)."""
+        if isinstance(step, Challenge):
+            self._send(step.reply)
+            return Input.AUTH_CHALLENGE
+        if isinstance(step, Answer):
+            assert self._sasl is not None
+            self._auth_pending = step.username
+            self._out.append(Authenticate(self._sasl.mechanism, step.authzid, step.username, step.password))
+            self._sasl = None
+            return done
+        self._send(step.reply)
+        return None
 
-    def _authenticate(self, authzid: str, username: str, password: str, target: State) -> State:
-        self._auth_pending = username
-        self._auth_step = []
-        self._out.append(Authenticate(self._auth_mech, authzid, username, password))
-        return target
-
-    # -- DATA --------------------------------------------------------------------------------------
-    def _data_line(self) -> bool:
-        """Consume one line of the message; False when no complete line is buffered."""
-        line = self._next_line()
-        if line is None:
-            if len(self._buf) > MAX_TEXT_LINE:
-                # No LF in over 1000 octets: the line is too long whatever follows. Drop what we
-                # hold but its last octet (a CR whose LF may come next).
-                self._too_long = self._in_long_line = True
-                self._drop_data()
-                del self._buf[:-1]
-                self._scan = len(self._buf)
-            return False
-        crlf = line.endswith(b"\r\n")
-        if self._in_long_line:
-            self._in_long_line = False
-            self._prev_crlf = crlf
-            return True
-        if crlf and self._prev_crlf and line == b".\r\n":
-            self._end_data()
-            return True
-        content = line[:-2] if crlf else line[:-1]
-        self._prev_crlf = crlf
-        if not crlf or b"\r" in content:
-            self._bare = True
-        if b"\0" in content:
-            self._nul = True
-        if content.startswith(b"."):
-            content = content[1:]  # RFC 5321 §4.5.2 transparency
-        if len(content) + 2 > MAX_TEXT_LINE:
-            self._too_long = True
-        if len(self._data) + len(content) + 2 > self.config.max_message_size:
-            self._too_big = True
-        if self._too_big or self._too_long or self._bare or self._nul:
-            self._drop_data()  # rejected anyway: read on to the dot, keep nothing
-        else:
-            self._data += content
-            self._data += b"\r\n"
-        return True
-
-    def _drop_data(self) -> None:
-        if self._data:
-            self._data = bytearray()
-
-    def _end_data(self) -> None:
-        reject = (
-            replies.MESSAGE_TOO_BIG
-            if self._too_big
-            else replies.LINE_TOO_LONG
-            if self._too_long
-            else replies.BARE_NEWLINE
-            if self._bare
-            else replies.NUL_IN_MESSAGE
-            if self._nul
-            else None
-        )
-        self._state = State.READY
-        if reject is not None:
+    # -- the end of DATA ---------------------------------------------------------------------------
+    def _end_data(self, reader: DataReader) -> None:
+        refusal = reader.refusal
+        gate = None if refusal is not None else self.config.mail_gate()
+        self._command, self._cmd_from, self._cmd_to = "END-OF-MESSAGE", self._tx.sender, None
+        if refusal is not None or gate is not None:
             self._reset_transaction()
-            self._send(reject)
+            self._transition(Input.DATA_REFUSED)
+            if refusal is not None:
+                self._send(refusal)
+            else:
+                assert gate is not None
+                self._send(gate, counts=False)  # a full queue is not the client's error
             return
-        gate = self.config.mail_gate()
-        if gate is not None:
-            self._reset_transaction()
-            self._send(gate, counts=False)
-            return
+        tx = self._tx
         self._out.append(
             Transaction(
-                sender=self._sender or "",
-                recipients=tuple(self._recipients),
-                data=bytes(self._data),
+                sender=tx.sender or "",
+                recipients=tuple(tx.recipients),
+                data=reader.take(),
                 helo=self.helo,
                 protocol=self.protocol,
-                body_8bit=self._body_8bit,
-                smtputf8=self._smtputf8,
-                ret=self._ret,
-                envid=self._envid,
+                body_8bit=tx.body_8bit,
+                smtputf8=tx.smtputf8,
+                ret=tx.ret,
+                envid=tx.envid,
                 auth_user=self.auth_user,
+                trusted=policy.is_trusted(self.peer.ip, self.auth_user, self.config.networks),
             )
         )
-        self._data = bytearray()
-        self._state = State.WAIT_STORE
+        self._transition(Input.DATA_ACCEPTED)
 
     def _reset_transaction(self) -> None:
-        self._sender = None
-        self._recipients = []
-        self._body_8bit = False
-        self._smtputf8 = False
-        self._ret = None
-        self._envid = None
-        self._data = bytearray()
-        self._prev_crlf = True
-        self._in_long_line = False
-        self._too_big = self._too_long = self._bare = self._nul = False
+        self._tx = _Transaction()

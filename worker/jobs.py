@@ -15,16 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
-from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of, new_queue_id
+from common.envelope import RcptState, RecipientStatus, domain_of
 from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, Store
-from worker.dsn import DsnRecipient, build_dsn
+from worker.delays import warn_delayed
+from worker.dsn import make_dsn
 from worker.mx import MXResolver, make_resolver
 from worker.relay import Kind, Outcome, Parcel, log_attempt
 from worker.relay import deliver as relay_deliver
-from worker.retry import next_retry
+from worker.retry import lifetime, next_retry
 from worker.smtpclient import ConnectionCache
 
 __all__ = ["Context", "deliver", "make_context", "make_dsn", "set_context"]
@@ -202,7 +203,7 @@ def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: lis
             now,
             min_backoff=s.min_backoff,
             max_backoff=s.max_backoff,
-            queue_lifetime=s.queue_lifetime,
+            queue_lifetime=lifetime(p.envelope.is_bounce, s.queue_lifetime, s.bounce_lifetime),
         )
         ups = {i: batch.status(p, i, now, delay) for i in p.rcpt_idx if i not in batch.recorded[qid]}
         if ups:
@@ -212,6 +213,9 @@ def _deliver_parcels(ctx: Context, batch: _Batch, destination: str, parcels: lis
             retry_delay = delay if retry_delay is None else min(retry_delay, delay)
     if rest:
         batch.write(rest)
+    # delay warnings (issue 8.6): once the deferrals are recorded, see worker/delays.py
+    states = {q: {**batch.loaded[q][1], **batch.recorded[q]} for q in retry_ids}
+    warn_delayed(ctx.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now)
     if retry_ids and retry_delay is not None:
         ctx.spool.queue.schedule(destination, retry_ids, retry_delay)
         log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
@@ -257,59 +261,3 @@ def finish_loaded(ctx: Context, done: Sequence[tuple[Message, dict[int, Recipien
             log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
         log.info("%s: removed", msg.envelope.id)
     ctx.spool.commit(dsns, delete=[m.envelope.id for m, _ in done])
-
-
-def make_dsn(msg: Message, statuses: dict[int, RecipientStatus], hostname: str, now: float) -> Message | None:
-    """The RFC 3464 report for a finished message, or None: never for mail from <> (no loops),
-    failures unless NOTIFY said otherwise, successes only when NOTIFY=SUCCESS asked."""
-    env = msg.envelope
-    if env.is_bounce:
-        return None
-    report: list[DsnRecipient] = []
-    for i, r in enumerate(env.recipients):
-        st = statuses.get(i)
-        if st is None:
-            continue
-        if st.state is RcptState.BOUNCED and r.wants("FAILURE"):
-            action = "failed"
-        elif st.state is RcptState.DELIVERED and r.wants("SUCCESS"):
-            # we do not pass NOTIFY on to the next hop, so we report "relayed" (RFC 3461 §4.1)
-            action = "relayed"
-        else:
-            continue
-        report.append(
-            DsnRecipient(
-                address=r.address,
-                orcpt=r.orcpt,
-                action=action,
-                status=st.dsn or "5.0.0",
-                remote_mta=st.remote_mta,
-                diagnostic=st.reply,
-                last_attempt=st.updated or None,
-            )
-        )
-    if not report:
-        return None
-    body = build_dsn(
-        reporting_mta=hostname,
-        queue_id=env.id,
-        envid=env.envid,
-        arrival=env.received_at,
-        original_sender=env.sender,
-        recipients=report,
-        original=msg.body,
-        ret=env.ret,
-        now=now,
-    )
-    bounce = Envelope(
-        id=new_queue_id(),
-        sender="",
-        recipients=[Recipient(env.sender)],
-        received_at=now,
-        helo=hostname,
-        client_addr="127.0.0.1",
-        client_name="localhost",
-        protocol="local",
-        smtputf8=not env.sender.isascii(),
-    )
-    return Message(bounce, body)

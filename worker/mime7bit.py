@@ -29,7 +29,8 @@ No conversion exists (None) for:
   may only be 7bit, 8bit or binary, so it cannot be base64-encoded instead);
 - 8-bit octets in a multipart's preamble or epilogue, in a multipart without a boundary or without
   any delimiter, in a part already encoded as base64 or in an unknown encoding, and in message/*
-  types other than rfc822 and global (partial and external-body must be 7bit).
+  types other than rfc822, global, global-headers and global-delivery-status (partial and
+  external-body must be 7bit).
 
 What the relay does with None (worker/relay.py) -- the choice, with Postfix's behaviour in mind:
 RFC 6152 says convert or return the message; Postfix (``disable_mime_output_conversion = no``)
@@ -56,6 +57,11 @@ CRLF = b"\r\n"
 _DECLARED_8BIT = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(?:\r\n[ \t]+)*\"?(?:8bit|binary)\b")
 _EIGHT_BIT_CTE = frozenset({"8bit", "binary"})
 _PASSTHROUGH_CTE = frozenset({"", "7bit", "8bit", "binary"})  # the payload is the data itself
+# RFC 6532 §3.7 and RFC 6533 §6.3-6.4: unlike message/rfc822 these may take any transfer encoding
+# (our own internationalized DSNs are made of them); the two that are lines of fields go as
+# quoted-printable, readable like text/*, message/global as base64.
+_TEXTUAL_MESSAGE = frozenset({"message/global-delivery-status", "message/global-headers"})
+_ENCODABLE_MESSAGE = _TEXTUAL_MESSAGE | {"message/global"}
 
 
 class _Unconvertible(Exception):
@@ -119,7 +125,7 @@ def _entity(entity: bytes, *, top: bool, default_type: str) -> bytes:
         return _join(_relabel(head, cte), new_body)
     if not (has_8bit(body) or cte in _EIGHT_BIT_CTE):
         return entity
-    if maintype == "message" and ctype != "message/global":
+    if maintype == "message" and ctype not in _ENCODABLE_MESSAGE:
         raise _Unconvertible(f"8-bit {ctype}")
     if cte in _PASSTHROUGH_CTE:
         data = body
@@ -127,7 +133,7 @@ def _entity(entity: bytes, *, top: bool, default_type: str) -> bytes:
         data = binascii.a2b_qp(body)  # raw 8-bit octets in QP are kept as they are
     else:
         raise _Unconvertible(f"8-bit octets in a {cte} part")
-    if maintype == "text":
+    if maintype == "text" or ctype in _TEXTUAL_MESSAGE:
         return _join(_set_cte(head, "quoted-printable"), _qp(data))
     return _join(_set_cte(head, "base64"), _b64(data))
 

@@ -12,11 +12,17 @@ scheduled exactly at that deadline. So every message gets one final try at the e
 and bounces right after it if that fails, never up to ``max_backoff`` late, and a test with a short
 lifetime sees attempt, retry, ..., last attempt, bounce. Postfix instead bounces at the first
 attempt after the lifetime; the difference is at most one ``max_backoff``.
+
+Mail from ``<>`` (a bounce we could not deliver) has its own, usually shorter, lifetime:
+``bounce_lifetime``, as Postfix's ``bounce_queue_lifetime``; nobody is waiting for it and nobody can
+be told when it fails. A delay warning (``delay_warning``, Postfix's ``delay_warning_time``) is due
+at the first deferral after the message has been queued that long; whether one was already sent is
+the store's to say (it is sent once per message).
 """
 
 from __future__ import annotations
 
-__all__ = ["backoff", "expired", "next_retry"]
+__all__ = ["backoff", "delay_warning_due", "expired", "lifetime", "next_retry"]
 
 
 def backoff(age: float, min_backoff: float, max_backoff: float) -> float:
@@ -49,3 +55,15 @@ def next_retry(
     delay = backoff(age, min_backoff, max_backoff)
     remaining = received_at + queue_lifetime - now
     return min(delay, remaining)
+
+
+def lifetime(is_bounce: bool, queue_lifetime: float, bounce_lifetime: float) -> float:
+    """Seconds a message may stay queued: ``bounce_lifetime`` for mail from ``<>`` when set
+    (above 0), else ``queue_lifetime``."""
+    return bounce_lifetime if is_bounce and bounce_lifetime > 0 else queue_lifetime
+
+
+def delay_warning_due(received_at: float, now: float, delay_warning: float) -> bool:
+    """Whether a deferral at ``now`` is late enough for the delay warning (``delay_warning`` 0 or
+    less: never)."""
+    return delay_warning > 0 and now - received_at >= delay_warning

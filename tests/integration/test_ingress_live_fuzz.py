@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures import MTA
+from tests.integration.eventually import GENEROUS
 from tests.integration.smtpwire import Reply, Wire, check_reply_lines
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
@@ -47,7 +48,7 @@ def fuzz_mta(mta_factory: Callable[..., MTA]) -> Iterator[MTA]:
 
 def exchange(port: int, chunks: list[bytes]) -> tuple[bytes, bool]:
     """Send the chunks, half-close, read to EOF. Returns (everything the server said, reset?)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = socket.create_connection(("127.0.0.1", port), timeout=GENEROUS)
     out = bytearray()
     reset = False
     try:
@@ -59,7 +60,7 @@ def exchange(port: int, chunks: list[bytes]) -> tuple[bytes, bool]:
                 break
         if not reset:
             s.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + GENEROUS  # only a server that never closes waits this long
         while time.monotonic() < deadline:
             try:
                 b = s.recv(65536)

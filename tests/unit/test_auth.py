@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from ingress.auth import AuthLimiter, Credentials, hash_password, set_password, verify_password
+from tests.unit.fakeclock import FakeClock
 
 
 def test_hash_round_trip_and_no_plain_text() -> None:
@@ -65,19 +67,78 @@ def test_unknown_user_costs_one_scrypt_like_a_known_one(tmp_path: Path, monkeypa
         assert len(calls) == 1, user  # timing does not tell who exists
 
 
-def test_limiter_counts_failures_and_checks_in_flight() -> None:
-    lim = AuthLimiter(max_failures=3, window=60)
+def test_limiter_counts_failures_only() -> None:
+    clock = FakeClock()
+    lim = AuthLimiter(max_failures=3, window=60, clock=clock)
     for i in range(3):
-        assert lim.begin("1.2.3.4", now=float(i))
-        lim.end("1.2.3.4", failed=True, now=float(i))
-    assert not lim.begin("1.2.3.4", now=10.0)  # blocked
-    assert lim.begin("5.6.7.8", now=10.0)  # per address
-    assert lim.begin("1.2.3.4", now=60.5)  # the first failure left the window
-    # checks in flight count: three at once from one address, the fourth waits its turn
-    lim2 = AuthLimiter(max_failures=3)
-    assert [lim2.begin("9.9.9.9", now=0.0) for _ in range(4)] == [True, True, True, False]
-    lim2.end("9.9.9.9", failed=False, now=0.0)
-    assert lim2.begin("9.9.9.9", now=0.0)
+        clock.now = float(i)
+        assert not lim.blocked("1.2.3.4")
+        lim.failed("1.2.3.4")
+    clock.now = 10.0
+    assert lim.blocked("1.2.3.4")
+    assert not lim.blocked("5.6.7.8")  # per address
+    clock.now = 60.5
+    assert not lim.blocked("1.2.3.4")  # the first failure left the window
+
+
+def test_parallel_checks_are_not_failures_and_queue_per_address() -> None:
+    # Issue 11.1: ten correct logins at once from one address are all checked; they take turns,
+    # so that guesses in parallel still see the failures before them
+    async def scenario() -> tuple[list[bool], int, list[bool]]:
+        lim = AuthLimiter(max_failures=3, max_concurrent=4)
+        running = peak = 0
+
+        async def correct() -> bool:
+            nonlocal running, peak
+            async with lim.checking("9.9.9.9") as allowed:
+                running += 1
+                peak = max(peak, running)
+                await asyncio.sleep(0)
+                running -= 1
+                return allowed
+
+        ok = await asyncio.gather(*(correct() for _ in range(10)))
+
+        async def guess() -> bool:
+            async with lim.checking("6.6.6.6") as allowed:
+                if allowed:
+                    await asyncio.sleep(0)
+                    lim.failed("6.6.6.6")
+                return allowed
+
+        guesses = await asyncio.gather(*(guess() for _ in range(8)))
+        return list(ok), peak, list(guesses)
+
+    ok, peak, guesses = asyncio.run(scenario())
+    assert ok == [True] * 10
+    assert peak == 1  # one address, one check at a time
+    assert guesses == [True] * 3 + [False] * 5  # eight guesses at once: three verdicts, no more
+
+
+def test_concurrent_checks_are_bounded_across_addresses() -> None:
+    async def scenario() -> int:
+        lim = AuthLimiter(max_concurrent=2)
+        running = peak = 0
+        gate = asyncio.Event()
+
+        async def check(ip: str) -> None:
+            nonlocal running, peak
+            async with lim.checking(ip) as allowed:
+                assert allowed
+                running += 1
+                peak = max(peak, running)
+                await gate.wait()
+                running -= 1
+
+        tasks = [asyncio.create_task(check(f"10.0.0.{i}")) for i in range(6)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert lim._turns == {}  # nothing left behind per address
+        return peak
+
+    assert asyncio.run(scenario()) == 2
 
 
 def test_limiter_memory_stays_bounded() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 import email.utils
 from email.message import EmailMessage, Message
 
 import pytest
 
-from worker.dsn import DsnRecipient, build_dsn
+from worker.dsn import DsnRecipient, render_dsn
 
 NOW = 1_700_000_100.0
 ARRIVAL = 1_700_000_000.0
@@ -49,9 +50,10 @@ def build(recipients: list[DsnRecipient], **kw: object) -> bytes:
         "original": ORIGINAL,
         "ret": None,
         "now": NOW,
+        "trusted": True,
     }
     args.update(kw)
-    return build_dsn(**args)  # type: ignore[arg-type]
+    return render_dsn(**args).data  # type: ignore[arg-type]
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -167,7 +169,8 @@ def test_bare_orcpt_is_taken_as_rfc822() -> None:
     ("actions", "subject"),
     [
         (["failed"], "Undelivered Mail Returned to Sender"),
-        (["failed", "delivered"], "Undelivered Mail Returned to Sender"),
+        (["failed", "delivered"], "Mail Delivery Status Report (some recipients failed)"),
+        (["relayed", "failed"], "Mail Delivery Status Report (some recipients failed)"),
         (["failed", "delayed"], "Undelivered Mail Returned to Sender"),
         (["delayed"], "Delayed Mail (still being retried)"),
         (["delayed", "relayed"], "Delayed Mail (still being retried)"),
@@ -317,3 +320,158 @@ def test_refuses_impossible_reports(kwargs: dict[str, object], message: str) -> 
 def test_unknown_action_is_refused() -> None:
     with pytest.raises(ValueError, match="action"):
         build([failed(action="bounced")])
+
+
+# -- what comes back of the original, and the human part saying so
+
+
+def test_untrusted_mail_gets_headers_only_and_the_report_says_why() -> None:
+    raw = build([failed()], ret="FULL", trusted=False)
+    assert b"SECRET-BODY-MARKER" not in raw
+    msg = parse(raw)
+    assert parts(msg)[2].get_content_type() == "text/rfc822-headers"
+    text = " ".join(parts(msg)[0].get_content().split())
+    assert "only its headers are attached" in text and "neither authenticated nor was in this system's networks" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"recipients": [failed(action="delayed", status="4.4.1")]}, "only a report of failed delivery"),
+        ({"return_limit": 50}, "larger than the 50 octets"),
+        ({"original": b"Subject: x\r\n\r\nbody \xe9\r\n"}, "without BODY=8BITMIME or SMTPUTF8"),
+        ({"original": b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n"}, "lines over 998 octets"),
+    ],
+)
+def test_ret_full_downgraded_to_headers_says_why(kwargs: dict[str, object], reason: str) -> None:
+    args: dict[str, object] = {"recipients": [failed()], "ret": "FULL"}
+    args.update(kwargs)
+    recipients = args.pop("recipients")
+    assert isinstance(recipients, list)
+    msg = parse(build(recipients, **args))
+    assert parts(msg)[2].get_content_type() == "text/rfc822-headers"
+    text = " ".join(parts(msg)[0].get_content().split())
+    assert "(RET=FULL), but only its headers are attached" in text and reason in text
+
+
+def test_headers_asked_for_are_not_explained() -> None:
+    text = parts(parse(build([failed()], ret="HDRS", trusted=False)))[0].get_content()
+    assert "RET=FULL" not in text
+
+
+# -- RFC 6533: one escaping per report, internationalized reports for SMTPUTF8 mail
+
+UTF8_ORIGINAL = "From: Jörg <jörg@x.test>\r\nSubject: grüße\r\n\r\nbody grüße\r\nSECRET-BODY-MARKER\r\n".encode()
+
+
+def jorg(**kw: object) -> DsnRecipient:
+    fields: dict[str, object] = {
+        "orcpt": "utf-8;rejectj\\x{F6}rg@b.test",
+        "diagnostic": "host mx.b.test[127.0.0.2]:25 said: 550 5.1.1 <rejectjörg@b.test>: unknown",
+    }
+    fields.update(kw)
+    return failed("rejectjörg@b.test", **fields)
+
+
+def global_status_blocks(raw: bytes) -> list[Message]:
+    """The blocks of a message/global-delivery-status part: RFC 822-style fields in UTF-8."""
+    msg = parse(raw)
+    [part] = [p for p in parts(msg) if p.get_content_type() == "message/global-delivery-status"]
+    assert part["Content-Transfer-Encoding"] == "8bit"
+    boundary = msg.get_boundary()
+    assert boundary is not None
+    section = next(s for s in raw.split(b"--" + boundary.encode()) if b"message/global-delivery-status" in s)
+    body = section.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n").decode("utf-8")
+    parser = email.parser.HeaderParser(policy=email.policy.default)
+    return [parser.parsestr(block + "\r\n") for block in body.split("\r\n\r\n")]
+
+
+def test_smtputf8_mail_gets_a_global_report_with_unitext_addresses() -> None:
+    raw = build([jorg()], original=UTF8_ORIGINAL, original_sender="jörg@x.test", ret="FULL", utf8_ok=True)
+    assert_well_formed(raw)
+    msg = parse(raw)
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert msg["Content-Transfer-Encoding"] == "8bit"
+    assert [p.get_content_type() for p in parts(msg)] == [
+        "text/plain",
+        "message/global-delivery-status",
+        "message/global",
+    ]
+    per_message, rcpt = global_status_blocks(raw)
+    assert per_message["X-Mtaq-Sender"] == "utf-8; jörg@x.test"
+    assert rcpt["Original-Recipient"] == "utf-8; rejectjörg@b.test"  # the \x{F6} of the ORCPT decoded
+    assert rcpt["Final-Recipient"] == "utf-8; rejectjörg@b.test"
+    assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <rejectjörg@b.test>: unknown"
+    assert b"\\x" not in raw  # one form: UTF-8 throughout
+    inner = parts(msg)[2].get_payload()
+    assert isinstance(inner, list) and isinstance(inner[0], Message) and inner[0]["Subject"] == "grüße"
+    assert "SECRET-BODY-MARKER" in raw.decode("utf-8")
+    assert "<rejectjörg@b.test>" in parts(msg)[0].get_content()
+
+
+def test_smtputf8_headers_only_are_message_global_headers() -> None:
+    raw = build([jorg()], original=UTF8_ORIGINAL, ret="HDRS", utf8_ok=True)
+    assert_well_formed(raw)
+    part = parts(parse(raw))[2]
+    assert part.get_content_type() == "message/global-headers"
+    assert "Subject: grüße\r\n".encode() in raw and b"SECRET-BODY-MARKER" not in raw
+
+
+def test_a_seven_bit_report_uses_one_escaping_for_addresses_and_text() -> None:
+    raw = build([jorg()])  # no SMTPUTF8: the report stays 7-bit
+    assert raw.isascii()
+    assert_well_formed(raw)
+    rcpt = status_blocks(parse(raw))[1]
+    assert rcpt["Original-Recipient"] == "utf-8; rejectj\\x{F6}rg@b.test"
+    assert rcpt["Final-Recipient"] == "utf-8; rejectj\\x{F6}rg@b.test"
+    assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <rejectj\\x{F6}rg@b.test>: unknown"
+    assert b"\\xf6" not in raw.lower().replace(b"\\x{f6}", b"")  # no Python-style escape anywhere
+
+
+def test_utf8_addresses_escape_what_xtext_reserves() -> None:
+    seven = status_blocks(parse(build([failed("jö+a=b@b.test")])))[1]
+    assert seven["Final-Recipient"] == "utf-8; j\\x{F6}\\x{2B}a\\x{3D}b@b.test"
+    [_, rcpt] = global_status_blocks(build([failed("jö+a=b@b.test")], utf8_ok=True))
+    assert rcpt["Final-Recipient"] == "utf-8; jö\\x{2B}a\\x{3D}b@b.test"
+    ascii_plus = status_blocks(parse(build([failed("a+b@b.test")])))[1]
+    assert ascii_plus["Final-Recipient"] == "rfc822; a+b@b.test"  # rfc822 addresses are as they are
+
+
+def test_smtputf8_mail_with_an_ascii_report_stays_classic() -> None:
+    raw = build([failed()], utf8_ok=True, ret="FULL")
+    assert raw.isascii()
+    assert parse(raw).get_param("report-type") == "delivery-status"
+
+
+def test_eight_bit_body_with_smtputf8_goes_back_whole() -> None:
+    original = b"From: s@x.test\r\nSubject: plain\r\n\r\nbody caf\xc3\xa9\r\n"
+    msg = parse(build([failed()], original=original, ret="FULL", utf8_ok=True))
+    assert parts(msg)[2].get_content_type() == "message/rfc822"
+    assert parts(msg)[2]["Content-Transfer-Encoding"] == "8bit"
+
+
+# -- mixed and delayed reports
+
+
+def test_a_mixed_report_says_who_got_it_and_who_did_not() -> None:
+    ok = failed("good@c.test", action="relayed", status="2.0.0", remote_mta="mx.c.test", diagnostic="250 2.0.0 Ok")
+    msg = parse(build([failed(), ok]))
+    assert msg["Subject"] == "Mail Delivery Status Report (some recipients failed)"
+    text = parts(msg)[0].get_content()
+    failed_part, _, delivered_part = text.partition("Delivered (or relayed) to these recipients:")
+    assert "Delivery to these recipients failed:" in failed_part and "<bad@b.test>" in failed_part
+    assert "<good@c.test>" not in failed_part
+    assert "<good@c.test>: relayed to mx.c.test" in delivered_part and "<bad@b.test>" not in delivered_part
+    assert "Undelivered Mail Returned to Sender" not in text
+    assert [b["Action"] for b in status_blocks(msg)[1:]] == ["failed", "relayed"]
+
+
+def test_a_delay_warning_names_the_retry_deadline() -> None:
+    r = failed(action="delayed", status="4.4.1", diagnostic="451 4.4.1 try later")
+    msg = parse(build([r], retry_until=ARRIVAL + 86400, now=ARRIVAL + 14400))
+    rcpt = status_blocks(msg)[1]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.4.1"
+    until = rcpt["Will-Retry-Until"]
+    assert until is not None and email.utils.parsedate_to_datetime(until).timestamp() == ARRIVAL + 86400
+    text = " ".join(parts(msg)[0].get_content().split())
+    assert "after 4 hours in the queue" in text and "This is a warning only" in text

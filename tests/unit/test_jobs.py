@@ -11,7 +11,8 @@ BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nthe body\r\n"
 
 
 def msg(*rcpts: Recipient, sender: str = "a@x.test", ret: str | None = None) -> Message:
-    return Message(Envelope(id="Q1", sender=sender, recipients=list(rcpts), received_at=1000.0, ret=ret), BODY)
+    env = Envelope(id="Q1", sender=sender, recipients=list(rcpts), received_at=1000.0, ret=ret, trusted=True)
+    return Message(env, BODY)
 
 
 BOUNCED = RecipientStatus(RcptState.BOUNCED, 1, "5.1.1", "550 5.1.1 no such user", "mx[127.0.0.2]:25", "mx", 1001.0)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import quopri
 import re
 from email.message import EmailMessage
 
 import pytest
 
+from worker.dsn import DsnRecipient, render_dsn
 from worker.mime7bit import to_7bit
 
 HEAD = (
@@ -196,3 +199,41 @@ def test_crlf_everywhere_and_idempotent() -> None:
     seven_bit(out)
     assert re.search(rb"(?<!\r)\n", out) is None
     assert to_7bit(out) is out  # a converted message is 7-bit mail
+
+
+def test_an_internationalized_dsn_converts_for_a_server_without_8bitmime() -> None:
+    # RFC 6533 §6.3-6.4 and RFC 6532 §3.7 allow any transfer encoding on these parts (unlike
+    # message/rfc822), so our own SMTPUTF8 reports have a 7-bit form
+    rcpt = DsnRecipient("jörg@b.test", None, "failed", "5.1.1", "mx.b.test", "550 5.1.1 <jörg@b.test>", None)
+    original = "From: jörg@x.test\r\nSubject: grüße\r\n\r\nbody grüße\r\n".encode()
+    for ret in ("FULL", "HDRS"):
+        report = render_dsn(
+            reporting_mta="mtaq.test",
+            queue_id="Q1",
+            envid=None,
+            arrival=0.0,
+            original_sender="a@x.test",
+            recipients=[rcpt],
+            original=original,
+            ret=ret,
+            now=1.0,
+            utf8_ok=True,
+            trusted=True,
+        )
+        assert report.international and not report.data.isascii()
+        out = to_7bit(report.data)
+        assert out is not None
+        seven_bit(out)
+        boundary = parse(out).get_boundary()
+        assert boundary is not None
+        # the stdlib parses message/* as an embedded message: decode the sections by hand
+        sections = [s.split(b"\r\n\r\n", 1) for s in out.split(b"--" + boundary.encode())[2:4]]
+        (status_head, status_body), (original_head, original_body) = sections
+        assert b"Content-Transfer-Encoding: quoted-printable" in status_head
+        assert "Final-Recipient: utf-8; jörg@b.test".encode() in quopri.decodestring(status_body)
+        if ret == "FULL":
+            assert b"Content-Transfer-Encoding: base64" in original_head
+            assert "Subject: grüße".encode() in base64.b64decode(original_body)
+        else:
+            assert b"Content-Transfer-Encoding: quoted-printable" in original_head
+            assert "Subject: grüße".encode() in quopri.decodestring(original_body)

@@ -35,7 +35,8 @@ TRUSTED = "192.0.2.7"
         ('<"a>b"@example.com>', '"a>b"@example.com'),
         ("<user@[192.0.2.1]>", "user@[192.0.2.1]"),
         ("<user@[IPv6:2001:db8::1]>", "user@[IPv6:2001:db8::1]"),
-        ("<user@example.com.>", "user@example.com."),  # tolerated as Postfix does
+        ("<user@example.com.>", "user@example.com"),  # tolerated and stripped, as Postfix does (11.9)
+        ("<@relay.test.:user@Example.COM.>", "user@Example.COM"),
         ("<@a.example,@b.example:user@c.example>", "user@c.example"),  # RFC 5321 §4.1.1.3: route dropped
         ("<@a.example:user@c.example>", "user@c.example"),
         ("user@example.com", "user@example.com"),  # no brackets: Postfix strict_rfc821_envelopes=no

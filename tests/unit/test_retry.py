@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.retry import backoff, expired, next_retry
+from worker.retry import backoff, delay_warning_due, expired, lifetime, next_retry
 
 MIN, MAX, LIFE = 300.0, 4000.0, 5 * 86400.0
 
@@ -67,3 +67,26 @@ def test_clock_behind_the_arrival_time_counts_as_new() -> None:
 def test_expired() -> None:
     assert not expired(0.0, LIFE - 1, LIFE)
     assert expired(0.0, LIFE, LIFE)
+
+
+def test_bounces_have_their_own_lifetime_when_set() -> None:
+    assert lifetime(True, LIFE, 3600.0) == 3600.0
+    assert lifetime(False, LIFE, 3600.0) == LIFE  # ordinary mail keeps queue_lifetime
+    assert lifetime(True, LIFE, 0.0) == LIFE  # unset: the same as queue_lifetime
+
+
+def test_a_bounce_gives_up_at_bounce_lifetime() -> None:
+    t0, life = 1_000_000.0, lifetime(True, LIFE, 3600.0)
+    assert next_retry(t0, t0 + 3000, min_backoff=MIN, max_backoff=MAX, queue_lifetime=life) == 600
+    assert next_retry(t0, t0 + 3600, min_backoff=MIN, max_backoff=MAX, queue_lifetime=life) is None
+    ordinary = lifetime(False, LIFE, 3600.0)
+    assert next_retry(t0, t0 + 3600, min_backoff=MIN, max_backoff=MAX, queue_lifetime=ordinary) == 3600
+
+
+@pytest.mark.parametrize(
+    ("age", "setting", "due"),
+    [(14399.0, 14400.0, False), (14400.0, 14400.0, True), (90000.0, 14400.0, True), (90000.0, 0.0, False)],
+)
+def test_delay_warning_is_due_after_delay_warning_seconds(age: float, setting: float, due: bool) -> None:
+    t0 = 1_000_000.0
+    assert delay_warning_due(t0, t0 + age, setting) is due

@@ -11,13 +11,11 @@ import pytest
 from common.envelope import Recipient
 from common.settings import Settings
 from ingress import replies
+from ingress.limits import MAX_BUFFER_WHILE_WAITING, MAX_BUFFERED_LINE, MAX_COMMAND_LINE, MAX_TEXT_LINE
+from ingress.params import xtext_decode
 from ingress.replies import Reply
 from ingress.session import (
     KNOWN_VERBS,
-    MAX_BUFFER_WHILE_WAITING,
-    MAX_BUFFERED_LINE,
-    MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
     PIPELINE_OVERFLOW,
     TRANSITIONS,
     Authenticate,
@@ -30,7 +28,6 @@ from ingress.session import (
     StartTLS,
     State,
     Transaction,
-    xtext_decode,
 )
 
 HOST = "mx.example.net"
@@ -159,6 +156,7 @@ def test_complete_transaction_and_queued_reply() -> None:
         ret=None,
         envid=None,
         auth_user=None,
+        trusted=True,  # TRUSTED is in the networks
     )
     assert s.waiting and s.in_transaction
     assert s.message_stored("QID1") == [Send(b"250 2.0.0 Ok: queued as QID1\r\n")]
@@ -448,9 +446,18 @@ def test_rcpt_trusted_relays_anywhere() -> None:
         ("NOTIFY=SOMETIMES", replies.BAD_PARAM_VALUE, (), None),
         ("NOTIFY", replies.BAD_PARAM_VALUE, (), None),
         ("ORCPT=rfc822;user+40example.org", replies.RECIPIENT_OK, (), "rfc822;user@example.org"),
-        ("ORCPT=rfc822", replies.BAD_PARAM_VALUE, (), None),
-        ("ORCPT=;user", replies.BAD_PARAM_VALUE, (), None),
-        ("ORCPT=rfc822;" + "x" * 500, replies.BAD_PARAM_VALUE, (), None),
+        # a malformed ORCPT is dropped and the recipient kept (issue 11.2)
+        ("ORCPT=rfc822", replies.RECIPIENT_OK, (), None),
+        ("ORCPT=;user", replies.RECIPIENT_OK, (), None),
+        ("ORCPT=rfc822;" + "x" * 500, replies.RECIPIENT_OK, (), None),
+        ("ORCPT", replies.RECIPIENT_OK, (), None),
+        ("ORCPT=rfc822;j+C3rg@foreign.example", replies.RECIPIENT_OK, (), None),  # not UTF-8
+        ("ORCPT=rfc822;a+0Ab@foreign.example", replies.RECIPIENT_OK, (), None),  # a line break
+        ("ORCPT=utf-8;j\\x{D800}rg@foreign.example", replies.RECIPIENT_OK, (), None),  # a surrogate
+        # Postfix's xtext-escaped UTF-8, and RFC 6533's utf-8-addr-xtext
+        ("ORCPT=rfc822;j+C3+B6rg@foreign.example", replies.RECIPIENT_OK, (), "rfc822;jörg@foreign.example"),
+        ("ORCPT=utf-8;j\\x{F6}rg@foreign.example", replies.RECIPIENT_OK, (), "rfc822;jörg@foreign.example"),
+        ("ORCPT=x400;c+3Dde", replies.RECIPIENT_OK, (), "x400;c=de"),
         ("NOTIFY=DELAY NOTIFY=DELAY", replies.BAD_PARAM_VALUE, (), None),
         ("SIZE=1", replies.PARAM_NOT_RECOGNIZED, (), None),
     ],
@@ -463,6 +470,28 @@ def test_rcpt_params(params: str, reply: Reply, notify: tuple[str, ...], orcpt: 
         feed(s, b"DATA\r\n")
         tx = transaction(s.receive_data(b".\r\n"))
         assert tx.recipients == (Recipient("b@example.org", notify=notify, orcpt=orcpt),)
+
+
+def test_utf8_orcpt_unitext_with_smtputf8() -> None:
+    # RFC 6533 utf-8-addr-unitext: raw UTF-8, allowed when the transaction has SMTPUTF8
+    s = ehlo(new())
+    feed(s, b"MAIL FROM:<a@example.com> SMTPUTF8\r\n")
+    line = "RCPT TO:<jörg@example.org> ORCPT=utf-8;jörg@foreign.example\r\n".encode()
+    assert feed(s, line) == wire(replies.RECIPIENT_OK)
+    assert s.take_notes() == []
+    feed(s, b"DATA\r\n")
+    [rcpt] = transaction(s.receive_data(b".\r\n")).recipients
+    assert rcpt == Recipient("jörg@example.org", orcpt="rfc822;jörg@foreign.example")
+    # without SMTPUTF8 the same ORCPT is dropped, noted, and the recipient kept
+    s = ehlo(new())
+    feed(s, b"MAIL FROM:<a@example.com>\r\n")
+    assert feed(s, "RCPT TO:<j@example.org> ORCPT=utf-8;jörg@foreign.example\r\n".encode()) == wire(
+        replies.RECIPIENT_OK
+    )
+    [note] = s.take_notes()
+    assert note.text == "client.example[192.0.2.7]: ORCPT of <j@example.org> dropped: UTF-8 without SMTPUTF8"
+    feed(s, b"DATA\r\n")
+    assert transaction(s.receive_data(b".\r\n")).recipients == (Recipient("j@example.org"),)
 
 
 def test_too_many_recipients_is_not_an_error() -> None:

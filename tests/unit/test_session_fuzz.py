@@ -11,9 +11,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ingress import replies
+from ingress.limits import MAX_BUFFER_WHILE_WAITING, MAX_BUFFERED_LINE
 from ingress.session import (
-    MAX_BUFFER_WHILE_WAITING,
-    MAX_BUFFERED_LINE,
     Authenticate,
     Close,
     Event,

@@ -1,0 +1,156 @@
+"""Input framing: command lines and the message data, bytes in, lines out (no IO).
+
+Lines end at LF in the command phase (a bare LF is tolerated, as Postfix does), but only CRLF.CRLF
+ends DATA. A bare CR or LF inside DATA marks the message refused (550 5.6.0) once the real end
+arrives, so that none of the SMTP smuggling sequences (``\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r``,
+``\\r\\n.\\n``) can end a message or start a command.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ingress import replies
+from ingress.limits import MAX_BUFFERED_LINE, MAX_TEXT_LINE
+from ingress.replies import Reply
+
+__all__ = ["OVERLONG", "DataReader", "DataStep", "LineReader"]
+
+
+class _Overlong(Enum):
+    OVERLONG = "overlong"
+
+
+# A command line that outgrew MAX_BUFFERED_LINE ended: answer 500 5.5.2 for it, once.
+OVERLONG = _Overlong.OVERLONG
+
+
+class LineReader:
+    """The input not yet consumed, with the LF search resumed where it stopped."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # self._buf holds no LF before this offset
+        self._discarding = False  # inside an overlong command line
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def clear(self) -> None:
+        """Forget all input (STARTTLS, close); an overlong line being discarded is forgotten too."""
+        self._buf.clear()
+        self._scan = 0
+        self._discarding = False
+
+    def next_line(self) -> bytes | None:
+        """The next line with its LF, or None when no complete line is buffered."""
+        idx = self._buf.find(b"\n", self._scan)
+        if idx < 0:
+            self._scan = len(self._buf)
+            return None
+        line = bytes(self._buf[: idx + 1])
+        del self._buf[: idx + 1]
+        self._scan = 0
+        return line
+
+    def keep_last_octet(self) -> None:
+        """Drop what is buffered but its last octet (a CR whose LF may come next)."""
+        del self._buf[:-1]
+        self._scan = len(self._buf)
+
+    def command_line(self) -> bytes | _Overlong | None:
+        """The next complete command line without its terminator (CRLF or bare LF); ``OVERLONG``
+        when an overlong line ended; None when no complete line is buffered."""
+        line = self.next_line()
+        if line is None:
+            if len(self._buf) > MAX_BUFFERED_LINE:
+                self._discarding = True  # answered once its LF arrives; memory stays bounded
+                self._buf.clear()
+                self._scan = 0
+            return None
+        if self._discarding:
+            self._discarding = False
+            return OVERLONG
+        return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+
+
+class DataStep(Enum):
+    MORE = "more"  # no complete line buffered
+    LINE = "line"  # one line consumed
+    END = "end"  # CRLF.CRLF consumed
+
+
+class DataReader:
+    """The message between 354 and CRLF.CRLF: dot-unstuffed, CRLF line ends, within limits. A message
+    that breaks a limit is read on to its end keeping nothing, then ``refusal`` says why."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._data = bytearray()
+        self._prev_crlf = True  # the previous line (or the DATA command) ended in CRLF
+        self._in_long_line = False  # discarding the rest of an overlong text line
+        self._too_big = self._too_long = self._bare = self._nul = False
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def step(self, lines: LineReader) -> DataStep:
+        """Consume one line of the message from ``lines``."""
+        line = lines.next_line()
+        if line is None:
+            if len(lines) > MAX_TEXT_LINE:
+                # No LF in over 1000 octets: the line is too long whatever follows. Drop what we
+                # hold but its last octet (a CR whose LF may come next).
+                self._too_long = self._in_long_line = True
+                self._drop()
+                lines.keep_last_octet()
+            return DataStep.MORE
+        crlf = line.endswith(b"\r\n")
+        if self._in_long_line:
+            self._in_long_line = False
+            self._prev_crlf = crlf
+            return DataStep.LINE
+        if crlf and self._prev_crlf and line == b".\r\n":
+            return DataStep.END
+        content = line[:-2] if crlf else line[:-1]
+        self._prev_crlf = crlf
+        if not crlf or b"\r" in content:
+            self._bare = True
+        if b"\0" in content:
+            self._nul = True
+        if content.startswith(b"."):
+            content = content[1:]  # RFC 5321 §4.5.2 transparency
+        if len(content) + 2 > MAX_TEXT_LINE:
+            self._too_long = True
+        if len(self._data) + len(content) + 2 > self.max_size:
+            self._too_big = True
+        if self._too_big or self._too_long or self._bare or self._nul:
+            self._drop()  # rejected anyway: read on to the dot, keep nothing
+        else:
+            self._data += content
+            self._data += b"\r\n"
+        return DataStep.LINE
+
+    def _drop(self) -> None:
+        if self._data:
+            self._data = bytearray()
+
+    @property
+    def refusal(self) -> Reply | None:
+        """Why the message must be refused, or None."""
+        if self._too_big:
+            return replies.MESSAGE_TOO_BIG
+        if self._too_long:
+            return replies.LINE_TOO_LONG
+        if self._bare:
+            return replies.BARE_NEWLINE
+        if self._nul:
+            return replies.NUL_IN_MESSAGE
+        return None
+
+    def take(self) -> bytes:
+        data, self._data = bytes(self._data), bytearray()
+        return data
