@@ -30,6 +30,10 @@ def format_hostport(host: str, port: int) -> str:
 class CannotBind(Exception):
     """A listening address that cannot be had; str() is the one line to show."""
 
+    @classmethod
+    def because(cls, where: str, e: OSError) -> CannotBind:
+        return cls(_reason(where, e))
+
 
 def bind_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     """A non-blocking listening TCP socket; raises CannotBind with the reason in one line."""
@@ -42,7 +46,7 @@ def bind_listener(host: str, port: int, *, backlog: int = 1024) -> socket.socket
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise CannotBind(_reason(where, e)) from None
+        raise CannotBind.because(where, e) from None
     sock.setblocking(False)
     return sock
 

@@ -40,12 +40,12 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 
 def serve(settings: Settings, sock: socket.socket) -> None:
     """One ingress process (also the target of each forked child)."""
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     asyncio.run(_serve(settings, sock))
 
 
 def main(settings: Settings) -> int:
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     sock = bind_listener(*settings.listen_addr)  # CannotBind: one line and EXIT_FATAL (mtaq/cli.py)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:

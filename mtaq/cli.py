@@ -1,4 +1,4 @@
-"""The `mtaq` command: run (all in one), ingress, worker, queue (mailq), passwd."""
+"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from collections.abc import Sequence
 
 import redis
 
+from common import metrics
 from common.address import CannotBind, bind_listener
 from common.embedded import EmbeddedRedis, EmbeddedRedisError
 from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
-from common.redisconn import NoRedis
+from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
 from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
-from mtaq.queuecmd import cmd_queue
+from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
+from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from worker.process import main as worker_main
 
 __all__ = ["main"]
@@ -35,7 +37,7 @@ def warn_hostname(settings: Settings) -> None:
 
 
 def cmd_run(settings: Settings) -> int:
-    setup_logging("run", settings.log_level)
+    setup_logging("run", settings.log_level, settings.log_format)
     # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
@@ -50,7 +52,10 @@ def cmd_run(settings: Settings) -> int:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
             settings = settings.replace(redis_url=embedded.url)
-        env = {**os.environ, **settings.replace(processes=settings.processes or 1).to_env()}
+        if settings.metrics_listen:
+            serve_monitor(settings)
+        # the children count into Redis (common/metrics.py); this process alone serves the listener
+        env = {**os.environ, **settings.replace(processes=settings.processes or 1, metrics_listen="").to_env()}
         me = [sys.executable, "-m", "mtaq"]
         children = [Child("ingress", argv=[*me, "ingress"], env=env)]
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
@@ -68,15 +73,22 @@ def cmd_run(settings: Settings) -> int:
 
 def cmd_ingress(settings: Settings) -> int:
     if SUPERVISOR_ENV not in os.environ:  # under `mtaq run`, the run has said it
-        setup_logging("ingress", settings.log_level)
+        setup_logging("ingress", settings.log_level, settings.log_format)
         warn_hostname(settings)
+    metrics.attach(connect(settings))
+    if settings.metrics_listen:
+        try:
+            serve_monitor(settings)  # in the parent: forked ingress children count into Redis
+        except OSError as e:
+            raise CannotBind.because(settings.metrics_listen, e) from None
     return ingress_main(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
     if SUPERVISOR_ENV not in os.environ:
-        setup_logging("worker", settings.log_level)
+        setup_logging("worker", settings.log_level, settings.log_format)
         warn_hostname(settings)
+    metrics.attach(connect(settings))
     return worker_main(settings, burst=burst)
 
 
@@ -100,7 +112,7 @@ def cmd_passwd(settings: Settings, user: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtaq", description="mtaq mail transfer agent")
+    p = OneLineParser(prog="mtaq", description="mtaq mail transfer agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="all in one: embedded Redis, one ingress, N workers")
     add_arguments(run, "run")
@@ -109,14 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", help="an RQ delivery worker (with the retry scheduler)")
     add_arguments(wrk, "worker")
     wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
-    q = sub.add_parser("queue", help="show the queue, like mailq; flush or delete")
-    add_arguments(q, "queue")
-    q.add_argument("action", nargs="?", default="list", choices=["list", "stats", "flush", "sweep", "delete"])
-    q.add_argument("ids", nargs="*", help="queue ids for delete")
+    add_exporter_parser(sub)
+    add_queue_parser(sub)
+    add_health_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
-    pw.add_argument("--auth-file", "--auth_file", dest="auth_file", default=None)
-    pw.add_argument("user")
+    pw.add_argument(
+        "--auth-file", "--auth_file", dest="auth_file", default=None, help="the credentials file the ingress reads"
+    )
+    pw.add_argument("user", help="the user name clients give to AUTH")
     return p
 
 
@@ -138,11 +151,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args.burst)
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
-        return cmd_queue(settings, args.action, args.ids)
+        if args.command == "exporter":
+            return cmd_exporter(settings)
+        if args.command == "health":
+            return cmd_health(settings, args.check, args.json)
+        return cmd_queue(settings, args)
+    except QueueUsage as e:
+        print(f"mtaq queue: {e}", file=sys.stderr)
+        return 2
     except CannotBind as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this
-    except (NoRedis, EmbeddedRedisError) as e:
+    except NoRedis as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return 3 if args.command in ("queue", "health") else 1
+    except EmbeddedRedisError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 1
     except redis.ConnectionError as e:  # a worker whose Redis went away for good (RQ retries first)
