@@ -33,7 +33,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

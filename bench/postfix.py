@@ -1,7 +1,5 @@
 """Postfix baselines for the benchmark (optional: only when Postfix's programs are installed).
 
-- ``SmtpSink``: Postfix's ``smtp-sink``, a C SMTP server that accepts and discards mail: what
-  accepting costs with no queue behind it.
 - ``PostfixInstance``: a private, throw-away Postfix instance (its own config_directory,
   queue_directory and data_directory under a temporary directory, smtpd on a loopback port, no
   chroot, logging to a file through postlogd) that relays everything to ``relayhost=[127.0.0.1]:PORT``
@@ -22,17 +20,10 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["PostfixInstance", "SmtpSink", "missing", "missing_sink"]
+__all__ = ["PostfixInstance", "missing"]
 
 POSTFIX = "postfix"
-SMTP_SINK = "smtp-sink"
 POSTCONF = "postconf"
-
-
-def missing_sink() -> str | None:
-    if shutil.which(SMTP_SINK) is None:
-        return "smtp-sink not found (apt-get install postfix)"
-    return None
 
 
 def missing() -> str | None:
@@ -47,35 +38,6 @@ def missing() -> str | None:
 def _postconf(name: str) -> str:
     out = subprocess.run([POSTCONF, "-dh", name], capture_output=True, text=True, check=True)
     return out.stdout.strip()
-
-
-class SmtpSink:
-    """smtp-sink on 127.0.0.1:port (accepts everything, stores nothing)."""
-
-    def __init__(self, port: int, *, backlog: int = 1024, user: str = "nobody") -> None:
-        self.port = port
-        self.argv = [
-            SMTP_SINK,
-            "-m",
-            "1024",
-            *(["-u", user] if os.geteuid() == 0 else []),
-            f"127.0.0.1:{port}",
-            str(backlog),
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> SmtpSink:
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 _MASTER_CF = """\
@@ -108,11 +70,23 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixInstance:
     """A private Postfix on 127.0.0.1:port relaying all mail to [127.0.0.1]:relay_port."""
 
-    def __init__(self, base: Path, port: int, relay_port: int, *, process_limit: int = 100) -> None:
+    def __init__(
+        self,
+        base: Path,
+        port: int,
+        relay_port: int,
+        *,
+        process_limit: int = 100,
+        transports: dict[str, str] | None = None,
+    ) -> None:
         self.base = base.absolute()
         self.port = port
         self.relay_port = relay_port
         self.process_limit = process_limit
+        # domain -> nexthop ("smtp:[127.0.0.10]:2525"): a private Postfix cannot be pointed at our
+        # loopback DNS server (it resolves through the system's resolver), so the slow-destination
+        # load routes each domain with transport_maps instead of MX lookups
+        self.transports = transports
         self.config_dir = self.base / "etc"
         self.queue_dir = self.base / "spool"
         self.data_dir = self.base / "lib"
@@ -139,7 +113,8 @@ class PostfixInstance:
             "inet_interfaces": "127.0.0.1",
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
-            "relayhost": f"[127.0.0.1]:{self.relay_port}",
+            "relayhost": f"[127.0.0.1]:{self.relay_port}" if not self.transports else "",
+            "transport_maps": f"texthash:{self.config_dir / 'transport'}" if self.transports else "",
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
             "smtpd_recipient_restrictions": "",
             "smtpd_peername_lookup": "no",
@@ -157,6 +132,7 @@ class PostfixInstance:
         return "".join(f"{k} = {v}\n" for k, v in params.items())
 
     def setup(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
         for parent in self.base.parents:  # mail_owner must reach base: a mkdtemp() parent is 0700
             mode = parent.stat().st_mode
             if not mode & stat.S_IXOTH:
@@ -166,6 +142,8 @@ class PostfixInstance:
             d.chmod(0o755)  # a mkdtemp() directory is 0700: postfix (mail_owner) must traverse it
         (self.config_dir / "main.cf").write_text(self.main_cf())
         (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        if self.transports:
+            (self.config_dir / "transport").write_text("".join(f"{d} {t}\n" for d, t in self.transports.items()))
         # postfix-files lists what `postfix set-permissions`/create-missing manage; it lives in
         # meta_directory, which stays the system's
         shutil.chown(self.data_dir, "postfix", "postfix")
@@ -182,6 +160,13 @@ class PostfixInstance:
             raise RuntimeError(
                 f"postfix -c {self.config_dir} start failed ({r.returncode}): {(r.stderr or r.stdout).strip()}"
             )
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if Path(f"/proc/{pid}").exists() else None
 
     def stop(self) -> None:
         self._postfix("stop", check=False)

@@ -1,0 +1,167 @@
+"""What a system costs while it runs, read from /proc: CPU time of all its processes and their
+summed PSS. Pure parsers first (tested in tests/unit/test_bench.py), the sampler after them.
+
+A *system* is the process tree under a root pid (``mtaq run`` with its ingress, workers and
+embedded redis-server; Postfix's master with every daemon it forked; the aiosmtpd sink).
+
+CPU: for every live process of the tree, utime + stime + cutime + cstime. The c-fields hold the
+CPU of children the process has already waited for (Postfix's smtpd/smtp/cleanup come and go; RQ
+may fork a work horse per job), so the sum over the live tree at any moment is everything the
+tree has burnt since it started, dead children included. The difference of two such sums is the
+CPU of the interval, whatever died in between.
+
+Memory: PSS (proportional set size) shares each shared page between the processes mapping it,
+so summing it over the tree counts a page once: unlike RSS, which would count Postfix's shared
+libraries once per smtpd. The peak is the largest sum seen by the sampler (every 0.2 s).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Sampler",
+    "cpu_seconds",
+    "parse_pss_kib",
+    "parse_stat",
+    "percentile",
+    "tree",
+]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100) by linear interpolation between closest ranks (numpy's
+    default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+@dataclass(frozen=True)
+class Stat:
+    pid: int
+    ppid: int
+    ticks: int  # utime + stime + cutime + cstime, in clock ticks
+
+
+def parse_stat(text: str) -> Stat:
+    """Parse /proc/PID/stat. The command name (field 2) sits in parentheses and may itself hold
+    spaces and parentheses, so fields are counted from the last ')'."""
+    end = text.rindex(")")
+    pid = int(text[: text.index("(")].strip())
+    rest = text[end + 2 :].split()
+    # rest[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17
+    ppid = int(rest[1])
+    ticks = sum(int(x) for x in rest[11:15])
+    return Stat(pid, ppid, ticks)
+
+
+def parse_pss_kib(text: str) -> int:
+    """The Pss line of /proc/PID/smaps_rollup (kB); 0 when absent (kernel thread, exited)."""
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):  # exited between listdir and read, or a kernel thread
+        return None
+
+
+def _all_stats() -> dict[int, Stat]:
+    out: dict[int, Stat] = {}
+    for name in os.listdir(PROC):
+        if name.isdigit():
+            text = _read(PROC / name / "stat")
+            if text:
+                st = parse_stat(text)
+                out[st.pid] = st
+    return out
+
+
+def tree(roots: Iterable[int], stats: dict[int, Stat] | None = None) -> dict[int, Stat]:
+    """The live processes under ``roots`` (roots included), by parent pid."""
+    stats = _all_stats() if stats is None else stats
+    kids: dict[int, list[int]] = {}
+    for st in stats.values():
+        kids.setdefault(st.ppid, []).append(st.pid)
+    out: dict[int, Stat] = {}
+    todo = [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out[pid] = stats[pid]
+            todo += kids.get(pid, [])
+    return out
+
+
+def cpu_seconds(procs: dict[int, Stat]) -> float:
+    return sum(st.ticks for st in procs.values()) / CLK_TCK
+
+
+def pss_kib(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        text = _read(PROC / str(pid) / "smaps_rollup")
+        total += parse_pss_kib(text) if text else 0
+    return total
+
+
+class Sampler:
+    """Samples a system's tree every ``interval`` seconds in a thread: peak summed PSS, and the
+    CPU total at the first and the last sample (``cpu`` is the difference)."""
+
+    def __init__(self, roots: Sequence[int], interval: float = 0.2) -> None:
+        self.roots = list(roots)
+        self.interval = interval
+        self.peak_pss_kib = 0
+        self.peak_procs = 0
+        self.cpu_start = 0.0
+        self.cpu_end = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def sample(self) -> float:
+        procs = tree(self.roots)
+        pss = pss_kib(procs)
+        if pss > self.peak_pss_kib:
+            self.peak_pss_kib = pss
+        self.peak_procs = max(self.peak_procs, len(procs))
+        return cpu_seconds(procs)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Sampler:
+        self.cpu_start = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_end = self.sample()
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds the tree used between ``__enter__`` and ``__exit__``."""
+        return self.cpu_end - self.cpu_start
+
+    @property
+    def peak_pss_mib(self) -> float:
+        return self.peak_pss_kib / 1024
