@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.spool import Spool
@@ -18,6 +19,10 @@ from ingress.replies import Reply
 __all__ = ["Committer", "StorageRefused", "storage_reply"]
 
 log = logging.getLogger("mtaq.ingress")
+
+# After Redis refused a write for lack of memory, new mail is refused this long without asking it
+# again (every session would otherwise take its DATA only to be refused at the commit).
+OOM_PAUSE = 1.0
 
 
 class StorageRefused(Exception):
@@ -39,8 +44,21 @@ class _Pending:
 
 
 class Committer:
-    def __init__(self, spool: Spool, *, max_batch: int = 256, max_queue: int = 0, wait: float = 0.0) -> None:
+    """``clock`` and ``sleep`` are time.monotonic and asyncio.sleep; tests give their own."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        max_batch: int = 256,
+        max_queue: int = 0,
+        wait: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.spool = spool
+        self.clock = clock
+        self.sleep = sleep
         self.max_batch = max_batch
         self.wait = wait
         self._last_batch = 0
@@ -48,8 +66,7 @@ class Committer:
         self._pending: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
         self._queue_size = 0
-        self._full_until = 0.0  # after an OOM, refuse new mail for a moment without asking Redis
-        self.batches = 0
+        self._full_until = 0.0  # after an OOM, refuse new mail for OOM_PAUSE without asking Redis
         self.committed = 0
 
     async def submit(self, message: Message) -> None:
@@ -65,14 +82,14 @@ class Committer:
             if self.wait and self._last_batch > 1 and len(self._pending) < self.max_batch:
                 # under load (the last batch carried several messages) trade a little latency for
                 # bigger batches: fewer fsyncs, fewer and larger jobs. Idle, commit at once.
-                await asyncio.sleep(self.wait)
+                await self.sleep(self.wait)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
                 await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
-                    self._full_until = time.monotonic() + 1.0
+                    self._full_until = self.clock() + OOM_PAUSE
                 log.warning(
                     "queue write of %d message(s) failed: %s -> %s",
                     len(batch),
@@ -84,7 +101,6 @@ class Committer:
                     if not p.future.done():
                         p.future.set_exception(StorageRefused(reply))
                 continue
-            self.batches += 1
             self._last_batch = len(batch)
             self.committed += len(batch)
             self._queue_size += len(batch)
@@ -101,7 +117,7 @@ class Committer:
     def gate(self) -> Reply | None:
         """Called by sessions at MAIL and at the end of DATA: 452 4.3.1 while Redis is full or the
         queue holds more than max_queue messages, else None."""
-        if time.monotonic() < self._full_until:
+        if self.clock() < self._full_until:
             return replies.INSUFFICIENT_STORAGE
         if self.max_queue and self._queue_size >= self.max_queue:
             return replies.INSUFFICIENT_STORAGE
@@ -116,4 +132,4 @@ class Committer:
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a
                 # stale count undo it (the next round corrects any excess)
                 self._queue_size = size if self.committed == seen else max(size, self._queue_size)
-            await asyncio.sleep(interval)
+            await self.sleep(interval)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, route
+from tests.fixtures import MTA, route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 

@@ -17,7 +17,7 @@ from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import route
+from tests.fixtures import route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer
 from worker import jobs

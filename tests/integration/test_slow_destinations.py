@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message, route
+from tests.fixtures import MTA, message, route
 from tests.integration.test_run import start_run, stop
 from tests.sinks import SinkServer, free_port, wait_for
 
