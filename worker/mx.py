@@ -1,23 +1,23 @@
 """Where to deliver mail for a destination: MX resolution (RFC 5321 §5.1, RFC 7505 null MX).
 
 The rules are pure functions (``order_mx``, ``parse_destination``) and one small class that asks a
-dnspython resolver and applies them (``MXResolver``). Errors are two exceptions carrying the
-enhanced status code (RFC 3463) and a Postfix-style diagnostic: ``DnsPermanent`` means bounce,
-``DnsTransient`` means defer and try again later.
+dnspython resolver and applies them (``MXResolver``). Errors are one exception, ``DnsError``,
+carrying the enhanced status code (RFC 3463) and a Postfix-style diagnostic; its ``state`` follows
+from the code: BOUNCED (5.x.x) or DEFERRED (4.x.x, try again later).
 
 The outcomes, following Postfix where the RFC leaves a choice:
 
 ====================================  ===========================================================
 MX records                            sorted by preference, equal preferences shuffled, deduped
 no MX record (NOERROR/NODATA)         implicit MX: the domain's own A/AAAA at preference 0
-null MX (``0 .``, RFC 7505)           DnsPermanent 5.1.10
-domain NXDOMAIN                       DnsPermanent 5.1.2
-SERVFAIL, timeout, no server answers  DnsTransient 4.4.3
-an MX host without addresses          skipped; if every host fails: transient if any failure was
-                                      transient, else DnsPermanent 5.4.4 (unable to route)
-an MX host that is an IP address      skipped as malformed (as Postfix); alone -> DnsPermanent 5.4.4
+null MX (``0 .``, RFC 7505)           bounced 5.1.10
+domain NXDOMAIN                       bounced 5.1.2
+SERVFAIL, timeout, no server answers  deferred 4.4.3
+an MX host without addresses          skipped; if every host fails: deferred if any failure was
+                                      transient, else bounced 5.4.4 (unable to route)
+an MX host that is an IP address      skipped as malformed (as Postfix); alone -> bounced 5.4.4
 an MX host that is us (its name, or   hosts at its preference and below are dropped (Postfix's
-an address we listen on)              rule); nothing better left -> DnsPermanent 5.4.6 loop
+an address we listen on)              rule); nothing better left -> bounced 5.4.6 loop
 ``[host]``, ``[host]:port``           no MX lookup: the host's A/AAAA, or the IP literal itself
 ====================================  ===========================================================
 
@@ -40,11 +40,11 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from common.envelope import RcptState, outcome_of
+
 __all__ = [
     "MAX_ADDRESSES",
     "DnsError",
-    "DnsPermanent",
-    "DnsTransient",
     "MXResolver",
     "Target",
     "interface_addresses",
@@ -59,20 +59,18 @@ MAX_ADDRESSES = 5
 
 
 class DnsError(Exception):
-    """A destination that cannot be resolved now; ``dsn`` is the RFC 3463 status."""
+    """A destination that cannot be resolved: ``dsn`` is the RFC 3463 status, ``state`` what it
+    means for the recipients, BOUNCED (5.x.x: it will not resolve to a mail server) or DEFERRED
+    (4.x.x: name service trouble that may pass)."""
 
     def __init__(self, dsn: str, text: str) -> None:
         super().__init__(f"{dsn} {text}")
         self.dsn = dsn
         self.text = text
 
-
-class DnsPermanent(DnsError):
-    """The destination will not resolve to a mail server: bounce (5.x.x)."""
-
-
-class DnsTransient(DnsError):
-    """Name service trouble that may pass: defer (4.x.x)."""
+    @property
+    def state(self) -> RcptState:
+        return outcome_of(self.dsn)
 
 
 @dataclass(frozen=True)
@@ -174,13 +172,13 @@ class MXResolver:
     def targets(self, destination: str, port: int) -> list[Target]:
         """Addresses to try for ``destination``, best first, at most ``max_addresses``.
 
-        Raises DnsPermanent (bounce) or DnsTransient (defer); never returns an empty list.
+        Raises DnsError (bounced or deferred); never returns an empty list.
         """
         try:
             host, port, literal = parse_destination(destination, port)
         except ValueError as e:
             # A configuration mistake (transport map, relayhost): defer until someone fixes it.
-            raise DnsTransient("4.3.5", f"mail system configuration error: {e}") from None
+            raise DnsError("4.3.5", f"mail system configuration error: {e}") from None
         if literal:
             return self._literal(host, port)
         return self._mx(host, port)
@@ -204,14 +202,14 @@ class MXResolver:
         except dns.resolver.NoAnswer:
             return self._implicit_mx(domain, port)
         except dns.resolver.NXDOMAIN:
-            raise DnsPermanent("5.1.2", _host_not_found(domain, "MX")) from None
+            raise DnsError("5.1.2", _host_not_found(domain, "MX")) from None
         except dns.exception.DNSException as e:  # SERVFAIL/REFUSED everywhere, timeout, ...
-            raise DnsTransient("4.4.3", _try_again(domain, "MX", e)) from None
+            raise DnsError("4.4.3", _try_again(domain, "MX", e)) from None
         records = [(int(rr.preference), rr.exchange.to_text(omit_final_dot=True)) for rr in answer]
         real = [(pref, host) for pref, host in records if host not in ("", ".")]
         if not real:
             # RFC 7505 §3: "0 ." says the domain accepts no mail at all.
-            raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+            raise DnsError("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
         return self._resolve_hosts(domain, order_mx(real, self.rng), dict(_pref_map(real)), port)
 
     def _implicit_mx(self, domain: str, port: int) -> list[Target]:
@@ -221,7 +219,7 @@ class MXResolver:
             raise found.error(domain)
         targets = [Target(_display(domain), ip, port, 0) for ip in found.ips]
         if self._is_self(domain, targets):
-            raise DnsPermanent("5.4.6", f"mail for {domain} loops back to myself")
+            raise DnsError("5.4.6", f"mail for {domain} loops back to myself")
         return targets[: self.max_addresses]
 
     def _resolve_hosts(self, domain: str, hosts: list[str], prefs: dict[str, int], port: int) -> list[Target]:
@@ -253,7 +251,7 @@ class MXResolver:
         if self_pref is not None:
             targets = [t for t in targets if t.preference < self_pref]
             if not targets:
-                raise DnsPermanent("5.4.6", f"mail for {domain} loops back to myself")
+                raise DnsError("5.4.6", f"mail for {domain} loops back to myself")
         if targets:
             return targets[: self.max_addresses]
         transient = [(h, f) for h, f in failures if f.transient]
@@ -261,7 +259,7 @@ class MXResolver:
             host, found = transient[0]
             raise found.error(host)
         detail = "; ".join(found.error(host).text for host, found in failures[:3])
-        raise DnsPermanent("5.4.4", f"Unable to route: no MX host for {domain} has an address ({detail})")
+        raise DnsError("5.4.4", f"Unable to route: no MX host for {domain} has an address ({detail})")
 
     # -- helpers
 
@@ -269,7 +267,7 @@ class MXResolver:
         try:
             return dns.name.from_text(name)
         except (dns.exception.DNSException, UnicodeError, ValueError) as e:
-            raise DnsPermanent(dsn, f"Host or domain name not found: bad name {name!r} ({e})") from None
+            raise DnsError(dsn, f"Host or domain name not found: bad name {name!r} ({e})") from None
 
     def _addresses(self, host: str) -> _Addresses:
         """A then AAAA of ``host``; one failing family does not spoil the other."""
@@ -316,13 +314,13 @@ class _Addresses:
 
     def error(self, host: str) -> DnsError:
         if self.numeric:
-            return DnsPermanent("5.4.4", f"MX host {host} is an IP address, not a host name (malformed MX record)")
+            return DnsError("5.4.4", f"MX host {host} is an IP address, not a host name (malformed MX record)")
         if self.transient:
             reasons = ", ".join(self.errors)
-            return DnsTransient("4.4.3", f"Host or domain name lookup failed for {host}: {reasons}")
+            return DnsError("4.4.3", f"Host or domain name lookup failed for {host}: {reasons}")
         if self.nxdomain:
-            return DnsPermanent("5.4.4", _host_not_found(host, "A"))
-        return DnsPermanent(
+            return DnsError("5.4.4", _host_not_found(host, "A"))
+        return DnsError(
             "5.4.4",
             f"Host or domain name not found. Name service error for name={host} type=AAAA: "
             "Host found but no data record of requested type",

@@ -2,8 +2,13 @@
 to destination_messages_per_connection, at most 50 recipients per transaction. Several
 conversations of one job share its parcels (``Work``); each runs in its own thread.
 
-Outcomes are per recipient and of three kinds, as in python-slimta: delivered, permanent failure
-(bounce) and transient failure (retry later). Nothing here touches Redis: the job records outcomes.
+Outcomes are per recipient, in mtaq's one vocabulary (``RcptState``): DELIVERED, BOUNCED (a
+permanent failure) or DEFERRED (a transient failure: retry later), as in python-slimta. Nothing
+here touches Redis: the job records outcomes.
+
+A function here that cannot do its job for some recipients refuses by raising: ``Undeliverable``
+carries the outcome they get, the edges' exceptions (``DnsError``, ``ConnectFailed``) carry what
+it is made from. The one caller that records outcomes turns them into ``Outcome``.
 """
 
 from __future__ import annotations
@@ -13,15 +18,25 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol
 
-from common.envelope import Envelope
+from common.envelope import LOG_STATUS, Envelope, RcptState
 from worker.mime7bit import to_7bit
-from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
+from worker.mx import DnsError, MXResolver, Target
 from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
 
-__all__ = ["Dialer", "Kind", "Opened", "Outcome", "Owner", "Parcel", "Work", "converse", "deliver", "resolve"]
+__all__ = [
+    "Dialer",
+    "Opened",
+    "Outcome",
+    "Owner",
+    "Parcel",
+    "Undeliverable",
+    "Work",
+    "converse",
+    "deliver",
+    "resolve",
+]
 
 log = logging.getLogger("mtaq.delivery")
 
@@ -30,19 +45,21 @@ log = logging.getLogger("mtaq.delivery")
 RCPTS_PER_TRANSACTION = 50
 
 
-class Kind(str, Enum):
-    SENT = "sent"
-    BOUNCED = "bounced"
-    DEFERRED = "deferred"
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: Kind
+    state: RcptState  # DELIVERED, BOUNCED or DEFERRED (never PENDING)
     dsn: str
     reply: str  # what to show: the remote reply, or our own diagnostic
     relay: str  # host[ip]:port, or "none"
     remote_mta: str = ""
+
+
+class Undeliverable(Exception):
+    """The recipients at hand cannot be delivered here: ``outcome`` says what they get."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"{outcome.dsn} {outcome.reply}")
+        self.outcome = outcome
 
 
 @dataclass(slots=True)
@@ -57,7 +74,7 @@ class Parcel:
     body_7bit: bytes | None = field(default=None, repr=False)
 
     def pending(self) -> list[int]:
-        return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].kind is Kind.DEFERRED]
+        return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].state is RcptState.DEFERRED]
 
 
 def utf8_addresses(env: Envelope) -> bool:
@@ -93,8 +110,9 @@ def body_to_send(parcel: Parcel, conn: SMTPConnection) -> bytes:
     return parcel.body_7bit
 
 
-def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] | Outcome:
-    """MAIL FROM parameters for ``body``, the message as it will be sent (``body_to_send``)."""
+def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str]:
+    """MAIL FROM parameters for ``body``, the message as it will be sent (``body_to_send``).
+    Raises Undeliverable when this server cannot take it as it is."""
     opts: list[str] = []
     if conn.supports("size"):
         opts.append(f"SIZE={len(body)}")  # RFC 1870: lets the server refuse before the data is sent
@@ -105,7 +123,9 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] 
             opts.append("SMTPUTF8")
         elif needs_smtputf8(env, body):
             # RFC 6531 §3.4: no downgrade; a permanent failure as Postfix reports it
-            return Outcome(Kind.BOUNCED, "5.6.7", "SMTPUTF8 is required, but was not offered by host", "")
+            raise Undeliverable(
+                Outcome(RcptState.BOUNCED, "5.6.7", "SMTPUTF8 is required, but was not offered by host", "")
+            )
     return opts
 
 
@@ -146,7 +166,7 @@ class Work:
         self._lock = threading.Lock()
         self.conversations = 0  # running now (the service counts them)
         self.staff_after = 0.0  # monotonic time before which no new conversation is asked for
-        self.last = Outcome(Kind.DEFERRED, "4.4.1", "No reachable host", "none")
+        self.last = Outcome(RcptState.DEFERRED, "4.4.1", "No reachable host", "none")
         if parcels:
             self.add(parcels, owner or _Solo(None))
 
@@ -284,7 +304,7 @@ def converse(
                 work.back(parcel, t + 1)
                 raise
             opened.sent += 1
-            if any(o.kind is Kind.SENT for o in parcel.outcomes.values()):
+            if any(o.state is RcptState.DELIVERED for o in parcel.outcomes.values()):
                 feedback(True, "")  # slow start: the window grows while deliveries succeed
             if parcel.pending() and t + 1 < len(targets):
                 work.back(parcel, t + 1)  # deferred here: the next MX may take it
@@ -305,24 +325,23 @@ def converse(
 
 def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
     reply = e.reply
-    if reply is not None and reply.permanent:
+    if reply is not None and reply.outcome is RcptState.BOUNCED:
         # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting) and defers
-        return Outcome(Kind.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
+        return Outcome(RcptState.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
     if reply is not None:
-        return Outcome(Kind.DEFERRED, reply.dsn, e.text, relay, target.hostname)
-    return Outcome(Kind.DEFERRED, "4.4.1", e.text, "none", target.hostname)
+        return Outcome(RcptState.DEFERRED, reply.dsn, e.text, relay, target.hostname)
+    return Outcome(RcptState.DEFERRED, "4.4.1", e.text, "none", target.hostname)
 
 
-def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target] | Outcome:
-    """The addresses to try, or the outcome for every recipient when there are none."""
+def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target]:
+    """The addresses to try. Raises Undeliverable with the outcome for every recipient when there
+    are none."""
     try:
         targets = resolver.targets(destination, port)
-    except DnsPermanent as e:
-        return Outcome(Kind.BOUNCED, e.dsn, e.text, "none")
-    except DnsTransient as e:
-        return Outcome(Kind.DEFERRED, e.dsn, e.text, "none")
+    except DnsError as e:
+        raise Undeliverable(Outcome(e.state, e.dsn, e.text, "none")) from None
     if not targets:
-        return Outcome(Kind.DEFERRED, "4.4.4", f"No route to {destination}", "none")
+        raise Undeliverable(Outcome(RcptState.DEFERRED, "4.4.4", f"No route to {destination}", "none"))
     return targets
 
 
@@ -343,9 +362,10 @@ def deliver(
     ``record(parcel, positions)`` is called right after a transaction with the recipients whose
     outcome became final there (sent or bounced), so that they are marked before anything else is
     tried: a job re-run after a crash does not send them again."""
-    found = resolve(resolver, destination, port)
-    if isinstance(found, Outcome):
-        fail_all(parcels, found)
+    try:
+        found = resolve(resolver, destination, port)
+    except Undeliverable as e:
+        fail_all(parcels, e.outcome)
         return
     work = Work(found, parcels, _Solo(record))
     opened, _ = converse(work, Dialer(helo_name, port, connect_timeout, timeout))
@@ -376,10 +396,12 @@ def _send_parcel(
     """One message's transactions on this connection; False when the connection is gone."""
     env = parcel.envelope
     body = body_to_send(parcel, conn)
-    opts = mail_options(env, body, conn)
-    if isinstance(opts, Outcome):
+    try:
+        opts = mail_options(env, body, conn)
+    except Undeliverable as e:
+        refused = Outcome(e.outcome.state, e.outcome.dsn, e.outcome.reply, relay, target.hostname)
         for i in pending:
-            parcel.outcomes[i] = Outcome(opts.kind, opts.dsn, opts.reply, relay, target.hostname)
+            parcel.outcomes[i] = refused
         if record is not None:
             record(parcel, pending)
         return True
@@ -393,19 +415,19 @@ def _send_parcel(
             log.exception("%s: unexpected error while sending to %s", env.id, relay)
             conn.close()
             oops = Outcome(
-                Kind.DEFERRED, "4.3.0", "internal error while sending (see the worker log)", relay, target.hostname
+                RcptState.DEFERRED, "4.3.0", "internal error while sending (see the worker log)", relay, target.hostname
             )
             for i in parcel.pending():
                 parcel.outcomes[i] = oops
             return False
         for pos, reply in result.replies.items():
             parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
-        final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].kind is not Kind.DEFERRED]
+        final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].state is not RcptState.DEFERRED]
         if final and record is not None:
             record(parcel, final)
         if result.broken:
             what = f"conversation with {relay} timed out" if result.timed_out else f"lost connection with {relay}"
-            lost = Outcome(Kind.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname)
+            lost = Outcome(RcptState.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname)
             for i in chunk:
                 if i not in result.replies:
                     parcel.outcomes[i] = lost
@@ -418,15 +440,15 @@ def _send_parcel(
 
 
 def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
-    if 200 <= reply.code < 300:
-        return Outcome(Kind.SENT, reply.dsn, str(reply), relay, host)
-    if reply.permanent:
-        return Outcome(Kind.BOUNCED, reply.dsn, f"host {relay} said: {reply}", relay, host)
-    return Outcome(Kind.DEFERRED, reply.dsn, f"host {relay} said: {reply}", relay, host)
+    state = reply.outcome
+    if state is RcptState.DELIVERED:
+        return Outcome(state, reply.dsn, str(reply), relay, host)
+    return Outcome(state, reply.dsn, f"host {relay} said: {reply}", relay, host)
 
 
-def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float, status: str | None = None) -> None:
-    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status, reply."""
+def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float) -> None:
+    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status
+    (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
     delay = time.time() - received_at
     log.info(
         "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
@@ -435,6 +457,6 @@ def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float, statu
         outcome.relay or "none",
         delay,
         outcome.dsn,
-        status or outcome.kind.value,
+        LOG_STATUS[outcome.state],
         outcome.reply,
     )

@@ -37,7 +37,18 @@ from common.store import Message, lease_key
 from worker.delays import warn_delayed
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
-from worker.relay import Dialer, Kind, Opened, Outcome, Parcel, Work, converse, fail_all, log_attempt, resolve
+from worker.relay import (
+    Dialer,
+    Opened,
+    Outcome,
+    Parcel,
+    Undeliverable,
+    Work,
+    converse,
+    fail_all,
+    log_attempt,
+    resolve,
+)
 from worker.retry import lifetime, next_retry
 from worker.smtpclient import ConnectionCache
 
@@ -61,8 +72,6 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-
-_STATE_OF = {Kind.SENT: RcptState.DELIVERED, Kind.BOUNCED: RcptState.BOUNCED, Kind.DEFERRED: RcptState.DEFERRED}
 
 Loaded = dict[str, tuple[Message, dict[int, RecipientStatus]]]
 # the RFC 3464 report for a finished message (worker.jobs.make_dsn), or None
@@ -196,9 +205,10 @@ class DeliveryService:
         """Put the job's parcels in its destination's lane (the parcels this process's
         conversations with it take from), see that conversations run, wait for the parcels; then
         record what the conversations did not: deferrals, DNS verdicts."""
-        found = resolve(self.resolver, destination, self.settings.smtp_port)
-        if isinstance(found, Outcome):
-            fail_all(parcels, found)
+        try:
+            found = resolve(self.resolver, destination, self.settings.smtp_port)
+        except Undeliverable as e:
+            fail_all(parcels, e.outcome)
             self._record_rest(destination, batch, parcels)
             return
         owner = _Owner(batch, parcels)
@@ -504,28 +514,27 @@ class _Batch:
 
     def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
         out = p.outcomes[i]
-        state = _STATE_OF[out.kind]
-        if state is RcptState.DEFERRED and delay is None:
-            state = RcptState.BOUNCED  # past queue_lifetime: bounce with the last reply
+        if out.state is RcptState.DEFERRED and delay is None:
+            # past queue_lifetime: bounce with the last reply
             out = Outcome(
-                Kind.BOUNCED,
+                RcptState.BOUNCED,
                 out.dsn,
                 f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
                 out.relay,
                 out.remote_mta,
             )
-        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
+        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
-        metrics.delivery_attempt(state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
+        metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
         return RecipientStatus(
-            state=state,
+            state=out.state,
             attempts=old.attempts + 1,
             dsn=out.dsn,
             reply=out.reply,
             relay=out.relay,
             remote_mta=out.remote_mta,
             updated=now,
-            next_attempt=now + delay if state is RcptState.DEFERRED and delay else 0.0,
+            next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
         )
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:

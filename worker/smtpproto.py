@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from common.envelope import RcptState, outcome_of
+
 __all__ = [
     "Client",
     "ClientEvent",
@@ -72,12 +74,9 @@ class RemoteReply:
         return 200 <= self.code < 300
 
     @property
-    def transient(self) -> bool:
-        return not (200 <= self.code < 300 or 500 <= self.code < 600)
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
+    def outcome(self) -> RcptState:
+        """What this reply means for a recipient it decides: DELIVERED, BOUNCED or DEFERRED."""
+        return outcome_of(self.code)
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
@@ -364,7 +363,7 @@ class Client:
                     self._command("STARTTLS", "STARTTLS")
                 else:
                     self._ready()
-            elif reply.code == 421 or reply.transient:
+            elif reply.outcome is RcptState.DEFERRED:
                 # RFC 5321 §4.1.4: HELO is the fallback for a server that does not know EHLO (5xx);
                 # a 4xx (421: closing) is the server refusing us now, and it has likely hung up
                 self._refuse(f"host {self.relay} refused to talk to me: {reply}", reply)

@@ -17,9 +17,9 @@ from types import TracebackType
 import dns.resolver
 import pytest
 
-from common.envelope import Envelope, Recipient, new_queue_id
+from common.envelope import Envelope, RcptState, Recipient, new_queue_id
 from worker.mx import MXResolver
-from worker.relay import Kind, Parcel, deliver
+from worker.relay import Parcel, deliver
 from worker.smtpclient import SMTPConnection
 
 TOO_MANY_ERRORS = "421 4.7.0 pfb.test Error: too many errors"
@@ -176,14 +176,24 @@ def test_refused_recipients_bounce_and_the_rest_go_on_the_next_try(pipelining: b
         kw = {"resolver": resolver, "port": 25, "helo_name": "mtaq.test", "connect_timeout": 5.0, "timeout": 5.0}
         deliver(dest, [parcel], **kw)  # type: ignore[arg-type]
         first = dict(parcel.outcomes)
-        assert [first[i].kind for i in range(4)] == [Kind.BOUNCED, Kind.BOUNCED, Kind.DEFERRED, Kind.DEFERRED]
+        assert [first[i].state for i in range(4)] == [
+            RcptState.BOUNCED,
+            RcptState.BOUNCED,
+            RcptState.DEFERRED,
+            RcptState.DEFERRED,
+        ]
         assert first[0].dsn == "5.1.1" and "554 5.1.1 <bad1@y.test>" in first[0].reply
         assert first[1].dsn == "5.7.1"
         assert first[2].dsn == "4.7.0" and "421 4.7.0" in first[2].reply and "too many errors" in first[2].reply
         assert first[2].relay == f"127.0.0.1[127.0.0.1]:{server.port}"
         assert parcel.pending() == [2, 3]
         deliver(dest, [parcel], **kw)  # type: ignore[arg-type]
-    assert [parcel.outcomes[i].kind for i in range(4)] == [Kind.BOUNCED, Kind.BOUNCED, Kind.SENT, Kind.SENT]
+    assert [parcel.outcomes[i].state for i in range(4)] == [
+        RcptState.BOUNCED,
+        RcptState.BOUNCED,
+        RcptState.DELIVERED,
+        RcptState.DELIVERED,
+    ]
     assert server.delivered == [["ok1@y.test", "ok2@y.test"]]
 
 
@@ -204,7 +214,7 @@ def test_421_to_ehlo_defers_with_the_servers_reply_and_no_helo() -> None:
             timeout=5.0,
         )
     out = parcel.outcomes[0]
-    assert out.kind is Kind.DEFERRED
+    assert out.state is RcptState.DEFERRED
     assert out.dsn == "4.7.0"
     assert out.relay == f"127.0.0.1[127.0.0.1]:{server.port}"
     assert "refused to talk to me: 421 4.7.0" in out.reply

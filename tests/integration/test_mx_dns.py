@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.dnsserver import ZoneServer
-from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target, make_resolver
+from worker.mx import DnsError, MXResolver, Target, make_resolver
 
 PORT = 2525
 TIMEOUT = 0.5
@@ -121,13 +121,13 @@ def test_no_mx_means_the_domain_itself(zone: ZoneServer) -> None:
 
 
 def test_no_mx_and_no_address_is_unroutable(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("nothing.test", PORT)
     assert e.value.dsn == "5.4.4"
 
 
 def test_null_mx_bounces_at_once(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("null.test", PORT)
     assert e.value.dsn == "5.1.10"
     assert "null.test" in e.value.text
@@ -135,7 +135,7 @@ def test_null_mx_bounces_at_once(zone: ZoneServer) -> None:
 
 def test_nxdomain_bounces(zone: ZoneServer) -> None:
     before = zone.query_count("nosuch.test")
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("nosuch.test", PORT)
     assert e.value.dsn == "5.1.2"
     assert "name=nosuch.test type=MX: Host not found" in e.value.text
@@ -146,14 +146,14 @@ def test_nxdomain_bounces(zone: ZoneServer) -> None:
 
 
 def test_servfail_defers(zone: ZoneServer) -> None:
-    with pytest.raises(DnsTransient) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("servfail.test", PORT)
     assert e.value.dsn == "4.4.3"
 
 
 def test_timeout_defers(zone: ZoneServer) -> None:
     started = time.monotonic()
-    with pytest.raises(DnsTransient) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("timeout.test", PORT)
     assert e.value.dsn == "4.4.3"
     assert "timed out" in e.value.text
@@ -162,7 +162,7 @@ def test_timeout_defers(zone: ZoneServer) -> None:
 
 def test_no_dns_server_at_all_defers() -> None:
     resolver = MXResolver(make_resolver([("127.0.0.1", 9)], timeout=0.3))  # discard port: refused / silent
-    with pytest.raises(DnsTransient) as e:
+    with pytest.raises(DnsError) as e:
         resolver.targets("a.test", PORT)
     assert e.value.dsn == "4.4.3"
 
@@ -175,20 +175,20 @@ def test_unresolvable_mx_host_is_skipped(zone: ZoneServer) -> None:
 
 
 def test_all_mx_hosts_nxdomain_is_unroutable(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("broken.test", PORT)
     assert e.value.dsn == "5.4.4"
     assert "Unable to route" in e.value.text
 
 
 def test_mx_host_without_addresses_is_unroutable(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("noaddr.test", PORT)
     assert e.value.dsn == "5.4.4"
 
 
 def test_a_transient_host_failure_outweighs_permanent_ones(zone: ZoneServer) -> None:
-    with pytest.raises(DnsTransient) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("flaky.test", PORT)
     assert e.value.dsn == "4.4.3"
 
@@ -201,19 +201,19 @@ def test_aaaa_failure_does_not_spoil_a(zone: ZoneServer) -> None:
 
 
 def test_mx_host_named_like_us_is_a_loop(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone, local_names=["ME.example."]).targets("loop.test", PORT)
     assert (e.value.dsn, e.value.text) == ("5.4.6", "mail for loop.test loops back to myself")
 
 
 def test_mx_host_on_our_address_is_a_loop(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone, local_ips=["127.0.0.1"]).targets("loopip.test", PORT)
     assert e.value.dsn == "5.4.6"
 
 
 def test_implicit_mx_on_our_address_is_a_loop(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone, local_ips=["127.0.0.6"]).targets("implicit.test", PORT)
     assert e.value.dsn == "5.4.6"
 
@@ -225,7 +225,7 @@ def test_as_backup_mx_we_use_only_the_better_ones(zone: ZoneServer) -> None:
 
 def test_us_at_the_best_preference_is_a_loop_even_beside_others(zone: ZoneServer) -> None:
     for seed in range(6):  # whichever order the shuffle picks
-        with pytest.raises(DnsPermanent) as e:
+        with pytest.raises(DnsError) as e:
             mx(zone, local_names=["me.example"], rng=random.Random(seed)).targets("tie.test", PORT)
         assert e.value.dsn == "5.4.6"
 
@@ -263,7 +263,7 @@ def test_domain_with_port_still_looks_up_mx(zone: ZoneServer) -> None:
 
 
 def test_host_literal_that_does_not_exist(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("[nosuch.test]", PORT)
     assert e.value.dsn == "5.4.4"
 
@@ -288,11 +288,11 @@ def test_large_answer_falls_back_to_tcp(zone: ZoneServer) -> None:
 def test_answers_are_cached(zone: ZoneServer) -> None:
     resolver = mx(zone)
     resolver.targets("a.test", PORT)
-    with pytest.raises(DnsPermanent):
+    with pytest.raises(DnsError):
         resolver.targets("nosuch2.test", PORT)
     before = len(zone.queries)
     resolver.targets("a.test", PORT)
-    with pytest.raises(DnsPermanent):
+    with pytest.raises(DnsError):
         resolver.targets("nosuch2.test", PORT)
     assert len(zone.queries) == before
 
@@ -309,7 +309,7 @@ def test_records_added_at_runtime(zone: ZoneServer) -> None:
 
 
 def test_an_mx_that_is_an_ip_address_is_malformed(zone: ZoneServer) -> None:
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         mx(zone).targets("numeric.test", PORT)
     assert e.value.dsn == "5.4.4" and "is an IP address" in e.value.text
 
@@ -335,7 +335,7 @@ def test_loop_detection_by_the_address_we_listen_on(zone: ZoneServer) -> None:
     from worker.mx import local_addresses
 
     resolver = mx(zone, local_ips=local_addresses("127.0.0.1:2525"))
-    with pytest.raises(DnsPermanent) as e:
+    with pytest.raises(DnsError) as e:
         resolver.targets("loopip.test", PORT)
     assert e.value.dsn == "5.4.6"
     # listening on a wildcard: every interface address is ours, 127.0.0.1 among them

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target, make_resolver, order_mx, parse_destination
+from worker.mx import DnsError, MXResolver, Target, make_resolver, order_mx, parse_destination
 
 RECORDS = [(20, "c.test."), (10, "a.test."), (10, "b.test."), (10, "d.test."), (30, "e.test.")]
 
@@ -74,7 +74,7 @@ def test_ip_literal_needs_no_dns() -> None:
 
 def test_bad_destination_is_a_configuration_error_that_defers() -> None:
     resolver = MXResolver(make_resolver([("127.0.0.1", 9)], timeout=0.1))
-    with pytest.raises(DnsTransient) as e:
+    with pytest.raises(DnsError) as e:
         resolver.targets("[host]:99999", 25)
     assert e.value.dsn == "4.3.5"
 
@@ -84,7 +84,7 @@ def test_target_str_is_postfix_relay_form() -> None:
 
 
 def test_errors_carry_status_and_text() -> None:
-    e = DnsPermanent("5.1.2", "Host or domain name not found")
+    e = DnsError("5.1.2", "Host or domain name not found")
     assert (e.dsn, e.text) == ("5.1.2", "Host or domain name not found")
     assert "5.1.2" in str(e)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from common.envelope import RcptState
 from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
 from worker.smtpproto import (
     Client,
@@ -519,6 +520,6 @@ def test_against_our_session_per_recipient_refusals() -> None:
     events, stored = converse(client, our_session(), lambda c: c.start_transaction("s@y.test", rcpts, b"x\r\n", []))
     done = next(e for e in events if isinstance(e, TransactionDone)).result
     assert done.replies[0].code == 250 and done.replies[2].code == 250
-    assert done.replies[1].permanent  # relay access denied
-    assert done.replies[4].transient  # 452 too many recipients: a later transaction takes it
+    assert done.replies[1].outcome is RcptState.BOUNCED  # relay access denied
+    assert done.replies[4].outcome is RcptState.DEFERRED  # 452 too many recipients: a later transaction takes it
     assert len(stored) == 1 and len(stored[0].recipients) == 3
