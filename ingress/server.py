@@ -1,4 +1,5 @@
-"""asyncio glue around the sans-IO session: the only ingress module that touches sockets.
+"""asyncio glue around the sans-IO session: it owns the client connections (ingress/verify.py
+opens only its own outbound probes to the next hop).
 
 Feeds bytes into ``Session``, writes its replies, and carries out what it asks for: store a message
 (group commit), upgrade to TLS, check a password. Also enforces what needs a clock or a view of every
@@ -15,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any
 
 import dns.asyncresolver
@@ -110,10 +111,6 @@ class Ingress:
         else:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
-
-    @property
-    def sockets(self) -> Sequence[socket.socket]:
-        return self.server.sockets if self.server is not None else ()
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
