@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import ROOT, message, route, wait_port
+from tests.integration.eventually import GENEROUS
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 
@@ -75,7 +76,7 @@ def test_metrics_of_mtaq_run_count_real_traffic(
                 and value(t, "mtaq_connections_total") == 3  # wait_port's probe, and the two above
             )
 
-        assert wait_for(settled, 30, 0.2), scrape(mport) + log.read_text()
+        assert wait_for(settled, GENEROUS, 0.2), scrape(mport) + log.read_text()
         t = scrape(mport)
         assert value(t, "mtaq_messages_accepted_total") == 5
         # the ingress counts the DATA it received (its Received: header is added after)
