@@ -73,7 +73,7 @@ def test_kill_9_of_run_takes_every_child_with_it_and_a_new_run_starts(
     route(dns, "deferred.test", "127.0.0.9")  # nobody listens there: the worker defers, the mail stays
     p = start_run(data_dir, port, dns, mx_port, log, workers=1)
     try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:
             s.sendmail("alice@client.test", ["bob@deferred.test"], message("kept"))
         redis_pid = int((data_dir / "redis.pid").read_text())
         # redis, ingress, worker, scheduler

@@ -21,7 +21,7 @@ from tests.sinks import SinkServer, free_port, wait_for
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=GENEROUS) as resp:
         return str(resp.read().decode())
 
 
@@ -55,7 +55,7 @@ def test_metrics_of_mtaq_run_count_real_traffic(
         wait_port("127.0.0.1", port)
         wait_port("127.0.0.1", mport)
         sizes = []
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:  # connection 1
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:  # connection 1
             for rcpt in ("a@ok.test", "b@ok.test", "c@ok.test", "d@later.test", "e@never.test"):
                 body = message(rcpt, to=rcpt)
                 sizes.append(len(body))  # what DATA carries; smtplib sends it as is

@@ -99,7 +99,7 @@ def test_run_keeps_the_queue_across_restarts_and_delivers(
     # first start: no worker, so the message stays queued
     p = start_run(data_dir, port, dns, mx_port, log, workers=0)
     try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:
             code, resp = s.ehlo("client.test")
             assert code == 250 and b"PIPELINING" in resp
             s.sendmail("alice@client.test", ["bob@a.test"], message("kept"))
@@ -175,7 +175,7 @@ def test_run_restarts_a_killed_redis_server(tmp_path: Path, dns: ZoneServer, mx_
     p = start_run(data_dir, port, dns, mx_port, log, workers=0)
     pid_file = data_dir / "redis.pid"
     try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:
             s.sendmail("alice@client.test", ["bob@a.test"], message("before"))
         old = int(pid_file.read_text())
         os.kill(old, signal.SIGKILL)
@@ -192,7 +192,7 @@ def test_run_restarts_a_killed_redis_server(tmp_path: Path, dns: ZoneServer, mx_
 
         def accepted() -> bool:
             try:
-                with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:
                     s.sendmail("carol@client.test", ["dave@a.test"], message("after"))
             except (smtplib.SMTPException, OSError):
                 return False
