@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from common.logging import setup_logging
@@ -57,7 +58,19 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("ingress", settings.log_level)
-    asyncio.run(_serve(settings, sock))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(_serve(settings, sock))
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency on CPython/Linux), else asyncio's:
+    its transports and loop run in C, which measured (README, Performance) as less CPU per
+    connection and per reply for the same sessions."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main(settings: Settings) -> int:

@@ -16,7 +16,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 import dns.asyncresolver
 
@@ -152,8 +152,8 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport; uvloop's implements asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])
         ing = self.ingress
