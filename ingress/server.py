@@ -71,7 +71,11 @@ class Ingress:
 
     def __init__(self, spool: Spool, config: IngressConfig) -> None:
         self.committer = Committer(
-            spool, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
+            spool,
+            max_batch=config.commit_max_messages,
+            max_queue=config.max_queue,
+            wait=config.commit_wait,
+            open_transactions=self.open_transactions,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
@@ -93,6 +97,10 @@ class Ingress:
         self.server: asyncio.Server | None = None
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def open_transactions(self) -> int:
+        """Sessions between MAIL and the answer after DATA: who may still join a group commit."""
+        return sum(1 for c in self.connections if c.session is not None and c.session.in_transaction)
 
     def protocol(self) -> SMTPProtocol:
         return SMTPProtocol(self)
