@@ -1,18 +1,98 @@
-"""Log set-up shared by every role: one line per event, Postfix-like, to stderr."""
+"""Log set-up shared by every role: one line per event, Postfix-like, to stderr.
+
+``log_format=text`` (the default) writes Postfix's line; ``log_format=json`` writes the same event as
+one JSON object per line for log shippers. The JSON carries the same fields as the text line: the
+text's ``QID: key=value, ... status=X (reply)`` shape is parsed back into ``queue_id``, one member
+per ``key=value`` and ``reply``, so that every role's existing log calls need no second spelling.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import socket
 import sys
+import time
+from typing import Any
 
-__all__ = ["setup_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "parse_fields", "setup_logging"]
+
+LOG_FORMATS = ("text", "json")
+
+# "66171B859DFDABADC6D: to=<bob@example.net>, relay=mx[192.0.2.1]:25, delay=0.31, dsn=2.0.0, status=sent (250 Ok)"
+_QID = re.compile(r"(?P<qid>[0-9A-F]{10,}): (?P<rest>.*)\Z", re.S)
+# a value is <...> (an address, may hold commas), or runs to the next ", " or " (" at the end
+_PAIR = re.compile(r"(?P<key>[a-z_]+)=(?P<value><[^>]*>|[^,\s(]*(?:\([^)]*\))?[^,\s]*)(?:, |\s*(?=\()|\s*\Z)")
+_NUMERIC = {"delay": float, "size": int, "nrcpt": int}
 
 
-def setup_logging(role: str, level: str = "INFO") -> None:
+def parse_fields(message: str) -> dict[str, Any]:
+    """The structured fields of a Postfix-style line; {} for a line of another shape."""
+    m = _QID.match(message)
+    if m is None:
+        return {}
+    out: dict[str, Any] = {"queue_id": m["qid"]}
+    rest = m["rest"]
+    pos = 0
+    while pos < len(rest):
+        pair = _PAIR.match(rest, pos)
+        if pair is None or pair.end() == pos:
+            break
+        key, value = pair["key"], pair["value"]
+        if value.startswith("<") and value.endswith(">"):
+            value = value[1:-1]
+        conv = _NUMERIC.get(key)
+        try:
+            out[key] = conv(value) if conv else value
+        except ValueError:
+            out[key] = value
+        pos = pair.end()
+    tail = rest[pos:].strip()
+    if tail.startswith("(") and tail.endswith(")"):
+        out["reply"] = tail[1:-1]
+    elif tail:
+        out["text"] = tail  # e.g. "removed", "sender delivery status notification: ID"
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (json.dumps escapes any newline in the message)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+        self.host = socket.gethostname()
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        obj: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            + f".{int(record.msecs):03d}"
+            + time.strftime("%z", time.localtime(record.created)),
+            "host": self.host,
+            "program": f"mtaq/{self.role}",
+            "pid": record.process,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        obj.update(parse_fields(message))
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def setup_logging(role: str, level: str = "INFO", fmt: str = "text") -> None:
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s mtaq/{role}[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s mtaq/{role}[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -34,6 +34,10 @@ class Settings:
     processes: int = _opt(0, "ingress processes sharing the port (0 = CPU count; `run` uses 1)", ("ingress",))
     queue_name: str = _opt("mtaq", "the RQ queue the workers take jobs from")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _opt("text", "text (Postfix-like lines) or json (one object per line, for log shippers)")
+    metrics_listen: str = _opt(
+        "", "host:port of Prometheus /metrics and the status page at / (unset = none)", ("run", "ingress", "exporter")
+    )
     redis_appendfsync: str = _opt(
         "always", "embedded Redis: always (250 means on disk) or everysec (may lose 1 s on power cut)", ("run",)
     )
@@ -120,6 +124,8 @@ class Settings:
             object.__setattr__(self, "hostname", socket.getfqdn() or "localhost")
         for net in self.networks:
             del net  # parsing in .networks raises on a bad entry, early
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
         if self.redis_appendfsync not in ("always", "everysec"):
             raise ValueError("redis_appendfsync must be 'always' or 'everysec'")
         if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:

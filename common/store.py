@@ -7,9 +7,13 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
 ``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
-``mtaq:stats``      hash of counters: received, delivered, bounced, deferred
+``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, and the metrics' own
+                    (common/metrics.py: accepted, connections, rejected:<code>, latency buckets ...)
 ``mtaq:lease:<id>:<destination>``  string with a TTL: the job working on that message for that destination
 ``mtaq:sweep-lock`` string with a TTL: the worker sweeping the queue now
+``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
+``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
+``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
 StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
@@ -39,6 +43,9 @@ PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
 SWEEP_LOCK = PREFIX + "sweep-lock"
+HOLD = PREFIX + "hold"
+SAMPLES = PREFIX + "samples"
+SAMPLE_LOCK = PREFIX + "samples-lock"
 
 
 def msg_key(qid: str) -> str:
@@ -55,6 +62,14 @@ def left_key(qid: str) -> str:
 
 def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
+
+
+# Per-destination delivery limits shared by every worker (the engine's):
+# ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
+# ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled.
+# `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
+def dest_key(destination: str, what: str) -> str:
+    return f"{PREFIX}dest:{destination}:{what}"
 
 
 class StoreError(Exception):
@@ -191,6 +206,31 @@ class Store:
             out.append((message, {int(k): RecipientStatus.from_json(v) for k, v in states.items()}))
         return out
 
+    def held(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` that are on hold."""
+        if not ids:
+            return set()
+        flags = self.redis.smismember(HOLD, list(ids))
+        return {qid for qid, on in zip(ids, flags, strict=True) if on}
+
+    def hold(self, ids: Sequence[str]) -> list[str]:
+        """Put messages on hold (`mtaq queue hold`): no delivery, no expiry, no bounce until
+        released. Returns those newly held; an id not in the queue is not held."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.zscore(INDEX, qid)
+        queued = [qid for qid, score in zip(ids, pipe.execute(), strict=True) if score is not None]
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in queued:
+            pipe.sadd(HOLD, qid)
+        return [qid for qid, added in zip(queued, pipe.execute(), strict=True) if added]
+
+    def held_ids(self) -> list[str]:
+        return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
+
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
         raw = self.redis.hgetall(rcpt_key(qid))
         return {int(k): RecipientStatus.from_json(v) for k, v in raw.items()}
@@ -258,6 +298,16 @@ class Store:
             self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
 
+    def release(self, ids: Sequence[str]) -> list[str]:
+        """Take messages off hold (`mtaq queue release`); returns those that were held."""
+        ids = list(ids)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in ids:
+            pipe.srem(HOLD, qid)
+        return [qid for qid, removed in zip(ids, pipe.execute(), strict=True) if removed]
+
     def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
         """Mark the delay warning of each message as sent; returns those this caller marked (a
         message warned before, or gone, is left out): one warning per message, whoever asks."""
@@ -278,3 +328,4 @@ class Store:
     def _delete(pipe: Any, qid: str) -> None:
         pipe.delete(msg_key(qid), rcpt_key(qid), left_key(qid))
         pipe.zrem(INDEX, qid)
+        pipe.srem(HOLD, qid)

@@ -57,7 +57,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     # has been accepted yet.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(settings, sock))
 
@@ -74,7 +74,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(settings: Settings) -> int:
-    setup_logging("ingress", settings.log_level)
+    setup_logging("ingress", settings.log_level, settings.log_format)
     sock = bind(settings.listen_addr)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import dns.asyncresolver
 
+from common import metrics
 from common.envelope import Envelope, new_queue_id
 from common.spool import Spool
 from common.store import Message
@@ -162,6 +163,7 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport; uvloop's implements asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        metrics.connection()
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])
         ing = self.ingress
@@ -191,6 +193,7 @@ class SMTPProtocol(asyncio.Protocol):
     def _refuse(self, reply: replies.Reply) -> None:
         assert self.transport is not None
         self.transport.write(reply.to_bytes())
+        metrics.replies_sent(reply.to_bytes())
         self._close()
 
     def _close(self) -> None:
@@ -264,6 +267,7 @@ class SMTPProtocol(asyncio.Protocol):
                 return
             if isinstance(ev, Send):
                 self.transport.write(ev.data)
+                metrics.replies_sent(ev.data)
             elif isinstance(ev, Transaction):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._store(ev))
@@ -311,6 +315,7 @@ class SMTPProtocol(asyncio.Protocol):
             len(tx.data),
             "" if tx.auth_user is None else f", sasl_username={tx.auth_user[:64]!r}",
         )
+        metrics.accepted(len(tx.data))
         self._resume(self.session.message_stored(qid))
 
     async def _commit(self, tx: Transaction) -> str:

@@ -1,4 +1,4 @@
-"""The `mtaq` command: run (all in one), ingress, worker, queue (mailq), passwd."""
+"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from common import metrics
 from common.embedded import EmbeddedRedis
 from common.logging import setup_logging
-from common.redisconn import NoRedis
+from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments
 from common.supervise import Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
-from mtaq.queuecmd import cmd_queue
+from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
+from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from worker.process import main as worker_main
 
 __all__ = ["main"]
@@ -25,7 +27,7 @@ log = logging.getLogger("mtaq")
 
 
 def cmd_run(settings: Settings) -> int:
-    setup_logging("run", settings.log_level)
+    setup_logging("run", settings.log_level, settings.log_format)
     # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
@@ -36,7 +38,10 @@ def cmd_run(settings: Settings) -> int:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
             settings = settings.replace(redis_url=embedded.url)
-        env = {**os.environ, **settings.replace(processes=settings.processes or 1).to_env()}
+        if settings.metrics_listen:
+            serve_monitor(settings)
+        # the children count into Redis (common/metrics.py); this process alone serves the listener
+        env = {**os.environ, **settings.replace(processes=settings.processes or 1, metrics_listen="").to_env()}
         me = [sys.executable, "-m", "mtaq"]
         children = [Child("ingress", argv=[*me, "ingress"], env=env)]
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
@@ -51,10 +56,14 @@ def cmd_run(settings: Settings) -> int:
 
 
 def cmd_ingress(settings: Settings) -> int:
+    metrics.attach(connect(settings))
+    if settings.metrics_listen:
+        serve_monitor(settings)  # in the parent: forked ingress children count into Redis
     return ingress_main(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
+    metrics.attach(connect(settings))
     return worker_main(settings, burst=burst)
 
 
@@ -78,7 +87,7 @@ def cmd_passwd(settings: Settings, user: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtaq", description="mtaq mail transfer agent")
+    p = OneLineParser(prog="mtaq", description="mtaq mail transfer agent")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="all in one: embedded Redis, one ingress, N workers")
     add_arguments(run, "run")
@@ -87,14 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", help="an RQ delivery worker (with the retry scheduler)")
     add_arguments(wrk, "worker")
     wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
-    q = sub.add_parser("queue", help="show the queue, like mailq; flush or delete")
-    add_arguments(q, "queue")
-    q.add_argument("action", nargs="?", default="list", choices=["list", "stats", "flush", "sweep", "delete"])
-    q.add_argument("ids", nargs="*", help="queue ids for delete")
+    add_exporter_parser(sub)
+    add_queue_parser(sub)
+    add_health_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
-    pw.add_argument("--auth-file", "--auth_file", dest="auth_file", default=None)
-    pw.add_argument("user")
+    pw.add_argument(
+        "--auth-file", "--auth_file", dest="auth_file", default=None, help="the credentials file the ingress reads"
+    )
+    pw.add_argument("user", help="the user name clients give to AUTH")
     return p
 
 
@@ -114,10 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args.burst)
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
-        return cmd_queue(settings, args.action, args.ids)
+        if args.command == "exporter":
+            return cmd_exporter(settings)
+        if args.command == "health":
+            return cmd_health(settings, args.check, args.json)
+        return cmd_queue(settings, args)
+    except QueueUsage as e:
+        print(f"mtaq queue: {e}", file=sys.stderr)
+        return 2
     except NoRedis as e:
         print(f"mtaq: {e}", file=sys.stderr)
-        return 1
+        return 3 if args.command in ("queue", "health") else 1
     except KeyboardInterrupt:
         return 130
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
+from common import metrics
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.redisconn import connect
 from common.settings import Settings
@@ -98,6 +99,7 @@ class _Batch:
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at, out.kind.value)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        metrics.delivery_attempt(state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
         return RecipientStatus(
             state=state,
             attempts=old.attempts + 1,
@@ -137,9 +139,10 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
     due: dict[str, list[int]] = {}
     reroute: dict[str, list[str]] = defaultdict(list)
     leftover: list[str] = []
+    on_hold = store.held(ids)  # an operator's hold: no send, no expiry, no bounce until released
     for found in store.load_many(ids):
-        if found is None:
-            continue  # finished meanwhile (a re-run job after a crash)
+        if found is None or found[0].envelope.id in on_hold:
+            continue  # finished meanwhile (a re-run job after a crash), or held
         msg, statuses = found
         qid = msg.envelope.id
         if _all_final(msg, statuses):

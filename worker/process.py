@@ -26,7 +26,7 @@ WORKER_TTL = 60
 
 
 def main(settings: Settings, *, burst: bool = False) -> int:
-    setup_logging("worker", settings.log_level)
+    setup_logging("worker", settings.log_level, settings.log_format)
     r = redis.Redis.from_url(
         redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
     )
