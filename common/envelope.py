@@ -18,23 +18,49 @@ from typing import Any
 
 __all__ = [
     "FINAL_STATES",
+    "LOG_STATUS",
     "Envelope",
     "RcptState",
     "Recipient",
     "RecipientStatus",
     "domain_of",
     "new_queue_id",
+    "outcome_of",
 ]
 
 
 class RcptState(str, Enum):
+    """Where a recipient stands, and mtaq's one outcome vocabulary: a delivery attempt ends
+    DELIVERED, DEFERRED (a transient failure: tried again later) or BOUNCED (a permanent failure:
+    reported to the sender). "Permanent" and "transient" name these two, nothing else."""
+
     PENDING = "pending"
     DEFERRED = "deferred"
     DELIVERED = "delivered"
     BOUNCED = "bounced"
 
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
 
 FINAL_STATES = frozenset({RcptState.DELIVERED, RcptState.BOUNCED})
+
+# The word a delivery log line says (``status=sent``): Postfix's, which operators' tools parse. The
+# one place "sent" names the outcome; everywhere else it is DELIVERED.
+LOG_STATUS = {RcptState.DELIVERED: "sent", RcptState.DEFERRED: "deferred", RcptState.BOUNCED: "bounced"}
+
+
+def outcome_of(code: int | str) -> RcptState:
+    """What a reply means for the recipient, from its SMTP code (250, 451, 550) or its enhanced
+    status code ("2.0.0", "4.4.1", "5.1.1"): 2 delivered, 5 bounced (permanent), anything else,
+    a malformed code included, deferred (transient: a retry costs less than a wrong bounce)."""
+    first = str(code).strip()[:1]
+    if first == "2":
+        return RcptState.DELIVERED
+    if first == "5":
+        return RcptState.BOUNCED
+    return RcptState.DEFERRED
 
 
 def new_queue_id() -> str:
@@ -161,7 +187,7 @@ class RecipientStatus:
 
     @property
     def final(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state.final
 
     def to_json(self) -> str:
         return json.dumps(

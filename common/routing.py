@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from common.address import parse_hostport
 from common.envelope import Envelope, domain_of
 from common.settings import Settings
 
@@ -20,7 +21,7 @@ def next_hop(address: str, relayhost: str) -> str:
     if relayhost:
         if relayhost.startswith("["):
             return relayhost
-        host, _, port = relayhost.partition(":")
+        host, port = parse_hostport(relayhost, 0)
         return f"[{host}]:{port}" if port else f"[{host}]"
     return domain_of(address)
 

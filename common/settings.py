@@ -8,15 +8,19 @@ Postfix where Postfix has an equivalent parameter (named in the field's help).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["Settings", "add_arguments", "parse_hostport"]
+from common.address import parse_hostport
+
+__all__ = ["Settings", "add_arguments", "hostname_problem"]
 
 
 def _opt(default: Any, help: str, roles: tuple[str, ...] = ("all",)) -> Any:
@@ -68,6 +72,27 @@ class Settings:
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
+    worker_concurrency: int = _opt(
+        100, "SMTP conversations one worker process holds at once (Postfix default_process_limit)", ("worker",)
+    )
+    destination_concurrency: int = _opt(
+        20,
+        "connections to one destination at once, all workers on all hosts together "
+        "(Postfix default_destination_concurrency_limit)",
+        ("worker",),
+    )
+    destination_rate: float = _opt(
+        0.0, "messages per second to one destination, all workers (0 = no limit)", ("worker",)
+    )
+    destination_messages_per_connection: int = _opt(
+        100, "messages over one connection before a new one (Postfix smtp_connection_reuse_count_limit)", ("worker",)
+    )
+    destination_failure_limit: int = _opt(
+        5, "connection failures in a row before a destination is suspended for destination_retry_time", ("worker",)
+    )
+    destination_retry_time: float = _opt(
+        60.0, "seconds a destination stays suspended after destination_failure_limit failures", ("worker",)
+    )
     maintenance_interval: int = _opt(
         600, "seconds between queue sweeps and RQ registry clean-ups (re-run jobs whose worker died)", ("worker",)
     )
@@ -143,6 +168,12 @@ class Settings:
         return frozenset(d.strip().lower().rstrip(".") for d in self.relay_domains.split(",") if d.strip())
 
     @property
+    def stop_timeout(self) -> float:
+        """How long a supervisor waits for its children before SIGKILL: each needs up to
+        shutdown_grace for its transactions in flight, then CLOSE_GRACE and its last group commit."""
+        return self.shutdown_grace + 10
+
+    @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, 2525)
 
@@ -174,6 +205,28 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# Names that are dotted yet nobody else's name for this host.
+_PRIVATE_SUFFIXES = (".localdomain", ".localhost", ".local", ".internal", ".lan", ".home.arpa")
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why ``name`` is a poor name for mtaq to give the world in its greeting, EHLO and Received:
+    (remote servers check it, and some refuse mail from a bare or private name); None if fine."""
+    hint = "set hostname (--hostname / MTAQ_HOSTNAME) to this host's public DNS name"
+    host = name.strip().rstrip(".").lower()
+    if not host or "." not in host:
+        return f"hostname {name!r} is not a fully qualified domain name: {hint}"
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return f"hostname {name!r} is an address, not a name: {hint}"
+    if not all(_LABEL.fullmatch(label) for label in host.split(".")):
+        return f"hostname {name!r} is not a valid DNS name: {hint}"
+    if host.endswith(_PRIVATE_SUFFIXES):
+        return f"hostname {name!r} is a private name the world cannot look up: {hint}"
+    return None
+
+
 def _render(value: Any) -> str:
     return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
@@ -190,19 +243,6 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
         return kind(raw)
     except ValueError:
         raise ValueError(f"MTAQ_{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
-
-
-def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or ``[host]:port`` -> (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, ""
-    return host, int(port) if port else default_port
 
 
 def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:

@@ -1,6 +1,8 @@
 """A small process supervisor: start children, restart one that dies, stop all on SIGTERM/SIGINT/SIGHUP.
 
-Used by `mtaq run` (ingress + workers) and `mtaq ingress --processes N`."""
+Used by `mtaq run` (ingress + workers) and `mtaq ingress --processes N`. A child that exits with
+EXIT_FATAL (it cannot work as configured: its port is in use) is not restarted: the supervisor
+stops the others and exits with that code. Children die with the supervisor (common/lifeline.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,22 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["Child", "Supervisor", "restart_delay"]
+from common.lifeline import SUPERVISOR_ENV, die_with_parent, preexec_die_with
+
+__all__ = ["EXIT_FATAL", "Child", "Process", "Supervisor", "restart_delay", "stop_processes"]
 
 log = logging.getLogger("mtaq.supervisor")
 
 # A child that dies this soon after its start is failing, not crashing: back off before restarting.
 FAST_FAIL = 2.0
+# sysexits.h EX_CONFIG: a child that cannot work as configured (its listening address is taken);
+# restarting it would fail the same way for ever, so the supervisor gives up at once.
+EXIT_FATAL = 78
 # SIGHUP too: the children are in their own sessions (below), so when the terminal goes away only the
 # supervisor hears it, and it must not die leaving them running
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -32,8 +40,44 @@ def restart_delay(lived: float, restarts: int) -> float:
     return min(30.0, 2.0 ** min(restarts, 5)) if lived < FAST_FAIL else 0.0
 
 
-def _own_session(target: Callable[..., Any], *args: Any) -> Any:
+Process = subprocess.Popen[bytes] | BaseProcess
+
+
+def _running(p: Process) -> bool:
+    return (p.poll() if isinstance(p, subprocess.Popen) else p.exitcode) is None
+
+
+def stop_processes(procs: Sequence[Process], timeout: float, sig: int = signal.SIGTERM) -> list[Process]:
+    """The one way to stop processes: ``sig`` to each, up to ``timeout`` seconds for all of them
+    together, SIGKILL for those still running, then reap every one. Returns those killed."""
+    for p in procs:
+        if _running(p) and p.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in procs):
+        time.sleep(0.02)
+    killed = [p for p in procs if _running(p)]
+    for p in killed:
+        if p.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    for p in procs:
+        if isinstance(p, subprocess.Popen):
+            p.wait()
+        else:
+            p.join()
+    return killed
+
+
+def _own_session(parent: int, target: Callable[..., Any], *args: Any) -> Any:
+    # A forked child inherits the supervisor's stop handlers, which only set a flag in the parent's
+    # Supervisor: a SIGTERM arriving before the child installs its own would be lost and the child
+    # would run on until SIGKILL. Until then, the default action (exit) is right.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
+    die_with_parent(parent)
     return target(*args)
 
 
@@ -52,12 +96,21 @@ class Child:
     def start(self) -> None:
         # Each child in its own session: a terminal's Ctrl-C (SIGINT to the foreground process group)
         # reaches the supervisor only, which then stops the children with SIGTERM, once and in order.
+        me = os.getpid()
         if self.argv is not None:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**(os.environ if self.env is None else self.env), SUPERVISOR_ENV: str(me)},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=preexec_die_with(me),
+            )
         else:
             assert self.target is not None
             ctx = multiprocessing.get_context("fork")
-            self.proc = ctx.Process(target=_own_session, args=(self.target, *self.args), name=self.name, daemon=False)
+            self.proc = ctx.Process(
+                target=_own_session, args=(me, self.target, *self.args), name=self.name, daemon=False
+            )
             self.proc.start()
         self.started = time.monotonic()
 
@@ -98,6 +151,7 @@ class Supervisor:
         for c in self.children:
             c.start()
             log.info("started %s (pid %s)", c.name, c.pid)
+        fatal = False
         while not self._stop:
             if self.watch is not None:
                 self.watch()
@@ -106,6 +160,10 @@ class Supervisor:
                 code = c.exitcode()
                 if code is None or self._stop:
                     continue
+                if code == EXIT_FATAL:
+                    log.error("%s (pid %s) cannot start (exit %d): not restarting; stopping", c.name, c.pid, code)
+                    fatal = self._stop = True
+                    break
                 if c.next_start == 0.0:
                     delay = restart_delay(now - c.started, c.restarts)
                     log.error("%s (pid %s) exited with %s; restarting in %.0fs", c.name, c.pid, code, delay)
@@ -116,22 +174,13 @@ class Supervisor:
                     c.start()
                     log.info("restarted %s (pid %s)", c.name, c.pid)
             time.sleep(0.2)
-        return self.stop()
+        self.stop()
+        return EXIT_FATAL if fatal else 0
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         log.info("stopping %d process(es)", len(self.children))
-        for c in self.children:
-            c.signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        while time.monotonic() < deadline and any(c.exitcode() is None for c in self.children):
-            time.sleep(0.05)
-        for c in self.children:
-            if c.exitcode() is None:
-                log.warning("%s (pid %s) did not stop in %.0fs: killing it", c.name, c.pid, self.stop_timeout)
-                c.signal(signal.SIGKILL)
-        for c in self.children:
-            if isinstance(c.proc, subprocess.Popen):
-                c.proc.wait()
-            elif c.proc is not None:
-                c.proc.join()
-        return 0
+        started = [c for c in self.children if c.proc is not None]
+        killed = stop_processes([c.proc for c in started], self.stop_timeout)
+        for c in started:
+            if c.proc in killed:
+                log.warning("%s (pid %s) did not stop in %.0fs: killed it", c.name, c.pid, self.stop_timeout)

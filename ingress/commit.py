@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.spool import Spool
@@ -19,6 +19,10 @@ from ingress.replies import Reply
 __all__ = ["Committer", "StorageRefused", "storage_reply"]
 
 log = logging.getLogger("mtaq.ingress")
+
+# After Redis refused a write for lack of memory, new mail is refused this long without asking it
+# again (every session would otherwise take its DATA only to be refused at the commit).
+OOM_PAUSE = 1.0
 
 
 class StorageRefused(Exception):
@@ -40,6 +44,8 @@ class _Pending:
 
 
 class Committer:
+    """``clock`` and ``sleep`` are time.monotonic and asyncio.sleep; tests give their own."""
+
     def __init__(
         self,
         spool: Spool,
@@ -47,9 +53,13 @@ class Committer:
         max_batch: int = 256,
         max_queue: int = 0,
         wait: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
     ) -> None:
         self.spool = spool
+        self.clock = clock
+        self.sleep = sleep
         self.max_batch = max_batch
         self.wait = wait
         # how many sessions have a transaction open (MAIL given, not yet answered after DATA),
@@ -61,8 +71,7 @@ class Committer:
         self._pending: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
         self._queue_size = 0
-        self._full_until = 0.0  # after an OOM, refuse new mail for a moment without asking Redis
-        self.batches = 0
+        self._full_until = 0.0  # after an OOM, refuse new mail for OOM_PAUSE without asking Redis
         self.committed = 0
 
     async def submit(self, message: Message) -> None:
@@ -87,7 +96,7 @@ class Committer:
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
-                    self._full_until = time.monotonic() + 1.0
+                    self._full_until = self.clock() + OOM_PAUSE
                 log.warning(
                     "queue write of %d message(s) failed: %s -> %s",
                     len(batch),
@@ -99,7 +108,6 @@ class Committer:
                     if not p.future.done():
                         p.future.set_exception(StorageRefused(reply))
                 continue
-            self.batches += 1
             self._last_batch = len(batch)
             self.committed += len(batch)
             self._queue_size += len(batch)
@@ -112,18 +120,23 @@ class Committer:
         open has yet to submit: once all of them wait here, waiting longer adds latency and no
         message. (Fewer, larger jobs are what pays: bench, smtp-source with 20 sessions, RQ and
         the workers' cost per job spread over more messages.)"""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
-        while len(self._pending) < self.max_batch:
-            if self.open_transactions is not None and len(self._pending) >= self.open_transactions():
-                return
-            left = deadline - loop.time()
+        if self.open_transactions is None:
+            await self.sleep(self.wait)
+            return
+        deadline = self.clock() + self.wait
+        while len(self._pending) < min(self.max_batch, self.open_transactions()):
+            left = deadline - self.clock()
             if left <= 0:
                 return
-            self._arrived = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived, left)
-            self._arrived = None
+            self._arrived = asyncio.get_running_loop().create_future()
+            nap = asyncio.ensure_future(self.sleep(left))
+            try:
+                await asyncio.wait({self._arrived, nap}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._arrived = None
+            if nap.done():
+                return  # the whole wait is over
+            nap.cancel()
 
     async def flush(self) -> None:
         """Wait until everything submitted so far has an answer (graceful shutdown)."""
@@ -134,7 +147,7 @@ class Committer:
     def gate(self) -> Reply | None:
         """Called by sessions at MAIL and at the end of DATA: 452 4.3.1 while Redis is full or the
         queue holds more than max_queue messages, else None."""
-        if time.monotonic() < self._full_until:
+        if self.clock() < self._full_until:
             return replies.INSUFFICIENT_STORAGE
         if self.max_queue and self._queue_size >= self.max_queue:
             return replies.INSUFFICIENT_STORAGE
@@ -149,4 +162,4 @@ class Committer:
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a
                 # stale count undo it (the next round corrects any excess)
                 self._queue_size = size if self.committed == seen else max(size, self._queue_size)
-            await asyncio.sleep(interval)
+            await self.sleep(interval)

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from common.address import bind_listener
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
@@ -18,20 +19,9 @@ from common.supervise import Child, Supervisor
 from ingress.config import IngressConfig
 from ingress.server import Ingress, install_signal_handlers
 
-__all__ = ["bind", "build_ingress", "main", "serve"]
+__all__ = ["build_ingress", "main", "serve"]
 
 log = logging.getLogger("mtaq.ingress")
-
-
-def bind(listen: tuple[str, int]) -> socket.socket:
-    host, port = listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 def build_ingress(settings: Settings) -> Ingress:
@@ -51,12 +41,6 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 
 def serve(settings: Settings, sock: socket.socket) -> None:
     """One ingress process (also the target of each forked child)."""
-    # A forked child inherits the supervisor's SIGTERM/SIGINT handlers, which only set a flag in the
-    # parent's Supervisor: a signal arriving before the event loop installs its own would be lost and
-    # the child would run on until SIGKILL. Until then, the default action (exit) is right: nothing
-    # has been accepted yet.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("ingress", settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(settings, sock))
@@ -75,7 +59,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def main(settings: Settings) -> int:
     setup_logging("ingress", settings.log_level, settings.log_format)
-    sock = bind(settings.listen_addr)
+    sock = bind_listener(*settings.listen_addr)  # CannotBind: one line and EXIT_FATAL (mtaq/cli.py)
     n = settings.processes or os.cpu_count() or 1
     if n == 1:
         serve(settings, sock)
@@ -84,9 +68,7 @@ def main(settings: Settings) -> int:
     # loses no queued connection
     children = [Child(f"ingress-{i + 1}", target=serve, args=(settings, sock)) for i in range(n)]
     log.info("ingress on %s:%s with %d processes", *sock.getsockname()[:2], n)
-    # each child needs up to shutdown_grace to finish its transactions (then CLOSE_GRACE and its last
-    # group commit); only then may the supervisor resort to SIGKILL
-    return _IngressSupervisor(children, sock, stop_timeout=settings.shutdown_grace + 10).run()
+    return _IngressSupervisor(children, sock, stop_timeout=settings.stop_timeout).run()
 
 
 class _IngressSupervisor(Supervisor):

@@ -13,8 +13,8 @@ that it can neither fold nor end the header, nor open/close a comment.
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime
-from email.utils import format_datetime
+
+from common.dates import format_date
 
 __all__ = ["received_header", "tcp_info"]
 
@@ -52,7 +52,7 @@ def received_header(
 ) -> bytes:
     """The complete header, folded, ending in CRLF. ``recipient`` is named only when the message has
     exactly one (RFC 5321 §7.2: naming one of many discloses Bcc recipients)."""
-    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    date = format_date(when)
     lines = [
         f"Received: from {_clean(helo)} ({tcp_info(client_name, client_ip)})",
         f"\tby {_clean(hostname, limit=255)} (mtaq) with {_clean(protocol)} id {_clean(queue_id)}",

@@ -9,12 +9,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+import redis
+
 from common import metrics
-from common.embedded import EmbeddedRedis
+from common.address import CannotBind, bind_listener
+from common.embedded import EmbeddedRedis, EmbeddedRedisError
+from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
-from common.settings import Settings, add_arguments
-from common.supervise import Child, Supervisor
+from common.settings import Settings, add_arguments, hostname_problem
+from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
@@ -26,14 +30,24 @@ __all__ = ["main"]
 log = logging.getLogger("mtaq")
 
 
+def warn_hostname(settings: Settings) -> None:
+    problem = hostname_problem(settings.hostname)
+    if problem:
+        log.warning("%s", problem)
+
+
 def cmd_run(settings: Settings) -> int:
     setup_logging("run", settings.log_level, settings.log_format)
     # redis-server and the children run in their own sessions, so a terminal's Ctrl-C reaches this
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
     # if it dies (EmbeddedRedis.watch).
-    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
+    embedded = None if settings.redis_url else EmbeddedRedis.from_settings(settings)
     try:
+        if embedded is not None:
+            embedded.lock()  # another run on this data_dir: one line, before anything starts
+        bind_listener(*settings.listen_addr).close()  # the port in use: the same, before Redis starts
+        warn_hostname(settings)
         if embedded is not None:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
@@ -47,22 +61,33 @@ def cmd_run(settings: Settings) -> int:
         children += [Child(f"worker-{i + 1}", argv=[*me, "worker"], env=env) for i in range(settings.workers)]
         log.info("mtaq: SMTP on %s, %d worker(s); Ctrl-C stops", settings.listen, settings.workers)
         return Supervisor(
-            children, stop_timeout=settings.shutdown_grace + 10, watch=embedded.watch if embedded is not None else None
+            children, stop_timeout=settings.stop_timeout, watch=embedded.watch if embedded is not None else None
         ).run()
     finally:
-        if embedded is not None and embedded.proc is not None:  # last: the children are gone
+        if embedded is not None:  # last: the children are gone
+            was_running = embedded.proc is not None
             embedded.stop()
-            log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
+            if was_running:
+                log.info("embedded redis-server stopped; queue kept in %s", settings.data_dir)
 
 
 def cmd_ingress(settings: Settings) -> int:
+    if SUPERVISOR_ENV not in os.environ:  # under `mtaq run`, the run has said it
+        setup_logging("ingress", settings.log_level, settings.log_format)
+        warn_hostname(settings)
     metrics.attach(connect(settings))
     if settings.metrics_listen:
-        serve_monitor(settings)  # in the parent: forked ingress children count into Redis
+        try:
+            serve_monitor(settings)  # in the parent: forked ingress children count into Redis
+        except OSError as e:
+            raise CannotBind.because(settings.metrics_listen, e) from None
     return ingress_main(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
+    if SUPERVISOR_ENV not in os.environ:
+        setup_logging("worker", settings.log_level, settings.log_format)
+        warn_hostname(settings)
     metrics.attach(connect(settings))
     return worker_main(settings, burst=burst)
 
@@ -115,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 2
+    if args.command in ("ingress", "worker"):
+        die_with_supervisor()  # started by `mtaq run`: do not outlive it
     try:
         if args.command == "run":
             return cmd_run(settings)
@@ -132,9 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
+    except CannotBind as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 3 if args.command in ("queue", "health") else 1
+    except EmbeddedRedisError as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return 1
+    except redis.ConnectionError as e:  # a worker whose Redis went away for good (RQ retries first)
+        print(f"mtaq: lost Redis: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

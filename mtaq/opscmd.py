@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
+from common.address import CannotBind
 from common.exporter import Monitor, serve_in_thread
 from common.health import CHECKS, DEFAULT_CHECKS, run_checks
 from common.logging import setup_logging
 from common.redisconn import connect
-from common.settings import Settings
+from common.settings import Settings, hostname_problem
+from common.supervise import EXIT_FATAL
 
 __all__ = [
     "OneLineParser",
@@ -83,8 +85,8 @@ def cmd_exporter(settings: Settings) -> int:
     try:
         serve_monitor(settings)
     except OSError as e:
-        print(f"mtaq exporter: cannot listen on {settings.metrics_listen}: {e}", file=sys.stderr)
-        return 1
+        print(f"mtaq exporter: {CannotBind.because(settings.metrics_listen, e)}", file=sys.stderr)
+        return EXIT_FATAL
     threading.Event().wait()  # the listener and the sampler run in daemon threads until a signal
     return 0
 
@@ -107,24 +109,10 @@ def add_health_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
-def _hostname_problem(settings: Settings) -> str | None:
-    """The layout helper's check of the greeting name, where it exists on this branch."""
-    try:
-        from common import settings as settings_module
-
-        check = getattr(settings_module, "hostname_problem", None)
-    except ImportError:  # pragma: no cover - the module is always there
-        return None
-    if check is None:
-        return None
-    result = check(settings.hostname)
-    return None if result is None else str(result)
-
-
 def cmd_health(settings: Settings, checks: Sequence[str] | None, as_json: bool) -> int:
     mon = _monitor(settings)
     results = run_checks(
-        settings, mon.redis, mon.workers, checks or DEFAULT_CHECKS, hostname_problem=_hostname_problem(settings)
+        settings, mon.redis, mon.workers, checks or DEFAULT_CHECKS, hostname_problem=hostname_problem(settings.hostname)
     )
     ok = all(c.ok for c in results)
     if as_json:

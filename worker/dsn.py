@@ -39,14 +39,13 @@ Each time, the human part says that only the headers are attached and why.
 
 from __future__ import annotations
 
-import datetime
 import re
 import secrets
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime
 
+from common.dates import format_date
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.store import Message
 from worker.dsnfields import (
@@ -103,11 +102,6 @@ class DsnRecipient:
     remote_mta: str  # host name that gave the reply, "" if none answered
     diagnostic: str  # the remote reply, "550 5.1.1 no such user"; "" if none
     last_attempt: float | None
-
-
-def format_date(ts: float) -> str:
-    """An RFC 5322 date in UTC with a numeric zone: ``Mon, 01 Jan 2024 00:00:00 +0000``."""
-    return format_datetime(datetime.datetime.fromtimestamp(ts, tz=datetime.UTC))
 
 
 def subject_for(actions: Sequence[str]) -> str:

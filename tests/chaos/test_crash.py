@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message, route
+from tests.fixtures import MTA, message, route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message, route
+from tests.fixtures import MTA, message, route
 from tests.integration.test_pipeline import dsn_fields, parse
 from tests.sinks import SinkServer, wait_for
 

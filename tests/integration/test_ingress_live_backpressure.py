@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.eventually import GENEROUS, eventually
 from tests.integration.smtpwire import Wire
 from tests.redisserver import RedisServer

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.eventually import GENEROUS
 from tests.integration.smtpwire import Reply, Wire, check_reply_lines
 

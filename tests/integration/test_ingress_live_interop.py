@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.eventually import GENEROUS, wait_for_log
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.eventually import GENEROUS, eventually, wait_for_log
 from tests.integration.smtpwire import Wire
 

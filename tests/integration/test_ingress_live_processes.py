@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.conftest import MTA, alive
+from tests.fixtures import MTA, alive
 from tests.integration.smtpwire import Wire
 from tests.sinks import wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MTA
+from tests.fixtures import MTA
 from tests.integration.smtpwire import Wire
 from tests.redisserver import RedisServer
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ingress.auth import verify_password
-from tests.integration.conftest import MTA, ROOT, message
+from tests.fixtures import MTA, ROOT, message
 from tests.integration.eventually import GENEROUS, eventually, wait_for_log
 from tests.integration.smtpwire import TLSFiles, Wire, make_tls_files
 

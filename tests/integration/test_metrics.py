@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import ROOT, message, route, wait_port
+from tests.fixtures import ROOT, message, route, wait_port
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 

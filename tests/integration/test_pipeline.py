@@ -11,7 +11,7 @@ from email.message import EmailMessage
 import pytest
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, message, route
+from tests.fixtures import MTA, message, route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 

@@ -15,7 +15,7 @@ from rq.job import Job
 
 from common.jobqueue import DeliveryQueue
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import MTA, ROOT, message, route
+from tests.fixtures import MTA, ROOT, message, route
 from tests.sinks import SinkServer, free_port, wait_for
 
 LONG = "451 4.3.0 " + "the remote is busy right now and would like you to come back a little later " * 3

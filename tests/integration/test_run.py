@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.integration.conftest import ROOT, alive, message, wait_port
+from tests.fixtures import ROOT, alive, message, wait_port
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 

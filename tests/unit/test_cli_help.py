@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from mtaq.cli import build_parser
-from tests.integration.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -11,7 +11,7 @@ import pytest
 from common.envelope import Envelope, Recipient
 from common.store import Message, StoreFull, StoreUnavailable
 from ingress import replies
-from ingress.commit import Committer, StorageRefused, storage_reply
+from ingress.commit import OOM_PAUSE, Committer, StorageRefused, storage_reply
 
 
 @pytest.mark.parametrize(
@@ -62,32 +62,59 @@ def test_any_failure_answers_every_client_of_the_batch() -> None:
     assert all(isinstance(r, StorageRefused) and r.reply is replies.STORAGE_FAILED for r in results)
 
 
-def test_oom_closes_the_gate_for_a_moment() -> None:
-    async def go() -> tuple[object, replies.Reply | None]:
-        c = Committer(FakeStore(error=StoreFull("x")))  # type: ignore[arg-type]
-        try:
-            await c.submit(msg("1"))
-        except StorageRefused as e:
-            return e.reply, c.gate()
-        raise AssertionError("stored")
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
 
-    assert run(go()) == (replies.INSUFFICIENT_STORAGE, replies.INSUFFICIENT_STORAGE)
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sleeps:
+    """An asyncio.sleep that records what was asked and only lets the other tasks run."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        await asyncio.sleep(0)
+
+
+def test_oom_closes_the_gate_for_oom_pause() -> None:
+    clock = Clock()
+
+    async def go() -> list[replies.Reply | None]:
+        c = Committer(FakeStore(error=StoreFull("x")), clock=clock)  # type: ignore[arg-type]
+        with pytest.raises(StorageRefused) as refused:
+            await c.submit(msg("1"))
+        gates = [refused.value.reply, c.gate()]
+        clock.now += OOM_PAUSE - 0.01
+        gates.append(c.gate())
+        clock.now += 0.01
+        gates.append(c.gate())
+        return gates
+
+    assert run(go()) == [replies.INSUFFICIENT_STORAGE, replies.INSUFFICIENT_STORAGE, replies.INSUFFICIENT_STORAGE, None]
 
 
 def test_max_queue_gate() -> None:
     async def go() -> list[replies.Reply | None]:
         store = FakeStore()
-        c = Committer(store, max_queue=2)  # type: ignore[arg-type]
+        sleeps = Sleeps()
+        c = Committer(store, max_queue=2, sleep=sleeps)  # type: ignore[arg-type]
         gates = [c.gate()]
         await c.submit(msg("1"))
         gates.append(c.gate())
         await c.submit(msg("2"))
         gates.append(c.gate())
         store.size = 0  # the workers drained the queue
-        task = asyncio.create_task(c.watch_queue(interval=0.01))
-        await asyncio.sleep(0.05)
+        task = asyncio.create_task(c.watch_queue(interval=5.0))
+        while not sleeps.asked:  # one round of the watch: it read the size, then slept
+            await asyncio.sleep(0)
         task.cancel()
         gates.append(c.gate())
+        assert sleeps.asked == [5.0]
         return gates
 
     assert run(go()) == [None, None, replies.INSUFFICIENT_STORAGE, None]
@@ -104,25 +131,26 @@ class BatchRecorder(FakeStore):
 
 
 def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> None:
-    async def go() -> tuple[float, list[int]]:
+    sleeps = Sleeps()
+
+    async def go() -> tuple[list[float], list[int]]:
         store = BatchRecorder()
-        c = Committer(store, wait=0.2)  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        c = Committer(store, wait=0.2, sleep=sleeps)  # type: ignore[arg-type]
         await c.submit(msg("idle"))
-        idle = loop.time() - t0
+        idle = list(sleeps.asked)
         # a burst: the first commit takes what is there, later ones wait for the rest
         await asyncio.gather(*(c.submit(msg(f"a{i}")) for i in range(2)))
         burst = [asyncio.create_task(c.submit(msg(f"b{i}"))) for i in range(3)]
-        await asyncio.sleep(0.05)
-        burst += [asyncio.create_task(c.submit(msg(f"c{i}"))) for i in range(3)]
+        await asyncio.sleep(0)  # the committer takes b0-b2's turn to wait ...
+        burst += [asyncio.create_task(c.submit(msg(f"c{i}"))) for i in range(3)]  # ... and c0-c2 arrive meanwhile
         await asyncio.gather(*burst)
         return idle, store.batches
 
     idle, batches = run(go())
-    assert idle < 0.1  # a lone message is not held back by the wait
+    assert idle == []  # a lone message is not held back by the wait
     assert batches[0] == 1 and batches[1] == 2
     assert batches[2:] == [6]  # after a batch of 2, the committer waited and took the whole burst
+    assert sleeps.asked and all(s == 0.2 for s in sleeps.asked)
 
 
 def test_commit_wait_ends_once_every_open_transaction_has_submitted() -> None:

@@ -4,7 +4,7 @@ import fakeredis
 import pytest
 import redis
 
-from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.envelope import LOG_STATUS, Envelope, RcptState, Recipient, RecipientStatus, outcome_of
 from common.jobqueue import DeliveryQueue
 from common.routing import Router, next_hop
 from common.spool import Spool
@@ -155,3 +155,22 @@ def test_walk_and_enqueue_sized(spool: Spool, store: Store) -> None:
 def test_redis_errors_become_store_errors(error: Exception, raised: type[Exception]) -> None:
     with pytest.raises(raised), _translated():
         raise error
+
+
+@pytest.mark.parametrize(
+    ("code", "state"),
+    [
+        (250, RcptState.DELIVERED),
+        ("2.1.5", RcptState.DELIVERED),
+        (421, RcptState.DEFERRED),
+        ("4.4.1", RcptState.DEFERRED),
+        (550, RcptState.BOUNCED),
+        ("5.1.1", RcptState.BOUNCED),
+        ("", RcptState.DEFERRED),
+        (999, RcptState.DEFERRED),
+    ],
+)
+def test_outcome_of(code: int | str, state: RcptState) -> None:
+    assert outcome_of(code) is state
+    assert state.final is (state is not RcptState.DEFERRED)
+    assert LOG_STATUS[state] == ("sent" if state is RcptState.DELIVERED else state.value)

@@ -1,5 +1,7 @@
-"""Integration fixtures: a real redis-server, a real DNS server on loopback, aiosmtpd sinks on
-127.0.0.x as remote MX hosts, and mtaq's own ingress and worker as real processes."""
+"""The shared test fixtures, a pytest plugin (tests/conftest.py names it in ``pytest_plugins``): a
+real redis-server, a real DNS server on loopback, aiosmtpd sinks on 127.0.0.x as remote MX hosts,
+and mtaq's own ingress and worker as real processes. Tests import the helpers from here, never
+from a conftest."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import redis
 
 from common.jobqueue import DeliveryQueue
 from common.store import Store
+from common.supervise import stop_processes
 from tests.dnsserver import ZoneServer
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -113,13 +116,8 @@ class MTA:
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name, None)
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        if p is not None:
+            stop_processes([p], 15)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -1,0 +1,6 @@
+from common.dates import format_date
+
+
+def test_rfc5322_date_in_utc_with_numeric_zone() -> None:
+    assert format_date(0) == "Thu, 01 Jan 1970 00:00:00 +0000"
+    assert format_date(1_700_000_000.9) == "Tue, 14 Nov 2023 22:13:20 +0000"
