@@ -23,7 +23,10 @@ DELIVER_FUNC = "worker.jobs.deliver"
 # Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
 # cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
 # is ours (worker/retry.py), never RQ's.
-CRASH_RETRY = Retry(max=10, interval=[5, 60, 300])
+# The first re-run is immediate (the abandonment is only seen once the job's execution heartbeat
+# lapsed, seconds after the death: worker/pool.py) and needs no scheduler; a worker killed over and
+# over is retried for a while.
+CRASH_RETRY = Retry(max=20, interval=[0, 5, 10, 30])
 # Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
 _JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
 

@@ -72,6 +72,27 @@ class Settings:
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
     max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
+    worker_concurrency: int = _opt(
+        100, "SMTP conversations one worker process holds at once (Postfix default_process_limit)", ("worker",)
+    )
+    destination_concurrency: int = _opt(
+        20,
+        "connections to one destination at once, all workers on all hosts together "
+        "(Postfix default_destination_concurrency_limit)",
+        ("worker",),
+    )
+    destination_rate: float = _opt(
+        0.0, "messages per second to one destination, all workers (0 = no limit)", ("worker",)
+    )
+    destination_messages_per_connection: int = _opt(
+        100, "messages over one connection before a new one (Postfix smtp_connection_reuse_count_limit)", ("worker",)
+    )
+    destination_failure_limit: int = _opt(
+        5, "connection failures in a row before a destination is suspended for destination_retry_time", ("worker",)
+    )
+    destination_retry_time: float = _opt(
+        60.0, "seconds a destination stays suspended after destination_failure_limit failures", ("worker",)
+    )
     maintenance_interval: int = _opt(
         600, "seconds between queue sweeps and RQ registry clean-ups (re-run jobs whose worker died)", ("worker",)
     )
@@ -93,7 +114,10 @@ class Settings:
     auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
     commit_wait: float = _opt(
-        0.002, "seconds a group commit waits for more messages under load (idle: none)", ("ingress",)
+        0.025,
+        "seconds a group commit waits, under load, for the sessions with a transaction open (ends "
+        "once all wait; idle: none)",
+        ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
     job_max_bytes: int = _opt(

@@ -44,6 +44,7 @@ INDEX = PREFIX + "index"
 STATS = PREFIX + "stats"
 SWEEP_LOCK = PREFIX + "sweep-lock"
 HOLD = PREFIX + "hold"
+RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
 SAMPLES = PREFIX + "samples"
 SAMPLE_LOCK = PREFIX + "samples-lock"
 
@@ -66,7 +67,8 @@ def lease_key(qid: str, destination: str) -> str:
 
 # Per-destination delivery limits shared by every worker (the engine's):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
-# ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled.
+# ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
+# ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).
 # `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
 def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"

@@ -17,7 +17,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 import dns.asyncresolver
 
@@ -73,7 +73,11 @@ class Ingress:
 
     def __init__(self, spool: Spool, config: IngressConfig) -> None:
         self.committer = Committer(
-            spool, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
+            spool,
+            max_batch=config.commit_max_messages,
+            max_queue=config.max_queue,
+            wait=config.commit_wait,
+            open_transactions=self.open_transactions,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
@@ -95,6 +99,10 @@ class Ingress:
         self.server: asyncio.Server | None = None
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def open_transactions(self) -> int:
+        """Sessions between MAIL and the answer after DATA: who may still join a group commit."""
+        return sum(1 for c in self.connections if c.session is not None and c.session.in_transaction)
 
     def protocol(self) -> SMTPProtocol:
         return SMTPProtocol(self)
@@ -150,8 +158,8 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport; uvloop's implements asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
         metrics.connection()
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])

@@ -12,9 +12,10 @@ The worker has one ``smtp_port`` for every MX, so tests put several sinks on one
 
 Replies are scripted per recipient (``rcpt_replies``), for every recipient (``rcpt_default``), for
 MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the connection at a
-command; ``eightbitmime = False`` stops advertising 8BITMIME. ``tls=True`` offers STARTTLS with a
-trustme certificate (``.ca`` trusts it); ``tls_broken=True`` offers STARTTLS and then fails the
-handshake.
+command; ``eightbitmime = False`` stops advertising 8BITMIME; ``data_delay`` makes a slow remote.
+``connections``, ``open_connections`` and ``max_open`` count connections (all, open now, most
+open at once). ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
+``tls_broken=True`` offers STARTTLS and then fails the handshake.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 __all__ = ["LOOPBACK_HOSTS", "Delivery", "SinkServer", "free_port", "wait_for"]
 
@@ -118,6 +120,9 @@ class SinkServer:
         self.rejected: list[tuple[str, str]] = []  # (recipient, reply) for scripted RCPT refusals
         self.hangups = 0
         self.attempts = 0  # transactions begun: MAIL commands received, whatever the outcome
+        self.connections = 0  # connections accepted in all
+        self.open_connections = 0  # connections open now
+        self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
         self.ca: trustme.CA | None = None
         self._tls_context: ssl.SSLContext | None = None
@@ -137,7 +142,8 @@ class SinkServer:
         kwargs: dict[str, Any] = {}
         if self._tls_context is not None:
             kwargs["tls_context"] = self._tls_context
-        controller = Controller(
+        controller = _CountingController(
+            self,
             _Handler(self),
             hostname=self.host,
             port=self.port,
@@ -181,6 +187,8 @@ class SinkServer:
             self.rejected.clear()
             self.hangups = 0
             self.attempts = 0
+            self.connections = 0
+            self.max_open = self.open_connections
 
     def trust(self, context: ssl.SSLContext) -> None:
         """Make a client context trust this sink's certificate (``tls=True`` only)."""
@@ -204,6 +212,35 @@ class SinkServer:
         with self.lock:
             self.deliveries.append(delivery)
             self.messages.append((delivery.mail_from, list(delivery.rcpt_tos), delivery.data))
+
+
+class _CountingSMTP(SMTP):
+    """aiosmtpd's server, counting the connections open at once for the sink."""
+
+    def __init__(self, sink: SinkServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        with self._sink.lock:
+            self._sink.connections += 1
+            self._sink.open_connections += 1
+            self._sink.max_open = max(self._sink.max_open, self._sink.open_connections)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        with self._sink.lock:
+            self._sink.open_connections -= 1
+        super().connection_lost(error)
+
+
+class _CountingController(Controller):
+    def __init__(self, sink: SinkServer, *args: Any, **kwargs: Any) -> None:
+        self._sink = sink
+        super().__init__(*args, **kwargs)
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self._sink, self.handler, **self.SMTP_kwargs)
 
 
 class _Handler:

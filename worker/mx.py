@@ -15,8 +15,9 @@ domain NXDOMAIN                       DnsPermanent 5.1.2
 SERVFAIL, timeout, no server answers  DnsTransient 4.4.3
 an MX host without addresses          skipped; if every host fails: transient if any failure was
                                       transient, else DnsPermanent 5.4.4 (unable to route)
-an MX host that is us                 hosts at its preference and below are dropped (Postfix's
-                                      rule); nothing better left -> DnsPermanent 5.4.6 loop
+an MX host that is an IP address      skipped as malformed (as Postfix); alone -> DnsPermanent 5.4.4
+an MX host that is us (its name, or   hosts at its preference and below are dropped (Postfix's
+an address we listen on)              rule); nothing better left -> DnsPermanent 5.4.6 loop
 ``[host]``, ``[host]:port``           no MX lookup: the host's A/AAAA, or the IP literal itself
 ====================================  ===========================================================
 
@@ -46,6 +47,8 @@ __all__ = [
     "DnsTransient",
     "MXResolver",
     "Target",
+    "interface_addresses",
+    "local_addresses",
     "make_resolver",
     "order_mx",
     "parse_destination",
@@ -234,6 +237,10 @@ class MXResolver:
             if _name_key(host) in self.local_names:
                 self_pref = pref
                 continue
+            if _is_ip(host.strip("[]")):
+                # RFC 5321 §5.1 / RFC 1035: an MX names a host; Postfix refuses a numeric one too
+                failures.append((host, _Addresses(host, numeric=True)))
+                continue
             found = self._addresses(host)
             if not found.ips:
                 failures.append((host, found))
@@ -295,8 +302,9 @@ class MXResolver:
 class _Addresses:
     """What the A/AAAA lookups of one host found."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, *, numeric: bool = False) -> None:
         self.host = host
+        self.numeric = numeric  # an MX record naming an IP address: malformed
         self.ips: list[str] = []
         self.nxdomain = False
         self.nodata = False
@@ -307,6 +315,8 @@ class _Addresses:
         return bool(self.errors) and not self.nxdomain
 
     def error(self, host: str) -> DnsError:
+        if self.numeric:
+            return DnsPermanent("5.4.4", f"MX host {host} is an IP address, not a host name (malformed MX record)")
         if self.transient:
             reasons = ", ".join(self.errors)
             return DnsTransient("4.4.3", f"Host or domain name lookup failed for {host}: {reasons}")
@@ -317,6 +327,46 @@ class _Addresses:
             f"Host or domain name not found. Name service error for name={host} type=AAAA: "
             "Host found but no data record of requested type",
         )
+
+
+def local_addresses(listen: str) -> list[str]:
+    """The addresses we receive mail on, for loop detection (Postfix inet_interfaces): the listen
+    address when it is one, every interface address when it is a wildcard or a name."""
+    host = listen.strip()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if _is_ip(host) and not ipaddress.ip_address(host).is_unspecified:
+        return [str(ipaddress.ip_address(host))]
+    return interface_addresses()
+
+
+def interface_addresses() -> list[str]:
+    """Every IPv4 and IPv6 address of this host's interfaces (Linux: SIOCGIFADDR, /proc)."""
+    found: list[str] = []
+    try:
+        import fcntl
+        import socket
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue  # no IPv4 address on it
+                found.append(socket.inet_ntoa(packed[20:24]))
+    except (ImportError, OSError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                raw = line.split()[0]
+                found.append(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+    except (OSError, ValueError):
+        pass
+    return list(dict.fromkeys(found))
 
 
 def _pref_map(records: Iterable[tuple[int, str]]) -> Iterable[tuple[str, int]]:

@@ -1,19 +1,20 @@
-"""Running a worker: an RQ SimpleWorker (no fork per job, so SMTP connections and the DNS cache
-live across jobs) with RQ's scheduler, which carries our retries."""
+"""Running a worker: an RQ worker that runs up to ``worker_concurrency`` jobs at once in threads
+(worker/pool.py; no fork per job, so SMTP connections and the DNS cache live across jobs), with
+RQ's scheduler, which carries our retries."""
 
 from __future__ import annotations
 
 import logging
 
 import redis
-from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from common.logging import setup_logging
 from common.redisconn import redis_url
 from common.settings import Settings
 from common.spool import Spool
-from worker.jobs import make_context, set_context
+from worker.jobs import install, make_context
+from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
 from worker.sweep import start_sweeper
 
 __all__ = ["main"]
@@ -32,18 +33,21 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     )
     spool = Spool.from_settings(settings, r)
     ctx = make_context(settings, spool)
-    set_context(ctx)
+    install(ctx)
     start_sweeper(ctx, settings.maintenance_interval)
-    w = SimpleWorker(
+    w = ConcurrentWorker(
         [spool.queue.rq],
         connection=r,
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL,
-        maintenance_interval=settings.maintenance_interval,
+        maintenance_interval=RECOVERY_INTERVAL,
+        service=ctx,
+        concurrency=settings.worker_concurrency,
     )
     log.info(
-        "worker on queue %s, smtp port %d, dns %s",
+        "worker on queue %s, %d conversations, smtp port %d, dns %s",
         settings.queue_name,
+        settings.worker_concurrency,
         settings.smtp_port,
         settings.dns_servers or "system",
     )

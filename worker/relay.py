@@ -1,5 +1,6 @@
-"""Deliver a batch of messages to one destination: MX targets in turn, one connection per target
-reused across messages (RSET between), at most 50 recipients per transaction.
+"""Conversations with one destination: MX targets in turn, a connection reused across messages up
+to destination_messages_per_connection, at most 50 recipients per transaction. Several
+conversations of one job share its parcels (``Work``); each runs in its own thread.
 
 Outcomes are per recipient and of three kinds, as in python-slimta: delivered, permanent failure
 (bounce) and transient failure (retry later). Nothing here touches Redis: the job records outcomes.
@@ -8,17 +9,19 @@ Outcomes are per recipient and of three kinds, as in python-slimta: delivered, p
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from common.envelope import Envelope
 from worker.mime7bit import to_7bit
 from worker.mx import DnsPermanent, DnsTransient, MXResolver, Target
-from worker.smtpclient import ConnectFailed, ConnectionCache, RemoteReply, SMTPConnection
+from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
 
-__all__ = ["Kind", "Outcome", "Parcel", "deliver"]
+__all__ = ["Dialer", "Kind", "Opened", "Outcome", "Owner", "Parcel", "Work", "converse", "deliver", "resolve"]
 
 log = logging.getLogger("mtaq.delivery")
 
@@ -55,12 +58,6 @@ class Parcel:
 
     def pending(self) -> list[int]:
         return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].kind is Kind.DEFERRED]
-
-
-def _fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:
-    for p in parcels:
-        for i in p.pending():
-            p.outcomes[i] = outcome
 
 
 def utf8_addresses(env: Envelope) -> bool:
@@ -115,6 +112,220 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str] 
 Recorder = Callable[[Parcel, list[int]], None]
 
 
+class Owner(Protocol):
+    """The job a parcel belongs to: it records final outcomes and hears when a parcel is done."""
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None: ...
+
+    def done(self, parcel: Parcel) -> None: ...
+
+
+class _Solo:
+    def __init__(self, record: Recorder | None) -> None:
+        self._record = record
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        if self._record is not None:
+            self._record(parcel, positions)
+
+    def done(self, parcel: Parcel) -> None:
+        pass
+
+
+class Work:
+    """Parcels waiting for a conversation with one destination, shared by the conversations of a
+    process (threads) and fed by its jobs (each parcel keeps its ``Owner``). A parcel carries a
+    floor: the first target (MX address, in order) it may still be tried at; a conversation on
+    target ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back
+    with floor ``t + 1``: the next MX gets its turn, as in Postfix."""
+
+    def __init__(self, targets: Sequence[Target], parcels: Sequence[Parcel] = (), owner: Owner | None = None) -> None:
+        self.targets = list(targets)
+        self._queue: list[tuple[Parcel, int]] = []
+        self._owners: dict[int, Owner] = {}
+        self._lock = threading.Lock()
+        self.conversations = 0  # running now (the service counts them)
+        self.staff_after = 0.0  # monotonic time before which no new conversation is asked for
+        self.last = Outcome(Kind.DEFERRED, "4.4.1", "No reachable host", "none")
+        if parcels:
+            self.add(parcels, owner or _Solo(None))
+
+    def add(self, parcels: Sequence[Parcel], owner: Owner) -> None:
+        with self._lock:
+            for p in parcels:
+                if p.pending():
+                    self._queue.append((p, 0))
+                    self._owners[id(p)] = owner
+
+    def take(self, t: int) -> Parcel | None:
+        with self._lock:
+            for n, (parcel, floor) in enumerate(self._queue):
+                if floor <= t:
+                    del self._queue[n]
+                    return parcel
+        return None
+
+    def back(self, parcel: Parcel, floor: int) -> None:
+        with self._lock:
+            self._queue.append((parcel, floor))
+
+    def has(self, t: int) -> bool:
+        with self._lock:
+            return any(floor <= t for _, floor in self._queue)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        owner = self._owners.get(id(parcel))
+        if owner is not None:
+            owner.record(parcel, positions)
+
+    def finished(self, parcel: Parcel) -> None:
+        """A conversation is done with this parcel (it is not coming back)."""
+        with self._lock:
+            owner = self._owners.pop(id(parcel), None)
+        if owner is not None:
+            owner.done(parcel)
+
+    def withdraw(self, parcels: Sequence[Parcel]) -> list[Parcel]:
+        """Take these parcels back out, those still waiting (their job hands them back)."""
+        mine = {id(p) for p in parcels}
+        with self._lock:
+            out = [p for p, _ in self._queue if id(p) in mine]
+            self._queue = [(p, f) for p, f in self._queue if id(p) not in mine]
+            for p in out:
+                self._owners.pop(id(p), None)
+        return out
+
+    def left(self) -> list[Parcel]:
+        """Everything still waiting, taken out (no conversation will take it)."""
+        with self._lock:
+            out = [p for p, _ in self._queue]
+            self._queue.clear()
+            owners = [self._owners.pop(id(p), None) for p in out]
+        for p, owner in zip(out, owners, strict=True):
+            if owner is not None:
+                owner.done(p)
+        return out
+
+    def failed(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.last = outcome
+
+
+@dataclass(slots=True)
+class Dialer:
+    """How a conversation opens connections: our name, the port, the timeouts."""
+
+    helo_name: str
+    port: int
+    connect_timeout: float
+    timeout: float
+    messages_per_connection: int = 100
+
+
+@dataclass(slots=True)
+class Opened:
+    """A live connection: the target (index) it goes to and how many messages it carried."""
+
+    conn: SMTPConnection
+    target: int
+    sent: int = 0
+    to: Target | None = None
+
+
+def converse(
+    work: Work,
+    dialer: Dialer,
+    *,
+    opened: Opened | None = None,
+    stopping: Callable[[], bool] = lambda: False,
+    pace: Callable[[], None] = lambda: None,
+    feedback: Callable[[bool, str], None] = lambda ok, why: None,
+) -> tuple[Opened | None, bool]:
+    """One conversation: take parcels from ``work`` and send them, target after target, until
+    none is left for it. Returns the connection still open and reusable (for the cache), else None,
+    and whether it reached any server. ``feedback(ok, why)`` hears of each failed connection and
+    each delivered message (slow start, dead destinations)."""
+    targets = work.targets
+    reached = opened is not None
+    record = work.record
+    first = opened.target if opened is not None else 0
+    for t in range(first, len(targets)):
+        target = targets[t]
+        relay = str(target)
+        while work.has(t) and not stopping():
+            if opened is not None and opened.target != t:
+                opened.conn.quit()
+                opened = None
+            if opened is None:
+                conn = SMTPConnection(
+                    helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
+                )
+                try:
+                    conn.open(target.ip, target.port, name=target.hostname)
+                except ConnectFailed as e:
+                    log.info("%s", e.text)
+                    work.failed(_connect_outcome(e, relay, target))
+                    feedback(False, e.text)
+                    break  # the next address
+                opened = Opened(conn, t, to=target)
+                reached = True
+            parcel = work.take(t)
+            if parcel is None:
+                break
+            pace()
+            try:
+                alive = _send_parcel(opened.conn, parcel, parcel.pending(), relay, target, record)
+            except BaseException:
+                opened.conn.close()  # its state is unknown: never reused
+                work.back(parcel, t + 1)
+                raise
+            opened.sent += 1
+            if any(o.kind is Kind.SENT for o in parcel.outcomes.values()):
+                feedback(True, "")  # slow start: the window grows while deliveries succeed
+            if parcel.pending() and t + 1 < len(targets):
+                work.back(parcel, t + 1)  # deferred here: the next MX may take it
+            else:
+                work.finished(parcel)
+            if not alive or not opened.conn.alive:
+                opened.conn.close()
+                opened = None
+                break  # the server broke off: the rest go to the next address
+            if opened.sent >= dialer.messages_per_connection:
+                opened.conn.quit()  # destination_messages_per_connection: a fresh connection
+                opened = None
+    if opened is not None and (not opened.conn.alive or opened.sent >= dialer.messages_per_connection):
+        opened.conn.quit()
+        return None, reached
+    return opened, reached
+
+
+def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
+    reply = e.reply
+    if reply is not None and reply.permanent:
+        # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting) and defers
+        return Outcome(Kind.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
+    if reply is not None:
+        return Outcome(Kind.DEFERRED, reply.dsn, e.text, relay, target.hostname)
+    return Outcome(Kind.DEFERRED, "4.4.1", e.text, "none", target.hostname)
+
+
+def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target] | Outcome:
+    """The addresses to try, or the outcome for every recipient when there are none."""
+    try:
+        targets = resolver.targets(destination, port)
+    except DnsPermanent as e:
+        return Outcome(Kind.BOUNCED, e.dsn, e.text, "none")
+    except DnsTransient as e:
+        return Outcome(Kind.DEFERRED, e.dsn, e.text, "none")
+    if not targets:
+        return Outcome(Kind.DEFERRED, "4.4.4", f"No route to {destination}", "none")
+    return targets
+
+
 def deliver(
     destination: str,
     parcels: Sequence[Parcel],
@@ -125,77 +336,38 @@ def deliver(
     connect_timeout: float,
     timeout: float,
     record: Recorder | None = None,
-    cache: ConnectionCache | None = None,
 ) -> None:
-    """Fill in ``parcel.outcomes`` for every recipient of every parcel.
+    """Fill in ``parcel.outcomes`` for every recipient of every parcel, in one conversation
+    (the delivery service runs several at once, see worker/service.py).
 
     ``record(parcel, positions)`` is called right after a transaction with the recipients whose
     outcome became final there (sent or bounced), so that they are marked before anything else is
     tried: a job re-run after a crash does not send them again."""
-    try:
-        targets = resolver.targets(destination, port)
-    except DnsPermanent as e:
-        _fail_all(parcels, Outcome(Kind.BOUNCED, e.dsn, e.text, "none"))
+    found = resolve(resolver, destination, port)
+    if isinstance(found, Outcome):
+        fail_all(parcels, found)
         return
-    except DnsTransient as e:
-        _fail_all(parcels, Outcome(Kind.DEFERRED, e.dsn, e.text, "none"))
-        return
-    if not targets:
-        _fail_all(parcels, Outcome(Kind.DEFERRED, "4.4.4", f"No route to {destination}", "none"))
-        return
-    last: Outcome = Outcome(Kind.DEFERRED, "4.4.1", f"No reachable host for {destination}", "none")
-    for target in targets:
-        if not any(p.pending() for p in parcels):
-            return
-        relay = f"{target.hostname}[{target.ip}]:{target.port}"
-        conn = cache.take(target.ip, target.port) if cache is not None else None
-        try:
-            if conn is None:
-                conn = SMTPConnection(helo_name=helo_name, connect_timeout=connect_timeout, timeout=timeout)
-                conn.open(target.ip, target.port, name=target.hostname)
-        except ConnectFailed as e:
-            log.info("%s", e.text)
-            reply = e.reply
-            if reply is not None and reply.permanent:
-                # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting)
-                last = Outcome(Kind.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
-            elif reply is not None:
-                last = Outcome(Kind.DEFERRED, reply.dsn, e.text, relay, target.hostname)
-            else:
-                last = Outcome(Kind.DEFERRED, "4.4.1", e.text, "none", target.hostname)
-            _defer_pending(parcels, last)
-            continue
-        try:
-            _send_parcels(conn, parcels, relay, target, record)
-        except BaseException:
-            conn.close()  # its state is unknown: never cached
-            raise
-        if cache is not None:
-            cache.give(target.ip, target.port, conn)
-        else:
-            conn.quit()
-    # whatever is still pending keeps the last transient outcome it got (or the last connect failure)
-    _defer_pending(parcels, last, only_unset=True)
+    work = Work(found, parcels, _Solo(record))
+    opened, _ = converse(work, Dialer(helo_name, port, connect_timeout, timeout))
+    if opened is not None:
+        opened.conn.quit()
+    defer_left(parcels, work)
 
 
-def _defer_pending(parcels: Sequence[Parcel], outcome: Outcome, *, only_unset: bool = False) -> None:
+def fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:
     for p in parcels:
         for i in p.pending():
-            if not (only_unset and i in p.outcomes):
-                p.outcomes[i] = outcome
+            p.outcomes[i] = outcome
 
 
-def _send_parcels(
-    conn: SMTPConnection, parcels: Sequence[Parcel], relay: str, target: Target, record: Recorder | None
-) -> None:
-    for parcel in parcels:
-        pending = parcel.pending()
-        if not pending:
-            continue
-        if not conn.alive:
-            return
-        if not _send_parcel(conn, parcel, pending, relay, target, record):
-            return
+def defer_left(parcels: Sequence[Parcel], work: Work) -> None:
+    """Whatever is still pending keeps the last transient outcome it got, or gets the last
+    connection failure."""
+    work.left()
+    for p in parcels:
+        for i in p.pending():
+            if i not in p.outcomes:
+                p.outcomes[i] = work.last
 
 
 def _send_parcel(

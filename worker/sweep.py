@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
 from common.store import SWEEP_LOCK, Message
-from worker.jobs import Context, finish_loaded
+from worker.service import DeliveryService as Context
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
 
@@ -72,7 +72,7 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
             }
             for hop in hops:
                 lost[hop].append((env.id, len(msg.body)))
-        finish_loaded(ctx, done)
+        ctx.finish_loaded(done)
         report.finished += len(done)
         report.requeued += ctx.spool.queue.enqueue_sized(lost)
     if report.finished or report.requeued:

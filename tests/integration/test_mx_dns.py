@@ -54,6 +54,16 @@ RECORDS: dict[str, list[tuple[str, str]]] = {
     "m1.many.test.": [("A", f"127.0.1.{i}") for i in range(1, 4)],
     "m2.many.test.": [("A", f"127.0.2.{i}") for i in range(1, 4)],
     "big.test.": [("A", f"127.0.3.{i}") for i in range(1, 61)],
+    # an MX naming an IP address (malformed), alone and beside a real one
+    "numeric.test.": [("MX", "10 192.0.2.1.")],
+    "numeric2.test.": [("MX", "10 192.0.2.1."), ("MX", "20 mx1.a.test.")],
+    # an MX host with only an IPv6 address
+    "v6only.test.": [("MX", "10 mx.v6only.test.")],
+    "mx.v6only.test.": [("AAAA", "::1")],
+    # CNAME chain to an MX host
+    "chain.test.": [("MX", "10 c1.chain.test.")],
+    "c1.chain.test.": [("CNAME", "c2.chain.test.")],
+    "c2.chain.test.": [("CNAME", "mx2.a.test.")],
     # CNAME to an MX host
     "alias.test.": [("MX", "10 mail.alias.test.")],
     "mail.alias.test.": [("CNAME", "mx1.a.test.")],
@@ -302,3 +312,44 @@ def test_records_added_at_runtime(zone: ZoneServer) -> None:
         assert mx(zone).targets("late.test", PORT) == [Target("mx1.a.test", "127.0.0.2", PORT, 5)]
     finally:
         zone.remove("late.test.")
+
+
+# -- issue 8: DNS as a real MTA does it
+
+
+def test_an_mx_that_is_an_ip_address_is_malformed(zone: ZoneServer) -> None:
+    with pytest.raises(DnsPermanent) as e:
+        mx(zone).targets("numeric.test", PORT)
+    assert e.value.dsn == "5.4.4" and "is an IP address" in e.value.text
+
+
+def test_a_malformed_mx_beside_a_good_one_is_skipped(zone: ZoneServer) -> None:
+    assert [t.ip for t in mx(zone).targets("numeric2.test", PORT)] == ["127.0.0.2"]
+
+
+def test_an_mx_host_with_only_aaaa_is_used(zone: ZoneServer) -> None:
+    assert [(t.hostname, t.ip) for t in mx(zone).targets("v6only.test", PORT)] == [("mx.v6only.test", "::1")]
+
+
+def test_a_cname_chain_is_followed(zone: ZoneServer) -> None:
+    assert [t.ip for t in mx(zone).targets("chain.test", PORT)] == ["127.0.0.3"]
+
+
+def test_ipv6_addresses_are_tried_after_ipv4_ones(zone: ZoneServer) -> None:
+    targets = mx(zone).targets("implicit.test", PORT)
+    assert [t.ip for t in targets] == ["127.0.0.6", "::1"]
+
+
+def test_loop_detection_by_the_address_we_listen_on(zone: ZoneServer) -> None:
+    from worker.mx import local_addresses
+
+    resolver = mx(zone, local_ips=local_addresses("127.0.0.1:2525"))
+    with pytest.raises(DnsPermanent) as e:
+        resolver.targets("loopip.test", PORT)
+    assert e.value.dsn == "5.4.6"
+    # listening on a wildcard: every interface address is ours, 127.0.0.1 among them
+    from worker.mx import interface_addresses
+
+    assert "127.0.0.1" in interface_addresses()
+    assert "127.0.0.1" in local_addresses("0.0.0.0:25")
+    assert local_addresses("[::1]:25") == ["::1"]

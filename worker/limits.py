@@ -1,0 +1,243 @@
+"""Per-destination delivery limits shared by every worker on every host, kept in Redis.
+
+In Postfix's queue manager's spirit (qmgr: destination concurrency, slow start, dead destinations):
+
+- **Connection slots.** A conversation with a destination holds a slot: a member of the sorted set
+  ``mtaq:dest:<d>:slots`` scored by its lease expiry. Taking one is one Lua call that first drops
+  expired members, so a slot held by a dead process lapses after ``SLOT_TTL`` seconds; the
+  holder's heartbeat (every few seconds) pushes the expiry on.
+- **Slow start.** The slots on offer are ``window``, not ``destination_concurrency``: a destination
+  starts at ``INITIAL_WINDOW`` connections and the window grows by one for each message delivered,
+  up to ``destination_concurrency``; a failed connection takes one off.
+- **Dead destinations.** ``destination_failure_limit`` connection failures in a row mark the
+  destination down (``mtaq:dest:<d>:down`` with a TTL of ``destination_retry_time``): jobs for it
+  are handed back to RQ's scheduler until then instead of every worker trying it again.
+- **Rate.** ``destination_rate`` messages per second: each transaction reserves the next moment in
+  ``mtaq:dest:<d>:rate`` (a virtual schedule, as GCRA) and waits until then.
+
+RQ 3's ``RateLimit`` limits how many *jobs* with a key are queued or running. We need to limit
+*connections* (a job opens several, idle cached ones count too), start low and grow, stop trying a
+dead destination, and pace messages: none of which it does, so the slots are ours, beside RQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from common.store import dest_key
+
+__all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot"]
+
+log = logging.getLogger("mtaq.limits")
+
+INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
+SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
+FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure still counts at once)
+STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
+
+# KEYS: slots, state; ARGV: now, expiry, token, limit, initial window. 1 = taken, 0 = all busy.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local limit = tonumber(ARGV[4])
+local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[5])
+if window > limit then window = limit end
+if window < 1 then window = 1 end
+if redis.call('ZCARD', KEYS[1]) >= window then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
+return 1
+"""
+
+# KEYS: slots; ARGV: expiry, token... Push the leases on (only those still held).
+_REFRESH = """
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[1]) * 1000) + 1000) end
+return n
+"""
+
+# KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
+# Returns 1 when this failure marked the destination down, 2 when a success found the window full.
+_FEEDBACK = """
+local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
+local limit = tonumber(ARGV[2])
+local result = 0
+if ARGV[1] == '1' then
+  window = math.min(window + 1, limit)
+  redis.call('HSET', KEYS[1], 'window', window, 'failures', 0)
+  if window >= limit then result = 2 end
+else
+  local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+  window = math.max(window - 1, 1)
+  if failures >= tonumber(ARGV[4]) then
+    if redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5], 'NX') then result = 1 end
+    redis.call('HSET', KEYS[1], 'failures', 0)
+    window = math.min(tonumber(ARGV[3]), limit)
+  end
+  redis.call('HSET', KEYS[1], 'window', window)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return result
+"""
+
+# KEYS: rate; ARGV: now, interval. Returns the seconds to wait before sending (a string: Lua floats).
+_RATE = """
+local now = tonumber(ARGV[1])
+local at = tonumber(redis.call('GET', KEYS[1]) or '0')
+if at < now then at = now end
+local nxt = at + tonumber(ARGV[2])
+redis.call('SET', KEYS[1], tostring(nxt), 'PX', math.floor((nxt - now) * 1000) + 1000)
+return tostring(at - now)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    destination: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    reason: str
+    seconds: float  # until the destination is tried again
+
+
+class DestinationLimits:
+    """The shared limits, and the slots this process holds (refreshed by ``heartbeat``)."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        *,
+        concurrency: int = 20,
+        rate: float = 0.0,
+        failure_limit: int = 5,
+        retry_time: float = 60.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.redis = r
+        self.concurrency = max(1, concurrency)
+        self.rate = rate
+        self.failure_limit = max(1, failure_limit)
+        self.retry_time = retry_time
+        self.clock = clock
+        self._acquire = r.register_script(_ACQUIRE)
+        self._refresh = r.register_script(_REFRESH)
+        self._feedback = r.register_script(_FEEDBACK)
+        self._rate = r.register_script(_RATE)
+        self._held: dict[str, Slot] = {}
+        self._full_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, destination: str) -> Slot | None:
+        """A connection slot for ``destination``, or None when its window is full."""
+        token = uuid.uuid4().hex
+        now = self.clock()
+        initial = min(INITIAL_WINDOW, self.concurrency)
+        keys = [dest_key(destination, "slots"), dest_key(destination, "state")]
+        if not self._acquire(keys=keys, args=[now, now + SLOT_TTL, token, self.concurrency, initial]):
+            return None
+        slot = Slot(destination, token)
+        with self._lock:
+            self._held[token] = slot
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            self._held.pop(slot.token, None)
+        try:
+            self.redis.zrem(dest_key(slot.destination, "slots"), slot.token)
+        except redis.RedisError:
+            log.warning("could not free a connection slot for %s; it lapses in %.0fs", slot.destination, SLOT_TTL)
+
+    def heartbeat(self) -> int:
+        """Push on the leases of every slot this process holds; returns how many are held."""
+        with self._lock:
+            by_dest: dict[str, list[str]] = {}
+            for slot in self._held.values():
+                by_dest.setdefault(slot.destination, []).append(slot.token)
+        if not by_dest:
+            return 0
+        expiry = self.clock() + SLOT_TTL
+        pipe = self.redis.pipeline(transaction=False)
+        for dest, tokens in by_dest.items():
+            self._refresh(keys=[dest_key(dest, "slots")], args=[expiry, *tokens], client=pipe)
+        pipe.execute()
+        return sum(len(t) for t in by_dest.values())
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def succeeded(self, destination: str) -> None:
+        """A message got through: the window grows, the failure count starts again. Once the
+        window is full and no failure was seen, the news is not written for a while (every write
+        waits for Redis's fsync)."""
+        now = self.clock()
+        if self._full_until.get(destination, 0.0) > now:
+            return
+        if self._feed(destination, True, "") == "full":
+            self._full_until[destination] = now + FULL_QUIET
+
+    def failed(self, destination: str, reason: str) -> bool:
+        """A connection failed; True when that marked the destination down."""
+        self._full_until.pop(destination, None)
+        return self._feed(destination, False, reason) == "down"
+
+    def _feed(self, destination: str, ok: bool, reason: str) -> str:
+        keys = [dest_key(destination, "state"), dest_key(destination, "down")]
+        args = [
+            "1" if ok else "0",
+            self.concurrency,
+            min(INITIAL_WINDOW, self.concurrency),
+            self.failure_limit,
+            int(self.retry_time * 1000),
+            reason or "connection failures",
+            STATE_TTL,
+        ]
+        result = int(self._feedback(keys=keys, args=args))
+        if result == 1:
+            log.warning(
+                "%s: %d connection failures in a row: delivery suspended for %.0fs (%s)",
+                destination,
+                self.failure_limit,
+                self.retry_time,
+                reason,
+            )
+            return "down"
+        return "full" if result == 2 else ""
+
+    def down(self, destination: str) -> Down | None:
+        """Why and for how long the destination is throttled, or None."""
+        pipe = self.redis.pipeline(transaction=False)
+        key = dest_key(destination, "down")
+        pipe.get(key)
+        pipe.pttl(key)
+        reason, ttl = pipe.execute()
+        if reason is None:
+            return None
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        return Down(text, max(0.0, int(ttl) / 1000.0))
+
+    def window(self, destination: str) -> int:
+        raw = self.redis.hget(dest_key(destination, "state"), "window")
+        return int(raw) if raw is not None else min(INITIAL_WINDOW, self.concurrency)
+
+    def pace(self, destination: str) -> float:
+        """With ``destination_rate`` set: the seconds to wait before the next message goes."""
+        if self.rate <= 0:
+            return 0.0
+        wait = float(self._rate(keys=[dest_key(destination, "rate")], args=[self.clock(), 1.0 / self.rate]))
+        return max(0.0, wait)

@@ -1,0 +1,275 @@
+"""An RQ worker that runs many delivery jobs at once, each in its own thread.
+
+Why threads in one RQ worker (see docs/architecture.md, "Many conversations per worker"): a
+delivery job spends nearly all its time waiting on a remote server, so what limits a worker is how
+many conversations it can wait on at once, not CPU. RQ 3 tracks several executions per worker
+(``Worker.executions``, ``get_current_executions()``), so every job running here is a real RQ
+execution: in the StartedJobRegistry, with a heartbeat, visible in ``rq info`` and rq-dashboard,
+failed or retried by RQ's own rules. RQ's ``WorkerPool`` would be one process per job (~40 MB each);
+an asyncio loop would need an asyncio RQ and redis client underneath, which RQ is not.
+
+- The main thread is RQ's loop: it dequeues a job only when one of ``worker_concurrency`` job
+  slots is free, registers its execution, and hands it to a thread.
+- A heartbeat thread pushes on, every ``HEARTBEAT`` seconds, the worker's key, every execution
+  (``EXECUTION_TTL``), and the leases the delivery service holds (messages, connection slots). A
+  worker killed with SIGKILL stops heartbeating: its executions lapse after ``EXECUTION_TTL``
+  seconds and RQ's registry clean-up (run every ``RECOVERY_INTERVAL`` seconds by every worker, in a
+  thread of its own so that a young worker takes jobs at once) re-runs
+  their jobs at once (CRASH_RETRY); the message leases lapse with them, so the re-run may take them.
+- Job timeouts: RQ's ``TimerDeathPenalty`` (the SIGALRM one only works in the main thread).
+- SIGTERM (warm shutdown): no more jobs are taken; conversations end after the transaction in
+  progress; what they had not started is handed back to the queue; the worker waits for its jobs
+  (``STOP_GRACE``) and leaves. A second SIGTERM is a cold shutdown (RQ's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+from rq import SimpleWorker, worker_registration
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution, ExecutionRegistry
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import clean_registries
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as rq_now
+from rq.worker import WorkerStatus
+
+from common.store import RECOVERY_LOCK
+from worker.service import DeliveryService
+
+__all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
+
+log = logging.getLogger("mtaq.worker")
+
+HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
+EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
+RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
+DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
+INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before it is handed back
+STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
+
+
+class ConcurrentWorker(SimpleWorker):
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, service: DeliveryService, concurrency: int = 100, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.service = service
+        self.concurrency = max(1, concurrency)
+        self._free = threading.Semaphore(self.concurrency)
+        self._running: dict[str, tuple[Job, Any, threading.Thread]] = {}  # execution id -> job, execution
+        self._running_lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- RQ's loop, with room for many jobs
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        self._start_heartbeat()
+        idle_since = time.monotonic()
+        while True:
+            if self._stop_requested:
+                return None
+            if not self._free.acquire(timeout=1.0):
+                continue  # every job slot busy: the queue waits in Redis, where others may take it
+            try:
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    None if timeout is None else min(timeout, DEQUEUE_WAIT),
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                self._free.release()
+                if max_idle_time is not None and not self._running and time.monotonic() - idle_since > max_idle_time:
+                    return None
+                continue
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                self._free.release()
+                log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
+                time.sleep(1.0)
+                continue
+            except BaseException:
+                self._free.release()
+                raise
+            if result is None:  # burst mode, nothing waiting: leave once the jobs in flight are done
+                self._free.release()
+                return None
+            job, queue = result
+            job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+            return job, queue
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Register the execution here (the main thread), run the job in a thread of its own."""
+        try:
+            execution = self.prepare_execution(job)
+        except BaseException:
+            self._free.release()
+            raise
+        t = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"rq-{job.id}", daemon=True)
+        with self._running_lock:
+            self._running[execution.id] = (job, execution, t)
+        t.start()
+
+    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        except Exception:
+            # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
+            log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
+        finally:
+            with self._running_lock:
+                self._running.pop(execution.id, None)
+            self._free.release()
+            with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
+                self._set_idle_if_done()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        self._forget_lapsed_executions(job)
+        super().handle_job_success(job, queue, started_job_registry, execution)
+
+    def _forget_lapsed_executions(self, job: Job) -> None:
+        """A job re-run after its worker died still lists the dead execution in its
+        ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
+        entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
+        found in Redis". Drop such entries first."""
+        registry = ExecutionRegistry(job.id, connection=self.connection)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.connection.zrange(registry.key, 0, -1)]
+        if len(ids) < 2:
+            return
+        with self.connection.pipeline() as pipe:
+            for eid in ids:
+                pipe.exists(Execution(eid, job.id, connection=self.connection).key)
+            alive = pipe.execute()
+        gone = [eid for eid, there in zip(ids, alive, strict=True) if not there]
+        if gone:
+            self.connection.zrem(registry.key, *gone)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        # An execution lives EXECUTION_TTL past the last heartbeat, however long the job may run
+        # (job_timeout is enforced by the death penalty): a dead worker's jobs are seen in seconds.
+        return EXECUTION_TTL
+
+    def _set_idle_if_done(self) -> None:
+        with self._running_lock:
+            idle = not self._running
+        if idle:
+            self.set_state(WorkerStatus.IDLE)
+
+    # -- liveness
+    def _start_heartbeat(self) -> None:
+        if self._beat is not None:
+            return
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="mtaq-heartbeat", daemon=True)
+        self._beat.start()
+        threading.Thread(target=self._recovery_loop, name="mtaq-recovery", daemon=True).start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._beat_stop.wait(HEARTBEAT):
+            try:
+                self.beat()
+            except Exception as e:
+                log.warning("worker %s: heartbeat failed (%s); next in %.0fs", self.name, e, HEARTBEAT)
+
+    def beat(self) -> None:
+        """One heartbeat: the worker, its executions and their jobs, the service's leases."""
+        with self._running_lock:
+            running = list(self._running.values())
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(EXECUTION_TTL + 60, pipeline=pipe)
+            for job, execution, _ in running:
+                execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
+                job.heartbeat(rq_now(), EXECUTION_TTL, pipeline=pipe, xx=True)
+            pipe.execute()
+        self.service.heartbeat()
+        if not running:
+            self._set_idle_if_done()
+
+    # -- stopping
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """Warm shutdown: the main loop sees the flag within DEQUEUE_WAIT seconds."""
+        log.info("worker %s: stopping: finishing %d job(s) in flight", self.name, len(self._running))
+        self._shutdown_requested_date = rq_now()
+        self._stop_requested = True
+        self.service.stop()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+
+    def teardown(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        while True:
+            with self._running_lock:
+                threads = [t for _, _, t in self._running.values()]
+            if not threads or time.monotonic() > deadline:
+                break
+            threads[0].join(max(0.1, deadline - time.monotonic()))
+        if threads:
+            log.warning("worker %s: %d job(s) still running at exit; RQ re-runs them", self.name, len(threads))
+        self.service.stop()
+        self._beat_stop.set()
+        super().teardown()  # type: ignore[no-untyped-call]
+
+    def clean_registries(self) -> None:
+        """RQ's registry clean-up (abandoned jobs re-run, dead workers forgotten), under a lock of
+        our own: RQ's lasts 899 s, so a worker killed while cleaning would stop every clean-up for a
+        quarter of an hour, and the mail of every worker that dies meanwhile with it."""
+        for queue in self.queues:
+            key = f"{RECOVERY_LOCK}:{queue.name}"
+            if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_INTERVAL * 3):
+                continue
+            try:
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                self._rescue_intermediate(queue)
+            finally:
+                if self.connection.get(key) in (self.name, self.name.encode()):
+                    self.connection.delete(key)
+        self.last_cleaned_at = rq_now()  # type: ignore[assignment]
+
+    def _rescue_intermediate(self, queue: Queue) -> None:
+        """A job taken off the queue by a worker that died before it registered the execution sits
+        in RQ's intermediate queue; RQ hands it back after a minute. We do after INTERMEDIATE_GRACE
+        seconds: mail held by a dead worker is to go out again within 60 s."""
+        inter = IntermediateQueue(queue.key, connection=self.connection)
+        for job_id in inter.get_job_ids():
+            if job_id in queue.started_job_registry:
+                continue
+            if inter.set_first_seen(job_id):
+                continue
+            first = inter.get_first_seen(job_id)
+            if first is None or (rq_now() - first).total_seconds() < INTERMEDIATE_GRACE:
+                continue
+            job = queue.fetch_job(job_id)
+            if job is None:
+                inter.remove(job_id)
+                continue
+            log.warning("worker %s: job %s was taken by a worker that died: handed back", self.name, job_id)
+            self.handle_job_failure(job, queue, exc_string="taken off the queue by a worker that died")
+            inter.remove(job_id)
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        # RQ's own loop never runs them inline: the recovery thread does (_recovery_loop), so that
+        # a worker takes jobs from its first second, however much a clean-up has to do.
+        return False
+
+    def _recovery_loop(self) -> None:
+        while True:
+            try:
+                self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
+            except Exception as e:
+                log.warning("worker %s: registry clean-up failed (%s); next in %ds", self.name, e, RECOVERY_INTERVAL)
+            if self._beat_stop.wait(RECOVERY_INTERVAL):
+                return
