@@ -232,6 +232,18 @@ def test_as_backup_mx_we_use_only_the_better_ones(zone: ZoneServer) -> None:
     assert targets == [Target("primary.backup.test", "127.0.0.2", PORT, 10)]
 
 
+def test_as_backup_mx_a_better_mx_we_cannot_resolve_now_defers_not_loops(zone: ZoneServer) -> None:
+    # The primary's address lookup times out: we cannot tell whether a better MX exists, so the
+    # mail waits (4.4.3) rather than bouncing as a loop (5.4.6).
+    zone.drop.add("primary.backup.test.")
+    try:
+        with pytest.raises(DnsTransient) as e:
+            mx(zone, timeout=SILENT_TIMEOUT, local_names=["me.example"]).targets("backup.test", PORT)
+        assert e.value.dsn == "4.4.3"
+    finally:
+        zone.drop.discard("primary.backup.test.")
+
+
 def test_us_at_the_best_preference_is_a_loop_even_beside_others(zone: ZoneServer) -> None:
     for seed in range(6):  # whichever order the shuffle picks
         with pytest.raises(DnsPermanent) as e:
