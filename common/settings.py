@@ -114,7 +114,10 @@ class Settings:
     auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
     commit_wait: float = _opt(
-        0.002, "seconds a group commit waits for more messages under load (idle: none)", ("ingress",)
+        0.025,
+        "seconds a group commit waits, under load, for the sessions with a transaction open (ends "
+        "once all wait; idle: none)",
+        ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
     job_max_bytes: int = _opt(

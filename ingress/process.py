@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from common.address import bind_listener
@@ -41,7 +42,19 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 def serve(settings: Settings, sock: socket.socket) -> None:
     """One ingress process (also the target of each forked child)."""
     setup_logging("ingress", settings.log_level, settings.log_format)
-    asyncio.run(_serve(settings, sock))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(_serve(settings, sock))
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency on CPython/Linux), else asyncio's:
+    its transports and loop run in C, which measured (README, Performance) as less CPU per
+    connection and per reply for the same sessions."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main(settings: Settings) -> int:

@@ -98,7 +98,9 @@ class DataReader:
         return len(self._data)
 
     def step(self, lines: LineReader) -> DataStep:
-        """Consume one line of the message from ``lines``."""
+        """Consume one line of the message from ``lines`` (or many at once: _bulk)."""
+        if self._bulk(lines):
+            return DataStep.LINE
         line = lines.next_line()
         if line is None:
             if len(lines) > MAX_TEXT_LINE:
@@ -133,6 +135,36 @@ class DataReader:
             self._data += content
             self._data += b"\r\n"
         return DataStep.LINE
+
+    def _bulk(self, lines: LineReader) -> bool:
+        """Take every complete line buffered, up to the first that starts with a dot, in one piece,
+        when none of them needs what step() does a line at a time: no bare CR or LF, no NUL, none
+        too long, within the size limit. Anything else (and the dot lines, the end among them) goes
+        through step()'s line-at-a-time path, so both say the same about every input; this one
+        copies 1 MiB in well under a millisecond instead of 13,000 turns of Python."""
+        buf = lines._buf
+        if not self._prev_crlf or self._in_long_line or self._too_big or self._too_long or self._bare or self._nul:
+            return False
+        if buf.startswith(b"."):
+            return False
+        end = buf.rfind(b"\n") + 1  # complete lines only
+        dot = buf.find(b"\r\n.", 0, end)
+        if dot >= 0:
+            end = dot + 2  # up to the line that starts with a dot
+        if end == 0:
+            return False
+        chunk = bytes(buf[:end])
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf or b"\0" in chunk:
+            return False
+        if len(self._data) + len(chunk) > self.max_size:
+            return False
+        if max(map(len, chunk.split(b"\n"))) + 1 > MAX_TEXT_LINE:  # each piece is content + CR
+            return False
+        self._data += chunk
+        del buf[:end]
+        lines._scan = 0
+        return True
 
     def _drop(self) -> None:
         if self._data:

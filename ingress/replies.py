@@ -42,7 +42,6 @@ __all__ = [
     "MESSAGE_TOO_BIG",
     "MUST_STARTTLS",
     "NON_ASCII_ADDRESS",
-    "NO_VALID_RECIPIENTS",
     "NUL_IN_MESSAGE",
     "OK",
     "PARAM_NOT_RECOGNIZED",
@@ -85,10 +84,6 @@ class Reply:
             raise ValueError(f"reply code out of range: {self.code}")
         if self.enhanced and self.enhanced[0] != str(self.code)[0]:
             raise ValueError(f"enhanced code {self.enhanced} does not match class of {self.code}")
-
-    @property
-    def is_error(self) -> bool:
-        return self.code >= 400
 
     def lines(self) -> list[str]:
         """The text lines, CR and LF never inside one (a reply can never inject a line)."""
@@ -146,7 +141,6 @@ PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "Error: parameter not recognized")
 BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
-NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN not supported")
 
 # -- permanent failures: policy and content

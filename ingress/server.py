@@ -1,4 +1,5 @@
-"""asyncio glue around the sans-IO session: the only ingress module that touches sockets.
+"""asyncio glue around the sans-IO session: it owns the client connections (ingress/verify.py
+opens only its own outbound probes to the next hop).
 
 Feeds bytes into ``Session``, writes its replies, and carries out what it asks for: store a message
 (group commit), upgrade to TLS, check a password. Also enforces what needs a clock or a view of every
@@ -15,8 +16,8 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import dns.asyncresolver
 
@@ -72,7 +73,11 @@ class Ingress:
 
     def __init__(self, spool: Spool, config: IngressConfig) -> None:
         self.committer = Committer(
-            spool, max_batch=config.commit_max_messages, max_queue=config.max_queue, wait=config.commit_wait
+            spool,
+            max_batch=config.commit_max_messages,
+            max_queue=config.max_queue,
+            wait=config.commit_wait,
+            open_transactions=self.open_transactions,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
@@ -95,6 +100,10 @@ class Ingress:
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def open_transactions(self) -> int:
+        """Sessions between MAIL and the answer after DATA: who may still join a group commit."""
+        return sum(1 for c in self.connections if c.session is not None and c.session.in_transaction)
+
     def protocol(self) -> SMTPProtocol:
         return SMTPProtocol(self)
 
@@ -110,10 +119,6 @@ class Ingress:
         else:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
-
-    @property
-    def sockets(self) -> Sequence[socket.socket]:
-        return self.server.sockets if self.server is not None else ()
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
@@ -153,8 +158,8 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport; uvloop's implements asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
         metrics.connection()
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])

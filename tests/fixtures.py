@@ -22,6 +22,7 @@ from common.jobqueue import DeliveryQueue
 from common.store import Store
 from common.supervise import stop_processes
 from tests.dnsserver import ZoneServer
+from tests.integration.eventually import GENEROUS
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, free_port
 
@@ -61,7 +62,8 @@ def sinks(mx_port: int) -> Iterator[Callable[..., SinkServer]]:
         s.stop()
 
 
-def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+def wait_port(host: str, port: int, timeout: float = GENEROUS) -> None:
+    """Wait for a listener (a process starting on a loaded machine can take long; only failure waits it all)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -127,7 +129,7 @@ class MTA:
         return "\n".join(f"== {f.name}\n{f.read_text(errors='replace')}" for f in sorted(self.log_dir.glob("*.log")))
 
     def smtp(self) -> smtplib.SMTP:
-        s = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
+        s = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=GENEROUS)
         return s
 
     def send(self, sender: str, rcpts: list[str], body: bytes | str) -> str:

@@ -148,7 +148,7 @@ class SinkServer:
             hostname=self.host,
             port=self.port,
             server_hostname=self.hostname,
-            ready_timeout=5.0,
+            ready_timeout=60.0,  # GENEROUS (tests.integration.eventually): a start is an event, not a guess
             enable_SMTPUTF8=self.smtputf8,
             **kwargs,
         )

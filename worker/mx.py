@@ -251,6 +251,12 @@ class MXResolver:
         if self_pref is not None:
             targets = [t for t in targets if t.preference < self_pref]
             if not targets:
+                # A better MX whose address could not be looked up this time may still be there:
+                # that is "try later" (4.4.3), not a loop to bounce.
+                better = [(h, f) for h, f in failures if f.transient and prefs[_name_key(h)] < self_pref]
+                if better:
+                    host, found = better[0]
+                    raise found.error(host)
                 raise DnsError("5.4.6", f"mail for {domain} loops back to myself")
         if targets:
             return targets[: self.max_addresses]

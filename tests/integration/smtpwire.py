@@ -22,6 +22,8 @@ from types import TracebackType
 
 import trustme
 
+from tests.integration.eventually import GENEROUS
+
 __all__ = ["REPLY_LINE", "Reply", "TLSFiles", "Wire", "WireClosed", "check_reply_lines", "make_tls_files"]
 
 # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF ) Reply-code [ SP textstring ] CRLF,
@@ -89,7 +91,11 @@ def check_reply_lines(data: bytes) -> list[Reply]:
 
 
 class Wire:
-    def __init__(self, port: int, host: str = "127.0.0.1", *, source: str = "127.0.0.1", timeout: float = 5.0) -> None:
+    # Every read waits for a reply the test expects: the bound only matters when it never comes, so it is
+    # GENEROUS, not a guess at how fast a loaded machine answers.
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", *, source: str = "127.0.0.1", timeout: float = GENEROUS
+    ) -> None:
         self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         self.timeout = timeout
         self.buf = b""
@@ -148,7 +154,7 @@ class Wire:
         self.send(raw + b"\r\n")
         return self.reply(timeout)
 
-    def closed(self, timeout: float = 5.0) -> bool:
+    def closed(self, timeout: float = GENEROUS) -> bool:
         """True when the server closes the connection (EOF or reset) within ``timeout``; whatever
         it still sent before is parsed into replies, available from ``self.reply()`` afterwards."""
         deadline = time.monotonic() + timeout

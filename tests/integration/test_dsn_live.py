@@ -9,6 +9,7 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message, route
+from tests.integration.eventually import GENEROUS
 from tests.integration.test_pipeline import dsn_fields, parse
 from tests.sinks import SinkServer, wait_for
 
@@ -60,7 +61,7 @@ def test_a_recipient_deferred_past_delay_warning_gets_exactly_one_delayed_dsn(
     logs = mta.logs()
     warned_at = logs.index(f"{qid}: sender delay notification:")
     assert f"{qid}: to=<slow@a.test>" in logs[warned_at:] and "status=deferred" in logs[warned_at:], logs
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS)
 
 
 def test_a_bounce_gives_up_at_bounce_lifetime_while_other_mail_waits(
@@ -89,7 +90,7 @@ def test_mail_from_outside_gets_only_headers_back_and_is_told_why(
         assert s.mail(SENDER, ["RET=FULL"])[0] == 250
         assert s.rcpt("bad@a.test")[0] == 250
         assert s.data(message("outside", body="SECRET-CONTENT\r\n"))[0] == 250
-    assert wait_for(lambda: home.messages, 30), mta.logs()
+    assert wait_for(lambda: home.messages, GENEROUS), mta.logs()
     data = home.messages[0][2]
     assert actions(data) == ["failed"] and b"SECRET-CONTENT" not in data
     report = parse(data)
@@ -111,7 +112,7 @@ def test_eight_bit_mail_with_ret_full_comes_back_whole_over_8bitmime(
         assert s.mail(SENDER, ["RET=FULL", "BODY=8BITMIME"])[0] == 250
         assert s.rcpt("bad@a.test")[0] == 250
         assert s.data(body.encode())[0] == 250
-    assert wait_for(lambda: home.deliveries, 30), mta.logs()
+    assert wait_for(lambda: home.deliveries, GENEROUS), mta.logs()
     delivery = home.deliveries[0]
     assert "BODY=8BITMIME" in delivery.mail_options  # the report is 8-bit and says so
     report = parse(delivery.data)
@@ -131,7 +132,7 @@ def test_smtputf8_bounce_is_an_internationalized_report_in_one_escaping(
         assert s.mail("jörg@client.test", ["SMTPUTF8", "RET=FULL"])[0] == 250
         assert s.rcpt("rejectjörg@a.test")[0] == 250
         assert s.data(body.encode())[0] == 250
-    assert wait_for(lambda: home.deliveries, 30), mta.logs()
+    assert wait_for(lambda: home.deliveries, GENEROUS), mta.logs()
     delivery = home.deliveries[0]
     assert delivery.rcpt_tos == ["jörg@client.test"] and "SMTPUTF8" in delivery.mail_options
     report = parse(delivery.data)

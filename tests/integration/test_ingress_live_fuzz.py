@@ -59,7 +59,10 @@ def exchange(port: int, chunks: list[bytes]) -> tuple[bytes, bool]:
                 reset = True
                 break
         if not reset:
-            s.shutdown(socket.SHUT_WR)
+            try:
+                s.shutdown(socket.SHUT_WR)
+            except OSError:  # the server closed first (a QUIT among the chunks) and reset the rest
+                reset = True
         deadline = time.monotonic() + GENEROUS  # only a server that never closes waits this long
         while time.monotonic() < deadline:
             try:

@@ -1,5 +1,9 @@
 """`mtaq ingress --processes N` on one port, a child killed and restarted, SIGTERM to the parent;
-graceful shutdown of one ingress: transactions in flight finish, idle clients get 421 4.3.2."""
+graceful shutdown of one ingress: transactions in flight finish, idle clients get 421 4.3.2.
+
+No wall-clock guesses: each wait is for an event, bounded by GENEROUS; where "at once" must be told
+from "at the grace deadline", shutdown_grace is set far beyond GENEROUS (GRACE_BEYOND_WAITS).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.fixtures import MTA, alive
+from tests.integration.eventually import GENEROUS, eventually
 from tests.integration.smtpwire import Wire
-from tests.sinks import wait_for
+
+# A grace period no wait in these tests reaches: a shutdown that ends within GENEROUS did not wait for it.
+GRACE_BEYOND_WAITS = 2 * GENEROUS
 
 
 def children(pid: int) -> list[int]:
@@ -29,9 +36,9 @@ def children(pid: int) -> list[int]:
 
 def refused(port: int) -> bool:
     try:
-        with Wire(port, timeout=1):
+        with Wire(port, timeout=GENEROUS):
             return False
-    except OSError:
+    except ConnectionRefusedError:  # only a refusal; a slow connect on a loaded machine is not one
         return True
 
 
@@ -40,21 +47,30 @@ def serve_one(mta: MTA, tag: str) -> str:
 
 
 def test_processes_share_one_port_restart_and_stop(mta_factory: Callable[..., MTA]) -> None:
-    mta = mta_factory(processes=2, shutdown_grace=3)
+    mta = mta_factory(processes=2, shutdown_grace=GRACE_BEYOND_WAITS)
     mta.start_ingress()
     parent = mta.procs["ingress"]
-    assert wait_for(lambda: len(children(parent.pid)) == 2, 10), children(parent.pid)
+    eventually(lambda: len(children(parent.pid)) == 2, "two ingress children")
     first = children(parent.pid)
     ids = [serve_one(mta, f"m{i}") for i in range(10)]
 
-    # SIGKILL one child: the other keeps serving the port, the supervisor starts a new one
+    # SIGKILL one child: the other keeps serving the port, the supervisor starts a new one. Mail is
+    # sent from the kill until the replacement is seen (at least 10 messages, bounded by GENEROUS),
+    # not for a guessed number of seconds.
     victim = first[0]
     os.kill(victim, signal.SIGKILL)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 3:
+
+    def replaced() -> bool:
+        now = children(parent.pid)
+        return len(now) == 2 and victim not in now
+
+    deadline = time.monotonic() + GENEROUS
+    during = 0
+    while during < 10 or not replaced():
+        assert time.monotonic() < deadline, f"no replacement for {victim} within {GENEROUS:.0f} s"
         ids.append(serve_one(mta, f"during{len(ids)}"))
+        during += 1
         time.sleep(0.05)
-    assert wait_for(lambda: len(children(parent.pid)) == 2 and victim not in children(parent.pid), 10)
     now = children(parent.pid)
     assert first[1] in now and len(set(now) - set(first)) == 1
     ids += [serve_one(mta, f"after{i}") for i in range(10)]
@@ -66,59 +82,56 @@ def test_processes_share_one_port_restart_and_stop(mta_factory: Callable[..., MT
     assert set(now) & served_by, "the restarted set of children never served"
 
     # SIGTERM to the parent stops every child and then the parent; a transaction in flight finishes
-    idle = Wire(mta.port)
+    idle = Wire(mta.port, timeout=GENEROUS)
     idle.greet()
-    busy = Wire(mta.port)
+    busy = Wire(mta.port, timeout=GENEROUS)
     busy.greet()
     assert busy.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
     assert busy.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
     assert busy.cmd("DATA").code == 354
-    t0 = time.monotonic()
     parent.send_signal(signal.SIGTERM)
-    assert idle.reply(timeout=5).status == (421, "4.3.2")
+    assert idle.reply().status == (421, "4.3.2")
     idle.close()
-    # no process accepts any more, and none holds the port open: new clients are refused at once
-    assert wait_for(lambda: refused(mta.port), 3)
+    # no process accepts any more, and none holds the port open: new clients are refused
+    eventually(lambda: refused(mta.port), "the port refusing connections")
     last = busy.cmd(b"Subject: last\r\n\r\nx\r\n.")
     assert last.status == (250, "2.0.0")
     assert busy.reply().status == (421, "4.3.2")
     busy.close()
     ids.append(last.text.rsplit(" ", 1)[-1])
-    assert parent.wait(timeout=3 + 10) == 0
-    assert time.monotonic() - t0 < 3  # nothing left in flight: no need to wait for the grace period
-    assert wait_for(lambda: not any(alive(c) for c in now), 5), [c for c in now if alive(c)]
+    # nothing left in flight: the parent exits long before the grace period (GRACE_BEYOND_WAITS) ends
+    assert parent.wait(timeout=GENEROUS) == 0
+    eventually(lambda: not any(alive(c) for c in now), f"children {now} gone")
     assert sorted(mta.store.queue_ids()) == sorted(ids)
 
 
 def test_graceful_shutdown(mta_factory: Callable[..., MTA]) -> None:
-    mta = mta_factory(shutdown_grace=5)
+    mta = mta_factory(shutdown_grace=GRACE_BEYOND_WAITS)
     mta.start_ingress()
     proc = mta.procs["ingress"]
-    busy = Wire(mta.port)
+    busy = Wire(mta.port, timeout=GENEROUS)
     busy.greet()
     assert busy.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
     assert busy.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
     assert busy.cmd("DATA").code == 354
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
-    idle = Wire(mta.port)
+    idle = Wire(mta.port, timeout=GENEROUS)
     idle.greet()
 
-    t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert idle.reply(timeout=3).status == (421, "4.3.2")  # the idle client is told at once
-    assert idle.closed(timeout=3)
+    # the idle client is told at once: within GENEROUS, long before the grace deadline
+    assert idle.reply().status == (421, "4.3.2")
+    assert idle.closed(timeout=GENEROUS)
     idle.close()
-    assert time.monotonic() - t0 < 2
-    assert wait_for(lambda: refused(mta.port), 3)  # no new connections
-    time.sleep(0.5)
+    eventually(lambda: refused(mta.port), "no new connections")
     busy.send(b"second half\r\n")
     done = busy.cmd(".")
     assert done.status == (250, "2.0.0")  # the transaction in flight completes
-    assert busy.reply(timeout=3).status == (421, "4.3.2")
-    assert busy.closed(timeout=3)
+    assert busy.reply().status == (421, "4.3.2")
+    assert busy.closed(timeout=GENEROUS)
     busy.close()
-    assert proc.wait(timeout=5) == 0
-    assert time.monotonic() - t0 < 5  # well within shutdown_grace: nothing was left to wait for
+    # well within shutdown_grace (GRACE_BEYOND_WAITS): nothing was left to wait for
+    assert proc.wait(timeout=GENEROUS) == 0
     qid = done.text.rsplit(" ", 1)[-1]
     stored = mta.store.load(qid)
     assert stored is not None and stored.body.endswith(b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
@@ -130,7 +143,7 @@ def test_shutdown_is_bounded_by_grace(mta_factory: Callable[..., MTA]) -> None:
     mta = mta_factory(shutdown_grace=2)
     mta.start_ingress()
     proc = mta.procs["ingress"]
-    stuck = Wire(mta.port)
+    stuck = Wire(mta.port, timeout=GENEROUS)
     stuck.greet()
     assert stuck.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
     assert stuck.cmd("RCPT TO:<bob@a.test>").status == (250, "2.1.5")
@@ -150,12 +163,14 @@ def test_shutdown_is_bounded_by_grace(mta_factory: Callable[..., MTA]) -> None:
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
-        code = proc.wait(timeout=10)
+        # the dribbling client never finishes: only the grace deadline can end the shutdown
+        code = proc.wait(timeout=GENEROUS)
     except subprocess.TimeoutExpired:
         code = None
     elapsed = time.monotonic() - t0
     stop.set()
-    t.join(5)
+    t.join(GENEROUS)
     stuck.close()
-    assert code == 0 and 1.8 < elapsed < 4.0, (code, elapsed)
+    # a lower bound only: the deadline never fires early (asyncio may round it down by a tick)
+    assert code == 0 and elapsed > 1.8, (code, elapsed)
     assert mta.store.queue_ids() == []  # the unfinished message was never accepted

@@ -112,7 +112,7 @@ def test_no_starttls_or_auth_without_certificate(mta_factory: Callable[..., MTA]
 
 
 def test_starttls_with_smtplib_stores_esmtps(secure_mta: MTA, tls: TLSFiles) -> None:
-    with smtplib.SMTP("127.0.0.1", secure_mta.port, local_hostname="client.test", timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", secure_mta.port, local_hostname="client.test", timeout=GENEROUS) as s:
         s.ehlo()
         assert s.has_extn("starttls") and not s.has_extn("auth")
         code, _ = s.starttls(context=tls.client_context())

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from common.embedded import EmbeddedRedis, find_redis_server
 from common.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
 from tests.fixtures import ROOT, alive, message, route, wait_port
+from tests.integration.eventually import GENEROUS
 from tests.integration.test_run import queue_listing, refused, start_run, stop
 from tests.redisserver import RedisServer
 from tests.sinks import free_port, wait_for
@@ -73,10 +73,11 @@ def test_kill_9_of_run_takes_every_child_with_it_and_a_new_run_starts(
     route(dns, "deferred.test", "127.0.0.9")  # nobody listens there: the worker defers, the mail stays
     p = start_run(data_dir, port, dns, mx_port, log, workers=1)
     try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:
             s.sendmail("alice@client.test", ["bob@deferred.test"], message("kept"))
         redis_pid = int((data_dir / "redis.pid").read_text())
-        assert wait_for(lambda: len(descendants(p.pid)) >= 4, 15), log.read_text()  # redis, ingress, worker, scheduler
+        # redis, ingress, worker, scheduler
+        assert wait_for(lambda: len(descendants(p.pid)) >= 4, GENEROUS), log.read_text()
         below = descendants(p.pid)
         assert redis_pid in below
         os.kill(p.pid, signal.SIGKILL)
@@ -111,7 +112,7 @@ def test_ingress_processes_die_with_their_supervisor(redis_server: RedisServer, 
         )
     try:
         wait_port("127.0.0.1", port)
-        assert wait_for(lambda: len(descendants(p.pid)) == 2, 15)
+        assert wait_for(lambda: len(descendants(p.pid)) == 2, GENEROUS)
         below = descendants(p.pid)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
@@ -141,11 +142,11 @@ def test_the_portable_watch_stops_an_orphan_without_the_kernels_help(tmp_path: P
     )
     middle = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     try:
-        assert wait_for(lambda: pid_file.exists() and pid_file.read_text().isdigit(), 15)
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text().isdigit(), GENEROUS)
         child = int(pid_file.read_text())
         middle.kill()
         middle.wait()
-        assert wait_for(lambda: not alive(child), 10)
+        assert wait_for(lambda: not alive(child), GENEROUS)
     finally:
         if middle.poll() is None:
             middle.kill()
@@ -163,8 +164,8 @@ def test_a_new_run_shuts_down_a_stale_redis_of_its_data_dir_and_keeps_its_data(
     old = subprocess.Popen([find_redis_server(), str(data_dir / "redis.conf")], stdin=subprocess.DEVNULL)
     try:
         client = redis.Redis(unix_socket_path=stale.socket)
-        assert wait_for(lambda: os.path.exists(stale.socket), 15)
-        assert wait_for(lambda: _pings(client), 15)
+        assert wait_for(lambda: os.path.exists(stale.socket), GENEROUS)
+        assert wait_for(lambda: _pings(client), GENEROUS)
         client.hset("mtaq:stats", "received", 7)  # acknowledged by the stale server: must survive
         client.close()
         p = start_run(data_dir, port, dns, mx_port, log, workers=0)
@@ -194,26 +195,22 @@ def test_a_second_run_on_the_same_data_dir_says_so_in_one_line(tmp_path: Path, d
     data_dir, log, port = tmp_path / "var", tmp_path / "run.log", free_port()
     p = start_run(data_dir, port, dns, mx_port, log, workers=0)
     try:
-        t0 = time.monotonic()
         second = mtaq("run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{free_port()}", "--workers", "0")
         assert second.returncode == 1, second
         assert second.stderr.splitlines() == [
             f"mtaq: another `mtaq run` (pid {p.pid}) uses {data_dir.absolute()}: stop it, or give another --data-dir"
         ], second.stderr
-        assert time.monotonic() - t0 < 30
         assert not refused(port)  # the first run is untouched
     finally:
         stop(p, log)
 
 
 def test_run_on_a_port_in_use_says_so_in_one_line_and_exits(tmp_path: Path, taken_port: int) -> None:
-    t0 = time.monotonic()
     r = mtaq("run", "--data-dir", str(tmp_path / "var"), "--listen", f"127.0.0.1:{taken_port}")
     assert r.returncode == EXIT_FATAL, r
     assert r.stderr.splitlines() == [
         f"mtaq: 127.0.0.1:{taken_port} is in use: stop what listens there, or give another --listen"
     ]
-    assert time.monotonic() - t0 < 30
     assert not (tmp_path / "var" / "redis.sock").exists()  # nothing was started
 
 

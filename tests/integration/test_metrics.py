@@ -15,12 +15,13 @@ from pathlib import Path
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import ROOT, message, route, wait_port
+from tests.integration.eventually import GENEROUS
 from tests.integration.smtpwire import Wire
 from tests.sinks import SinkServer, free_port, wait_for
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=GENEROUS) as resp:
         return str(resp.read().decode())
 
 
@@ -54,7 +55,7 @@ def test_metrics_of_mtaq_run_count_real_traffic(
         wait_port("127.0.0.1", port)
         wait_port("127.0.0.1", mport)
         sizes = []
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:  # connection 1
+        with smtplib.SMTP("127.0.0.1", port, timeout=GENEROUS) as s:  # connection 1
             for rcpt in ("a@ok.test", "b@ok.test", "c@ok.test", "d@later.test", "e@never.test"):
                 body = message(rcpt, to=rcpt)
                 sizes.append(len(body))  # what DATA carries; smtplib sends it as is
@@ -75,7 +76,7 @@ def test_metrics_of_mtaq_run_count_real_traffic(
                 and value(t, "mtaq_connections_total") == 3  # wait_port's probe, and the two above
             )
 
-        assert wait_for(settled, 30, 0.2), scrape(mport) + log.read_text()
+        assert wait_for(settled, GENEROUS, 0.2), scrape(mport) + log.read_text()
         t = scrape(mport)
         assert value(t, "mtaq_messages_accepted_total") == 5
         # the ingress counts the DATA it received (its Received: header is added after)

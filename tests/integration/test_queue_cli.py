@@ -16,6 +16,7 @@ from rq.job import Job
 from common.jobqueue import DeliveryQueue
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, message, route
+from tests.integration.eventually import GENEROUS
 from tests.sinks import SinkServer, free_port, wait_for
 
 LONG = "451 4.3.0 " + "the remote is busy right now and would like you to come back a little later " * 3
@@ -74,9 +75,9 @@ def test_queue_commands_on_a_queue_in_known_states(
     assert (r.returncode, r.stdout.strip()) == (0, "held 1 message(s)"), r.stderr
     assert mtaq(mta, "queue", "hold", kept).returncode == 1  # nothing to do: already held
     mta.start_worker()
-    assert wait_for(lambda: states(mta, mixed).get("a@later.test") == "deferred", 30), mta.logs()
-    assert wait_for(lambda: states(mta, down).get("x@down.test") == "deferred", 30), mta.logs()
-    assert wait_for(lambda: jobs_idle(mta), 30), mta.logs()
+    assert wait_for(lambda: states(mta, mixed).get("a@later.test") == "deferred", GENEROUS), mta.logs()
+    assert wait_for(lambda: states(mta, down).get("x@down.test") == "deferred", GENEROUS), mta.logs()
+    assert wait_for(lambda: jobs_idle(mta), GENEROUS), mta.logs()
     assert states(mta, mixed) == {"a@later.test": "deferred", "b@never.test": "bounced", "c@ok.test": "delivered"}
     assert states(mta, kept) == {"k@ok.test": "pending"}
     assert ok.recipients() == ["c@ok.test"], "the held message was delivered"
@@ -85,7 +86,7 @@ def test_queue_commands_on_a_queue_in_known_states(
     dq.enqueue_now("ok.test", [kept], force=True)
     job_ids = dq.rq.get_job_ids()
     # result_ttl is 0: a job that ran is gone (a failed one would stay, in the failed registry)
-    assert wait_for(lambda: not any(Job.exists(j, connection=mta.redis) for j in job_ids), 30), mta.logs()
+    assert wait_for(lambda: not any(Job.exists(j, connection=mta.redis) for j in job_ids), GENEROUS), mta.logs()
     assert states(mta, kept) == {"k@ok.test": "pending"} and ok.recipients() == ["c@ok.test"]
 
     # the table: like mailq, 100 columns, long replies cut with …, the hold marked with !
@@ -154,19 +155,19 @@ def test_queue_commands_on_a_queue_in_known_states(
     # release: the held message goes out now
     r = mtaq(mta, "queue", "release", kept)
     assert r.returncode == 0 and r.stdout.startswith("released 1 message(s)"), r.stderr
-    assert wait_for(lambda: "k@ok.test" in ok.recipients(), 30), mta.logs()
+    assert wait_for(lambda: "k@ok.test" in ok.recipients(), GENEROUS), mta.logs()
 
     # bounce: returned to the sender now, with a DSN (to alice@ok.test, the sink)
     r = mtaq(mta, "queue", "bounce", down)
     assert (r.returncode, r.stdout.strip()) == (0, "returned 1 message(s) to their senders"), r.stderr
-    assert wait_for(lambda: "alice@ok.test" in ok.recipients(), 30), mta.logs()
+    assert wait_for(lambda: "alice@ok.test" in ok.recipients(), GENEROUS), mta.logs()
     dsn = next(m for m in ok.messages if m[1] == ["alice@ok.test"])[2]
     assert b"multipart/report" in dsn and b"x@down.test" in dsn
 
     # retry --all, then delete: no job of a deleted message lingers in the counts
     r = mtaq(mta, "queue", "retry", "--all")
     assert r.returncode == 0 and "queued 1 message(s)" in r.stdout, (r.stdout, r.stderr)
-    assert wait_for(lambda: jobs_idle(mta), 30)
+    assert wait_for(lambda: jobs_idle(mta), GENEROUS)
     r = mtaq(mta, "queue", "delete", mixed)  # not a terminal: no question asked
     assert r.returncode == 0 and r.stdout.startswith("deleted 1 message(s)"), r.stderr
     doc = json.loads(mtaq(mta, "queue", "stats", "--json").stdout)
@@ -185,13 +186,13 @@ def test_health_names_each_failure(mta_factory: Callable[..., MTA]) -> None:
     assert "ingress: FAILED" in r.stderr and "worker: FAILED" in r.stderr and "redis: ok" in r.stdout
     mta.start_ingress()
     mta.start_worker()
-    assert wait_for(lambda: mtaq(mta, "health").returncode == 0, 30), mtaq(mta, "health").stderr
+    assert wait_for(lambda: mtaq(mta, "health").returncode == 0, GENEROUS), mtaq(mta, "health").stderr
     doc = json.loads(mtaq(mta, "health", "--json").stdout)
     assert doc["ok"] is True and [c["name"] for c in doc["checks"]][:3] == ["redis", "ingress", "worker"]
     assert "220" in doc["checks"][1]["detail"]
     assert mtaq(mta, "health", "--check", "metrics").returncode == 0  # `mtaq ingress` serves /metrics
     mta.stop("worker0")
-    assert wait_for(lambda: mtaq(mta, "health").returncode == 1, 30)
+    assert wait_for(lambda: mtaq(mta, "health").returncode == 1, GENEROUS)
     assert mtaq(mta, "health", "--check", "redis", "--check", "ingress").returncode == 0
     r = mtaq(mta, "health", "--redis-url", "redis://127.0.0.1:1/0")
     assert r.returncode == 3 and "redis: FAILED" in r.stderr and "Traceback" not in r.stderr

@@ -151,3 +151,25 @@ def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> N
     assert batches[0] == 1 and batches[1] == 2
     assert batches[2:] == [6]  # after a batch of 2, the committer waited and took the whole burst
     assert sleeps.asked and all(s == 0.2 for s in sleeps.asked)
+
+
+def test_commit_wait_ends_once_every_open_transaction_has_submitted() -> None:
+    """The wait is an upper bound: the batch goes as soon as every session with a transaction open
+    waits in it (an hour-long wait would otherwise time this test out)."""
+
+    async def go() -> list[int]:
+        store = BatchRecorder()
+        open_now = [2]
+        c = Committer(store, wait=3600.0, open_transactions=lambda: open_now[0])  # type: ignore[arg-type]
+        await asyncio.gather(*(c.submit(msg(f"a{i}")) for i in range(2)))  # batch of 2: load from now on
+        open_now[0] = 4
+        first = [asyncio.create_task(c.submit(msg(f"b{i}"))) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(t.done() for t in first)  # one of the four is missing: still gathering
+        last = asyncio.create_task(c.submit(msg("b3")))
+        await asyncio.wait_for(asyncio.gather(*first, last), timeout=60)
+        open_now[0] = 0
+        await asyncio.wait_for(c.submit(msg("alone")), timeout=60)  # nobody else in a transaction
+        return store.batches
+
+    assert run(go()) == [2, 4, 1]

@@ -1,0 +1,59 @@
+"""DataReader's many-lines-at-once path says exactly what its line-at-a-time path says, for any
+input cut anywhere: the same message, the same refusal, the same end, the same input left over."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingress.limits import MAX_TEXT_LINE
+from ingress.readers import DataReader, DataStep, LineReader
+
+
+class LineAtATime(DataReader):
+    def _bulk(self, lines: LineReader) -> bool:
+        return False
+
+
+def read(reader: DataReader, chunks: list[bytes]) -> tuple[bytes, object, bool, bytes]:
+    lines = LineReader()
+    ended = False
+    for c in chunks:
+        lines.feed(c)
+        while (step := reader.step(lines)) is DataStep.LINE:
+            pass
+        if step is DataStep.END:
+            ended = True
+            break
+    rest = bytes(lines._buf)
+    return reader.take(), reader.refusal, ended, rest
+
+
+PIECES = [b"a", b"text ", b".", b"..", b"\r\n", b"\r", b"\n", b"\0", b"\r\n.\r\n", b"\n.\n", b"x" * 400]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(PIECES), max_size=60),
+    st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    st.sampled_from([50, 2000, 10_000_000]),
+)
+def test_bulk_agrees_with_line_at_a_time(pieces: list[bytes], cuts: list[int], max_size: int) -> None:
+    data = b"".join(pieces) + b"\r\n.\r\n"
+    chunks, i, n = [], 0, 0
+    while i < len(data):
+        size = cuts[n % len(cuts)]
+        chunks.append(data[i : i + size])
+        i, n = i + size, n + 1
+    assert read(DataReader(max_size), chunks) == read(LineAtATime(max_size), chunks)
+
+
+def test_a_large_plain_message_is_read_whole() -> None:
+    body = (b"y" * 76 + b"\r\n") * 20_000
+    assert read(DataReader(10_000_000), [body, b".\r\n"]) == (body, None, True, b"")
+
+
+def test_overlong_line_found_in_bulk() -> None:
+    body = b"ok\r\n" + b"z" * MAX_TEXT_LINE + b"\r\n"
+    got = read(DataReader(10_000_000), [body, b".\r\n"])
+    assert got == read(LineAtATime(10_000_000), [body, b".\r\n"]) and got[1] is not None
