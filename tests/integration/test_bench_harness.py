@@ -4,6 +4,7 @@ of the accept-only system yields a complete result. Small loads: a few seconds i
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,24 @@ def test_measure_the_accept_only_reference(tmp_path: Path) -> None:
         r = measure(AcceptOnly(tmp_path / "sys"), load, sink)
     assert (r.system, r.accepted, r.delivered, r.e2e_rate) == ("aiosmtpd sink", 200, None, None)
     assert r.ingress_rate > 0 and r.peak_pss_mib > 5 and r.cpu_s > 0
+
+
+@pytest.mark.skipif(shutil.which("smtp-source") is None, reason="needs Postfix's smtp-source")
+def test_scaling_backlog_part_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.scaling's backlog part at toy size: the loopback DNS routes new mail to the sink and
+    the backlog to a dead address, the spool fill is measured, the JSON has both mtaq figures."""
+    from bench.scaling import main
+    from bench.throughput import default_mtaq
+
+    exe = default_mtaq()
+    if exe is None:
+        pytest.skip("no mtaq executable in this venv")
+    argv = ["--parts", "backlog", "--messages", "60", "--backlog", "300", "--timeout", "60"]
+    assert main([*argv, "--mtaq", str(exe), "--results", str(tmp_path)]) == 0
+    doc = json.loads(next(tmp_path.glob("*-scaling.json")).read_text())
+    by_system = {e["system"]: e for e in doc["results"]}
+    for name in ("mtaq", "mtaq + backlog 300"):
+        assert by_system[name]["delivered"] == 60, capsys.readouterr().out
+    (mem,) = doc["backlog_memory"]
+    assert mem["messages"] == 300 and mem["bytes_per_message"] > mem["body_octets"] == 4096
+    assert "Redis memory per queued message" in capsys.readouterr().out
