@@ -91,7 +91,7 @@ def size_cases(a: argparse.Namespace) -> list[Case]:
     out = []
     for label, octets, rcpts, n in size_plan(a.messages):
         load = Load("smtp-source -d", n, a.sessions, octets, recipients=rcpts, timeout=a.timeout)
-        out.append(Case(f"size {label}", load, 0.05 if octets <= 4 * KIB else 0.5))
+        out.append(Case(f"size {label}", load, 0.05 if octets <= 100 * KIB else 0.5))
     return out
 
 

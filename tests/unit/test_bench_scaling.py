@@ -66,7 +66,7 @@ def test_bigger_messages_come_in_fewer_numbers_and_50_recipients_go_to_smtp_sour
     cases = size_cases(parse_args(["--messages", "2000"]))
     assert {c.load.kind for c in cases} == {"smtp-source -d"}
     assert [c.load.recipients for c in cases] == [1, 1, 1, 50]
-    assert [c.probe_interval for c in cases] == [0.05, 0.5, 0.5, 0.05]  # a 1 MiB probe is load
+    assert [c.probe_interval for c in cases] == [0.05, 0.05, 0.5, 0.05]  # a 1 MiB probe is load
     assert set(describe(parse_args([]))) >= {c.label for c in cases}
 
 
