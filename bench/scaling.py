@@ -2,8 +2,9 @@
 smtp-sink in the same run, the systems of a part alternating their order from run to run.
 
 Parts (--parts, each load bounded by --messages and --timeout):
-  grid     `mtaq run --workers 1, 2, 4`, each with 1 and 2 ingress processes (MTAQ_PROCESSES;
-           `mtaq run` has no --processes flag: the setting's default is 1 there), on smtp-source
+  grid     `mtaq run --workers 1, 2, 4`, each with `--processes 1` and `2` (ingress processes;
+           `run` takes 1 by default; given as MTAQ_WORKERS/MTAQ_PROCESSES, which any checkout
+           reads, as bench/systems.py does for every setting), on smtp-source
            with a new connection per message and with -d, 4 KiB
   sizes    mtaq defaults: 1 KiB, 100 KiB and 1 MiB messages, and 4 KiB to 50 recipients each
            (smtp-source -r 50), all on smtp-source -d; the larger messages in fewer numbers
