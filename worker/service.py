@@ -33,7 +33,7 @@ from common import metrics
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message, lease_key
+from common.store import Message, Store, lease_key
 from worker.delays import warn_delayed
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
@@ -119,6 +119,7 @@ class DeliveryService:
         self._lanes: dict[str, Work] = {}  # destination -> the parcels its conversations take from
         self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
+        self.writer = _Writer(spool.store)
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -191,10 +192,13 @@ class DeliveryService:
             if parcels:
                 self._run(destination, batch, parcels)
         finally:
-            if leased:
-                with self._lock:
-                    self._leases.pop(token, None)
-                store.release_leases(leased, destination, token)
+            try:
+                batch.drain()
+            finally:
+                if leased:
+                    with self._lock:
+                        self._leases.pop(token, None)
+                    store.release_leases(leased, destination, token)
             if batch.finished:
                 self.finish_messages(batch)
         for hop, qids in reroute.items():
@@ -218,6 +222,7 @@ class DeliveryService:
             handed = self._tend(destination, lane, owner, parcels)
         finally:
             self._leave_lane(destination, lane)
+        batch.drain()  # the conversations' outcomes are written before the rest is worked out
         if handed:
             ids = [p.envelope.id for p in handed]
             if self.stopping.is_set():
@@ -510,7 +515,9 @@ class _Batch:
         self.loaded = loaded
         self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
         self.finished: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._writing = 0  # record_final turns handed to the writer, not yet written
+        self._error: BaseException | None = None
 
     def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
         out = p.outcomes[i]
@@ -538,24 +545,99 @@ class _Batch:
         )
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
-        """Record outcomes. A Redis that is restarting is waited for (WRITE_PATIENCE): the mail has
-        gone, and a failed job would send it again."""
-        deadline = time.monotonic() + WRITE_PATIENCE
-        while True:
-            try:
-                results = self.service.store.set_statuses(updates)
-                break
-            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable: %d outcome(s) wait to be recorded", sum(map(len, updates.values())))
-                time.sleep(0.5)
+        """Record outcomes now, waiting for Redis (``write_outcomes``)."""
+        self.written(updates, write_outcomes(self.service.store, _entries(updates)))
+
+    def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
+        """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
         with self._lock:
-            for qid, codes in results.items():
-                self.recorded[qid].update(updates[qid])
-                if 0 in codes:
+            for (qid, idx, st), code in zip(_entries(updates), codes, strict=True):
+                self.recorded[qid][idx] = st
+                if code == 0:
                     self.finished.append(qid)
 
     def record_final(self, p: Parcel, positions: list[int]) -> None:
+        """A transaction's final outcomes, handed to the service's outcome writer: the conversation
+        goes on to its next message while they are written (``drain`` waits for them)."""
         now = self.service.clock()
-        self.write({p.envelope.id: {i: self.status(p, i, now, None) for i in positions}})
+        updates = {p.envelope.id: {i: self.status(p, i, now, None) for i in positions}}
+        with self._lock:
+            self._writing += 1
+        self.service.writer.submit(self, updates)
+
+    def settled(self, error: BaseException | None) -> None:
+        """The writer is done with one ``record_final`` (``error``: it could not be written)."""
+        with self._lock:
+            self._writing -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._lock.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every outcome handed to the writer is written; raises what a write raised
+        (the job fails, RQ runs it again: what was not recorded is sent again, at least once)."""
+        with self._lock:
+            while self._writing:
+                self._lock.wait()
+            if self._error is not None:
+                raise self._error
+
+
+def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, int, RecipientStatus]]:
+    return [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
+
+
+def write_outcomes(store: Store, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+    """Record outcomes in one round trip. A Redis that is restarting is waited for (WRITE_PATIENCE):
+    the mail has gone, and a failed job would send it again."""
+    deadline = time.monotonic() + WRITE_PATIENCE
+    while True:
+        try:
+            return store.set_status_list(entries)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
+            time.sleep(0.5)
+
+
+class _Writer:
+    """Group commit of final outcomes: every conversation of this process hands the outcomes of a
+    transaction here and goes on with its next message; one thread writes whatever has gathered in
+    one round trip (one fsync) while the next gathers. The window in which a crash forgets a
+    delivery (the message is sent again: at least once) is one round trip, as before; what changes
+    is that a conversation no longer waits for Redis between messages."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: list[tuple[_Batch, dict[str, dict[int, RecipientStatus]]]] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, batch: _Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        with self._cond:
+            self._pending.append((batch, updates))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                turn, self._pending = self._pending, []
+            entries = [e for _, updates in turn for e in _entries(updates)]
+            try:
+                codes = write_outcomes(self.store, entries)
+            except BaseException as e:  # every job of the turn fails and is run again
+                for batch, _ in turn:
+                    batch.settled(e)
+                continue
+            at = 0
+            for batch, updates in turn:
+                n = sum(map(len, updates.values()))
+                batch.written(updates, codes[at : at + n])
+                at += n
+                batch.settled(None)
