@@ -156,13 +156,20 @@ class Store:
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
-        self, messages: Sequence[Message], *, delete: Iterable[str] = (), also: Callable[[Any], None] | None = None
+        self,
+        messages: Sequence[Message],
+        *,
+        delete: Iterable[str] = (),
+        unlease: Iterable[tuple[str, str]] = (),
+        also: Callable[[Any], None] | None = None,
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
         StoreFull and stores nothing then.
 
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
-        ``also`` adds commands to it (their delivery jobs: common/spool.py)."""
+        ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
+        guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
+        common/spool.py)."""
         with _translated():
             pipe = self.redis.pipeline(transaction=True)
             for m in messages:
@@ -176,6 +183,9 @@ class Store:
                 pipe.hincrby(STATS, "received", len(messages))
             for qid in delete:
                 self._delete(pipe, qid)
+            leases = [lease_key(qid, dest) for qid, dest in unlease]
+            if leases:
+                pipe.delete(*leases)
             if also is not None:
                 also(pipe)
             pipe.execute()

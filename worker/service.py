@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import redis
 
@@ -192,15 +192,21 @@ class DeliveryService:
             if parcels:
                 self._run(destination, batch, parcels)
         finally:
+            gone: set[str] = set()
             try:
                 batch.drain()
-            finally:
                 if leased:
                     with self._lock:
                         self._leases.pop(token, None)
-                    store.release_leases(leased, destination, token)
-            if batch.finished:
-                self.finish_messages(batch)
+                if batch.finished:
+                    # the leases of the messages deleted go in the same transaction
+                    gone = self.finish_messages(batch, set(leased))
+            finally:
+                with self._lock:
+                    self._leases.pop(token, None)
+                rest = [q for q in leased if q not in gone]
+                if rest:
+                    store.release_leases(rest, destination, token)
         for hop, qids in reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
@@ -410,10 +416,12 @@ class DeliveryService:
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
     # -- finishing ----------------------------------------------------------------------------------
-    def finish_messages(self, batch: _Batch) -> None:
+    def finish_messages(self, batch: _Batch, leased: Collection[str] = ()) -> set[str]:
         """Every recipient of these messages is final: queue the DSNs their senders asked for and
         remove the messages, all in one transaction. A message with recipients at other
-        destinations has its states read again (another job finished those)."""
+        destinations has its states read again (another job finished those). ``leased``: messages
+        whose lease for the batch's destination this job holds; those deleted lose it in the same
+        transaction. Returns the ids deleted."""
         views: Loaded = {}
         stale: list[str] = []
         for qid in dict.fromkeys(batch.finished):
@@ -426,29 +434,42 @@ class DeliveryService:
         for found in self.store.load_many(stale) if stale else []:
             if found is not None:
                 views[found[0].envelope.id] = found
-        self.finish_loaded(list(views.values()), batch.destination)
+        return self.finish_loaded(list(views.values()), batch.destination, leased)
 
     def finish_loaded(
-        self, done: Sequence[tuple[Message, dict[int, RecipientStatus]]], destination: str | None = None
-    ) -> None:
-        """DSNs and deletes of finished messages, in one transaction, each claimed first."""
+        self,
+        done: Sequence[tuple[Message, dict[int, RecipientStatus]]],
+        destination: str | None = None,
+        leased: Collection[str] = (),
+    ) -> set[str]:
+        """DSNs and deletes of finished messages, in one transaction; returns the ids deleted.
+
+        A message with a DSN due is claimed first (FINISH_CLAIM): two finishers that saw it
+        complete at once build one report between them. One without a DSN is not: its recipients'
+        states are final and cannot change, so every finisher finds no report due, and deleting a
+        message twice is deleting it once (a round trip and a write fewer per message)."""
         if not done:
-            return
-        claimed = set(self.store.lease([m.envelope.id for m, _ in done], "finish", uuid.uuid4().hex, FINISH_CLAIM))
-        others = [m.envelope.id for m, _ in done if m.envelope.id not in claimed]
+            return set()
+        now = self.clock()
+        reports = {m.envelope.id: self.dsn(m, st, self.settings.hostname, now) for m, st in done}
+        due = [q for q, r in reports.items() if r is not None]
+        claimed = set(self.store.lease(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
+        others = [q for q in due if q not in claimed]
         if others and destination is not None:
             # another finisher has it, or had it and died: look again once its claim has lapsed
             self.queue.schedule(destination, others, FINISH_CLAIM + random.uniform(1.0, 5.0))
-        done = [d for d in done if d[0].envelope.id in claimed]
-        now = self.clock()
+        done = [d for d in done if reports[d[0].envelope.id] is None or d[0].envelope.id in claimed]
         dsns: list[Message] = []
-        for msg, states in done:
-            dsn = self.dsn(msg, states, self.settings.hostname, now)
+        for msg, _ in done:
+            dsn = reports[msg.envelope.id]
             if dsn is not None:
                 dsns.append(dsn)
                 log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
             log.info("%s: removed", msg.envelope.id)
-        self.spool.commit(dsns, delete=[m.envelope.id for m, _ in done])
+        ids = [m.envelope.id for m, _ in done]
+        unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
+        self.spool.commit(dsns, delete=ids, unlease=unlease)
+        return set(ids)
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:
