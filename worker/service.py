@@ -10,11 +10,14 @@ One job = one destination, some messages. It
 3. runs conversations: a cached idle connection or a new one, plus more in threads while the job
    has more messages than conversations and the destination has free slots, each up to
    ``destination_messages_per_connection`` messages;
-4. marks final recipients right after each transaction (a re-run job never sends them again),
-   records the deferrals, schedules the retry, finishes completed messages (DSN, delete).
+4. hands final recipients to the outcome writer right after each transaction (``_Writer``: one
+   round trip for whatever every conversation of the process handed it meanwhile; a re-run job
+   never sends them again), records the deferrals, schedules the retry, finishes completed
+   messages (DSN, delete, and the leases on them).
 
-Redis round trips per job: one to load the batch, one per SMTP transaction to mark its final
-recipients, one for the deferred ones, one to finish every completed message.
+Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
+for the final recipients, one for the deferred ones, one to finish every completed message, one to
+release the leases of the messages not finished.
 """
 
 from __future__ import annotations
