@@ -179,7 +179,8 @@ class DeliveryService:
                 due[qid] = mine
         token = uuid.uuid4().hex
         leased = store.lease(list(due), destination, token, LEASE_TTL) if due else []
-        busy = [q for q in due if q not in set(leased)]
+        taken = set(leased)
+        busy = [q for q in due if q not in taken]
         if busy:
             # Another job holds them now, or a dead worker's job did (its lease lapses within
             # LEASE_TTL): look again then, so that nothing is left without a job. A live holder
