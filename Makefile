@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit integration bench clean
+.PHONY: run test lint typecheck unit integration bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
+
+bench-scaling: $(STAMP)
+	$(BIN)/python -m bench.scaling $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis
