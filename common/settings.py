@@ -119,6 +119,17 @@ class Settings:
         "once all wait; idle: none)",
         ("ingress",),
     )
+    in_flow_delay: float = _opt(
+        1.0,
+        "seconds at most a MAIL waits for its 250 while delivery lags behind the ingress, then goes on "
+        "(Postfix in_flow_delay; 0 = off)",
+        ("ingress",),
+    )
+    in_flow_wait: float = _opt(
+        0.1,
+        "delivery lags when the oldest delivery job not yet taken by a worker has waited this many seconds",
+        ("ingress",),
+    )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
     job_max_bytes: int = _opt(
         20_000_000, "octets of messages per delivery job (one larger message still goes)", ("ingress", "worker")
@@ -157,6 +168,8 @@ class Settings:
             raise ValueError("need 0 < min_backoff <= max_backoff")
         if self.bounce_lifetime < 0 or self.delay_warning < 0:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
+        if self.in_flow_delay < 0 or self.in_flow_wait < 0:
+            raise ValueError("in_flow_delay and in_flow_wait must be 0 or more")
 
     # -- parsed views
     @property

@@ -29,7 +29,8 @@ from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
 from ingress.config import IngressConfig
-from ingress.events import VerifyRecipient
+from ingress.events import AwaitFlow, VerifyRecipient
+from ingress.flow import Backlog, FlowGate, read_backlog
 from ingress.notes import Note, NoteLog, reject_line
 from ingress.received import received_header
 from ingress.recipients import RecipientTable
@@ -83,7 +84,8 @@ class Ingress:
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
         # the session's view: tls_available and auth_available were derived from the same files
         # as the context and the credentials below, once, in IngressConfig.from_settings
-        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate)
+        self.flow = _flow_gate(spool, config)
+        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
         if self.recipients is not None:
             self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
         self.idle_timeout = config.idle_timeout
@@ -119,6 +121,7 @@ class Ingress:
         else:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
+        self.spawn(self.flow.watch())
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
@@ -281,6 +284,9 @@ class SMTPProtocol(asyncio.Protocol):
             elif isinstance(ev, VerifyRecipient):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._verify(ev))
+            elif isinstance(ev, AwaitFlow):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._await_flow())
             elif isinstance(ev, Close):
                 self._close()
 
@@ -431,6 +437,11 @@ class SMTPProtocol(asyncio.Protocol):
                 refusal = replies.UNVERIFIED_RECIPIENT
         self._resume(self.session.recipient_verified(refusal))
 
+    async def _await_flow(self) -> None:
+        assert self.session is not None
+        await self.ingress.flow.wait()
+        self._resume(self.session.flow_granted())
+
     # -- deadlines and shutdown -------------------------------------------------------------------
     def _arm_timer(self) -> None:
         self._octets_since_progress = 0
@@ -464,6 +475,17 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
+    """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
+    r = spool.store.redis
+    key = spool.queue.rq.key
+
+    def read(taken: float) -> Backlog:
+        return read_backlog(r, key, taken)
+
+    return FlowGate(read, delay=config.in_flow_delay, wait=config.in_flow_wait)
 
 
 def _verifier(config: IngressConfig) -> Verifier:
