@@ -125,9 +125,10 @@ class Settings:
         "(Postfix in_flow_delay; 0 = off)",
         ("ingress",),
     )
-    in_flow_wait: float = _opt(
-        0.1,
-        "delivery lags when the oldest delivery job not yet taken by a worker has waited this many seconds",
+    in_flow_jobs: int = _opt(
+        32,
+        "delivery lags (in_flow_delay applies) while this many delivery jobs are unfinished: waiting for "
+        "a worker or held by one",
         ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
@@ -168,8 +169,8 @@ class Settings:
             raise ValueError("need 0 < min_backoff <= max_backoff")
         if self.bounce_lifetime < 0 or self.delay_warning < 0:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
-        if self.in_flow_delay < 0 or self.in_flow_wait < 0:
-            raise ValueError("in_flow_delay and in_flow_wait must be 0 or more")
+        if self.in_flow_delay < 0 or self.in_flow_jobs < 1:
+            raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_jobs >= 1")
 
     # -- parsed views
     @property

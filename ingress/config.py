@@ -90,8 +90,7 @@ class IngressConfig:
     dns_servers: tuple[tuple[str, int], ...] = ()
     # mail input flow control (ingress/flow.py); 0 = off, the default for configs built by hand
     in_flow_delay: float = 0.0
-    in_flow_wait: float = 0.1
-    queue_name: str = "mtaq"
+    in_flow_jobs: int = 32
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngressConfig:
@@ -116,6 +115,5 @@ class IngressConfig:
             smtp_port=s.smtp_port,
             dns_servers=tuple(s.dns_server_list),
             in_flow_delay=s.in_flow_delay,
-            in_flow_wait=s.in_flow_wait,
-            queue_name=s.queue_name,
+            in_flow_jobs=s.in_flow_jobs,
         )

@@ -3,20 +3,22 @@ new message's ``MAIL FROM`` waits for its 250 until delivery catches up, or ``in
 seconds at most, then goes on. It slows clients, never refuses them; the queue stops growing
 faster than the workers empty it, so new mail does not wait behind a backlog the ingress made.
 
-The signal: how long the oldest delivery job in RQ's ready list (``rq:queue:<name>``, jobs no
-worker has taken yet) has waited. One poller per ingress process reads it every ``interval`` and
-every session asks the sample (``FlowGate.lagging``): no Redis call per message. Only mail waiting
-to *start* delivery counts: retries wait in RQ's scheduled registry, and jobs for a destination
-that is down are taken by a worker and handed back to the scheduler at once, so neither keeps the
-ready list's head old unless every worker is busy -- and then new mail would wait behind them too.
-With no worker at all the head only ages: each message waits ``in_flow_delay``, never forever.
+The signal: delivery jobs no worker has finished, RQ's ready list (``rq:queue:<name>``, LLEN)
+plus the jobs workers hold (its StartedJobRegistry, ZCARD). Workers take jobs as soon as they have
+a free job slot (``worker_concurrency`` each) and hold them while their messages wait for a
+conversation, so the ready list alone stays empty while a backlog builds inside the workers. One
+poller per ingress process reads both every ``interval``; every session asks the sample
+(``FlowGate.must_wait``): no Redis call per message. Retries wait in RQ's scheduled registry and
+jobs for a destination that is down go back there at once (worker/service.py), so neither counts.
+Jobs in conversation with a slow destination do count: only the worker could tell a message that
+waits for a conversation from one in one. With no worker at all the ready list only grows: each
+message waits ``in_flow_delay``, never forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,51 +26,49 @@ from dataclasses import dataclass
 
 import redis
 
+from common import metrics
+
 __all__ = ["Backlog", "FlowGate", "lagging", "read_backlog"]
 
 log = logging.getLogger("mtaq.ingress")
 
+# The log says "on" when a lag begins and "off" once none was seen for this long: a backlog that
+# hovers at the limit opens and closes the gate every poll, and that is one episode, not many lines.
+QUIET = 5.0
 # A sample older than this is no sample: a poller stuck on a slow Redis must not hold mail on an old
 # word (the commit will find out what is wrong with Redis and answer for it).
 STALE_AFTER = 2.0
-# RQ's job hash field and its format (rq.utils.utcformat)
-_ENQUEUED_AT = "enqueued_at"
-_RQ_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
-    """What the ready list looked like at ``taken`` (the gate's clock)."""
+    """The delivery queue as a poll saw it at ``taken`` (the gate's clock)."""
 
-    jobs: int  # delivery jobs no worker has taken yet
-    oldest_wait: float  # seconds the first of them has waited; 0 when there is none
+    ready: int  # jobs no worker has taken yet
+    running: int  # jobs workers hold, their messages in or waiting for a conversation
     taken: float
 
+    @property
+    def jobs(self) -> int:
+        return self.ready + self.running
 
-def lagging(sample: Backlog | None, now: float, wait: float) -> bool:
-    """Whether delivery lags: the oldest job not yet taken has waited ``wait`` seconds or more,
-    by a sample no older than STALE_AFTER. No sample, or a stale one: not lagging."""
+
+def lagging(sample: Backlog | None, now: float, limit: int) -> bool:
+    """Whether delivery lags: ``limit`` or more jobs unfinished, by a sample no older than
+    STALE_AFTER. No sample (the read failed), or a stale one: not lagging."""
     if sample is None or now - sample.taken > STALE_AFTER:
         return False
-    return sample.jobs > 0 and sample.oldest_wait >= wait
+    return sample.jobs >= limit
 
 
-def read_backlog(r: redis.Redis, key: str, taken: float) -> Backlog:
-    """One look at RQ's ready list ``key``: its length and its head job's age (two round trips)."""
+def read_backlog(r: redis.Redis, ready_key: str, running_key: str, taken: float) -> Backlog:
+    """One look at the delivery queue: LLEN of RQ's ready list, ZCARD of its started registry
+    (one round trip)."""
     pipe = r.pipeline(transaction=False)
-    pipe.llen(key)
-    pipe.lindex(key, 0)
-    jobs, head = pipe.execute()
-    if not jobs or head is None:
-        return Backlog(0, 0.0, taken)
-    job_id = head.decode() if isinstance(head, bytes) else str(head)
-    raw = r.hget(f"rq:job:{job_id}", _ENQUEUED_AT)
-    if raw is None:  # taken (and its hash gone) between the two reads: the list moves
-        return Backlog(int(jobs), 0.0, taken)
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    enqueued = datetime.datetime.strptime(text, _RQ_TIME).replace(tzinfo=datetime.UTC)
-    age = (datetime.datetime.now(datetime.UTC) - enqueued).total_seconds()
-    return Backlog(int(jobs), max(0.0, age), taken)
+    pipe.llen(ready_key)
+    pipe.zcard(running_key)
+    ready, running = pipe.execute()
+    return Backlog(int(ready), int(running), taken)
 
 
 class FlowGate:
@@ -83,56 +83,71 @@ class FlowGate:
         read: Callable[[float], Backlog],
         *,
         delay: float,
-        wait: float,
+        limit: int,
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.read = read
         self.delay = delay
-        self.wait_threshold = wait
+        self.limit = max(1, limit)
         self.interval = interval
         self.clock = clock
         self.sleep = sleep
         self.sample: Backlog | None = None
-        self.engaged = False
+        self.engaged = False  # in a lag episode (for the log): lagging now, or within QUIET
+        self._last_lag = 0.0
         self._caught_up = asyncio.Event()
         self._caught_up.set()
-        self.held = 0  # MAILs held since flow control last engaged (for the log line)
+        self.held = 0  # MAILs held in this episode (for the log line)
         self.held_total = 0
         self.timed_out = 0  # of those, how many went on after the whole delay
 
     def must_wait(self) -> bool:
         """At MAIL: hold this one? A look at the sample, no IO; False when flow control is off."""
-        return self.engaged and self.delay > 0 and lagging(self.sample, self.clock(), self.wait_threshold)
+        return self.delay > 0 and not self._caught_up.is_set() and lagging(self.sample, self.clock(), self.limit)
 
     def observe(self, sample: Backlog | None) -> None:
-        """A new sample (None: the read failed). Engages or releases, and logs each change once."""
+        """A new sample (None: the read failed): close the gate while delivery lags, open it (and
+        let every held MAIL go) as soon as it does not. The log line is per episode."""
         self.sample = sample
-        now_lagging = self.delay > 0 and lagging(sample, self.clock(), self.wait_threshold)
-        if now_lagging and not self.engaged:
+        now = self.clock()
+        if self.delay > 0 and lagging(sample, now, self.limit):
             assert sample is not None
-            self.engaged = True
-            self.held = 0
             self._caught_up.clear()
+            self._last_lag = now
+            if not self.engaged:
+                self.engaged = True
+                self.held = 0
+                log.info(
+                    "mail input flow control on: %d delivery jobs unfinished (%d held by workers, %d waiting "
+                    "for one), limit %d: new mail waits up to %gs at MAIL",
+                    sample.jobs,
+                    sample.running,
+                    sample.ready,
+                    self.limit,
+                    self.delay,
+                )
+            return
+        self._caught_up.set()
+        if self.engaged and now - self._last_lag >= QUIET:
+            self.engaged = False
             log.info(
-                "mail input flow control on: %d delivery job(s) wait for a worker, the oldest %.2fs; "
-                "new mail waits up to %gs at MAIL",
-                sample.jobs,
-                sample.oldest_wait,
+                "mail input flow control off: delivery kept up for %gs (%d MAIL(s) held, %d of them the whole %gs)",
+                QUIET,
+                self.held,
+                self.timed_out,
                 self.delay,
             )
-        elif not now_lagging and self.engaged:
-            self.engaged = False
-            self._caught_up.set()
-            log.info("mail input flow control off: delivery caught up (%d MAIL(s) held meanwhile)", self.held)
+            self.timed_out = 0
 
     async def wait(self) -> bool:
         """Hold one MAIL until delivery catches up (True) or ``delay`` passes (False)."""
-        self.held += 1
-        self.held_total += 1
         if self._caught_up.is_set():
             return True
+        self.held += 1
+        self.held_total += 1
+        metrics.flow_held()
         released = asyncio.ensure_future(self._caught_up.wait())
         nap = asyncio.ensure_future(self.sleep(self.delay))
         try:

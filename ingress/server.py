@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 import dns.asyncresolver
+from rq.registry import StartedJobRegistry
 
 from common import metrics
 from common.envelope import Envelope, new_queue_id
@@ -480,12 +481,13 @@ class SMTPProtocol(asyncio.Protocol):
 def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
     """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
     r = spool.store.redis
-    key = spool.queue.rq.key
+    ready_key = spool.queue.rq.key
+    running_key = StartedJobRegistry(queue=spool.queue.rq).key
 
     def read(taken: float) -> Backlog:
-        return read_backlog(r, key, taken)
+        return read_backlog(r, ready_key, running_key, taken)
 
-    return FlowGate(read, delay=config.in_flow_delay, wait=config.in_flow_wait)
+    return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_jobs)
 
 
 def _verifier(config: IngressConfig) -> Verifier:

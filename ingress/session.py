@@ -43,6 +43,7 @@ __all__ = [
     "PIPELINE_OVERFLOW",
     "TRANSITIONS",
     "Authenticate",
+    "AwaitFlow",
     "Close",
     "Event",
     "Peer",
