@@ -125,10 +125,10 @@ class Settings:
         "(Postfix in_flow_delay; 0 = off)",
         ("ingress",),
     )
-    in_flow_jobs: int = _opt(
-        32,
-        "delivery lags (in_flow_delay applies) while this many delivery jobs are unfinished: waiting for "
-        "a worker or held by one",
+    in_flow_backlog: int = _opt(
+        640,
+        "delivery lags (in_flow_delay applies) while about this many messages are in unfinished delivery "
+        "jobs (waiting for a worker or held by one)",
         ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
@@ -169,8 +169,8 @@ class Settings:
             raise ValueError("need 0 < min_backoff <= max_backoff")
         if self.bounce_lifetime < 0 or self.delay_warning < 0:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
-        if self.in_flow_delay < 0 or self.in_flow_jobs < 1:
-            raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_jobs >= 1")
+        if self.in_flow_delay < 0 or self.in_flow_backlog < 1:
+            raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_backlog >= 1")
 
     # -- parsed views
     @property

@@ -56,6 +56,7 @@ class Committer:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
+        on_commit: Callable[[list[Message]], None] | None = None,
     ) -> None:
         self.spool = spool
         self.clock = clock
@@ -65,6 +66,7 @@ class Committer:
         # how many sessions have a transaction open (MAIL given, not yet answered after DATA),
         # those waiting here included; unknown: wait the whole `wait`
         self.open_transactions = open_transactions
+        self.on_commit = on_commit  # told each batch that is in Redis (flow control counts its jobs)
         self._arrived: asyncio.Future[None] | None = None
         self._last_batch = 0
         self.max_queue = max_queue
@@ -109,6 +111,8 @@ class Committer:
                         p.future.set_exception(StorageRefused(reply))
                 continue
             self._last_batch = len(batch)
+            if self.on_commit is not None:
+                self.on_commit([p.message for p in batch])
             self.committed += len(batch)
             self._queue_size += len(batch)
             for p in batch:

@@ -90,7 +90,7 @@ class IngressConfig:
     dns_servers: tuple[tuple[str, int], ...] = ()
     # mail input flow control (ingress/flow.py); 0 = off, the default for configs built by hand
     in_flow_delay: float = 0.0
-    in_flow_jobs: int = 32
+    in_flow_backlog: int = 640
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngressConfig:
@@ -115,5 +115,5 @@ class IngressConfig:
             smtp_port=s.smtp_port,
             dns_servers=tuple(s.dns_server_list),
             in_flow_delay=s.in_flow_delay,
-            in_flow_jobs=s.in_flow_jobs,
+            in_flow_backlog=s.in_flow_backlog,
         )

@@ -13,6 +13,11 @@ jobs for a destination that is down go back there at once (worker/service.py), s
 Jobs in conversation with a slow destination do count: only the worker could tell a message that
 waits for a conversation from one in one. With no worker at all the ready list only grows: each
 message waits ``in_flow_delay``, never forever.
+
+The limit (``in_flow_backlog``) is in messages: unfinished jobs times the messages per job this
+ingress writes (a moving average over its group commits), since a job's size moves with load --
+one per group commit and next hop, ~20 messages from 20 busy sessions to one destination, one or
+two when the same sessions write to ten.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ log = logging.getLogger("mtaq.ingress")
 # The log says "on" when a lag begins and "off" once none was seen for this long: a backlog that
 # hovers at the limit opens and closes the gate every poll, and that is one episode, not many lines.
 QUIET = 5.0
+# Weight of each group commit in the moving average of messages per job.
+PER_JOB_WEIGHT = 0.2
 # A sample older than this is no sample: a poller stuck on a slow Redis must not hold mail on an old
 # word (the commit will find out what is wrong with Redis and answer for it).
 STALE_AFTER = 2.0
@@ -53,12 +60,13 @@ class Backlog:
         return self.ready + self.running
 
 
-def lagging(sample: Backlog | None, now: float, limit: int) -> bool:
-    """Whether delivery lags: ``limit`` or more jobs unfinished, by a sample no older than
-    STALE_AFTER. No sample (the read failed), or a stale one: not lagging."""
+def lagging(sample: Backlog | None, now: float, limit: int, per_job: float = 1.0) -> bool:
+    """Whether delivery lags: unfinished jobs of ``per_job`` messages each come to ``limit``
+    messages or more, by a sample no older than STALE_AFTER. No sample (the read failed), or a
+    stale one: not lagging."""
     if sample is None or now - sample.taken > STALE_AFTER:
         return False
-    return sample.jobs >= limit
+    return sample.jobs > 0 and sample.jobs * per_job >= limit
 
 
 def read_backlog(r: redis.Redis, ready_key: str, running_key: str, taken: float) -> Backlog:
@@ -91,6 +99,7 @@ class FlowGate:
         self.read = read
         self.delay = delay
         self.limit = max(1, limit)
+        self.per_job = 1.0  # messages per delivery job this ingress writes (moving average)
         self.interval = interval
         self.clock = clock
         self.sleep = sleep
@@ -105,14 +114,18 @@ class FlowGate:
 
     def must_wait(self) -> bool:
         """At MAIL: hold this one? A look at the sample, no IO; False when flow control is off."""
-        return self.delay > 0 and not self._caught_up.is_set() and lagging(self.sample, self.clock(), self.limit)
+        return (
+            self.delay > 0
+            and not self._caught_up.is_set()
+            and lagging(self.sample, self.clock(), self.limit, self.per_job)
+        )
 
     def observe(self, sample: Backlog | None) -> None:
         """A new sample (None: the read failed): close the gate while delivery lags, open it (and
         let every held MAIL go) as soon as it does not. The log line is per episode."""
         self.sample = sample
         now = self.clock()
-        if self.delay > 0 and lagging(sample, now, self.limit):
+        if self.delay > 0 and lagging(sample, now, self.limit, self.per_job):
             assert sample is not None
             self._caught_up.clear()
             self._last_lag = now
@@ -121,10 +134,11 @@ class FlowGate:
                 self.held = 0
                 log.info(
                     "mail input flow control on: %d delivery jobs unfinished (%d held by workers, %d waiting "
-                    "for one), limit %d: new mail waits up to %gs at MAIL",
+                    "for one), about %d messages, limit %d: new mail waits up to %gs at MAIL",
                     sample.jobs,
                     sample.running,
                     sample.ready,
+                    round(sample.jobs * self.per_job),
                     self.limit,
                     self.delay,
                 )
@@ -140,6 +154,12 @@ class FlowGate:
                 self.delay,
             )
             self.timed_out = 0
+
+    def wrote(self, messages: int, jobs: int) -> None:
+        """A group commit stored ``messages`` in ``jobs`` delivery jobs: the size of a job moves
+        with load (one per commit and next hop), so the limit is in messages, not jobs."""
+        if messages > 0 and jobs > 0:
+            self.per_job += PER_JOB_WEIGHT * (messages / jobs - self.per_job)
 
     async def wait(self) -> bool:
         """Hold one MAIL until delivery catches up (True) or ``delay`` passes (False)."""

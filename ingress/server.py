@@ -74,18 +74,19 @@ class Ingress:
     """What every connection of one ingress process shares."""
 
     def __init__(self, spool: Spool, config: IngressConfig) -> None:
+        self.flow = _flow_gate(spool, config)
         self.committer = Committer(
             spool,
             max_batch=config.commit_max_messages,
             max_queue=config.max_queue,
             wait=config.commit_wait,
             open_transactions=self.open_transactions,
+            on_commit=self._committed,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
         # the session's view: tls_available and auth_available were derived from the same files
         # as the context and the credentials below, once, in IngressConfig.from_settings
-        self.flow = _flow_gate(spool, config)
         self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
         if self.recipients is not None:
             self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
@@ -102,6 +103,13 @@ class Ingress:
         self.server: asyncio.Server | None = None
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _committed(self, messages: list[Message]) -> None:
+        """How many delivery jobs a batch made (one per next hop within the job limits): flow
+        control turns unfinished jobs into messages with it."""
+        spool = self.committer.spool
+        by_hop = spool.router.by_hop((m.envelope, len(m.body)) for m in messages)
+        self.flow.wrote(len(messages), sum(len(spool.queue.batches(sized)) for sized in by_hop.values()))
 
     def open_transactions(self) -> int:
         """Sessions between MAIL and the answer after DATA: who may still join a group commit."""
@@ -487,7 +495,7 @@ def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
     def read(taken: float) -> Backlog:
         return read_backlog(r, ready_key, running_key, taken)
 
-    return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_jobs)
+    return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_backlog)
 
 
 def _verifier(config: IngressConfig) -> Verifier:

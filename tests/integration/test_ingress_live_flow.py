@@ -1,5 +1,5 @@
 """Mail input flow control against a live ingress, a real redis-server and real workers: with more
-delivery jobs unfinished than ``in_flow_jobs``, a MAIL's 250 waits for delivery to catch up (or
+delivery jobs unfinished than ``in_flow_backlog`` messages, a MAIL's 250 waits for delivery to catch up (or
 ``in_flow_delay``); with the backlog gone it is answered at once. No wall-clock windows: the delay
 is set far beyond any wait the test makes, or the test only asserts that mail went on."""
 
@@ -33,7 +33,7 @@ def test_mail_waits_until_delivery_catches_up(
     setup_zone(dns)
     box = sinks("127.0.0.2")
     # in_flow_delay far beyond any wait below: a 250 can only come from delivery catching up
-    mta = mta_factory(in_flow_delay=3600, in_flow_jobs=3)
+    mta = mta_factory(in_flow_delay=3600, in_flow_backlog=3)
     mta.start_ingress()
     for i in range(3):  # one commit each, so one delivery job each; no worker runs yet
         mta.send("a@client.test", ["bob@ours.test"], f"Subject: m{i}\r\n\r\nx\r\n")
@@ -57,7 +57,7 @@ def test_mail_waits_until_delivery_catches_up(
 
 
 def test_with_no_worker_each_mail_waits_in_flow_delay_and_goes_on(mta_factory: Callable[..., MTA]) -> None:
-    mta = mta_factory(in_flow_delay=0.2, in_flow_jobs=1)
+    mta = mta_factory(in_flow_delay=0.2, in_flow_backlog=1)
     mta.start_ingress()
     first = mta.send("a@client.test", ["bob@ours.test"], "Subject: m0\r\n\r\nx\r\n")
     wait_for_log(mta.log_dir / "ingress.log", ON)

@@ -23,6 +23,22 @@ def test_lagging_counts_ready_and_running_jobs_against_the_limit() -> None:
     assert lagging(Backlog(40, 0, now), now, 32)  # no worker at all
 
 
+def test_the_limit_is_in_messages_by_the_size_of_the_jobs_written() -> None:
+    now = 100.0
+    assert not lagging(Backlog(0, 31, now), now, 640, per_job=20.0)
+    assert lagging(Backlog(0, 32, now), now, 640, per_job=20.0)
+    assert not lagging(Backlog(0, 200, now), now, 640, per_job=2.0)  # ten slow destinations, small jobs
+    clock, sleep = FakeClock(), FakeSleep()
+    g = gate(clock, sleep, limit=640)
+    for _ in range(50):
+        g.wrote(20, 1)  # 20 sessions' messages to one next hop per group commit
+    assert round(g.per_job) == 20
+    g.observe(Backlog(0, 33, clock()))
+    assert g.must_wait()
+    g.wrote(0, 0)  # nothing written: nothing learnt
+    assert round(g.per_job) == 20
+
+
 def test_no_sample_or_a_stale_one_never_holds_mail() -> None:
     assert not lagging(None, 100.0, 1)
     sample = Backlog(500, 0, 100.0)
