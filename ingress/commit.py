@@ -111,13 +111,16 @@ class Committer:
                         p.future.set_exception(StorageRefused(reply))
                 continue
             self._last_batch = len(batch)
-            if self.on_commit is not None:
-                self.on_commit([p.message for p in batch])
             self.committed += len(batch)
             self._queue_size += len(batch)
             for p in batch:
                 if not p.future.done():
                     p.future.set_result(None)
+            if self.on_commit is not None:
+                try:
+                    self.on_commit([p.message for p in batch])
+                except Exception:  # a statistic: never the reason a batch goes unanswered
+                    log.exception("counting the jobs of a group commit failed")
 
     async def _gather(self) -> None:
         """Wait up to ``wait`` for more messages, but only while some session with a transaction
