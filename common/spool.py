@@ -26,8 +26,11 @@ class Spool:
     def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
         return cls(Store(r), DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
-    def commit(self, messages: Sequence[Message], *, delete: Iterable[str] = ()) -> None:
+    def commit(
+        self, messages: Sequence[Message], *, delete: Iterable[str] = (), unlease: Iterable[tuple[str, str]] = ()
+    ) -> None:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
-        ones, in one MULTI/EXEC: all of it or nothing. Raises StoreUnavailable / StoreFull."""
+        ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
+        it or nothing. Raises StoreUnavailable / StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
-        self.store.commit(messages, delete=delete, also=lambda pipe: self.queue.stage(pipe, by_hop))
+        self.store.commit(messages, delete=delete, unlease=unlease, also=lambda pipe: self.queue.stage(pipe, by_hop))

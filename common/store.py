@@ -156,13 +156,20 @@ class Store:
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
-        self, messages: Sequence[Message], *, delete: Iterable[str] = (), also: Callable[[Any], None] | None = None
+        self,
+        messages: Sequence[Message],
+        *,
+        delete: Iterable[str] = (),
+        unlease: Iterable[tuple[str, str]] = (),
+        also: Callable[[Any], None] | None = None,
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
         StoreFull and stores nothing then.
 
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
-        ``also`` adds commands to it (their delivery jobs: common/spool.py)."""
+        ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
+        guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
+        common/spool.py)."""
         with _translated():
             pipe = self.redis.pipeline(transaction=True)
             for m in messages:
@@ -176,6 +183,9 @@ class Store:
                 pipe.hincrby(STATS, "received", len(messages))
             for qid in delete:
                 self._delete(pipe, qid)
+            leases = [lease_key(qid, dest) for qid, dest in unlease]
+            if leases:
+                pipe.delete(*leases)
             if also is not None:
                 also(pipe)
             pipe.execute()
@@ -251,37 +261,40 @@ class Store:
     def set_statuses(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, list[int]]:
         """Record outcomes of any number of messages in one round trip; returns, per queue id, what
         _SET_STATUS returned for each update (0: that message is finished)."""
+        entries = [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
+        out: dict[str, list[int]] = {qid: [] for qid in updates}
+        for (qid, _, _), r in zip(entries, self.set_status_list(entries), strict=True):
+            out[qid].append(r)
+        return out
+
+    def set_status_list(self, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+        """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
+        same id may come more than once (the worker's outcome writer merges several jobs' turns)."""
+        if not entries:
+            return []
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            order: list[str] = []
-            for qid, ups in updates.items():
-                for idx, st in ups.items():
-                    stat = _STAT_OF.get(st.state, "deferred")
-                    # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
-                    # one more round trip each time
-                    pipe.evalsha(
-                        self._set_status.sha,
-                        3,
-                        rcpt_key(qid),
-                        left_key(qid),
-                        STATS,
-                        str(idx),
-                        st.to_json(),
-                        "1" if st.final else "0",
-                        stat,
-                    )
-                    order.append(qid)
+            for qid, idx, st in entries:
+                # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
+                # one more round trip each time
+                pipe.evalsha(
+                    self._set_status.sha,
+                    3,
+                    rcpt_key(qid),
+                    left_key(qid),
+                    STATS,
+                    str(idx),
+                    st.to_json(),
+                    "1" if st.final else "0",
+                    _STAT_OF.get(st.state, "deferred"),
+                )
             try:
-                results = pipe.execute()
-                break
+                return [int(r) for r in pipe.execute()]
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
                 self.redis.script_load(_SET_STATUS)  # a restarted Redis forgot it; nothing ran
-        out: dict[str, list[int]] = {qid: [] for qid in updates}
-        for qid, r in zip(order, results, strict=True):
-            out[qid].append(int(r))
-        return out
+        raise AssertionError("unreachable")
 
     # -- leases: one job at a time works on a (message, destination) ---------------------------------
     def lease(self, qids: Sequence[str], destination: str, token: str, seconds: float) -> list[str]:

@@ -43,6 +43,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
+from common.jobqueue import CRASH_RETRY
 from common.store import RECOVERY_LOCK
 from worker.service import DeliveryService
 
@@ -144,7 +145,10 @@ class ConcurrentWorker(SimpleWorker):
         """A job re-run after its worker died still lists the dead execution in its
         ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
         entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
-        found in Redis". Drop such entries first."""
+        found in Redis". Drop such entries first. A job never retried (all of CRASH_RETRY left)
+        had no execution before this one: no round trip for it."""
+        if job.retries_left is not None and job.retries_left >= CRASH_RETRY.max:
+            return
         registry = ExecutionRegistry(job.id, connection=self.connection)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.connection.zrange(registry.key, 0, -1)]
         if len(ids) < 2:

@@ -10,11 +10,14 @@ One job = one destination, some messages. It
 3. runs conversations: a cached idle connection or a new one, plus more in threads while the job
    has more messages than conversations and the destination has free slots, each up to
    ``destination_messages_per_connection`` messages;
-4. marks final recipients right after each transaction (a re-run job never sends them again),
-   records the deferrals, schedules the retry, finishes completed messages (DSN, delete).
+4. hands final recipients to the outcome writer right after each transaction (``_Writer``: one
+   round trip for whatever every conversation of the process handed it meanwhile; a re-run job
+   never sends them again), records the deferrals, schedules the retry, finishes completed
+   messages (DSN, delete, and the leases on them).
 
-Redis round trips per job: one to load the batch, one per SMTP transaction to mark its final
-recipients, one for the deferred ones, one to finish every completed message.
+Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
+for the final recipients, one for the deferred ones, one to finish every completed message, one to
+release the leases of the messages not finished.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import redis
 
@@ -33,7 +36,7 @@ from common import metrics
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message, lease_key
+from common.store import Message, Store, lease_key
 from worker.delays import warn_delayed
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
@@ -119,6 +122,7 @@ class DeliveryService:
         self._lanes: dict[str, Work] = {}  # destination -> the parcels its conversations take from
         self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
+        self.writer = _Writer(spool.store)
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -175,7 +179,8 @@ class DeliveryService:
                 due[qid] = mine
         token = uuid.uuid4().hex
         leased = store.lease(list(due), destination, token, LEASE_TTL) if due else []
-        busy = [q for q in due if q not in set(leased)]
+        taken = set(leased)
+        busy = [q for q in due if q not in taken]
         if busy:
             # Another job holds them now, or a dead worker's job did (its lease lapses within
             # LEASE_TTL): look again then, so that nothing is left without a job. A live holder
@@ -191,12 +196,21 @@ class DeliveryService:
             if parcels:
                 self._run(destination, batch, parcels)
         finally:
-            if leased:
+            gone: set[str] = set()
+            try:
+                batch.drain()
+                if leased:
+                    with self._lock:
+                        self._leases.pop(token, None)
+                if batch.finished:
+                    # the leases of the messages deleted go in the same transaction
+                    gone = self.finish_messages(batch, set(leased))
+            finally:
                 with self._lock:
                     self._leases.pop(token, None)
-                store.release_leases(leased, destination, token)
-            if batch.finished:
-                self.finish_messages(batch)
+                rest = [q for q in leased if q not in gone]
+                if rest:
+                    store.release_leases(rest, destination, token)
         for hop, qids in reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
@@ -218,6 +232,7 @@ class DeliveryService:
             handed = self._tend(destination, lane, owner, parcels)
         finally:
             self._leave_lane(destination, lane)
+        batch.drain()  # the conversations' outcomes are written before the rest is worked out
         if handed:
             ids = [p.envelope.id for p in handed]
             if self.stopping.is_set():
@@ -405,10 +420,12 @@ class DeliveryService:
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
     # -- finishing ----------------------------------------------------------------------------------
-    def finish_messages(self, batch: _Batch) -> None:
+    def finish_messages(self, batch: _Batch, leased: Collection[str] = ()) -> set[str]:
         """Every recipient of these messages is final: queue the DSNs their senders asked for and
         remove the messages, all in one transaction. A message with recipients at other
-        destinations has its states read again (another job finished those)."""
+        destinations has its states read again (another job finished those). ``leased``: messages
+        whose lease for the batch's destination this job holds; those deleted lose it in the same
+        transaction. Returns the ids deleted."""
         views: Loaded = {}
         stale: list[str] = []
         for qid in dict.fromkeys(batch.finished):
@@ -421,29 +438,42 @@ class DeliveryService:
         for found in self.store.load_many(stale) if stale else []:
             if found is not None:
                 views[found[0].envelope.id] = found
-        self.finish_loaded(list(views.values()), batch.destination)
+        return self.finish_loaded(list(views.values()), batch.destination, leased)
 
     def finish_loaded(
-        self, done: Sequence[tuple[Message, dict[int, RecipientStatus]]], destination: str | None = None
-    ) -> None:
-        """DSNs and deletes of finished messages, in one transaction, each claimed first."""
+        self,
+        done: Sequence[tuple[Message, dict[int, RecipientStatus]]],
+        destination: str | None = None,
+        leased: Collection[str] = (),
+    ) -> set[str]:
+        """DSNs and deletes of finished messages, in one transaction; returns the ids deleted.
+
+        A message with a DSN due is claimed first (FINISH_CLAIM): two finishers that saw it
+        complete at once build one report between them. One without a DSN is not: its recipients'
+        states are final and cannot change, so every finisher finds no report due, and deleting a
+        message twice is deleting it once (a round trip and a write fewer per message)."""
         if not done:
-            return
-        claimed = set(self.store.lease([m.envelope.id for m, _ in done], "finish", uuid.uuid4().hex, FINISH_CLAIM))
-        others = [m.envelope.id for m, _ in done if m.envelope.id not in claimed]
+            return set()
+        now = self.clock()
+        reports = {m.envelope.id: self.dsn(m, st, self.settings.hostname, now) for m, st in done}
+        due = [q for q, r in reports.items() if r is not None]
+        claimed = set(self.store.lease(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
+        others = [q for q in due if q not in claimed]
         if others and destination is not None:
             # another finisher has it, or had it and died: look again once its claim has lapsed
             self.queue.schedule(destination, others, FINISH_CLAIM + random.uniform(1.0, 5.0))
-        done = [d for d in done if d[0].envelope.id in claimed]
-        now = self.clock()
+        done = [d for d in done if reports[d[0].envelope.id] is None or d[0].envelope.id in claimed]
         dsns: list[Message] = []
-        for msg, states in done:
-            dsn = self.dsn(msg, states, self.settings.hostname, now)
+        for msg, _ in done:
+            dsn = reports[msg.envelope.id]
             if dsn is not None:
                 dsns.append(dsn)
                 log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
             log.info("%s: removed", msg.envelope.id)
-        self.spool.commit(dsns, delete=[m.envelope.id for m, _ in done])
+        ids = [m.envelope.id for m, _ in done]
+        unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
+        self.spool.commit(dsns, delete=ids, unlease=unlease)
+        return set(ids)
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -510,7 +540,9 @@ class _Batch:
         self.loaded = loaded
         self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
         self.finished: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._writing = 0  # record_final turns handed to the writer, not yet written
+        self._error: BaseException | None = None
 
     def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
         out = p.outcomes[i]
@@ -538,24 +570,99 @@ class _Batch:
         )
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
-        """Record outcomes. A Redis that is restarting is waited for (WRITE_PATIENCE): the mail has
-        gone, and a failed job would send it again."""
-        deadline = time.monotonic() + WRITE_PATIENCE
-        while True:
-            try:
-                results = self.service.store.set_statuses(updates)
-                break
-            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable: %d outcome(s) wait to be recorded", sum(map(len, updates.values())))
-                time.sleep(0.5)
+        """Record outcomes now, waiting for Redis (``write_outcomes``)."""
+        self.written(updates, write_outcomes(self.service.store, _entries(updates)))
+
+    def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
+        """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
         with self._lock:
-            for qid, codes in results.items():
-                self.recorded[qid].update(updates[qid])
-                if 0 in codes:
+            for (qid, idx, st), code in zip(_entries(updates), codes, strict=True):
+                self.recorded[qid][idx] = st
+                if code == 0:
                     self.finished.append(qid)
 
     def record_final(self, p: Parcel, positions: list[int]) -> None:
+        """A transaction's final outcomes, handed to the service's outcome writer: the conversation
+        goes on to its next message while they are written (``drain`` waits for them)."""
         now = self.service.clock()
-        self.write({p.envelope.id: {i: self.status(p, i, now, None) for i in positions}})
+        updates = {p.envelope.id: {i: self.status(p, i, now, None) for i in positions}}
+        with self._lock:
+            self._writing += 1
+        self.service.writer.submit(self, updates)
+
+    def settled(self, error: BaseException | None) -> None:
+        """The writer is done with one ``record_final`` (``error``: it could not be written)."""
+        with self._lock:
+            self._writing -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._lock.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every outcome handed to the writer is written; raises what a write raised
+        (the job fails, RQ runs it again: what was not recorded is sent again, at least once)."""
+        with self._lock:
+            while self._writing:
+                self._lock.wait()
+            if self._error is not None:
+                raise self._error
+
+
+def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, int, RecipientStatus]]:
+    return [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
+
+
+def write_outcomes(store: Store, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+    """Record outcomes in one round trip. A Redis that is restarting is waited for (WRITE_PATIENCE):
+    the mail has gone, and a failed job would send it again."""
+    deadline = time.monotonic() + WRITE_PATIENCE
+    while True:
+        try:
+            return store.set_status_list(entries)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
+            time.sleep(0.5)
+
+
+class _Writer:
+    """Group commit of final outcomes: every conversation of this process hands the outcomes of a
+    transaction here and goes on with its next message; one thread writes whatever has gathered in
+    one round trip (one fsync) while the next gathers. The window in which a crash forgets a
+    delivery (the message is sent again: at least once) is one round trip, as before; what changes
+    is that a conversation no longer waits for Redis between messages."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: list[tuple[_Batch, dict[str, dict[int, RecipientStatus]]]] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, batch: _Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        with self._cond:
+            self._pending.append((batch, updates))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                turn, self._pending = self._pending, []
+            entries = [e for _, updates in turn for e in _entries(updates)]
+            try:
+                codes = write_outcomes(self.store, entries)
+            except BaseException as e:  # every job of the turn fails and is run again
+                for batch, _ in turn:
+                    batch.settled(e)
+                continue
+            at = 0
+            for batch, updates in turn:
+                n = sum(map(len, updates.values()))
+                batch.written(updates, codes[at : at + n])
+                at += n
+                batch.settled(None)

@@ -43,11 +43,11 @@ def _patch_spool(mod: Any) -> None:
     orig = mod.Spool.commit
 
     @functools.wraps(orig)
-    def commit(self: Any, messages: Any, *, delete: Any = ()) -> Any:
+    def commit(self: Any, messages: Any, *, delete: Any = (), **kw: Any) -> Any:
         delete = list(delete)
         t0 = time.perf_counter()
         try:
-            return orig(self, messages, delete=delete)
+            return orig(self, messages, delete=delete, **kw)
         finally:
             _emit({"ev": "commit", "n": len(messages), "del": len(delete), "s": time.perf_counter() - t0})
 
@@ -58,10 +58,10 @@ def _patch_jobs(mod: Any) -> None:
     orig = mod.deliver
 
     @functools.wraps(orig)
-    def deliver(destination: str, ids: Any) -> Any:
+    def deliver(destination: str, ids: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return orig(destination, ids)
+            return orig(destination, ids, *args)
         finally:
             _emit({"ev": "job", "n": len(ids), "s": time.perf_counter() - t0})
 
