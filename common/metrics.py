@@ -49,6 +49,7 @@ ACCEPTED = "accepted"
 CONNECTIONS = "connections"
 RECEIVED_BYTES = "received_bytes"
 RETRIES = "retries"
+IN_FLOW_HELD = "in_flow_held"
 REJECTED_PREFIX = "rejected:"
 LATENCY_BUCKET_PREFIX = "latency_le:"  # one field per bucket, not cumulative; "+Inf" last
 LATENCY_SUM_MS = "latency_sum_ms"  # milliseconds: every field of the hash stays an integer
@@ -158,6 +159,11 @@ def accepted(size: int) -> None:
     """ingress: a message is in the queue (its 250 is on the way)."""
     counters.add(ACCEPTED)
     counters.add(RECEIVED_BYTES, size)
+
+
+def flow_held() -> None:
+    """ingress: a MAIL waited for delivery to catch up (mail input flow control, ingress/flow.py)."""
+    counters.add(IN_FLOW_HELD)
 
 
 def delivery_attempt(final: bool, seconds_in_queue: float, earlier_attempts: int) -> None:

@@ -119,6 +119,18 @@ class Settings:
         "once all wait; idle: none)",
         ("ingress",),
     )
+    in_flow_delay: float = _opt(
+        1.0,
+        "seconds at most a MAIL waits for its 250 while delivery lags behind the ingress, then goes on "
+        "(Postfix in_flow_delay; 0 = off)",
+        ("ingress",),
+    )
+    in_flow_backlog: int = _opt(
+        640,
+        "delivery lags (in_flow_delay applies) while about this many messages are in unfinished delivery "
+        "jobs (waiting for a worker or held by one)",
+        ("ingress",),
+    )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
     job_max_bytes: int = _opt(
         20_000_000, "octets of messages per delivery job (one larger message still goes)", ("ingress", "worker")
@@ -157,6 +169,8 @@ class Settings:
             raise ValueError("need 0 < min_backoff <= max_backoff")
         if self.bounce_lifetime < 0 or self.delay_warning < 0:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
+        if self.in_flow_delay < 0 or self.in_flow_backlog < 1:
+            raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_backlog >= 1")
 
     # -- parsed views
     @property

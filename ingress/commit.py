@@ -56,6 +56,7 @@ class Committer:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
+        on_commit: Callable[[list[Message]], None] | None = None,
     ) -> None:
         self.spool = spool
         self.clock = clock
@@ -65,6 +66,7 @@ class Committer:
         # how many sessions have a transaction open (MAIL given, not yet answered after DATA),
         # those waiting here included; unknown: wait the whole `wait`
         self.open_transactions = open_transactions
+        self.on_commit = on_commit  # told each batch that is in Redis (flow control counts its jobs)
         self._arrived: asyncio.Future[None] | None = None
         self._last_batch = 0
         self.max_queue = max_queue
@@ -114,6 +116,11 @@ class Committer:
             for p in batch:
                 if not p.future.done():
                     p.future.set_result(None)
+            if self.on_commit is not None:
+                try:
+                    self.on_commit([p.message for p in batch])
+                except Exception:  # a statistic: never the reason a batch goes unanswered
+                    log.exception("counting the jobs of a group commit failed")
 
     async def _gather(self) -> None:
         """Wait up to ``wait`` for more messages, but only while some session with a transaction

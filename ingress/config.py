@@ -18,6 +18,10 @@ def _no_gate() -> Reply | None:
     return None
 
 
+def _no_flow() -> bool:
+    return False
+
+
 def _any_recipient(address: str) -> Reply | None:
     return None
 
@@ -39,6 +43,10 @@ class SessionConfig:
     # Called for each recipient of a relay domain: None when it is a valid one, else the reply
     # (relay_recipients: 550 5.1.1). Injected like mail_gate.
     recipient_check: Callable[[str], Reply | None] = _any_recipient
+    # Called at MAIL once the sender is accepted: True while delivery lags behind the ingress, and
+    # the 250 waits (an AwaitFlow event) for it to catch up or for in_flow_delay. Injected like
+    # mail_gate: the server's FlowGate answers from a sample it keeps, never a Redis call.
+    mail_flow: Callable[[], bool] = _no_flow
     # Ask the next hop about relay-domain recipients of untrusted clients (VerifyRecipient events).
     verify_recipients: bool = False
 
@@ -80,6 +88,9 @@ class IngressConfig:
     relayhost: str = ""  # where the workers deliver, so where a verification asks
     smtp_port: int = 25
     dns_servers: tuple[tuple[str, int], ...] = ()
+    # mail input flow control (ingress/flow.py); 0 = off, the default for configs built by hand
+    in_flow_delay: float = 0.0
+    in_flow_backlog: int = 640
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngressConfig:
@@ -103,4 +114,6 @@ class IngressConfig:
             relayhost=s.relayhost,
             smtp_port=s.smtp_port,
             dns_servers=tuple(s.dns_server_list),
+            in_flow_delay=s.in_flow_delay,
+            in_flow_backlog=s.in_flow_backlog,
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from common.envelope import Recipient
 
-__all__ = ["Authenticate", "Close", "Event", "Peer", "Send", "StartTLS", "Transaction", "VerifyRecipient"]
+__all__ = ["Authenticate", "AwaitFlow", "Close", "Event", "Peer", "Send", "StartTLS", "Transaction", "VerifyRecipient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,4 +83,10 @@ class VerifyRecipient:
     address: str
 
 
-Event = Send | Transaction | StartTLS | Authenticate | Close | VerifyRecipient
+@dataclass(frozen=True, slots=True)
+class AwaitFlow:
+    """Delivery lags behind the ingress (mail input flow control, Postfix's in_flow_delay): hold
+    this MAIL until delivery catches up or in_flow_delay passes, then call flow_granted()."""
+
+
+Event = Send | Transaction | StartTLS | Authenticate | Close | VerifyRecipient | AwaitFlow

@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 import dns.asyncresolver
+from rq.registry import StartedJobRegistry
 
 from common import metrics
 from common.envelope import Envelope, new_queue_id
@@ -29,7 +30,8 @@ from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
 from ingress.config import IngressConfig
-from ingress.events import VerifyRecipient
+from ingress.events import AwaitFlow, VerifyRecipient
+from ingress.flow import Backlog, FlowGate, read_backlog
 from ingress.notes import Note, NoteLog, reject_line
 from ingress.received import received_header
 from ingress.recipients import RecipientTable
@@ -72,18 +74,20 @@ class Ingress:
     """What every connection of one ingress process shares."""
 
     def __init__(self, spool: Spool, config: IngressConfig) -> None:
+        self.flow = _flow_gate(spool, config)
         self.committer = Committer(
             spool,
             max_batch=config.commit_max_messages,
             max_queue=config.max_queue,
             wait=config.commit_wait,
             open_transactions=self.open_transactions,
+            on_commit=self._committed,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
         # the session's view: tls_available and auth_available were derived from the same files
         # as the context and the credentials below, once, in IngressConfig.from_settings
-        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate)
+        self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
         if self.recipients is not None:
             self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
         self.idle_timeout = config.idle_timeout
@@ -99,6 +103,13 @@ class Ingress:
         self.server: asyncio.Server | None = None
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _committed(self, messages: list[Message]) -> None:
+        """How many delivery jobs a batch made (one per next hop within the job limits): flow
+        control turns unfinished jobs into messages with it."""
+        spool = self.committer.spool
+        by_hop = spool.router.by_hop((m.envelope, len(m.body)) for m in messages)
+        self.flow.wrote(len(messages), sum(len(spool.queue.batches(sized)) for sized in by_hop.values()))
 
     def open_transactions(self) -> int:
         """Sessions between MAIL and the answer after DATA: who may still join a group commit."""
@@ -119,6 +130,7 @@ class Ingress:
         else:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
+        self.spawn(self.flow.watch())
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
@@ -281,6 +293,9 @@ class SMTPProtocol(asyncio.Protocol):
             elif isinstance(ev, VerifyRecipient):
                 self.transport.pause_reading()
                 self.ingress.spawn(self._verify(ev))
+            elif isinstance(ev, AwaitFlow):
+                self.transport.pause_reading()
+                self.ingress.spawn(self._await_flow())
             elif isinstance(ev, Close):
                 self._close()
 
@@ -431,6 +446,11 @@ class SMTPProtocol(asyncio.Protocol):
                 refusal = replies.UNVERIFIED_RECIPIENT
         self._resume(self.session.recipient_verified(refusal))
 
+    async def _await_flow(self) -> None:
+        assert self.session is not None
+        await self.ingress.flow.wait()
+        self._resume(self.session.flow_granted())
+
     # -- deadlines and shutdown -------------------------------------------------------------------
     def _arm_timer(self) -> None:
         self._octets_since_progress = 0
@@ -464,6 +484,18 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
+    """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
+    r = spool.store.redis
+    ready_key = spool.queue.rq.key
+    running_key = StartedJobRegistry(queue=spool.queue.rq).key
+
+    def read(taken: float) -> Backlog:
+        return read_backlog(r, ready_key, running_key, taken)
+
+    return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_backlog)
 
 
 def _verifier(config: IngressConfig) -> Verifier:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from common.envelope import Recipient
 from ingress import policy, replies
 from ingress.config import SessionConfig
-from ingress.events import Authenticate, Close, Event, Peer, Send, StartTLS, Transaction, VerifyRecipient
+from ingress.events import Authenticate, AwaitFlow, Close, Event, Peer, Send, StartTLS, Transaction, VerifyRecipient
 from ingress.limits import MAX_AUTH_LINE, MAX_BUFFER_WHILE_WAITING, line_limit
 from ingress.notes import Note, printable, reject_line
 from ingress.params import ArgError, parse_mail_params, parse_rcpt_params, split_path
@@ -43,6 +43,7 @@ __all__ = [
     "PIPELINE_OVERFLOW",
     "TRANSITIONS",
     "Authenticate",
+    "AwaitFlow",
     "Close",
     "Event",
     "Peer",
@@ -205,6 +206,11 @@ class Session:
         return self._end_wait(
             State.WAIT_VERIFY, refusal or replies.RECIPIENT_OK, counts=refusal is not None, trigger=trigger
         )
+
+    def flow_granted(self) -> list[Event]:
+        """The end of an AwaitFlow (delivery caught up, or in_flow_delay passed): the MAIL's 250."""
+        self._command, self._cmd_from, self._cmd_to = "MAIL", self._tx.sender, None
+        return self._end_wait(State.WAIT_FLOW, replies.SENDER_OK, trigger=Input.FLOW_GRANTED)
 
     def timeout(self) -> list[Event]:
         return self._close_with(replies.TIMEOUT)
@@ -449,6 +455,10 @@ class Session:
             ret=params.ret,
             envid=params.envid,
         )
+        if self.config.mail_flow():
+            # delivery lags: the 250 waits for it (Postfix's in_flow_delay, also at MAIL)
+            self._out.append(AwaitFlow())
+            return Input.FLOW_ASKED
         self._send(replies.SENDER_OK)
         return "MAIL"
 

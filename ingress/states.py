@@ -37,6 +37,7 @@ class State(str, Enum):
     WAIT_TLS = "wait_tls"  # StartTLS outstanding
     WAIT_AUTH = "wait_auth"  # Authenticate outstanding
     WAIT_VERIFY = "wait_verify"  # VerifyRecipient outstanding (a RCPT waits for the next hop's word)
+    WAIT_FLOW = "wait_flow"  # AwaitFlow outstanding: a MAIL waits for delivery to catch up (in_flow_delay)
     CLOSED = "closed"
 
 
@@ -54,6 +55,8 @@ class Input(str, Enum):
     VERIFY_ASKED = "verify asked"  # a relay recipient goes to be verified at the next hop
     RCPT_VERIFIED = "rcpt verified"  # the verdict, with at least one recipient accepted
     RCPT_UNVERIFIED = "rcpt unverified"  # refused, and no recipient accepted yet
+    FLOW_ASKED = "flow asked"  # a MAIL waits for delivery to catch up before its 250
+    FLOW_GRANTED = "flow granted"  # delivery caught up, or in_flow_delay passed: the MAIL is accepted
     EOF = "eof"  # the client closed
     CLOSE = "close"  # we close: QUIT, 421 (timeout, errors, shutdown, overflow)
 
@@ -93,12 +96,15 @@ EVENTS: dict[Input, dict[State, State]] = {
     Input.VERIFY_ASKED: {State.MAIL: State.WAIT_VERIFY, State.RCPT: State.WAIT_VERIFY},
     Input.RCPT_VERIFIED: {State.WAIT_VERIFY: State.RCPT},
     Input.RCPT_UNVERIFIED: {State.WAIT_VERIFY: State.MAIL},
+    Input.FLOW_ASKED: {State.READY: State.WAIT_FLOW},
+    Input.FLOW_GRANTED: {State.WAIT_FLOW: State.MAIL},
     Input.EOF: {state: State.CLOSED for state in State},
     Input.CLOSE: {state: State.CLOSED for state in State},
 }
 
 KNOWN_VERBS = frozenset(verb for row in TRANSITIONS.values() for verb in row)
-WAITING = frozenset({State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_VERIFY})
+WAITING = frozenset({State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_VERIFY, State.WAIT_FLOW})
+# WAIT_FLOW is not in a transaction yet: the group commit does not wait for sessions held at MAIL
 IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.WAIT_STORE, State.WAIT_VERIFY})
 
 

@@ -90,6 +90,9 @@ class MTA:
             "connect_timeout": "2",
             "smtp_timeout": "10",
             "log_level": "DEBUG",
+            # many tests queue mail with no worker running: mail input flow control would hold
+            # each MAIL in_flow_delay there (tests/integration/test_ingress_live_flow.py turns it on)
+            "in_flow_delay": "0",
         }
         base.update({k: str(v) for k, v in settings.items()})
         for k, v in base.items():

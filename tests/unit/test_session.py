@@ -19,6 +19,7 @@ from ingress.session import (
     PIPELINE_OVERFLOW,
     TRANSITIONS,
     Authenticate,
+    AwaitFlow,
     Close,
     Event,
     Peer,
@@ -517,6 +518,41 @@ def test_mail_gate_at_end_of_data() -> None:
     full[0] = replies.INSUFFICIENT_STORAGE
     assert s.receive_data(b"x\r\n.\r\n") == [Send(wire(replies.INSUFFICIENT_STORAGE))]
     assert s.state is State.READY and s.errors == 0
+
+
+# -- mail input flow control (in_flow_delay) ----------------------------------------------------------
+def test_mail_waits_for_flow_before_its_250_and_holds_pipelined_commands() -> None:
+    lags = [True]
+    s = ehlo(new(mail_flow=lambda: lags[0]))
+    # MAIL and RCPT pipelined: nothing is answered while the MAIL waits, the RCPT stays buffered
+    events = s.receive_data(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<r@example.org>\r\n")
+    assert events == [AwaitFlow()]
+    assert s.state is State.WAIT_FLOW and s.waiting and not s.in_transaction
+    assert s.receive_data(b"DATA\r\n") == []
+    lags[0] = False
+    assert sent(s.flow_granted()) == wire(replies.SENDER_OK, replies.RECIPIENT_OK, replies.DATA_START)
+    assert s.state in (State.DATA,)  # (mypy narrowed it to WAIT_FLOW above)
+    tx = transaction(s.receive_data(b"hi\r\n.\r\n"))
+    assert tx.sender == "a@example.com" and [r.address for r in tx.recipients] == ["r@example.org"]
+
+
+def test_mail_without_lag_answers_at_once_and_a_stray_grant_is_ignored() -> None:
+    s = ehlo(new(mail_flow=lambda: False))
+    assert feed(s, b"MAIL FROM:<a@example.com>\r\n") == wire(replies.SENDER_OK)
+    assert s.flow_granted() == [] and s.state is State.MAIL
+
+
+def test_refused_mail_never_waits_for_flow() -> None:
+    asked: list[bool] = []
+
+    def flow() -> bool:
+        asked.append(True)
+        return True
+
+    s = ehlo(new(mail_flow=flow, mail_gate=lambda: replies.INSUFFICIENT_STORAGE))
+    assert feed(s, b"MAIL FROM:<a@example.com>\r\n") == wire(replies.INSUFFICIENT_STORAGE)
+    assert feed(s, b"MAIL FROM:<bad\r\n")[:3] == b"501"
+    assert asked == [] and s.state is State.READY
 
 
 # -- DATA ------------------------------------------------------------------------------------------

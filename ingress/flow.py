@@ -1,0 +1,196 @@
+"""Mail input flow control, Postfix's ``in_flow_delay``: when delivery lags behind the ingress, a
+new message's ``MAIL FROM`` waits for its 250 until delivery catches up, or ``in_flow_delay``
+seconds at most, then goes on. It slows clients, never refuses them; the queue stops growing
+faster than the workers empty it, so new mail does not wait behind a backlog the ingress made.
+
+The signal: delivery jobs no worker has finished, RQ's ready list (``rq:queue:<name>``, LLEN)
+plus the jobs workers hold (its StartedJobRegistry, ZCARD). Workers take jobs as soon as they have
+a free job slot (``worker_concurrency`` each) and hold them while their messages wait for a
+conversation, so the ready list alone stays empty while a backlog builds inside the workers. One
+poller per ingress process reads both every ``interval``; every session asks the sample
+(``FlowGate.must_wait``): no Redis call per message. Retries wait in RQ's scheduled registry and
+jobs for a destination that is down go back there at once (worker/service.py), so neither counts.
+Jobs in conversation with a slow destination do count: only the worker could tell a message that
+waits for a conversation from one in one. With no worker at all the ready list only grows: each
+message waits ``in_flow_delay``, never forever.
+
+The limit (``in_flow_backlog``) is in messages: unfinished jobs times the messages per job this
+ingress writes (a moving average over its group commits), since a job's size moves with load --
+one per group commit and next hop, ~20 messages from 20 busy sessions to one destination, one or
+two when the same sessions write to ten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis
+
+from common import metrics
+
+__all__ = ["Backlog", "FlowGate", "lagging", "read_backlog"]
+
+log = logging.getLogger("mtaq.ingress")
+
+# The log says "on" when a lag begins and "off" once none was seen for this long: a backlog that
+# hovers at the limit opens and closes the gate every poll, and that is one episode, not many lines.
+QUIET = 5.0
+# Weight of each group commit in the moving average of messages per job.
+PER_JOB_WEIGHT = 0.2
+# A sample older than this is no sample: a poller stuck on a slow Redis must not hold mail on an old
+# word (the commit will find out what is wrong with Redis and answer for it).
+STALE_AFTER = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The delivery queue as a poll saw it at ``taken`` (the gate's clock)."""
+
+    ready: int  # jobs no worker has taken yet
+    running: int  # jobs workers hold, their messages in or waiting for a conversation
+    taken: float
+
+    @property
+    def jobs(self) -> int:
+        return self.ready + self.running
+
+
+def lagging(sample: Backlog | None, now: float, limit: int, per_job: float = 1.0) -> bool:
+    """Whether delivery lags: unfinished jobs of ``per_job`` messages each come to ``limit``
+    messages or more, by a sample no older than STALE_AFTER. No sample (the read failed), or a
+    stale one: not lagging."""
+    if sample is None or now - sample.taken > STALE_AFTER:
+        return False
+    return sample.jobs > 0 and sample.jobs * per_job >= limit
+
+
+def read_backlog(r: redis.Redis, ready_key: str, running_key: str, taken: float) -> Backlog:
+    """One look at the delivery queue: LLEN of RQ's ready list, ZCARD of its started registry
+    (one round trip)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.llen(ready_key)
+    pipe.zcard(running_key)
+    ready, running = pipe.execute()
+    return Backlog(int(ready), int(running), taken)
+
+
+class FlowGate:
+    """The ingress process's flow control: ``watch()`` keeps a sample of the ready list,
+    ``must_wait()`` is the sessions' question at MAIL, ``wait()`` holds one MAIL at most ``delay``
+    and lets every held MAIL go as soon as a sample says delivery caught up. ``read`` is the
+    (blocking) look at Redis; ``clock`` and ``sleep`` are time.monotonic and asyncio.sleep unless
+    a test gives its own."""
+
+    def __init__(
+        self,
+        read: Callable[[float], Backlog],
+        *,
+        delay: float,
+        limit: int,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.read = read
+        self.delay = delay
+        self.limit = max(1, limit)
+        self.per_job = 1.0  # messages per delivery job this ingress writes (moving average)
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+        self.sample: Backlog | None = None
+        self.engaged = False  # in a lag episode (for the log): lagging now, or within QUIET
+        self._last_lag = 0.0
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
+        self.held = 0  # MAILs held in this episode (for the log line)
+        self.held_total = 0
+        self.timed_out = 0  # of those, how many went on after the whole delay
+
+    def must_wait(self) -> bool:
+        """At MAIL: hold this one? A look at the sample, no IO; False when flow control is off."""
+        return (
+            self.delay > 0
+            and not self._caught_up.is_set()
+            and lagging(self.sample, self.clock(), self.limit, self.per_job)
+        )
+
+    def observe(self, sample: Backlog | None) -> None:
+        """A new sample (None: the read failed): close the gate while delivery lags, open it (and
+        let every held MAIL go) as soon as it does not. The log line is per episode."""
+        self.sample = sample
+        now = self.clock()
+        if self.delay > 0 and lagging(sample, now, self.limit, self.per_job):
+            assert sample is not None
+            self._caught_up.clear()
+            self._last_lag = now
+            if not self.engaged:
+                self.engaged = True
+                self.held = 0
+                log.info(
+                    "mail input flow control on: %d delivery jobs unfinished (%d held by workers, %d waiting "
+                    "for one), about %d messages, limit %d: new mail waits up to %gs at MAIL",
+                    sample.jobs,
+                    sample.running,
+                    sample.ready,
+                    round(sample.jobs * self.per_job),
+                    self.limit,
+                    self.delay,
+                )
+            return
+        self._caught_up.set()
+        if self.engaged and now - self._last_lag >= QUIET:
+            self.engaged = False
+            log.info(
+                "mail input flow control off: delivery kept up for %gs (%d MAIL(s) held, %d of them the whole %gs)",
+                QUIET,
+                self.held,
+                self.timed_out,
+                self.delay,
+            )
+            self.timed_out = 0
+
+    def wrote(self, messages: int, jobs: int) -> None:
+        """A group commit stored ``messages`` in ``jobs`` delivery jobs: the size of a job moves
+        with load (one per commit and next hop), so the limit is in messages, not jobs."""
+        if messages > 0 and jobs > 0:
+            self.per_job += PER_JOB_WEIGHT * (messages / jobs - self.per_job)
+
+    async def wait(self) -> bool:
+        """Hold one MAIL until delivery catches up (True) or ``delay`` passes (False)."""
+        if self._caught_up.is_set():
+            return True
+        self.held += 1
+        self.held_total += 1
+        metrics.flow_held()
+        released = asyncio.ensure_future(self._caught_up.wait())
+        nap = asyncio.ensure_future(self.sleep(self.delay))
+        try:
+            await asyncio.wait({released, nap}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+            nap.cancel()
+        if released.done() and not released.cancelled():
+            return True
+        self.timed_out += 1
+        return False
+
+    async def step(self) -> None:
+        """One poll: read the ready list off the event loop and observe what it says."""
+        sample: Backlog | None = None
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            sample = await asyncio.to_thread(self.read, self.clock())
+        self.observe(sample)
+
+    async def watch(self) -> None:
+        """Poll every ``interval`` for the life of the ingress (nothing when flow control is off)."""
+        if self.delay <= 0:
+            return
+        while True:
+            await self.step()
+            await self.sleep(self.interval)

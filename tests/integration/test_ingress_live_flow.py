@@ -1,0 +1,67 @@
+"""Mail input flow control against a live ingress, a real redis-server and real workers: with more
+delivery jobs unfinished than ``in_flow_backlog`` messages, a MAIL's 250 waits for delivery to catch up (or
+``in_flow_delay``); with the backlog gone it is answered at once. No wall-clock windows: the delay
+is set far beyond any wait the test makes, or the test only asserts that mail went on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from common.metrics import IN_FLOW_HELD
+from common.store import STATS
+from tests.dnsserver import ZoneServer
+from tests.fixtures import MTA
+from tests.integration.eventually import eventually, wait_for_log
+from tests.integration.smtpwire import Wire
+from tests.sinks import SinkServer
+
+ON = "mail input flow control on"
+
+
+def setup_zone(dns: ZoneServer) -> None:
+    dns.add("ours.test.", "MX", "10 mx.ours.test.")
+    dns.add("mx.ours.test.", "A", "127.0.0.2")
+
+
+def held(mta: MTA) -> int:
+    return int(mta.redis.hget(STATS, IN_FLOW_HELD) or 0)
+
+
+def test_mail_waits_until_delivery_catches_up(
+    dns: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    setup_zone(dns)
+    box = sinks("127.0.0.2")
+    # in_flow_delay far beyond any wait below: a 250 can only come from delivery catching up
+    mta = mta_factory(in_flow_delay=3600, in_flow_backlog=3)
+    mta.start_ingress()
+    for i in range(3):  # one commit each, so one delivery job each; no worker runs yet
+        mta.send("a@client.test", ["bob@ours.test"], f"Subject: m{i}\r\n\r\nx\r\n")
+    log = mta.log_dir / "ingress.log"
+    wait_for_log(log, ON)
+
+    with Wire(mta.port) as w:
+        w.greet()
+        w.send("MAIL FROM:<a@client.test>\r\n")  # held: three jobs unfinished, limit 3
+        mta.start_worker()
+        assert w.reply().status == (250, "2.1.0"), mta.logs()
+        # the 250 came after the worker finished the backlog's jobs, never before
+        assert len(box.messages) == 3, mta.logs()
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == (250, "2.1.5")
+        assert w.cmd("DATA").code == 354
+        assert w.cmd(b"Subject: m3\r\n\r\nx\r\n.").status == (250, "2.0.0")
+        # drained: the next MAIL is answered at once (held, it would wait the 3600 s)
+        eventually(lambda: len(box.messages) == 4, "the fourth message delivered")
+        assert w.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+    eventually(lambda: held(mta) == 1, "one MAIL counted as held")
+
+
+def test_with_no_worker_each_mail_waits_in_flow_delay_and_goes_on(mta_factory: Callable[..., MTA]) -> None:
+    mta = mta_factory(in_flow_delay=0.2, in_flow_backlog=1)
+    mta.start_ingress()
+    first = mta.send("a@client.test", ["bob@ours.test"], "Subject: m0\r\n\r\nx\r\n")
+    wait_for_log(mta.log_dir / "ingress.log", ON)
+    # nobody takes the job: the backlog never falls, yet every message is accepted (slowed, never refused)
+    later = [mta.send("a@client.test", ["bob@ours.test"], f"Subject: m{i}\r\n\r\nx\r\n") for i in (1, 2)]
+    assert sorted(mta.store.queue_ids()) == sorted([first, *later])
+    eventually(lambda: held(mta) == 2, "both later MAILs counted as held")

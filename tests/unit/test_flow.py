@@ -1,0 +1,159 @@
+"""Mail input flow control (ingress/flow.py): the pure decision on a sample, and the gate that
+holds a MAIL, both on an injected clock and sleep (no timing guesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import fakeredis
+import pytest
+
+from ingress.flow import QUIET, STALE_AFTER, Backlog, FlowGate, lagging, read_backlog
+from tests.unit.fakeclock import FakeClock
+
+
+# -- the decision ----------------------------------------------------------------------------------
+def test_lagging_counts_ready_and_running_jobs_against_the_limit() -> None:
+    now = 100.0
+    assert not lagging(Backlog(0, 0, now), now, 32)
+    assert not lagging(Backlog(10, 21, now), now, 32)
+    assert lagging(Backlog(10, 22, now), now, 32)
+    assert lagging(Backlog(0, 40, now), now, 32)  # all held by workers: the backlog is theirs
+    assert lagging(Backlog(40, 0, now), now, 32)  # no worker at all
+
+
+def test_the_limit_is_in_messages_by_the_size_of_the_jobs_written() -> None:
+    now = 100.0
+    assert not lagging(Backlog(0, 31, now), now, 640, per_job=20.0)
+    assert lagging(Backlog(0, 32, now), now, 640, per_job=20.0)
+    assert not lagging(Backlog(0, 200, now), now, 640, per_job=2.0)  # ten slow destinations, small jobs
+    clock, sleep = FakeClock(), FakeSleep()
+    g = gate(clock, sleep, limit=640)
+    for _ in range(50):
+        g.wrote(20, 1)  # 20 sessions' messages to one next hop per group commit
+    assert round(g.per_job) == 20
+    g.observe(Backlog(0, 33, clock()))
+    assert g.must_wait()
+    g.wrote(0, 0)  # nothing written: nothing learnt
+    assert round(g.per_job) == 20
+
+
+def test_no_sample_or_a_stale_one_never_holds_mail() -> None:
+    assert not lagging(None, 100.0, 1)
+    sample = Backlog(500, 0, 100.0)
+    assert lagging(sample, 100.0 + STALE_AFTER, 1)
+    assert not lagging(sample, 100.0 + STALE_AFTER + 0.01, 1)
+
+
+def test_read_backlog_is_rq_ready_list_and_started_registry() -> None:
+    r = fakeredis.FakeRedis()
+    r.rpush("rq:queue:mtaq", "a", "b", "c")
+    r.zadd("rq:wip:mtaq", {"d": 1.0, "e": 2.0})
+    r.zadd("rq:scheduled:mtaq", {"retry": 1.0})  # retries wait their time: not counted
+    assert read_backlog(r, "rq:queue:mtaq", "rq:wip:mtaq", 7.0) == Backlog(3, 2, 7.0)
+
+
+# -- the gate --------------------------------------------------------------------------------------
+class FakeSleep:
+    """asyncio.sleep stand-in: each sleeper waits until the test calls ``wake()``."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self._wake = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        await self._wake.wait()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+
+def gate(clock: FakeClock, sleep: FakeSleep, *, delay: float = 1.0, limit: int = 4) -> FlowGate:
+    return FlowGate(lambda taken: Backlog(0, 0, taken), delay=delay, limit=limit, clock=clock, sleep=sleep)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_no_backlog_costs_nothing() -> None:
+    async def go() -> None:
+        clock, sleep = FakeClock(), FakeSleep()
+        g = gate(clock, sleep)
+        g.observe(Backlog(1, 2, clock()))
+        assert not g.must_wait()
+        assert await g.wait() is True
+        assert sleep.asked == [] and g.held_total == 0
+
+    asyncio.run(go())
+
+
+def test_held_mail_goes_as_soon_as_delivery_catches_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        clock, sleep = FakeClock(), FakeSleep()
+        g = gate(clock, sleep)
+        with caplog.at_level(logging.INFO, "mtaq.ingress"):
+            g.observe(Backlog(3, 5, clock()))
+            assert g.must_wait()
+            held = [asyncio.ensure_future(g.wait()) for _ in range(3)]
+            await settle()
+            assert not any(h.done() for h in held)
+            assert sleep.asked == [1.0, 1.0, 1.0]  # each at most in_flow_delay
+            g.observe(Backlog(0, 3, clock()))  # below the limit: every held MAIL goes at once
+            await settle()
+            assert [h.result() for h in held] == [True, True, True]
+            assert not g.must_wait()
+            # the backlog hovers at the limit: one "on" line for the episode, not one per poll
+            for _ in range(3):
+                clock.now += 0.1
+                g.observe(Backlog(0, 4, clock()))
+                clock.now += 0.1
+                g.observe(Backlog(0, 1, clock()))
+            clock.now += QUIET
+            g.observe(Backlog(0, 0, clock()))
+            g.observe(Backlog(0, 0, clock()))
+        lines = [r.getMessage() for r in caplog.records if "flow control" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("mail input flow control on: 8 delivery jobs unfinished (5 held by workers")
+        assert lines[1].startswith("mail input flow control off") and "3 MAIL(s) held" in lines[1]
+
+    asyncio.run(go())
+
+
+def test_with_no_worker_each_mail_waits_the_delay_then_goes_on() -> None:
+    async def go() -> None:
+        clock, sleep = FakeClock(), FakeSleep()
+        g = gate(clock, sleep, delay=0.5)
+        g.observe(Backlog(100, 0, clock()))  # nobody takes jobs: the backlog never falls
+        held = asyncio.ensure_future(g.wait())
+        await settle()
+        assert not held.done() and sleep.asked == [0.5]
+        sleep.wake()  # in_flow_delay passed
+        await settle()
+        assert held.result() is False and g.timed_out == 1
+        assert g.must_wait()  # the next message waits too: slowed, never refused
+
+    asyncio.run(go())
+
+
+def test_zero_delay_turns_it_off_and_a_failed_read_opens_the_gate() -> None:
+    async def go() -> None:
+        clock, sleep = FakeClock(), FakeSleep()
+        off = gate(clock, sleep, delay=0.0)
+        off.observe(Backlog(1000, 1000, clock()))
+        assert not off.must_wait()
+        await off.watch()  # returns at once: no poller when off
+
+        def broken(taken: float) -> Backlog:
+            raise ConnectionError("redis down")
+
+        g = FlowGate(broken, delay=1.0, limit=4, clock=clock, sleep=sleep)
+        g.observe(Backlog(0, 9, clock()))
+        assert g.must_wait()
+        await g.step()  # the read fails: no word on the backlog is no reason to hold mail
+        assert not g.must_wait() and g.sample is None
+
+    asyncio.run(go())
