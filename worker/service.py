@@ -10,10 +10,10 @@ One job = one destination, some messages. It
 3. runs conversations: a cached idle connection or a new one, plus more in threads while the job
    has more messages than conversations and the destination has free slots, each up to
    ``destination_messages_per_connection`` messages;
-4. hands final recipients to the outcome writer right after each transaction (``_Writer``: one
-   round trip for whatever every conversation of the process handed it meanwhile; a re-run job
-   never sends them again), records the deferrals, schedules the retry, finishes completed
-   messages (DSN, delete, and the leases on them).
+4. hands final recipients to the outcome writer right after each transaction
+   (worker/outcomes.py ``OutcomeWriter``: one round trip for whatever every conversation of the
+   process handed it meanwhile; a re-run job never sends them again), records the deferrals,
+   schedules the retry, finishes completed messages (DSN, delete, and the leases on them).
 
 Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
 for the final recipients, one for the deferred ones, one to finish every completed message, one to
@@ -32,24 +32,22 @@ from collections.abc import Callable, Collection, Sequence
 
 import redis
 
-from common import metrics
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message, Store, lease_key
+from common.store import Message, lease_key
 from worker.delays import warn_delayed
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
+from worker.outcomes import Batch, Loaded, OutcomeWriter, Owner
 from worker.relay import (
     Dialer,
     Opened,
-    Outcome,
     Parcel,
     Undeliverable,
     Work,
     converse,
     fail_all,
-    log_attempt,
     resolve,
 )
 from worker.retry import lifetime, next_retry
@@ -68,7 +66,6 @@ STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot 
 # sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built. Short:
 # a finisher that died has its message finished by the next look, within a minute.
 FINISH_CLAIM = 30.0
-WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
 
 # KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
 _RENEW = """
@@ -76,7 +73,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-Loaded = dict[str, tuple[Message, dict[int, RecipientStatus]]]
 # the RFC 3464 report for a finished message (worker.jobs.make_dsn), or None
 DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
 
@@ -122,7 +118,7 @@ class DeliveryService:
         self._lanes: dict[str, Work] = {}  # destination -> the parcels its conversations take from
         self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
-        self.writer = _Writer(spool.store)
+        self.writer = OutcomeWriter(spool.store)
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -189,7 +185,7 @@ class DeliveryService:
         if leased:
             with self._lock:
                 self._leases[token] = (destination, leased)
-        batch = _Batch(self, loaded, destination)
+        batch = Batch(self.store, self.clock, self.writer, loaded, destination)
         batch.finished.extend(leftover)
         try:
             parcels = [Parcel(loaded[q][0].envelope, loaded[q][0].body, due[q]) for q in leased]
@@ -215,7 +211,7 @@ class DeliveryService:
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
 
-    def _run(self, destination: str, batch: _Batch, parcels: list[Parcel]) -> None:
+    def _run(self, destination: str, batch: Batch, parcels: list[Parcel]) -> None:
         """Put the job's parcels in its destination's lane (the parcels this process's
         conversations with it take from), see that conversations run, wait for the parcels; then
         record what the conversations did not: deferrals, DNS verdicts."""
@@ -225,7 +221,7 @@ class DeliveryService:
             fail_all(parcels, e.outcome)
             self._record_rest(destination, batch, parcels)
             return
-        owner = _Owner(batch, parcels)
+        owner = Owner(batch, parcels)
         lane = self._lane(destination, found)
         try:
             lane.add(parcels, owner)
@@ -249,7 +245,7 @@ class DeliveryService:
                     p.outcomes[i] = lane.last
         self._record_rest(destination, batch, parcels)
 
-    def _tend(self, destination: str, lane: Work, owner: _Owner, parcels: list[Parcel]) -> list[Parcel]:
+    def _tend(self, destination: str, lane: Work, owner: Owner, parcels: list[Parcel]) -> list[Parcel]:
         """Until the job's parcels are done: start conversations while the lane has more parcels
         than conversations (and slots and permits allow). Returns the parcels handed back: when
         stopping, or when no conversation could be had for SLOT_WAIT seconds."""
@@ -389,7 +385,7 @@ class DeliveryService:
         except redis.RedisError:
             log.warning("%s: could not record the connection outcome (Redis unavailable)", destination)
 
-    def _record_rest(self, destination: str, batch: _Batch, parcels: list[Parcel]) -> None:
+    def _record_rest(self, destination: str, batch: Batch, parcels: list[Parcel]) -> None:
         s = self.settings
         now = self.clock()
         rest: dict[str, dict[int, RecipientStatus]] = {}
@@ -420,7 +416,7 @@ class DeliveryService:
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
     # -- finishing ----------------------------------------------------------------------------------
-    def finish_messages(self, batch: _Batch, leased: Collection[str] = ()) -> set[str]:
+    def finish_messages(self, batch: Batch, leased: Collection[str] = ()) -> set[str]:
         """Every recipient of these messages is final: queue the DSNs their senders asked for and
         remove the messages, all in one transaction. A message with recipients at other
         destinations has its states read again (another job finished those). ``leased``: messages
@@ -499,170 +495,3 @@ class DeliveryService:
         """Stop taking messages: conversations end after their transaction, the rest is handed back."""
         self.stopping.set()
         self.cache.sweep(everything=True)
-
-
-class _Owner:
-    """A job's share of a lane: its final outcomes go to its batch; it waits for its parcels."""
-
-    def __init__(self, batch: _Batch, parcels: list[Parcel]) -> None:
-        self.batch = batch
-        self.left = {id(p) for p in parcels}
-        self._cond = threading.Condition()
-
-    def record(self, parcel: Parcel, positions: list[int]) -> None:
-        self.batch.record_final(parcel, positions)
-
-    def done(self, parcel: Parcel) -> None:
-        with self._cond:
-            self.left.discard(id(parcel))
-            if not self.left:
-                self._cond.notify_all()
-
-    def withdrawn(self, parcels: list[Parcel]) -> list[Parcel]:
-        for p in parcels:
-            self.done(p)
-        return parcels
-
-    def wait(self, timeout: float) -> bool:
-        """True once every parcel is done."""
-        with self._cond:
-            if self.left:
-                self._cond.wait(timeout)
-            return not self.left
-
-
-class _Batch:
-    """One job's messages and what has been recorded of them so far (conversations share it)."""
-
-    def __init__(self, service: DeliveryService, loaded: Loaded, destination: str | None = None) -> None:
-        self.service = service
-        self.destination = destination
-        self.loaded = loaded
-        self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
-        self.finished: list[str] = []
-        self._lock = threading.Condition()
-        self._writing = 0  # record_final turns handed to the writer, not yet written
-        self._error: BaseException | None = None
-
-    def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
-        out = p.outcomes[i]
-        if out.state is RcptState.DEFERRED and delay is None:
-            # past queue_lifetime: bounce with the last reply
-            out = Outcome(
-                RcptState.BOUNCED,
-                out.dsn,
-                f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
-                out.relay,
-                out.remote_mta,
-            )
-        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
-        old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
-        metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
-        return RecipientStatus(
-            state=out.state,
-            attempts=old.attempts + 1,
-            dsn=out.dsn,
-            reply=out.reply,
-            relay=out.relay,
-            remote_mta=out.remote_mta,
-            updated=now,
-            next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
-        )
-
-    def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
-        """Record outcomes now, waiting for Redis (``write_outcomes``)."""
-        self.written(updates, write_outcomes(self.service.store, _entries(updates)))
-
-    def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
-        """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
-        with self._lock:
-            for (qid, idx, st), code in zip(_entries(updates), codes, strict=True):
-                self.recorded[qid][idx] = st
-                if code == 0:
-                    self.finished.append(qid)
-
-    def record_final(self, p: Parcel, positions: list[int]) -> None:
-        """A transaction's final outcomes, handed to the service's outcome writer: the conversation
-        goes on to its next message while they are written (``drain`` waits for them)."""
-        now = self.service.clock()
-        updates = {p.envelope.id: {i: self.status(p, i, now, None) for i in positions}}
-        with self._lock:
-            self._writing += 1
-        self.service.writer.submit(self, updates)
-
-    def settled(self, error: BaseException | None) -> None:
-        """The writer is done with one ``record_final`` (``error``: it could not be written)."""
-        with self._lock:
-            self._writing -= 1
-            if error is not None and self._error is None:
-                self._error = error
-            self._lock.notify_all()
-
-    def drain(self) -> None:
-        """Wait until every outcome handed to the writer is written; raises what a write raised
-        (the job fails, RQ runs it again: what was not recorded is sent again, at least once)."""
-        with self._lock:
-            while self._writing:
-                self._lock.wait()
-            if self._error is not None:
-                raise self._error
-
-
-def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, int, RecipientStatus]]:
-    return [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
-
-
-def write_outcomes(store: Store, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
-    """Record outcomes in one round trip. A Redis that is restarting is waited for (WRITE_PATIENCE):
-    the mail has gone, and a failed job would send it again."""
-    deadline = time.monotonic() + WRITE_PATIENCE
-    while True:
-        try:
-            return store.set_status_list(entries)
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
-            time.sleep(0.5)
-
-
-class _Writer:
-    """Group commit of final outcomes: every conversation of this process hands the outcomes of a
-    transaction here and goes on with its next message; one thread writes whatever has gathered in
-    one round trip (one fsync) while the next gathers. The window in which a crash forgets a
-    delivery (the message is sent again: at least once) is one round trip, as before; what changes
-    is that a conversation no longer waits for Redis between messages."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._cond = threading.Condition()
-        self._pending: list[tuple[_Batch, dict[str, dict[int, RecipientStatus]]]] = []
-        self._thread: threading.Thread | None = None
-
-    def submit(self, batch: _Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
-        with self._cond:
-            self._pending.append((batch, updates))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-                turn, self._pending = self._pending, []
-            entries = [e for _, updates in turn for e in _entries(updates)]
-            try:
-                codes = write_outcomes(self.store, entries)
-            except BaseException as e:  # every job of the turn fails and is run again
-                for batch, _ in turn:
-                    batch.settled(e)
-                continue
-            at = 0
-            for batch, updates in turn:
-                n = sum(map(len, updates.values()))
-                batch.written(updates, codes[at : at + n])
-                at += n
-                batch.settled(None)

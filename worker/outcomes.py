@@ -1,0 +1,202 @@
+"""A delivery job's batch of messages and the recording of their outcomes (worker/service.py runs
+the jobs): ``Batch`` holds what is known and recorded of the job's messages, ``Owner`` is the job's
+share of a destination's lane, and ``OutcomeWriter`` is the group commit of final outcomes, one
+thread per worker process: conversations hand it each transaction's outcomes and go on."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from common import metrics
+from common.envelope import RcptState, RecipientStatus
+from common.store import Message, Store
+from worker.relay import Outcome, Parcel, log_attempt
+
+__all__ = ["WRITE_PATIENCE", "Batch", "Loaded", "OutcomeWriter", "Owner", "write_outcomes"]
+
+log = logging.getLogger("mtaq.worker")
+
+WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
+
+Loaded = dict[str, tuple[Message, dict[int, RecipientStatus]]]
+
+
+class Owner:
+    """A job's share of a lane: its final outcomes go to its batch; it waits for its parcels."""
+
+    def __init__(self, batch: Batch, parcels: list[Parcel]) -> None:
+        self.batch = batch
+        self.left = {id(p) for p in parcels}
+        self._cond = threading.Condition()
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        self.batch.record_final(parcel, positions)
+
+    def done(self, parcel: Parcel) -> None:
+        with self._cond:
+            self.left.discard(id(parcel))
+            if not self.left:
+                self._cond.notify_all()
+
+    def withdrawn(self, parcels: list[Parcel]) -> list[Parcel]:
+        for p in parcels:
+            self.done(p)
+        return parcels
+
+    def wait(self, timeout: float) -> bool:
+        """True once every parcel is done."""
+        with self._cond:
+            if self.left:
+                self._cond.wait(timeout)
+            return not self.left
+
+
+class Batch:
+    """One job's messages and what has been recorded of them so far (conversations share it)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float],
+        writer: OutcomeWriter,
+        loaded: Loaded,
+        destination: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.writer = writer
+        self.destination = destination
+        self.loaded = loaded
+        self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
+        self.finished: list[str] = []
+        self._lock = threading.Condition()
+        self._writing = 0  # record_final turns handed to the writer, not yet written
+        self._error: BaseException | None = None
+
+    def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
+        out = p.outcomes[i]
+        if out.state is RcptState.DEFERRED and delay is None:
+            # past queue_lifetime: bounce with the last reply
+            out = Outcome(
+                RcptState.BOUNCED,
+                out.dsn,
+                f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
+                out.relay,
+                out.remote_mta,
+            )
+        log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
+        old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
+        metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
+        return RecipientStatus(
+            state=out.state,
+            attempts=old.attempts + 1,
+            dsn=out.dsn,
+            reply=out.reply,
+            relay=out.relay,
+            remote_mta=out.remote_mta,
+            updated=now,
+            next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
+        )
+
+    def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        """Record outcomes now, waiting for Redis (``write_outcomes``)."""
+        self.written(updates, write_outcomes(self.store, _entries(updates)))
+
+    def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
+        """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
+        with self._lock:
+            for (qid, idx, st), code in zip(_entries(updates), codes, strict=True):
+                self.recorded[qid][idx] = st
+                if code == 0:
+                    self.finished.append(qid)
+
+    def record_final(self, p: Parcel, positions: list[int]) -> None:
+        """A transaction's final outcomes, handed to the service's outcome writer: the conversation
+        goes on to its next message while they are written (``drain`` waits for them)."""
+        now = self.clock()
+        updates = {p.envelope.id: {i: self.status(p, i, now, None) for i in positions}}
+        with self._lock:
+            self._writing += 1
+        self.writer.submit(self, updates)
+
+    def settled(self, error: BaseException | None) -> None:
+        """The writer is done with one ``record_final`` (``error``: it could not be written)."""
+        with self._lock:
+            self._writing -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._lock.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every outcome handed to the writer is written; raises what a write raised
+        (the job fails, RQ runs it again: what was not recorded is sent again, at least once)."""
+        with self._lock:
+            while self._writing:
+                self._lock.wait()
+            if self._error is not None:
+                raise self._error
+
+
+def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, int, RecipientStatus]]:
+    return [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
+
+
+def write_outcomes(store: Store, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+    """Record outcomes in one round trip. A Redis that is restarting is waited for (WRITE_PATIENCE):
+    the mail has gone, and a failed job would send it again."""
+    deadline = time.monotonic() + WRITE_PATIENCE
+    while True:
+        try:
+            return store.set_status_list(entries)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
+            time.sleep(0.5)
+
+
+class OutcomeWriter:
+    """Group commit of final outcomes: every conversation of this process hands the outcomes of a
+    transaction here and goes on with its next message; one thread writes whatever has gathered in
+    one round trip (one fsync) while the next gathers. The window in which a crash forgets a
+    delivery (the message is sent again: at least once) is one round trip, as before; what changes
+    is that a conversation no longer waits for Redis between messages."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+        with self._cond:
+            self._pending.append((batch, updates))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                turn, self._pending = self._pending, []
+            entries = [e for _, updates in turn for e in _entries(updates)]
+            try:
+                codes = write_outcomes(self.store, entries)
+            except BaseException as e:  # every job of the turn fails and is run again
+                for batch, _ in turn:
+                    batch.settled(e)
+                continue
+            at = 0
+            for batch, updates in turn:
+                n = sum(map(len, updates.values()))
+                batch.written(updates, codes[at : at + n])
+                at += n
+                batch.settled(None)
