@@ -172,14 +172,17 @@ def medians(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_medians(entries: Sequence[dict[str, Any]]) -> str:
+    rows_ = medians(entries)
+    # the load column is as wide as its longest label (bench.scaling's are longer than the loads')
+    w = max([15, *(len(str(m["load"])) for m in rows_)]) + 1
     head = (
-        f"{'load':<16}{'system':<20}{'ingress/s':>10}{'e2e/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/1k':>9}"
+        f"{'load':<{w}}{'system':<20}{'ingress/s':>10}{'e2e/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/1k':>9}"
         f"{'PSS MiB':>8}  {'x Postfix: ingress':>18}{'e2e':>6}{'CPU':>6}{'PSS':>6}"
     )
     lines = [head]
-    for m in medians(entries):
+    for m in rows_:
         lines.append(
-            f"{m['load']:<16}{m['system']:<20}{_cell(m['ingress_msgs_s'], 10)}{_cell(m['e2e_msgs_s'], 8)}"
+            f"{m['load']:<{w}}{m['system']:<20}{_cell(m['ingress_msgs_s'], 10)}{_cell(m['e2e_msgs_s'], 8)}"
             f"{_cell(m['latency_p50_ms'], 8)}{_cell(m['latency_p99_ms'], 8)}{_cell(m['cpu_s_per_1000'], 9, '.2f')}"
             f"{_cell(m['peak_pss_mib'], 8)}  {_cell(m['x_ingress_msgs_s'], 18, '.2f')}"
             f"{_cell(m['x_e2e_msgs_s'], 6, '.2f')}{_cell(m['x_cpu_s_per_1000'], 6, '.2f')}"
