@@ -81,9 +81,10 @@ class DeliveryQueue:
             out.append(current)
         return out
 
-    def stage(self, pipe: Any, by_hop: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+    def stage(self, pipe: Any, by_hop: Mapping[str, Sequence[tuple[str, int]]]) -> int:
         """Add the jobs for (queue id, size) pairs per next hop to the caller's MULTI/EXEC
-        (common/spool.py: a message and its jobs are stored together or not at all)."""
+        (common/spool.py: a message and its jobs are stored together or not at all); returns how
+        many jobs that is."""
         jobs = [
             Queue.prepare_data(self.job_func, args=(hop, ids), timeout=self.job_timeout, **_JOB_KEEP)
             for hop, sized in by_hop.items()
@@ -91,6 +92,7 @@ class DeliveryQueue:
         ]
         if jobs:
             self.rq.enqueue_many(jobs, pipeline=pipe)
+        return len(jobs)
 
     def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
         """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""

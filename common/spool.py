@@ -28,9 +28,14 @@ class Spool:
 
     def commit(
         self, messages: Sequence[Message], *, delete: Iterable[str] = (), unlease: Iterable[tuple[str, str]] = ()
-    ) -> None:
+    ) -> int:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
         ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
-        it or nothing. Raises StoreUnavailable / StoreFull."""
+        it or nothing. Returns how many delivery jobs were stored (mail input flow control turns
+        unfinished jobs into messages with it). Raises StoreUnavailable / StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
-        self.store.commit(messages, delete=delete, unlease=unlease, also=lambda pipe: self.queue.stage(pipe, by_hop))
+        staged: list[int] = []
+        self.store.commit(
+            messages, delete=delete, unlease=unlease, also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop))
+        )
+        return sum(staged)

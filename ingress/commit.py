@@ -56,7 +56,7 @@ class Committer:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
-        on_commit: Callable[[list[Message]], None] | None = None,
+        on_commit: Callable[[int, int], None] | None = None,
     ) -> None:
         self.spool = spool
         self.clock = clock
@@ -66,7 +66,7 @@ class Committer:
         # how many sessions have a transaction open (MAIL given, not yet answered after DATA),
         # those waiting here included; unknown: wait the whole `wait`
         self.open_transactions = open_transactions
-        self.on_commit = on_commit  # told each batch that is in Redis (flow control counts its jobs)
+        self.on_commit = on_commit  # told (messages, delivery jobs) of each batch in Redis (flow control)
         self._arrived: asyncio.Future[None] | None = None
         self._last_batch = 0
         self.max_queue = max_queue
@@ -94,7 +94,7 @@ class Committer:
                 await self._gather()
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
-                await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
+                jobs = await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
@@ -118,7 +118,7 @@ class Committer:
                     p.future.set_result(None)
             if self.on_commit is not None:
                 try:
-                    self.on_commit([p.message for p in batch])
+                    self.on_commit(len(batch), jobs)
                 except Exception:  # a statistic: never the reason a batch goes unanswered
                     log.exception("counting the jobs of a group commit failed")
 

@@ -81,7 +81,7 @@ class Ingress:
             max_queue=config.max_queue,
             wait=config.commit_wait,
             open_transactions=self.open_transactions,
-            on_commit=self._committed,
+            on_commit=self.flow.wrote,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
@@ -103,13 +103,6 @@ class Ingress:
         self.server: asyncio.Server | None = None
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def _committed(self, messages: list[Message]) -> None:
-        """How many delivery jobs a batch made (one per next hop within the job limits): flow
-        control turns unfinished jobs into messages with it."""
-        spool = self.committer.spool
-        by_hop = spool.router.by_hop((m.envelope, len(m.body)) for m in messages)
-        self.flow.wrote(len(messages), sum(len(spool.queue.batches(sized)) for sized in by_hop.values()))
 
     def open_transactions(self) -> int:
         """Sessions between MAIL and the answer after DATA: who may still join a group commit."""

@@ -35,11 +35,12 @@ class FakeStore:
         self.committed: list[str] = []
         self.store = self
 
-    def commit(self, messages: Sequence[Message]) -> None:
+    def commit(self, messages: Sequence[Message]) -> int:
         if self.error is not None:
             raise self.error
         self.committed += [m.envelope.id for m in messages]
         self.size += len(messages)
+        return 1 if messages else 0  # one delivery job: every test message goes to one next hop
 
     def queue_size(self) -> int:
         return self.size
@@ -60,6 +61,21 @@ def test_any_failure_answers_every_client_of_the_batch() -> None:
 
     results = run(go())
     assert all(isinstance(r, StorageRefused) and r.reply is replies.STORAGE_FAILED for r in results)
+
+
+def test_each_stored_batch_is_told_with_its_jobs_and_a_failing_listener_fails_no_client() -> None:
+    told: list[tuple[int, int]] = []
+
+    def listener(messages: int, jobs: int) -> None:
+        told.append((messages, jobs))
+        raise RuntimeError("a statistic that broke")
+
+    async def go() -> list[object]:
+        c = Committer(FakeStore(), on_commit=listener)  # type: ignore[arg-type]
+        return await asyncio.gather(*(c.submit(msg(str(i))) for i in range(3)), return_exceptions=True)
+
+    assert run(go()) == [None, None, None]
+    assert sum(m for m, _ in told) == 3 and all(j == 1 for _, j in told)
 
 
 class Clock:
@@ -125,9 +141,9 @@ class BatchRecorder(FakeStore):
         super().__init__()
         self.batches: list[int] = []
 
-    def commit(self, messages: Sequence[Message]) -> None:
+    def commit(self, messages: Sequence[Message]) -> int:
         self.batches.append(len(messages))
-        super().commit(messages)
+        return super().commit(messages)
 
 
 def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> None:

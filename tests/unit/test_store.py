@@ -56,6 +56,14 @@ def test_jobs_carry_at_most_job_max_messages(spool: Spool) -> None:
     assert sorted(len(j.args[1]) for j in spool.queue.rq.get_jobs()) == [1, 2, 2]
 
 
+def test_commit_returns_how_many_jobs_it_stored(spool: Spool) -> None:
+    # flow control counts a batch's jobs from this: the same routing and batching that wrote them
+    batch = [Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)] + [Message(env("Q9", "b@two.test"), b"x")]
+    assert spool.commit(batch) == 3  # one.test: 2 + 1 (job_max_messages 2), two.test: 1
+    assert len(spool.queue.rq.get_jobs()) == 3
+    assert spool.commit([], delete=["Q9"]) == 0
+
+
 def test_commit_is_all_or_nothing() -> None:
     server = fakeredis.FakeServer()
     r = fakeredis.FakeRedis(server=server)
