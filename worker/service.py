@@ -195,12 +195,9 @@ class DeliveryService:
             gone: set[str] = set()
             try:
                 batch.drain()
-                if leased:
-                    with self._lock:
-                        self._leases.pop(token, None)
                 if batch.finished:
                     # the leases of the messages deleted go in the same transaction
-                    gone = self.finish_messages(batch, set(leased))
+                    gone = self.finish_messages(batch, taken)
             finally:
                 with self._lock:
                     self._leases.pop(token, None)
