@@ -323,7 +323,7 @@ def do_release(spool: Spool, settings: Settings, args: argparse.Namespace, out: 
         if args.all:
             raise NotFound("no message is on hold")
         raise QueueUsage("release: name the messages: queue ids or --all")
-    released = set(store.release(ids))
+    released = set(store.unhold(ids))
     if not released:
         raise NotFound(f"not on hold: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
     n, d = _requeue(spool, _views(spool, [q for q in ids if q in released]), err, "released")
@@ -373,7 +373,7 @@ def do_delete(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
 
 
 def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import finish_loaded, make_context
+    from worker.jobs import make_service
 
     views = _select(spool, args, allow_all=False)
     now = time.time()
@@ -392,20 +392,20 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
             for i, r in enumerate(v.recipients)
             if not r.status.final
         }
-    spool.store.release([v.qid for v in views if v.held])  # a held message may be bounced: it is done
+    spool.store.unhold([v.qid for v in views if v.held])  # a held message may be bounced: it is done
     spool.store.set_statuses({q: u for q, u in updates.items() if u})
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
-    finish_loaded(make_context(settings, spool), finished)
+    make_service(settings, spool).finish_loaded(finished)
     prune_jobs(spool)
     out.write(f"returned {len(finished)} message(s) to their senders\n")
     return 0
 
 
 def do_sweep(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import make_context
+    from worker.jobs import make_service
     from worker.sweep import sweep
 
-    r = sweep(make_context(settings, spool))
+    r = sweep(make_service(settings, spool))
     out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
     return 0
 

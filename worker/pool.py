@@ -62,10 +62,12 @@ STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 class ConcurrentWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
 
-    def __init__(self, *args: Any, service: DeliveryService, concurrency: int = 100, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, service: DeliveryService, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.service = service
-        self.concurrency = max(1, concurrency)
+        # as many jobs as conversations: a job waits on conversations, so more jobs than permits
+        # would only wait, and fewer would leave permits idle (one setting, read by the service)
+        self.concurrency = service.concurrency
         self._free = threading.Semaphore(self.concurrency)
         self._running: dict[str, tuple[Job, Any, threading.Thread]] = {}  # execution id -> job, execution
         self._running_lock = threading.Lock()

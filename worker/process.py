@@ -13,7 +13,7 @@ from common.logging import setup_logging
 from common.redisconn import redis_url
 from common.settings import Settings
 from common.spool import Spool
-from worker.jobs import install, make_context
+from worker.jobs import install, make_service
 from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
 from worker.sweep import start_sweeper
 
@@ -32,17 +32,16 @@ def main(settings: Settings, *, burst: bool = False) -> int:
         redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
     )
     spool = Spool.from_settings(settings, r)
-    ctx = make_context(settings, spool)
-    install(ctx)
-    start_sweeper(ctx, settings.maintenance_interval)
+    service = make_service(settings, spool)
+    install(service)
+    start_sweeper(service, settings.maintenance_interval)
     w = ConcurrentWorker(
         [spool.queue.rq],
         connection=r,
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL,
         maintenance_interval=RECOVERY_INTERVAL,
-        service=ctx,
-        concurrency=settings.worker_concurrency,
+        service=service,
     )
     log.info(
         "worker on queue %s, %d conversations, smtp port %d, dns %s",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
 from common.store import SWEEP_LOCK, Message
-from worker.service import DeliveryService as Context
+from worker.service import DeliveryService
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
 
@@ -48,9 +48,9 @@ def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -
     return due_since < now - grace
 
 
-def sweep(ctx: Context, now: float | None = None) -> SweepReport:
+def sweep(service: DeliveryService, now: float | None = None) -> SweepReport:
     now = time.time() if now is None else now
-    store, s = ctx.store, ctx.settings
+    store, s = service.store, service.settings
     grace = s.job_timeout + 120.0
     report = SweepReport()
     for chunk in store.walk(CHUNK):
@@ -66,15 +66,15 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                     done.append(found)
                 continue
             hops = {
-                ctx.spool.router.hop(r.address)
+                service.spool.router.hop(r.address)
                 for r, st in zip(env.recipients, everyone, strict=True)
                 if overdue(st, env.received_at, now, grace)
             }
             for hop in hops:
                 lost[hop].append((env.id, len(msg.body)))
-        ctx.finish_loaded(done)
+        service.finish_loaded(done)
         report.finished += len(done)
-        report.requeued += ctx.spool.queue.enqueue_sized(lost)
+        report.requeued += service.spool.queue.enqueue_sized(lost)
     if report.finished or report.requeued:
         log.warning(
             "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
@@ -85,15 +85,15 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
     return report
 
 
-def start_sweeper(ctx: Context, interval: float) -> threading.Thread:
+def start_sweeper(service: DeliveryService, interval: float) -> threading.Thread:
     """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
 
     def loop() -> None:
         while True:
             time.sleep(interval * random.uniform(0.5, 1.0))
             try:
-                if ctx.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
-                    sweep(ctx)
+                if service.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
+                    sweep(service)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
 
