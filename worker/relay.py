@@ -99,6 +99,13 @@ class Dialer:
     timeout: float
     messages_per_connection: int = 100
 
+    def dial(self, target: Target) -> SMTPConnection:
+        """A connection to ``target``, greeted, EHLOed, STARTTLSed when offered. Raises
+        ConnectFailed. (Unit tests put an in-memory peer here.)"""
+        conn = SMTPConnection(helo_name=self.helo_name, connect_timeout=self.connect_timeout, timeout=self.timeout)
+        conn.open(target.ip, target.port, name=target.hostname)
+        return conn
+
 
 @dataclass(slots=True)
 class Opened:
@@ -135,11 +142,8 @@ def converse(
                 opened.conn.quit()
                 opened = None
             if opened is None:
-                conn = SMTPConnection(
-                    helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
-                )
                 try:
-                    conn.open(target.ip, target.port, name=target.hostname)
+                    conn = dialer.dial(target)
                 except ConnectFailed as e:
                     log.info("%s", e.text)
                     lane.failed(_connect_outcome(e, relay, target))

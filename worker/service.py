@@ -72,6 +72,7 @@ class DeliveryService:
         dsn: DsnMaker,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        dialer: Dialer | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -81,13 +82,14 @@ class DeliveryService:
         self.limits = limits
         self.dsn = dsn
         self.clock = clock
-        dialer = Dialer(
-            settings.hostname,
-            settings.smtp_port,
-            settings.connect_timeout,
-            settings.smtp_timeout,
-            max(1, settings.destination_messages_per_connection),
-        )
+        if dialer is None:  # how conversations open connections (unit tests: an in-memory peer)
+            dialer = Dialer(
+                settings.hostname,
+                settings.smtp_port,
+                settings.connect_timeout,
+                settings.smtp_timeout,
+                max(1, settings.destination_messages_per_connection),
+            )
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
         self.leases = Leases(spool.store, LEASE_TTL)
