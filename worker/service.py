@@ -5,10 +5,9 @@ adapter over it; worker/pool.py runs many jobs at once in one process.
 One job = one destination, some messages. It
 1. hands the job back to RQ's scheduler when the destination is throttled (marked down after
    repeated connection failures) or its connection window is full (worker/limits.py);
-2. loads the messages, leaves out what is on hold or not due, leases each (message, destination)
-   for ``LEASE_TTL`` seconds, pushed on by the heartbeat while the job lives;
-   (worker/plan.py works out what is due, held, complete or rerouted; worker/leases.py holds the
-   leases);
+2. loads the messages, leaves out what is on hold or not due (worker/plan.py, pure), leases each
+   (message, destination) for ``LEASE_TTL`` seconds, pushed on by the heartbeat while the job lives
+   and ended when it ends (worker/leases.py);
 3. puts its parcels in the destination's lane (worker/lane.py), where this process's conversations
    take them (worker/crew.py starts more while the lane has more parcels than conversations and
    the destination has free slots), each up to ``destination_messages_per_connection`` messages;
@@ -19,7 +18,7 @@ One job = one destination, some messages. It
 
 Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
 for the final recipients, one for the deferred ones, one to finish every completed message, one to
-release the leases of the messages not finished.
+end the leases of the messages not finished.
 """
 
 from __future__ import annotations

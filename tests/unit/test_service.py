@@ -23,7 +23,7 @@ from tests.unit.fakepeer import FakeDialer, FakePeer, target
 from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
 from worker.mx import MXResolver, Target
-from worker.service import LEASE_TTL, DeliveryService
+from worker.service import BUSY_RETRY, LEASE_TTL, DeliveryService
 
 
 class FixedMX(MXResolver):
@@ -188,4 +188,28 @@ def test_stopping_hands_what_waits_back_to_the_queue(
     assert handed == [("y.test", [qid])] and peer.opened == []
     found = service.store.load_many([qid])[0]
     assert (found is not None and found[1] == {}) or found is not None  # untouched: still pending
+    nothing_held(service, r)
+
+
+def test_a_full_window_hands_the_job_back_after_slot_wait(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slot of the destination is held elsewhere: after SLOT_WAIT (an injected monotonic
+    clock, a second a look) the job's parcels go back to the scheduler, untried."""
+    other = DestinationLimits(r, concurrency=2, clock=service.clock)
+    taken = [other.acquire("y.test"), other.acquire("y.test")]
+    assert all(taken)
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(service.crew, "monotonic", lambda: float(next(ticks)))
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    qid = queue(service, "Q1", "u@y.test")
+    service.deliver("y.test", [qid])
+    assert peer.opened == [] and [c[:2] for c in scheduled.calls] == [("y.test", [qid])]
+    assert scheduled.calls[0][2] <= 1.5 * BUSY_RETRY
+    found = service.store.load_many([qid])[0]
+    assert found is not None and all(st.state is RcptState.PENDING for st in found[1].values())
+    for slot in taken:
+        assert slot is not None
+        slot.free()
     nothing_held(service, r)
