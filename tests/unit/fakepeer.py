@@ -6,15 +6,27 @@ writes down every message it takes."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from worker.mx import Target
+import dns.resolver
+import redis
+
+from common.jobqueue import DeliveryQueue
+from common.routing import Router
+from common.settings import Settings
+from common.spool import Spool
+from common.store import Store
+from worker.dsn import make_dsn
+from worker.limits import DestinationLimits
+from worker.mx import MXResolver, Target
 from worker.relay import Dialer
+from worker.service import DeliveryService
 from worker.smtpclient import ConnectFailed, SMTPConnection
 from worker.smtpproto import RemoteReply, TransactionResult
 
-__all__ = ["FakeConnection", "FakeDialer", "FakePeer", "target"]
+__all__ = ["FakeConnection", "FakeDialer", "FakePeer", "FixedMX", "service_on", "target"]
 
 
 def target(ip: str = "192.0.2.1", port: int = 25, hostname: str = "mx.test", preference: int = 10) -> Target:
@@ -91,3 +103,36 @@ class FakeDialer(Dialer):
         if target.ip in self.peer.refuse:
             raise ConnectFailed(f"connect to {target}: Connection refused")
         return FakeConnection(self.peer, target.ip)
+
+
+class FixedMX(MXResolver):
+    """Every destination's MX answer is ``targets``."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        super().__init__(dns.resolver.Resolver(configure=False))
+        self.answer = targets
+
+    def targets(self, destination: str, port: int) -> list[Target]:
+        return self.answer
+
+
+def service_on(
+    r: redis.Redis,
+    peer: FakePeer,
+    clock: Callable[[], float],
+    *,
+    destination_concurrency: int = 2,
+    job_max_messages: int = 100,
+    **settings: Any,
+) -> DeliveryService:
+    """A delivery service on ``r`` (fakeredis) whose conversations reach ``peer`` at one MX."""
+    spool = Spool(Store(r), DeliveryQueue(r, "mtaq", job_max_messages=job_max_messages), Router())
+    return DeliveryService(
+        Settings(hostname="mtaq.test", **settings),
+        spool,
+        FixedMX([target()]),
+        DestinationLimits(r, concurrency=destination_concurrency, clock=clock),
+        dsn=make_dsn,
+        clock=clock,
+        dialer=FakeDialer(peer),
+    )

@@ -7,33 +7,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import dns.resolver
 import fakeredis
 import pytest
 from rq.serializers import JSONSerializer
 
 from common.envelope import Envelope, Recipient
-from common.jobqueue import DeliveryQueue
-from common.routing import Router
-from common.settings import Settings
-from common.spool import Spool
-from common.store import Message, Store
+from common.store import Message
 from tests.unit.fakeclock import FakeClock
-from tests.unit.fakepeer import FakeDialer, FakePeer, target
+from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.dsn import make_dsn
-from worker.limits import DestinationLimits
-from worker.mx import MXResolver, Target
 from worker.pool import EXECUTION_TTL, ConcurrentWorker
 from worker.service import DeliveryService
-
-
-class FixedMX(MXResolver):
-    def __init__(self) -> None:
-        super().__init__(dns.resolver.Resolver(configure=False))
-
-    def targets(self, destination: str, port: int) -> list[Target]:
-        return [target()]
 
 
 @pytest.fixture
@@ -48,17 +32,7 @@ def peer() -> FakePeer:
 
 @pytest.fixture
 def service(r: fakeredis.FakeRedis, peer: FakePeer) -> Iterator[DeliveryService]:
-    clock = FakeClock(time.time())
-    spool = Spool(Store(r), DeliveryQueue(r, "mtaq", job_max_messages=2), Router())
-    svc = DeliveryService(
-        Settings(hostname="mtaq.test", worker_concurrency=3),
-        spool,
-        FixedMX(),
-        DestinationLimits(r, clock=clock),
-        dsn=make_dsn,
-        clock=clock,
-        dialer=FakeDialer(peer),
-    )
+    svc = service_on(r, peer, FakeClock(time.time()), worker_concurrency=3, job_max_messages=2)
     jobs.install(svc)
     yield svc
     jobs.install(None)

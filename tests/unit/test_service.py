@@ -8,31 +8,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import dns.resolver
 import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient
-from common.jobqueue import DeliveryQueue
-from common.routing import Router
-from common.settings import Settings
-from common.spool import Spool
-from common.store import Message, Store, lease_key
+from common.store import Message, lease_key
 from tests.unit.fakeclock import FakeClock
-from tests.unit.fakepeer import FakeDialer, FakePeer, target
-from worker.dsn import make_dsn
+from tests.unit.fakepeer import FakePeer, service_on
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, Target
+from worker.mx import Target
 from worker.service import BUSY_RETRY, LEASE_TTL, DeliveryService
-
-
-class FixedMX(MXResolver):
-    def __init__(self, targets: list[Target]) -> None:
-        super().__init__(dns.resolver.Resolver(configure=False))
-        self.answer = targets
-
-    def targets(self, destination: str, port: int) -> list[Target]:
-        return self.answer
 
 
 class Boom(Exception):
@@ -64,12 +49,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def service(r: fakeredis.FakeRedis, peer: FakePeer, clock: FakeClock) -> Iterator[DeliveryService]:
-    settings = Settings(hostname="mtaq.test", worker_concurrency=4)
-    spool = Spool(Store(r), DeliveryQueue(r, "mtaq"), Router())
-    limits = DestinationLimits(r, concurrency=2, clock=clock)
-    svc = DeliveryService(
-        settings, spool, FixedMX([target()]), limits, dsn=make_dsn, clock=clock, dialer=FakeDialer(peer)
-    )
+    svc = service_on(r, peer, clock, worker_concurrency=4)
     yield svc
     svc.stop()
 
