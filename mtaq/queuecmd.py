@@ -19,12 +19,12 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from common.envelope import RcptState, RecipientStatus, domain_of
-from common.exporter import Monitor
-from common.queueview import MessageView, load_views, shape
 from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.store import INDEX, StoreError, dest_key
+from mtaq.ops.exporter import Monitor
+from mtaq.ops.queueview import MessageView, load_views, shape
 from mtaq.opscmd import REDIS_SETTINGS, add_settings
 from mtaq.queuefmt import list_json, list_text, parse_age, show_json, show_text, stats_text
 

@@ -33,9 +33,9 @@ from rq.serializers import JSONSerializer
 
 from common import metrics as m
 from common.address import parse_hostport
-from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
-from common.statuspage import Sample, WorkerInfo, render, sample_from_json
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from mtaq.ops.queueview import QUEUE_STATES, QueueShape, load_views, shape
+from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json
 
 __all__ = ["Monitor", "MonitorServer", "serve_in_thread"]
 
