@@ -368,7 +368,7 @@ def do_delete(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
 
 
 def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import finish_loaded, make_context
+    from worker.finisher import Finisher
 
     views = _select(spool, args, allow_all=False)
     now = time.time()
@@ -390,17 +390,17 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
     spool.store.release([v.qid for v in views if v.held])  # a held message may be bounced: it is done
     spool.store.set_statuses({q: u for q, u in updates.items() if u})
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
-    finish_loaded(make_context(settings, spool), finished)
+    Finisher.from_settings(settings, spool).finish(finished)
     prune_jobs(spool)
     out.write(f"returned {len(finished)} message(s) to their senders\n")
     return 0
 
 
 def do_sweep(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import make_context
+    from worker.finisher import Finisher
     from worker.sweep import sweep
 
-    r = sweep(make_context(settings, spool))
+    r = sweep(spool, Finisher.from_settings(settings, spool), settings.job_timeout)
     out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
     return 0
 
