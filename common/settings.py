@@ -163,8 +163,8 @@ class Settings:
     in_flow_backlog: int = _opt(
         640,
         "delivery lags (in_flow_delay applies) while about this many messages are in unfinished delivery "
-        "jobs (waiting for a worker or held by one); retries waiting for their time and jobs of a destination "
-        "that is down do not count",
+        "jobs (waiting for a worker or held by one: jobs times the messages per job the ingress writes); "
+        "retries waiting for their time and jobs of a destination that is down do not count",
         ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))

@@ -45,7 +45,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (a dependency on CPython/Linux), else asyncio's:
-    its transports and loop run in C, which measured (README, Performance) as less CPU per
+    its transports and loop run in C, which measured (docs/performance.md) as less CPU per
     connection and per reply for the same sessions."""
     try:
         import uvloop

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from common.settings import Settings, _opt
 from mtaq.docgen import render_settings, sections
@@ -52,10 +53,8 @@ def test_a_field_added_at_the_end_is_rendered_in_its_own_section() -> None:
     assert text.count("## Where things are") == 1
 
 
-def test_check_mode_says_stale_and_exits_1(tmp_path: object) -> None:
-    from pathlib import Path
-
-    out = Path(str(tmp_path)) / "settings.md"
+def test_check_mode_says_stale_and_exits_1(tmp_path: Path) -> None:
+    out = tmp_path / "settings.md"
     out.write_text("old\n")
     cmd = [sys.executable, "-m", "mtaq.docgen", "--output", str(out)]
     stale = subprocess.run([*cmd, "--check"], cwd=ROOT, capture_output=True, text=True)
@@ -63,3 +62,20 @@ def test_check_mode_says_stale_and_exits_1(tmp_path: object) -> None:
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
     assert subprocess.run([*cmd, "--check"], cwd=ROOT, capture_output=True).returncode == 0
     assert out.read_text() == render_settings()
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in pages
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    assert len(pages) >= 7 and broken == []
+
+
+def test_the_readme_keeps_its_performance_heading_last() -> None:
+    # other features append their short sections just before it
+    headings = re.findall(r"^## (.+)$", (ROOT / "README.md").read_text(), re.M)
+    assert headings[-1] == "Performance" and "docs/performance.md" in (ROOT / "README.md").read_text()
