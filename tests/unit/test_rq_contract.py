@@ -28,7 +28,10 @@ from worker.pool import ConcurrentWorker
 
 
 class _Service:
-    """What ConcurrentWorker asks of the delivery service: heartbeats and a stop."""
+    """What ConcurrentWorker asks of the delivery service: heartbeats and a stop (and, where the
+    worker sizes its job slots from the service, how many conversations it holds)."""
+
+    concurrency = 100
 
     def __init__(self) -> None:
         self.beats = 0
