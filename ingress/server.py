@@ -20,7 +20,6 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 import dns.asyncresolver
-from rq.registry import StartedJobRegistry
 
 from common import metrics
 from common.envelope import Envelope, new_queue_id
@@ -482,8 +481,7 @@ class SMTPProtocol(asyncio.Protocol):
 def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
     """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
     r = spool.store.redis
-    ready_key = spool.queue.rq.key
-    running_key = StartedJobRegistry(queue=spool.queue.rq).key
+    ready_key, running_key = spool.queue.ready_key, spool.queue.running_key
 
     def read(taken: float) -> Backlog:
         return read_backlog(r, ready_key, running_key, taken)
