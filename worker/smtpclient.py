@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from common.smtp.reply import Reply
 from worker.smtpproto import (
     Client,
     ClientEvent,
@@ -22,12 +23,11 @@ from worker.smtpproto import (
     NeedTLS,
     Ready,
     Refused,
-    RemoteReply,
     TransactionDone,
     TransactionResult,
 )
 
-__all__ = ["ConnectFailed", "ConnectionCache", "RemoteReply", "SMTPConnection", "TransactionResult"]
+__all__ = ["ConnectFailed", "ConnectionCache", "SMTPConnection", "TransactionResult"]
 
 READ_SIZE = 65536
 
@@ -35,7 +35,7 @@ READ_SIZE = 65536
 class ConnectFailed(Exception):
     """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
 
-    def __init__(self, text: str, reply: RemoteReply | None = None) -> None:
+    def __init__(self, text: str, reply: Reply | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.reply = reply

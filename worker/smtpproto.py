@@ -28,7 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from common.envelope import RcptState, outcome_of
+from common.envelope import RcptState
+from common.smtp.reply import Reply
 
 __all__ = [
     "Client",
@@ -37,13 +38,11 @@ __all__ = [
     "NeedTLS",
     "Ready",
     "Refused",
-    "RemoteReply",
     "TransactionDone",
     "TransactionResult",
     "dot_stuff",
 ]
 
-_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\s")
 _REPLY_LINE = re.compile(rb"^([2-5]\d\d)([ -])(.*)$")
 # A server reply line longer than this is a broken server (RFC 5321 §4.5.3.1.5 says 512).
 MAX_REPLY_LINE = 4096
@@ -51,41 +50,10 @@ MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 256
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteReply:
-    code: int
-    text: str  # the reply text, multi-line joined with spaces, as Postfix logs it
-
-    @classmethod
-    def of(cls, code: int, raw: bytes | str) -> RemoteReply:
-        b = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
-        return cls(code, " ".join(b.decode("utf-8", "replace").split()))
-
-    @property
-    def dsn(self) -> str:
-        """The enhanced status code the server gave, else one derived from the basic code (RFC 3463)."""
-        m = _ENHANCED.match(self.text.encode() + b" ")
-        if m and m.group(1).decode() == str(self.code)[0]:
-            return b".".join(m.groups()).decode()
-        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def outcome(self) -> RcptState:
-        """What this reply means for a recipient it decides: DELIVERED, BOUNCED or DEFERRED."""
-        return outcome_of(self.code)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
 @dataclass(slots=True)
 class TransactionResult:
     # recipient position in the list given -> the reply that decided it (MAIL's, RCPT's or DATA's)
-    replies: dict[int, RemoteReply]
+    replies: dict[int, Reply]
     # True when the connection broke (or the server said 421) before every recipient had a reply
     broken: bool = False
     timed_out: bool = False  # ...because the server stopped answering (Postfix: "timed out")
@@ -109,7 +77,7 @@ class Refused:
     """No usable session: ``text`` says why in Postfix's words; ``reply`` is the server's, if any."""
 
     text: str
-    reply: RemoteReply | None = None
+    reply: Reply | None = None
     timed_out: bool = False
 
 
@@ -149,12 +117,12 @@ class _Transaction:
     options: list[str]
     encoding: str
     pipelined: bool
-    mail: RemoteReply | None = None
+    mail: Reply | None = None
     next_rcpt: int = 0  # lock-step: the next RCPT to write
     rcpt_seen: int = 0  # RCPT replies read
     accepted: list[int] = field(default_factory=list)
-    replies: dict[int, RemoteReply] = field(default_factory=dict)
-    end: RemoteReply | None = None  # the end-of-data reply
+    replies: dict[int, Reply] = field(default_factory=dict)
+    end: Reply | None = None  # the end-of-data reply
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -189,7 +157,7 @@ class Client:
         self._events: deque[ClientEvent] = deque()
         self._expect: deque[str] = deque()  # what each reply still due answers: MAIL, RCPT, DATA ...
         self._tx: _Transaction | None = None
-        self.last_reply: RemoteReply | None = None
+        self.last_reply: Reply | None = None
 
     # -- what the driver asks
 
@@ -247,7 +215,7 @@ class Client:
                     self._broken("bad reply (too many lines)")
                 continue
             code = int(m.group(1))
-            reply = RemoteReply.of(code, b" ".join(ln[4:] for ln in self._lines))
+            reply = Reply.parse(code, b" ".join(ln[4:] for ln in self._lines))
             keywords = [ln[4:] for ln in self._lines[1:]]
             self._lines = []
             self.last_reply = reply
@@ -321,7 +289,7 @@ class Client:
         self.phase = Phase.EHLO
         self._command(f"EHLO {self.helo_name}", "EHLO")
 
-    def _refuse(self, text: str, reply: RemoteReply | None = None) -> None:
+    def _refuse(self, text: str, reply: Reply | None = None) -> None:
         self._events.append(Refused(text, reply))
         self.quit()
 
@@ -344,7 +312,7 @@ class Client:
             self._expect.clear()
             self._events.append(Closed())
 
-    def _on_reply(self, reply: RemoteReply, keywords: list[bytes]) -> None:
+    def _on_reply(self, reply: Reply, keywords: list[bytes]) -> None:
         expect = self._expect.popleft() if self._expect else ("GREETING" if self.phase is Phase.GREETING else "")
         if expect == "GREETING":
             if reply.code != 220:
@@ -404,7 +372,7 @@ class Client:
         self.phase = Phase.READY
         self._events.append(Ready())
 
-    def _on_transaction_reply(self, what: str, reply: RemoteReply) -> None:
+    def _on_transaction_reply(self, what: str, reply: Reply) -> None:
         tx = self._tx
         assert tx is not None
         if reply.code == 421:
@@ -465,7 +433,7 @@ class Client:
         else:
             self._finish()  # no recipient accepted: no DATA
 
-    def _finish(self, *, closing: RemoteReply | None = None, broken: bool = False, timed_out: bool = False) -> None:
+    def _finish(self, *, closing: Reply | None = None, broken: bool = False, timed_out: bool = False) -> None:
         tx = self._tx
         assert tx is not None
         self._tx = None

@@ -26,13 +26,42 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
+def modules(package: str) -> list[Path]:
+    """Every module of a package, its subpackages' included (common/smtp/ is common/)."""
+    return sorted((ROOT / package).rglob("*.py"))
+
+
 @pytest.mark.parametrize(
     ("package", "forbidden"),
-    [("common", {"ingress", "worker", "mtaq"}), ("ingress", {"worker", "mtaq"}), ("worker", {"ingress", "mtaq"})],
+    [
+        ("common", {"ingress", "worker", "mtaq"}),
+        ("common/smtp", {"ingress", "worker", "mtaq"}),
+        ("ingress", {"worker", "mtaq"}),
+        ("worker", {"ingress", "mtaq"}),
+    ],
 )
 def test_imports_run_downward(package: str, forbidden: set[str]) -> None:
-    bad = {str(p.relative_to(ROOT)): sorted(imported_packages(p) & forbidden) for p in (ROOT / package).glob("*.py")}
+    found = modules(package)
+    assert found, package
+    bad = {str(p.relative_to(ROOT)): sorted(imported_packages(p) & forbidden) for p in found}
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_subpackages_are_seen() -> None:
+    # the rule above must look below the top level: a subpackage's modules are in the walk
+    assert ROOT / "common" / "smtp" / "reply.py" in modules("common")
+
+
+def test_the_smtp_package_is_the_only_reply_type() -> None:
+    # one Reply for both sides: the ingress's catalogue and the client's remote replies are one type
+    from common.smtp.reply import Reply
+    from ingress import replies
+    from worker import smtpproto as client
+
+    assert replies.Reply is Reply
+    session = client.Client("me.test", "mx.test[192.0.2.1]:25")
+    session.receive_data(b"220 mx.test ESMTP\r\n")
+    assert type(session.last_reply) is Reply
 
 
 def test_delivery_job_path_names_the_real_function() -> None:

@@ -436,8 +436,8 @@ def test_noop_on_an_idle_session() -> None:
 def test_multiline_reply_is_joined() -> None:
     script = Script(end="250-2.0.0 Ok\r\n250 queued as X")
     result, _, _ = transact(script, rcpts=["a@x.test"])
-    assert result is not None and result.replies[0].text == "2.0.0 Ok queued as X"
-    assert result.replies[0].dsn == "2.0.0"
+    assert result is not None and str(result.replies[0]) == "250 2.0.0 Ok queued as X"
+    assert (result.replies[0].enhanced, result.replies[0].text) == ("2.0.0", "Ok queued as X")
 
 
 # -- against our own ingress Session ----------------------------------------------------------------
