@@ -32,8 +32,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from common import metrics as m
-from common.address import parse_hostport
 from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
+from common.smtp.hostport import parse_hostport
 from common.statuspage import Sample, WorkerInfo, render, sample_from_json
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.address import parse_hostport
+from common.smtp.hostport import parse_hostport
 
 __all__ = ["Settings", "add_arguments", "hostname_problem"]
 

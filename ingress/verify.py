@@ -25,7 +25,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from common.address import parse_hostport
+from common.smtp.hostport import parse_hostport
 from ingress import replies
 from ingress.replies import Reply
 

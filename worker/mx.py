@@ -1,9 +1,9 @@
 """Where to deliver mail for a destination: MX resolution (RFC 5321 §5.1, RFC 7505 null MX).
 
-The rules are pure functions (``order_mx``, ``parse_destination``) and one small class that asks a
-dnspython resolver and applies them (``MXResolver``). Errors are one exception, ``DnsError``,
-carrying the enhanced status code (RFC 3463) and a Postfix-style diagnostic; its ``state`` follows
-from the code: BOUNCED (5.x.x) or DEFERRED (4.x.x, try again later).
+The rules are pure functions (``order_mx``; the destination syntax: common/smtp/hostport.py) and
+one small class that asks a dnspython resolver and applies them (``MXResolver``). Errors are one
+exception, ``DnsError``, carrying the enhanced status code (RFC 3463) and a Postfix-style
+diagnostic; its ``state`` follows from the code: BOUNCED (5.x.x) or DEFERRED (4.x.x, try again later).
 
 The outcomes, following Postfix where the RFC leaves a choice:
 
@@ -41,6 +41,7 @@ import dns.rdatatype
 import dns.resolver
 
 from common.envelope import RcptState, outcome_of
+from common.smtp.hostport import parse_destination, split_hostport
 
 __all__ = [
     "MAX_ADDRESSES",
@@ -51,7 +52,6 @@ __all__ = [
     "local_addresses",
     "make_resolver",
     "order_mx",
-    "parse_destination",
 ]
 
 MAX_ADDRESSES = 5
@@ -108,31 +108,6 @@ def order_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[str
         rng.shuffle(level)
         ordered.extend(level)
     return ordered
-
-
-def parse_destination(destination: str, port: int) -> tuple[str, int, bool]:
-    """``(host, port, literal)`` of a next-hop destination, Postfix style.
-
-    ``example.com`` -> MX lookup; ``example.com:587`` -> MX lookup, port 587; ``[host]`` and
-    ``[host]:port`` -> no MX lookup (``literal``), the host's own addresses or the IP literal.
-    An RFC 5321 ``[IPv6:...]`` address literal is accepted too. Raises ValueError on a bad port.
-    """
-    dest = destination.strip()
-    if dest.startswith("["):
-        host, close, rest = dest[1:].partition("]")
-        if not close or not host:
-            raise ValueError(f"bad destination {destination!r}")
-        if host[:5].lower() == "ipv6:":
-            host = host[5:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad destination {destination!r}")
-            port = _port(rest[1:], destination)
-        return host, port, True
-    if dest.count(":") == 1:
-        host, _, p = dest.partition(":")
-        return host, _port(p, destination), False
-    return dest, port, False
 
 
 def make_resolver(servers: Sequence[tuple[str, int]], timeout: float = 5.0) -> dns.resolver.Resolver:
@@ -336,11 +311,10 @@ class _Addresses:
 def local_addresses(listen: str) -> list[str]:
     """The addresses we receive mail on, for loop detection (Postfix inet_interfaces): the listen
     address when it is one, every interface address when it is a wildcard or a name."""
-    host = listen.strip()
-    if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
+    try:
+        host = split_hostport(listen, 0).host
+    except ValueError:
+        host = ""
     if _is_ip(host) and not ipaddress.ip_address(host).is_unspecified:
         return [str(ipaddress.ip_address(host))]
     return interface_addresses()
@@ -418,9 +392,3 @@ def _ip_key(text: str) -> str:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
         return text.strip().lower()
-
-
-def _port(text: str, destination: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port in destination {destination!r}")
-    return int(text)

@@ -1,4 +1,5 @@
-"""The pure parts of MX resolution: ordering (RFC 5321 §5.1) and destination syntax."""
+"""The pure parts of MX resolution: ordering (RFC 5321 §5.1); the destination syntax is
+tests/unit/test_smtp_hostport.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-from worker.mx import DnsError, MXResolver, Target, make_resolver, order_mx, parse_destination
+from worker.mx import DnsError, MXResolver, Target, make_resolver, order_mx
 
 RECORDS = [(20, "c.test."), (10, "a.test."), (10, "b.test."), (10, "d.test."), (30, "e.test.")]
 
@@ -40,29 +41,6 @@ def test_order_mx_dedupes_keeping_the_best_preference() -> None:
 
 def test_order_mx_empty() -> None:
     assert order_mx([], random.Random(0)) == []
-
-
-@pytest.mark.parametrize(
-    ("destination", "expected"),
-    [
-        ("example.com", ("example.com", 25, False)),
-        ("example.com:587", ("example.com", 587, False)),
-        ("[mail.example.com]", ("mail.example.com", 25, True)),
-        ("[mail.example.com]:2526", ("mail.example.com", 2526, True)),
-        ("[127.0.0.5]:2526", ("127.0.0.5", 2526, True)),
-        ("[::1]:2526", ("::1", 2526, True)),
-        ("[IPv6:::1]", ("::1", 25, True)),
-        (" [127.0.0.5] ", ("127.0.0.5", 25, True)),
-    ],
-)
-def test_parse_destination(destination: str, expected: tuple[str, int, bool]) -> None:
-    assert parse_destination(destination, 25) == expected
-
-
-@pytest.mark.parametrize("destination", ["[127.0.0.1", "[]", "[host]x", "[host]:", "[host]:0", "[host]:70000", "h:p"])
-def test_parse_destination_rejects_nonsense(destination: str) -> None:
-    with pytest.raises(ValueError):
-        parse_destination(destination, 25)
 
 
 def test_ip_literal_needs_no_dns() -> None:
