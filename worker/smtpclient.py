@@ -1,4 +1,4 @@
-"""The blocking driver of the sans-IO SMTP client (worker/smtpproto.py): a socket, timeouts and
+"""The blocking driver of the sans-IO SMTP client (common/smtp/client.py): a socket, timeouts and
 the TLS wrap, nothing else. Every decision about what a reply means is the state machine's.
 
 Opportunistic TLS as Postfix's ``may`` level: STARTTLS when offered, certificates not verified
@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from common.smtp.reply import Reply
-from worker.smtpproto import (
+from common.smtp.client import (
     Client,
     ClientEvent,
     Closed,
@@ -26,6 +25,7 @@ from worker.smtpproto import (
     TransactionDone,
     TransactionResult,
 )
+from common.smtp.reply import Reply
 
 __all__ = ["ConnectFailed", "ConnectionCache", "SMTPConnection", "TransactionResult"]
 

@@ -54,9 +54,9 @@ def test_subpackages_are_seen() -> None:
 
 def test_the_smtp_package_is_the_only_reply_type() -> None:
     # one Reply for both sides: the ingress's catalogue and the client's remote replies are one type
+    from common.smtp import client
     from common.smtp.reply import Reply
     from ingress import replies
-    from worker import smtpproto as client
 
     assert replies.Reply is Reply
     session = client.Client("me.test", "mx.test[192.0.2.1]:25")

@@ -1,5 +1,5 @@
-"""The sans-IO SMTP client, in memory: against our own ingress Session and against scripted
-(misbehaving) servers, pipelined and lock-step, no sockets."""
+"""The sans-IO SMTP client (common/smtp/client.py), in memory: against our own ingress Session and
+against scripted (misbehaving) servers, pipelined and lock-step, no sockets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.envelope import RcptState
-from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
-from worker.smtpproto import (
+from common.smtp.client import (
     Client,
     Closed,
     NeedTLS,
@@ -21,6 +20,7 @@ from worker.smtpproto import (
     TransactionResult,
     dot_stuff,
 )
+from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
 
 RELAY = "mx.example.net[192.0.2.1]:25"
 
