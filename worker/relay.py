@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.envelope import LOG_STATUS, Envelope, RcptState
+from common.mx import DnsError, MXResolver, Target
 from common.smtp.reply import Reply
 from worker.mime7bit import to_7bit
-from worker.mx import DnsError, MXResolver, Target
 from worker.smtpclient import ConnectFailed, SMTPConnection
 
 __all__ = [

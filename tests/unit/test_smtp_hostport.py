@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.mx import local_addresses
 from common.routing import next_hop
 from common.settings import Settings
 from common.smtp.hostport import (
@@ -15,7 +16,6 @@ from common.smtp.hostport import (
     parse_hostport,
     split_hostport,
 )
-from worker.mx import local_addresses
 
 
 @pytest.mark.parametrize(
