@@ -70,7 +70,9 @@ class Settings:
     )
     connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
-    max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
+    max_mx_addresses: int = _opt(
+        5, "addresses tried per delivery or verification (Postfix smtp_mx_address_limit)", ("worker", "ingress")
+    )
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
     worker_concurrency: int = _opt(
         100, "SMTP conversations one worker process holds at once (Postfix default_process_limit)", ("worker",)

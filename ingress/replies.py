@@ -40,9 +40,11 @@ __all__ = [
     "LINE_TOO_LONG",
     "LOGIN_PASSWORD",
     "LOGIN_USERNAME",
+    "LOOPING_RECIPIENT",
     "MESSAGE_TOO_BIG",
     "MUST_STARTTLS",
     "NON_ASCII_ADDRESS",
+    "NULL_MX_RECIPIENT",
     "NUL_IN_MESSAGE",
     "OK",
     "PARAM_NOT_RECOGNIZED",
@@ -62,8 +64,10 @@ __all__ = [
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
     "UNDELIVERABLE_RECIPIENT",
+    "UNKNOWN_DOMAIN_RECIPIENT",
     "UNKNOWN_RELAY_RECIPIENT",
     "UNRECOGNIZED",
+    "UNROUTABLE_RECIPIENT",
     "UNVERIFIED_RECIPIENT",
     "VRFY_CANNOT",
     "Reply",
@@ -126,6 +130,11 @@ UNKNOWN_RELAY_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: User 
 RECIPIENT_TABLE_UNAVAILABLE = Reply(451, "4.3.0", "Error: recipient table unavailable, try again later")
 UNDELIVERABLE_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: undeliverable address")
 UNVERIFIED_RECIPIENT = Reply(450, "4.1.1", "Recipient address rejected: unverified address, try again later")
+# ...refused by DNS as the workers would bounce it (common/mx.py), with the workers' status
+NULL_MX_RECIPIENT = Reply(550, "5.1.10", "Recipient address rejected: domain does not accept mail (null MX)")
+UNKNOWN_DOMAIN_RECIPIENT = Reply(550, "5.1.2", "Recipient address rejected: domain not found")
+UNROUTABLE_RECIPIENT = Reply(550, "5.4.4", "Recipient address rejected: unable to route to the domain's mail servers")
+LOOPING_RECIPIENT = Reply(550, "5.4.6", "Recipient address rejected: mail for the domain loops back to myself")
 
 # -- AUTH (RFC 4954 §6)
 ENCRYPTION_REQUIRED_FOR_AUTH = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")

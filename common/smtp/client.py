@@ -57,6 +57,7 @@ class TransactionResult:
     # True when the connection broke (or the server said 421) before every recipient had a reply
     broken: bool = False
     timed_out: bool = False  # ...because the server stopped answering (Postfix: "timed out")
+    mail: Reply | None = None  # MAIL's own reply (a refused MAIL decides every recipient)
 
 
 # -- events
@@ -117,6 +118,7 @@ class _Transaction:
     options: list[str]
     encoding: str
     pipelined: bool
+    probe: bool = False  # MAIL and RCPT only, then QUIT: address verification (start_probe)
     mail: Reply | None = None
     next_rcpt: int = 0  # lock-step: the next RCPT to write
     rcpt_seen: int = 0  # RCPT replies read
@@ -248,6 +250,16 @@ class Client:
         """One mail transaction; its result comes as ``TransactionDone``. ``options`` are the MAIL
         parameters; SMTPUTF8 among them lets addresses be UTF-8. Raises ValueError for an address
         the session cannot carry (non-ASCII without SMTPUTF8), before anything is written."""
+        self._start(sender, recipients, body, options, probe=False)
+
+    def start_probe(self, sender: str, recipients: list[str], options: list[str]) -> None:
+        """Ask whether the server would take mail for ``recipients`` and send none (address
+        verification, as Postfix's verify probes): MAIL, RCPT, then QUIT in place of DATA. The
+        result comes as ``TransactionDone`` (an accepted recipient's reply is its RCPT reply; a
+        refused MAIL's reply decides every recipient and is ``result.mail``), then ``Closed``."""
+        self._start(sender, recipients, b"", options, probe=True)
+
+    def _start(self, sender: str, recipients: list[str], body: bytes, options: list[str], *, probe: bool) -> None:
         assert self.phase is Phase.READY, self.phase
         if not recipients:
             raise ValueError("a transaction needs a recipient")
@@ -256,7 +268,7 @@ class Client:
             addr.encode(encoding)  # UnicodeEncodeError is a ValueError
             if "\r" in addr or "\n" in addr:
                 raise ValueError(f"bad address {addr!r}")
-        tx = _Transaction(sender, list(recipients), body, list(options), encoding, self.supports("pipelining"))
+        tx = _Transaction(sender, list(recipients), body, list(options), encoding, self.supports("pipelining"), probe)
         self._tx = tx
         self.phase = Phase.MAIL
         opts = "".join(" " + o for o in options)
@@ -265,7 +277,8 @@ class Client:
             for r in tx.recipients:
                 self._command(f"RCPT TO:{_path(r)}", "RCPT", encoding)
             tx.next_rcpt = len(tx.recipients)
-            self._command("DATA", "DATA")
+            if not probe:
+                self._command("DATA", "DATA")
 
     def noop(self) -> None:
         """Prove the idle session still lives (a cached connection): ``Ready`` or ``Closed``."""
@@ -392,13 +405,18 @@ class Client:
             i = tx.rcpt_seen
             tx.rcpt_seen += 1
             if tx.mail is None or not tx.mail.positive:
-                return  # pipelined after a refused MAIL: MAIL's reply decides
+                # pipelined after a refused MAIL: MAIL's reply decides; a probe ends at the last
+                if tx.probe and tx.rcpt_seen == len(tx.recipients):
+                    self._finish()
+                return
             if reply.positive:
                 tx.accepted.append(i)
-            else:
+            if not reply.positive or tx.probe:
                 tx.replies[i] = reply
             if not tx.pipelined:
                 self._next_rcpt()
+            elif tx.probe and tx.rcpt_seen == len(tx.recipients):
+                self._finish()
         elif what == "DATA":
             if reply.code != 354:
                 # a refused DATA decides the accepted recipients (the server had no valid one, or
@@ -428,7 +446,7 @@ class Client:
         if tx.next_rcpt < len(tx.recipients):
             self._command(f"RCPT TO:{_path(tx.recipients[tx.next_rcpt])}", "RCPT", tx.encoding)
             tx.next_rcpt += 1
-        elif tx.accepted:
+        elif tx.accepted and not tx.probe:
             self._command("DATA", "DATA")
         else:
             self._finish()  # no recipient accepted: no DATA
@@ -442,10 +460,15 @@ class Client:
             for i in range(len(tx.recipients)):
                 replies.setdefault(i, closing)
         complete = len(replies) == len(tx.recipients)
-        result = TransactionResult(replies, broken=broken or closing is not None or not complete, timed_out=timed_out)
+        result = TransactionResult(
+            replies, broken=broken or closing is not None or not complete, timed_out=timed_out, mail=tx.mail
+        )
         self._events.append(TransactionDone(result))
         if closing is not None or broken:
             self._close()
+            return
+        if tx.probe:
+            self.quit()  # a probe session ends here: the server never sees DATA
             return
         # replies still due (pipelined RCPTs and DATA after a refused MAIL) are read by the RSET
         # phase: the server is reset either way

@@ -31,6 +31,14 @@ def modules(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
+def imported_modules(path: Path) -> set[str]:
+    return {
+        node.module
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+
+
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
@@ -50,6 +58,21 @@ def test_imports_run_downward(package: str, forbidden: set[str]) -> None:
 def test_subpackages_are_seen() -> None:
     # the rule above must look below the top level: a subpackage's modules are in the walk
     assert ROOT / "common" / "smtp" / "reply.py" in modules("common")
+
+
+def test_one_resolver_and_one_client_for_both_sides() -> None:
+    # the MX lookup is written once (common/mx.py: only it asks DNS), and the ingress's
+    # verification speaks SMTP through common/smtp's client, not a reader of its own
+    speak_dns = sorted(
+        str(p.relative_to(ROOT))
+        for package in ("common", "ingress", "worker", "mtaq")
+        for p in modules(package)
+        if "dns" in imported_packages(p)
+    )
+    assert speak_dns == ["common/mx.py"]
+    verify = ROOT / "ingress" / "verify.py"
+    assert "common.smtp.client" in imported_modules(verify) and "common.mx" in imported_modules(verify)
+    assert "readline" not in verify.read_text()  # no reply parsing of its own
 
 
 def test_the_smtp_package_is_the_only_reply_type() -> None:
