@@ -5,7 +5,8 @@ Replies go in (``receive_data``, ``eof``, ``timed_out``), commands come out (``d
 events come out (``next_event``): ``Ready`` when the session may take a transaction, ``NeedTLS``
 when the driver must wrap the socket (then ``tls_started``), ``Refused`` when the server will not
 talk to us, ``TransactionDone`` with one reply per recipient, ``Closed`` when the session is over.
-No sockets, no threads, no clock: the driver owns all IO (worker/smtpclient.py, blocking).
+No sockets, no threads, no clock: the drivers own all IO (worker/smtpclient.py over blocking
+sockets for deliveries; ingress/verify.py over asyncio streams for its probes, ``start_probe``).
 
 One reply interpreter serves pipelined and lock-step servers: every command sent is put on a list of
 expected replies, and each reply read is matched to the head of that list, whatever was written
