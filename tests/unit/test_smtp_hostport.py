@@ -97,3 +97,18 @@ def test_settings_and_loop_detection_read_listen_addresses_with_it() -> None:
     assert s.dns_server_list == [("127.0.0.1", 5353), ("127.0.0.2", 53)]
     assert local_addresses("[::1]:2600") == ["::1"]
     assert local_addresses("127.0.0.9:25") == ["127.0.0.9"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("listen", "127.0.0.1:", "listen: bad port in '127.0.0.1:'"),
+        ("metrics_listen", "[::1", "metrics_listen: bad address '[::1'"),
+        ("dns_servers", "127.0.0.1:53,127.0.0.2:x", "dns_servers: bad port in '127.0.0.2:x'"),
+        ("relayhost", "[smart.test]:0", "relayhost: bad port in destination '[smart.test]:0'"),
+    ],
+)
+def test_a_bad_address_setting_is_one_line_at_start(setting: str, value: str, says: str) -> None:
+    with pytest.raises(ValueError) as e:
+        Settings.from_env({f"MTAQ_{setting.upper()}": value})
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)
