@@ -14,7 +14,7 @@ from common.envelope import RcptState, outcome_of
 
 __all__ = ["Reply"]
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: |$)")  # matched on text whose spaces are single
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +37,8 @@ class Reply:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         text = " ".join(text.split())
         m = _ENHANCED.match(text)
-        if m and m.group(1) == str(code)[0]:
-            return cls(code, ".".join(m.groups()), text[m.end() :])
+        if m and text[0] == str(code)[0]:
+            return cls(code, m.group(1), text[m.end() :])
         return cls(code, "", text)
 
     @property
