@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.address import parse_hostport
+from common.smtp.hostport import parse_destination, parse_hostport
 
 __all__ = ["Settings", "add_arguments", "hostname_problem"]
 
@@ -83,7 +83,9 @@ class Settings:
     )
     connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
-    max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
+    max_mx_addresses: int = _opt(
+        5, "addresses tried per delivery or verification (Postfix smtp_mx_address_limit)", ("worker", "ingress")
+    )
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
     worker_concurrency: int = _opt(
         100,
@@ -207,6 +209,13 @@ class Settings:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
         if self.in_flow_delay < 0 or self.in_flow_backlog < 1:
             raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_backlog >= 1")
+        # [host]:port values: a bad one is one line here, not a traceback where it is first used
+        for name, value in (("listen", self.listen), ("metrics_listen", self.metrics_listen)):
+            _hostport(name, value)
+        for server in self.dns_servers.split(","):
+            _hostport("dns_servers", server)
+        if self.relayhost.strip():
+            _hostport("relayhost", self.relayhost)
 
     # -- parsed views
     @property
@@ -275,6 +284,17 @@ def hostname_problem(name: str) -> str | None:
     if host.endswith(_PRIVATE_SUFFIXES):
         return f"hostname {name!r} is a private name the world cannot look up: {hint}"
     return None
+
+
+def _hostport(name: str, value: str) -> None:
+    if value.strip():
+        try:
+            if name == "relayhost":
+                parse_destination(value, 1)  # a next hop: port 0 is no port
+            else:
+                parse_hostport(value, 0)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (expected host, host:port or [host]:port)") from None
 
 
 def _render(value: Any) -> str:

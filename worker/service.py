@@ -33,13 +33,13 @@ from collections.abc import Callable, Collection, Sequence
 import redis
 
 from common.envelope import RcptState, RecipientStatus, domain_of
+from common.mx import MXResolver, Target
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, lease_key
 from worker.delays import warn_delayed
 from worker.finisher import FINISH_CLAIM, DsnMaker, Finisher
 from worker.limits import DestinationLimits, Slot
-from worker.mx import MXResolver, Target
 from worker.outcomes import Batch, Loaded, OutcomeWriter, Owner
 from worker.relay import (
     Dialer,

@@ -30,8 +30,8 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from common import metrics as m
-from common.address import parse_hostport
 from common.jobqueue import DeliveryQueue
+from common.smtp.hostport import parse_hostport
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 from mtaq.ops.queueview import QUEUE_STATES, QueueShape, load_views, shape
 from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json

@@ -71,5 +71,47 @@ def test_the_rules_see_the_command_modules_and_subpackages() -> None:
     assert violations("mtaq/ops", frozenset({"mtaq.ops.queueview"})) != {}  # a subpackage's files are read
 
 
+def modules(package: str) -> list[Path]:
+    """Every module of a package, its subpackages' included (common/smtp/ is common/)."""
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level packages a module imports."""
+    return {name.split(".")[0] for name in imported_modules(path)}
+
+
+def test_subpackages_are_seen() -> None:
+    # the rule above must look below the top level: a subpackage's modules are in the walk
+    assert ROOT / "common" / "smtp" / "reply.py" in modules("common")
+
+
+def test_one_resolver_and_one_client_for_both_sides() -> None:
+    # the MX lookup is written once (common/mx.py: only it asks DNS), and the ingress's
+    # verification speaks SMTP through common/smtp's client, not a reader of its own
+    speak_dns = sorted(
+        str(p.relative_to(ROOT))
+        for package in ("common", "ingress", "worker", "mtaq")
+        for p in modules(package)
+        if "dns" in imported_packages(p)
+    )
+    assert speak_dns == ["common/mx.py"]
+    verify = ROOT / "ingress" / "verify.py"
+    assert "common.smtp.client" in imported_modules(verify) and "common.mx" in imported_modules(verify)
+    assert "readline" not in verify.read_text()  # no reply parsing of its own
+
+
+def test_the_smtp_package_is_the_only_reply_type() -> None:
+    # one Reply for both sides: the ingress's catalogue and the client's remote replies are one type
+    from common.smtp import client
+    from common.smtp.reply import Reply
+    from ingress import replies
+
+    assert replies.Reply is Reply
+    session = client.Client("me.test", "mx.test[192.0.2.1]:25")
+    session.receive_data(b"220 mx.test ESMTP\r\n")
+    assert type(session.last_reply) is Reply
+
+
 def test_delivery_job_path_names_the_real_function() -> None:
     assert import_attribute(jobqueue.DELIVER_FUNC) is worker.jobs.deliver

@@ -21,4 +21,5 @@ def test_console_script_and_packages() -> None:
     # every package and subpackage (mtaq.ops, mtaq.runtime): setuptools installs only those listed
     tops = [p.parent for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests", "bench"}]
     found = {".".join(i.parent.relative_to(ROOT).parts) for top in tops for i in top.rglob("__init__.py")}
+    assert {"common.smtp", "mtaq.ops", "mtaq.runtime"} <= found
     assert packages == found
