@@ -1,6 +1,6 @@
 """Threads or asyncio tasks for the worker's conversations (issue 17.3): CPU and memory per
 conversation at N concurrent conversations in one process, both around the same sans-IO client
-(worker/smtpproto.py).
+(common/smtp/client.py).
 
 - ``threads``: what the worker does today: a thread per conversation, each driving the client
   through the blocking driver (worker/smtpclient.py ``SMTPConnection``).
@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.smtp.client import Client, ClientEvent, Closed, Ready, TransactionDone
 from worker.smtpclient import SMTPConnection
-from worker.smtpproto import Client, ClientEvent, Closed, Ready, TransactionDone
 
 MAX_N = 2000
 DEADLINE = 300.0  # seconds a whole run may take

@@ -65,7 +65,7 @@ def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
-# Per-destination delivery limits shared by every worker (the engine's):
+# Per-destination delivery limits shared by every worker (worker/limits.py):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
 # ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).

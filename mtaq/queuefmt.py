@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.envelope import RcptState
-from common.queueview import AGE_BUCKETS, MessageView, QueueShape
+from mtaq.ops.queueview import AGE_BUCKETS, MessageView, QueueShape
 
 __all__ = ["WIDTH", "age_text", "cut", "list_json", "list_text", "parse_age", "show_json", "show_text", "stats_text"]
 

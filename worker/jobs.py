@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
 from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
 
 __all__ = ["deliver", "install", "make_dsn", "make_service"]

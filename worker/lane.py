@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from common.envelope import RcptState
-from worker.mx import Target
+from common.mx import Target
 from worker.parcel import Outcome, Parcel
 
 __all__ = ["Lane", "Lanes", "Owner"]

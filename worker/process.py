@@ -34,7 +34,7 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     spool = Spool.from_settings(settings, r)
     service = make_service(settings, spool)
     install(service)
-    start_sweeper(service, settings.maintenance_interval)
+    start_sweeper(spool, service.finisher, settings.job_timeout, settings.maintenance_interval)
     w = ConcurrentWorker(
         [spool.queue.rq],
         connection=r,

@@ -26,38 +26,30 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Collection, Sequence
 
 from common.envelope import RcptState, RecipientStatus
+from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message
 from worker.crew import Crew
 from worker.delays import warn_delayed
+from worker.finisher import DsnMaker, Finisher
 from worker.lane import Lanes
 from worker.leases import Leases
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver
 from worker.outcomes import Batch, JobShare, OutcomeWriter
 from worker.parcel import Parcel, Undeliverable, default_left, fail_all
 from worker.plan import Loaded, Plan, all_final, plan
 from worker.relay import Dialer, resolve
 from worker.retry import lifetime, next_retry
 
-__all__ = ["BUSY_RETRY", "FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
+__all__ = ["BUSY_RETRY", "LEASE_TTL", "DeliveryService"]
 
 log = logging.getLogger("mtaq.worker")
 
 LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's last heartbeat
 BUSY_RETRY = 1.0  # a job handed back for want of a connection slot runs again after about this long
-# How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
-# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built. Short:
-# a finisher that died has its message finished by the next look, within a minute.
-FINISH_CLAIM = 30.0
-
-# the RFC 3464 report for a finished message (worker.jobs.make_dsn), or None
-DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
 
 
 class DeliveryService:
@@ -79,7 +71,6 @@ class DeliveryService:
         self.queue = spool.queue
         self.resolver = resolver
         self.limits = limits
-        self.dsn = dsn
         self.clock = clock
         if dialer is None:  # how conversations open connections (unit tests: an in-memory peer)
             dialer = Dialer(
@@ -93,6 +84,7 @@ class DeliveryService:
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
         self.leases = Leases(spool.store, LEASE_TTL)
         self.writer = OutcomeWriter(spool.store)
+        self.finisher = Finisher(spool, settings.hostname, dsn=dsn, clock=clock)
 
     @property
     def concurrency(self) -> int:
@@ -233,42 +225,7 @@ class DeliveryService:
         for found in self.store.load_many(stale) if stale else []:
             if found is not None:
                 views[found[0].envelope.id] = found
-        return self.finish_loaded(list(views.values()), batch.destination, leased)
-
-    def finish_loaded(
-        self,
-        done: Sequence[tuple[Message, dict[int, RecipientStatus]]],
-        destination: str | None = None,
-        leased: Collection[str] = (),
-    ) -> set[str]:
-        """DSNs and deletes of finished messages, in one transaction; returns the ids deleted.
-
-        A message with a DSN due is claimed first (FINISH_CLAIM): two finishers that saw it
-        complete at once build one report between them. One without a DSN is not: its recipients'
-        states are final and cannot change, so every finisher finds no report due, and deleting a
-        message twice is deleting it once (a round trip and a write fewer per message)."""
-        if not done:
-            return set()
-        now = self.clock()
-        reports = {m.envelope.id: self.dsn(m, st, self.settings.hostname, now) for m, st in done}
-        due = [q for q, r in reports.items() if r is not None]
-        claimed = set(self.store.lease(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
-        others = [q for q in due if q not in claimed]
-        if others and destination is not None:
-            # another finisher has it, or had it and died: look again once its claim has lapsed
-            self.queue.schedule(destination, others, FINISH_CLAIM + random.uniform(1.0, 5.0))
-        done = [d for d in done if reports[d[0].envelope.id] is None or d[0].envelope.id in claimed]
-        dsns: list[Message] = []
-        for msg, _ in done:
-            dsn = reports[msg.envelope.id]
-            if dsn is not None:
-                dsns.append(dsn)
-                log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
-            log.info("%s: removed", msg.envelope.id)
-        ids = [m.envelope.id for m, _ in done]
-        unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
-        self.spool.commit(dsns, delete=ids, unlease=unlease)
-        return set(ids)
+        return self.finisher.finish(list(views.values()), batch.destination, leased)
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:

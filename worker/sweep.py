@@ -22,8 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
+from common.spool import Spool
 from common.store import SWEEP_LOCK, Message
-from worker.service import DeliveryService
+from worker.finisher import Finisher
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
 
@@ -48,10 +49,12 @@ def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -
     return due_since < now - grace
 
 
-def sweep(service: DeliveryService, now: float | None = None) -> SweepReport:
+def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | None = None) -> SweepReport:
+    """One walk of the queue: finish what is settled, requeue what is overdue by more than a job's
+    lifetime (``job_timeout``) and two minutes."""
     now = time.time() if now is None else now
-    store, s = service.store, service.settings
-    grace = s.job_timeout + 120.0
+    store = spool.store
+    grace = job_timeout + 120.0
     report = SweepReport()
     for chunk in store.walk(CHUNK):
         done: list[tuple[Message, dict[int, RecipientStatus]]] = []
@@ -66,15 +69,15 @@ def sweep(service: DeliveryService, now: float | None = None) -> SweepReport:
                     done.append(found)
                 continue
             hops = {
-                service.spool.router.hop(r.address)
+                spool.router.hop(r.address)
                 for r, st in zip(env.recipients, everyone, strict=True)
                 if overdue(st, env.received_at, now, grace)
             }
             for hop in hops:
                 lost[hop].append((env.id, len(msg.body)))
-        service.finish_loaded(done)
+        finisher.finish(done)
         report.finished += len(done)
-        report.requeued += service.spool.queue.enqueue_sized(lost)
+        report.requeued += spool.queue.enqueue_sized(lost)
     if report.finished or report.requeued:
         log.warning(
             "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
@@ -85,15 +88,15 @@ def sweep(service: DeliveryService, now: float | None = None) -> SweepReport:
     return report
 
 
-def start_sweeper(service: DeliveryService, interval: float) -> threading.Thread:
+def start_sweeper(spool: Spool, finisher: Finisher, job_timeout: float, interval: float) -> threading.Thread:
     """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
 
     def loop() -> None:
         while True:
             time.sleep(interval * random.uniform(0.5, 1.0))
             try:
-                if service.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
-                    sweep(service)
+                if spool.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
+                    sweep(spool, finisher, job_timeout)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
 

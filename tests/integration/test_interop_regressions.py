@@ -18,8 +18,8 @@ import dns.resolver
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, new_queue_id
+from common.mx import MXResolver
 from worker.lane import Lane
-from worker.mx import MXResolver
 from worker.parcel import Parcel, Undeliverable, default_left, fail_all
 from worker.relay import Dialer, converse, resolve
 from worker.smtpclient import SMTPConnection

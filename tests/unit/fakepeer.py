@@ -14,17 +14,18 @@ import dns.resolver
 import redis
 
 from common.jobqueue import DeliveryQueue
+from common.mx import MXResolver, Target
 from common.routing import Router
 from common.settings import Settings
+from common.smtp.client import TransactionResult
+from common.smtp.reply import Reply
 from common.spool import Spool
 from common.store import Store
 from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, Target
 from worker.relay import Dialer
 from worker.service import DeliveryService
 from worker.smtpclient import ConnectFailed, SMTPConnection
-from worker.smtpproto import RemoteReply, TransactionResult
 
 __all__ = ["FakeConnection", "FakeDialer", "FakePeer", "FixedMX", "service_on", "target"]
 
@@ -45,9 +46,9 @@ class FakePeer:
     gate: threading.Event | None = None  # when set, send() waits for it (a slow peer)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def reply(self, rcpt: str, ip: str) -> RemoteReply:
+    def reply(self, rcpt: str, ip: str) -> Reply:
         code, text = self.at.get(ip) or self.replies.get(rcpt, (250, "2.0.0 Ok"))
-        return RemoteReply(code, text)
+        return Reply.parse(code, text)
 
 
 class FakeConnection(SMTPConnection):

@@ -12,11 +12,11 @@ import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient
+from common.mx import Target
 from common.store import Message, lease_key
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker.limits import DestinationLimits
-from worker.mx import Target
 from worker.service import BUSY_RETRY, LEASE_TTL, DeliveryService
 
 

@@ -26,16 +26,15 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-from rq import Queue, Worker
-from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq import Worker
 from rq.serializers import JSONSerializer
 
 from common import metrics as m
-from common.address import parse_hostport
-from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
-from common.statuspage import Sample, WorkerInfo, render, sample_from_json
+from common.jobqueue import DeliveryQueue
+from common.smtp.hostport import parse_hostport
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from mtaq.ops.queueview import QUEUE_STATES, QueueShape, load_views, shape
+from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json
 
 __all__ = ["Monitor", "MonitorServer", "serve_in_thread"]
 
@@ -100,9 +99,9 @@ class Monitor:
         return sorted(out, key=lambda w: (w.hostname, w.name))
 
     def concurrency(self) -> Counter[str]:
-        """Deliveries running now per destination: the engine's connection slots where its keys
-        exist (``mtaq:dest:<d>:slots``, token -> lease expiry), else the running delivery jobs (a
-        job is one destination's batch)."""
+        """Deliveries running now per destination: the connection slots the workers hold
+        (worker/limits.py, ``mtaq:dest:<d>:slots``, token -> lease expiry); while no destination
+        has a slot key, the running delivery jobs (a job is one destination's batch)."""
         now = self.clock()
         pattern = dest_key("*", "slots")
         prefix, suffix = pattern.split("*")
@@ -115,13 +114,7 @@ class Monitor:
                 {k[len(prefix) : len(k) - len(suffix)]: int(n) for k, n in zip(keys, pipe.execute(), strict=True)}
             )
             return +slots
-        q = Queue(self.queue_name, connection=self.redis, serializer=JSONSerializer)
-        ids = StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
-        out: Counter[str] = Counter()
-        for job in Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer) if ids else []:
-            if job is not None and job.args:
-                out[str(job.args[0])] += 1
-        return out
+        return DeliveryQueue(self.redis, self.queue_name).running_destinations()
 
     def samples(self, since: float) -> list[Sample]:
         return [
