@@ -65,15 +65,17 @@ class Permit:
 
 
 class Permits:
-    """How many conversations this process runs at once (``worker_concurrency``)."""
+    """How many of something run at once: this process's conversations (``worker_concurrency``),
+    and the RQ worker's jobs (worker/pool.py)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._sem = threading.BoundedSemaphore(self.capacity)
 
-    def take(self) -> Permit | None:
-        """A permit, or None when every one is in use (never waits)."""
-        return Permit(self._sem) if self._sem.acquire(blocking=False) else None
+    def take(self, timeout: float = 0.0) -> Permit | None:
+        """A permit, or None when every one is still in use after ``timeout`` seconds (0: at once)."""
+        got = self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
+        return Permit(self._sem) if got else None
 
 
 @dataclass(slots=True)
