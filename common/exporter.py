@@ -34,6 +34,7 @@ from rq.serializers import JSONSerializer
 from common import metrics as m
 from common.address import parse_hostport
 from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
+from common.replication import ReplicationView, primary_address, read_replication
 from common.statuspage import Sample, WorkerInfo, render, sample_from_json
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 
@@ -123,6 +124,9 @@ class Monitor:
                 out[str(job.args[0])] += 1
         return out
 
+    def replication(self) -> ReplicationView:
+        return read_replication(self.redis, primary_address(self.redis), self.clock())
+
     def samples(self, since: float) -> list[Sample]:
         return [
             sample_from_json(raw)
@@ -150,10 +154,13 @@ class Monitor:
         workers = self.workers()
         stats = {k: int(v) for k, v in self.stats().items()}
         problems = [] if workers else ["no worker heartbeat: start `mtaq worker`"]
+        rep = self.replication()
         # the chart ends with the queue as it is now, between two samples
         live = Sample(sh.now, sh.messages, stats.get("delivered", 0) + stats.get("bounced", 0))
         samples = [*self.samples(sh.now - 3600 - 120), live]
-        return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
+        return render(
+            sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems, redis_lines=rep.lines()
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -182,6 +189,7 @@ class MtaqCollector(Collector):
             sh = mon.shape()
             workers = mon.workers()
             conc = mon.concurrency()
+            rep = mon.replication()
         except (redis.RedisError, OSError) as e:
             log.warning("metrics: Redis unreachable: %s", e)
             yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 0)
@@ -234,6 +242,10 @@ class MtaqCollector(Collector):
             "Age of the oldest message in the queue",
             0.0 if sh.oldest is None else max(0.0, sh.now - sh.oldest),
         )
+        yield _gauge("mtaq_redis_replicas", "Replicas of the Redis primary that are online", rep.online)
+        failovers = CounterMetricFamily("mtaq_redis_failovers", "Failovers of the Redis primary seen via the Sentinels")
+        failovers.add_metric([], rep.failovers)
+        yield failovers
         yield _gauge("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts", len(workers))
         yield _labeled(
             "mtaq_destination_concurrency",

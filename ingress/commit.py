@@ -11,8 +11,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import redis
+
+from common.replication import online_replicas
 from common.spool import Spool
-from common.store import Message, StoreError, StoreFull
+from common.store import Message, StoreError, StoreFull, StoreNotReplicated
 from ingress import replies
 from ingress.replies import Reply
 
@@ -23,6 +26,11 @@ log = logging.getLogger("mtaq.ingress")
 # After Redis refused a write for lack of memory, new mail is refused this long without asking it
 # again (every session would otherwise take its DATA only to be refused at the commit).
 OOM_PAUSE = 1.0
+# After a commit that too few replicas acknowledged (redis_min_replicas), or that found no primary,
+# new mail is refused (451 4.3.0) without storing it until the primary has its replicas again: each
+# unreplicated commit is stored on the primary all the same (a failover's new primary starts
+# without a replica), and every retry of the client would store another copy.
+REPLICA_PAUSE = 2.0
 
 
 class StorageRefused(Exception):
@@ -74,6 +82,7 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
         self._queue_size = 0
         self._full_until = 0.0  # after an OOM, refuse new mail for OOM_PAUSE without asking Redis
+        self._unreplicated_until = 0.0  # after a commit too few replicas had: see REPLICA_PAUSE
         self.committed = 0
 
     async def submit(self, message: Message) -> None:
@@ -99,6 +108,10 @@ class Committer:
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = self.clock() + OOM_PAUSE
+                if isinstance(e, StoreNotReplicated) or (self.spool.store.replicas and isinstance(e, StoreError)):
+                    # too few replicas, or a primary gone (a failover may follow: its successor
+                    # starts without a replica): take no mail until a probe finds them
+                    self._unreplicated_until = self.clock() + REPLICA_PAUSE
                 log.warning(
                     "queue write of %d message(s) failed: %s -> %s",
                     len(batch),
@@ -156,6 +169,8 @@ class Committer:
         queue holds more than max_queue messages, else None."""
         if self.clock() < self._full_until:
             return replies.INSUFFICIENT_STORAGE
+        if self.clock() < self._unreplicated_until:
+            return replies.STORAGE_FAILED
         if self.max_queue and self._queue_size >= self.max_queue:
             return replies.INSUFFICIENT_STORAGE
         return None
@@ -169,4 +184,15 @@ class Committer:
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a
                 # stale count undo it (the next round corrects any excess)
                 self._queue_size = size if self.committed == seen else max(size, self._queue_size)
+            with contextlib.suppress(StoreError, OSError, redis.RedisError):
+                await self._check_replicas()
             await self.sleep(interval)
+
+    async def _check_replicas(self) -> None:
+        """While refusing for want of replicas, ask the primary how many it has: the pause ends as
+        soon as they are back, and goes on while they are not (no mail stored to find out)."""
+        store = self.spool.store
+        if not store.replicas or self.clock() >= self._unreplicated_until:
+            return
+        online = await asyncio.to_thread(online_replicas, store.redis)
+        self._unreplicated_until = 0.0 if online >= store.replicas else self.clock() + REPLICA_PAUSE

@@ -245,6 +245,7 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
     workers = Monitor(r, settings.queue_name).workers()
     down = throttled(r)
     totals = spool.store.stats()
+    rep = Monitor(r, settings.queue_name).replication()
     if getattr(args, "json", False):
         doc = {
             **sh.to_json(),
@@ -253,10 +254,21 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
             "workers": [{"name": w.name, "host": w.hostname, "pid": w.pid, "state": w.state} for w in workers],
             "throttled": [{"destination": d, "reason": why, "seconds_left": t} for d, why, t in down],
             "totals": totals,
+            "redis": {
+                "primary": rep.primary,
+                "role": rep.role,
+                "replicas": [
+                    {"address": x.address, "state": x.state, "lag_bytes": x.lag_bytes, "lag_seconds": x.lag_seconds}
+                    for x in rep.replicas
+                ],
+                "failovers": rep.failovers,
+                "last_failover": rep.last_failover,
+            },
         }
         out.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     else:
         out.write(stats_text(sh, jobs, len(workers), totals, down, top=max(1, args.top)))
+        out.write("\n".join(rep.lines()) + "\n")
     return 0
 
 
