@@ -68,6 +68,10 @@ def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float
         "health_check_interval": 30,
     }
     password = read_secret(settings.redis_password_file, "redis_password_file")
+    if password is None and settings.redis_sentinels and settings.redis_url:
+        # through the Sentinels the URL names no server, but its password is the one to give
+        # (docker compose keeps it there for both set-ups)
+        password = redis.connection.parse_url(settings.redis_url).get("password")  # type: ignore[no-untyped-call]
     if password is not None:
         kwargs["password"] = password
     if settings.redis_sentinels:

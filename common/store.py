@@ -257,6 +257,14 @@ class Store:
         return pipe
 
     # -- reading ----------------------------------------------------------------------------------
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """Which of these messages are stored (one round trip)."""
+        with _translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for qid in ids:
+                pipe.exists(msg_key(qid))
+            return {qid for qid, n in zip(ids, pipe.execute(), strict=True) if n}
+
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]
         return None if found is None else found[0]

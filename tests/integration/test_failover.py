@@ -185,7 +185,16 @@ def test_a_stopped_replica_turns_250_into_451_until_it_returns(
             # WAIT gives the replica redis_replica_timeout (1 s); the answer comes soon after it
             assert 1.0 <= took < 1.0 + GENEROUS / 2, took
             assert wait_for(lambda: cluster.online_replicas(cluster.servers[0]) == 1, GENEROUS)
-            with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
-                s.sendmail("a@client.test", ["u@h0.test"], body)  # and 250 again
+
+            def accepted() -> bool:
+                try:
+                    with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
+                        s.sendmail("a@client.test", ["u@h0.test"], body)
+                    return True
+                except smtplib.SMTPResponseException as e:
+                    assert e.smtp_code == 451, e  # refused until the ingress sees the replica again
+                    return False
+
+            assert wait_for(accepted, GENEROUS, interval=0.2)  # and 250 again
         finally:
             mta.stop_all()

@@ -11,7 +11,7 @@ import pytest
 from common.envelope import Envelope, Recipient
 from common.store import Message, StoreFull, StoreNotReplicated, StoreUnavailable
 from ingress import replies
-from ingress.commit import OOM_PAUSE, REPLICA_PAUSE, Committer, StorageRefused, storage_reply
+from ingress.commit import OOM_PAUSE, REPLICA_PAUSE, SETTLE_WAIT, Committer, StorageRefused, storage_reply
 
 
 @pytest.mark.parametrize(
@@ -228,3 +228,60 @@ def test_too_few_replicas_refuse_new_mail_without_storing_until_they_are_back() 
         return gates
 
     assert run(go()) == [replies.STORAGE_FAILED, replies.STORAGE_FAILED, replies.STORAGE_FAILED, None]
+
+
+class Interrupted(FakeStore):
+    """A primary lost in the middle of the first commit, after it had stored ``stored_before``."""
+
+    def __init__(self, stored_before: set[str]) -> None:
+        super().__init__(error=StoreUnavailable("Connection closed by server."))
+        self.replicas = 1
+        self.redis = FakeInfo(online=0)
+        self.stored_before = stored_before
+
+    def commit(self, messages: Sequence[Message]) -> int:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return super().commit(messages)
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        return {i for i in ids if i in self.stored_before or i in self.committed}
+
+
+def test_a_commit_cut_off_by_a_failover_stores_each_message_once_and_answers_250() -> None:
+    clock = Clock()
+    store = Interrupted(stored_before={"1"})  # "1" was replicated before the primary died
+    primary = store.redis
+    assert isinstance(primary, FakeInfo)
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        if clock.now >= 5:  # the new primary has its replica after 5 s
+            primary.online = 1
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
+
+    assert run(go()) == [None, None]  # both clients get 250 ...
+    assert store.committed == ["2"]  # ... and only what the new primary lacked was stored again
+    assert clock.now >= 5
+
+
+def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
+    clock = Clock()
+    store = Interrupted(stored_before=set())
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert store.committed == [] and clock.now >= SETTLE_WAIT
