@@ -193,6 +193,22 @@ class Settings:
         10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
     )
     verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
+    # -- high availability: Redis replication and Sentinel (docs/high-availability.md)
+    redis_sentinels: str = _opt(
+        "", "comma list of Sentinel host:port; set = find the Redis primary through them instead of redis_url"
+    )
+    redis_sentinel_master: str = _opt("mtaq", "the name the Sentinels monitor the primary under")
+    redis_sentinel_password_file: str = _opt("", "file holding the Sentinels' password (unset = none)")
+    redis_password_file: str = _opt("", "file holding the Redis password (unset = none, or the one in redis_url)")
+    redis_min_replicas: int = _opt(
+        0,
+        "replicas that must have a group commit before the ingress answers 250 (WAIT; 0 = the primary's "
+        "own disk is enough); workers wait the same way before a job counts as done",
+        ("ingress", "worker"),
+    )
+    redis_replica_timeout: float = _opt(
+        1.0, "seconds WAIT gives the replicas; then the ingress answers 451 4.3.0", ("ingress", "worker")
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -216,6 +232,10 @@ class Settings:
             _hostport("dns_servers", server)
         if self.relayhost.strip():
             _hostport("relayhost", self.relayhost)
+        for server in self.redis_sentinels.split(","):
+            _hostport("redis_sentinels", server)
+        if self.redis_min_replicas < 0 or self.redis_replica_timeout <= 0:
+            raise ValueError("need redis_min_replicas >= 0 and redis_replica_timeout > 0")
 
     # -- parsed views
     @property
@@ -235,6 +255,10 @@ class Settings:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, 2525)
+
+    @property
+    def sentinel_list(self) -> list[tuple[str, int]]:
+        return [parse_hostport(s.strip(), 26379) for s in self.redis_sentinels.split(",") if s.strip()]
 
     @property
     def dns_server_list(self) -> list[tuple[str, int]]:

@@ -23,8 +23,16 @@ class Spool:
     router: Router
 
     @classmethod
-    def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
-        return cls(Store(r), DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
+    def from_settings(cls, settings: Settings, r: redis.Redis, *, strict_replicas: bool = True) -> Spool:
+        """``strict_replicas``: see Store (the ingress refuses mail that too few replicas have; a
+        worker logs it)."""
+        store = Store(
+            r,
+            replicas=settings.redis_min_replicas,
+            replica_timeout=settings.redis_replica_timeout,
+            strict_replicas=strict_replicas,
+        )
+        return cls(store, DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
     def commit(
         self, messages: Sequence[Message], *, delete: Iterable[str] = (), unlease: Iterable[tuple[str, str]] = ()

@@ -42,7 +42,7 @@ def cmd_run(settings: Settings) -> int:
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
     # if it dies (EmbeddedRedis.watch).
-    embedded = None if settings.redis_url else EmbeddedRedis.from_settings(settings)
+    embedded = None if settings.redis_url or settings.redis_sentinels else EmbeddedRedis.from_settings(settings)
     try:
         if embedded is not None:
             embedded.lock()  # another run on this data_dir: one line, before anything starts

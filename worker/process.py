@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from rq.serializers import JSONSerializer
 
 from common.logging import setup_logging
-from common.redisconn import redis_url
+from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from worker.jobs import install, make_context
@@ -28,10 +27,8 @@ WORKER_TTL = 60
 
 def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level, settings.log_format)
-    r = redis.Redis.from_url(
-        redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
-    )
-    spool = Spool.from_settings(settings, r)
+    r = connect(settings, timeout=WORKER_TTL + 30, connect_timeout=10)
+    spool = Spool.from_settings(settings, r, strict_replicas=False)
     ctx = make_context(settings, spool)
     install(ctx)
     start_sweeper(spool, ctx.finisher, settings.job_timeout, settings.maintenance_interval)

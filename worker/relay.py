@@ -272,6 +272,7 @@ def converse(
     each delivered message (slow start, dead destinations)."""
     targets = work.targets
     reached = opened is not None
+    tried = reached  # whether it tried any server: one that found nothing to send failed nowhere
     record = work.record
     first = opened.target if opened is not None else 0
     for t in range(first, len(targets)):
@@ -282,6 +283,7 @@ def converse(
                 opened.conn.quit()
                 opened = None
             if opened is None:
+                tried = True
                 conn = SMTPConnection(
                     helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
                 )
@@ -318,6 +320,10 @@ def converse(
             if opened.sent >= dialer.messages_per_connection:
                 opened.conn.quit()  # destination_messages_per_connection: a fresh connection
                 opened = None
+    # A conversation that found no parcel for it (another took them) reports "reached": its
+    # caller fails what waits with the last failure when none was reached, and parcels a new job
+    # added meanwhile must not get "No reachable host" from a conversation that never tried.
+    reached = reached or not tried
     if opened is not None and (not opened.conn.alive or opened.sent >= dialer.messages_per_connection):
         opened.conn.quit()
         return None, reached

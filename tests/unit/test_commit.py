@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from common.envelope import Envelope, Recipient
-from common.store import Message, StoreFull, StoreUnavailable
+from common.store import Message, StoreFull, StoreNotReplicated, StoreUnavailable
 from ingress import replies
-from ingress.commit import OOM_PAUSE, Committer, StorageRefused, storage_reply
+from ingress.commit import OOM_PAUSE, REPLICA_PAUSE, SETTLE_WAIT, Committer, StorageRefused, storage_reply
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,8 @@ class FakeStore:
         self.size = size
         self.committed: list[str] = []
         self.store = self
+        self.replicas = 0  # redis_min_replicas
+        self.redis: object = None
 
     def commit(self, messages: Sequence[Message]) -> int:
         if self.error is not None:
@@ -189,3 +191,97 @@ def test_commit_wait_ends_once_every_open_transaction_has_submitted() -> None:
         return store.batches
 
     assert run(go()) == [2, 4, 1]
+
+
+class FakeInfo:
+    """A primary's INFO replication: ``online`` replicas."""
+
+    def __init__(self, online: int) -> None:
+        self.online = online
+
+    def info(self, section: str) -> dict[str, object]:
+        assert section == "replication"
+        replica = {"ip": "10.0.0.9", "port": 6379, "state": "online", "offset": 5}
+        replicas = {f"slave{i}": replica for i in range(self.online)}
+        return {"role": "master", "master_repl_offset": 5, **replicas}
+
+
+def test_too_few_replicas_refuse_new_mail_without_storing_until_they_are_back() -> None:
+    clock = Clock()
+    store = FakeStore(error=StoreNotReplicated("0 of 1 replica(s) acknowledged the write within 1000 ms"))
+    primary = FakeInfo(online=0)
+    store.replicas = 1
+    store.redis = primary
+
+    async def go() -> list[replies.Reply | None]:
+        c = Committer(store, clock=clock)  # type: ignore[arg-type]
+        with pytest.raises(StorageRefused) as refused:
+            await c.submit(msg("1"))  # stored on the primary alone: 451, and the gate closes
+        gates = [refused.value.reply, c.gate()]
+        clock.now += REPLICA_PAUSE - 0.01
+        await c._check_replicas()  # still none: the pause goes on past its first end
+        clock.now += 0.02
+        gates.append(c.gate())
+        primary.online = 1
+        await c._check_replicas()  # back: the gate opens at once
+        gates.append(c.gate())
+        return gates
+
+    assert run(go()) == [replies.STORAGE_FAILED, replies.STORAGE_FAILED, replies.STORAGE_FAILED, None]
+
+
+class Interrupted(FakeStore):
+    """A primary lost in the middle of the first commit, after it had stored ``stored_before``."""
+
+    def __init__(self, stored_before: set[str]) -> None:
+        super().__init__(error=StoreUnavailable("Connection closed by server."))
+        self.replicas = 1
+        self.redis = FakeInfo(online=0)
+        self.stored_before = stored_before
+
+    def commit(self, messages: Sequence[Message]) -> int:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return super().commit(messages)
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        return {i for i in ids if i in self.stored_before or i in self.committed}
+
+
+def test_a_commit_cut_off_by_a_failover_stores_each_message_once_and_answers_250() -> None:
+    clock = Clock()
+    store = Interrupted(stored_before={"1"})  # "1" was replicated before the primary died
+    primary = store.redis
+    assert isinstance(primary, FakeInfo)
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        if clock.now >= 5:  # the new primary has its replica after 5 s
+            primary.online = 1
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
+
+    assert run(go()) == [None, None]  # both clients get 250 ...
+    assert store.committed == ["2"]  # ... and only what the new primary lacked was stored again
+    assert clock.now >= 5
+
+
+def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
+    clock = Clock()
+    store = Interrupted(stored_before=set())
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert store.committed == [] and clock.now >= SETTLE_WAIT
