@@ -14,6 +14,8 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
+``mtaq:committed:<id>`` string with a TTL: a group commit (named by its first message) was stored
+                    (with redis_min_replicas: settling a commit the loss of the primary cut off)
 ``mtaq:redis:primary``, ``mtaq:redis:failovers``, ``mtaq:redis:last-failover``  strings: the Redis
                     primary last seen through the Sentinels, failovers counted, the last one's time
 
@@ -57,6 +59,7 @@ SAMPLE_LOCK = PREFIX + "samples-lock"
 PRIMARY_SEEN = PREFIX + "redis:primary"
 FAILOVERS = PREFIX + "redis:failovers"
 FAILOVER_TIME = PREFIX + "redis:last-failover"
+COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an interrupted commit is settled in
 
 
 def msg_key(qid: str) -> str:
@@ -69,6 +72,10 @@ def rcpt_key(qid: str) -> str:
 
 def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
+
+
+def commit_mark_key(mark: str) -> str:
+    return f"{PREFIX}committed:{mark}"
 
 
 def lease_key(qid: str, destination: str) -> str:
@@ -217,6 +224,7 @@ class Store:
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
         also: Callable[[Any], None] | None = None,
+        mark: str = "",
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
         StoreFull and stores nothing then.
@@ -224,7 +232,9 @@ class Store:
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
         ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
         guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
-        common/spool.py)."""
+        common/spool.py). ``mark`` leaves a short-lived key saying this commit was stored, for a
+        writer that lost its connection before the answer (``has_commit_mark``): its messages may be
+        finished and gone already, but the mark outlives them."""
         with _translated():
             pipe = self._pipeline(transaction=True)
             for m in messages:
@@ -243,6 +253,8 @@ class Store:
                 pipe.delete(*leases)
             if also is not None:
                 also(pipe)
+            if mark:
+                pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
             pipe.execute()
 
     def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
@@ -257,13 +269,10 @@ class Store:
         return pipe
 
     # -- reading ----------------------------------------------------------------------------------
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        """Which of these messages are stored (one round trip)."""
+    def has_commit_mark(self, mark: str) -> bool:
+        """Whether the commit that carried ``mark`` (commit's ``mark``) was stored."""
         with _translated():
-            pipe = self.redis.pipeline(transaction=False)
-            for qid in ids:
-                pipe.exists(msg_key(qid))
-            return {qid for qid, n in zip(ids, pipe.execute(), strict=True) if n}
+            return bool(self.redis.exists(commit_mark_key(mark)))
 
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]

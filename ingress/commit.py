@@ -108,8 +108,11 @@ class Committer:
                 await self._gather()
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
+                # with replicas required a commit leaves a mark, named by its first message, for
+                # _settle to find if the primary is lost before the answer
+                mark = batch[0].message.envelope.id if self.spool.store.replicas else ""
                 try:
-                    jobs = await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
+                    jobs = await asyncio.to_thread(self._commit, [p.message for p in batch], mark)
                 except StoreUnavailable as e:
                     if not self.spool.store.replicas or isinstance(e, StoreNotReplicated):
                         raise
@@ -119,7 +122,7 @@ class Committer:
                     log.warning(
                         "queue write of %d message(s) interrupted (%s): finding out what was stored", len(batch), e
                     )
-                    jobs = await self._settle([p.message for p in batch], e)
+                    jobs = await self._settle([p.message for p in batch], mark, e)
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
@@ -151,21 +154,28 @@ class Committer:
                 except Exception:  # a statistic: never the reason a batch goes unanswered
                     log.exception("counting the jobs of a group commit failed")
 
-    async def _settle(self, messages: list[Message], error: StoreError) -> int:
+    def _commit(self, messages: list[Message], mark: str) -> int:
+        # without replicas required, no mark and the same call as ever
+        return self.spool.commit(messages, mark=mark) if mark else self.spool.commit(messages)
+
+    async def _settle(self, messages: list[Message], mark: str, error: StoreError) -> int:
         """After a commit broke off with replicas required: wait (up to SETTLE_WAIT) for a primary
-        with its replicas, then store what it does not have. What it has was replicated (its
-        replicas synced from it), so every message of the batch ends stored once and replicated,
-        and its client gets 250 late rather than 451 and a duplicate. Raises ``error`` if Redis
-        does not come back in time. Returns the delivery jobs stored now."""
+        with its replicas, then store the batch again unless that primary has the commit's mark.
+        If it has, the commit was replicated before the old primary died (its replicas synced from
+        the new one since): its messages may even be delivered and gone by now. Either way every
+        message is stored once and replicated, and its client gets 250 late rather than a 451 that
+        makes it send a second copy. Raises ``error`` if Redis does not come back in time. Returns
+        the delivery jobs stored now."""
         store = self.spool.store
         deadline = self.clock() + SETTLE_WAIT
         while self.clock() < deadline:
             with contextlib.suppress(StoreError, OSError, redis.RedisError):
                 if await asyncio.to_thread(online_replicas, store.redis) >= store.replicas:
-                    there = await asyncio.to_thread(store.existing, [m.envelope.id for m in messages])
-                    missing = [m for m in messages if m.envelope.id not in there]
-                    log.info("interrupted queue write settled: %d stored before, %d now", len(there), len(missing))
-                    return await asyncio.to_thread(self.spool.commit, missing) if missing else 0
+                    if await asyncio.to_thread(store.has_commit_mark, mark):
+                        log.info("interrupted queue write settled: %d message(s) stored before", len(messages))
+                        return 0
+                    log.info("interrupted queue write settled: %d message(s) stored now", len(messages))
+                    return await asyncio.to_thread(self._commit, messages, mark)
             await self.sleep(SETTLE_POLL)
         raise error
 

@@ -35,11 +35,14 @@ class FakeStore:
         self.committed: list[str] = []
         self.store = self
         self.replicas = 0  # redis_min_replicas
+        self.marks: set[str] = set()
         self.redis: object = None
 
-    def commit(self, messages: Sequence[Message]) -> int:
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         if self.error is not None:
             raise self.error
+        if mark:
+            self.marks.add(mark)
         self.committed += [m.envelope.id for m in messages]
         self.size += len(messages)
         return 1 if messages else 0  # one delivery job: every test message goes to one next hop
@@ -143,9 +146,9 @@ class BatchRecorder(FakeStore):
         super().__init__()
         self.batches: list[int] = []
 
-    def commit(self, messages: Sequence[Message]) -> int:
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         self.batches.append(len(messages))
-        return super().commit(messages)
+        return super().commit(messages, mark=mark)
 
 
 def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> None:
@@ -231,55 +234,59 @@ def test_too_few_replicas_refuse_new_mail_without_storing_until_they_are_back() 
 
 
 class Interrupted(FakeStore):
-    """A primary lost in the middle of the first commit, after it had stored ``stored_before``."""
+    """A primary lost in the middle of the first commit, which the new primary then has or not."""
 
-    def __init__(self, stored_before: set[str]) -> None:
+    def __init__(self, replicated: bool) -> None:
         super().__init__(error=StoreUnavailable("Connection closed by server."))
         self.replicas = 1
         self.redis = FakeInfo(online=0)
-        self.stored_before = stored_before
+        self.replicated = replicated
 
-    def commit(self, messages: Sequence[Message]) -> int:
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         if self.error is not None:
             error, self.error = self.error, None
+            if self.replicated:
+                self.marks.add(mark)  # stored, and already delivered and gone: only the mark is left
             raise error
-        return super().commit(messages)
+        return super().commit(messages, mark=mark)
 
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        return {i for i in ids if i in self.stored_before or i in self.committed}
+    def has_commit_mark(self, mark: str) -> bool:
+        return mark in self.marks
 
 
-def test_a_commit_cut_off_by_a_failover_stores_each_message_once_and_answers_250() -> None:
-    clock = Clock()
-    store = Interrupted(stored_before={"1"})  # "1" was replicated before the primary died
-    primary = store.redis
-    assert isinstance(primary, FakeInfo)
-
+def _nap(clock: Clock, primary: FakeInfo, back_at: float) -> Any:
     async def nap(seconds: float) -> None:
         clock.now += seconds
-        if clock.now >= 5:  # the new primary has its replica after 5 s
+        if clock.now >= back_at:  # the new primary has its replica
             primary.online = 1
         await asyncio.sleep(0)
 
+    return nap
+
+
+@pytest.mark.parametrize("replicated", [True, False])
+def test_a_commit_cut_off_by_a_failover_stores_each_message_once_and_answers_250(replicated: bool) -> None:
+    clock = Clock()
+    store = Interrupted(replicated)
+    assert isinstance(store.redis, FakeInfo)
+
     async def go() -> list[object]:
-        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        c = Committer(store, clock=clock, sleep=_nap(clock, store.redis, 5))  # type: ignore[arg-type]
         return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
 
     assert run(go()) == [None, None]  # both clients get 250 ...
-    assert store.committed == ["2"]  # ... and only what the new primary lacked was stored again
+    # ... and the batch was stored again only where the new primary had not got it
+    assert store.committed == ([] if replicated else ["1", "2"])
     assert clock.now >= 5
 
 
 def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
     clock = Clock()
-    store = Interrupted(stored_before=set())
-
-    async def nap(seconds: float) -> None:
-        clock.now += seconds
-        await asyncio.sleep(0)
+    store = Interrupted(replicated=False)
+    assert isinstance(store.redis, FakeInfo)
 
     async def go() -> list[object]:
-        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        c = Committer(store, clock=clock, sleep=_nap(clock, store.redis, float("inf")))  # type: ignore[arg-type]
         return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
 
     (outcome,) = run(go())
