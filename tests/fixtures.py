@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,9 @@ from common.store import Store
 from common.supervise import stop_processes
 from tests.dnsserver import ZoneServer
 from tests.integration.eventually import GENEROUS
+from tests.ports import free_port, wait_port
 from tests.redisserver import RedisServer
-from tests.sinks import SinkServer, free_port
+from tests.sinks import SinkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +38,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def dns() -> Iterator[ZoneServer]:
     with ZoneServer() as server:
         yield server
+
+
+@pytest.fixture
+def sender_zone(dns: ZoneServer) -> ZoneServer:
+    """The DNS server with the sender's domain, client.test, whose MX (127.0.0.9) receives the reports."""
+    route(dns, "client.test", "127.0.0.9")
+    return dns
+
+
+@pytest.fixture
+def zone(sender_zone: ZoneServer) -> ZoneServer:
+    """The zone most delivery tests share: ``sender_zone`` and a.test, whose MX is at 127.0.0.2."""
+    route(sender_zone, "a.test", "127.0.0.2")
+    return sender_zone
 
 
 @pytest.fixture
@@ -60,18 +73,6 @@ def sinks(mx_port: int) -> Iterator[Callable[..., SinkServer]]:
     yield make
     for s in started:
         s.stop()
-
-
-def wait_port(host: str, port: int, timeout: float = GENEROUS) -> None:
-    """Wait for a listener (a process starting on a loaded machine can take long; only failure waits it all)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
 class MTA:
@@ -165,15 +166,6 @@ def mta_factory(
     yield make
     for m in made:
         m.stop_all()
-
-
-def alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z"
 
 
 def route(zone: ZoneServer, domain: str, ip: str) -> None:

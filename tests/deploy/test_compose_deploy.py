@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,9 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.ports import free_port
+from tests.tools import missing as tool_missing
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +58,6 @@ def _engine_problem() -> str | None:
     if _compose_cmd() is None:
         return "neither `docker compose` nor `docker-compose` is installed"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600) -> str:
@@ -132,13 +128,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, o
     problem = _engine_problem()
     if problem:
         print(f"deployment test skipped: {problem}", file=sys.stderr)
-        pytest.skip(problem)
+        tool_missing(problem)
     compose = _compose_cmd()
     assert compose is not None
     t0 = time.monotonic()
     missing = subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0
     if missing and not shutil.which("debootstrap"):
-        pytest.skip(f"base image {BASE_IMAGE} missing and no debootstrap to make it (.ci/run installs it)")
+        tool_missing(f"base image {BASE_IMAGE} missing and no debootstrap to make it (.ci/run installs it)")
     _log(t0, _run(["bash", str(REPO / "tests/deploy/make-base-images.sh"), BASE_IMAGE, CACHE], timeout=1200).strip())
 
     # the build context: the repository's files as they are in this work tree, and host-made wheels
@@ -162,7 +158,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, o
     )
 
     project = f"mtaqdeploy{os.getpid()}"
-    smtp_port, metrics_port = _free_port(), _free_port()
+    smtp_port, metrics_port = free_port(["127.0.0.1"]), free_port(["127.0.0.1"])
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": project,

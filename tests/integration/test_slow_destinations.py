@@ -14,8 +14,9 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message, route
-from tests.integration.test_run import start_run, stop
-from tests.sinks import SinkServer, free_port, wait_for
+from tests.mtaqrun import start_run, stop
+from tests.ports import free_port
+from tests.sinks import SinkServer, wait_for
 
 SINK_HOSTS = [f"127.0.0.{i}" for i in range(20, 30)]
 
