@@ -9,12 +9,14 @@ import os
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from rq import Worker
 
 from common.jobqueue import DeliveryQueue
 from common.store import Store
@@ -116,9 +118,23 @@ class MTA:
         self._spawn("ingress", "ingress")
         wait_port("127.0.0.1", self.port)
 
-    def start_worker(self, n: int = 1) -> None:
-        for i in range(n):
-            self._spawn(f"worker{i}", "worker")
+    def start_worker(self, n: int = 1, *, ready: bool = True) -> None:
+        """Start ``n`` workers and (``ready``) wait until each has registered with RQ on our queue:
+        past its imports and Redis connection, about to take jobs. A test's own waits then measure
+        delivery, never a cold start on a loaded machine."""
+        started = [self._spawn(f"worker{i}", "worker") for i in range(n)]
+        if not ready:
+            return
+        deadline = time.monotonic() + GENEROUS
+        while not {p.pid for p in started} <= self.worker_pids():
+            for p in started:
+                assert p.poll() is None, f"worker pid {p.pid} exited with {p.returncode}:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"workers not registered within {GENEROUS:.0f} s:\n{self.logs()}"
+            time.sleep(0.05)
+
+    def worker_pids(self) -> set[int]:
+        """The pids of the RQ workers registered on this MTA's queue."""
+        return {w.pid for w in Worker.all(connection=self.redis, queue=self.queue.rq) if w.pid is not None}
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name, None)

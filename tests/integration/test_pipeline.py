@@ -9,6 +9,7 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message
+from tests.integration.eventually import GENEROUS
 from tests.mailparse import parse, recipient_blocks
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
@@ -29,13 +30,13 @@ def test_delivery_to_three_domains_at_once(
     mta.start_worker()
     rcpts = ["u1@a.test", "u2@b.test", "u3@c.test", "u4@a.test"]
     qid = mta.send(SENDER, rcpts, message("three"))
-    assert wait_for(lambda: all(b.messages for b in boxes.values()), 20), mta.logs()
+    assert wait_for(lambda: all(b.messages for b in boxes.values()), GENEROUS), mta.logs()
     assert sorted(boxes["a"].messages[0][1]) == ["u1@a.test", "u4@a.test"]  # one transaction per domain
     assert boxes["b"].messages[0][1] == ["u2@b.test"]
     got = parse(boxes["c"].messages[0][2])
     assert got["Subject"] == "three"
     assert qid in got["Received"] and "mtaq.test" in got["Received"]
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS), mta.logs()
     assert "status=sent" in mta.logs() and f"{qid}: to=<u2@b.test>, relay=mx.b.test[127.0.0.3]" in mta.logs()
 
 
@@ -51,7 +52,7 @@ def test_mx_failover_when_first_mx_is_down(
     mta.start_ingress()
     mta.start_worker()
     mta.send(SENDER, ["bob@a.test"], message("failover"))
-    assert wait_for(lambda: backup.messages, 20), mta.logs()
+    assert wait_for(lambda: backup.messages, GENEROUS), mta.logs()
     assert "Connection refused" in mta.logs() or "connect to" in mta.logs()
 
 
@@ -64,7 +65,7 @@ def test_implicit_mx(
     mta.start_ingress()
     mta.start_worker()
     mta.send(SENDER, ["bob@b.test"], message("implicit"))
-    assert wait_for(lambda: box.messages, 20), mta.logs()
+    assert wait_for(lambda: box.messages, GENEROUS), mta.logs()
 
 
 @pytest.mark.parametrize(
@@ -89,14 +90,14 @@ def test_unroutable_domains_bounce(
     mta.start_ingress()
     mta.start_worker()
     qid = mta.send(SENDER, [f"bob@{domain}"], message("unroutable"))
-    assert wait_for(lambda: home.messages, 20), mta.logs()
+    assert wait_for(lambda: home.messages, GENEROUS), mta.logs()
     mail_from, to, data = home.messages[0]
     assert mail_from == "" and to == [SENDER]
     [block] = recipient_blocks(data)
     assert block["final-recipient"] == f"rfc822; bob@{domain}"
     assert block["action"] == "failed" and block["status"] == status
     assert f"{qid}: to=<bob@{domain}>" in mta.logs() and "status=bounced" in mta.logs()
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS)
 
 
 def test_550_next_to_250_one_delivered_one_dsn(
@@ -109,7 +110,7 @@ def test_550_next_to_250_one_delivered_one_dsn(
     mta.start_ingress()
     mta.start_worker()
     mta.send(SENDER, ["good@a.test", "bad@a.test"], message("mixed"))
-    assert wait_for(lambda: box.messages and home.messages, 20), mta.logs()
+    assert wait_for(lambda: box.messages and home.messages, GENEROUS), mta.logs()
     assert box.messages[0][1] == ["good@a.test"]
     [block] = recipient_blocks(home.messages[0][2])
     assert block["final-recipient"] == "rfc822; bad@a.test"
@@ -118,7 +119,7 @@ def test_550_next_to_250_one_delivered_one_dsn(
     report = parse(home.messages[0][2])
     headers = next(p for p in report.walk() if p.get_content_type() == "text/rfc822-headers")
     assert "Subject: mixed" in headers.get_payload(decode=True).decode()  # type: ignore[union-attr]
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS)
 
 
 def test_451_retries_then_bounces_after_queue_lifetime(
@@ -131,13 +132,13 @@ def test_451_retries_then_bounces_after_queue_lifetime(
     mta.start_ingress()
     mta.start_worker()
     qid = mta.send(SENDER, ["slow@a.test"], message("later"))
-    assert wait_for(lambda: home.messages, 30), mta.logs()
+    assert wait_for(lambda: home.messages, GENEROUS), mta.logs()
     assert box.attempts >= 2, mta.logs()  # tried, deferred, tried again
     [block] = recipient_blocks(home.messages[0][2])
     assert block["action"] == "failed" and block["status"].startswith("4.")
     assert "451" in block["diagnostic-code"]
     assert mta.logs().count(f"{qid}: to=<slow@a.test>") >= 3 and "status=deferred" in mta.logs()
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS)
 
 
 def test_no_bounce_for_null_sender(
@@ -150,7 +151,7 @@ def test_no_bounce_for_null_sender(
     mta.start_ingress()
     mta.start_worker()
     qid = mta.send("", ["bad@a.test"], message("a bounce itself"))
-    assert wait_for(lambda: mta.store.queue_size() == 0, 20), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS), mta.logs()
     assert f"{qid}: to=<bad@a.test>" in mta.logs()
     assert home.messages == []  # never a bounce of a bounce
 
@@ -172,7 +173,7 @@ def test_redis_down_at_data_gets_451_and_retry_works(
     redis_server.start()
     mta.start_worker()
     mta.send(SENDER, ["bob@a.test"], message("after"))
-    assert wait_for(lambda: box.messages, 20), mta.logs()
+    assert wait_for(lambda: box.messages, GENEROUS), mta.logs()
     assert [parse(m[2])["Subject"] for m in box.messages] == ["after"]  # nothing half-stored
 
 
@@ -197,7 +198,7 @@ def test_smtplib_sendmail_round_trip(
     with smtplib.SMTP("127.0.0.1", mta.port) as s:
         for i in range(20):
             assert s.sendmail(SENDER, [f"u{i}@a.test"], message(f"m{i}")) == {}
-    assert wait_for(lambda: len(box.messages) == 20, 30), mta.logs()
+    assert wait_for(lambda: len(box.messages) == 20, GENEROUS), mta.logs()
 
 
 def test_dsn_parameters_are_honoured_end_to_end(
@@ -220,8 +221,8 @@ def test_dsn_parameters_are_honoured_end_to_end(
         assert s.rcpt("quiet@a.test", ["NOTIFY=NEVER"])[0] == 250
         assert s.rcpt("good@a.test", ["NOTIFY=SUCCESS"])[0] == 250
         assert s.data(message("params", body="the whole body\r\n"))[0] == 250
-    assert wait_for(lambda: home.messages, 20), mta.logs()
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10), mta.logs()
+    assert wait_for(lambda: home.messages, GENEROUS), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS), mta.logs()
     assert len(home.messages) == 1  # one report for the message
     data = home.messages[0][2]
     blocks = {b["final-recipient"]: b for b in recipient_blocks(data)}
@@ -250,12 +251,12 @@ def test_batch_over_one_connection_with_and_without_pipelining(
             rcpts = [f"u{i}@a.test", "nobody@a.test"] if i % 3 == 0 else [f"u{i}@a.test"]
             assert s.sendmail(SENDER, rcpts, message(f"m{i}")) == {}
     mta.start_worker()  # after the mail is queued: the worker finds whole batches
-    assert wait_for(lambda: len(box.messages) == 10 and len(home.messages) == 4, 20), mta.logs()
+    assert wait_for(lambda: len(box.messages) == 10 and len(home.messages) == 4, GENEROUS), mta.logs()
     assert sorted((parse(d)["Subject"], r) for _, r, d in box.messages) == sorted(
         (f"m{i}", [f"u{i}@a.test"]) for i in range(10)
     )
     assert all(any(o.startswith("SIZE=") for o in d.mail_options) for d in box.deliveries)  # RFC 1870
-    assert wait_for(lambda: mta.store.queue_size() == 0, 10)
+    assert wait_for(lambda: mta.store.queue_size() == 0, GENEROUS)
 
 
 @pytest.mark.parametrize(("tls", "broken"), [(True, False), (False, True)])
@@ -269,7 +270,7 @@ def test_opportunistic_starttls_and_plain_text_fallback(
     mta.start_ingress()
     mta.start_worker()
     mta.send(SENDER, ["bob@a.test"], message("tls"))
-    assert wait_for(lambda: box.deliveries, 20), mta.logs()
+    assert wait_for(lambda: box.deliveries, GENEROUS), mta.logs()
     assert box.deliveries[0].tls is tls
 
 
@@ -296,7 +297,7 @@ def test_8bit_mail_to_a_server_without_8bitmime_is_converted(
         assert s.mail(SENDER, ["BODY=8BITMIME"])[0] == 250
         assert s.rcpt("bob@a.test")[0] == 250
         assert s.data(data)[0] == 250
-    assert wait_for(lambda: box.deliveries, 20), mta.logs()
+    assert wait_for(lambda: box.deliveries, GENEROUS), mta.logs()
     delivery = box.deliveries[0]
     got = delivery.data
     assert f"SIZE={len(got)}" in delivery.mail_options  # RFC 1870: the size of what was sent
