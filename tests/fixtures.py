@@ -196,3 +196,35 @@ def message(
     return (
         f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n\r\n{body}"
     ).encode()
+
+
+# -- one MTA for a whole module, where its tests share the settings --------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_mta_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., MTA]]:
+    """``mta_factory`` for a module: its own redis-server and DNS server, MTAs that live until the
+    module's last test. A test using one starts from an empty Redis through ``fresh``."""
+    base = tmp_path_factory.mktemp("module-mta")
+    made: list[MTA] = []
+    with RedisServer(base / "redis") as redis_server, ZoneServer() as zone:
+        mx_port = free_port()
+
+        def make(**settings: Any) -> MTA:
+            d = base / f"mta{len(made)}"
+            d.mkdir()
+            m = MTA(redis_server.url, zone.port, mx_port, d, **settings)
+            made.append(m)
+            return m
+
+        try:
+            yield make
+        finally:
+            for m in made:
+                m.stop_all()
+
+
+def fresh(mta: MTA) -> MTA:
+    """A module's shared MTA with an empty Redis (queue, counters), for the next test."""
+    mta.redis.flushdb()
+    return mta
