@@ -62,6 +62,7 @@ class Delivery:
     tls: bool
     mail_options: list[str]
     peer: str
+    peer_port: int = 0  # the client's source port: tells the connections apart
 
 
 class SinkServer:
@@ -96,6 +97,7 @@ class SinkServer:
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
+        self.mail_times: list[float] = []  # time.monotonic() of each MAIL FROM (pacing tests)
         self.rejected: list[tuple[str, str]] = []  # (recipient, reply) for scripted RCPT refusals
         self.hangups = 0
         self.attempts = 0  # transactions begun: MAIL commands received, whatever the outcome
@@ -163,6 +165,7 @@ class SinkServer:
         with self.lock:
             self.messages.clear()
             self.deliveries.clear()
+            self.mail_times.clear()
             self.rejected.clear()
             self.hangups = 0
             self.attempts = 0
@@ -243,6 +246,7 @@ class _Handler:
     ) -> str:
         with self.sink.lock:
             self.sink.attempts += 1
+            self.sink.mail_times.append(time.monotonic())
         if self.sink._hangup(server, "MAIL"):
             return "421 4.4.2 closing"
         if self.sink.mail_reply is not None and not self.sink.mail_reply.startswith("2"):
@@ -287,6 +291,7 @@ class _Handler:
                 tls=session.ssl is not None,
                 mail_options=list(envelope.mail_options),
                 peer=peer,
+                peer_port=int(session.peer[1]) if isinstance(session.peer, tuple) else 0,
             )
         )
         return self.sink.data_reply or "250 2.0.0 Ok: queued"
