@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # `make test` runs the tests side by side in this many processes (pytest-xdist): most of the suite's
 # time is spent waiting on real servers and processes, not on the CPU, so more workers than cores pay;
 # each worker has its own ports (tests/ports.py). PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 6
 
 .PHONY: run test lint typecheck unit integration bench bench-scaling clean
 
