@@ -12,6 +12,7 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message
+from tests.integration.eventually import GENEROUS
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 
@@ -88,7 +89,7 @@ def test_worker_sigkill_mid_delivery_is_rerun(
     mta.start_ingress()
     mta.start_worker()
     qid = mta.send("alice@client.test", ["bob@a.test"], message("crash"))
-    assert wait_for(lambda: box.attempts >= 1, 10), mta.logs()
+    assert wait_for(lambda: box.attempts >= 1, GENEROUS), mta.logs()
     os.kill(mta.procs["worker0"].pid, signal.SIGKILL)
     mta.procs.pop("worker0").wait(10)
     box.data_delay = 0.0
