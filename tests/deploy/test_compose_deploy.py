@@ -29,7 +29,9 @@ from packaging.utils import canonicalize_name
 from tests.ports import free_port
 from tests.tools import missing as tool_missing
 
-pytestmark = pytest.mark.slow
+# pytest-timeout counts the module fixture's setup in the first test: a cold image build (debootstrap
+# 1200 s, build 900 s, up 300 s at most, each bounded below) is far beyond the suite's 600 s
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("MTAQ_DEPLOY_BASE_IMAGE", "mtaq-deploy/debian:bookworm")
