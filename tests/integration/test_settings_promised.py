@@ -233,13 +233,14 @@ def test_verify_timeout_against_a_next_hop_that_never_answers(mta_factory: Calla
 
 
 def rcpt_until_asked_again(mta: MTA, hop: SinkServer, rcpt: str, expect: tuple[int, str]) -> float:
-    """RCPT ``rcpt`` until the next hop is asked a second time; returns the seconds since the first."""
+    """RCPT ``rcpt`` until the next hop is asked a second time; returns the seconds from the first
+    RCPT's start to the second probe's end (a lower bound on how long the answer was cached)."""
     with Wire(mta.port, timeout=GENEROUS) as w:
         w.greet()
         assert w.cmd("MAIL FROM:<a@elsewhere.test>").status == (250, "2.1.0")
         before = hop.attempts
+        first = time.monotonic()  # before the answer is cached: the TTL cannot start earlier
         assert w.cmd(f"RCPT TO:<{rcpt}>").status == expect
-        first = time.monotonic()
         assert hop.attempts == before + 1
         deadline = first + GENEROUS
         while hop.attempts == before + 1:  # answered from the cache until its TTL ends
