@@ -18,7 +18,8 @@ import redis
 
 from mtaq.runtime.lifeline import preexec_die_with
 from mtaq.runtime.supervise import stop_processes
-from tests.redisserver import RedisServer, _ephemeral_port, find_redis_server
+from tests.ports import free_port
+from tests.redisserver import RedisServer, find_redis_server
 
 __all__ = ["MASTER_NAME", "Cluster", "ReplicaServer", "SentinelServer"]
 
@@ -107,13 +108,13 @@ class Cluster:
     """A primary, ``replicas`` replicas and three Sentinels, all on 127.0.0.1, under ``base``."""
 
     def __init__(self, base: Path, *, replicas: int = 1) -> None:
-        primary_port = _ephemeral_port("127.0.0.1")
+        primary_port = free_port(["127.0.0.1"])
         self.servers = [ReplicaServer(base / "redis0", primary=None, port=primary_port)]
         for i in range(replicas):
-            port = _ephemeral_port("127.0.0.1")
+            port = free_port(["127.0.0.1"])
             self.servers.append(ReplicaServer(base / f"redis{i + 1}", primary=("127.0.0.1", primary_port), port=port))
         self.sentinels = [
-            SentinelServer(base / f"sentinel{i}", ("127.0.0.1", primary_port), port=_ephemeral_port("127.0.0.1"))
+            SentinelServer(base / f"sentinel{i}", ("127.0.0.1", primary_port), port=free_port(["127.0.0.1"]))
             for i in range(3)
         ]
 

@@ -3,7 +3,7 @@
 The worker has one ``smtp_port`` for every MX, so tests put several sinks on one port across
 127.0.0.x addresses (Linux routes all of 127.0.0.0/8 to loopback)::
 
-    port = free_port()
+    port = free_port()  # tests/ports.py
     with SinkServer("127.0.0.2", port) as mx1, SinkServer("127.0.0.3", port) as mx2:
         mx1.rcpt_replies["bad@b.test"] = "550 5.1.1 No such user"
         mx2.data_reply = "451 4.3.0 try later"
@@ -21,12 +21,10 @@ open at once). ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -35,30 +33,11 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-__all__ = ["LOOPBACK_HOSTS", "Delivery", "SinkServer", "free_port", "wait_for"]
+from tests.ports import free_port
 
-LOOPBACK_HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(1, 10))
-"""The addresses ``free_port`` checks: tests place sinks, ingress and DNS among these."""
+__all__ = ["Delivery", "SinkServer", "wait_for"]
 
 HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
-
-
-def free_port(hosts: Iterable[str] = LOOPBACK_HOSTS) -> int:
-    """A TCP port that is free on every one of ``hosts`` right now (tests bind it soon after)."""
-    hosts = list(hosts)
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first:
-            first.bind((hosts[0], 0))
-            port: int = first.getsockname()[1]
-            with contextlib.ExitStack() as stack:
-                try:
-                    for host in hosts[1:]:
-                        s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                        s.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no TCP port free on all of {hosts}")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -83,6 +62,7 @@ class Delivery:
     tls: bool
     mail_options: list[str]
     peer: str
+    peer_port: int = 0  # the client's source port: tells the connections apart
 
 
 class SinkServer:
@@ -117,6 +97,7 @@ class SinkServer:
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
+        self.mail_times: list[float] = []  # time.monotonic() of each MAIL FROM (pacing tests)
         self.rejected: list[tuple[str, str]] = []  # (recipient, reply) for scripted RCPT refusals
         self.hangups = 0
         self.attempts = 0  # transactions begun: MAIL commands received, whatever the outcome
@@ -184,6 +165,7 @@ class SinkServer:
         with self.lock:
             self.messages.clear()
             self.deliveries.clear()
+            self.mail_times.clear()
             self.rejected.clear()
             self.hangups = 0
             self.attempts = 0
@@ -264,6 +246,7 @@ class _Handler:
     ) -> str:
         with self.sink.lock:
             self.sink.attempts += 1
+            self.sink.mail_times.append(time.monotonic())
         if self.sink._hangup(server, "MAIL"):
             return "421 4.4.2 closing"
         if self.sink.mail_reply is not None and not self.sink.mail_reply.startswith("2"):
@@ -308,6 +291,7 @@ class _Handler:
                 tls=session.ssl is not None,
                 mail_options=list(envelope.mail_options),
                 peer=peer,
+                peer_port=int(session.peer[1]) if isinstance(session.peer, tuple) else 0,
             )
         )
         return self.sink.data_reply or "250 2.0.0 Ok: queued"

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,12 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = pytest.mark.slow
+from tests.ports import free_port
+from tests.tools import missing as tool_missing
+
+# pytest-timeout counts the module fixture's setup in the first test: a cold image build (debootstrap
+# 1200 s, build 900 s, up 300 s at most, each bounded below) is far beyond the suite's 600 s
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("MTAQ_DEPLOY_BASE_IMAGE", "mtaq-deploy/debian:bookworm")
@@ -57,12 +61,6 @@ def _engine_problem() -> str | None:
     if _compose_cmd() is None:
         return "neither `docker compose` nor `docker-compose` is installed"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600) -> str:
@@ -135,13 +133,13 @@ def _deploy(
     problem = _engine_problem()
     if problem:
         print(f"deployment test skipped: {problem}", file=sys.stderr)
-        pytest.skip(problem)
+        tool_missing(problem)
     compose = _compose_cmd()
     assert compose is not None
     t0 = time.monotonic()
     missing = subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0
     if missing and not shutil.which("debootstrap"):
-        pytest.skip(f"base image {BASE_IMAGE} missing and no debootstrap to make it (.ci/run installs it)")
+        tool_missing(f"base image {BASE_IMAGE} missing and no debootstrap to make it (.ci/run installs it)")
     _log(t0, _run(["bash", str(REPO / "tests/deploy/make-base-images.sh"), BASE_IMAGE, CACHE], timeout=1200).strip())
 
     # the build context: the repository's files as they are in this work tree, and host-made wheels
@@ -165,7 +163,7 @@ def _deploy(
     )
 
     project = f"mtaqdeploy{os.getpid()}{len(up_args)}"
-    smtp_port, metrics_port = _free_port(), _free_port()
+    smtp_port, metrics_port = free_port(["127.0.0.1"]), free_port(["127.0.0.1"])
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": project,
