@@ -184,6 +184,7 @@ class RecipientStatus:
     remote_mta: str = ""  # the host name that gave the reply (Remote-MTA of a DSN)
     updated: float = 0.0
     next_attempt: float = 0.0  # when a deferred recipient is due again (a retry job runs then)
+    tls: str = ""  # the last attempt's TLS: none, opportunistic, verified(mta-sts|dane|pkix) + protocol, cipher
 
     @property
     def final(self) -> bool:
@@ -198,6 +199,7 @@ class RecipientStatus:
                 "r": self.reply,
                 "h": self.relay,
                 "m": self.remote_mta,
+                "t": self.tls,
                 "u": self.updated,
                 "x": self.next_attempt,
             },
@@ -215,6 +217,7 @@ class RecipientStatus:
             reply=d.get("r", ""),
             relay=d.get("h", ""),
             remote_mta=d.get("m", ""),
+            tls=d.get("t", ""),
             updated=d.get("u", 0.0),
             next_attempt=d.get("x", 0.0),
         )

@@ -155,6 +155,19 @@ class Settings:
         10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
     )
     verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
+    # -- outbound TLS (issue 21): trust anchors, MTA-STS, DANE (worker/tlspolicy.py)
+    tls_ca_file: str = _opt(
+        "",
+        "PEM CA bundle against which MX certificates (MTA-STS, relayhost verification) and MTA-STS "
+        "policy servers are verified; unset = the system's CA store",
+        ("worker",),
+    )
+    mta_sts: bool = _opt(True, "honour MTA-STS policies of destination domains (RFC 8461)", ("worker",))
+    dane: bool = _opt(
+        False,
+        "honour DANE TLSA records (RFC 7672); needs dns_servers to be a DNSSEC-validating resolver you trust",
+        ("worker",),
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -171,6 +184,14 @@ class Settings:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
         if self.in_flow_delay < 0 or self.in_flow_backlog < 1:
             raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_backlog >= 1")
+        if self.tls_ca_file:
+            try:
+                with open(self.tls_ca_file, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r}: {e.strerror or e}: give a PEM CA bundle") from None
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r} holds no PEM certificate: give a PEM CA bundle")
 
     # -- parsed views
     @property

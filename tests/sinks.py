@@ -15,7 +15,8 @@ MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the con
 command; ``eightbitmime = False`` stops advertising 8BITMIME; ``data_delay`` makes a slow remote.
 ``connections``, ``open_connections`` and ``max_open`` count connections (all, open now, most
 open at once). ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
-``tls_broken=True`` offers STARTTLS and then fails the handshake.
+``tls_broken=True`` offers STARTTLS and then fails the handshake; ``ca=`` issues the
+certificate from a given trustme CA (a test's "public" CA) for ``hostname``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class SinkServer:
         tls_broken: bool = False,
         hostname: str | None = None,
         smtputf8: bool = False,
+        ca: trustme.CA | None = None,
     ) -> None:
         self.host = host
         self.smtputf8 = smtputf8
@@ -125,12 +127,14 @@ class SinkServer:
         self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
         self.ca: trustme.CA | None = None
+        self.leaf: trustme.LeafCert | None = None  # the certificate it presents (tls=True)
         self._tls_context: ssl.SSLContext | None = None
         if tls or tls_broken:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             if not tls_broken:  # without a certificate every handshake fails: "no shared cipher"
-                self.ca = trustme.CA()
-                self.ca.issue_cert(self.hostname, host).configure_cert(context)
+                self.ca = ca or trustme.CA()
+                self.leaf = self.ca.issue_cert(self.hostname, host)
+                self.leaf.configure_cert(context)
             self._tls_context = context
         self._controller: Controller | None = None
 

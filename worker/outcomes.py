@@ -88,6 +88,7 @@ class Batch:
                 f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
                 out.relay,
                 out.remote_mta,
+                out.tls,
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
@@ -99,6 +100,7 @@ class Batch:
             reply=out.reply,
             relay=out.relay,
             remote_mta=out.remote_mta,
+            tls=out.tls,
             updated=now,
             next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
         )

@@ -23,7 +23,9 @@ from typing import Protocol
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from worker.mime7bit import to_7bit
 from worker.mx import DnsError, MXResolver, Target
-from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
+from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection, TLSPolicyFailed
+from worker.tlsgate import DestinationTLS
+from worker.tlspolicy import OPPORTUNISTIC
 
 __all__ = [
     "Dialer",
@@ -52,6 +54,7 @@ class Outcome:
     reply: str  # what to show: the remote reply, or our own diagnostic
     relay: str  # host[ip]:port, or "none"
     remote_mta: str = ""
+    tls: str = ""  # what the session had: "none", "opportunistic", "verified(dane) TLSv1.3 <cipher>"
 
 
 class Undeliverable(Exception):
@@ -159,8 +162,15 @@ class Work:
     target ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back
     with floor ``t + 1``: the next MX gets its turn, as in Postfix."""
 
-    def __init__(self, targets: Sequence[Target], parcels: Sequence[Parcel] = (), owner: Owner | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        parcels: Sequence[Parcel] = (),
+        owner: Owner | None = None,
+        tls: DestinationTLS | None = None,
+    ) -> None:
         self.targets = list(targets)
+        self.tls = tls  # the TLS policies of the destination (MTA-STS, DANE); None: opportunistic
         self._queue: list[tuple[Parcel, int]] = []
         self._owners: dict[int, Owner] = {}
         self._lock = threading.Lock()
@@ -284,8 +294,20 @@ def converse(
                 conn = SMTPConnection(
                     helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
                 )
+                policy = work.tls
+                require = policy.require(target) if policy is not None else OPPORTUNISTIC
                 try:
-                    conn.open(target.ip, target.port, name=target.hostname)
+                    if require.refuse is not None:
+                        raise TLSPolicyFailed(require.refuse)  # this MX may not be used: not even a connect
+                    check = policy.check if policy is not None else None
+                    conn.open(target.ip, target.port, name=target.hostname, require=require, check=check)
+                    if conn.tls_failure is not None:
+                        log.info("%s: %s", relay, conn.tls_failure.text)  # testing mode: delivered, noted
+                except TLSPolicyFailed as e:
+                    # the host answers, it just may not have this mail: no word to the throttle
+                    log.info("%s: %s", relay, e.text)
+                    work.failed(_connect_outcome(e, relay, target))
+                    break  # the next address
                 except ConnectFailed as e:
                     log.info("%s", e.text)
                     work.failed(_connect_outcome(e, relay, target))
@@ -324,6 +346,9 @@ def converse(
 
 
 def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
+    if isinstance(e, TLSPolicyFailed):
+        # the diagnostic names the policy and what failed; never 5xx: the next attempt may succeed
+        return Outcome(RcptState.DEFERRED, e.failure.dsn, e.text, relay, target.hostname, "none")
     reply = e.reply
     if reply is not None and reply.outcome is RcptState.BOUNCED:
         # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting) and defers
@@ -399,7 +424,7 @@ def _send_parcel(
     try:
         opts = mail_options(env, body, conn)
     except Undeliverable as e:
-        refused = Outcome(e.outcome.state, e.outcome.dsn, e.outcome.reply, relay, target.hostname)
+        refused = Outcome(e.outcome.state, e.outcome.dsn, e.outcome.reply, relay, target.hostname, str(conn.tls_used))
         for i in pending:
             parcel.outcomes[i] = refused
         if record is not None:
@@ -420,14 +445,15 @@ def _send_parcel(
             for i in parcel.pending():
                 parcel.outcomes[i] = oops
             return False
+        tls = str(conn.tls_used)
         for pos, reply in result.replies.items():
-            parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
+            parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname, tls)
         final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].state is not RcptState.DEFERRED]
         if final and record is not None:
             record(parcel, final)
         if result.broken:
             what = f"conversation with {relay} timed out" if result.timed_out else f"lost connection with {relay}"
-            lost = Outcome(RcptState.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname)
+            lost = Outcome(RcptState.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname, tls)
             for i in chunk:
                 if i not in result.replies:
                     parcel.outcomes[i] = lost
@@ -439,23 +465,24 @@ def _send_parcel(
     return True
 
 
-def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
+def _outcome(reply: RemoteReply, relay: str, host: str, tls: str = "") -> Outcome:
     state = reply.outcome
     if state is RcptState.DELIVERED:
-        return Outcome(state, reply.dsn, str(reply), relay, host)
-    return Outcome(state, reply.dsn, f"host {relay} said: {reply}", relay, host)
+        return Outcome(state, reply.dsn, str(reply), relay, host, tls)
+    return Outcome(state, reply.dsn, f"host {relay} said: {reply}", relay, host, tls)
 
 
 def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float) -> None:
-    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status
-    (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
+    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, tls (what the
+    session had, issue 21), dsn, status (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
     delay = time.time() - received_at
     log.info(
-        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+        "%s: to=<%s>, relay=%s, delay=%.2f, tls=%s, dsn=%s, status=%s (%s)",
         qid,
         rcpt,
         outcome.relay or "none",
         delay,
+        outcome.tls or "none",
         outcome.dsn,
         LOG_STATUS[outcome.state],
         outcome.reply,
