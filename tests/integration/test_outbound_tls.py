@@ -5,6 +5,8 @@ redis-server, the DNS test zone (AD for "signed" names), an HTTPS policy server 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from cryptography import x509
 
 from common.envelope import RcptState, RecipientStatus
 from tests.dnsserver import ZoneServer
-from tests.fixtures import MTA, message
+from tests.fixtures import MTA, ROOT, message
 from tests.integration.eventually import eventually
 from tests.policyserver import PolicyServer
 from tests.sinks import SinkServer
@@ -129,6 +131,11 @@ def test_mta_sts_enforce_and_testing(
     log = mta.logs()
     assert "MTA-STS policy of testing.test (testing)" in log
     assert "MTA-STS policy of rogue.test: certificate of mx.rogue.test not trusted" in log
+    # Prometheus counters by TLS level and outcome (written to Redis within a second)
+    stats = "mtaq:stats"
+    eventually(lambda: mta.redis.hget(stats, "tls:verified(mta-sts):sent") == b"1", "the verified delivery counted")
+    eventually(lambda: mta.redis.hget(stats, "tls:none:deferred") == b"3", "the three policy deferrals counted")
+    eventually(lambda: mta.redis.hget(stats, "tls:opportunistic:sent") == b"1", "the testing-mode delivery counted")
 
 
 def test_cached_policy_survives_the_policy_server_going_away(
@@ -153,9 +160,20 @@ def test_cached_policy_survives_the_policy_server_going_away(
     dns.remove("_mta-sts.rogue.test.")
     mta.stop("worker0")
     mta.start_worker()
-    second = deferred(mta, send(mta, "carol@rogue.test"))
+    qid = send(mta, "carol@rogue.test")
+    second = deferred(mta, qid)
     assert "MTA-STS policy of rogue.test" in second.reply, second
     assert rogue.deliveries == []
+    # what the operator sees for the last attempt
+    shown = subprocess.run(
+        [sys.executable, "-m", "mtaq", "queue", "show", qid],
+        env=mta.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "tls=none, dsn=4.7.5" in shown.stdout and "MTA-STS policy of rogue.test" in shown.stdout, shown
 
 
 def dane_mx(zone: ZoneServer, domain: str, sink: SinkServer, tlsa: str | None, port: int) -> None:
