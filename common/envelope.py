@@ -118,6 +118,7 @@ class Envelope:
     auth_user: str | None = None
     # from mynetworks or authenticated (issue 11.3): only then may a DSN return the whole message
     trusted: bool = False
+    requiretls: bool = False  # RFC 8689 MAIL FROM REQUIRETLS: only verified TLS, else bounce 5.7.30
 
     @property
     def is_bounce(self) -> bool:
@@ -147,6 +148,8 @@ class Envelope:
             d["auth"] = self.auth_user
         if self.trusted:
             d["trusted"] = True
+        if self.requiretls:
+            d["requiretls"] = True
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -169,6 +172,7 @@ class Envelope:
             envid=d.get("envid"),
             auth_user=d.get("auth"),
             trusted=d.get("trusted", False),
+            requiretls=d.get("requiretls", False),
         )
 
 

@@ -116,6 +116,9 @@ class SinkServer:
         self.pipelining = True
         # aiosmtpd advertises 8BITMIME (RFC 6152); False drops it from the EHLO reply, as an old MX
         self.eightbitmime = True
+        # RFC 8689: advertise REQUIRETLS and take the MAIL parameter (counted in requiretls_mails)
+        self.requiretls = False
+        self.requiretls_mails = 0
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -232,6 +235,15 @@ class _CountingSMTP(SMTP):
             self._sink.max_open = max(self._sink.max_open, self._sink.open_connections)
         super().connection_made(transport)
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        # aiosmtpd refuses parameters it does not know (555): take REQUIRETLS off first, counted
+        if self._sink.requiretls and arg and " REQUIRETLS" in arg.upper():
+            words = [w for w in arg.split(" ") if w.upper() != "REQUIRETLS"]
+            with self._sink.lock:
+                self._sink.requiretls_mails += 1
+            arg = " ".join(words)
+        await super().smtp_MAIL(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink.lock:
             self._sink.open_connections -= 1
@@ -261,6 +273,8 @@ class _Handler:
             responses.insert(1, "250-PIPELINING")
         if not self.sink.eightbitmime:
             responses = [r for r in responses if r != "250-8BITMIME"]
+        if self.sink.requiretls:
+            responses.insert(1, "250-REQUIRETLS")
         return responses
 
     async def handle_MAIL(

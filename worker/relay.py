@@ -25,7 +25,7 @@ from worker.mime7bit import to_7bit
 from worker.mx import DnsError, MXResolver, Target
 from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection, TLSPolicyFailed
 from worker.tlsgate import DestinationTLS
-from worker.tlspolicy import OPPORTUNISTIC
+from worker.tlspolicy import OPPORTUNISTIC, requiretls_refusal, tls_required_no
 
 __all__ = [
     "Dialer",
@@ -79,6 +79,12 @@ class Parcel:
     def pending(self) -> list[int]:
         return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].state is RcptState.DEFERRED]
 
+    @property
+    def relaxed(self) -> bool:
+        """``TLS-Required: No`` (RFC 8689 §4.2.1): TLS policy failures do not stop this message.
+        REQUIRETLS on MAIL wins over the header."""
+        return not self.envelope.requiretls and tls_required_no(self.body)
+
 
 def utf8_addresses(env: Envelope) -> bool:
     return not (env.sender.isascii() and all(r.address.isascii() for r in env.recipients))
@@ -121,6 +127,13 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str]:
         opts.append(f"SIZE={len(body)}")  # RFC 1870: lets the server refuse before the data is sent
     if env.body_8bit and conn.supports("8bitmime"):
         opts.append("BODY=8BITMIME")
+    if env.requiretls:
+        relay = conn.client.relay if conn.client is not None else "the host"
+        refusal = requiretls_refusal(conn.tls_used, conn.supports("requiretls"), relay)
+        if refusal is not None:
+            # RFC 8689 §5: never sent without verified TLS; the DSN (ordinary mail) says why
+            raise Undeliverable(Outcome(RcptState.BOUNCED, "5.7.30", refusal, ""))
+        opts.append("REQUIRETLS")
     if env.smtputf8 or utf8_addresses(env):
         if conn.supports("smtputf8"):
             opts.append("SMTPUTF8")
@@ -187,10 +200,11 @@ class Work:
                     self._queue.append((p, 0))
                     self._owners[id(p)] = owner
 
-    def take(self, t: int) -> Parcel | None:
+    def take(self, t: int, relaxed: bool = False) -> Parcel | None:
+        """The next parcel for target ``t`` (``relaxed``: only one with TLS-Required: No)."""
         with self._lock:
             for n, (parcel, floor) in enumerate(self._queue):
-                if floor <= t:
+                if floor <= t and (not relaxed or parcel.relaxed):
                     del self._queue[n]
                     return parcel
         return None
@@ -199,9 +213,9 @@ class Work:
         with self._lock:
             self._queue.append((parcel, floor))
 
-    def has(self, t: int) -> bool:
+    def has(self, t: int, relaxed: bool = False) -> bool:
         with self._lock:
-            return any(floor <= t for _, floor in self._queue)
+            return any(floor <= t and (not relaxed or p.relaxed) for p, floor in self._queue)
 
     def __len__(self) -> int:
         with self._lock:
@@ -264,6 +278,7 @@ class Opened:
     target: int
     sent: int = 0
     to: Target | None = None
+    relaxed: bool = False  # opened without the destination's TLS policy, for TLS-Required: No mail
 
 
 def converse(
@@ -286,7 +301,8 @@ def converse(
     for t in range(first, len(targets)):
         target = targets[t]
         relay = str(target)
-        while work.has(t) and not stopping():
+        relaxed = False  # a connection without the policy, for TLS-Required: No mail only
+        while work.has(t, relaxed) and not stopping():
             if opened is not None and opened.target != t:
                 opened.conn.quit()
                 opened = None
@@ -294,7 +310,7 @@ def converse(
                 conn = SMTPConnection(
                     helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
                 )
-                policy = work.tls
+                policy = None if relaxed else work.tls
                 require = policy.require(target) if policy is not None else OPPORTUNISTIC
                 try:
                     if require.refuse is not None:
@@ -307,15 +323,18 @@ def converse(
                     # the host answers, it just may not have this mail: no word to the throttle
                     log.info("%s: %s", relay, e.text)
                     work.failed(_connect_outcome(e, relay, target))
+                    if not relaxed and work.has(t, True):
+                        relaxed = True  # again without the policy, for the mail that asked for that
+                        continue
                     break  # the next address
                 except ConnectFailed as e:
                     log.info("%s", e.text)
                     work.failed(_connect_outcome(e, relay, target))
                     feedback(False, e.text)
                     break  # the next address
-                opened = Opened(conn, t, to=target)
+                opened = Opened(conn, t, to=target, relaxed=relaxed)
                 reached = True
-            parcel = work.take(t)
+            parcel = work.take(t, relaxed)
             if parcel is None:
                 break
             pace()
@@ -339,6 +358,9 @@ def converse(
             if opened.sent >= dialer.messages_per_connection:
                 opened.conn.quit()  # destination_messages_per_connection: a fresh connection
                 opened = None
+    if opened is not None and opened.relaxed:
+        opened.conn.quit()  # opened without the policy (TLS-Required: No): never cached for other mail
+        return None, reached
     if opened is not None and (not opened.conn.alive or opened.sent >= dialer.messages_per_connection):
         opened.conn.quit()
         return None, reached

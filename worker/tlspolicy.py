@@ -33,6 +33,8 @@ __all__ = [
     "TLSUsed",
     "TrustAnchors",
     "check_chain",
+    "requiretls_refusal",
+    "tls_required_no",
     "tlsa_matches",
 ]
 
@@ -253,3 +255,25 @@ def check_chain(
         }.get(problem, f"certificate of {name} not trusted (tls_ca_file)")
         return req.failure(problem, what)
     return None
+
+
+def requiretls_refusal(used: TLSUsed, offered: bool, relay: str) -> str | None:
+    """RFC 8689 §5: a REQUIRETLS message goes only over a session verified by DANE or MTA-STS, to
+    a server that offers REQUIRETLS itself. None when this session will do, else why not."""
+    if used.level not in ("verified(dane)", "verified(mta-sts)"):
+        return f"REQUIRETLS: the session with {relay} is not verified by DANE or MTA-STS (tls={used.level})"
+    if not offered:
+        return f"REQUIRETLS support required, but {relay} does not offer it"
+    return None
+
+
+def tls_required_no(body: bytes) -> bool:
+    """Whether the message carries ``TLS-Required: No`` (RFC 8689 §4.2.1): the sender asks that TLS
+    policy failures not stop it."""
+    head = body.split(b"\r\n\r\n", 1)[0]
+    lines = head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ").split(b"\r\n")
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False

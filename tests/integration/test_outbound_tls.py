@@ -18,6 +18,7 @@ from common.envelope import RcptState, RecipientStatus
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, message
 from tests.integration.eventually import eventually
+from tests.integration.smtpwire import make_tls_files
 from tests.policyserver import PolicyServer
 from tests.sinks import SinkServer
 from worker.tlspolicy import spki
@@ -125,6 +126,12 @@ def test_mta_sts_enforce_and_testing(
     assert rogue.deliveries == [] and plain.deliveries == [] and notin.deliveries == []
     assert notin.connections == asked  # not in the policy: not even asked
 
+    # TLS-Required: No (RFC 8689 §4.2.1): the sender lets this one go despite the policy failure
+    body = b"TLS-Required: No\r\n" + message(subject="relaxed", to="carol@rogue.test")
+    line = attempt(mta, mta.send("alice@client.test", ["carol@rogue.test"], body))
+    assert "status=sent" in line and "tls=opportunistic" in line, line
+    assert [d.rcpt_tos for d in rogue.deliveries] == [["carol@rogue.test"]]
+
     line = attempt(mta, qids["testing"])
     assert "status=sent" in line and "tls=opportunistic TLSv1." in line, line
     assert [d.tls for d in testing.deliveries] == [True]
@@ -135,7 +142,7 @@ def test_mta_sts_enforce_and_testing(
     stats = "mtaq:stats"
     eventually(lambda: mta.redis.hget(stats, "tls:verified(mta-sts):sent") == b"1", "the verified delivery counted")
     eventually(lambda: mta.redis.hget(stats, "tls:none:deferred") == b"3", "the three policy deferrals counted")
-    eventually(lambda: mta.redis.hget(stats, "tls:opportunistic:sent") == b"1", "the testing-mode delivery counted")
+    eventually(lambda: mta.redis.hget(stats, "tls:opportunistic:sent") == b"2", "testing mode, TLS-Required: No")
 
 
 def test_cached_policy_survives_the_policy_server_going_away(
@@ -219,3 +226,50 @@ def leaf_tlsa(sink: SinkServer) -> str:
     assert sink.leaf is not None
     leaf = x509.load_pem_x509_certificate(sink.leaf.cert_chain_pems[0].bytes())
     return f"3 1 1 {hashlib.sha256(spki(leaf)).hexdigest()}"
+
+
+def test_requiretls_delivered_via_dane_and_bounced_without_a_verified_policy(
+    mta_factory: Callable[..., MTA],
+    dns: ZoneServer,
+    sinks: Callable[..., SinkServer],
+    mx_port: int,
+    tmp_path: Path,
+) -> None:
+    signed = sinks("127.0.0.2", tls=True, hostname="mx.rsigned.test")
+    signed.requiretls = True
+    loose = sinks("127.0.0.3", tls=True, hostname="mx.rloose.test")  # TLS, but nothing verifies it
+    loose.requiretls = True
+    home = sinks("127.0.0.9")  # the sender's domain: where the bounce goes
+    dane_mx(dns, "rsigned.test", signed, leaf_tlsa(signed), mx_port)
+    dns.signed.add("rsigned.test.")
+    mx(dns, "rloose.test", loose.host)
+    mx(dns, "client.test", home.host)
+    files = tmp_path / "ingress-tls"
+    files.mkdir()
+    tls = make_tls_files(files)
+    mta = mta_factory(dane="yes", tls_cert=tls.cert, tls_key=tls.key, min_backoff=3600, max_backoff=3600)
+    mta.start_ingress()
+    mta.start_worker()
+
+    def send_requiretls(to: str) -> str:
+        with mta.smtp() as s:
+            s.ehlo()
+            s.starttls(context=tls.client_context())
+            s.ehlo()
+            assert s.has_extn("requiretls")
+            code, resp = s.mail("alice@client.test", ["REQUIRETLS"])
+            assert code == 250, resp
+            assert s.rcpt(to)[0] == 250
+            code, resp = s.data(message(to=to))
+            assert code == 250, resp
+            return resp.decode().rsplit(" ", 1)[-1]
+
+    line = attempt(mta, send_requiretls("bob@rsigned.test"))
+    assert "status=sent" in line and "tls=verified(dane)" in line, line
+    assert signed.requiretls_mails == 1 and len(signed.deliveries) == 1
+
+    line = attempt(mta, send_requiretls("bob@rloose.test"))
+    assert "status=bounced" in line and "dsn=5.7.30" in line and "not verified by DANE or MTA-STS" in line, line
+    assert loose.deliveries == [] and loose.requiretls_mails == 0
+    eventually(lambda: len(home.deliveries) == 1, "the bounce at the sender's domain")
+    assert b"5.7.30" in home.deliveries[0].data and home.deliveries[0].mail_from == ""
