@@ -319,10 +319,14 @@ def converse(
                     conn.open(target.ip, target.port, name=target.hostname, require=require, check=check)
                     if conn.tls_failure is not None:
                         log.info("%s: %s", relay, conn.tls_failure.text)  # testing mode: delivered, noted
+                    if policy is not None:
+                        policy.report(require, target.hostname, conn.tls_failure)
                 except TLSPolicyFailed as e:
                     # the host answers, it just may not have this mail: no word to the throttle
                     log.info("%s: %s", relay, e.text)
                     work.failed(_connect_outcome(e, relay, target))
+                    if policy is not None:
+                        policy.report(require, target.hostname, e.failure)
                     if not relaxed and work.has(t, True):
                         relaxed = True  # again without the policy, for the mail that asked for that
                         continue

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from common.envelope import RcptState, RecipientStatus
 from common.store import SWEEP_LOCK, Message
 from worker.service import DeliveryService as Context
+from worker.tlsrpt import send_daily
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
 
@@ -96,6 +97,19 @@ def start_sweeper(ctx: Context, interval: float) -> threading.Thread:
                     sweep(ctx)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
+            try:
+                if ctx.tls is not None:  # yesterday's TLS-RPT reports, once cluster-wide (RFC 8460)
+                    gate = ctx.tls
+                    send_daily(
+                        gate.redis,
+                        gate.resolver,
+                        ctx.settings.hostname,
+                        time.time(),
+                        queue=ctx.spool.commit,
+                        context=gate.anchors.context(),
+                    )
+            except Exception:
+                log.exception("TLS-RPT reports not sent; next try in about %.0fs", interval)
 
     t = threading.Thread(target=loop, name="mtaq-sweep", daemon=True)
     t.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import dns.resolver
 import redis
@@ -19,6 +20,7 @@ from worker.dane import TLSALookup
 from worker.mtasts import MTASTS, PolicyCache, STSPolicy
 from worker.mx import Target, parse_destination
 from worker.tlspolicy import OPPORTUNISTIC, Failure, Requirement, TrustAnchors, check_chain
+from worker.tlsrpt import TLSReporter
 
 __all__ = ["DestinationTLS", "TLSGate"]
 
@@ -35,12 +37,14 @@ class DestinationTLS:
         sts: STSPolicy | None = None,
         dane: TLSALookup | None = None,
         port: int = 25,
+        reporter: TLSReporter | None = None,
     ) -> None:
         self.domain = domain
         self.anchors = anchors
         self.sts = sts if sts is not None and sts.mode != "none" else None
         self.dane = dane
         self.port = port
+        self.reporter = reporter
         self._dane_memo: dict[str, Requirement | None] = {}
         self._lock = threading.Lock()
 
@@ -70,6 +74,17 @@ class DestinationTLS:
     def check(self, req: Requirement, hostname: str, chain: list[bytes]) -> Failure | None:
         return check_chain(req, hostname, chain, self.anchors)
 
+    def report(self, req: Requirement, mx_host: str, failure: Failure | None) -> None:
+        """A session under ``req`` met it (``failure`` None) or not: counted for TLS-RPT."""
+        if self.reporter is None or not req.policy:
+            return
+        if req.policy == "mta-sts" and self.sts is not None:
+            sts = self.sts
+            strings = ["version: STSv1", f"mode: {sts.mode}", *(f"mx: {m}" for m in sts.mx), f"max_age: {sts.max_age}"]
+        else:
+            strings = [f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in req.tlsa]
+        self.reporter.record(time.time(), req, mx_host, failure, strings)
+
 
 class TLSGate:
     """Settings -> per-destination TLS requirements."""
@@ -84,9 +99,12 @@ class TLSGate:
         dane: bool = False,
         policy_port: int = 443,
     ) -> None:
+        self.resolver = resolver
+        self.redis = r
         self.anchors = TrustAnchors(ca_file)
         self.mta_sts = MTASTS(resolver, PolicyCache(r), self.anchors.context(), port=policy_port) if mta_sts else None
         self.dane = TLSALookup(resolver) if dane else None
+        self.reporter = TLSReporter(r)
 
     def destination(self, destination: str, port: int) -> DestinationTLS | None:
         """The policies of ``destination``, or None when none can apply: a literal next hop
@@ -104,4 +122,4 @@ class TLSGate:
         dane = self.dane if self.dane is not None and self.dane.destination_secure(domain) else None
         if sts is None and dane is None:
             return None
-        return DestinationTLS(domain, self.anchors, sts, dane, port)
+        return DestinationTLS(domain, self.anchors, sts, dane, port, self.reporter)

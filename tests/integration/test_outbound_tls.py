@@ -4,9 +4,14 @@ redis-server, the DNS test zone (AD for "signed" names), an HTTPS policy server 
 
 from __future__ import annotations
 
+import email
+import email.policy
+import gzip
 import hashlib
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,6 +186,29 @@ def test_cached_policy_survives_the_policy_server_going_away(
         timeout=60,
     )
     assert "tls=none, dsn=4.7.5" in shown.stdout and "MTA-STS policy of rogue.test" in shown.stdout, shown
+
+    # TLS-RPT: the day's counts go, gzipped JSON through our own queue, to the domain's rua address
+    dns.add("_smtp._tls.rogue.test.", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@client.test"')
+    home = sinks("127.0.0.9")
+    mx(dns, "client.test", home.host)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    done = subprocess.run(
+        [sys.executable, "-m", "mtaq", "tlsrpt", "send", "--date", today],
+        env=mta.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and f"{today} rogue.test: mailto:tlsrpt@client.test" in done.stdout, done
+    eventually(lambda: len(home.deliveries) == 1, "the TLS-RPT report at the domain's address")
+    report = email.message_from_bytes(home.deliveries[0].data, policy=email.policy.default)
+    part = next(p for p in report.walk() if p.get_content_type() == "application/tlsrpt+gzip")
+    data = json.loads(gzip.decompress(part.get_payload(decode=True)))  # type: ignore[arg-type]
+    (entry,) = data["policies"]
+    assert entry["policy"]["policy-type"] == "sts" and "mode: enforce" in entry["policy"]["policy-string"]
+    assert entry["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 2}
+    assert entry["failure-details"][0]["result-type"] == "certificate-not-trusted"
 
 
 def dane_mx(zone: ZoneServer, domain: str, sink: SinkServer, tlsa: str | None, port: int) -> None:
