@@ -14,16 +14,19 @@ any certificate. ``TLSUsed`` says afterwards what a session had: ``none``, ``opp
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+if TYPE_CHECKING:
+    # imported where used: a worker that never meets a policy never loads it (16 MiB per process)
+    from cryptography import x509
+    from cryptography.x509.verification import Store
 
 __all__ = [
     "OPPORTUNISTIC",
@@ -124,6 +127,8 @@ class TrustAnchors:
             return None
         with self._lock:
             if self._store is None:
+                from cryptography.x509.verification import Store
+
                 certs = _read_bundle(self.path)
                 if not certs:
                     raise ValueError(f"tls_ca_file {self.path!r}: no PEM certificate in it")
@@ -145,6 +150,8 @@ def _system_bundle() -> str:
 
 
 def _read_bundle(path: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     if not path:
         return []
     try:
@@ -162,6 +169,8 @@ def _read_bundle(path: str) -> list[x509.Certificate]:
 
 
 def spki(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -175,6 +184,8 @@ def _digest(mtype: int, data: bytes) -> bytes:
 
 def tlsa_matches(record: TLSA, cert: x509.Certificate) -> bool:
     """RFC 6698 §2.1: the certificate (selector 0) or its public key (1), hashed as ``mtype`` says."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     if not record.usable:
         return False
     selected = cert.public_bytes(Encoding.DER) if record.selector == 0 else spki(cert)
@@ -185,16 +196,25 @@ def tlsa_matches(record: TLSA, cert: x509.Certificate) -> bool:
 # otherwise whatever the issuer put there (MX certificates often mark extensions critical or lack
 # serverAuth; RFC 7672 §3.2.3 and RFC 8461 §4.2 ask for the name and the chain, not for the Web PKI's
 # leaf profile). CA certificates keep the Web PKI's rules (basicConstraints above all).
-_EE_POLICY = ExtensionPolicy.permit_all().require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+@functools.cache
+def _extension_policies() -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    ee = ExtensionPolicy.permit_all().require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    return ExtensionPolicy.webpki_defaults_ca(), ee
 
 
 def _verify(
     store: Store, name: str, leaf: x509.Certificate, rest: Sequence[x509.Certificate], now: datetime.datetime
 ) -> str | None:
     """PKIX path validation of ``leaf`` for the DNS name ``name``; None or the RFC 8460 result type."""
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, VerificationError
+
+    ca_policy, ee_policy = _extension_policies()
     try:
-        builder = PolicyBuilder().store(store).time(now).extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        builder = PolicyBuilder().store(store).time(now).extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
         verifier = builder.build_server_verifier(x509.DNSName(name))
         verifier.verify(leaf, list(rest))
     except VerificationError as e:
@@ -224,6 +244,9 @@ def check_chain(
     MX host name against the trust anchors (``tls_ca_file``)."""
     if not req.policy:
         return None
+    from cryptography import x509
+    from cryptography.x509.verification import Store
+
     when = now or datetime.datetime.now(datetime.UTC)
     name = hostname.rstrip(".").lower()
     try:
@@ -243,7 +266,10 @@ def check_chain(
                 if tlsa_matches(record, anchor) and _verify(Store([anchor]), name, leaf, rest, when) is None:
                     return None
         return req.failure("tlsa-invalid", f"no TLSA record of {name} matches the certificate chain")
-    store = anchors.load() if anchors is not None else None
+    try:
+        store = anchors.load() if anchors is not None else None
+    except ValueError:
+        store = None  # a bundle that turned out unusable: nothing can be verified against it
     if store is None:
         return req.failure("certificate-not-trusted", "no trust anchors (tls_ca_file)")
     problem = _verify(store, name, leaf, rest, when)
