@@ -303,7 +303,7 @@ class MTASTS:
         self._memo: dict[str, tuple[float, STSPolicy | None]] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # domain -> (when, TXT id) of a failed fetch
         self._lock = threading.Lock()
-        self.failures: list[tuple[str, PolicyError]] = []  # (domain, error) since last taken (TLS-RPT)
+        self.failures: list[tuple[str, PolicyError]] = []  # (domain, error) not yet taken (TLS-RPT)
 
     def policy(self, domain: str) -> STSPolicy | None:
         """The policy in force for ``domain`` (mode none included), or None. Never raises for
@@ -339,6 +339,7 @@ class MTASTS:
             log.warning("%s: MTA-STS policy fetch failed: %s%s", domain, e.text, kept)
             with self._lock:
                 self._failed[domain] = (now, ident)
+                del self.failures[: max(0, len(self.failures) - 99)]  # bounded if nobody takes them
                 self.failures.append((domain, e))
             return cached
         policy = STSPolicy(fetched.mode, fetched.mx, fetched.max_age, ident, now)
@@ -348,6 +349,12 @@ class MTASTS:
             log.warning("%s: MTA-STS policy not cached (Redis unavailable)", domain)
         log.info("%s: MTA-STS policy id=%s mode=%s max_age=%d", domain, ident, policy.mode, policy.max_age)
         return policy
+
+    def take_failures(self) -> list[tuple[str, PolicyError]]:
+        """The fetch failures since the last call (for TLS-RPT)."""
+        with self._lock:
+            out, self.failures = self.failures, []
+        return out
 
     def _txt_id(self, domain: str) -> str | None:
         try:

@@ -119,6 +119,9 @@ class TLSGate:
             return None
         domain = domain.rstrip(".").lower()
         sts = self.mta_sts.policy(domain) if self.mta_sts is not None else None
+        for failed, error in self.mta_sts.take_failures() if self.mta_sts is not None else []:
+            # a policy that could not be fetched is a TLS-RPT failure of its own (RFC 8460 §4.3.2.1)
+            self.reporter.record(time.time(), Requirement("mta-sts", True, failed), "", Failure(error.result_type, ""))
         dane = self.dane if self.dane is not None and self.dane.destination_secure(domain) else None
         if sts is None and dane is None:
             return None

@@ -133,7 +133,7 @@ def build_report(day: str, domain: str, counts: dict[str, str], hostname: str) -
                     "total-failure-session-count": entry["fail"],
                 },
                 "failure-details": [
-                    {"result-type": result, "receiving-mx-hostname": mx, "failed-session-count": n}
+                    {"result-type": result, "failed-session-count": n} | ({"receiving-mx-hostname": mx} if mx else {})
                     for (result, mx), n in sorted(details.items())
                 ],
             }

@@ -197,3 +197,11 @@ def test_fetch_failure_without_cache_delivers_as_before_and_is_not_retried_at_on
 def test_cached_json_round_trips() -> None:
     p = STSPolicy("enforce", ("a.test", "*.b.test"), 60, "x1", 5.0)
     assert STSPolicy.from_json(p.to_json()) == p
+
+
+def test_fetch_failures_are_taken_once_for_tls_rpt() -> None:
+    sts, txt, _, _, _ = make({})
+    txt.records["_mta-sts.example.com"] = "v=STSv1; id=1"
+    sts.policy("example.com")
+    assert [(d, e.result_type) for d, e in sts.take_failures()] == [("example.com", "sts-policy-fetch-error")]
+    assert sts.take_failures() == []

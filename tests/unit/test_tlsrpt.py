@@ -67,3 +67,14 @@ def test_report_mail_is_a_gzipped_tlsrpt_report() -> None:
     data = json.loads(gzip.decompress(part.get_payload(decode=True)))  # type: ignore[arg-type]
     assert data["policies"][0]["summary"]["total-successful-session-count"] == 3
     assert part.get_filename() == "mtaq.example!b.test!2026-12-05.json.gz"
+
+
+def test_a_policy_fetch_failure_is_reported_without_an_mx() -> None:
+    r = fakeredis.FakeRedis(decode_responses=True)
+    TLSReporter(r).record(time.time(), STS, "", Failure("sts-policy-fetch-error", ""))
+    day = day_of(time.time())
+    counts = {str(k): str(v) for k, v in r.hgetall(f"mtaq:tlsrpt:{day}:a.test").items()}
+    report = build_report(day, "a.test", counts, "mtaq.example")
+    policies = report["policies"]
+    assert isinstance(policies, list)
+    assert policies[0]["failure-details"] == [{"result-type": "sts-policy-fetch-error", "failed-session-count": 1}]
