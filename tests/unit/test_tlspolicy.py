@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import shutil
+import subprocess
 from pathlib import Path
 from typing import cast
 
@@ -143,3 +145,27 @@ def test_dane_wins_over_mta_sts_and_mta_sts_picks_the_mx(tmp_path: Path) -> None
     assert testing.require(target("evil.test")) == Requirement("mta-sts", False, "a.test")
     none = DestinationTLS("a.test", TrustAnchors(), STSPolicy("none", (), 60, "1"))
     assert none.require(target("evil.test")) == Requirement()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tlsa_records_computed_by_openssl_match(tmp_path: Path) -> None:
+    """TLSA data as DANE operators make it (RFC 7671 §A: openssl x509/pkey | sha256), not by our code."""
+    leaf = trustme.CA().issue_cert(MX)
+    pem = tmp_path / "leaf.pem"
+    pem.write_bytes(leaf.cert_chain_pems[0].bytes())
+
+    def run(*cmds: list[str]) -> bytes:
+        data = pem.read_bytes()
+        for cmd in cmds:
+            data = subprocess.run(cmd, input=data, capture_output=True, check=True).stdout
+        return data
+
+    full = run(["openssl", "x509", "-outform", "DER"], ["openssl", "dgst", "-sha256", "-binary"])
+    key = run(
+        ["openssl", "x509", "-noout", "-pubkey"],
+        ["openssl", "pkey", "-pubin", "-outform", "DER"],
+        ["openssl", "dgst", "-sha512", "-binary"],
+    )
+    c = cert(der_chain(leaf)[0])
+    assert tlsa_matches(TLSA(3, 0, 1, full), c) and tlsa_matches(TLSA(3, 1, 2, key), c)
+    assert not tlsa_matches(TLSA(3, 1, 2, full), c)  # a certificate digest is not a key digest
