@@ -37,6 +37,8 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> PolicyServer:
+        if self._server is not None:
+            return self
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

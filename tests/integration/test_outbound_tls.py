@@ -59,7 +59,12 @@ POLICIES = {
 
 @pytest.fixture
 def web(ca: trustme.CA) -> Iterator[PolicyServer]:
-    with PolicyServer(WEB, ca, dict(POLICIES)) as server:
+    server = PolicyServer(WEB, ca, dict(POLICIES))
+    try:
+        server.start()
+    except PermissionError:
+        pytest.skip("the MTA-STS policy server needs port 443 (run the tests as root)")
+    with server:
         yield server
 
 
@@ -227,24 +232,31 @@ def test_dane(
     wrong = sinks("127.0.0.3", tls=True, hostname="mx.dwrong.test")
     plain = sinks("127.0.0.4")
     unsigned = sinks("127.0.0.5", tls=True, hostname="mx.unsigned.test")
+    broken = sinks("127.0.0.6", tls=True, hostname="mx.dfail.test")
     other = x509.load_pem_x509_certificate(trustme.CA().cert_pem.bytes())
     bogus = f"3 1 1 {hashlib.sha256(spki(other)).hexdigest()}"
     dane_mx(dns, "dgood.test", good, leaf_tlsa(good), mx_port)
     dane_mx(dns, "dwrong.test", wrong, bogus, mx_port)
     dane_mx(dns, "dplain.test", plain, bogus, mx_port)
     dane_mx(dns, "unsigned.test", unsigned, bogus, mx_port)  # a TLSA answer without AD: ignored
-    dns.signed.update({"dgood.test.", "dwrong.test.", "dplain.test."})
+    dane_mx(dns, "dfail.test", broken, None, mx_port)
+    dns.servfail.add(f"_{mx_port}._tcp.mx.dfail.test/TLSA")  # a signed host whose TLSA lookup fails
+    dns.signed.update({"dgood.test.", "dwrong.test.", "dplain.test.", "dfail.test."})
     mta = mta_factory(dane="yes", min_backoff=3600, max_backoff=3600)
     mta.start_ingress()
     mta.start_worker()
-    qids = {d: send(mta, f"bob@{d}.test") for d in ("dgood", "dwrong", "dplain", "unsigned")}
+    qids = {d: send(mta, f"bob@{d}.test") for d in ("dgood", "dwrong", "dplain", "unsigned", "dfail")}
     line = attempt(mta, qids["dgood"])
     assert "status=sent" in line and "tls=verified(dane) TLSv1." in line, line
     assert [d.tls for d in good.deliveries] == [True]
-    for d, words in [("dwrong", "no TLSA record of mx.dwrong.test matches"), ("dplain", "no STARTTLS")]:
+    for d, words in [
+        ("dwrong", "no TLSA record of mx.dwrong.test matches"),
+        ("dplain", "no STARTTLS"),
+        ("dfail", "TLSA lookup for _"),
+    ]:
         st = deferred(mta, qids[d])
         assert f"DANE policy of {d}.test" in st.reply and words in st.reply, st
-    assert wrong.deliveries == [] and plain.deliveries == []
+    assert wrong.deliveries == [] and plain.deliveries == [] and broken.deliveries == []
     line = attempt(mta, qids["unsigned"])
     assert "status=sent" in line and "tls=opportunistic" in line, line
 
