@@ -11,14 +11,17 @@ every ``mta-sts.<domain>`` it serves::
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ssl
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
+import pytest
 import trustme
 
-__all__ = ["PolicyServer"]
+__all__ = ["PolicyServer", "serving"]
 
 
 class PolicyServer:
@@ -87,3 +90,15 @@ class PolicyServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(host: str, ca: trustme.CA, policies: dict[str, bytes]) -> Iterator[PolicyServer]:
+    """A started PolicyServer on ``host``:443 for a test (skipped where port 443 needs root)."""
+    server = PolicyServer(host, ca, policies)
+    try:
+        server.start()
+    except PermissionError:
+        pytest.skip("the MTA-STS policy server needs port 443 (run the tests as root)")
+    with server:
+        yield server

@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from tests.dnsserver import ZoneServer
-from tests.policyserver import PolicyServer
+from tests.policyserver import PolicyServer, serving
 from worker.mtasts import MAX_POLICY_SIZE, PolicyError, fetch_policy, parse_policy
 from worker.mx import make_resolver
 
@@ -26,12 +26,7 @@ def ca() -> trustme.CA:
 
 @pytest.fixture
 def web(ca: trustme.CA) -> Iterator[PolicyServer]:
-    server = PolicyServer(WEB, ca, {"a.test": POLICY, "big.test": b"x" * (MAX_POLICY_SIZE + 10)})
-    try:
-        server.start()
-    except PermissionError:
-        pytest.skip("the MTA-STS policy server needs port 443 (run the tests as root)")
-    with server:
+    with serving(WEB, ca, {"a.test": POLICY, "big.test": b"x" * (MAX_POLICY_SIZE + 10)}) as server:
         yield server
 
 

@@ -24,7 +24,7 @@ from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, message
 from tests.integration.eventually import eventually
 from tests.integration.smtpwire import make_tls_files
-from tests.policyserver import PolicyServer
+from tests.policyserver import PolicyServer, serving
 from tests.sinks import SinkServer
 from worker.tlspolicy import spki
 
@@ -59,12 +59,7 @@ POLICIES = {
 
 @pytest.fixture
 def web(ca: trustme.CA) -> Iterator[PolicyServer]:
-    server = PolicyServer(WEB, ca, dict(POLICIES))
-    try:
-        server.start()
-    except PermissionError:
-        pytest.skip("the MTA-STS policy server needs port 443 (run the tests as root)")
-    with server:
+    with serving(WEB, ca, dict(POLICIES)) as server:
         yield server
 
 
