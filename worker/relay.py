@@ -343,7 +343,9 @@ def converse(
                 break
             pace()
             try:
-                alive = _send_parcel(opened.conn, parcel, parcel.pending(), relay, target, record)
+                alive = _send_parcel(
+                    opened.conn, parcel, parcel.pending(), relay, target, record, last=t + 1 >= len(targets)
+                )
             except BaseException:
                 opened.conn.close()  # its state is unknown: never reused
                 work.back(parcel, t + 1)
@@ -442,18 +444,29 @@ def defer_left(parcels: Sequence[Parcel], work: Work) -> None:
 
 
 def _send_parcel(
-    conn: SMTPConnection, parcel: Parcel, pending: list[int], relay: str, target: Target, record: Recorder | None
+    conn: SMTPConnection,
+    parcel: Parcel,
+    pending: list[int],
+    relay: str,
+    target: Target,
+    record: Recorder | None,
+    *,
+    last: bool = True,
 ) -> bool:
-    """One message's transactions on this connection; False when the connection is gone."""
+    """One message's transactions on this connection; False when the connection is gone. ``last``:
+    no MX address comes after this one."""
     env = parcel.envelope
     body = body_to_send(parcel, conn)
     try:
         opts = mail_options(env, body, conn)
     except Undeliverable as e:
-        refused = Outcome(e.outcome.state, e.outcome.dsn, e.outcome.reply, relay, target.hostname, str(conn.tls_used))
+        state, dsn = e.outcome.state, e.outcome.dsn
+        if dsn == "5.7.30" and not last:
+            state, dsn = RcptState.DEFERRED, "4.7.30"  # RFC 8689 §5.2: the next MX may satisfy REQUIRETLS
+        refused = Outcome(state, dsn, e.outcome.reply, relay, target.hostname, str(conn.tls_used))
         for i in pending:
             parcel.outcomes[i] = refused
-        if record is not None:
+        if record is not None and state is not RcptState.DEFERRED:
             record(parcel, pending)
         return True
     for start in range(0, len(pending), RCPTS_PER_TRANSACTION):

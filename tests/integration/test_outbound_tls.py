@@ -303,6 +303,17 @@ def test_requiretls_delivered_via_dane_and_bounced_without_a_verified_policy(
     assert "status=sent" in line and "tls=verified(dane)" in line, line
     assert signed.requiretls_mails == 1 and len(signed.deliveries) == 1
 
+    # two MX hosts: the first is not verified (no TLSA), the second is: REQUIRETLS goes to the second
+    dns.add("rmixed.test.", "MX", "10 mx1.rmixed.test.")
+    dns.add("rmixed.test.", "MX", "20 mx2.rmixed.test.")
+    dns.add("mx1.rmixed.test.", "A", loose.host)
+    dns.add("mx2.rmixed.test.", "A", signed.host)
+    dns.add(f"_{mx_port}._tcp.mx2.rmixed.test.", "TLSA", leaf_tlsa(signed))
+    dns.signed.add("rmixed.test.")
+    line = attempt(mta, send_requiretls("carol@rmixed.test"))
+    assert "status=sent" in line and "relay=mx2.rmixed.test" in line and "tls=verified(dane)" in line, line
+    assert signed.requiretls_mails == 2 and loose.deliveries == []
+
     line = attempt(mta, send_requiretls("bob@rloose.test"))
     assert "status=bounced" in line and "dsn=5.7.30" in line and "not verified by DANE or MTA-STS" in line, line
     assert loose.deliveries == [] and loose.requiretls_mails == 0
