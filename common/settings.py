@@ -209,6 +209,19 @@ class Settings:
     redis_replica_timeout: float = _opt(
         1.0, "seconds WAIT gives the replicas; then the ingress answers 451 4.3.0", ("ingress", "worker")
     )
+    # -- outbound TLS (issue 21): trust anchors, MTA-STS, DANE (worker/tlspolicy.py)
+    tls_ca_file: str = _opt(
+        "",
+        "PEM CA bundle against which MX certificates (MTA-STS, relayhost verification) and MTA-STS "
+        "policy servers are verified; unset = the system's CA store",
+        ("worker",),
+    )
+    mta_sts: bool = _opt(True, "honour MTA-STS policies of destination domains (RFC 8461)", ("worker",))
+    dane: bool = _opt(
+        False,
+        "honour DANE TLSA records (RFC 7672); needs dns_servers to be a DNSSEC-validating resolver you trust",
+        ("worker",),
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -236,6 +249,14 @@ class Settings:
             _hostport("redis_sentinels", server)
         if self.redis_min_replicas < 0 or self.redis_replica_timeout <= 0:
             raise ValueError("need redis_min_replicas >= 0 and redis_replica_timeout > 0")
+        if self.tls_ca_file:
+            try:
+                with open(self.tls_ca_file, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r}: {e.strerror or e}: give a PEM CA bundle") from None
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r} holds no PEM certificate: give a PEM CA bundle")
 
     # -- parsed views
     @property

@@ -91,6 +91,28 @@ def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"
 
 
+# Outbound TLS (issue 21), shared by every worker on every host:
+# ``mtaq:mta-sts:<domain>``  string with a TTL (the policy's max_age): the MTA-STS policy in force, JSON
+#                            (worker/mtasts.py); a failed refresh leaves it alone
+# ``mtaq:tlsrpt:<day>:<domain>``  hash: TLS-RPT session counts of that UTC day (worker/tlsrpt.py)
+# ``mtaq:tlsrpt:<day>``           set: the policy domains counted that day
+# ``mtaq:tlsrpt-sent:<day>``      string: the worker that sends that day's reports (once, cluster-wide)
+def mta_sts_key(domain: str) -> str:
+    return f"{PREFIX}mta-sts:{domain}"
+
+
+def tlsrpt_key(day: str, domain: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}:{domain}"
+
+
+def tlsrpt_domains_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}"
+
+
+def tlsrpt_sent_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt-sent:{day}"
+
+
 class StoreError(Exception):
     """Nothing was stored."""
 

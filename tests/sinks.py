@@ -15,7 +15,8 @@ MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the con
 command; ``eightbitmime = False`` stops advertising 8BITMIME; ``data_delay`` makes a slow remote.
 ``connections``, ``open_connections`` and ``max_open`` count connections (all, open now, most
 open at once). ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
-``tls_broken=True`` offers STARTTLS and then fails the handshake.
+``tls_broken=True`` offers STARTTLS and then fails the handshake; ``ca=`` issues the
+certificate from a given trustme CA (a test's "public" CA) for ``hostname``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class SinkServer:
         tls_broken: bool = False,
         hostname: str | None = None,
         smtputf8: bool = False,
+        ca: trustme.CA | None = None,
     ) -> None:
         self.host = host
         self.smtputf8 = smtputf8
@@ -94,6 +96,9 @@ class SinkServer:
         self.pipelining = True
         # aiosmtpd advertises 8BITMIME (RFC 6152); False drops it from the EHLO reply, as an old MX
         self.eightbitmime = True
+        # RFC 8689: advertise REQUIRETLS and take the MAIL parameter (counted in requiretls_mails)
+        self.requiretls = False
+        self.requiretls_mails = 0
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -106,12 +111,14 @@ class SinkServer:
         self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
         self.ca: trustme.CA | None = None
+        self.leaf: trustme.LeafCert | None = None  # the certificate it presents (tls=True)
         self._tls_context: ssl.SSLContext | None = None
         if tls or tls_broken:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             if not tls_broken:  # without a certificate every handshake fails: "no shared cipher"
-                self.ca = trustme.CA()
-                self.ca.issue_cert(self.hostname, host).configure_cert(context)
+                self.ca = ca or trustme.CA()
+                self.leaf = self.ca.issue_cert(self.hostname, host)
+                self.leaf.configure_cert(context)
             self._tls_context = context
         self._controller: Controller | None = None
 
@@ -210,6 +217,15 @@ class _CountingSMTP(SMTP):
             self._sink.max_open = max(self._sink.max_open, self._sink.open_connections)
         super().connection_made(transport)
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        # aiosmtpd refuses parameters it does not know (555): take REQUIRETLS off first, counted
+        if self._sink.requiretls and arg and " REQUIRETLS" in arg.upper():
+            words = [w for w in arg.split(" ") if w.upper() != "REQUIRETLS"]
+            with self._sink.lock:
+                self._sink.requiretls_mails += 1
+            arg = " ".join(words)
+        await super().smtp_MAIL(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink.lock:
             self._sink.open_connections -= 1
@@ -239,6 +255,8 @@ class _Handler:
             responses.insert(1, "250-PIPELINING")
         if not self.sink.eightbitmime:
             responses = [r for r in responses if r != "250-8BITMIME"]
+        if self.sink.requiretls:
+            responses.insert(1, "250-REQUIRETLS")
         return responses
 
     async def handle_MAIL(

@@ -218,6 +218,16 @@ class MtaqCollector(Collector):
         for status, field in (("sent", "delivered"), ("bounced", "bounced"), ("deferred", "deferred")):
             dlv.add_metric([status], st.get(field, 0.0))
         yield dlv
+        tls = CounterMetricFamily(
+            "mtaq_deliveries_tls",
+            "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",
+            labels=["tls", "status"],
+        )
+        for k, v in sorted(st.items()):
+            if k.startswith(m.TLS_PREFIX):
+                level, _, status = k[len(m.TLS_PREFIX) :].rpartition(":")
+                tls.add_metric([level, status], v)
+        yield tls
         buckets: list[tuple[str, float]] = []
         cumulative = 0.0
         for b in m.LATENCY_BUCKETS:
