@@ -292,7 +292,7 @@ def test_compose_deployment_delivers_mail(deployment: dict[str, object]) -> None
 HA_MESSAGES = 60
 
 
-def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_container_dies(
+def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_stops_answering(
     ha_deployment: dict[str, object],
 ) -> None:
     t0 = float(ha_deployment["t0"])  # type: ignore[arg-type]
@@ -329,8 +329,12 @@ def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_container_dies(
 
     for i in range(HA_MESSAGES // 3):
         send(i)
-    _run([*dc, "kill", "redis"], env=env, cwd=ctx)  # the primary's machine is gone, as far as anyone can tell
-    _log(t0, f"{len(acked)} acknowledged; the primary's container killed")
+    # the primary's machine stops answering. (Paused, not killed: Docker drops a dead container's
+    # name from its DNS, and Redis 7.0's Sentinel, which names the primary "redis", then stops at
+    # "Failed to resolve hostname" and never fails over: on one host, compose can show a hung
+    # machine, not a vanished one. docs/high-availability.md says so.)
+    _run([*dc, "pause", "redis"], env=env, cwd=ctx)
+    _log(t0, f"{len(acked)} acknowledged; the primary's container paused")
     threads = [threading.Thread(target=send, args=(i,)) for i in range(HA_MESSAGES // 3, HA_MESSAGES)]
     for t in threads:
         t.start()
@@ -355,7 +359,7 @@ def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_container_dies(
         return "redis-replica" in out
 
     _wait("Sentinel promoted redis-replica", promoted, 120, t0)
-    _run([*dc, "--profile", "ha", "start", "redis"], env=env, cwd=ctx)  # the machine comes back: a replica now
+    _run([*dc, "unpause", "redis"], env=env, cwd=ctx)  # the machine comes back: Sentinel makes it a replica
     for t in threads:
         t.join(300)
     _log(t0, f"{len(acked)} acknowledged in all ({len(refusals)} 4xx on the way)")
