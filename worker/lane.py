@@ -18,6 +18,7 @@ from typing import Protocol
 from common.envelope import RcptState
 from common.mx import Target
 from worker.parcel import Outcome, Parcel
+from worker.tlsgate import DestinationTLS
 
 __all__ = ["Lane", "Lanes", "Owner"]
 
@@ -38,8 +39,9 @@ class Lane:
     parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back with floor ``t + 1``:
     the next MX gets its turn, as in Postfix."""
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], tls: DestinationTLS | None = None) -> None:
         self.targets = list(targets)
+        self.tls = tls  # the TLS policies of the destination (MTA-STS, DANE); None: opportunistic
         self._lock = threading.Lock()
         self._queue: list[tuple[Parcel, int]] = []
         self._owners: dict[int, Owner] = {}
@@ -56,10 +58,11 @@ class Lane:
                     self._queue.append((p, 0))
                     self._owners[id(p)] = owner
 
-    def take(self, t: int) -> Parcel | None:
+    def take(self, t: int, relaxed: bool = False) -> Parcel | None:
+        """The next parcel for target ``t`` (``relaxed``: only one with TLS-Required: No)."""
         with self._lock:
             for n, (parcel, floor) in enumerate(self._queue):
-                if floor <= t:
+                if floor <= t and (not relaxed or parcel.relaxed):
                     del self._queue[n]
                     return parcel
         return None
@@ -68,9 +71,9 @@ class Lane:
         with self._lock:
             self._queue.append((parcel, floor))
 
-    def has(self, t: int) -> bool:
+    def has(self, t: int, relaxed: bool = False) -> bool:
         with self._lock:
-            return any(floor <= t for _, floor in self._queue)
+            return any(floor <= t and (not relaxed or p.relaxed) for p, floor in self._queue)
 
     def __len__(self) -> int:
         with self._lock:
@@ -173,12 +176,13 @@ class Lanes:
         self._lanes: dict[str, Lane] = {}
 
     @contextmanager
-    def joined(self, destination: str, targets: Sequence[Target]) -> Iterator[Lane]:
-        """The destination's lane (made with ``targets`` when there is none) while a job uses it."""
+    def joined(self, destination: str, targets: Sequence[Target], tls: DestinationTLS | None = None) -> Iterator[Lane]:
+        """The destination's lane (made with ``targets`` and ``tls`` when there is none) while a
+        job uses it."""
         with self._lock:
             lane = self._lanes.get(destination)
             if lane is None:
-                lane = self._lanes[destination] = Lane(targets)
+                lane = self._lanes[destination] = Lane(targets, tls)
             lane._join(+1)
         try:
             yield lane

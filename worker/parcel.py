@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.envelope import Envelope, RcptState
+from worker.tlspolicy import tls_required_no
 
 __all__ = ["Outcome", "Parcel", "Undeliverable", "default_left", "fail_all"]
 
@@ -24,6 +25,7 @@ class Outcome:
     reply: str  # what to show: the remote reply, or our own diagnostic
     relay: str  # host[ip]:port, or "none"
     remote_mta: str = ""
+    tls: str = ""  # what the session had: "none", "opportunistic", "verified(dane) TLSv1.3 <cipher>"
 
 
 class Undeliverable(Exception):
@@ -47,6 +49,12 @@ class Parcel:
 
     def pending(self) -> list[int]:
         return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].state is RcptState.DEFERRED]
+
+    @property
+    def relaxed(self) -> bool:
+        """``TLS-Required: No`` (RFC 8689 §4.2.1): TLS policy failures do not stop this message.
+        REQUIRETLS on MAIL wins over the header."""
+        return not self.envelope.requiretls and tls_required_no(self.body)
 
 
 def fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:

@@ -39,10 +39,11 @@ from worker.lane import Lanes
 from worker.leases import Leases
 from worker.limits import DestinationLimits
 from worker.outcomes import Batch, JobShare, OutcomeWriter
-from worker.parcel import Parcel, Undeliverable, default_left, fail_all
+from worker.parcel import Outcome, Parcel, Undeliverable, default_left, fail_all
 from worker.plan import Loaded, Plan, all_final, plan
 from worker.relay import Dialer, resolve
 from worker.retry import lifetime, next_retry
+from worker.tlsgate import TLSGate
 
 __all__ = ["BUSY_RETRY", "LEASE_TTL", "DeliveryService"]
 
@@ -50,6 +51,10 @@ log = logging.getLogger("mtaq.worker")
 
 LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's last heartbeat
 BUSY_RETRY = 1.0  # a job handed back for want of a connection slot runs again after about this long
+
+TLS_LOOKUP_FAILED = Outcome(
+    RcptState.DEFERRED, "4.7.5", "TLS policy lookup failed (MTA-STS/DANE; see the worker log)", "none"
+)
 
 
 class DeliveryService:
@@ -64,6 +69,7 @@ class DeliveryService:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         dialer: Dialer | None = None,
+        tls: TLSGate | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -85,6 +91,7 @@ class DeliveryService:
         self.leases = Leases(spool.store, LEASE_TTL)
         self.writer = OutcomeWriter(spool.store)
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, clock=clock)
+        self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
 
     @property
     def concurrency(self) -> int:
@@ -155,8 +162,17 @@ class DeliveryService:
             fail_all(parcels, e.outcome)
             self._record_rest(destination, batch, parcels)
             return
+        try:
+            # a new lane asks what its destination's MX hosts require (DNS, maybe a policy fetch)
+            new = self.tls is not None and self.lanes.get(destination) is None
+            policies = self.tls.destination(destination, self.settings.smtp_port) if new and self.tls else None
+        except Exception:
+            log.exception("%s: TLS policy lookup failed", destination)
+            fail_all(parcels, TLS_LOOKUP_FAILED)  # never a downgrade to plain text because of a bug
+            self._record_rest(destination, batch, parcels)
+            return
         share = JobShare(batch, parcels)
-        with self.lanes.joined(destination, found) as lane:
+        with self.lanes.joined(destination, found, policies) as lane:
             lane.add(parcels, share)
             handed = self.crew.tend(destination, lane, share, parcels)
         batch.drain()  # the conversations' outcomes are written before the rest is worked out

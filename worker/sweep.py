@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
@@ -88,8 +89,17 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
     return report
 
 
-def start_sweeper(spool: Spool, finisher: Finisher, job_timeout: float, interval: float) -> threading.Thread:
-    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
+def start_sweeper(
+    spool: Spool,
+    finisher: Finisher,
+    job_timeout: float,
+    interval: float,
+    *,
+    daily: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide.
+    ``daily`` runs after each sweep (yesterday's TLS-RPT reports: once cluster-wide, by its own
+    claim in Redis)."""
 
     def loop() -> None:
         while True:
@@ -99,6 +109,11 @@ def start_sweeper(spool: Spool, finisher: Finisher, job_timeout: float, interval
                     sweep(spool, finisher, job_timeout)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
+            if daily is not None:
+                try:
+                    daily()
+                except Exception:
+                    log.exception("TLS-RPT reports not sent; next try in about %.0fs", interval)
 
     t = threading.Thread(target=loop, name="mtaq-sweep", daemon=True)
     t.start()

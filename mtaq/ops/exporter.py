@@ -31,6 +31,7 @@ from rq.serializers import JSONSerializer
 
 from common import metrics as m
 from common.jobqueue import DeliveryQueue
+from common.replication import ReplicationView, primary_address, read_replication
 from common.smtp.hostport import parse_hostport
 from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 from mtaq.ops.queueview import QUEUE_STATES, QueueShape, load_views, shape
@@ -116,6 +117,15 @@ class Monitor:
             return +slots
         return DeliveryQueue(self.redis, self.queue_name).running_destinations()
 
+    def replication(self) -> ReplicationView | None:
+        """The primary, its replicas and failovers; None where INFO is refused (a Redis that
+        forbids it to our user, or a stand-in without it): the rest of a scrape still stands."""
+        try:
+            return read_replication(self.redis, primary_address(self.redis), self.clock())
+        except redis.ResponseError as e:
+            log.debug("replication unknown: %s", e)
+            return None
+
     def samples(self, since: float) -> list[Sample]:
         return [
             sample_from_json(raw)
@@ -143,10 +153,14 @@ class Monitor:
         workers = self.workers()
         stats = {k: int(v) for k, v in self.stats().items()}
         problems = [] if workers else ["no worker heartbeat: start `mtaq worker`"]
+        rep = self.replication()
         # the chart ends with the queue as it is now, between two samples
         live = Sample(sh.now, sh.messages, stats.get("delivered", 0) + stats.get("bounced", 0))
         samples = [*self.samples(sh.now - 3600 - 120), live]
-        return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
+        redis_lines = rep.lines() if rep is not None else []
+        return render(
+            sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems, redis_lines=redis_lines
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -175,6 +189,7 @@ class MtaqCollector(Collector):
             sh = mon.shape()
             workers = mon.workers()
             conc = mon.concurrency()
+            rep = mon.replication()
         except (redis.RedisError, OSError) as e:
             log.warning("metrics: Redis unreachable: %s", e)
             yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 0)
@@ -203,6 +218,16 @@ class MtaqCollector(Collector):
         for status, field in (("sent", "delivered"), ("bounced", "bounced"), ("deferred", "deferred")):
             dlv.add_metric([status], st.get(field, 0.0))
         yield dlv
+        tls = CounterMetricFamily(
+            "mtaq_deliveries_tls",
+            "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",
+            labels=["tls", "status"],
+        )
+        for k, v in sorted(st.items()):
+            if k.startswith(m.TLS_PREFIX):
+                level, _, status = k[len(m.TLS_PREFIX) :].rpartition(":")
+                tls.add_metric([level, status], v)
+        yield tls
         buckets: list[tuple[str, float]] = []
         cumulative = 0.0
         for b in m.LATENCY_BUCKETS:
@@ -227,6 +252,13 @@ class MtaqCollector(Collector):
             "Age of the oldest message in the queue",
             0.0 if sh.oldest is None else max(0.0, sh.now - sh.oldest),
         )
+        if rep is not None:
+            yield _gauge("mtaq_redis_replicas", "Replicas of the Redis primary that are online", rep.online)
+            failovers = CounterMetricFamily(
+                "mtaq_redis_failovers", "Failovers of the Redis primary seen via the Sentinels"
+            )
+            failovers.add_metric([], rep.failovers)
+            yield failovers
         yield _gauge("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts", len(workers))
         yield _labeled(
             "mtaq_destination_concurrency",

@@ -25,7 +25,8 @@ from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
 from worker.relay import Dialer
 from worker.service import DeliveryService
-from worker.smtpclient import ConnectFailed, SMTPConnection
+from worker.smtpclient import Checker, ConnectFailed, SMTPConnection
+from worker.tlspolicy import OPPORTUNISTIC, Requirement
 
 __all__ = ["FakeConnection", "FakeDialer", "FakePeer", "FixedMX", "service_on", "target"]
 
@@ -98,7 +99,9 @@ class FakeDialer(Dialer):
         super().__init__("mtaq.test", 25, 1.0, 1.0, messages_per_connection)
         self.peer = peer
 
-    def dial(self, target: Target) -> SMTPConnection:
+    def dial(
+        self, target: Target, require: Requirement = OPPORTUNISTIC, check: Checker | None = None
+    ) -> SMTPConnection:
         with self.peer.lock:
             self.peer.opened.append(target.ip)
         if target.ip in self.peer.refuse:
