@@ -36,6 +36,10 @@ class Spool:
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
         staged: list[int] = []
         self.store.commit(
-            messages, delete=delete, unlease=unlease, also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop))
+            messages,
+            delete=delete,
+            unlease=unlease,
+            also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
+            hop=self.router.hop,
         )
         return sum(staged)

@@ -10,6 +10,8 @@ a time (a Redis lock) walks the queue every ``maintenance_interval`` and
   queued that long, or deferred past their next attempt. A job they still have is harmless: the
   lease keeps two jobs off one message, and a recipient not yet due is left alone.
 Expired recipients need nothing special: the job bounces them when it finds them past the lifetime.
+The same walk recounts the queue's counters and indexes (common/queueindex.Recount): whatever
+drifted is corrected.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
+from common.queueindex import Recount, RecountReport
 from common.store import SWEEP_LOCK, Message
 from worker.service import DeliveryService as Context
 
@@ -39,6 +42,7 @@ class SweepReport:
     messages: int = 0
     finished: int = 0
     requeued: int = 0
+    recount: RecountReport | None = None
 
 
 def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -> bool:
@@ -53,6 +57,24 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
     store, s = ctx.store, ctx.settings
     grace = s.job_timeout + 120.0
     report = SweepReport()
+    counting = Recount(store, ctx.spool.router.hop)
+    try:
+        _walk(ctx, report, counting, now, grace)
+        report.recount = counting.finish()
+    finally:
+        counting.close()
+    if report.finished or report.requeued:
+        log.warning(
+            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+            report.messages,
+            report.finished,
+            report.requeued,
+        )
+    return report
+
+
+def _walk(ctx: Context, report: SweepReport, counting: Recount, now: float, grace: float) -> None:
+    store = ctx.store
     for chunk in store.walk(CHUNK):
         done: list[tuple[Message, dict[int, RecipientStatus]]] = []
         lost: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -75,14 +97,7 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
         ctx.finish_loaded(done)
         report.finished += len(done)
         report.requeued += ctx.spool.queue.enqueue_sized(lost)
-    if report.finished or report.requeued:
-        log.warning(
-            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
-            report.messages,
-            report.finished,
-            report.requeued,
-        )
-    return report
+        counting.add([m for m, _ in chunk])  # after finishing: those are gone, and not counted
 
 
 def start_sweeper(ctx: Context, interval: float) -> threading.Thread:
