@@ -173,19 +173,22 @@ def selected_ids(
     return None
 
 
-def stream_ids(r: redis.Redis, chunk: int = 500) -> Iterator[list[str]]:
+def stream_ids(r: redis.Redis, chunk: int = 500, first: int = 50) -> Iterator[list[str]]:
     """The whole queue in arrival order, a chunk (one round trip) at a time, from a cursor on the
     arrival score: memory stays one chunk whatever the queue's length, and messages that finish
-    meanwhile do not shift what comes next."""
+    meanwhile do not shift what comes next. The first chunk is ``first`` long: a listing's first
+    lines come out before the rest is read."""
     after: float | None = None
+    size = min(first, chunk)
     seen: set[str] = set()  # ids at the cursor's score already given (arrivals in the same microsecond)
     while True:
         low = "-inf" if after is None else repr(after)
-        got: Any = r.zrangebyscore(INDEX, low, "+inf", start=0, num=chunk + len(seen), withscores=True)
+        got: Any = r.zrangebyscore(INDEX, low, "+inf", start=0, num=size + len(seen), withscores=True)
         fresh = [(_text(q), float(s)) for q, s in got if _text(q) not in seen]
         if not fresh:
             return
-        fresh = fresh[:chunk]
+        fresh = fresh[:size]
+        size = chunk
         yield [q for q, _ in fresh]
         last = fresh[-1][1]
         seen = {q for q, s in fresh if s == last} | (seen if last == after else set())

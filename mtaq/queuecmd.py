@@ -192,7 +192,7 @@ def _listed(spool: Spool, args: argparse.Namespace, now: float) -> Iterator[Mess
     r, relayhost = spool.store.redis, spool.router.relayhost
     by_domain = None if relayhost else domain  # with a relayhost the index knows only the relayhost
     ids = selected_ids(r, now, domain=by_domain, deferred=deferred, hold=hold, older_than=older)
-    chunks: Iterable[list[str]] = stream_ids(r) if ids is None else (ids[i : i + 500] for i in range(0, len(ids), 500))
+    chunks: Iterable[list[str]] = stream_ids(r) if ids is None else _chunked(ids)
     for chunk in chunks:
         for v in load_views(r, relayhost, ids=chunk):
             if deferred and not any(rc.state is RcptState.DEFERRED for rc in v.open):
@@ -204,6 +204,13 @@ def _listed(spool: Spool, args: argparse.Namespace, now: float) -> Iterator[Mess
             if older is not None and not v.age(now) > older:
                 continue
             yield v
+
+
+def _chunked(ids: list[str], chunk: int = 500, first: int = 50) -> Iterator[list[str]]:
+    """``ids`` a round trip's worth at a time; the first few alone, so the first lines come at once."""
+    yield ids[:first]
+    for i in range(first, len(ids), chunk):
+        yield ids[i : i + chunk]
 
 
 def do_list(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -218,8 +225,10 @@ def do_list(spool: Spool, settings: Settings, args: argparse.Namespace, out: Tex
         out.write("\n]\n")
         return 0
     filtered = any(getattr(args, k, None) for k in ("deferred", "hold", "domain", "older_than"))
-    for line in list_lines(views, now, empty="no message matches" if filtered else "Mail queue is empty"):
+    for n, line in enumerate(list_lines(views, now, empty="no message matches" if filtered else "Mail queue is empty")):
         out.write(line + "\n")
+        if n == 1:
+            out.flush()  # the first message out now, not when a pipe's buffer fills
     return 0
 
 
