@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from common.envelope import Envelope
 
 __all__ = [
+    "COMMIT",
     "COUNTER_FIELDS",
     "DELETE",
     "HOLD",
@@ -62,15 +63,18 @@ def _layout(envelope: Envelope, hop: Callable[[str], str]) -> dict[str, object]:
 
 def summary(envelope: Envelope, hop: Callable[[str], str]) -> str:
     """The summary of a message as committed: every recipient pending."""
-    out = _layout(envelope, hop)
-    names = out["h"]
-    assert isinstance(names, list)
-    idx = out.get("i")
-    opened = [0] * len(names)
-    for j in idx if isinstance(idx, list) else [0] * len(envelope.recipients):
-        opened[j] += 1
-    out.update(o=opened, p=len(envelope.recipients), d=0)
-    return json.dumps(out, separators=(",", ":"))
+    return _summary(envelope, [hop(r.address) for r in envelope.recipients])
+
+
+def _summary(envelope: Envelope, hops: list[str]) -> str:
+    # on every commit: the usual message, one destination, without json.dumps of a dict
+    n, t = len(hops), repr(envelope.received_at)
+    if n and hops.count(hops[0]) == n:
+        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0}}'
+    names = list(dict.fromkeys(hops))
+    idx = [names.index(h) for h in hops]
+    doc = {"h": names, "t": t, "n": n, "i": idx, "o": [idx.count(j) for j in range(len(names))], "p": n, "d": 0}
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def static_summary(envelope: Envelope, hop: Callable[[str], str]) -> str:
@@ -87,19 +91,51 @@ class CommitPlan:
     size: int = 0
     recipients: int = 0
 
+    def args(self, prefix: str) -> list[str | int | float]:
+        """ARGV of ``COMMIT``."""
+        out: list[str | int | float] = [prefix, self.size, self.recipients]
+        for dest, members in self.by_destination.items():
+            out += [dest, len(members)]
+            for qid, arrival in members.items():
+                out += [qid, repr(arrival)]
+        return out
+
 
 def commit_plan(messages: Sequence[tuple[Envelope, int]], hop: Callable[[str], str]) -> CommitPlan:
     """(envelope, body size) of new messages -> their summaries, index entries and counter increments."""
     plan = CommitPlan()
     dests: dict[str, dict[str, float]] = defaultdict(dict)
     for env, size in messages:
-        plan.summaries[env.id] = summary(env, hop)
-        for r in env.recipients:
-            dests[hop(r.address)][env.id] = env.received_at
+        hops = [hop(r.address) for r in env.recipients]
+        plan.summaries[env.id] = _summary(env, hops)
+        for h in hops:
+            dests[h][env.id] = env.received_at
         plan.size += size
-        plan.recipients += len(env.recipients)
+        plan.recipients += len(hops)
     plan.by_destination = dict(dests)
     return plan
+
+
+# The commit's counters and indexes in one command of its MULTI/EXEC. KEYS: counts, destinations
+# set; ARGV: destination index prefix, octets, recipients, then per destination: its name, n, and n
+# (queue id, arrival) pairs.
+COMMIT = """
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'r:active', ARGV[3])
+local a = 4
+while a <= #ARGV do
+  local d, n = ARGV[a], tonumber(ARGV[a + 1])
+  local z = {}
+  for k = 0, n - 1 do
+    z[2 * k + 1] = ARGV[a + 3 + 2 * k]
+    z[2 * k + 2] = ARGV[a + 2 + 2 * k]
+  end
+  redis.call('ZADD', ARGV[1] .. d, unpack(z))
+  redis.call('SADD', KEYS[2], d)
+  a = a + 2 + 2 * n
+end
+return 1
+"""
 
 
 # K: counts hash, deferred index, destinations set, destination index prefix. A state is
@@ -136,8 +172,8 @@ local function qs_account(K, qid, before, after)
       redis.call('ZADD', K.prefix .. d, q.t, qid)
       redis.call('SADD', K.dests, d)
     elseif was and not is then
+      -- an emptied destination stays in the set (readers skip it, the sweep drops it): one call less
       redis.call('ZREM', K.prefix .. d, qid)
-      if redis.call('ZCARD', K.prefix .. d) == 0 then redis.call('SREM', K.dests, d) end
     end
   end
 end
@@ -188,21 +224,25 @@ return 1
 """
 )
 
-# KEYS: message hash, recipients hash, left counter, queue index, hold set, counts, deferred index,
-# destinations set; ARGV: queue id, destination index prefix. Deletes whatever is there.
+# KEYS: queue index, hold set, counts, deferred index, destinations set, then per message its
+# message hash, recipients hash and left counter; ARGV: destination index prefix, then the queue
+# ids. Deletes whatever is there.
 DELETE = (
     LIB
     + """
-local raw = redis.call('HGET', KEYS[1], 'q')
-if raw then
-  local held = redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1
-  local size = redis.call('HSTRLEN', KEYS[1], 'body')
-  local K = {counts = KEYS[6], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[2]}
-  qs_account(K, ARGV[1], {q = cjson.decode(raw), held = held, size = size}, nil)
+local K = {counts = KEYS[3], deferred = KEYS[4], dests = KEYS[5], prefix = ARGV[1]}
+for n = 2, #ARGV do
+  local qid, m = ARGV[n], 6 + 3 * (n - 2)
+  local raw = redis.call('HGET', KEYS[m], 'q')
+  if raw then
+    local held = redis.call('SISMEMBER', KEYS[2], qid) == 1
+    local size = redis.call('HSTRLEN', KEYS[m], 'body')
+    qs_account(K, qid, {q = cjson.decode(raw), held = held, size = size}, nil)
+  end
+  redis.call('DEL', KEYS[m], KEYS[m + 1], KEYS[m + 2])
+  redis.call('ZREM', KEYS[1], qid)
+  redis.call('SREM', KEYS[2], qid)
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 )

@@ -207,13 +207,9 @@ class Store:
                 pipe.zadd(INDEX, {env.id: env.received_at})
             if messages:
                 pipe.hincrby(STATS, "received", len(messages))
-                pipe.hincrby(QCOUNTS, "bytes", plan.size)
-                pipe.hincrby(QCOUNTS, "r:active", plan.recipients)
-                for dest, members in plan.by_destination.items():
-                    pipe.zadd(qdest_key(dest), members)
-                pipe.sadd(QDESTS, *plan.by_destination)
-            for qid in delete:
-                self._delete(pipe, qid)
+                # EVAL: see _delete
+                pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
+            self._delete(pipe, list(delete))
             leases = [lease_key(qid, dest) for qid, dest in unlease]
             if leases:
                 pipe.delete(*leases)
@@ -369,15 +365,19 @@ class Store:
 
     def delete(self, qid: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        self._delete(pipe, qid)
+        self._delete(pipe, [qid])
         pipe.execute()
 
     @staticmethod
-    def _delete(pipe: Any, qid: str) -> None:
+    def _delete(pipe: Any, ids: Sequence[str]) -> None:
         # EVAL, not EVALSHA: inside MULTI a script Redis forgot (a restart) would fail alone while
-        # the rest of the transaction ran
-        keys = [msg_key(qid), rcpt_key(qid), left_key(qid), INDEX, HOLD, QCOUNTS, QDEFERRED, QDESTS]
-        pipe.eval(queuestats.DELETE, len(keys), *keys, qid, QDEST_PREFIX)
+        # the rest of the transaction ran. One for all the messages: the script's text once.
+        if not ids:
+            return
+        keys = [INDEX, HOLD, QCOUNTS, QDEFERRED, QDESTS]
+        for qid in ids:
+            keys += [msg_key(qid), rcpt_key(qid), left_key(qid)]
+        pipe.eval(queuestats.DELETE, len(keys), *keys, QDEST_PREFIX, *ids)
 
     def repair(self, envelope: Envelope, hop: Callable[[str], str], client: Any = None) -> Any:
         """The sweep's recount of one message's summary, counters and index entries from its
