@@ -86,7 +86,7 @@ class Monitor:
             return self._shape
 
     def counts(self) -> QueueCounts:
-        return read_counts(self.redis, self.clock())
+        return read_counts(self.redis, self.clock(), top=TOP_DESTINATIONS)
 
     def redis_memory(self) -> tuple[int, int] | None:
         """Redis ``used_memory`` and ``maxmemory`` (0: no limit), in bytes; None where INFO is

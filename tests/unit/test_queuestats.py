@@ -142,3 +142,19 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
             s.commit([], delete=[qid])
         agree(r)
     assert recount(s, domain_of).drift == {}
+
+
+def test_read_counts_can_keep_to_the_largest_destinations() -> None:
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    Store(r).commit([msg(i, [f"d{i % 5}.test"] * (1 + i % 5), NOW - i) for i in range(5)] + [msg(9, ["d4.test"], NOW)])
+    full = read_counts(r, NOW)
+    assert {d: sum(row) for d, row in full.destinations.items()} == {
+        "d0.test": 1,
+        "d1.test": 1,
+        "d2.test": 1,
+        "d3.test": 1,
+        "d4.test": 2,
+    }
+    two = read_counts(r, NOW, top=2)
+    assert list(two.destinations) == ["d0.test", "d4.test"]  # the largest, then the first by name
+    assert two.messages == full.messages and two.by_state == full.by_state
