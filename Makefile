@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit integration bench bench-scaling clean
+.PHONY: run test lint typecheck unit integration docs bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
+
+# docs/settings.md from the Settings dataclass (tests/unit/test_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(BIN)/python -m mtaq.docgen
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """What the queue's counters cost on the paths that change the queue (issue 16): a bounded
 micro-benchmark of the round trips as the ingress and the worker make them, against a real
-redis-server (common/embedded.RedisProcess on a unix socket, ``appendfsync`` as given).
+redis-server (mtaq/runtime/embedded.RedisProcess on a unix socket, ``appendfsync`` as given).
 
 Per round, ``--messages`` messages of ``--size`` octets to ``--domains`` domains, one recipient
 each:
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import redis
 
-from common.embedded import RedisProcess
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
+from mtaq.runtime.embedded import RedisProcess
 
 __all__ = ["main", "one_round"]
 

@@ -1,7 +1,7 @@
 """How the queue's monitoring scales with the queue (issue 16): fill a queue with no workers, then
 time what an operator runs during an outage.
 
-A private redis-server (common/embedded.RedisProcess, on a unix socket in a temporary directory) is
+A private redis-server (mtaq/runtime/embedded.RedisProcess, on a unix socket in a temporary directory) is
 filled straight through the product's own commit path (common/spool.py: message, envelope,
 recipient states and delivery jobs in one MULTI/EXEC per batch, as the ingress commits them), not
 through SMTP: a million messages in minutes. The queue grows step by step (20,000, 200,000, ...);
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import redis
 
-from common.embedded import RedisProcess
 from common.envelope import Envelope, Recipient, new_queue_id
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
+from mtaq.runtime.embedded import RedisProcess
 
 __all__ = ["Timing", "fill", "main", "messages", "table"]
 

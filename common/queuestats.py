@@ -14,7 +14,7 @@ What is kept (key names in common/store.py, "Queue monitoring"):
   one of messages with a deferred recipient; and the set of destinations that have such an index.
 
 A message is held when it is in the hold set, else deferred when it has a deferred open recipient,
-else active (common/queueview.MessageView.state: the walk's words).
+else active (mtaq/ops/queueview.MessageView.state: the walk's words).
 
 Every change goes through the round trip that makes it: the commit adds plain commands to its
 MULTI/EXEC (``commit_plan``), a recipient's new state, a hold, a release and a deletion run Lua that
@@ -23,7 +23,7 @@ reads the summary and applies the difference of the message's contribution befor
 an older mtaq) counts nowhere until the sweep repairs it (``REPAIR``).
 
 This module is pure: Lua text and functions from envelopes to commands' arguments; common/store.py
-runs them, common/queueindex.py reads what they keep."""
+runs them, mtaq/ops/queueindex.py reads what they keep, common/queuerecount.py recounts."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ SAMPLES = PREFIX + "samples"
 SAMPLE_LOCK = PREFIX + "samples-lock"
 
 # Queue monitoring (issue 16): counters and indexes kept in the round trips that change the queue
-# (common/queuestats.py keeps them, common/queueindex.py reads them); the field "q" of a message
+# (common/queuestats.py keeps them, mtaq/ops/queueindex.py reads them); the field "q" of a message
 # hash is its summary.
 QCOUNTS = PREFIX + "queue:counts"  # hash: bytes, m:deferred, m:held, r:active, r:deferred, r:held
 QDEFERRED = PREFIX + "queue:deferred"  # zset: queue id -> arrival, messages with a deferred recipient
@@ -79,7 +79,7 @@ def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
-# Per-destination delivery limits shared by every worker (the engine's):
+# Per-destination delivery limits shared by every worker (worker/limits.py):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
 # ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).

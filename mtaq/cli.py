@@ -13,16 +13,16 @@ import redis
 
 from common import metrics
 from common.address import CannotBind, bind_listener
-from common.embedded import EmbeddedRedis, EmbeddedRedisError
-from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
-from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
-from ingress.process import main as ingress_main
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
+from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
+from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_supervisor
+from mtaq.runtime.prefork import run_ingress
+from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
 from worker.process import main as worker_main
 
 __all__ = ["main"]
@@ -81,7 +81,7 @@ def cmd_ingress(settings: Settings) -> int:
             serve_monitor(settings)  # in the parent: forked ingress children count into Redis
         except OSError as e:
             raise CannotBind.because(settings.metrics_listen, e) from None
-    return ingress_main(settings)
+    return run_ingress(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:

@@ -12,12 +12,12 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from common.address import CannotBind
-from common.exporter import Monitor, serve_in_thread
-from common.health import CHECKS, DEFAULT_CHECKS, run_checks
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings, hostname_problem
-from common.supervise import EXIT_FATAL
+from mtaq.ops.exporter import Monitor, serve_in_thread
+from mtaq.ops.health import CHECKS, DEFAULT_CHECKS, run_checks
+from mtaq.runtime.supervise import EXIT_FATAL
 
 __all__ = [
     "OneLineParser",

@@ -14,18 +14,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import redis
-from rq.job import Job
-from rq.registry import ScheduledJobRegistry
-from rq.serializers import JSONSerializer
 
 from common.envelope import RcptState, RecipientStatus, domain_of
-from common.exporter import Monitor
-from common.queueindex import deferred_sample, exact_counts, read_counts, recount, selected_ids, stream_ids
-from common.queueview import MessageView, load_views
+from common.queuerecount import recount, stream_ids
 from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.store import INDEX, QDESTS, StoreError, dest_key
+from mtaq.ops.exporter import Monitor
+from mtaq.ops.queueindex import deferred_sample, exact_counts, read_counts, selected_ids
+from mtaq.ops.queueview import MessageView, load_views
 from mtaq.opscmd import REDIS_SETTINGS, add_settings
 from mtaq.queuefmt import list_json, list_lines, parse_age, show_json, show_text, stats_text
 
@@ -233,8 +231,9 @@ def do_list(spool: Spool, settings: Settings, args: argparse.Namespace, out: Tex
 
 
 def throttled(r: redis.Redis) -> list[tuple[str, str, float]]:
-    """Destinations with queued mail that the engine marked down, with why and for how long (one
-    round trip per 500 destinations; no SCAN of the keyspace, which grows with the queue)."""
+    """Destinations with queued mail that the workers marked down after repeated connection failures
+    (worker/limits.py, ``mtaq:dest:<d>:down``, while that key lives), with why and for how long:
+    one round trip, no SCAN of a keyspace that grows with the queue."""
     pattern = dest_key("*", "down")
     prefix, suffix = pattern.split("*")
     keys = [dest_key(d.decode() if isinstance(d, bytes) else str(d), "down") for d in r.smembers(QDESTS)]
@@ -259,24 +258,21 @@ def prune_jobs(spool: Spool) -> int:
     bounced, or delivered by a flush before its retry came): they would only run for nothing and
     count in `stats`. Returns how many were deleted."""
     r = spool.store.redis
-    q = spool.queue.rq
-    scheduled = ScheduledJobRegistry(queue=q)  # type: ignore[no-untyped-call]
-    ids = list(dict.fromkeys([*q.get_job_ids(), *scheduled.get_job_ids(cleanup=False)]))
-    dead = 0
+    dead: list[str] = []
+    ids = spool.queue.waiting_job_ids()
     for start in range(0, len(ids), 500):
-        jobs = [j for j in Job.fetch_many(ids[start : start + 500], connection=r, serializer=JSONSerializer) if j]
+        jobs = list(spool.queue.jobs(ids[start : start + 500]))
         pipe = r.pipeline(transaction=False)
         for job in jobs:
-            for qid in job.args[1] if len(job.args) > 1 else []:
+            for qid in job.ids:
                 pipe.zscore(INDEX, qid)
         scores = iter(pipe.execute())
         for job in jobs:
-            qids = job.args[1] if len(job.args) > 1 else []
-            alive = [next(scores) is not None for _ in qids]
-            if qids and not any(alive):
-                job.delete()
-                dead += 1
-    return dead
+            alive = [next(scores) is not None for _ in job.ids]
+            if job.ids and not any(alive):
+                dead.append(job.job_id)
+    spool.queue.delete_jobs(dead)
+    return len(dead)
 
 
 def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -421,7 +417,7 @@ def do_delete(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
 
 
 def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import finish_loaded, make_context
+    from worker.finisher import Finisher
 
     views = _select(spool, args, allow_all=False)
     now = time.time()
@@ -443,20 +439,20 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
     spool.store.release([v.qid for v in views if v.held])  # a held message may be bounced: it is done
     spool.store.set_statuses({q: u for q, u in updates.items() if u})
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
-    finish_loaded(make_context(settings, spool), finished)
+    Finisher.from_settings(settings, spool).finish(finished)
     prune_jobs(spool)
     out.write(f"returned {len(finished)} message(s) to their senders\n")
     return 0
 
 
 def do_sweep(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import make_context
+    from worker.finisher import Finisher
     from worker.sweep import sweep
 
-    r = sweep(make_context(settings, spool))
+    r = sweep(spool, Finisher.from_settings(settings, spool), settings.job_timeout)
     out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
     # the sweep's walk recounted too; while it repaired something the totals wait for a walk that
-    # changed nothing (queueindex.Recount): at most two more walks, envelopes only
+    # changed nothing (common/queuerecount.Recount): at most two more walks, envelopes only
     rc = r.recount
     for _ in range(2):
         if rc is None or rc.applied:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from common.envelope import RcptState
-from common.queueview import AGE_BUCKETS, MessageView, QueueShape
+from mtaq.ops.queueview import AGE_BUCKETS, MessageView, QueueShape
 
 __all__ = [
     "WIDTH",

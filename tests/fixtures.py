@@ -20,7 +20,7 @@ import redis
 
 from common.jobqueue import DeliveryQueue
 from common.store import Store
-from common.supervise import stop_processes
+from mtaq.runtime.supervise import stop_processes
 from tests.dnsserver import ZoneServer
 from tests.integration.eventually import GENEROUS
 from tests.redisserver import RedisServer

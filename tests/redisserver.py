@@ -1,5 +1,5 @@
 """A real, private ``redis-server`` for integration and chaos tests: mtaq's own launcher
-(common/embedded.RedisProcess, the one `mtaq run` uses), on TCP.
+(mtaq/runtime/embedded.RedisProcess, the one `mtaq run` uses), on TCP.
 
 Configured as production is (ARCHITECTURE.md, Redis rules): AOF on with ``appendfsync always``,
 ``maxmemory-policy noeviction``, no RDB snapshots, bound to 127.0.0.1 on an ephemeral port, its
@@ -16,7 +16,7 @@ import socket
 import tempfile
 from types import TracebackType
 
-from common.embedded import RedisProcess, find_redis_server
+from mtaq.runtime.embedded import RedisProcess, find_redis_server
 
 __all__ = ["RedisServer", "find_redis_server"]
 

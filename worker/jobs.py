@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from common.envelope import RecipientStatus
+from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
 from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
 
 __all__ = ["Context", "deliver", "finish_loaded", "install", "make_context", "make_dsn", "set_context"]

@@ -34,7 +34,7 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     spool = Spool.from_settings(settings, r)
     ctx = make_context(settings, spool)
     install(ctx)
-    start_sweeper(ctx, settings.maintenance_interval)
+    start_sweeper(spool, ctx.finisher, settings.job_timeout, settings.maintenance_interval)
     w = ConcurrentWorker(
         [spool.queue.rq],
         connection=r,

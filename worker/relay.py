@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.envelope import LOG_STATUS, Envelope, RcptState
+from common.mx import DnsError, MXResolver, Target
+from common.smtp.reply import Reply
 from worker.mime7bit import to_7bit
-from worker.mx import DnsError, MXResolver, Target
-from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
+from worker.smtpclient import ConnectFailed, SMTPConnection
 
 __all__ = [
     "Dialer",
@@ -439,7 +440,7 @@ def _send_parcel(
     return True
 
 
-def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
+def _outcome(reply: Reply, relay: str, host: str) -> Outcome:
     state = reply.outcome
     if state is RcptState.DELIVERED:
         return Outcome(state, reply.dsn, str(reply), relay, host)

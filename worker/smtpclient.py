@@ -1,4 +1,4 @@
-"""The blocking driver of the sans-IO SMTP client (worker/smtpproto.py): a socket, timeouts and
+"""The blocking driver of the sans-IO SMTP client (common/smtp/client.py): a socket, timeouts and
 the TLS wrap, nothing else. Every decision about what a reply means is the state machine's.
 
 Opportunistic TLS as Postfix's ``may`` level: STARTTLS when offered, certificates not verified
@@ -15,19 +15,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from worker.smtpproto import (
+from common.smtp.client import (
     Client,
     ClientEvent,
     Closed,
     NeedTLS,
     Ready,
     Refused,
-    RemoteReply,
     TransactionDone,
     TransactionResult,
 )
+from common.smtp.reply import Reply
 
-__all__ = ["ConnectFailed", "ConnectionCache", "RemoteReply", "SMTPConnection", "TransactionResult"]
+__all__ = ["ConnectFailed", "ConnectionCache", "SMTPConnection", "TransactionResult"]
 
 READ_SIZE = 65536
 
@@ -35,7 +35,7 @@ READ_SIZE = 65536
 class ConnectFailed(Exception):
     """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
 
-    def __init__(self, text: str, reply: RemoteReply | None = None) -> None:
+    def __init__(self, text: str, reply: Reply | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.reply = reply

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import pytest
 
 from common.envelope import domain_of
-from common.queueindex import exact_counts, read_counts, selected_ids
-from common.queueview import load_views
+from mtaq.ops.queueindex import exact_counts, read_counts, selected_ids
+from mtaq.ops.queueview import load_views
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, route
 from tests.redisserver import RedisServer

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.embedded import EmbeddedRedis, find_redis_server
-from common.supervise import EXIT_FATAL
+from mtaq.runtime.embedded import EmbeddedRedis, find_redis_server
+from mtaq.runtime.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
 from tests.fixtures import ROOT, alive, message, route, wait_port
 from tests.integration.eventually import GENEROUS
@@ -130,7 +130,7 @@ def test_the_portable_watch_stops_an_orphan_without_the_kernels_help(tmp_path: P
     script = textwrap.dedent(
         f"""
         import os, time
-        from common.lifeline import watch_parent
+        from mtaq.runtime.lifeline import watch_parent
         middle = os.getpid()
         if os.fork() == 0:
             watch_parent(middle, interval=0.1)

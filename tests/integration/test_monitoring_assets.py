@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.exporter import Monitor, MtaqCollector
 from common.metrics import LATENCY_BUCKET_PREFIX, REJECTED_PREFIX
 from common.store import STATS, Message, Store, dest_key
+from mtaq.ops.exporter import Monitor, MtaqCollector
 from tests.fixtures import ROOT
 from tests.redisserver import RedisServer
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.exporter import Monitor, MonitorServer
 from common.store import Message, Store
+from mtaq.ops.exporter import Monitor, MonitorServer
 from tests.redisserver import RedisServer
 from tests.sinks import free_port
 

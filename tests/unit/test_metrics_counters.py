@@ -9,9 +9,9 @@ import fakeredis
 import redis
 
 from common import metrics
-from common.exporter import Monitor, MtaqCollector
 from common.metrics import Counters, latency_bucket
 from common.store import STATS
+from mtaq.ops.exporter import Monitor, MtaqCollector
 
 
 def test_two_processes_worth_of_counters_add_up() -> None:

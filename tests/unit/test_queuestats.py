@@ -10,10 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of
-from common.queueindex import exact_counts, read_counts, recount, selected_ids, stream_ids
+from common.queuerecount import recount, stream_ids
 from common.queuestats import commit_plan, summary
-from common.queueview import load_views
 from common.store import QCOUNTS, Message, Store, msg_key, qdest_key
+from mtaq.ops.queueindex import exact_counts, read_counts, selected_ids
+from mtaq.ops.queueview import load_views
 
 NOW = 100_000.0
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from common.address import parse_hostport
 from common.settings import Settings
+from common.smtp.hostport import parse_hostport
 
 __all__ = ["CHECKS", "Check", "check_ingress", "check_metrics", "check_redis", "check_workers", "run_checks"]
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.queueview import AGE_BUCKETS, QueueShape
+from mtaq.ops.queueview import AGE_BUCKETS, QueueShape
 
 __all__ = ["Sample", "WorkerInfo", "chart_svg", "render", "sample_from_json"]
 

@@ -2,7 +2,7 @@
 at ``/``, and ``/healthz``. ``mtaq run``, each ``mtaq ingress`` and ``mtaq exporter`` serve it.
 
 Every number comes from Redis at scrape time (counters from the stats hash, see common/metrics.py;
-gauges from the queue's counters and indexes, common/queueindex.py: a scrape costs the same at any
+gauges from the queue's counters and indexes, mtaq/ops/queueindex.py: a scrape costs the same at any
 queue length), so every listener of a deployment shows the same totals: scrape one
 of them (the exporter) per deployment, not all of them, or a PromQL ``sum`` counts them twice.
 
@@ -27,17 +27,16 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-from rq import Queue, Worker
-from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq import Worker
 from rq.serializers import JSONSerializer
 
 from common import metrics as m
-from common.address import parse_hostport
-from common.queueindex import QueueCounts, counted_shape, read_counts
-from common.queueview import AGE_BUCKETS, QUEUE_STATES, QueueShape
-from common.statuspage import Sample, WorkerInfo, render, sample_from_json
+from common.jobqueue import DeliveryQueue
+from common.smtp.hostport import parse_hostport
 from common.store import INDEX, QDESTS, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from mtaq.ops.queueindex import QueueCounts, counted_shape, read_counts
+from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, QueueShape
+from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json
 
 __all__ = ["Monitor", "MonitorServer", "serve_in_thread"]
 
@@ -114,10 +113,10 @@ class Monitor:
         return sorted(out, key=lambda w: (w.hostname, w.name))
 
     def concurrency(self) -> Counter[str]:
-        """Deliveries running now per destination: the engine's connection slots where its keys
-        exist (``mtaq:dest:<d>:slots``, token -> lease expiry), else the running delivery jobs (a
-        job is one destination's batch). The destinations are those with queued mail (no SCAN of a
-        keyspace that grows with the queue)."""
+        """Deliveries running now per destination: the connection slots the workers hold
+        (worker/limits.py, ``mtaq:dest:<d>:slots``, token -> lease expiry) at the destinations with
+        queued mail (no SCAN of a keyspace that grows with the queue); while none is held, the
+        running delivery jobs (a job is one destination's batch)."""
         now = self.clock()
         pattern = dest_key("*", "slots")
         prefix, suffix = pattern.split("*")
@@ -129,14 +128,9 @@ class Monitor:
             slots = Counter(
                 {k[len(prefix) : len(k) - len(suffix)]: int(n) for k, n in zip(keys, pipe.execute(), strict=True)}
             )
-            return +slots
-        q = Queue(self.queue_name, connection=self.redis, serializer=JSONSerializer)
-        ids = StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
-        out: Counter[str] = Counter()
-        for job in Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer) if ids else []:
-            if job is not None and job.args:
-                out[str(job.args[0])] += 1
-        return out
+            if +slots:
+                return +slots
+        return DeliveryQueue(self.redis, self.queue_name).running_destinations()
 
     def samples(self, since: float) -> list[Sample]:
         return [
