@@ -125,12 +125,14 @@ redis.call('HINCRBY', KEYS[1], 'r:active', ARGV[3])
 local a = 4
 while a <= #ARGV do
   local d, n = ARGV[a], tonumber(ARGV[a + 1])
-  local z = {}
-  for k = 0, n - 1 do
-    z[2 * k + 1] = ARGV[a + 3 + 2 * k]
-    z[2 * k + 2] = ARGV[a + 2 + 2 * k]
+  for first = 0, n - 1, 1000 do -- unpack() is bounded by Lua's stack (8000 values)
+    local z = {}
+    for k = first, math.min(n, first + 1000) - 1 do
+      z[#z + 1] = ARGV[a + 3 + 2 * k]
+      z[#z + 1] = ARGV[a + 2 + 2 * k]
+    end
+    redis.call('ZADD', ARGV[1] .. d, unpack(z))
   end
-  redis.call('ZADD', ARGV[1] .. d, unpack(z))
   redis.call('SADD', KEYS[2], d)
   a = a + 2 + 2 * n
 end
@@ -258,9 +260,13 @@ if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('ZSCORE', KEYS[7], ARGV[
 local s = cjson.decode(ARGV[3])
 local q = {h = s.h, i = s.i, n = s.n, t = s.t, p = 0, d = 0, o = {}}
 for j = 1, #s.h do q.o[j] = 0 end
-local fields = {}
-for k = 0, s.n - 1 do fields[k + 1] = tostring(k) end
-local states = redis.call('HMGET', KEYS[2], unpack(fields))
+local states = {}
+for first = 0, s.n - 1, 1000 do -- unpack() is bounded by Lua's stack
+  local fields = {}
+  for k = first, math.min(s.n, first + 1000) - 1 do fields[#fields + 1] = tostring(k) end
+  local got = redis.call('HMGET', KEYS[2], unpack(fields))
+  for k = 1, #fields do states[first + k] = got[k] end
+end
 for k = 0, s.n - 1 do
   local st = 'pending'
   if states[k + 1] then st = cjson.decode(states[k + 1])['s'] end

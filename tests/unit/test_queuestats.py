@@ -159,3 +159,19 @@ def test_read_counts_can_keep_to_the_largest_destinations() -> None:
     two = read_counts(r, NOW, top=2)
     assert list(two.destinations) == ["d0.test", "d4.test"]  # the largest, then the first by name
     assert two.messages == full.messages and two.by_state == full.by_state
+
+
+def test_a_commit_of_thousands_of_messages_to_one_destination() -> None:
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    Store(r).commit([msg(i, ["big.test"], NOW - i) for i in range(5000)])  # past Lua's unpack() bound
+    assert sum(read_counts(r, NOW).destinations["big.test"]) == 5000
+
+
+def test_the_recount_of_a_message_with_thousands_of_recipients() -> None:
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    s = Store(r)
+    s.commit([msg(1, ["a.test", "b.test"] * 4500, NOW)])
+    r.hdel(msg_key("Q0001"), "q")
+    assert recount(s, domain_of).repaired == 1  # its own repair changed the counters: not applied
+    assert recount(s, domain_of).applied
+    agree(r)
