@@ -193,6 +193,35 @@ class Settings:
         10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
     )
     verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
+    # -- high availability: Redis replication and Sentinel (docs/high-availability.md)
+    redis_sentinels: str = _opt(
+        "", "comma list of Sentinel host:port; set = find the Redis primary through them instead of redis_url"
+    )
+    redis_sentinel_master: str = _opt("mtaq", "the name the Sentinels monitor the primary under")
+    redis_sentinel_password_file: str = _opt("", "file holding the Sentinels' password (unset = none)")
+    redis_password_file: str = _opt("", "file holding the Redis password (unset = none, or the one in redis_url)")
+    redis_min_replicas: int = _opt(
+        0,
+        "replicas that must have a group commit before the ingress answers 250 (WAIT; 0 = the primary's "
+        "own disk is enough); workers wait the same way before a job counts as done",
+        ("ingress", "worker"),
+    )
+    redis_replica_timeout: float = _opt(
+        1.0, "seconds WAIT gives the replicas; then the ingress answers 451 4.3.0", ("ingress", "worker")
+    )
+    # -- outbound TLS (issue 21): trust anchors, MTA-STS, DANE (worker/tlspolicy.py)
+    tls_ca_file: str = _opt(
+        "",
+        "PEM CA bundle against which MX certificates (MTA-STS, relayhost verification) and MTA-STS "
+        "policy servers are verified; unset = the system's CA store",
+        ("worker",),
+    )
+    mta_sts: bool = _opt(True, "honour MTA-STS policies of destination domains (RFC 8461)", ("worker",))
+    dane: bool = _opt(
+        False,
+        "honour DANE TLSA records (RFC 7672); needs dns_servers to be a DNSSEC-validating resolver you trust",
+        ("worker",),
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -216,6 +245,18 @@ class Settings:
             _hostport("dns_servers", server)
         if self.relayhost.strip():
             _hostport("relayhost", self.relayhost)
+        for server in self.redis_sentinels.split(","):
+            _hostport("redis_sentinels", server)
+        if self.redis_min_replicas < 0 or self.redis_replica_timeout <= 0:
+            raise ValueError("need redis_min_replicas >= 0 and redis_replica_timeout > 0")
+        if self.tls_ca_file:
+            try:
+                with open(self.tls_ca_file, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r}: {e.strerror or e}: give a PEM CA bundle") from None
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r} holds no PEM certificate: give a PEM CA bundle")
 
     # -- parsed views
     @property
@@ -235,6 +276,10 @@ class Settings:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, 2525)
+
+    @property
+    def sentinel_list(self) -> list[tuple[str, int]]:
+        return [parse_hostport(s.strip(), 26379) for s in self.redis_sentinels.split(",") if s.strip()]
 
     @property
     def dns_server_list(self) -> list[tuple[str, int]]:

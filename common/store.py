@@ -14,6 +14,10 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
+``mtaq:committed:<id>`` string with a TTL: a group commit (named by its first message) was stored
+                    (with redis_min_replicas: settling a commit the loss of the primary cut off)
+``mtaq:redis:primary``, ``mtaq:redis:failovers``, ``mtaq:redis:last-failover``  strings: the Redis
+                    primary last seen through the Sentinels, failovers counted, the last one's time
 ``mtaq:queue:*``    the queue's counters and indexes (issue 16, common/queuestats.py): see below
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
@@ -23,6 +27,7 @@ StoreFull, never a redis-py exception: callers decide what to answer without kno
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +43,11 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreNotReplicated",
     "StoreUnavailable",
 ]
+
+log = logging.getLogger("mtaq.store")
 
 PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
@@ -49,6 +57,11 @@ HOLD = PREFIX + "hold"
 RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
 SAMPLES = PREFIX + "samples"
 SAMPLE_LOCK = PREFIX + "samples-lock"
+# high availability (common/replication.py): the primary last seen, failovers counted, the last one's time
+PRIMARY_SEEN = PREFIX + "redis:primary"
+FAILOVERS = PREFIX + "redis:failovers"
+FAILOVER_TIME = PREFIX + "redis:last-failover"
+COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an interrupted commit is settled in
 
 # Queue monitoring (issue 16): counters and indexes kept in the round trips that change the queue
 # (common/queuestats.py keeps them, mtaq/ops/queueindex.py reads them); the field "q" of a message
@@ -75,6 +88,10 @@ def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
 
 
+def commit_mark_key(mark: str) -> str:
+    return f"{PREFIX}committed:{mark}"
+
+
 def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
@@ -88,6 +105,28 @@ def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"
 
 
+# Outbound TLS (issue 21), shared by every worker on every host:
+# ``mtaq:mta-sts:<domain>``  string with a TTL (the policy's max_age): the MTA-STS policy in force, JSON
+#                            (worker/mtasts.py); a failed refresh leaves it alone
+# ``mtaq:tlsrpt:<day>:<domain>``  hash: TLS-RPT session counts of that UTC day (worker/tlsrpt.py)
+# ``mtaq:tlsrpt:<day>``           set: the policy domains counted that day
+# ``mtaq:tlsrpt-sent:<day>``      string: the worker that sends that day's reports (once, cluster-wide)
+def mta_sts_key(domain: str) -> str:
+    return f"{PREFIX}mta-sts:{domain}"
+
+
+def tlsrpt_key(day: str, domain: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}:{domain}"
+
+
+def tlsrpt_domains_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}"
+
+
+def tlsrpt_sent_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt-sent:{day}"
+
+
 class StoreError(Exception):
     """Nothing was stored."""
 
@@ -98,6 +137,43 @@ class StoreUnavailable(StoreError):
 
 class StoreFull(StoreError):
     """Redis refuses to grow (OOM under noeviction): try again later (SMTP 452 4.3.1)."""
+
+
+class StoreNotReplicated(StoreUnavailable):
+    """Written on the primary, but fewer replicas than asked acknowledged it in time: not yet safe
+    from the loss of that machine (SMTP 451 4.3.0: the client retries; at-least-once allows the
+    second copy that may follow)."""
+
+
+class _Replicated(redis.client.Pipeline):
+    """A pipeline that sends ``WAIT replicas timeout`` on its own connection right after its
+    commands, before the connection goes back to the pool: WAIT counts the replicas that have this
+    connection's writes, so it must follow them on the same socket. (A retry after a dropped
+    connection runs the commands again, and WAIT again after them.)"""
+
+    replicas = 1
+    timeout_ms = 1000
+    strict = True  # raise StoreNotReplicated; else log it (a worker's outcomes are written anyway)
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_transaction(connection, commands, raise_on_error)
+        self._wait(connection)
+        return result
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
+        self._wait(connection)
+        return result
+
+    def _wait(self, connection: Any) -> None:
+        connection.send_command("WAIT", self.replicas, self.timeout_ms)
+        acked = int(connection.read_response())
+        if acked >= self.replicas:
+            return
+        why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
+        if self.strict:
+            raise StoreNotReplicated(why)
+        log.warning("outcomes written on the primary only: %s", why)
 
 
 def _is_full(e: redis.RedisError) -> bool:
@@ -169,8 +245,16 @@ class Message:
 class Store:
     """Message storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(
+        self, r: redis.Redis, *, replicas: int = 0, replica_timeout: float = 1.0, strict_replicas: bool = True
+    ) -> None:
         self.redis = r
+        # redis_min_replicas: commits and recipient outcomes wait for this many replicas (WAIT).
+        # strict (the ingress): too few is StoreNotReplicated, a 451; else (a worker, whose writes
+        # record what already happened and cannot be taken back) a warning in the log.
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
+        self.strict_replicas = strict_replicas
         self._set_status = r.register_script(_SET_STATUS)
         self._release = r.register_script(_RELEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
@@ -186,6 +270,7 @@ class Store:
         unlease: Iterable[tuple[str, str]] = (),
         also: Callable[[Any], None] | None = None,
         hop: Callable[[str], str] = domain_of,
+        mark: str = "",
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
         StoreFull and stores nothing then.
@@ -193,10 +278,13 @@ class Store:
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
         ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
         guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
-        common/spool.py). ``hop`` names a recipient's destination for the queue's indexes."""
+        common/spool.py). ``mark`` leaves a short-lived key saying this commit was stored, for a
+        writer that lost its connection before the answer (``has_commit_mark``): its messages may be
+        finished and gone already, but the mark outlives them. ``hop`` names a recipient's
+        destination for the queue's indexes."""
         plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop)
         with _translated():
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self._pipeline(transaction=True)
             for m in messages:
                 env = m.envelope
                 summary = plan.summaries[env.id]
@@ -215,9 +303,27 @@ class Store:
                 pipe.delete(*leases)
             if also is not None:
                 also(pipe)
+            if mark:
+                pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
             pipe.execute()
 
+    def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
+        """A pipeline of writes that must reach ``replicas`` replicas before they count (plain
+        when none are asked for)."""
+        if not self.replicas:
+            return self.redis.pipeline(transaction=transaction)
+        pipe = _Replicated(self.redis.connection_pool, self.redis.response_callbacks, transaction, None)
+        pipe.replicas = self.replicas
+        pipe.timeout_ms = max(1, int(self.replica_timeout * 1000))
+        pipe.strict = self.strict_replicas
+        return pipe
+
     # -- reading ----------------------------------------------------------------------------------
+    def has_commit_mark(self, mark: str) -> bool:
+        """Whether the commit that carried ``mark`` (commit's ``mark``) was stored."""
+        with _translated():
+            return bool(self.redis.exists(commit_mark_key(mark)))
+
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]
         return None if found is None else found[0]
@@ -300,7 +406,7 @@ class Store:
         if not entries:
             return []
         for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self._pipeline(transaction=False)
             for qid, idx, st in entries:
                 # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
                 # one more round trip each time

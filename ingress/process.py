@@ -22,7 +22,9 @@ log = logging.getLogger("mtaq.ingress")
 
 
 def build_ingress(settings: Settings) -> Ingress:
-    spool = Spool.from_settings(settings, connect(settings, timeout=5.0))
+    # WAIT blocks up to redis_replica_timeout: the socket must outlast it, or a slow replica would
+    # look like a dead primary
+    spool = Spool.from_settings(settings, connect(settings, timeout=max(5.0, settings.redis_replica_timeout + 5)))
     return Ingress(spool, IngressConfig.from_settings(settings))
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "RECIPIENT_OK",
     "RECIPIENT_TABLE_UNAVAILABLE",
     "RELAY_DENIED",
+    "REQUIRETLS_NEEDS_TLS",
     "RESET_OK",
     "SENDER_OK",
     "SHUTTING_DOWN",
@@ -120,6 +121,8 @@ EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN not supported")
 # -- permanent failures: policy and content
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+# RFC 8689 §4.1: REQUIRETLS is taken only over TLS (and advertised only there)
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains bare CR or LF")

@@ -346,6 +346,7 @@ class SMTPProtocol(asyncio.Protocol):
             envid=tx.envid,
             auth_user=tx.auth_user,
             trusted=tx.trusted,
+            requiretls=tx.requiretls,
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,

@@ -23,6 +23,7 @@ from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from mtaq.runtime.prefork import run_ingress
 from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
+from mtaq.tlsrptcmd import TLSRPTUsage, add_tlsrpt_parser, cmd_tlsrpt
 from worker.process import main as worker_main
 
 __all__ = ["main"]
@@ -42,7 +43,7 @@ def cmd_run(settings: Settings) -> int:
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
     # if it dies (EmbeddedRedis.watch).
-    embedded = None if settings.redis_url else EmbeddedRedis.from_settings(settings)
+    embedded = None if settings.redis_url or settings.redis_sentinels else EmbeddedRedis.from_settings(settings)
     try:
         if embedded is not None:
             embedded.lock()  # another run on this data_dir: one line, before anything starts
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_exporter_parser(sub)
     add_queue_parser(sub)
     add_health_parser(sub)
+    add_tlsrpt_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
     pw.add_argument(
@@ -155,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_exporter(settings)
         if args.command == "health":
             return cmd_health(settings, args.check, args.json)
+        if args.command == "tlsrpt":
+            return cmd_tlsrpt(settings, args.date)
         return cmd_queue(settings, args)
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
+        return 2
+    except TLSRPTUsage as e:
+        print(f"mtaq tlsrpt: {e}", file=sys.stderr)
         return 2
     except CannotBind as e:
         print(f"mtaq: {e}", file=sys.stderr)

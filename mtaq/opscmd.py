@@ -38,7 +38,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # where Redis is: every operator command needs these
-REDIS_SETTINGS = ("redis_url", "data_dir", "queue_name")
+REDIS_SETTINGS = (
+    "redis_url",
+    "data_dir",
+    "queue_name",
+    "redis_sentinels",
+    "redis_sentinel_master",
+    "redis_sentinel_password_file",
+    "redis_password_file",
+)
 
 
 def add_settings(parser: argparse.ArgumentParser, names: Sequence[str], *, nested: bool = False) -> None:

@@ -18,6 +18,7 @@ import redis
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.queuerecount import recount, stream_ids
 from common.redisconn import connect
+from common.replication import ReplicationView
 from common.settings import Settings
 from common.spool import Spool
 from common.store import INDEX, QDESTS, StoreError, dest_key
@@ -289,6 +290,7 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
     workers = Monitor(r, settings.queue_name).workers()
     down = throttled(r)
     totals = spool.store.stats()
+    rep = Monitor(r, settings.queue_name).replication()
     if getattr(args, "json", False):
         doc = {
             **sh.to_json(),
@@ -297,11 +299,27 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
             "workers": [{"name": w.name, "host": w.hostname, "pid": w.pid, "state": w.state} for w in workers],
             "throttled": [{"destination": d, "reason": why, "seconds_left": t} for d, why, t in down],
             "totals": totals,
+            "redis": None if rep is None else _replication_json(rep),
         }
         out.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     else:
         out.write(stats_text(sh, jobs, len(workers), totals, down, top=max(1, args.top)))
+        if rep is not None:
+            out.write("\n".join(rep.lines()) + "\n")
     return 0
+
+
+def _replication_json(rep: ReplicationView) -> dict[str, object]:
+    return {
+        "primary": rep.primary,
+        "role": rep.role,
+        "replicas": [
+            {"address": x.address, "state": x.state, "lag_bytes": x.lag_bytes, "lag_seconds": x.lag_seconds}
+            for x in rep.replicas
+        ],
+        "failovers": rep.failovers,
+        "last_failover": rep.last_failover,
+    }
 
 
 def _headers(body: bytes) -> list[tuple[str, str]]:

@@ -98,6 +98,7 @@ def _rcpt_json(v: MessageView) -> list[dict[str, Any]]:
             "dsn": r.status.dsn,
             "reply": r.status.reply,
             "relay": r.status.relay,
+            "tls": r.status.tls or None,
             "updated": r.status.updated or None,
             "next_attempt": r.status.next_attempt or None,
         }
@@ -161,7 +162,8 @@ def show_text(v: MessageView, headers: list[tuple[str, str]], now: float) -> str
         lines.append(f"  <{r.address}> via {r.destination}: {st.state.value}, {st.attempts} attempt(s)")
         if st.updated:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.updated))
-            lines.append(f"    last attempt {stamp}, relay={st.relay or 'none'}, dsn={st.dsn or '-'}")
+            tls = f", tls={st.tls}" if st.tls else ""
+            lines.append(f"    last attempt {stamp}, relay={st.relay or 'none'}{tls}, dsn={st.dsn or '-'}")
         if st.reply:
             lines.append(f"    ({st.reply})")
         if st.state is RcptState.DEFERRED and st.next_attempt:

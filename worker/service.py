@@ -44,6 +44,7 @@ from worker.outcomes import Batch, Loaded, OutcomeWriter, Owner
 from worker.relay import (
     Dialer,
     Opened,
+    Outcome,
     Parcel,
     Undeliverable,
     Work,
@@ -53,6 +54,7 @@ from worker.relay import (
 )
 from worker.retry import lifetime, next_retry
 from worker.smtpclient import ConnectionCache
+from worker.tlsgate import DestinationTLS, TLSGate
 
 __all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
 
@@ -63,6 +65,10 @@ SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing itse
 PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
 BUSY_RETRY = 1.0  # a handed-back job runs again after about this long
 STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot again
+
+TLS_LOOKUP_FAILED = Outcome(
+    RcptState.DEFERRED, "4.7.5", "TLS policy lookup failed (MTA-STS/DANE; see the worker log)", "none"
+)
 
 # KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
 _RENEW = """
@@ -86,6 +92,7 @@ class DeliveryService:
         dsn: DsnMaker,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        tls: TLSGate | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -113,6 +120,7 @@ class DeliveryService:
         self._renew = spool.store.redis.register_script(_RENEW)
         self.writer = OutcomeWriter(spool.store)
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, clock=clock)
+        self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -212,8 +220,18 @@ class DeliveryService:
             fail_all(parcels, e.outcome)
             self._record_rest(destination, batch, parcels)
             return
+        with self._freed:
+            known = destination in self._lanes
+        try:
+            # a new lane asks what its destination's MX hosts require (DNS, maybe a policy fetch)
+            policies = None if known or self.tls is None else self.tls.destination(destination, self.settings.smtp_port)
+        except Exception:
+            log.exception("%s: TLS policy lookup failed", destination)
+            fail_all(parcels, TLS_LOOKUP_FAILED)  # never a downgrade to plain text because of a bug
+            self._record_rest(destination, batch, parcels)
+            return
         owner = Owner(batch, parcels)
-        lane = self._lane(destination, found)
+        lane = self._lane(destination, found, policies)
         try:
             lane.add(parcels, owner)
             handed = self._tend(destination, lane, owner, parcels)
@@ -260,11 +278,11 @@ class DeliveryService:
                 handed = owner.withdrawn(lane.withdraw(parcels))
         return handed
 
-    def _lane(self, destination: str, targets: list[Target]) -> Work:
+    def _lane(self, destination: str, targets: list[Target], tls: DestinationTLS | None = None) -> Work:
         with self._freed:
             lane = self._lanes.get(destination)
             if lane is None:
-                lane = self._lanes[destination] = Work(targets)
+                lane = self._lanes[destination] = Work(targets, tls=tls)
             self._lane_users[destination] += 1
             return lane
 

@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
@@ -103,8 +104,17 @@ def _walk(spool: Spool, finisher: Finisher, report: SweepReport, counting: Recou
         counting.add([m for m, _ in chunk])  # after finishing: those are gone, and not counted
 
 
-def start_sweeper(spool: Spool, finisher: Finisher, job_timeout: float, interval: float) -> threading.Thread:
-    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
+def start_sweeper(
+    spool: Spool,
+    finisher: Finisher,
+    job_timeout: float,
+    interval: float,
+    *,
+    daily: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide.
+    ``daily`` runs after each sweep (yesterday's TLS-RPT reports: once cluster-wide, by its own
+    claim in Redis)."""
 
     def loop() -> None:
         while True:
@@ -114,6 +124,11 @@ def start_sweeper(spool: Spool, finisher: Finisher, job_timeout: float, interval
                     sweep(spool, finisher, job_timeout)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
+            if daily is not None:
+                try:
+                    daily()
+                except Exception:
+                    log.exception("TLS-RPT reports not sent; next try in about %.0fs", interval)
 
     t = threading.Thread(target=loop, name="mtaq-sweep", daemon=True)
     t.start()

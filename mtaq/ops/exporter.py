@@ -32,6 +32,7 @@ from rq.serializers import JSONSerializer
 
 from common import metrics as m
 from common.jobqueue import DeliveryQueue
+from common.replication import ReplicationView, primary_address, read_replication
 from common.smtp.hostport import parse_hostport
 from common.store import INDEX, QDESTS, SAMPLE_LOCK, SAMPLES, STATS, dest_key
 from mtaq.ops.queueindex import QueueCounts, counted_shape, read_counts
@@ -132,6 +133,15 @@ class Monitor:
                 return +slots
         return DeliveryQueue(self.redis, self.queue_name).running_destinations()
 
+    def replication(self) -> ReplicationView | None:
+        """The primary, its replicas and failovers; None where INFO is refused (a Redis that
+        forbids it to our user, or a stand-in without it): the rest of a scrape still stands."""
+        try:
+            return read_replication(self.redis, primary_address(self.redis), self.clock())
+        except redis.ResponseError as e:
+            log.debug("replication unknown: %s", e)
+            return None
+
     def samples(self, since: float) -> list[Sample]:
         return [
             sample_from_json(raw)
@@ -159,10 +169,14 @@ class Monitor:
         workers = self.workers()
         stats = {k: int(v) for k, v in self.stats().items()}
         problems = [] if workers else ["no worker heartbeat: start `mtaq worker`"]
+        rep = self.replication()
         # the chart ends with the queue as it is now, between two samples
         live = Sample(sh.now, sh.messages, stats.get("delivered", 0) + stats.get("bounced", 0))
         samples = [*self.samples(sh.now - 3600 - 120), live]
-        return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
+        redis_lines = rep.lines() if rep is not None else []
+        return render(
+            sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems, redis_lines=redis_lines
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -192,6 +206,7 @@ class MtaqCollector(Collector):
             workers = mon.workers()
             conc = mon.concurrency()
             memory = mon.redis_memory()
+            rep = mon.replication()
         except (redis.RedisError, OSError) as e:
             log.warning("metrics: Redis unreachable: %s", e)
             yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 0)
@@ -220,6 +235,16 @@ class MtaqCollector(Collector):
         for status, field in (("sent", "delivered"), ("bounced", "bounced"), ("deferred", "deferred")):
             dlv.add_metric([status], st.get(field, 0.0))
         yield dlv
+        tls = CounterMetricFamily(
+            "mtaq_deliveries_tls",
+            "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",
+            labels=["tls", "status"],
+        )
+        for k, v in sorted(st.items()):
+            if k.startswith(m.TLS_PREFIX):
+                level, _, status = k[len(m.TLS_PREFIX) :].rpartition(":")
+                tls.add_metric([level, status], v)
+        yield tls
         buckets: list[tuple[str, float]] = []
         cumulative = 0.0
         for b in m.LATENCY_BUCKETS:
@@ -236,6 +261,13 @@ class MtaqCollector(Collector):
         if memory is not None:
             yield _gauge("mtaq_redis_memory_used_bytes", "Redis used_memory", memory[0])
             yield _gauge("mtaq_redis_maxmemory_bytes", "Redis maxmemory (0: no limit)", memory[1])
+        if rep is not None:
+            yield _gauge("mtaq_redis_replicas", "Replicas of the Redis primary that are online", rep.online)
+            failovers = CounterMetricFamily(
+                "mtaq_redis_failovers", "Failovers of the Redis primary seen via the Sentinels"
+            )
+            failovers.add_metric([], rep.failovers)
+            yield failovers
         yield _gauge("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts", len(workers))
         yield _labeled(
             "mtaq_destination_concurrency",

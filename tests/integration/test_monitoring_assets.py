@@ -7,14 +7,12 @@ loads."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +24,7 @@ from common.store import STATS, Message, Store, dest_key
 from mtaq.ops.exporter import Monitor, MtaqCollector
 from tests.fixtures import ROOT
 from tests.redisserver import RedisServer
+from tests.tools import require
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "mtaq.json"
 RULES = ROOT / "deploy" / "prometheus" / "mtaq-alerts.yml"
@@ -67,12 +66,7 @@ def dashboard_queries(doc: dict[str, Any]) -> list[str]:
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("promtool missing: .ci/run installs Debian's prometheus package")
-    pytest.skip("promtool not installed (apt-get install prometheus; .ci/run does)")
+    return require("promtool")  # Debian's prometheus package; .ci/run installs it
 
 
 def test_dashboard_queries_name_only_series_that_metrics_exports(redis_server: RedisServer) -> None:

@@ -77,6 +77,9 @@ OVERRIDES = {
     "teardown",
     "clean_registries",
     "should_run_maintenance_tasks",
+    # a Redis failover: RQ's loop quits on an error these raise; ours wait it out
+    "check_for_suspension",
+    "heartbeat",
 }
 
 
