@@ -54,6 +54,7 @@ class Spool:
             delete=delete,
             unlease=unlease,
             also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
+            hop=self.router.hop,
             mark=mark,
         )
         return sum(staged)

@@ -18,6 +18,7 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
                     (with redis_min_replicas: settling a commit the loss of the primary cut off)
 ``mtaq:redis:primary``, ``mtaq:redis:failovers``, ``mtaq:redis:last-failover``  strings: the Redis
                     primary last seen through the Sentinels, failovers counted, the last one's time
+``mtaq:queue:*``    the queue's counters and indexes (issue 16, common/queuestats.py): see below
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
 StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
@@ -33,7 +34,8 @@ from typing import Any
 
 import redis
 
-from common.envelope import Envelope, RcptState, RecipientStatus
+from common import queuestats
+from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 
 __all__ = [
     "SWEEP_LOCK",
@@ -60,6 +62,18 @@ PRIMARY_SEEN = PREFIX + "redis:primary"
 FAILOVERS = PREFIX + "redis:failovers"
 FAILOVER_TIME = PREFIX + "redis:last-failover"
 COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an interrupted commit is settled in
+
+# Queue monitoring (issue 16): counters and indexes kept in the round trips that change the queue
+# (common/queuestats.py keeps them, mtaq/ops/queueindex.py reads them); the field "q" of a message
+# hash is its summary.
+QCOUNTS = PREFIX + "queue:counts"  # hash: bytes, m:deferred, m:held, r:active, r:deferred, r:held
+QDEFERRED = PREFIX + "queue:deferred"  # zset: queue id -> arrival, messages with a deferred recipient
+QDESTS = PREFIX + "queue:dests"  # set: destinations that have an index
+QDEST_PREFIX = PREFIX + "queue:dest:"  # + destination: zset, queue id -> arrival, open recipients there
+
+
+def qdest_key(destination: str) -> str:
+    return QDEST_PREFIX + destination
 
 
 def msg_key(qid: str) -> str:
@@ -194,19 +208,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: rcpt hash, left counter, stats hash; ARGV: field, new status JSON, final (1/0), stat name.
+# KEYS: rcpt hash, left counter, stats hash, and the queue counters' (queuestats.STATUS_ACCOUNT);
+# ARGV: field, new status JSON, final (1/0), stat name, and the queue counters'.
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update.
-_SET_STATUS = """
+_SET_STATUS = (
+    queuestats.LIB
+    + """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
 local state = cjson.decode(old)['s']
 if state == 'delivered' or state == 'bounced' then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+"""
+    + queuestats.STATUS_ACCOUNT
+    + """
 if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
 return -3
 """
+)
 
 
 # The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
@@ -244,6 +265,8 @@ class Store:
         self._end_lease = r.register_script(_END_LEASE)
         self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
+        self._hold = r.register_script(queuestats.HOLD)
+        self._repair = r.register_script(queuestats.REPAIR)
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -253,6 +276,7 @@ class Store:
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
         also: Callable[[Any], None] | None = None,
+        hop: Callable[[str], str] = domain_of,
         mark: str = "",
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
@@ -263,20 +287,24 @@ class Store:
         guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
         common/spool.py). ``mark`` leaves a short-lived key saying this commit was stored, for a
         writer that lost its connection before the answer (``has_commit_mark``): its messages may be
-        finished and gone already, but the mark outlives them."""
+        finished and gone already, but the mark outlives them. ``hop`` names a recipient's
+        destination for the queue's indexes."""
+        plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop)
         with _translated():
             pipe = self._pipeline(transaction=True)
             for m in messages:
                 env = m.envelope
-                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
+                summary = plan.summaries[env.id]
+                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body, "q": summary})
                 fresh = RecipientStatus().to_json()
                 pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
                 pipe.set(left_key(env.id), len(env.recipients))
                 pipe.zadd(INDEX, {env.id: env.received_at})
             if messages:
                 pipe.hincrby(STATS, "received", len(messages))
-            for qid in delete:
-                self._delete(pipe, qid)
+                # EVAL: see _delete
+                pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
+            self._delete(pipe, list(delete))
             leases = [lease_key(qid, dest) for qid, dest in unlease]
             if leases:
                 pipe.delete(*leases)
@@ -340,17 +368,17 @@ class Store:
     def hold(self, ids: Sequence[str]) -> list[str]:
         """Put messages on hold (`mtaq queue hold`): no delivery, no expiry, no bounce until
         released. Returns those newly held; an id not in the queue is not held."""
-        ids = list(dict.fromkeys(ids))
+        return self._held(list(dict.fromkeys(ids)), True)
+
+    def _held(self, ids: list[str], on: bool) -> list[str]:
+        """Hold or release ``ids`` with the queue counters moved in the same script; those changed."""
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
-            pipe.zscore(INDEX, qid)
-        queued = [qid for qid, score in zip(ids, pipe.execute(), strict=True) if score is not None]
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in queued:
-            pipe.sadd(HOLD, qid)
-        return [qid for qid, added in zip(queued, pipe.execute(), strict=True) if added]
+            keys = [HOLD, msg_key(qid), QCOUNTS, QDEFERRED, QDESTS, INDEX]
+            self._hold(keys=keys, args=[qid, QDEST_PREFIX, "1" if on else "0"], client=pipe)
+        return [qid for qid, changed in zip(ids, pipe.execute(), strict=True) if changed]
 
     def held_ids(self) -> list[str]:
         return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
@@ -391,14 +419,22 @@ class Store:
                 # one more round trip each time
                 pipe.evalsha(
                     self._set_status.sha,
-                    3,
+                    8,
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
+                    msg_key(qid),
+                    QCOUNTS,
+                    HOLD,
+                    QDEFERRED,
+                    QDESTS,
                     str(idx),
                     st.to_json(),
                     "1" if st.final else "0",
                     _STAT_OF.get(st.state, "deferred"),
+                    st.state.value,
+                    qid,
+                    QDEST_PREFIX,
                 )
             try:
                 return [int(r) for r in pipe.execute()]
@@ -435,13 +471,7 @@ class Store:
 
     def unhold(self, ids: Sequence[str]) -> list[str]:
         """Take messages off hold (`mtaq queue release`); returns those that were held."""
-        ids = list(ids)
-        if not ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in ids:
-            pipe.srem(HOLD, qid)
-        return [qid for qid, removed in zip(ids, pipe.execute(), strict=True) if removed]
+        return self._held(list(ids), False)
 
     def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
         """Mark the delay warning of each message as sent; returns those this caller marked (a
@@ -456,11 +486,24 @@ class Store:
 
     def delete(self, qid: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        self._delete(pipe, qid)
+        self._delete(pipe, [qid])
         pipe.execute()
 
     @staticmethod
-    def _delete(pipe: Any, qid: str) -> None:
-        pipe.delete(msg_key(qid), rcpt_key(qid), left_key(qid))
-        pipe.zrem(INDEX, qid)
-        pipe.srem(HOLD, qid)
+    def _delete(pipe: Any, ids: Sequence[str]) -> None:
+        # EVAL, not EVALSHA: inside MULTI a script Redis forgot (a restart) would fail alone while
+        # the rest of the transaction ran. One for all the messages: the script's text once.
+        if not ids:
+            return
+        keys = [INDEX, HOLD, QCOUNTS, QDEFERRED, QDESTS]
+        for qid in ids:
+            keys += [msg_key(qid), rcpt_key(qid), left_key(qid)]
+        pipe.eval(queuestats.DELETE, len(keys), *keys, QDEST_PREFIX, *ids)
+
+    def repair(self, envelope: Envelope, hop: Callable[[str], str], client: Any = None) -> Any:
+        """The sweep's recount of one message's summary, counters and index entries from its
+        recipient states (queuestats.REPAIR); with ``client`` a pipeline, queued on it."""
+        qid = envelope.id
+        keys = [msg_key(qid), rcpt_key(qid), HOLD, QCOUNTS, QDEFERRED, QDESTS, INDEX]
+        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop)]
+        return self._repair(keys=keys, args=args, client=client)

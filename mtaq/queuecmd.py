@@ -10,21 +10,23 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import redis
 
 from common.envelope import RcptState, RecipientStatus, domain_of
+from common.queuerecount import recount, stream_ids
 from common.redisconn import connect
 from common.replication import ReplicationView
 from common.settings import Settings
 from common.spool import Spool
-from common.store import INDEX, StoreError, dest_key
+from common.store import INDEX, QDESTS, StoreError, dest_key
 from mtaq.ops.exporter import Monitor
-from mtaq.ops.queueview import MessageView, load_views, shape
+from mtaq.ops.queueindex import deferred_sample, exact_counts, read_counts, selected_ids
+from mtaq.ops.queueview import MessageView, load_views
 from mtaq.opscmd import REDIS_SETTINGS, add_settings
-from mtaq.queuefmt import list_json, list_text, parse_age, show_json, show_text, stats_text
+from mtaq.queuefmt import list_json, list_lines, parse_age, show_json, show_text, stats_text
 
 __all__ = ["QueueUsage", "add_queue_parser", "cmd_queue", "prune_jobs"]
 
@@ -64,6 +66,9 @@ def add_queue_parser(sub: Any) -> None:
     add_settings(st, routing, nested=True)
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.add_argument("--top", type=int, default=20, metavar="N", help="destinations in the table (default 20)")
+    st.add_argument(
+        "--exact", action="store_true", help="walk the whole queue instead of reading its counters (slow when long)"
+    )
 
     sh = acts.add_parser("show", help="one message: envelope, each recipient's history, headers")
     add_settings(sh, routing, nested=True)
@@ -154,7 +159,7 @@ def _select(spool: Spool, args: argparse.Namespace, *, allow_all: bool = True) -
         if missing:
             raise NotFound(f"no such message in the queue: {', '.join(missing)} (`mtaq queue list` shows the ids)")
         return views
-    views = _views(spool)
+    views = _views(spool, _domain_ids(spool, domain) if domain else None)
     if domain:
         views = [v for v in views if _matches_domain(v, domain)]
         if not views:
@@ -169,31 +174,70 @@ def _progress(err: TextIO, verb: str, done: int, total: int) -> None:
         print(f"{verb} {done}/{total}", file=err, flush=True)
 
 
+def _domain_ids(spool: Spool, domain: str) -> list[str] | None:
+    """The messages with an open recipient at ``domain``, from its index; None (walk) with a
+    relayhost, where every destination is the relayhost and the domain only the address says."""
+    if spool.router.relayhost:
+        return None
+    return selected_ids(spool.store.redis, time.time(), domain=domain)
+
+
+def _listed(spool: Spool, args: argparse.Namespace, now: float) -> Iterator[MessageView]:
+    """The views a listing shows, in arrival order, a chunk at a time: the candidates come from
+    the smallest index that answers the filters (or the whole queue, streamed), and each view is
+    checked against every filter."""
+    deferred, hold = bool(getattr(args, "deferred", False)), bool(getattr(args, "hold", False))
+    domain, older = getattr(args, "domain", None), getattr(args, "older_than", None)
+    r, relayhost = spool.store.redis, spool.router.relayhost
+    by_domain = None if relayhost else domain  # with a relayhost the index knows only the relayhost
+    ids = selected_ids(r, now, domain=by_domain, deferred=deferred, hold=hold, older_than=older)
+    chunks: Iterable[list[str]] = stream_ids(r) if ids is None else _chunked(ids)
+    for chunk in chunks:
+        for v in load_views(r, relayhost, ids=chunk):
+            if deferred and not any(rc.state is RcptState.DEFERRED for rc in v.open):
+                continue
+            if hold and not v.held:
+                continue
+            if domain and not _matches_domain(v, domain):
+                continue
+            if older is not None and not v.age(now) > older:
+                continue
+            yield v
+
+
+def _chunked(ids: list[str], chunk: int = 500, first: int = 50) -> Iterator[list[str]]:
+    """``ids`` a round trip's worth at a time; the first few alone, so the first lines come at once."""
+    yield ids[:first]
+    for i in range(first, len(ids), chunk):
+        yield ids[i : i + chunk]
+
+
 def do_list(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Streams: the first message is out after one round trip, memory stays one chunk."""
     now = time.time()
-    views = _views(spool)
-    if getattr(args, "deferred", False):
-        views = [v for v in views if any(r.state is RcptState.DEFERRED for r in v.open)]
-    if getattr(args, "hold", False):
-        views = [v for v in views if v.held]
-    if getattr(args, "domain", None):
-        views = [v for v in views if _matches_domain(v, args.domain)]
-    if getattr(args, "older_than", None) is not None:
-        views = [v for v in views if v.age(now) > args.older_than]
+    views = _listed(spool, args, now)
     if getattr(args, "json", False):
-        out.write(json.dumps(list_json(views, now), indent=1, ensure_ascii=False) + "\n")
-    else:
-        filtered = any(getattr(args, k, None) for k in ("deferred", "hold", "domain", "older_than"))
-        out.write("no message matches\n" if filtered and not views else list_text(views, now))
+        out.write("[")
+        for n, v in enumerate(views):
+            item = json.dumps(list_json([v], now)[0], indent=1, ensure_ascii=False)
+            out.write(("," if n else "") + "\n" + item)
+        out.write("\n]\n")
+        return 0
+    filtered = any(getattr(args, k, None) for k in ("deferred", "hold", "domain", "older_than"))
+    for n, line in enumerate(list_lines(views, now, empty="no message matches" if filtered else "Mail queue is empty")):
+        out.write(line + "\n")
+        if n == 1:
+            out.flush()  # the first message out now, not when a pipe's buffer fills
     return 0
 
 
 def throttled(r: redis.Redis) -> list[tuple[str, str, float]]:
-    """Destinations the workers marked down after repeated connection failures (worker/limits.py,
-    ``mtaq:dest:<d>:down``, while that key lives), with why and for how long."""
+    """Destinations with queued mail that the workers marked down after repeated connection failures
+    (worker/limits.py, ``mtaq:dest:<d>:down``, while that key lives), with why and for how long:
+    one round trip, no SCAN of a keyspace that grows with the queue."""
     pattern = dest_key("*", "down")
     prefix, suffix = pattern.split("*")
-    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in r.scan_iter(match=pattern, count=500)]
+    keys = [dest_key(d.decode() if isinstance(d, bytes) else str(d), "down") for d in r.smembers(QDESTS)]
     if not keys:
         return []
     pipe = r.pipeline(transaction=False)
@@ -234,8 +278,13 @@ def prune_jobs(spool: Spool) -> int:
 
 def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     r = spool.store.redis
-    prune_jobs(spool)
-    sh = shape(load_views(r, spool.router.relayhost), time.time())
+    now = time.time()
+    if getattr(args, "exact", False):
+        prune_jobs(spool)  # walks every waiting job: only when asked to walk
+        views = list(load_views(r, spool.router.relayhost))
+        sh = exact_counts(views, now).shape(v for v in views if v.state == "deferred")
+    else:
+        sh = read_counts(r, now).shape(deferred_sample(r, spool.router.relayhost))
     c = spool.queue.counts()
     jobs = {"waiting": c.waiting, "running": c.running, "scheduled": c.scheduled, "failed": c.failed}
     workers = Monitor(r, settings.queue_name).workers()
@@ -420,6 +469,17 @@ def do_sweep(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
 
     r = sweep(spool, Finisher.from_settings(settings, spool), settings.job_timeout)
     out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
+    # the sweep's walk recounted too; while it repaired something the totals wait for a walk that
+    # changed nothing (common/queuerecount.Recount): at most two more walks, envelopes only
+    rc = r.recount
+    for _ in range(2):
+        if rc is None or rc.applied:
+            break
+        rc = recount(spool.store, spool.router.hop)
+    if rc is not None:
+        fixed = ", ".join(f"{k} off by {v}" for k, v in sorted(rc.drift.items())) or "none off"
+        state = "corrected" if rc.applied else "not checked: the queue kept changing, the next sweep tries again"
+        out.write(f"counters: {rc.repaired} message(s) repaired, {rc.removed} stray index entries; {fixed} ({state})\n")
     return 0
 
 

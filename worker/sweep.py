@@ -10,6 +10,8 @@ a time (a Redis lock) walks the queue every ``maintenance_interval`` and
   queued that long, or deferred past their next attempt. A job they still have is harmless: the
   lease keeps two jobs off one message, and a recipient not yet due is left alone.
 Expired recipients need nothing special: the job bounces them when it finds them past the lifetime.
+The same walk recounts the queue's counters and indexes (common/queuerecount.Recount): whatever
+drifted is corrected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
+from common.queuerecount import Recount, RecountReport
 from common.spool import Spool
 from common.store import SWEEP_LOCK, Message
 from worker.finisher import Finisher
@@ -41,6 +44,7 @@ class SweepReport:
     messages: int = 0
     finished: int = 0
     requeued: int = 0
+    recount: RecountReport | None = None
 
 
 def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -> bool:
@@ -57,6 +61,24 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
     store = spool.store
     grace = job_timeout + 120.0
     report = SweepReport()
+    counting = Recount(store, spool.router.hop)
+    try:
+        _walk(spool, finisher, report, counting, now, grace)
+        report.recount = counting.finish()
+    finally:
+        counting.close()
+    if report.finished or report.requeued:
+        log.warning(
+            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+            report.messages,
+            report.finished,
+            report.requeued,
+        )
+    return report
+
+
+def _walk(spool: Spool, finisher: Finisher, report: SweepReport, counting: Recount, now: float, grace: float) -> None:
+    store = spool.store
     for chunk in store.walk(CHUNK):
         done: list[tuple[Message, dict[int, RecipientStatus]]] = []
         lost: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -79,14 +101,7 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
         finisher.finish(done)
         report.finished += len(done)
         report.requeued += spool.queue.enqueue_sized(lost)
-    if report.finished or report.requeued:
-        log.warning(
-            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
-            report.messages,
-            report.finished,
-            report.requeued,
-        )
-    return report
+        counting.add([m for m, _ in chunk])  # after finishing: those are gone, and not counted
 
 
 def start_sweeper(
