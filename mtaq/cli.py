@@ -13,6 +13,7 @@ import redis
 
 from common import metrics
 from common.address import CannotBind, bind_listener
+from common.dkimkeys import KeyTableError, load_table
 from common.embedded import EmbeddedRedis, EmbeddedRedisError
 from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
@@ -47,6 +48,8 @@ def cmd_run(settings: Settings) -> int:
         if embedded is not None:
             embedded.lock()  # another run on this data_dir: one line, before anything starts
         bind_listener(*settings.listen_addr).close()  # the port in use: the same, before Redis starts
+        if settings.dkim_keys:
+            load_table(settings.dkim_keys)  # a bad key: the same (the children would each say it)
         warn_hostname(settings)
         if embedded is not None:
             embedded.start()
@@ -159,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
-    except CannotBind as e:
+    except (CannotBind, KeyTableError) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from common.dkimkeys import KeyTable
 from common.envelope import RecipientStatus
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
 from worker.dsn import make_dsn
+from worker.dsnsign import ReportSigner
 from worker.limits import DestinationLimits
 from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
@@ -50,7 +52,9 @@ def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         retry_time=settings.destination_retry_time,
         clock=clock,
     )
-    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, clock=clock)
+    # KeyTableError from a bad key table: one line and exit 78 (mtaq/cli.py)
+    signer = ReportSigner(KeyTable(settings.dkim_keys) if settings.dkim_keys else None)
+    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock)
 
 
 Context = DeliveryService  # the name the callers of make_context know it by

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.envelope import LOG_STATUS, Envelope, RcptState
-from worker.mime7bit import to_7bit
+from common.mime7bit import to_7bit
 from worker.mx import DnsError, MXResolver, Target
 from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
 
@@ -94,7 +94,7 @@ def body_to_send(parcel: Parcel, conn: SMTPConnection) -> bytes:
     """The message as this server may take it. 8-bit mail (BODY=8BITMIME, or octets above 127 in
     it) to a server without 8BITMIME is converted to 7-bit MIME (RFC 6152 §3), as Postfix does
     (disable_mime_output_conversion = no). A message that cannot be converted (8-bit header fields,
-    8-bit text without MIME) goes unchanged, as Postfix sends it: see worker/mime7bit.py."""
+    8-bit text without MIME) goes unchanged, as Postfix sends it: see common/mime7bit.py."""
     body = parcel.body
     if conn.supports("8bitmime") or (not parcel.envelope.body_8bit and body.isascii()):
         return body

@@ -90,6 +90,7 @@ class DeliveryService:
         limits: DestinationLimits,
         *,
         dsn: DsnMaker,
+        sign: Callable[[Message, float], Message] = lambda report, now: report,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -100,6 +101,7 @@ class DeliveryService:
         self.resolver = resolver
         self.limits = limits
         self.dsn = dsn
+        self.sign = sign  # DKIM on the reports we write (worker/dsnsign.py)
         self.clock = clock
         self.sleep = sleep
         self.permits = threading.BoundedSemaphore(max(1, settings.worker_concurrency))
@@ -407,7 +409,7 @@ class DeliveryService:
             batch.write(rest)
         # delay warnings (issue 8.6): once the deferrals are recorded, see worker/delays.py
         states = {q: {**batch.loaded[q][1], **batch.recorded[q]} for q in retry_ids}
-        warn_delayed(self.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now)
+        warn_delayed(self.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now, sign=self.sign)
         if retry_ids and retry_delay is not None:
             self.queue.schedule(destination, retry_ids, retry_delay)
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
@@ -460,7 +462,7 @@ class DeliveryService:
         for msg, _ in done:
             dsn = reports[msg.envelope.id]
             if dsn is not None:
-                dsns.append(dsn)
+                dsns.append(self.sign(dsn, now))
                 log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
             log.info("%s: removed", msg.envelope.id)
         ids = [m.envelope.id for m, _ in done]
