@@ -1,4 +1,4 @@
-"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd."""
+"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd, dkim."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from common.settings import Settings, add_arguments, hostname_problem
 from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
+from mtaq.dkimcmd import add_dkim_parser, cmd_dkim
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from worker.process import main as worker_main
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-file", "--auth_file", dest="auth_file", default=None, help="the credentials file the ingress reads"
     )
     pw.add_argument("user", help="the user name clients give to AUTH")
+    add_dkim_parser(sub)
     return p
 
 
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args.burst)
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
+        if args.command == "dkim":
+            return cmd_dkim(settings, args)
         if args.command == "exporter":
             return cmd_exporter(settings)
         if args.command == "health":
