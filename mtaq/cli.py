@@ -20,6 +20,7 @@ from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
 from common.supervise import EXIT_FATAL, Child, Supervisor
+from common.transport import TransportTable, TransportTableError
 from ingress.auth import set_password
 from ingress.process import main as ingress_main
 from mtaq.dkimcmd import add_dkim_parser, cmd_dkim
@@ -51,6 +52,8 @@ def cmd_run(settings: Settings) -> int:
         bind_listener(*settings.listen_addr).close()  # the port in use: the same, before Redis starts
         if settings.dkim_keys:
             load_table(settings.dkim_keys)  # a bad key: the same (the children would each say it)
+        if settings.transport_table:
+            TransportTable(settings.transport_table)  # and a bad route
         warn_hostname(settings)
         if embedded is not None:
             embedded.start()
@@ -166,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
-    except (CannotBind, KeyTableError) as e:
+    except (CannotBind, KeyTableError, TransportTableError) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:
