@@ -193,13 +193,16 @@ def _selected(fields: Sequence[tuple[bytes, bytes]], names: Sequence[str]) -> li
 
 
 def _fold_tags(tags: Sequence[str]) -> str:
-    """``tag=value;`` items joined on lines of at most ~78 characters (FWS after ``;``)."""
+    """``tag=value;`` items joined on lines of at most ~78 characters (FWS after ``;``); a long
+    ``h=`` is folded after its colons, where RFC 6376 §3.5 allows FWS."""
     lines = ["DKIM-Signature:"]
     for tag in tags:
-        if len(lines[-1]) + 1 + len(tag) > 78:
-            lines.append("\t" + tag)
-        else:
-            lines[-1] += " " + tag
+        pieces = re.findall(r"[^:]+:?", tag) if tag.startswith("h=") else [tag]
+        for i, piece in enumerate(pieces):
+            if len(lines[-1]) + 1 + len(piece) > 78:
+                lines.append("\t" + piece)
+            else:
+                lines[-1] += (" " if i == 0 else "") + piece
     return "\r\n".join(lines)
 
 

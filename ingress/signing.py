@@ -6,7 +6,7 @@ clients (``local_header_rewrite_clients``): mail relayed for strangers under rel
 neither changed nor signed. In order:
 
 1. a missing ``Message-ID:`` gets ``<QUEUEID@hostname>`` and a missing ``Date:`` the arrival time,
-   at the end of the header block, so that both are signed;
+   in front of the header fields, so that both are signed;
 2. when a key covers the From: domain and the message has 8-bit content, it is converted to 7-bit
    MIME (common/mime7bit.py) before it is signed (RFC 6376 §5.3: a signer SHOULD convert first):
    the worker converts 8-bit mail for a next hop without 8BITMIME, and a conversion after signing
@@ -34,7 +34,9 @@ class Prepared:
 
 
 def add_missing_fields(data: bytes, *, queue_id: str, hostname: str, when: float) -> bytes:
-    """``data`` with Message-ID and Date added at the end of its header block when missing."""
+    """``data`` with Message-ID and Date put in front of its header fields when missing (the order of
+    fields means nothing to RFC 5322 §3.6; in front, the client's own header block stays byte for
+    byte as it was sent)."""
     head, _ = dkim.split_message(data)
     present = {name.strip().lower() for name, _ in dkim.header_fields(head)}
     extra = b""
@@ -42,14 +44,7 @@ def add_missing_fields(data: bytes, *, queue_id: str, hostname: str, when: float
         extra += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode("ascii", "replace")
     if b"date" not in present:
         extra += f"Date: {format_date(when)}\r\n".encode("ascii")
-    if not extra:
-        return data
-    if data.startswith(b"\r\n"):  # no header fields at all
-        return extra + data
-    end = data.find(b"\r\n\r\n")
-    if end < 0:  # all header, no body
-        return (data if data.endswith(b"\r\n") or not data else data + b"\r\n") + extra
-    return data[: end + 2] + extra + data[end + 2 :]
+    return extra + data if extra else data
 
 
 class TrustedMail:

@@ -27,6 +27,7 @@ from mtaq.dkimcmd import add_dkim_parser, cmd_dkim
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from worker.process import main as worker_main
+from worker.smarthost import SmarthostError, smarthost_from_settings
 
 __all__ = ["main"]
 
@@ -54,6 +55,7 @@ def cmd_run(settings: Settings) -> int:
             load_table(settings.dkim_keys)  # a bad key: the same (the children would each say it)
         if settings.transport_table:
             TransportTable(settings.transport_table)  # and a bad route
+        smarthost_from_settings(settings)  # and relayhost credentials that cannot be read
         warn_hostname(settings)
         if embedded is not None:
             embedded.start()
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
-    except (CannotBind, KeyTableError, TransportTableError) as e:
+    except (CannotBind, KeyTableError, TransportTableError, SmarthostError) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:

@@ -33,7 +33,7 @@ from typing import Any
 
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 __all__ = ["LOOPBACK_HOSTS", "Delivery", "SinkServer", "free_port", "wait_for"]
 
@@ -124,6 +124,9 @@ class SinkServer:
         self.open_connections = 0  # connections open now
         self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
+        # AUTH (RFC 4954) after STARTTLS only, when set: user -> password; logins: (user, accepted)
+        self.auth: dict[str, str] | None = None
+        self.logins: list[tuple[str, bool]] = []
         self.ca: trustme.CA | None = None
         self._tls_context: ssl.SSLContext | None = None
         if tls or tls_broken:
@@ -142,6 +145,8 @@ class SinkServer:
         kwargs: dict[str, Any] = {}
         if self._tls_context is not None:
             kwargs["tls_context"] = self._tls_context
+        if self.auth is not None:
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=True)
         controller = _CountingController(
             self,
             _Handler(self),
@@ -197,6 +202,13 @@ class SinkServer:
         self.ca.configure_trust(context)
 
     # -- called from the server thread
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        user = data.login.decode("utf-8", "replace")
+        ok = self.auth is not None and self.auth.get(user) == data.password.decode("utf-8", "replace")
+        with self.lock:
+            self.logins.append((user, ok))
+        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535 itself
 
     def _hangup(self, server: Any, command: str) -> bool:
         if self.hangup_on != command:

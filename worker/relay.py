@@ -14,6 +14,7 @@ it is made from. The one caller that records outcomes turns them into ``Outcome`
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import Protocol
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from common.mime7bit import to_7bit
 from worker.mx import DnsError, MXResolver, Target
+from worker.smarthost import AuthLog, Smarthost
 from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
 
 __all__ = [
@@ -244,6 +246,14 @@ class Dialer:
     connect_timeout: float
     timeout: float
     messages_per_connection: int = 100
+    smarthost: Smarthost | None = None  # the relayhost's login (worker/smarthost.py)
+    auth_log: AuthLog = field(default_factory=AuthLog)
+
+    def login(self, target: Target) -> tuple[tuple[str, str] | None, ssl.SSLContext | None]:
+        """The credentials and verifying TLS context for this target, (None, None) if it needs none."""
+        if self.smarthost is None or not self.smarthost.applies(target.hostname, target.port):
+            return None, None
+        return self.smarthost.credentials, self.smarthost.tls
 
 
 @dataclass(slots=True)
@@ -284,13 +294,19 @@ def converse(
                 conn = SMTPConnection(
                     helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
                 )
+                auth, verify = dialer.login(target)
                 try:
-                    conn.open(target.ip, target.port, name=target.hostname)
+                    conn.open(target.ip, target.port, name=target.hostname, auth=auth, verify=verify)
                 except ConnectFailed as e:
-                    log.info("%s", e.text)
+                    if e.auth:
+                        dialer.auth_log.failed(relay, e.text)  # once per relayhost, not per message
+                    else:
+                        log.info("%s", e.text)
                     work.failed(_connect_outcome(e, relay, target))
                     feedback(False, e.text)
                     break  # the next address
+                if auth is not None:
+                    dialer.auth_log.succeeded(relay)
                 opened = Opened(conn, t, to=target)
                 reached = True
             parcel = work.take(t)
@@ -330,7 +346,7 @@ def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
         return Outcome(RcptState.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
     if reply is not None:
         return Outcome(RcptState.DEFERRED, reply.dsn, e.text, relay, target.hostname)
-    return Outcome(RcptState.DEFERRED, "4.4.1", e.text, "none", target.hostname)
+    return Outcome(RcptState.DEFERRED, e.dsn or "4.4.1", e.text, "none", target.hostname)
 
 
 def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target]:

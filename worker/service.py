@@ -51,6 +51,7 @@ from worker.relay import (
     resolve,
 )
 from worker.retry import lifetime, next_retry
+from worker.smarthost import smarthost_from_settings
 from worker.smtpclient import ConnectionCache
 
 __all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
@@ -112,6 +113,7 @@ class DeliveryService:
             settings.connect_timeout,
             settings.smtp_timeout,
             max(1, settings.destination_messages_per_connection),
+            smarthost_from_settings(settings),  # SmarthostError: one line, exit 78 (mtaq/cli.py)
         )
         self.stopping = threading.Event()
         self._leases: dict[str, tuple[str, list[str]]] = {}  # token -> (destination, queue ids)

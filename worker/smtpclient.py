@@ -4,6 +4,9 @@ the TLS wrap, nothing else. Every decision about what a reply means is the state
 Opportunistic TLS as Postfix's ``may`` level: STARTTLS when offered, certificates not verified
 (RFC 7435), the MX host name as the TLS server name (SNI), and on a failed handshake the same host
 is tried again in plain text. One driver runs in one thread; a worker runs many (worker/pool.py).
+With a smarthost's credentials (``open(auth=..., verify=...)``) TLS is required and verified
+(Postfix's ``secure``): a failed handshake or an invalid certificate ends the attempt, and the
+credentials are never sent.
 """
 
 from __future__ import annotations
@@ -35,10 +38,14 @@ READ_SIZE = 65536
 class ConnectFailed(Exception):
     """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
 
-    def __init__(self, text: str, reply: RemoteReply | None = None) -> None:
+    def __init__(
+        self, text: str, reply: RemoteReply | None = None, *, auth: bool = False, dsn: str | None = None
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.reply = reply
+        self.auth = auth  # a smarthost login failed or could not be attempted safely
+        self.dsn = dsn  # the status to defer with when no reply says it
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -67,8 +74,18 @@ class SMTPConnection:
     def esmtp(self) -> bool:
         return self.client is not None and self.client.esmtp
 
-    def open(self, ip: str, port: int, *, name: str = "", try_tls: bool = True) -> None:
-        """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered."""
+    def open(
+        self,
+        ip: str,
+        port: int,
+        *,
+        name: str = "",
+        try_tls: bool = True,
+        auth: tuple[str, str] | None = None,
+        verify: ssl.SSLContext | None = None,
+    ) -> None:
+        """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered. With ``auth``,
+        STARTTLS verified by ``verify`` for ``name``, then AUTH, are required."""
         relay = f"{name or ip}[{ip}]:{port}"
         try:
             sock = socket.create_connection((ip, port), timeout=self.connect_timeout)
@@ -76,23 +93,31 @@ class SMTPConnection:
             raise ConnectFailed(f"connect to {relay}: {_reason(e)}") from None
         sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.client = sock, Client(self.helo_name, relay, try_tls=try_tls)
+        self.sock, self.client = sock, Client(self.helo_name, relay, try_tls=try_tls, auth=auth)
         while True:
             event = self._pump()
             if isinstance(event, Ready):
                 return
             if isinstance(event, NeedTLS):
                 try:
-                    self.sock = _TLS.wrap_socket(sock, server_hostname=name or ip)
-                except (ssl.SSLError, OSError, ValueError):
+                    self.sock = (verify or _TLS).wrap_socket(sock, server_hostname=name or ip)
+                except (ssl.SSLError, OSError, ValueError) as e:
                     self.close()
+                    if auth is not None:  # Postfix's "secure": no plain-text retry, no password
+                        if isinstance(e, ssl.SSLCertVerificationError):
+                            why = f"certificate verify failed: {e.verify_message}"
+                        else:
+                            why = getattr(e, "reason", None) or str(e)
+                        raise ConnectFailed(
+                            f"TLS with {relay} failed ({why}): credentials not sent", auth=True, dsn="4.7.5"
+                        ) from None
                     # handshake failed: Postfix's "may" level delivers in plain text instead
                     return self.open(ip, port, name=name, try_tls=False)
                 self.client.tls_started()
                 continue
             self.close()
             if isinstance(event, Refused):
-                raise ConnectFailed(event.text, event.reply)
+                raise ConnectFailed(event.text, event.reply, auth=event.auth, dsn="4.7.0" if event.auth else None)
             raise ConnectFailed(f"lost connection with {relay} during greeting")
 
     def _pump(self) -> ClientEvent:

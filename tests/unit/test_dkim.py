@@ -75,7 +75,7 @@ def test_survives_refolding_and_trailing_space() -> None:
 def test_signed_fields() -> None:
     key = _key("ed25519")
     field = dkim.sign(MESSAGE, [key], NOW)
-    tags = dkimpy.util.parse_tag_value(field.partition(b":")[2].replace(b"\r\n", b""))
+    tags = dkimpy.util.parse_tag_value(field.partition(b":")[2].replace(b"\r\n\t", b""))
     names = tags[b"h"].decode().split(":")
     assert names.count("from") == 2  # oversigned
     for name in ("to", "subject", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post"):
@@ -83,6 +83,15 @@ def test_signed_fields() -> None:
     assert "x-not-signed" not in names
     assert tags[b"c"] == b"relaxed/relaxed" and tags[b"d"] == b"example.com" and tags[b"t"] == str(NOW).encode()
     assert all(len(line) <= 80 for line in field.split(b"\r\n"))
+
+
+def test_a_long_h_is_folded_after_colons_and_verifies() -> None:
+    key = _key("rsa")
+    names = [b"Cc", b"Reply-To", b"In-Reply-To", b"References", b"MIME-Version", b"Content-Type", b"List-Id"]
+    msg = MESSAGE.replace(b"\r\n\r\n", b"".join(b"\r\n" + n + b": x" for n in names) + b"\r\n\r\n", 1)
+    field = dkim.sign(msg, [key], NOW)
+    assert all(len(line) <= 80 for line in field.split(b"\r\n")) and b":\r\n\t" in field
+    assert dkimpy_verify(field + msg, _keys(key))
 
 
 def test_no_from_no_signature() -> None:

@@ -20,24 +20,28 @@ def _fields(data: bytes) -> dict[bytes, bytes]:
     return {n.lower(): v.strip() for n, v in header_fields(split_message(data)[0])}
 
 
-def test_missing_message_id_and_date_added_at_the_end_of_the_header() -> None:
+def test_missing_message_id_and_date_added_in_front() -> None:
     out = add_missing_fields(
         b"From: a@example.com\r\n\r\nbody\r\n", queue_id="Q1", hostname="mx.example.net", when=WHEN
     )
     assert out == (
-        b"From: a@example.com\r\nMessage-ID: <Q1@mx.example.net>\r\n"
-        b"Date: Sat, 06 Dec 2025 10:00:00 +0000\r\n\r\nbody\r\n"
+        b"Message-ID: <Q1@mx.example.net>\r\nDate: Sat, 06 Dec 2025 10:00:00 +0000\r\n"
+        b"From: a@example.com\r\n\r\nbody\r\n"
     )
 
 
 def test_present_fields_are_kept() -> None:
     msg = b"From: a@example.com\r\nmessage-id: <x@y>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nb\r\n"
     assert add_missing_fields(msg, queue_id="Q", hostname="h.example", when=WHEN) is msg
+    msg = b"From: a@example.com\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nb\r\n"
+    assert (
+        add_missing_fields(msg, queue_id="Q", hostname="h.example", when=WHEN) == b"Message-ID: <Q@h.example>\r\n" + msg
+    )
 
 
 def test_header_only_and_header_less_messages() -> None:
     out = add_missing_fields(b"Subject: x\r\n", queue_id="Q", hostname="h.example", when=WHEN)
-    assert out.startswith(b"Subject: x\r\nMessage-ID: <Q@h.example>\r\nDate: ")
+    assert out.startswith(b"Message-ID: <Q@h.example>\r\nDate: ") and out.endswith(b"\r\nSubject: x\r\n")
     out = add_missing_fields(b"\r\nbody\r\n", queue_id="Q", hostname="h.example", when=WHEN)
     assert out.startswith(b"Message-ID: <Q@h.example>\r\nDate: ") and out.endswith(b"\r\n\r\nbody\r\n")
 
