@@ -68,6 +68,8 @@ SIGNED_FIELDS = (
 OVERSIGNED = ("from",)
 
 _WSP_RUN = re.compile(rb"[ \t]+")
+_WSP_TO_SPACE = re.compile(rb"[ \t]{2,}|\t")  # what relaxed canonicalization changes: runs and tabs
+_WSP_AT_EOL = re.compile(rb" \r\n")  # after the runs became one SP
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 # RFC 6376 §3.5: b= and the other tag values may be folded anywhere with FWS; 72 keeps lines short
 _B64_LINE = 72
@@ -161,11 +163,14 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 
 def _relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4: WSP runs to one SP, none at a line's end, no empty lines at the end; a
-    non-empty body ends in CRLF, an empty one is empty."""
-    lines = [_WSP_RUN.sub(b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
+    non-empty body ends in CRLF, an empty one is empty. Over the whole body at once (lines end in
+    CRLF: the ingress refuses bare CR and LF), touching only the whitespace that changes."""
+    body = _WSP_TO_SPACE.sub(b" ", body)
+    body = _WSP_AT_EOL.sub(b"\r\n", body)
+    if body.endswith(b" "):  # the last line, without its CRLF
+        body = body.rstrip(b" ")
+    body = body.rstrip(b"\r\n")
+    return body + b"\r\n" if body else b""
 
 
 def body_hash(body: bytes) -> str:
