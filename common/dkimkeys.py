@@ -6,9 +6,9 @@ table's folder, a PEM private key: RSA of 1024 bits or more, or Ed25519 (PKCS#8,
 several keys (an RSA and an Ed25519 one: two signatures).
 
 ``load_table(path)`` reads it all or raises ``KeyTableError`` with one line naming the file, the
-line and what is wrong, never the key. ``KeyTable`` holds what was read and re-reads the file when
-it (or a key file) changes: at most one stat() round per ``check_every`` seconds of the injected
-clock, no thread. A table that breaks on a re-read is logged once and the old one kept.
+line and what is wrong, never the key. ``KeyTable`` holds what was read and re-reads it when the
+table or a key file changes (common/watched.py: one stat() round a second at most; a table that
+breaks on a re-read is logged once and the old one kept).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from common.dkim import SigningKey, keys_for
+from common.watched import Watched
 
 __all__ = ["MIN_RSA_BITS", "KeyTable", "KeyTableError", "load_key", "load_table", "parse_table"]
 
@@ -99,58 +100,30 @@ def load_table(path: str | os.PathLike[str]) -> Table:
     return MappingProxyType({d: tuple(k) for d, k in keys.items()})
 
 
-def _versions(path: Path, table: Table) -> tuple[tuple[int, int, int], ...]:
-    files = [path, *(Path(k.source) for ks in table.values() for k in ks)]
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
-
-
 class KeyTable:
     """The keys in force, re-read when the table or one of its key files changes."""
 
     def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic, check_every: float = 1.0) -> None:
         self.path = Path(path)
-        self.clock = clock
-        self.check_every = check_every
-        self.table = load_table(self.path)  # KeyTableError at start-up: the caller exits 78
-        self._version = self._stat()
-        self._checked = clock()
-        self._failing = False
-        log.info("dkim_keys: %s", self.describe())
+        # KeyTableError at start-up: the caller exits 78
+        self._table = Watched(
+            lambda: load_table(self.path),
+            lambda table: [self.path, *(Path(k.source) for ks in table.values() for k in ks)],
+            errors=(KeyTableError,),
+            describe=self._describe,
+            log=log,
+            clock=clock,
+            check_every=check_every,
+        )
+        log.info("%s", self._describe(self._table.value))
 
-    def describe(self) -> str:
-        keys = [k for ks in self.table.values() for k in ks]
-        return f"{len(keys)} key(s) for {len(self.table)} domain(s) from {self.path}"
+    def _describe(self, table: Table) -> str:
+        keys = [k for ks in table.values() for k in ks]
+        return f"dkim_keys: {len(keys)} key(s) for {len(table)} domain(s) from {self.path}"
 
-    def _stat(self) -> tuple[tuple[int, int, int], ...] | None:
-        try:
-            return _versions(self.path, self.table)
-        except OSError:
-            return None
-
-    def refresh(self) -> None:
-        now = self.clock()
-        if now - self._checked < self.check_every:
-            return
-        self._checked = now
-        version = self._stat()
-        if version is not None and version == self._version:
-            return
-        try:
-            table = load_table(self.path)
-        except KeyTableError as e:
-            if not self._failing:  # once per breakage, not once per message
-                log.error("%s: keeping the %s", e, self.describe())
-            self._failing = True
-            return
-        self.table = table
-        self._failing = False
-        self._version = self._stat()
-        log.info("dkim_keys re-read: %s", self.describe())
+    @property
+    def failing(self) -> bool:
+        return self._table.failing
 
     def keys_for(self, domain: str) -> Sequence[SigningKey]:
-        self.refresh()
-        return keys_for(self.table, domain)
+        return keys_for(self._table.get(), domain)

@@ -6,9 +6,9 @@ is ``[host]`` or ``[host]:port`` for that host itself (no MX lookup), or ``host`
 of ``host`` (on smtp_port). Consulted before relayhost and MX (common/routing.py), by the ingress
 (grouping mail into jobs) and the workers alike, so give both the same file.
 
-``TransportTable`` re-reads the file when it changes, at most one stat() per ``check_every``
-seconds of the injected clock; a file that breaks on a re-read is logged once and the old entries
-kept. At start-up a bad file is ``TransportTableError``: one line, exit 78 (mtaq/cli.py).
+``TransportTable`` re-reads the file when it changes (common/watched.py: one stat() a second at
+most; a file that breaks on a re-read is logged once and the old entries kept). At start-up a
+bad file is ``TransportTableError``: one line, exit 78 (mtaq/cli.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from common.watched import Watched
 
 __all__ = ["TransportTable", "TransportTableError", "lookup", "parse_transport"]
 
@@ -90,38 +92,15 @@ def _load(path: Path) -> dict[str, str]:
 class TransportTable:
     def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic, check_every: float = 1.0) -> None:
         self.path = Path(path)
-        self.clock = clock
-        self.check_every = check_every
-        self.entries = _load(self.path)  # TransportTableError at start-up
-        self._version = self._stat()
-        self._checked = clock()
-        self._failing = False
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def refresh(self) -> None:
-        now = self.clock()
-        if now - self._checked < self.check_every:
-            return
-        self._checked = now
-        version = self._stat()
-        if version is not None and version == self._version:
-            return
-        try:
-            entries = _load(self.path)
-        except TransportTableError as e:
-            if not self._failing:
-                log.error("%s: keeping the %d entries read before", e, len(self.entries))
-            self._failing = True
-            return
-        self.entries, self._version, self._failing = entries, version, False
-        log.info("transport_table re-read: %d entries from %s", len(entries), self.path)
+        self._entries = Watched(  # TransportTableError at start-up
+            lambda: _load(self.path),
+            lambda entries: [self.path],
+            errors=(TransportTableError,),
+            describe=lambda entries: f"transport_table: {len(entries)} entries from {self.path}",
+            log=log,
+            clock=clock,
+            check_every=check_every,
+        )
 
     def nexthop(self, domain: str) -> str | None:
-        self.refresh()
-        return lookup(self.entries, domain)
+        return lookup(self._entries.get(), domain)

@@ -100,4 +100,4 @@ def test_reread_on_change_and_old_table_kept(tmp_path: Path, caplog: pytest.LogC
     os.utime(tmp_path / "e.pem", ns=(1, 1))
     clock.now += 1.5
     assert [k.selector for k in kt.keys_for("example.org")] == ["e"]
-    assert not kt._failing
+    assert not kt.failing
