@@ -4,6 +4,8 @@ Redis; transport_table routes to sinks of their own."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from common.envelope import RcptState
 from tests.dnsserver import ZoneServer
-from tests.fixtures import MTA, message, route
+from tests.fixtures import MTA, ROOT, message, route
 from tests.integration.eventually import GENEROUS
 from tests.sinks import SinkServer, wait_for
 
@@ -107,3 +109,29 @@ def test_routes_from_the_transport_table(
     assert literal.recipients() == ["a@routed.test"]
     assert via_mx.recipients() == ["b@x.corp.test"]
     assert plain.recipients() == ["c@a.test"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "content", "line"),
+    [
+        ("transport_table", "example.com\n", "transport_table {path} line 1: expected DOMAIN NEXTHOP"),
+        (
+            "relayhost_auth_file",
+            "justauser\n",
+            "relayhost_auth_file {path}: expected `username password` or `username:password`",
+        ),
+    ],
+)
+def test_a_bad_route_or_login_file_at_start_up_is_one_line_and_exit_78(
+    tmp_path: Path, mta_factory: Callable[..., MTA], setting: str, content: str, line: str
+) -> None:
+    path = tmp_path / setting
+    path.write_text(content)
+    mta = mta_factory(relayhost="[smtp.relay.test]:587")
+    env = {**mta.env, f"MTAQ_{setting.upper()}": str(path)}
+    p = subprocess.run(
+        [sys.executable, "-m", "mtaq", "worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 78, p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("mtaq: ")] == [f"mtaq: {line.format(path=path)}"]
+    assert "Traceback" not in p.stderr and "justauser" not in p.stderr
