@@ -43,6 +43,7 @@ __all__ = [
     "public_key_record",
     "sign",
     "sign_7bit",
+    "well_formed",
 ]
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
@@ -142,6 +143,19 @@ def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     return fields
 
 
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")  # RFC 5322 §3.6.8 ftext, then the colon
+
+
+def well_formed(head: bytes) -> bool:
+    """Whether every line of the header block starts a field (``name:``) or continues one. A
+    message with any other line there is not signed: verifiers (dkimpy, OpenDKIM) refuse to parse
+    it, so a signature could never pass."""
+    lines = head.split(b"\r\n") if head else []
+    return all(
+        (_FIELD_START.match(line) is not None) or (i > 0 and line[:1] in (b" ", b"\t")) for i, line in enumerate(lines)
+    )
+
+
 def from_domain(message: bytes) -> str | None:
     """The domain of the From: field's mailbox, lower case; None when there is not exactly one From:
     field with one address in it (DMARC, RFC 7489 §6.6.1, cannot align such mail either)."""
@@ -217,6 +231,8 @@ def sign(message: bytes, keys: Sequence[SigningKey], now: int) -> bytes:
     if not keys:
         return b""
     head, body = split_message(message)
+    if not well_formed(head):
+        return b""
     fields = header_fields(head)
     names = _signed_names(fields)
     if "from" not in names:

@@ -158,3 +158,30 @@ def test_relaxed_body_is_dkimpy_relaxed(pieces: list[bytes]) -> None:
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     assert dkim._relaxed_body(body) == DkimpyRelaxed.canonicalize_body(body)
+
+
+_LINES = st.sampled_from(
+    [b"From: a@example.com", b"From: <>", b"From: =?x?q?bad", b"To: b@example.org", b"Subject: \xff\xfe",
+     b" folded", b"\tfolded", b"no colon here", b":empty name", b"", b"body  line \t", b"From: a@b@c", b"."]
+)  # fmt: skip
+
+
+@given(st.lists(_LINES, max_size=20))
+def test_any_message_signs_or_not_without_raising(lines: list[bytes]) -> None:
+    """Whatever a trusted client sends, the signer gives signatures or none; never an exception
+    (the ingress would answer 451 to a message it could not prepare)."""
+    msg = b"".join(line + b"\r\n" for line in lines)
+    if dkim.from_domain(msg) is None:
+        return
+    signed, _ = dkim.sign_7bit(msg, [_ED_KEY], NOW)
+    if signed.startswith(b"DKIM-Signature:"):
+        assert dkimpy_verify(signed, _keys(_ED_KEY)), signed
+
+
+_ED_KEY = SigningKey("example.com", "s", new_key("ed25519"))
+
+
+def test_a_malformed_header_block_is_not_signed() -> None:
+    for head in (b"From: a@example.com\r\nno colon here\r\n", b" leading fold\r\nFrom: a@example.com\r\n"):
+        assert dkim.sign(head + b"\r\nbody\r\n", [_ED_KEY], NOW) == b""
+    assert dkim.well_formed(b"From: a@example.com\r\nSubject: x\r\n\ty")
