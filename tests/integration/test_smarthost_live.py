@@ -135,3 +135,24 @@ def test_a_bad_route_or_login_file_at_start_up_is_one_line_and_exit_78(
     assert p.returncode == 78, p.stderr
     assert [ln for ln in p.stderr.splitlines() if ln.startswith("mtaq: ")] == [f"mtaq: {line.format(path=path)}"]
     assert "Traceback" not in p.stderr and "justauser" not in p.stderr
+
+
+def test_queue_flush_follows_the_routes(
+    sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA], tmp_path: Path
+) -> None:
+    literal = sinks("127.0.0.4")
+    table = tmp_path / "transport"
+    table.write_text(f"routed.test [127.0.0.4]:{literal.port}\n")
+    mta = mta_factory(transport_table=str(table))
+    mta.start_ingress()  # no worker yet: the jobs wait in the queue
+    mta.send("alice@client.test", ["a@routed.test"], message("flushed"))
+    p = subprocess.run(
+        [sys.executable, "-m", "mtaq", "queue", "flush"], env=mta.env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    jobs = mta.queue.rq.get_jobs()
+    assert len(jobs) == 2
+    destinations = {job.args[0] for job in jobs}
+    assert destinations == {f"[127.0.0.4]:{literal.port}"}  # the commit's job and the flush's alike
+    mta.start_worker()
+    assert wait_for(lambda: literal.messages, GENEROUS), mta.logs()
