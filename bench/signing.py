@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from bench.measure import cpu_seconds, tree
 from bench.systems import free_port, wait_port
 from common.dkimkeys import KeyTable
-from common.embedded import RedisProcess
 from ingress.signing import TrustedMail
+from mtaq.runtime.embedded import RedisProcess
 
 MAX_MESSAGES = 20_000
 

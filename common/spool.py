@@ -23,19 +23,38 @@ class Spool:
     router: Router
 
     @classmethod
-    def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
-        return cls(Store(r), DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
+    def from_settings(cls, settings: Settings, r: redis.Redis, *, strict_replicas: bool = True) -> Spool:
+        """``strict_replicas``: see Store (the ingress refuses mail that too few replicas have; a
+        worker logs it)."""
+        store = Store(
+            r,
+            replicas=settings.redis_min_replicas,
+            replica_timeout=settings.redis_replica_timeout,
+            strict_replicas=strict_replicas,
+        )
+        return cls(store, DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
     def commit(
-        self, messages: Sequence[Message], *, delete: Iterable[str] = (), unlease: Iterable[tuple[str, str]] = ()
+        self,
+        messages: Sequence[Message],
+        *,
+        delete: Iterable[str] = (),
+        unlease: Iterable[tuple[str, str]] = (),
+        mark: str = "",
     ) -> int:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
         ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
         it or nothing. Returns how many delivery jobs were stored (mail input flow control turns
-        unfinished jobs into messages with it). Raises StoreUnavailable / StoreFull."""
+        unfinished jobs into messages with it). ``mark``: see Store.commit. Raises StoreUnavailable /
+        StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
         staged: list[int] = []
         self.store.commit(
-            messages, delete=delete, unlease=unlease, also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop))
+            messages,
+            delete=delete,
+            unlease=unlease,
+            also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
+            hop=self.router.hop,
+            mark=mark,
         )
         return sum(staged)

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from common.dkim import SigningKey, public_key_base64, public_key_record
 from common.dkimkeys import MIN_RSA_BITS, KeyTableError, load_table
+from common.mx import make_resolver
 from common.settings import Settings
 from mtaq.opscmd import add_settings
-from worker.mx import make_resolver
 
 __all__ = ["add_dkim_parser", "check_record", "cmd_dkim", "txt_record"]
 

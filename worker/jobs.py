@@ -12,14 +12,16 @@ from collections.abc import Callable, Sequence
 
 from common.dkimkeys import KeyTable
 from common.envelope import RecipientStatus
+from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
+from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
 from worker.dsnsign import ReportSigner
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
+from worker.tlsgate import TLSGate
 
 __all__ = ["Context", "deliver", "finish_loaded", "install", "make_context", "make_dsn", "set_context"]
 
@@ -38,8 +40,11 @@ set_context = install
 def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
     """A delivery service from settings: the resolver (with the addresses we listen on, for loop
     detection), the shared destination limits on the store's Redis, and ``clock``."""
+    dns = make_resolver(settings.dns_server_list)
+    if settings.dane:
+        enable_dnssec(dns)  # DO and AD on every question: the MX answers' AD bit counts too
     resolver = MXResolver(
-        make_resolver(settings.dns_server_list),
+        dns,
         local_names=[settings.hostname],
         local_ips=local_addresses(settings.listen),
         max_addresses=settings.max_mx_addresses,
@@ -54,7 +59,9 @@ def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float]
     )
     # KeyTableError from a bad key table: one line and exit 78 (mtaq/cli.py)
     signer = ReportSigner(KeyTable(settings.dkim_keys) if settings.dkim_keys else None)
-    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock)
+    # one resolver for MX, TLSA and the MTA-STS policy host (issue 21)
+    tls = TLSGate(dns, spool.store.redis, ca_file=settings.tls_ca_file, mta_sts=settings.mta_sts, dane=settings.dane)
+    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock, tls=tls)
 
 
 Context = DeliveryService  # the name the callers of make_context know it by

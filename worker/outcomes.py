@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from common import metrics
-from common.envelope import RcptState, RecipientStatus
+from common.envelope import LOG_STATUS, RcptState, RecipientStatus
 from common.store import Message, Store
 from worker.relay import Outcome, Parcel, log_attempt
 
@@ -88,10 +88,12 @@ class Batch:
                 f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
                 out.relay,
                 out.remote_mta,
+                out.tls,
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
         metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
+        metrics.delivery_tls(out.tls, LOG_STATUS[out.state])
         return RecipientStatus(
             state=out.state,
             attempts=old.attempts + 1,
@@ -99,6 +101,7 @@ class Batch:
             reply=out.reply,
             relay=out.relay,
             remote_mta=out.remote_mta,
+            tls=out.tls,
             updated=now,
             next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
         )

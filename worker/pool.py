@@ -59,6 +59,9 @@ INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before i
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 
 
+_REDIS_GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 class ConcurrentWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
 
@@ -116,6 +119,12 @@ class ConcurrentWorker(SimpleWorker):
         """Register the execution here (the main thread), run the job in a thread of its own."""
         try:
             execution = self.prepare_execution(job)
+        except _REDIS_GONE as e:
+            # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
+            # from which the recovery hands it back (_rescue_intermediate)
+            self._free.release()
+            log.warning("worker %s: Redis unavailable starting job %s (%s); it is handed back", self.name, job.id, e)
+            return
         except BaseException:
             self._free.release()
             raise
@@ -171,6 +180,25 @@ class ConcurrentWorker(SimpleWorker):
             idle = not self._running
         if idle:
             self.set_state(WorkerStatus.IDLE)
+
+    # -- RQ's main loop reads and writes Redis outside our methods too; any error there quits the
+    # worker ("found an unhandled exception"). A Redis failover (docs/high-availability.md) is
+    # such an error that lasts seconds: wait it out instead, as the dequeue does.
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except _REDIS_GONE as e:
+            log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
+            time.sleep(1.0)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:  # queued in a pipeline: its execute() reports errors
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except _REDIS_GONE as e:
+            log.warning("worker %s: heartbeat failed (%s); the heartbeat thread tries again", self.name, e)
 
     # -- liveness
     def _start_heartbeat(self) -> None:

@@ -23,9 +23,12 @@ from typing import Protocol
 
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from common.mime7bit import to_7bit
-from worker.mx import DnsError, MXResolver, Target
+from common.mx import DnsError, MXResolver, Target
+from common.smtp.reply import Reply
 from worker.smarthost import AuthLog, Smarthost
-from worker.smtpclient import ConnectFailed, RemoteReply, SMTPConnection
+from worker.smtpclient import ConnectFailed, SMTPConnection, TLSPolicyFailed
+from worker.tlsgate import DestinationTLS
+from worker.tlspolicy import OPPORTUNISTIC, requiretls_refusal, tls_required_no
 
 __all__ = [
     "Dialer",
@@ -54,6 +57,7 @@ class Outcome:
     reply: str  # what to show: the remote reply, or our own diagnostic
     relay: str  # host[ip]:port, or "none"
     remote_mta: str = ""
+    tls: str = ""  # what the session had: "none", "opportunistic", "verified(dane) TLSv1.3 <cipher>"
 
 
 class Undeliverable(Exception):
@@ -77,6 +81,12 @@ class Parcel:
 
     def pending(self) -> list[int]:
         return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].state is RcptState.DEFERRED]
+
+    @property
+    def relaxed(self) -> bool:
+        """``TLS-Required: No`` (RFC 8689 §4.2.1): TLS policy failures do not stop this message.
+        REQUIRETLS on MAIL wins over the header."""
+        return not self.envelope.requiretls and tls_required_no(self.body)
 
 
 def utf8_addresses(env: Envelope) -> bool:
@@ -120,6 +130,13 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str]:
         opts.append(f"SIZE={len(body)}")  # RFC 1870: lets the server refuse before the data is sent
     if env.body_8bit and conn.supports("8bitmime"):
         opts.append("BODY=8BITMIME")
+    if env.requiretls:
+        relay = conn.client.relay if conn.client is not None else "the host"
+        refusal = requiretls_refusal(conn.tls_used, conn.supports("requiretls"), relay)
+        if refusal is not None:
+            # RFC 8689 §5: never sent without verified TLS; the DSN (ordinary mail) says why
+            raise Undeliverable(Outcome(RcptState.BOUNCED, "5.7.30", refusal, ""))
+        opts.append("REQUIRETLS")
     if env.smtputf8 or utf8_addresses(env):
         if conn.supports("smtputf8"):
             opts.append("SMTPUTF8")
@@ -161,8 +178,15 @@ class Work:
     target ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back
     with floor ``t + 1``: the next MX gets its turn, as in Postfix."""
 
-    def __init__(self, targets: Sequence[Target], parcels: Sequence[Parcel] = (), owner: Owner | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        parcels: Sequence[Parcel] = (),
+        owner: Owner | None = None,
+        tls: DestinationTLS | None = None,
+    ) -> None:
         self.targets = list(targets)
+        self.tls = tls  # the TLS policies of the destination (MTA-STS, DANE); None: opportunistic
         self._queue: list[tuple[Parcel, int]] = []
         self._owners: dict[int, Owner] = {}
         self._lock = threading.Lock()
@@ -179,10 +203,11 @@ class Work:
                     self._queue.append((p, 0))
                     self._owners[id(p)] = owner
 
-    def take(self, t: int) -> Parcel | None:
+    def take(self, t: int, relaxed: bool = False) -> Parcel | None:
+        """The next parcel for target ``t`` (``relaxed``: only one with TLS-Required: No)."""
         with self._lock:
             for n, (parcel, floor) in enumerate(self._queue):
-                if floor <= t:
+                if floor <= t and (not relaxed or parcel.relaxed):
                     del self._queue[n]
                     return parcel
         return None
@@ -191,9 +216,9 @@ class Work:
         with self._lock:
             self._queue.append((parcel, floor))
 
-    def has(self, t: int) -> bool:
+    def has(self, t: int, relaxed: bool = False) -> bool:
         with self._lock:
-            return any(floor <= t for _, floor in self._queue)
+            return any(floor <= t and (not relaxed or p.relaxed) for p, floor in self._queue)
 
     def __len__(self) -> int:
         with self._lock:
@@ -264,6 +289,7 @@ class Opened:
     target: int
     sent: int = 0
     to: Target | None = None
+    relaxed: bool = False  # opened without the destination's TLS policy, for TLS-Required: No mail
 
 
 def converse(
@@ -281,22 +307,54 @@ def converse(
     each delivered message (slow start, dead destinations)."""
     targets = work.targets
     reached = opened is not None
+    tried = reached  # whether it tried any server: one that found nothing to send failed nowhere
     record = work.record
     first = opened.target if opened is not None else 0
     for t in range(first, len(targets)):
         target = targets[t]
         relay = str(target)
-        while work.has(t) and not stopping():
+        relaxed = False  # a connection without the policy, for TLS-Required: No mail only
+        while work.has(t, relaxed) and not stopping():
             if opened is not None and opened.target != t:
                 opened.conn.quit()
                 opened = None
             if opened is None:
+                tried = True
                 conn = SMTPConnection(
                     helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
                 )
+                policy = None if relaxed else work.tls
+                require = policy.require(target) if policy is not None else OPPORTUNISTIC
+                # the relayhost's login: verified STARTTLS for its name first (worker/smarthost.py);
+                # TLS-Required: No does not relax it, the password is ours to protect
                 auth, verify = dialer.login(target)
                 try:
-                    conn.open(target.ip, target.port, name=target.hostname, auth=auth, verify=verify)
+                    if require.refuse is not None:
+                        raise TLSPolicyFailed(require.refuse)  # this MX may not be used: not even a connect
+                    check = policy.check if policy is not None else None
+                    conn.open(
+                        target.ip,
+                        target.port,
+                        name=target.hostname,
+                        require=require,
+                        check=check,
+                        auth=auth,
+                        verify=verify,
+                    )
+                    if conn.tls_failure is not None:
+                        log.info("%s: %s", relay, conn.tls_failure.text)  # testing mode: delivered, noted
+                    if policy is not None:
+                        policy.report(require, target.hostname, conn.tls_failure)
+                except TLSPolicyFailed as e:
+                    # the host answers, it just may not have this mail: no word to the throttle
+                    log.info("%s: %s", relay, e.text)
+                    work.failed(_connect_outcome(e, relay, target))
+                    if policy is not None:
+                        policy.report(require, target.hostname, e.failure)
+                    if not relaxed and work.has(t, True):
+                        relaxed = True  # again without the policy, for the mail that asked for that
+                        continue
+                    break  # the next address
                 except ConnectFailed as e:
                     if e.auth:
                         dialer.auth_log.failed(relay, e.text)  # once per relayhost, not per message
@@ -307,14 +365,16 @@ def converse(
                     break  # the next address
                 if auth is not None:
                     dialer.auth_log.succeeded(relay)
-                opened = Opened(conn, t, to=target)
+                opened = Opened(conn, t, to=target, relaxed=relaxed)
                 reached = True
-            parcel = work.take(t)
+            parcel = work.take(t, relaxed)
             if parcel is None:
                 break
             pace()
             try:
-                alive = _send_parcel(opened.conn, parcel, parcel.pending(), relay, target, record)
+                alive = _send_parcel(
+                    opened.conn, parcel, parcel.pending(), relay, target, record, last=t + 1 >= len(targets)
+                )
             except BaseException:
                 opened.conn.close()  # its state is unknown: never reused
                 work.back(parcel, t + 1)
@@ -333,6 +393,13 @@ def converse(
             if opened.sent >= dialer.messages_per_connection:
                 opened.conn.quit()  # destination_messages_per_connection: a fresh connection
                 opened = None
+    # A conversation that found no parcel for it (another took them) reports "reached": its
+    # caller fails what waits with the last failure when none was reached, and parcels a new job
+    # added meanwhile must not get "No reachable host" from a conversation that never tried.
+    reached = reached or not tried
+    if opened is not None and opened.relaxed:
+        opened.conn.quit()  # opened without the policy (TLS-Required: No): never cached for other mail
+        return None, reached
     if opened is not None and (not opened.conn.alive or opened.sent >= dialer.messages_per_connection):
         opened.conn.quit()
         return None, reached
@@ -340,6 +407,9 @@ def converse(
 
 
 def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
+    if isinstance(e, TLSPolicyFailed):
+        # the diagnostic names the policy and what failed; never 5xx: the next attempt may succeed
+        return Outcome(RcptState.DEFERRED, e.failure.dsn, e.text, relay, target.hostname, "none")
     reply = e.reply
     if reply is not None and reply.outcome is RcptState.BOUNCED:
         # a 5xx greeting: Postfix skips to the next MX (smtp_skip_5xx_greeting) and defers
@@ -407,18 +477,29 @@ def defer_left(parcels: Sequence[Parcel], work: Work) -> None:
 
 
 def _send_parcel(
-    conn: SMTPConnection, parcel: Parcel, pending: list[int], relay: str, target: Target, record: Recorder | None
+    conn: SMTPConnection,
+    parcel: Parcel,
+    pending: list[int],
+    relay: str,
+    target: Target,
+    record: Recorder | None,
+    *,
+    last: bool = True,
 ) -> bool:
-    """One message's transactions on this connection; False when the connection is gone."""
+    """One message's transactions on this connection; False when the connection is gone. ``last``:
+    no MX address comes after this one."""
     env = parcel.envelope
     body = body_to_send(parcel, conn)
     try:
         opts = mail_options(env, body, conn)
     except Undeliverable as e:
-        refused = Outcome(e.outcome.state, e.outcome.dsn, e.outcome.reply, relay, target.hostname)
+        state, dsn = e.outcome.state, e.outcome.dsn
+        if dsn == "5.7.30" and not last:
+            state, dsn = RcptState.DEFERRED, "4.7.30"  # RFC 8689 §5.2: the next MX may satisfy REQUIRETLS
+        refused = Outcome(state, dsn, e.outcome.reply, relay, target.hostname, str(conn.tls_used))
         for i in pending:
             parcel.outcomes[i] = refused
-        if record is not None:
+        if record is not None and state is not RcptState.DEFERRED:
             record(parcel, pending)
         return True
     for start in range(0, len(pending), RCPTS_PER_TRANSACTION):
@@ -436,14 +517,15 @@ def _send_parcel(
             for i in parcel.pending():
                 parcel.outcomes[i] = oops
             return False
+        tls = str(conn.tls_used)
         for pos, reply in result.replies.items():
-            parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname)
+            parcel.outcomes[chunk[pos]] = _outcome(reply, relay, target.hostname, tls)
         final = [i for i in chunk if i in parcel.outcomes and parcel.outcomes[i].state is not RcptState.DEFERRED]
         if final and record is not None:
             record(parcel, final)
         if result.broken:
             what = f"conversation with {relay} timed out" if result.timed_out else f"lost connection with {relay}"
-            lost = Outcome(RcptState.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname)
+            lost = Outcome(RcptState.DEFERRED, "4.4.2", f"{what} while sending message", relay, target.hostname, tls)
             for i in chunk:
                 if i not in result.replies:
                     parcel.outcomes[i] = lost
@@ -455,23 +537,24 @@ def _send_parcel(
     return True
 
 
-def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
+def _outcome(reply: Reply, relay: str, host: str, tls: str = "") -> Outcome:
     state = reply.outcome
     if state is RcptState.DELIVERED:
-        return Outcome(state, reply.dsn, str(reply), relay, host)
-    return Outcome(state, reply.dsn, f"host {relay} said: {reply}", relay, host)
+        return Outcome(state, reply.dsn, str(reply), relay, host, tls)
+    return Outcome(state, reply.dsn, f"host {relay} said: {reply}", relay, host, tls)
 
 
 def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float) -> None:
-    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status
-    (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
+    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, tls (what the
+    session had, issue 21), dsn, status (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
     delay = time.time() - received_at
     log.info(
-        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+        "%s: to=<%s>, relay=%s, delay=%.2f, tls=%s, dsn=%s, status=%s (%s)",
         qid,
         rcpt,
         outcome.relay or "none",
         delay,
+        outcome.tls or "none",
         outcome.dsn,
         LOG_STATUS[outcome.state],
         outcome.reply,

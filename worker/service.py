@@ -33,16 +33,18 @@ from collections.abc import Callable, Collection, Sequence
 import redis
 
 from common.envelope import RcptState, RecipientStatus, domain_of
+from common.mx import MXResolver, Target
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, lease_key
 from worker.delays import warn_delayed
+from worker.finisher import FINISH_CLAIM, DsnMaker, Finisher
 from worker.limits import DestinationLimits, Slot
-from worker.mx import MXResolver, Target
 from worker.outcomes import Batch, Loaded, OutcomeWriter, Owner
 from worker.relay import (
     Dialer,
     Opened,
+    Outcome,
     Parcel,
     Undeliverable,
     Work,
@@ -53,6 +55,7 @@ from worker.relay import (
 from worker.retry import lifetime, next_retry
 from worker.smarthost import smarthost_from_settings
 from worker.smtpclient import ConnectionCache
+from worker.tlsgate import DestinationTLS, TLSGate
 
 __all__ = ["FINISH_CLAIM", "LEASE_TTL", "DeliveryService"]
 
@@ -63,19 +66,16 @@ SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing itse
 PERMIT_WAIT = 2.0  # ... for a conversation of this process's worker_concurrency
 BUSY_RETRY = 1.0  # a handed-back job runs again after about this long
 STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot again
-# How long a finisher's claim on a message lasts: another finisher (a job for another destination, a
-# sweep) that saw the same message complete stays away meanwhile, so exactly one DSN is built. Short:
-# a finisher that died has its message finished by the next look, within a minute.
-FINISH_CLAIM = 30.0
+
+TLS_LOOKUP_FAILED = Outcome(
+    RcptState.DEFERRED, "4.7.5", "TLS policy lookup failed (MTA-STS/DANE; see the worker log)", "none"
+)
 
 # KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-
-# the RFC 3464 report for a finished message (worker.jobs.make_dsn), or None
-DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
 
 
 def _all_final(msg: Message, statuses: dict[int, RecipientStatus]) -> bool:
@@ -94,6 +94,7 @@ class DeliveryService:
         sign: Callable[[Message, float], Message] = lambda report, now: report,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        tls: TLSGate | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -101,7 +102,6 @@ class DeliveryService:
         self.queue = spool.queue
         self.resolver = resolver
         self.limits = limits
-        self.dsn = dsn
         self.sign = sign  # DKIM on the reports we write (worker/dsnsign.py)
         self.clock = clock
         self.sleep = sleep
@@ -123,6 +123,8 @@ class DeliveryService:
         self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
         self.writer = OutcomeWriter(spool.store)
+        self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
+        self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -222,8 +224,18 @@ class DeliveryService:
             fail_all(parcels, e.outcome)
             self._record_rest(destination, batch, parcels)
             return
+        with self._freed:
+            known = destination in self._lanes
+        try:
+            # a new lane asks what its destination's MX hosts require (DNS, maybe a policy fetch)
+            policies = None if known or self.tls is None else self.tls.destination(destination, self.settings.smtp_port)
+        except Exception:
+            log.exception("%s: TLS policy lookup failed", destination)
+            fail_all(parcels, TLS_LOOKUP_FAILED)  # never a downgrade to plain text because of a bug
+            self._record_rest(destination, batch, parcels)
+            return
         owner = Owner(batch, parcels)
-        lane = self._lane(destination, found)
+        lane = self._lane(destination, found, policies)
         try:
             lane.add(parcels, owner)
             handed = self._tend(destination, lane, owner, parcels)
@@ -270,11 +282,11 @@ class DeliveryService:
                 handed = owner.withdrawn(lane.withdraw(parcels))
         return handed
 
-    def _lane(self, destination: str, targets: list[Target]) -> Work:
+    def _lane(self, destination: str, targets: list[Target], tls: DestinationTLS | None = None) -> Work:
         with self._freed:
             lane = self._lanes.get(destination)
             if lane is None:
-                lane = self._lanes[destination] = Work(targets)
+                lane = self._lanes[destination] = Work(targets, tls=tls)
             self._lane_users[destination] += 1
             return lane
 
@@ -443,34 +455,8 @@ class DeliveryService:
         destination: str | None = None,
         leased: Collection[str] = (),
     ) -> set[str]:
-        """DSNs and deletes of finished messages, in one transaction; returns the ids deleted.
-
-        A message with a DSN due is claimed first (FINISH_CLAIM): two finishers that saw it
-        complete at once build one report between them. One without a DSN is not: its recipients'
-        states are final and cannot change, so every finisher finds no report due, and deleting a
-        message twice is deleting it once (a round trip and a write fewer per message)."""
-        if not done:
-            return set()
-        now = self.clock()
-        reports = {m.envelope.id: self.dsn(m, st, self.settings.hostname, now) for m, st in done}
-        due = [q for q, r in reports.items() if r is not None]
-        claimed = set(self.store.lease(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
-        others = [q for q in due if q not in claimed]
-        if others and destination is not None:
-            # another finisher has it, or had it and died: look again once its claim has lapsed
-            self.queue.schedule(destination, others, FINISH_CLAIM + random.uniform(1.0, 5.0))
-        done = [d for d in done if reports[d[0].envelope.id] is None or d[0].envelope.id in claimed]
-        dsns: list[Message] = []
-        for msg, _ in done:
-            dsn = reports[msg.envelope.id]
-            if dsn is not None:
-                dsns.append(self.sign(dsn, now))
-                log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
-            log.info("%s: removed", msg.envelope.id)
-        ids = [m.envelope.id for m, _ in done]
-        unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
-        self.spool.commit(dsns, delete=ids, unlease=unlease)
-        return set(ids)
+        """DSNs and deletes of finished messages, in one transaction (worker/finisher.py)."""
+        return self.finisher.finish(done, destination, leased)
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:

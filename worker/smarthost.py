@@ -5,7 +5,7 @@ The file holds one line, ``username password`` or ``username:password`` (``#`` c
 every connection to the relayhost (``[smtp.example.net]:587`` as written in ``relayhost``; a
 transport_table route to that same host and port too) must start TLS with a certificate valid for
 the relayhost's name under the system CAs, or ``tls_ca_file`` when set, before AUTH PLAIN or LOGIN
-(worker/smtpproto.py) is sent; otherwise the attempt defers and says why, and no credential is
+(common/smtp/client.py) is sent; otherwise the attempt defers and says why, and no credential is
 ever written to the socket. A refused login (535) defers too (our configuration, not the
 recipient's fault) and is logged once per relayhost until a login succeeds again, not per message.
 """
@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.address import parse_hostport
 from common.settings import Settings
+from common.smtp.hostport import parse_hostport
 
 __all__ = ["AuthLog", "Smarthost", "SmarthostError", "parse_credentials", "smarthost_from_settings"]
 

@@ -15,12 +15,12 @@ import dkim as dkimpy
 import dns.exception
 import pytest
 
+from common.mx import make_resolver
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, route
 from tests.integration.eventually import GENEROUS
 from tests.maildkim import maildkim_verdicts, require_maildkim
 from tests.sinks import SinkServer, wait_for
-from worker.mx import make_resolver
 
 SENDER = "alice@news.client.test"  # signed by client.test's keys: the nearest parent with keys
 

@@ -18,7 +18,7 @@ import dns.resolver
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, new_queue_id
-from worker.mx import MXResolver
+from common.mx import MXResolver
 from worker.relay import Parcel, deliver
 from worker.smtpclient import SMTPConnection
 

@@ -66,6 +66,10 @@ def test_right_password_delivered_over_verified_tls(
     assert wait_for(lambda: relay.messages, GENEROUS), mta.logs()
     assert relay.logins == [("app", True)] and relay.deliveries[0].tls
     assert "right horse" not in mta.logs()
+    # the relayhost's certificate was checked for its name: the delivery line says so
+    assert wait_for(lambda: "status=sent" in mta.logs(), GENEROUS), mta.logs()
+    sent = next(line for line in mta.logs().splitlines() if "status=sent" in line)
+    assert "tls=verified(pkix) TLSv1." in sent, sent
 
 
 def test_wrong_password_deferred_and_logged_once(

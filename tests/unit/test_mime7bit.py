@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import quopri
 import re
 from email.message import EmailMessage
@@ -12,6 +10,7 @@ from email.message import EmailMessage
 import pytest
 
 from common.mime7bit import to_7bit
+from tests.mailparse import parse
 from worker.dsn import DsnRecipient, render_dsn
 
 HEAD = (
@@ -20,12 +19,6 @@ HEAD = (
     b"From: alice@client.test\r\nTo: bob@a.test\r\nSubject:  two  spaces kept\r\n"
     b"X-Tab:\tkept\r\nMIME-Version: 1.0\r\n"
 )
-
-
-def parse(data: bytes) -> EmailMessage:
-    msg = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def seven_bit(data: bytes) -> None:

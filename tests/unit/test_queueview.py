@@ -5,8 +5,8 @@ from __future__ import annotations
 import fakeredis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
-from common.queueview import AGE_BUCKETS, age_bucket, load_views, reason_of, shape
 from common.store import HOLD, Message, Store
+from mtaq.ops.queueview import AGE_BUCKETS, age_bucket, load_views, reason_of, shape
 
 
 def test_age_buckets_are_qshapes() -> None:

@@ -1,4 +1,4 @@
-"""Smarthost login (worker/smarthost.py, the AUTH exchange of worker/smtpproto.py): credentials
+"""Smarthost login (worker/smarthost.py, the AUTH exchange of common/smtp/client.py): credentials
 only after TLS, PLAIN or LOGIN, a refusal defers, the file read strictly, failures logged once."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.settings import Settings
+from common.smtp.client import Client, NeedTLS, Ready, Refused
 from worker.smarthost import AuthLog, SmarthostError, parse_credentials, smarthost_from_settings
-from worker.smtpproto import Client, NeedTLS, Ready, Refused
 
 RELAY = "smtp.example.net[192.0.2.1]:587"
 AUTH = ("app", "s3cret pass")
