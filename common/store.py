@@ -195,10 +195,16 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(str(e)) from e
 
 
-# KEYS: lease; ARGV: token. Release a lease only if it is still ours (a job that overran its lease
-# must not free the next holder's).
-_RELEASE = """
+# KEYS: lease; ARGV: token. End a lease only if it is still ours (a job that overran its lease
+# must not end the next holder's).
+_END_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -256,7 +262,8 @@ class Store:
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas
         self._set_status = r.register_script(_SET_STATUS)
-        self._release = r.register_script(_RELEASE)
+        self._end_lease = r.register_script(_END_LEASE)
+        self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
         self._hold = r.register_script(queuestats.HOLD)
         self._repair = r.register_script(queuestats.REPAIR)
@@ -446,15 +453,23 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
-        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
-        the hold set's release(ids)."""
+    def end_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """End leases taken by lease() (only those still held by ``token``)."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
-            self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
+            self._end_lease(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
 
-    def release(self, ids: Sequence[str]) -> list[str]:
+    def renew_leases(self, held: Sequence[tuple[str, str, Sequence[str]]], seconds: float) -> None:
+        """Push on leases for another ``seconds``: ``held`` is (token, destination, queue ids) per
+        holder; a lease another token holds now is left alone. One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for token, destination, qids in held:
+            for qid in qids:
+                self._renew_lease(keys=[lease_key(qid, destination)], args=[token, int(seconds * 1000)], client=pipe)
+        pipe.execute()
+
+    def unhold(self, ids: Sequence[str]) -> list[str]:
         """Take messages off hold (`mtaq queue release`); returns those that were held."""
         return self._held(list(ids), False)
 

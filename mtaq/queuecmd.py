@@ -386,7 +386,7 @@ def do_release(spool: Spool, settings: Settings, args: argparse.Namespace, out: 
         if args.all:
             raise NotFound("no message is on hold")
         raise QueueUsage("release: name the messages: queue ids or --all")
-    released = set(store.release(ids))
+    released = set(store.unhold(ids))
     if not released:
         raise NotFound(f"not on hold: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
     n, d = _requeue(spool, _views(spool, [q for q in ids if q in released]), err, "released")
@@ -455,7 +455,7 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
             for i, r in enumerate(v.recipients)
             if not r.status.final
         }
-    spool.store.release([v.qid for v in views if v.held])  # a held message may be bounced: it is done
+    spool.store.unhold([v.qid for v in views if v.held])  # a held message may be bounced: it is done
     spool.store.set_statuses({q: u for q, u in updates.items() if u})
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
     Finisher.from_settings(settings, spool).finish(finished)

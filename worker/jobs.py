@@ -11,11 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from common.dkimkeys import KeyTable
-from common.envelope import RecipientStatus
 from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message
 from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
 from worker.dsnsign import ReportSigner
@@ -23,7 +21,7 @@ from worker.limits import DestinationLimits
 from worker.service import DeliveryService
 from worker.tlsgate import TLSGate
 
-__all__ = ["Context", "deliver", "finish_loaded", "install", "make_context", "make_dsn", "set_context"]
+__all__ = ["deliver", "install", "make_dsn", "make_service"]
 
 _service: DeliveryService | None = None
 
@@ -34,10 +32,7 @@ def install(service: DeliveryService | None) -> None:
     _service = service
 
 
-set_context = install
-
-
-def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
+def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
     """A delivery service from settings: the resolver (with the addresses we listen on, for loop
     detection), the shared destination limits on the store's Redis, and ``clock``."""
     dns = make_resolver(settings.dns_server_list)
@@ -64,16 +59,8 @@ def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float]
     return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock, tls=tls)
 
 
-Context = DeliveryService  # the name the callers of make_context know it by
-
-
 def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
     """RQ job: deliver the due recipients of these messages that go to ``destination``."""
     if _service is None:
         raise RuntimeError("no delivery service in this process: delivery jobs run in `mtaq worker`")
     _service.deliver(destination, ids, force)
-
-
-def finish_loaded(service: DeliveryService, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
-    """DSNs and deletes of finished messages (`mtaq queue bounce`): the service's, by its old name."""
-    service.finish_loaded(done)

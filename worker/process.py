@@ -14,7 +14,7 @@ from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
-from worker.jobs import install, make_context
+from worker.jobs import install, make_service
 from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
 from worker.service import DeliveryService
 from worker.sweep import start_sweeper
@@ -29,9 +29,9 @@ log = logging.getLogger("mtaq.worker")
 WORKER_TTL = 60
 
 
-def daily_reports(ctx: DeliveryService, settings: Settings) -> Callable[[], None] | None:
+def daily_reports(service: DeliveryService, settings: Settings) -> Callable[[], None] | None:
     """Yesterday's TLS-RPT reports (RFC 8460), queued once cluster-wide, where policies are on."""
-    gate = ctx.tls
+    gate = service.tls
     if gate is None:
         return None
 
@@ -41,7 +41,7 @@ def daily_reports(ctx: DeliveryService, settings: Settings) -> Callable[[], None
             gate.resolver,
             settings.hostname,
             time.time(),
-            queue=ctx.spool.commit,
+            queue=service.spool.commit,
             context=gate.anchors.context(),
         )
 
@@ -52,10 +52,14 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level, settings.log_format)
     r = connect(settings, timeout=WORKER_TTL + 30, connect_timeout=10)
     spool = Spool.from_settings(settings, r, strict_replicas=False)
-    ctx = make_context(settings, spool)
-    install(ctx)
+    service = make_service(settings, spool)
+    install(service)
     start_sweeper(
-        spool, ctx.finisher, settings.job_timeout, settings.maintenance_interval, daily=daily_reports(ctx, settings)
+        spool,
+        service.finisher,
+        settings.job_timeout,
+        settings.maintenance_interval,
+        daily=daily_reports(service, settings),
     )
     w = ConcurrentWorker(
         [spool.queue.rq],
@@ -63,8 +67,7 @@ def main(settings: Settings, *, burst: bool = False) -> int:
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL,
         maintenance_interval=RECOVERY_INTERVAL,
-        service=ctx,
-        concurrency=settings.worker_concurrency,
+        service=service,
     )
     log.info(
         "worker on queue %s, %d conversations, smtp port %d, dns %s",

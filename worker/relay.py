@@ -1,10 +1,10 @@
 """Conversations with one destination: MX targets in turn, a connection reused across messages up
-to destination_messages_per_connection, at most 50 recipients per transaction. Several
-conversations of one job share its parcels (``Work``); each runs in its own thread.
+to destination_messages_per_connection, at most 50 recipients per transaction. The conversations
+of a process with one destination take their parcels from its lane (worker/lane.py); each runs in
+its own thread (worker/crew.py starts them).
 
-Outcomes are per recipient, in mtaq's one vocabulary (``RcptState``): DELIVERED, BOUNCED (a
-permanent failure) or DEFERRED (a transient failure: retry later), as in python-slimta. Nothing
-here touches Redis: the job records outcomes.
+Outcomes are per recipient (worker/parcel.py). Nothing here touches Redis: the job records
+outcomes.
 
 A function here that cannot do its job for some recipients refuses by raising: ``Undeliverable``
 carries the outcome they get, the edges' exceptions (``DnsError``, ``ConnectFailed``) carry what
@@ -15,78 +15,27 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from common.mime7bit import to_7bit
 from common.mx import DnsError, MXResolver, Target
 from common.smtp.reply import Reply
+from worker.lane import Lane
+from worker.parcel import Outcome, Parcel, Undeliverable
 from worker.smarthost import AuthLog, Smarthost
-from worker.smtpclient import ConnectFailed, SMTPConnection, TLSPolicyFailed
-from worker.tlsgate import DestinationTLS
-from worker.tlspolicy import OPPORTUNISTIC, requiretls_refusal, tls_required_no
+from worker.smtpclient import Checker, ConnectFailed, SMTPConnection, TLSPolicyFailed
+from worker.tlspolicy import OPPORTUNISTIC, Requirement, requiretls_refusal
 
-__all__ = [
-    "Dialer",
-    "Opened",
-    "Outcome",
-    "Owner",
-    "Parcel",
-    "Undeliverable",
-    "Work",
-    "converse",
-    "deliver",
-    "resolve",
-]
+__all__ = ["Dialer", "Opened", "converse", "log_attempt", "resolve"]
 
 log = logging.getLogger("mtaq.delivery")
 
 # RFC 5321 §4.5.3.1.8 obliges servers to take 100 recipients; Postfix sends 50 per transaction
 # (smtp_destination_recipient_limit), which keeps a single 452 from deferring too many.
 RCPTS_PER_TRANSACTION = 50
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    state: RcptState  # DELIVERED, BOUNCED or DEFERRED (never PENDING)
-    dsn: str
-    reply: str  # what to show: the remote reply, or our own diagnostic
-    relay: str  # host[ip]:port, or "none"
-    remote_mta: str = ""
-    tls: str = ""  # what the session had: "none", "opportunistic", "verified(dane) TLSv1.3 <cipher>"
-
-
-class Undeliverable(Exception):
-    """The recipients at hand cannot be delivered here: ``outcome`` says what they get."""
-
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(f"{outcome.dsn} {outcome.reply}")
-        self.outcome = outcome
-
-
-@dataclass(slots=True)
-class Parcel:
-    """One message and the recipients (positions in its envelope) to deliver to this destination."""
-
-    envelope: Envelope
-    body: bytes
-    rcpt_idx: list[int]
-    outcomes: dict[int, Outcome] = field(default_factory=dict)
-    # what goes to a server without 8BITMIME: worked out (and logged) once per parcel
-    body_7bit: bytes | None = field(default=None, repr=False)
-
-    def pending(self) -> list[int]:
-        return [i for i in self.rcpt_idx if i not in self.outcomes or self.outcomes[i].state is RcptState.DEFERRED]
-
-    @property
-    def relaxed(self) -> bool:
-        """``TLS-Required: No`` (RFC 8689 §4.2.1): TLS policy failures do not stop this message.
-        REQUIRETLS on MAIL wins over the header."""
-        return not self.envelope.requiretls and tls_required_no(self.body)
 
 
 def utf8_addresses(env: Envelope) -> bool:
@@ -151,117 +100,6 @@ def mail_options(env: Envelope, body: bytes, conn: SMTPConnection) -> list[str]:
 Recorder = Callable[[Parcel, list[int]], None]
 
 
-class Owner(Protocol):
-    """The job a parcel belongs to: it records final outcomes and hears when a parcel is done."""
-
-    def record(self, parcel: Parcel, positions: list[int]) -> None: ...
-
-    def done(self, parcel: Parcel) -> None: ...
-
-
-class _Solo:
-    def __init__(self, record: Recorder | None) -> None:
-        self._record = record
-
-    def record(self, parcel: Parcel, positions: list[int]) -> None:
-        if self._record is not None:
-            self._record(parcel, positions)
-
-    def done(self, parcel: Parcel) -> None:
-        pass
-
-
-class Work:
-    """Parcels waiting for a conversation with one destination, shared by the conversations of a
-    process (threads) and fed by its jobs (each parcel keeps its ``Owner``). A parcel carries a
-    floor: the first target (MX address, in order) it may still be tried at; a conversation on
-    target ``t`` takes parcels whose floor is at most ``t``. A parcel deferred at ``t`` comes back
-    with floor ``t + 1``: the next MX gets its turn, as in Postfix."""
-
-    def __init__(
-        self,
-        targets: Sequence[Target],
-        parcels: Sequence[Parcel] = (),
-        owner: Owner | None = None,
-        tls: DestinationTLS | None = None,
-    ) -> None:
-        self.targets = list(targets)
-        self.tls = tls  # the TLS policies of the destination (MTA-STS, DANE); None: opportunistic
-        self._queue: list[tuple[Parcel, int]] = []
-        self._owners: dict[int, Owner] = {}
-        self._lock = threading.Lock()
-        self.conversations = 0  # running now (the service counts them)
-        self.staff_after = 0.0  # monotonic time before which no new conversation is asked for
-        self.last = Outcome(RcptState.DEFERRED, "4.4.1", "No reachable host", "none")
-        if parcels:
-            self.add(parcels, owner or _Solo(None))
-
-    def add(self, parcels: Sequence[Parcel], owner: Owner) -> None:
-        with self._lock:
-            for p in parcels:
-                if p.pending():
-                    self._queue.append((p, 0))
-                    self._owners[id(p)] = owner
-
-    def take(self, t: int, relaxed: bool = False) -> Parcel | None:
-        """The next parcel for target ``t`` (``relaxed``: only one with TLS-Required: No)."""
-        with self._lock:
-            for n, (parcel, floor) in enumerate(self._queue):
-                if floor <= t and (not relaxed or parcel.relaxed):
-                    del self._queue[n]
-                    return parcel
-        return None
-
-    def back(self, parcel: Parcel, floor: int) -> None:
-        with self._lock:
-            self._queue.append((parcel, floor))
-
-    def has(self, t: int, relaxed: bool = False) -> bool:
-        with self._lock:
-            return any(floor <= t and (not relaxed or p.relaxed) for p, floor in self._queue)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-    def record(self, parcel: Parcel, positions: list[int]) -> None:
-        owner = self._owners.get(id(parcel))
-        if owner is not None:
-            owner.record(parcel, positions)
-
-    def finished(self, parcel: Parcel) -> None:
-        """A conversation is done with this parcel (it is not coming back)."""
-        with self._lock:
-            owner = self._owners.pop(id(parcel), None)
-        if owner is not None:
-            owner.done(parcel)
-
-    def withdraw(self, parcels: Sequence[Parcel]) -> list[Parcel]:
-        """Take these parcels back out, those still waiting (their job hands them back)."""
-        mine = {id(p) for p in parcels}
-        with self._lock:
-            out = [p for p, _ in self._queue if id(p) in mine]
-            self._queue = [(p, f) for p, f in self._queue if id(p) not in mine]
-            for p in out:
-                self._owners.pop(id(p), None)
-        return out
-
-    def left(self) -> list[Parcel]:
-        """Everything still waiting, taken out (no conversation will take it)."""
-        with self._lock:
-            out = [p for p, _ in self._queue]
-            self._queue.clear()
-            owners = [self._owners.pop(id(p), None) for p in out]
-        for p, owner in zip(out, owners, strict=True):
-            if owner is not None:
-                owner.done(p)
-        return out
-
-    def failed(self, outcome: Outcome) -> None:
-        with self._lock:
-            self.last = outcome
-
-
 @dataclass(slots=True)
 class Dialer:
     """How a conversation opens connections: our name, the port, the timeouts."""
@@ -280,6 +118,29 @@ class Dialer:
             return None, None
         return self.smarthost.credentials, self.smarthost.tls
 
+    def dial(
+        self, target: Target, require: Requirement = OPPORTUNISTIC, check: Checker | None = None
+    ) -> SMTPConnection:
+        """A connection to ``target``, greeted, EHLOed, with TLS as ``require`` says (``check``: the
+        destination's certificate check), logged in when it is the relayhost with a login
+        (``login``: STARTTLS verified for its name first, whatever ``require`` says). Raises
+        ConnectFailed (TLSPolicyFailed when the policy refuses the host; ``auth`` set when the
+        login failed or could not be sent safely, logged here once per relayhost). (Unit tests put
+        an in-memory peer here.)"""
+        auth, verify = self.login(target)
+        conn = SMTPConnection(helo_name=self.helo_name, connect_timeout=self.connect_timeout, timeout=self.timeout)
+        try:
+            conn.open(
+                target.ip, target.port, name=target.hostname, require=require, check=check, auth=auth, verify=verify
+            )
+        except ConnectFailed as e:
+            if e.auth:
+                self.auth_log.failed(str(target), e.text)  # once per relayhost, not per message
+            raise
+        if auth is not None:
+            self.auth_log.succeeded(str(target))
+        return conn
+
 
 @dataclass(slots=True)
 class Opened:
@@ -293,7 +154,7 @@ class Opened:
 
 
 def converse(
-    work: Work,
+    lane: Lane,
     dialer: Dialer,
     *,
     opened: Opened | None = None,
@@ -301,46 +162,33 @@ def converse(
     pace: Callable[[], None] = lambda: None,
     feedback: Callable[[bool, str], None] = lambda ok, why: None,
 ) -> tuple[Opened | None, bool]:
-    """One conversation: take parcels from ``work`` and send them, target after target, until
+    """One conversation: take parcels from ``lane`` and send them, target after target, until
     none is left for it. Returns the connection still open and reusable (for the cache), else None,
     and whether it reached any server. ``feedback(ok, why)`` hears of each failed connection and
     each delivered message (slow start, dead destinations)."""
-    targets = work.targets
+    targets = lane.targets
     reached = opened is not None
     tried = reached  # whether it tried any server: one that found nothing to send failed nowhere
-    record = work.record
+    record = lane.record
     first = opened.target if opened is not None else 0
     for t in range(first, len(targets)):
         target = targets[t]
         relay = str(target)
         relaxed = False  # a connection without the policy, for TLS-Required: No mail only
-        while work.has(t, relaxed) and not stopping():
+        while lane.has(t, relaxed) and not stopping():
             if opened is not None and opened.target != t:
                 opened.conn.quit()
                 opened = None
             if opened is None:
                 tried = True
-                conn = SMTPConnection(
-                    helo_name=dialer.helo_name, connect_timeout=dialer.connect_timeout, timeout=dialer.timeout
-                )
-                policy = None if relaxed else work.tls
+                policy = None if relaxed else lane.tls
                 require = policy.require(target) if policy is not None else OPPORTUNISTIC
-                # the relayhost's login: verified STARTTLS for its name first (worker/smarthost.py);
-                # TLS-Required: No does not relax it, the password is ours to protect
-                auth, verify = dialer.login(target)
                 try:
                     if require.refuse is not None:
                         raise TLSPolicyFailed(require.refuse)  # this MX may not be used: not even a connect
-                    check = policy.check if policy is not None else None
-                    conn.open(
-                        target.ip,
-                        target.port,
-                        name=target.hostname,
-                        require=require,
-                        check=check,
-                        auth=auth,
-                        verify=verify,
-                    )
+                    # the relayhost's login (Dialer.login) is not the policy: TLS-Required: No
+                    # (relaxed) never relaxes it, the password is ours to protect
+                    conn = dialer.dial(target, require, policy.check if policy is not None else None)
                     if conn.tls_failure is not None:
                         log.info("%s: %s", relay, conn.tls_failure.text)  # testing mode: delivered, noted
                     if policy is not None:
@@ -348,26 +196,22 @@ def converse(
                 except TLSPolicyFailed as e:
                     # the host answers, it just may not have this mail: no word to the throttle
                     log.info("%s: %s", relay, e.text)
-                    work.failed(_connect_outcome(e, relay, target))
+                    lane.failed(_connect_outcome(e, relay, target))
                     if policy is not None:
                         policy.report(require, target.hostname, e.failure)
-                    if not relaxed and work.has(t, True):
+                    if not relaxed and lane.has(t, True):
                         relaxed = True  # again without the policy, for the mail that asked for that
                         continue
                     break  # the next address
                 except ConnectFailed as e:
-                    if e.auth:
-                        dialer.auth_log.failed(relay, e.text)  # once per relayhost, not per message
-                    else:
+                    if not e.auth:  # a login's failure: Dialer.dial logged it, once per relayhost
                         log.info("%s", e.text)
-                    work.failed(_connect_outcome(e, relay, target))
+                    lane.failed(_connect_outcome(e, relay, target))
                     feedback(False, e.text)
                     break  # the next address
-                if auth is not None:
-                    dialer.auth_log.succeeded(relay)
                 opened = Opened(conn, t, to=target, relaxed=relaxed)
                 reached = True
-            parcel = work.take(t, relaxed)
+            parcel = lane.take(t, relaxed)
             if parcel is None:
                 break
             pace()
@@ -377,15 +221,15 @@ def converse(
                 )
             except BaseException:
                 opened.conn.close()  # its state is unknown: never reused
-                work.back(parcel, t + 1)
+                lane.back(parcel, t + 1)
                 raise
             opened.sent += 1
             if any(o.state is RcptState.DELIVERED for o in parcel.outcomes.values()):
                 feedback(True, "")  # slow start: the window grows while deliveries succeed
             if parcel.pending() and t + 1 < len(targets):
-                work.back(parcel, t + 1)  # deferred here: the next MX may take it
+                lane.back(parcel, t + 1)  # deferred here: the next MX may take it
             else:
-                work.finished(parcel)
+                lane.finished(parcel)
             if not alive or not opened.conn.alive:
                 opened.conn.close()
                 opened = None
@@ -429,51 +273,6 @@ def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target]:
     if not targets:
         raise Undeliverable(Outcome(RcptState.DEFERRED, "4.4.4", f"No route to {destination}", "none"))
     return targets
-
-
-def deliver(
-    destination: str,
-    parcels: Sequence[Parcel],
-    *,
-    resolver: MXResolver,
-    port: int,
-    helo_name: str,
-    connect_timeout: float,
-    timeout: float,
-    record: Recorder | None = None,
-) -> None:
-    """Fill in ``parcel.outcomes`` for every recipient of every parcel, in one conversation
-    (the delivery service runs several at once, see worker/service.py).
-
-    ``record(parcel, positions)`` is called right after a transaction with the recipients whose
-    outcome became final there (sent or bounced), so that they are marked before anything else is
-    tried: a job re-run after a crash does not send them again."""
-    try:
-        found = resolve(resolver, destination, port)
-    except Undeliverable as e:
-        fail_all(parcels, e.outcome)
-        return
-    work = Work(found, parcels, _Solo(record))
-    opened, _ = converse(work, Dialer(helo_name, port, connect_timeout, timeout))
-    if opened is not None:
-        opened.conn.quit()
-    defer_left(parcels, work)
-
-
-def fail_all(parcels: Sequence[Parcel], outcome: Outcome) -> None:
-    for p in parcels:
-        for i in p.pending():
-            p.outcomes[i] = outcome
-
-
-def defer_left(parcels: Sequence[Parcel], work: Work) -> None:
-    """Whatever is still pending keeps the last transient outcome it got, or gets the last
-    connection failure."""
-    work.left()
-    for p in parcels:
-        for i in p.pending():
-            if i not in p.outcomes:
-                p.outcomes[i] = work.last
 
 
 def _send_parcel(

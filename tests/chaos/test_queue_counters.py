@@ -90,7 +90,7 @@ def test_counters_equal_a_walk_after_crashes_retries_holds_deletes_bounces_and_e
                 if what == "hold":
                     acted[what] += len(mta.store.hold(pick))
                 elif what == "release":
-                    acted[what] += len(mta.store.release(mta.store.held_ids()[:3]))
+                    acted[what] += len(mta.store.unhold(mta.store.held_ids()[:3]))
                 elif what == "delete":
                     mta.store.delete(pick[0])
                     acted[what] += 1

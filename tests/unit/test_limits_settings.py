@@ -1,4 +1,4 @@
-"""worker/limits.py as the settings configure it (worker.jobs.make_context), on fakeredis with a
+"""worker/limits.py as the settings configure it (worker.jobs.make_service), on fakeredis with a
 clock the test moves: destination_rate paces messages, destination_concurrency caps the slots,
 destination_failure_limit / destination_retry_time mark a destination down, for every worker
 sharing the Redis alike."""
@@ -13,13 +13,13 @@ import pytest
 from common.settings import Settings
 from common.spool import Spool
 from tests.unit.fakeclock import FakeClock
-from worker.jobs import make_context
+from worker.jobs import make_service
 from worker.limits import INITIAL_WINDOW, DestinationLimits
 
 
 def limits(r: fakeredis.FakeRedis, clock: FakeClock, **settings: object) -> DestinationLimits:
     s = Settings(hostname="mtaq.test", dns_servers="127.0.0.1:53", **settings)  # type: ignore[arg-type]
-    return make_context(s, Spool.from_settings(s, r), clock=clock).limits
+    return make_service(s, Spool.from_settings(s, r), clock=clock).limits
 
 
 def clock_now() -> FakeClock:
@@ -57,7 +57,7 @@ def test_destination_concurrency_caps_the_slots_of_every_worker_together(r: fake
     assert all(slots) and two.acquire("a.test") is None  # a window of min(3, INITIAL_WINDOW) = 3
     first = slots[0]
     assert first is not None
-    one.release(first)
+    first.free()
     assert two.acquire("a.test") is not None
 
 

@@ -51,7 +51,7 @@ def test_counts_follow_each_change_and_the_indexes_answer_listings() -> None:
     agree(r)
     s.set_statuses({"Q0002": {0: deferred}})
     agree(r)
-    assert s.release(["Q0002"]) == ["Q0002"]
+    assert s.unhold(["Q0002"]) == ["Q0002"]
     agree(r)
     s.delete("Q0001")  # held, with a deferred recipient
     agree(r)
@@ -136,7 +136,7 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
         elif kind == "hold":
             s.hold([qid])
         elif kind == "release":
-            s.release([qid])
+            s.unhold([qid])
         elif kind == "delete":
             s.delete(qid)
         else:

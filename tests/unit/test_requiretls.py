@@ -8,7 +8,8 @@ import ipaddress
 from common.envelope import Envelope, RcptState, Recipient
 from ingress import replies
 from ingress.session import Peer, Send, Session, SessionConfig, Transaction
-from worker.relay import Parcel, Undeliverable, mail_options
+from worker.parcel import Parcel, Undeliverable
+from worker.relay import mail_options
 from worker.smtpclient import SMTPConnection
 from worker.tlspolicy import TLSUsed, requiretls_refusal, tls_required_no
 
