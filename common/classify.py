@@ -13,7 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 __all__ = ["DEFAULT_RULES", "BadRules", "BounceClass", "Classifier", "classify", "default_classifier"]
@@ -145,5 +145,8 @@ def default_classifier() -> Classifier:
     return Classifier.load(DEFAULT_RULES)
 
 
+@lru_cache(maxsize=4096)
 def classify(dsn: str, reply: str) -> BounceClass:
+    """The shipped rules' class (cached: the log line, the event and the metrics of one failure
+    ask the same question, and a destination that refuses repeats its words)."""
     return default_classifier().classify(dsn, reply)

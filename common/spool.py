@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis
 
+from common.events import Event
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
 from common.settings import Settings
@@ -24,18 +25,32 @@ class Spool:
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
-        return cls(Store(r), DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
+        return cls(
+            Store(r, events_max=settings.events_max),
+            DeliveryQueue.from_settings(settings, r),
+            Router.from_settings(settings),
+        )
 
     def commit(
-        self, messages: Sequence[Message], *, delete: Iterable[str] = (), unlease: Iterable[tuple[str, str]] = ()
+        self,
+        messages: Sequence[Message],
+        *,
+        delete: Iterable[str] = (),
+        unlease: Iterable[tuple[str, str]] = (),
+        events: Sequence[Event] = (),
     ) -> int:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
         ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
-        it or nothing. Returns how many delivery jobs were stored (mail input flow control turns
-        unfinished jobs into messages with it). Raises StoreUnavailable / StoreFull."""
+        it or nothing (``events`` go to the events stream in it). Returns how many delivery jobs
+        were stored (mail input flow control turns unfinished jobs into messages with it). Raises
+        StoreUnavailable / StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
         staged: list[int] = []
         self.store.commit(
-            messages, delete=delete, unlease=unlease, also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop))
+            messages,
+            delete=delete,
+            unlease=unlease,
+            also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
+            events=events,
         )
         return sum(staged)

@@ -14,6 +14,13 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
+``mtaq:events``     stream of delivery events (common/events.py), capped at ``events_max`` entries;
+                    the consumer group ``webhook`` is the webhook sender's (worker/webhook.py)
+``mtaq:events:sender`` string with a TTL: the process sending the webhook now (one per deployment)
+``mtaq:suppressed`` sorted set: suppressed address -> until (epoch seconds) (common/suppression.py)
+``mtaq:suppressed:since`` hash: suppressed address -> when it was suppressed
+``mtaq:suppressed:changes`` stream of changes to the list (address, op), capped: what an ingress
+                    cache reads to stay current without a round trip per RCPT
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
 StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
@@ -29,6 +36,7 @@ from typing import Any
 import redis
 
 from common.envelope import Envelope, RcptState, RecipientStatus
+from common.events import Event
 
 __all__ = [
     "SWEEP_LOCK",
@@ -47,6 +55,14 @@ HOLD = PREFIX + "hold"
 RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
 SAMPLES = PREFIX + "samples"
 SAMPLE_LOCK = PREFIX + "samples-lock"
+
+# Delivery events and suppression (issue 19)
+EVENTS = PREFIX + "events"
+EVENTS_GROUP = "webhook"  # the webhook sender's consumer group on EVENTS
+EVENTS_SENDER_LOCK = PREFIX + "events:sender"
+SUPPRESSED = PREFIX + "suppressed"
+SUPPRESSED_SINCE = PREFIX + "suppressed:since"
+SUPPRESSED_CHANGES = PREFIX + "suppressed:changes"
 
 
 def msg_key(qid: str) -> str:
@@ -112,7 +128,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: rcpt hash, left counter, stats hash; ARGV: field, new status JSON, final (1/0), stat name.
+# KEYS: rcpt hash, left counter, stats hash, events stream; ARGV: field, new status JSON, final
+# (1/0), stat name, then optionally the events' MAXLEN and the event's field/value pairs (the event
+# is written exactly when the state is: a re-run job reports nothing twice).
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update.
 _SET_STATUS = """
@@ -122,6 +140,10 @@ local state = cjson.decode(old)['s']
 if state == 'delivered' or state == 'bounced' then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if #ARGV > 5 then
+  local unpack = unpack or table.unpack
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
+end
 if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
 return -3
 """
@@ -148,8 +170,9 @@ class Message:
 class Store:
     """Message storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, *, events_max: int = 0) -> None:
         self.redis = r
+        self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
         self._set_status = r.register_script(_SET_STATUS)
         self._release = r.register_script(_RELEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
@@ -162,9 +185,10 @@ class Store:
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
         also: Callable[[Any], None] | None = None,
+        events: Sequence[Event] = (),
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
-        StoreFull and stores nothing then.
+        StoreFull and stores nothing then. ``events`` go to the stream in the same transaction.
 
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
         ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
@@ -188,7 +212,14 @@ class Store:
                 pipe.delete(*leases)
             if also is not None:
                 also(pipe)
+            self.stage_events(pipe, events)
             pipe.execute()
+
+    def stage_events(self, pipe: Any, events: Sequence[Event]) -> None:
+        """Add events to the stream in ``pipe`` (nothing when events are off)."""
+        if self.events_max > 0:
+            for ev in events:
+                pipe.xadd(EVENTS, ev.to_fields(), maxlen=self.events_max, approximate=True)
 
     # -- reading ----------------------------------------------------------------------------------
     def load(self, qid: str) -> Message | None:
@@ -267,29 +298,46 @@ class Store:
             out[qid].append(r)
         return out
 
-    def set_status_list(self, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+    def set_status_list(
+        self,
+        entries: Sequence[tuple[str, int, RecipientStatus]],
+        *,
+        events: Sequence[Event | None] = (),
+        also: Callable[[Any], None] | None = None,
+    ) -> list[int]:
         """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
-        same id may come more than once (the worker's outcome writer merges several jobs' turns)."""
+        same id may come more than once (the worker's outcome writer merges several jobs' turns).
+        ``events[n]`` (when given) is written with entry n, by the script, only if its state is;
+        ``also`` adds commands to the same round trip (the suppression of a hard bounce)."""
         if not entries:
             return []
+        with_events = self.events_max > 0 and bool(events)
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            for qid, idx, st in entries:
+            for n, (qid, idx, st) in enumerate(entries):
+                ev = events[n] if with_events else None
+                extra: list[str] = []
+                if ev is not None:
+                    extra = [str(self.events_max)] + [x for kv in ev.to_fields().items() for x in kv]
                 # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
                 # one more round trip each time
                 pipe.evalsha(
                     self._set_status.sha,
-                    3,
+                    4,
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
+                    EVENTS,
                     str(idx),
                     st.to_json(),
                     "1" if st.final else "0",
                     _STAT_OF.get(st.state, "deferred"),
+                    *extra,
                 )
+            if also is not None:
+                also(pipe)
             try:
-                return [int(r) for r in pipe.execute()]
+                return [int(r) for r in pipe.execute()[: len(entries)]]
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise

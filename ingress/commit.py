@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from common.events import Event
 from common.spool import Spool
 from common.store import Message, StoreError, StoreFull
 from ingress import replies
@@ -57,6 +58,7 @@ class Committer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
         on_commit: Callable[[int, int], None] | None = None,
+        events: Callable[[list[Message]], list[Event]] | None = None,
     ) -> None:
         self.spool = spool
         self.clock = clock
@@ -67,6 +69,7 @@ class Committer:
         # those waiting here included; unknown: wait the whole `wait`
         self.open_transactions = open_transactions
         self.on_commit = on_commit  # told (messages, delivery jobs) of each batch in Redis (flow control)
+        self.events = events  # the events of a batch, written in its MULTI/EXEC (reception; None: off)
         self._arrived: asyncio.Future[None] | None = None
         self._last_batch = 0
         self.max_queue = max_queue
@@ -94,7 +97,7 @@ class Committer:
                 await self._gather()
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
-                jobs = await asyncio.to_thread(self.spool.commit, [p.message for p in batch])
+                jobs = await asyncio.to_thread(self._commit, [p.message for p in batch])
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
@@ -121,6 +124,11 @@ class Committer:
                     self.on_commit(len(batch), jobs)
                 except Exception:  # a statistic: never the reason a batch goes unanswered
                     log.exception("counting the jobs of a group commit failed")
+
+    def _commit(self, messages: list[Message]) -> int:
+        if self.events is None:
+            return self.spool.commit(messages)
+        return self.spool.commit(messages, events=self.events(messages))
 
     async def _gather(self) -> None:
         """Wait up to ``wait`` for more messages, but only while some session with a transaction

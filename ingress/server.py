@@ -24,6 +24,8 @@ from rq.registry import StartedJobRegistry
 
 from common import metrics
 from common.envelope import Envelope, new_queue_id
+from common.events import Event as DeliveryEvent
+from common.events import receptions
 from common.spool import Spool
 from common.store import Message
 from ingress import replies
@@ -82,6 +84,7 @@ class Ingress:
             wait=config.commit_wait,
             open_transactions=self.open_transactions,
             on_commit=self.flow.wrote,
+            events=_receptions if spool.store.events_max > 0 else None,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = _verifier(config) if config.verify_relay_recipients else None
@@ -477,6 +480,11 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _receptions(messages: list[Message]) -> list[DeliveryEvent]:
+    """The reception events of a group commit (issue 19), written in its MULTI/EXEC."""
+    return receptions(((m.envelope, m.body) for m in messages), time.time())
 
 
 def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:

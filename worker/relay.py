@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.classify import classify
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from worker.mime7bit import to_7bit
 from worker.mx import DnsError, MXResolver, Target
@@ -447,16 +448,19 @@ def _outcome(reply: RemoteReply, relay: str, host: str) -> Outcome:
 
 
 def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float) -> None:
-    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, status
-    (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
+    """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, dsn, the bounce
+    class of a failure (common/classify.py), status (Postfix's word for the outcome,
+    ``LOG_STATUS``), reply."""
     delay = time.time() - received_at
+    failed = "" if outcome.state is RcptState.DELIVERED else f"class={classify(outcome.dsn, outcome.reply).value}, "
     log.info(
-        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, %sstatus=%s (%s)",
         qid,
         rcpt,
         outcome.relay or "none",
         delay,
         outcome.dsn,
+        failed,
         LOG_STATUS[outcome.state],
         outcome.reply,
     )

@@ -37,6 +37,7 @@ from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, lease_key
 from worker.delays import warn_delayed
+from worker.feedback import Feedback
 from worker.limits import DestinationLimits, Slot
 from worker.mx import MXResolver, Target
 from worker.outcomes import Batch, Loaded, OutcomeWriter, Owner
@@ -118,7 +119,7 @@ class DeliveryService:
         self._lanes: dict[str, Work] = {}  # destination -> the parcels its conversations take from
         self._lane_users: dict[str, int] = defaultdict(int)  # jobs with parcels in that lane
         self._renew = spool.store.redis.register_script(_RENEW)
-        self.writer = OutcomeWriter(spool.store)
+        self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
 
     # -- the job ------------------------------------------------------------------------------------
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
