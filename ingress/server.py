@@ -28,6 +28,7 @@ from common.events import Event as DeliveryEvent
 from common.events import receptions
 from common.spool import Spool
 from common.store import Message
+from common.suppression import SuppressionCache
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
@@ -47,6 +48,7 @@ from ingress.session import (
     StartTLS,
     Transaction,
 )
+from ingress.suppression import SuppressionGate, event_writer
 from ingress.verify import Probe, Verifier, smtp_probe
 
 __all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
@@ -93,6 +95,10 @@ class Ingress:
         self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
         if self.recipients is not None:
             self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
+        self.suppression = SuppressionGate(  # issue 19: refused at RCPT from a copy in memory
+            SuppressionCache(spool.store.redis), event_writer(spool.store, lambda fn: self.spawn(asyncio.to_thread(fn)))
+        )
+        self.config = dataclasses.replace(self.config, suppressed=self.suppression.check)
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
         self.max_per_client = config.max_per_client
@@ -127,6 +133,7 @@ class Ingress:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
         self.spawn(self.flow.watch())
+        self.spawn(self.suppression.watch())
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);

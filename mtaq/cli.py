@@ -23,6 +23,7 @@ from ingress.auth import set_password
 from ingress.process import main as ingress_main
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
+from mtaq.suppresscmd import add_suppress_parser, cmd_suppress
 from worker.process import main as worker_main
 
 __all__ = ["main"]
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_exporter_parser(sub)
     add_queue_parser(sub)
     add_health_parser(sub)
+    add_suppress_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
     pw.add_argument(
@@ -155,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_exporter(settings)
         if args.command == "health":
             return cmd_health(settings, args.check, args.json)
+        if args.command == "suppress":
+            return cmd_suppress(settings, args)
         return cmd_queue(settings, args)
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
@@ -164,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:
         print(f"mtaq: {e}", file=sys.stderr)
-        return 3 if args.command in ("queue", "health") else 1
+        return 3 if args.command in ("queue", "health", "suppress") else 1
     except EmbeddedRedisError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 1
