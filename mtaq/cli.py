@@ -23,8 +23,9 @@ from ingress.auth import set_password
 from ingress.process import main as ingress_main
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
-from mtaq.suppresscmd import add_suppress_parser, cmd_suppress
+from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
 from worker.process import main as worker_main
+from worker.webhook import SecretError
 
 __all__ = ["main"]
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(sub)
     add_health_parser(sub)
     add_suppress_parser(sub)
+    ev = sub.add_parser("events", help="the webhook sender alone (else the workers run it): events POSTed, signed")
+    add_arguments(ev, "events")
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
     pw.add_argument(
@@ -142,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 2
-    if args.command in ("ingress", "worker"):
+    if args.command in ("ingress", "worker", "events"):
         die_with_supervisor()  # started by `mtaq run`: do not outlive it
     try:
         if args.command == "run":
@@ -159,10 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_health(settings, args.check, args.json)
         if args.command == "suppress":
             return cmd_suppress(settings, args)
+        if args.command == "events":
+            return cmd_events(settings)
         return cmd_queue(settings, args)
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
+    except SecretError as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return EXIT_FATAL  # a restart cannot help: the file must be fixed
     except CannotBind as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this

@@ -1,23 +1,27 @@
 """`mtaq suppress`: the suppression list (common/suppression.py) for an operator: list, add,
 remove, import, export. Exit codes: 0 done, 1 not found or nothing to do, 2 usage, 3 Redis
-unreachable."""
+unreachable. And `mtaq events`, the webhook sender as a process of its own (worker/webhook.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import redis
 
+from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
 from common.suppression import SuppressionList, normalize
 from mtaq.opscmd import REDIS_SETTINGS, add_settings
+from worker.webhook import sender_from_settings
 
-__all__ = ["add_suppress_parser", "cmd_suppress"]
+__all__ = ["add_suppress_parser", "cmd_events", "cmd_suppress"]
 
 
 def add_suppress_parser(sub: Any) -> None:
@@ -114,4 +118,18 @@ def _import(sl: SuppressionList, path: str, ttl: float, out: TextIO, err: TextIO
         print(f"mtaq suppress import: no address in {path}", file=err)
         return 1
     print(f"{sl.add(good, ttl)} address(es) suppressed until {_when(sl.clock() + ttl)}", file=out)
+    return 0
+
+
+def cmd_events(settings: Settings) -> int:
+    """`mtaq events`: send the webhook until SIGTERM/SIGINT (one sender per deployment: the lease)."""
+    setup_logging("events", settings.log_level, settings.log_format)
+    if not settings.events_webhook:
+        print("mtaq events: say where to send: --events-webhook URL (or MTAQ_EVENTS_WEBHOOK)", file=sys.stderr)
+        return 2
+    sender = sender_from_settings(settings, connect(settings, timeout=30.0))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    sender.run(stopping)
     return 0

@@ -3,6 +3,8 @@ the RCPT gate's reply and event (ingress/suppression.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import fakeredis
 import pytest
 
@@ -75,7 +77,8 @@ def test_cache_reloads_when_the_changes_it_needs_were_trimmed(r: fakeredis.FakeR
     cache.refresh()
     sl.add(["b@x.test"], DAY)
     sl.add(["c@x.test"], DAY)
-    first = r.xrange(SUPPRESSED_CHANGES)[-1][0]
+    changes: Any = r.xrange(SUPPRESSED_CHANGES)
+    first = changes[-1][0]
     r.xtrim(SUPPRESSED_CHANGES, minid=first)  # the changes after a@ are partly gone
     cache.refresh()
     assert {a for a in ("a@x.test", "b@x.test", "c@x.test") if cache.check(a)} == {"a@x.test", "b@x.test", "c@x.test"}
