@@ -127,6 +127,7 @@ class Ingress:
 
     async def start(self, host: str = "", port: int = 0, *, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
+        await self.suppression.load()
         if sock is not None:
             self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
         else:

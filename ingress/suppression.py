@@ -56,6 +56,14 @@ class SuppressionGate:
         self.report(suppressed_event(sender, address, f"{reply.code} {reply.enhanced} {reply.text}", self.clock()))
         return reply
 
+    async def load(self) -> None:
+        """The first copy, before the ingress listens (a RCPT in its first second is checked too);
+        Redis down at start: ``watch`` loads it once Redis answers."""
+        try:
+            await asyncio.to_thread(self.cache.refresh)
+        except (redis.RedisError, OSError) as e:
+            log.warning("suppression list: cannot load it yet (%s); retried every %.0fs", e, REFRESH)
+
     async def watch(self, interval: float = REFRESH) -> None:
         """Keep the copy current; while Redis is unreachable the copy in hand goes on answering."""
         failing = False

@@ -26,6 +26,7 @@ from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
 from worker.process import main as worker_main
 from worker.webhook import SecretError
+from worker.webhook import check_settings as check_webhook
 
 __all__ = ["main"]
 
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("ingress", "worker", "events"):
         die_with_supervisor()  # started by `mtaq run`: do not outlive it
     try:
+        if args.command in ("run", "worker", "events"):
+            check_webhook(settings)  # a missing secret file: one line before anything starts
         if args.command == "run":
             return cmd_run(settings)
         if args.command == "ingress":

@@ -35,7 +35,15 @@ from common.events import SIGNATURE_HEADER, Event, parse_entries, sign
 from common.settings import Settings
 from common.store import EVENTS, EVENTS_GROUP, EVENTS_SENDER_LOCK
 
-__all__ = ["LEASE_TTL", "MAX_BACKOFF", "WebhookSender", "read_secret", "start_webhook_sender"]
+__all__ = [
+    "LEASE_TTL",
+    "MAX_BACKOFF",
+    "SecretError",
+    "WebhookSender",
+    "check_settings",
+    "read_secret",
+    "start_webhook_sender",
+]
 
 log = logging.getLogger("mtaq.webhook")
 
@@ -218,11 +226,19 @@ class WebhookSender:
 
 def sender_from_settings(settings: Settings, r: redis.Redis) -> WebhookSender:
     """Raises SecretError (one line) when the secret cannot be read."""
-    if not settings.events_webhook_secret_file:
-        raise SecretError("events_webhook needs events_webhook_secret_file: the key the POSTs are signed with")
+    check_settings(settings)
     return WebhookSender(
         r, settings.events_webhook, read_secret(settings.events_webhook_secret_file), batch=settings.events_batch
     )
+
+
+def check_settings(settings: Settings) -> None:
+    """Raises SecretError when ``events_webhook`` is set and its secret cannot be read: said once,
+    at start, rather than by every worker `mtaq run` starts."""
+    if settings.events_webhook:
+        if not settings.events_webhook_secret_file:
+            raise SecretError("events_webhook needs events_webhook_secret_file: the key the POSTs are signed with")
+        read_secret(settings.events_webhook_secret_file)
 
 
 def start_webhook_sender(settings: Settings, r: redis.Redis, stopping: threading.Event) -> threading.Thread | None:

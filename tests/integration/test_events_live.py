@@ -9,6 +9,7 @@ import io
 import json
 import smtplib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import pytest
 import redis
 
 from common.events import SIGNATURE_HEADER, EventType, parse_entries, signature_ok
+from common.queueview import load_views, shape
 from common.settings import Settings
-from common.store import EVENTS, EVENTS_GROUP
+from common.store import EVENTS, EVENTS_GROUP, STATS
 from common.suppression import SuppressionList
 from mtaq.cli import build_parser
 from mtaq.suppresscmd import cmd_suppress
@@ -135,6 +137,11 @@ def test_events_reach_a_webhook_that_was_down_and_a_hard_bounce_suppresses(
     receptions = [e for e in posted if e["type"] == "reception" and e["queue_id"] == qid]
     assert sorted(e["recipient"] for e in receptions) == ["gone@a.test", "later@a.test", "ok@a.test"]
     assert "dsn=5.1.1, class=InvalidRecipient, status=bounced" in mta.logs()
+    # the class as a metric and beside the queue's deferral reasons
+    assert wait_for(lambda: mta.redis.hget(STATS, "failed:bounced:InvalidRecipient") == b"1", GENEROUS)
+    assert mta.redis.hget(STATS, "failed:deferred:MailboxFull") == b"1"
+    sh = shape(list(load_views(mta.redis, "")), time.time())
+    assert set(sh.reason_class.values()) == {"MailboxFull"}
 
     # the hard bounce suppressed gone@a.test: refused at RCPT (within the ingress's refresh), others kept
     entry = SuppressionList(mta.redis).lookup("gone@a.test")

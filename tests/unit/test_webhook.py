@@ -11,8 +11,9 @@ import fakeredis
 import pytest
 
 from common.events import Event, EventType, signature_ok
+from common.settings import Settings
 from common.store import EVENTS, EVENTS_GROUP, EVENTS_SENDER_LOCK, Store
-from worker.webhook import MAX_BACKOFF, SecretError, WebhookSender, read_secret
+from worker.webhook import MAX_BACKOFF, SecretError, WebhookSender, check_settings, read_secret
 
 KEY = b"s3cret"
 
@@ -142,3 +143,13 @@ def test_secret_file(tmp_path: Path) -> None:
         read_secret(str(f))
     with pytest.raises(SecretError, match="No such file"):
         read_secret(str(tmp_path / "none"))
+
+
+def test_a_webhook_without_a_readable_secret_is_one_line_at_start(tmp_path: Path) -> None:
+    check_settings(Settings())  # no webhook: nothing to check
+    with pytest.raises(SecretError, match="needs events_webhook_secret_file"):
+        check_settings(Settings(events_webhook="http://127.0.0.1:9/"))
+    with pytest.raises(SecretError, match="No such file"):
+        check_settings(Settings(events_webhook="http://127.0.0.1:9/", events_webhook_secret_file=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="http"):
+        Settings(events_webhook="ftp://example.test/")
