@@ -199,7 +199,7 @@ class WebhookSender:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, stopping: threading.Event) -> None:
         """Send while holding the lease, until ``stopping``; Redis trouble is waited out."""
-        holding = False
+        holding: bool | None = None  # unknown: the first round says which it is
         try:
             while not stopping.is_set():
                 try:
