@@ -12,6 +12,7 @@ a crash writes the same id. Builders are pure (the clock is passed in).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -195,21 +196,10 @@ def outcome_event(env: Envelope, index: int, st: RecipientStatus, message_id: st
 
 
 def delayed_event(env: Envelope, index: int, st: RecipientStatus, message_id: str, now: float) -> Event:
-    """A delay warning went to the sender about this recipient (once per message)."""
-    return Event(
-        id=f"{env.id}.{index}.delayed",
-        type=EventType.DELAYED,
-        time=now,
-        queue_id=env.id,
-        message_id=message_id,
-        sender=env.sender,
-        recipient=env.recipients[index].address,
-        relay=st.relay,
-        dsn=st.dsn,
-        reply=st.reply,
-        attempt=st.attempts,
-        classification=classify(st.dsn, st.reply).value,
-    )
+    """A delay warning went to the sender about this (deferred) recipient, once per message: the
+    fields of its last attempt."""
+    last = outcome_event(env, index, st, message_id)
+    return dataclasses.replace(last, id=f"{env.id}.{index}.delayed", type=EventType.DELAYED, time=now)
 
 
 def suppressed_event(sender: str, recipient: str, reply: str, now: float) -> Event:
