@@ -16,7 +16,7 @@ from enum import Enum
 from functools import cache, lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_RULES", "BadRules", "BounceClass", "Classifier", "classify", "default_classifier"]
+__all__ = ["DEFAULT_RULES", "BadRules", "BounceClass", "Classifier", "classify", "default_classifier", "use_rules"]
 
 DEFAULT_RULES = Path(__file__).with_name("classify_rules.toml")
 
@@ -145,8 +145,20 @@ def default_classifier() -> Classifier:
     return Classifier.load(DEFAULT_RULES)
 
 
+_chosen: list[Classifier] = []  # the operator's rules (setting bounce_rules), once use_rules ran
+
+
+def use_rules(path: str) -> Classifier:
+    """From now on this process classifies with the rules in ``path`` (BadRules, one line, if they
+    cannot be used: the process should not start)."""
+    chosen = Classifier.load(path)
+    _chosen[:] = [chosen]
+    classify.cache_clear()
+    return chosen
+
+
 @lru_cache(maxsize=4096)
 def classify(dsn: str, reply: str) -> BounceClass:
-    """The shipped rules' class (cached: the log line, the event and the metrics of one failure
-    ask the same question, and a destination that refuses repeats its words)."""
-    return default_classifier().classify(dsn, reply)
+    """The class by this process's rules (cached: the log line, the event and the metrics of one
+    failure ask the same question, and a destination that refuses repeats its words)."""
+    return (_chosen[0] if _chosen else default_classifier()).classify(dsn, reply)

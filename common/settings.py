@@ -170,6 +170,11 @@ class Settings:
     events_batch: int = _opt(
         100, "events per webhook POST at most (one POST a second at least while events wait)", ("worker", "events")
     )
+    bounce_rules: str = _opt(
+        "",
+        "bounce classification rules (TOML, docs/events.md); unset = the shipped common/classify_rules.toml",
+        ("worker",),
+    )
     suppression_ttl: float = _opt(
         2_592_000.0,
         "seconds a hard-bounced (InvalidRecipient) address is refused at RCPT (30 days; 0 = never suppress)",

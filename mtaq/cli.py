@@ -13,6 +13,7 @@ import redis
 
 from common import metrics
 from common.address import CannotBind, bind_listener
+from common.classify import BadRules, use_rules
 from common.embedded import EmbeddedRedis, EmbeddedRedisError
 from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("run", "worker", "events"):
             check_webhook(settings)  # a missing secret file: one line before anything starts
+        if settings.bounce_rules:
+            use_rules(settings.bounce_rules)  # BadRules: one line, before anything starts
         if args.command == "run":
             return cmd_run(settings)
         if args.command == "ingress":
@@ -171,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
-    except SecretError as e:
+    except (SecretError, BadRules) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # a restart cannot help: the file must be fixed
     except CannotBind as e:

@@ -90,3 +90,25 @@ def test_missing_rules_file(tmp_path: Path) -> None:
 
 def test_shipped_rules_load() -> None:
     assert len(Classifier.load(DEFAULT_RULES).rules) > 10
+
+
+def test_use_rules_switches_the_process_and_a_bad_file_stops_a_worker_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common import classify as module
+    from mtaq.cli import main
+
+    rules = tmp_path / "mine.toml"
+    rules.write_text('[[rule]]\nclass = "SpamBlock"\ntext = ["."]\n')
+    try:
+        module.use_rules(str(rules))
+        assert classify("5.1.1", "user unknown") is BounceClass.SPAM_BLOCK
+    finally:
+        module._chosen.clear()
+        classify.cache_clear()
+    assert classify("5.1.1", "user unknown") is BounceClass.INVALID_RECIPIENT
+    rules.write_text("[[rule]]\nclass = 1\n")
+    assert main(["worker", "--bounce-rules", str(rules)]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not one of" in err and str(rules) in err
+    assert not module._chosen
