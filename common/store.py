@@ -138,12 +138,12 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
 local state = cjson.decode(old)['s']
 if state == 'delivered' or state == 'bounced' then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
-if #ARGV > 5 then
+if #ARGV > 5 then  -- first: should it fail, the script fails having written nothing
   local unpack = unpack or table.unpack
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
 return -3
 """
