@@ -30,7 +30,6 @@ from typing import Any
 
 import redis
 
-from common.embedded import RedisProcess
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.events import message_id_of, outcome_event, receptions
 from common.jobqueue import DeliveryQueue
@@ -38,6 +37,7 @@ from common.routing import Router
 from common.spool import Spool
 from common.store import Message, Store
 from common.suppression import SuppressionCache, SuppressionList
+from mtaq.runtime.embedded import RedisProcess
 
 BODY = b"From: <a@client.test>\r\nTo: <b@a.test>\r\nMessage-ID: <x@client.test>\r\nSubject: bench\r\n\r\n" + (
     b"x" * 1000 + b"\r\n"

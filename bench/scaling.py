@@ -121,7 +121,7 @@ def _parts(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
-    p.add_argument("--runs", type=int, default=1, help="repeat everything (default 1; 3 for the README)")
+    p.add_argument("--runs", type=int, default=1, help="repeat everything (default 1; 3 for docs/performance.md)")
     p.add_argument("--messages", type=int, default=2000, help="messages per grid load and system (2000)")
     p.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions (20)")
     p.add_argument("--backlog", type=int, default=100_000, help="messages waiting for the down destination (100000)")

@@ -10,6 +10,8 @@ Systems (each started fresh per load):
   postfix          a private Postfix 3.x with its defaults relaying to the sink (bench/postfix.py)
   mtaq             `mtaq run` with its defaults (the checkout of --mtaq)
   mtaq-workers     `mtaq run --workers N` (--workers)
+  mtaq-replica0    `mtaq run` against a Redis primary with a replica (TCP), redis_min_replicas=0
+  mtaq-replica1    the same with redis_min_replicas=1: the cost of WAIT (bench/replicated.py)
 Sink: one Postfix smtp-sink on 127.0.0.1, one file per message (bench/sinkdump.py).
 
 Per system and load: ingress msgs/s (smtp-source/generator wall time), end-to-end msgs/s (first
@@ -44,6 +46,7 @@ from bench.systems import AcceptOnly, Mtaq, Postfix, System, free_port, wait_por
 BENCH = Path(__file__).resolve().parent
 LOADS = {"smtp-source": "smtp-source", "smtp-source-d": "smtp-source -d", "generator": "generator"}
 SYSTEMS = ("aiosmtpd", "postfix", "mtaq", "mtaq-workers")
+OPTIONAL_SYSTEMS = ("mtaq-replica0", "mtaq-replica1")  # only when asked for by --systems
 
 
 def default_mtaq() -> Path | None:
@@ -82,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (queues, logs)")
     a = p.parse_args(argv)
     a.loads = _choices(a.loads, list(LOADS), "load")
-    a.systems = _choices(a.systems, SYSTEMS, "system")
+    a.systems = _choices(a.systems, [*SYSTEMS, *OPTIONAL_SYSTEMS], "system")
     if a.messages < 1 or a.sessions < 1 or a.size < 1 or a.runs < 1:
         p.error("--messages, --sessions, --size and --runs must be positive")
     return a
@@ -106,6 +109,10 @@ def make_system(kind: str, a: argparse.Namespace, base: Path, sink_port: int) ->
         from bench.profile import trace_env
 
         env = trace_env(a.trace.absolute())
+    if kind in OPTIONAL_SYSTEMS:
+        from bench.replicated import ReplicatedMtaq
+
+        return ReplicatedMtaq(a.mtaq, base, min_replicas=int(kind[-1]), relayhost=f"[127.0.0.1]:{sink_port}")
     workers = a.workers if kind == "mtaq-workers" else None
     return Mtaq(a.mtaq, base, workers=workers, relayhost=f"[127.0.0.1]:{sink_port}", extra_env=env)
 

@@ -1,30 +1,15 @@
-"""``[host]:port`` addresses: the one parser, and binding a listening socket so that a failure is
-one line an operator can act on (``127.0.0.1:2525 is in use``), never a traceback."""
+"""Binding a listening socket so that a failure is one line an operator can act on
+(``127.0.0.1:2525 is in use``), never a traceback. The ``[host]:port`` parser is
+common/smtp/hostport.py."""
 
 from __future__ import annotations
 
 import errno
 import socket
 
-__all__ = ["CannotBind", "bind_listener", "format_hostport", "parse_hostport"]
+from common.smtp.hostport import format_hostport
 
-
-def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or ``[host]:port`` -> (host, port). A bare IPv6
-    address (more than one colon) is a host without a port."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, ""
-    return host, int(port) if port else default_port
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+__all__ = ["CannotBind", "bind_listener"]
 
 
 class CannotBind(Exception):

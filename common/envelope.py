@@ -118,6 +118,7 @@ class Envelope:
     auth_user: str | None = None
     # from mynetworks or authenticated (issue 11.3): only then may a DSN return the whole message
     trusted: bool = False
+    requiretls: bool = False  # RFC 8689 MAIL FROM REQUIRETLS: only verified TLS, else bounce 5.7.30
 
     @property
     def is_bounce(self) -> bool:
@@ -147,6 +148,8 @@ class Envelope:
             d["auth"] = self.auth_user
         if self.trusted:
             d["trusted"] = True
+        if self.requiretls:
+            d["requiretls"] = True
         return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -169,6 +172,7 @@ class Envelope:
             envid=d.get("envid"),
             auth_user=d.get("auth"),
             trusted=d.get("trusted", False),
+            requiretls=d.get("requiretls", False),
         )
 
 
@@ -184,6 +188,7 @@ class RecipientStatus:
     remote_mta: str = ""  # the host name that gave the reply (Remote-MTA of a DSN)
     updated: float = 0.0
     next_attempt: float = 0.0  # when a deferred recipient is due again (a retry job runs then)
+    tls: str = ""  # the last attempt's TLS: none, opportunistic, verified(mta-sts|dane|pkix) + protocol, cipher
 
     @property
     def final(self) -> bool:
@@ -198,6 +203,7 @@ class RecipientStatus:
                 "r": self.reply,
                 "h": self.relay,
                 "m": self.remote_mta,
+                "t": self.tls,
                 "u": self.updated,
                 "x": self.next_attempt,
             },
@@ -215,6 +221,7 @@ class RecipientStatus:
             reply=d.get("r", ""),
             relay=d.get("h", ""),
             remote_mta=d.get("m", ""),
+            tls=d.get("t", ""),
             updated=d.get("u", 0.0),
             next_attempt=d.get("x", 0.0),
         )

@@ -66,7 +66,7 @@ class Event:
     relay: str = ""
     dsn: str = ""
     reply: str = ""
-    tls: str = ""  # how the delivery was protected; empty until the TLS work fills it
+    tls: str = ""  # the attempt's TLS as the delivery line says it (RecipientStatus.tls, issue 21)
     attempt: int = 0
     classification: str = ""
 
@@ -175,7 +175,7 @@ def outcome_type(st: RecipientStatus) -> EventType:
     return EventType.TRANSIENT
 
 
-def outcome_event(env: Envelope, index: int, st: RecipientStatus, message_id: str, *, tls: str = "") -> Event:
+def outcome_event(env: Envelope, index: int, st: RecipientStatus, message_id: str) -> Event:
     """The event of one recorded attempt (``st`` is what is written for recipient ``index``)."""
     kind = outcome_type(st)
     return Event(
@@ -189,7 +189,7 @@ def outcome_event(env: Envelope, index: int, st: RecipientStatus, message_id: st
         relay=st.relay,
         dsn=st.dsn,
         reply=st.reply,
-        tls=tls,
+        tls=st.tls,
         attempt=st.attempts,
         classification="" if kind is EventType.DELIVERY else classify(st.dsn, st.reply).value,
     )

@@ -1,21 +1,28 @@
 """The delivery queue: RQ jobs ``deliver(next hop, [queue ids], force)``, their options, batching
-within the job limits, and counts. The messages themselves are in common/store.py."""
+within the job limits, and counts. The messages themselves are in common/store.py.
+
+This module is the one owner of what RQ keeps for us, as common/store.py is of the ``mtaq:`` keys:
+the layout of a job's arguments (written by ``stage``/``schedule``/``enqueue_now``, read back by
+``QueuedJob.of``) and the keys of RQ's lists and registries (``ready_key``, ``running_key``). Every
+other module asks here; tests/unit/test_rq_contract.py checks what we rely on in RQ itself."""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from common.settings import Settings
 
-__all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DeliveryQueue", "QueueCounts"]
+__all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DeliveryQueue", "QueueCounts", "QueuedJob"]
 
 # The job function, by import path: RQ needs a string, and common/ must not import worker/.
 # tests/unit/test_layout.py resolves it to the real function.
@@ -37,6 +44,24 @@ class QueueCounts:
     running: int
     scheduled: int  # retries waiting for their time
     failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """A delivery job as RQ keeps it: ``deliver(destination, ids, force)``."""
+
+    job_id: str
+    destination: str
+    ids: tuple[str, ...]
+
+    @classmethod
+    def of(cls, job: Job) -> QueuedJob:
+        """Read the arguments ``DeliveryQueue`` wrote (positional: next hop, queue ids, [force]);
+        a job that is not ours (no arguments) has no destination and no messages."""
+        args = list(job.args or ())
+        destination = str(args[0]) if args else ""
+        ids = tuple(str(q) for q in args[1]) if len(args) > 1 and isinstance(args[1], list | tuple) else ()
+        return cls(job.id, destination, ids)
 
 
 class DeliveryQueue:
@@ -128,3 +153,39 @@ class DeliveryQueue:
             scheduled=ScheduledJobRegistry(queue=q).count,  # type: ignore[no-untyped-call]
             failed=FailedJobRegistry(queue=q).count,
         )
+
+    # -- RQ's keys and jobs, for those who read them (the ingress's flow control, the operator's tools)
+    @property
+    def ready_key(self) -> str:
+        """The list of jobs no worker has taken yet (LLEN: how many)."""
+        return str(self.rq.key)
+
+    @property
+    def running_key(self) -> str:
+        """The sorted set of jobs workers hold now (RQ's StartedJobRegistry; ZCARD: how many)."""
+        return str(StartedJobRegistry(queue=self.rq).key)
+
+    def jobs(self, job_ids: Sequence[str], chunk: int = 500) -> Iterable[QueuedJob]:
+        """The delivery jobs of these ids that still exist, ``chunk`` fetched per round trip."""
+        conn = self.rq.connection
+        for start in range(0, len(job_ids), chunk):
+            for job in Job.fetch_many(list(job_ids[start : start + chunk]), connection=conn, serializer=JSONSerializer):
+                if job is not None:
+                    yield QueuedJob.of(job)
+
+    def waiting_job_ids(self) -> list[str]:
+        """Jobs not started: ready now, or scheduled for later (retries); each once."""
+        scheduled = ScheduledJobRegistry(queue=self.rq)  # type: ignore[no-untyped-call]
+        return list(dict.fromkeys([*self.rq.get_job_ids(), *scheduled.get_job_ids(cleanup=False)]))
+
+    def running_destinations(self) -> Counter[str]:
+        """Running delivery jobs per destination (a job is one destination's batch)."""
+        ids = StartedJobRegistry(queue=self.rq).get_job_ids(cleanup=False)
+        return Counter(j.destination for j in self.jobs(ids) if j.destination)
+
+    def delete_jobs(self, job_ids: Iterable[str]) -> None:
+        """Delete these jobs (waiting or scheduled: off their list or registry too)."""
+        conn = self.rq.connection
+        for job in Job.fetch_many(list(job_ids), connection=conn, serializer=JSONSerializer):
+            if job is not None:
+                job.delete()

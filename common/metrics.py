@@ -37,6 +37,7 @@ __all__ = [
     "counters",
     "delivery_attempt",
     "delivery_failure",
+    "delivery_tls",
     "replies_sent",
 ]
 
@@ -56,6 +57,7 @@ LATENCY_BUCKET_PREFIX = "latency_le:"  # one field per bucket, not cumulative; "
 LATENCY_SUM_MS = "latency_sum_ms"  # milliseconds: every field of the hash stays an integer
 LATENCY_COUNT = "latency_count"
 FAILURE_PREFIX = "failed:"  # failed:<state>:<bounce class> (issue 19): deferred and bounced attempts by class
+TLS_PREFIX = "tls:"  # tls:<level>:<status>, level none|opportunistic|verified(<policy>) (issue 21)
 
 
 def latency_bucket(seconds: float) -> str:
@@ -182,3 +184,11 @@ def delivery_attempt(final: bool, seconds_in_queue: float, earlier_attempts: int
         counters.add(latency_bucket(seconds_in_queue))
         counters.add(LATENCY_COUNT)
         counters.add(LATENCY_SUM_MS, round(max(0.0, seconds_in_queue) * 1000))
+
+
+def delivery_tls(tls: str, status: str) -> None:
+    """worker: one recipient's attempt, by the TLS its session had (the first word of the log line's
+    ``tls=``: none, opportunistic, verified(mta-sts|dane|pkix)) and its status (sent, bounced,
+    deferred)."""
+    level = tls.split(" ", 1)[0] if tls else "none"
+    counters.add(f"{TLS_PREFIX}{level}:{status}")

@@ -1,14 +1,22 @@
-"""How every role finds Redis: an explicit URL, or the embedded server of `mtaq run` in data_dir."""
+"""How every role finds Redis: through the Sentinels (``redis_sentinels``), an explicit URL, or the
+embedded server of `mtaq run` in data_dir.
+
+Through the Sentinels a client follows a failover on its own: redis-py's Sentinel pool asks them for
+the primary on every new connection, and a connection to a primary that has since become a replica
+fails (READONLY) and is replaced, so no process needs a restart. While no primary is known, commands
+raise ``redis.ConnectionError`` (MasterNotFoundError), which the ingress turns into ``451 4.3.0``."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import redis
+from redis.sentinel import Sentinel
 
 from common.settings import Settings
 
-__all__ = ["NoRedis", "connect", "embedded_socket", "redis_url"]
+__all__ = ["NoRedis", "connect", "embedded_socket", "read_secret", "redis_url", "sentinel"]
 
 
 class NoRedis(RuntimeError):
@@ -31,8 +39,44 @@ def redis_url(settings: Settings) -> str:
     return f"unix://{sock}"
 
 
-def connect(settings: Settings, *, timeout: float = 10.0) -> redis.Redis:
+def read_secret(path: str, what: str) -> str | None:
+    """The content of a secret file without surrounding whitespace; None for no file. A file that
+    cannot be read is one line naming the setting, never the secret."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise NoRedis(f"cannot read {what} {path!r}: {e.strerror or e}; check the path and its permissions") from None
+
+
+def sentinel(settings: Settings, *, timeout: float = 5.0) -> Sentinel:
+    """A client of the Sentinels named by ``redis_sentinels`` (the caller checked it is set)."""
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    password = read_secret(settings.redis_sentinel_password_file, "redis_sentinel_password_file")
+    if password is not None:
+        sentinel_kwargs["password"] = password
+    return Sentinel(settings.sentinel_list, sentinel_kwargs=sentinel_kwargs)
+
+
+def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float | None = None) -> redis.Redis:
     """A client with bounded timeouts: a Redis that hangs must turn into a 451, not a stuck session."""
-    return redis.Redis.from_url(
-        redis_url(settings), socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
-    )
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout if connect_timeout is None else connect_timeout,
+        "health_check_interval": 30,
+    }
+    password = read_secret(settings.redis_password_file, "redis_password_file")
+    if password is None and settings.redis_sentinels and settings.redis_url:
+        # through the Sentinels the URL names no server, but its password is the one to give
+        # (docker compose keeps it there for both set-ups)
+        password = redis.connection.parse_url(settings.redis_url).get("password")  # type: ignore[no-untyped-call]
+    if password is not None:
+        kwargs["password"] = password
+    if settings.redis_sentinels:
+        client: redis.Redis = sentinel(settings, timeout=min(timeout, 5.0)).master_for(
+            settings.redis_sentinel_master, **kwargs
+        )
+        return client
+    return redis.Redis.from_url(redis_url(settings), **kwargs)

@@ -7,9 +7,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.address import parse_hostport
 from common.envelope import Envelope, domain_of
 from common.settings import Settings
+from common.smtp.hostport import literal_hop
 
 __all__ = ["Router", "next_hop"]
 
@@ -18,12 +18,7 @@ def next_hop(address: str, relayhost: str) -> str:
     """The destination a recipient is delivered to and grouped by: its domain, or the relayhost.
 
     A relayhost is taken literally (no MX lookup), as Postfix does for ``[host]:port``."""
-    if relayhost:
-        if relayhost.startswith("["):
-            return relayhost
-        host, port = parse_hostport(relayhost, 0)
-        return f"[{host}]:{port}" if port else f"[{host}]"
-    return domain_of(address)
+    return literal_hop(relayhost) if relayhost else domain_of(address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.address import parse_hostport
+from common.smtp.hostport import parse_destination, parse_hostport
 
 __all__ = ["Settings", "add_arguments", "hostname_problem"]
 
@@ -31,7 +31,11 @@ def _opt(default: Any, help: str, roles: tuple[str, ...] = ("all",)) -> Any:
 class Settings:
     # -- where things are
     listen: str = _opt("127.0.0.1:2525", "ingress address host:port", ("ingress",))
-    hostname: str = _opt("", "our host name in the greeting, EHLO and Received: (default: the FQDN)")
+    hostname: str = _opt(
+        "",
+        "our host name in the greeting, EHLO and Received: (default: the FQDN, often just localhost); set it to "
+        "this host's public DNS name: remote servers check it, and mtaq warns at start-up when it is not one",
+    )
     redis_url: str = _opt("", "Redis URL; unset with `mtaq run` = the embedded redis-server in data_dir")
     data_dir: str = _opt("./var", "where the embedded Redis keeps its AOF and socket")
     workers: int = _opt(2, "worker processes started by `mtaq run`", ("run",))
@@ -43,7 +47,10 @@ class Settings:
         "", "host:port of Prometheus /metrics and the status page at / (unset = none)", ("run", "ingress", "exporter")
     )
     redis_appendfsync: str = _opt(
-        "always", "embedded Redis: always (250 means on disk) or everysec (may lose 1 s on power cut)", ("run",)
+        "always",
+        "embedded Redis: always (250 means on disk) or everysec (faster; a power cut may lose up to 1 s "
+        "of accepted mail)",
+        ("run",),
     )
     # -- delivery (worker)
     dns_servers: str = _opt("", "comma list of ip[:port] resolvers; unset = the system resolver", ("worker", "ingress"))
@@ -54,7 +61,12 @@ class Settings:
         "workers group mail by it, so give both the same",
         ("ingress", "worker"),
     )
-    min_backoff: float = _opt(300.0, "seconds, Postfix minimal_backoff_time", ("worker",))
+    min_backoff: float = _opt(
+        300.0,
+        "seconds; a deferred recipient is retried after its time in the queue, clamped to min_backoff..max_backoff "
+        "(Postfix minimal_backoff_time)",
+        ("worker",),
+    )
     max_backoff: float = _opt(4000.0, "seconds, Postfix maximal_backoff_time", ("worker",))
     queue_lifetime: float = _opt(432000.0, "seconds before a deferred recipient bounces (5 days)", ("worker",))
     bounce_lifetime: float = _opt(
@@ -65,19 +77,24 @@ class Settings:
     )
     delay_warning: float = _opt(
         0.0,
-        "seconds in the queue before the sender gets one delay warning; 0 = none (Postfix delay_warning_time)",
+        "seconds in the queue (e.g. 14400 = 4 h) before the sender gets one `Action: delayed` report; 0 = none "
+        "(Postfix delay_warning_time)",
         ("worker",),
     )
     connect_timeout: float = _opt(30.0, "seconds to wait for a TCP connect (Postfix smtp_connect_timeout)", ("worker",))
     smtp_timeout: float = _opt(300.0, "seconds to wait for any remote reply", ("worker",))
-    max_mx_addresses: int = _opt(5, "addresses tried per delivery (Postfix smtp_mx_address_limit)", ("worker",))
+    max_mx_addresses: int = _opt(
+        5, "addresses tried per delivery or verification (Postfix smtp_mx_address_limit)", ("worker", "ingress")
+    )
     job_timeout: int = _opt(1800, "seconds before RQ kills a delivery job", ("worker",))
     worker_concurrency: int = _opt(
-        100, "SMTP conversations one worker process holds at once (Postfix default_process_limit)", ("worker",)
+        100,
+        "SMTP conversations (and jobs) one worker process holds at once (Postfix default_process_limit)",
+        ("worker",),
     )
     destination_concurrency: int = _opt(
         20,
-        "connections to one destination at once, all workers on all hosts together "
+        "connections to one destination at once, all workers on all hosts together, slow start from 5 "
         "(Postfix default_destination_concurrency_limit)",
         ("worker",),
     )
@@ -94,24 +111,44 @@ class Settings:
         60.0, "seconds a destination stays suspended after destination_failure_limit failures", ("worker",)
     )
     maintenance_interval: int = _opt(
-        600, "seconds between queue sweeps and RQ registry clean-ups (re-run jobs whose worker died)", ("worker",)
+        600,
+        "seconds between queue sweeps (lost jobs, left-behind messages); RQ's registry clean-up, which re-runs "
+        "a dead worker's jobs, runs every 10 s regardless",
+        ("worker",),
     )
     # -- ingress policy and limits
     mynetworks: str = _opt("127.0.0.0/8,::1/128", "comma list of networks allowed to relay", ("ingress",))
     relay_domains: str = _opt("", "comma list of domains anyone may send to (inbound relay)", ("ingress",))
-    max_message_size: int = _opt(10240000, "octets, advertised in SIZE (Postfix message_size_limit)", ("ingress",))
-    max_recipients: int = _opt(1000, "recipients per message (Postfix smtpd_recipient_limit)", ("ingress",))
-    max_errors: int = _opt(20, "errors before 421 and close (Postfix smtpd_hard_error_limit)", ("ingress",))
-    idle_timeout: float = _opt(300.0, "seconds a client may stay silent (Postfix smtpd_timeout)", ("ingress",))
-    max_connections: int = _opt(1000, "concurrent connections per ingress process", ("ingress",))
-    max_connections_per_client: int = _opt(
-        50, "concurrent connections per client address (Postfix smtpd_client_connection_count_limit)", ("ingress",)
+    max_message_size: int = _opt(
+        10240000,
+        "octets, advertised in SIZE and enforced while reading DATA (Postfix message_size_limit)",
+        ("ingress",),
     )
-    max_queue: int = _opt(0, "messages in the queue before new mail gets 452 (0 = no limit)", ("ingress",))
+    max_recipients: int = _opt(
+        1000, "recipients per message; beyond: 452 4.5.3 (Postfix smtpd_recipient_limit)", ("ingress",)
+    )
+    max_errors: int = _opt(20, "errors before 421 and close (Postfix smtpd_hard_error_limit)", ("ingress",))
+    idle_timeout: float = _opt(
+        300.0, "seconds a client has to complete a command; then 421 4.4.2 (Postfix smtpd_timeout)", ("ingress",)
+    )
+    max_connections: int = _opt(
+        1000, "concurrent connections per ingress process; beyond: 421 4.7.0 at the greeting", ("ingress",)
+    )
+    max_connections_per_client: int = _opt(
+        50,
+        "concurrent connections per client address; beyond: 421 4.7.0 at the greeting "
+        "(Postfix smtpd_client_connection_count_limit)",
+        ("ingress",),
+    )
+    max_queue: int = _opt(0, "messages in the queue before new mail gets 452 4.3.1 (0 = no limit)", ("ingress",))
     tls_cert: str = _opt("", "PEM certificate chain for STARTTLS; unset = no STARTTLS", ("ingress",))
     tls_key: str = _opt("", "PEM private key for tls_cert", ("ingress",))
     tls_required: bool = _opt(False, "refuse MAIL before STARTTLS (submission)", ("ingress",))
-    auth_file: str = _opt("", "credentials file written by `mtaq passwd`; unset = no AUTH", ("ingress",))
+    auth_file: str = _opt(
+        "",
+        "credentials file written by `mtaq passwd` for AUTH PLAIN/LOGIN (offered only under TLS); unset = no AUTH",
+        ("ingress",),
+    )
     commit_max_messages: int = _opt(256, "messages written per group commit", ("ingress",))
     commit_wait: float = _opt(
         0.025,
@@ -121,14 +158,15 @@ class Settings:
     )
     in_flow_delay: float = _opt(
         1.0,
-        "seconds at most a MAIL waits for its 250 while delivery lags behind the ingress, then goes on "
-        "(Postfix in_flow_delay; 0 = off)",
+        "seconds at most a MAIL waits for its 250 while delivery lags behind the ingress, then goes on: "
+        "clients are slowed, never refused (Postfix in_flow_delay; 0 = off)",
         ("ingress",),
     )
     in_flow_backlog: int = _opt(
         640,
         "delivery lags (in_flow_delay applies) while about this many messages are in unfinished delivery "
-        "jobs (waiting for a worker or held by one)",
+        "jobs (waiting for a worker or held by one: jobs times the messages per job the ingress writes); "
+        "retries waiting for their time and jobs of a destination that is down do not count",
         ("ingress",),
     )
     job_max_messages: int = _opt(100, "messages per delivery job", ("ingress", "worker"))
@@ -180,6 +218,35 @@ class Settings:
         "seconds a hard-bounced (InvalidRecipient) address is refused at RCPT (30 days; 0 = never suppress)",
         ("worker",),
     )
+    # -- high availability: Redis replication and Sentinel (docs/high-availability.md)
+    redis_sentinels: str = _opt(
+        "", "comma list of Sentinel host:port; set = find the Redis primary through them instead of redis_url"
+    )
+    redis_sentinel_master: str = _opt("mtaq", "the name the Sentinels monitor the primary under")
+    redis_sentinel_password_file: str = _opt("", "file holding the Sentinels' password (unset = none)")
+    redis_password_file: str = _opt("", "file holding the Redis password (unset = none, or the one in redis_url)")
+    redis_min_replicas: int = _opt(
+        0,
+        "replicas that must have a group commit before the ingress answers 250 (WAIT; 0 = the primary's "
+        "own disk is enough); workers wait the same way before a job counts as done",
+        ("ingress", "worker"),
+    )
+    redis_replica_timeout: float = _opt(
+        1.0, "seconds WAIT gives the replicas; then the ingress answers 451 4.3.0", ("ingress", "worker")
+    )
+    # -- outbound TLS (issue 21): trust anchors, MTA-STS, DANE (worker/tlspolicy.py)
+    tls_ca_file: str = _opt(
+        "",
+        "PEM CA bundle against which MX certificates (MTA-STS, relayhost verification) and MTA-STS "
+        "policy servers are verified; unset = the system's CA store",
+        ("worker",),
+    )
+    mta_sts: bool = _opt(True, "honour MTA-STS policies of destination domains (RFC 8461)", ("worker",))
+    dane: bool = _opt(
+        False,
+        "honour DANE TLSA records (RFC 7672); needs dns_servers to be a DNSSEC-validating resolver you trust",
+        ("worker",),
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -200,6 +267,25 @@ class Settings:
             raise ValueError("need events_max >= 0 (0 = off), events_batch >= 1 and suppression_ttl >= 0")
         if self.events_webhook and not self.events_webhook.startswith(("http://", "https://")):
             raise ValueError("events_webhook must be an http:// or https:// URL")
+        # [host]:port values: a bad one is one line here, not a traceback where it is first used
+        for name, value in (("listen", self.listen), ("metrics_listen", self.metrics_listen)):
+            _hostport(name, value)
+        for server in self.dns_servers.split(","):
+            _hostport("dns_servers", server)
+        if self.relayhost.strip():
+            _hostport("relayhost", self.relayhost)
+        for server in self.redis_sentinels.split(","):
+            _hostport("redis_sentinels", server)
+        if self.redis_min_replicas < 0 or self.redis_replica_timeout <= 0:
+            raise ValueError("need redis_min_replicas >= 0 and redis_replica_timeout > 0")
+        if self.tls_ca_file:
+            try:
+                with open(self.tls_ca_file, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r}: {e.strerror or e}: give a PEM CA bundle") from None
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError(f"tls_ca_file {self.tls_ca_file!r} holds no PEM certificate: give a PEM CA bundle")
 
     # -- parsed views
     @property
@@ -219,6 +305,10 @@ class Settings:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, 2525)
+
+    @property
+    def sentinel_list(self) -> list[tuple[str, int]]:
+        return [parse_hostport(s.strip(), 26379) for s in self.redis_sentinels.split(",") if s.strip()]
 
     @property
     def dns_server_list(self) -> list[tuple[str, int]]:
@@ -268,6 +358,17 @@ def hostname_problem(name: str) -> str | None:
     if host.endswith(_PRIVATE_SUFFIXES):
         return f"hostname {name!r} is a private name the world cannot look up: {hint}"
     return None
+
+
+def _hostport(name: str, value: str) -> None:
+    if value.strip():
+        try:
+            if name == "relayhost":
+                parse_destination(value, 1)  # a next hop: port 0 is no port
+            else:
+                parse_hostport(value, 0)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (expected host, host:port or [host]:port)") from None
 
 
 def _render(value: Any) -> str:

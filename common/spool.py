@@ -24,12 +24,17 @@ class Spool:
     router: Router
 
     @classmethod
-    def from_settings(cls, settings: Settings, r: redis.Redis) -> Spool:
-        return cls(
-            Store(r, events_max=settings.events_max),
-            DeliveryQueue.from_settings(settings, r),
-            Router.from_settings(settings),
+    def from_settings(cls, settings: Settings, r: redis.Redis, *, strict_replicas: bool = True) -> Spool:
+        """``strict_replicas``: see Store (the ingress refuses mail that too few replicas have; a
+        worker logs it)."""
+        store = Store(
+            r,
+            replicas=settings.redis_min_replicas,
+            replica_timeout=settings.redis_replica_timeout,
+            strict_replicas=strict_replicas,
+            events_max=settings.events_max,
         )
+        return cls(store, DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
     def commit(
         self,
@@ -37,13 +42,14 @@ class Spool:
         *,
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
+        mark: str = "",
         events: Sequence[Event] = (),
     ) -> int:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
         ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
         it or nothing (``events`` go to the events stream in it). Returns how many delivery jobs
-        were stored (mail input flow control turns unfinished jobs into messages with it). Raises
-        StoreUnavailable / StoreFull."""
+        were stored (mail input flow control turns unfinished jobs into messages with it). ``mark``:
+        see Store.commit. Raises StoreUnavailable / StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
         staged: list[int] = []
         self.store.commit(
@@ -51,6 +57,8 @@ class Spool:
             delete=delete,
             unlease=unlease,
             also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
+            hop=self.router.hop,
+            mark=mark,
             events=events,
         )
         return sum(staged)

@@ -21,6 +21,11 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:suppressed:since`` hash: suppressed address -> when it was suppressed
 ``mtaq:suppressed:changes`` stream of changes to the list (address, op), capped: what an ingress
                     cache reads to stay current without a round trip per RCPT
+``mtaq:committed:<id>`` string with a TTL: a group commit (named by its first message) was stored
+                    (with redis_min_replicas: settling a commit the loss of the primary cut off)
+``mtaq:redis:primary``, ``mtaq:redis:failovers``, ``mtaq:redis:last-failover``  strings: the Redis
+                    primary last seen through the Sentinels, failovers counted, the last one's time
+``mtaq:queue:*``    the queue's counters and indexes (issue 16, common/queuestats.py): see below
 
 Writes that must fail cleanly (commit, the queue size behind backpressure) raise StoreUnavailable or
 StoreFull, never a redis-py exception: callers decide what to answer without knowing redis-py.
@@ -29,13 +34,15 @@ StoreFull, never a redis-py exception: callers decide what to answer without kno
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from common.envelope import Envelope, RcptState, RecipientStatus
+from common import queuestats
+from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event
 
 __all__ = [
@@ -44,8 +51,11 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreNotReplicated",
     "StoreUnavailable",
 ]
+
+log = logging.getLogger("mtaq.store")
 
 PREFIX = "mtaq:"
 INDEX = PREFIX + "index"
@@ -55,6 +65,24 @@ HOLD = PREFIX + "hold"
 RECOVERY_LOCK = PREFIX + "recovery-lock"  # the worker running RQ's registry clean-up now (short TTL)
 SAMPLES = PREFIX + "samples"
 SAMPLE_LOCK = PREFIX + "samples-lock"
+# high availability (common/replication.py): the primary last seen, failovers counted, the last one's time
+PRIMARY_SEEN = PREFIX + "redis:primary"
+FAILOVERS = PREFIX + "redis:failovers"
+FAILOVER_TIME = PREFIX + "redis:last-failover"
+COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an interrupted commit is settled in
+
+# Queue monitoring (issue 16): counters and indexes kept in the round trips that change the queue
+# (common/queuestats.py keeps them, mtaq/ops/queueindex.py reads them); the field "q" of a message
+# hash is its summary.
+QCOUNTS = PREFIX + "queue:counts"  # hash: bytes, m:deferred, m:held, r:active, r:deferred, r:held
+QDEFERRED = PREFIX + "queue:deferred"  # zset: queue id -> arrival, messages with a deferred recipient
+QDESTS = PREFIX + "queue:dests"  # set: destinations that have an index
+QDEST_PREFIX = PREFIX + "queue:dest:"  # + destination: zset, queue id -> arrival, open recipients there
+
+
+def qdest_key(destination: str) -> str:
+    return QDEST_PREFIX + destination
+
 
 # Delivery events and suppression (issue 19)
 EVENTS = PREFIX + "events"
@@ -77,17 +105,43 @@ def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
 
 
+def commit_mark_key(mark: str) -> str:
+    return f"{PREFIX}committed:{mark}"
+
+
 def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
-# Per-destination delivery limits shared by every worker (the engine's):
+# Per-destination delivery limits shared by every worker (worker/limits.py):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
 # ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).
 # `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
 def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"
+
+
+# Outbound TLS (issue 21), shared by every worker on every host:
+# ``mtaq:mta-sts:<domain>``  string with a TTL (the policy's max_age): the MTA-STS policy in force, JSON
+#                            (worker/mtasts.py); a failed refresh leaves it alone
+# ``mtaq:tlsrpt:<day>:<domain>``  hash: TLS-RPT session counts of that UTC day (worker/tlsrpt.py)
+# ``mtaq:tlsrpt:<day>``           set: the policy domains counted that day
+# ``mtaq:tlsrpt-sent:<day>``      string: the worker that sends that day's reports (once, cluster-wide)
+def mta_sts_key(domain: str) -> str:
+    return f"{PREFIX}mta-sts:{domain}"
+
+
+def tlsrpt_key(day: str, domain: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}:{domain}"
+
+
+def tlsrpt_domains_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt:{day}"
+
+
+def tlsrpt_sent_key(day: str) -> str:
+    return f"{PREFIX}tlsrpt-sent:{day}"
 
 
 class StoreError(Exception):
@@ -100,6 +154,43 @@ class StoreUnavailable(StoreError):
 
 class StoreFull(StoreError):
     """Redis refuses to grow (OOM under noeviction): try again later (SMTP 452 4.3.1)."""
+
+
+class StoreNotReplicated(StoreUnavailable):
+    """Written on the primary, but fewer replicas than asked acknowledged it in time: not yet safe
+    from the loss of that machine (SMTP 451 4.3.0: the client retries; at-least-once allows the
+    second copy that may follow)."""
+
+
+class _Replicated(redis.client.Pipeline):
+    """A pipeline that sends ``WAIT replicas timeout`` on its own connection right after its
+    commands, before the connection goes back to the pool: WAIT counts the replicas that have this
+    connection's writes, so it must follow them on the same socket. (A retry after a dropped
+    connection runs the commands again, and WAIT again after them.)"""
+
+    replicas = 1
+    timeout_ms = 1000
+    strict = True  # raise StoreNotReplicated; else log it (a worker's outcomes are written anyway)
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_transaction(connection, commands, raise_on_error)
+        self._wait(connection)
+        return result
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
+        self._wait(connection)
+        return result
+
+    def _wait(self, connection: Any) -> None:
+        connection.send_command("WAIT", self.replicas, self.timeout_ms)
+        acked = int(connection.read_response())
+        if acked >= self.replicas:
+            return
+        why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
+        if self.strict:
+            raise StoreNotReplicated(why)
+        log.warning("outcomes written on the primary only: %s", why)
 
 
 def _is_full(e: redis.RedisError) -> bool:
@@ -121,32 +212,45 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(str(e)) from e
 
 
-# KEYS: lease; ARGV: token. Release a lease only if it is still ours (a job that overran its lease
-# must not free the next holder's).
-_RELEASE = """
+# KEYS: lease; ARGV: token. End a lease only if it is still ours (a job that overran its lease
+# must not end the next holder's).
+_END_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: rcpt hash, left counter, stats hash, events stream; ARGV: field, new status JSON, final
-# (1/0), stat name, then optionally the events' MAXLEN and the event's field/value pairs (the event
-# is written exactly when the state is: a re-run job reports nothing twice).
+# KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: rcpt hash, left counter, stats hash, the queue counters' (queuestats.STATUS_ACCOUNT: 4..8),
+# events stream; ARGV: field, new status JSON, final (1/0), stat name, the queue counters' (5..7),
+# then optionally the events' MAXLEN and the event's field/value pairs (the event is written exactly
+# when the state is: a re-run job reports nothing twice).
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update.
-_SET_STATUS = """
+_SET_STATUS = (
+    queuestats.LIB
+    + """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
 local state = cjson.decode(old)['s']
 if state == 'delivered' or state == 'bounced' then return -1 end
-if #ARGV > 5 then  -- first: should it fail, the script fails having written nothing
+if #ARGV > 7 then  -- first: should it fail, the script fails having written nothing
   local unpack = unpack or table.unpack
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+"""
+    + queuestats.STATUS_ACCOUNT
+    + """
 if ARGV[3] == '1' then return redis.call('DECR', KEYS[2]) end
 return -3
 """
+)
 
 
 # The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
@@ -170,12 +274,29 @@ class Message:
 class Store:
     """Message storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
-    def __init__(self, r: redis.Redis, *, events_max: int = 0) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        *,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
+        strict_replicas: bool = True,
+        events_max: int = 0,
+    ) -> None:
         self.redis = r
+        # redis_min_replicas: commits and recipient outcomes wait for this many replicas (WAIT).
+        # strict (the ingress): too few is StoreNotReplicated, a 451; else (a worker, whose writes
+        # record what already happened and cannot be taken back) a warning in the log.
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
+        self.strict_replicas = strict_replicas
         self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
         self._set_status = r.register_script(_SET_STATUS)
-        self._release = r.register_script(_RELEASE)
+        self._end_lease = r.register_script(_END_LEASE)
+        self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
+        self._hold = r.register_script(queuestats.HOLD)
+        self._repair = r.register_script(queuestats.REPAIR)
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -185,6 +306,8 @@ class Store:
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
         also: Callable[[Any], None] | None = None,
+        hop: Callable[[str], str] = domain_of,
+        mark: str = "",
         events: Sequence[Event] = (),
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
@@ -193,26 +316,34 @@ class Store:
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
         ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
         guards nothing, whoever holds it. ``also`` adds commands to it (their delivery jobs:
-        common/spool.py)."""
+        common/spool.py). ``mark`` leaves a short-lived key saying this commit was stored, for a
+        writer that lost its connection before the answer (``has_commit_mark``): its messages may be
+        finished and gone already, but the mark outlives them. ``hop`` names a recipient's
+        destination for the queue's indexes."""
+        plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop)
         with _translated():
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self._pipeline(transaction=True)
             for m in messages:
                 env = m.envelope
-                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body})
+                summary = plan.summaries[env.id]
+                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": m.body, "q": summary})
                 fresh = RecipientStatus().to_json()
                 pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
                 pipe.set(left_key(env.id), len(env.recipients))
                 pipe.zadd(INDEX, {env.id: env.received_at})
             if messages:
                 pipe.hincrby(STATS, "received", len(messages))
-            for qid in delete:
-                self._delete(pipe, qid)
+                # EVAL: see _delete
+                pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
+            self._delete(pipe, list(delete))
             leases = [lease_key(qid, dest) for qid, dest in unlease]
             if leases:
                 pipe.delete(*leases)
             if also is not None:
                 also(pipe)
             self.stage_events(pipe, events)
+            if mark:
+                pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
             pipe.execute()
 
     def stage_events(self, pipe: Any, events: Sequence[Event]) -> None:
@@ -221,7 +352,23 @@ class Store:
             for ev in events:
                 pipe.xadd(EVENTS, ev.to_fields(), maxlen=self.events_max, approximate=True)
 
+    def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
+        """A pipeline of writes that must reach ``replicas`` replicas before they count (plain
+        when none are asked for)."""
+        if not self.replicas:
+            return self.redis.pipeline(transaction=transaction)
+        pipe = _Replicated(self.redis.connection_pool, self.redis.response_callbacks, transaction, None)
+        pipe.replicas = self.replicas
+        pipe.timeout_ms = max(1, int(self.replica_timeout * 1000))
+        pipe.strict = self.strict_replicas
+        return pipe
+
     # -- reading ----------------------------------------------------------------------------------
+    def has_commit_mark(self, mark: str) -> bool:
+        """Whether the commit that carried ``mark`` (commit's ``mark``) was stored."""
+        with _translated():
+            return bool(self.redis.exists(commit_mark_key(mark)))
+
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]
         return None if found is None else found[0]
@@ -259,17 +406,17 @@ class Store:
     def hold(self, ids: Sequence[str]) -> list[str]:
         """Put messages on hold (`mtaq queue hold`): no delivery, no expiry, no bounce until
         released. Returns those newly held; an id not in the queue is not held."""
-        ids = list(dict.fromkeys(ids))
+        return self._held(list(dict.fromkeys(ids)), True)
+
+    def _held(self, ids: list[str], on: bool) -> list[str]:
+        """Hold or release ``ids`` with the queue counters moved in the same script; those changed."""
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
-            pipe.zscore(INDEX, qid)
-        queued = [qid for qid, score in zip(ids, pipe.execute(), strict=True) if score is not None]
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in queued:
-            pipe.sadd(HOLD, qid)
-        return [qid for qid, added in zip(queued, pipe.execute(), strict=True) if added]
+            keys = [HOLD, msg_key(qid), QCOUNTS, QDEFERRED, QDESTS, INDEX]
+            self._hold(keys=keys, args=[qid, QDEST_PREFIX, "1" if on else "0"], client=pipe)
+        return [qid for qid, changed in zip(ids, pipe.execute(), strict=True) if changed]
 
     def held_ids(self) -> list[str]:
         return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
@@ -313,7 +460,7 @@ class Store:
             return []
         with_events = self.events_max > 0 and bool(events)
         for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self._pipeline(transaction=False)
             for n, (qid, idx, st) in enumerate(entries):
                 ev = events[n] if with_events else None
                 extra: list[str] = []
@@ -323,15 +470,23 @@ class Store:
                 # one more round trip each time
                 pipe.evalsha(
                     self._set_status.sha,
-                    4,
+                    9,
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
+                    msg_key(qid),
+                    QCOUNTS,
+                    HOLD,
+                    QDEFERRED,
+                    QDESTS,
                     EVENTS,
                     str(idx),
                     st.to_json(),
                     "1" if st.final else "0",
                     _STAT_OF.get(st.state, "deferred"),
+                    st.state.value,
+                    qid,
+                    QDEST_PREFIX,
                     *extra,
                 )
             if also is not None:
@@ -353,23 +508,25 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
-    def release_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
-        """Give back leases taken by lease() (only those still held by ``token``). Named apart from
-        the hold set's release(ids)."""
+    def end_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
+        """End leases taken by lease() (only those still held by ``token``)."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
-            self._release(keys=[lease_key(qid, destination)], args=[token], client=pipe)
+            self._end_lease(keys=[lease_key(qid, destination)], args=[token], client=pipe)
         pipe.execute()
 
-    def release(self, ids: Sequence[str]) -> list[str]:
-        """Take messages off hold (`mtaq queue release`); returns those that were held."""
-        ids = list(ids)
-        if not ids:
-            return []
+    def renew_leases(self, held: Sequence[tuple[str, str, Sequence[str]]], seconds: float) -> None:
+        """Push on leases for another ``seconds``: ``held`` is (token, destination, queue ids) per
+        holder; a lease another token holds now is left alone. One round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        for qid in ids:
-            pipe.srem(HOLD, qid)
-        return [qid for qid, removed in zip(ids, pipe.execute(), strict=True) if removed]
+        for token, destination, qids in held:
+            for qid in qids:
+                self._renew_lease(keys=[lease_key(qid, destination)], args=[token, int(seconds * 1000)], client=pipe)
+        pipe.execute()
+
+    def unhold(self, ids: Sequence[str]) -> list[str]:
+        """Take messages off hold (`mtaq queue release`); returns those that were held."""
+        return self._held(list(ids), False)
 
     def claim_delay_warnings(self, qids: Sequence[str], now: float) -> list[str]:
         """Mark the delay warning of each message as sent; returns those this caller marked (a
@@ -384,11 +541,24 @@ class Store:
 
     def delete(self, qid: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        self._delete(pipe, qid)
+        self._delete(pipe, [qid])
         pipe.execute()
 
     @staticmethod
-    def _delete(pipe: Any, qid: str) -> None:
-        pipe.delete(msg_key(qid), rcpt_key(qid), left_key(qid))
-        pipe.zrem(INDEX, qid)
-        pipe.srem(HOLD, qid)
+    def _delete(pipe: Any, ids: Sequence[str]) -> None:
+        # EVAL, not EVALSHA: inside MULTI a script Redis forgot (a restart) would fail alone while
+        # the rest of the transaction ran. One for all the messages: the script's text once.
+        if not ids:
+            return
+        keys = [INDEX, HOLD, QCOUNTS, QDEFERRED, QDESTS]
+        for qid in ids:
+            keys += [msg_key(qid), rcpt_key(qid), left_key(qid)]
+        pipe.eval(queuestats.DELETE, len(keys), *keys, QDEST_PREFIX, *ids)
+
+    def repair(self, envelope: Envelope, hop: Callable[[str], str], client: Any = None) -> Any:
+        """The sweep's recount of one message's summary, counters and index entries from its
+        recipient states (queuestats.REPAIR); with ``client`` a pipeline, queued on it."""
+        qid = envelope.id
+        keys = [msg_key(qid), rcpt_key(qid), HOLD, QCOUNTS, QDEFERRED, QDESTS, INDEX]
+        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop)]
+        return self._repair(keys=keys, args=args, client=client)

@@ -10,10 +10,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+
+import redis
 
 from common.events import Event
+from common.replication import online_replicas
 from common.spool import Spool
-from common.store import Message, StoreError, StoreFull
+from common.store import Message, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable
 from ingress import replies
 from ingress.replies import Reply
 
@@ -24,6 +28,16 @@ log = logging.getLogger("mtaq.ingress")
 # After Redis refused a write for lack of memory, new mail is refused this long without asking it
 # again (every session would otherwise take its DATA only to be refused at the commit).
 OOM_PAUSE = 1.0
+# After a commit that too few replicas acknowledged (redis_min_replicas), or that found no primary,
+# new mail is refused (451 4.3.0) without storing it until the primary has its replicas again: each
+# unreplicated commit is stored on the primary all the same (a failover's new primary starts
+# without a replica), and every retry of the client would store another copy.
+REPLICA_PAUSE = 2.0
+# A commit interrupted by the loss of the primary is settled within this long (a Sentinel failover
+# and a replica's sync take seconds; an SMTP client waits up to 10 minutes for its answer after
+# DATA, RFC 5321 4.5.3.2.6), looking every SETTLE_POLL seconds.
+SETTLE_WAIT = 120.0
+SETTLE_POLL = 0.5
 
 
 class StorageRefused(Exception):
@@ -77,6 +91,7 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
         self._queue_size = 0
         self._full_until = 0.0  # after an OOM, refuse new mail for OOM_PAUSE without asking Redis
+        self._unreplicated_until = 0.0  # after a commit too few replicas had: see REPLICA_PAUSE
         self.committed = 0
 
     async def submit(self, message: Message) -> None:
@@ -97,11 +112,29 @@ class Committer:
                 await self._gather()
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
-                jobs = await asyncio.to_thread(self._commit, [p.message for p in batch])
+                # with replicas required a commit leaves a mark, named by its first message, for
+                # _settle to find if the primary is lost before the answer
+                mark = batch[0].message.envelope.id if self.spool.store.replicas else ""
+                try:
+                    jobs = await asyncio.to_thread(self._commit, [p.message for p in batch], mark)
+                except StoreUnavailable as e:
+                    if not self.spool.store.replicas or isinstance(e, StoreNotReplicated):
+                        raise
+                    # the primary went away mid-commit: the batch may be stored and replicated
+                    # (then a 451 makes the client send it again, a second copy) or not at all
+                    self._unreplicated_until = self.clock() + REPLICA_PAUSE
+                    log.warning(
+                        "queue write of %d message(s) interrupted (%s): finding out what was stored", len(batch), e
+                    )
+                    jobs = await self._settle([p.message for p in batch], mark, e)
             except Exception as e:  # whatever went wrong, every client of the batch gets an answer
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = self.clock() + OOM_PAUSE
+                if isinstance(e, StoreNotReplicated) or (self.spool.store.replicas and isinstance(e, StoreError)):
+                    # too few replicas, or a primary gone (a failover may follow: its successor
+                    # starts without a replica): take no mail until a probe finds them
+                    self._unreplicated_until = self.clock() + REPLICA_PAUSE
                 log.warning(
                     "queue write of %d message(s) failed: %s -> %s",
                     len(batch),
@@ -125,10 +158,35 @@ class Committer:
                 except Exception:  # a statistic: never the reason a batch goes unanswered
                     log.exception("counting the jobs of a group commit failed")
 
-    def _commit(self, messages: list[Message]) -> int:
-        if self.events is None:
-            return self.spool.commit(messages)
-        return self.spool.commit(messages, events=self.events(messages))
+    def _commit(self, messages: list[Message], mark: str) -> int:
+        # without replicas required no mark, without events none: the same call as ever
+        extra: dict[str, Any] = {}
+        if mark:
+            extra["mark"] = mark
+        if self.events is not None:
+            extra["events"] = self.events(messages)
+        return self.spool.commit(messages, **extra)
+
+    async def _settle(self, messages: list[Message], mark: str, error: StoreError) -> int:
+        """After a commit broke off with replicas required: wait (up to SETTLE_WAIT) for a primary
+        with its replicas, then store the batch again unless that primary has the commit's mark.
+        If it has, the commit was replicated before the old primary died (its replicas synced from
+        the new one since): its messages may even be delivered and gone by now. Either way every
+        message is stored once and replicated, and its client gets 250 late rather than a 451 that
+        makes it send a second copy. Raises ``error`` if Redis does not come back in time. Returns
+        the delivery jobs stored now."""
+        store = self.spool.store
+        deadline = self.clock() + SETTLE_WAIT
+        while self.clock() < deadline:
+            with contextlib.suppress(StoreError, OSError, redis.RedisError):
+                if await asyncio.to_thread(online_replicas, store.redis) >= store.replicas:
+                    if await asyncio.to_thread(store.has_commit_mark, mark):
+                        log.info("interrupted queue write settled: %d message(s) stored before", len(messages))
+                        return 0
+                    log.info("interrupted queue write settled: %d message(s) stored now", len(messages))
+                    return await asyncio.to_thread(self._commit, messages, mark)
+            await self.sleep(SETTLE_POLL)
+        raise error
 
     async def _gather(self) -> None:
         """Wait up to ``wait`` for more messages, but only while some session with a transaction
@@ -164,6 +222,8 @@ class Committer:
         queue holds more than max_queue messages, else None."""
         if self.clock() < self._full_until:
             return replies.INSUFFICIENT_STORAGE
+        if self.clock() < self._unreplicated_until:
+            return replies.STORAGE_FAILED
         if self.max_queue and self._queue_size >= self.max_queue:
             return replies.INSUFFICIENT_STORAGE
         return None
@@ -177,4 +237,15 @@ class Committer:
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a
                 # stale count undo it (the next round corrects any excess)
                 self._queue_size = size if self.committed == seen else max(size, self._queue_size)
+            with contextlib.suppress(StoreError, OSError, redis.RedisError):
+                await self._check_replicas()
             await self.sleep(interval)
+
+    async def _check_replicas(self) -> None:
+        """While refusing for want of replicas, ask the primary how many it has: the pause ends as
+        soon as they are back, and goes on while they are not (no mail stored to find out)."""
+        store = self.spool.store
+        if not store.replicas or self.clock() >= self._unreplicated_until:
+            return
+        online = await asyncio.to_thread(online_replicas, store.redis)
+        self._unreplicated_until = 0.0 if online >= store.replicas else self.clock() + REPLICA_PAUSE

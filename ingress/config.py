@@ -8,6 +8,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.mx import local_addresses
 from common.settings import Settings
 from ingress.replies import Reply
 
@@ -95,6 +96,8 @@ class IngressConfig:
     relayhost: str = ""  # where the workers deliver, so where a verification asks
     smtp_port: int = 25
     dns_servers: tuple[tuple[str, int], ...] = ()
+    max_mx_addresses: int = 5  # addresses a verification tries, as a delivery does
+    local_ips: tuple[str, ...] = ()  # the addresses we listen on: an MX on one of them is a loop
     # mail input flow control (ingress/flow.py); 0 = off, the default for configs built by hand
     in_flow_delay: float = 0.0
     in_flow_backlog: int = 640
@@ -121,6 +124,8 @@ class IngressConfig:
             relayhost=s.relayhost,
             smtp_port=s.smtp_port,
             dns_servers=tuple(s.dns_server_list),
+            max_mx_addresses=s.max_mx_addresses,
+            local_ips=tuple(local_addresses(s.listen)) if s.verify_relay_recipients else (),
             in_flow_delay=s.in_flow_delay,
             in_flow_backlog=s.in_flow_backlog,
         )

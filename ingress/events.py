@@ -42,6 +42,7 @@ class Transaction:
     envid: str | None
     auth_user: str | None
     trusted: bool = False  # the client was in mynetworks or authenticated (DSNs with full content)
+    requiretls: bool = False  # RFC 8689: deliver only over verified TLS, or bounce 5.7.30
 
 
 @dataclass(frozen=True, slots=True)

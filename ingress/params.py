@@ -110,11 +110,12 @@ class MailParams:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    requiretls: bool = False  # RFC 8689
 
 
 def parse_mail_params(items: list[str]) -> MailParams:
     size = body = ret = envid = None
-    smtputf8 = False
+    smtputf8 = requiretls = False
     for key, value in esmtp_params(items).items():
         if key == "SIZE":
             if value is None or not value.isascii() or not value.isdigit() or len(value) > 20:
@@ -139,13 +140,19 @@ def parse_mail_params(items: list[str]) -> MailParams:
                 envid = xtext_decode(value)
             except ValueError:
                 raise ArgError(replies.BAD_PARAM_VALUE) from None
+        elif key == "REQUIRETLS":
+            if value is not None:
+                raise ArgError(replies.BAD_PARAM_VALUE)
+            requiretls = True
         elif key == "AUTH":
             if value is None:
                 raise ArgError(replies.BAD_PARAM_VALUE)
             # RFC 4954 §5: we do not trust other hosts' AUTH= assertions; accepted and ignored.
         else:
             raise ArgError(replies.PARAM_NOT_RECOGNIZED)
-    return MailParams(size=size, body_8bit=body == "8BITMIME", smtputf8=smtputf8, ret=ret, envid=envid)
+    return MailParams(
+        size=size, body_8bit=body == "8BITMIME", smtputf8=smtputf8, ret=ret, envid=envid, requiretls=requiretls
+    )
 
 
 @dataclass(frozen=True, slots=True)

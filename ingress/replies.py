@@ -1,6 +1,7 @@
 """The catalogue of every reply the ingress sends, with RFC 3463 enhanced status codes.
 
-A ``Reply`` is a (code, enhanced, text) triple. RFC 2034 §3 asks for the enhanced code on every
+A ``Reply`` (common/smtp/reply.py, the type the SMTP client reads servers' replies into too) is a
+(code, enhanced, text) triple. RFC 2034 §3 asks for the enhanced code on every
 2xx/4xx/5xx reply line *except* the initial greeting and the replies to HELO/EHLO; 3xx replies
 (354, 334) cannot carry one either, since RFC 3463 classes are only 2, 4 and 5. Those few replies
 have ``enhanced == ""``; every other reply in this module carries one. (Putting ``2.0.0`` before
@@ -12,7 +13,7 @@ Reply texts never contain client input: nothing a client sends is echoed back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from common.smtp.reply import Reply
 
 __all__ = [
     "AUTH_ALREADY",
@@ -39,15 +40,18 @@ __all__ = [
     "LINE_TOO_LONG",
     "LOGIN_PASSWORD",
     "LOGIN_USERNAME",
+    "LOOPING_RECIPIENT",
     "MESSAGE_TOO_BIG",
     "MUST_STARTTLS",
     "NON_ASCII_ADDRESS",
+    "NULL_MX_RECIPIENT",
     "NUL_IN_MESSAGE",
     "OK",
     "PARAM_NOT_RECOGNIZED",
     "RECIPIENT_OK",
     "RECIPIENT_TABLE_UNAVAILABLE",
     "RELAY_DENIED",
+    "REQUIRETLS_NEEDS_TLS",
     "RESET_OK",
     "SENDER_OK",
     "SHUTTING_DOWN",
@@ -61,8 +65,10 @@ __all__ = [
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
     "UNDELIVERABLE_RECIPIENT",
+    "UNKNOWN_DOMAIN_RECIPIENT",
     "UNKNOWN_RELAY_RECIPIENT",
     "UNRECOGNIZED",
+    "UNROUTABLE_RECIPIENT",
     "UNVERIFIED_RECIPIENT",
     "VRFY_CANNOT",
     "Reply",
@@ -71,37 +77,6 @@ __all__ = [
     "helo_reply",
     "queued",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: int
-    enhanced: str  # RFC 3463 "class.subject.detail", or "" where RFC 2034 has none
-    text: str
-
-    def __post_init__(self) -> None:
-        if not 200 <= self.code <= 599:
-            raise ValueError(f"reply code out of range: {self.code}")
-        if self.enhanced and self.enhanced[0] != str(self.code)[0]:
-            raise ValueError(f"enhanced code {self.enhanced} does not match class of {self.code}")
-
-    def lines(self) -> list[str]:
-        """The text lines, CR and LF never inside one (a reply can never inject a line)."""
-        return [line.replace("\r", "") for line in self.text.split("\n")]
-
-    def to_bytes(self) -> bytes:
-        """Wire form: ``250-2.1.0 a\\r\\n250 2.1.0 b\\r\\n`` (RFC 5321 §4.2.1; the enhanced code on
-        every line, RFC 2034 §4)."""
-        lines = self.lines()
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        out = []
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
-        return "".join(out).encode("utf-8")
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
 
 
 # -- positive completions
@@ -146,6 +121,8 @@ EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN not supported")
 # -- permanent failures: policy and content
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+# RFC 8689 §4.1: REQUIRETLS is taken only over TLS (and advertised only there)
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains bare CR or LF")
@@ -156,6 +133,11 @@ UNKNOWN_RELAY_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: User 
 RECIPIENT_TABLE_UNAVAILABLE = Reply(451, "4.3.0", "Error: recipient table unavailable, try again later")
 UNDELIVERABLE_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: undeliverable address")
 UNVERIFIED_RECIPIENT = Reply(450, "4.1.1", "Recipient address rejected: unverified address, try again later")
+# ...refused by DNS as the workers would bounce it (common/mx.py), with the workers' status
+NULL_MX_RECIPIENT = Reply(550, "5.1.10", "Recipient address rejected: domain does not accept mail (null MX)")
+UNKNOWN_DOMAIN_RECIPIENT = Reply(550, "5.1.2", "Recipient address rejected: domain not found")
+UNROUTABLE_RECIPIENT = Reply(550, "5.4.4", "Recipient address rejected: unable to route to the domain's mail servers")
+LOOPING_RECIPIENT = Reply(550, "5.4.6", "Recipient address rejected: mail for the domain loops back to myself")
 
 # -- AUTH (RFC 4954 §6)
 ENCRYPTION_REQUIRED_FOR_AUTH = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")

@@ -19,9 +19,6 @@ from collections import Counter
 from collections.abc import Coroutine
 from typing import Any, cast
 
-import dns.asyncresolver
-from rq.registry import StartedJobRegistry
-
 from common import metrics
 from common.envelope import Envelope, new_queue_id
 from common.events import Event as DeliveryEvent
@@ -49,7 +46,7 @@ from ingress.session import (
     Transaction,
 )
 from ingress.suppression import SuppressionGate, event_writer
-from ingress.verify import Probe, Verifier, smtp_probe
+from ingress.verify import make_verifier
 
 __all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
 
@@ -89,7 +86,7 @@ class Ingress:
             events=_receptions if spool.store.events_max > 0 else None,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
-        self.verifier = _verifier(config) if config.verify_relay_recipients else None
+        self.verifier = make_verifier(config) if config.verify_relay_recipients else None
         # the session's view: tls_available and auth_available were derived from the same files
         # as the context and the credentials below, once, in IngressConfig.from_settings
         self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
@@ -360,6 +357,7 @@ class SMTPProtocol(asyncio.Protocol):
             envid=tx.envid,
             auth_user=tx.auth_user,
             trusted=tx.trusted,
+            requiretls=tx.requiretls,
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,
@@ -498,33 +496,12 @@ def _receptions(messages: list[Message]) -> list[DeliveryEvent]:
 def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
     """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
     r = spool.store.redis
-    ready_key = spool.queue.rq.key
-    running_key = StartedJobRegistry(queue=spool.queue.rq).key
+    ready_key, running_key = spool.queue.ready_key, spool.queue.running_key
 
     def read(taken: float) -> Backlog:
         return read_backlog(r, ready_key, running_key, taken)
 
     return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_backlog)
-
-
-def _verifier(config: IngressConfig) -> Verifier:
-    resolver = dns.asyncresolver.Resolver(configure=not config.dns_servers)
-    if config.dns_servers:
-        resolver.nameservers = [host for host, _ in config.dns_servers]
-        resolver.port = config.dns_servers[0][1]
-    resolver.lifetime = config.verify_timeout
-
-    async def probe(address: str) -> Probe:
-        return await smtp_probe(
-            address,
-            relayhost=config.relayhost,
-            port=config.smtp_port,
-            helo=config.session.hostname,
-            timeout=config.verify_timeout,
-            resolver=resolver,
-        )
-
-    return Verifier(probe, positive_ttl=config.verify_positive_ttl, negative_ttl=config.verify_negative_ttl)
 
 
 def install_signal_handlers(ingress: Ingress, done: asyncio.Event) -> None:

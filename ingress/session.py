@@ -68,6 +68,7 @@ class _Transaction:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    requiretls: bool = False  # RFC 8689 MAIL FROM REQUIRETLS
     data: DataReader | None = None  # from the 354 on
 
 
@@ -377,6 +378,8 @@ class Session:
         if self.config.auth_available and self.tls:
             keywords.append("AUTH " + " ".join(MECHANISMS))
         keywords += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        if self.tls:
+            keywords.append("REQUIRETLS")  # RFC 8689 §4.1: only over TLS
         self._send(replies.ehlo_reply(self.config.hostname, keywords))
         return "EHLO"
 
@@ -439,6 +442,8 @@ class Session:
         params = parse_mail_params(items)
         if params.size is not None and params.size > self.config.max_message_size:
             raise ArgError(replies.MESSAGE_TOO_BIG)
+        if params.requiretls and not self.tls:
+            raise ArgError(replies.REQUIRETLS_NEEDS_TLS)
         try:
             sender = policy.parse_reverse_path(path, smtputf8=params.smtputf8)
         except policy.PathError as exc:
@@ -454,6 +459,7 @@ class Session:
             smtputf8=params.smtputf8,
             ret=params.ret,
             envid=params.envid,
+            requiretls=params.requiretls,
         )
         if self.config.mail_flow():
             # delivery lags: the 250 waits for it (Postfix's in_flow_delay, also at MAIL)
@@ -589,6 +595,7 @@ class Session:
                 ret=tx.ret,
                 envid=tx.envid,
                 auth_user=self.auth_user,
+                requiretls=tx.requiretls,
                 trusted=policy.is_trusted(self.peer.ip, self.auth_user, self.config.networks),
             )
         )

@@ -3,8 +3,15 @@ of relay domains: ask the next hop ``MAIL FROM:<>`` / ``RCPT TO:<addr>`` / ``QUI
 said. A 2xx accepts, a 5xx refuses (550 5.1.1), and anything else -- a 4xx, no answer, no address
 to ask -- is ``450 4.1.1``: never accepted because we could not tell.
 
-The next hop is the relayhost when one is set (as the workers deliver), else the domain's MX hosts
-(or its address records), resolved here with dnspython: the ingress does not import the worker.
+The next hop is found as the workers find it, with the same code: the recipient's route
+(common/routing.py: the relayhost, else its domain) resolved by the same MX rules (common/mx.py:
+preference order with equal ones shuffled, implicit MX, at most ``max_mx_addresses`` addresses,
+the loop check), through their asyncio front since this runs in the ingress's event loop. A
+destination the workers would bounce is refused at once with their status (``DNS_REFUSALS``: a
+null MX is ``550 5.1.10``, no such domain ``550 5.1.2``, a loop ``550 5.4.6``, no MX host with an
+address ``550 5.4.4``); a DNS failure that may pass (4.x.x) is ``450 4.1.1``. The probe itself is
+the sans-IO SMTP client (common/smtp/client.py) driven over asyncio streams.
+
 The cache lives in the process, like the rest of the ingress's state; answers expire after
 ``positive_ttl`` / ``negative_ttl`` (Postfix's refresh times: 7 days, 3 hours) and a temporary
 failure after ``TEMPFAIL_TTL``, so that a dead next hop is not asked again on every RCPT.
@@ -21,15 +28,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
-from common.address import parse_hostport
+from common.envelope import RcptState
+from common.mx import AsyncMXResolver, DnsError, Target, make_async_resolver
+from common.routing import Router
+from common.smtp.client import Client, ClientEvent, Closed, Ready, Refused, TransactionDone
 from ingress import replies
+from ingress.config import IngressConfig
 from ingress.replies import Reply
 
-__all__ = ["TEMPFAIL_TTL", "Probe", "Verdict", "Verifier", "next_hops", "smtp_probe"]
+__all__ = ["DNS_REFUSALS", "TEMPFAIL_TTL", "Probe", "Verdict", "Verifier", "make_verifier", "smtp_probe"]
 
 log = logging.getLogger("mtaq.ingress")
 
@@ -37,8 +44,8 @@ log = logging.getLogger("mtaq.ingress")
 TEMPFAIL_TTL = 60.0
 # Addresses remembered per process; the oldest go first.
 MAX_CACHED = 100_000
-# MX hosts asked before giving up with 450 (each may have several addresses: the first answers).
-MAX_HOPS = 2
+# One read from a next hop's socket.
+READ_SIZE = 65536
 
 
 class Verdict(str, Enum):
@@ -51,6 +58,7 @@ class Verdict(str, Enum):
 class Probe:
     verdict: Verdict
     detail: str  # what the next hop said, or why it could not be asked (for the log)
+    reply: Reply | None = None  # the refusal to give, when not the verdict's usual one (DNS_REFUSALS)
 
 
 ProbeFn = Callable[[str], Awaitable[Probe]]
@@ -122,101 +130,131 @@ class Verifier:
         if got.verdict is Verdict.VALID:
             return None
         log.info("recipient <%s> %s by verification: %s", address, got.verdict.value, got.detail)
+        if got.reply is not None:
+            return got.reply
         return replies.UNDELIVERABLE_RECIPIENT if got.verdict is Verdict.INVALID else replies.UNVERIFIED_RECIPIENT
 
 
 # -- the probe over SMTP -----------------------------------------------------------------------------
-async def next_hops(
-    address: str, *, relayhost: str, port: int, resolver: dns.asyncresolver.Resolver
-) -> list[tuple[str, int]]:
-    """Where to ask about ``address``: the relayhost, else the addresses of the MX hosts (best
-    first, at most MAX_HOPS hosts) or of the domain itself when it has no MX, all looked up with
-    ``resolver`` (the workers' DNS). Empty when DNS gives no answer."""
-    if relayhost:
-        host, hop_port = parse_hostport(relayhost, port)
-        return [(host, hop_port)]
-    domain = address.rpartition("@")[2].removesuffix(".")
-    try:
-        answer = await resolver.resolve(domain, "MX")
-        mx = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)
-        hosts = [h for _, h in mx if h][:MAX_HOPS]
-    except dns.resolver.NoAnswer:
-        hosts = [domain]
-    except (dns.exception.DNSException, OSError):
-        return []
-    out: list[tuple[str, int]] = []
-    for host in hosts:
-        for rdtype in ("A", "AAAA"):
-            with contextlib.suppress(dns.exception.DNSException, OSError):
-                out += [(str(r.address), port) for r in await resolver.resolve(host, rdtype)]
-    return out
+# What a refusal by DNS answers at RCPT: the worker would bounce the recipient with that status
+# (common/mx.py), so the ingress refuses it now, with the same status. Other 5.x.x from DNS: 5.1.1.
+DNS_REFUSALS: dict[str, Reply] = {
+    "5.1.10": replies.NULL_MX_RECIPIENT,
+    "5.1.2": replies.UNKNOWN_DOMAIN_RECIPIENT,
+    "5.4.4": replies.UNROUTABLE_RECIPIENT,
+    "5.4.6": replies.LOOPING_RECIPIENT,
+}
 
 
-async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
-    while True:
-        raw = await reader.readline()
-        if not raw.endswith(b"\n") or len(raw) < 4 or not raw[:3].isdigit():
-            raise ConnectionError(f"bad reply line {raw[:80]!r}")
-        lines.append(raw[4:].decode("utf-8", "replace").strip())
-        if raw[3:4] != b"-":
-            return int(raw[:3]), " ".join(lines)[:300]
+def make_verifier(config: IngressConfig) -> Verifier:
+    """The verifier of an ingress: it asks where the workers deliver, resolved as they resolve it
+    (the relayhost, else the MX hosts: common/routing.py, common/mx.py), with the same DNS servers,
+    address limit and loop check (our hostname, the addresses we listen on)."""
+    resolver = AsyncMXResolver(
+        make_async_resolver(config.dns_servers),
+        local_names=[config.session.hostname],
+        local_ips=config.local_ips,
+        max_addresses=config.max_mx_addresses,
+    )
+    router = Router(config.relayhost)
 
+    async def probe(address: str) -> Probe:
+        return await smtp_probe(
+            address,
+            destination=router.hop(address),
+            port=config.smtp_port,
+            helo=config.session.hostname,
+            timeout=config.verify_timeout,
+            resolver=resolver,
+        )
 
-async def _ask(host: str, port: int, address: str, helo: str) -> Probe:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        code, text = await _reply(reader)
-        if code != 220:
-            return Probe(Verdict.UNKNOWN, f"{host}:{port} greeted {code} {text}")
-
-        async def cmd(line: str) -> tuple[int, str]:
-            writer.write(line.encode("utf-8") + b"\r\n")
-            await writer.drain()
-            return await _reply(reader)
-
-        code, text = await cmd(f"EHLO {helo}")
-        utf8 = code == 250 and "SMTPUTF8" in text.upper().split()
-        if code != 250:
-            code, text = await cmd(f"HELO {helo}")
-            if code != 250:
-                return Probe(Verdict.UNKNOWN, f"{host}:{port} said to HELO: {code} {text}")
-        if not address.isascii() and not utf8:
-            return Probe(Verdict.UNKNOWN, f"{host}:{port} does not offer SMTPUTF8")
-        code, text = await cmd("MAIL FROM:<>" + (" SMTPUTF8" if not address.isascii() else ""))
-        if code != 250:
-            return Probe(Verdict.UNKNOWN, f"{host}:{port} said to MAIL FROM:<>: {code} {text}")
-        code, text = await cmd(f"RCPT TO:<{address}>")
-        with contextlib.suppress(OSError, ConnectionError, asyncio.IncompleteReadError):
-            await cmd("QUIT")
-        said = f"{host}:{port} said {code} {text}"
-        if 200 <= code < 300:
-            return Probe(Verdict.VALID, said)
-        return Probe(Verdict.INVALID if 500 <= code < 600 else Verdict.UNKNOWN, said)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await writer.wait_closed()
+    return Verifier(probe, positive_ttl=config.verify_positive_ttl, negative_ttl=config.verify_negative_ttl)
 
 
 async def smtp_probe(
-    address: str, *, relayhost: str, port: int, helo: str, timeout: float, resolver: dns.asyncresolver.Resolver
+    address: str, *, destination: str, port: int, helo: str, timeout: float, resolver: AsyncMXResolver
 ) -> Probe:
-    """Ask the next hop about ``address``, within ``timeout`` seconds in all."""
+    """Ask the next hop of ``destination`` about ``address``, within ``timeout`` seconds in all:
+    its addresses in the workers' order, until one gives a definite answer."""
     try:
         async with asyncio.timeout(timeout):
-            hops = await next_hops(address, relayhost=relayhost, port=port, resolver=resolver)
-            if not hops:
-                return Probe(Verdict.UNKNOWN, "no next hop found in DNS")
+            try:
+                targets = await resolver.targets(destination, port)
+            except DnsError as e:
+                if e.state is RcptState.BOUNCED:
+                    return Probe(Verdict.INVALID, str(e), DNS_REFUSALS.get(e.dsn, replies.UNDELIVERABLE_RECIPIENT))
+                return Probe(Verdict.UNKNOWN, str(e))
             last = Probe(Verdict.UNKNOWN, "no next hop answered")
-            for host, hop_port in hops:
+            for target in targets:
                 try:
-                    last = await _ask(host, hop_port, address, helo)
-                except (OSError, ConnectionError, asyncio.IncompleteReadError) as e:
-                    last = Probe(Verdict.UNKNOWN, f"{host}:{hop_port}: {e or type(e).__name__}")
+                    last = await _ask(target, address, helo)
+                except (OSError, ConnectionError) as e:
+                    last = Probe(Verdict.UNKNOWN, f"{target}: {e or type(e).__name__}")
                     continue
                 if last.verdict is not Verdict.UNKNOWN:
                     return last
             return last
     except TimeoutError:
         return Probe(Verdict.UNKNOWN, f"no answer within {timeout:g} s")
+
+
+async def _ask(target: Target, address: str, helo: str) -> Probe:
+    """One probe with the sans-IO client (common/smtp/client.py): ``MAIL FROM:<>``, ``RCPT TO``,
+    ``QUIT``; in plain text, as before (a probe carries no message)."""
+    reader, writer = await asyncio.open_connection(target.ip, target.port)
+    client = Client(helo, str(target), try_tls=False)
+    try:
+        event = await _pump(client, reader, writer)
+        if not isinstance(event, Ready):
+            return Probe(Verdict.UNKNOWN, event.text if isinstance(event, Refused) else f"{target}: no session")
+        options = [] if address.isascii() else ["SMTPUTF8"]
+        if options and not client.supports("smtputf8"):
+            client.quit()
+            await _pump(client, reader, writer)
+            return Probe(Verdict.UNKNOWN, f"{target} does not offer SMTPUTF8")
+        client.start_probe("", [address], options)
+        event = await _pump(client, reader, writer)
+        if not isinstance(event, TransactionDone):
+            return Probe(Verdict.UNKNOWN, f"lost connection with {target} during the probe")
+        with contextlib.suppress(OSError, ConnectionError):
+            await _pump(client, reader, writer)  # QUIT's reply
+        result = event.result
+        if result.mail is not None and not result.mail.positive:
+            return Probe(Verdict.UNKNOWN, f"{target} said to MAIL FROM:<>: {result.mail}")
+        reply = result.replies.get(0)
+        if reply is None:
+            return Probe(Verdict.UNKNOWN, f"lost connection with {target} during RCPT")
+        said = f"{target} said {reply}"
+        if reply.positive:
+            return Probe(Verdict.VALID, said)
+        return Probe(Verdict.INVALID if reply.outcome is RcptState.BOUNCED else Verdict.UNKNOWN, said)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await writer.wait_closed()
+
+
+async def _pump(client: Client, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> ClientEvent:
+    """Write what the client has to say, read until it has something to tell (the asyncio twin of
+    worker/smtpclient.py's blocking loop; a broken connection is the client's ``eof``)."""
+    while True:
+        out = client.data_to_send()
+        if out:
+            writer.write(out)
+            try:
+                await writer.drain()
+            except (OSError, ConnectionError):
+                client.eof()
+        event = client.next_event()
+        if event is not None:
+            return event
+        if client.closed:
+            return Closed()
+        try:
+            data = await reader.read(READ_SIZE)
+        except (OSError, ConnectionError):
+            data = b""
+        if data:
+            client.receive_data(data)
+        else:
+            client.eof()

@@ -14,17 +14,18 @@ import redis
 from common import metrics
 from common.address import CannotBind, bind_listener
 from common.classify import BadRules, use_rules
-from common.embedded import EmbeddedRedis, EmbeddedRedisError
-from common.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
-from common.supervise import EXIT_FATAL, Child, Supervisor
 from ingress.auth import set_password
-from ingress.process import main as ingress_main
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
+from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
+from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_supervisor
+from mtaq.runtime.prefork import run_ingress
+from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
 from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
+from mtaq.tlsrptcmd import TLSRPTUsage, add_tlsrpt_parser, cmd_tlsrpt
 from worker.process import main as worker_main
 from worker.webhook import SecretError
 from worker.webhook import check_settings as check_webhook
@@ -46,7 +47,7 @@ def cmd_run(settings: Settings) -> int:
     # process only: the supervisor stops the ingress and the workers (they finish what is in flight,
     # and need Redis for it), and only then, in `finally`, Redis. The supervisor also restarts Redis
     # if it dies (EmbeddedRedis.watch).
-    embedded = None if settings.redis_url else EmbeddedRedis.from_settings(settings)
+    embedded = None if settings.redis_url or settings.redis_sentinels else EmbeddedRedis.from_settings(settings)
     try:
         if embedded is not None:
             embedded.lock()  # another run on this data_dir: one line, before anything starts
@@ -85,7 +86,7 @@ def cmd_ingress(settings: Settings) -> int:
             serve_monitor(settings)  # in the parent: forked ingress children count into Redis
         except OSError as e:
             raise CannotBind.because(settings.metrics_listen, e) from None
-    return ingress_main(settings)
+    return run_ingress(settings)
 
 
 def cmd_worker(settings: Settings, burst: bool = False) -> int:
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_suppress_parser(sub)
     ev = sub.add_parser("events", help="the webhook sender alone (else the workers run it): events POSTed, signed")
     add_arguments(ev, "events")
+    add_tlsrpt_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
     pw.add_argument(
@@ -170,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_suppress(settings, args)
         if args.command == "events":
             return cmd_events(settings)
+        if args.command == "tlsrpt":
+            return cmd_tlsrpt(settings, args.date)
         return cmd_queue(settings, args)
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
@@ -177,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SecretError, BadRules) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # a restart cannot help: the file must be fixed
+    except TLSRPTUsage as e:
+        print(f"mtaq tlsrpt: {e}", file=sys.stderr)
+        return 2
     except CannotBind as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this

@@ -12,12 +12,12 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from common.address import CannotBind
-from common.exporter import Monitor, serve_in_thread
-from common.health import CHECKS, DEFAULT_CHECKS, run_checks
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings, hostname_problem
-from common.supervise import EXIT_FATAL
+from mtaq.ops.exporter import Monitor, serve_in_thread
+from mtaq.ops.health import CHECKS, DEFAULT_CHECKS, run_checks
+from mtaq.runtime.supervise import EXIT_FATAL
 
 __all__ = [
     "OneLineParser",
@@ -38,7 +38,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # where Redis is: every operator command needs these
-REDIS_SETTINGS = ("redis_url", "data_dir", "queue_name")
+REDIS_SETTINGS = (
+    "redis_url",
+    "data_dir",
+    "queue_name",
+    "redis_sentinels",
+    "redis_sentinel_master",
+    "redis_sentinel_password_file",
+    "redis_password_file",
+)
 
 
 def add_settings(parser: argparse.ArgumentParser, names: Sequence[str], *, nested: bool = False) -> None:

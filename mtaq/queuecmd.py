@@ -10,24 +10,24 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import redis
-from rq.job import Job
-from rq.registry import ScheduledJobRegistry
-from rq.serializers import JSONSerializer
 
 from common.envelope import RcptState, RecipientStatus, domain_of
 from common.events import outcome_event
-from common.exporter import Monitor
-from common.queueview import MessageView, load_views, shape
+from common.queuerecount import recount, stream_ids
 from common.redisconn import connect
+from common.replication import ReplicationView
 from common.settings import Settings
 from common.spool import Spool
-from common.store import INDEX, StoreError, dest_key
+from common.store import INDEX, QDESTS, StoreError, dest_key
+from mtaq.ops.exporter import Monitor
+from mtaq.ops.queueindex import deferred_sample, exact_counts, read_counts, selected_ids
+from mtaq.ops.queueview import MessageView, load_views
 from mtaq.opscmd import REDIS_SETTINGS, add_settings
-from mtaq.queuefmt import list_json, list_text, parse_age, show_json, show_text, stats_text
+from mtaq.queuefmt import list_json, list_lines, parse_age, show_json, show_text, stats_text
 
 __all__ = ["QueueUsage", "add_queue_parser", "cmd_queue", "prune_jobs"]
 
@@ -67,6 +67,9 @@ def add_queue_parser(sub: Any) -> None:
     add_settings(st, routing, nested=True)
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.add_argument("--top", type=int, default=20, metavar="N", help="destinations in the table (default 20)")
+    st.add_argument(
+        "--exact", action="store_true", help="walk the whole queue instead of reading its counters (slow when long)"
+    )
 
     sh = acts.add_parser("show", help="one message: envelope, each recipient's history, headers")
     add_settings(sh, routing, nested=True)
@@ -157,7 +160,7 @@ def _select(spool: Spool, args: argparse.Namespace, *, allow_all: bool = True) -
         if missing:
             raise NotFound(f"no such message in the queue: {', '.join(missing)} (`mtaq queue list` shows the ids)")
         return views
-    views = _views(spool)
+    views = _views(spool, _domain_ids(spool, domain) if domain else None)
     if domain:
         views = [v for v in views if _matches_domain(v, domain)]
         if not views:
@@ -172,30 +175,70 @@ def _progress(err: TextIO, verb: str, done: int, total: int) -> None:
         print(f"{verb} {done}/{total}", file=err, flush=True)
 
 
+def _domain_ids(spool: Spool, domain: str) -> list[str] | None:
+    """The messages with an open recipient at ``domain``, from its index; None (walk) with a
+    relayhost, where every destination is the relayhost and the domain only the address says."""
+    if spool.router.relayhost:
+        return None
+    return selected_ids(spool.store.redis, time.time(), domain=domain)
+
+
+def _listed(spool: Spool, args: argparse.Namespace, now: float) -> Iterator[MessageView]:
+    """The views a listing shows, in arrival order, a chunk at a time: the candidates come from
+    the smallest index that answers the filters (or the whole queue, streamed), and each view is
+    checked against every filter."""
+    deferred, hold = bool(getattr(args, "deferred", False)), bool(getattr(args, "hold", False))
+    domain, older = getattr(args, "domain", None), getattr(args, "older_than", None)
+    r, relayhost = spool.store.redis, spool.router.relayhost
+    by_domain = None if relayhost else domain  # with a relayhost the index knows only the relayhost
+    ids = selected_ids(r, now, domain=by_domain, deferred=deferred, hold=hold, older_than=older)
+    chunks: Iterable[list[str]] = stream_ids(r) if ids is None else _chunked(ids)
+    for chunk in chunks:
+        for v in load_views(r, relayhost, ids=chunk):
+            if deferred and not any(rc.state is RcptState.DEFERRED for rc in v.open):
+                continue
+            if hold and not v.held:
+                continue
+            if domain and not _matches_domain(v, domain):
+                continue
+            if older is not None and not v.age(now) > older:
+                continue
+            yield v
+
+
+def _chunked(ids: list[str], chunk: int = 500, first: int = 50) -> Iterator[list[str]]:
+    """``ids`` a round trip's worth at a time; the first few alone, so the first lines come at once."""
+    yield ids[:first]
+    for i in range(first, len(ids), chunk):
+        yield ids[i : i + chunk]
+
+
 def do_list(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Streams: the first message is out after one round trip, memory stays one chunk."""
     now = time.time()
-    views = _views(spool)
-    if getattr(args, "deferred", False):
-        views = [v for v in views if any(r.state is RcptState.DEFERRED for r in v.open)]
-    if getattr(args, "hold", False):
-        views = [v for v in views if v.held]
-    if getattr(args, "domain", None):
-        views = [v for v in views if _matches_domain(v, args.domain)]
-    if getattr(args, "older_than", None) is not None:
-        views = [v for v in views if v.age(now) > args.older_than]
+    views = _listed(spool, args, now)
     if getattr(args, "json", False):
-        out.write(json.dumps(list_json(views, now), indent=1, ensure_ascii=False) + "\n")
-    else:
-        filtered = any(getattr(args, k, None) for k in ("deferred", "hold", "domain", "older_than"))
-        out.write("no message matches\n" if filtered and not views else list_text(views, now))
+        out.write("[")
+        for n, v in enumerate(views):
+            item = json.dumps(list_json([v], now)[0], indent=1, ensure_ascii=False)
+            out.write(("," if n else "") + "\n" + item)
+        out.write("\n]\n")
+        return 0
+    filtered = any(getattr(args, k, None) for k in ("deferred", "hold", "domain", "older_than"))
+    for n, line in enumerate(list_lines(views, now, empty="no message matches" if filtered else "Mail queue is empty")):
+        out.write(line + "\n")
+        if n == 1:
+            out.flush()  # the first message out now, not when a pipe's buffer fills
     return 0
 
 
 def throttled(r: redis.Redis) -> list[tuple[str, str, float]]:
-    """Destinations the engine marked down, with why and for how long (where its keys exist)."""
+    """Destinations with queued mail that the workers marked down after repeated connection failures
+    (worker/limits.py, ``mtaq:dest:<d>:down``, while that key lives), with why and for how long:
+    one round trip, no SCAN of a keyspace that grows with the queue."""
     pattern = dest_key("*", "down")
     prefix, suffix = pattern.split("*")
-    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in r.scan_iter(match=pattern, count=500)]
+    keys = [dest_key(d.decode() if isinstance(d, bytes) else str(d), "down") for d in r.smembers(QDESTS)]
     if not keys:
         return []
     pipe = r.pipeline(transaction=False)
@@ -217,35 +260,38 @@ def prune_jobs(spool: Spool) -> int:
     bounced, or delivered by a flush before its retry came): they would only run for nothing and
     count in `stats`. Returns how many were deleted."""
     r = spool.store.redis
-    q = spool.queue.rq
-    scheduled = ScheduledJobRegistry(queue=q)  # type: ignore[no-untyped-call]
-    ids = list(dict.fromkeys([*q.get_job_ids(), *scheduled.get_job_ids(cleanup=False)]))
-    dead = 0
+    dead: list[str] = []
+    ids = spool.queue.waiting_job_ids()
     for start in range(0, len(ids), 500):
-        jobs = [j for j in Job.fetch_many(ids[start : start + 500], connection=r, serializer=JSONSerializer) if j]
+        jobs = list(spool.queue.jobs(ids[start : start + 500]))
         pipe = r.pipeline(transaction=False)
         for job in jobs:
-            for qid in job.args[1] if len(job.args) > 1 else []:
+            for qid in job.ids:
                 pipe.zscore(INDEX, qid)
         scores = iter(pipe.execute())
         for job in jobs:
-            qids = job.args[1] if len(job.args) > 1 else []
-            alive = [next(scores) is not None for _ in qids]
-            if qids and not any(alive):
-                job.delete()
-                dead += 1
-    return dead
+            alive = [next(scores) is not None for _ in job.ids]
+            if job.ids and not any(alive):
+                dead.append(job.job_id)
+    spool.queue.delete_jobs(dead)
+    return len(dead)
 
 
 def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     r = spool.store.redis
-    prune_jobs(spool)
-    sh = shape(load_views(r, spool.router.relayhost), time.time())
+    now = time.time()
+    if getattr(args, "exact", False):
+        prune_jobs(spool)  # walks every waiting job: only when asked to walk
+        views = list(load_views(r, spool.router.relayhost))
+        sh = exact_counts(views, now).shape(v for v in views if v.state == "deferred")
+    else:
+        sh = read_counts(r, now).shape(deferred_sample(r, spool.router.relayhost))
     c = spool.queue.counts()
     jobs = {"waiting": c.waiting, "running": c.running, "scheduled": c.scheduled, "failed": c.failed}
     workers = Monitor(r, settings.queue_name).workers()
     down = throttled(r)
     totals = spool.store.stats()
+    rep = Monitor(r, settings.queue_name).replication()
     if getattr(args, "json", False):
         doc = {
             **sh.to_json(),
@@ -254,11 +300,27 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
             "workers": [{"name": w.name, "host": w.hostname, "pid": w.pid, "state": w.state} for w in workers],
             "throttled": [{"destination": d, "reason": why, "seconds_left": t} for d, why, t in down],
             "totals": totals,
+            "redis": None if rep is None else _replication_json(rep),
         }
         out.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     else:
         out.write(stats_text(sh, jobs, len(workers), totals, down, top=max(1, args.top)))
+        if rep is not None:
+            out.write("\n".join(rep.lines()) + "\n")
     return 0
+
+
+def _replication_json(rep: ReplicationView) -> dict[str, object]:
+    return {
+        "primary": rep.primary,
+        "role": rep.role,
+        "replicas": [
+            {"address": x.address, "state": x.state, "lag_bytes": x.lag_bytes, "lag_seconds": x.lag_seconds}
+            for x in rep.replicas
+        ],
+        "failovers": rep.failovers,
+        "last_failover": rep.last_failover,
+    }
 
 
 def _headers(body: bytes) -> list[tuple[str, str]]:
@@ -324,7 +386,7 @@ def do_release(spool: Spool, settings: Settings, args: argparse.Namespace, out: 
         if args.all:
             raise NotFound("no message is on hold")
         raise QueueUsage("release: name the messages: queue ids or --all")
-    released = set(store.release(ids))
+    released = set(store.unhold(ids))
     if not released:
         raise NotFound(f"not on hold: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
     n, d = _requeue(spool, _views(spool, [q for q in ids if q in released]), err, "released")
@@ -374,7 +436,7 @@ def do_delete(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
 
 
 def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import finish_loaded, make_context
+    from worker.finisher import Finisher
 
     views = _select(spool, args, allow_all=False)
     now = time.time()
@@ -393,25 +455,36 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
             for i, r in enumerate(v.recipients)
             if not r.status.final
         }
-    spool.store.release([v.qid for v in views if v.held])  # a held message may be bounced: it is done
+    spool.store.unhold([v.qid for v in views if v.held])  # a held message may be bounced: it is done
     # with their bounce events (issue 19; no message id: views carry no bodies; never a suppression:
     # the operator's decision says nothing of the address)
     envelopes = {v.qid: v.envelope for v in views}
     entries = [(q, i, st) for q, u in updates.items() for i, st in u.items()]
     spool.store.set_status_list(entries, events=[outcome_event(envelopes[q], i, st, "") for q, i, st in entries])
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
-    finish_loaded(make_context(settings, spool), finished)
+    Finisher.from_settings(settings, spool).finish(finished)
     prune_jobs(spool)
     out.write(f"returned {len(finished)} message(s) to their senders\n")
     return 0
 
 
 def do_sweep(spool: Spool, settings: Settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from worker.jobs import make_context
+    from worker.finisher import Finisher
     from worker.sweep import sweep
 
-    r = sweep(make_context(settings, spool))
+    r = sweep(spool, Finisher.from_settings(settings, spool), settings.job_timeout)
     out.write(f"swept {r.messages} message(s): finished {r.finished} left behind, requeued {r.requeued} overdue\n")
+    # the sweep's walk recounted too; while it repaired something the totals wait for a walk that
+    # changed nothing (common/queuerecount.Recount): at most two more walks, envelopes only
+    rc = r.recount
+    for _ in range(2):
+        if rc is None or rc.applied:
+            break
+        rc = recount(spool.store, spool.router.hop)
+    if rc is not None:
+        fixed = ", ".join(f"{k} off by {v}" for k, v in sorted(rc.drift.items())) or "none off"
+        state = "corrected" if rc.applied else "not checked: the queue kept changing, the next sweep tries again"
+        out.write(f"counters: {rc.repaired} message(s) repaired, {rc.removed} stray index entries; {fixed} ({state})\n")
     return 0
 
 

@@ -6,13 +6,24 @@ from __future__ import annotations
 import re
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from common.envelope import RcptState
-from common.queueview import AGE_BUCKETS, MessageView, QueueShape
+from mtaq.ops.queueview import AGE_BUCKETS, MessageView, QueueShape
 
-__all__ = ["WIDTH", "age_text", "cut", "list_json", "list_text", "parse_age", "show_json", "show_text", "stats_text"]
+__all__ = [
+    "WIDTH",
+    "age_text",
+    "cut",
+    "list_json",
+    "list_lines",
+    "list_text",
+    "parse_age",
+    "show_json",
+    "show_text",
+    "stats_text",
+]
 
 WIDTH = 100
 _MARK = {"held": "!", "active": "*", "deferred": " "}  # Postfix's mailq marks: ! on hold, * active
@@ -47,28 +58,34 @@ def parse_age(text: str) -> float:
 
 
 def list_text(views: Sequence[MessageView], now: float) -> str:
+    return "\n".join(list_lines(views, now)) + "\n"
+
+
+def list_lines(views: Iterable[MessageView], now: float, empty: str = "Mail queue is empty") -> Iterator[str]:
     """Like mailq: a line per message (id and mark, age, size, sender), then its open recipients
-    with their state, under the last reply of the deferred ones."""
-    if not views:
-        return "Mail queue is empty\n"
-    out = [f"{'-Queue ID-':<21}{'-Age-':>7} {'-Size-':>9}  -Sender/Recipient-"]
-    total = 0
+    with their state, under the last reply of the deferred ones; lines as the views come (a
+    listing of a long queue streams), the total last."""
+    total = n = 0
     for v in views:
+        if not n:
+            yield f"{'-Queue ID-':<21}{'-Age-':>7} {'-Size-':>9}  -Sender/Recipient-"
+        n += 1
         total += v.size
         sender = v.envelope.sender or "MAILER-DAEMON"
         head = f"{v.qid + _MARK[v.state]:<21}{age_text(v.age(now)):>7} {v.size:>9}  "
-        out.append(head + cut(sender, WIDTH - len(head)))
+        yield head + cut(sender, WIDTH - len(head))
         for r in v.open:
             if r.state is RcptState.DEFERRED and r.status.reply:
-                out.append(" " * 10 + "(" + cut(r.status.reply, WIDTH - 12) + ")")
+                yield " " * 10 + "(" + cut(r.status.reply, WIDTH - 12) + ")"
             tries = f", {r.status.attempts} tr{'y' if r.status.attempts == 1 else 'ies'}" if r.status.attempts else ""
             label = f"held ({r.state.value}{tries})" if v.held else f"{r.state.value}{tries}"
             line = f"{'':10}{label:<30}"
-            out.append(line + cut(r.address, WIDTH - len(line)))
-        out.append("")
-    n = len(views)
-    out.append(f"-- {total // 1024} Kbytes in {n} Request{'s' if n != 1 else ''}.")
-    return "\n".join(out) + "\n"
+            yield line + cut(r.address, WIDTH - len(line))
+        yield ""
+    if not n:
+        yield empty
+        return
+    yield f"-- {total // 1024} Kbytes in {n} Request{'s' if n != 1 else ''}."
 
 
 def _rcpt_json(v: MessageView) -> list[dict[str, Any]]:
@@ -81,6 +98,7 @@ def _rcpt_json(v: MessageView) -> list[dict[str, Any]]:
             "dsn": r.status.dsn,
             "reply": r.status.reply,
             "relay": r.status.relay,
+            "tls": r.status.tls or None,
             "updated": r.status.updated or None,
             "next_attempt": r.status.next_attempt or None,
         }
@@ -144,7 +162,8 @@ def show_text(v: MessageView, headers: list[tuple[str, str]], now: float) -> str
         lines.append(f"  <{r.address}> via {r.destination}: {st.state.value}, {st.attempts} attempt(s)")
         if st.updated:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.updated))
-            lines.append(f"    last attempt {stamp}, relay={st.relay or 'none'}, dsn={st.dsn or '-'}")
+            tls = f", tls={st.tls}" if st.tls else ""
+            lines.append(f"    last attempt {stamp}, relay={st.relay or 'none'}{tls}, dsn={st.dsn or '-'}")
         if st.reply:
             lines.append(f"    ({st.reply})")
         if st.state is RcptState.DEFERRED and st.next_attempt:
@@ -168,7 +187,11 @@ def stats_text(
         "  " + ", ".join(f"{n} {s}" for s, n in shape.by_state.items()),
         "recipients open: "
         + (
-            ", ".join(f"{n} {s}" for s, n in sorted(shape.recipients_by_state.items()) if s in ("pending", "deferred"))
+            ", ".join(
+                f"{n} {s}"
+                for s, n in sorted(shape.recipients_by_state.items())
+                if s in ("pending", "deferred", "held") and n
+            )
             or "none"
         ),
         "",

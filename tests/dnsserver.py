@@ -11,6 +11,10 @@ in ``.servfail`` get SERVFAIL; names in ``.drop`` get no answer at all (the clie
 an entry ``"name/AAAA"`` limits the fault to one record type. A
 CNAME is followed within the records. Answers that do not fit a UDP datagram are truncated (TC) and
 the client retries over TCP. Every question is recorded in ``.queries``.
+
+DNSSEC without signatures: names at or under an entry of ``.signed`` ("a.test.") are "signed", and
+their answers carry the AD bit when the query asked with DO or AD, as a validating resolver's
+would (RFC 4035 §3.2.3, RFC 6840 §5.7); all other answers are insecure (no AD).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class ZoneServer:
         self.port = 0
         self.servfail: set[str] = set()  # "name" or "name/TYPE"
         self.drop: set[str] = set()
+        self.signed: set[str] = set()  # zones whose answers are "validated": AD set (see above)
         self.queries: list[Query] = []
         self.errors: list[Exception] = []  # exceptions raised while answering (should stay empty)
         self._lock = threading.Lock()
@@ -199,6 +204,7 @@ class ZoneServer:
             self.queries.append(Query(qname.to_text(), dns.rdatatype.to_text(rdtype), transport))
             drop = _faults(self.drop)
             servfail = _faults(self.servfail)
+            signed = [_key(z) for z in self.signed]
             records = {k: list(v) for k, v in self._records.items()}
         if _hit(drop, qname, rdtype):
             return None
@@ -208,6 +214,9 @@ class ZoneServer:
             return response.to_wire()
         response.flags |= dns.flags.AA
         self._answer(response, qname, rdtype, records, servfail, drop)
+        asked = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+        if asked and any(qname.is_subdomain(zone) for zone in signed):
+            response.flags |= dns.flags.AD
         if transport == "udp":
             limit = query.payload if query.edns >= 0 else _UDP_PLAIN_MAX
             try:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,14 +17,16 @@ from typing import Any
 
 import pytest
 import redis
+from rq import Worker
 
 from common.jobqueue import DeliveryQueue
 from common.store import Store
-from common.supervise import stop_processes
+from mtaq.runtime.supervise import stop_processes
 from tests.dnsserver import ZoneServer
 from tests.integration.eventually import GENEROUS
+from tests.ports import free_port, wait_port
 from tests.redisserver import RedisServer
-from tests.sinks import SinkServer, free_port
+from tests.sinks import SinkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +41,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def dns() -> Iterator[ZoneServer]:
     with ZoneServer() as server:
         yield server
+
+
+@pytest.fixture
+def sender_zone(dns: ZoneServer) -> ZoneServer:
+    """The DNS server with the sender's domain, client.test, whose MX (127.0.0.9) receives the reports."""
+    route(dns, "client.test", "127.0.0.9")
+    return dns
+
+
+@pytest.fixture
+def zone(sender_zone: ZoneServer) -> ZoneServer:
+    """The zone most delivery tests share: ``sender_zone`` and a.test, whose MX is at 127.0.0.2."""
+    route(sender_zone, "a.test", "127.0.0.2")
+    return sender_zone
 
 
 @pytest.fixture
@@ -60,18 +76,6 @@ def sinks(mx_port: int) -> Iterator[Callable[..., SinkServer]]:
     yield make
     for s in started:
         s.stop()
-
-
-def wait_port(host: str, port: int, timeout: float = GENEROUS) -> None:
-    """Wait for a listener (a process starting on a loaded machine can take long; only failure waits it all)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
 class MTA:
@@ -115,9 +119,23 @@ class MTA:
         self._spawn("ingress", "ingress")
         wait_port("127.0.0.1", self.port)
 
-    def start_worker(self, n: int = 1) -> None:
-        for i in range(n):
-            self._spawn(f"worker{i}", "worker")
+    def start_worker(self, n: int = 1, *, ready: bool = True) -> None:
+        """Start ``n`` workers and (``ready``) wait until each has registered with RQ on our queue:
+        past its imports and Redis connection, about to take jobs. A test's own waits then measure
+        delivery, never a cold start on a loaded machine."""
+        started = [self._spawn(f"worker{i}", "worker") for i in range(n)]
+        if not ready:
+            return
+        deadline = time.monotonic() + GENEROUS
+        while not {p.pid for p in started} <= self.worker_pids():
+            for p in started:
+                assert p.poll() is None, f"worker pid {p.pid} exited with {p.returncode}:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"workers not registered within {GENEROUS:.0f} s:\n{self.logs()}"
+            time.sleep(0.05)
+
+    def worker_pids(self) -> set[int]:
+        """The pids of the RQ workers registered on this MTA's queue."""
+        return {w.pid for w in Worker.all(connection=self.redis, queue=self.queue.rq) if w.pid is not None}
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name, None)
@@ -125,8 +143,11 @@ class MTA:
             stop_processes([p], 15)
 
     def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        """SIGTERM to every process at once and wait for all together: an idle worker sees a stop
+        request only when its dequeue wait ends (seconds), so stopping them one by one added those up."""
+        procs = list(self.procs.values())
+        self.procs.clear()
+        stop_processes(procs, 15)
 
     def logs(self) -> str:
         return "\n".join(f"== {f.name}\n{f.read_text(errors='replace')}" for f in sorted(self.log_dir.glob("*.log")))
@@ -163,17 +184,31 @@ def mta_factory(
         return m
 
     yield make
-    for m in made:
-        m.stop_all()
+    stop_mtas(made)
 
 
-def alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z"
+# Teardown stops run on in threads of their own while the next test starts: an idle worker ends
+# only when its dequeue wait does (seconds), and no test needs to wait for that. The session's end
+# joins them all, so no process outlives the run.
+_stopping: list[threading.Thread] = []
+
+
+def stop_mtas(mtas: list[MTA]) -> None:
+    """Stop every process of every MTA, all at once (see MTA.stop_all), in the background."""
+    procs = [p for m in mtas for p in m.procs.values()]
+    for m in mtas:
+        m.procs.clear()
+    if procs:
+        t = threading.Thread(target=stop_processes, args=(procs, 15), name="mta-teardown", daemon=True)
+        t.start()
+        _stopping.append(t)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _join_teardown_stops() -> Iterator[None]:
+    yield
+    for t in _stopping:
+        t.join()
 
 
 def route(zone: ZoneServer, domain: str, ip: str) -> None:
@@ -188,3 +223,34 @@ def message(
     return (
         f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n\r\n{body}"
     ).encode()
+
+
+# -- one MTA for a whole module, where its tests share the settings --------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_mta_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., MTA]]:
+    """``mta_factory`` for a module: its own redis-server and DNS server, MTAs that live until the
+    module's last test. A test using one starts from an empty Redis through ``fresh``."""
+    base = tmp_path_factory.mktemp("module-mta")
+    made: list[MTA] = []
+    with RedisServer(base / "redis") as redis_server, ZoneServer() as zone:
+        mx_port = free_port()
+
+        def make(**settings: Any) -> MTA:
+            d = base / f"mta{len(made)}"
+            d.mkdir()
+            m = MTA(redis_server.url, zone.port, mx_port, d, **settings)
+            made.append(m)
+            return m
+
+        try:
+            yield make
+        finally:
+            stop_mtas(made)
+
+
+def fresh(mta: MTA) -> MTA:
+    """A module's shared MTA with an empty Redis (queue, counters), for the next test."""
+    mta.redis.flushdb()
+    return mta

@@ -1,8 +1,8 @@
 """A real, private ``redis-server`` for integration and chaos tests: mtaq's own launcher
-(common/embedded.RedisProcess, the one `mtaq run` uses), on TCP.
+(mtaq/runtime/embedded.RedisProcess, the one `mtaq run` uses), on TCP.
 
 Configured as production is (ARCHITECTURE.md, Redis rules): AOF on with ``appendfsync always``,
-``maxmemory-policy noeviction``, no RDB snapshots, bound to 127.0.0.1 on an ephemeral port, its
+``maxmemory-policy noeviction``, no RDB snapshots, bound to 127.0.0.1 on a port of tests/ports.py, its
 files in a temporary directory. ``stop()`` is a clean SIGTERM, ``kill()`` a crash (SIGKILL);
 ``start()`` again brings it back on the same port with the same directory, so a test can check
 that what was acknowledged survived.
@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from types import TracebackType
 
-from common.embedded import RedisProcess, find_redis_server
+from mtaq.runtime.embedded import RedisProcess, find_redis_server
+from tests.ports import free_port
 
 __all__ = ["RedisServer", "find_redis_server"]
-
-
-def _ephemeral_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class RedisServer(RedisProcess):
@@ -50,7 +43,7 @@ class RedisServer(RedisProcess):
         super().__init__(
             directory if directory is not None else tempfile.mkdtemp(prefix="mtaq-redis-"),
             host=host,
-            port=port if port is not None else _ephemeral_port(host),
+            port=port if port is not None else free_port([host]),
             appendfsync=appendfsync,
             maxmemory=maxmemory,
             executable=executable,

@@ -3,7 +3,7 @@
 The worker has one ``smtp_port`` for every MX, so tests put several sinks on one port across
 127.0.0.x addresses (Linux routes all of 127.0.0.0/8 to loopback)::
 
-    port = free_port()
+    port = free_port()  # tests/ports.py
     with SinkServer("127.0.0.2", port) as mx1, SinkServer("127.0.0.3", port) as mx2:
         mx1.rcpt_replies["bad@b.test"] = "550 5.1.1 No such user"
         mx2.data_reply = "451 4.3.0 try later"
@@ -15,18 +15,17 @@ MAIL (``mail_reply``) and for DATA (``data_reply``); ``hangup_on`` drops the con
 command; ``eightbitmime = False`` stops advertising 8BITMIME; ``data_delay`` makes a slow remote.
 ``connections``, ``open_connections`` and ``max_open`` count connections (all, open now, most
 open at once). ``tls=True`` offers STARTTLS with a trustme certificate (``.ca`` trusts it);
-``tls_broken=True`` offers STARTTLS and then fails the handshake.
+``tls_broken=True`` offers STARTTLS and then fails the handshake; ``ca=`` issues the
+certificate from a given trustme CA (a test's "public" CA) for ``hostname``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -35,30 +34,11 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-__all__ = ["LOOPBACK_HOSTS", "Delivery", "SinkServer", "free_port", "wait_for"]
+from tests.ports import free_port
 
-LOOPBACK_HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(1, 10))
-"""The addresses ``free_port`` checks: tests place sinks, ingress and DNS among these."""
+__all__ = ["Delivery", "SinkServer", "wait_for"]
 
 HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
-
-
-def free_port(hosts: Iterable[str] = LOOPBACK_HOSTS) -> int:
-    """A TCP port that is free on every one of ``hosts`` right now (tests bind it soon after)."""
-    hosts = list(hosts)
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first:
-            first.bind((hosts[0], 0))
-            port: int = first.getsockname()[1]
-            with contextlib.ExitStack() as stack:
-                try:
-                    for host in hosts[1:]:
-                        s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                        s.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no TCP port free on all of {hosts}")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -83,6 +63,7 @@ class Delivery:
     tls: bool
     mail_options: list[str]
     peer: str
+    peer_port: int = 0  # the client's source port: tells the connections apart
 
 
 class SinkServer:
@@ -97,6 +78,7 @@ class SinkServer:
         tls_broken: bool = False,
         hostname: str | None = None,
         smtputf8: bool = False,
+        ca: trustme.CA | None = None,
     ) -> None:
         self.host = host
         self.smtputf8 = smtputf8
@@ -114,9 +96,13 @@ class SinkServer:
         self.pipelining = True
         # aiosmtpd advertises 8BITMIME (RFC 6152); False drops it from the EHLO reply, as an old MX
         self.eightbitmime = True
+        # RFC 8689: advertise REQUIRETLS and take the MAIL parameter (counted in requiretls_mails)
+        self.requiretls = False
+        self.requiretls_mails = 0
         # What happened.
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.deliveries: list[Delivery] = []
+        self.mail_times: list[float] = []  # time.monotonic() of each MAIL FROM (pacing tests)
         self.rejected: list[tuple[str, str]] = []  # (recipient, reply) for scripted RCPT refusals
         self.hangups = 0
         self.attempts = 0  # transactions begun: MAIL commands received, whatever the outcome
@@ -125,12 +111,14 @@ class SinkServer:
         self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
         self.ca: trustme.CA | None = None
+        self.leaf: trustme.LeafCert | None = None  # the certificate it presents (tls=True)
         self._tls_context: ssl.SSLContext | None = None
         if tls or tls_broken:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             if not tls_broken:  # without a certificate every handshake fails: "no shared cipher"
-                self.ca = trustme.CA()
-                self.ca.issue_cert(self.hostname, host).configure_cert(context)
+                self.ca = ca or trustme.CA()
+                self.leaf = self.ca.issue_cert(self.hostname, host)
+                self.leaf.configure_cert(context)
             self._tls_context = context
         self._controller: Controller | None = None
 
@@ -184,6 +172,7 @@ class SinkServer:
         with self.lock:
             self.messages.clear()
             self.deliveries.clear()
+            self.mail_times.clear()
             self.rejected.clear()
             self.hangups = 0
             self.attempts = 0
@@ -228,6 +217,15 @@ class _CountingSMTP(SMTP):
             self._sink.max_open = max(self._sink.max_open, self._sink.open_connections)
         super().connection_made(transport)
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        # aiosmtpd refuses parameters it does not know (555): take REQUIRETLS off first, counted
+        if self._sink.requiretls and arg and " REQUIRETLS" in arg.upper():
+            words = [w for w in arg.split(" ") if w.upper() != "REQUIRETLS"]
+            with self._sink.lock:
+                self._sink.requiretls_mails += 1
+            arg = " ".join(words)
+        await super().smtp_MAIL(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink.lock:
             self._sink.open_connections -= 1
@@ -257,6 +255,8 @@ class _Handler:
             responses.insert(1, "250-PIPELINING")
         if not self.sink.eightbitmime:
             responses = [r for r in responses if r != "250-8BITMIME"]
+        if self.sink.requiretls:
+            responses.insert(1, "250-REQUIRETLS")
         return responses
 
     async def handle_MAIL(
@@ -264,6 +264,7 @@ class _Handler:
     ) -> str:
         with self.sink.lock:
             self.sink.attempts += 1
+            self.sink.mail_times.append(time.monotonic())
         if self.sink._hangup(server, "MAIL"):
             return "421 4.4.2 closing"
         if self.sink.mail_reply is not None and not self.sink.mail_reply.startswith("2"):
@@ -308,6 +309,7 @@ class _Handler:
                 tls=session.ssl is not None,
                 mail_options=list(envelope.mail_options),
                 peer=peer,
+                peer_port=int(session.peer[1]) if isinstance(session.peer, tuple) else 0,
             )
         )
         return self.sink.data_reply or "250 2.0.0 Ok: queued"

@@ -10,16 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from common.envelope import RecipientStatus
+from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message
+from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
 from worker.limits import DestinationLimits
-from worker.mx import MXResolver, local_addresses, make_resolver
 from worker.service import DeliveryService
+from worker.tlsgate import TLSGate
 
-__all__ = ["Context", "deliver", "finish_loaded", "install", "make_context", "make_dsn", "set_context"]
+__all__ = ["deliver", "install", "make_dsn", "make_service"]
 
 _service: DeliveryService | None = None
 
@@ -30,14 +30,14 @@ def install(service: DeliveryService | None) -> None:
     _service = service
 
 
-set_context = install
-
-
-def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
+def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
     """A delivery service from settings: the resolver (with the addresses we listen on, for loop
     detection), the shared destination limits on the store's Redis, and ``clock``."""
+    dns = make_resolver(settings.dns_server_list)
+    if settings.dane:
+        enable_dnssec(dns)  # DO and AD on every question: the MX answers' AD bit counts too
     resolver = MXResolver(
-        make_resolver(settings.dns_server_list),
+        dns,
         local_names=[settings.hostname],
         local_ips=local_addresses(settings.listen),
         max_addresses=settings.max_mx_addresses,
@@ -50,10 +50,9 @@ def make_context(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         retry_time=settings.destination_retry_time,
         clock=clock,
     )
-    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, clock=clock)
-
-
-Context = DeliveryService  # the name the callers of make_context know it by
+    # one resolver for MX, TLSA and the MTA-STS policy host (issue 21)
+    tls = TLSGate(dns, spool.store.redis, ca_file=settings.tls_ca_file, mta_sts=settings.mta_sts, dane=settings.dane)
+    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, clock=clock, tls=tls)
 
 
 def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
@@ -61,8 +60,3 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
     if _service is None:
         raise RuntimeError("no delivery service in this process: delivery jobs run in `mtaq worker`")
     _service.deliver(destination, ids, force)
-
-
-def finish_loaded(service: DeliveryService, done: Sequence[tuple[Message, dict[int, RecipientStatus]]]) -> None:
-    """DSNs and deletes of finished messages (`mtaq queue bounce`): the service's, by its old name."""
-    service.finish_loaded(done)

@@ -102,10 +102,38 @@ return tostring(at - now)
 """
 
 
-@dataclass(frozen=True, slots=True)
 class Slot:
-    destination: str
-    token: str
+    """A connection slot this process holds, freed exactly once: at the end of ``with slot:`` or by
+    ``free()``. ``keep()`` hands it on (to an idle cached connection) as a new Slot, which the new
+    holder frees; the old one then frees nothing."""
+
+    __slots__ = ("_limits", "_owned", "destination", "token")
+
+    def __init__(self, limits: DestinationLimits, destination: str, token: str) -> None:
+        self._limits = limits
+        self.destination = destination
+        self.token = token
+        self._owned = True
+
+    def keep(self) -> Slot:
+        if not self._owned:
+            raise RuntimeError(f"slot for {self.destination} already freed or handed on")
+        self._owned = False
+        return Slot(self._limits, self.destination, self.token)
+
+    def free(self) -> None:
+        if self._owned:
+            self._owned = False
+            self._limits._free(self)
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        return f"Slot({self.destination!r}, {self.token!r}, held={self._owned})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,19 +170,21 @@ class DestinationLimits:
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
-        """A connection slot for ``destination``, or None when its window is full."""
+        """A connection slot for ``destination``, or None when its window is full. The caller
+        frees it (``with slot:``)."""
         token = uuid.uuid4().hex
         now = self.clock()
         initial = min(INITIAL_WINDOW, self.concurrency)
         keys = [dest_key(destination, "slots"), dest_key(destination, "state")]
         if not self._acquire(keys=keys, args=[now, now + SLOT_TTL, token, self.concurrency, initial]):
             return None
-        slot = Slot(destination, token)
+        slot = Slot(self, destination, token)
         with self._lock:
             self._held[token] = slot
         return slot
 
-    def release(self, slot: Slot) -> None:
+    def _free(self, slot: Slot) -> None:
+        """Slot.free(): the slot leaves the heartbeat and the destination's set."""
         with self._lock:
             self._held.pop(slot.token, None)
         try:

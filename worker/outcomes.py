@@ -1,7 +1,8 @@
 """A delivery job's batch of messages and the recording of their outcomes (worker/service.py runs
-the jobs): ``Batch`` holds what is known and recorded of the job's messages, ``Owner`` is the job's
-share of a destination's lane, and ``OutcomeWriter`` is the group commit of final outcomes, one
-thread per worker process: conversations hand it each transaction's outcomes and go on."""
+the jobs): ``Batch`` holds what is known and recorded of the job's messages, ``JobShare`` is the
+job's share of a destination's lane (its ``Owner``, worker/lane.py), and ``OutcomeWriter`` is the
+group commit of final outcomes, one thread per worker process: conversations hand it each
+transaction's outcomes and go on."""
 
 from __future__ import annotations
 
@@ -15,21 +16,21 @@ import redis
 
 from common import metrics
 from common.classify import classify
-from common.envelope import RcptState, RecipientStatus
-from common.store import Message, Store
+from common.envelope import LOG_STATUS, RcptState, RecipientStatus
+from common.store import Store
 from worker.feedback import Feedback
-from worker.relay import Outcome, Parcel, log_attempt
+from worker.parcel import Outcome, Parcel
+from worker.plan import Loaded
+from worker.relay import log_attempt
 
-__all__ = ["WRITE_PATIENCE", "Batch", "Loaded", "OutcomeWriter", "Owner", "write_outcomes"]
+__all__ = ["WRITE_PATIENCE", "Batch", "JobShare", "OutcomeWriter", "write_outcomes"]
 
 log = logging.getLogger("mtaq.worker")
 
 WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
 
-Loaded = dict[str, tuple[Message, dict[int, RecipientStatus]]]
 
-
-class Owner:
+class JobShare:
     """A job's share of a lane: its final outcomes go to its batch; it waits for its parcels."""
 
     def __init__(self, batch: Batch, parcels: list[Parcel]) -> None:
@@ -81,7 +82,10 @@ class Batch:
         self._writing = 0  # record_final turns handed to the writer, not yet written
         self._error: BaseException | None = None
 
-    def status(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
+    def account_attempt(self, p: Parcel, i: int, now: float, delay: float | None) -> RecipientStatus:
+        """Account for one attempt at recipient ``i``: its delivery log line and metrics, and the
+        status it leaves (to be written). ``delay``: when it is tried again if deferred (None: it
+        is past queue_lifetime, and bounces)."""
         out = p.outcomes[i]
         if out.state is RcptState.DEFERRED and delay is None:
             # past queue_lifetime: bounce with the last reply
@@ -91,12 +95,14 @@ class Batch:
                 f"{out.reply} (gave up after {now - p.envelope.received_at:.0f}s in queue)",
                 out.relay,
                 out.remote_mta,
+                out.tls,
             )
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
         metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
         if out.state is not RcptState.DELIVERED:
             metrics.delivery_failure(out.state.value, classify(out.dsn, out.reply).value)
+        metrics.delivery_tls(out.tls, LOG_STATUS[out.state])
         return RecipientStatus(
             state=out.state,
             attempts=old.attempts + 1,
@@ -104,6 +110,7 @@ class Batch:
             reply=out.reply,
             relay=out.relay,
             remote_mta=out.remote_mta,
+            tls=out.tls,
             updated=now,
             next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
         )
@@ -125,7 +132,7 @@ class Batch:
         """A transaction's final outcomes, handed to the service's outcome writer: the conversation
         goes on to its next message while they are written (``drain`` waits for them)."""
         now = self.clock()
-        updates = {p.envelope.id: {i: self.status(p, i, now, None) for i in positions}}
+        updates = {p.envelope.id: {i: self.account_attempt(p, i, now, None) for i in positions}}
         with self._lock:
             self._writing += 1
         self.writer.submit(self, updates)

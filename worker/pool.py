@@ -45,6 +45,7 @@ from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY
 from common.store import RECOVERY_LOCK
+from worker.crew import Permit, Permits
 from worker.service import DeliveryService
 
 __all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
@@ -59,14 +60,20 @@ INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before i
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 
 
+_REDIS_GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 class ConcurrentWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
 
-    def __init__(self, *args: Any, service: DeliveryService, concurrency: int = 100, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, service: DeliveryService, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.service = service
-        self.concurrency = max(1, concurrency)
-        self._free = threading.Semaphore(self.concurrency)
+        # as many jobs as conversations: a job waits on conversations, so more jobs than permits
+        # would only wait, and fewer would leave permits idle (one setting, read by the service)
+        self.concurrency = service.concurrency
+        self._jobs = Permits(self.concurrency)  # job slots: one per job from dequeue to its end
+        self._dequeued: Permit | None = None  # the slot of the job just dequeued, for execute_job
         self._running: dict[str, tuple[Job, Any, threading.Thread]] = {}  # execution id -> job, execution
         self._running_lock = threading.Lock()
         self._beat_stop = threading.Event()
@@ -81,61 +88,69 @@ class ConcurrentWorker(SimpleWorker):
         while True:
             if self._stop_requested:
                 return None
-            if not self._free.acquire(timeout=1.0):
+            permit = self._jobs.take(timeout=1.0)
+            if permit is None:
                 continue  # every job slot busy: the queue waits in Redis, where others may take it
-            try:
-                result = self.queue_class.dequeue_any(
-                    self._ordered_queues,
-                    None if timeout is None else min(timeout, DEQUEUE_WAIT),
-                    connection=self.connection,
-                    job_class=self.job_class,
-                    serializer=self.serializer,
-                    death_penalty_class=self.death_penalty_class,
-                )
-            except DequeueTimeout:
-                self._free.release()
-                if max_idle_time is not None and not self._running and time.monotonic() - idle_since > max_idle_time:
+            with permit:  # given back here unless a job is dequeued: execute_job takes it on
+                try:
+                    result = self.queue_class.dequeue_any(
+                        self._ordered_queues,
+                        None if timeout is None else min(timeout, DEQUEUE_WAIT),
+                        connection=self.connection,
+                        job_class=self.job_class,
+                        serializer=self.serializer,
+                        death_penalty_class=self.death_penalty_class,
+                    )
+                except DequeueTimeout:
+                    idle = time.monotonic() - idle_since
+                    if max_idle_time is not None and not self._running and idle > max_idle_time:
+                        return None
+                    continue
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                    log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
+                    time.sleep(1.0)
+                    continue
+                if result is None:  # burst mode, nothing waiting: leave once the jobs in flight are done
                     return None
-                continue
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-                self._free.release()
-                log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
-                time.sleep(1.0)
-                continue
-            except BaseException:
-                self._free.release()
-                raise
-            if result is None:  # burst mode, nothing waiting: leave once the jobs in flight are done
-                self._free.release()
-                return None
-            job, queue = result
-            job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
-            return job, queue
+                job, queue = result
+                job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+                self._dequeued = permit.keep()
+                return job, queue
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Register the execution here (the main thread), run the job in a thread of its own."""
-        try:
-            execution = self.prepare_execution(job)
-        except BaseException:
-            self._free.release()
-            raise
-        t = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"rq-{job.id}", daemon=True)
-        with self._running_lock:
-            self._running[execution.id] = (job, execution, t)
+        """Register the execution here (the main thread), run the job in a thread of its own, which
+        holds the job's slot until the job is done."""
+        permit, self._dequeued = self._dequeued, None
+        assert permit is not None, "execute_job without a dequeued job"
+        with permit:  # given back here when the execution cannot be registered
+            try:
+                execution = self.prepare_execution(job)
+            except _REDIS_GONE as e:
+                # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
+                # from which the recovery hands it back (_rescue_intermediate)
+                log.warning(
+                    "worker %s: Redis unavailable starting job %s (%s); it is handed back", self.name, job.id, e
+                )
+                return
+            t = threading.Thread(
+                target=self._perform, args=(job, queue, execution, permit.keep()), name=f"rq-{job.id}", daemon=True
+            )
+            with self._running_lock:
+                self._running[execution.id] = (job, execution, t)
         t.start()
 
-    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
-        try:
-            self.perform_job(job, queue, execution)
-        except Exception:
-            # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
-            log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
-        finally:
-            with self._running_lock:
-                self._running.pop(execution.id, None)
-            self._free.release()
-            with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
-                self._set_idle_if_done()
+    def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
+        with permit:
+            try:
+                self.perform_job(job, queue, execution)
+            except Exception:
+                # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
+                log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
+            finally:
+                with self._running_lock:
+                    self._running.pop(execution.id, None)
+        with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
+            self._set_idle_if_done()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         self._forget_lapsed_executions(job)
@@ -171,6 +186,25 @@ class ConcurrentWorker(SimpleWorker):
             idle = not self._running
         if idle:
             self.set_state(WorkerStatus.IDLE)
+
+    # -- RQ's main loop reads and writes Redis outside our methods too; any error there quits the
+    # worker ("found an unhandled exception"). A Redis failover (docs/high-availability.md) is
+    # such an error that lasts seconds: wait it out instead, as the dequeue does.
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except _REDIS_GONE as e:
+            log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
+            time.sleep(1.0)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:  # queued in a pipeline: its execute() reports errors
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except _REDIS_GONE as e:
+            log.warning("worker %s: heartbeat failed (%s); the heartbeat thread tries again", self.name, e)
 
     # -- liveness
     def _start_heartbeat(self) -> None:

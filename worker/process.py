@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
-import redis
 from rq.serializers import JSONSerializer
 
 from common.logging import setup_logging
-from common.redisconn import redis_url
+from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
-from worker.jobs import install, make_context
+from worker.jobs import install, make_service
 from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
+from worker.service import DeliveryService
 from worker.sweep import start_sweeper
+from worker.tlsrpt import send_daily
 from worker.webhook import start_webhook_sender
 
 __all__ = ["main"]
@@ -28,23 +31,45 @@ log = logging.getLogger("mtaq.worker")
 WORKER_TTL = 60
 
 
+def daily_reports(service: DeliveryService, settings: Settings) -> Callable[[], None] | None:
+    """Yesterday's TLS-RPT reports (RFC 8460), queued once cluster-wide, where policies are on."""
+    gate = service.tls
+    if gate is None:
+        return None
+
+    def send() -> None:
+        send_daily(
+            gate.redis,
+            gate.resolver,
+            settings.hostname,
+            time.time(),
+            queue=service.spool.commit,
+            context=gate.anchors.context(),
+        )
+
+    return send
+
+
 def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level, settings.log_format)
-    r = redis.Redis.from_url(
-        redis_url(settings), socket_timeout=WORKER_TTL + 30, socket_connect_timeout=10, health_check_interval=30
+    r = connect(settings, timeout=WORKER_TTL + 30, connect_timeout=10)
+    spool = Spool.from_settings(settings, r, strict_replicas=False)
+    service = make_service(settings, spool)
+    install(service)
+    start_sweeper(
+        spool,
+        service.finisher,
+        settings.job_timeout,
+        settings.maintenance_interval,
+        daily=daily_reports(service, settings),
     )
-    spool = Spool.from_settings(settings, r)
-    ctx = make_context(settings, spool)
-    install(ctx)
-    start_sweeper(ctx, settings.maintenance_interval)
     w = ConcurrentWorker(
         [spool.queue.rq],
         connection=r,
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL,
         maintenance_interval=RECOVERY_INTERVAL,
-        service=ctx,
-        concurrency=settings.worker_concurrency,
+        service=service,
     )
     log.info(
         "worker on queue %s, %d conversations, smtp port %d, dns %s",

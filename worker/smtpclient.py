@@ -1,9 +1,12 @@
-"""The blocking driver of the sans-IO SMTP client (worker/smtpproto.py): a socket, timeouts and
+"""The blocking driver of the sans-IO SMTP client (common/smtp/client.py): a socket, timeouts and
 the TLS wrap, nothing else. Every decision about what a reply means is the state machine's.
 
 Opportunistic TLS as Postfix's ``may`` level: STARTTLS when offered, certificates not verified
 (RFC 7435), the MX host name as the TLS server name (SNI), and on a failed handshake the same host
-is tried again in plain text. One driver runs in one thread; a worker runs many (worker/pool.py).
+is tried again in plain text. Where a policy (MTA-STS, DANE: worker/tlspolicy.py) applies, ``open``
+takes its ``Requirement``: STARTTLS is then mandatory and the chain the server sent must pass the
+policy's ``check``, else ``TLSPolicyFailed`` (in ``testing`` mode the failure is only noted).
+One driver runs in one thread; a worker runs many (worker/pool.py).
 """
 
 from __future__ import annotations
@@ -15,19 +18,26 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from worker.smtpproto import (
+from common.smtp.client import (
     Client,
     ClientEvent,
     Closed,
     NeedTLS,
     Ready,
     Refused,
-    RemoteReply,
     TransactionDone,
     TransactionResult,
 )
+from common.smtp.reply import Reply
+from worker.tlspolicy import OPPORTUNISTIC, Failure, Requirement, TLSUsed
 
-__all__ = ["ConnectFailed", "ConnectionCache", "RemoteReply", "SMTPConnection", "TransactionResult"]
+__all__ = [
+    "ConnectFailed",
+    "ConnectionCache",
+    "SMTPConnection",
+    "TLSPolicyFailed",
+    "TransactionResult",
+]
 
 READ_SIZE = 65536
 
@@ -35,10 +45,22 @@ READ_SIZE = 65536
 class ConnectFailed(Exception):
     """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
 
-    def __init__(self, text: str, reply: RemoteReply | None = None) -> None:
+    def __init__(self, text: str, reply: Reply | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.reply = reply
+
+
+class TLSPolicyFailed(ConnectFailed):
+    """The host does not meet the TLS policy that applies to it: skip it, never send in plain text."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.text)
+        self.failure = failure
+
+
+# a policy's verdict on the chain the server sent (DER, leaf first) for the MX host name
+Checker = Callable[[Requirement, str, list[bytes]], Failure | None]
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -58,6 +80,8 @@ class SMTPConnection:
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.client: Client | None = None
+        self.tls_used = TLSUsed()
+        self.tls_failure: Failure | None = None  # a policy failure noted in testing mode (TLS-RPT)
 
     @property
     def tls(self) -> bool:
@@ -67,9 +91,20 @@ class SMTPConnection:
     def esmtp(self) -> bool:
         return self.client is not None and self.client.esmtp
 
-    def open(self, ip: str, port: int, *, name: str = "", try_tls: bool = True) -> None:
-        """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered."""
+    def open(
+        self,
+        ip: str,
+        port: int,
+        *,
+        name: str = "",
+        try_tls: bool = True,
+        require: Requirement = OPPORTUNISTIC,
+        check: Checker | None = None,
+    ) -> None:
+        """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered (required
+        when ``require`` names a policy; ``check`` judges the certificate chain)."""
         relay = f"{name or ip}[{ip}]:{port}"
+        self.tls_used, self.tls_failure = TLSUsed(), None
         try:
             sock = socket.create_connection((ip, port), timeout=self.connect_timeout)
         except OSError as e:
@@ -80,20 +115,42 @@ class SMTPConnection:
         while True:
             event = self._pump()
             if isinstance(event, Ready):
+                if require.policy and not self.client.tls:
+                    missing = require.failure("starttls-not-supported", f"no STARTTLS with {relay}", "4.7.4")
+                    self._failed(require, missing)
                 return
             if isinstance(event, NeedTLS):
                 try:
-                    self.sock = _TLS.wrap_socket(sock, server_hostname=name or ip)
+                    tls = _TLS.wrap_socket(sock, server_hostname=name or ip)
                 except (ssl.SSLError, OSError, ValueError):
                     self.close()
+                    failure = require.failure("validation-failure", f"TLS handshake with {relay} failed")
+                    if require.policy and require.enforce:
+                        raise TLSPolicyFailed(failure) from None
                     # handshake failed: Postfix's "may" level delivers in plain text instead
-                    return self.open(ip, port, name=name, try_tls=False)
+                    self.open(ip, port, name=name, try_tls=False)
+                    self.tls_failure = failure if require.policy else None
+                    return
+                self.sock = tls
+                verdict = check(require, name or ip, _peer_chain(tls)) if require.policy and check else None
+                if verdict is not None:
+                    self._failed(require, verdict)
+                verified = require.policy and verdict is None
+                level = f"verified({require.policy})" if verified else "opportunistic"
+                self.tls_used = TLSUsed(level, tls.version() or "", (tls.cipher() or ("",))[0])
                 self.client.tls_started()
                 continue
             self.close()
             if isinstance(event, Refused):
                 raise ConnectFailed(event.text, event.reply)
             raise ConnectFailed(f"lost connection with {relay} during greeting")
+
+    def _failed(self, require: Requirement, failure: Failure) -> None:
+        """A policy failure: enforced, the connection ends here; in testing mode it is noted."""
+        if require.enforce:
+            self.close()
+            raise TLSPolicyFailed(failure)
+        self.tls_failure = failure
 
     def _pump(self) -> ClientEvent:
         """Write what the client has to say, read until it has something to tell."""
@@ -243,6 +300,22 @@ class ConnectionCache:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(v) for v in self._idle.values())
+
+
+def _peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """The certificates the server sent, DER, leaf first (unverified: the policy judges them)."""
+    public = getattr(sock, "get_unverified_chain", None)  # Python 3.13
+    if public is not None:
+        return [bytes(c) for c in public() or []]
+    inner = getattr(sock, "_sslobj", None)  # 3.10-3.12 have it, unadvertised, on the C object
+    certs = getattr(inner, "get_unverified_chain", lambda: None)()
+    if certs:
+        return [c.public_bytes(_ENCODING_DER) for c in certs]
+    leaf = sock.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+_ENCODING_DER = 2  # _ssl.ENCODING_DER
 
 
 def _reason(e: BaseException) -> str:

@@ -10,6 +10,8 @@ a time (a Redis lock) walks the queue every ``maintenance_interval`` and
   queued that long, or deferred past their next attempt. A job they still have is harmless: the
   lease keeps two jobs off one message, and a recipient not yet due is left alone.
 Expired recipients need nothing special: the job bounces them when it finds them past the lifetime.
+The same walk recounts the queue's counters and indexes (common/queuerecount.Recount): whatever
+drifted is corrected.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
+from common.queuerecount import Recount, RecountReport
+from common.spool import Spool
 from common.store import SWEEP_LOCK, Message
-from worker.service import DeliveryService as Context
+from worker.finisher import Finisher
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
 
@@ -39,6 +44,7 @@ class SweepReport:
     messages: int = 0
     finished: int = 0
     requeued: int = 0
+    recount: RecountReport | None = None
 
 
 def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -> bool:
@@ -48,11 +54,31 @@ def overdue(st: RecipientStatus, received_at: float, now: float, grace: float) -
     return due_since < now - grace
 
 
-def sweep(ctx: Context, now: float | None = None) -> SweepReport:
+def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | None = None) -> SweepReport:
+    """One walk of the queue: finish what is settled, requeue what is overdue by more than a job's
+    lifetime (``job_timeout``) and two minutes."""
     now = time.time() if now is None else now
-    store, s = ctx.store, ctx.settings
-    grace = s.job_timeout + 120.0
+    store = spool.store
+    grace = job_timeout + 120.0
     report = SweepReport()
+    counting = Recount(store, spool.router.hop)
+    try:
+        _walk(spool, finisher, report, counting, now, grace)
+        report.recount = counting.finish()
+    finally:
+        counting.close()
+    if report.finished or report.requeued:
+        log.warning(
+            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+            report.messages,
+            report.finished,
+            report.requeued,
+        )
+    return report
+
+
+def _walk(spool: Spool, finisher: Finisher, report: SweepReport, counting: Recount, now: float, grace: float) -> None:
+    store = spool.store
     for chunk in store.walk(CHUNK):
         done: list[tuple[Message, dict[int, RecipientStatus]]] = []
         lost: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -66,36 +92,43 @@ def sweep(ctx: Context, now: float | None = None) -> SweepReport:
                     done.append(found)
                 continue
             hops = {
-                ctx.spool.router.hop(r.address)
+                spool.router.hop(r.address)
                 for r, st in zip(env.recipients, everyone, strict=True)
                 if overdue(st, env.received_at, now, grace)
             }
             for hop in hops:
                 lost[hop].append((env.id, len(msg.body)))
-        ctx.finish_loaded(done)
+        finisher.finish(done)
         report.finished += len(done)
-        report.requeued += ctx.spool.queue.enqueue_sized(lost)
-    if report.finished or report.requeued:
-        log.warning(
-            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
-            report.messages,
-            report.finished,
-            report.requeued,
-        )
-    return report
+        report.requeued += spool.queue.enqueue_sized(lost)
+        counting.add([m for m, _ in chunk])  # after finishing: those are gone, and not counted
 
 
-def start_sweeper(ctx: Context, interval: float) -> threading.Thread:
-    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide."""
+def start_sweeper(
+    spool: Spool,
+    finisher: Finisher,
+    job_timeout: float,
+    interval: float,
+    *,
+    daily: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """A daemon thread in each worker; the Redis lock makes one sweep per interval cluster-wide.
+    ``daily`` runs after each sweep (yesterday's TLS-RPT reports: once cluster-wide, by its own
+    claim in Redis)."""
 
     def loop() -> None:
         while True:
             time.sleep(interval * random.uniform(0.5, 1.0))
             try:
-                if ctx.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
-                    sweep(ctx)
+                if spool.store.try_lock(SWEEP_LOCK, int(interval * 0.5) or 1):
+                    sweep(spool, finisher, job_timeout)
             except Exception:
                 log.exception("sweep failed; next try in about %.0fs", interval)
+            if daily is not None:
+                try:
+                    daily()
+                except Exception:
+                    log.exception("TLS-RPT reports not sent; next try in about %.0fs", interval)
 
     t = threading.Thread(target=loop, name="mtaq-sweep", daemon=True)
     t.start()

@@ -5,7 +5,6 @@ of the accept-only system yields a complete result. Small loads: a few seconds i
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -18,9 +17,15 @@ from bench.loadgen import run_load
 from bench.loads import Load
 from bench.measure import Sampler, tree
 from bench.sinkdump import DumpSink
-from bench.systems import AcceptOnly, free_port, wait_port
+from bench.systems import AcceptOnly, wait_port
+from tests.ports import free_port
+from tests.tools import missing, require
 
-pytestmark = pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="needs Postfix's smtp-sink")
+
+@pytest.fixture(autouse=True)
+def smtp_sink() -> str:
+    """Postfix's smtp-sink: skipped without it, failed without it in CI (tests/tools.py)."""
+    return require("smtp-sink")
 
 
 # A failsafe, not a guess at how long anything takes: the waits below end on their event (the
@@ -103,16 +108,16 @@ def test_measure_the_accept_only_reference(tmp_path: Path) -> None:
     assert r.ingress_rate > 0 and r.peak_pss_mib > 5 and r.cpu_s > 0
 
 
-@pytest.mark.skipif(shutil.which("smtp-source") is None, reason="needs Postfix's smtp-source")
 def test_scaling_backlog_part_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """bench.scaling's backlog part at toy size: the loopback DNS routes new mail to the sink and
     the backlog to a dead address, the spool fill is measured, the JSON has both mtaq figures."""
     from bench.scaling import main
     from bench.throughput import default_mtaq
 
+    require("smtp-source")
     exe = default_mtaq()
     if exe is None:
-        pytest.skip("no mtaq executable in this venv")
+        missing("no mtaq executable in this venv")
     argv = ["--parts", "backlog", "--messages", "60", "--backlog", "300", "--timeout", "60"]
     assert main([*argv, "--mtaq", str(exe), "--results", str(tmp_path)]) == 0
     doc = json.loads(next(tmp_path.glob("*-scaling.json")).read_text())

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from tests.dnsserver import ZoneServer
-from tests.fixtures import MTA, message, route
+from tests.fixtures import MTA, message
 from tests.integration.eventually import GENEROUS
-from tests.integration.test_pipeline import dsn_fields, parse
+from tests.mailparse import parse, recipient_blocks
 from tests.sinks import SinkServer, wait_for
 
 SENDER = "alice@client.test"
 
 
-@pytest.fixture
-def zone(dns: ZoneServer) -> ZoneServer:
-    route(dns, "client.test", "127.0.0.9")  # the sender's domain: reports go there
-    route(dns, "a.test", "127.0.0.2")
-    return dns
-
-
 def actions(data: bytes) -> list[str]:
     """The Action of each recipient block of an RFC 3464 report."""
-    return [b["action"] for b in dsn_fields(data)]
+    return [b["action"] for b in recipient_blocks(data)]
 
 
 def running(mta_factory: Callable[..., MTA], **settings: object) -> MTA:

@@ -18,17 +18,18 @@ import pytest
 import redis
 
 from common.events import SIGNATURE_HEADER, EventType, parse_entries, signature_ok
-from common.queueview import load_views, shape
 from common.settings import Settings
 from common.store import EVENTS, EVENTS_GROUP, STATS
 from common.suppression import SuppressionList
 from mtaq.cli import build_parser
+from mtaq.ops.queueview import load_views, shape
 from mtaq.suppresscmd import cmd_suppress
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message, route
 from tests.integration.eventually import GENEROUS
+from tests.ports import free_port
 from tests.redisserver import RedisServer
-from tests.sinks import SinkServer, free_port, wait_for
+from tests.sinks import SinkServer, wait_for
 
 SECRET = b"webhook-test-secret"
 SENDER = "app@client.test"
@@ -140,8 +141,13 @@ def test_events_reach_a_webhook_that_was_down_and_a_hard_bounce_suppresses(
     # the class as a metric and beside the queue's deferral reasons
     assert wait_for(lambda: mta.redis.hget(STATS, "failed:bounced:InvalidRecipient") == b"1", GENEROUS)
     assert mta.redis.hget(STATS, "failed:deferred:MailboxFull") == b"1"
-    sh = shape(list(load_views(mta.redis, "")), time.time())
+    views = list(load_views(mta.redis, ""))
+    sh = shape(views, time.time())
     assert set(sh.reason_class.values()) == {"MailboxFull"}
+    # the attempt's TLS (issue 21), as recorded for the recipient: this sink offers no STARTTLS
+    kept = {r.address: r.status for v in views for r in v.recipients}
+    assert mine["later@a.test"]["tls"] == kept["later@a.test"].tls == "none"
+    assert mine["ok@a.test"]["tls"] == "none" and "tls=none, dsn=5.1.1, class=InvalidRecipient" in mta.logs()
 
     # the hard bounce suppressed gone@a.test: refused at RCPT (within the ingress's refresh), others kept
     entry = SuppressionList(mta.redis).lookup("gone@a.test")

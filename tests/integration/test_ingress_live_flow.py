@@ -5,6 +5,7 @@ is set far beyond any wait the test makes, or the test only asserts that mail we
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from common.metrics import IN_FLOW_HELD
@@ -56,12 +57,31 @@ def test_mail_waits_until_delivery_catches_up(
     eventually(lambda: held(mta) == 1, "one MAIL counted as held")
 
 
+def timed_mail(mta: MTA, tag: str) -> tuple[float, str]:
+    """One message over a fresh connection: (seconds MAIL FROM waited for its 250, queue id)."""
+    with Wire(mta.port) as w:
+        w.greet()
+        assert w.cmd("EHLO client.test").code == 250
+        t0 = time.monotonic()
+        assert w.cmd("MAIL FROM:<a@client.test>").status == (250, "2.1.0")
+        waited = time.monotonic() - t0
+        assert w.cmd("RCPT TO:<bob@ours.test>").status == (250, "2.1.5")
+        assert w.cmd("DATA").code == 354
+        done = w.cmd(f"Subject: {tag}\r\n\r\nx\r\n.".encode())
+        assert done.status == (250, "2.0.0")
+        return waited, done.text.rsplit(" ", 1)[-1]
+
+
 def test_with_no_worker_each_mail_waits_in_flow_delay_and_goes_on(mta_factory: Callable[..., MTA]) -> None:
-    mta = mta_factory(in_flow_delay=0.2, in_flow_backlog=1)
+    # in_flow_delay long against a MAIL's usual milliseconds: that the 250 came no sooner is a lower
+    # bound, which a loaded machine can only make longer (no upper bound is asserted)
+    delay = 1.5
+    mta = mta_factory(in_flow_delay=delay, in_flow_backlog=1)
     mta.start_ingress()
     first = mta.send("a@client.test", ["bob@ours.test"], "Subject: m0\r\n\r\nx\r\n")
     wait_for_log(mta.log_dir / "ingress.log", ON)
     # nobody takes the job: the backlog never falls, yet every message is accepted (slowed, never refused)
-    later = [mta.send("a@client.test", ["bob@ours.test"], f"Subject: m{i}\r\n\r\nx\r\n") for i in (1, 2)]
-    assert sorted(mta.store.queue_ids()) == sorted([first, *later])
+    later = [timed_mail(mta, f"m{i}") for i in (1, 2)]
+    assert all(waited >= delay * 0.95 for waited, _ in later), later  # each MAIL was held in_flow_delay
+    assert sorted(mta.store.queue_ids()) == sorted([first, *(qid for _, qid in later)])
     eventually(lambda: held(mta) == 2, "both later MAILs counted as held")

@@ -13,7 +13,8 @@ from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA
 from tests.integration.eventually import GENEROUS, wait_for_log
 from tests.integration.smtpwire import Wire
-from tests.sinks import SinkServer, free_port
+from tests.ports import free_port
+from tests.sinks import SinkServer
 
 OK = (250, "2.1.5")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures import MTA
+from tests.fixtures import MTA, fresh
 from tests.integration.eventually import GENEROUS, eventually, wait_for_log
 from tests.integration.smtpwire import Wire
 
@@ -25,11 +25,17 @@ SIZE_LIMIT = 20000
 MAX_OCTETS = 64 << 20
 
 
-@pytest.fixture
-def mta(mta_factory: Callable[..., MTA]) -> MTA:
-    m = mta_factory(max_message_size=SIZE_LIMIT, max_recipients=3, max_errors=100, relay_domains="ours.test")
+@pytest.fixture(scope="module")
+def shared_mta(module_mta_factory: Callable[..., MTA]) -> MTA:
+    """One ingress for every test of this module that needs no settings of its own."""
+    m = module_mta_factory(max_message_size=SIZE_LIMIT, max_recipients=3, max_errors=100, relay_domains="ours.test")
     m.start_ingress()
     return m
+
+
+@pytest.fixture
+def mta(shared_mta: MTA) -> MTA:
+    return fresh(shared_mta)
 
 
 def transaction(w: Wire, rcpts: tuple[str, ...] = ("bob@ours.test",), sender: str = "alice@client.test") -> None:

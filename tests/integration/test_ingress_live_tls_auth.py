@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ingress.auth import verify_password
-from tests.fixtures import MTA, ROOT, message
+from tests.fixtures import MTA, ROOT, fresh, message
 from tests.integration.eventually import GENEROUS, eventually, wait_for_log
 from tests.integration.smtpwire import TLSFiles, Wire, make_tls_files
 
@@ -66,28 +66,35 @@ def assert_no_secret_in_log(mta: MTA, *secrets: str) -> None:
         assert secret not in log, f"a credential is in the ingress log: {secret!r}"
 
 
-@pytest.fixture
-def tls(tmp_path: Path) -> TLSFiles:
-    d = tmp_path / "tls"
-    d.mkdir()
-    return make_tls_files(d)
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """One test CA and certificate for the module."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture
-def auth_file(tmp_path: Path) -> Path:
-    f = tmp_path / "users"
+@pytest.fixture(scope="module")
+def auth_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `mtaq passwd` for the module (scrypt takes its time, by design)."""
+    f = tmp_path_factory.mktemp("auth") / "users"
     done = passwd(f, USER, PASSWORD)
     assert done.returncode == 0, done.stderr
     return f
 
 
-@pytest.fixture
-def secure_mta(mta_factory: Callable[..., MTA], tls: TLSFiles, auth_file: Path) -> MTA:
-    mta = mta_factory(
+@pytest.fixture(scope="module")
+def shared_secure_mta(module_mta_factory: Callable[..., MTA], tls: TLSFiles, auth_file: Path) -> MTA:
+    """One ingress with TLS and AUTH for the module. Its AUTH failure limiter is per process and
+    per address: each test that fails logins on purpose does so from an address of its own."""
+    mta = module_mta_factory(
         tls_cert=tls.cert, tls_key=tls.key, auth_file=auth_file, mynetworks="10.255.255.0/24", relay_domains="ours.test"
     )
     mta.start_ingress()
     return mta
+
+
+@pytest.fixture
+def secure_mta(shared_secure_mta: MTA) -> MTA:
+    return fresh(shared_secure_mta)
 
 
 def tls_session(mta: MTA, tls: TLSFiles, *, source: str = "127.0.0.1") -> Wire:
@@ -307,7 +314,7 @@ def test_auth_plain_and_login_over_tls_then_relay(secure_mta: MTA, tls: TLSFiles
 
 
 def test_auth_errors_over_tls(secure_mta: MTA, tls: TLSFiles) -> None:
-    with tls_session(secure_mta, tls) as w:
+    with tls_session(secure_mta, tls, source="127.0.0.6") as w:  # its failed logins count against .6 only
         assert w.cmd("AUTH PLAIN !!not*base64!!").status == (501, "5.5.2")
         assert w.cmd("AUTH PLAIN " + b64("no separators")).status == (501, "5.5.2")
         assert w.cmd("AUTH LOGIN").code == 334

@@ -18,11 +18,40 @@ import dns.resolver
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, new_queue_id
-from worker.mx import MXResolver
-from worker.relay import Parcel, deliver
+from common.mx import MXResolver
+from worker.lane import Lane
+from worker.parcel import Parcel, Undeliverable, default_left, fail_all
+from worker.relay import Dialer, converse, resolve
 from worker.smtpclient import SMTPConnection
 
 TOO_MANY_ERRORS = "421 4.7.0 pfb.test Error: too many errors"
+
+
+class _NoJob:
+    """A lane's owner for a conversation outside a delivery job: nothing to record."""
+
+    def record(self, parcel: Parcel, positions: list[int]) -> None:
+        pass
+
+    def done(self, parcel: Parcel) -> None:
+        pass
+
+
+def deliver_once(destination: str, parcels: list[Parcel], *, resolver: MXResolver, port: int) -> None:
+    """One conversation with ``destination`` for ``parcels``, as a job's would be (outcomes filled
+    in for every recipient), without the delivery service around it."""
+    try:
+        found = resolve(resolver, destination, port)
+    except Undeliverable as e:
+        fail_all(parcels, e.outcome)
+        return
+    lane = Lane(found)
+    lane.add(parcels, _NoJob())
+    opened, _ = converse(lane, Dialer("mtaq.test", port, 5.0, 5.0))
+    if opened is not None:
+        opened.conn.quit()
+    lane.left()
+    default_left(parcels, lane.last)
 
 
 class PostfixLikeServer:
@@ -173,8 +202,7 @@ def test_refused_recipients_bounce_and_the_rest_go_on_the_next_try(pipelining: b
     resolver = MXResolver(dns.resolver.Resolver(configure=False))
     with PostfixLikeServer(reject=BAD, hard_error_limit=2, pipelining=pipelining) as server:
         dest = f"[127.0.0.1]:{server.port}"
-        kw = {"resolver": resolver, "port": 25, "helo_name": "mtaq.test", "connect_timeout": 5.0, "timeout": 5.0}
-        deliver(dest, [parcel], **kw)  # type: ignore[arg-type]
+        deliver_once(dest, [parcel], resolver=resolver, port=25)
         first = dict(parcel.outcomes)
         assert [first[i].state for i in range(4)] == [
             RcptState.BOUNCED,
@@ -187,7 +215,7 @@ def test_refused_recipients_bounce_and_the_rest_go_on_the_next_try(pipelining: b
         assert first[2].dsn == "4.7.0" and "421 4.7.0" in first[2].reply and "too many errors" in first[2].reply
         assert first[2].relay == f"127.0.0.1[127.0.0.1]:{server.port}"
         assert parcel.pending() == [2, 3]
-        deliver(dest, [parcel], **kw)  # type: ignore[arg-type]
+        deliver_once(dest, [parcel], resolver=resolver, port=25)
     assert [parcel.outcomes[i].state for i in range(4)] == [
         RcptState.BOUNCED,
         RcptState.BOUNCED,
@@ -204,15 +232,7 @@ def test_421_to_ehlo_defers_with_the_servers_reply_and_no_helo() -> None:
     parcel = Parcel(env, b"Subject: t\r\n\r\nx\r\n", [0])
     resolver = MXResolver(dns.resolver.Resolver(configure=False))
     with PostfixLikeServer(ehlo_421=True) as server:
-        deliver(
-            f"[127.0.0.1]:{server.port}",
-            [parcel],
-            resolver=resolver,
-            port=25,
-            helo_name="mtaq.test",
-            connect_timeout=5.0,
-            timeout=5.0,
-        )
+        deliver_once(f"[127.0.0.1]:{server.port}", [parcel], resolver=resolver, port=25)
     out = parcel.outcomes[0]
     assert out.state is RcptState.DEFERRED
     assert out.dsn == "4.7.0"

@@ -16,35 +16,20 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.embedded import EmbeddedRedis, find_redis_server
-from common.supervise import EXIT_FATAL
+from mtaq.runtime.embedded import EmbeddedRedis, find_redis_server
+from mtaq.runtime.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
-from tests.fixtures import ROOT, alive, message, route, wait_port
+from tests.fixtures import ROOT, message, route
 from tests.integration.eventually import GENEROUS
-from tests.integration.test_run import queue_listing, refused, start_run, stop
+from tests.mtaqrun import queue_listing, start_run, stop
+from tests.ports import free_port, wait_port
+from tests.procs import alive, descendants, refused
 from tests.redisserver import RedisServer
-from tests.sinks import free_port, wait_for
+from tests.sinks import wait_for
 
 # What "within seconds" means here: the kernel's parent-death signal acts at once, the portable
 # watch within a second; this bounds a graceful stop of idle processes on a loaded machine.
 GONE_WITHIN = 20.0
-
-
-def descendants(pid: int) -> set[int]:
-    """Every living process below ``pid`` (children, grandchildren: RQ's scheduler)."""
-    parent_of: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent_of[int(stat.parent.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return {p for p in found if alive(p)}
 
 
 def mtaq(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -130,7 +115,7 @@ def test_the_portable_watch_stops_an_orphan_without_the_kernels_help(tmp_path: P
     script = textwrap.dedent(
         f"""
         import os, time
-        from common.lifeline import watch_parent
+        from mtaq.runtime.lifeline import watch_parent
         middle = os.getpid()
         if os.fork() == 0:
             watch_parent(middle, interval=0.1)

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.fixtures import ROOT, message, route, wait_port
+from tests.fixtures import ROOT, message, route
 from tests.integration.eventually import GENEROUS
 from tests.integration.smtpwire import Wire
-from tests.sinks import SinkServer, free_port, wait_for
+from tests.ports import free_port, wait_port
+from tests.sinks import SinkServer, wait_for
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
@@ -37,7 +38,8 @@ def test_metrics_of_mtaq_run_count_real_traffic(
     route(dns, "later.test", "127.0.0.3")
     route(dns, "never.test", "127.0.0.4")
     sinks("127.0.0.2")
-    sinks("127.0.0.3").rcpt_default = "451 4.3.0 try again later"
+    later = sinks("127.0.0.3")
+    later.rcpt_default = "451 4.3.0 try again later"
     sinks("127.0.0.4").rcpt_default = "550 5.1.1 no such user"
     port, mport, log = free_port(), free_port(), tmp_path / "run.log"
     env = dict(
@@ -74,6 +76,10 @@ def test_metrics_of_mtaq_run_count_real_traffic(
                 and value(t, "mtaq_deliveries_total", '{status="deferred"}') == 1
                 and value(t, "mtaq_queue_messages", '{state="deferred"}') == 1
                 and value(t, "mtaq_connections_total") == 3  # wait_port's probe, and the two above
+                # the processes add their counters to Redis once a second: wait for them too (a
+                # scrape reads counters now, in milliseconds, and can come before that second)
+                and value(t, "mtaq_messages_accepted_total") == 5
+                and value(t, "mtaq_delivery_latency_seconds_count") == 5
             )
 
         assert wait_for(settled, GENEROUS, 0.2), scrape(mport) + log.read_text()
@@ -95,6 +101,21 @@ def test_metrics_of_mtaq_run_count_real_traffic(
         assert value(t, "mtaq_redis_up") == 1
         page = scrape(mport, "/")
         assert "later.test" in page and "451 4.3.0 try again later" in page and "Workers alive: 2" in page
+
+        # a real retry: later.test now accepts, and `mtaq queue flush` tries the deferred recipient again
+        later.rcpt_default = None
+        flush = [sys.executable, "-m", "mtaq", "queue", "--data-dir", str(tmp_path / "var"), "flush"]
+        subprocess.run(flush, env=env, cwd=ROOT, check=True, capture_output=True, timeout=GENEROUS)
+
+        def retried() -> bool:
+            t = scrape(mport)
+            return (
+                value(t, "mtaq_retries_total") == 1
+                and value(t, "mtaq_deliveries_total", '{status="sent"}') == 5
+                and value(t, "mtaq_queue_messages", '{state="deferred"}') == 0
+            )
+
+        assert wait_for(retried, GENEROUS, 0.2), scrape(mport) + log.read_text()
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0, log.read_text()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from common.mx import AsyncMXResolver, DnsError, MXResolver, Target, make_async_resolver, make_resolver
 from tests.dnsserver import ZoneServer
 from tests.integration.eventually import GENEROUS
-from worker.mx import DnsError, MXResolver, Target, make_resolver
 
 PORT = 2525
 # The zone server answers in milliseconds, but a loaded machine can delay its thread past any short
@@ -81,7 +83,7 @@ def zone() -> Iterator[ZoneServer]:
 
 def mx(zone: ZoneServer, timeout: float = ANSWER_TIMEOUT, **kw: object) -> MXResolver:
     """A fresh resolver (empty cache) on the zone server."""
-    return MXResolver(make_resolver([zone.address], timeout=timeout), **kw)  # type: ignore[arg-type]
+    return MXResolver(make_resolver([zone.address], timeout=timeout), **kw)
 
 
 def hosts(targets: list[Target]) -> list[str]:
@@ -353,15 +355,48 @@ def test_ipv6_addresses_are_tried_after_ipv4_ones(zone: ZoneServer) -> None:
 
 
 def test_loop_detection_by_the_address_we_listen_on(zone: ZoneServer) -> None:
-    from worker.mx import local_addresses
+    from common.mx import local_addresses
 
     resolver = mx(zone, local_ips=local_addresses("127.0.0.1:2525"))
     with pytest.raises(DnsError) as e:
         resolver.targets("loopip.test", PORT)
     assert e.value.dsn == "5.4.6"
     # listening on a wildcard: every interface address is ours, 127.0.0.1 among them
-    from worker.mx import interface_addresses
+    from common.mx import interface_addresses
 
     assert "127.0.0.1" in interface_addresses()
     assert "127.0.0.1" in local_addresses("0.0.0.0:25")
     assert local_addresses("[::1]:25") == ["::1"]
+
+
+# -- one core, two fronts: the workers (blocking) and the ingress's verification (asyncio)
+
+
+def outcome(resolve: Callable[[], list[Target]]) -> tuple[str, ...]:
+    """The targets by preference (the shuffle within one is the rules' own, tested above), or the
+    refusal's status and text."""
+    try:
+        targets = resolve()
+    except DnsError as e:
+        return (e.dsn, e.text)
+    return tuple(sorted(f"{t.preference} {t}" for t in targets))
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        *sorted({name.rstrip(".") for name in RECORDS} - {"big.test"}),
+        *["nosuch.test", "servfail.test", "[mx1.a.test]:26", "[127.0.0.9]", "[gone.test]", "[host]:0"],
+    ],
+)
+def test_the_asyncio_front_answers_as_the_blocking_one(zone: ZoneServer, destination: str) -> None:
+    # the same rules, the same DNS server: the same targets or the same refusal. (The zone server
+    # rotates its records, so which addresses a cut at max_addresses keeps may differ between two
+    # lookups: the cut is tested above, not here.)
+    rules: dict[str, Any] = {"local_names": ["me.example"], "local_ips": ["127.0.0.1"], "max_addresses": 10}
+    blocking = MXResolver(make_resolver([zone.address], timeout=ANSWER_TIMEOUT), rng=random.Random(3), **rules)
+    aio = AsyncMXResolver(make_async_resolver([zone.address], timeout=ANSWER_TIMEOUT), rng=random.Random(3), **rules)
+    expected = outcome(lambda: blocking.targets(destination, PORT))
+    assert outcome(lambda: asyncio.run(aio.targets(destination, PORT))) == expected
+    if destination in ("null.test", "nosuch.test", "loop.test", "loopip.test"):
+        assert expected[0] in ("5.1.10", "5.1.2", "5.4.6")

@@ -19,12 +19,13 @@ from tests.fixtures import route
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer
 from worker import jobs
+from worker.service import DeliveryService
 
 BODY = b"From: alice@client.test\r\nSubject: writer\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
-def ctx(redis_server: RedisServer, dns: ZoneServer, mx_port: int) -> Iterator[jobs.Context]:
+def ctx(redis_server: RedisServer, dns: ZoneServer, mx_port: int) -> Iterator[DeliveryService]:
     route(dns, "a.test", "127.0.0.2")
     route(dns, "client.test", "127.0.0.9")
     settings = Settings(
@@ -36,13 +37,13 @@ def ctx(redis_server: RedisServer, dns: ZoneServer, mx_port: int) -> Iterator[jo
         job_timeout=30,
         connect_timeout=2,
     )
-    c = jobs.make_context(settings, Spool.from_settings(settings, redis.Redis.from_url(redis_server.url)))
-    jobs.set_context(c)
+    c = jobs.make_service(settings, Spool.from_settings(settings, redis.Redis.from_url(redis_server.url)))
+    jobs.install(c)
     yield c
-    jobs.set_context(None)
+    jobs.install(None)
 
 
-def queue(ctx: jobs.Context, n: int, *rcpts: Recipient) -> list[str]:
+def queue(ctx: DeliveryService, n: int, *rcpts: Recipient) -> list[str]:
     msgs = [
         Message(Envelope(id=f"Q{time.time_ns()}{i}", sender="alice@client.test", recipients=list(rcpts)), BODY)
         for i in range(n)
@@ -53,7 +54,7 @@ def queue(ctx: jobs.Context, n: int, *rcpts: Recipient) -> list[str]:
 
 
 def test_many_messages_share_the_writers_round_trips_and_leave_no_key_behind(
-    ctx: jobs.Context, sinks: Callable[..., SinkServer]
+    ctx: DeliveryService, sinks: Callable[..., SinkServer]
 ) -> None:
     mx = sinks("127.0.0.2")
     writes: list[int] = []
@@ -70,11 +71,19 @@ def test_many_messages_share_the_writers_round_trips_and_leave_no_key_behind(
     assert sum(writes) == 30  # every outcome written once, before the job finished
     # nothing left: no message, no lease, no finish claim (no DSN was due)
     left = [k.decode() if isinstance(k, bytes) else k for k in ctx.store.redis.keys("mtaq:*")]
-    # (and the events stream, which outlives the mail it reports)
-    assert sorted(k for k in left if not k.startswith("mtaq:dest:")) == ["mtaq:events", "mtaq:stats"]
+    # but the deployment's counters: the queue's (issue 16) all back at 0, the emptied
+    # destination left in their set until a sweep (readers skip it); and the events stream, which
+    # outlives the mail it reports
+    assert sorted(k for k in left if not k.startswith("mtaq:dest:")) == [
+        "mtaq:events",
+        "mtaq:queue:counts",
+        "mtaq:queue:dests",
+        "mtaq:stats",
+    ]
+    assert {int(v) for v in ctx.store.redis.hvals("mtaq:queue:counts")} == {0}
 
 
-def test_a_dsn_due_is_still_claimed_and_built_once(ctx: jobs.Context, sinks: Callable[..., SinkServer]) -> None:
+def test_a_dsn_due_is_still_claimed_and_built_once(ctx: DeliveryService, sinks: Callable[..., SinkServer]) -> None:
     sinks("127.0.0.2")
     [qid] = queue(ctx, 1, Recipient("bob@a.test", notify=("SUCCESS",)))
     jobs.deliver("a.test", [qid])
@@ -85,7 +94,7 @@ def test_a_dsn_due_is_still_claimed_and_built_once(ctx: jobs.Context, sinks: Cal
 
 
 def test_an_outcome_that_cannot_be_written_fails_the_job_and_frees_the_lease(
-    ctx: jobs.Context, sinks: Callable[..., SinkServer]
+    ctx: DeliveryService, sinks: Callable[..., SinkServer]
 ) -> None:
     sinks("127.0.0.2")
 

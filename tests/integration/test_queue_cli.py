@@ -17,7 +17,8 @@ from common.jobqueue import DeliveryQueue
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, ROOT, message, route
 from tests.integration.eventually import GENEROUS
-from tests.sinks import SinkServer, free_port, wait_for
+from tests.ports import free_port
+from tests.sinks import SinkServer, wait_for
 
 LONG = "451 4.3.0 " + "the remote is busy right now and would like you to come back a little later " * 3
 

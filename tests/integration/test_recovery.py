@@ -18,25 +18,28 @@ from common.spool import Spool
 from common.store import Message
 from tests.dnsserver import ZoneServer
 from tests.fixtures import route
+from tests.ports import ipv6_loopback
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer
 from worker import jobs
-from worker.sweep import sweep
+from worker.finisher import Finisher
+from worker.service import DeliveryService
+from worker.sweep import SweepReport, sweep
 
 SENDER = "alice@client.test"
+
+
+def swept(ctx: DeliveryService, now: float | None = None) -> SweepReport:
+    """The sweep as `mtaq queue sweep` runs it: its own Finisher on the queue's storage."""
+    return sweep(ctx.spool, Finisher.from_settings(ctx.settings, ctx.spool), ctx.settings.job_timeout, now)
+
+
 BODY = b"From: alice@client.test\r\nSubject: recovery\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
-def zone(dns: ZoneServer) -> ZoneServer:
-    route(dns, "a.test", "127.0.0.2")
-    route(dns, "client.test", "127.0.0.9")
-    return dns
-
-
-@pytest.fixture
-def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> Iterator[Callable[..., jobs.Context]]:
-    def make(**overrides: object) -> jobs.Context:
+def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> Iterator[Callable[..., DeliveryService]]:
+    def make(**overrides: object) -> DeliveryService:
         base: dict[str, object] = {"smtp_timeout": 5, "job_timeout": 30, "connect_timeout": 2}
         settings = Settings(
             hostname="mtaq.test",
@@ -45,16 +48,16 @@ def ctx_factory(redis_server: RedisServer, zone: ZoneServer, mx_port: int) -> It
             smtp_port=mx_port,
             **{**base, **overrides},  # type: ignore[arg-type]
         )
-        ctx = jobs.make_context(settings, Spool.from_settings(settings, redis.Redis.from_url(redis_server.url)))
-        jobs.set_context(ctx)
+        ctx = jobs.make_service(settings, Spool.from_settings(settings, redis.Redis.from_url(redis_server.url)))
+        jobs.install(ctx)
         return ctx
 
     yield make
-    jobs.set_context(None)
+    jobs.install(None)
 
 
 def queue(
-    ctx: jobs.Context, *rcpts: str, sender: str = SENDER, received_at: float | None = None, smtputf8: bool = False
+    ctx: DeliveryService, *rcpts: str, sender: str = SENDER, received_at: float | None = None, smtputf8: bool = False
 ) -> str:
     env = Envelope(
         id=f"Q{time.time_ns()}",
@@ -69,7 +72,7 @@ def queue(
 
 
 def test_a_rerun_job_finishes_a_message_whose_finishing_was_interrupted(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     home = sinks("127.0.0.9")
     ctx = ctx_factory()
@@ -87,25 +90,25 @@ def test_a_rerun_job_finishes_a_message_whose_finishing_was_interrupted(
     assert len(home.messages) == 1
 
 
-def test_sweep_finishes_left_behind_messages_once_settled(ctx_factory: Callable[..., jobs.Context]) -> None:
+def test_sweep_finishes_left_behind_messages_once_settled(ctx_factory: Callable[..., DeliveryService]) -> None:
     ctx = ctx_factory()
     qid = queue(ctx, "bad@a.test")
     ctx.store.set_statuses({qid: {0: RecipientStatus(RcptState.BOUNCED, 1, "5.1.1", "550 no", updated=time.time())}})
-    assert sweep(ctx).finished == 0  # a job may be finishing it right now
-    report = sweep(ctx, now=time.time() + 120)
+    assert swept(ctx).finished == 0  # a job may be finishing it right now
+    report = swept(ctx, now=time.time() + 120)
     assert report.finished == 1 and ctx.store.load(qid) is None
     assert len(ctx.store.queue_ids()) == 1  # its DSN, once
-    assert sweep(ctx, now=time.time() + 240).finished == 0
+    assert swept(ctx, now=time.time() + 240).finished == 0
 
 
 def test_sweep_requeues_recipients_whose_job_is_gone(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
     fresh = queue(ctx, "new@a.test")
     old = queue(ctx, "old@a.test", received_at=time.time() - 1000)  # queued longer than a job lives
-    report = sweep(ctx)
+    report = swept(ctx)
     assert report.requeued == 1
     [job] = ctx.spool.queue.rq.get_jobs()
     assert list(job.args) == ["a.test", [old], False]
@@ -115,7 +118,7 @@ def test_sweep_requeues_recipients_whose_job_is_gone(
 
 
 def test_recipients_not_due_are_left_to_their_retry_unless_flushed(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
@@ -136,7 +139,7 @@ def test_recipients_not_due_are_left_to_their_retry_unless_flushed(
 
 
 def test_a_leased_message_is_left_to_the_job_holding_it(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
@@ -144,13 +147,13 @@ def test_a_leased_message_is_left_to_the_job_holding_it(
     assert ctx.store.lease([qid], "a.test", "other-job", 30) == [qid]
     jobs.deliver("a.test", [qid])
     assert box.attempts == 0 and ctx.store.load(qid) is not None
-    ctx.store.release_leases([qid], "a.test", "other-job")
+    ctx.store.end_leases([qid], "a.test", "other-job")
     jobs.deliver("a.test", [qid])
     assert [m[1] for m in box.messages] == [["bob@a.test"]]
 
 
 def test_jobs_queued_before_a_relayhost_change_follow_the_relayhost(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer], mx_port: int
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer], mx_port: int
 ) -> None:
     smart = sinks("127.0.0.5")
     ctx = ctx_factory()
@@ -164,7 +167,7 @@ def test_jobs_queued_before_a_relayhost_change_follow_the_relayhost(
 
 
 def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")
     box.rcpt_replies["bad@a.test"] = "550 5.1.1 User unknown"
@@ -182,7 +185,7 @@ def test_a_bounce_to_a_utf8_sender_goes_with_smtputf8(
 
 
 def test_a_utf8_address_to_a_server_without_smtputf8_bounces_alone(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")  # no SMTPUTF8
     ctx = ctx_factory()
@@ -197,7 +200,7 @@ def test_a_utf8_address_to_a_server_without_smtputf8_bounces_alone(
 
 
 def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer], monkeypatch: pytest.MonkeyPatch
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.smtpclient import SMTPConnection
 
@@ -222,7 +225,7 @@ def test_a_client_error_defers_and_drops_the_connection_without_failing_the_job(
 
 
 def test_a_remote_that_stops_answering_is_reported_as_timed_out(
-    ctx_factory: Callable[..., jobs.Context], sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], sinks: Callable[..., SinkServer]
 ) -> None:
     box = sinks("127.0.0.2")
     box.data_delay = 3.0
@@ -235,7 +238,7 @@ def test_a_remote_that_stops_answering_is_reported_as_timed_out(
 
 
 def test_an_mx_on_the_address_we_listen_on_bounces_as_a_loop(
-    ctx_factory: Callable[..., jobs.Context], zone: ZoneServer, sinks: Callable[..., SinkServer]
+    ctx_factory: Callable[..., DeliveryService], zone: ZoneServer, sinks: Callable[..., SinkServer]
 ) -> None:
     """The worker knows the address the ingress listens on (the `listen` setting): mail whose MX
     resolves to it would come back to us, so it bounces 5.4.6 instead of looping."""
@@ -251,14 +254,13 @@ def test_an_mx_on_the_address_we_listen_on_bounces_as_a_loop(
 
 
 def test_an_mx_with_only_an_ipv6_address_gets_the_mail_over_ipv6(
-    ctx_factory: Callable[..., jobs.Context], zone: ZoneServer, mx_port: int
+    ctx_factory: Callable[..., DeliveryService], zone: ZoneServer, mx_port: int
 ) -> None:
     zone.add("v6.test.", "MX", "10 mx.v6.test.")
     zone.add("mx.v6.test.", "AAAA", "::1")
-    try:
-        box = SinkServer("::1", mx_port).start()
-    except (OSError, RuntimeError) as e:  # pragma: no cover - a host without IPv6 loopback
-        pytest.skip(f"no IPv6 loopback here: {e}")
+    if not ipv6_loopback():  # only the address family missing skips; an address in use fails
+        pytest.skip("no IPv6 loopback (::1) on this host")
+    box = SinkServer("::1", mx_port).start()
     try:
         ctx = ctx_factory()
         qid = queue(ctx, "bob@v6.test")

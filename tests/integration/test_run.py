@@ -6,88 +6,17 @@ import os
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.dnsserver import ZoneServer
-from tests.fixtures import ROOT, alive, message, wait_port
+from tests.fixtures import message
 from tests.integration.eventually import GENEROUS, eventually
 from tests.integration.smtpwire import Wire
-from tests.sinks import SinkServer, free_port, wait_for
-
-
-def start_run(
-    data_dir: Path, port: int, dns: ZoneServer, mx_port: int, log: Path, workers: int
-) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ,
-        MTAQ_DNS_SERVERS=f"127.0.0.1:{dns.port}",
-        MTAQ_SMTP_PORT=str(mx_port),
-        MTAQ_HOSTNAME="mtaq.test",
-        MTAQ_LOG_LEVEL="INFO",
-    )
-    # its own session, as a shell starts a foreground job in its own process group: the test can then
-    # signal the whole group as a terminal's Ctrl-C does
-    with open(log, "ab") as out:
-        p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mtaq",
-                "run",
-                "--data-dir",
-                str(data_dir),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    wait_port("127.0.0.1", port)
-    return p
-
-
-def queue_listing(data_dir: Path) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "mtaq", "queue", "--data-dir", str(data_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-
-
-def stop(p: subprocess.Popen[bytes], log: Path) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 0, log.read_text()
-
-
-def children_of(pid: int) -> list[int]:
-    """Child processes of ``pid``, from /proc."""
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=GENEROUS):
-            return False
-    except ConnectionRefusedError:  # only a refusal; a slow connect on a loaded machine is not one
-        return True
+from tests.mtaqrun import queue_listing, start_run, stop
+from tests.ports import free_port
+from tests.procs import alive, children, refused
+from tests.sinks import SinkServer, wait_for
 
 
 def test_run_keeps_the_queue_across_restarts_and_delivers(
@@ -145,7 +74,7 @@ def test_ctrl_c_lets_the_transaction_in_flight_finish_before_redis_stops(
         # only the supervisor got the signal and it stops them in order. This replaces a guessed
         # sleep that gave a signalled redis-server time to die before the commit below.
         group = os.getpgid(p.pid)
-        for child in (int((data_dir / "redis.pid").read_text()), *children_of(p.pid)):
+        for child in (int((data_dir / "redis.pid").read_text()), *children(p.pid)):
             try:
                 assert os.getpgid(child) != group, f"pid {child} is in the foreground group"
             except ProcessLookupError:  # gone: a redis-server killed by the signal fails the 250 below

@@ -14,8 +14,10 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message, route
-from tests.integration.test_run import start_run, stop
-from tests.sinks import SinkServer, free_port, wait_for
+from tests.integration.eventually import GENEROUS, eventually
+from tests.mtaqrun import start_run, stop
+from tests.ports import free_port
+from tests.sinks import SinkServer, wait_for
 
 SINK_HOSTS = [f"127.0.0.{i}" for i in range(20, 30)]
 
@@ -65,9 +67,13 @@ class Gauge:
 
 
 @pytest.mark.slow
-def test_slow_destinations_with_mtaq_run_defaults(dns: ZoneServer, tmp_path: Path) -> None:
+def test_slow_destinations_with_mtaq_run_defaults(
+    dns: ZoneServer, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     """10 destinations whose MX waits 1 s before answering DATA, 1,000 messages from 20 sessions:
-    one conversation per worker would need over 8 minutes; `mtaq run` as it comes, under 30 s."""
+    one conversation per worker would need over 8 minutes. `mtaq run` as it comes holds 50 and more
+    conversations at once (the proof, a count), so all arrive long before that; the rate is reported,
+    not asserted (a loaded machine slows it, the count it cannot fake)."""
     mx_port = free_port(SINK_HOSTS)
     sinks = [SinkServer(host, mx_port).start() for host in SINK_HOSTS]
     for n, host in enumerate(SINK_HOSTS):
@@ -81,12 +87,14 @@ def test_slow_destinations_with_mtaq_run_defaults(dns: ZoneServer, tmp_path: Pat
         rcpts = [f"u{i}@d{i % 10}.test" for i in range(1000)]
         started = time.monotonic()
         assert len(send_all(port, rcpts)) == 1000
-        arrived = wait_for(lambda: sum(len(s.messages) for s in sinks) >= 1000, 60, interval=0.1)
+        # a failure bound a quarter of the serial 8 minutes: only a design without concurrency reaches it
+        arrived = wait_for(lambda: sum(len(s.messages) for s in sinks) >= 1000, 2 * GENEROUS, interval=0.1)
         took = time.monotonic() - started
         gauge.stop()
         assert arrived, log.read_text()[-3000:]
-        assert took < 30, f"1,000 messages took {took:.1f}s"
         assert gauge.peak >= 50, f"at most {gauge.peak} connections at once"
+        record_property("messages_per_second", round(1000 / took, 1))
+        print(f"slow destinations: 1,000 messages in {took:.1f} s, {1000 / took:.0f}/s, peak {gauge.peak} conn")
         got = sorted(r for s in sinks for r in s.recipients())
         assert got == sorted(rcpts)  # each once
     finally:
@@ -128,13 +136,14 @@ def test_a_dead_destination_is_suspended_not_hammered(
     mta.start_worker(2)
     for i in range(6):
         mta.send("alice@client.test", [f"u{i}@dead.test"], message(f"dead{i}"))
-    assert wait_for(lambda: "3 connection failures in a row: delivery suspended for 600s" in mta.logs(), 30), (
+    assert wait_for(lambda: "3 connection failures in a row: delivery suspended for 600s" in mta.logs(), GENEROUS), (
         mta.logs()[-3000:]
     )
     assert mta.redis.exists("mtaq:dest:dead.test:down")
-    time.sleep(0.5)  # the first wave's conversations end
+    # the first wave's jobs have all ended (tried, or put off to the scheduler): no guessed sleep
+    eventually(lambda: (c := mta.queue.counts()).waiting == 0 and c.running == 0, "the first wave's jobs ended")
     tried = mta.logs().count("INFO connect to mx.dead.test[127.0.0.3]")
     for i in range(6, 12):
         mta.send("alice@client.test", [f"u{i}@dead.test"], message(f"dead{i}"))
-    assert wait_for(lambda: mta.logs().count("delivery temporarily suspended") >= 6, 30), mta.logs()[-3000:]
+    assert wait_for(lambda: mta.logs().count("delivery temporarily suspended") >= 6, GENEROUS), mta.logs()[-3000:]
     assert mta.logs().count("INFO connect to mx.dead.test[127.0.0.3]") == tried  # the second wave was not tried

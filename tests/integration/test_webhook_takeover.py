@@ -17,11 +17,12 @@ import redis
 
 from common.events import Event, EventType
 from common.store import EVENTS_SENDER_LOCK, Store
-from common.supervise import stop_processes
+from mtaq.runtime.supervise import stop_processes
 from tests.fixtures import ROOT
 from tests.integration.test_events_live import SECRET, Receiver
+from tests.ports import free_port
 from tests.redisserver import RedisServer
-from tests.sinks import free_port, wait_for
+from tests.sinks import wait_for
 from worker.webhook import LEASE_TTL
 
 

@@ -42,7 +42,7 @@ def test_queue_help_shows_only_the_settings_it_uses() -> None:
     assert "--redis-url" in listing and "--relayhost" in listing
     for foreign in ("--max-message-size", "--tls-cert", "--mynetworks", "--workers", "--smtp-port"):
         assert foreign not in listing
-    assert " ".join(top["queue"].format_help().split()).count("[env MTAQ_") == 3  # redis_url, data_dir, queue_name
+    assert " ".join(top["queue"].format_help().split()).count("[env MTAQ_") == 7  # opscmd.REDIS_SETTINGS
     assert "--listen" in top["health"].format_help() and "--tls-cert" not in top["health"].format_help()
 
 

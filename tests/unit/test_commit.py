@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from common.envelope import Envelope, Recipient
-from common.store import Message, StoreFull, StoreUnavailable
+from common.store import Message, StoreFull, StoreNotReplicated, StoreUnavailable
 from ingress import replies
-from ingress.commit import OOM_PAUSE, Committer, StorageRefused, storage_reply
+from ingress.commit import OOM_PAUSE, REPLICA_PAUSE, SETTLE_WAIT, Committer, StorageRefused, storage_reply
 
 
 @pytest.mark.parametrize(
@@ -34,10 +34,15 @@ class FakeStore:
         self.size = size
         self.committed: list[str] = []
         self.store = self
+        self.replicas = 0  # redis_min_replicas
+        self.marks: set[str] = set()
+        self.redis: object = None
 
-    def commit(self, messages: Sequence[Message]) -> int:
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         if self.error is not None:
             raise self.error
+        if mark:
+            self.marks.add(mark)
         self.committed += [m.envelope.id for m in messages]
         self.size += len(messages)
         return 1 if messages else 0  # one delivery job: every test message goes to one next hop
@@ -141,9 +146,9 @@ class BatchRecorder(FakeStore):
         super().__init__()
         self.batches: list[int] = []
 
-    def commit(self, messages: Sequence[Message]) -> int:
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         self.batches.append(len(messages))
-        return super().commit(messages)
+        return super().commit(messages, mark=mark)
 
 
 def test_commit_wait_adds_no_delay_when_idle_and_grows_batches_under_load() -> None:
@@ -189,3 +194,101 @@ def test_commit_wait_ends_once_every_open_transaction_has_submitted() -> None:
         return store.batches
 
     assert run(go()) == [2, 4, 1]
+
+
+class FakeInfo:
+    """A primary's INFO replication: ``online`` replicas."""
+
+    def __init__(self, online: int) -> None:
+        self.online = online
+
+    def info(self, section: str) -> dict[str, object]:
+        assert section == "replication"
+        replica = {"ip": "10.0.0.9", "port": 6379, "state": "online", "offset": 5}
+        replicas = {f"slave{i}": replica for i in range(self.online)}
+        return {"role": "master", "master_repl_offset": 5, **replicas}
+
+
+def test_too_few_replicas_refuse_new_mail_without_storing_until_they_are_back() -> None:
+    clock = Clock()
+    store = FakeStore(error=StoreNotReplicated("0 of 1 replica(s) acknowledged the write within 1000 ms"))
+    primary = FakeInfo(online=0)
+    store.replicas = 1
+    store.redis = primary
+
+    async def go() -> list[replies.Reply | None]:
+        c = Committer(store, clock=clock)  # type: ignore[arg-type]
+        with pytest.raises(StorageRefused) as refused:
+            await c.submit(msg("1"))  # stored on the primary alone: 451, and the gate closes
+        gates = [refused.value.reply, c.gate()]
+        clock.now += REPLICA_PAUSE - 0.01
+        await c._check_replicas()  # still none: the pause goes on past its first end
+        clock.now += 0.02
+        gates.append(c.gate())
+        primary.online = 1
+        await c._check_replicas()  # back: the gate opens at once
+        gates.append(c.gate())
+        return gates
+
+    assert run(go()) == [replies.STORAGE_FAILED, replies.STORAGE_FAILED, replies.STORAGE_FAILED, None]
+
+
+class Interrupted(FakeStore):
+    """A primary lost in the middle of the first commit, which the new primary then has or not."""
+
+    def __init__(self, replicated: bool) -> None:
+        super().__init__(error=StoreUnavailable("Connection closed by server."))
+        self.replicas = 1
+        self.redis = FakeInfo(online=0)
+        self.replicated = replicated
+
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
+        if self.error is not None:
+            error, self.error = self.error, None
+            if self.replicated:
+                self.marks.add(mark)  # stored, and already delivered and gone: only the mark is left
+            raise error
+        return super().commit(messages, mark=mark)
+
+    def has_commit_mark(self, mark: str) -> bool:
+        return mark in self.marks
+
+
+def _nap(clock: Clock, primary: FakeInfo, back_at: float) -> Any:
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        if clock.now >= back_at:  # the new primary has its replica
+            primary.online = 1
+        await asyncio.sleep(0)
+
+    return nap
+
+
+@pytest.mark.parametrize("replicated", [True, False])
+def test_a_commit_cut_off_by_a_failover_stores_each_message_once_and_answers_250(replicated: bool) -> None:
+    clock = Clock()
+    store = Interrupted(replicated)
+    assert isinstance(store.redis, FakeInfo)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=_nap(clock, store.redis, 5))  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
+
+    assert run(go()) == [None, None]  # both clients get 250 ...
+    # ... and the batch was stored again only where the new primary had not got it
+    assert store.committed == ([] if replicated else ["1", "2"])
+    assert clock.now >= 5
+
+
+def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
+    clock = Clock()
+    store = Interrupted(replicated=False)
+    assert isinstance(store.redis, FakeInfo)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=_nap(clock, store.redis, float("inf")))  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert store.committed == [] and clock.now >= SETTLE_WAIT

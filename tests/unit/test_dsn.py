@@ -10,6 +10,7 @@ from email.message import EmailMessage, Message
 
 import pytest
 
+from tests.mailparse import dsn_blocks, parse
 from worker.dsn import DsnRecipient, render_dsn
 
 NOW = 1_700_000_100.0
@@ -56,22 +57,8 @@ def build(recipients: list[DsnRecipient], **kw: object) -> bytes:
     return render_dsn(**args).data  # type: ignore[arg-type]
 
 
-def parse(raw: bytes) -> EmailMessage:
-    msg = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
-
-
 def parts(msg: EmailMessage) -> list[EmailMessage]:
     return list(msg.iter_parts())  # type: ignore[arg-type]
-
-
-def status_blocks(msg: EmailMessage) -> list[Message]:
-    report = parts(msg)[1]
-    assert report.get_content_type() == "message/delivery-status"
-    blocks = report.get_payload()
-    assert isinstance(blocks, list)
-    return [b for b in blocks if isinstance(b, Message)]
 
 
 def assert_well_formed(raw: bytes) -> None:
@@ -108,7 +95,7 @@ def test_three_parts_and_report_fields() -> None:
         "message/delivery-status",
         "text/rfc822-headers",
     ]
-    per_message, rcpt = status_blocks(msg)
+    per_message, rcpt = dsn_blocks(msg)
     assert per_message["Reporting-MTA"] == "dns; mta.example"
     assert per_message["X-Mtaq-Queue-ID"] == "ABC123"
     assert per_message["Original-Envelope-Id"] == "ENV-42"
@@ -143,12 +130,12 @@ def test_a_diagnostic_already_saying_host_is_not_doubled() -> None:
     msg = parse(build([r]))
     text = parts(msg)[0].get_content()
     assert text.count("said:") == 1
-    assert status_blocks(msg)[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
+    assert dsn_blocks(msg)[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
 
 
 def test_optional_fields_are_left_out() -> None:
     r = failed(orcpt=None, remote_mta="", diagnostic="", last_attempt=None)
-    per_message, rcpt = status_blocks(parse(build([r])))
+    per_message, rcpt = dsn_blocks(build([r]))
     assert "Original-Envelope-Id" not in per_message
     for name in ("Original-Recipient", "Remote-MTA", "Diagnostic-Code", "Last-Attempt-Date"):
         assert name not in rcpt
@@ -156,12 +143,12 @@ def test_optional_fields_are_left_out() -> None:
 
 def test_our_own_diagnostic_is_not_labelled_smtp() -> None:
     r = failed(remote_mta="", status="5.1.2", diagnostic="Host or domain name not found. Name service error")
-    rcpt = status_blocks(parse(build([r])))[1]
+    rcpt = dsn_blocks(build([r]))[1]
     assert rcpt["Diagnostic-Code"] == "X-Mtaq; Host or domain name not found. Name service error"
 
 
 def test_bare_orcpt_is_taken_as_rfc822() -> None:
-    rcpt = status_blocks(parse(build([failed(orcpt="Orig@B.test")])))[1]
+    rcpt = dsn_blocks(build([failed(orcpt="Orig@B.test")]))[1]
     assert rcpt["Original-Recipient"] == "rfc822; Orig@B.test"
 
 
@@ -183,7 +170,7 @@ def test_subject_follows_the_actions(actions: list[str], subject: str) -> None:
     recipients = [failed(f"r{i}@b.test", action=a, status=status[a]) for i, a in enumerate(actions)]
     msg = parse(build(recipients))
     assert msg["Subject"] == subject
-    blocks = status_blocks(msg)[1:]
+    blocks = dsn_blocks(msg)[1:]
     assert [b["Action"] for b in blocks] == actions
 
 
@@ -252,17 +239,34 @@ def test_lf_only_original_is_normalised_to_crlf() -> None:
     assert ORIGINAL.rstrip(b"\r\n") in raw
 
 
+def returned_octets(raw: bytes) -> bytes:
+    """The content of a report's third part (the returned message or its headers), as sent."""
+    boundary = parse(raw).get_boundary()
+    assert boundary is not None
+    _, _, _, third, _ = raw.split(b"--" + boundary.encode())
+    return third.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")
+
+
 def test_original_without_body_or_headers() -> None:
     for original in (b"Subject: only headers\r\n", b"", b"\r\nbody only\r\n"):
+        headers = original.split(b"\r\n\r\n", 1)[0] if not original.startswith(b"\r\n") else b""
         for ret in ("FULL", "HDRS"):
-            assert_well_formed(build([failed()], original=original, ret=ret))
+            raw = build([failed()], original=original, ret=ret)
+            assert_well_formed(raw)
+            kind = parts(parse(raw))[2].get_content_type()
+            got = returned_octets(raw)
+            if ret == "FULL":  # the whole message back, exactly as it came
+                assert (kind, got) == ("message/rfc822", original), (original, got)
+            else:  # its headers only, and never a line of its body
+                assert kind == "text/rfc822-headers" and b"body only" not in got, (original, got)
+                assert got.strip(b"\r\n") == headers.strip(b"\r\n"), (original, got)
 
 
 def test_a_reply_cannot_inject_fields() -> None:
     r = failed(diagnostic="550 5.1.1 No such user\r\nAction: delivered\r\n\r\nX-Evil: yes")
     raw = build([r])
     assert_well_formed(raw)
-    blocks = status_blocks(parse(raw))
+    blocks = dsn_blocks(raw)
     assert len(blocks) == 2
     assert blocks[1]["Action"] == "failed"
     assert blocks[1]["X-Evil"] is None
@@ -274,7 +278,7 @@ def test_long_diagnostics_are_folded() -> None:
     raw = build([failed(diagnostic=long_reply), failed("x@b.test", diagnostic="550 " + "y" * 3000)])
     assert_well_formed(raw)
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
-    rcpt = status_blocks(parse(raw))[1]
+    rcpt = dsn_blocks(raw)[1]
     assert str(rcpt["Diagnostic-Code"]).split() == ["smtp;", *long_reply.split()]
 
 
@@ -283,14 +287,14 @@ def test_non_ascii_recipient_uses_rfc6533_utf8_type() -> None:
     assert raw.isascii()
     assert_well_formed(raw)
     msg = parse(raw)
-    rcpt = status_blocks(msg)[1]
+    rcpt = dsn_blocks(msg)[1]
     assert rcpt["Final-Recipient"] == "utf-8; j\\x{F6}s@b.test"
     assert rcpt["Original-Recipient"] == "utf-8; J\\x{F6}s@b.test"
     assert "<jös@b.test>" in parts(msg)[0].get_content()
 
 
 def test_invalid_status_is_replaced_by_a_class_default() -> None:
-    rcpt = status_blocks(parse(build([failed(status="bogus")])))[1]
+    rcpt = dsn_blocks(build([failed(status="bogus")]))[1]
     assert rcpt["Status"] == "5.0.0"
 
 
@@ -373,19 +377,6 @@ def jorg(**kw: object) -> DsnRecipient:
     return failed("rejectjörg@b.test", **fields)
 
 
-def global_status_blocks(raw: bytes) -> list[Message]:
-    """The blocks of a message/global-delivery-status part: RFC 822-style fields in UTF-8."""
-    msg = parse(raw)
-    [part] = [p for p in parts(msg) if p.get_content_type() == "message/global-delivery-status"]
-    assert part["Content-Transfer-Encoding"] == "8bit"
-    boundary = msg.get_boundary()
-    assert boundary is not None
-    section = next(s for s in raw.split(b"--" + boundary.encode()) if b"message/global-delivery-status" in s)
-    body = section.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n").decode("utf-8")
-    parser = email.parser.HeaderParser(policy=email.policy.default)
-    return [parser.parsestr(block + "\r\n") for block in body.split("\r\n\r\n")]
-
-
 def test_smtputf8_mail_gets_a_global_report_with_unitext_addresses() -> None:
     raw = build([jorg()], original=UTF8_ORIGINAL, original_sender="jörg@x.test", ret="FULL", utf8_ok=True)
     assert_well_formed(raw)
@@ -397,7 +388,7 @@ def test_smtputf8_mail_gets_a_global_report_with_unitext_addresses() -> None:
         "message/global-delivery-status",
         "message/global",
     ]
-    per_message, rcpt = global_status_blocks(raw)
+    per_message, rcpt = dsn_blocks(raw)
     assert per_message["X-Mtaq-Sender"] == "utf-8; jörg@x.test"
     assert rcpt["Original-Recipient"] == "utf-8; rejectjörg@b.test"  # the \x{F6} of the ORCPT decoded
     assert rcpt["Final-Recipient"] == "utf-8; rejectjörg@b.test"
@@ -421,7 +412,7 @@ def test_a_seven_bit_report_uses_one_escaping_for_addresses_and_text() -> None:
     raw = build([jorg()])  # no SMTPUTF8: the report stays 7-bit
     assert raw.isascii()
     assert_well_formed(raw)
-    rcpt = status_blocks(parse(raw))[1]
+    rcpt = dsn_blocks(raw)[1]
     assert rcpt["Original-Recipient"] == "utf-8; rejectj\\x{F6}rg@b.test"
     assert rcpt["Final-Recipient"] == "utf-8; rejectj\\x{F6}rg@b.test"
     assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <rejectj\\x{F6}rg@b.test>: unknown"
@@ -429,11 +420,11 @@ def test_a_seven_bit_report_uses_one_escaping_for_addresses_and_text() -> None:
 
 
 def test_utf8_addresses_escape_what_xtext_reserves() -> None:
-    seven = status_blocks(parse(build([failed("jö+a=b@b.test")])))[1]
+    seven = dsn_blocks(build([failed("jö+a=b@b.test")]))[1]
     assert seven["Final-Recipient"] == "utf-8; j\\x{F6}\\x{2B}a\\x{3D}b@b.test"
-    [_, rcpt] = global_status_blocks(build([failed("jö+a=b@b.test")], utf8_ok=True))
+    [_, rcpt] = dsn_blocks(build([failed("jö+a=b@b.test")], utf8_ok=True))
     assert rcpt["Final-Recipient"] == "utf-8; jö\\x{2B}a\\x{3D}b@b.test"
-    ascii_plus = status_blocks(parse(build([failed("a+b@b.test")])))[1]
+    ascii_plus = dsn_blocks(build([failed("a+b@b.test")]))[1]
     assert ascii_plus["Final-Recipient"] == "rfc822; a+b@b.test"  # rfc822 addresses are as they are
 
 
@@ -463,13 +454,13 @@ def test_a_mixed_report_says_who_got_it_and_who_did_not() -> None:
     assert "<good@c.test>" not in failed_part
     assert "<good@c.test>: relayed to mx.c.test" in delivered_part and "<bad@b.test>" not in delivered_part
     assert "Undelivered Mail Returned to Sender" not in text
-    assert [b["Action"] for b in status_blocks(msg)[1:]] == ["failed", "relayed"]
+    assert [b["Action"] for b in dsn_blocks(msg)[1:]] == ["failed", "relayed"]
 
 
 def test_a_delay_warning_names_the_retry_deadline() -> None:
     r = failed(action="delayed", status="4.4.1", diagnostic="451 4.4.1 try later")
     msg = parse(build([r], retry_until=ARRIVAL + 86400, now=ARRIVAL + 14400))
-    rcpt = status_blocks(msg)[1]
+    rcpt = dsn_blocks(msg)[1]
     assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.4.1"
     until = rcpt["Will-Retry-Until"]
     assert until is not None and email.utils.parsedate_to_datetime(until).timestamp() == ARRIVAL + 86400

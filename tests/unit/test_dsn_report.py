@@ -14,6 +14,7 @@ import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.store import Message
+from tests.mailparse import dsn_blocks, parse
 from worker.dsn import delay_warning_recipients, make_delay_dsn, make_dsn
 
 BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nBODY-MARKER\r\n"
@@ -28,15 +29,15 @@ def msg(*rcpts: Recipient, body: bytes = BODY, **kw: object) -> Message:
     return Message(Envelope(**fields), body)  # type: ignore[arg-type]
 
 
-def parse(m: Message | None) -> EmailMessage:
+def report_of(m: Message | None) -> EmailMessage:
     assert m is not None
-    report = email.message_from_bytes(m.body, policy=email.policy.default)
-    assert isinstance(report, EmailMessage) and not report.defects
+    report = parse(m.body)
+    assert not report.defects
     return report
 
 
 def returned(m: Message | None) -> str:
-    return list(parse(m).iter_parts())[2].get_content_type()
+    return list(report_of(m).iter_parts())[2].get_content_type()
 
 
 def test_full_content_only_for_trusted_mail_that_asked_for_it() -> None:
@@ -66,7 +67,7 @@ def test_smtputf8_mail_gets_a_global_report_queued_with_smtputf8() -> None:
     body = "From: jörg@x.test\r\nSubject: grüße\r\n\r\nbody\r\n".encode()
     m = msg(Recipient("jörg@y.test"), body=body, sender="jörg@x.test", ret="FULL", trusted=True, smtputf8=True)
     dsn = make_dsn(m, {0: BOUNCED}, "h", 2000.0)
-    report = parse(dsn)
+    report = report_of(dsn)
     assert report.get_param("report-type") == "global-delivery-status"
     assert returned(dsn) == "message/global"
     assert dsn is not None and dsn.envelope.smtputf8 and dsn.envelope.body_8bit
@@ -75,7 +76,7 @@ def test_smtputf8_mail_gets_a_global_report_queued_with_smtputf8() -> None:
 
 def test_mixed_outcomes_share_one_report_under_their_own_headings() -> None:
     m = msg(Recipient("bad@y.test"), Recipient("good@y.test", notify=("SUCCESS", "FAILURE")))
-    report = parse(make_dsn(m, {0: BOUNCED, 1: SENT}, "h", 2000.0))
+    report = report_of(make_dsn(m, {0: BOUNCED, 1: SENT}, "h", 2000.0))
     assert report["Subject"] == "Mail Delivery Status Report (some recipients failed)"
     text = next(iter(report.iter_parts())).get_content()
     assert text.index("<bad@y.test>") < text.index("Delivered (or relayed)") < text.index("<good@y.test>")
@@ -99,7 +100,7 @@ def test_delay_warning_names_only_the_deferred_recipients() -> None:
     m = msg(Recipient("slow@y.test"), Recipient("done@y.test"), Recipient("gone@y.test"), Recipient("new@y.test"))
     states = {0: DEFERRED, 1: SENT, 2: BOUNCED, 3: RecipientStatus()}
     assert delay_warning_recipients(m.envelope, states) == [0]
-    report = parse(make_delay_dsn(m, states, "h", 20000.0, retry_until=1000.0 + 86400))
+    report = report_of(make_delay_dsn(m, states, "h", 20000.0, retry_until=1000.0 + 86400))
     assert report["Subject"] == "Delayed Mail (still being retried)"
     status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
     payload = status.get_payload()
@@ -148,23 +149,12 @@ def kinds() -> dict[str, Message | None]:
     }
 
 
-def blocks_of(part: email.message.MIMEPart, raw: bytes, international: bool) -> list[dict[str, str]]:
-    if not international:
-        payload = part.get_payload()
-        assert isinstance(payload, list)
-        return [{k.lower(): str(v) for k, v in b.items()} for b in payload if isinstance(b, email.message.Message)]
-    text = raw.decode("utf-8").split("Content-Type: message/global-delivery-status", 1)[1]
-    body = text.split("\r\n\r\n", 1)[1].split("\r\n--", 1)[0]
-    parser = email.parser.HeaderParser(policy=email.policy.default)
-    return [{k.lower(): str(v) for k, v in parser.parsestr(b + "\r\n").items()} for b in body.split("\r\n\r\n")]
-
-
 @pytest.mark.parametrize("kind", ["failed", "mixed", "success", "delayed", "8bit-headers", "global"])
 def test_every_report_has_the_rfc3464_structure(kind: str) -> None:
     dsn = kinds()[kind]
     assert dsn is not None
     raw = dsn.body
-    report = parse(dsn)
+    report = report_of(dsn)
     assert dsn.envelope.sender == "" and report["Auto-Submitted"] == "auto-replied"
     international = report.get_param("report-type") == "global-delivery-status"
     assert international is (kind == "global")
@@ -179,7 +169,7 @@ def test_every_report_has_the_rfc3464_structure(kind: str) -> None:
         "message/global",
         "message/global-headers",
     )
-    per_message, *per_recipient = blocks_of(status, raw, international)
+    per_message, *per_recipient = dsn_blocks(raw)
     assert per_message["reporting-mta"] in ("dns; h.test", "dns; h")
     assert per_recipient
     for block in per_recipient:
@@ -189,7 +179,11 @@ def test_every_report_has_the_rfc3464_structure(kind: str) -> None:
         address_type, _, address = block["final-recipient"].partition("; ")
         assert address_type in ("rfc822", "utf-8") and address
         assert (address_type == "utf-8") is (not address.isascii() or "\\x{" in address)
-        if "diagnostic-code" in block:
-            assert re.match(r"(smtp|X-Mtaq); \S", block["diagnostic-code"])
+        diagnostic = block["diagnostic-code"]
+        if block["action"] in ("failed", "delayed"):  # the remote's reply is why: never left out
+            assert diagnostic is not None, block
+            assert diagnostic in ("smtp; 550 5.1.1 no such user", "smtp; 451 4.4.1 later"), diagnostic
+        if diagnostic is not None:
+            assert re.match(r"(smtp|X-Mtaq); \S", diagnostic)
     if kind == "delayed":
         assert all("will-retry-until" in b for b in per_recipient)

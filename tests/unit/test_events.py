@@ -3,6 +3,7 @@ and their writing with the state change (common/store.py, fakeredis with Lua).""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -14,6 +15,7 @@ from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.events import (
     Event,
     EventType,
+    delayed_event,
     message_id_of,
     outcome_event,
     outcome_type,
@@ -57,6 +59,13 @@ def test_outcome_events(state: RcptState, dsn: str, kind: EventType, klass: str)
     ev = outcome_event(ENV, 1, st, "<m1@client.test>")
     assert (ev.type, ev.recipient, ev.attempt, ev.classification) == (kind, "b@y.test", 3, klass)
     assert ev.id == f"ABC123.1.{kind.value}.3"
+
+
+def test_an_outcome_event_carries_the_attempts_tls() -> None:
+    tls = "verified(mta-sts) TLSv1.3 TLS_AES_256_GCM_SHA384"
+    st = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 2.0.0 Ok", "mx", tls=tls)
+    assert outcome_event(ENV, 0, st, "<m>").tls == tls
+    assert delayed_event(ENV, 0, dataclasses.replace(st, state=RcptState.DEFERRED), "<m>", 1.0).tls == tls
 
 
 def test_fields_round_trip_and_json_form() -> None:

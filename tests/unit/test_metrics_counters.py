@@ -9,9 +9,9 @@ import fakeredis
 import redis
 
 from common import metrics
-from common.exporter import Monitor, MtaqCollector
 from common.metrics import Counters, latency_bucket
 from common.store import STATS
+from mtaq.ops.exporter import Monitor, MtaqCollector
 
 
 def test_two_processes_worth_of_counters_add_up() -> None:
@@ -88,3 +88,11 @@ def test_collector_renders_the_redis_counts() -> None:
     total = [s.value for s in fams["mtaq_delivery_latency_seconds"].samples if s.name.endswith("_sum")]
     assert total == [90.5]
     assert fams["mtaq_workers_alive"].samples[0].value == 0
+
+
+def test_deliveries_by_tls_level_and_status() -> None:
+    r = fakeredis.FakeRedis()
+    r.hset(STATS, mapping={"tls:verified(mta-sts):sent": 2, "tls:none:deferred": 1, "tls:opportunistic:sent": 5})
+    fams = {f.name: f for f in MtaqCollector(Monitor(r)).collect()}
+    got = {(s.labels["tls"], s.labels["status"]): s.value for s in fams["mtaq_deliveries_tls"].samples}
+    assert got == {("verified(mta-sts)", "sent"): 2, ("none", "deferred"): 1, ("opportunistic", "sent"): 5}

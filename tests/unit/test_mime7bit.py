@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import quopri
 import re
 from email.message import EmailMessage
 
 import pytest
 
+from tests.mailparse import parse
 from worker.dsn import DsnRecipient, render_dsn
 from worker.mime7bit import to_7bit
 
@@ -20,12 +19,6 @@ HEAD = (
     b"From: alice@client.test\r\nTo: bob@a.test\r\nSubject:  two  spaces kept\r\n"
     b"X-Tab:\tkept\r\nMIME-Version: 1.0\r\n"
 )
-
-
-def parse(data: bytes) -> EmailMessage:
-    msg = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def seven_bit(data: bytes) -> None:

@@ -18,4 +18,8 @@ def test_license_is_an_spdx_string() -> None:
 def test_console_script_and_packages() -> None:
     assert PYPROJECT["project"]["scripts"]["mtaq"] == "mtaq.cli:main"
     packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    assert packages == {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    # every package and subpackage (mtaq.ops, mtaq.runtime): setuptools installs only those listed
+    tops = [p.parent for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests", "bench"}]
+    found = {".".join(i.parent.relative_to(ROOT).parts) for top in tops for i in top.rglob("__init__.py")}
+    assert {"common.smtp", "mtaq.ops", "mtaq.runtime"} <= found
+    assert packages == found

@@ -90,6 +90,32 @@ def test_verifier_caches_by_verdict_with_its_ttl() -> None:
     asyncio.run(run())
 
 
+def test_a_refusal_by_dns_is_answered_with_its_own_status_and_cached_as_invalid() -> None:
+    # ingress/verify.smtp_probe gives DNS refusals (null MX, NXDOMAIN, loop) their reply
+    clock = FakeClock()
+    asked: list[str] = []
+
+    async def probe(address: str) -> Probe:
+        asked.append(address)
+        return Probe(
+            Verdict.INVALID, "5.1.10 Domain null.test does not accept mail (nullMX)", replies.NULL_MX_RECIPIENT
+        )
+
+    v = Verifier(probe, positive_ttl=100.0, negative_ttl=10.0, clock=clock)
+
+    async def run() -> None:
+        assert await v.check("bob@null.test") == replies.NULL_MX_RECIPIENT
+        clock.now += 9
+        assert await v.check("bob@null.test") == replies.NULL_MX_RECIPIENT
+        assert asked == ["bob@null.test"]  # remembered for the negative TTL
+        clock.now += 2
+        await v.check("bob@null.test")
+        assert len(asked) == 2
+
+    asyncio.run(run())
+    assert str(replies.NULL_MX_RECIPIENT).startswith("550 5.1.10 ")
+
+
 def test_concurrent_askers_share_one_probe_and_a_crash_is_450() -> None:
     calls = 0
 

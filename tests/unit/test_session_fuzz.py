@@ -31,7 +31,7 @@ ENHANCED = re.compile(rb"([245])\d\d[ -]\1\.\d{1,3}\.\d{1,3} [^\r\n]*\r\n")
 EXEMPT = re.compile(
     rb"220 mx\.example\.net ESMTP mtaq\r\n"
     rb"|250[ -](mx\.example\.net|PIPELINING|SIZE \d+|STARTTLS|AUTH PLAIN LOGIN|ENHANCEDSTATUSCODES"
-    rb"|8BITMIME|DSN|SMTPUTF8)\r\n"
+    rb"|8BITMIME|DSN|SMTPUTF8|REQUIRETLS)\r\n"
     rb"|354 End data with <CR><LF>\.<CR><LF>\r\n"
     rb"|334 [A-Za-z0-9+/=]*\r\n"
 )

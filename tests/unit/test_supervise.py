@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from common.supervise import EXIT_FATAL, Child, Supervisor, stop_processes
+from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor, stop_processes
 from tests.integration.eventually import GENEROUS
 
 

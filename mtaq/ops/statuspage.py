@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.queueview import AGE_BUCKETS, QueueShape
+from mtaq.ops.queueview import AGE_BUCKETS, QueueShape
 
 __all__ = ["Sample", "WorkerInfo", "chart_svg", "render", "sample_from_json"]
 
@@ -122,6 +122,13 @@ svg text{font-size:11px}
 """
 
 
+def _redis_block(lines: Sequence[str]) -> str:
+    """Replication (common/replication.py lines): the primary, its replicas, the last failover."""
+    if not lines:
+        return ""
+    return '<pre id="redis">' + "\n".join(_esc(line) for line in lines) + "</pre>"
+
+
 def render(
     shape: QueueShape,
     workers: Sequence[WorkerInfo],
@@ -130,6 +137,7 @@ def render(
     hostname: str,
     stats: dict[str, int],
     problems: Sequence[str] = (),
+    redis_lines: Sequence[str] = (),
 ) -> str:
     now = shape.now
     rows = "".join(
@@ -183,6 +191,7 @@ def render(
 <h2>Queue: {shape.messages} message(s), {shape.size // 1024} KiB</h2>
 <p id="states">{_esc(states)}{oldest}</p>
 <p>Totals since Redis started: {_esc(counters)}</p>
+{_redis_block(redis_lines)}
 <h2>Last hour</h2>
 {chart_svg(samples, now)}
 <h2>Queue shape (messages per destination by age)</h2>

@@ -22,10 +22,10 @@ from typing import IO, Any
 
 import redis
 
-from common.lifeline import preexec_die_with
 from common.redisconn import embedded_socket
 from common.settings import Settings
-from common.supervise import restart_delay, stop_processes
+from mtaq.runtime.lifeline import preexec_die_with
+from mtaq.runtime.supervise import restart_delay, stop_processes
 
 __all__ = ["DataDirBusy", "EmbeddedRedis", "EmbeddedRedisError", "RedisProcess", "find_redis_server"]
 
@@ -66,7 +66,7 @@ class RedisProcess:
     """One redis-server as mtaq runs it, for `mtaq run` and for the tests alike: AOF on, fsync per
     ``appendfsync``, ``noeviction``, no RDB snapshots, its files (config, AOF, log, pid) in
     ``directory``; on a unix socket, or on TCP ``host:port`` when ``port`` is given. It dies with
-    the process that started it (common/lifeline.py). ``stop()`` is SIGTERM (the AOF written, then
+    the process that started it (mtaq/runtime/lifeline.py). ``stop()`` is SIGTERM (the AOF written, then
     exit), ``kill()`` a crash; ``start()`` again serves the same files."""
 
     def __init__(

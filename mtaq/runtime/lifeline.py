@@ -98,7 +98,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def die_with_supervisor(env: Mapping[str, str] = os.environ) -> None:
-    """die_with_parent for a subprocess started by common/supervise.py (which sets the variable)."""
+    """die_with_parent for a subprocess started by mtaq/runtime/supervise.py (which sets the variable)."""
     raw = env.get(SUPERVISOR_ENV, "")
     if raw.isdigit():
         die_with_parent(int(raw))

@@ -5,7 +5,8 @@ Replies go in (``receive_data``, ``eof``, ``timed_out``), commands come out (``d
 events come out (``next_event``): ``Ready`` when the session may take a transaction, ``NeedTLS``
 when the driver must wrap the socket (then ``tls_started``), ``Refused`` when the server will not
 talk to us, ``TransactionDone`` with one reply per recipient, ``Closed`` when the session is over.
-No sockets, no threads, no clock: the driver (worker/smtpclient.py) owns all IO.
+No sockets, no threads, no clock: the drivers own all IO (worker/smtpclient.py over blocking
+sockets for deliveries; ingress/verify.py over asyncio streams for its probes, ``start_probe``).
 
 One reply interpreter serves pipelined and lock-step servers: every command sent is put on a list of
 expected replies, and each reply read is matched to the head of that list, whatever was written
@@ -28,7 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from common.envelope import RcptState, outcome_of
+from common.envelope import RcptState
+from common.smtp.reply import Reply
 
 __all__ = [
     "Client",
@@ -37,13 +39,11 @@ __all__ = [
     "NeedTLS",
     "Ready",
     "Refused",
-    "RemoteReply",
     "TransactionDone",
     "TransactionResult",
     "dot_stuff",
 ]
 
-_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\s")
 _REPLY_LINE = re.compile(rb"^([2-5]\d\d)([ -])(.*)$")
 # A server reply line longer than this is a broken server (RFC 5321 §4.5.3.1.5 says 512).
 MAX_REPLY_LINE = 4096
@@ -51,44 +51,14 @@ MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 256
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteReply:
-    code: int
-    text: str  # the reply text, multi-line joined with spaces, as Postfix logs it
-
-    @classmethod
-    def of(cls, code: int, raw: bytes | str) -> RemoteReply:
-        b = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
-        return cls(code, " ".join(b.decode("utf-8", "replace").split()))
-
-    @property
-    def dsn(self) -> str:
-        """The enhanced status code the server gave, else one derived from the basic code (RFC 3463)."""
-        m = _ENHANCED.match(self.text.encode() + b" ")
-        if m and m.group(1).decode() == str(self.code)[0]:
-            return b".".join(m.groups()).decode()
-        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def outcome(self) -> RcptState:
-        """What this reply means for a recipient it decides: DELIVERED, BOUNCED or DEFERRED."""
-        return outcome_of(self.code)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
 @dataclass(slots=True)
 class TransactionResult:
     # recipient position in the list given -> the reply that decided it (MAIL's, RCPT's or DATA's)
-    replies: dict[int, RemoteReply]
+    replies: dict[int, Reply]
     # True when the connection broke (or the server said 421) before every recipient had a reply
     broken: bool = False
     timed_out: bool = False  # ...because the server stopped answering (Postfix: "timed out")
+    mail: Reply | None = None  # MAIL's own reply (a refused MAIL decides every recipient)
 
 
 # -- events
@@ -109,7 +79,7 @@ class Refused:
     """No usable session: ``text`` says why in Postfix's words; ``reply`` is the server's, if any."""
 
     text: str
-    reply: RemoteReply | None = None
+    reply: Reply | None = None
     timed_out: bool = False
 
 
@@ -149,12 +119,13 @@ class _Transaction:
     options: list[str]
     encoding: str
     pipelined: bool
-    mail: RemoteReply | None = None
+    probe: bool = False  # MAIL and RCPT only, then QUIT: address verification (start_probe)
+    mail: Reply | None = None
     next_rcpt: int = 0  # lock-step: the next RCPT to write
     rcpt_seen: int = 0  # RCPT replies read
     accepted: list[int] = field(default_factory=list)
-    replies: dict[int, RemoteReply] = field(default_factory=dict)
-    end: RemoteReply | None = None  # the end-of-data reply
+    replies: dict[int, Reply] = field(default_factory=dict)
+    end: Reply | None = None  # the end-of-data reply
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -189,7 +160,7 @@ class Client:
         self._events: deque[ClientEvent] = deque()
         self._expect: deque[str] = deque()  # what each reply still due answers: MAIL, RCPT, DATA ...
         self._tx: _Transaction | None = None
-        self.last_reply: RemoteReply | None = None
+        self.last_reply: Reply | None = None
 
     # -- what the driver asks
 
@@ -247,7 +218,7 @@ class Client:
                     self._broken("bad reply (too many lines)")
                 continue
             code = int(m.group(1))
-            reply = RemoteReply.of(code, b" ".join(ln[4:] for ln in self._lines))
+            reply = Reply.parse(code, b" ".join(ln[4:] for ln in self._lines))
             keywords = [ln[4:] for ln in self._lines[1:]]
             self._lines = []
             self.last_reply = reply
@@ -280,6 +251,16 @@ class Client:
         """One mail transaction; its result comes as ``TransactionDone``. ``options`` are the MAIL
         parameters; SMTPUTF8 among them lets addresses be UTF-8. Raises ValueError for an address
         the session cannot carry (non-ASCII without SMTPUTF8), before anything is written."""
+        self._start(sender, recipients, body, options, probe=False)
+
+    def start_probe(self, sender: str, recipients: list[str], options: list[str]) -> None:
+        """Ask whether the server would take mail for ``recipients`` and send none (address
+        verification, as Postfix's verify probes): MAIL, RCPT, then QUIT in place of DATA. The
+        result comes as ``TransactionDone`` (an accepted recipient's reply is its RCPT reply; a
+        refused MAIL's reply decides every recipient and is ``result.mail``), then ``Closed``."""
+        self._start(sender, recipients, b"", options, probe=True)
+
+    def _start(self, sender: str, recipients: list[str], body: bytes, options: list[str], *, probe: bool) -> None:
         assert self.phase is Phase.READY, self.phase
         if not recipients:
             raise ValueError("a transaction needs a recipient")
@@ -288,7 +269,7 @@ class Client:
             addr.encode(encoding)  # UnicodeEncodeError is a ValueError
             if "\r" in addr or "\n" in addr:
                 raise ValueError(f"bad address {addr!r}")
-        tx = _Transaction(sender, list(recipients), body, list(options), encoding, self.supports("pipelining"))
+        tx = _Transaction(sender, list(recipients), body, list(options), encoding, self.supports("pipelining"), probe)
         self._tx = tx
         self.phase = Phase.MAIL
         opts = "".join(" " + o for o in options)
@@ -297,7 +278,8 @@ class Client:
             for r in tx.recipients:
                 self._command(f"RCPT TO:{_path(r)}", "RCPT", encoding)
             tx.next_rcpt = len(tx.recipients)
-            self._command("DATA", "DATA")
+            if not probe:
+                self._command("DATA", "DATA")
 
     def noop(self) -> None:
         """Prove the idle session still lives (a cached connection): ``Ready`` or ``Closed``."""
@@ -321,7 +303,7 @@ class Client:
         self.phase = Phase.EHLO
         self._command(f"EHLO {self.helo_name}", "EHLO")
 
-    def _refuse(self, text: str, reply: RemoteReply | None = None) -> None:
+    def _refuse(self, text: str, reply: Reply | None = None) -> None:
         self._events.append(Refused(text, reply))
         self.quit()
 
@@ -344,7 +326,7 @@ class Client:
             self._expect.clear()
             self._events.append(Closed())
 
-    def _on_reply(self, reply: RemoteReply, keywords: list[bytes]) -> None:
+    def _on_reply(self, reply: Reply, keywords: list[bytes]) -> None:
         expect = self._expect.popleft() if self._expect else ("GREETING" if self.phase is Phase.GREETING else "")
         if expect == "GREETING":
             if reply.code != 220:
@@ -404,7 +386,7 @@ class Client:
         self.phase = Phase.READY
         self._events.append(Ready())
 
-    def _on_transaction_reply(self, what: str, reply: RemoteReply) -> None:
+    def _on_transaction_reply(self, what: str, reply: Reply) -> None:
         tx = self._tx
         assert tx is not None
         if reply.code == 421:
@@ -424,13 +406,18 @@ class Client:
             i = tx.rcpt_seen
             tx.rcpt_seen += 1
             if tx.mail is None or not tx.mail.positive:
-                return  # pipelined after a refused MAIL: MAIL's reply decides
+                # pipelined after a refused MAIL: MAIL's reply decides; a probe ends at the last
+                if tx.probe and tx.rcpt_seen == len(tx.recipients):
+                    self._finish()
+                return
             if reply.positive:
                 tx.accepted.append(i)
-            else:
+            if not reply.positive or tx.probe:
                 tx.replies[i] = reply
             if not tx.pipelined:
                 self._next_rcpt()
+            elif tx.probe and tx.rcpt_seen == len(tx.recipients):
+                self._finish()
         elif what == "DATA":
             if reply.code != 354:
                 # a refused DATA decides the accepted recipients (the server had no valid one, or
@@ -460,12 +447,12 @@ class Client:
         if tx.next_rcpt < len(tx.recipients):
             self._command(f"RCPT TO:{_path(tx.recipients[tx.next_rcpt])}", "RCPT", tx.encoding)
             tx.next_rcpt += 1
-        elif tx.accepted:
+        elif tx.accepted and not tx.probe:
             self._command("DATA", "DATA")
         else:
             self._finish()  # no recipient accepted: no DATA
 
-    def _finish(self, *, closing: RemoteReply | None = None, broken: bool = False, timed_out: bool = False) -> None:
+    def _finish(self, *, closing: Reply | None = None, broken: bool = False, timed_out: bool = False) -> None:
         tx = self._tx
         assert tx is not None
         self._tx = None
@@ -474,10 +461,15 @@ class Client:
             for i in range(len(tx.recipients)):
                 replies.setdefault(i, closing)
         complete = len(replies) == len(tx.recipients)
-        result = TransactionResult(replies, broken=broken or closing is not None or not complete, timed_out=timed_out)
+        result = TransactionResult(
+            replies, broken=broken or closing is not None or not complete, timed_out=timed_out, mail=tx.mail
+        )
         self._events.append(TransactionDone(result))
         if closing is not None or broken:
             self._close()
+            return
+        if tx.probe:
+            self.quit()  # a probe session ends here: the server never sees DATA
             return
         # replies still due (pipelined RCPTs and DATA after a refused MAIL) are read by the RSET
         # phase: the server is reset either way

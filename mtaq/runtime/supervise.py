@@ -2,7 +2,7 @@
 
 Used by `mtaq run` (ingress + workers) and `mtaq ingress --processes N`. A child that exits with
 EXIT_FATAL (it cannot work as configured: its port is in use) is not restarted: the supervisor
-stops the others and exits with that code. Children die with the supervisor (common/lifeline.py)."""
+stops the others and exits with that code. Children die with the supervisor (mtaq/runtime/lifeline.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from common.lifeline import SUPERVISOR_ENV, die_with_parent, preexec_die_with
+from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_parent, preexec_die_with
 
 __all__ = ["EXIT_FATAL", "Child", "Process", "Supervisor", "restart_delay", "stop_processes"]
 

@@ -1,5 +1,5 @@
-"""The sans-IO SMTP client, in memory: against our own ingress Session and against scripted
-(misbehaving) servers, pipelined and lock-step, no sockets."""
+"""The sans-IO SMTP client (common/smtp/client.py), in memory: against our own ingress Session and
+against scripted (misbehaving) servers, pipelined and lock-step, no sockets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.envelope import RcptState
-from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
-from worker.smtpproto import (
+from common.smtp.client import (
     Client,
     Closed,
     NeedTLS,
@@ -21,6 +20,7 @@ from worker.smtpproto import (
     TransactionResult,
     dot_stuff,
 )
+from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
 
 RELAY = "mx.example.net[192.0.2.1]:25"
 
@@ -436,8 +436,8 @@ def test_noop_on_an_idle_session() -> None:
 def test_multiline_reply_is_joined() -> None:
     script = Script(end="250-2.0.0 Ok\r\n250 queued as X")
     result, _, _ = transact(script, rcpts=["a@x.test"])
-    assert result is not None and result.replies[0].text == "2.0.0 Ok queued as X"
-    assert result.replies[0].dsn == "2.0.0"
+    assert result is not None and str(result.replies[0]) == "250 2.0.0 Ok queued as X"
+    assert (result.replies[0].enhanced, result.replies[0].text) == ("2.0.0", "Ok queued as X")
 
 
 # -- against our own ingress Session ----------------------------------------------------------------
@@ -523,3 +523,46 @@ def test_against_our_session_per_recipient_refusals() -> None:
     assert done.replies[1].outcome is RcptState.BOUNCED  # relay access denied
     assert done.replies[4].outcome is RcptState.DEFERRED  # 452 too many recipients: a later transaction takes it
     assert len(stored) == 1 and len(stored[0].recipients) == 3
+
+
+# -- probes (address verification: ingress/verify.py) -------------------------------------------------
+
+
+def probe(script: Script, rcpts: list[str]) -> tuple[TransactionResult | None, Client, list[object]]:
+    client = new_client(try_tls=False)
+    events = run(client, script, then=lambda c: c.start_probe("", rcpts, []))
+    done = [e for e in events if isinstance(e, TransactionDone)]
+    assert len(done) <= 1
+    return (done[0].result if done else None), client, events
+
+
+@pytest.mark.parametrize(("ehlo", "delivery"), MODES)
+def test_probe_asks_mail_and_rcpt_then_quits_without_data(ehlo: str, delivery: str) -> None:
+    script = Script(ehlo=ehlo, delivery=delivery, rcpt=lambda a: "550 5.1.1 no such user" if "gone" in a else "250 ok")
+    result, client, events = probe(script, ["bob@x.test", "gone@x.test"])
+    assert script.commands[1:] == ["MAIL FROM:<>", "RCPT TO:<bob@x.test>", "RCPT TO:<gone@x.test>", "QUIT"]
+    assert script.bodies == []
+    assert result is not None and not result.broken
+    assert {i: str(r) for i, r in result.replies.items()} == {0: "250 ok", 1: "550 5.1.1 no such user"}
+    assert result.mail is not None and result.mail.positive
+    assert isinstance(events[-1], Closed) and client.closed
+
+
+@pytest.mark.parametrize(("ehlo", "delivery"), MODES)
+def test_probe_with_a_refused_mail_says_so(ehlo: str, delivery: str) -> None:
+    script = Script(ehlo=ehlo, delivery=delivery, mail="550 5.7.1 no null sender here")
+    result, client, _ = probe(script, ["bob@x.test"])
+    assert result is not None and result.mail is not None and result.mail.code == 550
+    assert str(result.replies[0]) == "550 5.7.1 no null sender here"  # MAIL's reply decides
+    assert "DATA" not in script.commands and script.commands[-1] == "QUIT" and client.closed
+
+
+def test_probe_cut_short_by_421_is_broken() -> None:
+    result, client, _ = probe(Script(rcpt=lambda a: "421 4.3.2 going down"), ["bob@x.test"])
+    assert result is not None and result.broken and result.replies[0].code == 421
+    assert client.closed
+
+
+def test_a_transaction_reports_its_mail_reply_too() -> None:
+    result, _, _ = transact(Script(), rcpts=["a@x.test"])
+    assert result is not None and result.mail is not None and str(result.mail) == "250 2.1.0 Ok"

@@ -1,9 +1,12 @@
 """Where to deliver mail for a destination: MX resolution (RFC 5321 §5.1, RFC 7505 null MX).
 
-The rules are pure functions (``order_mx``, ``parse_destination``) and one small class that asks a
-dnspython resolver and applies them (``MXResolver``). Errors are one exception, ``DnsError``,
-carrying the enhanced status code (RFC 3463) and a Postfix-style diagnostic; its ``state`` follows
-from the code: BOUNCED (5.x.x) or DEFERRED (4.x.x, try again later).
+One core and two fronts, so that the workers and the ingress's recipient verification resolve a
+destination alike: the rules (``MXRules.plan``, with the pure ``order_mx``; the destination syntax
+is common/smtp/hostport.py) ask their DNS questions by yielding them and read the answers sent
+back, doing no IO themselves; ``MXResolver`` answers them with a blocking dnspython resolver (the
+workers), ``AsyncMXResolver`` with an asyncio one (the ingress's event loop). Errors are one
+exception, ``DnsError``, carrying the enhanced status code (RFC 3463) and a Postfix-style
+diagnostic; its ``state`` follows from the code: BOUNCED (5.x.x) or DEFERRED (4.x.x, try again later).
 
 The outcomes, following Postfix where the RFC leaves a choice:
 
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
@@ -41,17 +46,23 @@ import dns.rdatatype
 import dns.resolver
 
 from common.envelope import RcptState, outcome_of
+from common.smtp.hostport import parse_destination, split_hostport
 
 __all__ = [
     "MAX_ADDRESSES",
+    "AsyncMXResolver",
     "DnsError",
     "MXResolver",
+    "MXRules",
+    "Plan",
+    "Query",
     "Target",
     "interface_addresses",
     "local_addresses",
+    "make_async_resolver",
     "make_resolver",
     "order_mx",
-    "parse_destination",
+    "run_plan",
 ]
 
 MAX_ADDRESSES = 5
@@ -110,66 +121,64 @@ def order_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[str
     return ordered
 
 
-def parse_destination(destination: str, port: int) -> tuple[str, int, bool]:
-    """``(host, port, literal)`` of a next-hop destination, Postfix style.
-
-    ``example.com`` -> MX lookup; ``example.com:587`` -> MX lookup, port 587; ``[host]`` and
-    ``[host]:port`` -> no MX lookup (``literal``), the host's own addresses or the IP literal.
-    An RFC 5321 ``[IPv6:...]`` address literal is accepted too. Raises ValueError on a bad port.
-    """
-    dest = destination.strip()
-    if dest.startswith("["):
-        host, close, rest = dest[1:].partition("]")
-        if not close or not host:
-            raise ValueError(f"bad destination {destination!r}")
-        if host[:5].lower() == "ipv6:":
-            host = host[5:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad destination {destination!r}")
-            port = _port(rest[1:], destination)
-        return host, port, True
-    if dest.count(":") == 1:
-        host, _, p = dest.partition(":")
-        return host, _port(p, destination), False
-    return dest, port, False
-
-
 def make_resolver(servers: Sequence[tuple[str, int]], timeout: float = 5.0) -> dns.resolver.Resolver:
     """A caching resolver: the system's (``/etc/resolv.conf``) when ``servers`` is empty, else
     exactly those ``(ip, port)`` servers. ``timeout`` is the wait for one server; one lookup gives
     up after ``timeout`` times the number of servers. Answers, NXDOMAIN and NODATA included, are
     cached to their TTL (negative answers to the SOA minimum)."""
+    return _configure(dns.resolver.Resolver(configure=not servers), servers, timeout)
+
+
+def make_async_resolver(servers: Sequence[tuple[str, int]], timeout: float = 5.0) -> dns.asyncresolver.Resolver:
+    """``make_resolver``'s twin for an event loop (the ingress's recipient verification)."""
+    return _configure(dns.asyncresolver.Resolver(configure=not servers), servers, timeout)
+
+
+_R = TypeVar("_R", bound=dns.resolver.BaseResolver)
+
+
+def _configure(resolver: _R, servers: Sequence[tuple[str, int]], timeout: float) -> _R:
     if servers:
-        resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
-    else:
-        resolver = dns.resolver.Resolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout * max(1, len(resolver.nameservers))
     resolver.cache = dns.resolver.LRUCache()
     return resolver
 
 
-class MXResolver:
-    """Turns a destination into the ordered list of addresses to try."""
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One DNS question the rules ask; the answer is the records' text (``10 mx.a.test.``,
+    ``127.0.0.2``), or a dnspython exception (NXDOMAIN, NoAnswer, a timeout...) thrown in."""
+
+    name: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+
+
+Plan = Generator[Query, list[str], list[Target]]
+"""The rules at work on one destination: they yield the questions, are sent the answers, and
+return the targets (or raise DnsError). The fronts below do the asking."""
+
+
+class MXRules:
+    """The rules of MX resolution, without IO: ``plan`` says what to ask and what the answers
+    mean. ``MXResolver`` (blocking, the workers) and ``AsyncMXResolver`` (asyncio, the ingress's
+    recipient verification) answer its questions, so both sides resolve alike."""
 
     def __init__(
         self,
-        resolver: dns.resolver.Resolver,
         *,
         local_names: Iterable[str] = (),
         local_ips: Iterable[str] = (),
         max_addresses: int = MAX_ADDRESSES,
         rng: random.Random | None = None,
     ) -> None:
-        self.resolver = resolver
         self.local_names = frozenset(_name_key(n) for n in local_names if n.strip())
         self.local_ips = frozenset(_ip_key(a) for a in local_ips if a.strip())
         self.max_addresses = max_addresses
         self.rng = rng if rng is not None else random.Random()
 
-    def targets(self, destination: str, port: int) -> list[Target]:
+    def plan(self, destination: str, port: int) -> Plan:
         """Addresses to try for ``destination``, best first, at most ``max_addresses``.
 
         Raises DnsError (bounced or deferred); never returns an empty list.
@@ -180,41 +189,41 @@ class MXResolver:
             # A configuration mistake (transport map, relayhost): defer until someone fixes it.
             raise DnsError("4.3.5", f"mail system configuration error: {e}") from None
         if literal:
-            return self._literal(host, port)
-        return self._mx(host, port)
+            return (yield from self._literal(host, port))
+        return (yield from self._mx(host, port))
 
     # -- literal next hop: no MX lookup
 
-    def _literal(self, host: str, port: int) -> list[Target]:
+    def _literal(self, host: str, port: int) -> Plan:
         if _is_ip(host):
             return [Target(host, str(ipaddress.ip_address(host)), port, 0)]
-        found = self._addresses(host)
+        found = yield from self._addresses(host)
         if found.ips:
             return [Target(_display(host), ip, port, 0) for ip in found.ips[: self.max_addresses]]
         raise found.error(host)
 
     # -- MX lookup
 
-    def _mx(self, domain: str, port: int) -> list[Target]:
+    def _mx(self, domain: str, port: int) -> Plan:
         qname = self._qname(domain, "5.1.2")
         try:
-            answer = self.resolver.resolve(qname, dns.rdatatype.MX, search=False)
+            answer = yield Query(qname, dns.rdatatype.MX)
         except dns.resolver.NoAnswer:
-            return self._implicit_mx(domain, port)
+            return (yield from self._implicit_mx(domain, port))
         except dns.resolver.NXDOMAIN:
             raise DnsError("5.1.2", _host_not_found(domain, "MX")) from None
         except dns.exception.DNSException as e:  # SERVFAIL/REFUSED everywhere, timeout, ...
             raise DnsError("4.4.3", _try_again(domain, "MX", e)) from None
-        records = [(int(rr.preference), rr.exchange.to_text(omit_final_dot=True)) for rr in answer]
+        records = [_mx_record(text) for text in answer]
         real = [(pref, host) for pref, host in records if host not in ("", ".")]
         if not real:
             # RFC 7505 §3: "0 ." says the domain accepts no mail at all.
             raise DnsError("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
-        return self._resolve_hosts(domain, order_mx(real, self.rng), dict(_pref_map(real)), port)
+        return (yield from self._resolve_hosts(domain, order_mx(real, self.rng), dict(_pref_map(real)), port))
 
-    def _implicit_mx(self, domain: str, port: int) -> list[Target]:
+    def _implicit_mx(self, domain: str, port: int) -> Plan:
         """RFC 5321 §5.1: no MX records -> the domain itself is the sole host, preference 0."""
-        found = self._addresses(domain)
+        found = yield from self._addresses(domain)
         if not found.ips:
             raise found.error(domain)
         targets = [Target(_display(domain), ip, port, 0) for ip in found.ips]
@@ -222,7 +231,7 @@ class MXResolver:
             raise DnsError("5.4.6", f"mail for {domain} loops back to myself")
         return targets[: self.max_addresses]
 
-    def _resolve_hosts(self, domain: str, hosts: list[str], prefs: dict[str, int], port: int) -> list[Target]:
+    def _resolve_hosts(self, domain: str, hosts: list[str], prefs: dict[str, int], port: int) -> Plan:
         targets: list[Target] = []
         failures: list[tuple[str, _Addresses]] = []
         self_pref: int | None = None
@@ -239,7 +248,7 @@ class MXResolver:
                 # RFC 5321 §5.1 / RFC 1035: an MX names a host; Postfix refuses a numeric one too
                 failures.append((host, _Addresses(host, numeric=True)))
                 continue
-            found = self._addresses(host)
+            found = yield from self._addresses(host)
             if not found.ips:
                 failures.append((host, found))
                 continue
@@ -275,13 +284,13 @@ class MXResolver:
         except (dns.exception.DNSException, UnicodeError, ValueError) as e:
             raise DnsError(dsn, f"Host or domain name not found: bad name {name!r} ({e})") from None
 
-    def _addresses(self, host: str) -> _Addresses:
+    def _addresses(self, host: str) -> Generator[Query, list[str], _Addresses]:
         """A then AAAA of ``host``; one failing family does not spoil the other."""
         qname = self._qname(host, "5.4.4")
         out = _Addresses(host)
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             try:
-                answer = self.resolver.resolve(qname, rdtype, search=False)
+                answer = yield Query(qname, rdtype)
             except dns.resolver.NoAnswer:
                 out.nodata = True
                 continue
@@ -291,8 +300,8 @@ class MXResolver:
             except dns.exception.DNSException as e:
                 out.errors.append(f"{dns.rdatatype.to_text(rdtype)}: {_reason(e)}")
                 continue
-            for rr in answer:
-                ip = str(ipaddress.ip_address(rr.address))
+            for text in answer:
+                ip = str(ipaddress.ip_address(text))
                 if ip not in out.ips:
                     out.ips.append(ip)
         return out
@@ -301,6 +310,73 @@ class MXResolver:
         if _name_key(host) in self.local_names:
             return True
         return any(_ip_key(t.ip) in self.local_ips for t in targets)
+
+
+def run_plan(plan: Plan, ask: Callable[[Query], list[str]]) -> list[Target]:
+    """Drive ``plan`` to its end with ``ask`` answering each question (a DNSException it raises
+    goes to the rules, which decide what it means)."""
+    try:
+        query = next(plan)
+        while True:
+            try:
+                records = ask(query)
+            except dns.exception.DNSException as e:
+                query = plan.throw(e)
+            else:
+                query = plan.send(records)
+    except StopIteration as done:
+        targets: list[Target] = done.value
+        return targets
+
+
+class MXResolver(MXRules):
+    """The blocking front: a worker's conversations resolve their destinations with it."""
+
+    def __init__(self, resolver: dns.resolver.Resolver, **rules: Any) -> None:
+        super().__init__(**rules)
+        self.resolver = resolver
+
+    def targets(self, destination: str, port: int) -> list[Target]:
+        """Addresses to try for ``destination``, best first; raises DnsError, never returns []."""
+        return run_plan(self.plan(destination, port), self._ask)
+
+    def _ask(self, query: Query) -> list[str]:
+        return _texts(self.resolver.resolve(query.name, query.rdtype, search=False))
+
+
+class AsyncMXResolver(MXRules):
+    """The asyncio front, for the ingress's event loop (recipient verification): the same rules."""
+
+    def __init__(self, resolver: dns.asyncresolver.Resolver, **rules: Any) -> None:
+        super().__init__(**rules)
+        self.resolver = resolver
+
+    async def targets(self, destination: str, port: int) -> list[Target]:
+        """Addresses to try for ``destination``, best first; raises DnsError, never returns []."""
+        plan = self.plan(destination, port)
+        try:
+            query = next(plan)
+            while True:
+                try:
+                    records = _texts(await self.resolver.resolve(query.name, query.rdtype, search=False))
+                except dns.exception.DNSException as e:
+                    query = plan.throw(e)
+                else:
+                    query = plan.send(records)
+        except StopIteration as done:
+            targets: list[Target] = done.value
+            return targets
+
+
+def _texts(answer: dns.resolver.Answer) -> list[str]:
+    return [rr.to_text() for rr in answer]
+
+
+def _mx_record(text: str) -> tuple[int, str]:
+    """``10 mx.a.test.`` -> ``(10, "mx.a.test")``; the null MX ``0 .`` keeps its ``.``."""
+    pref, _, exchange = text.strip().partition(" ")
+    exchange = exchange.strip()
+    return int(pref), exchange if exchange == "." else exchange.removesuffix(".")
 
 
 class _Addresses:
@@ -336,11 +412,10 @@ class _Addresses:
 def local_addresses(listen: str) -> list[str]:
     """The addresses we receive mail on, for loop detection (Postfix inet_interfaces): the listen
     address when it is one, every interface address when it is a wildcard or a name."""
-    host = listen.strip()
-    if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
+    try:
+        host = split_hostport(listen, 0).host
+    except ValueError:
+        host = ""
     if _is_ip(host) and not ipaddress.ip_address(host).is_unspecified:
         return [str(ipaddress.ip_address(host))]
     return interface_addresses()
@@ -418,9 +493,3 @@ def _ip_key(text: str) -> str:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
         return text.strip().lower()
-
-
-def _port(text: str, destination: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port in destination {destination!r}")
-    return int(text)

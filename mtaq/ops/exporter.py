@@ -2,7 +2,8 @@
 at ``/``, and ``/healthz``. ``mtaq run``, each ``mtaq ingress`` and ``mtaq exporter`` serve it.
 
 Every number comes from Redis at scrape time (counters from the stats hash, see common/metrics.py;
-gauges from the queue itself), so every listener of a deployment shows the same totals: scrape one
+gauges from the queue's counters and indexes, mtaq/ops/queueindex.py: a scrape costs the same at any
+queue length), so every listener of a deployment shows the same totals: scrape one
 of them (the exporter) per deployment, not all of them, or a PromQL ``sum`` counts them twice.
 
 A sampler writes the queue depth and the delivered count into ``mtaq:samples`` once a minute (one
@@ -26,16 +27,17 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-from rq import Queue, Worker
-from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq import Worker
 from rq.serializers import JSONSerializer
 
 from common import metrics as m
-from common.address import parse_hostport
-from common.queueview import QUEUE_STATES, QueueShape, load_views, shape
-from common.statuspage import Sample, WorkerInfo, render, sample_from_json
-from common.store import INDEX, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from common.jobqueue import DeliveryQueue
+from common.replication import ReplicationView, primary_address, read_replication
+from common.smtp.hostport import parse_hostport
+from common.store import INDEX, QDESTS, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from mtaq.ops.queueindex import QueueCounts, counted_shape, read_counts
+from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, QueueShape
+from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json
 
 __all__ = ["Monitor", "MonitorServer", "serve_in_thread"]
 
@@ -61,7 +63,7 @@ class Monitor:
     relayhost: str = ""
     hostname: str = ""
     clock: Callable[[], float] = time.time
-    shape_cache: float = 10.0  # seconds a queue walk is reused (a scrape every 15 s walks once)
+    shape_cache: float = 10.0  # seconds the status page's shape is reused
 
     def __post_init__(self) -> None:
         self._shape: QueueShape | None = None
@@ -79,9 +81,21 @@ class Monitor:
         with self._lock:
             now = self.clock()
             if self._shape is None or now - self._shape_at >= self.shape_cache or now < self._shape_at:
-                self._shape = shape(load_views(self.redis, self.relayhost), now)
+                self._shape = counted_shape(self.redis, self.relayhost, now)
                 self._shape_at = now
             return self._shape
+
+    def counts(self) -> QueueCounts:
+        return read_counts(self.redis, self.clock(), top=TOP_DESTINATIONS)
+
+    def redis_memory(self) -> tuple[int, int] | None:
+        """Redis ``used_memory`` and ``maxmemory`` (0: no limit), in bytes; None where INFO is
+        refused (a managed Redis may rename it)."""
+        try:
+            info = self.redis.info("memory")
+        except redis.ResponseError:
+            return None
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
 
     def workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat is fresh, on any host."""
@@ -100,13 +114,14 @@ class Monitor:
         return sorted(out, key=lambda w: (w.hostname, w.name))
 
     def concurrency(self) -> Counter[str]:
-        """Deliveries running now per destination: the engine's connection slots where its keys
-        exist (``mtaq:dest:<d>:slots``, token -> lease expiry), else the running delivery jobs (a
-        job is one destination's batch)."""
+        """Deliveries running now per destination: the connection slots the workers hold
+        (worker/limits.py, ``mtaq:dest:<d>:slots``, token -> lease expiry) at the destinations with
+        queued mail (no SCAN of a keyspace that grows with the queue); while none is held, the
+        running delivery jobs (a job is one destination's batch)."""
         now = self.clock()
         pattern = dest_key("*", "slots")
         prefix, suffix = pattern.split("*")
-        keys = [_text(k) for k in self.redis.scan_iter(match=pattern, count=500)]
+        keys = [dest_key(_text(d), "slots") for d in self.redis.smembers(QDESTS)]
         if keys:
             pipe = self.redis.pipeline(transaction=False)
             for k in keys:
@@ -114,14 +129,18 @@ class Monitor:
             slots = Counter(
                 {k[len(prefix) : len(k) - len(suffix)]: int(n) for k, n in zip(keys, pipe.execute(), strict=True)}
             )
-            return +slots
-        q = Queue(self.queue_name, connection=self.redis, serializer=JSONSerializer)
-        ids = StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
-        out: Counter[str] = Counter()
-        for job in Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer) if ids else []:
-            if job is not None and job.args:
-                out[str(job.args[0])] += 1
-        return out
+            if +slots:
+                return +slots
+        return DeliveryQueue(self.redis, self.queue_name).running_destinations()
+
+    def replication(self) -> ReplicationView | None:
+        """The primary, its replicas and failovers; None where INFO is refused (a Redis that
+        forbids it to our user, or a stand-in without it): the rest of a scrape still stands."""
+        try:
+            return read_replication(self.redis, primary_address(self.redis), self.clock())
+        except redis.ResponseError as e:
+            log.debug("replication unknown: %s", e)
+            return None
 
     def samples(self, since: float) -> list[Sample]:
         return [
@@ -150,10 +169,14 @@ class Monitor:
         workers = self.workers()
         stats = {k: int(v) for k, v in self.stats().items()}
         problems = [] if workers else ["no worker heartbeat: start `mtaq worker`"]
+        rep = self.replication()
         # the chart ends with the queue as it is now, between two samples
         live = Sample(sh.now, sh.messages, stats.get("delivered", 0) + stats.get("bounced", 0))
         samples = [*self.samples(sh.now - 3600 - 120), live]
-        return render(sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems)
+        redis_lines = rep.lines() if rep is not None else []
+        return render(
+            sh, workers, samples, hostname=self.hostname, stats=stats, problems=problems, redis_lines=redis_lines
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -179,9 +202,11 @@ class MtaqCollector(Collector):
         mon = self.monitor
         try:
             st = mon.stats()
-            sh = mon.shape()
+            qc = mon.counts()
             workers = mon.workers()
             conc = mon.concurrency()
+            memory = mon.redis_memory()
+            rep = mon.replication()
         except (redis.RedisError, OSError) as e:
             log.warning("metrics: Redis unreachable: %s", e)
             yield _gauge("mtaq_redis_up", "1 when this exporter could read Redis", 0)
@@ -220,6 +245,16 @@ class MtaqCollector(Collector):
                 status, _, klass = k[len(m.FAILURE_PREFIX) :].partition(":")
                 failed.add_metric([status, klass], v)
         yield failed
+        tls = CounterMetricFamily(
+            "mtaq_deliveries_tls",
+            "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",
+            labels=["tls", "status"],
+        )
+        for k, v in sorted(st.items()):
+            if k.startswith(m.TLS_PREFIX):
+                level, _, status = k[len(m.TLS_PREFIX) :].rpartition(":")
+                tls.add_metric([level, status], v)
+        yield tls
         buckets: list[tuple[str, float]] = []
         cumulative = 0.0
         for b in m.LATENCY_BUCKETS:
@@ -232,18 +267,17 @@ class MtaqCollector(Collector):
         )
         lat.add_metric([], buckets, sum_value=st.get(m.LATENCY_SUM_MS, 0.0) / 1000.0)
         yield lat
-        yield _labeled(
-            "mtaq_queue_messages",
-            "Messages in the queue by state",
-            "state",
-            [(state, sh.by_state.get(state, 0)) for state in QUEUE_STATES],
-        )
-        yield _gauge("mtaq_queue_bytes", "Octets of the messages in the queue", sh.size)
-        yield _gauge(
-            "mtaq_oldest_message_age_seconds",
-            "Age of the oldest message in the queue",
-            0.0 if sh.oldest is None else max(0.0, sh.now - sh.oldest),
-        )
+        yield from _queue_metrics(qc)
+        if memory is not None:
+            yield _gauge("mtaq_redis_memory_used_bytes", "Redis used_memory", memory[0])
+            yield _gauge("mtaq_redis_maxmemory_bytes", "Redis maxmemory (0: no limit)", memory[1])
+        if rep is not None:
+            yield _gauge("mtaq_redis_replicas", "Replicas of the Redis primary that are online", rep.online)
+            failovers = CounterMetricFamily(
+                "mtaq_redis_failovers", "Failovers of the Redis primary seen via the Sentinels"
+            )
+            failovers.add_metric([], rep.failovers)
+            yield failovers
         yield _gauge("mtaq_workers_alive", "Delivery workers with a fresh heartbeat, on all hosts", len(workers))
         yield _labeled(
             "mtaq_destination_concurrency",
@@ -251,12 +285,47 @@ class MtaqCollector(Collector):
             "destination",
             conc.most_common(TOP_DESTINATIONS),
         )
-        yield _labeled(
-            "mtaq_destination_queue_messages",
-            f"Messages queued per destination (the {TOP_DESTINATIONS} largest)",
-            "destination",
-            [(dest, sum(row)) for dest, row in sh.top_destinations(TOP_DESTINATIONS)],
-        )
+
+
+def _queue_metrics(qc: QueueCounts) -> Iterator[Any]:
+    """The queue's gauges, from its counters and indexes."""
+    yield _labeled(
+        "mtaq_queue_messages", "Messages in the queue by state", "state", [(s, qc.by_state[s]) for s in QUEUE_STATES]
+    )
+    yield _labeled(
+        "mtaq_queue_recipients",
+        "Recipients not yet final in the queue, by their message's state",
+        "state",
+        [(s, qc.recipients[s]) for s in QUEUE_STATES],
+    )
+    yield _gauge("mtaq_queue_bytes", "Octets of the messages in the queue", qc.size)
+    yield _gauge(
+        "mtaq_oldest_message_age_seconds",
+        "Age of the oldest message in the queue",
+        0.0 if qc.oldest is None else max(0.0, qc.now - qc.oldest),
+    )
+    top = qc.top(TOP_DESTINATIONS)
+    yield _labeled(
+        "mtaq_destination_queue_messages",
+        f"Messages queued per destination (the {TOP_DESTINATIONS} largest)",
+        "destination",
+        [(dest, sum(row)) for dest, row in top],
+    )
+    yield _labeled(
+        "mtaq_destination_oldest_age_seconds",
+        f"Age of the oldest message queued per destination (the {TOP_DESTINATIONS} largest)",
+        "destination",
+        [(dest, max(0.0, qc.now - qc.destination_oldest.get(dest, qc.now))) for dest, _ in top],
+    )
+    ages = GaugeMetricFamily(
+        "mtaq_destination_queue_age_messages",
+        f"Messages queued per destination and age, qshape's buckets (the {TOP_DESTINATIONS} largest)",
+        labels=["destination", "age"],
+    )
+    for dest, row in top:
+        for (name, _), n in zip(AGE_BUCKETS, row, strict=True):
+            ages.add_metric([dest, name], n)
+    yield ages
 
 
 class MonitorServer(ThreadingHTTPServer):

@@ -7,14 +7,16 @@ run a subset per service (a worker container does not need the ingress to be up 
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import redis
 
-from common.address import parse_hostport
+from common.replication import primary_address, read_replication
 from common.settings import Settings
+from common.smtp.hostport import parse_hostport
 
 __all__ = ["CHECKS", "Check", "check_ingress", "check_metrics", "check_redis", "check_workers", "run_checks"]
 
@@ -47,9 +49,13 @@ def _local(host: str) -> str:
 def check_redis(r: redis.Redis) -> Check:
     try:
         r.ping()
+        view = read_replication(r, primary_address(r), time.time())
     except (redis.RedisError, OSError) as e:
-        return Check("redis", False, f"no answer ({e}); is redis-server running and redis_url right?")
-    return Check("redis", True, "PONG")
+        return Check(
+            "redis", False, f"no answer ({e}); is redis-server running and redis_url (or redis_sentinels) right?"
+        )
+    # "PONG; 10.0.0.5:6379 is master with 1 replica(s) online": which host is primary, and its replicas
+    return Check("redis", True, "PONG; " + view.lines()[0].removeprefix("redis: "))
 
 
 def check_ingress(listen: str, timeout: float = 5.0) -> Check:

@@ -1,0 +1,314 @@
+"""Queue counters and indexes kept as the queue changes (issue 16), so that metrics, `mtaq queue
+stats` and filtered listings cost the same at any queue length.
+
+What is kept (key names in common/store.py, "Queue monitoring"):
+
+- a message summary, field ``q`` of its message hash: its destinations (``h``), which destination
+  each recipient goes to (``i``, left out when there is one), its open recipients per destination
+  (``o``), pending (``p``) and deferred (``d``) open recipients, and its arrival (``t``, a string:
+  Lua numbers would round it);
+- counters (hash): ``bytes``; messages ``m:deferred`` and ``m:held``; open recipients
+  ``r:active``, ``r:deferred``, ``r:held``. Messages in all are the ZCARD of the queue index, active
+  ones what is neither deferred nor held;
+- indexes (sorted sets, queue id -> arrival): one per destination with an open recipient there,
+  one of messages with a deferred recipient; and the set of destinations that have such an index.
+
+A message is held when it is in the hold set, else deferred when it has a deferred open recipient,
+else active (mtaq/ops/queueview.MessageView.state: the walk's words).
+
+Every change goes through the round trip that makes it: the commit adds plain commands to its
+MULTI/EXEC (``commit_plan``), a recipient's new state, a hold, a release and a deletion run Lua that
+reads the summary and applies the difference of the message's contribution before and after
+(``qs_account`` below), atomically with the change itself. A message without a summary (queued by
+an older mtaq) counts nowhere until the sweep repairs it (``REPAIR``).
+
+This module is pure: Lua text and functions from envelopes to commands' arguments; common/store.py
+runs them, mtaq/ops/queueindex.py reads what they keep, common/queuerecount.py recounts."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from common.envelope import Envelope
+
+__all__ = [
+    "COMMIT",
+    "COUNTER_FIELDS",
+    "DELETE",
+    "HOLD",
+    "LIB",
+    "REPAIR",
+    "STATUS_ACCOUNT",
+    "CommitPlan",
+    "commit_plan",
+    "static_summary",
+    "summary",
+]
+
+SUMMARY_FIELD = "q"
+COUNTER_FIELDS = ("bytes", "m:deferred", "m:held", "r:active", "r:deferred", "r:held")
+
+
+def _layout(envelope: Envelope, hop: Callable[[str], str]) -> dict[str, object]:
+    hops = [hop(r.address) for r in envelope.recipients]
+    names = list(dict.fromkeys(hops))
+    out: dict[str, object] = {"h": names, "t": repr(envelope.received_at), "n": len(hops)}
+    if len(names) > 1:
+        out["i"] = [names.index(h) for h in hops]
+    return out
+
+
+def summary(envelope: Envelope, hop: Callable[[str], str]) -> str:
+    """The summary of a message as committed: every recipient pending."""
+    return _summary(envelope, [hop(r.address) for r in envelope.recipients])
+
+
+def _summary(envelope: Envelope, hops: list[str]) -> str:
+    # on every commit: the usual message, one destination, without json.dumps of a dict
+    n, t = len(hops), repr(envelope.received_at)
+    if n and hops.count(hops[0]) == n:
+        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0}}'
+    names = list(dict.fromkeys(hops))
+    idx = [names.index(h) for h in hops]
+    doc = {"h": names, "t": t, "n": n, "i": idx, "o": [idx.count(j) for j in range(len(names))], "p": n, "d": 0}
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def static_summary(envelope: Envelope, hop: Callable[[str], str]) -> str:
+    """What the sweep's repair is told of a message (destinations, arrival); it counts the rest."""
+    return json.dumps(_layout(envelope, hop), separators=(",", ":"))
+
+
+@dataclass
+class CommitPlan:
+    """What a commit adds to its MULTI/EXEC for the counters and indexes of new messages."""
+
+    summaries: dict[str, str] = field(default_factory=dict)  # queue id -> summary JSON
+    by_destination: dict[str, dict[str, float]] = field(default_factory=dict)  # dest -> {qid: arrival}
+    size: int = 0
+    recipients: int = 0
+
+    def args(self, prefix: str) -> list[str | int | float]:
+        """ARGV of ``COMMIT``."""
+        out: list[str | int | float] = [prefix, self.size, self.recipients]
+        for dest, members in self.by_destination.items():
+            out += [dest, len(members)]
+            for qid, arrival in members.items():
+                out += [qid, repr(arrival)]
+        return out
+
+
+def commit_plan(messages: Sequence[tuple[Envelope, int]], hop: Callable[[str], str]) -> CommitPlan:
+    """(envelope, body size) of new messages -> their summaries, index entries and counter increments."""
+    plan = CommitPlan()
+    dests: dict[str, dict[str, float]] = defaultdict(dict)
+    for env, size in messages:
+        hops = [hop(r.address) for r in env.recipients]
+        plan.summaries[env.id] = _summary(env, hops)
+        for h in hops:
+            dests[h][env.id] = env.received_at
+        plan.size += size
+        plan.recipients += len(hops)
+    plan.by_destination = dict(dests)
+    return plan
+
+
+# The commit's counters and indexes in one command of its MULTI/EXEC. KEYS: counts, destinations
+# set; ARGV: destination index prefix, octets, recipients, then per destination: its name, n, and n
+# (queue id, arrival) pairs.
+COMMIT = """
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'r:active', ARGV[3])
+local a = 4
+while a <= #ARGV do
+  local d, n = ARGV[a], tonumber(ARGV[a + 1])
+  for first = 0, n - 1, 1000 do -- unpack() is bounded by Lua's stack (8000 values)
+    local z = {}
+    for k = first, math.min(n, first + 1000) - 1 do
+      z[#z + 1] = ARGV[a + 3 + 2 * k]
+      z[#z + 1] = ARGV[a + 2 + 2 * k]
+    end
+    redis.call('ZADD', ARGV[1] .. d, unpack(z))
+  end
+  redis.call('SADD', KEYS[2], d)
+  a = a + 2 + 2 * n
+end
+return 1
+"""
+
+
+# K: counts hash, deferred index, destinations set, destination index prefix. A state is
+# {q = summary, held = bool, size = octets} or nil (the message is not there).
+LIB = """
+local QS_FIELDS = {'bytes', 'm:deferred', 'm:held', 'r:active', 'r:deferred', 'r:held'}
+local function qs_contrib(st)
+  local c = {0, 0, 0, 0, 0, 0}
+  if st == nil then return c end
+  local q = st.q
+  c[1] = st.size
+  if st.held then
+    c[3] = 1; c[6] = q.p + q.d
+  else
+    c[4] = q.p; c[5] = q.d
+    if q.d > 0 then c[2] = 1 end
+  end
+  return c
+end
+local function qs_account(K, qid, before, after)
+  local cb, ca = qs_contrib(before), qs_contrib(after)
+  for n = 1, 6 do
+    if ca[n] ~= cb[n] then redis.call('HINCRBY', K.counts, QS_FIELDS[n], ca[n] - cb[n]) end
+  end
+  local q = (after or before).q
+  local wasdef = before ~= nil and before.q.d > 0
+  local isdef = after ~= nil and after.q.d > 0
+  if isdef and not wasdef then redis.call('ZADD', K.deferred, q.t, qid)
+  elseif wasdef and not isdef then redis.call('ZREM', K.deferred, qid) end
+  for j, d in ipairs(q.h) do
+    local was = before ~= nil and before.q.o[j] > 0
+    local is = after ~= nil and after.q.o[j] > 0
+    if is and not was then
+      redis.call('ZADD', K.prefix .. d, q.t, qid)
+      redis.call('SADD', K.dests, d)
+    elseif was and not is then
+      -- an emptied destination stays in the set (readers skip it, the sweep drops it): one call less
+      redis.call('ZREM', K.prefix .. d, qid)
+    end
+  end
+end
+local function qs_copy(q)
+  local o = {}
+  for j, v in ipairs(q.o) do o[j] = v end
+  return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t}
+end
+"""
+
+# Appended to the recipient-state script after its HSET (common/store.py _SET_STATUS), where
+# ``state`` is the old state; KEYS[4..8]: message hash, counts, hold set, deferred index,
+# destinations set; ARGV[5..7]: new state, queue id, destination index prefix.
+STATUS_ACCOUNT = """
+local raw = redis.call('HGET', KEYS[4], 'q')
+if raw and ARGV[5] ~= state then
+  local q = cjson.decode(raw)
+  local j = (q.i and q.i[tonumber(ARGV[1]) + 1] or 0) + 1
+  local held = redis.call('SISMEMBER', KEYS[6], ARGV[6]) == 1
+  local after = qs_copy(q)
+  if state == 'pending' then after.p = after.p - 1 else after.d = after.d - 1 end
+  if ARGV[5] == 'pending' then after.p = after.p + 1
+  elseif ARGV[5] == 'deferred' then after.d = after.d + 1
+  else after.o[j] = after.o[j] - 1 end
+  local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7]}
+  qs_account(K, ARGV[6], {q = q, held = held, size = 0}, {q = after, held = held, size = 0})
+  redis.call('HSET', KEYS[4], 'q', cjson.encode(after))
+end
+"""
+
+# KEYS: hold set, message hash, counts, deferred index, destinations set, queue index;
+# ARGV: queue id, destination index prefix, '1' to hold / '0' to release. 1 when it changed.
+HOLD = (
+    LIB
+    + """
+if ARGV[3] == '1' then
+  if not redis.call('ZSCORE', KEYS[6], ARGV[1]) then return 0 end
+  if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+elseif redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local raw = redis.call('HGET', KEYS[2], 'q')
+if raw then
+  local q = cjson.decode(raw)
+  local h = ARGV[3] == '1'
+  local K = {counts = KEYS[3], deferred = KEYS[4], dests = KEYS[5], prefix = ARGV[2]}
+  qs_account(K, ARGV[1], {q = q, held = not h, size = 0}, {q = q, held = h, size = 0})
+end
+return 1
+"""
+)
+
+# KEYS: queue index, hold set, counts, deferred index, destinations set, then per message its
+# message hash, recipients hash and left counter; ARGV: destination index prefix, then the queue
+# ids. Deletes whatever is there.
+DELETE = (
+    LIB
+    + """
+local K = {counts = KEYS[3], deferred = KEYS[4], dests = KEYS[5], prefix = ARGV[1]}
+for n = 2, #ARGV do
+  local qid, m = ARGV[n], 6 + 3 * (n - 2)
+  local raw = redis.call('HGET', KEYS[m], 'q')
+  if raw then
+    local held = redis.call('SISMEMBER', KEYS[2], qid) == 1
+    local size = redis.call('HSTRLEN', KEYS[m], 'body')
+    qs_account(K, qid, {q = cjson.decode(raw), held = held, size = size}, nil)
+  end
+  redis.call('DEL', KEYS[m], KEYS[m + 1], KEYS[m + 2])
+  redis.call('ZREM', KEYS[1], qid)
+  redis.call('SREM', KEYS[2], qid)
+end
+return 1
+"""
+)
+
+# The sweep's recount of one message, from its recipient states. KEYS: message hash, recipients
+# hash, hold set, counts, deferred index, destinations set, queue index; ARGV: queue id,
+# destination index prefix, static summary (static_summary). Returns false when the message is
+# gone, else {changed (0/1), size, held (0/1), pending, deferred}.
+REPAIR = (
+    LIB
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('ZSCORE', KEYS[7], ARGV[1]) then return false end
+local s = cjson.decode(ARGV[3])
+local q = {h = s.h, i = s.i, n = s.n, t = s.t, p = 0, d = 0, o = {}}
+for j = 1, #s.h do q.o[j] = 0 end
+local states = {}
+for first = 0, s.n - 1, 1000 do -- unpack() is bounded by Lua's stack
+  local fields = {}
+  for k = first, math.min(s.n, first + 1000) - 1 do fields[#fields + 1] = tostring(k) end
+  local got = redis.call('HMGET', KEYS[2], unpack(fields))
+  for k = 1, #fields do states[first + k] = got[k] end
+end
+for k = 0, s.n - 1 do
+  local st = 'pending'
+  if states[k + 1] then st = cjson.decode(states[k + 1])['s'] end
+  if st == 'pending' or st == 'deferred' then
+    if st == 'pending' then q.p = q.p + 1 else q.d = q.d + 1 end
+    local j = (q.i and q.i[k + 1] or 0) + 1
+    q.o[j] = q.o[j] + 1
+  end
+end
+local held = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
+local size = redis.call('HSTRLEN', KEYS[1], 'body')
+local raw = redis.call('HGET', KEYS[1], 'q')
+local changed = 1
+if raw then
+  local old = cjson.decode(raw)
+  changed = 0
+  if old.p ~= q.p or old.d ~= q.d or #old.h ~= #q.h then changed = 1 end
+  for j = 1, #q.h do
+    if changed == 0 and (old.h[j] ~= q.h[j] or old.o[j] ~= q.o[j]) then changed = 1 end
+  end
+  if changed == 1 then
+    local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}
+    qs_account(K, ARGV[1], {q = old, held = held, size = size}, nil)
+  end
+end
+if changed == 1 then
+  local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}
+  qs_account(K, ARGV[1], nil, {q = q, held = held, size = size})
+  redis.call('HSET', KEYS[1], 'q', cjson.encode(q))
+end
+-- the indexes as the summary says, whatever else has touched them
+for j, d in ipairs(q.h) do
+  if q.o[j] > 0 then
+    if redis.call('ZADD', ARGV[2] .. d, q.t, ARGV[1]) == 1 then changed = 1 end
+    redis.call('SADD', KEYS[6], d)
+  elseif redis.call('ZREM', ARGV[2] .. d, ARGV[1]) == 1 then changed = 1 end
+end
+if q.d > 0 then
+  if redis.call('ZADD', KEYS[5], q.t, ARGV[1]) == 1 then changed = 1 end
+elseif redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then changed = 1 end
+local h = 0
+if held then h = 1 end
+return {changed, size, h, q.p, q.d}
+"""
+)

@@ -1,0 +1,200 @@
+"""High availability with real processes: a Redis primary, a replica and three Sentinels; the
+ingress and two workers know only the Sentinels, and ``redis_min_replicas=1``.
+
+The machine of the primary is lost a third of the way into 1,500 messages (SIGKILL and its data
+directory deleted); once Sentinel has promoted the replica, a fresh empty redis-server takes the old
+one's place and Sentinel turns it into the new primary's replica. Every message that got 250 must
+arrive, none may get 250 while the primary had no replica, and the ingress must answer 250 again
+soon after the new primary has a replica."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import smtplib
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.dnsserver import ZoneServer
+from tests.fixtures import MTA, route
+from tests.hacluster import Cluster, ReplicaServer
+from tests.integration.eventually import GENEROUS
+from tests.sinks import SinkServer, wait_for
+
+MESSAGES = 1500
+CLIENTS = 20
+SINKS = [f"127.0.0.{i}" for i in range(2, 5)]
+_TAG = re.compile(rb"X-HA: (h\d+)")
+
+
+def _mta(cluster: Cluster, dns: ZoneServer, mx_port: int, log_dir: Path, **settings: object) -> MTA:
+    log_dir.mkdir(exist_ok=True)
+    first = cluster.servers[0]
+    mta = MTA(
+        f"redis://{first.host}:{first.port}/0",  # the test's own look at the data
+        dns.port,
+        mx_port,
+        log_dir,
+        redis_sentinels=cluster.sentinel_setting,
+        redis_min_replicas=1,
+        redis_replica_timeout=1,
+        log_level="INFO",
+        **settings,
+    )
+    mta.env["MTAQ_REDIS_URL"] = ""  # the MTA itself knows only the Sentinels
+    return mta
+
+
+def _arrived(boxes: list[SinkServer]) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for box in boxes:
+        with box.lock:
+            for _, _, data in box.messages:
+                m = _TAG.search(data)
+                if m:
+                    seen[m.group(1).decode()] += 1
+    return seen
+
+
+@pytest.mark.slow
+def test_losing_the_primary_machine_loses_no_acknowledged_mail(
+    tmp_path: Path, dns: ZoneServer, sinks: Callable[..., SinkServer], mx_port: int
+) -> None:
+    boxes = []
+    for n, host in enumerate(SINKS):
+        route(dns, f"h{n}.test", host)
+        boxes.append(sinks(host))
+    with Cluster(tmp_path / "ha") as cluster:
+        mta = _mta(cluster, dns, mx_port, tmp_path / "mta")
+        try:
+            mta.start_ingress()
+            mta.start_worker(2)
+            acks: dict[str, float] = {}
+            refusals: list[tuple[float, int]] = []
+            permanent: list[str] = []
+            lock = threading.Lock()
+            give_up = time.monotonic() + 240
+
+            def client(me: int) -> None:
+                n = me
+                while n < MESSAGES and time.monotonic() < give_up:
+                    tag = f"h{n}"
+                    body = f"From: <a@client.test>\r\nSubject: {tag}\r\nX-HA: {tag}\r\n\r\nfailover\r\n"
+                    try:
+                        with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
+                            s.sendmail("a@client.test", [f"u{n}@h{n % len(SINKS)}.test"], body)
+                        with lock:
+                            acks[tag] = time.monotonic()
+                        n += CLIENTS
+                    except smtplib.SMTPResponseException as e:
+                        with lock:
+                            refusals.append((time.monotonic(), e.smtp_code))
+                            if e.smtp_code >= 500:
+                                permanent.append(f"{tag}: {e.smtp_code} {e.smtp_error!r}")
+                                n += CLIENTS  # a client does not retry a 5xx (the test fails below)
+                        time.sleep(0.3)  # a 4xx: try the same message again, as real clients do
+                    except (smtplib.SMTPException, OSError):
+                        time.sleep(0.3)
+
+            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            # a third of the way in: a third of the mail delivered, the rest queued or on its way
+            assert wait_for(lambda: sum(_arrived(boxes).values()) >= MESSAGES // 3, GENEROUS * 6, interval=0.05)
+
+            old = cluster.primary()
+            replica = next(s for s in cluster.servers if s is not old)
+            assert old.pid is not None
+            os.kill(old.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            old.proc = None
+            shutil.rmtree(old.dir)  # the machine is gone, its disk with it
+            assert wait_for(
+                lambda: all(s.primary_port() == replica.port for s in cluster.sentinels), 60, interval=0.1
+            ), "Sentinel did not promote the replica"
+            promoted = time.monotonic()
+            fresh = ReplicaServer(old.dir, primary=None, port=old.port)  # a new, empty machine
+            cluster.servers[cluster.servers.index(old)] = fresh
+            fresh.start()
+            # the last moment the new primary was seen without a replica: no 250 may come before it
+            without_replica = promoted
+            deadline = time.monotonic() + 90
+            while cluster.online_replicas(replica) < 1:
+                without_replica = time.monotonic()
+                assert without_replica < deadline, "the fresh server never became a replica"
+                time.sleep(0.05)
+            back = time.monotonic()
+            for t in threads:
+                t.join(GENEROUS * 12)
+            ok = wait_for(lambda: set(_arrived(boxes)) >= set(acks), 120, interval=0.2)
+            seen = _arrived(boxes)
+        finally:
+            mta.stop_all()
+        first_after = min((t for t in acks.values() if t > killed + 0.5), default=None)
+        unsafe = sorted(tag for tag, t in acks.items() if killed + 0.5 < t < without_replica)
+        missing = sorted(set(acks) - set(seen))
+        duplicates = sum(c - 1 for c in seen.values() if c > 1)
+        print(
+            f"\nfailover: {len(acks)} acked, {len(seen)} delivered, {len(missing)} lost, {duplicates} duplicates "
+            f"({100 * duplicates / max(1, len(acks)):.2f} %), {len(refusals)} 4xx refusals; promoted "
+            f"{promoted - killed:.1f} s after the kill, replica back after {back - killed:.1f} s, first 250 "
+            f"{'never' if first_after is None else f'{first_after - killed:.1f} s'} after the kill"
+        )
+        assert not permanent, permanent[:5]
+        assert ok and not missing, f"{len(missing)} acknowledged messages lost: {missing[:10]}"
+        assert len(acks) == MESSAGES, f"only {len(acks)} of {MESSAGES} were ever accepted"
+        assert not unsafe, f"250 while the primary had no replica: {unsafe[:10]}"
+        assert first_after is not None and first_after - back <= 10, "no 250 within 10 s of the replica's return"
+        assert first_after - killed <= 60
+        assert duplicates <= len(acks) * 0.01
+
+
+def test_a_stopped_replica_turns_250_into_451_until_it_returns(
+    tmp_path: Path, dns: ZoneServer, sinks: Callable[..., SinkServer], mx_port: int
+) -> None:
+    route(dns, "h0.test", SINKS[0])
+    sinks(SINKS[0])
+    with Cluster(tmp_path / "ha") as cluster:
+        mta = _mta(cluster, dns, mx_port, tmp_path / "mta")
+        try:
+            mta.start_ingress()
+            body = "From: <a@client.test>\r\nSubject: r\r\n\r\nreplica\r\n"
+            with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
+                s.sendmail("a@client.test", ["u@h0.test"], body)  # 250 while the replica is up
+            replica = cluster.servers[1]
+            assert replica.pid is not None
+            os.kill(replica.pid, signal.SIGSTOP)
+            try:
+                with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
+                    s.ehlo()
+                    s.mail("a@client.test")
+                    s.rcpt("u@h0.test")
+                    began = time.monotonic()
+                    code, text = s.data(body)
+                    took = time.monotonic() - began
+            finally:
+                os.kill(replica.pid, signal.SIGCONT)
+            assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+            # WAIT gives the replica redis_replica_timeout (1 s); the answer comes soon after it
+            assert 1.0 <= took < 1.0 + GENEROUS / 2, took
+            assert wait_for(lambda: cluster.online_replicas(cluster.servers[0]) == 1, GENEROUS)
+
+            def accepted() -> bool:
+                try:
+                    with smtplib.SMTP("127.0.0.1", mta.port, timeout=GENEROUS) as s:
+                        s.sendmail("a@client.test", ["u@h0.test"], body)
+                    return True
+                except smtplib.SMTPResponseException as e:
+                    assert e.smtp_code == 451, e  # refused until the ingress sees the replica again
+                    return False
+
+            assert wait_for(accepted, GENEROUS, interval=0.2)  # and 250 again
+        finally:
+            mta.stop_all()

@@ -1,0 +1,57 @@
+"""Processes as the tests see them, from /proc: alive or not, a process's children and all its
+descendants, and whether a port refuses connections (nothing listens, nobody holds it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+__all__ = ["alive", "children", "descendants", "refused"]
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies excluded), sorted."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return sorted(c for c in out if alive(c))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (children, grandchildren: RQ's scheduler)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parent_of.items() if parent in frontier} - found
+        found |= frontier
+    return {p for p in found if alive(p)}
+
+
+def refused(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> bool:
+    """Whether a connection to host:port is refused. Only a refusal counts: a slow connect on a
+    loaded machine is not one (``timeout`` bounds it)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True

@@ -1,0 +1,56 @@
+"""worker/crew.py: permits and seats are given back exactly once, on every path; a connection
+kept for the next job takes its slot to the cache, which frees it when it drops the connection."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from tests.unit.fakeclock import FakeClock
+from tests.unit.fakepeer import FakeConnection, FakePeer
+from worker.crew import Permits, Seat, _free_slot
+from worker.limits import DestinationLimits
+from worker.smtpclient import ConnectionCache
+
+
+def test_a_permit_is_given_back_once_and_a_kept_one_by_its_new_holder() -> None:
+    permits = Permits(1)
+    p = permits.take()
+    assert p is not None and permits.take() is None
+    with p:
+        kept = p.keep()
+    assert permits.take() is None  # handed on, not given back
+    kept.free()
+    kept.free()  # once only: a BoundedSemaphore would raise on a second release
+    again = permits.take()
+    assert again is not None and permits.take() is None
+    again.free()
+    with pytest.raises(RuntimeError):
+        again.keep()
+
+
+def test_a_seat_lets_go_of_its_permit_and_slot_when_its_block_fails() -> None:
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    permits = Permits(1)
+    permit, slot = permits.take(), limits.acquire("y.test")
+    assert permit is not None and slot is not None
+    with pytest.raises(ZeroDivisionError), Seat(permit, slot, None):
+        1 / 0  # noqa: B018
+    assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
+    assert permits.take() is not None
+
+
+def test_a_cached_connection_holds_its_slot_until_the_cache_drops_it() -> None:
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    cache = ConnectionCache(on_drop=_free_slot)
+    permit, slot = Permits(1).take(), limits.acquire("y.test")
+    assert permit is not None and slot is not None
+    with Seat(permit, slot, None) as seat:
+        cache.give("y.test", FakeConnection(FakePeer(), "192.0.2.1"), (seat.slot.keep(), None, 1))
+    assert limits.held() == 1  # the idle connection is still a connection
+    cache.sweep(everything=True)
+    assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0

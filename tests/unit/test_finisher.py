@@ -1,0 +1,94 @@
+"""worker/finisher.py: the DSN and the delete of a finished message in one transaction, claimed so
+that two finishers build one report, and the leases of the finishing job given back with it."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.jobqueue import DeliveryQueue
+from common.routing import Router
+from common.spool import Spool
+from common.store import Message, Store, lease_key
+from worker.finisher import Finisher
+
+NOW = 1_700_000_000.0
+BODY = b"From: a@client.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def spool() -> Spool:
+    r = fakeredis.FakeRedis()
+    return Spool(Store(r), DeliveryQueue(r, "mtaq"), Router())
+
+
+def finisher(spool: Spool) -> Finisher:
+    return Finisher(spool, "mtaq.test", clock=lambda: NOW)
+
+
+def queued(spool: Spool, qid: str, state: RcptState, sender: str = "a@client.test") -> Message:
+    msg = Message(Envelope(id=qid, sender=sender, recipients=[Recipient("b@a.test")], received_at=NOW - 60), BODY)
+    spool.commit([msg])
+    reply = "550 5.1.1 no such user" if state is RcptState.BOUNCED else "250 ok"
+    spool.store.set_statuses({qid: {0: RecipientStatus(state, 1, "5.1.1", reply, updated=NOW)}})
+    return msg
+
+
+def loaded(spool: Spool, qid: str) -> tuple[Message, dict[int, RecipientStatus]]:
+    found = spool.store.load_many([qid])[0]
+    assert found is not None
+    return found
+
+
+def test_a_bounce_queues_its_dsn_and_deletes_the_message_together(spool: Spool) -> None:
+    queued(spool, "Q1", RcptState.BOUNCED)
+    assert finisher(spool).finish([loaded(spool, "Q1")]) == {"Q1"}
+    assert spool.store.load("Q1") is None
+    [dsn_id] = spool.store.queue_ids()
+    dsn = spool.store.load(dsn_id)
+    assert (
+        dsn is not None
+        and dsn.envelope.sender == ""
+        and [r.address for r in dsn.envelope.recipients] == ["a@client.test"]
+    )
+    assert b"Action: failed" in dsn.body
+    assert spool.store.redis.exists(lease_key("Q1", "finish")) == 1  # the claim, lapsing by itself
+
+
+def test_a_message_another_finisher_claimed_is_left_and_looked_at_again(spool: Spool) -> None:
+    queued(spool, "Q1", RcptState.BOUNCED)
+    assert spool.store.lease(["Q1"], "finish", "another", 30.0) == ["Q1"]
+    before = set(spool.queue.waiting_job_ids())  # the job the commit stored
+    assert finisher(spool).finish([loaded(spool, "Q1")], "a.test") == set()
+    assert spool.store.queue_ids() == ["Q1"]  # no second report, not deleted
+    [job] = spool.queue.jobs([j for j in spool.queue.waiting_job_ids() if j not in before])
+    assert (job.destination, job.ids) == ("a.test", ("Q1",))
+
+
+def test_without_a_destination_a_claimed_message_waits_for_the_next_sweep(spool: Spool) -> None:
+    queued(spool, "Q1", RcptState.BOUNCED)
+    spool.store.lease(["Q1"], "finish", "another", 30.0)
+    before = spool.queue.waiting_job_ids()
+    assert finisher(spool).finish([loaded(spool, "Q1")]) == set()
+    assert spool.queue.waiting_job_ids() == before
+    assert spool.store.queue_ids() == ["Q1"]
+
+
+def test_no_report_due_deletes_unclaimed_and_gives_back_the_jobs_lease(spool: Spool) -> None:
+    queued(spool, "Q1", RcptState.DELIVERED)
+    spool.store.lease(["Q1"], "a.test", "job-token", 30.0)
+    assert finisher(spool).finish([loaded(spool, "Q1")], "a.test", leased={"Q1"}) == {"Q1"}
+    assert spool.store.queue_ids() == []  # delivered, NOTIFY not asked: no report
+    r = spool.store.redis
+    assert r.exists(lease_key("Q1", "a.test")) == 0 and r.exists(lease_key("Q1", "finish")) == 0
+
+
+def test_never_a_report_for_a_bounce(spool: Spool) -> None:
+    queued(spool, "Q1", RcptState.BOUNCED, sender="")
+    assert finisher(spool).finish([loaded(spool, "Q1")]) == {"Q1"}
+    assert spool.store.queue_ids() == []
+
+
+def test_nothing_to_finish_touches_nothing(spool: Spool) -> None:
+    assert finisher(spool).finish([]) == set()

@@ -1,0 +1,92 @@
+"""worker/outcomes.py on fakeredis: a batch's accounting of attempts, the outcome writer's group
+commit (recorded, finished, errors raised by drain), a job's share of a lane."""
+
+from __future__ import annotations
+
+import threading
+
+import fakeredis
+import pytest
+import redis
+
+from common.envelope import Envelope, RcptState, Recipient
+from common.jobqueue import DeliveryQueue
+from common.routing import Router
+from common.spool import Spool
+from common.store import Message, Store
+from tests.unit.fakeclock import FakeClock
+from worker.outcomes import Batch, JobShare, OutcomeWriter
+from worker.parcel import Outcome, Parcel
+
+SENT = Outcome(RcptState.DELIVERED, "2.0.0", "250 2.0.0 Ok", "mx.test[192.0.2.1]:25", "mx.test")
+LATER = Outcome(RcptState.DEFERRED, "4.3.0", "host said: 451 4.3.0 busy", "mx.test[192.0.2.1]:25", "mx.test")
+
+
+@pytest.fixture
+def store() -> Store:
+    r = fakeredis.FakeRedis()
+    spool = Spool(Store(r), DeliveryQueue(r, "mtaq"), Router())
+    spool.commit(
+        [
+            Message(
+                Envelope(
+                    id="Q1",
+                    sender="a@x.test",
+                    recipients=[Recipient("u@y.test"), Recipient("v@y.test")],
+                    received_at=1000.0,
+                ),
+                b"x",
+            )
+        ]
+    )
+    return spool.store
+
+
+def batch(store: Store, writer: OutcomeWriter, clock: FakeClock) -> tuple[Batch, Parcel]:
+    loaded = {f.envelope.id: (f, st) for f, st in (x for x in store.load_many(["Q1"]) if x is not None)}
+    msg = loaded["Q1"][0]
+    return Batch(store, clock, writer, loaded, "y.test"), Parcel(msg.envelope, msg.body, [0, 1])
+
+
+def test_an_attempt_deferred_past_the_lifetime_bounces_with_its_last_reply(store: Store) -> None:
+    b, p = batch(store, OutcomeWriter(store), FakeClock(5000.0))
+    p.outcomes[0] = LATER
+    st = b.account_attempt(p, 0, 5000.0, None)
+    assert st.state is RcptState.BOUNCED and st.attempts == 1
+    assert st.reply == "host said: 451 4.3.0 busy (gave up after 4000s in queue)"
+    again = b.account_attempt(p, 0, 5000.0, 300.0)
+    assert again.state is RcptState.DEFERRED and again.next_attempt == 5300.0
+
+
+def test_final_outcomes_are_written_by_the_writer_and_the_message_found_finished(store: Store) -> None:
+    b, p = batch(store, OutcomeWriter(store), FakeClock(2000.0))
+    p.outcomes = {0: SENT, 1: SENT}
+    b.record_final(p, [0])
+    b.record_final(p, [1])
+    b.drain()
+    assert set(b.recorded["Q1"]) == {0, 1} and b.finished == ["Q1"]
+    found = store.load_many(["Q1"])[0]
+    assert found is not None and all(s.state is RcptState.DELIVERED for s in found[1].values())
+
+
+def test_a_write_that_fails_fails_the_job_at_drain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(entries: object) -> list[int]:
+        raise redis.ResponseError("ERR something")
+
+    monkeypatch.setattr(store, "set_status_list", broken)
+    b, p = batch(store, OutcomeWriter(store), FakeClock(2000.0))
+    p.outcomes = {0: SENT}
+    b.record_final(p, [0])
+    with pytest.raises(redis.ResponseError):
+        b.drain()
+
+
+def test_a_job_share_waits_for_its_parcels(store: Store) -> None:
+    b, p = batch(store, OutcomeWriter(store), FakeClock(2000.0))
+    q = Parcel(p.envelope, p.body, [1])
+    share = JobShare(b, [p, q])
+    assert not share.wait(0.0)
+    share.done(p)
+    threading.Timer(0.05, share.done, (q,)).start()
+    assert share.wait(5.0)
+    assert JobShare(b, [p]).withdrawn([p]) == [p]

@@ -1,0 +1,75 @@
+"""worker/pool.py on fakeredis: the concurrent RQ worker runs delivery jobs in threads (burst
+mode, an in-memory SMTP peer), sizes its job slots from the service, and its heartbeat pushes on
+the service's leases."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+from rq.serializers import JSONSerializer
+
+from common.envelope import Envelope, Recipient
+from common.store import Message
+from tests.unit.fakeclock import FakeClock
+from tests.unit.fakepeer import FakePeer, service_on
+from worker import jobs
+from worker.pool import EXECUTION_TTL, ConcurrentWorker
+from worker.service import DeliveryService
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def peer() -> FakePeer:
+    return FakePeer()
+
+
+@pytest.fixture
+def service(r: fakeredis.FakeRedis, peer: FakePeer) -> Iterator[DeliveryService]:
+    svc = service_on(r, peer, FakeClock(time.time()), worker_concurrency=3, job_max_messages=2)
+    jobs.install(svc)
+    yield svc
+    jobs.install(None)
+    svc.stop()
+
+
+def worker(r: fakeredis.FakeRedis, service: DeliveryService) -> ConcurrentWorker:
+    return ConcurrentWorker([service.queue.rq], connection=r, serializer=JSONSerializer, service=service)
+
+
+def test_job_slots_are_the_services_conversations(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    w = worker(r, service)
+    assert w.concurrency == service.concurrency == 3
+    assert w.get_heartbeat_ttl(None, 0.0) == EXECUTION_TTL  # type: ignore[arg-type]
+
+
+def test_a_burst_runs_the_queued_jobs_and_the_mail_goes_out(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer
+) -> None:
+    msgs = [
+        Message(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient(f"u{i}@y.test")]), b"x\r\n")
+        for i in range(5)
+    ]
+    assert service.spool.commit(msgs) == 3  # two messages a job
+    w = worker(r, service)
+    assert w.work(burst=True, with_scheduler=False)
+    assert sorted(x for _, _, (x,) in peer.taken) == [f"u{i}@y.test" for i in range(5)]
+    assert service.store.load_many([m.envelope.id for m in msgs]) == [None] * 5
+    assert len(service.queue.rq) == 0 and len(service.queue.rq.started_job_registry) == 0
+
+
+def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    w = worker(r, service)
+    w.register_birth()  # type: ignore[no-untyped-call]
+    with service.leases.taken(["Q1"], "y.test"):
+        key = "mtaq:lease:Q1:y.test"
+        r.pexpire(key, 50)
+        w.beat()
+        assert r.pttl(key) > 1000
+    assert not r.exists(key)

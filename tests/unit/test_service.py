@@ -1,0 +1,195 @@
+"""worker/service.py end to end in one process: fakeredis for the store, the queue and the limits,
+an in-memory SMTP peer (tests/unit/fakepeer.py), a fixed MX answer and an injected clock. What a
+job does with due, held, busy, deferred and throttled mail, and that its leases, slots and
+permits are all given back whatever happens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+
+from common.envelope import Envelope, RcptState, Recipient
+from common.mx import Target
+from common.store import Message, lease_key
+from tests.unit.fakeclock import FakeClock
+from tests.unit.fakepeer import FakePeer, service_on
+from worker.limits import DestinationLimits
+from worker.service import BUSY_RETRY, LEASE_TTL, DeliveryService
+
+
+class Boom(Exception):
+    pass
+
+
+class Scheduled:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], float]] = []
+
+    def __call__(self, destination: str, ids: list[str], delay: float) -> None:
+        self.calls.append((destination, list(ids), delay))
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def peer() -> FakePeer:
+    return FakePeer()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def service(r: fakeredis.FakeRedis, peer: FakePeer, clock: FakeClock) -> Iterator[DeliveryService]:
+    svc = service_on(r, peer, clock, worker_concurrency=4)
+    yield svc
+    svc.stop()
+
+
+def queue(svc: DeliveryService, qid: str, *rcpts: str, at: float = 0.0) -> str:
+    env = Envelope(id=qid, sender="a@x.test", recipients=[Recipient(x) for x in rcpts], received_at=at or svc.clock())
+    svc.spool.commit([Message(env, b"Subject: t\r\n\r\nhi\r\n")])
+    return qid
+
+
+def nothing_held(svc: DeliveryService, r: fakeredis.FakeRedis) -> None:
+    """Every lease, slot and permit given back (idle connections closed first)."""
+    svc.crew.cache.sweep(everything=True)
+    assert svc.in_flight() == 0 and svc.limits.held() == 0
+    assert not r.keys("mtaq:lease:*") and r.zcard("mtaq:dest:y.test:slots") == 0
+    assert all(svc.crew.permits.take() is not None for _ in range(svc.concurrency))
+    assert len(svc.lanes) == 0
+
+
+def test_due_mail_goes_out_and_finished_messages_are_removed(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis
+) -> None:
+    ids = [queue(service, f"Q{i}", f"u{i}@y.test") for i in range(3)]
+    service.deliver("y.test", ids)
+    assert sorted(rc for _, _, (rc,) in peer.taken) == ["u0@y.test", "u1@y.test", "u2@y.test"]
+    assert service.store.load_many(ids) == [None, None, None]
+    assert service.crew.cache  # the connection waits, idle, for the next job
+    nothing_held(service, r)
+
+
+def test_a_deferral_is_recorded_and_retried(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer.replies["u@y.test"] = (451, "4.3.0 busy")
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    qid = queue(service, "Q1", "u@y.test", at=service.clock() - 100)
+    service.deliver("y.test", [qid])
+    found = service.store.load_many([qid])[0]
+    assert found is not None
+    st = found[1][0]
+    assert st.state is RcptState.DEFERRED and st.attempts == 1 and "451 4.3.0 busy" in st.reply
+    assert scheduled.calls == [("y.test", [qid], st.next_attempt - service.clock())]
+    nothing_held(service, r)
+
+
+def test_held_and_busy_messages_are_left_alone(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    held, busy = queue(service, "QH", "u@y.test"), queue(service, "QB", "v@y.test")
+    service.store.hold([held])
+    r.set(lease_key(busy, "y.test"), "another-job")
+    service.deliver("y.test", [held, busy])
+    assert peer.taken == [] and peer.opened == []
+    (dest, ids, delay), *more = scheduled.calls
+    assert (dest, ids, more) == ("y.test", [busy], []) and delay > LEASE_TTL  # looked at again after the lease
+    assert r.get(lease_key(busy, "y.test")) == b"another-job"  # not ours to end
+    r.delete(lease_key(busy, "y.test"))
+    nothing_held(service, r)
+
+
+def test_a_throttled_destination_hands_the_job_back_untouched(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    r.set("mtaq:dest:y.test:down", "connection failures", px=30_000)
+    qid = queue(service, "Q1", "u@y.test")
+    service.deliver("y.test", [qid])
+    assert peer.opened == [] and [c[:2] for c in scheduled.calls] == [("y.test", [qid])]
+    service.deliver("y.test", [qid], force=True)  # a flush tries it anyway
+    assert service.store.load_many([qid]) == [None]
+
+
+def test_leases_are_renewed_while_held_and_ended_when_the_job_fails(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qid = queue(service, "Q1", "u@y.test")
+    seen: list[int] = []
+
+    def explode(destination: str, port: int) -> list[Target]:
+        r.pexpire(lease_key(qid, "y.test"), 10)
+        service.heartbeat()  # the worker's heartbeat pushes it on again
+        seen.append(int(r.pttl(lease_key(qid, "y.test"))))
+        raise Boom()
+
+    monkeypatch.setattr(service.resolver, "targets", explode)
+    with pytest.raises(Boom):
+        service.deliver("y.test", [qid])
+    assert seen and seen[0] > 1000
+    nothing_held(service, r)
+
+
+def test_every_address_refused_defers_with_the_connection_failure(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis
+) -> None:
+    peer.refuse.add("192.0.2.1")
+    qid = queue(service, "Q1", "u@y.test")
+    service.deliver("y.test", [qid])
+    found = service.store.load_many([qid])[0]
+    assert found is not None
+    assert found[1][0].state is RcptState.DEFERRED and "Connection refused" in found[1][0].reply
+    nothing_held(service, r)
+
+
+def test_stopping_hands_what_waits_back_to_the_queue(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(service.queue, "enqueue_now", lambda d, ids, **kw: handed.append((d, list(ids))))
+    service.stop()
+    qid = queue(service, "Q1", "u@y.test")
+    service.deliver("y.test", [qid])
+    assert handed == [("y.test", [qid])] and peer.opened == []
+    found = service.store.load_many([qid])[0]
+    assert (found is not None and found[1] == {}) or found is not None  # untouched: still pending
+    nothing_held(service, r)
+
+
+def test_a_full_window_hands_the_job_back_after_slot_wait(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slot of the destination is held elsewhere: after SLOT_WAIT (an injected monotonic
+    clock, a second a look) the job's parcels go back to the scheduler, untried."""
+    other = DestinationLimits(r, concurrency=2, clock=service.clock)
+    taken = [other.acquire("y.test"), other.acquire("y.test")]
+    assert all(taken)
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(service.crew, "monotonic", lambda: float(next(ticks)))
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    qid = queue(service, "Q1", "u@y.test")
+    service.deliver("y.test", [qid])
+    assert peer.opened == [] and [c[:2] for c in scheduled.calls] == [("y.test", [qid])]
+    assert scheduled.calls[0][2] <= 1.5 * BUSY_RETRY
+    found = service.store.load_many([qid])[0]
+    assert found is not None and all(st.state is RcptState.PENDING for st in found[1].values())
+    for slot in taken:
+        assert slot is not None
+        slot.free()
+    nothing_held(service, r)

@@ -1,0 +1,253 @@
+"""This process's conversations: how many run (``worker_concurrency`` permits), on which lanes,
+with which connections. A job's parcels wait in their destination's lane (worker/lane.py) and
+``Crew.tend`` starts conversations for it, each in a thread of its own (docs/architecture.md,
+"Many conversations per worker", says why threads), while the lane has more parcels than
+conversations and the destination's window has slots (worker/limits.py).
+
+What a conversation holds is a ``Seat``: a permit, a connection slot and maybe a cached connection.
+The seat is let go of when the conversation's ``with`` block ends, on every path; a connection
+that may serve the next job goes to the connection cache and takes its slot with it
+(``Slot.keep``), which the cache frees when it drops the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+
+from worker.lane import Lane, Lanes, Owner
+from worker.limits import DestinationLimits, Slot
+from worker.parcel import Parcel
+from worker.relay import Dialer, Opened, converse
+from worker.smtpclient import ConnectionCache
+
+__all__ = ["SLOT_WAIT", "STAFF_PAUSE", "Crew", "Permit", "Permits", "Seat"]
+
+log = logging.getLogger("mtaq.worker")
+
+SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing its parcels back
+STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot again
+LOOK_EVERY = 0.2  # seconds between a waiting job's looks at its lane
+
+
+class Permit:
+    """One of the process's conversation permits, given back exactly once (``with permit:`` or
+    ``free()``); ``keep()`` hands it on as a new Permit, as ``Slot.keep`` does."""
+
+    __slots__ = ("_owned", "_sem")
+
+    def __init__(self, sem: threading.BoundedSemaphore) -> None:
+        self._sem = sem
+        self._owned = True
+
+    def keep(self) -> Permit:
+        if not self._owned:
+            raise RuntimeError("permit already given back or handed on")
+        self._owned = False
+        return Permit(self._sem)
+
+    def free(self) -> None:
+        if self._owned:
+            self._owned = False
+            self._sem.release()
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+
+class Permits:
+    """How many of something run at once: this process's conversations (``worker_concurrency``),
+    and the RQ worker's jobs (worker/pool.py)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._sem = threading.BoundedSemaphore(self.capacity)
+
+    def take(self, timeout: float = 0.0) -> Permit | None:
+        """A permit, or None when every one is still in use after ``timeout`` seconds (0: at once)."""
+        got = self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
+        return Permit(self._sem) if got else None
+
+
+@dataclass(slots=True)
+class Seat:
+    """What one conversation holds; let go of when its ``with`` block ends."""
+
+    permit: Permit
+    slot: Slot
+    opened: Opened | None  # a cached connection to start with, else None: the conversation dials
+
+    def __enter__(self) -> Seat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.slot.free()  # nothing when the connection went to the cache with it
+        self.permit.free()
+
+
+class JobOwner(Owner, Protocol):
+    """What ``tend`` needs of the job besides being the lane's owner of its parcels."""
+
+    def wait(self, timeout: float) -> bool: ...
+
+    def withdrawn(self, parcels: list[Parcel]) -> list[Parcel]: ...
+
+
+class Crew:
+    def __init__(
+        self,
+        dialer: Dialer,
+        limits: DestinationLimits,
+        lanes: Lanes,
+        capacity: int,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        cache_time: float = 1.0,
+    ) -> None:
+        self.dialer = dialer
+        self.limits = limits
+        self.lanes = lanes
+        self.permits = Permits(capacity)
+        self.cache = ConnectionCache(cache_time, on_drop=_free_slot)
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.stopping = threading.Event()
+
+    def tend(self, destination: str, lane: Lane, owner: JobOwner, parcels: list[Parcel]) -> list[Parcel]:
+        """Until the job's parcels are done: start conversations while the lane has more parcels
+        than conversations (and slots and permits allow). Returns the parcels handed back: when
+        stopping, or when no conversation could be had for SLOT_WAIT seconds."""
+        no_slot_since: float | None = None
+        handed: list[Parcel] = []
+        while not owner.wait(LOOK_EVERY):
+            if handed:
+                continue  # what a conversation had taken finishes its transaction
+            if self.stopping.is_set():
+                handed = owner.withdrawn(lane.withdraw(parcels))
+                continue
+            started = self._staff(destination, lane)
+            if started or lane.conversations > 0:
+                no_slot_since = None
+                continue
+            now = self.monotonic()
+            if no_slot_since is None:
+                no_slot_since = now
+            elif now - no_slot_since > SLOT_WAIT:
+                handed = owner.withdrawn(lane.withdraw(parcels))
+        return handed
+
+    def _staff(self, destination: str, lane: Lane) -> bool:
+        """Start conversations while the lane has more parcels waiting than conversations."""
+        started = False
+        while not self.stopping.is_set() and lane.understaffed(self.monotonic()):
+            permit = self.permits.take()
+            if permit is None:
+                break
+            with permit:  # given back here unless the conversation takes it
+                got = self._connection(destination, lane)
+                if got is None:
+                    lane.pause(self.monotonic() + STAFF_PAUSE)
+                    break
+                seat = Seat(permit.keep(), got[1], got[0])
+            lane.started()
+            try:
+                threading.Thread(
+                    target=self._converse,
+                    args=(destination, lane, seat),
+                    name=f"mtaq-smtp-{destination}",
+                    daemon=True,
+                ).start()
+            except BaseException:
+                with seat:
+                    self.lanes.ended(destination, lane)
+                raise
+            started = True
+        return started
+
+    def _connection(self, destination: str, lane: Lane) -> tuple[Opened | None, Slot] | None:
+        """A cached idle connection (it holds its slot) to one of the lane's addresses, or a slot
+        for a new connection; None when the destination's window is full."""
+        while True:
+            cached = self.cache.take(destination)
+            if cached is None:
+                break
+            conn, extra = cached
+            assert isinstance(extra, tuple)
+            slot, to, sent = extra
+            # to which of the lane's addresses (equal MX preferences are shuffled)
+            where = [n for n, t in enumerate(lane.targets) if (t.ip, t.port) == (to.ip, to.port)]
+            if where:
+                return Opened(conn, where[0], sent, to), slot
+            with slot:
+                conn.quit()
+        slot = self.limits.acquire(destination)
+        return None if slot is None else (None, slot)
+
+    def _converse(self, destination: str, lane: Lane, seat: Seat) -> None:
+        reached = False
+        try:
+            with seat:
+                result: Opened | None = None
+                try:
+                    result, reached = converse(
+                        lane,
+                        self.dialer,
+                        opened=seat.opened,
+                        stopping=self.stopping.is_set,
+                        pace=lambda: self._pace(destination),
+                        feedback=lambda ok, why: self._feedback(destination, ok, why),
+                    )
+                except Exception:
+                    log.exception("%s: conversation failed", destination)
+                if result is not None:
+                    if result.to is not None and result.conn.alive and not self.stopping.is_set():
+                        self.cache.give(destination, result.conn, (seat.slot.keep(), result.to, result.sent))
+                    else:
+                        result.conn.quit()
+        finally:
+            alone = self.lanes.ended(destination, lane)
+        if alone and not reached and not self.stopping.is_set():
+            # every address failed and no other conversation runs: what waits gets the last
+            # failure now, rather than the next conversation failing the same way
+            lane.left()
+
+    def _pace(self, destination: str) -> None:
+        wait = self.limits.pace(destination)
+        if wait > 0:
+            self.sleep(wait)
+
+    def _feedback(self, destination: str, ok: bool, why: str) -> None:
+        try:
+            if ok:
+                self.limits.succeeded(destination)
+            else:
+                self.limits.failed(destination, why)
+        except redis.RedisError:
+            log.warning("%s: could not record the connection outcome (Redis unavailable)", destination)
+
+    def heartbeat(self) -> None:
+        """Push on the slots this process holds; close idle connections past their time."""
+        self.limits.heartbeat()
+        self.cache.sweep()
+
+    def stop(self) -> None:
+        """Conversations end after their transaction; idle connections close."""
+        self.stopping.set()
+        self.cache.sweep(everything=True)
+
+
+def _free_slot(extra: object) -> None:
+    """The connection cache dropped an idle connection: its slot goes with it."""
+    slot = extra[0] if isinstance(extra, tuple) else None
+    if isinstance(slot, Slot):
+        slot.free()
