@@ -1,5 +1,6 @@
 """Routing: which next hop a recipient goes to. Mail is grouped by it into delivery jobs (one job
-per next hop), so the ingress, the workers and `mtaq queue flush` must all route alike."""
+per next hop), so the ingress, the workers and `mtaq queue flush` must all route alike. The
+transport table (common/transport.py) comes first, then the relayhost, then the domain's MX."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from common.envelope import Envelope, domain_of
 from common.settings import Settings
 from common.smtp.hostport import literal_hop
+from common.transport import TransportTable
 
 __all__ = ["Router", "next_hop"]
 
@@ -24,12 +26,19 @@ def next_hop(address: str, relayhost: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Router:
     relayhost: str = ""
+    transport: TransportTable | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Router:
-        return cls(settings.relayhost)
+        """TransportTableError when the transport table cannot be read (one line, exit 78)."""
+        transport = TransportTable(settings.transport_table) if settings.transport_table else None
+        return cls(settings.relayhost, transport)
 
     def hop(self, address: str) -> str:
+        if self.transport is not None:
+            routed = self.transport.nexthop(domain_of(address))
+            if routed is not None:
+                return routed
         return next_hop(address, self.relayhost)
 
     def hops(self, envelope: Envelope) -> list[str]:

@@ -247,6 +247,25 @@ class Settings:
         "honour DANE TLSA records (RFC 7672); needs dns_servers to be a DNSSEC-validating resolver you trust",
         ("worker",),
     )
+    # -- DKIM signing and smarthosts (issue 22; docs/signing.md)
+    dkim_keys: str = _opt(
+        "",
+        "key table, DOMAIN SELECTOR KEYFILE a line: trusted clients' mail and our DSNs are signed by the "
+        "From: domain's keys (or its nearest parent's); unset = no signing",
+        ("ingress", "worker"),
+    )
+    relayhost_auth_file: str = _opt(
+        "",
+        "file with `username password` (or username:password) for the relayhost: sent with AUTH only "
+        "after STARTTLS with a certificate valid for the relayhost's name",
+        ("worker",),
+    )
+    transport_table: str = _opt(
+        "",
+        "file of DOMAIN NEXTHOP lines (.example.com = subdomains; [host]:port literal, host = its MX), "
+        "consulted before relayhost and MX (Postfix transport_maps); ingress and workers both read it",
+        ("ingress", "worker"),
+    )
 
     def __post_init__(self) -> None:
         if not self.hostname:

@@ -101,6 +101,8 @@ class IngressConfig:
     # mail input flow control (ingress/flow.py); 0 = off, the default for configs built by hand
     in_flow_delay: float = 0.0
     in_flow_backlog: int = 640
+    # DKIM signing of trusted clients' mail (ingress/signing.py); "" = none
+    dkim_keys: str = ""
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngressConfig:
@@ -128,4 +130,5 @@ class IngressConfig:
             local_ips=tuple(local_addresses(s.listen)) if s.verify_relay_recipients else (),
             in_flow_delay=s.in_flow_delay,
             in_flow_backlog=s.in_flow_backlog,
+            dkim_keys=s.dkim_keys,
         )

@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 from common import metrics
+from common.dkimkeys import KeyTable
 from common.envelope import Envelope, new_queue_id
 from common.events import Event as DeliveryEvent
 from common.events import receptions
@@ -45,6 +46,7 @@ from ingress.session import (
     StartTLS,
     Transaction,
 )
+from ingress.signing import TrustedMail
 from ingress.suppression import SuppressionGate, event_writer
 from ingress.verify import make_verifier
 
@@ -102,6 +104,10 @@ class Ingress:
         self.ssl_context = make_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.credentials = Credentials(config.auth_file) if config.auth_file else None
         self.auth_limiter = AuthLimiter()
+        # KeyTableError from a bad key table: one line and exit 78 (mtaq/cli.py)
+        self.trusted_mail = TrustedMail(
+            config.session.hostname, KeyTable(config.dkim_keys) if config.dkim_keys else None
+        )
         self.notes = NoteLog(log)
         self.shutdown_grace = config.shutdown_grace
         self.connections: set[SMTPProtocol] = set()
@@ -342,6 +348,10 @@ class SMTPProtocol(asyncio.Protocol):
         rcpts = [
             r if "@" in r.address else dataclasses.replace(r, address=f"{r.address}@{host}") for r in tx.recipients
         ]
+        data, body_8bit = tx.data, tx.body_8bit
+        if tx.trusted:  # Message-ID, Date and DKIM signatures: ingress/signing.py
+            prepared = self.ingress.trusted_mail.prepare(data, queue_id=qid, when=now, body_8bit=body_8bit)
+            data, body_8bit = prepared.data, prepared.body_8bit
         env = Envelope(
             id=qid,
             sender=tx.sender,
@@ -351,7 +361,7 @@ class SMTPProtocol(asyncio.Protocol):
             client_addr=self.peer_ip,
             client_name=self.session.peer.name,
             protocol=tx.protocol,
-            body_8bit=tx.body_8bit,
+            body_8bit=body_8bit,
             smtputf8=tx.smtputf8,
             ret=tx.ret,
             envid=tx.envid,
@@ -369,7 +379,7 @@ class SMTPProtocol(asyncio.Protocol):
             recipient=tx.recipients[0].address if len(tx.recipients) == 1 else None,
             when=now,
         )
-        await self.ingress.committer.submit(Message(env, trace + tx.data))
+        await self.ingress.committer.submit(Message(env, trace + data))
         return qid
 
     async def _start_tls(self) -> None:

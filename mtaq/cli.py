@@ -1,4 +1,5 @@
-"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd."""
+"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd,
+dkim, suppress, events."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import redis
 from common import metrics
 from common.address import CannotBind, bind_listener
 from common.classify import BadRules, use_rules
+from common.dkimkeys import KeyTableError, load_table
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
+from common.transport import TransportTable, TransportTableError
 from ingress.auth import set_password
+from mtaq.dkimcmd import add_dkim_parser, cmd_dkim
 from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, cmd_exporter, cmd_health, serve_monitor
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
@@ -27,6 +31,7 @@ from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
 from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
 from mtaq.tlsrptcmd import TLSRPTUsage, add_tlsrpt_parser, cmd_tlsrpt
 from worker.process import main as worker_main
+from worker.smarthost import SmarthostError, smarthost_from_settings
 from worker.webhook import SecretError
 from worker.webhook import check_settings as check_webhook
 
@@ -52,6 +57,11 @@ def cmd_run(settings: Settings) -> int:
         if embedded is not None:
             embedded.lock()  # another run on this data_dir: one line, before anything starts
         bind_listener(*settings.listen_addr).close()  # the port in use: the same, before Redis starts
+        if settings.dkim_keys:
+            load_table(settings.dkim_keys)  # a bad key: the same (the children would each say it)
+        if settings.transport_table:
+            TransportTable(settings.transport_table)  # and a bad route
+        smarthost_from_settings(settings)  # and relayhost credentials that cannot be read
         warn_hostname(settings)
         if embedded is not None:
             embedded.start()
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-file", "--auth_file", dest="auth_file", default=None, help="the credentials file the ingress reads"
     )
     pw.add_argument("user", help="the user name clients give to AUTH")
+    add_dkim_parser(sub)
     return p
 
 
@@ -164,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args.burst)
         if args.command == "passwd":
             return cmd_passwd(settings, args.user)
+        if args.command == "dkim":
+            return cmd_dkim(settings, args)
         if args.command == "exporter":
             return cmd_exporter(settings)
         if args.command == "health":
@@ -184,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TLSRPTUsage as e:
         print(f"mtaq tlsrpt: {e}", file=sys.stderr)
         return 2
-    except CannotBind as e:
+    except (CannotBind, KeyTableError, TransportTableError, SmarthostError) as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:

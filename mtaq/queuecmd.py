@@ -369,7 +369,8 @@ def _requeue(spool: Spool, views: Iterable[MessageView], err: TextIO, verb: str)
     dests: dict[str, list[tuple[str, int]]] = defaultdict(list)
     todo = [v for v in views if not v.held]
     for n, v in enumerate(todo, 1):
-        for d in v.destinations():
+        # the router's next hops (transport_table included), the ones the workers pick recipients by
+        for d in dict.fromkeys(spool.router.hop(r.address) for r in v.open):
             dests[d].append((v.qid, v.size))
         _progress(err, verb, n, len(todo))
     if dests:

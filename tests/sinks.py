@@ -32,7 +32,7 @@ from typing import Any
 
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from tests.ports import free_port
 
@@ -110,6 +110,9 @@ class SinkServer:
         self.open_connections = 0  # connections open now
         self.max_open = 0  # the most connections ever open at once
         self.lock = threading.Lock()
+        # AUTH (RFC 4954) after STARTTLS only, when set: user -> password; logins: (user, accepted)
+        self.auth: dict[str, str] | None = None
+        self.logins: list[tuple[str, bool]] = []
         self.ca: trustme.CA | None = None
         self.leaf: trustme.LeafCert | None = None  # the certificate it presents (tls=True)
         self._tls_context: ssl.SSLContext | None = None
@@ -130,6 +133,8 @@ class SinkServer:
         kwargs: dict[str, Any] = {}
         if self._tls_context is not None:
             kwargs["tls_context"] = self._tls_context
+        if self.auth is not None:
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=True)
         controller = _CountingController(
             self,
             _Handler(self),
@@ -186,6 +191,13 @@ class SinkServer:
         self.ca.configure_trust(context)
 
     # -- called from the server thread
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        user = data.login.decode("utf-8", "replace")
+        ok = self.auth is not None and self.auth.get(user) == data.password.decode("utf-8", "replace")
+        with self.lock:
+            self.logins.append((user, ok))
+        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535 itself
 
     def _hangup(self, server: Any, command: str) -> bool:
         if self.hangup_on != command:

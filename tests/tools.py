@@ -1,5 +1,5 @@
-"""System tools some tests need (Docker, debootstrap, chromium, Postfix's smtp-sink): skip where a
-developer's machine lacks one, fail where CI promised it.
+"""System tools some tests need (Docker, debootstrap, chromium, Postfix's smtp-sink, Perl's
+Mail::DKIM, promtool): skip where a developer's machine lacks one, fail where CI promised it.
 
 ``.ci/run`` installs these tools and then exports ``MTAQ_REQUIRE_TOOLS=1`` (with ``CI=true``): from
 there a tool that cannot be found is a broken CI image, and a skip would hide the deployment,

@@ -14,7 +14,7 @@ The claim is taken before the report is queued. A worker dying between the two l
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from common.envelope import RecipientStatus
 from common.events import Event, delayed_event, message_id_of
@@ -34,6 +34,8 @@ def warn_delayed(
     settings: Settings,
     deferred: Sequence[tuple[Message, Mapping[int, RecipientStatus]]],
     now: float,
+    *,
+    sign: Callable[[Message, float], Message] = lambda report, now: report,
 ) -> list[str]:
     """Queue the delay warnings now due for these deferred messages; returns their queue ids."""
     if settings.delay_warning <= 0 or not deferred:
@@ -58,7 +60,7 @@ def warn_delayed(
         report = make_delay_dsn(msg, states, settings.hostname, now, retry_until=until)
         if report is None:
             continue
-        reports.append(report)
+        reports.append(sign(report, now))
         warned.append(env.id)
         mid = message_id_of(msg.body)  # the `delayed` events go with the report (issue 19)
         events += [delayed_event(env, i, states[i], mid, now) for i in delay_warning_recipients(env, states)]

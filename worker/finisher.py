@@ -4,7 +4,8 @@ like mail and the message removed together, or neither).
 
 One Finisher serves the three who finish mail: a delivery job when its batch is done
 (worker/service.py), the sweep for messages left behind (worker/sweep.py), and `mtaq queue bounce`.
-It needs storage, the report maker, our hostname and a clock; none of the delivery machinery."""
+It needs storage, the report maker, our hostname, the DKIM signer of our reports (worker/dsnsign.py)
+and a clock; none of the delivery machinery."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 
+from common.dkimkeys import KeyTable
 from common.envelope import RecipientStatus
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
 from worker.dsn import make_dsn
+from worker.dsnsign import ReportSigner
 
-__all__ = ["FINISH_CLAIM", "DsnMaker", "Finished", "Finisher"]
+__all__ = ["FINISH_CLAIM", "DsnMaker", "Finished", "Finisher", "ReportSign"]
 
 log = logging.getLogger("mtaq.worker")
 
@@ -33,20 +36,32 @@ FINISH_CLAIM = 30.0
 DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
 # a message with its recipients' states, every one of them final
 Finished = tuple[Message, dict[int, RecipientStatus]]
+# a report as it is queued: DKIM-signed when a key covers our hostname's domain (worker/dsnsign.py)
+ReportSign = Callable[[Message, float], Message]
 
 
 class Finisher:
     def __init__(
-        self, spool: Spool, hostname: str, *, dsn: DsnMaker = make_dsn, clock: Callable[[], float] = time.time
+        self,
+        spool: Spool,
+        hostname: str,
+        *,
+        dsn: DsnMaker = make_dsn,
+        sign: ReportSign = lambda report, now: report,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
         self.hostname = hostname
         self.dsn = dsn
+        self.sign = sign
         self.clock = clock
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool) -> Finisher:
-        return cls(spool, settings.hostname)
+        """KeyTableError from a bad dkim_keys: one line and exit 78 (mtaq/cli.py)."""
+        return cls(
+            spool, settings.hostname, sign=ReportSigner(KeyTable(settings.dkim_keys) if settings.dkim_keys else None)
+        )
 
     def finish(
         self, done: Sequence[Finished], destination: str | None = None, leased: Collection[str] = ()
@@ -78,7 +93,7 @@ class Finisher:
         for msg, _ in done:
             dsn = reports[msg.envelope.id]
             if dsn is not None:
-                dsns.append(dsn)
+                dsns.append(self.sign(dsn, now))
                 log.info("%s: sender delivery status notification: %s", msg.envelope.id, dsn.envelope.id)
             log.info("%s: removed", msg.envelope.id)
         ids = [m.envelope.id for m, _ in done]

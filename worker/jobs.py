@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from common.dkimkeys import KeyTable
 from common.mx import MXResolver, local_addresses, make_resolver
 from common.settings import Settings
 from common.spool import Spool
 from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
+from worker.dsnsign import ReportSigner
 from worker.limits import DestinationLimits
 from worker.service import DeliveryService
 from worker.tlsgate import TLSGate
@@ -50,9 +52,11 @@ def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         retry_time=settings.destination_retry_time,
         clock=clock,
     )
+    # KeyTableError from a bad key table: one line and exit 78 (mtaq/cli.py)
+    signer = ReportSigner(KeyTable(settings.dkim_keys) if settings.dkim_keys else None)
     # one resolver for MX, TLSA and the MTA-STS policy host (issue 21)
     tls = TLSGate(dns, spool.store.redis, ca_file=settings.tls_ca_file, mta_sts=settings.mta_sts, dane=settings.dane)
-    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, clock=clock, tls=tls)
+    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock, tls=tls)
 
 
 def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:

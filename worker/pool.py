@@ -54,6 +54,8 @@ log = logging.getLogger("mtaq.worker")
 
 HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
 EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
+# a scheduled job this late means RQ's scheduler is not running (it looks every second)
+SCHEDULER_LATE = 30.0
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
 DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
 INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before it is handed back
@@ -271,10 +273,32 @@ class ConcurrentWorker(SimpleWorker):
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
                 self._rescue_intermediate(queue)
+                self._enqueue_overdue(queue)
             finally:
                 if self.connection.get(key) in (self.name, self.name.encode()):
                     self.connection.delete(key)
         self.last_cleaned_at = rq_now()  # type: ignore[assignment]
+
+    def _enqueue_overdue(self, queue: Queue) -> None:
+        """Scheduled jobs overdue by SCHEDULER_LATE: RQ's scheduler, which moves due jobs to the
+        queue, is not working. It runs in one worker at a time under a lock with a TTL; after a
+        Redis restart or the death of its worker it is back only once that lock lapses, and a
+        job re-run after a crash (CRASH_RETRY's intervals) waits for it meanwhile. Do its work
+        for what it left behind, as it would (chaos test: one message stuck past the minute)."""
+        registry = queue.scheduled_job_registry
+        ids = registry.get_jobs_to_schedule(int(time.time() - SCHEDULER_LATE))
+        if not ids:
+            return
+        jobs = Job.fetch_many(ids, connection=self.connection, serializer=self.serializer)
+        with self.connection.pipeline() as pipe:
+            for job_id, job in zip(ids, jobs, strict=True):
+                if job is not None:
+                    queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                registry.remove(job_id, pipeline=pipe)
+            pipe.execute()
+        log.warning(
+            "worker %s: %d scheduled job(s) overdue (RQ's scheduler is not running): queued", self.name, len(ids)
+        )
 
     def _rescue_intermediate(self, queue: Queue) -> None:
         """A job taken off the queue by a worker that died before it registered the execution sits

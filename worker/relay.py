@@ -14,17 +14,19 @@ it is made from. The one caller that records outcomes turns them into ``Outcome`
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.classify import classify
 from common.envelope import LOG_STATUS, Envelope, RcptState
+from common.mime7bit import to_7bit
 from common.mx import DnsError, MXResolver, Target
 from common.smtp.reply import Reply
 from worker.lane import Lane
-from worker.mime7bit import to_7bit
 from worker.parcel import Outcome, Parcel, Undeliverable
+from worker.smarthost import AuthLog, Smarthost
 from worker.smtpclient import Checker, ConnectFailed, SMTPConnection, TLSPolicyFailed
 from worker.tlspolicy import OPPORTUNISTIC, Requirement, requiretls_refusal
 
@@ -54,7 +56,7 @@ def body_to_send(parcel: Parcel, conn: SMTPConnection) -> bytes:
     """The message as this server may take it. 8-bit mail (BODY=8BITMIME, or octets above 127 in
     it) to a server without 8BITMIME is converted to 7-bit MIME (RFC 6152 §3), as Postfix does
     (disable_mime_output_conversion = no). A message that cannot be converted (8-bit header fields,
-    8-bit text without MIME) goes unchanged, as Postfix sends it: see worker/mime7bit.py."""
+    8-bit text without MIME) goes unchanged, as Postfix sends it: see common/mime7bit.py."""
     body = parcel.body
     if conn.supports("8bitmime") or (not parcel.envelope.body_8bit and body.isascii()):
         return body
@@ -108,15 +110,36 @@ class Dialer:
     connect_timeout: float
     timeout: float
     messages_per_connection: int = 100
+    smarthost: Smarthost | None = None  # the relayhost's login (worker/smarthost.py)
+    auth_log: AuthLog = field(default_factory=AuthLog)
+
+    def login(self, target: Target) -> tuple[tuple[str, str] | None, ssl.SSLContext | None]:
+        """The credentials and verifying TLS context for this target, (None, None) if it needs none."""
+        if self.smarthost is None or not self.smarthost.applies(target.hostname, target.port):
+            return None, None
+        return self.smarthost.credentials, self.smarthost.tls
 
     def dial(
         self, target: Target, require: Requirement = OPPORTUNISTIC, check: Checker | None = None
     ) -> SMTPConnection:
         """A connection to ``target``, greeted, EHLOed, with TLS as ``require`` says (``check``: the
-        destination's certificate check). Raises ConnectFailed (TLSPolicyFailed when the policy
-        refuses the host). (Unit tests put an in-memory peer here.)"""
+        destination's certificate check), logged in when it is the relayhost with a login
+        (``login``: STARTTLS verified for its name first, whatever ``require`` says). Raises
+        ConnectFailed (TLSPolicyFailed when the policy refuses the host; ``auth`` set when the
+        login failed or could not be sent safely, logged here once per relayhost). (Unit tests put
+        an in-memory peer here.)"""
+        auth, verify = self.login(target)
         conn = SMTPConnection(helo_name=self.helo_name, connect_timeout=self.connect_timeout, timeout=self.timeout)
-        conn.open(target.ip, target.port, name=target.hostname, require=require, check=check)
+        try:
+            conn.open(
+                target.ip, target.port, name=target.hostname, require=require, check=check, auth=auth, verify=verify
+            )
+        except ConnectFailed as e:
+            if e.auth:
+                self.auth_log.failed(str(target), e.text)  # once per relayhost, not per message
+            raise
+        if auth is not None:
+            self.auth_log.succeeded(str(target))
         return conn
 
 
@@ -164,6 +187,8 @@ def converse(
                 try:
                     if require.refuse is not None:
                         raise TLSPolicyFailed(require.refuse)  # this MX may not be used: not even a connect
+                    # the relayhost's login (Dialer.login) is not the policy: TLS-Required: No
+                    # (relaxed) never relaxes it, the password is ours to protect
                     conn = dialer.dial(target, require, policy.check if policy is not None else None)
                     if conn.tls_failure is not None:
                         log.info("%s: %s", relay, conn.tls_failure.text)  # testing mode: delivered, noted
@@ -180,7 +205,8 @@ def converse(
                         continue
                     break  # the next address
                 except ConnectFailed as e:
-                    log.info("%s", e.text)
+                    if not e.auth:  # a login's failure: Dialer.dial logged it, once per relayhost
+                        log.info("%s", e.text)
                     lane.failed(_connect_outcome(e, relay, target))
                     feedback(False, e.text)
                     break  # the next address
@@ -235,7 +261,7 @@ def _connect_outcome(e: ConnectFailed, relay: str, target: Target) -> Outcome:
         return Outcome(RcptState.DEFERRED, "4" + reply.dsn[1:], e.text, relay, target.hostname)
     if reply is not None:
         return Outcome(RcptState.DEFERRED, reply.dsn, e.text, relay, target.hostname)
-    return Outcome(RcptState.DEFERRED, "4.4.1", e.text, "none", target.hostname)
+    return Outcome(RcptState.DEFERRED, e.dsn or "4.4.1", e.text, "none", target.hostname)
 
 
 def resolve(resolver: MXResolver, destination: str, port: int) -> list[Target]:

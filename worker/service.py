@@ -35,7 +35,7 @@ from common.spool import Spool
 from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
-from worker.finisher import DsnMaker, Finisher
+from worker.finisher import DsnMaker, Finisher, ReportSign
 from worker.lane import Lanes
 from worker.leases import Leases
 from worker.limits import DestinationLimits
@@ -44,6 +44,7 @@ from worker.parcel import Outcome, Parcel, Undeliverable, default_left, fail_all
 from worker.plan import Loaded, Plan, all_final, plan
 from worker.relay import Dialer, resolve
 from worker.retry import lifetime, next_retry
+from worker.smarthost import smarthost_from_settings
 from worker.tlsgate import TLSGate
 
 __all__ = ["BUSY_RETRY", "LEASE_TTL", "DeliveryService"]
@@ -67,6 +68,7 @@ class DeliveryService:
         limits: DestinationLimits,
         *,
         dsn: DsnMaker,
+        sign: ReportSign = lambda report, now: report,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         dialer: Dialer | None = None,
@@ -78,6 +80,7 @@ class DeliveryService:
         self.queue = spool.queue
         self.resolver = resolver
         self.limits = limits
+        self.sign = sign  # DKIM on the reports we write (worker/dsnsign.py)
         self.clock = clock
         if dialer is None:  # how conversations open connections (unit tests: an in-memory peer)
             dialer = Dialer(
@@ -86,12 +89,13 @@ class DeliveryService:
                 settings.connect_timeout,
                 settings.smtp_timeout,
                 max(1, settings.destination_messages_per_connection),
+                smarthost_from_settings(settings),  # SmarthostError: one line, exit 78 (mtaq/cli.py)
             )
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
         self.leases = Leases(spool.store, LEASE_TTL)
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
-        self.finisher = Finisher(spool, settings.hostname, dsn=dsn, clock=clock)
+        self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
 
     @property
@@ -218,7 +222,7 @@ class DeliveryService:
             batch.write(rest)
         # delay warnings (issue 8.6): once the deferrals are recorded, see worker/delays.py
         states = {q: {**batch.loaded[q][1], **batch.recorded[q]} for q in retry_ids}
-        warn_delayed(self.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now)
+        warn_delayed(self.spool, s, [(batch.loaded[q][0], states[q]) for q in retry_ids], now, sign=self.sign)
         if retry_ids and retry_delay is not None:
             self.queue.schedule(destination, retry_ids, retry_delay)
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)

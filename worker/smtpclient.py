@@ -6,6 +6,9 @@ Opportunistic TLS as Postfix's ``may`` level: STARTTLS when offered, certificate
 is tried again in plain text. Where a policy (MTA-STS, DANE: worker/tlspolicy.py) applies, ``open``
 takes its ``Requirement``: STARTTLS is then mandatory and the chain the server sent must pass the
 policy's ``check``, else ``TLSPolicyFailed`` (in ``testing`` mode the failure is only noted).
+With a smarthost's credentials (``open(auth=..., verify=...)``) TLS is required and verified for
+the relayhost's name (Postfix's ``secure``; tls_ca_file or the system CAs): a failed handshake or
+an invalid certificate ends the attempt, and the credentials are never sent.
 One driver runs in one thread; a worker runs many (worker/pool.py).
 """
 
@@ -45,10 +48,12 @@ READ_SIZE = 65536
 class ConnectFailed(Exception):
     """No usable SMTP session with that host (refused, timeout, bad greeting): try the next one."""
 
-    def __init__(self, text: str, reply: Reply | None = None) -> None:
+    def __init__(self, text: str, reply: Reply | None = None, *, auth: bool = False, dsn: str | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.reply = reply
+        self.auth = auth  # a smarthost login failed or could not be attempted safely
+        self.dsn = dsn  # the status to defer with when no reply says it
 
 
 class TLSPolicyFailed(ConnectFailed):
@@ -100,9 +105,12 @@ class SMTPConnection:
         try_tls: bool = True,
         require: Requirement = OPPORTUNISTIC,
         check: Checker | None = None,
+        auth: tuple[str, str] | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         """Connect, read the greeting, EHLO (HELO fallback) and STARTTLS when offered (required
-        when ``require`` names a policy; ``check`` judges the certificate chain)."""
+        when ``require`` names a policy; ``check`` judges the certificate chain). With ``auth``,
+        STARTTLS verified by ``verify`` for ``name``, then AUTH, are required."""
         relay = f"{name or ip}[{ip}]:{port}"
         self.tls_used, self.tls_failure = TLSUsed(), None
         try:
@@ -111,7 +119,7 @@ class SMTPConnection:
             raise ConnectFailed(f"connect to {relay}: {_reason(e)}") from None
         sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.client = sock, Client(self.helo_name, relay, try_tls=try_tls)
+        self.sock, self.client = sock, Client(self.helo_name, relay, try_tls=try_tls, auth=auth)
         while True:
             event = self._pump()
             if isinstance(event, Ready):
@@ -121,9 +129,17 @@ class SMTPConnection:
                 return
             if isinstance(event, NeedTLS):
                 try:
-                    tls = _TLS.wrap_socket(sock, server_hostname=name or ip)
-                except (ssl.SSLError, OSError, ValueError):
+                    tls = (verify or _TLS).wrap_socket(sock, server_hostname=name or ip)
+                except (ssl.SSLError, OSError, ValueError) as e:
                     self.close()
+                    if auth is not None:  # Postfix's "secure": no plain-text retry, no password
+                        if isinstance(e, ssl.SSLCertVerificationError):
+                            why = f"certificate verify failed: {e.verify_message}"
+                        else:
+                            why = getattr(e, "reason", None) or str(e)
+                        raise ConnectFailed(
+                            f"TLS with {relay} failed ({why}): credentials not sent", auth=True, dsn="4.7.5"
+                        ) from None
                     failure = require.failure("validation-failure", f"TLS handshake with {relay} failed")
                     if require.policy and require.enforce:
                         raise TLSPolicyFailed(failure) from None
@@ -135,14 +151,18 @@ class SMTPConnection:
                 verdict = check(require, name or ip, _peer_chain(tls)) if require.policy and check else None
                 if verdict is not None:
                     self._failed(require, verdict)
-                verified = require.policy and verdict is None
-                level = f"verified({require.policy})" if verified else "opportunistic"
+                if require.policy and verdict is None:
+                    level = f"verified({require.policy})"
+                elif verify is not None:
+                    level = "verified(pkix)"  # the smarthost's certificate, checked in the handshake
+                else:
+                    level = "opportunistic"
                 self.tls_used = TLSUsed(level, tls.version() or "", (tls.cipher() or ("",))[0])
                 self.client.tls_started()
                 continue
             self.close()
             if isinstance(event, Refused):
-                raise ConnectFailed(event.text, event.reply)
+                raise ConnectFailed(event.text, event.reply, auth=event.auth, dsn="4.7.0" if event.auth else None)
             raise ConnectFailed(f"lost connection with {relay} during greeting")
 
     def _failed(self, require: Requirement, failure: Failure) -> None:

@@ -20,10 +20,17 @@ the next command is written after each reply. Either way a reply means the same 
 - 421 at any step: the server is closing (RFC 5321 §3.8); that reply decides every recipient
   still undecided (as Postfix reports it), the replies read before it stand.
 - a 4xx to EHLO is a refusal (the server is telling us to go away), a 5xx to EHLO means "try HELO".
+
+With ``auth`` (a smarthost's credentials, worker/smarthost.py) the session also requires TLS: no
+STARTTLS offered, STARTTLS refused, or only HELO is a ``Refused`` before any credential is written;
+after TLS, AUTH PLAIN (or LOGIN when that is all the server offers, RFC 4954) comes before
+``Ready``, and a refusal of it is ``Refused`` with ``auth=True`` (the driver defers: it is our
+configuration, not the recipient's fault). Whether the certificate is valid is the driver's check.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,6 +88,7 @@ class Refused:
     text: str
     reply: Reply | None = None
     timed_out: bool = False
+    auth: bool = False  # the server refused our credentials (or we could not send them safely)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,7 @@ class Phase(str, Enum):
     HELO = "helo"
     STARTTLS = "starttls"
     TLS = "tls"  # waiting for the driver's handshake
+    AUTH = "auth"  # RFC 4954 exchange with a smarthost
     READY = "ready"
     MAIL = "mail"  # a transaction in progress (commands out, replies due)
     BODY = "body"  # 354 read, message sent, end-of-data reply due
@@ -146,10 +155,14 @@ def _path(address: str) -> str:
 class Client:
     """One SMTP client session. ``relay`` (``host[ip]:port``) only words the diagnostics."""
 
-    def __init__(self, helo_name: str, relay: str, *, try_tls: bool = True) -> None:
+    def __init__(
+        self, helo_name: str, relay: str, *, try_tls: bool = True, auth: tuple[str, str] | None = None
+    ) -> None:
         self.helo_name = helo_name
         self.relay = relay
-        self.try_tls = try_tls
+        self.try_tls = try_tls or auth is not None
+        self._auth = auth  # (username, password): never in a log or a repr
+        self.authenticated = False
         self.phase = Phase.GREETING
         self.esmtp = False
         self.tls = False
@@ -343,6 +356,8 @@ class Client:
                 if self.try_tls and not self.tls and "starttls" in self.extensions:
                     self.phase = Phase.STARTTLS
                     self._command("STARTTLS", "STARTTLS")
+                elif self._auth is not None:
+                    self._authenticate()
                 else:
                     self._ready()
             elif reply.outcome is RcptState.DEFERRED:
@@ -353,7 +368,9 @@ class Client:
                 self.phase = Phase.HELO
                 self._command(f"HELO {self.helo_name}", "HELO")
         elif expect == "HELO":
-            if reply.code == 250:
+            if reply.code == 250 and self._auth is not None:
+                self._refuse_auth(f"host {self.relay} does not speak ESMTP: no TLS, credentials not sent")
+            elif reply.code == 250:
                 self.esmtp = False
                 self.extensions = {}
                 self._ready()
@@ -365,8 +382,12 @@ class Client:
                 self._events.append(NeedTLS())
             elif reply.code == 421:
                 self._refuse(f"host {self.relay} refused to talk to me: {reply}", reply)
+            elif self._auth is not None:
+                self._refuse_auth(f"host {self.relay} refused STARTTLS ({reply}): credentials not sent")
             else:
                 self._ready()  # STARTTLS offered but refused: opportunistic TLS goes on in plain text
+        elif expect in ("AUTH", "AUTH-USER", "AUTH-PASS"):
+            self._on_auth_reply(expect, reply)
         elif expect in ("MAIL", "RCPT", "DATA", "BODY"):
             self._on_transaction_reply(expect, reply)
         elif expect == "RSET" or expect == "NOOP":
@@ -385,6 +406,41 @@ class Client:
     def _ready(self) -> None:
         self.phase = Phase.READY
         self._events.append(Ready())
+
+    # -- AUTH (RFC 4954) with a smarthost, only ever under TLS
+
+    def _refuse_auth(self, text: str, reply: Reply | None = None) -> None:
+        self._events.append(Refused(text, reply, auth=True))
+        self.quit()
+
+    def _authenticate(self) -> None:
+        assert self._auth is not None
+        if not self.tls:
+            self._refuse_auth(f"host {self.relay} offered no STARTTLS: credentials not sent")
+            return
+        mechanisms = self.extensions.get("auth", "").upper().split()
+        user, password = self._auth
+        self.phase = Phase.AUTH
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            self._command(f"AUTH PLAIN {token}", "AUTH")
+        elif "LOGIN" in mechanisms:
+            self._command("AUTH LOGIN", "AUTH-USER")
+        else:
+            self._refuse_auth(f"host {self.relay} offered no AUTH PLAIN or LOGIN: credentials not sent")
+
+    def _on_auth_reply(self, expect: str, reply: Reply) -> None:
+        assert self._auth is not None
+        if expect == "AUTH" and reply.code == 235:
+            self.authenticated = True
+            self._ready()
+        elif expect != "AUTH" and reply.code == 334:
+            secret = self._auth[0] if expect == "AUTH-USER" else self._auth[1]
+            self._command(
+                base64.b64encode(secret.encode()).decode("ascii"), "AUTH-PASS" if expect == "AUTH-USER" else "AUTH"
+            )
+        else:
+            self._refuse_auth(f"SASL authentication failed; server {self.relay} said: {reply}", reply)
 
     def _on_transaction_reply(self, what: str, reply: Reply) -> None:
         tx = self._tx

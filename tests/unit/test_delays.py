@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import email
 import email.policy
+import pathlib
 
 import fakeredis
 import pytest
 
+from common.dkimkeys import KeyTable
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, Store, msg_key
+from tests.dkimkeys import dkimpy_verify, write_table
 from worker.delays import warn_delayed
+from worker.dsnsign import ReportSigner
 
 T0 = 1_700_000_000.0
 DEFERRED = RecipientStatus(RcptState.DEFERRED, 1, "4.4.1", "451 4.4.1 later", "mx[127.0.0.2]:25", "mx", T0)
@@ -108,3 +112,14 @@ def test_the_warning_writes_one_delayed_event_per_recipient_named(spool: Spool) 
     [(_, ev)] = parse_entries(events_spool.store.redis.xrange(EVENTS))
     assert (ev.type, ev.id, ev.recipient, ev.time) == (EventType.DELAYED, "Q1.0.delayed", "slow@y.test", T0 + 14400)
     assert (ev.dsn, ev.attempt, ev.classification) == ("4.4.1", 1, "ConnectionFailure")
+
+
+def test_the_warning_is_signed_when_a_key_covers_the_hostname(
+    spool: Spool, store: Store, tmp_path: pathlib.Path
+) -> None:
+    table, keys = write_table(tmp_path, [("mtaq.test", "dsn", "ed25519")])
+    sign = ReportSigner(KeyTable(str(table)))
+    m = queued(spool)
+    assert warn_delayed(spool, settings(), [(m, {0: DEFERRED})], T0 + 14400, sign=sign) == ["Q1"]
+    (report,) = reports(store)
+    assert report.body.startswith(b"DKIM-Signature:") and dkimpy_verify(report.body, keys)

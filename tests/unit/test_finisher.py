@@ -3,14 +3,18 @@ that two finishers build one report, and the leases of the finishing job given b
 
 from __future__ import annotations
 
+import pathlib
+
 import fakeredis
 import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
+from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, Store, lease_key
+from tests.dkimkeys import dkimpy_verify, write_table
 from worker.finisher import Finisher
 
 NOW = 1_700_000_000.0
@@ -92,3 +96,19 @@ def test_never_a_report_for_a_bounce(spool: Spool) -> None:
 
 def test_nothing_to_finish_touches_nothing(spool: Spool) -> None:
     assert finisher(spool).finish([]) == set()
+
+
+def test_the_sweep_and_queue_bounce_sign_their_dsns(spool: Spool, tmp_path: pathlib.Path) -> None:
+    # the Finisher the sweep and `mtaq queue bounce` build from settings signs as the worker's does
+    table, keys = write_table(tmp_path, [("mtaq.test", "dsn", "ed25519")])
+    settings = Settings(hostname="mtaq.test", dkim_keys=str(table))
+    queued(spool, "Q1", RcptState.BOUNCED)
+    assert Finisher.from_settings(settings, spool).finish([loaded(spool, "Q1")]) == {"Q1"}
+    [dsn_id] = spool.store.queue_ids()
+    dsn = spool.store.load(dsn_id)
+    assert dsn is not None and dsn.body.startswith(b"DKIM-Signature:") and dkimpy_verify(dsn.body, keys)
+    # without a key table nothing is signed
+    queued(spool, "Q2", RcptState.BOUNCED)
+    Finisher.from_settings(Settings(hostname="mtaq.test"), spool).finish([loaded(spool, "Q2")])
+    unsigned = [spool.store.load(q) for q in spool.store.queue_ids() if q != dsn_id]
+    assert len(unsigned) == 1 and unsigned[0] is not None and b"DKIM-Signature" not in unsigned[0].body

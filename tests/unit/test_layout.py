@@ -90,14 +90,23 @@ def test_one_resolver_and_one_client_for_both_sides() -> None:
     # the MX lookup is written once (common/mx.py), and the ingress's verification speaks SMTP
     # through common/smtp's client, not a reader of its own. Beside it only the outbound TLS
     # policy asks DNS (TLSA with AD, the MTA-STS and TLS-RPT TXT records, the policy host's
-    # address), on the resolver common/mx.make_resolver builds from dns_servers: one DNS path
+    # address) and `mtaq dkim check` (the selectors' TXT records), on the resolver
+    # common/mx.make_resolver builds from dns_servers: one DNS path
     speak_dns = sorted(
         str(p.relative_to(ROOT))
         for package in ("common", "ingress", "worker", "mtaq")
         for p in modules(package)
         if "dns" in imported_packages(p)
     )
-    assert speak_dns == ["common/mx.py", "worker/dane.py", "worker/mtasts.py", "worker/tlsgate.py", "worker/tlsrpt.py"]
+    assert speak_dns == [
+        "common/mx.py",
+        "mtaq/dkimcmd.py",
+        "worker/dane.py",
+        "worker/mtasts.py",
+        "worker/tlsgate.py",
+        "worker/tlsrpt.py",
+    ]
+    assert "common.mx" in imported_modules(ROOT / "mtaq" / "dkimcmd.py")  # make_resolver, not a resolver of its own
     verify = ROOT / "ingress" / "verify.py"
     assert "common.smtp.client" in imported_modules(verify) and "common.mx" in imported_modules(verify)
     assert "readline" not in verify.read_text()  # no reply parsing of its own

@@ -1,4 +1,4 @@
-"""8BITMIME to 7BIT MIME conversion (worker/mime7bit.py)."""
+"""8BITMIME to 7BIT MIME conversion (common/mime7bit.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from email.message import EmailMessage
 
 import pytest
 
+from common.mime7bit import to_7bit
 from tests.mailparse import parse
 from worker.dsn import DsnRecipient, render_dsn
-from worker.mime7bit import to_7bit
 
 HEAD = (
     b"Received: from client.test (client.test [127.0.0.1])\r\n"

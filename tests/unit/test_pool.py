@@ -4,6 +4,7 @@ the service's leases."""
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from common.store import Message
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.pool import EXECUTION_TTL, ConcurrentWorker
+from worker.pool import EXECUTION_TTL, SCHEDULER_LATE, ConcurrentWorker
 from worker.service import DeliveryService
 
 
@@ -73,3 +74,15 @@ def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, ser
         w.beat()
         assert r.pttl(key) > 1000
     assert not r.exists(key)
+
+
+def test_scheduled_jobs_rqs_scheduler_left_behind_are_queued(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    worker = ConcurrentWorker([service.spool.queue.rq], connection=r, serializer=JSONSerializer, service=service)
+    queue = service.spool.queue.rq
+    now = datetime.datetime.now(datetime.UTC)
+    late = queue.enqueue_at(now - datetime.timedelta(seconds=SCHEDULER_LATE + 5), "worker.jobs.deliver", "a.test", [])
+    recent = queue.enqueue_at(now - datetime.timedelta(seconds=1), "worker.jobs.deliver", "b.test", [])
+    worker._enqueue_overdue(queue)
+    # the one its scheduler should have moved long ago is queued; a just-due one is left to it
+    assert queue.job_ids == [late.id]
+    assert queue.scheduled_job_registry.get_job_ids() == [recent.id]

@@ -151,6 +151,11 @@ def _calls() -> Iterator[tuple[str, Callable[..., Any], int, tuple[str, ...]]]:
     yield "BaseRegistry.get_job_ids", BaseRegistry.get_job_ids, 1, ("cleanup",)
     yield "BaseRegistry", StartedJobRegistry, 0, ("queue",)
     yield "clean_registries", clean_registries, 2, ()
+    # pool._enqueue_overdue does RQ's scheduler's work for jobs it left behind
+    yield "ScheduledJobRegistry.get_jobs_to_schedule", ScheduledJobRegistry.get_jobs_to_schedule, 2, ()
+    yield "ScheduledJobRegistry.remove", ScheduledJobRegistry.remove, 2, ("pipeline",)
+    yield "Queue._enqueue_job", Queue._enqueue_job, 2, ("pipeline", "at_front")
+    yield "Job.should_enqueue_at_front", Job.should_enqueue_at_front, 1, ()
     yield "worker_registration.clean_worker_registry", worker_registration.clean_worker_registry, 1, ()
     yield "Retry", Retry, 0, ("max", "interval")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS,
 RELAY = "mx.example.net[192.0.2.1]:25"
 
 
-def new_client(**kw: bool) -> Client:
+def new_client(**kw: Any) -> Client:
     return Client("mta.example.org", RELAY, **kw)
 
 

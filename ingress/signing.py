@@ -1,0 +1,66 @@
+"""What the ingress does to mail from trusted clients before it is stored: the header fields
+mailbox providers require, and DKIM signatures (common/dkim.py).
+
+Only for trusted clients (mynetworks or authenticated), as Postfix adds headers only for its local
+clients (``local_header_rewrite_clients``): mail relayed for strangers under relay_domains is
+neither changed nor signed. In order:
+
+1. a missing ``Message-ID:`` gets ``<QUEUEID@hostname>`` and a missing ``Date:`` the arrival time,
+   in front of the header fields, so that both are signed;
+2. when a key covers the From: domain and the message has 8-bit content, it is converted to 7-bit
+   MIME (common/mime7bit.py) before it is signed (RFC 6376 §5.3: a signer SHOULD convert first):
+   the worker converts 8-bit mail for a next hop without 8BITMIME, and a conversion after signing
+   breaks the body hash. What cannot be converted is signed as it is; the worker cannot convert
+   it either, so it is sent as signed;
+3. one DKIM-Signature per key of the From: domain or its nearest parent with keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common import dkim
+from common.dates import format_date
+from common.dkimkeys import KeyTable
+
+__all__ = ["Prepared", "TrustedMail", "add_missing_fields"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    data: bytes
+    body_8bit: bool  # still 8-bit after the conversion (the envelope's BODY=8BITMIME)
+    signed_by: tuple[str, ...] = ()  # "d=example.com s=sel a=rsa-sha256" per signature, for the log
+
+
+def add_missing_fields(data: bytes, *, queue_id: str, hostname: str, when: float) -> bytes:
+    """``data`` with Message-ID and Date put in front of its header fields when missing (the order of
+    fields means nothing to RFC 5322 §3.6; in front, the client's own header block stays byte for
+    byte as it was sent)."""
+    head, _ = dkim.split_message(data)
+    present = {name.strip().lower() for name, _ in dkim.header_fields(head)}
+    extra = b""
+    if b"message-id" not in present:
+        extra += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode("ascii", "replace")
+    if b"date" not in present:
+        extra += f"Date: {format_date(when)}\r\n".encode("ascii")
+    return extra + data if extra else data
+
+
+class TrustedMail:
+    """The ingress's preparation of trusted clients' mail; ``keys`` None = no signing."""
+
+    def __init__(self, hostname: str, keys: KeyTable | None) -> None:
+        self.hostname = hostname
+        self.keys = keys
+
+    def prepare(self, data: bytes, *, queue_id: str, when: float, body_8bit: bool) -> Prepared:
+        data = add_missing_fields(data, queue_id=queue_id, hostname=self.hostname, when=when)
+        if self.keys is None:
+            return Prepared(data, body_8bit)
+        domain = dkim.from_domain(data)
+        keys = self.keys.keys_for(domain) if domain else ()
+        if not keys:
+            return Prepared(data, body_8bit)
+        signed, converted = dkim.sign_7bit(data, keys, int(when))
+        return Prepared(signed, body_8bit and not converted, tuple(f"d={k.domain} s={k.selector}" for k in keys))

@@ -1,0 +1,89 @@
+"""What the ingress does to trusted clients' mail (ingress/signing.py) and the worker to its own
+reports (worker/dsnsign.py): Message-ID and Date, then DKIM signatures dkimpy verifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.dkim import header_fields, split_message
+from common.dkimkeys import KeyTable
+from common.envelope import Envelope, Recipient
+from common.store import Message
+from ingress.signing import TrustedMail, add_missing_fields
+from tests.dkimkeys import dkimpy_verify, write_table
+from worker.dsnsign import ReportSigner
+
+WHEN = 1_765_015_200.0  # Sat, 06 Dec 2025 10:00:00 +0000
+
+
+def _fields(data: bytes) -> dict[bytes, bytes]:
+    return {n.lower(): v.strip() for n, v in header_fields(split_message(data)[0])}
+
+
+def test_missing_message_id_and_date_added_in_front() -> None:
+    out = add_missing_fields(
+        b"From: a@example.com\r\n\r\nbody\r\n", queue_id="Q1", hostname="mx.example.net", when=WHEN
+    )
+    assert out == (
+        b"Message-ID: <Q1@mx.example.net>\r\nDate: Sat, 06 Dec 2025 10:00:00 +0000\r\n"
+        b"From: a@example.com\r\n\r\nbody\r\n"
+    )
+
+
+def test_present_fields_are_kept() -> None:
+    msg = b"From: a@example.com\r\nmessage-id: <x@y>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nb\r\n"
+    assert add_missing_fields(msg, queue_id="Q", hostname="h.example", when=WHEN) is msg
+    msg = b"From: a@example.com\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nb\r\n"
+    assert (
+        add_missing_fields(msg, queue_id="Q", hostname="h.example", when=WHEN) == b"Message-ID: <Q@h.example>\r\n" + msg
+    )
+
+
+def test_header_only_and_header_less_messages() -> None:
+    out = add_missing_fields(b"Subject: x\r\n", queue_id="Q", hostname="h.example", when=WHEN)
+    assert out.startswith(b"Message-ID: <Q@h.example>\r\nDate: ") and out.endswith(b"\r\nSubject: x\r\n")
+    out = add_missing_fields(b"\r\nbody\r\n", queue_id="Q", hostname="h.example", when=WHEN)
+    assert out.startswith(b"Message-ID: <Q@h.example>\r\nDate: ") and out.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_signed_with_the_parent_domain_key_including_added_fields(tmp_path: Path) -> None:
+    table, keys = write_table(tmp_path, [("example.com", "r", "rsa"), ("example.com", "e", "ed25519")])
+    prep = TrustedMail("mx.example.net", KeyTable(str(table)))
+    out = prep.prepare(
+        b"From: a@news.example.com\r\nTo: b@example.org\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
+    )
+    assert out.data.count(b"DKIM-Signature:") == 2
+    assert dkimpy_verify(out.data, keys, index=0) and dkimpy_verify(out.data, keys, index=1)
+    sig = _fields(out.data)[b"dkim-signature"]
+    assert b"message-id" in sig and b"date" in sig
+    assert out.signed_by == ("d=example.com s=r", "d=example.com s=e")
+
+
+def test_no_key_for_the_domain_unsigned(tmp_path: Path) -> None:
+    table, _ = write_table(tmp_path, [("example.com", "r", "ed25519")])
+    prep = TrustedMail("mx.example.net", KeyTable(str(table)))
+    out = prep.prepare(b"From: a@example.org\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False)
+    assert b"DKIM-Signature" not in out.data and b"Message-ID: <Q@mx.example.net>" in out.data
+
+
+def test_8bit_converted_and_no_longer_8bitmime(tmp_path: Path) -> None:
+    table, keys = write_table(tmp_path, [("example.com", "e", "ed25519")])
+    prep = TrustedMail("mx.example.net", KeyTable(str(table)))
+    msg = (
+        b"From: a@example.com\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "Grüße\r\n".encode()
+    )
+    out = prep.prepare(msg, queue_id="Q", when=WHEN, body_8bit=True)
+    assert not out.body_8bit and out.data.isascii() and dkimpy_verify(out.data, keys)
+
+
+def test_dsn_signed_with_the_hostname_domain_key(tmp_path: Path) -> None:
+    table, keys = write_table(tmp_path, [("example.net", "e", "ed25519")])
+    env = Envelope(id="D1", sender="", recipients=[Recipient("a@example.com")])
+    body = (
+        b"From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\nTo: a@example.com\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\n\r\nreport\r\n"
+    )
+    signed = ReportSigner(KeyTable(str(table)))(Message(env, body), WHEN)
+    assert signed.body.endswith(body) and dkimpy_verify(signed.body, keys)
+    assert ReportSigner(None)(Message(env, body), WHEN).body == body
