@@ -36,6 +36,7 @@ __all__ = [
     "connection",
     "counters",
     "delivery_attempt",
+    "delivery_failure",
     "delivery_tls",
     "replies_sent",
 ]
@@ -55,6 +56,7 @@ REJECTED_PREFIX = "rejected:"
 LATENCY_BUCKET_PREFIX = "latency_le:"  # one field per bucket, not cumulative; "+Inf" last
 LATENCY_SUM_MS = "latency_sum_ms"  # milliseconds: every field of the hash stays an integer
 LATENCY_COUNT = "latency_count"
+FAILURE_PREFIX = "failed:"  # failed:<state>:<bounce class> (issue 19): deferred and bounced attempts by class
 TLS_PREFIX = "tls:"  # tls:<level>:<status>, level none|opportunistic|verified(<policy>) (issue 21)
 
 
@@ -166,6 +168,11 @@ def accepted(size: int) -> None:
 def flow_held() -> None:
     """ingress: a MAIL waited for delivery to catch up (mail input flow control, ingress/flow.py)."""
     counters.add(IN_FLOW_HELD)
+
+
+def delivery_failure(state: str, klass: str) -> None:
+    """worker: a failed attempt (``state`` deferred or bounced) of bounce class ``klass``."""
+    counters.add(f"{FAILURE_PREFIX}{state}:{klass}")
 
 
 def delivery_attempt(final: bool, seconds_in_queue: float, earlier_attempts: int) -> None:

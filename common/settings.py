@@ -193,6 +193,31 @@ class Settings:
         10800.0, "seconds a refused recipient is remembered (address_verify_negative_refresh_time)", ("ingress",)
     )
     verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
+    # -- delivery events, webhook, suppression (issue 19; docs/events.md)
+    events_max: int = _opt(
+        1_000_000, "delivery events the Redis stream mtaq:events keeps (XADD MAXLEN ~; 0 = no events)"
+    )
+    events_webhook: str = _opt(
+        "",
+        "URL the delivery events are POSTed to, signed (unset = none; the stream is written anyway)",
+        ("worker", "events"),
+    )
+    events_webhook_secret_file: str = _opt(
+        "", "file holding the webhook's HMAC-SHA256 key (X-Mtaq-Signature)", ("worker", "events")
+    )
+    events_batch: int = _opt(
+        100, "events per webhook POST at most (one POST a second at least while events wait)", ("worker", "events")
+    )
+    bounce_rules: str = _opt(
+        "",
+        "bounce classification rules (TOML, docs/events.md); unset = the shipped common/classify_rules.toml",
+        ("worker",),
+    )
+    suppression_ttl: float = _opt(
+        2_592_000.0,
+        "seconds a hard-bounced (InvalidRecipient) address is refused at RCPT (30 days; 0 = never suppress)",
+        ("worker",),
+    )
     # -- high availability: Redis replication and Sentinel (docs/high-availability.md)
     redis_sentinels: str = _opt(
         "", "comma list of Sentinel host:port; set = find the Redis primary through them instead of redis_url"
@@ -257,6 +282,10 @@ class Settings:
             raise ValueError("bounce_lifetime and delay_warning must be 0 (off/default) or more")
         if self.in_flow_delay < 0 or self.in_flow_backlog < 1:
             raise ValueError("need in_flow_delay >= 0 (0 = off) and in_flow_backlog >= 1")
+        if self.events_max < 0 or self.events_batch < 1 or self.suppression_ttl < 0:
+            raise ValueError("need events_max >= 0 (0 = off), events_batch >= 1 and suppression_ttl >= 0")
+        if self.events_webhook and not self.events_webhook.startswith(("http://", "https://")):
+            raise ValueError("events_webhook must be an http:// or https:// URL")
         # [host]:port values: a bad one is one line here, not a traceback where it is first used
         for name, value in (("listen", self.listen), ("metrics_listen", self.metrics_listen)):
             _hostport(name, value)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis
 
+from common.events import Event
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
 from common.settings import Settings
@@ -31,6 +32,7 @@ class Spool:
             replicas=settings.redis_min_replicas,
             replica_timeout=settings.redis_replica_timeout,
             strict_replicas=strict_replicas,
+            events_max=settings.events_max,
         )
         return cls(store, DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
@@ -41,12 +43,13 @@ class Spool:
         delete: Iterable[str] = (),
         unlease: Iterable[tuple[str, str]] = (),
         mark: str = "",
+        events: Sequence[Event] = (),
     ) -> int:
         """Store messages with one delivery job per next hop (per job limits), and delete finished
         ones (with the leases ``unlease`` names, (queue id, destination)), in one MULTI/EXEC: all of
-        it or nothing. Returns how many delivery jobs were stored (mail input flow control turns
-        unfinished jobs into messages with it). ``mark``: see Store.commit. Raises StoreUnavailable /
-        StoreFull."""
+        it or nothing (``events`` go to the events stream in it). Returns how many delivery jobs
+        were stored (mail input flow control turns unfinished jobs into messages with it). ``mark``:
+        see Store.commit. Raises StoreUnavailable / StoreFull."""
         by_hop = self.router.by_hop((m.envelope, len(m.body)) for m in messages)
         staged: list[int] = []
         self.store.commit(
@@ -56,5 +59,6 @@ class Spool:
             also=lambda pipe: staged.append(self.queue.stage(pipe, by_hop)),
             hop=self.router.hop,
             mark=mark,
+            events=events,
         )
         return sum(staged)

@@ -14,6 +14,13 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
+``mtaq:events``     stream of delivery events (common/events.py), capped at ``events_max`` entries;
+                    the consumer group ``webhook`` is the webhook sender's (worker/webhook.py)
+``mtaq:events:sender`` string with a TTL: the process sending the webhook now (one per deployment)
+``mtaq:suppressed`` sorted set: suppressed address -> until (epoch seconds) (common/suppression.py)
+``mtaq:suppressed:since`` hash: suppressed address -> when it was suppressed
+``mtaq:suppressed:changes`` stream of changes to the list (address, op), capped: what an ingress
+                    cache reads to stay current without a round trip per RCPT
 ``mtaq:committed:<id>`` string with a TTL: a group commit (named by its first message) was stored
                     (with redis_min_replicas: settling a commit the loss of the primary cut off)
 ``mtaq:redis:primary``, ``mtaq:redis:failovers``, ``mtaq:redis:last-failover``  strings: the Redis
@@ -36,6 +43,7 @@ import redis
 
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
+from common.events import Event
 
 __all__ = [
     "SWEEP_LOCK",
@@ -74,6 +82,15 @@ QDEST_PREFIX = PREFIX + "queue:dest:"  # + destination: zset, queue id -> arriva
 
 def qdest_key(destination: str) -> str:
     return QDEST_PREFIX + destination
+
+
+# Delivery events and suppression (issue 19)
+EVENTS = PREFIX + "events"
+EVENTS_GROUP = "webhook"  # the webhook sender's consumer group on EVENTS
+EVENTS_SENDER_LOCK = PREFIX + "events:sender"
+SUPPRESSED = PREFIX + "suppressed"
+SUPPRESSED_SINCE = PREFIX + "suppressed:since"
+SUPPRESSED_CHANGES = PREFIX + "suppressed:changes"
 
 
 def msg_key(qid: str) -> str:
@@ -208,8 +225,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: rcpt hash, left counter, stats hash, and the queue counters' (queuestats.STATUS_ACCOUNT);
-# ARGV: field, new status JSON, final (1/0), stat name, and the queue counters'.
+# KEYS: rcpt hash, left counter, stats hash, the queue counters' (queuestats.STATUS_ACCOUNT: 4..8),
+# events stream; ARGV: field, new status JSON, final (1/0), stat name, the queue counters' (5..7),
+# then optionally the events' MAXLEN and the event's field/value pairs (the event is written exactly
+# when the state is: a re-run job reports nothing twice).
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update.
 _SET_STATUS = (
@@ -219,6 +238,10 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
 local state = cjson.decode(old)['s']
 if state == 'delivered' or state == 'bounced' then return -1 end
+if #ARGV > 7 then  -- first: should it fail, the script fails having written nothing
+  local unpack = unpack or table.unpack
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 """
@@ -252,7 +275,13 @@ class Store:
     """Message storage on one Redis connection (sync redis-py; the ingress calls it from a thread)."""
 
     def __init__(
-        self, r: redis.Redis, *, replicas: int = 0, replica_timeout: float = 1.0, strict_replicas: bool = True
+        self,
+        r: redis.Redis,
+        *,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
+        strict_replicas: bool = True,
+        events_max: int = 0,
     ) -> None:
         self.redis = r
         # redis_min_replicas: commits and recipient outcomes wait for this many replicas (WAIT).
@@ -261,6 +290,7 @@ class Store:
         self.replicas = replicas
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas
+        self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
         self._set_status = r.register_script(_SET_STATUS)
         self._end_lease = r.register_script(_END_LEASE)
         self._renew_lease = r.register_script(_RENEW_LEASE)
@@ -278,9 +308,10 @@ class Store:
         also: Callable[[Any], None] | None = None,
         hop: Callable[[str], str] = domain_of,
         mark: str = "",
+        events: Sequence[Event] = (),
     ) -> None:
         """Store messages in one MULTI/EXEC: all of it or nothing; raises StoreUnavailable or
-        StoreFull and stores nothing then.
+        StoreFull and stores nothing then. ``events`` go to the stream in the same transaction.
 
         ``delete`` removes finished messages in the same transaction (a DSN replaces its original);
         ``unlease`` (queue id, destination) drops those leases with them: a deleted message's lease
@@ -310,9 +341,16 @@ class Store:
                 pipe.delete(*leases)
             if also is not None:
                 also(pipe)
+            self.stage_events(pipe, events)
             if mark:
                 pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
             pipe.execute()
+
+    def stage_events(self, pipe: Any, events: Sequence[Event]) -> None:
+        """Add events to the stream in ``pipe`` (nothing when events are off)."""
+        if self.events_max > 0:
+            for ev in events:
+                pipe.xadd(EVENTS, ev.to_fields(), maxlen=self.events_max, approximate=True)
 
     def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
         """A pipeline of writes that must reach ``replicas`` replicas before they count (plain
@@ -407,19 +445,32 @@ class Store:
             out[qid].append(r)
         return out
 
-    def set_status_list(self, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
+    def set_status_list(
+        self,
+        entries: Sequence[tuple[str, int, RecipientStatus]],
+        *,
+        events: Sequence[Event | None] = (),
+        also: Callable[[Any], None] | None = None,
+    ) -> list[int]:
         """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
-        same id may come more than once (the worker's outcome writer merges several jobs' turns)."""
+        same id may come more than once (the worker's outcome writer merges several jobs' turns).
+        ``events[n]`` (when given) is written with entry n, by the script, only if its state is;
+        ``also`` adds commands to the same round trip (the suppression of a hard bounce)."""
         if not entries:
             return []
+        with_events = self.events_max > 0 and bool(events)
         for attempt in range(2):
             pipe = self._pipeline(transaction=False)
-            for qid, idx, st in entries:
+            for n, (qid, idx, st) in enumerate(entries):
+                ev = events[n] if with_events else None
+                extra: list[str] = []
+                if ev is not None:
+                    extra = [str(self.events_max)] + [x for kv in ev.to_fields().items() for x in kv]
                 # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
                 # one more round trip each time
                 pipe.evalsha(
                     self._set_status.sha,
-                    8,
+                    9,
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
@@ -428,6 +479,7 @@ class Store:
                     HOLD,
                     QDEFERRED,
                     QDESTS,
+                    EVENTS,
                     str(idx),
                     st.to_json(),
                     "1" if st.final else "0",
@@ -435,9 +487,12 @@ class Store:
                     st.state.value,
                     qid,
                     QDEST_PREFIX,
+                    *extra,
                 )
+            if also is not None:
+                also(pipe)
             try:
-                return [int(r) for r in pipe.execute()]
+                return [int(r) for r in pipe.execute()[: len(entries)]]
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise

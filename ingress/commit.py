@@ -10,9 +10,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
+from common.events import Event
 from common.replication import online_replicas
 from common.spool import Spool
 from common.store import Message, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable
@@ -70,6 +72,7 @@ class Committer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         open_transactions: Callable[[], int] | None = None,
         on_commit: Callable[[int, int], None] | None = None,
+        events: Callable[[list[Message]], list[Event]] | None = None,
     ) -> None:
         self.spool = spool
         self.clock = clock
@@ -80,6 +83,7 @@ class Committer:
         # those waiting here included; unknown: wait the whole `wait`
         self.open_transactions = open_transactions
         self.on_commit = on_commit  # told (messages, delivery jobs) of each batch in Redis (flow control)
+        self.events = events  # the events of a batch, written in its MULTI/EXEC (reception; None: off)
         self._arrived: asyncio.Future[None] | None = None
         self._last_batch = 0
         self.max_queue = max_queue
@@ -155,8 +159,13 @@ class Committer:
                     log.exception("counting the jobs of a group commit failed")
 
     def _commit(self, messages: list[Message], mark: str) -> int:
-        # without replicas required, no mark and the same call as ever
-        return self.spool.commit(messages, mark=mark) if mark else self.spool.commit(messages)
+        # without replicas required no mark, without events none: the same call as ever
+        extra: dict[str, Any] = {}
+        if mark:
+            extra["mark"] = mark
+        if self.events is not None:
+            extra["events"] = self.events(messages)
+        return self.spool.commit(messages, **extra)
 
     async def _settle(self, messages: list[Message], mark: str, error: StoreError) -> int:
         """After a commit broke off with replicas required: wait (up to SETTLE_WAIT) for a primary

@@ -27,6 +27,10 @@ def _any_recipient(address: str) -> Reply | None:
     return None
 
 
+def _not_suppressed(sender: str, address: str) -> Reply | None:
+    return None
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     hostname: str
@@ -50,6 +54,9 @@ class SessionConfig:
     mail_flow: Callable[[], bool] = _no_flow
     # Ask the next hop about relay-domain recipients of untrusted clients (VerifyRecipient events).
     verify_recipients: bool = False
+    # Called for every recipient (sender, address): the 550 5.1.1 of an address on the suppression
+    # list, or None. Injected like mail_gate: answered from a copy in memory (ingress/suppression.py).
+    suppressed: Callable[[str, str], Reply | None] = _not_suppressed
 
     @classmethod
     def from_settings(cls, s: Settings, **kw: object) -> SessionConfig:

@@ -22,8 +22,11 @@ from typing import Any, cast
 from common import metrics
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, new_queue_id
+from common.events import Event as DeliveryEvent
+from common.events import receptions
 from common.spool import Spool
 from common.store import Message
+from common.suppression import SuppressionCache
 from ingress import replies
 from ingress.auth import AuthLimiter, Credentials
 from ingress.commit import Committer, StorageRefused
@@ -44,6 +47,7 @@ from ingress.session import (
     Transaction,
 )
 from ingress.signing import TrustedMail
+from ingress.suppression import SuppressionGate, event_writer
 from ingress.verify import make_verifier
 
 __all__ = ["Ingress", "SMTPProtocol", "make_ssl_context"]
@@ -81,6 +85,7 @@ class Ingress:
             wait=config.commit_wait,
             open_transactions=self.open_transactions,
             on_commit=self.flow.wrote,
+            events=_receptions if spool.store.events_max > 0 else None,
         )
         self.recipients = RecipientTable(config.relay_recipients) if config.relay_recipients else None
         self.verifier = make_verifier(config) if config.verify_relay_recipients else None
@@ -89,6 +94,10 @@ class Ingress:
         self.config = dataclasses.replace(config.session, mail_gate=self.committer.gate, mail_flow=self.flow.must_wait)
         if self.recipients is not None:
             self.config = dataclasses.replace(self.config, recipient_check=self.recipients.check)
+        self.suppression = SuppressionGate(  # issue 19: refused at RCPT from a copy in memory
+            SuppressionCache(spool.store.redis), event_writer(spool.store, lambda fn: self.spawn(asyncio.to_thread(fn)))
+        )
+        self.config = dataclasses.replace(self.config, suppressed=self.suppression.check)
         self.idle_timeout = config.idle_timeout
         self.max_connections = config.max_connections
         self.max_per_client = config.max_per_client
@@ -121,12 +130,14 @@ class Ingress:
 
     async def start(self, host: str = "", port: int = 0, *, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
+        await self.suppression.load()
         if sock is not None:
             self.server = await loop.create_server(self.protocol, sock=sock, backlog=1024)
         else:
             self.server = await loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
         self.spawn(self.committer.watch_queue())
         self.spawn(self.flow.watch())
+        self.spawn(self.suppression.watch())
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle sessions with 421; let transactions in flight finish (bounded);
@@ -485,6 +496,11 @@ class SMTPProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _receptions(messages: list[Message]) -> list[DeliveryEvent]:
+    """The reception events of a group commit (issue 19), written in its MULTI/EXEC."""
+    return receptions(((m.envelope, m.body) for m in messages), time.time())
 
 
 def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:

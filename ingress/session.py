@@ -485,6 +485,9 @@ class Session:
         )
         if denied is not None:
             raise ArgError(denied)
+        suppressed = self.config.suppressed(self._tx.sender or "", address)  # a hard bounce before (issue 19)
+        if suppressed is not None:
+            raise ArgError(suppressed)
         if policy.in_relay_domains(address, self.config.relay_domains):
             unlisted = self.config.recipient_check(address)  # relay_recipients, for every client
             if unlisted is not None:

@@ -1,4 +1,5 @@
-"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd, dkim."""
+"""The `mtaq` command: run (all in one), ingress, worker, exporter, queue (mailq), health, passwd,
+dkim, suppress, events."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import redis
 
 from common import metrics
 from common.address import CannotBind, bind_listener
+from common.classify import BadRules, use_rules
 from common.dkimkeys import KeyTableError, load_table
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
@@ -26,9 +28,12 @@ from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_supervisor
 from mtaq.runtime.prefork import run_ingress
 from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
+from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
 from mtaq.tlsrptcmd import TLSRPTUsage, add_tlsrpt_parser, cmd_tlsrpt
 from worker.process import main as worker_main
 from worker.smarthost import SmarthostError, smarthost_from_settings
+from worker.webhook import SecretError
+from worker.webhook import check_settings as check_webhook
 
 __all__ = ["main"]
 
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_exporter_parser(sub)
     add_queue_parser(sub)
     add_health_parser(sub)
+    add_suppress_parser(sub)
+    ev = sub.add_parser("events", help="the webhook sender alone (else the workers run it): events POSTed, signed")
+    add_arguments(ev, "events")
     add_tlsrpt_parser(sub)
     pw = sub.add_parser("passwd", help="add or change an AUTH user (password read from stdin or prompt)")
     add_arguments(pw, "passwd")
@@ -152,9 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 2
-    if args.command in ("ingress", "worker"):
+    if args.command in ("ingress", "worker", "events"):
         die_with_supervisor()  # started by `mtaq run`: do not outlive it
     try:
+        if args.command in ("run", "worker", "events"):
+            check_webhook(settings)  # a missing secret file: one line before anything starts
+        if settings.bounce_rules:
+            use_rules(settings.bounce_rules)  # BadRules: one line, before anything starts
         if args.command == "run":
             return cmd_run(settings)
         if args.command == "ingress":
@@ -169,12 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_exporter(settings)
         if args.command == "health":
             return cmd_health(settings, args.check, args.json)
+        if args.command == "suppress":
+            return cmd_suppress(settings, args)
+        if args.command == "events":
+            return cmd_events(settings)
         if args.command == "tlsrpt":
             return cmd_tlsrpt(settings, args.date)
         return cmd_queue(settings, args)
     except QueueUsage as e:
         print(f"mtaq queue: {e}", file=sys.stderr)
         return 2
+    except (SecretError, BadRules) as e:
+        print(f"mtaq: {e}", file=sys.stderr)
+        return EXIT_FATAL  # a restart cannot help: the file must be fixed
     except TLSRPTUsage as e:
         print(f"mtaq tlsrpt: {e}", file=sys.stderr)
         return 2
@@ -183,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL  # the supervisor does not restart a child that says this
     except NoRedis as e:
         print(f"mtaq: {e}", file=sys.stderr)
-        return 3 if args.command in ("queue", "health") else 1
+        return 3 if args.command in ("queue", "health", "suppress") else 1
     except EmbeddedRedisError as e:
         print(f"mtaq: {e}", file=sys.stderr)
         return 1

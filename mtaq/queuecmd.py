@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import redis
 
 from common.envelope import RcptState, RecipientStatus, domain_of
+from common.events import outcome_event
 from common.queuerecount import recount, stream_ids
 from common.redisconn import connect
 from common.replication import ReplicationView
@@ -456,7 +457,11 @@ def do_bounce(spool: Spool, settings: Settings, args: argparse.Namespace, out: T
             if not r.status.final
         }
     spool.store.unhold([v.qid for v in views if v.held])  # a held message may be bounced: it is done
-    spool.store.set_statuses({q: u for q, u in updates.items() if u})
+    # with their bounce events (issue 19; no message id: views carry no bodies; never a suppression:
+    # the operator's decision says nothing of the address)
+    envelopes = {v.qid: v.envelope for v in views}
+    entries = [(q, i, st) for q, u in updates.items() for i, st in u.items()]
+    spool.store.set_status_list(entries, events=[outcome_event(envelopes[q], i, st, "") for q, i, st in entries])
     finished = [f for f in spool.store.load_many([v.qid for v in views]) if f is not None]
     Finisher.from_settings(settings, spool).finish(finished)
     prune_jobs(spool)

@@ -217,7 +217,8 @@ def stats_text(
     if shape.reasons:
         out.append("top deferral reasons:")
         for reason, n in shape.reasons.most_common(5):
-            out.append(f"  {n:>6}  " + cut(reason, WIDTH - 10))
+            klass = shape.reason_class.get(reason, "")
+            out.append(f"  {n:>6}  " + cut(f"[{klass}] {reason}" if klass else reason, WIDTH - 10))
     shown = ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if ":" not in k and "latency" not in k)
     out += textwrap.wrap("totals since Redis started: " + shown, WIDTH, subsequent_indent="  ")
     return "\n".join(out) + "\n"

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from common.envelope import RecipientStatus
+from common.events import Event, delayed_event, message_id_of
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
@@ -50,6 +51,7 @@ def warn_delayed(
     claimed = set(spool.store.claim_delay_warnings([m.envelope.id for m, _ in due], now))
     reports: list[Message] = []
     warned: list[str] = []
+    events: list[Event] = []
     for msg, states in due:
         env = msg.envelope
         if env.id not in claimed:
@@ -60,7 +62,9 @@ def warn_delayed(
             continue
         reports.append(sign(report, now))
         warned.append(env.id)
+        mid = message_id_of(msg.body)  # the `delayed` events go with the report (issue 19)
+        events += [delayed_event(env, i, states[i], mid, now) for i in delay_warning_recipients(env, states)]
         log.info("%s: sender delay notification: %s", env.id, report.envelope.id)
     if reports:
-        spool.commit(reports)
+        spool.commit(reports, events=events)
     return warned

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import redis
 
 from common import metrics
+from common.classify import classify
 from common.envelope import LOG_STATUS, RcptState, RecipientStatus
 from common.store import Store
+from worker.feedback import Feedback
 from worker.parcel import Outcome, Parcel
 from worker.plan import Loaded
 from worker.relay import log_attempt
@@ -97,6 +100,8 @@ class Batch:
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
         old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
         metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
+        if out.state is not RcptState.DELIVERED:
+            metrics.delivery_failure(out.state.value, classify(out.dsn, out.reply).value)
         metrics.delivery_tls(out.tls, LOG_STATUS[out.state])
         return RecipientStatus(
             state=out.state,
@@ -112,7 +117,8 @@ class Batch:
 
     def write(self, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         """Record outcomes now, waiting for Redis (``write_outcomes``)."""
-        self.written(updates, write_outcomes(self.store, _entries(updates)))
+        entries = _entries(updates)
+        self.written(updates, write_outcomes(self.store, entries, self.writer.extras([(self, updates)], entries)))
 
     def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
         """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
@@ -153,13 +159,16 @@ def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, 
     return [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
 
 
-def write_outcomes(store: Store, entries: Sequence[tuple[str, int, RecipientStatus]]) -> list[int]:
-    """Record outcomes in one round trip. A Redis that is restarting is waited for (WRITE_PATIENCE):
-    the mail has gone, and a failed job would send it again."""
+def write_outcomes(
+    store: Store, entries: Sequence[tuple[str, int, RecipientStatus]], extras: Mapping[str, Any] | None = None
+) -> list[int]:
+    """Record outcomes in one round trip (with ``extras``: their events and suppressions,
+    worker/feedback.py). A Redis that is restarting is waited for (WRITE_PATIENCE): the mail has
+    gone, and a failed job would send it again."""
     deadline = time.monotonic() + WRITE_PATIENCE
     while True:
         try:
-            return store.set_status_list(entries)
+            return store.set_status_list(entries, **(extras or {}))
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
             if time.monotonic() > deadline:
                 raise
@@ -174,8 +183,9 @@ class OutcomeWriter:
     delivery (the message is sent again: at least once) is one round trip, as before; what changes
     is that a conversation no longer waits for Redis between messages."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, feedback: Feedback | None = None) -> None:
         self.store = store
+        self.feedback = feedback
         self._cond = threading.Condition()
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
         self._thread: threading.Thread | None = None
@@ -188,6 +198,17 @@ class OutcomeWriter:
                 self._thread.start()
             self._cond.notify()
 
+    def extras(
+        self,
+        turn: Sequence[tuple[Batch, dict[str, dict[int, RecipientStatus]]]],
+        entries: Sequence[tuple[str, int, RecipientStatus]],
+    ) -> dict[str, Any] | None:
+        """The events and suppressions written with these outcomes (worker/feedback.py)."""
+        if self.feedback is None:
+            return None
+        messages = {qid: batch.loaded[qid][0] for batch, updates in turn for qid in updates if qid in batch.loaded}
+        return self.feedback.extras(entries, messages)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -196,7 +217,7 @@ class OutcomeWriter:
                 turn, self._pending = self._pending, []
             entries = [e for _, updates in turn for e in _entries(updates)]
             try:
-                codes = write_outcomes(self.store, entries)
+                codes = write_outcomes(self.store, entries, self.extras(turn, entries))
             except BaseException as e:  # every job of the turn fails and is run again
                 for batch, _ in turn:
                     batch.settled(e)

@@ -5,6 +5,7 @@ RQ's scheduler, which carries our retries."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
 from worker.service import DeliveryService
 from worker.sweep import start_sweeper
 from worker.tlsrpt import send_daily
+from worker.webhook import start_webhook_sender
 
 __all__ = ["main"]
 
@@ -79,5 +81,11 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     # RQ reconfigures its loggers in work(): keep its per-job lines out of INFO, where our own
     # delivery line says more, once
     rq_level = settings.log_level.upper() if settings.log_level.upper() in ("DEBUG", "ERROR") else "WARNING"
-    w.work(burst=burst, with_scheduler=True, logging_level=rq_level)
+    # the webhook sender (issue 19): every worker tries, the lease holder sends
+    stop_webhook = threading.Event()
+    start_webhook_sender(settings, r, stop_webhook)
+    try:
+        w.work(burst=burst, with_scheduler=True, logging_level=rq_level)
+    finally:
+        stop_webhook.set()
     return 0

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.classify import classify
 from common.envelope import LOG_STATUS, Envelope, RcptState
 from common.mime7bit import to_7bit
 from common.mx import DnsError, MXResolver, Target
@@ -345,16 +346,19 @@ def _outcome(reply: Reply, relay: str, host: str, tls: str = "") -> Outcome:
 
 def log_attempt(qid: str, rcpt: str, outcome: Outcome, received_at: float) -> None:
     """Postfix's one line per delivery attempt: queue id, recipient, relay, delay, tls (what the
-    session had, issue 21), dsn, status (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
+    session had, issue 21), dsn, the bounce class of a failure (common/classify.py), status
+    (Postfix's word for the outcome, ``LOG_STATUS``), reply."""
     delay = time.time() - received_at
+    failed = "" if outcome.state is RcptState.DELIVERED else f"class={classify(outcome.dsn, outcome.reply).value}, "
     log.info(
-        "%s: to=<%s>, relay=%s, delay=%.2f, tls=%s, dsn=%s, status=%s (%s)",
+        "%s: to=<%s>, relay=%s, delay=%.2f, tls=%s, dsn=%s, %sstatus=%s (%s)",
         qid,
         rcpt,
         outcome.relay or "none",
         delay,
         outcome.tls or "none",
         outcome.dsn,
+        failed,
         LOG_STATUS[outcome.state],
         outcome.reply,
     )

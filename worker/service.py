@@ -34,6 +34,7 @@ from common.settings import Settings
 from common.spool import Spool
 from worker.crew import Crew
 from worker.delays import warn_delayed
+from worker.feedback import Feedback
 from worker.finisher import DsnMaker, Finisher, ReportSign
 from worker.lane import Lanes
 from worker.leases import Leases
@@ -93,7 +94,7 @@ class DeliveryService:
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
         self.leases = Leases(spool.store, LEASE_TTL)
-        self.writer = OutcomeWriter(spool.store)
+        self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
 

@@ -235,6 +235,16 @@ class MtaqCollector(Collector):
         for status, field in (("sent", "delivered"), ("bounced", "bounced"), ("deferred", "deferred")):
             dlv.add_metric([status], st.get(field, 0.0))
         yield dlv
+        failed = CounterMetricFamily(  # issue 19: the bounce class of every failed attempt
+            "mtaq_delivery_failures",
+            "Failed recipient delivery attempts by outcome (deferred, bounced) and bounce class",
+            labels=["status", "classification"],
+        )
+        for k, v in sorted(st.items()):
+            if k.startswith(m.FAILURE_PREFIX):
+                status, _, klass = k[len(m.FAILURE_PREFIX) :].partition(":")
+                failed.add_metric([status, klass], v)
+        yield failed
         tls = CounterMetricFamily(
             "mtaq_deliveries_tls",
             "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from common.classify import classify
 from common.envelope import RcptState
 from common.store import HOLD, INDEX, QCOUNTS, QDEFERRED, QDESTS, qdest_key
 from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, MessageView, QueueShape, age_bucket, load_views, reason_of
@@ -54,7 +55,7 @@ class QueueCounts:
         return sorted(self.destinations.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:n]
 
     def shape(self, deferred: Iterable[MessageView] = ()) -> QueueShape:
-        """As common/queueview.QueueShape (what the formatters and the status page take); reasons
+        """As mtaq/ops/queueview.QueueShape (what the formatters and the status page take); reasons
         and deferred destinations from ``deferred``, a sample of deferred messages."""
         out = QueueShape(self.now, self.messages, self.size, dict(self.by_state))
         out.recipients_by_state = Counter(
@@ -67,7 +68,9 @@ class QueueCounts:
             for rc in m.open:
                 if rc.state is RcptState.DEFERRED:
                     out.deferred_destinations.add(rc.destination)
-                    out.reasons[reason_of(rc.status.reply)] += 1
+                    reason = reason_of(rc.status.reply)
+                    out.reasons[reason] += 1
+                    out.reason_class.setdefault(reason, classify(rc.status.dsn, rc.status.reply).value)
         return out
 
 

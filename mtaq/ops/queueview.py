@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
 from common.routing import next_hop
 from common.store import HOLD, INDEX, msg_key, rcpt_key
@@ -152,6 +153,7 @@ class QueueShape:
     destinations: dict[str, list[int]] = field(default_factory=dict)
     deferred_destinations: set[str] = field(default_factory=set)
     reasons: Counter[str] = field(default_factory=Counter)
+    reason_class: dict[str, str] = field(default_factory=dict)  # reason -> its bounce class (issue 19)
     oldest: float | None = None  # arrival time of the oldest message
 
     def top_destinations(self, n: int = 20) -> list[tuple[str, list[int]]]:
@@ -172,7 +174,10 @@ class QueueShape:
             "age_buckets": [name for name, _ in AGE_BUCKETS],
             "destinations": {d: row for d, row in self.top_destinations(len(self.destinations))},
             "deferred_destinations": sorted(self.deferred_destinations),
-            "top_deferral_reasons": [{"reason": r, "count": c} for r, c in self.reasons.most_common(10)],
+            "top_deferral_reasons": [
+                {"reason": r, "count": c, "classification": self.reason_class.get(r, "")}
+                for r, c in self.reasons.most_common(10)
+            ],
             "oldest_age_seconds": None if self.oldest is None else round(self.now - self.oldest, 3),
         }
 
@@ -192,5 +197,7 @@ def shape(views: Iterator[MessageView] | Sequence[MessageView], now: float) -> Q
             out.recipients_by_state[rc.state.value] += 1
             if rc.state is RcptState.DEFERRED:
                 out.deferred_destinations.add(rc.destination)
-                out.reasons[reason_of(rc.status.reply)] += 1
+                reason = reason_of(rc.status.reply)
+                out.reasons[reason] += 1
+                out.reason_class.setdefault(reason, classify(rc.status.dsn, rc.status.reply).value)
     return out

@@ -101,6 +101,19 @@ def test_negative_delay_settings_are_refused() -> None:
     assert Settings(hostname="h.test").delay_warning == 0.0  # off unless set
 
 
+def test_the_warning_writes_one_delayed_event_per_recipient_named(spool: Spool) -> None:
+    from common.events import EventType, parse_entries
+    from common.store import EVENTS
+
+    events_spool = Spool(Store(spool.store.redis, events_max=1000), spool.queue, spool.router)
+    m = queued(events_spool)
+    warn_delayed(events_spool, settings(), [(m, {0: DEFERRED})], T0 + 14400)
+    warn_delayed(events_spool, settings(), [(m, {0: DEFERRED})], T0 + 20000)  # no second warning, no event
+    [(_, ev)] = parse_entries(events_spool.store.redis.xrange(EVENTS))
+    assert (ev.type, ev.id, ev.recipient, ev.time) == (EventType.DELAYED, "Q1.0.delayed", "slow@y.test", T0 + 14400)
+    assert (ev.dsn, ev.attempt, ev.classification) == ("4.4.1", 1, "ConnectionFailure")
+
+
 def test_the_warning_is_signed_when_a_key_covers_the_hostname(
     spool: Spool, store: Store, tmp_path: pathlib.Path
 ) -> None:

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, domain_of
+from common.events import Event, EventType
 from common.queuerecount import recount, stream_ids
 from common.queuestats import commit_plan, summary
-from common.store import QCOUNTS, Message, Store, msg_key, qdest_key
+from common.store import EVENTS, QCOUNTS, Message, Store, msg_key, qdest_key
 from mtaq.ops.queueindex import exact_counts, read_counts, selected_ids
 from mtaq.ops.queueview import load_views
 
@@ -114,7 +115,9 @@ DOMAIN_LISTS = st.lists(st.sampled_from(["a.test", "b.test", "c.test"]), min_siz
 @given(st.lists(DOMAIN_LISTS, min_size=1, max_size=6), st.lists(op, max_size=40))
 def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: list[tuple[object, ...]]) -> None:
     r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    s = Store(r)
+    # events on (issue 19): the one outcome script keeps the counters and appends the events
+    s = Store(r, events_max=100_000)
+    changes = 0
     s.commit([msg(n, domains, NOW - 400 * n) for n, domains in enumerate(first)])
     made = len(first)
     agree(r)
@@ -132,7 +135,9 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
         if kind == "status":
             idx, state = rest[1], rest[2]
             assert isinstance(idx, int) and isinstance(state, RcptState)
-            s.set_statuses({qid: {idx % 4: RecipientStatus(state=state, reply="451 busy")}})
+            ev = Event(id=f"{qid}.{idx % 4}.{len(ops)}", type=EventType.TRANSIENT, time=NOW, queue_id=qid)
+            code = s.set_status_list([(qid, idx % 4, RecipientStatus(state=state, reply="451 busy"))], events=[ev])
+            changes += code[0] not in (-1, -2)  # written exactly when the state is
         elif kind == "hold":
             s.hold([qid])
         elif kind == "release":
@@ -142,6 +147,7 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
         else:
             s.commit([], delete=[qid])
         agree(r)
+        assert r.xlen(EVENTS) == changes
     assert recount(s, domain_of).drift == {}
 
 

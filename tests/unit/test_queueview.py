@@ -6,6 +6,7 @@ import fakeredis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.store import HOLD, Message, Store
+from mtaq.ops.queueindex import counted_shape
 from mtaq.ops.queueview import AGE_BUCKETS, age_bucket, load_views, reason_of, shape
 
 
@@ -70,3 +71,18 @@ def test_shape_of_a_queue_in_known_states() -> None:
     assert sh.reasons.most_common() == [("451 later", 2)]
     assert sh.oldest == now - 20000
     assert [v.qid for v in load_views(r, ids=["NOPE", "A2"])] == ["A2"]
+
+
+def test_both_shapes_give_each_deferral_reason_its_bounce_class() -> None:
+    # issue 19: `mtaq queue stats` reads the counted shape (mtaq/ops/queueindex.py), --exact the walk
+    r = fakeredis.FakeRedis()
+    store = Store(r)
+    now = 1_000_000.0
+    env = Envelope(id="B1", sender="s@x.test", recipients=[Recipient("a@one.test")], received_at=now - 30)
+    store.commit([Message(env, b"x")])
+    full = "host mx[192.0.2.1]:25 said: 452 4.2.2 <a@one.test>: Mailbox full"
+    store.set_statuses({"B1": {0: RecipientStatus(state=RcptState.DEFERRED, dsn="4.2.2", reply=full)}})
+    walked = shape(list(load_views(r)), now)
+    counted = counted_shape(r, "", now)
+    for sh in (walked, counted):
+        assert list(sh.reason_class.values()) == ["MailboxFull"] and list(sh.reasons) == list(sh.reason_class)

@@ -1,0 +1,228 @@
+"""Delivery events: the vocabulary, the builders and the two serialisations of what the stream
+``mtaq:events`` (common/store.py) holds and the webhook POSTs.
+
+An event is one recipient's news: its message was received, delivered, deferred (``transient``),
+bounced, expired, delayed (a delay warning went to the sender) or refused because the address is
+suppressed. In the stream each event is an entry of string fields (``to_fields``); the webhook
+sends a JSON array of objects (``to_json_obj``); ``from_fields`` reads an entry back. The ``id`` is
+chosen before the write and stored with the event, so it is the same on every retry of a POST;
+for outcomes it is derived from the queue id, recipient and attempt, so a job that runs again after
+a crash writes the same id. Builders are pure (the clock is passed in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from common.classify import classify
+from common.envelope import Envelope, RcptState, RecipientStatus
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "Event",
+    "EventType",
+    "delayed_event",
+    "message_id_of",
+    "outcome_event",
+    "outcome_type",
+    "parse_entries",
+    "reception_events",
+    "receptions",
+    "sign",
+    "signature_ok",
+    "suppressed_event",
+]
+
+SIGNATURE_HEADER = "X-Mtaq-Signature"
+
+
+class EventType(str, Enum):
+    RECEPTION = "reception"
+    DELIVERY = "delivery"
+    TRANSIENT = "transient"
+    BOUNCE = "bounce"
+    EXPIRATION = "expiration"
+    DELAYED = "delayed"
+    SUPPRESSED = "suppressed"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: EventType
+    time: float
+    queue_id: str = ""
+    message_id: str = ""
+    sender: str = ""
+    recipient: str = ""
+    relay: str = ""
+    dsn: str = ""
+    reply: str = ""
+    tls: str = ""  # the attempt's TLS as the delivery line says it (RecipientStatus.tls, issue 21)
+    attempt: int = 0
+    classification: str = ""
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream entry: every field, as text (an empty one included, so every entry has the
+        same fields: Redis then stores their names once per node). Spelled out: it runs for
+        every recipient on the commit path."""
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "time": repr(self.time),
+            "queue_id": self.queue_id,
+            "message_id": self.message_id,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "relay": self.relay,
+            "dsn": self.dsn,
+            "reply": self.reply,
+            "tls": self.tls,
+            "attempt": str(self.attempt),
+            "classification": self.classification,
+        }
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[Any, Any]) -> Event:
+        d = {_text(k): _text(v) for k, v in raw.items()}
+        return cls(
+            id=d["id"],
+            type=EventType(d["type"]),
+            time=float(d["time"]),
+            queue_id=d.get("queue_id", ""),
+            message_id=d.get("message_id", ""),
+            sender=d.get("sender", ""),
+            recipient=d.get("recipient", ""),
+            relay=d.get("relay", ""),
+            dsn=d.get("dsn", ""),
+            reply=d.get("reply", ""),
+            tls=d.get("tls", ""),
+            attempt=int(d.get("attempt") or 0),
+            classification=d.get("classification", ""),
+        )
+
+    def to_json_obj(self) -> dict[str, Any]:
+        """What the webhook POSTs for it: the same fields, time and attempt as numbers."""
+        out: dict[str, Any] = self.to_fields()
+        out["time"] = self.time
+        out["attempt"] = self.attempt
+        return out
+
+
+def parse_entries(raw: Any) -> list[tuple[str, Event]]:
+    """(stream id, event) of what XRANGE returns (or one stream's part of XREADGROUP's answer)."""
+    return [(_text(sid), Event.from_fields(fields)) for sid, fields in raw or []]
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+# -- builders -------------------------------------------------------------------------------------
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+MAX_MESSAGE_ID = 998  # RFC 5322 §2.1.1: a header line is at most 998 octets
+
+
+def message_id_of(body: bytes) -> str:
+    """The Message-ID header of a message ("" when it has none), looked for in its header only."""
+    end = _HEADER_END.search(body)
+    m = _MESSAGE_ID.search(body, 0, end.start() if end else len(body))
+    if m is None:
+        return ""
+    value = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).strip()
+    return value[:MAX_MESSAGE_ID].decode("utf-8", "replace")
+
+
+def reception_events(env: Envelope, message_id: str, now: float) -> list[Event]:
+    """One ``reception`` event per recipient of a message the ingress stored."""
+    return [
+        Event(
+            id=f"{env.id}.{i}.reception",
+            type=EventType.RECEPTION,
+            time=now,
+            queue_id=env.id,
+            message_id=message_id,
+            sender=env.sender,
+            recipient=r.address,
+        )
+        for i, r in enumerate(env.recipients)
+    ]
+
+
+def receptions(messages: Iterable[tuple[Envelope, bytes]], now: float) -> list[Event]:
+    """The ``reception`` events of messages (envelope, body) stored together."""
+    return [ev for env, body in messages for ev in reception_events(env, message_id_of(body), now)]
+
+
+def outcome_type(st: RecipientStatus) -> EventType:
+    """What a recorded delivery attempt was. A bounce whose code is not permanent is the queue
+    lifetime running out on a transient failure (worker/outcomes.py keeps the last transient
+    reply): an expiration."""
+    if st.state is RcptState.DELIVERED:
+        return EventType.DELIVERY
+    if st.state is RcptState.BOUNCED:
+        return EventType.BOUNCE if st.dsn.startswith("5") else EventType.EXPIRATION
+    return EventType.TRANSIENT
+
+
+def outcome_event(env: Envelope, index: int, st: RecipientStatus, message_id: str) -> Event:
+    """The event of one recorded attempt (``st`` is what is written for recipient ``index``)."""
+    kind = outcome_type(st)
+    return Event(
+        id=f"{env.id}.{index}.{kind.value}.{st.attempts}",
+        type=kind,
+        time=st.updated,
+        queue_id=env.id,
+        message_id=message_id,
+        sender=env.sender,
+        recipient=env.recipients[index].address,
+        relay=st.relay,
+        dsn=st.dsn,
+        reply=st.reply,
+        tls=st.tls,
+        attempt=st.attempts,
+        classification="" if kind is EventType.DELIVERY else classify(st.dsn, st.reply).value,
+    )
+
+
+def delayed_event(env: Envelope, index: int, st: RecipientStatus, message_id: str, now: float) -> Event:
+    """A delay warning went to the sender about this (deferred) recipient, once per message: the
+    fields of its last attempt."""
+    last = outcome_event(env, index, st, message_id)
+    return dataclasses.replace(last, id=f"{env.id}.{index}.delayed", type=EventType.DELAYED, time=now)
+
+
+def suppressed_event(sender: str, recipient: str, reply: str, now: float) -> Event:
+    """A RCPT refused because the address is on the suppression list: no queue id yet."""
+    return Event(
+        id=f"s.{secrets.token_hex(12)}",
+        type=EventType.SUPPRESSED,
+        time=now,
+        sender=sender,
+        recipient=recipient,
+        dsn="5.1.1",
+        reply=reply,
+        classification="InvalidRecipient",
+    )
+
+
+# -- the webhook's signature ------------------------------------------------------------------------
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Mtaq-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def signature_ok(secret: bytes, body: bytes, header: str) -> bool:
+    return hmac.compare_digest(sign(secret, body), header.strip())

@@ -1,0 +1,128 @@
+"""Delivery events (common/events.py): serialisation both ways, ids, types, the webhook signature,
+and their writing with the state change (common/store.py, fakeredis with Lua)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+
+import fakeredis
+import pytest
+
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.events import (
+    Event,
+    EventType,
+    delayed_event,
+    message_id_of,
+    outcome_event,
+    outcome_type,
+    parse_entries,
+    receptions,
+    sign,
+    signature_ok,
+    suppressed_event,
+)
+from common.store import EVENTS, Message, Store
+
+ENV = Envelope(id="ABC123", sender="app@client.test", recipients=[Recipient("a@x.test"), Recipient("b@y.test")])
+BODY = b"From: app@client.test\r\nMessage-ID:\r\n <m1@client.test>\r\nSubject: hi\r\n\r\nMessage-ID: <not@body>\r\n"
+
+
+def test_message_id_is_read_from_the_header_only_and_unfolded() -> None:
+    assert message_id_of(BODY) == "<m1@client.test>"
+    assert message_id_of(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n") == ""
+    assert message_id_of(b"message-id: <lf@only>\nSubject: y\n\nbody") == "<lf@only>"
+
+
+def test_reception_events_one_per_recipient_with_stable_ids() -> None:
+    evs = receptions([(ENV, BODY)], 1000.5)
+    assert [e.recipient for e in evs] == ["a@x.test", "b@y.test"]
+    assert [e.id for e in evs] == ["ABC123.0.reception", "ABC123.1.reception"]
+    assert all(e.type is EventType.RECEPTION and e.message_id == "<m1@client.test>" for e in evs)
+
+
+@pytest.mark.parametrize(
+    ("state", "dsn", "kind", "klass"),
+    [
+        (RcptState.DELIVERED, "2.0.0", EventType.DELIVERY, ""),
+        (RcptState.DEFERRED, "4.2.2", EventType.TRANSIENT, "MailboxFull"),
+        (RcptState.BOUNCED, "5.1.1", EventType.BOUNCE, "InvalidRecipient"),
+        (RcptState.BOUNCED, "4.4.1", EventType.EXPIRATION, "ConnectionFailure"),
+    ],
+)
+def test_outcome_events(state: RcptState, dsn: str, kind: EventType, klass: str) -> None:
+    st = RecipientStatus(state, attempts=3, dsn=dsn, reply="host mx[192.0.2.1]:25 said: whatever", relay="mx")
+    assert outcome_type(st) is kind
+    ev = outcome_event(ENV, 1, st, "<m1@client.test>")
+    assert (ev.type, ev.recipient, ev.attempt, ev.classification) == (kind, "b@y.test", 3, klass)
+    assert ev.id == f"ABC123.1.{kind.value}.3"
+
+
+def test_an_outcome_event_carries_the_attempts_tls() -> None:
+    tls = "verified(mta-sts) TLSv1.3 TLS_AES_256_GCM_SHA384"
+    st = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 2.0.0 Ok", "mx", tls=tls)
+    assert outcome_event(ENV, 0, st, "<m>").tls == tls
+    assert delayed_event(ENV, 0, dataclasses.replace(st, state=RcptState.DEFERRED), "<m>", 1.0).tls == tls
+
+
+def test_fields_round_trip_and_json_form() -> None:
+    ev = outcome_event(
+        ENV, 0, RecipientStatus(RcptState.BOUNCED, 1, "5.1.1", "550 5.1.1 no such user", "mx", updated=12.25), "<m>"
+    )
+    fields = ev.to_fields()
+    assert set(fields) == {
+        "id", "type", "time", "queue_id", "message_id", "sender", "recipient", "relay", "dsn", "reply", "tls",
+        "attempt", "classification",
+    }  # fmt: skip
+    assert all(isinstance(v, str) for v in fields.values()) and fields["tls"] == ""
+    assert Event.from_fields({k.encode(): v.encode() for k, v in fields.items()}) == ev
+    obj = ev.to_json_obj()
+    assert obj["time"] == 12.25 and obj["attempt"] == 1 and obj["type"] == "bounce"
+    assert json.loads(json.dumps(obj)) == obj
+
+
+def test_suppressed_events_have_unique_ids() -> None:
+    a, b = (suppressed_event("s@x", "r@y", "550 ...", 1.0) for _ in range(2))
+    assert a.id != b.id and a.type is EventType.SUPPRESSED and a.queue_id == ""
+
+
+def test_signature_is_hmac_sha256_of_the_body() -> None:
+    body = b'[{"id":"1"}]'
+    expected = hmac.new(b"k3y", body, hashlib.sha256).hexdigest()
+    assert sign(b"k3y", body) == "sha256=" + expected
+    assert signature_ok(b"k3y", body, "sha256=" + expected)
+    assert not signature_ok(b"k3y", body + b" ", "sha256=" + expected)
+    assert not signature_ok(b"other", body, "sha256=" + expected)
+
+
+def _stream(store: Store) -> list[Event]:
+    return [ev for _, ev in parse_entries(store.redis.xrange(EVENTS))]
+
+
+def test_commit_writes_events_in_its_transaction_and_only_when_on() -> None:
+    r = fakeredis.FakeRedis()
+    Store(r).commit([Message(ENV, BODY)], events=receptions([(ENV, BODY)], 1.0))
+    assert r.xlen(EVENTS) == 0  # events_max 0: off
+    store = Store(r, events_max=1000)
+    env2 = Envelope(id="DEF", sender="", recipients=[Recipient("c@z.test")])
+    store.commit([Message(env2, BODY)], events=receptions([(env2, BODY)], 2.0))
+    assert [e.id for e in _stream(store)] == ["DEF.0.reception"]
+
+
+def test_outcome_event_is_written_exactly_when_the_state_is() -> None:
+    r = fakeredis.FakeRedis()
+    store = Store(r, events_max=1000)
+    store.commit([Message(ENV, BODY)])
+    st = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok", "mx", updated=5.0)
+    ev = outcome_event(ENV, 0, st, "<m>")
+    assert store.set_status_list([("ABC123", 0, st)], events=[ev]) == [1]
+    # a job run again after a crash: the final state stays, and no second event
+    assert store.set_status_list([("ABC123", 0, st)], events=[ev]) == [-1]
+    assert _stream(store) == [ev]
+    # an entry without an event (None) writes only the state
+    deferred = RecipientStatus(RcptState.DEFERRED, 1, "4.0.0", "451 later", "mx")
+    assert store.set_status_list([("ABC123", 1, deferred)], events=[None]) == [-3]
+    assert len(_stream(store)) == 1
