@@ -54,7 +54,7 @@ def test_verification_refuses_what_the_worker_bounces_with_its_status(
     for rcpt, reply in REFUSED.items():
         wait_for_log(log, f"{qid}: to=<{rcpt}>, relay=none")
         line = next(ln for ln in log.read_text().splitlines() if f"{qid}: to=<{rcpt}>" in ln)
-        assert f"dsn={reply.enhanced}, status=bounced" in line, line
+        assert f"dsn={reply.enhanced}, " in line and ", status=bounced (" in line, line
     assert "invalid by verification: 5.1.10 Domain null.test does not accept mail (nullMX)" in (
         (verifying.log_dir / "ingress.log").read_text()
     )
