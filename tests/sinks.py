@@ -22,10 +22,12 @@ certificate from a given trustme CA (a test's "public" CA) for ``hostname``.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -36,9 +38,27 @@ from aiosmtpd.smtp import SMTP, AuthResult
 
 from tests.ports import free_port
 
-__all__ = ["Delivery", "SinkServer", "wait_for"]
+__all__ = [
+    "Delivery",
+    "SinkServer",
+    "tagged",
+    "wait_for",
+]
 
 HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
+
+
+def tagged(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> Counter[str]:
+    """How many times each message arrived at these sinks, by the tag its data carries (the
+    pattern's first group): what at-least-once tests count lost and duplicated mail by."""
+    seen: Counter[str] = Counter()
+    for box in boxes:
+        with box.lock:
+            for _, _, data in box.messages:
+                m = tag.search(data)
+                if m:
+                    seen[m.group(1).decode()] += 1
+    return seen
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:

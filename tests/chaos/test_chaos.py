@@ -23,7 +23,7 @@ import pytest
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.redisserver import RedisServer
-from tests.sinks import SinkServer, wait_for
+from tests.sinks import SinkServer, tagged, wait_for
 
 MESSAGES = 2000
 SINKS = [f"127.0.0.{i}" for i in range(2, 7)]
@@ -73,14 +73,7 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         t.start()
 
     def arrived() -> Counter[str]:
-        seen: Counter[str] = Counter()
-        for box in boxes:
-            with box.lock:
-                for _, _, data in box.messages:
-                    m = _TAG.search(data)
-                    if m:
-                        seen[m.group(1).decode()] += 1
-        return seen
+        return tagged(boxes, _TAG)
 
     def kill_worker() -> None:
         name = rng.choice(sorted(n for n in mta.procs if n.startswith("worker")))

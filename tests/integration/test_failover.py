@@ -26,7 +26,7 @@ from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.hacluster import Cluster, ReplicaServer
 from tests.integration.eventually import GENEROUS
-from tests.sinks import SinkServer, wait_for
+from tests.sinks import SinkServer, tagged, wait_for
 
 MESSAGES = 1500
 CLIENTS = 20
@@ -53,14 +53,7 @@ def _mta(cluster: Cluster, dns: ZoneServer, mx_port: int, log_dir: Path, **setti
 
 
 def _arrived(boxes: list[SinkServer]) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for box in boxes:
-        with box.lock:
-            for _, _, data in box.messages:
-                m = _TAG.search(data)
-                if m:
-                    seen[m.group(1).decode()] += 1
-    return seen
+    return tagged(boxes, _TAG)
 
 
 @pytest.mark.slow
