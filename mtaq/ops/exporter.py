@@ -179,6 +179,13 @@ class Monitor:
         )
 
 
+def _prefixed(stats: dict[str, float], prefix: str) -> Iterator[tuple[str, float]]:
+    """The counters of the stats hash named ``prefix...``, by the rest of their name, in order."""
+    for k, v in sorted(stats.items()):
+        if k.startswith(prefix):
+            yield k[len(prefix) :], v
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], value)
@@ -225,9 +232,8 @@ class MtaqCollector(Collector):
         rej = CounterMetricFamily(
             "mtaq_messages_rejected", "Commands refused by the ingress, by reply code", labels=["code"]
         )
-        for k, v in sorted(st.items()):
-            if k.startswith(m.REJECTED_PREFIX):
-                rej.add_metric([k[len(m.REJECTED_PREFIX) :]], v)
+        for code, v in _prefixed(st, m.REJECTED_PREFIX):
+            rej.add_metric([code], v)
         yield rej
         dlv = CounterMetricFamily(
             "mtaq_deliveries", "Recipient delivery attempts by outcome (sent, bounced, deferred)", labels=["status"]
@@ -240,20 +246,18 @@ class MtaqCollector(Collector):
             "Failed recipient delivery attempts by outcome (deferred, bounced) and bounce class",
             labels=["status", "classification"],
         )
-        for k, v in sorted(st.items()):
-            if k.startswith(m.FAILURE_PREFIX):
-                status, _, klass = k[len(m.FAILURE_PREFIX) :].partition(":")
-                failed.add_metric([status, klass], v)
+        for rest, v in _prefixed(st, m.FAILURE_PREFIX):
+            status, _, klass = rest.partition(":")
+            failed.add_metric([status, klass], v)
         yield failed
         tls = CounterMetricFamily(
             "mtaq_deliveries_tls",
             "Recipient delivery attempts by the session's TLS (none, opportunistic, verified(policy)) and outcome",
             labels=["tls", "status"],
         )
-        for k, v in sorted(st.items()):
-            if k.startswith(m.TLS_PREFIX):
-                level, _, status = k[len(m.TLS_PREFIX) :].rpartition(":")
-                tls.add_metric([level, status], v)
+        for rest, v in _prefixed(st, m.TLS_PREFIX):
+            level, _, status = rest.rpartition(":")
+            tls.add_metric([level, status], v)
         yield tls
         buckets: list[tuple[str, float]] = []
         cumulative = 0.0

@@ -15,10 +15,9 @@ from typing import Any
 
 import redis
 
-from common.classify import classify
 from common.envelope import RcptState
 from common.store import HOLD, INDEX, QCOUNTS, QDEFERRED, QDESTS, qdest_key
-from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, MessageView, QueueShape, age_bucket, load_views, reason_of
+from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, MessageView, QueueShape, age_bucket, load_views
 
 __all__ = [
     "QueueCounts",
@@ -67,10 +66,7 @@ class QueueCounts:
         for m in deferred:
             for rc in m.open:
                 if rc.state is RcptState.DEFERRED:
-                    out.deferred_destinations.add(rc.destination)
-                    reason = reason_of(rc.status.reply)
-                    out.reasons[reason] += 1
-                    out.reason_class.setdefault(reason, classify(rc.status.dsn, rc.status.reply).value)
+                    out.note_deferred(rc)
         return out
 
 

@@ -156,6 +156,13 @@ class QueueShape:
     reason_class: dict[str, str] = field(default_factory=dict)  # reason -> its bounce class (issue 19)
     oldest: float | None = None  # arrival time of the oldest message
 
+    def note_deferred(self, rc: RcptView) -> None:
+        """A deferred recipient: its destination, its reason and the reason's bounce class."""
+        self.deferred_destinations.add(rc.destination)
+        reason = reason_of(rc.status.reply)
+        self.reasons[reason] += 1
+        self.reason_class.setdefault(reason, classify(rc.status.dsn, rc.status.reply).value)
+
     def top_destinations(self, n: int = 20) -> list[tuple[str, list[int]]]:
         return sorted(self.destinations.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:n]
 
@@ -196,8 +203,5 @@ def shape(views: Iterator[MessageView] | Sequence[MessageView], now: float) -> Q
         for rc in m.recipients:
             out.recipients_by_state[rc.state.value] += 1
             if rc.state is RcptState.DEFERRED:
-                out.deferred_destinations.add(rc.destination)
-                reason = reason_of(rc.status.reply)
-                out.reasons[reason] += 1
-                out.reason_class.setdefault(reason, classify(rc.status.dsn, rc.status.reply).value)
+                out.note_deferred(rc)
     return out
