@@ -131,7 +131,7 @@ class Committer:
                 reply = storage_reply(e)
                 if reply is replies.INSUFFICIENT_STORAGE:
                     self._full_until = self.clock() + OOM_PAUSE
-                if isinstance(e, StoreNotReplicated) or (self.spool.store.replicas and isinstance(e, StoreError)):
+                if self.spool.store.replicas and isinstance(e, StoreError):
                     # too few replicas, or a primary gone (a failover may follow: its successor
                     # starts without a replica): take no mail until a probe finds them
                     self._unreplicated_until = self.clock() + REPLICA_PAUSE

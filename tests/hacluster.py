@@ -16,6 +16,7 @@ from types import TracebackType
 
 import redis
 
+from common.replication import online_replicas
 from mtaq.runtime.lifeline import preexec_die_with
 from mtaq.runtime.supervise import stop_processes
 from tests.ports import free_port
@@ -137,12 +138,9 @@ class Cluster:
     def online_replicas(self, server: RedisServer) -> int:
         """Replicas that ``server`` sees online (0 if it does not answer)."""
         try:
-            info = server.client(socket_timeout=1).info("replication")
+            return online_replicas(server.client(socket_timeout=1))
         except redis.RedisError:
             return 0
-        return sum(
-            1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
-        )
 
     def start(self, timeout: float = 30.0) -> None:
         for s in self.servers:
