@@ -304,16 +304,31 @@ def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_stops_answering(
 
     def healthy() -> bool:
         out = _run([*dc, "exec", "-T", "ingress", "mtaq", "health"], env=env, cwd=ctx)
-        # and the Sentinels know each other (they meet through the primary): a failover needs two
+        # and the Sentinels know each other (they meet through the primary): a failover needs two;
+        # and each knows the replica (from the primary's INFO, every 10 s): a Sentinel that has
+        # not seen it when the primary stops has nobody to promote, and never will
         quorum = _run(
             [*dc, "exec", "-T", "sentinel-1", "redis-cli", "-p", "26379", "sentinel", "ckquorum", "mtaq"],
             env=env,
             cwd=ctx,
         )
-        return "worker: ok" in out and "with 1 replica(s) online" in out and "OK 3 usable" in quorum
+        replicas = [
+            _run(
+                [*dc, "exec", "-T", f"sentinel-{n}", "redis-cli", "-p", "26379", "sentinel", "replicas", "mtaq"],
+                env=env,
+                cwd=ctx,
+            )
+            for n in (1, 2, 3)
+        ]
+        return (
+            "worker: ok" in out
+            and "with 1 replica(s) online" in out
+            and "OK 3 usable" in quorum
+            and all("redis-replica" in r for r in replicas)
+        )
 
     _wait(
-        "`mtaq health`: a primary with 1 replica online, found through 3 Sentinels that know each other",
+        "`mtaq health`: a primary with 1 replica online, 3 Sentinels that know each other and the replica",
         healthy,
         180,
         t0,
