@@ -6,11 +6,9 @@ STAMP   = $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # `make test` runs the tests side by side in this many processes (pytest-xdist): most of the suite's
 # time is spent waiting on real servers and processes, not on the CPU, so more workers than cores pay;
-# each worker has its own ports (tests/ports.py). PYTEST_WORKERS=0 runs everything in one process.
-# The chaos tests (tests/chaos/) then run on their own: they kill workers and Redis every second and
-# judge recovery by the clock (a dead process's mail moves within a minute), so they run on a machine
-# that the rest of the suite is not loading (measured: test_chaos passed alone, 0.5 % duplicates, and
-# failed 3 times in 4 under the parallel run, a re-run job waiting past the minute).
+# each worker has its own ports (tests/ports.py). The long tests (marked slow: the chaos tests among
+# them) start first, one per worker, and workers that run dry take over what waits behind them
+# (--dist worksteal, tests/scheduling.py). PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 6
 
 .PHONY: run test lint typecheck unit integration docs bench bench-scaling clean
@@ -25,8 +23,7 @@ run: $(STAMP)
 	$(BIN)/mtaq run
 
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --ignore=tests/chaos $(PYTEST_ARGS)
-	$(BIN)/pytest -q tests/chaos $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: all deselected (-m "not slow")
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -159,6 +160,12 @@ class DeliveryQueue:
     def ready_key(self) -> str:
         """The list of jobs no worker has taken yet (LLEN: how many)."""
         return str(self.rq.key)
+
+    @property
+    def taken_key(self) -> str:
+        """RQ's intermediate list: jobs a worker has taken off the ready list and not yet registered
+        as started (LLEN: how many; for a moment a job may be in both)."""
+        return str(IntermediateQueue.get_intermediate_queue_key(self.rq.key))
 
     @property
     def running_key(self) -> str:

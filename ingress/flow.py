@@ -4,8 +4,9 @@ seconds at most, then goes on. It slows clients, never refuses them; the queue s
 faster than the workers empty it, so new mail does not wait behind a backlog the ingress made.
 
 The signal: delivery jobs no worker has finished, RQ's ready list (``rq:queue:<name>``, LLEN)
-plus the jobs workers hold (its StartedJobRegistry, ZCARD). Workers take jobs as soon as they have
-a free job slot (``worker_concurrency`` each) and hold them while their messages wait for a
+plus the jobs workers hold (its intermediate list, LLEN, where a job waits between a worker's
+dequeue and its registration, and its StartedJobRegistry, ZCARD). Workers take jobs as soon as
+they have a free job slot (``worker_concurrency`` each) and hold them while their messages wait for a
 conversation, so the ready list alone stays empty while a backlog builds inside the workers. One
 poller per ingress process reads both every ``interval``; every session asks the sample
 (``FlowGate.must_wait``): no Redis call per message. Retries wait in RQ's scheduled registry and
@@ -69,14 +70,16 @@ def lagging(sample: Backlog | None, now: float, limit: int, per_job: float = 1.0
     return sample.jobs > 0 and sample.jobs * per_job >= limit
 
 
-def read_backlog(r: redis.Redis, ready_key: str, running_key: str, taken: float) -> Backlog:
-    """One look at the delivery queue: LLEN of RQ's ready list, ZCARD of its started registry
-    (one round trip)."""
+def read_backlog(r: redis.Redis, ready_key: str, taken_key: str, running_key: str, taken: float) -> Backlog:
+    """One look at the delivery queue (one round trip): LLEN of RQ's ready list; the jobs workers
+    hold: LLEN of its intermediate list (taken, not yet registered: counted nowhere else) plus the
+    ZCARD of its started registry."""
     pipe = r.pipeline(transaction=False)
     pipe.llen(ready_key)
+    pipe.llen(taken_key)
     pipe.zcard(running_key)
-    ready, running = pipe.execute()
-    return Backlog(int(ready), int(running), taken)
+    ready, just_taken, running = pipe.execute()
+    return Backlog(int(ready), int(just_taken) + int(running), taken)
 
 
 class FlowGate:

@@ -54,8 +54,12 @@ log = logging.getLogger("mtaq.worker")
 
 HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
 EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
-# a scheduled job this late means RQ's scheduler is not running (it looks every second)
-SCHEDULER_LATE = 30.0
+# A scheduled job this late means RQ's scheduler is not running: it looks every second, and after
+# the death of the worker it ran in, another worker takes over its lock only after RQ's 120 s
+# fallback period. Within the minute a dead process's mail has to move, 30 s was too long (chaos
+# test: a job re-run after a crash, failed again, its 5 s retry queued at 64 s). Were the scheduler
+# merely slow, the job is queued twice: the second run finds its messages leased or done.
+SCHEDULER_LATE = 5.0
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
 DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
 INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before it is handed back

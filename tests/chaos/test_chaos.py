@@ -22,6 +22,7 @@ import pytest
 
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
+from tests.queuediag import describe_stuck
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, tagged, wait_for
 
@@ -128,7 +129,9 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         logs = mta.logs().splitlines()
         about = [ln for tag in missing[:3] for ln in logs if f"<u{tag[1:]}@" in ln]
         raise AssertionError(f"{len(missing)} missing: {missing[:10]}\n" + "\n".join(about[-30:]))
-    assert out, f"queue not empty 60 s after the kills stopped: {mta.store.queue_size()} left"
+    assert out, f"queue not empty 60 s after the kills stopped: {mta.store.queue_size()} left\n" + describe_stuck(
+        mta.redis, mta.logs()
+    )
     # the target is 0.5 %; measured 1.0-2.1 % with a worker killed every second (a kill
     # between a remote's 250 and the write of that outcome sends the message again): a guard
     # against regressions, not the target

@@ -13,6 +13,7 @@ import pytest
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message
 from tests.integration.eventually import GENEROUS
+from tests.queuediag import describe_stuck
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
 
@@ -94,6 +95,6 @@ def test_worker_sigkill_mid_delivery_is_rerun(
     mta.procs.pop("worker0").wait(10)
     box.data_delay = 0.0
     mta.start_worker()
-    assert wait_for(lambda: mta.store.queue_size() == 0, 150), mta.logs()
+    assert wait_for(lambda: mta.store.queue_size() == 0, 150), describe_stuck(mta.redis, mta.logs())
     assert box.messages and all(b"Subject: crash" in m[2] for m in box.messages)
     assert f"{qid}: to=<bob@a.test>" in mta.logs() and "status=sent" in mta.logs()

@@ -46,8 +46,10 @@ def test_mail_waits_until_delivery_catches_up(
         w.send("MAIL FROM:<a@client.test>\r\n")  # held: three jobs unfinished, limit 3
         mta.start_worker()
         assert w.reply().status == (250, "2.1.0"), mta.logs()
-        # the 250 came after the worker finished the backlog's jobs, never before
-        assert len(box.messages) == 3, mta.logs()
+        # the 250 came once delivery caught up, never before: fewer than 3 jobs unfinished, so at
+        # least one of them delivered (the three usually end together; under load one may be seen
+        # alone, and a job a worker has only just taken is still unfinished)
+        assert len(box.messages) >= 1, mta.logs()
         assert w.cmd("RCPT TO:<bob@ours.test>").status == (250, "2.1.5")
         assert w.cmd("DATA").code == 354
         assert w.cmd(b"Subject: m3\r\n\r\nx\r\n.").status == (250, "2.0.0")

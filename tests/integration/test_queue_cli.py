@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from rq.job import Job
 
 from common.jobqueue import DeliveryQueue
@@ -55,6 +56,7 @@ def states(mta: MTA, qid: str) -> dict[str, str]:
     return {}
 
 
+@pytest.mark.slow
 def test_queue_commands_on_a_queue_in_known_states(
     mta_factory: Callable[..., MTA], dns: ZoneServer, sinks: Callable[..., SinkServer]
 ) -> None:

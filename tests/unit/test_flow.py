@@ -9,6 +9,7 @@ import logging
 import fakeredis
 import pytest
 
+from common.jobqueue import DeliveryQueue
 from ingress.flow import QUIET, STALE_AFTER, Backlog, FlowGate, lagging, read_backlog
 from tests.unit.fakeclock import FakeClock
 
@@ -46,12 +47,21 @@ def test_no_sample_or_a_stale_one_never_holds_mail() -> None:
     assert not lagging(sample, 100.0 + STALE_AFTER + 0.01, 1)
 
 
-def test_read_backlog_is_rq_ready_list_and_started_registry() -> None:
+def test_read_backlog_is_rq_ready_list_and_the_jobs_workers_took() -> None:
     r = fakeredis.FakeRedis()
     r.rpush("rq:queue:mtaq", "a", "b", "c")
+    # taken by a worker, not yet registered as started: a MAIL released in that moment let a test
+    # see its 250 before any of the backlog was delivered
+    r.rpush("rq:queue:mtaq:intermediate", "f")
     r.zadd("rq:wip:mtaq", {"d": 1.0, "e": 2.0})
     r.zadd("rq:scheduled:mtaq", {"retry": 1.0})  # retries wait their time: not counted
-    assert read_backlog(r, "rq:queue:mtaq", "rq:wip:mtaq", 7.0) == Backlog(3, 2, 7.0)
+    queue = DeliveryQueue(r)
+    assert (queue.ready_key, queue.taken_key, queue.running_key) == (
+        "rq:queue:mtaq",
+        "rq:queue:mtaq:intermediate",
+        "rq:wip:mtaq",
+    )
+    assert read_backlog(r, queue.ready_key, queue.taken_key, queue.running_key, 7.0) == Backlog(3, 3, 7.0)
 
 
 # -- the gate --------------------------------------------------------------------------------------
