@@ -515,6 +515,15 @@ class Store:
             pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
         return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
+    def lease_left(self, qids: Sequence[str], destination: str) -> float:
+        """Seconds until the last of these leases lapses (0 when none is held any more)."""
+        if not qids:
+            return 0.0
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            pipe.pttl(lease_key(qid, destination))
+        return max(0, *(int(ms) for ms in pipe.execute())) / 1000
+
     def end_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
         """End leases taken by lease() (only those still held by ``token``)."""
         pipe = self.redis.pipeline(transaction=False)

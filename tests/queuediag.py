@@ -6,6 +6,7 @@ failure seen once in CI says where the message was stuck."""
 from __future__ import annotations
 
 import json
+import zlib
 
 import redis
 
@@ -26,12 +27,20 @@ def _jobs_naming(r: redis.Redis, qid: str) -> list[str]:
         name = _text(key)
         if name.count(":") != 2:  # rq:job:<id> only, not its executions or dependents
             continue
-        data = r.hget(key, "data")
-        if data is None or qid.encode() not in data:
+        raw = r.hget(key, "data")
+        if not isinstance(raw, bytes):
+            continue
+        try:
+            data = zlib.decompress(raw)  # RQ compresses a job's function and arguments
+        except zlib.error:
+            data = raw
+        if qid.encode() not in data:
             continue
         job_id = name.rsplit(":", 1)[1]
         status = _text(r.hget(key, "status") or b"?")
         where = [reg for reg in _REGISTRIES if r.zscore(f"rq:{reg}:mtaq", job_id) is not None]
+        running = [_text(m) for m in r.zrange("rq:wip:mtaq", 0, -1) if isinstance(m, bytes | str)]
+        where += [f"wip:{m}" for m in running if m.startswith(job_id)]
         queued = job_id.encode() in r.lrange("rq:queue:mtaq", 0, -1)
         retries = _text(r.hget(key, "retries_left") or b"?")
         found.append(

@@ -56,13 +56,22 @@ HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
 EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
 # A scheduled job this late means RQ's scheduler is not running: it looks every second, and after
 # the death of the worker it ran in, another worker takes over its lock only after RQ's 120 s
-# fallback period. Within the minute a dead process's mail has to move, 30 s was too long (chaos
-# test: a job re-run after a crash, failed again, its 5 s retry queued at 64 s). Were the scheduler
+# fallback period. Within the minute a dead process's mail has to move, 30 s was too long: a job
+# re-run after a crash and killed again waits its 5 s retry, then this, then the next clean-up
+# (RECOVERY_INTERVAL), after the 20 s its first execution took to lapse. Were the scheduler
 # merely slow, the job is queued twice: the second run finds its messages leased or done.
 SCHEDULER_LATE = 5.0
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
+# The clean-up's lock outlives a worker killed while cleaning by this much: every clean-up waits
+# for it meanwhile, so it is short (a clean-up that takes longer overlaps the next one, which
+# finds the jobs the first has re-run gone from the registry). 30 s made a dead process's
+# mail wait up to 30 s more (chaos test: 47 s to an empty queue after the killing).
+RECOVERY_LOCK_TTL = RECOVERY_INTERVAL + 2
 DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
-INTERMEDIATE_GRACE = 15.0  # seconds a dequeued job may go unregistered before it is handed back
+# seconds a dequeued job may go unregistered before it is handed back: a live worker registers it
+# in a round trip or two; were it only slow, the job runs twice, and the second run finds its
+# messages leased or done
+INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 
 
@@ -271,7 +280,7 @@ class ConcurrentWorker(SimpleWorker):
         quarter of an hour, and the mail of every worker that dies meanwhile with it."""
         for queue in self.queues:
             key = f"{RECOVERY_LOCK}:{queue.name}"
-            if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_INTERVAL * 3):
+            if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_LOCK_TTL):
                 continue
             try:
                 clean_registries(queue, self._exc_handlers)
@@ -306,8 +315,9 @@ class ConcurrentWorker(SimpleWorker):
 
     def _rescue_intermediate(self, queue: Queue) -> None:
         """A job taken off the queue by a worker that died before it registered the execution sits
-        in RQ's intermediate queue; RQ hands it back after a minute. We do after INTERMEDIATE_GRACE
-        seconds: mail held by a dead worker is to go out again within 60 s."""
+        in RQ's intermediate queue; RQ fails it after a minute. We hand it back once a clean-up has
+        seen it there INTERMEDIATE_GRACE seconds: mail held by a dead worker is to go out again
+        within 60 s."""
         inter = IntermediateQueue(queue.key, connection=self.connection)
         for job_id in inter.get_job_ids():
             if job_id in queue.started_job_registry:
@@ -321,9 +331,14 @@ class ConcurrentWorker(SimpleWorker):
             if job is None:
                 inter.remove(job_id)
                 continue
+            # back at the head of the queue, as it was: the job never ran, so it is not its failure
+            # (RQ counts one: a retry used, and the next retry's delay waited for nothing)
             log.warning("worker %s: job %s was taken by a worker that died: handed back", self.name, job_id)
-            self.handle_job_failure(job, queue, exc_string="taken off the queue by a worker that died")
-            inter.remove(job_id)
+            with self.connection.pipeline() as pipe:
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.lrem(inter.key, 1, job_id)
+                pipe.delete(inter.get_first_seen_key(job_id))
+                pipe.execute()
 
     @property
     def should_run_maintenance_tasks(self) -> bool:

@@ -51,7 +51,12 @@ __all__ = ["BUSY_RETRY", "LEASE_TTL", "DeliveryService"]
 
 log = logging.getLogger("mtaq.worker")
 
-LEASE_TTL = 30.0  # seconds a (message, destination) lease outlives its holder's last heartbeat
+# Seconds a (message, destination) lease outlives its holder's last heartbeat: as long as the RQ
+# execution it belongs to (worker/pool.EXECUTION_TTL), which the same heartbeat pushes on. A dead
+# worker's job is re-run only once its execution has lapsed; by then its leases have too, and the
+# re-run takes them at once (at 30 s it found them held, looked again 31-35 s later, and a killed
+# worker's mail moved only after 50-60 s).
+LEASE_TTL = 20.0
 BUSY_RETRY = 1.0  # a job handed back for want of a connection slot runs again after about this long
 
 TLS_LOOKUP_FAILED = Outcome(
@@ -123,10 +128,12 @@ class DeliveryService:
         with self.leases.taken(list(job.due), destination) as lease:
             busy = job.busy(lease.taken)
             if busy:
-                # Another job holds them now, or a dead worker's job did (its lease lapses within
-                # LEASE_TTL): look again then, so that nothing is left without a job. A live holder
-                # leaves them final or with a retry of their own, and the look finds nothing to do.
-                self.queue.schedule(destination, busy, LEASE_TTL + random.uniform(1.0, 5.0))
+                # Another job holds them now, or a dead worker's job did: look again once the
+                # leases have lapsed (a live holder's are pushed on meanwhile, and the look sees them
+                # busy again), so that nothing is left without a job. A live holder leaves them
+                # final or with a retry of their own, and the look finds nothing to do.
+                left = self.store.lease_left(busy, destination)
+                self.queue.schedule(destination, busy, min(left, LEASE_TTL) + random.uniform(1.0, 3.0))
             batch = Batch(self.store, self.clock, self.writer, job.loaded, destination)
             batch.finished.extend(job.complete)
             try:

@@ -10,15 +10,17 @@ from collections.abc import Iterator
 
 import fakeredis
 import pytest
+from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
 
 from common.envelope import Envelope, Recipient
+from common.jobqueue import CRASH_RETRY
 from common.store import Message
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.pool import EXECUTION_TTL, SCHEDULER_LATE, ConcurrentWorker
-from worker.service import DeliveryService
+from worker.pool import EXECUTION_TTL, INTERMEDIATE_GRACE, SCHEDULER_LATE, ConcurrentWorker
+from worker.service import LEASE_TTL, DeliveryService
 
 
 @pytest.fixture
@@ -48,6 +50,9 @@ def test_job_slots_are_the_services_conversations(r: fakeredis.FakeRedis, servic
     w = worker(r, service)
     assert w.concurrency == service.concurrency == 3
     assert w.get_heartbeat_ttl(None, 0.0) == EXECUTION_TTL  # type: ignore[arg-type]
+    # a dead worker's job is re-run once its execution lapsed: its leases must have lapsed by then,
+    # or the re-run finds its own messages busy and leaves them for later
+    assert LEASE_TTL <= EXECUTION_TTL
 
 
 def test_a_burst_runs_the_queued_jobs_and_the_mail_goes_out(
@@ -86,3 +91,24 @@ def test_scheduled_jobs_rqs_scheduler_left_behind_are_queued(r: fakeredis.FakeRe
     # the one its scheduler should have moved long ago is queued; a just-due one is left to it
     assert queue.job_ids == [late.id]
     assert queue.scheduled_job_registry.get_job_ids() == [recent.id]
+
+
+def test_a_job_a_dead_worker_took_goes_back_to_the_head_of_the_queue(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    w = worker(r, service)
+    queue = service.queue.rq
+    taken = queue.enqueue("worker.jobs.deliver", "a.test", ["Q1"], retry=CRASH_RETRY)
+    other = queue.enqueue("worker.jobs.deliver", "b.test", ["Q2"])
+    r.lmove(queue.key, IntermediateQueue(queue.key, connection=r).key, "LEFT", "RIGHT")  # dequeued, then killed
+    inter = IntermediateQueue(queue.key, connection=r)
+    assert inter.get_job_ids() == [taken.id] and queue.job_ids == [other.id]
+    w._rescue_intermediate(queue)  # first seen: a live worker may be registering it right now
+    assert inter.get_job_ids() == [taken.id]
+    r.set(inter.get_first_seen_key(taken.id), time.time() - INTERMEDIATE_GRACE - 1)
+    w._rescue_intermediate(queue)
+    # ahead of what came after it, with all its retries: it never ran
+    assert queue.job_ids == [taken.id, other.id] and inter.get_job_ids() == []
+    job = queue.fetch_job(taken.id)
+    assert job is not None and job.retries_left == CRASH_RETRY.max
+    assert not r.exists(inter.get_first_seen_key(taken.id))
