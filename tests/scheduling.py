@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-__all__ = ["slices"]
+__all__ = ["ordered", "slices"]
 
 
 def slices(total: int, workers: int) -> list[int]:
@@ -45,14 +45,11 @@ def _groups(items: list[pytest.Item]) -> tuple[list[list[pytest.Item]], list[pyt
     return [g for _, g in ordered], rest
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers < 2 or config.getoption("dist", "no") != "worksteal":
-        return
+def ordered(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """``items`` in the order that puts each group of slow tests at the head of a slice."""
     groups, rest = _groups(items)
     if not groups:
-        return
+        return items
     # slice i gets groups i, i + workers, ...; the rest of it is filled from the other tests
     heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
     for i, group in enumerate(groups):
@@ -63,5 +60,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         order.extend(head)
         order.extend(item for _, item in zip(range(size - len(head)), others, strict=False))
     order.extend(others)
-    assert len(order) == len(items)
-    items[:] = order
+    return order
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers >= 2 and config.getoption("dist", "no") == "worksteal":
+        items[:] = ordered(items, workers)
