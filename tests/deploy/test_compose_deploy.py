@@ -8,6 +8,7 @@ Ports are published on 127.0.0.1 only; mail goes only to the sink container this
 from __future__ import annotations
 
 import email.parser
+import json
 import os
 import re
 import secrets
@@ -29,6 +30,7 @@ from packaging.utils import canonicalize_name
 
 from tests.ports import free_port
 from tests.tools import missing as tool_missing
+from tests.tools import require
 
 # pytest-timeout counts the module fixture's setup in the first test: a cold image build (debootstrap
 # 1200 s, build 900 s, up 300 s at most, each bounded below) is far beyond the suite's 600 s
@@ -401,3 +403,65 @@ def test_ha_profile_loses_no_acknowledged_mail_when_the_primary_stops_answering(
     _wait(f"all {HA_MESSAGES} acknowledged messages delivered after the failover", delivered, 240, t0)
     total = _run([*dc, "exec", "-T", "sink", "sh", "-c", "ls /mail | wc -l"], env=env, cwd=ctx)
     _log(t0, f"sink holds {total.strip()} messages for {HA_MESSAGES} acknowledged (the rest are duplicates)")
+
+
+PROMETHEUS_DOCKERFILE = """\
+FROM {base}
+COPY prometheus /bin/prometheus
+ENTRYPOINT ["/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", \\
+     "--web.listen-address=:9090"]
+"""
+
+
+def _api(port: int, path: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=10) as resp:
+        body = json.loads(resp.read().decode())
+    assert body.get("status") == "success", body
+    data = body["data"]
+    assert isinstance(data, dict)
+    return data
+
+
+def test_monitoring_profile_scrapes_the_exporter_and_loads_the_alert_rules(deployment: dict[str, object]) -> None:
+    """The compose file's `monitoring` profile, Prometheus half: no registry is reachable here, so
+    its image is the base image with Debian's own Prometheus binary (the package .ci/run installs
+    for promtool; both Debian 12), started as the profile starts `prom/prometheus`: same config and
+    rules mounted from deploy/prometheus/, same arguments. Grafana is not packaged by Debian: the
+    dashboard's queries are checked against the exported series by test_monitoring_assets.py."""
+    t0 = float(deployment["t0"])  # type: ignore[arg-type]
+    dc: list[str] = deployment["dc"]  # type: ignore[assignment]
+    env: dict[str, str] = dict(deployment["env"])  # type: ignore[call-overload]
+    ctx = Path(str(deployment["ctx"]))
+    binary = Path(os.path.realpath(require("prometheus")))
+    image = f"{env['COMPOSE_PROJECT_NAME']}/prometheus:test"
+    build = ctx / "prometheus-image"
+    build.mkdir()
+    shutil.copy2(binary, build / "prometheus")
+    (build / "Dockerfile").write_text(PROMETHEUS_DOCKERFILE.format(base=BASE_IMAGE))
+    _run(["docker", "build", "-q", "-t", image, str(build)], env={**env, "DOCKER_BUILDKIT": "0"}, timeout=300)
+    port = free_port(["127.0.0.1"])
+    env.update(MTAQ_PROMETHEUS_IMAGE=image, MTAQ_PROMETHEUS_PORT=str(port))
+    try:
+        _run([*dc, "--profile", "monitoring", "up", "-d", "--no-build", "--no-deps", "prometheus"], env=env, cwd=ctx)
+        _log(t0, f"prometheus of the monitoring profile up on 127.0.0.1:{port} ({image})")
+
+        def scraping() -> bool:
+            targets = _api(port, "targets")["activeTargets"]
+            assert isinstance(targets, list)
+            return any(t["labels"]["job"] == "mtaq" and t["health"] == "up" for t in targets)
+
+        _wait("Prometheus scrapes the exporter (job mtaq, up)", scraping, 90, t0)
+        groups = _api(port, "rules")["groups"]
+        assert isinstance(groups, list)
+        rules = {r["name"] for g in groups for r in g["rules"]}
+        with open(REPO / "deploy/prometheus/mtaq-alerts.yml") as f:
+            written = set(re.findall(r"^\s*- alert: (\S+)", f.read(), re.M))
+        assert written and rules == written, (rules, written)
+        # a series of the dashboard, through Prometheus's own query API
+        result = _api(port, "query?query=mtaq_workers_alive")["result"]
+        assert isinstance(result, list) and result and float(result[0]["value"][1]) >= 1, result
+        _log(t0, f"{len(rules)} alert rules loaded; mtaq_workers_alive = {result[0]['value'][1]}")
+    finally:
+        subprocess.run([*dc, "--profile", "monitoring", "rm", "-s", "-f", "prometheus"], env=env, cwd=ctx)
+        subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
