@@ -138,14 +138,16 @@ class _Transaction:
 
 
 def dot_stuff(body: bytes) -> bytes:
-    """RFC 5321 §4.5.2: a line starting with '.' gets another; the data ends with CRLF.CRLF."""
-    stuffed = _LEADING_DOT.sub(b"..", body)
+    """RFC 5321 §4.5.2: a line starting with '.' gets another; the data ends with CRLF.CRLF.
+    A line starts after LF (or at the start): bytes.replace, a C loop, where a regex with ``^`` in
+    multi-line mode tried every position (3 ms a MiB; a worker sending 1 MiB messages spent a sixth
+    of its time here)."""
+    stuffed = body.replace(b"\n.", b"\n..") if b"\n." in body else body  # most bodies: no copy
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
     if not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return stuffed + b".\r\n"
-
-
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def _path(address: str) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.envelope import RcptState
 from common.smtp.client import (
@@ -419,6 +421,19 @@ def test_utf8_address_needs_smtputf8() -> None:
 
 def test_dot_stuffing() -> None:
     assert dot_stuff(b".a\r\nb\r\n..c") == b"..a\r\nb\r\n...c\r\n.\r\n"
+    assert dot_stuff(b"") == b"\r\n.\r\n"
+    assert dot_stuff(b"a.\r\n.\r\n\r\n.") == b"a.\r\n..\r\n\r\n..\r\n.\r\n"
+
+
+@given(st.binary(max_size=300))
+def test_dot_stuffing_is_what_unstuffing_undoes(body: bytes) -> None:
+    """Every line that starts with a dot has been given one more (RFC 5321 §4.5.2): taking one off
+    every such line, as the receiver does, gives the body back (with its final CRLF)."""
+    data = dot_stuff(body)
+    assert data.endswith(b"\r\n.\r\n")
+    lines = data[:-3].split(b"\n")
+    unstuffed = b"\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    assert unstuffed == (body if body.endswith(b"\r\n") else body + b"\r\n")
 
 
 def test_noop_on_an_idle_session() -> None:
