@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # failed 3 times in 4 under the parallel run, a re-run job waiting past the minute).
 PYTEST_WORKERS ?= 6
 
-.PHONY: run test lint typecheck unit integration docs bench bench-scaling clean
+.PHONY: run test lint typecheck unit integration docs bench bench-scaling bench-ceiling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(BIN)/python -m bench.scaling $(BENCH_ARGS)
+
+# the Redis cost per message and the msgs/s one Redis core carries (issue 15); 1, 2, 4 workers
+bench-ceiling: $(STAMP)
+	$(BIN)/python -m bench.ceiling --phases $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis
