@@ -32,6 +32,7 @@ from common.envelope import RcptState, RecipientStatus
 from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
+from common.store import Message
 from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
@@ -127,7 +128,7 @@ class DeliveryService:
                 # LEASE_TTL): look again then, so that nothing is left without a job. A live holder
                 # leaves them final or with a retry of their own, and the look finds nothing to do.
                 self.queue.schedule(destination, busy, LEASE_TTL + random.uniform(1.0, 5.0))
-            batch = Batch(self.store, self.clock, self.writer, job.loaded, destination)
+            batch = Batch(self.store, self.clock, self.writer, job.loaded, destination, self._quiet)
             batch.finished.extend(job.complete)
             try:
                 parcels = _parcels(job, lease.taken)
@@ -135,12 +136,17 @@ class DeliveryService:
                     self._run(destination, batch, parcels)
             finally:
                 batch.drain()
+                lease.ended |= batch.removed  # with their messages, by the outcome's script
                 if batch.finished:
                     # the leases of the messages deleted end in the same transaction
                     lease.ended |= self.finish_messages(batch, set(lease.taken))
         for hop, qids in job.reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
+
+    def _quiet(self, msg: Message, states: dict[int, RecipientStatus]) -> bool:
+        """No report is due for a message finished with these states."""
+        return self.finisher.dsn(msg, states, self.finisher.hostname, self.clock()) is None
 
     def _suspended(self, destination: str, ids: list[str]) -> bool:
         """A destination marked down (worker/limits.py): the job goes back to the scheduler."""
