@@ -251,15 +251,17 @@ class DestinationLimits:
 
     def down(self, destination: str) -> Down | None:
         """Why and for how long the destination is throttled, or None."""
-        pipe = self.redis.pipeline(transaction=False)
+        # asked before every job: one command while the destination is up (the usual answer),
+        # the reason only when it is down
         key = dest_key(destination, "down")
-        pipe.get(key)
-        pipe.pttl(key)
-        reason, ttl = pipe.execute()
-        if reason is None:
+        ttl = int(self.redis.pttl(key))
+        if ttl == -2:  # no such key
+            return None
+        reason = self.redis.get(key)
+        if reason is None:  # lapsed meanwhile
             return None
         text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        return Down(text, max(0.0, int(ttl) / 1000.0))
+        return Down(text, max(0.0, ttl / 1000.0))
 
     def window(self, destination: str) -> int:
         raw = self.redis.hget(dest_key(destination, "state"), "window")

@@ -83,6 +83,7 @@ class ConcurrentWorker(SimpleWorker):
         self._beat: threading.Thread | None = None
         self._done = rqbook.Tally()  # successful jobs and working time, written by the heartbeat
         self._suspension_seen = -SUSPENSION_CHECK  # monotonic time of the last look at `rq suspend`
+        self._beaten_at = -HEARTBEAT  # monotonic time of the last heartbeat of the worker's key
 
     # -- RQ's loop, with room for many jobs
     def dequeue_job_and_maintain_ttl(
@@ -211,8 +212,14 @@ class ConcurrentWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:  # queued in a pipeline: its execute() reports errors
+            self._beaten_at = time.monotonic()
             super().heartbeat(timeout, pipeline=pipeline)
             return
+        if time.monotonic() - self._beaten_at < HEARTBEAT:
+            # RQ's loop beats after every job it starts (three writes a job); the heartbeat thread
+            # beats every HEARTBEAT seconds whatever the loop does
+            return
+        self._beaten_at = time.monotonic()
         try:
             super().heartbeat(timeout)
         except _REDIS_GONE as e:

@@ -94,7 +94,7 @@ class DeliveryService:
             )
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
-        self.leases = Leases(spool.store, LEASE_TTL)
+        self.leases = Leases(spool.store, LEASE_TTL, clock)
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere

@@ -17,7 +17,7 @@ from common.store import Message
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.pool import EXECUTION_TTL, SCHEDULER_LATE, ConcurrentWorker
+from worker.pool import EXECUTION_TTL, HEARTBEAT, SCHEDULER_LATE, ConcurrentWorker
 from worker.service import DeliveryService
 
 
@@ -71,6 +71,9 @@ def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, ser
     with service.leases.taken(["Q1"], "y.test"):
         key = "mtaq:lease:Q1:y.test"
         r.pexpire(key, 50)
+        clock = service.clock
+        assert isinstance(clock, FakeClock)
+        clock.now += service.leases.ttl / 3  # a lease is pushed on once a third of its TTL old
         w.beat()
         assert r.pttl(key) > 1000
     assert not r.exists(key)
@@ -86,3 +89,19 @@ def test_scheduled_jobs_rqs_scheduler_left_behind_are_queued(r: fakeredis.FakeRe
     # the one its scheduler should have moved long ago is queued; a just-due one is left to it
     assert queue.job_ids == [late.id]
     assert queue.scheduled_job_registry.get_job_ids() == [recent.id]
+
+
+def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """RQ's loop beats after every job it starts (three writes a job): within HEARTBEAT seconds of
+    the last beat nothing is written; past that the loop's beat goes through."""
+    w = worker(r, service)
+    w.register_birth()  # type: ignore[no-untyped-call]
+    w.beat()
+    r.expire(w.key, 5)
+    w.heartbeat()
+    assert 0 < r.ttl(w.key) <= 5
+    w._beaten_at -= HEARTBEAT
+    w.heartbeat()
+    assert r.ttl(w.key) > 5

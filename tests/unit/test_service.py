@@ -128,21 +128,28 @@ def test_a_throttled_destination_hands_the_job_back_untouched(
 
 
 def test_leases_are_renewed_while_held_and_ended_when_the_job_fails(
-    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+    service: DeliveryService,
+    peer: FakePeer,
+    r: fakeredis.FakeRedis,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     qid = queue(service, "Q1", "u@y.test")
     seen: list[int] = []
 
     def explode(destination: str, port: int) -> list[Target]:
-        r.pexpire(lease_key(qid, "y.test"), 10)
-        service.heartbeat()  # the worker's heartbeat pushes it on again
+        r.pexpire(lease_key(qid, "y.test"), 5000)
+        service.heartbeat()  # a young lease is left alone (a write saved: most jobs end young)
+        seen.append(int(r.pttl(lease_key(qid, "y.test"))))
+        clock.now += LEASE_TTL / 3
+        service.heartbeat()  # a third of its TTL old: the worker's heartbeat pushes it on
         seen.append(int(r.pttl(lease_key(qid, "y.test"))))
         raise Boom()
 
     monkeypatch.setattr(service.resolver, "targets", explode)
     with pytest.raises(Boom):
         service.deliver("y.test", [qid])
-    assert seen and seen[0] > 1000
+    assert len(seen) == 2 and seen[0] <= 5000 < seen[1]
     nothing_held(service, r)
 
 
