@@ -94,8 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def ceiling_table(rows: Sequence[Row]) -> str:
     """The scale-out with what each delivered message cost Redis and the ceiling that follows."""
     head = (
-        f"{'workers':>7}{'msgs/s':>9}{'scale':>7}{'delivered':>10}{'cmds/msg':>10}"
-        f"{'Redis CPU ms/msg':>18}{'one Redis core, msgs/s':>24}"
+        f"{'workers':>7}{'msgs/s':>9}{'scale':>7}{'delivered':>10}{'cmds/msg':>10}{'trips/msg':>10}"
+        f"{'Redis CPU ms/msg':>18}{'sys':>5}{'one Redis core, msgs/s':>24}"
     )
     out = [head]
     base = {r.result.run: r.result.e2e_rate for r in rows if r.workers == min(x.workers for x in rows)}
@@ -106,9 +106,14 @@ def ceiling_table(rows: Sequence[Row]) -> str:
         f = r.cost.per_message(r.result.delivered or 0) if r.cost else {}
         out.append(
             f"{r.workers:>7}{rate or 0:>9.1f}{scale:>7}{r.result.delivered or 0:>10}"
-            f"{f.get('commands_per_msg', '-'):>10}{f.get('cpu_ms_per_msg', '-'):>18}{f.get('one_core_msgs_s', '-'):>24}"
+            f"{f.get('commands_per_msg', '-'):>10}{f.get('round_trips_per_msg', '-'):>10}"
+            f"{f.get('cpu_ms_per_msg', '-'):>18}{_share(f.get('sys_share')):>5}{f.get('one_core_msgs_s', '-'):>24}"
         )
     return "\n".join(out)
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def verdict(rows: Sequence[Row]) -> list[str]:

@@ -237,6 +237,8 @@ class Cost:
     commands: Counter[str]
     cpu_s: float
     tally: Tally | None = None
+    sys_s: float = 0.0  # of cpu_s, in the kernel: socket reads and writes, the AOF's write and fsync
+    reads: int = 0  # client reads the server processed (INFO total_reads_processed): round trips
 
     @property
     def total(self) -> int:
@@ -247,6 +249,9 @@ class Cost:
         cpu_ms = self.cpu_s * 1000 / n
         out = {"commands_per_msg": round(self.total / n, 1), "cpu_ms_per_msg": round(cpu_ms, 3)}
         out["one_core_msgs_s"] = round(1000 / cpu_ms) if cpu_ms > 0 else 0
+        if self.reads:
+            out["round_trips_per_msg"] = round(self.reads / n, 1)
+            out["sys_share"] = round(self.sys_s / self.cpu_s, 2) if self.cpu_s > 0 else 0.0
         if self.tally is not None:
             out["client_commands_per_msg"] = round(sum(self.tally.client.values()) / n, 1)
         return out
@@ -286,10 +291,13 @@ class RedisCost:
         try:
             if feed:
                 feed.start()
-            before, cpu0 = r.info("commandstats"), _cpu(r.info("cpu"))
+            before, cpu0, reads0 = r.info("commandstats"), r.info("cpu"), _reads(r)
             yield
-            after, cpu1 = r.info("commandstats"), _cpu(r.info("cpu"))
-            self.cost = Cost(diff_commandstats(before, after), cpu1 - cpu0, tally)
+            after, cpu1, reads1 = r.info("commandstats"), r.info("cpu"), _reads(r)
+            sys_s = float(cpu1["used_cpu_sys"]) - float(cpu0["used_cpu_sys"])
+            self.cost = Cost(
+                diff_commandstats(before, after), _cpu(cpu1) - _cpu(cpu0), tally, sys_s, max(0, reads1 - reads0 - 3)
+            )
         finally:
             stop.set()
             if feed:
@@ -322,6 +330,10 @@ class RedisCost:
                         tally.add_line(text)
                         if out is not None:
                             out.write(text + "\n")
+
+
+def _reads(r: Any) -> int:
+    return int(r.info("stats").get("total_reads_processed", 0))
 
 
 def _cpu(info: Mapping[str, Any]) -> float:

@@ -1,4 +1,4 @@
-"""RQ's bookkeeping of one job's execution, in two transactions instead of RQ's five round trips
+"""RQ's bookkeeping of one job's execution, in two round trips instead of RQ's five
 (issue 15: RQ's per-job bookkeeping was about 50 Redis commands a job, paid per message when jobs
 carry one or two messages).
 
@@ -13,7 +13,7 @@ expiry, the job hash with status ``started``):
   that the execution just written makes redundant (RQ's ``prepare_execution`` and
   ``prepare_job_execution``; the worker's heartbeat thread pushes them on every few seconds).
 - ``succeeded``: a delivery job keeps no result (``result_ttl=0``) and has no dependents, so what
-  RQ does on success comes down to removing the execution and the job: one MULTI/EXEC of DEL (job,
+  RQ does on success comes down to removing the execution and the job: one pipeline of DEL (job,
   execution, the job's execution registry), ZREM (StartedJobRegistry) and SREM (the worker's
   index). RQ reads the job's executions first (a round trip per execution), watches its
   dependents, heartbeats the job once more and removes the execution twice.
@@ -73,8 +73,10 @@ def start(connection: Any, job: Job, worker_name: str, ttl: int, intermediate_ke
 
 
 def succeeded(connection: Any, job: Job, execution: Execution) -> None:
-    """The job returned: its execution and the job itself go (result_ttl=0: no result is kept)."""
-    with connection.pipeline() as pipe:
+    """The job returned: its execution and the job itself go (result_ttl=0: no result is kept).
+    Not a transaction (a MULTI and an EXEC fewer a job): cut short, it leaves registry entries
+    naming a job that is gone, which RQ's clean-up drops as it does an expired one's."""
+    with connection.pipeline(transaction=False) as pipe:
         pipe.delete(job.key, execution.key, ExecutionRegistry(job_id=job.id, connection=connection).key)
         job.started_job_registry.remove_execution(execution, pipeline=pipe)  # ZREM
         pipe.srem(execution.worker_executions_key, execution.composite_key)
