@@ -17,8 +17,11 @@ One job = one destination, some messages. It
    schedules the retry, finishes completed messages (DSN, delete, and the leases on them).
 
 Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
-for the final recipients, one for the deferred ones, one to finish every completed message, one to
-end the leases of the messages not finished.
+for the final recipients, one for the deferred ones, one to finish the completed messages that
+need it, one to end the leases of the messages not finished. A message of one recipient finished
+with no report due is removed by its outcome's own script, with its lease (worker/outcomes.py
+``Batch.last``): no finishing round trip for it (issue 15, docs/architecture.md "What a message
+costs Redis").
 """
 
 from __future__ import annotations
