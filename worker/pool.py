@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from rq import SimpleWorker, worker_registration
 from rq.exceptions import DequeueTimeout
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
@@ -43,6 +43,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
+from common.jobqueue import CRASH_RETRY
 from common.store import RECOVERY_LOCK
 from worker import rqbook
 from worker.crew import Permit, Permits
@@ -165,12 +166,34 @@ class ConcurrentWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         if not rqbook.lean(job, self.default_result_ttl):  # not a delivery job: RQ's own way
+            self._forget_lapsed_executions(job)
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         rqbook.succeeded(self.connection, job, execution)
         self.executions.pop(execution.id, None)
         if job.started_at is not None and job.ended_at is not None:
             self._done.add((job.ended_at - job.started_at).total_seconds())
+
+    def _forget_lapsed_executions(self, job: Job) -> None:
+        """A job re-run after its worker died still lists the dead execution in its
+        ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
+        entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
+        found in Redis". Drop such entries first. A job never retried (all of CRASH_RETRY left)
+        had no execution before this one: no round trip for it. (rqbook.succeeded deletes the
+        registry whole: a delivery job needs none of this.)"""
+        if job.retries_left is not None and job.retries_left >= CRASH_RETRY.max:
+            return
+        registry = ExecutionRegistry(job.id, connection=self.connection)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.connection.zrange(registry.key, 0, -1)]
+        if len(ids) < 2:
+            return
+        with self.connection.pipeline() as pipe:
+            for eid in ids:
+                pipe.exists(Execution(eid, job.id, connection=self.connection).key)
+            alive = pipe.execute()
+        gone = [eid for eid, there in zip(ids, alive, strict=True) if not there]
+        if gone:
+            self.connection.zrem(registry.key, *gone)
 
     def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
         with permit:
