@@ -274,8 +274,11 @@ class ConcurrentWorker(SimpleWorker):
                 # a job started as the last one ended, whose thread saw none running: set right here
                 self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             for job, execution, _ in running:
+                # the execution's heartbeat is what RQ's registries read; the job's own (its hash's
+                # last_heartbeat, which RQ 3 keeps for older readers) is left out: a write a running
+                # job every beat, and one landing just after the job ended and was deleted would
+                # leave a job hash of that field alone, without a TTL (rq#1450)
                 execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
-                job.heartbeat(rq_now(), EXECUTION_TTL, pipeline=pipe, xx=True)
             pipe.execute()
         self.service.heartbeat()
         if not running:

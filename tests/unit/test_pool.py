@@ -5,6 +5,7 @@ the service's leases."""
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Iterator
 
@@ -105,3 +106,18 @@ def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
     w._beaten_at -= HEARTBEAT
     w.heartbeat()
     assert r.ttl(w.key) > 5
+
+
+def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    """The heartbeat read the running jobs just before one ended and was deleted: its beat must not
+    create the job's hash again (a hash of last_heartbeat alone, with no TTL: rq#1450)."""
+    w = worker(r, service)
+    w.register_birth()  # type: ignore[no-untyped-call]
+    q = service.spool.queue.rq
+    job = q.enqueue("os.getpid", result_ttl=0)
+    execution = w.prepare_execution(job)
+    w._running[execution.id] = (job, execution, threading.Thread())
+    assert r.zscore(q.started_job_registry.key, execution.composite_key) is not None
+    r.delete(job.key)  # the job ended and went, as the beat was reading the running jobs
+    w.beat()
+    assert not r.exists(job.key)
