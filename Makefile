@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # (--dist worksteal, tests/scheduling.py). PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 6
 
-.PHONY: run test lint typecheck unit integration docs bench bench-scaling clean
+.PHONY: run test lint typecheck unit integration docs bench bench-scaling bench-ceiling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(BIN)/python -m bench.scaling $(BENCH_ARGS)
+
+# the Redis cost per message and the msgs/s one Redis core carries (issue 15); 1, 2, 4 workers
+bench-ceiling: $(STAMP)
+	$(BIN)/python -m bench.ceiling --phases $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

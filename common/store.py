@@ -226,11 +226,15 @@ return 0
 """
 
 # KEYS: rcpt hash, left counter, stats hash, the queue counters' (queuestats.STATUS_ACCOUNT: 4..8),
-# events stream; ARGV: field, new status JSON, final (1/0), stat name, the queue counters' (5..7),
-# then optionally the events' MAXLEN and the event's field/value pairs (the event is written exactly
-# when the state is: a re-run job reports nothing twice).
+# events stream, queue index, the (message, destination) lease; ARGV: field, new status JSON, final
+# (1/0, or 2: final, and the message goes with it if this was its last open recipient: no report
+# is due, the caller knows), stat name, the queue counters' (5..7), then optionally the events'
+# MAXLEN and the event's field/value pairs (the event is written exactly when the state is: a
+# re-run job reports nothing twice).
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
-# job: nothing changes), -2 when the message is gone, -3 after a non-final update.
+# job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
+# message was finished and removed here (issue 15: the outcome and the delete in one script, where
+# they were two round trips, the second reading again what the first had just read).
 _SET_STATUS = (
     queuestats.LIB
     + """
@@ -242,14 +246,28 @@ if #ARGV > 7 then  -- first: should it fail, the script fails having written not
   local unpack = unpack or table.unpack
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if ARGV[3] == '2' then
+  local raw = redis.call('HGET', KEYS[4], 'q')
+  local q = raw and cjson.decode(raw)
+  if q and q.p + q.d == 1 then  -- the last open recipient: queuestats.DELETE's work, for one message
+    local held = redis.call('SISMEMBER', KEYS[6], ARGV[6]) == 1
+    local size = redis.call('HSTRLEN', KEYS[4], 'body')
+    local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7]}
+    qs_account(K, ARGV[6], {q = q, held = held, size = size}, nil)
+    redis.call('DEL', KEYS[4], KEYS[1], KEYS[2], KEYS[11])
+    redis.call('ZREM', KEYS[10], ARGV[6])
+    if held then redis.call('SREM', KEYS[6], ARGV[6]) end
+    return -4
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local left = -3
-if ARGV[3] == '1' then left = redis.call('DECR', KEYS[2]) end
--- The last open recipient of a message: its caller deletes the message next (the finish), and the
--- deletion takes the message's whole contribution out of the counters as its summary has it, this
--- recipient still open. Accounting for it here would be undone at once: skipped (most messages
--- have one recipient). Until then the message counts as queued, as it still is.
+if ARGV[3] ~= '0' then left = redis.call('DECR', KEYS[2]) end
+-- The last open recipient of a message that is not removed here (a report is due): its caller
+-- deletes the message next (the finish), and the deletion takes the message's whole contribution
+-- out of the counters as its summary has it, this recipient still open. Accounting for it here
+-- would be undone at once: skipped. Until then the message counts as queued, as it still is.
 if left ~= 0 then
 """
     + queuestats.STATUS_ACCOUNT
@@ -458,11 +476,16 @@ class Store:
         *,
         events: Sequence[Event | None] = (),
         also: Callable[[Any], None] | None = None,
+        last: Mapping[str, str] | None = None,
     ) -> list[int]:
         """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
         same id may come more than once (the worker's outcome writer merges several jobs' turns).
         ``events[n]`` (when given) is written with entry n, by the script, only if its state is;
-        ``also`` adds commands to the same round trip (the suppression of a hard bounce)."""
+        ``also`` adds commands to the same round trip (the suppression of a hard bounce).
+        ``last``: queue id -> destination of messages whose final outcome here finishes them with
+        no report due (the caller asks the report maker): when it is their last open recipient,
+        the message, its index entries and its lease for that destination go in the same script
+        (returns -4); else it is an outcome like any other."""
         if not entries:
             return []
         with_events = self.events_max > 0 and bool(events)
@@ -475,9 +498,10 @@ class Store:
                     extra = [str(self.events_max)] + [x for kv in ev.to_fields().items() for x in kv]
                 # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
                 # one more round trip each time
+                dest = (last or {}).get(qid) if st.final else None
                 pipe.evalsha(
                     self._set_status.sha,
-                    9,
+                    11,
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
@@ -487,9 +511,11 @@ class Store:
                     QDEFERRED,
                     QDESTS,
                     EVENTS,
+                    INDEX,
+                    INDEX if dest is None else lease_key(qid, dest),
                     str(idx),
                     st.to_json(),
-                    "1" if st.final else "0",
+                    "2" if dest is not None else "1" if st.final else "0",
                     _STAT_OF.get(st.state, "deferred"),
                     st.state.value,
                     qid,

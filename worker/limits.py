@@ -42,13 +42,17 @@ FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure s
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
 # KEYS: slots, state; ARGV: now, expiry, token, limit, initial window. 1 = taken, 0 = all busy.
+# Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
+# connection while there is room.
 _ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local limit = tonumber(ARGV[4])
 local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[5])
 if window > limit then window = limit end
 if window < 1 then window = 1 end
-if redis.call('ZCARD', KEYS[1]) >= window then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= window then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  if redis.call('ZCARD', KEYS[1]) >= window then return 0 end
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
 return 1
@@ -69,14 +73,17 @@ return n
 
 # KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
 # Returns 1 when this failure marked the destination down, 2 when a success found the window full.
+# A success sets the TTL only when it creates the state (one write fewer per message while the
+# window grows): a destination busy all day starts its slow start again a day after it began.
 _FEEDBACK = """
 local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
 local limit = tonumber(ARGV[2])
 local result = 0
 if ARGV[1] == '1' then
   window = math.min(window + 1, limit)
-  redis.call('HSET', KEYS[1], 'window', window, 'failures', 0)
+  local created = redis.call('HSET', KEYS[1], 'window', window, 'failures', 0)
   if window >= limit then result = 2 end
+  if created < 2 then return result end
 else
   local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   window = math.max(window - 1, 1)
@@ -251,15 +258,17 @@ class DestinationLimits:
 
     def down(self, destination: str) -> Down | None:
         """Why and for how long the destination is throttled, or None."""
-        pipe = self.redis.pipeline(transaction=False)
+        # asked before every job: one command while the destination is up (the usual answer),
+        # the reason only when it is down
         key = dest_key(destination, "down")
-        pipe.get(key)
-        pipe.pttl(key)
-        reason, ttl = pipe.execute()
-        if reason is None:
+        ttl = int(self.redis.pttl(key))
+        if ttl == -2:  # no such key
+            return None
+        reason = self.redis.get(key)
+        if reason is None:  # lapsed meanwhile
             return None
         text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        return Down(text, max(0.0, int(ttl) / 1000.0))
+        return Down(text, max(0.0, ttl / 1000.0))
 
     def window(self, destination: str) -> int:
         raw = self.redis.hget(dest_key(destination, "state"), "window")

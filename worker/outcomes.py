@@ -17,7 +17,7 @@ import redis
 from common import metrics
 from common.classify import classify
 from common.envelope import LOG_STATUS, RcptState, RecipientStatus
-from common.store import Store
+from common.store import Message, Store
 from worker.feedback import Feedback
 from worker.parcel import Outcome, Parcel
 from worker.plan import Loaded
@@ -28,6 +28,7 @@ __all__ = ["WRITE_PATIENCE", "Batch", "JobShare", "OutcomeWriter", "write_outcom
 log = logging.getLogger("mtaq.worker")
 
 WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
+REMOVED = -4  # Store.set_status_list: the outcome finished its message, which its script removed
 
 
 class JobShare:
@@ -70,14 +71,19 @@ class Batch:
         writer: OutcomeWriter,
         loaded: Loaded,
         destination: str | None = None,
+        quiet: Callable[[Message, dict[int, RecipientStatus]], bool] | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.writer = writer
         self.destination = destination
         self.loaded = loaded
+        # whether a finished message with these states has no report due (the finisher's DSN
+        # maker says so); None: every finished message goes through the finisher
+        self.quiet = quiet
         self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
         self.finished: list[str] = []
+        self.removed: set[str] = set()  # finished and removed by their outcome's own script
         self._lock = threading.Condition()
         self._writing = 0  # record_final turns handed to the writer, not yet written
         self._error: BaseException | None = None
@@ -120,6 +126,23 @@ class Batch:
         entries = _entries(updates)
         self.written(updates, write_outcomes(self.store, entries, self.writer.extras([(self, updates)], entries)))
 
+    def last(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, str]:
+        """queue id -> this job's destination, for the messages these outcomes finish with no report
+        due: their outcome's script removes them (Store.set_status_list ``last``), with no
+        finisher's round trip after it. Messages of one recipient only: the states of the others
+        of a larger one may have been written by other jobs since this one loaded them."""
+        if self.quiet is None or self.destination is None:
+            return {}
+        out = {}
+        for qid, ups in updates.items():
+            msg = self.loaded[qid][0] if qid in self.loaded else None
+            if msg is None or len(msg.envelope.recipients) != 1 or len(ups) != 1:
+                continue
+            ((idx, st),) = ups.items()
+            if st.final and self.quiet(msg, {idx: st}):
+                out[qid] = self.destination
+        return out
+
     def written(self, updates: dict[str, dict[int, RecipientStatus]], codes: Sequence[int]) -> None:
         """What the store answered for ``updates`` (in their order): recorded; finished messages noted."""
         with self._lock:
@@ -127,6 +150,9 @@ class Batch:
                 self.recorded[qid][idx] = st
                 if code == 0:
                     self.finished.append(qid)
+                elif code == REMOVED:
+                    self.removed.add(qid)
+                    log.info("%s: removed", qid)
 
     def record_final(self, p: Parcel, positions: list[int]) -> None:
         """A transaction's final outcomes, handed to the service's outcome writer: the conversation
@@ -203,11 +229,14 @@ class OutcomeWriter:
         turn: Sequence[tuple[Batch, dict[str, dict[int, RecipientStatus]]]],
         entries: Sequence[tuple[str, int, RecipientStatus]],
     ) -> dict[str, Any] | None:
-        """The events and suppressions written with these outcomes (worker/feedback.py)."""
-        if self.feedback is None:
-            return None
-        messages = {qid: batch.loaded[qid][0] for batch, updates in turn for qid in updates if qid in batch.loaded}
-        return self.feedback.extras(entries, messages)
+        """The events and suppressions written with these outcomes (worker/feedback.py), and the
+        messages they finish and remove (``Batch.last``)."""
+        last = {qid: d for batch, updates in turn for qid, d in batch.last(updates).items()}
+        out: dict[str, Any] = {"last": last} if last else {}
+        if self.feedback is not None:
+            messages = {qid: batch.loaded[qid][0] for batch, updates in turn for qid in updates if qid in batch.loaded}
+            out.update(self.feedback.extras(entries, messages))
+        return out or None
 
     def _run(self) -> None:
         while True:

@@ -45,6 +45,7 @@ from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY
 from common.store import RECOVERY_LOCK
+from worker import rqbook
 from worker.crew import Permit, Permits
 from worker.service import DeliveryService
 
@@ -73,6 +74,7 @@ DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen wh
 # messages leased or done
 INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
+SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
 
 
 _REDIS_GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -93,6 +95,9 @@ class ConcurrentWorker(SimpleWorker):
         self._running_lock = threading.Lock()
         self._beat_stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._done = rqbook.Tally()  # successful jobs and working time, written by the heartbeat
+        self._suspension_seen = -SUSPENSION_CHECK  # monotonic time of the last look at `rq suspend`
+        self._beaten_at = -HEARTBEAT  # monotonic time of the last heartbeat of the worker's key
 
     # -- RQ's loop, with room for many jobs
     def dequeue_job_and_maintain_ttl(
@@ -154,29 +159,41 @@ class ConcurrentWorker(SimpleWorker):
                 self._running[execution.id] = (job, execution, t)
         t.start()
 
-    def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
-        with permit:
-            try:
-                self.perform_job(job, queue, execution)
-            except Exception:
-                # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
-                log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
-            finally:
-                with self._running_lock:
-                    self._running.pop(execution.id, None)
-        with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
-            self._set_idle_if_done()
+    # -- RQ's bookkeeping per job, lean (worker/rqbook.py): two transactions a job
+    def prepare_execution(self, job: Job) -> Execution:
+        queue = self.queue_class(job.origin, connection=self.connection, serializer=self.serializer)
+        execution = rqbook.start(
+            self.connection, job, self.name, self.get_heartbeat_ttl(job), queue.intermediate_queue_key
+        )
+        self.executions[execution.id] = execution
+        if self.get_state() != WorkerStatus.BUSY:  # a write when the state changes, not per job
+            self.set_state(WorkerStatus.BUSY)
+        return execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """Done by prepare_execution (the job is marked started there, in the same transaction)."""
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # RQ heartbeats the job once more here, for its success or failure callbacks; ours have none
+        job.ended_at = rq_now()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        self._forget_lapsed_executions(job)
-        super().handle_job_success(job, queue, started_job_registry, execution)
+        if not rqbook.lean(job, self.default_result_ttl):  # not a delivery job: RQ's own way
+            self._forget_lapsed_executions(job)
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        rqbook.succeeded(self.connection, job, execution)
+        self.executions.pop(execution.id, None)
+        if job.started_at is not None and job.ended_at is not None:
+            self._done.add((job.ended_at - job.started_at).total_seconds())
 
     def _forget_lapsed_executions(self, job: Job) -> None:
         """A job re-run after its worker died still lists the dead execution in its
         ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
         entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
         found in Redis". Drop such entries first. A job never retried (all of CRASH_RETRY left)
-        had no execution before this one: no round trip for it."""
+        had no execution before this one: no round trip for it. (rqbook.succeeded deletes the
+        registry whole: a delivery job needs none of this.)"""
         if job.retries_left is not None and job.retries_left >= CRASH_RETRY.max:
             return
         registry = ExecutionRegistry(job.id, connection=self.connection)
@@ -191,6 +208,19 @@ class ConcurrentWorker(SimpleWorker):
         if gone:
             self.connection.zrem(registry.key, *gone)
 
+    def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
+        with permit:
+            try:
+                self.perform_job(job, queue, execution)
+            except Exception:
+                # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
+                log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
+            finally:
+                with self._running_lock:
+                    self._running.pop(execution.id, None)
+        with contextlib.suppress(redis.RedisError):  # the next heartbeat says it
+            self._set_idle_if_done()
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # An execution lives EXECUTION_TTL past the last heartbeat, however long the job may run
         # (job_timeout is enforced by the death penalty): a dead worker's jobs are seen in seconds.
@@ -199,13 +229,17 @@ class ConcurrentWorker(SimpleWorker):
     def _set_idle_if_done(self) -> None:
         with self._running_lock:
             idle = not self._running
-        if idle:
+        if idle and self.get_state() != WorkerStatus.IDLE:
             self.set_state(WorkerStatus.IDLE)
 
     # -- RQ's main loop reads and writes Redis outside our methods too; any error there quits the
     # worker ("found an unhandled exception"). A Redis failover (docs/high-availability.md) is
     # such an error that lasts seconds: wait it out instead, as the dequeue does.
     def check_for_suspension(self, burst: bool) -> None:
+        # RQ looks before every job: a round trip per job for a flag an operator sets by hand
+        if time.monotonic() - self._suspension_seen < SUSPENSION_CHECK:
+            return
+        self._suspension_seen = time.monotonic()
         try:
             super().check_for_suspension(burst)
         except _REDIS_GONE as e:
@@ -214,8 +248,14 @@ class ConcurrentWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:  # queued in a pipeline: its execute() reports errors
+            self._beaten_at = time.monotonic()
             super().heartbeat(timeout, pipeline=pipeline)
             return
+        if time.monotonic() - self._beaten_at < HEARTBEAT:
+            # RQ's loop beats after every job it starts (three writes a job); the heartbeat thread
+            # beats every HEARTBEAT seconds whatever the loop does
+            return
+        self._beaten_at = time.monotonic()
         try:
             super().heartbeat(timeout)
         except _REDIS_GONE as e:
@@ -242,9 +282,16 @@ class ConcurrentWorker(SimpleWorker):
             running = list(self._running.values())
         with self.connection.pipeline() as pipe:
             self.heartbeat(EXECUTION_TTL + 60, pipeline=pipe)
+            self._done.flush(pipe, self.key)
+            if running and self.get_state() != WorkerStatus.BUSY:
+                # a job started as the last one ended, whose thread saw none running: set right here
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             for job, execution, _ in running:
+                # the execution's heartbeat is what RQ's registries read; the job's own (its hash's
+                # last_heartbeat, which RQ 3 keeps for older readers) is left out: a write a running
+                # job every beat, and one landing just after the job ended and was deleted would
+                # leave a job hash of that field alone, without a TTL (rq#1450)
                 execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
-                job.heartbeat(rq_now(), EXECUTION_TTL, pipeline=pipe, xx=True)
             pipe.execute()
         self.service.heartbeat()
         if not running:

@@ -17,8 +17,11 @@ One job = one destination, some messages. It
    schedules the retry, finishes completed messages (DSN, delete, and the leases on them).
 
 Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
-for the final recipients, one for the deferred ones, one to finish every completed message, one to
-end the leases of the messages not finished.
+for the final recipients, one for the deferred ones, one to finish the completed messages that
+need it, one to end the leases of the messages not finished. A message of one recipient finished
+with no report due is removed by its outcome's own script, with its lease (worker/outcomes.py
+``Batch.last``): no finishing round trip for it (issue 15, docs/architecture.md "What a message
+costs Redis").
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from common.envelope import RcptState, RecipientStatus
 from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
+from common.store import Message
 from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
@@ -98,7 +102,7 @@ class DeliveryService:
             )
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
-        self.leases = Leases(spool.store, LEASE_TTL)
+        self.leases = Leases(spool.store, LEASE_TTL, clock)
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
@@ -134,7 +138,7 @@ class DeliveryService:
                 # final or with a retry of their own, and the look finds nothing to do.
                 left = self.store.lease_left(busy, destination)
                 self.queue.schedule(destination, busy, min(left, LEASE_TTL) + random.uniform(1.0, 3.0))
-            batch = Batch(self.store, self.clock, self.writer, job.loaded, destination)
+            batch = Batch(self.store, self.clock, self.writer, job.loaded, destination, self._quiet)
             batch.finished.extend(job.complete)
             try:
                 parcels = _parcels(job, lease.taken)
@@ -142,12 +146,17 @@ class DeliveryService:
                     self._run(destination, batch, parcels)
             finally:
                 batch.drain()
+                lease.ended |= batch.removed  # with their messages, by the outcome's script
                 if batch.finished:
                     # the leases of the messages deleted end in the same transaction
                     lease.ended |= self.finish_messages(batch, set(lease.taken))
         for hop, qids in job.reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
+
+    def _quiet(self, msg: Message, states: dict[int, RecipientStatus]) -> bool:
+        """No report is due for a message finished with these states."""
+        return self.finisher.dsn(msg, states, self.finisher.hostname, self.clock()) is None
 
     def _suspended(self, destination: str, ids: list[str]) -> bool:
         """A destination marked down (worker/limits.py): the job goes back to the scheduler."""

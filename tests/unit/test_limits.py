@@ -80,6 +80,7 @@ def test_slow_start_grows_and_failures_shrink_then_mark_down(r: fakeredis.FakeRe
     lim = limits(r, clock, concurrency=7, failure_limit=3, retry_time=60.0)
     lim.succeeded("y.test")
     assert lim.window("y.test") == INITIAL_WINDOW + 1
+    assert r.ttl("mtaq:dest:y.test:state") > 0  # the success that created the state gave it its TTL
     lim.succeeded("y.test")
     assert lim.window("y.test") == 7  # the limit
     assert not lim.failed("y.test", "refused") and lim.window("y.test") == 6

@@ -5,6 +5,7 @@ the service's leases."""
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from common.store import Message
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.pool import EXECUTION_TTL, INTERMEDIATE_GRACE, SCHEDULER_LATE, ConcurrentWorker
+from worker.pool import EXECUTION_TTL, HEARTBEAT, INTERMEDIATE_GRACE, SCHEDULER_LATE, ConcurrentWorker
 from worker.service import LEASE_TTL, DeliveryService
 
 
@@ -76,6 +77,9 @@ def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, ser
     with service.leases.taken(["Q1"], "y.test"):
         key = "mtaq:lease:Q1:y.test"
         r.pexpire(key, 50)
+        clock = service.clock
+        assert isinstance(clock, FakeClock)
+        clock.now += service.leases.ttl / 4  # a lease is pushed on once a quarter of its TTL old
         w.beat()
         assert r.pttl(key) > 1000
     assert not r.exists(key)
@@ -112,3 +116,34 @@ def test_a_job_a_dead_worker_took_goes_back_to_the_head_of_the_queue(
     job = queue.fetch_job(taken.id)
     assert job is not None and job.retries_left == CRASH_RETRY.max
     assert not r.exists(inter.get_first_seen_key(taken.id))
+
+
+def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """RQ's loop beats after every job it starts (three writes a job): within HEARTBEAT seconds of
+    the last beat nothing is written; past that the loop's beat goes through."""
+    w = worker(r, service)
+    w.register_birth()  # type: ignore[no-untyped-call]
+    w.beat()
+    r.expire(w.key, 5)
+    w.heartbeat()
+    assert 0 < r.ttl(w.key) <= 5
+    w._beaten_at -= HEARTBEAT
+    w.heartbeat()
+    assert r.ttl(w.key) > 5
+
+
+def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    """The heartbeat read the running jobs just before one ended and was deleted: its beat must not
+    create the job's hash again (a hash of last_heartbeat alone, with no TTL: rq#1450)."""
+    w = worker(r, service)
+    w.register_birth()  # type: ignore[no-untyped-call]
+    q = service.spool.queue.rq
+    job = q.enqueue("os.getpid", result_ttl=0)
+    execution = w.prepare_execution(job)
+    w._running[execution.id] = (job, execution, threading.Thread())
+    assert r.zscore(q.started_job_registry.key, execution.composite_key) is not None
+    r.delete(job.key)  # the job ended and went, as the beat was reading the running jobs
+    w.beat()
+    assert not r.exists(job.key)

@@ -108,6 +108,8 @@ op = st.one_of(
     st.tuples(st.just("release"), st.integers(0, 30)),
     st.tuples(st.just("delete"), st.integers(0, 30)),
     st.tuples(st.just("finish"), st.integers(0, 30)),
+    # a final outcome that removes its message when it is the last open recipient (issue 15)
+    st.tuples(st.just("last"), st.integers(0, 30), st.integers(0, 3), st.sampled_from(STATES[2:])),
 )
 
 
@@ -135,13 +137,17 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
         n = rest[0]
         assert isinstance(n, int)
         qid = f"Q{n % made:04d}"
-        if kind == "status":
+        if kind in ("status", "last"):
             idx, state = rest[1], rest[2]
             assert isinstance(idx, int) and isinstance(state, RcptState)
             ev = Event(id=f"{qid}.{idx % 4}.{len(ops)}", type=EventType.TRANSIENT, time=NOW, queue_id=qid)
-            code = s.set_status_list([(qid, idx % 4, RecipientStatus(state=state, reply="451 busy"))], events=[ev])
+            last = {qid: "a.test"} if kind == "last" else None
+            entry = (qid, idx % 4, RecipientStatus(state=state, reply="451 busy"))
+            code = s.set_status_list([entry], events=[ev], last=last)
             changes += code[0] not in (-1, -2)  # written exactly when the state is
-            if code[0] == 0:  # its last open recipient: the worker finishes it next, as here
+            if code[0] == -4:
+                assert not r.exists(msg_key(qid)) and r.zscore("mtaq:index", qid) is None
+            elif code[0] == 0:  # its last open recipient: the worker finishes it next, as here
                 s.commit([], delete=[qid])
         elif kind == "hold":
             s.hold([qid])

@@ -7,6 +7,7 @@ this file against the new RQ: each failure names what moved and where mtaq uses 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import signal
 from collections.abc import Callable, Iterator
@@ -72,6 +73,10 @@ OVERRIDES = {
     "dequeue_job_and_maintain_ttl",
     "execute_job",
     "handle_job_success",
+    # RQ's bookkeeping per job in two transactions (worker/rqbook.py)
+    "prepare_execution",
+    "prepare_job_execution",
+    "handle_execution_ended",
     "get_heartbeat_ttl",
     "request_stop",
     "teardown",
@@ -255,3 +260,36 @@ def test_our_job_arguments_travel_as_json(r: fakeredis.FakeRedis) -> None:
     [job] = Job.fetch_many(dq.rq.get_job_ids(), connection=r, serializer=JSONSerializer)
     assert job is not None and list(job.args) == ["a.test", ["q1", "q2"], True]
     assert job.func_name == "worker.jobs.deliver" and job.retries_left == 20
+
+
+def test_a_delivery_job_is_booked_in_two_transactions_and_leaves_nothing(
+    worker: ConcurrentWorker, r: fakeredis.FakeRedis
+) -> None:
+    """worker/rqbook.py: a delivery job (no result kept) runs through the lean start and success; while
+    it runs RQ's registries show it as RQ's own would (what the crash recovery reads), and after it
+    nothing of it is left, and the worker's statistics arrive with its next heartbeat."""
+    q = worker.queues[0]
+    seen: dict[str, Any] = {}
+
+    def deliver(destination: str, ids: list[str], force: bool = False) -> None:
+        seen["running"] = StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
+        seen["status"] = Job.fetch(seen["running"][0], connection=r, serializer=JSONSerializer).get_status()
+        seen["executions"] = r.smembers(f"rq:worker:{worker.name}:executions")
+
+    DeliveryQueue(r).enqueue_now("example.test", ["q1"])
+    job_id = q.get_job_ids()[0]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
+        try:
+            assert worker.work(burst=True, logging_level="ERROR") is True
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+    assert seen["running"] == [job_id] and seen["status"] == JobStatus.STARTED
+    assert len(seen["executions"]) == 1
+    assert not r.exists(f"rq:job:{job_id}", f"rq:executions:{job_id}"), "the finished job was left behind"
+    assert StartedJobRegistry(queue=q).count == 0 and FailedJobRegistry(queue=q).count == 0
+    assert not r.keys("rq:execution:*") and not r.smembers(f"rq:worker:{worker.name}:executions")
+    worker.beat()
+    assert int(r.hget(worker.key, "successful_job_count") or 0) == 1

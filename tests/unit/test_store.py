@@ -10,13 +10,16 @@ from common.routing import Router, next_hop
 from common.spool import Spool
 from common.store import (
     INDEX,
+    QCOUNTS,
     Message,
     Store,
     StoreFull,
     StoreUnavailable,
     _translated,
+    lease_key,
     left_key,
     msg_key,
+    qdest_key,
     rcpt_key,
 )
 
@@ -86,6 +89,31 @@ def test_final_status_counts_down_once(store: Store) -> None:
     assert store.set_statuses({"Q1": {1: RecipientStatus(RcptState.BOUNCED, dsn="5.1.1")}}) == {"Q1": [0]}
     assert store.statuses("Q1")[1].state is RcptState.BOUNCED
     assert store.stats() == {"received": 1, "delivered": 1, "deferred": 1, "bounced": 1}
+
+
+def test_the_last_outcome_removes_its_message_in_the_same_script(store: Store) -> None:
+    """issue 15: ``last`` names messages the outcome finishes with no report due: the message, its
+    index entries, its counters' share and its lease go with the outcome (-4); a message with
+    another open recipient is only recorded (the finisher comes after it)."""
+    store.commit([Message(env("Q1", "a@one.test"), b"body"), Message(env("Q2", "a@one.test", "b@one.test"), b"x")])
+    r = store.redis
+    for qid in ("Q1", "Q2"):
+        assert store.lease([qid], "one.test", "t", 30) == [qid]
+    done = RecipientStatus(RcptState.DELIVERED, attempts=1, dsn="2.0.0")
+    last = {"Q1": "one.test", "Q2": "one.test"}
+    assert store.set_status_list([("Q1", 0, done), ("Q2", 0, done)], last=last) == [-4, 1]
+    assert not r.exists(msg_key("Q1"), rcpt_key("Q1"), left_key("Q1"), lease_key("Q1", "one.test"))
+    assert r.zscore(INDEX, "Q1") is None and r.zscore(qdest_key("one.test"), "Q1") is None
+    assert r.exists(msg_key("Q2"), lease_key("Q2", "one.test")) == 2, "Q2 has an open recipient: it stays"
+    assert store.stats()["delivered"] == 2
+    # Q2's body and its open recipient
+    assert (int(r.hget(QCOUNTS, "bytes") or 0), int(r.hget(QCOUNTS, "r:active") or 0)) == (1, 1)
+    # a re-run job: the message is gone, nothing is written again
+    assert store.set_status_list([("Q1", 0, done)], last=last) == [-2]
+    # Q2's last open recipient: removed by its outcome too
+    assert store.set_status_list([("Q2", 1, done)], last=last) == [-4]
+    assert not r.exists(msg_key("Q2")) and store.queue_size() == 0
+    assert int(r.hget(QCOUNTS, "bytes") or 0) == 0
 
 
 def test_delete_in_same_transaction_as_new_message(store: Store) -> None:
