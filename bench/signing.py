@@ -6,11 +6,12 @@ RSA-2048 key, one Ed25519 key, and both, for ``--seconds`` each (bounded: at mos
 a case), and prints the CPU time per message (process time, so other load on the machine does not
 count) beside dkimpy's own ``dkim.sign`` when it is installed (why common/dkim.py does not use it).
 
-``--ingress N`` also measures it in a running ingress: a redis-server, one `mtaq ingress` process
-(no worker: only the ingress's own work is counted) and Postfix's ``smtp-source -d`` sending N 4 KiB
-messages over 20 sessions, without and then with an RSA-2048 key for the sender's domain, ``--rounds``
-times interleaved; it prints the ingress process tree's CPU per message (/proc, bench/measure.py),
-which other load on the machine changes far less than it changes rates.
+``--ingress N`` also measures it in a running ingress: a redis-server, `mtaq ingress` (one
+process, or ``--processes``; no worker: only the ingress's own work is counted) and Postfix's
+``smtp-source -d`` sending N 4 KiB messages over 20 sessions, without and then with an RSA-2048 key
+for the sender's domain, ``--rounds`` times interleaved; it prints the ingress process tree's CPU
+per message (/proc, bench/measure.py), which other load on the machine changes far less than it
+changes rates, and the rate (run it under the bench lock for that one).
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def _dkimpy(msg: bytes, key: bytes, algorithm: bytes) -> Callable[[], object]:
     return lambda: dkimpy.sign(msg, b"s", b"example.com", key, signature_algorithm=algorithm, canonicalize=relaxed)
 
 
-def ingress_cpu_ms(messages: int, keys: Path | None, folder: Path) -> float:
-    """CPU ms per message of one `mtaq ingress` taking ``messages`` from smtp-source -d."""
+def ingress_cpu_ms(messages: int, keys: Path | None, folder: Path, processes: int = 1) -> tuple[float, float]:
+    """(CPU ms per message, messages a second) of `mtaq ingress` (``processes`` of them on one
+    socket) taking ``messages`` from smtp-source -d. The rate is the wall clock's: only under the
+    bench lock (`flock /work/bench.lock`) on an otherwise quiet machine does it mean anything."""
     redis_port, port = free_port(), free_port()
     redis = RedisProcess(folder / "redis", host="127.0.0.1", port=redis_port)
     (folder / "redis").mkdir(exist_ok=True)
@@ -84,7 +87,7 @@ def ingress_cpu_ms(messages: int, keys: Path | None, folder: Path) -> float:
         MTAQ_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         MTAQ_LISTEN=f"127.0.0.1:{port}",
         MTAQ_HOSTNAME="mtaq-bench.test",
-        MTAQ_PROCESSES="1",
+        MTAQ_PROCESSES=str(processes),
         MTAQ_IN_FLOW_DELAY="0",  # no worker here: nothing would ever catch up
         MTAQ_DKIM_KEYS=str(keys) if keys is not None else "",
     )
@@ -95,25 +98,31 @@ def ingress_cpu_ms(messages: int, keys: Path | None, folder: Path) -> float:
         before = cpu_seconds(tree([ingress.pid]))
         source = ["smtp-source", "-d", "-s", "20", "-m", str(messages), "-l", "4096", "-M", "smtp-source.test"]
         source += ["-f", "load@loadgen.test", "-t", "u@a.test", f"127.0.0.1:{port}"]
+        t0 = time.monotonic()
         subprocess.run(source, check=True, capture_output=True, timeout=600)
-        return (cpu_seconds(tree([ingress.pid])) - before) * 1000 / messages
+        seconds = time.monotonic() - t0
+        return (cpu_seconds(tree([ingress.pid])) - before) * 1000 / messages, messages / seconds
     finally:
         ingress.terminate()
         ingress.wait(30)
         redis.stop()
 
 
-def ingress_ab(messages: int, rounds: int) -> None:
+def ingress_ab(messages: int, rounds: int, processes: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         _write(folder, "rsa.pem", rsa.generate_private_key(65537, 2048))
         (folder / "table").write_text("loadgen.test r rsa.pem\n")
-        print(f"mtaq ingress, smtp-source -d, {messages} x 4 KiB, 20 sessions: ingress CPU ms per message")
+        print(
+            f"mtaq ingress x {processes}, smtp-source -d, {messages} x 4 KiB, 20 sessions:"
+            " ingress CPU ms per message, msgs/s"
+        )
         for i in range(rounds):
             for name, keys in (("unsigned", None), ("RSA-2048", folder / "table")):
                 run = folder / f"{i}-{name}"
                 run.mkdir()
-                print(f"  round {i + 1} {name:9} {ingress_cpu_ms(messages, keys, run):.3f} ms", flush=True)
+                ms, rate = ingress_cpu_ms(messages, keys, run, processes)
+                print(f"  round {i + 1} {name:9} {ms:.3f} ms  {rate:6.0f} msgs/s", flush=True)
 
 
 def main() -> None:
@@ -121,9 +130,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="per case (default 3)")
     p.add_argument("--ingress", type=int, default=0, help="also measure a running ingress with this many messages")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --ingress (default 2)")
+    p.add_argument("--processes", type=int, default=1, help="ingress processes of --ingress (default 1)")
     args = p.parse_args()
     if args.ingress:
-        ingress_ab(args.ingress, args.rounds)
+        ingress_ab(args.ingress, args.rounds, args.processes)
     msg = message()
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)

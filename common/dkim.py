@@ -35,11 +35,13 @@ from common.mime7bit import to_7bit
 
 __all__ = [
     "SIGNED_FIELDS",
+    "Parsed",
     "SigningKey",
     "body_hash",
     "from_domain",
     "header_fields",
     "keys_for",
+    "parse_head",
     "public_key_record",
     "sign",
     "sign_7bit",
@@ -70,7 +72,6 @@ OVERSIGNED = ("from",)
 
 _WSP_RUN = re.compile(rb"[ \t]+")
 _WSP_TO_SPACE = re.compile(rb"[ \t]{2,}|\t")  # what relaxed canonicalization changes: runs and tabs
-_WSP_AT_EOL = re.compile(rb" \r\n")  # after the runs became one SP
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 # RFC 6376 §3.5: b= and the other tag values may be folded anywhere with FWS; 72 keeps lines short
 _B64_LINE = 72
@@ -128,59 +129,105 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
     return head, body
 
 
-def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
-    """The header block's fields as (name, raw value with its folding), in order. A line before any
-    field that is not a field (no colon) is skipped: it cannot be signed or looked up."""
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")  # RFC 5322 §3.6.8 ftext, then the colon
+
+
+def parse_head(head: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The header block's fields as (name, raw value with its folding), in order, and whether every
+    line of it starts a field (``name:``) or continues one. A line before any field that is not a
+    field (no colon) is skipped: it cannot be signed or looked up. A message with such a line is
+    not signed: verifiers (dkimpy, OpenDKIM) refuse to parse it, so a signature could never pass."""
     fields: list[tuple[bytes, bytes]] = []
-    for line in head.split(b"\r\n"):
+    ok = True
+    for line in head.split(b"\r\n") if head else ():
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + b"\r\n" + line)
             continue
+        if ok and _FIELD_START.match(line) is None:
+            ok = False
         name, colon, value = line.partition(b":")
         if colon:
             fields.append((name, value))
-    return fields
+    return fields, ok
 
 
-_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")  # RFC 5322 §3.6.8 ftext, then the colon
+def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The header block's fields (see parse_head)."""
+    return parse_head(head)[0]
 
 
 def well_formed(head: bytes) -> bool:
-    """Whether every line of the header block starts a field (``name:``) or continues one. A
-    message with any other line there is not signed: verifiers (dkimpy, OpenDKIM) refuse to parse
-    it, so a signature could never pass."""
-    lines = head.split(b"\r\n") if head else []
-    return all(
-        (_FIELD_START.match(line) is not None) or (i > 0 and line[:1] in (b" ", b"\t")) for i, line in enumerate(lines)
-    )
+    """Whether every line of the header block starts a field or continues one (see parse_head)."""
+    return parse_head(head)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A message cut once into its header fields and body, for everything that reads them before
+    it is signed (the ingress: which fields are missing, the From: domain, the signature): each
+    parse of the header block is a few microseconds on every trusted message."""
+
+    message: bytes
+    fields: list[tuple[bytes, bytes]]
+    well_formed: bool
+    body: bytes
+
+    @classmethod
+    def of(cls, message: bytes) -> Parsed:
+        head, body = split_message(message)
+        fields, ok = parse_head(head)
+        return cls(message, fields, ok, body)
+
+    def names(self) -> set[bytes]:
+        """The fields' names present, lower case."""
+        return {name.strip().lower() for name, _ in self.fields}
+
+    def prepend(self, fields: bytes) -> Parsed:
+        """The message with ``fields`` (whole fields, each ending in CRLF) in front of its header."""
+        if not fields:
+            return self
+        more, ok = parse_head(fields[:-2])
+        return Parsed(fields + self.message, more + self.fields, ok and self.well_formed, self.body)
+
+    def from_domain(self) -> str | None:
+        """The domain of the From: field's mailbox, lower case; None when there is not exactly one
+        From: field with one address in it (DMARC, RFC 7489 §6.6.1, cannot align such mail either)."""
+        values = [v for n, v in self.fields if n.strip().lower() == b"from"]
+        if len(values) != 1:
+            return None
+        text = _FOLD.sub(b"", values[0]).decode("utf-8", "replace")
+        addresses = [a for _, a in getaddresses([text]) if a]
+        if len(addresses) != 1 or "@" not in addresses[0]:
+            return None
+        return addresses[0].rpartition("@")[2].strip().rstrip(".").lower() or None
 
 
 def from_domain(message: bytes) -> str | None:
-    """The domain of the From: field's mailbox, lower case; None when there is not exactly one From:
-    field with one address in it (DMARC, RFC 7489 §6.6.1, cannot align such mail either)."""
-    values = [v for n, v in header_fields(split_message(message)[0]) if n.strip().lower() == b"from"]
-    if len(values) != 1:
-        return None
-    text = _FOLD.sub(b"", values[0]).decode("utf-8", "replace")
-    addresses = [a for _, a in getaddresses([text]) if a]
-    if len(addresses) != 1 or "@" not in addresses[0]:
-        return None
-    return addresses[0].rpartition("@")[2].strip().rstrip(".").lower() or None
+    """``Parsed.from_domain`` of a message."""
+    return Parsed.of(message).from_domain()
 
 
 def _relaxed_header(name: bytes, value: bytes) -> bytes:
-    """RFC 6376 §3.4.2: name lower case, unfolded, runs of WSP to one SP, trimmed around the colon."""
-    value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value)).strip(b" ")
-    return name.strip().lower() + b":" + value
+    """RFC 6376 §3.4.2: name lower case, unfolded, runs of WSP to one SP, trimmed around the colon.
+    (The regular expressions run only where there is something for them to change: most values
+    have no folding and no double space, and a substitution that finds nothing still costs.)"""
+    if b"\r\n" in value:
+        value = _FOLD.sub(b"", value)
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    return name.strip().lower() + b":" + value.strip(b" ")
 
 
 def _relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4: WSP runs to one SP, none at a line's end, no empty lines at the end; a
     non-empty body ends in CRLF, an empty one is empty. Over the whole body at once (lines end in
-    CRLF: the ingress refuses bare CR and LF), touching only the whitespace that changes."""
-    body = _WSP_TO_SPACE.sub(b" ", body)
-    body = _WSP_AT_EOL.sub(b"\r\n", body)
+    CRLF: the ingress refuses bare CR and LF), touching only the whitespace that changes. The
+    search for a tab or two spaces (memchr speed) spares most bodies the regular expression, which
+    steps through every octet (~40 us for 4 KiB)."""
+    if b"\t" in body or b"  " in body:
+        body = _WSP_TO_SPACE.sub(b" ", body)
+    body = body.replace(b" \r\n", b"\r\n")  # after the runs became one SP: one pass does it
     if body.endswith(b" "):  # the last line, without its CRLF
         body = body.rstrip(b" ")
     body = body.rstrip(b"\r\n")
@@ -225,15 +272,16 @@ def _fold_tags(tags: Sequence[str]) -> str:
     return "\r\n".join(lines)
 
 
-def sign(message: bytes, keys: Sequence[SigningKey], now: int) -> bytes:
-    """The DKIM-Signature fields (each ending in CRLF) that sign ``message`` (CRLF line ends) with
-    every key in ``keys``, newest first as they go in front of the message; b"" for no keys."""
+def sign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> bytes:
+    """The DKIM-Signature fields (each ending in CRLF) that sign ``message`` (CRLF line ends; or
+    already parsed) with every key in ``keys``, newest first as they go in front of the message;
+    b"" for no keys."""
     if not keys:
         return b""
-    head, body = split_message(message)
-    if not well_formed(head):
+    parsed = message if isinstance(message, Parsed) else Parsed.of(message)
+    if not parsed.well_formed:
         return b""
-    fields = header_fields(head)
+    fields, body = parsed.fields, parsed.body
     names = _signed_names(fields)
     if "from" not in names:
         return b""  # RFC 6376 §5.4: From MUST be signed; a message without one is not ours to sign
@@ -267,16 +315,16 @@ def _signature(key: SigningKey, data: bytes) -> bytes:
     return key.private.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
-def sign_7bit(message: bytes, keys: Sequence[SigningKey], now: int) -> tuple[bytes, bool]:
+def sign_7bit(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> tuple[bytes, bool]:
     """``message`` made 7-bit where it can be (common/mime7bit.py), then signed: (the signed message,
     whether it was converted). A next hop without 8BITMIME gets mail converted to 7-bit by the worker,
     which would break a signature made before; RFC 6376 §5.3 asks signers to convert first. What
     cannot be converted (8-bit header fields, 8-bit text without MIME) is signed as it is: the
     worker cannot convert it either and sends it as signed."""
+    raw = message.message if isinstance(message, Parsed) else message
     if not keys:
-        return message, False
-    converted = to_7bit(message)
-    changed = converted is not None and converted is not message
-    if converted is not None:
-        message = converted
-    return sign(message, keys, now) + message, changed
+        return raw, False
+    converted = to_7bit(raw)
+    if converted is None or converted is raw:  # as it was: a parse made before still holds
+        return sign(message, keys, now) + raw, False
+    return sign(converted, keys, now) + converted, True

@@ -75,7 +75,11 @@ def has_8bit(data: bytes) -> bool:
 def to_7bit(message: bytes) -> bytes | None:
     """A 7-bit-clean equivalent of ``message`` (the same object when nothing in it is 8-bit), or
     None when it has none."""
-    if message.isascii() and not _DECLARED_8BIT.search(message):
+    # the regular expression steps through every line (~13 us for 4 KiB): most ASCII mail has no
+    # Content-Transfer-Encoding field at all, which a search of its lower-case copy tells at once
+    if message.isascii() and (
+        b"content-transfer-encoding" not in message.lower() or not _DECLARED_8BIT.search(message)
+    ):
         return message
     try:
         out = _entity(message, top=True, default_type="text/plain")

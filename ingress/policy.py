@@ -8,6 +8,7 @@ RFC 6531 §3.3 for UTF-8 addresses); ``relay_check`` decides who may send where,
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -249,6 +250,7 @@ def parse_forward_path(text: str, *, smtputf8: bool) -> str:
     return address
 
 
+@functools.lru_cache(maxsize=1024)  # asked for each message; clients come back (pure function)
 def _client_address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(client_ip.split("%", 1)[0])

@@ -37,14 +37,17 @@ def add_missing_fields(data: bytes, *, queue_id: str, hostname: str, when: float
     """``data`` with Message-ID and Date put in front of its header fields when missing (the order of
     fields means nothing to RFC 5322 §3.6; in front, the client's own header block stays byte for
     byte as it was sent)."""
-    head, _ = dkim.split_message(data)
-    present = {name.strip().lower() for name, _ in dkim.header_fields(head)}
+    return _with_missing(dkim.Parsed.of(data), queue_id=queue_id, hostname=hostname, when=when).message
+
+
+def _with_missing(parsed: dkim.Parsed, *, queue_id: str, hostname: str, when: float) -> dkim.Parsed:
+    present = parsed.names()
     extra = b""
     if b"message-id" not in present:
         extra += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode("ascii", "replace")
     if b"date" not in present:
         extra += f"Date: {format_date(when)}\r\n".encode("ascii")
-    return extra + data if extra else data
+    return parsed.prepend(extra)
 
 
 class TrustedMail:
@@ -55,12 +58,14 @@ class TrustedMail:
         self.keys = keys
 
     def prepare(self, data: bytes, *, queue_id: str, when: float, body_8bit: bool) -> Prepared:
-        data = add_missing_fields(data, queue_id=queue_id, hostname=self.hostname, when=when)
+        # the header block is parsed once, here, for the missing fields, the From: domain and the
+        # signature alike
+        parsed = _with_missing(dkim.Parsed.of(data), queue_id=queue_id, hostname=self.hostname, when=when)
         if self.keys is None:
-            return Prepared(data, body_8bit)
-        domain = dkim.from_domain(data)
+            return Prepared(parsed.message, body_8bit)
+        domain = parsed.from_domain()
         keys = self.keys.keys_for(domain) if domain else ()
         if not keys:
-            return Prepared(data, body_8bit)
-        signed, converted = dkim.sign_7bit(data, keys, int(when))
+            return Prepared(parsed.message, body_8bit)
+        signed, converted = dkim.sign_7bit(parsed, keys, int(when))
         return Prepared(signed, body_8bit and not converted, tuple(f"d={k.domain} s={k.selector}" for k in keys))

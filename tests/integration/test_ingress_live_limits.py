@@ -187,6 +187,22 @@ def test_idle_timeout(mta_factory: Callable[..., MTA]) -> None:
     assert mta.store.queue_ids() == []
 
 
+def test_activity_moves_the_idle_deadline(mta_factory: Callable[..., MTA]) -> None:
+    # the idle timer is not made again per command: it fires at its first deadline and, the client
+    # having spoken since, waits for the new one. A NOOP every 0.5 s for 3.5 s (past the first
+    # deadline, and the second) keeps the connection; silence then ends it
+    mta = mta_factory(idle_timeout=2)
+    mta.start_ingress()
+    with Wire(mta.port) as w:
+        w.greet()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            time.sleep(0.5)
+            assert w.cmd("NOOP").code == 250
+        assert w.reply(timeout=GENEROUS).status == (421, "4.4.2")
+        assert w.closed(timeout=GENEROUS)
+
+
 def greeted(port: int, source: str = "127.0.0.1") -> Wire:
     """A greeted connection; retried while the start-up probe of ``wait_port`` may still hold a slot."""
     deadline = time.monotonic() + GENEROUS

@@ -185,3 +185,28 @@ def test_a_malformed_header_block_is_not_signed() -> None:
     for head in (b"From: a@example.com\r\nno colon here\r\n", b" leading fold\r\nFrom: a@example.com\r\n"):
         assert dkim.sign(head + b"\r\nbody\r\n", [_ED_KEY], NOW) == b""
     assert dkim.well_formed(b"From: a@example.com\r\nSubject: x\r\n\ty")
+
+
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\r\n ", b"\r\n\t", b"x", b"  ", b"\xc3\xa4"]), max_size=30))
+def test_relaxed_header_is_dkimpy_relaxed(pieces: list[bytes]) -> None:
+    """The header canonicalization, which runs its substitutions only where there is folding or
+    more than one space, agrees with dkimpy's on any value (folded, tabs, runs, none of them)."""
+    value = b"".join(pieces)
+    [(name, canon)] = DkimpyRelaxed.canonicalize_headers([(b"Sub ject ", value + b"\r\n")])
+    assert dkim._relaxed_header(b"Sub ject ", value) == name + b":" + canon.removesuffix(b"\r\n")
+
+
+def test_a_parsed_message_with_fields_in_front_signs_as_its_bytes() -> None:
+    """The ingress parses a message once and puts Message-ID and Date in front of the parse: what
+    it signs is what signing the resulting bytes gives (RSA PKCS#1 v1.5 is deterministic)."""
+    key = _key("rsa")
+    extra = b"Message-ID: <q@mx.example.net>\r\nDate: Sun, 06 Dec 2026 10:00:00 +0000\r\n"
+    parsed = dkim.Parsed.of(MESSAGE).prepend(extra)
+    assert parsed.message == extra + MESSAGE
+    assert parsed.fields == dkim.header_fields(dkim.split_message(extra + MESSAGE)[0]) and parsed.well_formed
+    assert parsed.from_domain() == "news.example.com"
+    assert dkim.sign(parsed, [key], NOW) == dkim.sign(extra + MESSAGE, [key], NOW)
+    assert dkim.sign_7bit(parsed, [key], NOW) == (dkim.sign(extra + MESSAGE, [key], NOW) + extra + MESSAGE, False)
+    assert dkim.Parsed.of(MESSAGE).prepend(b"").message is MESSAGE
+    bad = dkim.Parsed.of(b"From: a@example.com\r\nno colon\r\n\r\nbody\r\n").prepend(extra)
+    assert not bad.well_formed and dkim.sign(bad, [key], NOW) == b""

@@ -44,6 +44,15 @@ def test_seven_bit_mail_comes_back_as_it_is(message: bytes) -> None:
     assert to_7bit(message) is message
 
 
+@pytest.mark.parametrize("field", [b"CONTENT-TRANSFER-ENCODING: 8BIT", b"content-transfer-encoding:\r\n binary"])
+def test_ascii_mail_declared_8bit_is_relabelled(field: bytes) -> None:
+    """All ASCII but declared 8bit or binary (in any case, folded): not sent as it is to a server
+    without 8BITMIME, however the quick look for a Content-Transfer-Encoding field is spelt."""
+    msg = HEAD + b"Content-Type: text/plain\r\n" + field + b"\r\n\r\nplain ascii\r\n"
+    out = to_7bit(msg)
+    assert out is not None and out is not msg and b"Content-Transfer-Encoding: quoted-printable\r\n" in out
+
+
 @pytest.mark.parametrize(
     ("text", "charset"),
     [
