@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["alive", "children", "descendants", "refused"]
+__all__ = ["alive", "children", "descendants", "listeners", "refused"]
 
 
 def alive(pid: int) -> bool:
@@ -55,3 +55,30 @@ def refused(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+
+
+def listeners(port: int) -> list[str]:
+    """The processes holding a listening TCP socket on ``port`` ("pid cmdline"), from /proc: what a
+    failed ``refused`` check prints, so that a failure says who still holds the port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f[9])
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if any(f"socket:[{i}]" in links for i in inodes):
+            found.append(f"{proc.name} {cmd[:200]}")
+    return found

@@ -23,7 +23,7 @@ from tests.fixtures import ROOT, message, route
 from tests.integration.eventually import GENEROUS
 from tests.mtaqrun import queue_listing, start_run, stop
 from tests.ports import free_port, wait_port
-from tests.procs import alive, descendants, refused
+from tests.procs import alive, descendants, listeners, refused
 from tests.redisserver import RedisServer
 from tests.sinks import wait_for
 
@@ -102,7 +102,7 @@ def test_ingress_processes_die_with_their_supervisor(redis_server: RedisServer, 
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         assert wait_for(lambda: not any(alive(c) for c in below), GONE_WITHIN), (tmp_path / "ingress.log").read_text()
-        assert refused(port)
+        assert refused(port), (below, listeners(port), (tmp_path / "ingress.log").read_text())
     finally:
         if p.poll() is None:
             p.kill()
