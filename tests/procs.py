@@ -3,6 +3,7 @@ descendants, and whether a port refuses connections (nothing listens, nobody hol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -74,8 +75,11 @@ def listeners(port: int) -> list[str]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
+        links = set()
         try:
-            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):  # closed since the listing (the listing's own)
+                    links.add(os.readlink(fd))
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
