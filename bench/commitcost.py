@@ -20,6 +20,7 @@ disturbs far less than wall time. Run it on two checkouts to compare (it uses on
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import tempfile
 import time
@@ -31,7 +32,7 @@ import redis
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message
+from common.store import Message, Store
 from mtaq.runtime.embedded import RedisProcess
 
 __all__ = ["main", "one_round"]
@@ -54,6 +55,11 @@ class _Phase:
         self.out[self.name + " cpu"] = (_cpu(self.r) - self.cpu) / self.messages
 
 
+# Since issue 15 the outcome script removes a one-recipient message with no report due (what the
+# worker's finisher did in a transaction of its own); a checkout from before has no ``last``.
+_FINISH_IN_OUTCOME = "last" in inspect.signature(Store.set_status_list).parameters
+
+
 def one_round(spool: Spool, messages: int, batch: int, size: int, domains: int) -> dict[str, float]:
     """Seconds per message of each phase (wall, and "<phase> cpu"), for one round."""
     body = b"Subject: cost\r\n\r\n" + b"x" * max(0, size - 19) + b"\r\n"
@@ -70,12 +76,20 @@ def one_round(spool: Spool, messages: int, batch: int, size: int, domains: int) 
         for g in groups:
             spool.commit(g)
     sent = RecipientStatus(state=RcptState.DELIVERED, attempts=1, dsn="2.0.0", reply="250 ok", updated=time.time())
+    left: list[list[str]] = []
     with _Phase(r, out, "outcome", messages):
         for g in groups:
-            spool.store.set_status_list([(m.envelope.id, 0, sent) for m in g])
+            entries = [(m.envelope.id, 0, sent) for m in g]
+            if _FINISH_IN_OUTCOME:  # as the worker does: no report is due, the script removes them
+                last = {m.envelope.id: m.envelope.recipients[0].address.rpartition("@")[2] for m in g}
+                codes = spool.store.set_status_list(entries, last=last)  # type: ignore[call-arg,unused-ignore]
+            else:
+                codes = spool.store.set_status_list(entries)
+            left.append([m.envelope.id for m, code in zip(g, codes, strict=True) if code != -4])
     with _Phase(r, out, "finish", messages):
-        for g in groups:
-            spool.commit([], delete=[m.envelope.id for m in g])
+        for ids in left:
+            if ids:
+                spool.commit([], delete=ids)
     spool.store.redis.delete("rq:queue:mtaq")  # the jobs of this round: nobody runs them
     return out
 

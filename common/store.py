@@ -262,18 +262,11 @@ if ARGV[3] == '2' then
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local left = -3
-if ARGV[3] ~= '0' then left = redis.call('DECR', KEYS[2]) end
--- The last open recipient of a message that is not removed here (a report is due): its caller
--- deletes the message next (the finish), and the deletion takes the message's whole contribution
--- out of the counters as its summary has it, this recipient still open. Accounting for it here
--- would be undone at once: skipped. Until then the message counts as queued, as it still is.
-if left ~= 0 then
 """
     + queuestats.STATUS_ACCOUNT
     + """
-end
-return left
+if ARGV[3] ~= '0' then return redis.call('DECR', KEYS[2]) end
+return -3
 """
 )
 
