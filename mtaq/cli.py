@@ -26,11 +26,9 @@ from mtaq.opscmd import OneLineParser, add_exporter_parser, add_health_parser, c
 from mtaq.queuecmd import QueueUsage, add_queue_parser, cmd_queue
 from mtaq.runtime.embedded import EmbeddedRedis, EmbeddedRedisError
 from mtaq.runtime.lifeline import SUPERVISOR_ENV, die_with_supervisor
-from mtaq.runtime.prefork import run_ingress
 from mtaq.runtime.supervise import EXIT_FATAL, Child, Supervisor
 from mtaq.suppresscmd import add_suppress_parser, cmd_events, cmd_suppress
 from mtaq.tlsrptcmd import TLSRPTUsage, add_tlsrpt_parser, cmd_tlsrpt
-from worker.process import main as worker_main
 from worker.smarthost import SmarthostError, smarthost_from_settings
 from worker.webhook import SecretError
 from worker.webhook import check_settings as check_webhook
@@ -96,6 +94,8 @@ def cmd_ingress(settings: Settings) -> int:
             serve_monitor(settings)  # in the parent: forked ingress children count into Redis
         except OSError as e:
             raise CannotBind.because(settings.metrics_listen, e) from None
+    from mtaq.runtime.prefork import run_ingress  # the role's code only where it runs (see main)
+
     return run_ingress(settings)
 
 
@@ -104,6 +104,8 @@ def cmd_worker(settings: Settings, burst: bool = False) -> int:
         setup_logging("worker", settings.log_level, settings.log_format)
         warn_hostname(settings)
     metrics.attach(connect(settings))
+    from worker.process import main as worker_main  # the role's code only where it runs (see main)
+
     return worker_main(settings, burst=burst)
 
 
@@ -154,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The ingress's and the worker's code are imported by their commands (cmd_ingress, cmd_worker),
+    # not here: every `mtaq queue ...` an operator types, and each of the others, starts ~0.1 s
+    # sooner without them.
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_args(args)
