@@ -33,9 +33,8 @@ from bench.loads import Load
 from bench.rediscost import Cost, RedisCost
 from bench.report import Result
 from bench.scaling import in_order
-from bench.sinkdump import DumpSink, SinkGroup
-from bench.slowdest import DOMAINS, common_port, domains, mx_ip, zone
-from bench.systems import Mtaq, wait_port
+from bench.slowdest import DOMAINS, domains, slow_sinks, zone
+from bench.systems import Mtaq
 from bench.throughput import BENCH, default_mtaq, workdir
 
 WORKERS = (1, 2, 4)
@@ -166,43 +165,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tests.dnsserver import ZoneServer  # the project's loopback DNS server; needs dnspython
 
     a = parse_args(argv)
-    meta = begin("ceiling", a.mtaq)
+    meta = begin("ceiling", a.mtaq, need_mtaq=True)
     if meta is None:
-        return 2
-    if a.mtaq is None or not a.mtaq.exists():
-        print(
-            "bench.ceiling: no mtaq executable (--mtaq PATH; `make .venv/.installed-stamp` makes one)",
-            file=sys.stderr,
-        )
         return 2
     load = Load("ceiling", a.messages, a.sessions, a.size, domains=tuple(domains()), timeout=a.timeout)
     rows: list[Row] = []
     phases = ""
-    with workdir(a.keep) as tmp, ZoneServer(zone()) as dns:
-        port = common_port()
-        sinks = [DumpSink(tmp / f"sink{i}", mx_ip(i), port, wait_data=a.wait) for i in range(DOMAINS)]
-        with SinkGroup(sinks) as group:
-            for i in range(DOMAINS):
-                wait_port(port, host=mx_ip(i))
-            n = 0
-            for run in range(1, a.runs + 1):
-                for w in in_order(a.workers, run + 1):
-                    n += 1
-                    s = system(a, tmp / f"{n:03d}-w{w}", dns.port, port, w)
-                    probe = RedisCost(s.base / "var" / "redis.sock")
-                    r = measure_and_print(s, load, group, around=probe, run=run)
-                    if r is not None:
-                        rows.append(Row(w, r, probe.cost))
-            if a.phases:
-                w = max(a.workers)
-                s = system(a, tmp / "phases", dns.port, port, w)
-                probe = RedisCost(s.base / "var" / "redis.sock", monitor=True, dump=a.monitor_dump)
-                print(f"phases: {w} workers, MONITOR on", flush=True)
-                r = measure_and_print(s, load, group, around=probe, run=0)
-                if r is not None and probe.cost is not None and probe.cost.tally is not None:
-                    phases = phase_table(probe.cost, r.delivered or 0)
-                    rows_ = probe.cost.tally.rows(r.delivered or 0)
-                    meta["phases"] = {p: {"client": round(c, 3), "lua": round(x, 3)} for p, c, x in rows_}
+    with workdir(a.keep) as tmp, ZoneServer(zone()) as dns, slow_sinks(tmp, a.wait) as (port, group):
+        n = 0
+        for run in range(1, a.runs + 1):
+            for w in in_order(a.workers, run + 1):
+                n += 1
+                s = system(a, tmp / f"{n:03d}-w{w}", dns.port, port, w)
+                probe = RedisCost(s.base / "var" / "redis.sock")
+                r = measure_and_print(s, load, group, around=probe, run=run)
+                if r is not None:
+                    rows.append(Row(w, r, probe.cost))
+        if a.phases:
+            w = max(a.workers)
+            s = system(a, tmp / "phases", dns.port, port, w)
+            probe = RedisCost(s.base / "var" / "redis.sock", monitor=True, dump=a.monitor_dump)
+            print(f"phases: {w} workers, MONITOR on", flush=True)
+            r = measure_and_print(s, load, group, around=probe, run=0)
+            if r is not None and probe.cost is not None and probe.cost.tally is not None:
+                phases = phase_table(probe.cost, r.delivered or 0)
+                rows_ = probe.cost.tally.rows(r.delivered or 0)
+                meta["phases"] = {p: {"client": round(c, 3), "lua": round(x, 3)} for p, c, x in rows_}
     meta["ceiling"] = [r.figures() for r in rows]
     title = (
         f"the ceiling of one Redis: {a.messages} messages of {a.size} B from {a.sessions} sessions to "

@@ -145,12 +145,17 @@ def measure_and_print(system: System, load: Load, sink: Sink, **kw: Any) -> Resu
     return r
 
 
-def begin(label: str, mtaq: Path | None) -> dict[str, Any] | None:
+def begin(label: str, mtaq: Path | None, *, need_mtaq: bool = False) -> dict[str, Any] | None:
     """The sink's tools (installed when missing, if we may) and the run's metadata; None when the
-    tools are missing (after a line saying what to do)."""
+    tools are missing, or with ``need_mtaq`` the mtaq executable (after a line saying what to do)."""
     why = ensure_postfix_tools()
     if why:
         print(f"bench: {why}", file=sys.stderr)
+        return None
+    if need_mtaq and (mtaq is None or not mtaq.exists()):
+        print(
+            f"bench.{label}: no mtaq executable (--mtaq PATH; `make .venv/.installed-stamp` makes one)", file=sys.stderr
+        )
         return None
     meta = environment(mtaq)
     print(f"{label}: {cpu_note()}; mtaq {meta['versions'].get('mtaq', {}).get('commit', '?')}", flush=True)

@@ -232,13 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tests.dnsserver import ZoneServer  # the project's loopback DNS server; needs dnspython
 
     a = parse_args(argv)
-    meta = begin("scaling", a.mtaq)
+    meta = begin("scaling", a.mtaq, need_mtaq=True)
     if meta is None:
-        return 2
-    if a.mtaq is None or not a.mtaq.exists():
-        print(
-            "bench.scaling: no mtaq executable (--mtaq PATH; `make .venv/.installed-stamp` makes one)", file=sys.stderr
-        )
         return 2
     if postfix.missing():
         print(f"bench.scaling: postfix baseline skipped: {postfix.missing()}", flush=True)

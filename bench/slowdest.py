@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench import postfix
@@ -57,6 +58,18 @@ def zone(n: int = DOMAINS) -> dict[str, list[tuple[str, str]]]:
 
 def transports(port: int, n: int = DOMAINS) -> dict[str, str]:
     return {d: f"smtp:[{mx_ip(i)}]:{port}" for i, d in enumerate(domains(n))}
+
+
+@contextmanager
+def slow_sinks(tmp: Path, wait: float) -> Iterator[tuple[int, SinkGroup]]:
+    """The destinations' MX hosts: an ``smtp-sink`` waiting ``wait`` s at DATA on each mx_ip, all
+    on one port (common_port), files under ``tmp``; up and answering when this yields."""
+    port = common_port()
+    sinks = [DumpSink(tmp / f"sink{i}", mx_ip(i), port, wait_data=wait) for i in range(DOMAINS)]
+    with SinkGroup(sinks) as group:
+        for i in range(DOMAINS):
+            wait_port(port, host=mx_ip(i))
+        yield port, group
 
 
 def common_port(n: int = DOMAINS) -> int:
@@ -132,16 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     load = Load("slowdest", a.messages, a.sessions, a.size, domains=tuple(domains()), timeout=a.timeout)
     results: list[Result] = []
-    with workdir(a.keep) as tmp, ZoneServer(zone()) as dns:
-        port = common_port()
-        sinks = [DumpSink(tmp / f"sink{i}", mx_ip(i), port, wait_data=a.wait) for i in range(DOMAINS)]
-        with SinkGroup(sinks) as group:
-            for i in range(DOMAINS):
-                wait_port(port, host=mx_ip(i))
-            for run in range(1, a.runs + 1):
-                for system in systems(a, tmp / str(run), dns.port, port):
-                    r = measure_and_print(system, load, group, run=run)
-                    results += [r] if r else []
+    with workdir(a.keep) as tmp, ZoneServer(zone()) as dns, slow_sinks(tmp, a.wait) as (port, group):
+        for run in range(1, a.runs + 1):
+            for system in systems(a, tmp / str(run), dns.port, port):
+                r = measure_and_print(system, load, group, run=run)
+                results += [r] if r else []
     title = (
         f"slow destinations: 10 domains, smtp-sink -w {a.wait:g} each; {a.sessions} sessions, "
         f"{a.messages} messages of {a.size} B"
