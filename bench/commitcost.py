@@ -85,7 +85,7 @@ def one_round(spool: Spool, messages: int, batch: int, size: int, domains: int) 
                 codes = spool.store.set_status_list(entries, last=last)  # type: ignore[call-arg,unused-ignore]
             else:
                 codes = spool.store.set_status_list(entries)
-            left.append([m.envelope.id for m, code in zip(g, codes, strict=True) if code != -4])
+            left.append([m.envelope.id for m, code in zip(g, codes, strict=True) if code == 0])  # finished, not removed
     with _Phase(r, out, "finish", messages):
         for ids in left:
             if ids:

@@ -184,6 +184,20 @@ local function qs_copy(q)
   for j, v in ipairs(q.o) do o[j] = v end
   return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t}
 end
+-- A message removed: its share of the counters and indexes taken out as its summary ``q`` has it
+-- (none when q is nil: counted nowhere), then its message hash, recipients hash and left counter,
+-- its queue index entry and its hold. The deletion (DELETE) and an outcome that finishes its
+-- message (common/store.py, _SET_STATUS) both remove through this.
+local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
+  local held = nil
+  if q then
+    held = redis.call('SISMEMBER', hold, qid) == 1
+    qs_account(K, qid, {q = q, held = held, size = redis.call('HSTRLEN', msg, 'body')}, nil)
+  end
+  redis.call('DEL', msg, rcpt, left)
+  redis.call('ZREM', index, qid)
+  if held ~= false then redis.call('SREM', hold, qid) end
+end
 """
 
 # Appended to the recipient-state script after its HSET (common/store.py _SET_STATUS), where
@@ -236,14 +250,7 @@ local K = {counts = KEYS[3], deferred = KEYS[4], dests = KEYS[5], prefix = ARGV[
 for n = 2, #ARGV do
   local qid, m = ARGV[n], 6 + 3 * (n - 2)
   local raw = redis.call('HGET', KEYS[m], 'q')
-  if raw then
-    local held = redis.call('SISMEMBER', KEYS[2], qid) == 1
-    local size = redis.call('HSTRLEN', KEYS[m], 'body')
-    qs_account(K, qid, {q = cjson.decode(raw), held = held, size = size}, nil)
-  end
-  redis.call('DEL', KEYS[m], KEYS[m + 1], KEYS[m + 2])
-  redis.call('ZREM', KEYS[1], qid)
-  redis.call('SREM', KEYS[2], qid)
+  qs_remove(K, qid, KEYS[m], KEYS[m + 1], KEYS[m + 2], KEYS[1], KEYS[2], raw and cjson.decode(raw))
 end
 return 1
 """

@@ -235,6 +235,7 @@ return 0
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where
 # they were two round trips, the second reading again what the first had just read).
+REMOVED = -4  # what _SET_STATUS returns when the outcome finished its message and removed it
 _SET_STATUS = (
     queuestats.LIB
     + """
@@ -250,15 +251,13 @@ redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if ARGV[3] == '2' then
   local raw = redis.call('HGET', KEYS[4], 'q')
   local q = raw and cjson.decode(raw)
-  if q and q.p + q.d == 1 then  -- the last open recipient: queuestats.DELETE's work, for one message
-    local held = redis.call('SISMEMBER', KEYS[6], ARGV[6]) == 1
-    local size = redis.call('HSTRLEN', KEYS[4], 'body')
+  if q and q.p + q.d == 1 then  -- the last open recipient: removed as queuestats.DELETE removes
     local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7]}
-    qs_account(K, ARGV[6], {q = q, held = held, size = size}, nil)
-    redis.call('DEL', KEYS[4], KEYS[1], KEYS[2], KEYS[11])
-    redis.call('ZREM', KEYS[10], ARGV[6])
-    if held then redis.call('SREM', KEYS[6], ARGV[6]) end
-    return -4
+    qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
+    redis.call('DEL', KEYS[11])  -- the job's lease on it
+    return """
+    + str(REMOVED)
+    + """
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

@@ -17,7 +17,7 @@ import redis
 from common import metrics
 from common.classify import classify
 from common.envelope import LOG_STATUS, RcptState, RecipientStatus
-from common.store import Message, Store
+from common.store import REMOVED, Message, Store
 from worker.feedback import Feedback
 from worker.parcel import Outcome, Parcel
 from worker.plan import Loaded
@@ -28,7 +28,6 @@ __all__ = ["WRITE_PATIENCE", "Batch", "JobShare", "OutcomeWriter", "write_outcom
 log = logging.getLogger("mtaq.worker")
 
 WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
-REMOVED = -4  # Store.set_status_list: the outcome finished its message, which its script removed
 
 
 class JobShare:
