@@ -5,16 +5,14 @@ failure seen once in CI says where the message was stuck."""
 
 from __future__ import annotations
 
-import json
-import zlib
-
 import redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
-from common.store import INDEX, PREFIX, left_key, rcpt_key
+from common.jobqueue import DeliveryQueue, QueuedJob
+from common.store import INDEX, Store, lease_key, left_key
 
 __all__ = ["describe_stuck"]
-
-_REGISTRIES = ("started", "scheduled", "failed", "finished", "deferred", "canceled")
 
 
 def _text(x: bytes | str) -> str:
@@ -22,30 +20,32 @@ def _text(x: bytes | str) -> str:
 
 
 def _jobs_naming(r: redis.Redis, qid: str) -> list[str]:
+    """Every RQ job whose arguments name ``qid`` (whatever registry holds it, or none), with where
+    RQ keeps it: the ready list, the intermediate list (taken by a worker, not yet started), and
+    the started, scheduled, failed and finished registries."""
+    queue = DeliveryQueue(r)
+    rq = queue.rq
+    ids = [_text(k).removeprefix(Job.redis_job_namespace_prefix) for k in r.scan_iter("rq:job:*", count=1000)]
+    ids = [i for i in ids if ":" not in i]  # rq:job:<id> only, not its executions or dependents
+    jobs = [j for j in Job.fetch_many(ids, connection=r, serializer=JSONSerializer) if j is not None]
+    ready = {_text(x) for x in r.lrange(queue.ready_key, 0, -1)}
+    taken = {_text(x) for x in r.lrange(queue.taken_key, 0, -1)}
+    running = [_text(m) for m in r.zrange(queue.running_key, 0, -1) if isinstance(m, bytes | str)]
+    registries = {
+        "scheduled": rq.scheduled_job_registry,
+        "failed": rq.failed_job_registry,
+        "finished": rq.finished_job_registry,
+    }
     found = []
-    for key in r.scan_iter("rq:job:*", count=1000):
-        name = _text(key)
-        if name.count(":") != 2:  # rq:job:<id> only, not its executions or dependents
+    for job in jobs:
+        if qid not in QueuedJob.of(job).ids:
             continue
-        raw = r.hget(key, "data")
-        if not isinstance(raw, bytes):
-            continue
-        try:
-            data = zlib.decompress(raw)  # RQ compresses a job's function and arguments
-        except zlib.error:
-            data = raw
-        if qid.encode() not in data:
-            continue
-        job_id = name.rsplit(":", 1)[1]
-        status = _text(r.hget(key, "status") or b"?")
-        where = [reg for reg in _REGISTRIES if r.zscore(f"rq:{reg}:mtaq", job_id) is not None]
-        running = [_text(m) for m in r.zrange("rq:wip:mtaq", 0, -1) if isinstance(m, bytes | str)]
-        where += [f"wip:{m}" for m in running if m.startswith(job_id)]
-        queued = job_id.encode() in r.lrange("rq:queue:mtaq", 0, -1)
-        retries = _text(r.hget(key, "retries_left") or b"?")
+        where = [f"started:{m}" for m in running if m.startswith(job.id)]
+        where += [name for name, reg in registries.items() if job.id in reg]
+        where += ["ready list"] * (job.id in ready) + ["intermediate list"] * (job.id in taken)
         found.append(
-            f"job {job_id} status={status} retries_left={retries} registries={where or '-'}"
-            f"{' in the queue' if queued else ''} data={_text(data)[:160]}"
+            f"job {job.id} status={JobStatus(job.get_status(refresh=False)).value} retries_left={job.retries_left} "
+            f"in {where or 'nothing'}: deliver{tuple(job.args)}"[:300]
         )
     return found
 
@@ -55,9 +55,8 @@ def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
     ids = [_text(x) for x in r.zrange(INDEX, 0, limit - 1) if isinstance(x, bytes | str)]
     lines = []
     for qid in ids:
-        rcpts = {_text(k): json.loads(v) for k, v in r.hgetall(rcpt_key(qid)).items()}
-        states = {k: (v.get("s"), v.get("n"), v.get("x")) for k, v in rcpts.items()}  # state, attempts, next
-        leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(f"{PREFIX}lease:{qid}:*")}
+        states = {i: (st.state.value, st.attempts, st.next_attempt) for i, st in Store(r).statuses(qid).items()}
+        leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(lease_key(qid, "*"))}
         lines.append(f"{qid}: left={_text(r.get(left_key(qid)) or b'-')} recipients={states} leases={leases}")
         lines += ["  " + j for j in _jobs_naming(r, qid)] or ["  no RQ job names it"]
         lines += ["  log: " + ln for ln in logs.splitlines() if qid in ln][-15:]
