@@ -112,7 +112,7 @@ class Crew:
         *,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
-        cache_time: float = 2.0,
+        cache_time: float = 1.0,
     ) -> None:
         self.dialer = dialer
         self.limits = limits
