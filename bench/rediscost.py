@@ -70,6 +70,8 @@ def classify(cmd: str, args: Sequence[str], script: str = "") -> str:
             return "suppression"
         if key.startswith(("mtaq:queue:", "mtaq:hold")):
             return "queue counters"
+        if key.startswith("rq:") and script in ("RQ enqueue", "RQ dequeue+start"):
+            return _rq_phase(cmd, args)  # a drain job's writes (common/jobqueue.py): RQ's own
         return script
     if cmd in ("MULTI", "EXEC", "WATCH", "UNWATCH"):
         return NEXT
@@ -104,6 +106,9 @@ _MTAQ_PREFIXES = (
     ("mtaq:mta-sts:", "destination limits"),
     ("mtaq:tlsrpt", "destination limits"),
     ("mtaq:lease:", "worker load+lease"),
+    ("mtaq:drawn:", "RQ finish"),  # a drain job's list of what it took, dropped at its end
+    ("mtaq:pend-count", "ingress flow control"),
+    ("mtaq:armed", "heartbeat+maintenance"),  # the clean-up's look for lost drain jobs
 )
 
 
@@ -120,6 +125,10 @@ def _script_phase(cmd: str, args: Sequence[str]) -> str:
         return "ingress commit"  # queuestats.COMMIT
     if first == "mtaq:index":
         return "finish+delete"  # queuestats.DELETE
+    if first.startswith("mtaq:pend:"):
+        # common/jobqueue.py: _ARM (a commit's ids to the pending list, a drain job if none is
+        # queued) or _DRAW (a drain job takes its share; its 4th key is its own list)
+        return "RQ dequeue+start" if nkeys == 4 else "RQ enqueue"
     if first.startswith("mtaq:rcpt:"):
         return "outcome write"  # store._SET_STATUS
     if first.startswith("mtaq:lease:"):

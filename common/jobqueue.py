@@ -1,5 +1,20 @@
-"""The delivery queue: RQ jobs ``deliver(next hop, [queue ids], force)``, their options, batching
-within the job limits, and counts. The messages themselves are in common/store.py.
+"""The delivery queue: RQ jobs ``deliver(next hop, [queue ids], force)`` and ``drain(next hop, job
+id)``, their options, batching within the job limits, and counts. The messages themselves are in
+common/store.py.
+
+New mail does not get a job per destination per group commit (two messages a job when a commit's
+messages go to ten destinations, and RQ's bookkeeping, some 18 Redis commands a job, paid per
+message: issue 15). A commit appends its ids to each destination's pending list and queues one
+``drain`` job for that destination only if none is queued (``arm``: the hash ``mtaq:armed`` names it;
+the pending list, the mark and RQ's own writes of the job go in one Lua script, inside the commit's
+MULTI/EXEC). The job, when it starts (``draw``, one script), drops the mark, moves up to ``limit``
+ids into a list of its own (``mtaq:drawn:<job id>``: RQ re-running it after its worker died finds
+the same ids there) and, if ids are left, queues the next drain job for the destination, which
+another worker process may take: a destination's backlog is spread over every worker process, a
+job of ``limit`` messages at a time, and a commit racing with a draw either is drawn or arms a new
+job. Retries, flushes, hand-backs and the sweep's requeues still name their messages
+(``deliver``). A mark whose job is gone (an operator's ``rq empty``, a failed job) is found by the
+workers' periodic clean-up (``rearm_lost``).
 
 This module is the one owner of what RQ keeps for us, as common/store.py is of the ``mtaq:`` keys:
 the layout of a job's arguments (written by ``stage``/``schedule``/``enqueue_now``, read back by
@@ -9,6 +24,7 @@ other module asks here; tests/unit/test_rq_contract.py checks what we rely on in
 from __future__ import annotations
 
 import datetime
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,12 +38,14 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 
 from common.settings import Settings
+from common.store import ARMED, DRAWN_AVG, PEND_COUNT, drawn_key, pend_key
 
-__all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DeliveryQueue", "QueueCounts", "QueuedJob"]
+__all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DRAIN_FUNC", "DeliveryQueue", "QueueCounts", "QueuedJob"]
 
 # The job function, by import path: RQ needs a string, and common/ must not import worker/.
 # tests/unit/test_layout.py resolves it to the real function.
 DELIVER_FUNC = "worker.jobs.deliver"
+DRAIN_FUNC = "worker.jobs.drain"  # drain(next hop, its own job id): takes from the pending list
 # Crash safety net only: a job whose worker died (SIGKILL, OOM) is found abandoned by RQ's registry
 # cleanup and run again; recipients already delivered are skipped by their state. Delivery backoff
 # is ours (worker/retry.py), never RQ's.
@@ -37,6 +55,69 @@ DELIVER_FUNC = "worker.jobs.deliver"
 CRASH_RETRY = Retry(max=20, interval=[0, 5, 10, 30])
 # Every delivery job: no result kept (there is none), a failed one kept 30 days for `rq` inspection.
 _JOB_KEEP: dict[str, Any] = {"result_ttl": 0, "failure_ttl": 30 * 86400, "retry": CRASH_RETRY}
+
+
+# A drawn list outlives its job's longest run by a day: RQ re-runs an abandoned job within
+# seconds; a job that failed for good leaves it to expire (its messages go out again through the
+# sweep, worker/sweep.py, once overdue).
+DRAWN_TTL_EXTRA = 86400
+# Jobs whose id the mark holds but that will not run: RQ has finished with them.
+_NOT_COMING = {b"finished", b"failed", b"stopped", b"canceled"}
+
+# Lua: arm(dest, job id, replace, commands...): queue the drain job unless one is armed for dest.
+# ``replace``: an armed id to drop first (a lost job's; "" none). The job's writes are RQ's own
+# (recorded from Queue._enqueue_job by _job_writes), each as: number of words, words...
+_ARM_LIB = """
+local function arm(armed, dest, job, replace, at)
+  if replace ~= '' and redis.call('HGET', armed, dest) == replace then redis.call('HDEL', armed, dest) end
+  if redis.call('HSETNX', armed, dest, job) == 0 then return 0 end
+  while at <= #ARGV do
+    local n = tonumber(ARGV[at])
+    redis.call(unpack(ARGV, at + 1, at + n))
+    at = at + n + 1
+  end
+  return 1
+end
+"""
+# KEYS: pending list, armed hash, pending count; ARGV: dest, job id, replace, n, n queue ids,
+# the job's writes. Appends the ids, arms a job when the list has ids and none is armed.
+_ARM = (
+    _ARM_LIB
+    + """
+local n = tonumber(ARGV[4])
+if n > 0 then
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 5, 4 + n))
+  redis.call('INCRBY', KEYS[3], n)
+elseif redis.call('LLEN', KEYS[1]) == 0 then
+  if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+  return 0
+end
+return arm(KEYS[2], ARGV[1], ARGV[2], ARGV[3], 5 + n)
+"""
+)
+# KEYS: pending list, armed hash, pending count, this job's drawn list, the drawn moving average;
+# ARGV: dest, this job's id, limit, drawn TTL, the next job's id, its writes. Returns the ids this
+# job delivers.
+_DRAW = (
+    _ARM_LIB
+    + """
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+local ids = redis.call('LRANGE', KEYS[4], 0, -1)
+if #ids == 0 then
+  ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+  if #ids > 0 then
+    redis.call('LTRIM', KEYS[1], #ids, -1)
+    redis.call('RPUSH', KEYS[4], unpack(ids))
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+    redis.call('DECRBY', KEYS[3], #ids)
+    local avg = tonumber(redis.call('GET', KEYS[5]) or #ids)
+    redis.call('SET', KEYS[5], tostring(avg + 0.2 * (#ids - avg)))
+  end
+end
+if redis.call('LLEN', KEYS[1]) > 0 then arm(KEYS[2], ARGV[1], ARGV[5], '', 6) end
+return ids
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +134,13 @@ class QueuedJob:
 
     job_id: str
     destination: str
-    ids: tuple[str, ...]
+    ids: tuple[str, ...]  # a drain job names none: its messages are in the pending list
 
     @classmethod
     def of(cls, job: Job) -> QueuedJob:
-        """Read the arguments ``DeliveryQueue`` wrote (positional: next hop, queue ids, [force]);
-        a job that is not ours (no arguments) has no destination and no messages."""
+        """Read the arguments ``DeliveryQueue`` wrote (positional: next hop, queue ids, [force];
+        a drain job: next hop, its id); a job that is not ours (no arguments) has no destination
+        and no messages."""
         args = list(job.args or ())
         destination = str(args[0]) if args else ""
         ids = tuple(str(q) for q in args[1]) if len(args) > 1 and isinstance(args[1], list | tuple) else ()
@@ -75,12 +157,17 @@ class DeliveryQueue:
         job_max_messages: int = 100,
         job_max_bytes: int = 20_000_000,
         job_timeout: int = 1800,
+        draw_size: int = 0,
     ) -> None:
         self.rq = Queue(name, connection=r, serializer=JSONSerializer)
+        self._arm = r.register_script(_ARM)
+        self._draw = r.register_script(_DRAW)
         self.job_func = job_func
         self.job_max_messages = max(1, job_max_messages)
         self.job_max_bytes = job_max_bytes
         self.job_timeout = job_timeout
+        # messages a drain job takes at most (0: job_max_messages; see from_settings)
+        self.draw_size = max(1, min(self.job_max_messages, draw_size or self.job_max_messages))
 
     @classmethod
     def from_settings(cls, settings: Settings, r: redis.Redis) -> DeliveryQueue:
@@ -90,6 +177,10 @@ class DeliveryQueue:
             job_max_messages=settings.job_max_messages,
             job_max_bytes=settings.job_max_bytes,
             job_timeout=settings.job_timeout,
+            # as many as one worker process can have in conversation with one destination at once
+            # (its conversations, the destination's connection limit): more would wait in that
+            # process while another's conversations could send them; fewer make more jobs
+            draw_size=min(settings.worker_concurrency, settings.destination_concurrency),
         )
 
     def batches(self, sized: Sequence[tuple[str, int]]) -> list[list[str]]:
@@ -108,17 +199,110 @@ class DeliveryQueue:
         return out
 
     def stage(self, pipe: Any, by_hop: Mapping[str, Sequence[tuple[str, int]]]) -> int:
-        """Add the jobs for (queue id, size) pairs per next hop to the caller's MULTI/EXEC
-        (common/spool.py: a message and its jobs are stored together or not at all); returns how
-        many jobs that is."""
-        jobs = [
-            Queue.prepare_data(self.job_func, args=(hop, ids), timeout=self.job_timeout, **_JOB_KEEP)
-            for hop, sized in by_hop.items()
-            for ids in self.batches(sized)
-        ]
-        if jobs:
-            self.rq.enqueue_many(jobs, pipeline=pipe)
-        return len(jobs)
+        """Add (queue id, size) pairs per next hop to the pending lists in the caller's MULTI/EXEC
+        (common/spool.py: a message and its job are stored together or not at all), with a drain
+        job for each hop that has none queued. Returns how many drain jobs of ``draw_size`` they
+        make, at least one (the ingress's flow control counts messages per job with it)."""
+        total = 0
+        for hop, sized in by_hop.items():
+            if not sized:
+                continue
+            ids = [qid for qid, _ in sized]
+            total += len(ids)
+            job_id, writes = self._job_writes(hop)
+            # EVAL, not EVALSHA: a MULTI/EXEC cannot load a script it finds missing (see Store.commit)
+            pipe.eval(_ARM, 3, pend_key(hop), ARMED, PEND_COUNT, hop, job_id, "", len(ids), *ids, *writes)
+        return -(-total // self.draw_size)
+
+    def _job_writes(self, destination: str) -> tuple[str, list[bytes]]:
+        """A new drain job for ``destination``: its id, and what RQ writes to queue it (recorded,
+        not sent), flattened for _ARM_LIB's ``arm``."""
+        job_id = uuid.uuid4().hex
+        job = self.rq.create_job(
+            DRAIN_FUNC, args=(destination, job_id), job_id=job_id, timeout=self.job_timeout, **_JOB_KEEP
+        )
+        rec = self.rq.connection.pipeline(transaction=False)
+        rec.sadd(self.rq.redis_queues_keys, self.rq.key)
+        self.rq._enqueue_job(job, pipeline=rec)
+        commands = [tuple(c[0]) for c in rec.command_stack]
+        rec.reset()
+        enc = self.rq.connection.connection_pool.get_encoder()
+        out: list[bytes] = []
+        for i, cmd in enumerate(commands):
+            if cmd[0] == "HSET" and _overwritten(cmd, commands[i + 1 :]):
+                continue  # RQ sets the status, then writes the whole hash with it again
+            out.append(str(len(cmd)).encode())
+            out.extend(enc.encode(w) for w in cmd)  # type: ignore[no-untyped-call]
+        return job_id, out
+
+    def draw(self, destination: str, job_id: str, limit: int) -> list[str]:
+        """Drain job ``job_id`` starting: up to ``limit`` queue ids off ``destination``'s pending
+        list into the job's own list (or, run again after a crash, what that list holds), the
+        job's mark dropped, and the next drain job queued if ids are left. One round trip."""
+        next_id, writes = self._job_writes(destination)
+        ttl = self.job_timeout + DRAWN_TTL_EXTRA
+        keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
+        got = self._draw(keys=keys, args=[destination, job_id, max(1, limit), ttl, next_id, *writes])
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in got]
+
+    def drawn_done(self, job_id: str) -> None:
+        """The drain job's messages are delivered, deferred with a job of their own, or gone."""
+        self.rq.connection.delete(drawn_key(job_id))
+
+    def pending_ids(self, destination: str) -> list[str]:
+        """The ids in ``destination``'s pending list (an operator's question: the whole list)."""
+        return [_text(x) for x in self.rq.connection.lrange(pend_key(destination), 0, -1)]
+
+    def drawn(self, job_id: str) -> list[str]:
+        """The ids drain job ``job_id`` took (none once it finished)."""
+        return [_text(x) for x in self.rq.connection.lrange(drawn_key(job_id), 0, -1)]
+
+    def armed(self) -> dict[str, str]:
+        """Destination -> the drain job queued for its pending list."""
+        return {_text(d): _text(j) for d, j in self.rq.connection.hgetall(ARMED).items()}
+
+    def empty(self) -> None:
+        """Nothing queued to run: RQ's ready list emptied (its jobs deleted, as ``rq empty`` does),
+        the pending lists with their marks and count gone. The messages stay in the store: a
+        flush, or the sweep once they are overdue, queues them again."""
+        r = self.rq.connection
+        self.rq.empty()  # type: ignore[no-untyped-call]
+        pends = list(r.scan_iter(pend_key("*"), count=1000))
+        r.delete(ARMED, PEND_COUNT, *pends)
+
+    def pending(self) -> int:
+        """Messages in the pending lists, no job has taken them yet."""
+        return int(self.rq.connection.get(PEND_COUNT) or 0)
+
+    @property
+    def pending_key(self) -> str:
+        """The count of messages in the pending lists (GET)."""
+        return PEND_COUNT
+
+    @property
+    def drawn_avg_key(self) -> str:
+        """Messages a drain job took, a moving average over the draws (GET; float, or nothing
+        before the first draw): what a running job holds, for the ingress's flow control."""
+        return DRAWN_AVG
+
+    def rearm_lost(self) -> list[str]:
+        """Destinations whose mark names a job that will never run (deleted, or finished with by
+        RQ without having started, which drops the mark): a new drain job for each that has ids
+        pending, the stale mark dropped otherwise. Returns those destinations. The workers'
+        periodic clean-up calls it (worker/pool.py)."""
+        r = self.rq.connection
+        marks = self.armed()
+        if not marks:
+            return []
+        with r.pipeline(transaction=False) as pipe:
+            for job_id in marks.values():
+                pipe.hget(Job.key_for(job_id), "status")
+            statuses = pipe.execute()
+        lost = [d for (d, _), st in zip(marks.items(), statuses, strict=True) if st is None or st in _NOT_COMING]
+        for dest in lost:
+            job_id, writes = self._job_writes(dest)
+            self._arm(keys=[pend_key(dest), ARMED, PEND_COUNT], args=[dest, job_id, marks[dest], 0, *writes])
+        return lost
 
     def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:
         """A later delivery attempt of these messages to one destination (RQ's scheduler runs it)."""
@@ -196,3 +380,13 @@ class DeliveryQueue:
         for job in Job.fetch_many(list(job_ids), connection=conn, serializer=JSONSerializer):
             if job is not None:
                 job.delete()
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _overwritten(cmd: tuple[Any, ...], later: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether a later HSET of the same key writes every field of this one."""
+    fields = set(cmd[2::2])
+    return any(c[0] == "HSET" and c[1] == cmd[1] and fields <= set(c[2::2]) for c in later)

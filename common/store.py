@@ -113,6 +113,25 @@ def lease_key(qid: str, destination: str) -> str:
     return f"{PREFIX}lease:{qid}:{destination}"
 
 
+# Per-destination pending lists drained by one job at a time (issue 15, common/jobqueue.py):
+# ``mtaq:pend:<d>``   list: queue ids committed for d that no job has taken yet;
+# ``mtaq:armed``      hash: d -> the id of the queued RQ job that will take d's pending list;
+# ``mtaq:pend-count`` int: messages in every pending list (the ingress's flow control reads it);
+# ``mtaq:drawn:<job>`` list, TTL: the ids that job took (a re-run after a crash takes the same);
+# ``mtaq:drawn-avg``  float: messages a drain job took, moving average (flow control's job size).
+ARMED = PREFIX + "armed"
+PEND_COUNT = PREFIX + "pend-count"
+DRAWN_AVG = PREFIX + "drawn-avg"
+
+
+def pend_key(destination: str) -> str:
+    return f"{PREFIX}pend:{destination}"
+
+
+def drawn_key(job_id: str) -> str:
+    return f"{PREFIX}drawn:{job_id}"
+
+
 # Per-destination delivery limits shared by every worker (worker/limits.py):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;

@@ -15,10 +15,10 @@ Jobs in conversation with a slow destination do count: only the worker could tel
 waits for a conversation from one in one. With no worker at all the ready list only grows: each
 message waits ``in_flow_delay``, never forever.
 
-The limit (``in_flow_backlog``) is in messages: unfinished jobs times the messages per job this
-ingress writes (a moving average over its group commits), since a job's size moves with load --
-one per group commit and next hop, ~20 messages from 20 busy sessions to one destination, one or
-two when the same sessions write to ten.
+The limit (``in_flow_backlog``) is in messages: the messages in the destinations' pending lists
+that no drain job has taken yet (``mtaq:pend-count``, common/jobqueue.py), plus unfinished jobs
+times the messages per job: what drain jobs took, a moving average the workers keep in Redis
+(``mtaq:drawn-avg``); before any draw, an average over this ingress's group commits.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class Backlog:
     ready: int  # jobs no worker has taken yet
     running: int  # jobs workers hold, their messages in or waiting for a conversation
     taken: float
+    pending: int = 0  # messages in the pending lists, waiting for a drain job to take them
+    per_job: float = 0.0  # messages a drain job took, on average (0: unknown)
 
     @property
     def jobs(self) -> int:
@@ -67,19 +69,34 @@ def lagging(sample: Backlog | None, now: float, limit: int, per_job: float = 1.0
     stale one: not lagging."""
     if sample is None or now - sample.taken > STALE_AFTER:
         return False
-    return sample.jobs > 0 and sample.jobs * per_job >= limit
+    per_job = sample.per_job or per_job
+    return (sample.jobs > 0 or sample.pending > 0) and sample.jobs * per_job + sample.pending >= limit
 
 
-def read_backlog(r: redis.Redis, ready_key: str, taken_key: str, running_key: str, taken: float) -> Backlog:
+def read_backlog(
+    r: redis.Redis,
+    ready_key: str,
+    taken_key: str,
+    running_key: str,
+    taken: float,
+    pending_key: str = "",
+    per_job_key: str = "",
+) -> Backlog:
     """One look at the delivery queue (one round trip): LLEN of RQ's ready list; the jobs workers
     hold: LLEN of its intermediate list (taken, not yet registered: counted nowhere else) plus the
-    ZCARD of its started registry."""
+    ZCARD of its started registry; the messages pending and a drain job's size (GET
+    ``pending_key``, ``per_job_key``, when given)."""
     pipe = r.pipeline(transaction=False)
     pipe.llen(ready_key)
     pipe.llen(taken_key)
     pipe.zcard(running_key)
-    ready, just_taken, running = pipe.execute()
-    return Backlog(int(ready), int(just_taken) + int(running), taken)
+    for key in (pending_key, per_job_key):
+        if key:
+            pipe.get(key)
+    ready, just_taken, running, *extra = pipe.execute()
+    pending = max(0, int(extra[0] or 0)) if pending_key else 0
+    per_job = max(0.0, float(extra[-1] or 0)) if per_job_key else 0.0
+    return Backlog(int(ready), int(just_taken) + int(running), taken, pending, per_job)
 
 
 class FlowGate:
@@ -141,7 +158,7 @@ class FlowGate:
                     sample.jobs,
                     sample.running,
                     sample.ready,
-                    round(sample.jobs * self.per_job),
+                    round(sample.jobs * (sample.per_job or self.per_job)) + sample.pending,
                     self.limit,
                     self.delay,
                 )

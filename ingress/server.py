@@ -527,9 +527,10 @@ def _flow_gate(spool: Spool, config: IngressConfig) -> FlowGate:
     """Mail input flow control on the delivery queue's ready list (ingress/flow.py)."""
     r = spool.store.redis
     ready_key, taken_key, running_key = spool.queue.ready_key, spool.queue.taken_key, spool.queue.running_key
+    pending_key, per_job_key = spool.queue.pending_key, spool.queue.drawn_avg_key
 
     def read(taken: float) -> Backlog:
-        return read_backlog(r, ready_key, taken_key, running_key, taken)
+        return read_backlog(r, ready_key, taken_key, running_key, taken, pending_key, per_job_key)
 
     return FlowGate(read, delay=config.in_flow_delay, limit=config.in_flow_backlog)
 

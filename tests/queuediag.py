@@ -9,8 +9,8 @@ import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from common.jobqueue import DeliveryQueue, QueuedJob
-from common.store import INDEX, Store, lease_key, left_key
+from common.jobqueue import DRAIN_FUNC, DeliveryQueue, QueuedJob
+from common.store import INDEX, Store, lease_key, left_key, pend_key
 
 __all__ = ["describe_stuck"]
 
@@ -36,18 +36,34 @@ def _jobs_naming(r: redis.Redis, qid: str) -> list[str]:
         "failed": rq.failed_job_registry,
         "finished": rq.finished_job_registry,
     }
+    armed = queue.armed()
     found = []
     for job in jobs:
-        if qid not in QueuedJob.of(job).ids:
+        named = QueuedJob.of(job)
+        if job.func_name == DRAIN_FUNC:
+            # a drain job names the ids it took, or, queued, its destination's pending list
+            ids = queue.drawn(job.id)
+            if armed.get(named.destination) == job.id:
+                ids += queue.pending_ids(named.destination)
+            if qid not in ids:
+                continue
+        elif qid not in named.ids:
             continue
         where = [f"started:{m}" for m in running if m.startswith(job.id)]
         where += [name for name, reg in registries.items() if job.id in reg]
         where += ["ready list"] * (job.id in ready) + ["intermediate list"] * (job.id in taken)
         found.append(
             f"job {job.id} status={JobStatus(job.get_status(refresh=False)).value} retries_left={job.retries_left} "
-            f"in {where or 'nothing'}: deliver{tuple(job.args)}"[:300]
+            f"in {where or 'nothing'}: {(job.func_name or '').rsplit('.', 1)[-1]}{tuple(job.args)}"[:300]
         )
     return found
+
+
+def _pending_at(r: redis.Redis, qid: str) -> list[str]:
+    """The destinations whose pending list holds ``qid`` (common/jobqueue.py's drain jobs)."""
+    queue = DeliveryQueue(r)
+    dests = {_text(k).removeprefix(pend_key("")) for k in r.scan_iter(pend_key("*"), count=1000)}
+    return sorted(d for d in dests if qid in queue.pending_ids(d))
 
 
 def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
@@ -59,5 +75,6 @@ def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
         leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(lease_key(qid, "*"))}
         lines.append(f"{qid}: left={_text(r.get(left_key(qid)) or b'-')} recipients={states} leases={leases}")
         lines += ["  " + j for j in _jobs_naming(r, qid)] or ["  no RQ job names it"]
+        lines += [f"  in the pending list of {d}" for d in _pending_at(r, qid)]
         lines += ["  log: " + ln for ln in logs.splitlines() if qid in ln][-15:]
     return "\n".join(lines)

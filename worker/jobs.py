@@ -21,7 +21,7 @@ from worker.limits import DestinationLimits
 from worker.service import DeliveryService
 from worker.tlsgate import TLSGate
 
-__all__ = ["deliver", "install", "make_dsn", "make_service"]
+__all__ = ["deliver", "drain", "install", "make_dsn", "make_service"]
 
 _service: DeliveryService | None = None
 
@@ -64,3 +64,11 @@ def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:
     if _service is None:
         raise RuntimeError("no delivery service in this process: delivery jobs run in `mtaq worker`")
     _service.deliver(destination, ids, force)
+
+
+def drain(destination: str, job_id: str) -> None:
+    """RQ job: take a share of ``destination``'s pending list and deliver it (common/jobqueue.py:
+    ``job_id`` is this job's own id, which names the list of what it took)."""
+    if _service is None:
+        raise RuntimeError("no delivery service in this process: delivery jobs run in `mtaq worker`")
+    _service.drain(destination, job_id)

@@ -74,6 +74,7 @@ DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen wh
 # messages leased or done
 INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
+BURST_POLL = 0.05  # seconds between looks at the queue while a burst waits for its running jobs
 SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
 
 
@@ -130,7 +131,14 @@ class ConcurrentWorker(SimpleWorker):
                     log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
                     time.sleep(1.0)
                     continue
-                if result is None:  # burst mode, nothing waiting: leave once the jobs in flight are done
+                if result is None:  # burst mode, nothing waiting: leave once no job is in flight
+                    with self._running_lock:
+                        running = bool(self._running)
+                    if running:
+                        # a running drain job may queue the next one for its destination
+                        # (common/jobqueue.py): the queue is empty only once none runs
+                        time.sleep(BURST_POLL)
+                        continue
                     return None
                 job, queue = result
                 job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
@@ -334,10 +342,18 @@ class ConcurrentWorker(SimpleWorker):
                 worker_registration.clean_worker_registry(queue)
                 self._rescue_intermediate(queue)
                 self._enqueue_overdue(queue)
+                self._rearm_lost()
             finally:
                 if self.connection.get(key) in (self.name, self.name.encode()):
                     self.connection.delete(key)
         self.last_cleaned_at = rq_now()  # type: ignore[assignment]
+
+    def _rearm_lost(self) -> None:
+        """A destination's pending list whose drain job will never run (deleted by an operator,
+        lost in Redis) gets a new one (common/jobqueue.py ``rearm_lost``)."""
+        lost = self.service.queue.rearm_lost()
+        if lost:
+            log.warning("worker %s: the drain job of %s was gone: queued again", self.name, ", ".join(lost))
 
     def _enqueue_overdue(self, queue: Queue) -> None:
         """Scheduled jobs overdue by SCHEDULER_LATE: RQ's scheduler, which moves due jobs to the

@@ -32,7 +32,7 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
 
-from common.jobqueue import DELIVER_FUNC
+from common.jobqueue import DELIVER_FUNC, DRAIN_FUNC
 
 __all__ = ["Tally", "lean", "start", "succeeded"]
 
@@ -41,7 +41,8 @@ def lean(job: Job, default_result_ttl: int) -> bool:
     """Whether ``succeeded`` does all RQ would for this job: a delivery job (common/jobqueue.py),
     which keeps no result and never repeats; nothing depends on one. Other jobs (an operator's)
     go RQ's own way."""
-    return job.func_name == DELIVER_FUNC and job.get_result_ttl(default_result_ttl) == 0 and not job.repeats_left
+    ours = job.func_name in (DELIVER_FUNC, DRAIN_FUNC)
+    return ours and job.get_result_ttl(default_result_ttl) == 0 and not job.repeats_left
 
 
 def start(connection: Any, job: Job, worker_name: str, ttl: int, intermediate_key: str) -> Execution:

@@ -117,6 +117,15 @@ class DeliveryService:
         return self.crew.stopping.is_set()
 
     # -- the job ------------------------------------------------------------------------------------
+    def drain(self, destination: str, job_id: str) -> None:
+        """A drain job (common/jobqueue.py): deliver what it takes off ``destination``'s pending
+        list. Its list of what it took goes only once they are dealt with: a re-run after a crash
+        delivers the same messages (recipients already final are skipped)."""
+        ids = self.queue.draw(destination, job_id, self.queue.draw_size)
+        if ids:
+            self.deliver(destination, ids)
+        self.queue.drawn_done(job_id)
+
     def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
         """Deliver the due recipients of these messages that go to ``destination``.
 

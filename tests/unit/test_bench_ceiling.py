@@ -80,6 +80,14 @@ def test_phases_by_command_and_key() -> None:
     assert classify("HINCRBY", ["mtaq:queue:counts", "r:active", "-1"], "outcome write") == "queue counters"
     assert classify("XADD", ["mtaq:events", "MAXLEN", "~", "1000", "*"], "outcome write") == "events"
     assert classify("HSET", ["mtaq:rcpt:A", "0", "{}"], "outcome write") == "outcome write"
+    # the drain jobs' scripts (common/jobqueue.py): the RQ job they queue is RQ's enqueue
+    arm = ["sha", "3", "mtaq:pend:d", "mtaq:armed", "mtaq:pend-count"]
+    assert classify("EVALSHA", arm) == "RQ enqueue"
+    assert classify("EVALSHA", [*arm[:1], "4", *arm[2:], "mtaq:drawn:J"]) == "RQ dequeue+start"
+    assert classify("LTRIM", ["mtaq:pend:d", "2", "-1"], "RQ dequeue+start") == "RQ dequeue+start"
+    assert classify("RPUSH", ["rq:queue:mtaq", "J"], "RQ dequeue+start") == "RQ enqueue"
+    assert classify("DEL", ["mtaq:drawn:J"]) == "RQ finish"
+    assert classify("GET", ["mtaq:pend-count"]) == "ingress flow control"
 
 
 def test_a_tally_gives_transactions_and_expiries_their_neighbours_phase() -> None:

@@ -62,6 +62,26 @@ def test_read_backlog_is_rq_ready_list_and_the_jobs_workers_took() -> None:
         "rq:wip:mtaq",
     )
     assert read_backlog(r, queue.ready_key, queue.taken_key, queue.running_key, 7.0) == Backlog(3, 3, 7.0)
+    # messages committed that no drain job has taken yet count one by one
+    pipe = r.pipeline()
+    queue.stage(pipe, {"a.test": [(f"q{i}", 10) for i in range(5)]})
+    pipe.execute()
+    keys = (queue.ready_key, queue.taken_key, queue.running_key)
+    assert read_backlog(r, *keys, 7.0, queue.pending_key, queue.drawn_avg_key) == Backlog(4, 3, 7.0, pending=5)
+    # a running drain job holds what drain jobs take, on average
+    [job_id] = [j for j in queue.rq.get_job_ids() if j not in ("a", "b", "c")]
+    assert queue.draw("a.test", job_id, 4) == ["q0", "q1", "q2", "q3"]
+    read = read_backlog(r, *keys, 7.0, queue.pending_key, queue.drawn_avg_key)
+    assert read == Backlog(5, 3, 7.0, pending=1, per_job=4.0)  # the rest: a job of its own
+
+
+def test_messages_no_job_has_taken_count_against_the_limit() -> None:
+    now = 100.0
+    assert lagging(Backlog(0, 0, now, pending=32), now, 32)
+    assert not lagging(Backlog(1, 0, now, pending=21), now, 32, per_job=10.0)
+    assert lagging(Backlog(1, 0, now, pending=22), now, 32, per_job=10.0)
+    assert lagging(Backlog(1, 0, now, pending=22, per_job=10.0), now, 32)  # the workers' own size
+    assert not lagging(Backlog(1, 0, now, pending=22, per_job=1.0), now, 32, per_job=10.0)
 
 
 # -- the gate --------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from collections import Counter
 import fakeredis
 import pytest
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from common.jobqueue import DeliveryQueue, QueuedJob
+from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, DeliveryQueue, QueuedJob
+from common.store import pend_key
 
 
 @pytest.fixture
@@ -27,7 +28,72 @@ def test_every_way_of_writing_a_job_reads_back_alike(dq: DeliveryQueue) -> None:
     dq.enqueue_now("b.test", ["q3"], force=True)
     dq.schedule("c.test", ["q4", "q5"], 600)
     found = sorted((j.destination, j.ids) for j in dq.jobs(dq.waiting_job_ids()))
-    assert found == [("a.test", ("q1", "q2")), ("b.test", ("q3",)), ("c.test", ("q4", "q5"))]
+    # a drain job names no messages: they wait in its destination's pending list
+    assert found == [("a.test", ()), ("b.test", ("q3",)), ("c.test", ("q4", "q5"))]
+    assert dq.pending_ids("a.test") == ["q1", "q2"]
+
+
+def stage(dq: DeliveryQueue, dest: str, *ids: str) -> None:
+    pipe = dq.rq.connection.pipeline()
+    dq.stage(pipe, {dest: [(q, 10) for q in ids]})
+    pipe.execute()
+
+
+def test_a_drain_job_is_queued_as_rq_would_queue_it(dq: DeliveryQueue) -> None:
+    stage(dq, "a.test", "q1")
+    [job_id] = dq.rq.get_job_ids()
+    job = Job.fetch(job_id, connection=dq.rq.connection, serializer=JSONSerializer)
+    assert (job.func_name, job.args, job.origin) == (DRAIN_FUNC, ["a.test", job_id], "mtaq")
+    assert job.get_status() == JobStatus.QUEUED and job.result_ttl == 0 and job.retries_left == CRASH_RETRY.max
+    assert job.timeout == dq.job_timeout and job.enqueued_at is not None
+    assert dq.rq.connection.sismember("rq:queues", dq.rq.key)
+    assert dq.armed() == {"a.test": job_id}
+
+
+def test_a_draw_takes_its_share_and_queues_the_next_job_for_the_rest(dq: DeliveryQueue) -> None:
+    stage(dq, "a.test", "q1", "q2", "q3")
+    [first] = dq.rq.get_job_ids()
+    dq.rq.connection.lpop(dq.ready_key)  # a worker took it
+    assert dq.draw("a.test", first, 2) == ["q1", "q2"]
+    [second] = dq.rq.get_job_ids()
+    assert dq.armed() == {"a.test": second} and second != first
+    assert dq.pending_ids("a.test") == ["q3"] and dq.pending() == 1
+    # RQ runs the first again (its worker died): the same messages, and no third job
+    assert dq.draw("a.test", first, 2) == ["q1", "q2"]
+    assert dq.rq.get_job_ids() == [second]
+    dq.drawn_done(first)
+    assert dq.drawn(first) == []
+    dq.rq.connection.lpop(dq.ready_key)
+    assert dq.draw("a.test", second, 2) == ["q3"]
+    assert dq.armed() == {} and dq.rq.get_job_ids() == [] and dq.pending() == 0
+
+
+def test_a_commit_after_the_draw_queues_a_new_job(dq: DeliveryQueue) -> None:
+    stage(dq, "a.test", "q1")
+    [first] = dq.rq.get_job_ids()
+    dq.rq.connection.lpop(dq.ready_key)
+    stage(dq, "a.test", "q2")  # before the draw: the queued job will take it
+    assert dq.rq.get_job_ids() == []
+    assert dq.draw("a.test", first, 10) == ["q1", "q2"]
+    stage(dq, "a.test", "q3")  # after it: a job of its own
+    [second] = dq.rq.get_job_ids()
+    assert dq.armed() == {"a.test": second}
+
+
+def test_a_lost_drain_job_is_queued_again(dq: DeliveryQueue) -> None:
+    stage(dq, "a.test", "q1")
+    stage(dq, "b.test", "q2")
+    [lost, kept] = dq.rq.get_job_ids()
+    assert dq.rearm_lost() == []
+    dq.delete_jobs([lost])  # an operator's `rq empty`, say
+    assert dq.rearm_lost() == ["a.test"]
+    new = dq.armed()["a.test"]
+    assert new != lost and sorted(dq.rq.get_job_ids()) == sorted([kept, new])
+    # a mark whose list is empty is only dropped
+    dq.rq.connection.delete(pend_key("b.test"))
+    dq.delete_jobs([kept])
+    assert dq.rearm_lost() == ["b.test"]
+    assert dq.armed() == {"a.test": new} and dq.rq.get_job_ids() == [new]
 
 
 def test_a_job_that_is_not_ours_has_no_destination_and_no_messages(dq: DeliveryQueue) -> None:

@@ -126,3 +126,4 @@ def test_the_smtp_package_is_the_only_reply_type() -> None:
 
 def test_delivery_job_path_names_the_real_function() -> None:
     assert import_attribute(jobqueue.DELIVER_FUNC) is worker.jobs.deliver
+    assert import_attribute(jobqueue.DRAIN_FUNC) is worker.jobs.drain

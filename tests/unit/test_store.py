@@ -5,7 +5,7 @@ import pytest
 import redis
 
 from common.envelope import LOG_STATUS, Envelope, RcptState, Recipient, RecipientStatus, outcome_of
-from common.jobqueue import DeliveryQueue
+from common.jobqueue import DRAIN_FUNC, DeliveryQueue
 from common.routing import Router, next_hop
 from common.spool import Spool
 from common.store import (
@@ -49,21 +49,27 @@ def test_commit_writes_body_once_state_and_one_job_per_destination(spool: Spool,
     assert int(r.get(left_key("Q1")) or 0) == 3
     assert r.hlen(rcpt_key("Q1")) == 3
     assert r.zscore(INDEX, "Q1") == 1000.0
+    # one drain job per destination, which will take the message off its pending list
     jobs = spool.queue.rq.get_jobs()
     assert sorted(j.args[0] for j in jobs) == ["one.test", "two.test"]
-    assert all(j.args[1] == ["Q1"] for j in jobs)
+    assert all(j.func_name == DRAIN_FUNC and j.args[1] == j.id for j in jobs)
+    assert spool.queue.pending_ids("one.test") == spool.queue.pending_ids("two.test") == ["Q1"]
 
 
-def test_jobs_carry_at_most_job_max_messages(spool: Spool) -> None:
-    spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(5)])
-    assert sorted(len(j.args[1]) for j in spool.queue.rq.get_jobs()) == [1, 2, 2]
+def test_a_busy_destination_has_one_job_queued_however_many_commits(spool: Spool) -> None:
+    for i in range(5):
+        spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x")])
+    assert len(spool.queue.rq.get_jobs()) == 1
+    assert spool.queue.pending_ids("one.test") == [f"Q{i}" for i in range(5)]
+    assert spool.queue.pending() == 5
 
 
 def test_commit_returns_how_many_jobs_it_stored(spool: Spool) -> None:
-    # flow control counts a batch's jobs from this: the same routing and batching that wrote them
+    # flow control counts messages per job from this: drain jobs take draw_size (here
+    # job_max_messages, 2) at most
     batch = [Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)] + [Message(env("Q9", "b@two.test"), b"x")]
-    assert spool.commit(batch) == 3  # one.test: 2 + 1 (job_max_messages 2), two.test: 1
-    assert len(spool.queue.rq.get_jobs()) == 3
+    assert spool.commit(batch) == 2
+    assert len(spool.queue.rq.get_jobs()) == 2
     assert spool.commit([], delete=["Q9"]) == 0
 
 
@@ -162,7 +168,8 @@ def test_batches_respect_message_and_byte_limits() -> None:
 
 def test_walk_and_enqueue_sized(spool: Spool, store: Store) -> None:
     spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(3)])
-    spool.queue.rq.empty()  # type: ignore[no-untyped-call]
+    spool.queue.empty()
+    assert spool.queue.pending() == 0 and spool.queue.pending_ids("one.test") == []
     chunks = list(store.walk(chunk=2))
     assert [[m.envelope.id for m, _ in c] for c in chunks] == [["Q0", "Q1"], ["Q2"]]
     assert spool.queue.enqueue_sized({"one.test": [("Q0", 1), ("Q1", 1), ("Q2", 1)]}, force=True) == 3
