@@ -125,10 +125,10 @@ def _script_phase(cmd: str, args: Sequence[str]) -> str:
         return "ingress commit"  # queuestats.COMMIT
     if first == "mtaq:index":
         return "finish+delete"  # queuestats.DELETE
+    if first == "mtaq:armed":
+        return "RQ enqueue"  # common/jobqueue.py _ARM: a commit's ids, a drain job if none is queued
     if first.startswith("mtaq:pend:"):
-        # common/jobqueue.py: _ARM (a commit's ids to the pending list, a drain job if none is
-        # queued) or _DRAW (a drain job takes its share; its 4th key is its own list)
-        return "RQ dequeue+start" if nkeys == 4 else "RQ enqueue"
+        return "RQ dequeue+start"  # common/jobqueue.py _DRAW: a drain job takes its share
     if first.startswith("mtaq:rcpt:"):
         return "outcome write"  # store._SET_STATUS
     if first.startswith("mtaq:lease:"):

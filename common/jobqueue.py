@@ -64,14 +64,13 @@ DRAWN_TTL_EXTRA = 86400
 # Jobs whose id the mark holds but that will not run: RQ has finished with them.
 _NOT_COMING = {b"finished", b"failed", b"stopped", b"canceled"}
 
-# Lua: arm(dest, job id, replace, commands...): queue the drain job unless one is armed for dest.
-# ``replace``: an armed id to drop first (a lost job's; "" none). The job's writes are RQ's own
-# (recorded from Queue._enqueue_job by _job_writes), each as: number of words, words...
+# Lua: arm(armed hash, dest, job id, at, stop): queue the drain job unless one is armed for dest.
+# The job's writes are RQ's own (recorded from Queue._enqueue_job by _job_writes), in
+# ARGV[at..stop], each as: number of words, words...
 _ARM_LIB = """
-local function arm(armed, dest, job, replace, at)
-  if replace ~= '' and redis.call('HGET', armed, dest) == replace then redis.call('HDEL', armed, dest) end
+local function arm(armed, dest, job, at, stop)
   if redis.call('HSETNX', armed, dest, job) == 0 then return 0 end
-  while at <= #ARGV do
+  while at <= stop do
     local n = tonumber(ARGV[at])
     redis.call(unpack(ARGV, at + 1, at + n))
     at = at + n + 1
@@ -79,20 +78,35 @@ local function arm(armed, dest, job, replace, at)
   return 1
 end
 """
-# KEYS: pending list, armed hash, pending count; ARGV: dest, job id, replace, n, n queue ids,
-# the job's writes. Appends the ids, arms a job when the list has ids and none is armed.
+# KEYS: armed hash, pending count, then one pending list per destination; ARGV: replace (an armed
+# job id to drop first: a lost job's; "" none), then per destination: its name, a new job id, n,
+# n queue ids, m, the m words of the job's writes. Appends the ids; a list that was empty gets
+# the job (a list that was not has one queued: whoever left ids in it armed one, or the
+# clean-up's rearm_lost replaces a lost one). Returns how many jobs it queued.
 _ARM = (
     _ARM_LIB
     + """
-local n = tonumber(ARGV[4])
-if n > 0 then
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 5, 4 + n))
-  redis.call('INCRBY', KEYS[3], n)
-elseif redis.call('LLEN', KEYS[1]) == 0 then
-  if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[2], ARGV[1]) end
-  return 0
+local at, total, armed = 2, 0, 0
+for i = 3, #KEYS do
+  local dest, job, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  at = at + 3
+  local len
+  if n > 0 then
+    len = redis.call('RPUSH', KEYS[i], unpack(ARGV, at, at + n - 1))
+    total = total + n
+  else
+    len = redis.call('LLEN', KEYS[i])
+  end
+  at = at + n
+  local m = tonumber(ARGV[at])
+  at = at + 1
+  local stale = ARGV[1] ~= '' and redis.call('HGET', KEYS[1], dest) == ARGV[1]
+  if stale then redis.call('HDEL', KEYS[1], dest) end
+  if len > 0 and (len == n or stale) then armed = armed + arm(KEYS[1], dest, job, at, at + m - 1) end
+  at = at + m
 end
-return arm(KEYS[2], ARGV[1], ARGV[2], ARGV[3], 5 + n)
+if total > 0 then redis.call('INCRBY', KEYS[2], total) end
+return armed
 """
 )
 # KEYS: pending list, armed hash, pending count, this job's drawn list, the drawn moving average;
@@ -103,8 +117,14 @@ _DRAW = (
     + """
 if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
 local ids = redis.call('LRANGE', KEYS[4], 0, -1)
+local more = 0
 if #ids == 0 then
-  ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+  local limit = tonumber(ARGV[3])
+  ids = redis.call('LRANGE', KEYS[1], 0, limit)  -- one more than the limit: are ids left?
+  if #ids > limit then
+    more = 1
+    table.remove(ids)
+  end
   if #ids > 0 then
     redis.call('LTRIM', KEYS[1], #ids, -1)
     redis.call('RPUSH', KEYS[4], unpack(ids))
@@ -113,8 +133,10 @@ if #ids == 0 then
     local avg = tonumber(redis.call('GET', KEYS[5]) or #ids)
     redis.call('SET', KEYS[5], tostring(avg + 0.2 * (#ids - avg)))
   end
+else
+  more = redis.call('LLEN', KEYS[1])
 end
-if redis.call('LLEN', KEYS[1]) > 0 then arm(KEYS[2], ARGV[1], ARGV[5], '', 6) end
+if more > 0 then arm(KEYS[2], ARGV[1], ARGV[5], 6, #ARGV) end
 return ids
 """
 )
@@ -204,14 +226,19 @@ class DeliveryQueue:
         job for each hop that has none queued. Returns how many drain jobs of ``draw_size`` they
         make, at least one (the ingress's flow control counts messages per job with it)."""
         total = 0
+        keys: list[str] = [ARMED, PEND_COUNT]
+        args: list[Any] = [""]
         for hop, sized in by_hop.items():
             if not sized:
                 continue
             ids = [qid for qid, _ in sized]
             total += len(ids)
             job_id, writes = self._job_writes(hop)
+            keys.append(pend_key(hop))
+            args += [hop, job_id, len(ids), *ids, len(writes), *writes]
+        if total:
             # EVAL, not EVALSHA: a MULTI/EXEC cannot load a script it finds missing (see Store.commit)
-            pipe.eval(_ARM, 3, pend_key(hop), ARMED, PEND_COUNT, hop, job_id, "", len(ids), *ids, *writes)
+            pipe.eval(_ARM, len(keys), *keys, *args)
         return -(-total // self.draw_size)
 
     def _job_writes(self, destination: str) -> tuple[str, list[bytes]]:
@@ -301,7 +328,8 @@ class DeliveryQueue:
         lost = [d for (d, _), st in zip(marks.items(), statuses, strict=True) if st is None or st in _NOT_COMING]
         for dest in lost:
             job_id, writes = self._job_writes(dest)
-            self._arm(keys=[pend_key(dest), ARMED, PEND_COUNT], args=[dest, job_id, marks[dest], 0, *writes])
+            args: list[str | int | bytes] = [marks[dest], dest, job_id, 0, len(writes), *writes]
+            self._arm(keys=[ARMED, PEND_COUNT, pend_key(dest)], args=args)
         return lost
 
     def schedule(self, destination: str, ids: Sequence[str], delay: float) -> None:

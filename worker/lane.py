@@ -210,3 +210,9 @@ class Lanes:
     def __len__(self) -> int:
         with self._lock:
             return len(self._lanes)
+
+    def waiting(self) -> int:
+        """Parcels in every lane that no conversation has taken (worker/intake.py)."""
+        with self._lock:
+            lanes = list(self._lanes.values())
+        return sum(len(lane) for lane in lanes)

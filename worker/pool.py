@@ -43,7 +43,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
-from common.jobqueue import CRASH_RETRY
+from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
 from common.store import RECOVERY_LOCK
 from worker import rqbook
 from worker.crew import Permit, Permits
@@ -113,6 +113,10 @@ class ConcurrentWorker(SimpleWorker):
             if permit is None:
                 continue  # every job slot busy: the queue waits in Redis, where others may take it
             with permit:  # given back here unless a job is dequeued: execute_job takes it on
+                if not self.service.intake.wait_room(1.0):
+                    # the jobs here hold a share and more for every conversation (worker/intake.py):
+                    # the queue waits in Redis for a process with room
+                    continue
                 try:
                     result = self.queue_class.dequeue_any(
                         self._ordered_queues,
@@ -151,9 +155,12 @@ class ConcurrentWorker(SimpleWorker):
         permit, self._dequeued = self._dequeued, None
         assert permit is not None, "execute_job without a dequeued job"
         with permit:  # given back here when the execution cannot be registered
+            named = QueuedJob.of(job)
+            self.service.intake.begin(job.id, None if job.func_name == DRAIN_FUNC else len(named.ids))
             try:
                 execution = self.prepare_execution(job)
             except _REDIS_GONE as e:
+                self.service.intake.end(job.id)
                 # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
                 # from which the recovery hands it back (_rescue_intermediate)
                 log.warning(
@@ -224,6 +231,7 @@ class ConcurrentWorker(SimpleWorker):
                 # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
                 log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
             finally:
+                self.service.intake.end(job.id)
                 with self._running_lock:
                     self._running.pop(execution.id, None)
         with contextlib.suppress(redis.RedisError):  # the next heartbeat says it

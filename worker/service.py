@@ -40,6 +40,7 @@ from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
 from worker.finisher import DsnMaker, Finisher, ReportSign
+from worker.intake import Intake
 from worker.lane import Lanes
 from worker.leases import Leases
 from worker.limits import DestinationLimits
@@ -106,6 +107,8 @@ class DeliveryService:
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
+        # another job while less than one drain job's share waits here for a conversation
+        self.intake = Intake(self.queue.draw_size, self.queue.draw_size, self.lanes.waiting)
 
     @property
     def concurrency(self) -> int:
@@ -121,18 +124,24 @@ class DeliveryService:
         """A drain job (common/jobqueue.py): deliver what it takes off ``destination``'s pending
         list. Its list of what it took goes only once they are dealt with: a re-run after a crash
         delivers the same messages (recipients already final are skipped)."""
-        ids = self.queue.draw(destination, job_id, self.queue.draw_size)
-        if ids:
-            self.deliver(destination, ids)
+        try:
+            ids = self.queue.draw(destination, job_id, self.intake.share(job_id))
+            if ids:
+                self.deliver(destination, ids, landed=lambda: self.intake.landed(job_id))
+        finally:
+            self.intake.landed(job_id)
         self.queue.drawn_done(job_id)
 
-    def deliver(self, destination: str, ids: Sequence[str], force: bool = False) -> None:
+    def deliver(
+        self, destination: str, ids: Sequence[str], force: bool = False, landed: Callable[[], None] | None = None
+    ) -> None:
         """Deliver the due recipients of these messages that go to ``destination``.
 
         ``force`` (a flush) also takes deferred recipients whose next attempt is not due yet and
         tries a throttled destination. A message another job holds the lease of (for this
         destination) is left to that job. Messages found with every recipient final (their
-        finishing was interrupted) are finished here."""
+        finishing was interrupted) are finished here. ``landed`` is told once the parcels are in
+        their lane (worker/intake.py)."""
         ids = list(ids)
         if not force and self._suspended(destination, ids):
             return
@@ -152,7 +161,7 @@ class DeliveryService:
             try:
                 parcels = _parcels(job, lease.taken)
                 if parcels:
-                    self._run(destination, batch, parcels)
+                    self._run(destination, batch, parcels, landed)
             finally:
                 batch.drain()
                 lease.ended |= batch.removed  # with their messages, by the outcome's script
@@ -183,7 +192,9 @@ class DeliveryService:
         self.queue.schedule(destination, ids, delay)
         return True
 
-    def _run(self, destination: str, batch: Batch, parcels: list[Parcel]) -> None:
+    def _run(
+        self, destination: str, batch: Batch, parcels: list[Parcel], landed: Callable[[], None] | None = None
+    ) -> None:
         """Put the job's parcels in its destination's lane, see that conversations run, wait for
         the parcels; then record what the conversations did not: deferrals, DNS verdicts."""
         try:
@@ -204,6 +215,8 @@ class DeliveryService:
         share = JobShare(batch, parcels)
         with self.lanes.joined(destination, found, policies) as lane:
             lane.add(parcels, share)
+            if landed is not None:
+                landed()
             handed = self.crew.tend(destination, lane, share, parcels)
         batch.drain()  # the conversations' outcomes are written before the rest is worked out
         if handed:

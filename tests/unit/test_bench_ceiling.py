@@ -81,9 +81,9 @@ def test_phases_by_command_and_key() -> None:
     assert classify("XADD", ["mtaq:events", "MAXLEN", "~", "1000", "*"], "outcome write") == "events"
     assert classify("HSET", ["mtaq:rcpt:A", "0", "{}"], "outcome write") == "outcome write"
     # the drain jobs' scripts (common/jobqueue.py): the RQ job they queue is RQ's enqueue
-    arm = ["sha", "3", "mtaq:pend:d", "mtaq:armed", "mtaq:pend-count"]
-    assert classify("EVALSHA", arm) == "RQ enqueue"
-    assert classify("EVALSHA", [*arm[:1], "4", *arm[2:], "mtaq:drawn:J"]) == "RQ dequeue+start"
+    assert classify("EVALSHA", ["sha", "3", "mtaq:armed", "mtaq:pend-count", "mtaq:pend:d"]) == "RQ enqueue"
+    draw = ["sha", "5", "mtaq:pend:d", "mtaq:armed", "mtaq:pend-count", "mtaq:drawn:J", "mtaq:drawn-avg"]
+    assert classify("EVALSHA", draw) == "RQ dequeue+start"
     assert classify("LTRIM", ["mtaq:pend:d", "2", "-1"], "RQ dequeue+start") == "RQ dequeue+start"
     assert classify("RPUSH", ["rq:queue:mtaq", "J"], "RQ dequeue+start") == "RQ enqueue"
     assert classify("DEL", ["mtaq:drawn:J"]) == "RQ finish"

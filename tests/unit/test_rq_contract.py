@@ -25,18 +25,22 @@ from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
 from common.jobqueue import DeliveryQueue
+from worker.intake import Intake
 from worker.pool import ConcurrentWorker
 
 
 class _Service:
     """What ConcurrentWorker asks of the delivery service: heartbeats and a stop (and, where the
-    worker sizes its job slots from the service, how many conversations it holds)."""
+    worker sizes its job slots from the service, how many conversations it holds; what its jobs
+    hold; the queue whose lost drain jobs its clean-up queues again)."""
 
     concurrency = 100
 
-    def __init__(self) -> None:
+    def __init__(self, r: fakeredis.FakeRedis) -> None:
         self.beats = 0
         self.stopped = False
+        self.intake = Intake(10, 10, lambda: 0)
+        self.queue = DeliveryQueue(r)
 
     def heartbeat(self) -> None:
         self.beats += 1
@@ -53,7 +57,7 @@ def r() -> fakeredis.FakeRedis:
 @pytest.fixture
 def worker(r: fakeredis.FakeRedis) -> ConcurrentWorker:
     q = Queue("mtaq", connection=r, serializer=JSONSerializer)
-    service: Any = _Service()  # a DeliveryService, as far as the worker's loop is concerned
+    service: Any = _Service(r)  # a DeliveryService, as far as the worker's loop is concerned
     # the keyword arguments worker/process.py passes
     return ConcurrentWorker(
         [q], connection=r, serializer=JSONSerializer, worker_ttl=60, maintenance_interval=10, service=service

@@ -1,0 +1,53 @@
+"""worker/intake.py: a worker process takes a job only while fewer messages than it wants wait in
+it for a conversation; a drain job's share counts from its start until its parcels are in a lane."""
+
+from __future__ import annotations
+
+import threading
+
+from worker.intake import Intake
+
+
+class Lanes:
+    def __init__(self) -> None:
+        self.parcels = 0
+
+    def waiting(self) -> int:
+        return self.parcels
+
+
+def test_shares_count_until_their_parcels_are_in_a_lane() -> None:
+    lanes = Lanes()
+    i = Intake(want=10, draw=10, waiting=lanes.waiting)
+    assert i.wait_room(0)
+    i.begin("d1", None)
+    assert i.share("d1") == 10 and i.load == 10
+    assert not i.wait_room(0.01)
+    lanes.parcels = 10  # the job put them in its lane
+    i.landed("d1")
+    assert i.load == 10 and i.share("d1") == 10
+    lanes.parcels = 3  # conversations took seven
+    assert i.wait_room(0)
+    i.begin("old", 4)  # a job naming its messages counts them all
+    assert i.load == 7 and i.share("never-begun") == 10
+    i.end("old")
+    i.end("old")  # twice: nothing more
+    assert i.load == 3
+
+
+def test_room_comes_as_conversations_take_parcels() -> None:
+    lanes = Lanes()
+    lanes.parcels = 12
+    i = Intake(want=10, draw=10, waiting=lanes.waiting)
+    taker = threading.Timer(0.1, lambda: setattr(lanes, "parcels", 9))
+    taker.start()
+    assert i.wait_room(5.0)
+    taker.join()
+
+
+def test_a_job_that_ends_before_landing_gives_its_share_back() -> None:
+    i = Intake(want=10, draw=10, waiting=lambda: 0)
+    i.begin("d", None)
+    assert not i.wait_room(0)
+    i.end("d")
+    assert i.wait_room(0)
