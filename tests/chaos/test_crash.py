@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from common.jobqueue import QueuedJob
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message
 from tests.integration.eventually import GENEROUS
@@ -47,11 +48,13 @@ def test_redis_sigkill_after_250_loses_nothing(redis_server: RedisServer, mta_fa
     missing = [q for q in accepted if mta.store.load(q) is None]
     assert missing == []
     assert mta.store.queue_size() == 100
-    # and their delivery jobs came back with them: every accepted message is in a waiting job, once
-    jobs = mta.queue.rq.get_jobs()
-    queued = [qid for job in jobs for qid in job.args[1]]
-    assert sorted(queued) == sorted(accepted), (len(queued), len(jobs))
-    assert mta.queue.counts().waiting == len(jobs) >= 1
+    # and their delivery came back with them: every accepted message is in its destination's
+    # pending list, once, and the drain job that will take it is queued (common/jobqueue.py)
+    assert sorted(mta.queue.pending_ids("a.test")) == sorted(accepted)
+    assert mta.queue.pending() == 100
+    [job] = mta.queue.rq.get_jobs()
+    assert QueuedJob.of(job).destination == "a.test" and mta.queue.armed() == {"a.test": job.id}
+    assert mta.queue.counts().waiting == 1
 
 
 def test_ingress_sigkill_mid_data_stores_nothing_half(
