@@ -108,6 +108,7 @@ _MTAQ_PREFIXES = (
     ("mtaq:lease:", "worker load+lease"),
     ("mtaq:drawn:", "RQ finish"),  # a drain job's list of what it took, dropped at its end
     ("mtaq:pend-count", "ingress flow control"),
+    ("mtaq:drawn-avg", "ingress flow control"),
     ("mtaq:armed", "heartbeat+maintenance"),  # the clean-up's look for lost drain jobs
 )
 

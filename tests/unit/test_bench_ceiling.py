@@ -88,6 +88,7 @@ def test_phases_by_command_and_key() -> None:
     assert classify("RPUSH", ["rq:queue:mtaq", "J"], "RQ dequeue+start") == "RQ enqueue"
     assert classify("DEL", ["mtaq:drawn:J"]) == "RQ finish"
     assert classify("GET", ["mtaq:pend-count"]) == "ingress flow control"
+    assert classify("GET", ["mtaq:drawn-avg"]) == "ingress flow control"
 
 
 def test_a_tally_gives_transactions_and_expiries_their_neighbours_phase() -> None:
