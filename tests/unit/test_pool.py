@@ -147,3 +147,31 @@ def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRe
     r.delete(job.key)  # the job ended and went, as the beat was reading the running jobs
     w.beat()
     assert not r.exists(job.key)
+
+
+def test_a_drain_job_run_again_after_a_failure_delivers_what_it_took(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msgs = [
+        Message(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient(f"u{i}@y.test")]), b"x\r\n")
+        for i in range(3)
+    ]
+    service.spool.commit(msgs)
+    [job_id] = service.queue.rq.get_job_ids()
+    real = service.deliver
+
+    def dies(*args: object, **kw: object) -> None:
+        raise RuntimeError("worker died mid-job")
+
+    monkeypatch.setattr(service, "deliver", dies)
+    with pytest.raises(RuntimeError):
+        service.drain("y.test", job_id)
+    assert service.queue.drawn(job_id) == ["Q0", "Q1"]  # its share (job_max_messages 2), kept
+    monkeypatch.setattr(service, "deliver", real)
+    service.drain("y.test", job_id)  # RQ runs it again: the same two, nothing new taken
+    assert sorted(x for _, _, (x,) in peer.taken) == ["u0@y.test", "u1@y.test"]
+    assert service.queue.drawn(job_id) == [] and service.queue.pending_ids("y.test") == ["Q2"]
+    # the third went to the next drain job, queued by the first draw
+    [next_id] = service.queue.rq.get_job_ids()[1:]
+    service.drain("y.test", next_id)
+    assert len(peer.taken) == 3 and service.intake.load == 0
