@@ -148,6 +148,7 @@ class QueueCounts:
     running: int
     scheduled: int  # retries waiting for their time
     failed: int
+    pending: int = 0  # messages in the pending lists, for the drain jobs to take (not jobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +366,7 @@ class DeliveryQueue:
             running=StartedJobRegistry(queue=q).count,
             scheduled=ScheduledJobRegistry(queue=q).count,  # type: ignore[no-untyped-call]
             failed=FailedJobRegistry(queue=q).count,
+            pending=self.pending(),
         )
 
     # -- RQ's keys and jobs, for those who read them (the ingress's flow control, the operator's tools)

@@ -288,6 +288,7 @@ def do_stats(spool: Spool, settings: Settings, args: argparse.Namespace, out: Te
         sh = read_counts(r, now).shape(deferred_sample(r, spool.router.relayhost))
     c = spool.queue.counts()
     jobs = {"waiting": c.waiting, "running": c.running, "scheduled": c.scheduled, "failed": c.failed}
+    jobs["pending_messages"] = c.pending  # committed, not yet taken by a drain job (common/jobqueue.py)
     workers = Monitor(r, settings.queue_name).workers()
     down = throttled(r)
     totals = spool.store.stats()

@@ -207,7 +207,7 @@ def stats_text(
     if len(shape.destinations) > top:
         out.append(f"... and {len(shape.destinations) - top} more destination(s)")
     out.append("")
-    out.append("jobs: " + ", ".join(f"{n} {k}" for k, n in jobs.items()))
+    out.append("jobs: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in jobs.items()))
     out.append(f"workers alive: {workers}")
     if throttled:
         out.append("destinations throttled or down:")

@@ -174,7 +174,13 @@ def test_queue_commands_on_a_queue_in_known_states(
     r = mtaq(mta, "queue", "delete", mixed)  # not a terminal: no question asked
     assert r.returncode == 0 and r.stdout.startswith("deleted 1 message(s)"), r.stderr
     doc = json.loads(mtaq(mta, "queue", "stats", "--json").stdout)
-    assert doc["messages"] == 0 and doc["jobs"]["mtaq"] == {"waiting": 0, "running": 0, "scheduled": 0, "failed": 0}
+    assert doc["messages"] == 0 and doc["jobs"]["mtaq"] == {
+        "waiting": 0,
+        "running": 0,
+        "scheduled": 0,
+        "failed": 0,
+        "pending_messages": 0,
+    }
     r = mtaq(mta, "queue")
     assert (r.returncode, r.stdout) == (0, "Mail queue is empty\n")
     r = mtaq(mta, "queue", "retry", "--all")

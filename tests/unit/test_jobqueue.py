@@ -58,6 +58,7 @@ def test_a_draw_takes_its_share_and_queues_the_next_job_for_the_rest(dq: Deliver
     [second] = dq.rq.get_job_ids()
     assert dq.armed() == {"a.test": second} and second != first
     assert dq.pending_ids("a.test") == ["q3"] and dq.pending() == 1
+    assert dq.counts().pending == 1  # `mtaq queue stats`: messages no drain job has taken yet
     # RQ runs the first again (its worker died): the same messages, and no third job
     assert dq.draw("a.test", first, 2) == ["q1", "q2"]
     assert dq.rq.get_job_ids() == [second]
