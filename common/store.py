@@ -254,10 +254,9 @@ return 0
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where
 # they were two round trips, the second reading again what the first had just read).
-REMOVED = -4  # what _SET_STATUS returns when the outcome finished its message and removed it
-_SET_STATUS = (
-    queuestats.LIB
-    + """
+REMOVED = -4  # what _SET_STATUS_BODY returns when the outcome finished its message and removed it
+_SET_STATUS_BODY = (
+    """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return -2 end
 local state = cjson.decode(old)['s']
@@ -287,6 +286,30 @@ if ARGV[3] ~= '0' then return redis.call('DECR', KEYS[2]) end
 return -3
 """
 )
+# Many outcomes in one script call (issue 15: an EVALSHA per recipient was one command a message
+# of its own): the script above as a function of its own KEYS and ARGV (the parameters shadow the
+# globals), run per entry in order. KEYS: 11 per entry; ARGV: the number of entries, then per
+# entry the number of its arguments and the arguments. Returns each entry's answer.
+_SET_STATUSES = (
+    queuestats.LIB
+    + "local function one(KEYS, ARGV)\n"
+    + _SET_STATUS_BODY
+    + """
+end
+local unpack = unpack or table.unpack
+local out, k, a = {}, 0, 2
+for e = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a])
+  out[e] = one({unpack(KEYS, k + 1, k + 11)}, {unpack(ARGV, a + 1, a + n)})
+  k = k + 11
+  a = a + n + 1
+end
+return out
+"""
+)
+# entries per call of _SET_STATUSES: a script blocks Redis while it runs (`mtaq queue bounce`
+# may hand over thousands)
+STATUSES_PER_CALL = 200
 
 
 # The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
@@ -327,7 +350,7 @@ class Store:
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas
         self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
-        self._set_status = r.register_script(_SET_STATUS)
+        self._set_statuses = r.register_script(_SET_STATUSES)
         self._end_lease = r.register_script(_END_LEASE)
         self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
@@ -474,7 +497,7 @@ class Store:
     # -- recipient state --------------------------------------------------------------------------
     def set_statuses(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, list[int]]:
         """Record outcomes of any number of messages in one round trip; returns, per queue id, what
-        _SET_STATUS returned for each update (0: that message is finished)."""
+        _SET_STATUS_BODY returned for each update (0: that message is finished)."""
         entries = [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
         out: dict[str, list[int]] = {qid: [] for qid in updates}
         for (qid, _, _), r in zip(entries, self.set_status_list(entries), strict=True):
@@ -500,19 +523,18 @@ class Store:
         if not entries:
             return []
         with_events = self.events_max > 0 and bool(events)
-        for attempt in range(2):
-            pipe = self._pipeline(transaction=False)
-            for n, (qid, idx, st) in enumerate(entries):
+        calls: list[tuple[list[str], list[str]]] = []
+        for start in range(0, len(entries), STATUSES_PER_CALL):
+            keys: list[str] = []
+            args: list[str] = [str(min(STATUSES_PER_CALL, len(entries) - start))]
+            for n in range(start, min(len(entries), start + STATUSES_PER_CALL)):
+                qid, idx, st = entries[n]
                 ev = events[n] if with_events else None
                 extra: list[str] = []
                 if ev is not None:
                     extra = [str(self.events_max)] + [x for kv in ev.to_fields().items() for x in kv]
-                # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
-                # one more round trip each time
                 dest = (last or {}).get(qid) if st.final else None
-                pipe.evalsha(
-                    self._set_status.sha,
-                    11,
+                keys += [
                     rcpt_key(qid),
                     left_key(qid),
                     STATS,
@@ -524,6 +546,8 @@ class Store:
                     EVENTS,
                     INDEX,
                     INDEX if dest is None else lease_key(qid, dest),
+                ]
+                one = [
                     str(idx),
                     st.to_json(),
                     "2" if dest is not None else "1" if st.final else "0",
@@ -532,15 +556,24 @@ class Store:
                     qid,
                     QDEST_PREFIX,
                     *extra,
-                )
+                ]
+                args += [str(len(one)), *one]
+            calls.append((keys, args))
+        for attempt in range(2):
+            pipe = self._pipeline(transaction=False)
+            for keys, args in calls:
+                # EVALSHA directly: a registered Script in a pipeline asks SCRIPT EXISTS first,
+                # one more round trip each time
+                pipe.evalsha(self._set_statuses.sha, len(keys), *keys, *args)
             if also is not None:
                 also(pipe)
             try:
-                return [int(r) for r in pipe.execute()[: len(entries)]]
+                answers = pipe.execute()[: len(calls)]
+                return [int(x) for answer in answers for x in answer]
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
-                self.redis.script_load(_SET_STATUS)  # a restarted Redis forgot it; nothing ran
+                self.redis.script_load(_SET_STATUSES)  # a restarted Redis forgot it; nothing ran
         raise AssertionError("unreachable")
 
     # -- leases: one job at a time works on a (message, destination) ---------------------------------
