@@ -389,8 +389,9 @@ class Store:
                 fresh = RecipientStatus().to_json()
                 pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
                 pipe.set(left_key(env.id), len(env.recipients))
-                pipe.zadd(INDEX, {env.id: env.received_at})
             if messages:
+                # one ZADD for the whole batch: a command a message fewer (issue 15)
+                pipe.zadd(INDEX, {m.envelope.id: m.envelope.received_at for m in messages})
                 pipe.hincrby(STATS, "received", len(messages))
                 # EVAL: see _delete
                 pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
