@@ -265,7 +265,8 @@ if #ARGV > 7 then  -- first: should it fail, the script fails having written not
   local unpack = unpack or table.unpack
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
 end
-redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+counted[KEYS[3]] = counted[KEYS[3]] or {}
+counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY once a call, at its end
 if ARGV[3] == '2' then
   local raw = redis.call('HGET', KEYS[4], 'q')
   local q = raw and cjson.decode(raw)
@@ -288,11 +289,13 @@ return -3
 )
 # Many outcomes in one script call (issue 15: an EVALSHA per recipient was one command a message
 # of its own): the script above as a function of its own KEYS and ARGV (the parameters shadow the
-# globals), run per entry in order. KEYS: 11 per entry; ARGV: the number of entries, then per
-# entry the number of its arguments and the arguments. Returns each entry's answer.
+# globals), run per entry in order; the stats it counts are added once a call, at the end (a
+# script that fails midway leaves its earlier entries uncounted there: counters, not the queue).
+# KEYS: 11 per entry; ARGV: the number of entries, then per entry the number of its arguments and
+# the arguments. Returns each entry's answer.
 _SET_STATUSES = (
     queuestats.LIB
-    + "local function one(KEYS, ARGV)\n"
+    + "local counted = {}\nlocal function one(KEYS, ARGV)\n"
     + _SET_STATUS_BODY
     + """
 end
@@ -303,6 +306,9 @@ for e = 1, tonumber(ARGV[1]) do
   out[e] = one({unpack(KEYS, k + 1, k + 11)}, {unpack(ARGV, a + 1, a + n)})
   k = k + 11
   a = a + n + 1
+end
+for key, fields in pairs(counted) do
+  for field, by in pairs(fields) do redis.call('HINCRBY', key, field, by) end
 end
 return out
 """

@@ -11,6 +11,7 @@ from common.spool import Spool
 from common.store import (
     INDEX,
     QCOUNTS,
+    STATUSES_PER_CALL,
     Message,
     Store,
     StoreFull,
@@ -217,3 +218,14 @@ def test_outcome_of(code: int | str, state: RcptState) -> None:
     assert outcome_of(code) is state
     assert state.final is (state is not RcptState.DEFERRED)
     assert LOG_STATUS[state] == ("sent" if state is RcptState.DELIVERED else state.value)
+
+
+def test_many_outcomes_go_in_calls_of_a_bounded_size_and_count_once_each(store: Store) -> None:
+    # more than one script call's worth (STATUSES_PER_CALL), a state each way, a message twice
+    n = STATUSES_PER_CALL + 50
+    store.commit([Message(env(f"Q{i}", "a@one.test", "b@one.test"), b"x") for i in range(n)])
+    done = RecipientStatus(RcptState.DELIVERED, attempts=1, dsn="2.0.0")
+    later = RecipientStatus(RcptState.DEFERRED, attempts=1, dsn="4.0.0", next_attempt=2e3)
+    entries = [(f"Q{i}", 0, done) for i in range(n)] + [("Q0", 1, later), ("Q0", 0, done)]
+    assert store.set_status_list(entries) == [1] * n + [-3, -1]
+    assert store.stats() == {"received": n, "delivered": n, "deferred": 1}
