@@ -131,7 +131,7 @@ def _script_phase(cmd: str, args: Sequence[str]) -> str:
     if first.startswith("mtaq:pend:"):
         return "RQ dequeue+start"  # common/jobqueue.py _DRAW: a drain job takes its share
     if first.startswith("mtaq:rcpt:"):
-        return "outcome write"  # store._SET_STATUSES
+        return "outcome write"  # common/statusscript.py SET_STATUSES
     if first.startswith("mtaq:lease:"):
         # store._RENEW_LEASE (token, ms: the heartbeat's) or _END_LEASE (token)
         return "heartbeat+maintenance" if len(argv) > 1 else "worker load+lease"

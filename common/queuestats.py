@@ -187,7 +187,7 @@ end
 -- A message removed: its share of the counters and indexes taken out as its summary ``q`` has it
 -- (none when q is nil: counted nowhere), then its message hash, recipients hash and left counter,
 -- its queue index entry and its hold. The deletion (DELETE) and an outcome that finishes its
--- message (common/store.py, _SET_STATUS_BODY) both remove through this.
+-- message (common/statusscript.py) both remove through this.
 local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
   local held = nil
   if q then
@@ -200,7 +200,7 @@ local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
 end
 """
 
-# Appended to the recipient-state script after its HSET (common/store.py _SET_STATUS_BODY), where
+# Appended to the recipient-state script after its HSET (common/statusscript.py), where
 # ``state`` is the old state; KEYS[4..8]: message hash, counts, hold set, deferred index,
 # destinations set; ARGV[5..7]: new state, queue id, destination index prefix.
 STATUS_ACCOUNT = """

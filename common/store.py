@@ -44,6 +44,8 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event
+from common.statusscript import REMOVED as REMOVED
+from common.statusscript import SET_STATUSES, STATUSES_PER_CALL
 
 __all__ = [
     "SWEEP_LOCK",
@@ -244,80 +246,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: rcpt hash, left counter, stats hash, the queue counters' (queuestats.STATUS_ACCOUNT: 4..8),
-# events stream, queue index, the (message, destination) lease; ARGV: field, new status JSON, final
-# (1/0, or 2: final, and the message goes with it if this was its last open recipient: no report
-# is due, the caller knows), stat name, the queue counters' (5..7), then optionally the events'
-# MAXLEN and the event's field/value pairs (the event is written exactly when the state is: a
-# re-run job reports nothing twice).
-# Returns the recipients left when the status became final, -1 when it already was final (a re-run
-# job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
-# message was finished and removed here (issue 15: the outcome and the delete in one script, where
-# they were two round trips, the second reading again what the first had just read).
-REMOVED = -4  # what _SET_STATUS_BODY returns when the outcome finished its message and removed it
-_SET_STATUS_BODY = (
-    """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return -2 end
-local state = cjson.decode(old)['s']
-if state == 'delivered' or state == 'bounced' then return -1 end
-if #ARGV > 7 then  -- first: should it fail, the script fails having written nothing
-  local unpack = unpack or table.unpack
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
-end
-counted[KEYS[3]] = counted[KEYS[3]] or {}
-counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY once a call, at its end
-if ARGV[3] == '2' then
-  local raw = redis.call('HGET', KEYS[4], 'q')
-  local q = raw and cjson.decode(raw)
-  if q and q.p + q.d == 1 then  -- the last open recipient: removed as queuestats.DELETE removes
-    local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7]}
-    qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
-    redis.call('DEL', KEYS[11])  -- the job's lease on it
-    return """
-    + str(REMOVED)
-    + """
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-"""
-    + queuestats.STATUS_ACCOUNT
-    + """
-if ARGV[3] ~= '0' then return redis.call('DECR', KEYS[2]) end
-return -3
-"""
-)
-# Many outcomes in one script call (issue 15: an EVALSHA per recipient was one command a message
-# of its own): the script above as a function of its own KEYS and ARGV (the parameters shadow the
-# globals), run per entry in order; the stats it counts are added once a call, at the end (a
-# script that fails midway leaves its earlier entries uncounted there: counters, not the queue).
-# KEYS: 11 per entry; ARGV: the number of entries, then per entry the number of its arguments and
-# the arguments. Returns each entry's answer.
-_SET_STATUSES = (
-    queuestats.LIB
-    + "local counted = {}\nlocal function one(KEYS, ARGV)\n"
-    + _SET_STATUS_BODY
-    + """
-end
-local unpack = unpack or table.unpack
-local out, k, a = {}, 0, 2
-for e = 1, tonumber(ARGV[1]) do
-  local n = tonumber(ARGV[a])
-  out[e] = one({unpack(KEYS, k + 1, k + 11)}, {unpack(ARGV, a + 1, a + n)})
-  k = k + 11
-  a = a + n + 1
-end
-for key, fields in pairs(counted) do
-  for field, by in pairs(fields) do redis.call('HINCRBY', key, field, by) end
-end
-return out
-"""
-)
-# entries per call of _SET_STATUSES: a script blocks Redis while it runs (`mtaq queue bounce`
-# may hand over thousands)
-STATUSES_PER_CALL = 200
-
-
 # The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
 # message; KEYS: msg hash; ARGV: field, time. 1 when this caller claimed it, 0 when claimed before or gone.
 WARNED_FIELD = "warned"
@@ -356,7 +284,7 @@ class Store:
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas
         self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
-        self._set_statuses = r.register_script(_SET_STATUSES)
+        self._set_statuses = r.register_script(SET_STATUSES)
         self._end_lease = r.register_script(_END_LEASE)
         self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
@@ -504,7 +432,7 @@ class Store:
     # -- recipient state --------------------------------------------------------------------------
     def set_statuses(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, list[int]]:
         """Record outcomes of any number of messages in one round trip; returns, per queue id, what
-        _SET_STATUS_BODY returned for each update (0: that message is finished)."""
+        the recipient-state script (common/statusscript.py) returned for each update (0: that message is finished)."""
         entries = [(qid, idx, st) for qid, ups in updates.items() for idx, st in ups.items()]
         out: dict[str, list[int]] = {qid: [] for qid in updates}
         for (qid, _, _), r in zip(entries, self.set_status_list(entries), strict=True):
@@ -580,7 +508,7 @@ class Store:
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
-                self.redis.script_load(_SET_STATUSES)  # a restarted Redis forgot it; nothing ran
+                self.redis.script_load(SET_STATUSES)  # a restarted Redis forgot it; nothing ran
         raise AssertionError("unreachable")
 
     # -- leases: one job at a time works on a (message, destination) ---------------------------------

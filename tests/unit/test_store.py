@@ -8,10 +8,10 @@ from common.envelope import LOG_STATUS, Envelope, RcptState, Recipient, Recipien
 from common.jobqueue import DRAIN_FUNC, DeliveryQueue
 from common.routing import Router, next_hop
 from common.spool import Spool
+from common.statusscript import STATUSES_PER_CALL
 from common.store import (
     INDEX,
     QCOUNTS,
-    STATUSES_PER_CALL,
     Message,
     Store,
     StoreFull,
