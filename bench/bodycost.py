@@ -1,0 +1,136 @@
+"""Where a message's CPU goes, process by process: ``mtaq run`` (embedded Redis with ``appendfsync
+always``, as bench.throughput starts it) relaying to an smtp-sink, one smtp-source load (a new
+connection per message), and the user and system CPU of the ingress, redis-server (with its AOF
+rewrite children) and the workers per message, from /proc. Made for the 1 MiB load (issue 15):
+CPU per message moves little with the machine's load, so it needs no bench lock; the msgs/s it
+prints do (take rates from bench.throughput under the lock).
+
+    python -m bench.bodycost                                  # 100 x 1 MiB, 10 sessions
+    python -m bench.bodycost --messages 200 --perf /tmp/p.data   # and a perf profile of them all
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.measure import CLK_TCK
+from bench.profile import children, cmdline
+from bench.sinkdump import DumpSink
+from bench.systems import Mtaq, free_port, stop_proc
+
+ROLES = ("ingress", "worker")
+
+
+def role(pid: int) -> str:
+    argv = cmdline(pid)
+    if any("redis-server" in a for a in argv):
+        return "redis"
+    return next((r for r in ROLES if r in argv), "run")
+
+
+def ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of a process and of its children it has reaped."""
+    try:
+        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(rest[11]) + int(rest[13]), int(rest[12]) + int(rest[14])
+
+
+def tree(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children(pid)
+    return out
+
+
+def snapshot(root: int) -> dict[str, tuple[int, int]]:
+    """(user, system) ticks by role, summed over the live tree (dead children are in their
+    parents' reaped fields)."""
+    by: dict[str, tuple[int, int]] = {}
+    for pid in tree(root):
+        r = role(pid)
+        u, s = by.get(r, (0, 0))
+        du, ds = ticks(pid)
+        by[r] = (u + du, s + ds)
+    return by
+
+
+def smtp_source(port: int, messages: int, size: int, sessions: int, timeout: float) -> None:
+    argv = ["smtp-source", "-N", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    argv += ["-M", "smtp-source.test", "-f", "load@loadgen.test", "-t", "u@example.test", f"127.0.0.1:{port}"]
+    subprocess.run(argv, check=True, timeout=timeout)
+
+
+def wait_delivered(sink: DumpSink, messages: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sink.files()
+        if len(files) >= messages and all(f.stat().st_size > 0 for f in files):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"not all {messages} messages reached the sink within {timeout:g} s")
+
+
+def report(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], n: int) -> None:
+    print(f"  {'process':8} {'user':>6} {'system':>6} {'ms/msg':>6}")
+    tu = ts = 0.0
+    for r in sorted(after):
+        bu, bs = before.get(r, (0, 0))
+        u = (after[r][0] - bu) / CLK_TCK * 1000 / n
+        s = (after[r][1] - bs) / CLK_TCK * 1000 / n
+        tu, ts = tu + u, ts + s
+        print(f"  {r:8} {u:6.2f} {s:6.2f} {u + s:6.2f}")
+    print(f"  {'total':8} {tu:6.2f} {ts:6.2f} {tu + ts:6.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1048576, help="octets per message (1 MiB)")
+    ap.add_argument("--messages", type=int, default=100)
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--mtaq", type=Path, default=Path(".venv/bin/mtaq"), help="the mtaq executable")
+    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--perf", type=Path, default=None, help="perf record -g every mtaq process into this file")
+    a = ap.parse_args()
+    n = a.messages
+    with tempfile.TemporaryDirectory(prefix="bodycost") as d:
+        base = Path(d)
+        port = free_port()
+        with DumpSink(base / "sink", "127.0.0.1", port) as sink:
+            system = Mtaq(a.mtaq.absolute(), base / "mtaq", relayhost=f"[127.0.0.1]:{port}")
+            system.start()
+            perf: subprocess.Popen[bytes] | None = None
+            try:
+                assert system.proc is not None
+                root = system.proc.pid
+                time.sleep(1.0)  # the workers up
+                if a.perf is not None:
+                    pids = ",".join(str(p) for p in tree(root))
+                    argv = ["perf", "record", "-F", "1999", "-g", "-p", pids, "-o", str(a.perf)]
+                    perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1.0)
+                before = snapshot(root)
+                t0 = time.perf_counter()
+                smtp_source(system.port, n, a.size, a.sessions, a.timeout)
+                t_in = time.perf_counter() - t0
+                wait_delivered(sink, n, a.timeout)
+                t_e2e = time.perf_counter() - t0
+                time.sleep(0.5)  # the last outcomes written
+                after = snapshot(root)
+            finally:
+                stop_proc(perf, 30, signal.SIGINT)
+                system.stop()
+    print(f"{n} x {a.size} B, {a.sessions} sessions: ingress {n / t_in:.1f} msgs/s, e2e {n / t_e2e:.1f} msgs/s")
+    report(before, after, n)
+
+
+if __name__ == "__main__":
+    main()
