@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 
+from common.smtp.text import line_dot
 from ingress import replies
 from ingress.limits import MAX_BUFFERED_LINE, MAX_TEXT_LINE
 from ingress.replies import Reply
@@ -85,25 +86,6 @@ _LONG_LINE = re.compile(rb"\n[^\n]{%d}" % MAX_TEXT_LINE)
 # can be too long at all, and the regular expression above (a slower byte-at-a-time scan) runs only
 # when one of them holds no LF.
 _WINDOW = MAX_TEXT_LINE // 2
-# The dots _line_dot steps through one memchr at a time before it searches for LF-dot instead:
-# base64 and most large bodies have none, prose has one every few lines.
-DOT_HOPS = 16
-
-
-def _line_dot(buf: bytearray, end: int) -> int:
-    """The index of the first LF in ``buf[:end]`` that a dot follows (a line that starts with a
-    dot, after the first), or -1. A search for the two octets runs at ~1.4 GB/s (LF is on every
-    line); memchr for the dot alone is far faster where dots are rare."""
-    i = buf.find(b".", 1, end)
-    hops = 0
-    while i >= 0:
-        if buf[i - 1] == 0x0A:
-            return i - 1
-        hops += 1
-        if hops == DOT_HOPS:
-            return buf.find(b"\n.", i, end)
-        i = buf.find(b".", i + 1, end)
-    return -1
 
 
 def _has_long_line(buf: bytearray, end: int) -> bool:
@@ -186,7 +168,7 @@ class DataReader:
         if buf.startswith(b"."):
             return False
         end = buf.rfind(b"\n") + 1  # complete lines only
-        dot = _line_dot(buf, end)
+        dot = line_dot(buf, 0, end)
         if dot >= 0:
             end = dot + 1  # up to the line that starts with a dot (a bare LF before it: see below)
         if end == 0:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.smtp.text import DOT_HOPS
 from ingress.limits import MAX_TEXT_LINE
-from ingress.readers import DOT_HOPS, DataReader, DataStep, LineReader
+from ingress.readers import DataReader, DataStep, LineReader
 
 
 class LineAtATime(DataReader):
@@ -29,7 +30,7 @@ def read(reader: DataReader, chunks: list[bytes]) -> tuple[bytes, object, bool, 
     return reader.take(), reader.refusal, ended, rest
 
 
-# the dotted pieces use up _line_dot's memchr hops (DOT_HOPS) within a few lines; the long ones make
+# the dotted pieces use up line_dot's memchr hops (DOT_HOPS) within a few lines; the long ones make
 # lines of every length around MAX_TEXT_LINE and its half-windows
 PIECES = [
     b"a",
