@@ -12,14 +12,16 @@ prints do (take rates from bench.throughput under the lock).
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.measure import CLK_TCK
-from bench.profile import children, cmdline
+from bench.profile import children, cmdline, trace_env, trace_summary
 from bench.sinkdump import DumpSink
 from bench.systems import Mtaq, free_port, stop_proc
 
@@ -79,6 +81,23 @@ def wait_delivered(sink: DumpSink, messages: int, timeout: float) -> None:
     raise SystemExit(f"not all {messages} messages reached the sink within {timeout:g} s")
 
 
+def redis_info(sock: Path) -> dict[str, Any]:
+    import redis
+
+    r = redis.Redis(unix_socket_path=str(sock))
+    try:
+        return {**r.info("stats"), **r.info("persistence"), **r.info("cpu")}
+    finally:
+        r.close()
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
+
+
 def report(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], n: int) -> None:
     print(f"  {'process':8} {'user':>6} {'system':>6} {'ms/msg':>6}")
     tu = ts = 0.0
@@ -99,13 +118,15 @@ def main() -> None:
     ap.add_argument("--mtaq", type=Path, default=Path(".venv/bin/mtaq"), help="the mtaq executable")
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--perf", type=Path, default=None, help="perf record -g every mtaq process into this file")
+    ap.add_argument("--trace", type=Path, default=None, help="group commits and jobs (bench/trace) into this directory")
     a = ap.parse_args()
     n = a.messages
     with tempfile.TemporaryDirectory(prefix="bodycost") as d:
         base = Path(d)
         port = free_port()
         with DumpSink(base / "sink", "127.0.0.1", port) as sink:
-            system = Mtaq(a.mtaq.absolute(), base / "mtaq", relayhost=f"[127.0.0.1]:{port}")
+            env = trace_env(a.trace) if a.trace is not None else None
+            system = Mtaq(a.mtaq.absolute(), base / "mtaq", relayhost=f"[127.0.0.1]:{port}", extra_env=env)
             system.start()
             perf: subprocess.Popen[bytes] | None = None
             try:
@@ -118,6 +139,9 @@ def main() -> None:
                     perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
                 before = snapshot(root)
+                busy0 = machine_busy()
+                outside0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                sink0 = sum(ticks(sink.proc.pid)) if sink.proc is not None else 0
                 t0 = time.perf_counter()
                 smtp_source(system.port, n, a.size, a.sessions, a.timeout)
                 t_in = time.perf_counter() - t0
@@ -125,11 +149,26 @@ def main() -> None:
                 t_e2e = time.perf_counter() - t0
                 time.sleep(0.5)  # the last outcomes written
                 after = snapshot(root)
+                info = redis_info(base / "mtaq" / "var" / "redis.sock")
+                busy1 = machine_busy()
+                outside1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                sink1 = sum(ticks(sink.proc.pid)) if sink.proc is not None else 0
             finally:
                 stop_proc(perf, 30, signal.SIGINT)
                 system.stop()
     print(f"{n} x {a.size} B, {a.sessions} sessions: ingress {n / t_in:.1f} msgs/s, e2e {n / t_e2e:.1f} msgs/s")
     report(before, after, n)
+    source = outside1.ru_utime + outside1.ru_stime - outside0.ru_utime - outside0.ru_stime
+    print(f"  smtp-source {source * 1000 / n:.2f} ms/msg, smtp-sink {(sink1 - sink0) / CLK_TCK * 1000 / n:.2f} ms/msg")
+    children = info["used_cpu_sys_children"] + info["used_cpu_user_children"]
+    print(
+        f"  redis: {info['total_forks']} forks (AOF rewrites), their CPU {children * 1000:.0f} ms in all, "
+        f"last copy-on-write {info.get('aof_last_cow_size', 0) / 2**20:.1f} MiB"
+    )
+    busy, total = busy1[0] - busy0[0], busy1[1] - busy0[1]
+    print(f"  the machine: {busy * 1000 / n:.2f} ms/msg busy, {busy / total:.0%} of its CPUs busy")
+    if a.trace is not None:
+        trace_summary(a.trace)
 
 
 if __name__ == "__main__":
