@@ -16,11 +16,12 @@ import resource
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import CLK_TCK
+from bench.measure import CLK_TCK, parse_pss_kib
 from bench.profile import children, cmdline, trace_env, trace_summary
 from bench.sinkdump import DumpSink
 from bench.systems import Mtaq, free_port, stop_proc
@@ -79,6 +80,38 @@ def wait_delivered(sink: DumpSink, messages: int, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise SystemExit(f"not all {messages} messages reached the sink within {timeout:g} s")
+
+
+class PeakPss:
+    """Peak PSS (MiB) of each role, sampled every ``interval`` s in a thread."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval = root, interval
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now: dict[str, float] = {}
+            for pid in tree(self.root):
+                try:
+                    kib = parse_pss_kib(Path(f"/proc/{pid}/smaps_rollup").read_text())
+                except OSError:
+                    continue
+                r = role(pid)
+                now[r] = now.get(r, 0.0) + kib / 1024
+            now["all"] = sum(now.values())
+            for r, mib in now.items():
+                self.peak[r] = max(self.peak.get(r, 0.0), mib)
+
+    def __enter__(self) -> PeakPss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def redis_info(sock: Path) -> dict[str, Any]:
@@ -143,10 +176,11 @@ def main() -> None:
                 outside0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 sink0 = sum(ticks(sink.proc.pid)) if sink.proc is not None else 0
                 t0 = time.perf_counter()
-                smtp_source(system.port, n, a.size, a.sessions, a.timeout)
-                t_in = time.perf_counter() - t0
-                wait_delivered(sink, n, a.timeout)
-                t_e2e = time.perf_counter() - t0
+                with PeakPss(root) as pss:
+                    smtp_source(system.port, n, a.size, a.sessions, a.timeout)
+                    t_in = time.perf_counter() - t0
+                    wait_delivered(sink, n, a.timeout)
+                    t_e2e = time.perf_counter() - t0
                 time.sleep(0.5)  # the last outcomes written
                 after = snapshot(root)
                 info = redis_info(base / "mtaq" / "var" / "redis.sock")
@@ -165,6 +199,7 @@ def main() -> None:
         f"  redis: {info['total_forks']} forks (AOF rewrites), their CPU {children * 1000:.0f} ms in all, "
         f"last copy-on-write {info.get('aof_last_cow_size', 0) / 2**20:.1f} MiB"
     )
+    print("  peak PSS MiB: " + ", ".join(f"{r} {mib:.0f}" for r, mib in sorted(pss.peak.items())))
     busy, total = busy1[0] - busy0[0], busy1[1] - busy0[1]
     print(f"  the machine: {busy * 1000 / n:.2f} ms/msg busy, {busy / total:.0%} of its CPUs busy")
     if a.trace is not None:
