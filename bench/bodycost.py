@@ -143,7 +143,7 @@ def report(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
     print(f"  {'total':8} {tu:6.2f} {ts:6.2f} {tu + ts:6.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1048576, help="octets per message (1 MiB)")
     ap.add_argument("--messages", type=int, default=100)
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--perf", type=Path, default=None, help="perf record -g every mtaq process into this file")
     ap.add_argument("--trace", type=Path, default=None, help="group commits and jobs (bench/trace) into this directory")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     n = a.messages
     with tempfile.TemporaryDirectory(prefix="bodycost") as d:
         base = Path(d)
@@ -202,9 +202,10 @@ def main() -> None:
     print("  peak PSS MiB: " + ", ".join(f"{r} {mib:.0f}" for r, mib in sorted(pss.peak.items())))
     busy, total = busy1[0] - busy0[0], busy1[1] - busy0[1]
     print(f"  the machine: {busy * 1000 / n:.2f} ms/msg busy, {busy / total:.0%} of its CPUs busy")
+    return 0
     if a.trace is not None:
         trace_summary(a.trace)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
