@@ -54,6 +54,22 @@ def test_commit_writes_body_once_state_and_one_job_per_destination(spool: Spool,
     assert all(j.args[1] == ["Q1"] for j in jobs)
 
 
+def test_commit_hands_the_body_to_redis_py_uncopied(store: Store) -> None:
+    """The body goes into the transaction as a view of the message's own bytes: redis-py writes a
+    memoryview as it is, where hiredis's packer copies a bytes argument into the command."""
+    body = b"x" * 100_000
+    seen: list[object] = []
+
+    def look(pipe: redis.client.Pipeline) -> None:
+        for args, _ in pipe.command_stack:
+            if args[0] == "HSET" and args[1] == msg_key("Q9"):
+                seen.append(args[args.index("body") + 1])
+
+    store.commit([Message(env("Q9", "a@one.test"), body)], also=look)
+    assert len(seen) == 1 and isinstance(seen[0], memoryview) and seen[0].obj is body
+    assert store.redis.hget(msg_key("Q9"), "body") == body
+
+
 def test_jobs_carry_at_most_job_max_messages(spool: Spool) -> None:
     spool.commit([Message(env(f"Q{i}", "a@one.test"), b"x") for i in range(5)])
     assert sorted(len(j.args[1]) for j in spool.queue.rq.get_jobs()) == [1, 2, 2]
