@@ -121,6 +121,7 @@ def measure(
         e2e_s=(max(r.at for r in received) - t0) if received else None,
         latencies=[lat for r in received if (lat := r.latency) is not None],
         cpu_s=sampler.cpu,
+        cpu_by_role=sampler.cpu_by_role,
         peak_pss_mib=sampler.peak_pss_mib,
         peak_procs=sampler.peak_procs,
         note=note,
@@ -142,6 +143,9 @@ def measure_and_print(system: System, load: Load, sink: Sink, **kw: Any) -> Resu
         f"p99 {f['latency_p99_ms']} ms, peak PSS {f['peak_pss_mib']} MiB" + (f" ({r.note})" if r.note else ""),
         flush=True,
     )
+    top = [f"{role} {ms:.3f}" for role, ms in f["cpu_ms_per_msg_by_process"].items() if ms >= 0.005]
+    if top:
+        print(f"    CPU ms a message by process: {', '.join(top)}", flush=True)
     return r
 
 

@@ -26,10 +26,12 @@ from pathlib import Path
 
 __all__ = [
     "Sampler",
+    "by_role",
     "cpu_seconds",
     "parse_pss_kib",
     "parse_stat",
     "percentile",
+    "role_of",
     "tree",
 ]
 
@@ -109,6 +111,38 @@ def tree(roots: Iterable[int], stats: dict[int, Stat] | None = None) -> dict[int
     return out
 
 
+MTAQ_ROLES = ("ingress", "worker", "run")
+
+
+def role_of(cmdline: Sequence[str], comm: str) -> str:
+    """What a process of a system is, for its CPU by process: an mtaq process's role (``mtaq
+    ingress``, ``mtaq worker``, ``mtaq run``: the word after ``mtaq``), anything else its command
+    name (redis-server, Postfix's master, smtpd, cleanup, qmgr, smtp...)."""
+    if any(arg.endswith("mtaq") for arg in cmdline):
+        for word in cmdline:
+            if word in MTAQ_ROLES:
+                return f"mtaq {word}"
+    return comm
+
+
+def _role(pid: int) -> str:
+    stat = _read(PROC / str(pid) / "stat") or "(?)"
+    cmdline = (_read(PROC / str(pid) / "cmdline") or "").split("\0")
+    return role_of(cmdline, stat[stat.find("(") + 1 : stat.rfind(")")])
+
+
+def by_role(start: dict[int, tuple[str, int]], end: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds between two looks at a tree (pid -> (role, ticks)), summed by role: a process
+    alive at the end counts from its start (or from 0 if it started between); one that died is in
+    its parent's c-fields, so in its parent's role."""
+    out: dict[str, float] = {}
+    for pid, (role, ticks) in end.items():
+        before = start.get(pid)
+        spent = ticks - (before[1] if before is not None and before[0] == role else 0)
+        out[role] = out.get(role, 0.0) + spent / CLK_TCK
+    return out
+
+
 def cpu_seconds(procs: dict[int, Stat]) -> float:
     return sum(st.ticks for st in procs.values()) / CLK_TCK
 
@@ -132,6 +166,8 @@ class Sampler:
         self.peak_procs = 0
         self.cpu_start = 0.0
         self.cpu_end = 0.0
+        self._roles_start: dict[int, tuple[str, int]] = {}
+        self._roles_end: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
@@ -147,7 +183,11 @@ class Sampler:
         while not self._stop.wait(self.interval):
             self.sample()
 
+    def _roles(self) -> dict[int, tuple[str, int]]:
+        return {pid: (_role(pid), st.ticks) for pid, st in tree(self.roots).items()}
+
     def __enter__(self) -> Sampler:
+        self._roles_start = self._roles()
         self.cpu_start = self.sample()
         self._thread.start()
         return self
@@ -156,11 +196,17 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self.cpu_end = self.sample()
+        self._roles_end = self._roles()
 
     @property
     def cpu(self) -> float:
         """CPU seconds the tree used between ``__enter__`` and ``__exit__``."""
         return self.cpu_end - self.cpu_start
+
+    @property
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the interval by process role (``role_of``), workers summed."""
+        return by_role(self._roles_start, self._roles_end)
 
     @property
     def peak_pss_mib(self) -> float:

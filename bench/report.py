@@ -11,7 +11,7 @@ import re
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Result:
     note: str = ""
     run: int = 1
     loadavg: float | None = None  # the machine's 1-minute load average as the measurement began
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds by process (measure.role_of)
 
     @property
     def ingress_rate(self) -> float:
@@ -65,6 +66,13 @@ class Result:
     @property
     def cpu_per_1000(self) -> float:
         return self.cpu_s * 1000 / self.accepted if self.accepted else 0.0
+
+    def cpu_ms_per_message(self) -> dict[str, float]:
+        """Each process role's CPU milliseconds per accepted message, largest first."""
+        if not self.accepted:
+            return {}
+        ranked = sorted(self.cpu_by_role.items(), key=lambda kv: -kv[1])
+        return {role: round(s * 1000 / self.accepted, 3) for role, s in ranked}
 
     def latency_ms(self, p: float) -> float | None:
         v = percentile(self.latencies, p)
@@ -84,6 +92,7 @@ class Result:
             "latency_p99_ms": _round(self.latency_ms(99)),
             "latency_samples": len(self.latencies),
             "cpu_s_per_1000": round(self.cpu_per_1000, 2),
+            "cpu_ms_per_msg_by_process": self.cpu_ms_per_message(),
             "peak_pss_mib": round(self.peak_pss_mib, 1),
             "peak_processes": self.peak_procs,
             "loadavg_1m": self.loadavg,
@@ -167,6 +176,11 @@ def medians(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[k] = _round(percentile([e[k] for e in group if e[k] is not None], 50), 2)
         for k in RATIO_KEYS:
             row[f"x_{k}"] = _round(percentile([x for e in group if (x := e["vs_postfix"][k]) is not None], 50), 2)
+        by_process = [e.get("cpu_ms_per_msg_by_process") or {} for e in group]  # older JSON: none
+        roles = dict.fromkeys(role for b in by_process for role in b)
+        row["cpu_ms_per_msg_by_process"] = {
+            role: _round(percentile([b[role] for b in by_process if role in b], 50), 3) for role in roles
+        }
         out.append(row)
     return out
 

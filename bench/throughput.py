@@ -18,7 +18,9 @@ Per system and load: ingress msgs/s (smtp-source/generator wall time), end-to-en
 connection -> last message at the sink), arrival -> delivered latency p50/p99 (the sink's receipt
 time minus the message's X-Bench-Sent stamp: every generator message, probe messages beside an
 smtp-source load), CPU seconds per 1,000 messages and peak PSS of all the system's processes
-(/proc, bench/measure.py), and the ratios to Postfix. A table on stdout, JSON in bench/results/.
+(/proc, bench/measure.py), and the ratios to Postfix. A table on stdout, JSON in bench/results/;
+under each run's line, the CPU milliseconds per message of each process (mtaq ingress, mtaq
+worker, redis-server; Postfix's daemons).
 
     python -m bench.throughput                                   # 5,000 x 4 KiB, 20 sessions
     python -m bench.throughput --messages 1000 --loads smtp-source-d --systems postfix,mtaq

@@ -130,6 +130,10 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
 
 
 _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")  # RFC 5322 §3.6.8 ftext, then the colon
+# The From: most mail has, ``addr@domain``, ``<addr@domain>`` or ``Name <addr@domain>`` in ASCII with
+# no quotes, comments, groups or folding: its domain in one match (~1 us) rather than through the
+# email package's address parser (~6 us); anything else goes through the parser as before.
+_PLAIN_FROM = re.compile(rb" *(?:([A-Za-z0-9 ._'-]*)<)?[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@([A-Za-z0-9.-]+)(>)? *")
 
 
 def parse_head(head: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -196,6 +200,9 @@ class Parsed:
         values = [v for n, v in self.fields if n.strip().lower() == b"from"]
         if len(values) != 1:
             return None
+        plain = _PLAIN_FROM.fullmatch(values[0])
+        if plain is not None and (plain.group(1) is None) == (plain.group(3) is None):
+            return plain.group(2).decode("ascii").rstrip(".").lower() or None
         text = _FOLD.sub(b"", values[0]).decode("utf-8", "replace")
         addresses = [a for _, a in getaddresses([text]) if a]
         if len(addresses) != 1 or "@" not in addresses[0]:

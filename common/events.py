@@ -128,18 +128,36 @@ def _text(v: Any) -> str:
 
 # -- builders -------------------------------------------------------------------------------------
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+_FIELD_VALUE = re.compile(rb"[ \t]*((?:[^\r\n]|\r?\n[ \t])*)")  # up to the end of its last folded line
 MAX_MESSAGE_ID = 998  # RFC 5322 §2.1.1: a header line is at most 998 octets
+
+
+def _header_end(body: bytes) -> int:
+    """Where the header block's empty line starts (its LF), or len(body) when there is none. By
+    ``find`` (memchr speed): a regular expression for ``\r?\n\r?\n`` tries every octet of the
+    header, ~2 us for a plain one and ~6 us behind a DKIM signature, on every message stored and
+    delivered."""
+    crlf = body.find(b"\n\r\n")
+    end = crlf if crlf >= 0 else len(body)
+    lf = body.find(b"\n\n", 0, end)  # bare LF line ends: only before the first CRLF one
+    return lf if lf >= 0 else end
 
 
 def message_id_of(body: bytes) -> str:
     """The Message-ID header of a message ("" when it has none), looked for in its header only."""
-    end = _HEADER_END.search(body)
-    m = _MESSAGE_ID.search(body, 0, end.start() if end else len(body))
-    if m is None:
-        return ""
-    value = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).strip()
+    head = body[: _header_end(body)]
+    low = head.lower()
+    if low.startswith(b"message-id:"):
+        at = 0
+    else:
+        at = low.find(b"\nmessage-id:") + 1  # a field's name starts a line
+        if at == 0:
+            return ""
+    m = _FIELD_VALUE.match(head, at + len(b"message-id:"))
+    value = m.group(1) if m is not None else b""  # (the pattern matches the empty string too)
+    if b"\n" in value:
+        value = re.sub(rb"\r?\n[ \t]+", b" ", value)
+    value = value.strip()
     return value[:MAX_MESSAGE_ID].decode("utf-8", "replace")
 
 

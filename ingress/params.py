@@ -63,8 +63,10 @@ def split_path(arg: str, keyword: str) -> tuple[str, list[str]]:
     if not rest:
         raise ArgError(replies.SYNTAX_ERROR_ARGS)
     if rest.startswith("<"):
+        # the path ends at the first ">" outside a quoted local part; without a quote (nearly
+        # every client) that is the first ">", found without stepping through the characters
         quoted = False
-        i = 1
+        i = 1 if '"' in rest else rest.find(">") if ">" in rest else len(rest)
         while i < len(rest):
             ch = rest[i]
             if quoted:

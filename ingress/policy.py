@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from ingress import replies
@@ -196,6 +197,25 @@ def _strip_source_route(path: str) -> str:
     return rest
 
 
+# The path nearly every client sends, ``<dot-atom@ldh.labels>`` in ASCII (brackets optional), in one
+# match: the checks below step through it a character at a time in Python (2.3-4.9 us a path, two
+# a message; 0.5-0.7 us here). What it accepts, the checks below accept and return unchanged;
+# anything else (quotes, UTF-8, literals, routes, trailing dots, long parts) goes through them.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(rf"<?({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>?")
+
+
+def _plain_path(text: str) -> str | None:
+    m = _PLAIN_PATH.fullmatch(text)
+    if m is None or (text[0] == "<") != (text[-1] == ">") or len(text) > MAX_PATH:
+        return None
+    local, domain = m.group(1), m.group(2)
+    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+        return None
+    return f"{local}@{domain}"
+
+
 def parse_path(text: str, *, smtputf8: bool) -> str:
     """Parse an RFC 5321 Path (``<local@domain>``) and return the mailbox without brackets or route.
 
@@ -204,6 +224,9 @@ def parse_path(text: str, *, smtputf8: bool) -> str:
     Angle brackets may be left out, as Postfix accepts with ``strict_rfc821_envelopes = no``.
     Raises ``PathError`` with 501 5.1.3, or 553 5.6.7 for a non-ASCII path without SMTPUTF8
     (RFC 6531 §3.5)."""
+    plain = _plain_path(text)
+    if plain is not None:
+        return plain
     if len(text.encode("utf-8")) > MAX_PATH:
         raise _bad("path too long")
     if not text.isascii() and not smtputf8:

@@ -9,6 +9,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from common.heap import settle
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
@@ -33,6 +34,7 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
     await ingress.start(sock=sock)
     done = asyncio.Event()
     install_signal_handlers(ingress, done)
+    settle()  # start-up's objects out of the collector's way (common/heap.py)
     log.info("ingress listening on %s:%s", *sock.getsockname()[:2])
     await done.wait()
     log.info("ingress stopped")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 
+from common.smtp.text import line_dot
 from ingress import replies
 from ingress.limits import MAX_BUFFERED_LINE, MAX_TEXT_LINE
 from ingress.replies import Reply
@@ -80,6 +81,20 @@ class LineReader:
 
 # after a line's LF, the next line's first MAX_TEXT_LINE octets without one: too long (DataReader._bulk)
 _LONG_LINE = re.compile(rb"\n[^\n]{%d}" % MAX_TEXT_LINE)
+# Any run of MAX_TEXT_LINE octets without an LF holds a whole window of this many that starts at a
+# multiple of it (2 * _WINDOW - 1 < MAX_TEXT_LINE), so one memchr per window tells whether a line
+# can be too long at all, and the regular expression above (a slower byte-at-a-time scan) runs only
+# when one of them holds no LF.
+_WINDOW = MAX_TEXT_LINE // 2
+
+
+def _has_long_line(buf: bytearray, end: int) -> bool:
+    """Whether a line in ``buf[:end]`` (complete lines) has MAX_TEXT_LINE octets or more before its LF."""
+    find = buf.find
+    for start in range(0, end - _WINDOW + 1, _WINDOW):
+        if find(b"\n", start, start + _WINDOW) < 0:
+            return find(b"\n", 0, end) >= MAX_TEXT_LINE or _LONG_LINE.search(buf, 0, end) is not None
+    return False
 
 
 class DataStep(Enum):
@@ -153,9 +168,9 @@ class DataReader:
         if buf.startswith(b"."):
             return False
         end = buf.rfind(b"\n") + 1  # complete lines only
-        dot = buf.find(b"\r\n.", 0, end)
+        dot = line_dot(buf, 0, end)
         if dot >= 0:
-            end = dot + 2  # up to the line that starts with a dot
+            end = dot + 1  # up to the line that starts with a dot (a bare LF before it: see below)
         if end == 0:
             return False
         # the checks read the buffer in place (C loops, no copy, no list of lines)
@@ -165,7 +180,7 @@ class DataReader:
         if buf.count(b"\n", 0, end) != crlf or buf.count(b"\r", 0, end) != crlf or buf.find(b"\0", 0, end) >= 0:
             return False
         # a line of MAX_TEXT_LINE octets or more with its CR (content + CRLF over the limit)
-        if buf.find(b"\n", 0, end) >= MAX_TEXT_LINE or _LONG_LINE.search(buf, 0, end) is not None:
+        if _has_long_line(buf, end):
             return False
         with memoryview(buf) as view:
             self._data += view[:end]

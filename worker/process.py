@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from rq.serializers import JSONSerializer
 
+from common.heap import settle
 from common.logging import setup_logging
 from common.redisconn import connect
 from common.settings import Settings
@@ -84,6 +85,7 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     # the webhook sender (issue 19): every worker tries, the lease holder sends
     stop_webhook = threading.Event()
     start_webhook_sender(settings, r, stop_webhook)
+    settle()  # start-up's objects out of the collector's way (common/heap.py)
     try:
         w.work(burst=burst, with_scheduler=True, logging_level=rq_level)
     finally:

@@ -177,14 +177,15 @@ class SMTPConnection:
         client, sock = self.client, self.sock
         assert client is not None and sock is not None
         while True:
-            out = client.data_to_send()
-            if out:
+            for out in client.parts_to_send():  # a body as stored: written, not copied first
                 try:
                     sock.sendall(out)
                 except TimeoutError:
                     client.timed_out()
+                    break
                 except OSError:
                     client.eof()
+                    break
             event = client.next_event()
             if event is not None:
                 if isinstance(event, Closed):

@@ -145,7 +145,13 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
     assert out, f"queue not empty 60 s after the kills stopped: {mta.store.queue_size()} left\n" + describe_stuck(
         mta.redis, mta.logs()
     )
-    # the issue's target is 0.5 %; measured 1.0-2.1 % with a worker killed every second (a kill
-    # between a remote's 250 and the write of that outcome sends the message again): a guard
-    # against regressions, not the target
+    # Issue 15 asks for <= 0.5 % (target 0.2 %), naming the window between the remote's 250 and our
+    # record of it (the outcome writer's batching): the duplicates we had logged as sent. Measured
+    # 0-9 of 2,000 (up to 0.45 %, the more the busier the machine), 0.8-1.45 % in all: the rest were
+    # sent by a worker killed after the remote recorded the message and before that worker had read
+    # its 250 (every copy of a duplicate carries one queue id: none come from a client sending
+    # again), which on this saturated machine (a worker started every second) is tens of
+    # milliseconds. Held to 1 % here, where other tests share the 2 CPUs.
+    assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"
+    # all duplicates: a guard against regressions
     assert duplicates <= len(accepted) * 0.03

@@ -92,6 +92,7 @@ def test_sampler_sums_cpu_and_pss_over_a_process_tree() -> None:
             assert proc.stdout.readline() == "reaped\n"
         assert s.peak_pss_kib > 1000  # two Python interpreters
         assert s.cpu > 0.1  # the dead grandchild's CPU, through the parent's cutime
+        assert list(s.cpu_by_role.values()) == [s.cpu]  # the same, all in the parent's role (its command name)
         assert len(tree([proc.pid])) == 1
     finally:
         proc.kill()
@@ -127,3 +128,22 @@ def test_scaling_backlog_part_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     (mem,) = doc["backlog_memory"]
     assert mem["messages"] == 300 and mem["bytes_per_message"] > mem["body_octets"] == 4096
     assert "Redis memory per queued message" in capsys.readouterr().out
+
+
+def test_bodycost_names_every_process_and_what_it_spent(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.bodycost at toy size: mtaq run, smtp-source and the sink; CPU by process, Redis's
+    rewrites, peak PSS by process."""
+    from bench.bodycost import main
+    from bench.throughput import default_mtaq
+
+    require("smtp-source")
+    exe = default_mtaq()
+    if exe is None:
+        missing("no mtaq executable in this venv")
+    assert main(["--messages", "6", "--sessions", "2", "--mtaq", str(exe), "--timeout", "60"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+    for name in ("ingress", "redis", "worker", "total"):
+        assert name in rows, out
+    assert float(rows["total"][2]) > 0, out  # 6 MiB through the system: some CPU shows in 10 ms ticks
+    assert "forks (AOF rewrites)" in out and "peak PSS MiB: all" in out

@@ -285,6 +285,8 @@ def test_redis_appendfsync_everysec_reaches_the_embedded_redis(
         r = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"))
         assert r.config_get("appendfsync") == {"appendfsync": "everysec"}
         assert r.config_get("appendonly") == {"appendonly": "yes"}
+        # rewritten rarely (AOF_REWRITE_MIN_SIZE: a rewrite under large mail was costly)
+        assert r.config_get("auto-aof-rewrite-min-size") == {"auto-aof-rewrite-min-size": str(1 << 30)}
     finally:
         stop(p, log)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.measure import Stat, parse_pss_kib, parse_stat, percentile, tree
+from bench.measure import CLK_TCK, Stat, by_role, parse_pss_kib, parse_stat, percentile, role_of, tree
 from bench.report import (
     SCHEMA,
     Result,
@@ -156,3 +156,28 @@ def test_public_path_hides_the_machines_directories(tmp_path: Path) -> None:
     (tmp_path / "co" / ".git").mkdir(parents=True)
     assert public_path(tmp_path / "co" / ".venv" / "bin" / "mtaq") == ".venv/bin/mtaq"
     assert public_path(tmp_path / "elsewhere" / "mtaq") == "mtaq"
+
+
+def test_cpu_by_process_role_and_per_message() -> None:
+    assert role_of(["/v/.venv/bin/python", "-m", "mtaq", "ingress"], "python") == "mtaq ingress"
+    assert role_of(["/v/.venv/bin/mtaq", "run"], "mtaq") == "mtaq run"
+    assert role_of(["redis-server", "unixsocket:/q/redis.sock"], "redis-server") == "redis-server"
+    assert role_of(["smtpd", "-n", "smtp", "-t", "inet"], "smtpd") == "smtpd"
+    # two workers summed; one started in between counts from 0; a pid reused by another role too
+    start = {1: ("mtaq worker", 100), 2: ("mtaq worker", 50), 3: ("mtaq ingress", 10), 9: ("smtpd", 5)}
+    end = {1: ("mtaq worker", 300), 2: ("mtaq worker", 150), 3: ("mtaq ingress", 210), 4: ("smtpd", 7), 9: ("x", 4)}
+    got = by_role(start, end)
+    assert got == {"mtaq worker": 300 / CLK_TCK, "mtaq ingress": 200 / CLK_TCK, "smtpd": 7 / CLK_TCK, "x": 4 / CLK_TCK}
+    r = _result("mtaq", 750, 200, 100)
+    r.cpu_by_role = {"redis-server": 0.1, "mtaq ingress": 0.3}
+    assert r.cpu_ms_per_message() == {"mtaq ingress": 0.3, "redis-server": 0.1}  # largest first
+    assert list(r.figures()["cpu_ms_per_msg_by_process"]) == ["mtaq ingress", "redis-server"]
+    rows_ = medians(
+        [
+            {
+                **r.figures(),
+                "vs_postfix": dict.fromkeys(("ingress_msgs_s", "e2e_msgs_s", "cpu_s_per_1000", "peak_pss_mib")),
+            }
+        ]
+    )
+    assert rows_[0]["cpu_ms_per_msg_by_process"] == {"mtaq ingress": 0.3, "redis-server": 0.1}

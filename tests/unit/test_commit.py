@@ -11,7 +11,15 @@ import pytest
 from common.envelope import Envelope, Recipient
 from common.store import Message, StoreFull, StoreNotReplicated, StoreUnavailable
 from ingress import replies
-from ingress.commit import OOM_PAUSE, REPLICA_PAUSE, SETTLE_WAIT, Committer, StorageRefused, storage_reply
+from ingress.commit import (
+    OOM_PAUSE,
+    REPLICA_PAUSE,
+    SETTLE_WAIT,
+    WAIT_BYTES,
+    Committer,
+    StorageRefused,
+    storage_reply,
+)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +202,27 @@ def test_commit_wait_ends_once_every_open_transaction_has_submitted() -> None:
         return store.batches
 
     assert run(go()) == [2, 4, 1]
+
+
+def test_a_batch_of_wait_bytes_goes_without_waiting() -> None:
+    """Large messages: once the batch holds wait_bytes octets it is written at once, though sessions
+    with a transaction open have yet to submit (the hour-long wait would time this test out)."""
+
+    def big(qid: str) -> Message:
+        return Message(Envelope(id=qid, sender="a@b.test", recipients=[Recipient("c@d.test")]), b"x" * 600)
+
+    async def go() -> list[int]:
+        store = BatchRecorder()
+        c = Committer(store, wait=3600.0, wait_bytes=1000, open_transactions=lambda: 10)  # type: ignore[arg-type]
+        await asyncio.gather(*(c.submit(big(f"a{i}")) for i in range(2)))  # batch of 2: load from now on
+        first = asyncio.create_task(c.submit(big("b0")))
+        await asyncio.sleep(0.01)
+        assert not first.done()  # 600 octets of 1000: gathering
+        await asyncio.wait_for(asyncio.gather(first, c.submit(big("b1"))), timeout=60)
+        return store.batches
+
+    assert run(go()) == [2, 2]
+    assert WAIT_BYTES == 1 << 20
 
 
 class FakeInfo:

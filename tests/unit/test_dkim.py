@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dkim as dkimpy
@@ -114,6 +115,30 @@ def test_from_domain() -> None:
     assert dkim.from_domain(b"From: a@x.example, b@y.example\r\n\r\n") is None
     assert dkim.from_domain(b"From: a@x.example\r\nFrom: b@x.example\r\n\r\n") is None
     assert dkim.from_domain(b"To: a@x.example\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "domain"),
+    [
+        (b" <load@loadgen.test>", "loadgen.test"),  # the shortcut's forms
+        (b" App <app@News.Example.COM.>", "news.example.com"),
+        (b" app@x.example", "x.example"),
+        (b" J. O'Neil <j@x.example>", "x.example"),
+        (b' "Doe, J" <j@x.example>', "x.example"),  # the address parser's
+        (b" j@x.example (J)", "x.example"),
+        (b" <a@b.example", "b.example"),
+        (b" Undisclosed:;", None),
+        (b" <@x.example>", None),
+        (b" a@x.example, b@y.example", None),
+    ],
+)
+def test_from_domain_shortcut_and_parser_agree(
+    value: bytes, domain: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = dkim.Parsed(b"", [(b"From", value)], True, b"")
+    assert parsed.from_domain() == domain
+    monkeypatch.setattr(dkim, "_PLAIN_FROM", re.compile(rb"(?!)"))  # the email package's parser only
+    assert parsed.from_domain() == domain
 
 
 def test_keys_for_nearest_parent() -> None:

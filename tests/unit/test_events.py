@@ -37,6 +37,15 @@ def test_message_id_is_read_from_the_header_only_and_unfolded() -> None:
     assert message_id_of(b"message-id: <lf@only>\nSubject: y\n\nbody") == "<lf@only>"
 
 
+def test_message_id_only_where_a_field_starts_and_the_first_of_several() -> None:
+    assert message_id_of(b"X-Message-ID: <no>\r\nX: Message-ID: <no>\r\nMESSAGE-ID:  <yes> \r\n\r\n") == "<yes>"
+    assert message_id_of(b"Message-ID: <a@x>\r\nMessage-ID: <b@x>\r\n\r\n") == "<a@x>"
+    assert message_id_of(b"A: b\r\nMessage-ID:\r\n\t<f@x>\r\n more\r\n\r\nbody") == "<f@x> more"
+    assert message_id_of(b"A: b\n\nMessage-ID: <after@blank>\r\n\r\n") == ""  # a bare-LF empty line ends it
+    assert message_id_of(b"Message-ID: <no@end>") == "<no@end>"
+    assert message_id_of(b"") == ""
+
+
 def test_reception_events_one_per_recipient_with_stable_ids() -> None:
     evs = receptions([(ENV, BODY)], 1000.5)
     assert [e.recipient for e in evs] == ["a@x.test", "b@y.test"]

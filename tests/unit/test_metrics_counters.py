@@ -51,6 +51,17 @@ def test_refusals_count_each_reply_once_by_code() -> None:
     assert got == ["550", "421"]
 
 
+def test_replies_sent_counts_refusals_behind_positive_replies_too(monkeypatch: Any) -> None:
+    counted: list[str] = []
+    monkeypatch.setattr(metrics.counters, "add", lambda key, n=1: counted.append(key))
+    metrics.replies_sent(b"250-x\r\n250 ok\r\n")
+    metrics.replies_sent(b"354 go on\r\n")
+    assert counted == []
+    metrics.replies_sent(b"250 ok\r\n550 5.1.1 no\r\n")  # Sends joined into one write
+    metrics.replies_sent(b"421 4.4.2 bye\r\n")
+    assert counted == [metrics.REJECTED_PREFIX + "550", metrics.REJECTED_PREFIX + "421"]
+
+
 def test_latency_buckets() -> None:
     assert latency_bucket(0.05) == "latency_le:0.1"
     assert latency_bucket(0.1) == "latency_le:0.1"

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from ingress import replies
+from ingress import policy, replies
 from ingress.policy import (
     PathError,
     is_trusted,
@@ -205,3 +205,57 @@ def test_relay_domains_given_with_odd_case_and_dot() -> None:
 def test_non_ascii_spaces_and_controls_refused_even_with_smtputf8(text: str) -> None:
     with pytest.raises(PathError):
         parse_path(text, smtputf8=True)
+
+
+# -- the plain-path shortcut agrees with the full checks -------------------------------------------
+
+EDGES = [
+    "<a@b>",
+    "a@b",
+    "<a@b",
+    "a@b>",
+    "<a.b+c@d-e.f>",
+    "<a..b@c>",
+    "<.a@b>",
+    "<a.@b>",
+    "<a@-b.c>",
+    "<a@b-.c>",
+    "<a@b.>",
+    "<a@b..c>",
+    "<" + "l" * 64 + "@d>",
+    "<" + "l" * 65 + "@d>",
+    "<a@" + "d" * 63 + ">",
+    "<a@" + "d" * 64 + ">",
+    "<a@" + ".".join(["d" * 63] * 4) + ">",
+    "<" + "l" * 64 + "@" + ".".join(["d" * 63] * 3) + "." + "d" * 29 + ">",
+    "<>",
+    "<postmaster>",
+    "<@r.test:a@b>",
+    '<"a b"@c>',
+    "<a@[127.0.0.1]>",
+    "<é@b>",
+    "<a b@c>",
+    "<a@b c>",
+]
+
+
+def _outcome(text: str, smtputf8: bool) -> tuple[str, object]:
+    try:
+        return "ok", parse_path(text, smtputf8=smtputf8)
+    except PathError as e:
+        return "refused", e.reply
+
+
+@pytest.mark.parametrize("text", EDGES)
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_plain_path_shortcut_changes_no_verdict(text: str, smtputf8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _outcome(text, smtputf8)
+    monkeypatch.setattr(policy, "_plain_path", lambda text: None)  # the full checks only
+    assert _outcome(text, smtputf8) == fast
+
+
+def test_plain_path_shortcut_takes_the_common_paths() -> None:
+    assert policy._plain_path("<load@loadgen.test>") == "load@loadgen.test"
+    assert policy._plain_path("a.b+c@d-e.f") == "a.b+c@d-e.f"
+    assert policy._plain_path("<a@b.>") is None  # a trailing dot: the full checks strip it
+    assert policy._plain_path('<"q"@b>') is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.smtp.text import DOT_HOPS
 from ingress.limits import MAX_TEXT_LINE
 from ingress.readers import DataReader, DataStep, LineReader
 
@@ -29,12 +30,28 @@ def read(reader: DataReader, chunks: list[bytes]) -> tuple[bytes, object, bool, 
     return reader.take(), reader.refusal, ended, rest
 
 
-PIECES = [b"a", b"text ", b".", b"..", b"\r\n", b"\r", b"\n", b"\0", b"\r\n.\r\n", b"\n.\n", b"x" * 400]
+# the dotted pieces use up line_dot's memchr hops (DOT_HOPS) within a few lines; the long ones make
+# lines of every length around MAX_TEXT_LINE and its half-windows
+PIECES = [
+    b"a",
+    b"text ",
+    b".",
+    b"..",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b"\0",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"x" * 400,
+    b"y" * 499,
+    b"a.b.c.d.e.f.g.h",
+]
 
 
 @settings(max_examples=400, deadline=None)
 @given(
-    st.lists(st.sampled_from(PIECES), max_size=60),
+    st.lists(st.sampled_from(PIECES), max_size=80),
     st.lists(st.integers(1, 700), min_size=1, max_size=8),
     st.sampled_from([50, 2000, 10_000_000]),
 )
@@ -57,3 +74,23 @@ def test_overlong_line_found_in_bulk() -> None:
     body = b"ok\r\n" + b"z" * MAX_TEXT_LINE + b"\r\n"
     got = read(DataReader(10_000_000), [body, b".\r\n"])
     assert got == read(LineAtATime(10_000_000), [body, b".\r\n"]) and got[1] is not None
+
+
+def test_line_starting_dot_after_many_dots_inside_lines() -> None:
+    """Past DOT_HOPS dots inside lines, a line that starts with a dot is still unstuffed."""
+    inline = b"see a.b and c.d\r\n" * DOT_HOPS
+    body = inline + b"..stuffed\r\n" + inline + b"..again\r\n"
+    want = inline + b".stuffed\r\n" + inline + b".again\r\n"
+    got = read(DataReader(10_000_000), [body, b".\r\n"])
+    assert got == (want, None, True, b"") == read(LineAtATime(10_000_000), [body, b".\r\n"])
+
+
+def test_line_lengths_at_the_limit_anywhere_in_a_chunk() -> None:
+    """The window check finds a line one octet too long wherever it starts; one at the limit passes."""
+    for offset in range(0, MAX_TEXT_LINE - 2, 37):
+        head = b"h" * offset + b"\r\n"
+        ok = head + b"k" * (MAX_TEXT_LINE - 2) + b"\r\n"
+        assert read(DataReader(10_000_000), [ok, b".\r\n"]) == (ok, None, True, b"")
+        bad = head + b"k" * (MAX_TEXT_LINE - 1) + b"\r\n"
+        got = read(DataReader(10_000_000), [bad, b".\r\n"])
+        assert got[1] is not None and got == read(LineAtATime(10_000_000), [bad, b".\r\n"])

@@ -22,6 +22,7 @@ from common.smtp.client import (
     TransactionDone,
     TransactionResult,
     dot_stuff,
+    dot_stuffed,
 )
 from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
 
@@ -434,6 +435,45 @@ def test_dot_stuffing_is_what_unstuffing_undoes(body: bytes) -> None:
     lines = data[:-3].split(b"\n")
     unstuffed = b"\n".join(line[1:] if line.startswith(b".") else line for line in lines)
     assert unstuffed == (body if body.endswith(b"\r\n") else body + b"\r\n")
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"\r\n", b"\n", b"a", b"b.c", b"1.2.3.4.5.6.7.8.9.0.1.2.3.4.5.6.7"])))
+def test_dot_stuffing_many_dots(pieces: list[bytes]) -> None:
+    """Past line_dot's memchr hops (DOT_HOPS dots inside lines) a line that starts with a dot is
+    still stuffed: each line gets exactly one more dot than it had, wherever it is."""
+    body = b"".join(pieces)
+    lines = dot_stuff(body)[:-3].split(b"\n")
+    want = (body if body.endswith(b"\r\n") else body + b"\r\n").split(b"\n")
+    assert lines == [b"." + w if w.startswith(b".") else w for w in want]
+
+
+def test_a_body_without_dot_lines_is_sent_as_it_is() -> None:
+    """No copy of the body: dot_stuffed gives it back itself, and the client's parts carry it."""
+    body = b"Subject: big\r\n\r\n" + b"a.b c\r\n" * 5000
+    lead, middle, tail = dot_stuffed(body)
+    assert (lead, middle, tail) == (b"", body, b".\r\n") and middle is body
+    assert dot_stuffed(b".x") == (b".", b".x", b"\r\n.\r\n")
+    client = new_client()
+    sent: list[list[bytes]] = []
+
+    def start(c: Client) -> None:
+        c.start_transaction("s@y.test", ["r@x.test"], body, [])
+
+    script = Script(end="250 2.0.0 Ok: queued")
+    run(client, script, then=start)  # the whole conversation, through data_to_send
+    assert script.bodies == [body]
+    client = new_client()
+    client.receive_data(b"220 mx\r\n")
+    client.receive_data(b"250-mx\r\n250 PIPELINING\r\n")
+    sent.append(client.parts_to_send())
+    assert isinstance(client.next_event(), Ready)
+    client.start_transaction("s@y.test", ["r@x.test"], body, [])
+    sent.append(client.parts_to_send())
+    client.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    parts = client.parts_to_send()
+    assert any(p is body for p in parts) and b"".join(parts) == body + b".\r\n"
+    assert client.parts_to_send() == [] and client.data_to_send() == b""
+    assert sent[0] == [b"EHLO mta.example.org\r\n"]
 
 
 def test_noop_on_an_idle_session() -> None:

@@ -65,6 +65,22 @@ def test_a_busy_destination_has_one_job_queued_however_many_commits(spool: Spool
     assert spool.queue.pending() == 5
 
 
+def test_commit_hands_the_body_to_redis_py_uncopied(store: Store) -> None:
+    """The body goes into the transaction as a view of the message's own bytes: redis-py writes a
+    memoryview as it is, where hiredis's packer copies a bytes argument into the command."""
+    body = b"x" * 100_000
+    seen: list[object] = []
+
+    def look(pipe: redis.client.Pipeline) -> None:
+        for args, _ in pipe.command_stack:
+            if args[0] == "HSET" and args[1] == msg_key("Q9"):
+                seen.append(args[args.index("body") + 1])
+
+    store.commit([Message(env("Q9", "a@one.test"), body)], also=look)
+    assert len(seen) == 1 and isinstance(seen[0], memoryview) and seen[0].obj is body
+    assert store.redis.hget(msg_key("Q9"), "body") == body
+
+
 def test_commit_returns_how_many_jobs_it_stored(spool: Spool) -> None:
     # flow control counts messages per job from this: drain jobs take draw_size (here
     # job_max_messages, 2) at most
