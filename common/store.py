@@ -137,7 +137,9 @@ def drawn_key(job_id: str) -> str:
 # Per-destination delivery limits shared by every worker (worker/limits.py):
 # ``mtaq:dest:<d>:slots`` sorted set, connection token -> lease expiry (a dead holder's slot lapses);
 # ``mtaq:dest:<d>:down``  string with a TTL, why the destination is throttled;
-# ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate).
+# ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate);
+# ``mtaq:dest:<d>:want``  string with a TTL: the worker process refused a slot, which the next one
+#                         freed goes to (fairness between processes).
 # `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
 def dest_key(destination: str, what: str) -> str:
     return f"{PREFIX}dest:{destination}:{what}"

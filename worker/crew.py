@@ -34,6 +34,7 @@ log = logging.getLogger("mtaq.worker")
 SLOT_WAIT = 5.0  # seconds a job waits for a connection slot before handing its parcels back
 STAFF_PAUSE = 0.2  # after a full window, seconds before a lane asks for a slot again
 LOOK_EVERY = 0.2  # seconds between a waiting job's looks at its lane
+WANT_LOOK = 1.0  # seconds between a conversation's looks at whether another process waits for a slot
 
 
 class Permit:
@@ -195,6 +196,21 @@ class Crew:
 
     def _converse(self, destination: str, lane: Lane, seat: Seat) -> None:
         reached = False
+        yielded = False
+        look_at = self.monotonic() + WANT_LOOK
+
+        def stop_here() -> bool:
+            """Between transactions: stopping, or (looked at every WANT_LOOK seconds) giving the
+            slot up to another process's waiting jobs (worker/limits.py should_yield)."""
+            nonlocal yielded, look_at
+            if self.stopping.is_set():
+                return True
+            now = self.monotonic()
+            if not yielded and now >= look_at:
+                look_at = now + WANT_LOOK
+                yielded = self.limits.should_yield(destination)
+            return yielded
+
         try:
             with seat:
                 result: Opened | None = None
@@ -203,14 +219,14 @@ class Crew:
                         lane,
                         self.dialer,
                         opened=seat.opened,
-                        stopping=self.stopping.is_set,
+                        stopping=stop_here,
                         pace=lambda: self._pace(destination),
                         feedback=lambda ok, why: self._feedback(destination, ok, why),
                     )
                 except Exception:
                     log.exception("%s: conversation failed", destination)
                 if result is not None:
-                    if result.to is not None and result.conn.alive and not self.stopping.is_set():
+                    if result.to is not None and result.conn.alive and not self.stopping.is_set() and not yielded:
                         self.cache.give(destination, result.conn, (seat.slot.keep(), result.to, result.sent))
                     else:
                         result.conn.quit()

@@ -39,22 +39,37 @@ log = logging.getLogger("mtaq.limits")
 INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
 SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
 FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure still counts at once)
+YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
+WANT_MS = 1000  # a refused process keeps its claim on the next free slot this long (it asks again sooner)
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
-# KEYS: slots, state; ARGV: now, expiry, token, limit, initial window. 1 = taken, 0 = all busy.
+# KEYS: slots, state, want; ARGV: now, expiry, token, limit, initial window, this process's id,
+# want ms. 1 = taken, 0 = all busy.
 # Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
 # connection while there is room.
+# Fairness between processes: a process refused a slot names itself in ``want``; while it does,
+# no other process takes the last free slot, so the next slot freed goes to it. Without this, the
+# processes that held the slots took each freed one back at once (their lanes never empty under a
+# burst) and a job in another process waited SLOT_WAIT for a slot, then was handed back: its
+# messages went 5-7 s late (drain jobs, smtp-source to one destination, 2 workers).
 _ACQUIRE = """
 local limit = tonumber(ARGV[4])
 local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[5])
 if window > limit then window = limit end
 if window < 1 then window = 1 end
-if redis.call('ZCARD', KEYS[1]) >= window then
+local held = redis.call('ZCARD', KEYS[1])
+if held >= window then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-  if redis.call('ZCARD', KEYS[1]) >= window then return 0 end
+  held = redis.call('ZCARD', KEYS[1])
+end
+local want = redis.call('GET', KEYS[3])
+if held >= window or (held + 1 >= window and want and want ~= ARGV[6]) then
+  if not want or want == ARGV[6] then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end
+  return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
+if want == ARGV[6] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -172,8 +187,10 @@ class DestinationLimits:
         self._refresh = r.register_script(_REFRESH)
         self._feedback = r.register_script(_FEEDBACK)
         self._rate = r.register_script(_RATE)
+        self.process = uuid.uuid4().hex  # names this process in a destination's ``want``
         self._held: dict[str, Slot] = {}
         self._full_until: dict[str, float] = {}
+        self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -182,8 +199,9 @@ class DestinationLimits:
         token = uuid.uuid4().hex
         now = self.clock()
         initial = min(INITIAL_WINDOW, self.concurrency)
-        keys = [dest_key(destination, "slots"), dest_key(destination, "state")]
-        if not self._acquire(keys=keys, args=[now, now + SLOT_TTL, token, self.concurrency, initial]):
+        keys = [dest_key(destination, "slots"), dest_key(destination, "state"), dest_key(destination, "want")]
+        args: list[str | float] = [now, now + SLOT_TTL, token, self.concurrency, initial, self.process, WANT_MS]
+        if not self._acquire(keys=keys, args=args):
             return None
         slot = Slot(self, destination, token)
         with self._lock:
@@ -217,6 +235,30 @@ class DestinationLimits:
     def held(self) -> int:
         with self._lock:
             return len(self._held)
+
+    def should_yield(self, destination: str) -> bool:
+        """Whether one of this process's connections to ``destination`` should end after its
+        transaction and free its slot: another process waits for one (``want``), this one holds
+        more than one, and it gave none up in the last YIELD_GAP seconds (one at a time: the slot
+        goes to the waiting process, which asks again every STAFF_PAUSE). Busy conversations
+        otherwise keep their slots for as long as their lanes have mail, and a job in another
+        process waits SLOT_WAIT, then is handed back."""
+        now = self.clock()
+        with self._lock:
+            if now < self._yielded_at.get(destination, -YIELD_GAP) + YIELD_GAP:
+                return False
+            mine = sum(1 for slot in self._held.values() if slot.destination == destination)
+        if mine < 2:
+            return False
+        try:
+            want = self.redis.get(dest_key(destination, "want"))
+        except redis.RedisError:
+            return False
+        if want is None or (want.decode() if isinstance(want, bytes) else want) == self.process:
+            return False
+        with self._lock:
+            self._yielded_at[destination] = now
+        return True
 
     def succeeded(self, destination: str) -> None:
         """A message got through: the window grows, the failure count starts again. Once the

@@ -11,7 +11,7 @@ import pytest
 
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
-from worker.limits import INITIAL_WINDOW, SLOT_TTL, DestinationLimits
+from worker.limits import INITIAL_WINDOW, SLOT_TTL, YIELD_GAP, DestinationLimits
 
 
 @pytest.fixture
@@ -71,9 +71,27 @@ def test_a_slot_without_heartbeat_lapses(r: fakeredis.FakeRedis, clock: FakeCloc
     clock.now += SLOT_TTL - 1
     assert lim.heartbeat() == 1  # pushed on: still ours after another SLOT_TTL - 1
     clock.now += SLOT_TTL - 1
-    assert limits(r, clock, concurrency=1).acquire("y.test") is None
+    other = limits(r, clock, concurrency=1)  # another worker process
+    assert other.acquire("y.test") is None
     clock.now += SLOT_TTL + 1  # the holder died: no heartbeat
-    assert limits(r, clock, concurrency=1).acquire("y.test") is not None
+    assert other.acquire("y.test") is not None
+
+
+def test_a_process_refused_a_slot_gets_the_next_one_freed(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """A process whose conversations hold a destination's slots does not take back the slot one
+    of them frees while another process waits for one: that one gets it (a burst to one
+    destination left a second worker's job without a slot for 5 s, then handed back)."""
+    busy, starved = limits(r, clock, concurrency=2), limits(r, clock, concurrency=2)
+    a, b = busy.acquire("y.test"), busy.acquire("y.test")
+    assert a is not None and b is not None
+    assert starved.acquire("y.test") is None  # full: it waits, and says so
+    a.free()
+    assert busy.acquire("y.test") is None, "the freed slot is kept for the waiting process"
+    got = starved.acquire("y.test")
+    assert got is not None
+    b.free()
+    assert busy.acquire("y.test") is not None, "nobody waits: the slot is anyone's"
+    assert r.get("mtaq:dest:y.test:want") is None
 
 
 def test_slow_start_grows_and_failures_shrink_then_mark_down(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
@@ -96,3 +114,21 @@ def test_rate_spaces_the_messages(r: fakeredis.FakeRedis, clock: FakeClock) -> N
     # Lua turns the schedule into a 14-digit string: equal to a millisecond
     assert [lim.pace("y.test") for _ in range(3)] == pytest.approx([0.0, 0.5, 1.0], abs=1e-3)
     assert limits(r, clock).pace("y.test") == 0.0  # no rate set: never waits
+
+
+def test_a_process_holding_slots_gives_one_up_at_a_time_to_a_waiting_process(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    busy, starved = limits(r, clock, concurrency=2), limits(r, clock, concurrency=2)
+    assert busy.acquire("y.test") is not None
+    assert not busy.should_yield("y.test"), "nobody waits"
+    assert busy.acquire("y.test") is not None
+    assert starved.acquire("y.test") is None  # it waits now
+    assert not starved.should_yield("y.test"), "its own wait, and it holds nothing"
+    assert busy.should_yield("y.test")
+    assert not busy.should_yield("y.test"), "one slot at a time"
+    clock.now += YIELD_GAP
+    assert busy.should_yield("y.test")
+    lone = limits(r, clock, concurrency=2)
+    assert lone.acquire("z.test") is not None and limits(r, clock, concurrency=1).acquire("z.test") is None
+    assert not lone.should_yield("z.test"), "its last slot for the destination is kept"
