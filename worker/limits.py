@@ -44,14 +44,17 @@ WANT_MS = 1000  # a refused process keeps its claim on the next free slot this l
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
 # KEYS: slots, state, want; ARGV: now, expiry, token, limit, initial window, this process's id,
-# want ms. 1 = taken, 0 = all busy.
+# want ms, slots this process holds for the destination. 1 = taken, 0 = all busy.
 # Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
 # connection while there is room.
-# Fairness between processes: a process refused a slot names itself in ``want``; while it does,
-# no other process takes the last free slot, so the next slot freed goes to it. Without this, the
-# processes that held the slots took each freed one back at once (their lanes never empty under a
-# burst) and a job in another process waited SLOT_WAIT for a slot, then was handed back: its
-# messages went 5-7 s late (drain jobs, smtp-source to one destination, 2 workers).
+# Fairness between processes: a process refused a slot names itself in ``want`` ("id:slots it
+# holds"), unless a process holding fewer already does; while it does, no other process takes
+# the last free slot, so the next slot freed goes to it (and busy processes give one up:
+# DestinationLimits.should_yield). Without this, the processes that held the slots took each freed
+# one back at once (their lanes never empty under a burst) and a job in another process waited
+# SLOT_WAIT for a slot, then was handed back: its messages went 5-7 s late (drain jobs,
+# smtp-source to one destination, 2 workers). The neediest claims it: a busy process wanting
+# more must not keep a starved one out.
 _ACQUIRE = """
 local limit = tonumber(ARGV[4])
 local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[5])
@@ -63,13 +66,18 @@ if held >= window then
   held = redis.call('ZCARD', KEYS[1])
 end
 local want = redis.call('GET', KEYS[3])
-if held >= window or (held + 1 >= window and want and want ~= ARGV[6]) then
-  if not want or want == ARGV[6] then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end
+local wp, wm
+if want then wp, wm = string.match(want, '^(.*):(%d+)$') end
+local mine = tonumber(ARGV[8])
+if held >= window or (held + 1 >= window and wp and wp ~= ARGV[6]) then
+  if not wp or wp == ARGV[6] or mine < tonumber(wm) then
+    redis.call('SET', KEYS[3], ARGV[6] .. ':' .. ARGV[8], 'PX', ARGV[7])
+  end
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
-if want == ARGV[6] then redis.call('DEL', KEYS[3]) end
+if wp == ARGV[6] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -200,7 +208,16 @@ class DestinationLimits:
         now = self.clock()
         initial = min(INITIAL_WINDOW, self.concurrency)
         keys = [dest_key(destination, "slots"), dest_key(destination, "state"), dest_key(destination, "want")]
-        args: list[str | float] = [now, now + SLOT_TTL, token, self.concurrency, initial, self.process, WANT_MS]
+        args: list[str | float] = [
+            now,
+            now + SLOT_TTL,
+            token,
+            self.concurrency,
+            initial,
+            self.process,
+            WANT_MS,
+            self._mine(destination),
+        ]
         if not self._acquire(keys=keys, args=args):
             return None
         slot = Slot(self, destination, token)
@@ -236,25 +253,32 @@ class DestinationLimits:
         with self._lock:
             return len(self._held)
 
+    def _mine(self, destination: str) -> int:
+        with self._lock:
+            return sum(1 for slot in self._held.values() if slot.destination == destination)
+
     def should_yield(self, destination: str) -> bool:
         """Whether one of this process's connections to ``destination`` should end after its
-        transaction and free its slot: another process waits for one (``want``), this one holds
-        more than one, and it gave none up in the last YIELD_GAP seconds (one at a time: the slot
-        goes to the waiting process, which asks again every STAFF_PAUSE). Busy conversations
-        otherwise keep their slots for as long as their lanes have mail, and a job in another
-        process waits SLOT_WAIT, then is handed back."""
+        transaction and free its slot: another process waits for one (``want``) holding at least
+        two fewer than this one, and this one gave none up in the last YIELD_GAP seconds (one at
+        a time: the slot goes to the waiting process, which asks again every STAFF_PAUSE). Busy
+        conversations otherwise keep their slots for as long as their lanes have mail, and a job
+        in another process waits SLOT_WAIT, then is handed back."""
         now = self.clock()
         with self._lock:
             if now < self._yielded_at.get(destination, -YIELD_GAP) + YIELD_GAP:
                 return False
-            mine = sum(1 for slot in self._held.values() if slot.destination == destination)
+        mine = self._mine(destination)
         if mine < 2:
             return False
         try:
-            want = self.redis.get(dest_key(destination, "want"))
+            raw = self.redis.get(dest_key(destination, "want"))
         except redis.RedisError:
             return False
-        if want is None or (want.decode() if isinstance(want, bytes) else want) == self.process:
+        if raw is None:
+            return False
+        who, _, theirs = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
+        if who == self.process or not theirs.isdigit() or mine < int(theirs) + 2:
             return False
         with self._lock:
             self._yielded_at[destination] = now

@@ -132,3 +132,18 @@ def test_a_process_holding_slots_gives_one_up_at_a_time_to_a_waiting_process(
     lone = limits(r, clock, concurrency=2)
     assert lone.acquire("z.test") is not None and limits(r, clock, concurrency=1).acquire("z.test") is None
     assert not lone.should_yield("z.test"), "its last slot for the destination is kept"
+
+
+def test_the_process_holding_fewest_slots_claims_the_next_one(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """A busy process refused more slots must not keep a starved one out: the one holding fewer
+    takes the claim over, and the busy one gives a slot up for it."""
+    busy, starved = limits(r, clock, concurrency=2), limits(r, clock, concurrency=2)
+    a, b = busy.acquire("y.test"), busy.acquire("y.test")
+    assert a is not None and b is not None
+    assert busy.acquire("y.test") is None  # its lanes want more: it claims the next slot
+    assert not busy.should_yield("y.test"), "its own claim"
+    assert starved.acquire("y.test") is None  # holding none, it takes the claim over
+    assert busy.should_yield("y.test")
+    a.free()
+    assert busy.acquire("y.test") is None, "kept for the starved process"
+    assert starved.acquire("y.test") is not None
