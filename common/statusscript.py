@@ -56,8 +56,12 @@ return -3
 # of its own): the script above as a function of its own KEYS and ARGV (the parameters shadow the
 # globals), run per entry in order; the stats it counts are added once a call, at the end (a
 # script that fails midway leaves its earlier entries uncounted there: counters, not the queue).
-# KEYS: 11 per entry; ARGV: the number of entries, then per entry the number of its arguments and
-# the arguments. Returns each entry's answer.
+# What every entry shares is given once, not per entry (redis-py packs every word in Python).
+# KEYS: stats hash, counts, hold set, deferred index, destinations set, events stream, queue index;
+# then 4 per entry: its rcpt hash, left counter, message hash, lease (or the index again). ARGV:
+# the number of entries, the destination index prefix, the events' MAXLEN; then per entry the
+# number of its arguments and the arguments: field, new status JSON, final, stat name, state, queue
+# id, then the event's field/value pairs when it has one. Returns each entry's answer.
 SET_STATUSES = (
     queuestats.LIB
     + "local counted = {}\nlocal function one(KEYS, ARGV)\n"
@@ -65,11 +69,19 @@ SET_STATUSES = (
     + """
 end
 local unpack = unpack or table.unpack
-local out, k, a = {}, 0, 2
+local out, k, a = {}, 7, 4
 for e = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  out[e] = one({unpack(KEYS, k + 1, k + 11)}, {unpack(ARGV, a + 1, a + n)})
-  k = k + 11
+  local K = {KEYS[k + 1], KEYS[k + 2], KEYS[1], KEYS[k + 3], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+             KEYS[6], KEYS[7], KEYS[k + 4]}
+  local A = {unpack(ARGV, a + 1, a + 6)}
+  A[7] = ARGV[2]
+  if n > 6 then
+    A[8] = ARGV[3]
+    for i = a + 7, a + n do A[#A + 1] = ARGV[i] end
+  end
+  out[e] = one(K, A)
+  k = k + 4
   a = a + n + 1
 end
 for key, fields in pairs(counted) do

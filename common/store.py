@@ -465,28 +465,14 @@ class Store:
         with_events = self.events_max > 0 and bool(events)
         calls: list[tuple[list[str], list[str]]] = []
         for start in range(0, len(entries), STATUSES_PER_CALL):
-            keys: list[str] = []
-            args: list[str] = [str(min(STATUSES_PER_CALL, len(entries) - start))]
-            for n in range(start, min(len(entries), start + STATUSES_PER_CALL)):
+            keys = [STATS, QCOUNTS, HOLD, QDEFERRED, QDESTS, EVENTS, INDEX]
+            count = min(STATUSES_PER_CALL, len(entries) - start)
+            args = [str(count), QDEST_PREFIX, str(self.events_max)]
+            for n in range(start, start + count):
                 qid, idx, st = entries[n]
                 ev = events[n] if with_events else None
-                extra: list[str] = []
-                if ev is not None:
-                    extra = [str(self.events_max)] + [x for kv in ev.to_fields().items() for x in kv]
                 dest = (last or {}).get(qid) if st.final else None
-                keys += [
-                    rcpt_key(qid),
-                    left_key(qid),
-                    STATS,
-                    msg_key(qid),
-                    QCOUNTS,
-                    HOLD,
-                    QDEFERRED,
-                    QDESTS,
-                    EVENTS,
-                    INDEX,
-                    INDEX if dest is None else lease_key(qid, dest),
-                ]
+                keys += [rcpt_key(qid), left_key(qid), msg_key(qid), INDEX if dest is None else lease_key(qid, dest)]
                 one = [
                     str(idx),
                     st.to_json(),
@@ -494,9 +480,9 @@ class Store:
                     _STAT_OF.get(st.state, "deferred"),
                     st.state.value,
                     qid,
-                    QDEST_PREFIX,
-                    *extra,
                 ]
+                if ev is not None:
+                    one += [x for kv in ev.to_fields().items() for x in kv]
                 args += [str(len(one)), *one]
             calls.append((keys, args))
         for attempt in range(2):
