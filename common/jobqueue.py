@@ -271,7 +271,7 @@ class DeliveryQueue:
         ttl = self.job_timeout + DRAWN_TTL_EXTRA
         keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
         got = self._draw(keys=keys, args=[destination, job_id, max(1, limit), ttl, next_id, *writes])
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in got]
+        return [_text(x) for x in got]
 
     def drawn_done(self, job_id: str) -> None:
         """The drain job's messages are delivered, deferred with a job of their own, or gone."""

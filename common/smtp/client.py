@@ -49,7 +49,6 @@ __all__ = [
     "Refused",
     "TransactionDone",
     "TransactionResult",
-    "dot_stuff",
     "dot_stuffed",
 ]
 
@@ -150,11 +149,6 @@ def dot_stuffed(body: bytes) -> tuple[bytes, bytes, bytes]:
     middle = body.replace(b"\n.", b"\n..") if line_dot(body) >= 0 else body
     tail = b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"
     return lead, middle, tail
-
-
-def dot_stuff(body: bytes) -> bytes:
-    """The data to send for ``body``, in one piece (dot_stuffed)."""
-    return b"".join(dot_stuffed(body))
 
 
 def _path(address: str) -> str:

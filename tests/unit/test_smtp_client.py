@@ -21,7 +21,6 @@ from common.smtp.client import (
     Refused,
     TransactionDone,
     TransactionResult,
-    dot_stuff,
     dot_stuffed,
 )
 from ingress.session import Close, Peer, Send, Session, SessionConfig, StartTLS, Transaction
@@ -418,6 +417,11 @@ def test_utf8_address_needs_smtputf8() -> None:
     assert client.ready  # nothing was written
     client.start_transaction("s@y.test", ["jörg@x.test"], b"x\r\n", ["SMTPUTF8"])
     assert "jörg".encode() in client.data_to_send()
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The data the client sends for ``body``: its pieces in order."""
+    return b"".join(dot_stuffed(body))
 
 
 def test_dot_stuffing() -> None:
