@@ -201,7 +201,7 @@ def _strip_source_route(path: str) -> str:
 # match: the checks below step through it a character at a time in Python (2.3-4.9 us a path, two
 # a message; 0.5-0.7 us here). What it accepts, the checks below accept and return unchanged;
 # anything else (quotes, UTF-8, literals, routes, trailing dots, long parts) goes through them.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ATOM = "[A-Za-z0-9" + re.escape("".join(sorted(_ATEXT_SPECIALS))) + "]+"  # the atext the checks take
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _PLAIN_PATH = re.compile(rf"<?({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>?")
 
