@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import CLK_TCK, parse_pss_kib
-from bench.profile import children, cmdline, trace_env, trace_summary
+from bench import measure
+from bench.measure import CLK_TCK, parse_pss_kib, parse_times
+from bench.profile import cmdline, trace_env, trace_summary
 from bench.sinkdump import DumpSink
 from bench.systems import Mtaq, free_port, stop_proc
 
@@ -39,19 +40,13 @@ def role(pid: int) -> str:
 def ticks(pid: int) -> tuple[int, int]:
     """(user, system) clock ticks of a process and of its children it has reaped."""
     try:
-        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return parse_times(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return 0, 0
-    return int(rest[11]) + int(rest[13]), int(rest[12]) + int(rest[14])
 
 
 def tree(root: int) -> list[int]:
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children(pid)
-    return out
+    return list(measure.tree([root]))
 
 
 def snapshot(root: int) -> dict[str, tuple[int, int]]:
@@ -202,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     print("  peak PSS MiB: " + ", ".join(f"{r} {mib:.0f}" for r, mib in sorted(pss.peak.items())))
     busy, total = busy1[0] - busy0[0], busy1[1] - busy0[1]
     print(f"  the machine: {busy * 1000 / n:.2f} ms/msg busy, {busy / total:.0%} of its CPUs busy")
-    return 0
     if a.trace is not None:
         trace_summary(a.trace)
+    return 0
 
 
 if __name__ == "__main__":

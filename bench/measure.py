@@ -30,6 +30,7 @@ __all__ = [
     "cpu_seconds",
     "parse_pss_kib",
     "parse_stat",
+    "parse_times",
     "percentile",
     "role_of",
     "tree",
@@ -57,16 +58,24 @@ class Stat:
     ticks: int  # utime + stime + cutime + cstime, in clock ticks
 
 
+def _fields(text: str) -> list[str]:
+    """/proc/PID/stat's fields from the third on. The command name (field 2) sits in parentheses
+    and may itself hold spaces and parentheses, so fields are counted from the last ')'."""
+    return text[text.rindex(")") + 2 :].split()
+
+
+def parse_times(text: str) -> tuple[int, int]:
+    """(user, system) clock ticks of /proc/PID/stat's process, with those of the children it has
+    reaped (utime + cutime, stime + cstime: fields 14 and 16, 15 and 17)."""
+    rest = _fields(text)
+    return int(rest[11]) + int(rest[13]), int(rest[12]) + int(rest[14])
+
+
 def parse_stat(text: str) -> Stat:
-    """Parse /proc/PID/stat. The command name (field 2) sits in parentheses and may itself hold
-    spaces and parentheses, so fields are counted from the last ')'."""
-    end = text.rindex(")")
+    """Parse /proc/PID/stat."""
     pid = int(text[: text.index("(")].strip())
-    rest = text[end + 2 :].split()
-    # rest[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17
-    ppid = int(rest[1])
-    ticks = sum(int(x) for x in rest[11:15])
-    return Stat(pid, ppid, ticks)
+    ppid = int(_fields(text)[1])  # field 4 (the list starts at field 3, the state)
+    return Stat(pid, ppid, sum(parse_times(text)))
 
 
 def parse_pss_kib(text: str) -> int:
