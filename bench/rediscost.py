@@ -130,8 +130,8 @@ def _script_phase(cmd: str, args: Sequence[str]) -> str:
         return "RQ enqueue"  # common/jobqueue.py _ARM: a commit's ids, a drain job if none is queued
     if first.startswith("mtaq:pend:"):
         return "RQ dequeue+start"  # common/jobqueue.py _DRAW: a drain job takes its share
-    if first.startswith("mtaq:rcpt:"):
-        return "outcome write"  # common/statusscript.py SET_STATUSES
+    if first == "mtaq:stats":
+        return "outcome write"  # common/statusscript.py SET_STATUSES (the keys every entry shares first)
     if first.startswith("mtaq:lease:"):
         # store._RENEW_LEASE (token, ms: the heartbeat's) or _END_LEASE (token)
         return "heartbeat+maintenance" if len(argv) > 1 else "worker load+lease"

@@ -74,7 +74,9 @@ def test_phases_by_command_and_key() -> None:
     assert classify("ZADD", ["rq:wip:mtaq", "XX", "1.0", "1:e"]) == "heartbeat+maintenance"
     assert classify("ZREM", ["rq:wip:mtaq", "1:e"]) == "RQ finish"
     assert classify("SET", ["mtaq:recovery-lock:mtaq", "w", "NX", "EX", "30"]) == "heartbeat+maintenance"
-    assert classify("EVALSHA", ["sha", "9", "mtaq:rcpt:A", "mtaq:left:A"]) == "outcome write"
+    shared = ["mtaq:stats", "mtaq:queue:counts", "mtaq:hold", "mtaq:queue:deferred", "mtaq:queue:dests"]
+    outcome = [*shared, "mtaq:events", "mtaq:index", "mtaq:rcpt:A", "mtaq:left:A", "mtaq:msg:A", "mtaq:index"]
+    assert classify("EVALSHA", ["sha", "11", *outcome]) == "outcome write"
     assert classify("EVALSHA", ["sha", "1", "mtaq:lease:A:d", "token", "30000"]) == "heartbeat+maintenance"
     assert classify("EVALSHA", ["sha", "1", "mtaq:lease:A:d", "token"]) == "worker load+lease"
     assert classify("HINCRBY", ["mtaq:queue:counts", "r:active", "-1"], "outcome write") == "queue counters"
@@ -98,7 +100,7 @@ def test_a_tally_gives_transactions_and_expiries_their_neighbours_phase() -> Non
         '1.1 [0 unix:/s] "EXEC"',
         '1.2 [0 unix:/s] "HSET" "mtaq:msg:A" "env" "e"',
         '1.3 [0 unix:/s] "RPUSH" "rq:queue:mtaq" "1"',
-        '1.4 [0 unix:/s] "EVALSHA" "sha" "2" "mtaq:rcpt:A" "mtaq:left:A" "0" "{}"',
+        '1.4 [0 unix:/s] "EVALSHA" "sha" "2" "mtaq:stats" "mtaq:queue:counts" "1" "0" "{}"',
         '1.5 [0 lua] "HGET" "mtaq:rcpt:A" "0"',
         '1.6 [0 lua] "HINCRBY" "mtaq:queue:counts" "r:active" "-1"',
         '1.7 [0 unix:/s] "HSET" "rq:execution:1:e" "id" "e"',
