@@ -30,6 +30,7 @@ from pathlib import Path
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus, new_queue_id
+from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, Store
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rp = RedisProcess(tmp, unixsocket=sock, appendfsync=a.appendfsync)
         rp.start()
         try:
-            r = redis.Redis(unix_socket_path=sock)
+            r = connect(Settings().replace(redis_url=f"unix://{sock}"))  # as the roles connect
             spool = Spool.from_settings(Settings().replace(redis_url=f"unix://{sock}"), r)
             one_round(spool, min(200, a.messages), a.batch, a.size, a.domains)  # warm: scripts loaded
             for _ in range(max(1, a.rounds)):

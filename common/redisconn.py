@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from redis.sentinel import Sentinel
 
+from common.redispack import CommandPacker
 from common.settings import Settings
 
 __all__ = ["NoRedis", "connect", "embedded_socket", "read_secret", "redis_url", "sentinel"]
@@ -60,12 +61,16 @@ def sentinel(settings: Settings, *, timeout: float = 5.0) -> Sentinel:
     return Sentinel(settings.sentinel_list, sentinel_kwargs=sentinel_kwargs)
 
 
+_PACKER = CommandPacker()
+
+
 def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float | None = None) -> redis.Redis:
     """A client with bounded timeouts: a Redis that hangs must turn into a 451, not a stuck session."""
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout if connect_timeout is None else connect_timeout,
         "health_check_interval": 30,
+        "command_packer": _PACKER,  # arguments packed in C (common/redispack.py)
     }
     password = read_secret(settings.redis_password_file, "redis_password_file")
     if password is None and settings.redis_sentinels and settings.redis_url:

@@ -1,0 +1,66 @@
+"""common/redispack.CommandPacker packs exactly what redis-py's own packer does, and fails alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from redis.connection import Connection
+
+from common.redispack import CommandPacker
+
+PACKER = CommandPacker()
+
+
+def _octets(chunks: list[Any]) -> bytes:
+    return b"".join(bytes(c) for c in chunks)
+
+
+def _redis_py(*args: Any) -> bytes:
+    return _octets(Connection().pack_command(*args))  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "k", "v"),
+        ("SET", "k", "välue ü €"),  # UTF-8
+        (b"HSET", b"h", b"f", b"\x00\xff\r\n"),
+        ("ZADD", "z", 0.1, "m", 1e22, "n", float("inf"), "o", -0.0, "p"),
+        ("INCRBY", "k", -5),
+        ("SET", "k", 2**70),
+        ("CLIENT SETNAME", "mtaq"),  # redis-py splits a command name with a space
+        (b"CONFIG GET", b"maxmemory"),
+        ("SET", "k", memoryview(b"a body")),  # written uncopied: redis-py's path
+        ("SET", "k", bytearray(b"xyz")),
+        ("EVALSHA", "a" * 40, 2, "k1", "k2", *(["x" * 7000] * 3)),  # long values
+    ],
+)
+def test_same_octets_as_redis_py(args: tuple[Any, ...]) -> None:
+    assert _octets(PACKER.pack(*args)) == _redis_py(*args)
+
+
+def test_a_memoryview_is_not_copied() -> None:
+    body = memoryview(b"x" * 100_000)
+    assert any(chunk is body for chunk in PACKER.pack("SET", "k", body))
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_what_redis_py_refuses_is_refused_alike(bad: Any) -> None:
+    with pytest.raises(redis.DataError):
+        PACKER.pack("SET", "k", bad)
+
+
+def test_a_string_utf8_cannot_encode_raises_as_before() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        PACKER.pack("SET", "k", "\udcff")
+
+
+def test_every_role_connects_with_it() -> None:
+    """(Every integration test then sends its commands through it, to a real redis-server.)"""
+    from common.redisconn import connect
+    from common.settings import Settings
+
+    client = connect(Settings.from_env({}, redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(client.connection_pool.connection_kwargs["command_packer"], CommandPacker)
