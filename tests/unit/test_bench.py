@@ -181,3 +181,15 @@ def test_cpu_by_process_role_and_per_message() -> None:
         ]
     )
     assert rows_[0]["cpu_ms_per_msg_by_process"] == {"mtaq ingress": 0.3, "redis-server": 0.1}
+
+
+def test_the_sink_writes_on_tmpfs_when_there_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import sinkdump
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(sinkdump, "TMPFS", shm)
+    got = sinkdump._dump_dir(tmp_path / "run" / "sink")
+    assert got.name == "sink" and got.parent.parent == shm  # a fresh directory of its own there
+    monkeypatch.setattr(sinkdump, "TMPFS", tmp_path / "none")
+    assert sinkdump._dump_dir(tmp_path / "run" / "sink") == tmp_path / "run" / "sink"
