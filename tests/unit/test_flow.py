@@ -187,3 +187,58 @@ def test_zero_delay_turns_it_off_and_a_failed_read_opens_the_gate() -> None:
         assert not g.must_wait() and g.sample is None
 
     asyncio.run(go())
+
+
+class StepSleep:
+    """asyncio.sleep stand-in: each sleep waits until the test releases that one (``release()``)."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self._naps: list[asyncio.Future[None]] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        nap: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._naps.append(nap)
+        await nap
+
+    def release(self) -> None:
+        for nap in self._naps:
+            if not nap.done():
+                nap.set_result(None)
+
+
+def test_the_poller_keeps_pace_while_mail_comes_and_idles_until_the_next_mail() -> None:
+    from ingress.flow import ACTIVE_FOR, IDLE_INTERVAL
+
+    async def go() -> None:
+        clock, sleep = FakeClock(), StepSleep()
+        reads: list[float] = []
+
+        def read(taken: float) -> Backlog:
+            reads.append(taken)
+            return Backlog(0, 0, taken)
+
+        g = FlowGate(read, delay=1.0, limit=4, interval=0.1, clock=clock, sleep=sleep)
+        poller = asyncio.ensure_future(g.watch())
+        await settle()
+        await asyncio.sleep(0.01)  # the read runs in a thread
+        assert len(reads) == 1 and sleep.asked == [IDLE_INTERVAL]  # no mail yet: idle
+        g.must_wait()  # a MAIL wakes it: a read at once, before the idle nap ends
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(reads) == 2:
+                break
+        assert len(reads) == 2 and sleep.asked == [IDLE_INTERVAL, 0.1]  # then at its pace
+        clock.now += ACTIVE_FOR  # no MAIL since: idle again after the next read
+        sleep.release()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(sleep.asked) == 3:
+                break
+        assert len(reads) == 3 and sleep.asked[-1] == IDLE_INTERVAL
+        poller.cancel()
+        sleep.release()
+        await settle()
+
+    asyncio.run(go())
