@@ -36,7 +36,7 @@ if ARGV[3] == '2' then
   local raw = redis.call('HGET', KEYS[4], 'q')
   local q = raw and cjson.decode(raw)
   if q and q.p + q.d == 1 then  -- the last open recipient: removed as queuestats.DELETE removes
-    local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7]}
+    local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
     qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
     redis.call('DEL', KEYS[11])  -- the job's lease on it
     return """
@@ -54,8 +54,9 @@ return -3
 )
 # Many outcomes in one script call (issue 15: an EVALSHA per recipient was one command a message
 # of its own): the script above as a function of its own KEYS and ARGV (the parameters shadow the
-# globals), run per entry in order; the stats it counts are added once a call, at the end (a
-# script that fails midway leaves its earlier entries uncounted there: counters, not the queue).
+# globals), run per entry in order; the stats it counts, and the queue counters' sums
+# (queuestats.qs_flush), are added once a call, at the end (a script that fails midway leaves its
+# earlier entries uncounted there: counters, not the queue; the sweep recounts them, `mtaq queue sweep`).
 # What every entry shares is given once, not per entry (redis-py packs every word in Python).
 # KEYS: stats hash, counts, hold set, deferred index, destinations set, events stream, queue index;
 # then 4 per entry: its rcpt hash, left counter, message hash, lease (or the index again). ARGV:
@@ -64,7 +65,7 @@ return -3
 # id, then the event's field/value pairs when it has one. Returns each entry's answer.
 SET_STATUSES = (
     queuestats.LIB
-    + "local counted = {}\nlocal function one(KEYS, ARGV)\n"
+    + "local counted, qs_acc = {}, {}\nlocal function one(KEYS, ARGV)\n"
     + SET_STATUS_BODY
     + """
 end
@@ -87,6 +88,7 @@ end
 for key, fields in pairs(counted) do
   for field, by in pairs(fields) do redis.call('HINCRBY', key, field, by) end
 end
+qs_flush(KEYS[2], qs_acc)
 return out
 """
 )

@@ -108,6 +108,12 @@ op = st.one_of(
     st.tuples(st.just("finish"), st.integers(0, 30)),
     # a final outcome that removes its message when it is the last open recipient (issue 15)
     st.tuples(st.just("last"), st.integers(0, 30), st.integers(0, 3), st.sampled_from(STATES[2:])),
+    # several outcomes in one script call: the queue counters are summed and added once at its end
+    st.tuples(
+        st.just("many"),
+        st.integers(0, 30),
+        st.lists(st.tuples(st.integers(0, 30), st.integers(0, 3), st.sampled_from(STATES)), min_size=2, max_size=5),
+    ),
 )
 
 
@@ -135,6 +141,22 @@ def test_counts_equal_a_walk_after_any_sequence(first: list[list[str]], ops: lis
         n = rest[0]
         assert isinstance(n, int)
         qid = f"Q{n % made:04d}"
+        if kind == "many":
+            outcomes = rest[1]
+            assert isinstance(outcomes, list)
+            entries = [
+                (f"Q{m % made:04d}", i % 4, RecipientStatus(state=sta, reply="451 busy")) for m, i, sta in outcomes
+            ]
+            evs: list[Event | None] = [
+                Event(id=f"{q}.{i}.{len(ops)}.{k}", type=EventType.TRANSIENT, time=NOW, queue_id=q)
+                for k, (q, i, _) in enumerate(entries)
+            ]
+            finishing = {q: "a.test" for q, _, sta in entries if sta.final}
+            codes = s.set_status_list(entries, events=evs, last=finishing)
+            changes += sum(c not in (-1, -2) for c in codes)
+            agree(r)
+            assert r.xlen(EVENTS) == changes
+            continue
         if kind in ("status", "last"):
             idx, state = rest[1], rest[2]
             assert isinstance(idx, int) and isinstance(state, RcptState)
