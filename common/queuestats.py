@@ -61,19 +61,31 @@ def _layout(envelope: Envelope, hop: Callable[[str], str]) -> dict[str, object]:
     return out
 
 
-def summary(envelope: Envelope, hop: Callable[[str], str]) -> str:
-    """The summary of a message as committed: every recipient pending."""
-    return _summary(envelope, [hop(r.address) for r in envelope.recipients])
+def summary(envelope: Envelope, hop: Callable[[str], str], size: int | None = None) -> str:
+    """The summary of a message as committed: every recipient pending; ``size``, the body's octets,
+    when known (the removal then takes it from here, not from an HSTRLEN of the body)."""
+    return _summary(envelope, [hop(r.address) for r in envelope.recipients], size)
 
 
-def _summary(envelope: Envelope, hops: list[str]) -> str:
+def _summary(envelope: Envelope, hops: list[str], size: int | None = None) -> str:
     # on every commit: the usual message, one destination, without json.dumps of a dict
     n, t = len(hops), repr(envelope.received_at)
+    b = "" if size is None else f',"b":{int(size)}'
     if n and hops.count(hops[0]) == n:
-        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0}}'
+        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0{b}}}'
     names = list(dict.fromkeys(hops))
     idx = [names.index(h) for h in hops]
-    doc = {"h": names, "t": t, "n": n, "i": idx, "o": [idx.count(j) for j in range(len(names))], "p": n, "d": 0}
+    doc: dict[str, object] = {
+        "h": names,
+        "t": t,
+        "n": n,
+        "i": idx,
+        "o": [idx.count(j) for j in range(len(names))],
+        "p": n,
+        "d": 0,
+    }
+    if size is not None:
+        doc["b"] = int(size)
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -107,7 +119,7 @@ def commit_plan(messages: Sequence[tuple[Envelope, int]], hop: Callable[[str], s
     dests: dict[str, dict[str, float]] = defaultdict(dict)
     for env, size in messages:
         hops = [hop(r.address) for r in env.recipients]
-        plan.summaries[env.id] = _summary(env, hops)
+        plan.summaries[env.id] = _summary(env, hops, size)
         for h in hops:
             dests[h][env.id] = env.received_at
         plan.size += size
@@ -192,7 +204,7 @@ end
 local function qs_copy(q)
   local o = {}
   for j, v in ipairs(q.o) do o[j] = v end
-  return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t}
+  return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t, b = q.b}
 end
 -- A message removed: its share of the counters and indexes taken out as its summary ``q`` has it
 -- (none when q is nil: counted nowhere), then its message hash, recipients hash and left counter,
@@ -202,7 +214,8 @@ local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
   local held = nil
   if q then
     held = redis.call('SISMEMBER', hold, qid) == 1
-    qs_account(K, qid, {q = q, held = held, size = redis.call('HSTRLEN', msg, 'body')}, nil)
+    -- the body's octets as committed (``b``; a summary of an older mtaq has none: the body's)
+    qs_account(K, qid, {q = q, held = held, size = q.b or redis.call('HSTRLEN', msg, 'body')}, nil)
   end
   redis.call('DEL', msg, rcpt, left)
   redis.call('ZREM', index, qid)
@@ -296,6 +309,7 @@ for k = 0, s.n - 1 do
 end
 local held = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
 local size = redis.call('HSTRLEN', KEYS[1], 'body')
+q.b = size
 local raw = redis.call('HGET', KEYS[1], 'q')
 local changed = 1
 if raw then

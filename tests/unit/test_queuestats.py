@@ -4,6 +4,8 @@ deletions, finishing; and the recount that corrects what bypassed them."""
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +40,28 @@ def test_summary_names_destinations_once_and_each_recipients() -> None:
     plan = commit_plan([(env, 10), (one, 20)], domain_of)
     assert (plan.size, plan.recipients) == (30, 5)
     assert plan.by_destination == {"a.test": {"Q0001": 5.5, "Q0002": 5.0}, "b.test": {"Q0001": 5.5}}
+    # a commit's summaries carry the body's octets: the removal reads them there, not the body
+    assert json.loads(plan.summaries["Q0001"])["b"] == 10 and json.loads(plan.summaries["Q0002"])["b"] == 20
+
+
+def test_a_removal_takes_the_size_from_the_summary_and_an_older_one_from_the_body() -> None:
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    s = Store(r)
+    s.commit([msg(1, ["a.test"], NOW), msg(2, ["a.test"], NOW)])
+    before = int(r.hget("mtaq:queue:counts", "bytes") or 0)
+    size1 = r.hstrlen(msg_key("Q0001"), "body")
+    # Q0002 as an older mtaq left it: a summary without ``b``
+    old = json.loads(r.hget(msg_key("Q0002"), "q") or b"{}")
+    del old["b"]
+    r.hset(msg_key("Q0002"), "q", json.dumps(old))
+    size2 = r.hstrlen(msg_key("Q0002"), "body")
+    done = RecipientStatus(state=RcptState.DELIVERED, reply="250 ok")
+    assert s.set_status_list([("Q0001", 0, done), ("Q0002", 0, done)], last={"Q0001": "a.test", "Q0002": "a.test"}) == [
+        -4,
+        -4,
+    ]
+    assert int(r.hget("mtaq:queue:counts", "bytes") or 0) == before - size1 - size2 == 0
+    agree(r)
 
 
 def test_counts_follow_each_change_and_the_indexes_answer_listings() -> None:
