@@ -201,6 +201,14 @@ local function qs_flush(counts, acc)
     if acc[n] and acc[n] ~= 0 then redis.call('HINCRBY', counts, QS_FIELDS[n], acc[n]) end
   end
 end
+-- Whether queue id ``qid`` is in the hold set: one SCARD a script call first, and no question per
+-- message while nothing is held (the usual case: a delivered message's removal asked SISMEMBER
+-- each time). The scripts that use it only ever take messages out of the set.
+local qs_holds = nil
+local function qs_is_held(hold, qid)
+  if qs_holds == nil then qs_holds = redis.call('SCARD', hold) > 0 end
+  return qs_holds and redis.call('SISMEMBER', hold, qid) == 1
+end
 local function qs_copy(q)
   local o = {}
   for j, v in ipairs(q.o) do o[j] = v end
@@ -213,7 +221,7 @@ end
 local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
   local held = nil
   if q then
-    held = redis.call('SISMEMBER', hold, qid) == 1
+    held = qs_is_held(hold, qid)
     -- the body's octets as committed (``b``; a summary of an older mtaq has none: the body's)
     qs_account(K, qid, {q = q, held = held, size = q.b or redis.call('HSTRLEN', msg, 'body')}, nil)
   end
@@ -232,7 +240,7 @@ local raw = redis.call('HGET', KEYS[4], 'q')
 if raw and ARGV[5] ~= state then
   local q = cjson.decode(raw)
   local j = (q.i and q.i[tonumber(ARGV[1]) + 1] or 0) + 1
-  local held = redis.call('SISMEMBER', KEYS[6], ARGV[6]) == 1
+  local held = qs_is_held(KEYS[6], ARGV[6])
   local after = qs_copy(q)
   if state == 'pending' then after.p = after.p - 1 else after.d = after.d - 1 end
   if ARGV[5] == 'pending' then after.p = after.p + 1
