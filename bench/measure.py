@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,15 +140,28 @@ def _role(pid: int) -> str:
     return role_of(cmdline, stat[stat.find("(") + 1 : stat.rfind(")")])
 
 
-def by_role(start: dict[int, tuple[str, int]], end: dict[int, tuple[str, int]]) -> dict[str, float]:
+def by_role(
+    start: dict[int, tuple[str, int]], end: dict[int, tuple[str, int]], parents: Mapping[int, int] | None = None
+) -> dict[str, float]:
     """CPU seconds between two looks at a tree (pid -> (role, ticks)), summed by role: a process
     alive at the end counts from its start (or from 0 if it started between); one that died is in
-    its parent's c-fields, so in its parent's role."""
+    its parent's c-fields, so in its parent's role. ``parents`` (pid -> parent pid at the start)
+    lets that role give back what the dead one had spent before the start, which the first look
+    counted already (its whole life is in the c-fields)."""
     out: dict[str, float] = {}
     for pid, (role, ticks) in end.items():
         before = start.get(pid)
         spent = ticks - (before[1] if before is not None and before[0] == role else 0)
         out[role] = out.get(role, 0.0) + spent / CLK_TCK
+    for pid, (_, ticks) in start.items():
+        if pid in end or parents is None:
+            continue
+        up = parents.get(pid)
+        while up is not None and up not in end:
+            up = parents.get(up)
+        if up is not None:  # the ancestor that reaped it, alive at the end
+            role = end[up][0]
+            out[role] = out.get(role, 0.0) - ticks / CLK_TCK
     return out
 
 
@@ -176,36 +189,43 @@ class Sampler:
         self.cpu_start = 0.0
         self.cpu_end = 0.0
         self._roles_start: dict[int, tuple[str, int]] = {}
+        self._parents_start: dict[int, int] = {}
         self._roles_end: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
     def sample(self) -> float:
+        return cpu_seconds(self._look())
+
+    def _look(self) -> dict[int, Stat]:
         procs = tree(self.roots)
         pss = pss_kib(procs)
         if pss > self.peak_pss_kib:
             self.peak_pss_kib = pss
         self.peak_procs = max(self.peak_procs, len(procs))
-        return cpu_seconds(procs)
+        return procs
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def _roles(self) -> dict[int, tuple[str, int]]:
-        return {pid: (_role(pid), st.ticks) for pid, st in tree(self.roots).items()}
+    @staticmethod
+    def _roles(procs: dict[int, Stat]) -> dict[int, tuple[str, int]]:
+        # from the same look as the total: a second read of /proc could be a clock tick later
+        return {pid: (_role(pid), st.ticks) for pid, st in procs.items()}
 
     def __enter__(self) -> Sampler:
-        self._roles_start = self._roles()
-        self.cpu_start = self.sample()
+        procs = self._look()
+        self._roles_start, self.cpu_start = self._roles(procs), cpu_seconds(procs)
+        self._parents_start = {pid: st.ppid for pid, st in procs.items()}
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.cpu_end = self.sample()
-        self._roles_end = self._roles()
+        procs = self._look()
+        self._roles_end, self.cpu_end = self._roles(procs), cpu_seconds(procs)
 
     @property
     def cpu(self) -> float:
@@ -215,7 +235,7 @@ class Sampler:
     @property
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds of the interval by process role (``role_of``), workers summed."""
-        return by_role(self._roles_start, self._roles_end)
+        return by_role(self._roles_start, self._roles_end, self._parents_start)
 
     @property
     def peak_pss_mib(self) -> float:

@@ -168,6 +168,12 @@ def test_cpu_by_process_role_and_per_message() -> None:
     end = {1: ("mtaq worker", 300), 2: ("mtaq worker", 150), 3: ("mtaq ingress", 210), 4: ("smtpd", 7), 9: ("x", 4)}
     got = by_role(start, end)
     assert got == {"mtaq worker": 300 / CLK_TCK, "mtaq ingress": 200 / CLK_TCK, "smtpd": 7 / CLK_TCK, "x": 4 / CLK_TCK}
+    # a child alive at the start that died: its whole life is in its parent's c-fields at the end,
+    # so the parent's role gives back what the first look had counted of it already
+    start = {1: ("master", 100), 5: ("smtpd", 30)}
+    end = {1: ("master", 100 + 30 + 20)}  # the child spent 20 more, then was reaped
+    assert by_role(start, end, {1: 0, 5: 1}) == {"master": 20 / CLK_TCK}
+    assert by_role(start, end) == {"master": 50 / CLK_TCK}  # without its parent: as before
     r = _result("mtaq", 750, 200, 100)
     r.cpu_by_role = {"redis-server": 0.1, "mtaq ingress": 0.3}
     assert r.cpu_ms_per_message() == {"mtaq ingress": 0.3, "redis-server": 0.1}  # largest first
