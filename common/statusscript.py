@@ -57,7 +57,7 @@ return -3
 # globals), run per entry in order; the stats it counts, and the queue counters' sums
 # (queuestats.qs_flush), are added once a call, at the end (a script that fails midway leaves its
 # earlier entries uncounted there: counters, not the queue; the sweep recounts them, `mtaq queue sweep`).
-# What every entry shares is given once, not per entry (redis-py packs every word in Python).
+# What every entry shares is given once, not per entry (fewer words to pack and for Redis to read).
 # KEYS: stats hash, counts, hold set, deferred index, destinations set, events stream, queue index;
 # then 4 per entry: its rcpt hash, left counter, message hash, lease (or the index again). ARGV:
 # the number of entries, the destination index prefix, the events' MAXLEN; then per entry the

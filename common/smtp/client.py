@@ -205,11 +205,15 @@ class Client:
     def parts_to_send(self) -> list[bytes]:
         """What ``data_to_send`` says, in pieces to write in order: a message body comes as it was
         given, not copied into the commands around it (a 1 MiB body was copied three times)."""
+        self._seal()
+        parts, self._parts = self._parts, []
+        return parts
+
+    def _seal(self) -> None:
+        """What ``_out`` holds becomes a piece of its own, after those before it."""
         if self._out:
             self._parts.append(bytes(self._out))
             self._out.clear()
-        parts, self._parts = self._parts, []
-        return parts
 
     def next_event(self) -> ClientEvent | None:
         return self._events.popleft() if self._events else None
@@ -503,8 +507,8 @@ class Client:
                 self.phase = Phase.BODY
                 lead, middle, tail = dot_stuffed(tx.body)
                 self._out += lead
-                self._parts += (bytes(self._out), middle) if self._out else (middle,)
-                self._out.clear()
+                self._seal()
+                self._parts.append(middle)  # the body as given: never copied into _out
                 self._out += tail
                 self._expect.append("BODY")
         else:  # BODY: the end-of-data reply
