@@ -12,12 +12,24 @@ __all__ = ["alive", "children", "descendants", "listeners", "refused"]
 
 
 def alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
+    """Whether any thread of a process still runs (not a zombie, not gone).
+
+    The process's own stat is not enough: when another thread ends the process (``os._exit`` from
+    the lifeline's watch thread), the main thread can already show ``Z`` while the exiting thread
+    has not yet dropped the shared file table, so a listening socket is still open. The sockets are
+    closed once every thread is a zombie or gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    return fields[0] != "Z"
+    for tid in tasks:
+        try:
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def children(pid: int) -> list[int]:
