@@ -1,10 +1,12 @@
 """What DKIM signing costs per message: ``python -m bench.signing [--seconds S] [--ingress N]``.
 
-Signs a 4 KiB message (the size of the throughput benchmark's) the way the ingress does
-(ingress/signing.py: Message-ID and Date added, From: parsed, keys looked up, signed) with one
+Signs a 4 KiB message (the size of the throughput benchmark's) the way mtaq does, with one
 RSA-2048 key, one Ed25519 key, and both, for ``--seconds`` each (bounded: at most 20,000 messages
 a case), and prints the CPU time per message (process time, so other load on the machine does not
-count) beside dkimpy's own ``dkim.sign`` when it is installed (why common/dkim.py does not use it).
+count) of each share: the ingress's (ingress/signing.py: Message-ID and Date added, From: parsed,
+keys looked up, the signatures prepared up to the private key's operation) and the worker's
+(worker/signing.py: the signatures finished at delivery); beside dkimpy's own ``dkim.sign`` when
+it is installed (why common/dkim.py does not use it).
 
 ``--ingress N`` also measures it in a running ingress: a redis-server, `mtaq ingress` (one
 process, or ``--processes``; no worker: only the ingress's own work is counted) and Postfix's
@@ -33,8 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from bench.measure import cpu_seconds, tree
 from bench.systems import free_port, wait_port
 from common.dkimkeys import KeyTable
+from common.envelope import Envelope
 from ingress.signing import TrustedMail
 from mtaq.runtime.embedded import RedisProcess
+from worker.signing import DeliverySigner
 
 MAX_MESSAGES = 20_000
 
@@ -65,6 +69,13 @@ def _write(folder: Path, name: str, key: rsa.RSAPrivateKey | ed25519.Ed25519Priv
 
 def _prepare(prep: TrustedMail, msg: bytes) -> Callable[[], object]:
     return lambda: prep.prepare(msg, queue_id="Q", when=time.time(), body_8bit=False)
+
+
+def _finish(keys: KeyTable, prep: TrustedMail, msg: bytes) -> Callable[[], object]:
+    prepared = prep.prepare(msg, queue_id="Q", when=time.time(), body_8bit=False)
+    env = Envelope(id="Q", sender="", recipients=[], dkim=prepared.pending)
+    signer = DeliverySigner(keys)
+    return lambda: signer.signed(env, prepared.data, time.time())
 
 
 def _dkimpy(msg: bytes, key: bytes, algorithm: bytes) -> Callable[[], object]:
@@ -145,15 +156,16 @@ def main() -> None:
             "Ed25519": "example.com e ed.pem\n",
             "RSA-2048 + Ed25519": "example.com r rsa.pem\nexample.com e ed.pem\n",
         }
-        print(f"{len(msg)}-octet message, CPU ms per message (messages signed)")
+        print(f"{len(msg)}-octet message, CPU ms per message (messages signed): at the ingress, at the worker")
         ms, n = per_message(_prepare(TrustedMail("mx.example.net", None), msg), args.seconds)
         print(f"  {'no key (headers only)':24} {ms:7.3f} ms  ({n})")
         for name, table in cases.items():
             (folder / "table").write_text(table)
-            ms, n = per_message(
-                _prepare(TrustedMail("mx.example.net", KeyTable(str(folder / "table"))), msg), args.seconds
-            )
-            print(f"  {name:24} {ms:7.3f} ms  ({n})")
+            keys = KeyTable(str(folder / "table"))
+            prep = TrustedMail("mx.example.net", keys)
+            ms, n = per_message(_prepare(prep, msg), args.seconds)
+            wms, wn = per_message(_finish(keys, prep, msg), args.seconds)
+            print(f"  {name:24} {ms:7.3f} ms  ({n}), {wms:7.3f} ms  ({wn})")
         if importlib.util.find_spec("dkim") is None:
             return
         raw = ed_key.private_bytes(

@@ -30,7 +30,9 @@ from typing import Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from common.envelope import DkimPending
 from common.mime7bit import to_7bit
 
 __all__ = [
@@ -38,10 +40,13 @@ __all__ = [
     "Parsed",
     "SigningKey",
     "body_hash",
+    "finish",
     "from_domain",
     "header_fields",
     "keys_for",
     "parse_head",
+    "presign",
+    "presign_7bit",
     "public_key_record",
     "sign",
     "sign_7bit",
@@ -279,19 +284,20 @@ def _fold_tags(tags: Sequence[str]) -> str:
     return "\r\n".join(lines)
 
 
-def sign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> bytes:
-    """The DKIM-Signature fields (each ending in CRLF) that sign ``message`` (CRLF line ends; or
-    already parsed) with every key in ``keys``, newest first as they go in front of the message;
-    b"" for no keys."""
+def presign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> list[DkimPending]:
+    """One ``DkimPending`` per key of ``keys``, in their order: each DKIM-Signature field of
+    ``message`` (CRLF line ends; or already parsed) worked out up to its private-key operation,
+    which ``finish`` does. [] when there is nothing to sign (no keys, no From:, a malformed header
+    block)."""
     if not keys:
-        return b""
+        return []
     parsed = message if isinstance(message, Parsed) else Parsed.of(message)
     if not parsed.well_formed:
-        return b""
+        return []
     fields, body = parsed.fields, parsed.body
     names = _signed_names(fields)
     if "from" not in names:
-        return b""  # RFC 6376 §5.4: From MUST be signed; a message without one is not ours to sign
+        return []  # RFC 6376 §5.4: From MUST be signed; a message without one is not ours to sign
     signed = b"".join(_selected(fields, names))
     bh = body_hash(body)
     out = []
@@ -310,28 +316,53 @@ def sign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> bytes
         field = _fold_tags(tags)
         name, _, value = field.encode("ascii").partition(b":")
         data = signed + _relaxed_header(name, value)  # the signature's own field, b= empty, no CRLF
-        b = base64.b64encode(_signature(key, data)).decode("ascii")
-        out.append(field + "".join(f"\r\n\t{b[i : i + _B64_LINE]}" for i in range(0, len(b), _B64_LINE)) + "\r\n")
-    return "".join(reversed(out)).encode("ascii")
+        out.append(DkimPending(key.domain, key.selector, key.algorithm, field, hashlib.sha256(data).digest()))
+    return out
 
 
-def _signature(key: SigningKey, data: bytes) -> bytes:
+def finish(pending: DkimPending, key: SigningKey) -> bytes:
+    """The whole DKIM-Signature field (ending in CRLF): ``pending``'s with the signature by ``key``,
+    which must be the key it names (ValueError if not). RSA PKCS#1 v1.5 and Ed25519 signatures are
+    deterministic: finishing the same pending signature again gives the same field, octet for octet."""
+    if (key.domain, key.selector, key.algorithm) != (pending.domain, pending.selector, pending.algorithm):
+        raise ValueError(f"{key!r} is not the key of d={pending.domain} s={pending.selector} a={pending.algorithm}")
     if isinstance(key.private, ed25519.Ed25519PrivateKey):
         # RFC 8463 §3: Ed25519 signs the SHA-256 hash of the data (PureEdDSA over the digest)
-        return key.private.sign(hashlib.sha256(data).digest())
-    return key.private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        raw = key.private.sign(pending.digest)
+    else:
+        raw = key.private.sign(pending.digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    b = base64.b64encode(raw).decode("ascii")
+    return (
+        pending.field + "".join(f"\r\n\t{b[i : i + _B64_LINE]}" for i in range(0, len(b), _B64_LINE)) + "\r\n"
+    ).encode("ascii")
+
+
+def sign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> bytes:
+    """The DKIM-Signature fields (each ending in CRLF) that sign ``message`` (CRLF line ends; or
+    already parsed) with every key in ``keys``, newest first as they go in front of the message;
+    b"" for no keys."""
+    return b"".join(reversed([finish(p, k) for p, k in zip(presign(message, keys, now), keys, strict=False)]))
+
+
+def presign_7bit(
+    message: bytes | Parsed, keys: Sequence[SigningKey], now: int
+) -> tuple[bytes, list[DkimPending], bool]:
+    """``message`` made 7-bit where it can be (common/mime7bit.py), and its signatures up to the
+    private-key operation (``presign``): (the message as it is to be signed and sent, the pending
+    signatures, whether it was converted). A next hop without 8BITMIME gets mail converted to 7-bit
+    by the worker, which would break a signature made before; RFC 6376 §5.3 asks signers to convert
+    first. What cannot be converted (8-bit header fields, 8-bit text without MIME) is signed as it
+    is: the worker cannot convert it either and sends it as signed."""
+    raw = message.message if isinstance(message, Parsed) else message
+    if not keys:
+        return raw, [], False
+    converted = to_7bit(raw)
+    if converted is None or converted is raw:  # as it was: a parse made before still holds
+        return raw, presign(message, keys, now), False
+    return converted, presign(converted, keys, now), True
 
 
 def sign_7bit(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> tuple[bytes, bool]:
-    """``message`` made 7-bit where it can be (common/mime7bit.py), then signed: (the signed message,
-    whether it was converted). A next hop without 8BITMIME gets mail converted to 7-bit by the worker,
-    which would break a signature made before; RFC 6376 §5.3 asks signers to convert first. What
-    cannot be converted (8-bit header fields, 8-bit text without MIME) is signed as it is: the
-    worker cannot convert it either and sends it as signed."""
-    raw = message.message if isinstance(message, Parsed) else message
-    if not keys:
-        return raw, False
-    converted = to_7bit(raw)
-    if converted is None or converted is raw:  # as it was: a parse made before still holds
-        return sign(message, keys, now) + raw, False
-    return sign(converted, keys, now) + converted, True
+    """``presign_7bit`` finished at once: (the signed message, whether it was converted)."""
+    raw, pending, converted = presign_7bit(message, keys, now)
+    return b"".join(reversed([finish(p, k) for p, k in zip(pending, keys, strict=False)])) + raw, converted

@@ -127,3 +127,7 @@ class KeyTable:
 
     def keys_for(self, domain: str) -> Sequence[SigningKey]:
         return keys_for(self._table.get(), domain)
+
+    def key(self, domain: str, selector: str) -> SigningKey | None:
+        """The key of exactly this domain and selector, if the table has it now."""
+        return next((k for k in self._table.get().get(domain, ()) if k.selector == selector), None)

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from common import metrics
 from common.dkimkeys import KeyTable
-from common.envelope import Envelope, new_queue_id
+from common.envelope import DkimPending, Envelope, new_queue_id
 from common.events import Event as DeliveryEvent
 from common.events import receptions
 from common.spool import Spool
@@ -350,16 +350,15 @@ class SMTPProtocol(asyncio.Protocol):
             r if "@" in r.address else dataclasses.replace(r, address=f"{r.address}@{host}") for r in tx.recipients
         ]
         data, body_8bit = tx.data, tx.body_8bit
+        pending: tuple[DkimPending, ...] = ()
         if tx.trusted:  # Message-ID, Date and DKIM signatures: ingress/signing.py
-            # In the event loop, not in a thread: an RSA-2048 signature is ~0.2 ms of CPU that a
-            # thread would run beside the loop only on an idle core, and under load there is none
-            # (ingress, workers, Redis share the machine). The hop itself cost CPU (the thread
-            # pool's handoff, the GIL passed back and forth) and latency (a thread back from OpenSSL
-            # waits for a busy loop to yield the GIL): bench.signing --ingress 5000, ingress CPU per
-            # signed message 0.62 ms in a thread, 0.53 ms here (unsigned 0.26), 1315 -> 1587 msgs/s.
-            # The processes to use more cores are `--processes` (mtaq/runtime/prefork.py).
+            # The signatures are worked out here up to the private key's operation, which the
+            # worker does (Envelope.dkim): that RSA-2048 signature was ~0.2 ms of this loop's CPU
+            # a message (ingress 0.53-0.64 ms a signed message against 0.26-0.33 unsigned), on the
+            # one loop every session waits on; the workers are as many as the load needs. A thread
+            # here did not help: under load no core is idle, and the hop cost CPU and latency.
             prepared = self.ingress.trusted_mail.prepare(data, queue_id=qid, when=now, body_8bit=body_8bit)
-            data, body_8bit = prepared.data, prepared.body_8bit
+            data, body_8bit, pending = prepared.data, prepared.body_8bit, prepared.pending
         env = Envelope(
             id=qid,
             sender=tx.sender,
@@ -376,6 +375,7 @@ class SMTPProtocol(asyncio.Protocol):
             auth_user=tx.auth_user,
             trusted=tx.trusted,
             requiretls=tx.requiretls,
+            dkim=pending,
         )
         trace = received_header(
             hostname=self.ingress.config.hostname,

@@ -4,7 +4,7 @@ like mail and the message removed together, or neither).
 
 One Finisher serves the three who finish mail: a delivery job when its batch is done
 (worker/service.py), the sweep for messages left behind (worker/sweep.py), and `mtaq queue bounce`.
-It needs storage, the report maker, our hostname, the DKIM signer of our reports (worker/dsnsign.py)
+It needs storage, the report maker, our hostname, the DKIM signer of our reports (worker/signing.py)
 and a clock; none of the delivery machinery."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
 from worker.dsn import make_dsn
-from worker.dsnsign import ReportSigner
+from worker.signing import ReportSigner
 
 __all__ = ["FINISH_CLAIM", "DsnMaker", "Finished", "Finisher", "ReportSign"]
 
@@ -36,7 +36,7 @@ FINISH_CLAIM = 30.0
 DsnMaker = Callable[[Message, dict[int, RecipientStatus], str, float], Message | None]
 # a message with its recipients' states, every one of them final
 Finished = tuple[Message, dict[int, RecipientStatus]]
-# a report as it is queued: DKIM-signed when a key covers our hostname's domain (worker/dsnsign.py)
+# a report as it is queued: DKIM-signed when a key covers our hostname's domain (worker/signing.py)
 ReportSign = Callable[[Message, float], Message]
 
 

@@ -16,9 +16,9 @@ from common.settings import Settings
 from common.spool import Spool
 from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
-from worker.dsnsign import ReportSigner
 from worker.limits import DestinationLimits
 from worker.service import DeliveryService
+from worker.signing import DeliverySigner, ReportSigner
 from worker.tlsgate import TLSGate
 
 __all__ = ["deliver", "drain", "install", "make_dsn", "make_service"]
@@ -53,10 +53,20 @@ def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         clock=clock,
     )
     # KeyTableError from a bad key table: one line and exit 78 (mtaq/cli.py)
-    signer = ReportSigner(KeyTable(settings.dkim_keys) if settings.dkim_keys else None)
+    keys = KeyTable(settings.dkim_keys) if settings.dkim_keys else None
     # one resolver for MX, TLSA and the MTA-STS policy host (issue 21)
     tls = TLSGate(dns, spool.store.redis, ca_file=settings.tls_ca_file, mta_sts=settings.mta_sts, dane=settings.dane)
-    return DeliveryService(settings, spool, resolver, limits, dsn=make_dsn, sign=signer, clock=clock, tls=tls)
+    return DeliveryService(
+        settings,
+        spool,
+        resolver,
+        limits,
+        dsn=make_dsn,
+        sign=ReportSigner(keys),
+        dkim=DeliverySigner(keys),
+        clock=clock,
+        tls=tls,
+    )
 
 
 def deliver(destination: str, ids: Sequence[str], force: bool = False) -> None:

@@ -49,6 +49,7 @@ from worker.parcel import Outcome, Parcel, Undeliverable, default_left, fail_all
 from worker.plan import Loaded, Plan, all_final, plan
 from worker.relay import Dialer, resolve
 from worker.retry import lifetime, next_retry
+from worker.signing import DeliverySigner, Unsignable
 from worker.smarthost import smarthost_from_settings
 from worker.tlsgate import TLSGate
 
@@ -79,6 +80,7 @@ class DeliveryService:
         *,
         dsn: DsnMaker,
         sign: ReportSign = lambda report, now: report,
+        dkim: DeliverySigner | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         dialer: Dialer | None = None,
@@ -90,7 +92,8 @@ class DeliveryService:
         self.queue = spool.queue
         self.resolver = resolver
         self.limits = limits
-        self.sign = sign  # DKIM on the reports we write (worker/dsnsign.py)
+        self.sign = sign  # DKIM on the reports we write (worker/signing.py)
+        self.dkim = dkim or DeliverySigner(None)  # the signatures the ingress prepared (Envelope.dkim)
         self.clock = clock
         if dialer is None:  # how conversations open connections (unit tests: an in-memory peer)
             dialer = Dialer(
@@ -164,7 +167,7 @@ class DeliveryService:
             batch = Batch(self.store, self.clock, self.writer, job.loaded, destination, self._quiet)
             batch.finished.extend(job.complete)
             try:
-                parcels = _parcels(job, lease.taken)
+                parcels = self._signed(destination, batch, _parcels(job, lease.taken))
                 if parcels:
                     self._run(destination, batch, parcels, landed)
             finally:
@@ -176,6 +179,25 @@ class DeliveryService:
         for hop, qids in job.reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
+
+    def _signed(self, destination: str, batch: Batch, parcels: list[Parcel]) -> list[Parcel]:
+        """The parcels with the DKIM signatures the ingress prepared finished in front of their
+        message (worker/signing.py), once for all the job's attempts. One that cannot be signed
+        here is deferred, not sent unsigned; the others go."""
+        ready: list[Parcel] = []
+        unsigned: list[Parcel] = []
+        for p in parcels:
+            try:
+                p.body = self.dkim.signed(p.envelope, p.body, self.clock())
+            except Unsignable as e:
+                log.warning("%s: %s: delivery deferred", p.envelope.id, e)
+                fail_all([p], Outcome(RcptState.DEFERRED, "4.3.5", f"cannot DKIM-sign: {e}", "none"))
+                unsigned.append(p)
+                continue
+            ready.append(p)
+        if unsigned:
+            self._record_rest(destination, batch, unsigned)
+        return ready
 
     def _quiet(self, msg: Message, states: dict[int, RecipientStatus]) -> bool:
         """No report is due for a message finished with these states."""

@@ -43,6 +43,7 @@ class FakePeer:
     extensions: set[str] = field(default_factory=lambda: {"8bitmime", "size", "smtputf8", "pipelining"})
     hang_up_after: int | None = None  # messages per connection before the peer drops it
     taken: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (ip, sender, recipients)
+    bodies: list[bytes] = field(default_factory=list)  # the message of each entry of ``taken``
     opened: list[str] = field(default_factory=list)  # ips connected to, in order
     gate: threading.Event | None = None  # when set, send() waits for it (a slow peer)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -74,6 +75,7 @@ class FakeConnection(SMTPConnection):
         with self.peer.lock:
             if ok:
                 self.peer.taken.append((self.ip, sender, ok))
+                self.peer.bodies.append(bytes(body))
         self.sent += 1
         if self.peer.hang_up_after is not None and self.sent >= self.peer.hang_up_after:
             self.open_ = False

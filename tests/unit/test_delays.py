@@ -19,7 +19,7 @@ from common.spool import Spool
 from common.store import Message, Store, msg_key
 from tests.dkimkeys import dkimpy_verify, write_table
 from worker.delays import warn_delayed
-from worker.dsnsign import ReportSigner
+from worker.signing import ReportSigner
 
 T0 = 1_700_000_000.0
 DEFERRED = RecipientStatus(RcptState.DEFERRED, 1, "4.4.1", "451 4.4.1 later", "mx[127.0.0.2]:25", "mx", T0)

@@ -235,3 +235,19 @@ def test_a_parsed_message_with_fields_in_front_signs_as_its_bytes() -> None:
     assert dkim.Parsed.of(MESSAGE).prepend(b"").message is MESSAGE
     bad = dkim.Parsed.of(b"From: a@example.com\r\nno colon\r\n\r\nbody\r\n").prepend(extra)
     assert not bad.well_formed and dkim.sign(bad, [key], NOW) == b""
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+def test_a_signature_prepared_and_finished_later_is_the_one_signed_at_once(kind: str) -> None:
+    """The ingress prepares (presign), the worker finishes at delivery (finish): the same field,
+    octet for octet, as signing at once; each key signs only its own pending signature."""
+    key, other = _key(kind), _key(kind, selector="s2")
+    pending = dkim.presign(MESSAGE, [key, other], NOW)
+    assert [(p.domain, p.selector, p.algorithm) for p in pending] == [
+        ("example.com", "s1", key.algorithm),
+        ("example.com", "s2", key.algorithm),
+    ]
+    assert dkim.finish(pending[1], other) + dkim.finish(pending[0], key) == dkim.sign(MESSAGE, [key, other], NOW)
+    with pytest.raises(ValueError, match=r"not the key of d=example\.com s=s1"):
+        dkim.finish(pending[0], other)
+    assert dkim.presign(b"To: a@b.example\r\n\r\nhi\r\n", [key], NOW) == []

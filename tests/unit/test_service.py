@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 
+from common.dkimkeys import KeyTable
 from common.envelope import Envelope, RcptState, Recipient
 from common.mx import Target
 from common.store import Message, lease_key
+from ingress.signing import TrustedMail
+from tests.dkimkeys import dkimpy_verify, write_table
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker.limits import DestinationLimits
 from worker.service import BUSY_RETRY, LEASE_TTL, DeliveryService
+from worker.signing import DeliverySigner
 
 
 class Boom(Exception):
@@ -234,3 +239,35 @@ def test_a_message_finished_with_no_report_due_goes_with_its_outcome(
     assert len(reports) == 1 and service.store.load(reports[0]) is not None  # the success report, queued
     assert service.store.stats()["delivered"] == 2
     assert not r.keys("mtaq:lease:*:y.test")  # the finisher's claim on Q2 lapses by itself (FINISH_CLAIM)
+
+
+def test_signatures_prepared_at_the_ingress_are_finished_at_delivery_or_the_mail_waits(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table, keys = write_table(tmp_path, [("x.test", "s1", "rsa")])
+    prepared = TrustedMail("mtaq.test", KeyTable(str(table))).prepare(
+        b"From: a@x.test\r\nSubject: t\r\n\r\nhi\r\n", queue_id="S", when=service.clock(), body_8bit=False
+    )
+    assert prepared.pending
+
+    def store(qid: str) -> str:
+        env = Envelope(id=qid, sender="a@x.test", recipients=[Recipient("u@y.test")], dkim=prepared.pending)
+        service.spool.commit([Message(env, prepared.data)])
+        return qid
+
+    service.dkim = DeliverySigner(KeyTable(str(table)))
+    service.deliver("y.test", [store("S1")])
+    assert len(peer.bodies) == 1 and peer.bodies[0].endswith(prepared.data)
+    assert dkimpy_verify(peer.bodies[0], keys)
+    # a worker without the key: deferred with the reason, nothing sent unsigned, retried later
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    service.dkim = DeliverySigner(None)
+    service.deliver("y.test", [store("S2")])
+    assert len(peer.bodies) == 1
+    found = service.store.load_many(["S2"])[0]
+    assert found is not None
+    st = found[1][0]
+    assert st.state is RcptState.DEFERRED and st.dsn == "4.3.5" and "dkim_keys is not set" in st.reply
+    assert [(d, ids) for d, ids, _ in scheduled.calls] == [("y.test", ["S2"])]
+    nothing_held(service, r)

@@ -1,19 +1,30 @@
-"""What the ingress does to trusted clients' mail (ingress/signing.py) and the worker to its own
-reports (worker/dsnsign.py): Message-ID and Date, then DKIM signatures dkimpy verifies."""
+"""What the ingress does to trusted clients' mail (ingress/signing.py) and the worker at delivery
+and to its own reports (worker/signing.py): Message-ID and Date, then DKIM signatures, prepared at
+the ingress and finished by the worker, that dkimpy verifies."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import pytest
 
 from common.dkim import header_fields, split_message
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, Recipient
 from common.store import Message
-from ingress.signing import TrustedMail, add_missing_fields
+from ingress.signing import Prepared, TrustedMail, add_missing_fields
 from tests.dkimkeys import dkimpy_verify, write_table
-from worker.dsnsign import ReportSigner
+from worker.signing import DeliverySigner, ReportSigner, Unsignable
 
 WHEN = 1_765_015_200.0  # Sat, 06 Dec 2025 10:00:00 +0000
+
+
+def _delivered(out: Prepared, table: Path | None) -> bytes:
+    """The message as a worker with ``table`` sends it: the envelope as it was stored (through its
+    JSON form), the signatures finished in front."""
+    env = Envelope.from_json(Envelope(id="Q", sender="a@example.com", recipients=[], dkim=out.pending).to_json())
+    return DeliverySigner(KeyTable(str(table)) if table else None).signed(env, out.data, WHEN)
 
 
 def _fields(data: bytes) -> dict[bytes, bytes]:
@@ -52,11 +63,40 @@ def test_signed_with_the_parent_domain_key_including_added_fields(tmp_path: Path
     out = prep.prepare(
         b"From: a@news.example.com\r\nTo: b@example.org\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
     )
-    assert out.data.count(b"DKIM-Signature:") == 2
-    assert dkimpy_verify(out.data, keys, index=0) and dkimpy_verify(out.data, keys, index=1)
-    sig = _fields(out.data)[b"dkim-signature"]
+    assert b"DKIM-Signature:" not in out.data  # the worker puts them in front
+    assert [(p.domain, p.selector) for p in out.pending] == [("example.com", "e"), ("example.com", "r")]
+    sent = _delivered(out, table)
+    assert sent.count(b"DKIM-Signature:") == 2 and sent.endswith(out.data)
+    assert dkimpy_verify(sent, keys, index=0) and dkimpy_verify(sent, keys, index=1)
+    sig = _fields(sent)[b"dkim-signature"]
     assert b"message-id" in sig and b"date" in sig
-    assert out.signed_by == ("d=example.com s=r", "d=example.com s=e")
+    assert _delivered(out, table) == sent  # deterministic: a retry sends the same signatures
+
+
+def test_a_key_rotated_out_since_reception_signs_afresh_with_the_domains_keys_now(tmp_path: Path) -> None:
+    table, _ = write_table(tmp_path, [("example.com", "old", "rsa")])
+    out = TrustedMail("mx.example.net", KeyTable(str(table))).prepare(
+        b"From: a@example.com\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
+    )
+    (tmp_path / "new").mkdir()
+    rotated, keys = write_table(tmp_path / "new", [("example.com", "new", "ed25519")])
+    sent = _delivered(out, rotated)
+    assert b"s=new;" in sent and b"s=old;" not in sent and dkimpy_verify(sent, keys)
+
+
+def test_no_key_on_the_worker_is_unsignable_not_unsigned(tmp_path: Path) -> None:
+    table, _ = write_table(tmp_path, [("example.com", "r", "ed25519")])
+    out = TrustedMail("mx.example.net", KeyTable(str(table))).prepare(
+        b"From: a@example.com\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
+    )
+    (tmp_path / "other").mkdir()
+    other, _ = write_table(tmp_path / "other", [("example.org", "r", "ed25519")])
+    with pytest.raises(Unsignable, match=r"no DKIM key for d=example\.com s=r"):
+        _delivered(out, other)
+    with pytest.raises(Unsignable, match="dkim_keys is not set"):
+        _delivered(out, None)
+    unsigned = dataclasses.replace(out, pending=())
+    assert _delivered(unsigned, None) == out.data  # nothing to sign: as it is, keys or not
 
 
 def test_no_key_for_the_domain_unsigned(tmp_path: Path) -> None:
@@ -74,7 +114,7 @@ def test_8bit_converted_and_no_longer_8bitmime(tmp_path: Path) -> None:
         b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "Grüße\r\n".encode()
     )
     out = prep.prepare(msg, queue_id="Q", when=WHEN, body_8bit=True)
-    assert not out.body_8bit and out.data.isascii() and dkimpy_verify(out.data, keys)
+    assert not out.body_8bit and out.data.isascii() and dkimpy_verify(_delivered(out, table), keys)
 
 
 def test_dsn_signed_with_the_hostname_domain_key(tmp_path: Path) -> None:
