@@ -41,10 +41,19 @@ SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
 FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure still counts at once)
 YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
 WANT_MS = 1000  # a refused process keeps its claim on the next free slot this long (it asks again sooner)
+# Which destinations have a claim (``want``) anywhere: a sorted set, destination -> the claim's
+# expiry in ms, that the acquire script keeps beside the claims. A process reads it once every
+# WANTS_LOOK seconds for all its conversations, and asks a destination's ``want`` only when it is
+# listed: each conversation asking its own destination's every second (worker/crew.py WANT_LOOK)
+# was 1.16 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
+# conversations, 10 destinations answering DATA after 1 s), nearly always to find no claim.
+WANTS_KEY = "mtaq:wants"
+WANTS_LOOK = 0.5
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
-# KEYS: slots, state, want; ARGV: now, expiry, token, limit, initial window, this process's id,
-# want ms, slots this process holds for the destination. 1 = taken, 0 = all busy.
+# KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, token, limit, initial window, this
+# process's id, want ms, slots this process holds for the destination, the destination. 1 = taken,
+# 0 = all busy.
 # Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
 # connection while there is room.
 # Fairness between processes: a process refused a slot names itself in ``want`` ("id:slots it
@@ -72,6 +81,9 @@ local mine = tonumber(ARGV[8])
 if held >= window or (held + 1 >= window and wp and wp ~= ARGV[6]) then
   if not wp or wp == ARGV[6] or mine < tonumber(wm) then
     redis.call('SET', KEYS[3], ARGV[6] .. ':' .. ARGV[8], 'PX', ARGV[7])
+    local now_ms = math.floor(tonumber(ARGV[1]) * 1000)
+    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]), ARGV[9])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
   end
   return 0
 end
@@ -97,15 +109,21 @@ return n
 # KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
 # Returns 1 when this failure marked the destination down, 2 when a success found the window full.
 # A success sets the TTL only when it creates the state (one write fewer per message while the
-# window grows): a destination busy all day starts its slow start again a day after it began.
+# window grows): a destination busy all day starts its slow start again a day after it began. A
+# success that changes nothing (the window full, no failure counted) writes nothing: a script that
+# only reads is not appended to the AOF, so Redis neither writes nor fsyncs for it (each process
+# reports one such success a destination every FULL_QUIET seconds: on bench.ceiling ~0.5 a
+# delivered message, each one a write and an fsync).
 _FEEDBACK = """
-local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'window', 'failures')
+local window = tonumber(state[1] or ARGV[3])
 local limit = tonumber(ARGV[2])
 local result = 0
 if ARGV[1] == '1' then
-  window = math.min(window + 1, limit)
-  local created = redis.call('HSET', KEYS[1], 'window', window, 'failures', 0)
-  if window >= limit then result = 2 end
+  local grown = math.min(window + 1, limit)
+  if grown >= limit then result = 2 end
+  if state[1] and window == grown and (not state[2] or tonumber(state[2]) == 0) then return result end
+  local created = redis.call('HSET', KEYS[1], 'window', grown, 'failures', 0)
   if created < 2 then return result end
 else
   local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
@@ -199,6 +217,8 @@ class DestinationLimits:
         self._held: dict[str, Slot] = {}
         self._full_until: dict[str, float] = {}
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
+        self._wanted: frozenset[str] = frozenset()  # destinations with a claim, as WANTS_KEY said
+        self._wanted_until = float("-inf")  # ... until then (WANTS_LOOK after the look)
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -207,7 +227,12 @@ class DestinationLimits:
         token = uuid.uuid4().hex
         now = self.clock()
         initial = min(INITIAL_WINDOW, self.concurrency)
-        keys = [dest_key(destination, "slots"), dest_key(destination, "state"), dest_key(destination, "want")]
+        keys = [
+            dest_key(destination, "slots"),
+            dest_key(destination, "state"),
+            dest_key(destination, "want"),
+            WANTS_KEY,
+        ]
         args: list[str | float] = [
             now,
             now + SLOT_TTL,
@@ -217,6 +242,7 @@ class DestinationLimits:
             self.process,
             WANT_MS,
             self._mine(destination),
+            destination,
         ]
         if not self._acquire(keys=keys, args=args):
             return None
@@ -269,7 +295,7 @@ class DestinationLimits:
             if now < self._yielded_at.get(destination, -YIELD_GAP) + YIELD_GAP:
                 return False
         mine = self._mine(destination)
-        if mine < 2:
+        if mine < 2 or destination not in self._claimed(now):
             return False
         try:
             raw = self.redis.get(dest_key(destination, "want"))
@@ -283,6 +309,22 @@ class DestinationLimits:
         with self._lock:
             self._yielded_at[destination] = now
         return True
+
+    def _claimed(self, now: float) -> frozenset[str]:
+        """The destinations some process has a claim on, looked up at most every WANTS_LOOK seconds
+        for all of this process's conversations (WANTS_KEY)."""
+        with self._lock:
+            if now < self._wanted_until:
+                return self._wanted
+            self._wanted_until = now + WANTS_LOOK
+        try:
+            raw = self.redis.zrangebyscore(WANTS_KEY, int(now * 1000), "+inf")
+        except redis.RedisError:
+            raw = []
+        wanted = frozenset(d.decode() if isinstance(d, bytes) else str(d) for d in raw)
+        with self._lock:
+            self._wanted = wanted
+        return wanted
 
     def succeeded(self, destination: str) -> None:
         """A message got through: the window grows, the failure count starts again. Once the

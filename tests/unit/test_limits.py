@@ -5,13 +5,15 @@ the rate's schedule."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
 
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
-from worker.limits import INITIAL_WINDOW, SLOT_TTL, YIELD_GAP, DestinationLimits
+from worker.limits import INITIAL_WINDOW, SLOT_TTL, WANTS_LOOK, YIELD_GAP, DestinationLimits
 
 
 @pytest.fixture
@@ -147,3 +149,36 @@ def test_the_process_holding_fewest_slots_claims_the_next_one(r: fakeredis.FakeR
     a.free()
     assert busy.acquire("y.test") is None, "kept for the starved process"
     assert starved.acquire("y.test") is not None
+
+
+def test_a_process_looks_for_claims_once_for_all_its_conversations(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No destination's ``want`` is read while no claim is listed, and the list is read at most
+    once every WANTS_LOOK seconds however many conversations ask; a claim made meanwhile is seen
+    at the next look."""
+    busy, starved = limits(r, clock, concurrency=3), limits(r, clock, concurrency=3)
+    for _ in range(3):
+        assert busy.acquire("y.test") is not None
+    asked: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(r, name)
+
+        def call(*a: Any, **kw: Any) -> Any:
+            asked.append(name)
+            return real(*a, **kw)
+
+        return call
+
+    for name in ("get", "zrangebyscore"):
+        monkeypatch.setattr(r, name, counted(name))
+    assert not any(busy.should_yield("y.test") for _ in range(10)), "nobody waits"
+    assert asked == ["zrangebyscore"]
+    assert starved.acquire("y.test") is None  # a claim, listed in the wants
+    assert not busy.should_yield("y.test"), "not seen before the next look"
+    clock.now += WANTS_LOOK
+    assert busy.should_yield("y.test")
+    assert asked == ["zrangebyscore", "zrangebyscore", "get"]
+    clock.now += 2.0  # the claim lapsed (WANT_MS) and the waiting process did not ask again
+    assert not busy.should_yield("y.test") and asked[-1] == "zrangebyscore"

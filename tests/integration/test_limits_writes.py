@@ -1,0 +1,49 @@
+"""The destination limits' scripts on a real redis-server: what they write. Every write is appended
+to the AOF and fsynced (appendfsync always) before the reply, so a report that changes nothing
+must not be a write (worker/limits.py _FEEDBACK), and the claims are listed for the processes to
+read once for all their conversations (WANTS_KEY)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from tests.redisserver import RedisServer
+from worker.limits import WANTS_KEY, DestinationLimits
+
+
+def dirty(r: redis.Redis) -> int:
+    """Writes since the last save (INFO persistence): what a write command or script adds to."""
+    return int(r.info("persistence")["rdb_changes_since_last_save"])
+
+
+def test_a_success_that_changes_nothing_writes_nothing(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    lim = DestinationLimits(r, concurrency=7, clock=time.time)
+    assert lim._feed("y.test", True, "") == ""  # window 5 -> 6, created: written
+    before = dirty(r)
+    assert lim._feed("y.test", True, "") == "full"  # 6 -> 7, the limit: written
+    assert dirty(r) > before and lim.window("y.test") == 7
+    before = dirty(r)
+    assert lim._feed("y.test", True, "") == "full"  # full, no failure counted: nothing to write
+    assert dirty(r) == before
+    assert not lim.failed("y.test", "refused")  # a failure is written, and the window shrinks
+    assert dirty(r) > before and lim.window("y.test") == 6
+    before = dirty(r)
+    assert lim._feed("y.test", True, "") == "full"  # grows again, clears the failure count: written
+    assert dirty(r) > before and lim.window("y.test") == 7
+    before = dirty(r)
+    assert lim._feed("y.test", True, "") == "full"
+    assert dirty(r) == before
+
+
+def test_a_claim_is_listed_for_every_process_to_see(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    busy = DestinationLimits(r, concurrency=2, clock=time.time)
+    starved = DestinationLimits(r, concurrency=2, clock=time.time)
+    assert busy.acquire("y.test") is not None and busy.acquire("y.test") is not None
+    assert r.zcard(WANTS_KEY) == 0
+    assert starved.acquire("y.test") is None
+    assert r.zrangebyscore(WANTS_KEY, int(time.time() * 1000), "+inf") == [b"y.test"]
+    assert busy.should_yield("y.test")
