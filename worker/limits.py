@@ -42,13 +42,14 @@ FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure s
 YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
 WANT_MS = 1000  # a refused process keeps its claim on the next free slot this long (it asks again sooner)
 # Which destinations have a claim (``want``) anywhere: a sorted set, destination -> the claim's
-# expiry in ms, that the acquire script keeps beside the claims. A process reads it once every
-# WANTS_LOOK seconds for all its conversations, and asks a destination's ``want`` only when it is
+# expiry in ms, that the acquire script keeps beside the claims. A process reads it at most every
+# WANTS_LOOK seconds for all its conversations (a claim waits that much longer to be seen: 0.5 s
+# slowed bench.slowdest's hand-overs, 0.2 s did not), and asks a destination's ``want`` only when it is
 # listed: each conversation asking its own destination's every second (worker/crew.py WANT_LOOK)
 # was 1.16 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
 # conversations, 10 destinations answering DATA after 1 s), nearly always to find no claim.
 WANTS_KEY = "mtaq:wants"
-WANTS_LOOK = 0.5
+WANTS_LOOK = 0.2
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
 # KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, token, limit, initial window, this
