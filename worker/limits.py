@@ -46,7 +46,7 @@ WANT_MS = 1000  # a refused process keeps its claim on the next free slot this l
 # WANTS_LOOK seconds for all its conversations (a claim waits that much longer to be seen: 0.5 s
 # slowed bench.slowdest's hand-overs, 0.2 s did not), and asks a destination's ``want`` only when it is
 # listed: each conversation asking its own destination's every second (worker/crew.py WANT_LOOK)
-# was 1.16 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
+# was 0.58 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
 # conversations, 10 destinations answering DATA after 1 s), nearly always to find no claim.
 WANTS_KEY = "mtaq:wants"
 WANTS_LOOK = 0.2
@@ -113,8 +113,8 @@ return n
 # window grows): a destination busy all day starts its slow start again a day after it began. A
 # success that changes nothing (the window full, no failure counted) writes nothing: a script that
 # only reads is not appended to the AOF, so Redis neither writes nor fsyncs for it (each process
-# reports one such success a destination every FULL_QUIET seconds: on bench.ceiling ~0.5 a
-# delivered message, each one a write and an fsync).
+# reports one such success a destination every FULL_QUIET seconds: each one was a write and an
+# fsync).
 _FEEDBACK = """
 local state = redis.call('HMGET', KEYS[1], 'window', 'failures')
 local window = tonumber(state[1] or ARGV[3])
