@@ -251,7 +251,8 @@ class Settings:
     dkim_keys: str = _opt(
         "",
         "key table, DOMAIN SELECTOR KEYFILE a line: trusted clients' mail and our DSNs are signed by the "
-        "From: domain's keys (or its nearest parent's); unset = no signing",
+        "From: domain's keys (or its nearest parent's); the ingress prepares the signatures and the worker "
+        "makes them, so give both the same table; unset = no signing",
         ("ingress", "worker"),
     )
     relayhost_auth_file: str = _opt(
