@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.dkim import header_fields, split_message
+from common.dkim import SigningKey, header_fields, split_message
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, Recipient
 from common.store import Message
@@ -73,24 +73,29 @@ def test_signed_with_the_parent_domain_key_including_added_fields(tmp_path: Path
     assert _delivered(out, table) == sent  # deterministic: a retry sends the same signatures
 
 
-def test_a_key_rotated_out_since_reception_signs_afresh_with_the_domains_keys_now(tmp_path: Path) -> None:
-    table, _ = write_table(tmp_path, [("example.com", "old", "rsa")])
-    out = TrustedMail("mx.example.net", KeyTable(str(table))).prepare(
+def _prepared_at_the_ingress(folder: Path, selector: str, kind: str) -> Prepared:
+    """A short message from example.com prepared with the one key of a fresh table in ``folder``."""
+    table, _ = write_table(folder, [("example.com", selector, kind)])
+    return TrustedMail("mx.example.net", KeyTable(str(table))).prepare(
         b"From: a@example.com\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
     )
-    (tmp_path / "new").mkdir()
-    rotated, keys = write_table(tmp_path / "new", [("example.com", "new", "ed25519")])
+
+
+def _worker_table(folder: Path, entries: list[tuple[str, str, str]]) -> tuple[Path, dict[str, SigningKey]]:
+    folder.mkdir()
+    return write_table(folder, entries)
+
+
+def test_a_key_rotated_out_since_reception_signs_afresh_with_the_domains_keys_now(tmp_path: Path) -> None:
+    out = _prepared_at_the_ingress(tmp_path, "old", "rsa")
+    rotated, keys = _worker_table(tmp_path / "new", [("example.com", "new", "ed25519")])
     sent = _delivered(out, rotated)
     assert b"s=new;" in sent and b"s=old;" not in sent and dkimpy_verify(sent, keys)
 
 
 def test_no_key_on_the_worker_is_unsignable_not_unsigned(tmp_path: Path) -> None:
-    table, _ = write_table(tmp_path, [("example.com", "r", "ed25519")])
-    out = TrustedMail("mx.example.net", KeyTable(str(table))).prepare(
-        b"From: a@example.com\r\n\r\nhi\r\n", queue_id="Q", when=WHEN, body_8bit=False
-    )
-    (tmp_path / "other").mkdir()
-    other, _ = write_table(tmp_path / "other", [("example.org", "r", "ed25519")])
+    out = _prepared_at_the_ingress(tmp_path, "r", "ed25519")
+    other, _ = _worker_table(tmp_path / "other", [("example.org", "r", "ed25519")])
     with pytest.raises(Unsignable, match=r"no DKIM key for d=example\.com s=r"):
         _delivered(out, other)
     with pytest.raises(Unsignable, match="dkim_keys is not set"):
