@@ -103,7 +103,6 @@ _MTAQ_PREFIXES = (
     ("mtaq:suppressed", "suppression"),
     ("mtaq:queue:", "queue counters"),
     ("mtaq:dest:", "destination limits"),
-    ("mtaq:wants", "destination limits"),  # which destinations have a claim (worker/limits.py)
     ("mtaq:mta-sts:", "destination limits"),
     ("mtaq:tlsrpt", "destination limits"),
     ("mtaq:lease:", "worker load+lease"),

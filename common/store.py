@@ -140,7 +140,7 @@ def drawn_key(job_id: str) -> str:
 # ``mtaq:dest:<d>:rate``  the earliest time the next message may go (destination_rate);
 # ``mtaq:dest:<d>:want``  string with a TTL: the worker process refused a slot, which the next one
 #                         freed goes to (fairness between processes);
-# ``mtaq:wants``          sorted set, destination -> its want's expiry (ms): which destinations have
+# ``mtaq:dest:wants``     sorted set, destination -> its want's expiry (ms): which destinations have
 #                         one, read every WANTS_LOOK (0.2 s) by each process (worker/limits.py).
 # `mtaq queue stats` and the metrics read them where they exist ("*" as d gives a SCAN pattern).
 def dest_key(destination: str, what: str) -> str:

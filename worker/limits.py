@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import redis
 
-from common.store import dest_key
+from common.store import PREFIX, dest_key
 
 __all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot"]
 
@@ -48,13 +48,18 @@ WANT_MS = 1000  # a refused process keeps its claim on the next free slot this l
 # listed: each conversation asking its own destination's every second (worker/crew.py WANT_LOOK)
 # was 0.58 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
 # conversations, 10 destinations answering DATA after 1 s), nearly always to find no claim.
-WANTS_KEY = "mtaq:wants"
+WANTS_KEY = f"{PREFIX}dest:wants"  # beside the destinations' keys, which all end in :<what>
 WANTS_LOOK = 0.2
+# A listing outlives its claim by this long (ms), and is pruned only this long after: the score is
+# the claiming process's clock and the readers compare it with theirs, so hosts whose clocks differ
+# by less than this still see every live claim. A listing that outlives its claim costs a reader
+# one GET of a ``want`` that is gone, which is what every look cost before.
+WANTS_SLACK_MS = 2000
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
 # KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, token, limit, initial window, this
-# process's id, want ms, slots this process holds for the destination, the destination. 1 = taken,
-# 0 = all busy.
+# process's id, want ms, slots this process holds for the destination, the destination,
+# WANTS_SLACK_MS. 1 = taken, 0 = all busy.
 # Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
 # connection while there is room.
 # Fairness between processes: a process refused a slot names itself in ``want`` ("id:slots it
@@ -83,14 +88,18 @@ if held >= window or (held + 1 >= window and wp and wp ~= ARGV[6]) then
   if not wp or wp == ARGV[6] or mine < tonumber(wm) then
     redis.call('SET', KEYS[3], ARGV[6] .. ':' .. ARGV[8], 'PX', ARGV[7])
     local now_ms = math.floor(tonumber(ARGV[1]) * 1000)
-    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]), ARGV[9])
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]) + tonumber(ARGV[10]), ARGV[9])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - tonumber(ARGV[10]))
+    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]) + 2 * tonumber(ARGV[10]))
   end
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
-if wp == ARGV[6] then redis.call('DEL', KEYS[3]) end
+if wp == ARGV[6] then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[9])
+end
 return 1
 """
 
@@ -244,6 +253,7 @@ class DestinationLimits:
             WANT_MS,
             self._mine(destination),
             destination,
+            WANTS_SLACK_MS,
         ]
         if not self._acquire(keys=keys, args=args):
             return None
@@ -315,16 +325,18 @@ class DestinationLimits:
         """The destinations some process has a claim on, looked up at most every WANTS_LOOK seconds
         for all of this process's conversations (WANTS_KEY)."""
         with self._lock:
-            if now < self._wanted_until:
+            # a clock stepped back more than a look's length looks again at once
+            if self._wanted_until - WANTS_LOOK <= now < self._wanted_until:
                 return self._wanted
-            self._wanted_until = now + WANTS_LOOK
+            self._wanted_until = until = now + WANTS_LOOK
         try:
             raw = self.redis.zrangebyscore(WANTS_KEY, int(now * 1000), "+inf")
         except redis.RedisError:
             raw = []
         wanted = frozenset(d.decode() if isinstance(d, bytes) else str(d) for d in raw)
         with self._lock:
-            self._wanted = wanted
+            if self._wanted_until == until:  # a later look, finished first, is not overwritten
+                self._wanted = wanted
         return wanted
 
     def succeeded(self, destination: str) -> None:

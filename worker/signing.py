@@ -56,7 +56,10 @@ class DeliverySigner:
         named = ", ".join(f"d={p.domain} s={p.selector}" for p in env.dkim)
         if not keys:
             raise Unsignable(f"no DKIM key for {named} in dkim_keys on this worker")
-        return dkim.sign(message, keys, int(now)) + message
+        fields = dkim.sign(message, keys, int(now))
+        if not fields:  # the ingress could sign it; nothing here should make it unsignable
+            raise Unsignable(f"the message cannot be signed again for {named}")
+        return fields + message
 
 
 class ReportSigner:

@@ -13,7 +13,15 @@ import pytest
 
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
-from worker.limits import INITIAL_WINDOW, SLOT_TTL, WANTS_LOOK, YIELD_GAP, DestinationLimits
+from worker.limits import (
+    INITIAL_WINDOW,
+    SLOT_TTL,
+    WANTS_KEY,
+    WANTS_LOOK,
+    WANTS_SLACK_MS,
+    YIELD_GAP,
+    DestinationLimits,
+)
 
 
 @pytest.fixture
@@ -180,5 +188,21 @@ def test_a_process_looks_for_claims_once_for_all_its_conversations(
     clock.now += WANTS_LOOK
     assert busy.should_yield("y.test")
     assert asked == ["zrangebyscore", "zrangebyscore", "get"]
-    clock.now += 2.0  # the claim lapsed (WANT_MS) and the waiting process did not ask again
+    # the claim lapsed (WANT_MS) and its listing after it (WANTS_SLACK_MS): the waiting process
+    # did not ask again
+    clock.now += 1.0 + WANTS_SLACK_MS / 1000
     assert not busy.should_yield("y.test") and asked[-1] == "zrangebyscore"
+
+
+def test_a_listing_survives_clocks_apart_and_goes_with_the_claim(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """A claim is listed for readers whose clock is ahead of the claimer's by less than
+    WANTS_SLACK_MS, and unlisted once the claimer takes its slot."""
+    behind = FakeClock(clock.now - 1.5)  # the claiming host's clock, 1.5 s behind the reader's
+    busy, starved = limits(r, clock, concurrency=2), limits(r, behind, concurrency=2)
+    a, b = busy.acquire("y.test"), busy.acquire("y.test")
+    assert a is not None and b is not None
+    assert starved.acquire("y.test") is None
+    assert busy.should_yield("y.test"), "seen despite the clocks"
+    a.free()
+    assert starved.acquire("y.test") is not None
+    assert r.zcard(WANTS_KEY) == 0

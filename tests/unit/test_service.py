@@ -271,3 +271,33 @@ def test_signatures_prepared_at_the_ingress_are_finished_at_delivery_or_the_mail
     assert st.state is RcptState.DEFERRED and st.dsn == "4.3.5" and "dkim_keys is not set" in st.reply
     assert [(d, ids) for d, ids, _ in scheduled.calls] == [("y.test", ["S2"])]
     nothing_held(service, r)
+
+
+def test_one_message_that_cannot_be_signed_waits_and_the_jobs_others_go(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table, _ = write_table(tmp_path, [("x.test", "s1", "ed25519"), ("w.test", "s1", "ed25519")])
+    ingress = TrustedMail("mtaq.test", KeyTable(str(table)))
+    for qid, sender in (("S1", "a@x.test"), ("S2", "a@w.test"), ("S3", "b@x.test")):
+        prepared = ingress.prepare(f"From: {sender}\r\n\r\nhi\r\n".encode(), queue_id=qid, when=0, body_8bit=False)
+        env = Envelope(id=qid, sender=sender, recipients=[Recipient(f"u-{qid}@y.test")], dkim=prepared.pending)
+        service.spool.commit([Message(env, prepared.data)])
+    (tmp_path / "w").mkdir()
+    worker_table, _ = write_table(tmp_path / "w", [("x.test", "s1", "ed25519")])  # w.test's key is missing
+    signer = DeliverySigner(KeyTable(str(worker_table)))
+    real = signer.signed
+
+    def signed(env: Envelope, message: bytes, now: float) -> bytes:
+        if env.id == "S3":
+            raise ValueError("a damaged digest")  # a bug, not a configuration: the same outcome
+        return real(env, message, now)
+
+    monkeypatch.setattr(signer, "signed", signed)
+    monkeypatch.setattr(service.queue, "schedule", Scheduled())
+    service.dkim = signer
+    service.deliver("y.test", ["S1", "S2", "S3"])
+    assert [rc for _, _, (rc,) in peer.taken] == ["u-S1@y.test"]
+    for qid in ("S2", "S3"):
+        found = service.store.load_many([qid])[0]
+        assert found is not None and found[1][0].state is RcptState.DEFERRED and found[1][0].dsn == "4.3.5"
+    nothing_held(service, r)
