@@ -45,9 +45,10 @@ WANT_MS = 1000  # a refused process keeps its claim on the next free slot this l
 # expiry in ms, that the acquire script keeps beside the claims. A process reads it at most every
 # WANTS_LOOK seconds for all its conversations (a claim waits that much longer to be seen: 0.5 s
 # slowed bench.slowdest's hand-overs, 0.2 s did not), and asks a destination's ``want`` only when it is
-# listed: each conversation asking its own destination's every second (worker/crew.py WANT_LOOK)
-# was 0.58 Redis commands and round trips a delivered message on bench.ceiling (4 workers of 10
-# conversations, 10 destinations answering DATA after 1 s), nearly always to find no claim.
+# listed, and then one GET of it a WANTS_LOOK for all of them: each conversation asking its own
+# destination's every second (worker/crew.py WANT_LOOK, then 1 s) was 0.58 Redis commands and round
+# trips a delivered message on bench.ceiling (4 workers of 10 conversations, 10 destinations
+# answering DATA after 1 s), nearly always to find no claim. Shared, the look can be frequent.
 WANTS_KEY = f"{PREFIX}dest:wants"  # beside the destinations' keys, which all end in :<what>
 WANTS_LOOK = 0.2
 # A listing outlives its claim by this long (ms), and is pruned only this long after: the score is
@@ -229,6 +230,7 @@ class DestinationLimits:
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
         self._wanted: frozenset[str] = frozenset()  # destinations with a claim, as WANTS_KEY said
         self._wanted_until = float("-inf")  # ... until then (WANTS_LOOK after the look)
+        self._claims: dict[str, tuple[float, bytes | str | None]] = {}  # destination -> (until, its want)
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -308,10 +310,7 @@ class DestinationLimits:
         mine = self._mine(destination)
         if mine < 2 or destination not in self._claimed(now):
             return False
-        try:
-            raw = self.redis.get(dest_key(destination, "want"))
-        except redis.RedisError:
-            return False
+        raw = self._claim(destination, now)
         if raw is None:
             return False
         who, _, theirs = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
@@ -338,6 +337,23 @@ class DestinationLimits:
             if self._wanted_until == until:  # a later look, finished first, is not overwritten
                 self._wanted = wanted
         return wanted
+
+    def _claim(self, destination: str, now: float) -> bytes | str | None:
+        """A listed destination's ``want`` ("process:slots it holds"), read at most every WANTS_LOOK
+        seconds for all of this process's conversations with it; None when there is none."""
+        with self._lock:
+            until, raw = self._claims.get(destination, (float("-inf"), None))
+            if until - WANTS_LOOK <= now < until:
+                return raw
+        try:
+            raw = self.redis.get(dest_key(destination, "want"))
+        except redis.RedisError:
+            return None
+        with self._lock:
+            self._claims[destination] = (now + WANTS_LOOK, raw)
+            if len(self._claims) > 1000:  # destinations no longer listed: forget them
+                self._claims = {d: c for d, c in self._claims.items() if c[0] > now}
+        return raw
 
     def succeeded(self, destination: str) -> None:
         """A message got through: the window grows, the failure count starts again. Once the

@@ -153,6 +153,7 @@ def test_the_process_holding_fewest_slots_claims_the_next_one(r: fakeredis.FakeR
     assert busy.acquire("y.test") is None  # its lanes want more: it claims the next slot
     assert not busy.should_yield("y.test"), "its own claim"
     assert starved.acquire("y.test") is None  # holding none, it takes the claim over
+    clock.now += WANTS_LOOK  # seen at the busy process's next look
     assert busy.should_yield("y.test")
     a.free()
     assert busy.acquire("y.test") is None, "kept for the starved process"
@@ -206,3 +207,18 @@ def test_a_listing_survives_clocks_apart_and_goes_with_the_claim(r: fakeredis.Fa
     a.free()
     assert starved.acquire("y.test") is not None
     assert r.zcard(WANTS_KEY) == 0
+
+
+def test_a_claim_is_read_once_a_look_for_all_the_conversations(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    busy = limits(r, clock, concurrency=2)
+    assert busy.acquire("y.test") is not None and busy.acquire("y.test") is not None
+    assert busy.acquire("y.test") is None  # its own claim: listed, never a reason to yield
+    gets: list[object] = []
+    real = r.get
+    monkeypatch.setattr(r, "get", lambda *a, **kw: gets.append(a) or real(*a, **kw))  # type: ignore[func-returns-value]
+    assert not any(busy.should_yield("y.test") for _ in range(20))  # twenty conversations' looks
+    assert len(gets) == 1
+    clock.now += WANTS_LOOK
+    assert not busy.should_yield("y.test") and len(gets) == 2
