@@ -341,7 +341,13 @@ def sign(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> bytes
     """The DKIM-Signature fields (each ending in CRLF) that sign ``message`` (CRLF line ends; or
     already parsed) with every key in ``keys``, newest first as they go in front of the message;
     b"" for no keys."""
-    return b"".join(reversed([finish(p, k) for p, k in zip(presign(message, keys, now), keys, strict=False)]))
+    return _finished(presign(message, keys, now), keys)
+
+
+def _finished(pending: Sequence[DkimPending], keys: Sequence[SigningKey]) -> bytes:
+    """``presign``'s signatures (in the order of ``keys``; none or one a key) finished at once,
+    newest first as they go in front of the message."""
+    return b"".join(reversed([finish(p, k) for p, k in zip(pending, keys, strict=False)]))
 
 
 def presign_7bit(
@@ -365,4 +371,4 @@ def presign_7bit(
 def sign_7bit(message: bytes | Parsed, keys: Sequence[SigningKey], now: int) -> tuple[bytes, bool]:
     """``presign_7bit`` finished at once: (the signed message, whether it was converted)."""
     raw, pending, converted = presign_7bit(message, keys, now)
-    return b"".join(reversed([finish(p, k) for p, k in zip(pending, keys, strict=False)])) + raw, converted
+    return _finished(pending, keys) + raw, converted

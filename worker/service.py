@@ -189,17 +189,16 @@ class DeliveryService:
         for p in parcels:
             try:
                 p.body = self.dkim.signed(p.envelope, p.body, self.clock())
+                ready.append(p)
+                continue
             except Unsignable as e:  # our configuration: said loudly, the mail waits for it
                 log.error("%s: %s: delivery deferred", p.envelope.id, e)
-                fail_all([p], Outcome(RcptState.DEFERRED, "4.3.5", f"cannot DKIM-sign: {e}", "none"))
-                unsigned.append(p)
-                continue
+                why = f"cannot DKIM-sign: {e}"
             except Exception:  # a bug or a damaged envelope: this message waits, the job's others go
                 log.exception("%s: DKIM signing failed: delivery deferred", p.envelope.id)
-                fail_all([p], Outcome(RcptState.DEFERRED, "4.3.5", "DKIM signing failed (see the worker log)", "none"))
-                unsigned.append(p)
-                continue
-            ready.append(p)
+                why = "DKIM signing failed (see the worker log)"
+            fail_all([p], Outcome(RcptState.DEFERRED, "4.3.5", why, "none"))
+            unsigned.append(p)
         if unsigned:
             self._record_rest(destination, batch, unsigned)
         return ready
