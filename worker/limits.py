@@ -27,6 +27,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -35,6 +36,8 @@ from common.store import PREFIX, dest_key
 __all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot"]
 
 log = logging.getLogger("mtaq.limits")
+
+_T = TypeVar("_T")
 
 INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
 SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
@@ -228,9 +231,7 @@ class DestinationLimits:
         self._held: dict[str, Slot] = {}
         self._full_until: dict[str, float] = {}
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
-        self._wanted: frozenset[str] = frozenset()  # destinations with a claim, as WANTS_KEY said
-        self._wanted_until = float("-inf")  # ... until then (WANTS_LOOK after the look)
-        self._claims: dict[str, tuple[float, bytes | str | None]] = {}  # destination -> (until, its want)
+        self._looks: dict[str, tuple[float, Any]] = {}  # Redis key -> (read again from then, what it said)
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -321,39 +322,44 @@ class DestinationLimits:
         return True
 
     def _claimed(self, now: float) -> frozenset[str]:
-        """The destinations some process has a claim on, looked up at most every WANTS_LOOK seconds
-        for all of this process's conversations (WANTS_KEY)."""
-        with self._lock:
-            # a clock stepped back more than a look's length looks again at once
-            if self._wanted_until - WANTS_LOOK <= now < self._wanted_until:
-                return self._wanted
-            self._wanted_until = until = now + WANTS_LOOK
-        try:
-            raw = self.redis.zrangebyscore(WANTS_KEY, int(now * 1000), "+inf")
-        except redis.RedisError:
-            raw = []
-        wanted = frozenset(d.decode() if isinstance(d, bytes) else str(d) for d in raw)
-        with self._lock:
-            if self._wanted_until == until:  # a later look, finished first, is not overwritten
-                self._wanted = wanted
-        return wanted
+        """The destinations some process has a claim on (WANTS_KEY)."""
+        return self._look(
+            WANTS_KEY,
+            now,
+            lambda: frozenset(
+                d.decode() if isinstance(d, bytes) else str(d)
+                for d in self.redis.zrangebyscore(WANTS_KEY, int(now * 1000), "+inf")
+            ),
+            frozenset(),
+        )
 
     def _claim(self, destination: str, now: float) -> bytes | str | None:
-        """A listed destination's ``want`` ("process:slots it holds"), read at most every WANTS_LOOK
-        seconds for all of this process's conversations with it; None when there is none."""
+        """A listed destination's ``want`` ("process:slots it holds"); None when there is none."""
+        key = dest_key(destination, "want")
+        claim: bytes | str | None = self._look(key, now, lambda: self.redis.get(key), None)
+        return claim
+
+    def _look(self, key: str, now: float, read: Callable[[], _T], default: _T) -> _T:
+        """What ``read`` says of Redis key ``key``, read at most every WANTS_LOOK seconds for all of
+        this process's conversations: while one reads, the others take the last answer (``default``
+        before the first, and when Redis fails). A clock stepped back more than a look's length
+        reads again at once; a read that ends after a newer one does not overwrite it."""
         with self._lock:
-            until, raw = self._claims.get(destination, (float("-inf"), None))
+            until, said = self._looks.get(key, (float("-inf"), default))
             if until - WANTS_LOOK <= now < until:
-                return raw
+                return cast(_T, said)
+            until = now + WANTS_LOOK
+            self._looks[key] = (until, said)
         try:
-            raw = self.redis.get(dest_key(destination, "want"))
+            said = read()
         except redis.RedisError:
-            return None
+            said = default
         with self._lock:
-            self._claims[destination] = (now + WANTS_LOOK, raw)
-            if len(self._claims) > 1000:  # destinations no longer listed: forget them
-                self._claims = {d: c for d, c in self._claims.items() if c[0] > now}
-        return raw
+            if self._looks.get(key, (None, None))[0] == until:
+                self._looks[key] = (until, said)
+            if len(self._looks) > 1000:  # destinations no longer listed: forget them
+                self._looks = {k: v for k, v in self._looks.items() if v[0] > now}
+        return said
 
     def succeeded(self, destination: str) -> None:
         """A message got through: the window grows, the failure count starts again. Once the
