@@ -231,24 +231,20 @@ local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
 end
 """
 
-# Appended to the recipient-state script after its HSET (common/statusscript.py), where
-# ``state`` is the old state; KEYS[4..8]: message hash, counts, hold set, deferred index,
-# destinations set; ARGV[5..7]: new state, queue id, destination index prefix. The script declares
-# ``qs_acc``, the sums for qs_flush at its end.
+# A recipient's state changed from ``state`` to ``new`` (the recipient-state script,
+# common/statusscript.py): its message's summary ``q`` (decoded) after the change, with the
+# difference accounted (K as qs_account's, K.acc given); the caller writes it. ``j`` is the
+# recipient's index in the envelope (0-based), ``held`` whether the message is held.
 STATUS_ACCOUNT = """
-local raw = redis.call('HGET', KEYS[4], 'q')
-if raw and ARGV[5] ~= state then
-  local q = cjson.decode(raw)
-  local j = (q.i and q.i[tonumber(ARGV[1]) + 1] or 0) + 1
-  local held = qs_is_held(KEYS[6], ARGV[6])
+local function qs_status(K, qid, q, state, new, j, held)
+  local d = (q.i and q.i[j + 1] or 0) + 1
   local after = qs_copy(q)
   if state == 'pending' then after.p = after.p - 1 else after.d = after.d - 1 end
-  if ARGV[5] == 'pending' then after.p = after.p + 1
-  elseif ARGV[5] == 'deferred' then after.d = after.d + 1
-  else after.o[j] = after.o[j] - 1 end
-  local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
-  qs_account(K, ARGV[6], {q = q, held = held, size = 0}, {q = after, held = held, size = 0})
-  redis.call('HSET', KEYS[4], 'q', cjson.encode(after))
+  if new == 'pending' then after.p = after.p + 1
+  elseif new == 'deferred' then after.d = after.d + 1
+  else after.o[d] = after.o[d] - 1 end
+  qs_account(K, qid, {q = q, held = held, size = 0}, {q = after, held = held, size = 0})
+  return after
 end
 """
 
@@ -290,7 +286,8 @@ return 1
 
 # The sweep's recount of one message, from its recipient states. KEYS: message hash, recipients
 # hash, hold set, counts, deferred index, destinations set, queue index; ARGV: queue id,
-# destination index prefix, static summary (static_summary). Returns false when the message is
+# destination index prefix, static summary (static_summary), the inline layout's mark
+# (common/statusscript.py LAYOUT). Returns false when the message is
 # gone, else {changed (0/1), size, held (0/1), pending, deferred}.
 REPAIR = (
     LIB
@@ -300,10 +297,15 @@ local s = cjson.decode(ARGV[3])
 local q = {h = s.h, i = s.i, n = s.n, t = s.t, p = 0, d = 0, o = {}}
 for j = 1, #s.h do q.o[j] = 0 end
 local states = {}
+-- the states in the message hash (``r<n>``, ARGV[4] its layout's mark) or, queued by an older
+-- mtaq, in the recipients hash (``<n>``)
+local inline = redis.call('HGET', KEYS[1], 'v') == ARGV[4]
 for first = 0, s.n - 1, 1000 do -- unpack() is bounded by Lua's stack
   local fields = {}
-  for k = first, math.min(s.n, first + 1000) - 1 do fields[#fields + 1] = tostring(k) end
-  local got = redis.call('HMGET', KEYS[2], unpack(fields))
+  for k = first, math.min(s.n, first + 1000) - 1 do
+    fields[#fields + 1] = inline and ('r' .. k) or tostring(k)
+  end
+  local got = redis.call('HMGET', inline and KEYS[1] or KEYS[2], unpack(fields))
   for k = 1, #fields do states[first + k] = got[k] end
 end
 for k = 0, s.n - 1 do

@@ -7,24 +7,47 @@ from __future__ import annotations
 
 from common import queuestats
 
-__all__ = ["REMOVED", "SET_STATUSES", "STATUSES_PER_CALL"]
+__all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES_PER_CALL"]
 
-# KEYS: rcpt hash, left counter, stats hash, the queue counters' (queuestats.STATUS_ACCOUNT: 4..8),
-# events stream, queue index, the (message, destination) lease; ARGV: field, new status JSON, final
-# (1/0, or 2: final, and the message goes with it if this was its last open recipient: no report
-# is due, the caller knows), stat name, the queue counters' (5..7), then optionally the events'
-# MAXLEN and the event's field/value pairs (the event is written exactly when the state is: a
-# re-run job reports nothing twice).
+# KEYS: rcpt hash, left counter (both only for a message an older mtaq queued: see LAYOUT), stats
+# hash, message hash, counts, hold set, deferred index, destinations set, events stream, queue
+# index, the (message, destination) lease; ARGV: recipient index, new status JSON, final (1/0, or 2:
+# final, and the message goes with it if this was its last open recipient: no report is due, the
+# caller knows), stat name, new state, queue id, destination index prefix, then optionally the
+# events' MAXLEN and the event's field/value pairs (the event is written exactly when the state is:
+# a re-run job reports nothing twice).
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where
 # they were two round trips, the second reading again what the first had just read).
+#
+# LAYOUT: a message committed by this mtaq keeps its recipients' states in its own hash (field
+# ``r<index>``, absent while pending) and says so in field ``v``; its open recipients are its
+# summary's pending plus deferred (``q``). One key a message instead of three: two commands fewer at
+# the commit, one at the load, one per outcome (issue 15). A message an older mtaq queued has them
+# in ``mtaq:rcpt:<id>`` with its counter in ``mtaq:left:<id>``, and is finished that way.
 REMOVED = -4  # what SET_STATUS_BODY returns when the outcome finished its message and removed it
+LAYOUT_FIELD = "v"
+LAYOUT_INLINE = "2"
 SET_STATUS_BODY = (
     """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return -2 end
-local state = cjson.decode(old)['s']
+local got = redis.call('HMGET', KEYS[4], '"""
+    + LAYOUT_FIELD
+    + """', 'r' .. ARGV[1], 'q')
+local inline = got[1] == '"""
+    + LAYOUT_INLINE
+    + """'
+local old = got[2]
+if not inline then
+  old = redis.call('HGET', KEYS[1], ARGV[1])
+  if not old then return -2 end  -- gone (or never there)
+end
+local q = got[3] and cjson.decode(got[3])
+if not old then  -- pending, if the message has such a recipient
+  local n = q and q.n or #cjson.decode(redis.call('HGET', KEYS[4], 'env'))['rcpt']
+  if tonumber(ARGV[1]) >= n then return -2 end
+end
+local state = old and cjson.decode(old)['s'] or 'pending'
 if state == 'delivered' or state == 'bounced' then return -1 end
 if #ARGV > 7 then  -- first: should it fail, the script fails having written nothing
   local unpack = unpack or table.unpack
@@ -32,24 +55,40 @@ if #ARGV > 7 then  -- first: should it fail, the script fails having written not
 end
 counted[KEYS[3]] = counted[KEYS[3]] or {}
 counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY once a call, at its end
-if ARGV[3] == '2' then
-  local raw = redis.call('HGET', KEYS[4], 'q')
-  local q = raw and cjson.decode(raw)
-  if q and q.p + q.d == 1 then  -- the last open recipient: removed as queuestats.DELETE removes
-    local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
-    qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
-    redis.call('DEL', KEYS[11])  -- the job's lease on it
-    return """
+local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
+if ARGV[3] == '2' and q and q.p + q.d == 1 then
+  -- the last open recipient: removed as queuestats.DELETE removes
+  qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
+  redis.call('DEL', KEYS[11])  -- the job's lease on it
+  return """
     + str(REMOVED)
     + """
-  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-"""
-    + queuestats.STATUS_ACCOUNT
-    + """
-if ARGV[3] ~= '0' then return redis.call('DECR', KEYS[2]) end
-return -3
+local after = q
+if q and ARGV[5] ~= state then
+  after = qs_status(K, ARGV[6], q, state, ARGV[5], tonumber(ARGV[1]), qs_is_held(KEYS[6], ARGV[6]))
+end
+if not inline then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  if after ~= q then redis.call('HSET', KEYS[4], 'q', cjson.encode(after)) end
+  if ARGV[3] ~= '0' then return redis.call('DECR', KEYS[2]) end
+  return -3
+end
+if after ~= q then
+  redis.call('HSET', KEYS[4], 'r' .. ARGV[1], ARGV[2], 'q', cjson.encode(after))
+else
+  redis.call('HSET', KEYS[4], 'r' .. ARGV[1], ARGV[2])
+end
+if ARGV[3] == '0' then return -3 end
+if after then return after.p + after.d end
+-- no summary (nothing this mtaq writes lacks one; the sweep's repair writes it): count the states
+local open = 0
+for k = 0, #cjson.decode(redis.call('HGET', KEYS[4], 'env'))['rcpt'] - 1 do
+  local st = redis.call('HGET', KEYS[4], 'r' .. k)
+  local s = st and cjson.decode(st)['s'] or 'pending'
+  if s ~= 'delivered' and s ~= 'bounced' then open = open + 1 end
+end
+return open
 """
 )
 # Many outcomes in one script call (issue 15: an EVALSHA per recipient was one command a message
@@ -65,6 +104,7 @@ return -3
 # id, then the event's field/value pairs when it has one. Returns each entry's answer.
 SET_STATUSES = (
     queuestats.LIB
+    + queuestats.STATUS_ACCOUNT
     + "local counted, qs_acc = {}, {}\nlocal function one(KEYS, ARGV)\n"
     + SET_STATUS_BODY
     + """

@@ -3,9 +3,12 @@
 No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` keys, common/jobqueue.py):
 
 ``mtaq:msg:<id>``   hash: ``env`` (envelope JSON) and ``body`` (the message bytes, stored once);
-                    ``warned`` (time) once its delay warning was queued
-``mtaq:rcpt:<id>``  hash: recipient index -> RecipientStatus JSON
-``mtaq:left:<id>``  integer: recipients not yet final; the message is removed when it reaches 0
+                    ``q``, its summary (common/queuestats.py); ``r<n>``, recipient n's
+                    RecipientStatus JSON once it has been tried (absent: pending); ``v`` = 2, the
+                    layout (common/statusscript.py LAYOUT); ``warned`` (time) once its delay
+                    warning was queued
+``mtaq:rcpt:<id>``, ``mtaq:left:<id>``  a message queued by an older mtaq (no ``v``): its
+                    recipients' states (hash: index -> JSON) and how many are not yet final
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
 ``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, and the metrics' own
                     (common/metrics.py: accepted, connections, rejected:<code>, latency buckets ...)
@@ -44,8 +47,8 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event
+from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
-from common.statusscript import SET_STATUSES, STATUSES_PER_CALL
 
 __all__ = [
     "SWEEP_LOCK",
@@ -105,6 +108,31 @@ def rcpt_key(qid: str) -> str:
 
 def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
+
+
+def state_field(index: int) -> str:
+    """The field of a message hash that holds recipient ``index``'s state (LAYOUT_INLINE)."""
+    return f"r{index}"
+
+
+def states_of(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:
+    """Recipient states from a message hash's fields (HGETALL, or the ``r<n>`` ones): those tried."""
+    out: dict[int, RecipientStatus] = {}
+    for k, v in fields.items():
+        name = k.decode() if isinstance(k, bytes) else k
+        if name[:1] == "r" and name[1:].isdigit():
+            out[int(name[1:])] = RecipientStatus.from_json(v)
+    return out
+
+
+def states_of_older(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:
+    """Recipient states from the ``mtaq:rcpt:<id>`` hash of a message an older mtaq queued."""
+    return {int(k): RecipientStatus.from_json(v) for k, v in fields.items()}
+
+
+def is_inline(layout: Any) -> bool:
+    """Whether a message hash's ``v`` field says its states are in it (else: the older keys)."""
+    return layout in (LAYOUT_INLINE, LAYOUT_INLINE.encode())
 
 
 def commit_mark_key(mark: str) -> str:
@@ -227,6 +255,12 @@ def _is_full(e: redis.RedisError) -> bool:
     return isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e))
 
 
+def _field(h: Mapping[Any, Any], name: str) -> Any:
+    """A field of an HGETALL answer, whether the client decodes responses or not."""
+    got = h.get(name.encode())
+    return h.get(name) if got is None else got
+
+
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
     try:
@@ -326,10 +360,12 @@ class Store:
                 # a memoryview: redis-py writes it as it is (one sendall), where hiredis's packer
                 # copied a 1 MiB body into the command, growing it as it went (1.1 ms a MiB)
                 body = memoryview(m.body)
-                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": body, "q": summary})
-                fresh = RecipientStatus().to_json()
-                pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
-                pipe.set(left_key(env.id), len(env.recipients))
+                # one key: no state is written for a recipient not yet tried (LAYOUT), and the
+                # summary counts the open ones (issue 15: two commands a message fewer)
+                pipe.hset(
+                    msg_key(env.id),
+                    mapping={"env": env.to_json(), "body": body, "q": summary, LAYOUT_FIELD: LAYOUT_INLINE},
+                )
             if messages:
                 # one ZADD for the whole batch: a command a message fewer (issue 15)
                 pipe.zadd(INDEX, {m.envelope.id: m.envelope.received_at for m in messages})
@@ -382,19 +418,27 @@ class Store:
             yield [found for found in self.load_many(ids[start : start + chunk]) if found is not None]
 
     def load_many(self, ids: Sequence[str]) -> list[tuple[Message, dict[int, RecipientStatus]] | None]:
-        """Messages with their recipient states, in one round trip; None for one that is gone."""
+        """Messages with their recipient states (those tried; the others are pending), in one round
+        trip (a second for messages an older mtaq queued); None for one that is gone."""
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
-            pipe.hmget(msg_key(qid), ["env", "body"])
-            pipe.hgetall(rcpt_key(qid))
-        raw = pipe.execute()
+            pipe.hgetall(msg_key(qid))
+        found: list[dict[Any, Any]] = pipe.execute()
+        older = [n for n, h in enumerate(found) if h and not is_inline(_field(h, LAYOUT_FIELD))]
+        kept: dict[int, dict[Any, Any]] = {}
+        if older:
+            pipe = self.redis.pipeline(transaction=False)
+            for n in older:
+                pipe.hgetall(rcpt_key(ids[n]))
+            kept = dict(zip(older, pipe.execute(), strict=True))
         out: list[tuple[Message, dict[int, RecipientStatus]] | None] = []
-        for (env, body), states in zip(raw[0::2], raw[1::2], strict=True):
+        for n, h in enumerate(found):
+            env, body = _field(h, "env"), _field(h, "body")
             if env is None or body is None:
                 out.append(None)
                 continue
             message = Message(Envelope.from_json(env), body if isinstance(body, bytes) else body.encode())
-            out.append((message, {int(k): RecipientStatus.from_json(v) for k, v in states.items()}))
+            out.append((message, states_of_older(kept[n]) if n in kept else states_of(h)))
         return out
 
     def held(self, ids: Sequence[str]) -> set[str]:
@@ -423,8 +467,15 @@ class Store:
         return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
 
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
-        raw = self.redis.hgetall(rcpt_key(qid))
-        return {int(k): RecipientStatus.from_json(v) for k, v in raw.items()}
+        """The states of a message's recipients that have been tried ({} when it is gone)."""
+        layout, env = self.redis.hmget(msg_key(qid), [LAYOUT_FIELD, "env"])
+        if env is None:
+            return {}
+        if not is_inline(layout):
+            return states_of_older(self.redis.hgetall(rcpt_key(qid)))
+        names = [state_field(i) for i in range(len(Envelope.from_json(env).recipients))]
+        got = self.redis.hmget(msg_key(qid), names) if names else []
+        return states_of({k: v for k, v in zip(names, got, strict=True) if v is not None})
 
     def queue_size(self) -> int:
         with _translated():
@@ -574,5 +625,5 @@ class Store:
         recipient states (queuestats.REPAIR); with ``client`` a pipeline, queued on it."""
         qid = envelope.id
         keys = [msg_key(qid), rcpt_key(qid), HOLD, QCOUNTS, QDEFERRED, QDESTS, INDEX]
-        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop)]
+        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop), LAYOUT_INLINE]
         return self._repair(keys=keys, args=args, client=client)

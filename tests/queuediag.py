@@ -5,12 +5,14 @@ failure seen once in CI says where the message was stuck."""
 
 from __future__ import annotations
 
+import json
+
 import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from common.jobqueue import DRAIN_FUNC, DeliveryQueue, QueuedJob
-from common.store import INDEX, Store, lease_key, left_key, pend_key
+from common.store import INDEX, Store, lease_key, msg_key, pend_key
 
 __all__ = ["describe_stuck"]
 
@@ -73,7 +75,9 @@ def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
     for qid in ids:
         states = {i: (st.state.value, st.attempts, st.next_attempt) for i, st in Store(r).statuses(qid).items()}
         leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(lease_key(qid, "*"))}
-        lines.append(f"{qid}: left={_text(r.get(left_key(qid)) or b'-')} recipients={states} leases={leases}")
+        summary = r.hget(msg_key(qid), "q")
+        left = "-" if summary is None else str(sum(json.loads(summary)[k] for k in "pd"))  # open recipients
+        lines.append(f"{qid}: left={left} tried={states} leases={leases}")
         lines += ["  " + j for j in _jobs_naming(r, qid)] or ["  no RQ job names it"]
         lines += [f"  in the pending list of {d}" for d in _pending_at(r, qid)]
         lines += ["  log: " + ln for ln in logs.splitlines() if qid in ln][-15:]

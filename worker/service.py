@@ -313,8 +313,14 @@ class DeliveryService:
             else:
                 stale.append(qid)
         for found in self.store.load_many(stale) if stale else []:
-            if found is not None:
-                views[found[0].envelope.id] = found
+            if found is None:
+                continue
+            if not all_final(*found):
+                # the store counted no open recipient (its summary) but a state says otherwise:
+                # keep the message; its open recipients have a job or the sweep finds them
+                log.warning("%s: counted finished with a recipient still open; kept", found[0].envelope.id)
+                continue
+            views[found[0].envelope.id] = found
         return self.finisher.finish(list(views.values()), batch.destination, leased)
 
     # -- liveness -----------------------------------------------------------------------------------

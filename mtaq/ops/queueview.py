@@ -18,7 +18,8 @@ import redis
 from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
 from common.routing import next_hop
-from common.store import HOLD, INDEX, msg_key, rcpt_key
+from common.statusscript import LAYOUT_FIELD
+from common.store import HOLD, INDEX, is_inline, msg_key, rcpt_key, state_field, states_of_older
 
 __all__ = [
     "AGE_BUCKETS",
@@ -111,25 +112,31 @@ def load_views(
         part = ids[start : start + chunk]
         pipe = r.pipeline(transaction=False)
         for qid in part:
-            pipe.hget(msg_key(qid), "env")
+            pipe.hmget(msg_key(qid), ["env", LAYOUT_FIELD])
             pipe.hstrlen(msg_key(qid), "body")
-            pipe.hgetall(rcpt_key(qid))
         if part:
             pipe.smismember(HOLD, list(part))
         raw = pipe.execute()
         held = raw[-1] if part else []
-        for n, qid in enumerate(part):
-            env_raw, size, states = raw[3 * n : 3 * n + 3]
-            del qid
-            if env_raw is None:
-                continue
-            env = Envelope.from_json(env_raw)
-            parsed = {int(k): RecipientStatus.from_json(v) for k, v in states.items()}
+        envs = {n: (Envelope.from_json(got[0]), got[1]) for n, got in enumerate(raw[0:-1:2]) if got[0] is not None}
+        # the states a second round trip: where they are, and which fields, the envelope says
+        pipe = r.pipeline(transaction=False)
+        for n, (env, layout) in envs.items():
+            if is_inline(layout):
+                pipe.hmget(msg_key(part[n]), [state_field(i) for i in range(len(env.recipients))] or ["r0"])
+            else:
+                pipe.hgetall(rcpt_key(part[n]))
+        states = pipe.execute() if envs else []
+        for (n, (env, layout)), got in zip(envs.items(), states, strict=True):
+            if is_inline(layout):
+                parsed = {i: RecipientStatus.from_json(v) for i, v in enumerate(got) if v is not None}
+            else:
+                parsed = states_of_older(got)
             rcpts = tuple(
                 RcptView(rc.address, next_hop(rc.address, relayhost), parsed.get(i, RecipientStatus()))
                 for i, rc in enumerate(env.recipients)
             )
-            yield MessageView(env, int(size), rcpts, bool(held[n]))
+            yield MessageView(env, int(raw[2 * n + 1]), rcpts, bool(held[n]))
 
 
 _VOLATILE = re.compile(r"\b[0-9A-F]{10,}\b|\b\d{6,}\b")  # queue ids, long numbers; not ports

@@ -32,7 +32,7 @@ def test_a_tiny_ceiling_run_measures_redis_per_message_and_its_phases(
     # every message crossed Redis several times: committed, loaded, its outcome written
     assert 10 < row["commands_per_msg"] < 200 and row["cpu_ms_per_msg"] > 0 and row["round_trips_per_msg"] > 2
     phases = doc["phases"]
-    assert phases["ingress commit"]["client"] >= 3  # HSET msg, HSET rcpt, SET left; ZADD index a commit
+    assert phases["ingress commit"]["client"] >= 1  # HSET msg (one key a message); ZADD index a commit
     # one script call a writer's turn, whatever it carries
     assert phases["outcome write"]["client"] > 0 and phases["outcome write"]["lua"] >= 3
     assert phases.get("other", {"client": 0.0})["client"] < 1, "commands no rule names"

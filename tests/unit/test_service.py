@@ -5,6 +5,7 @@ permits are all given back whatever happens."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, RcptState, Recipient
 from common.mx import Target
-from common.store import Message, lease_key
+from common.store import Message, lease_key, msg_key
 from ingress.signing import TrustedMail
 from tests.dkimkeys import dkimpy_verify, write_table
 from tests.unit.fakeclock import FakeClock
@@ -301,3 +302,18 @@ def test_one_message_that_cannot_be_signed_waits_and_the_jobs_others_go(
         found = service.store.load_many([qid])[0]
         assert found is not None and found[1][0].state is RcptState.DEFERRED and found[1][0].dsn == "4.3.5"
     nothing_held(service, r)
+
+
+def test_a_message_counted_finished_with_a_recipient_still_open_is_kept(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store finishes a message by its summary's open recipients (one key a message); should that
+    count have drifted, the finisher's own look at the states keeps the message (never lost)."""
+    qid = queue(service, "Q1", "u@y.test", "v@z.test")
+    q = json.loads(r.hget(msg_key(qid), "q") or b"{}")
+    q["p"] = 1  # one open recipient counted where there are two
+    r.hset(msg_key(qid), "q", json.dumps(q))
+    service.deliver("y.test", [qid])
+    found = service.store.load_many([qid])[0]
+    assert found is not None and found[1][0].state is RcptState.DELIVERED and 1 not in found[1]
+    assert "counted finished with a recipient still open; kept" in caplog.text
