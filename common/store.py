@@ -467,15 +467,16 @@ class Store:
         return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
 
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
-        """The states of a message's recipients that have been tried ({} when it is gone)."""
+        """The state of each of a message's recipients, those not yet tried pending ({} when the
+        message is gone)."""
         layout, env = self.redis.hmget(msg_key(qid), [LAYOUT_FIELD, "env"])
         if env is None:
             return {}
         if not is_inline(layout):
             return states_of_older(self.redis.hgetall(rcpt_key(qid)))
-        names = [state_field(i) for i in range(len(Envelope.from_json(env).recipients))]
-        got = self.redis.hmget(msg_key(qid), names) if names else []
-        return states_of({k: v for k, v in zip(names, got, strict=True) if v is not None})
+        n = len(Envelope.from_json(env).recipients)
+        got = self.redis.hmget(msg_key(qid), [state_field(i) for i in range(n)]) if n else []
+        return {i: RecipientStatus() if v is None else RecipientStatus.from_json(v) for i, v in enumerate(got)}
 
     def queue_size(self) -> int:
         with _translated():

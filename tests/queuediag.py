@@ -77,7 +77,7 @@ def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
         leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(lease_key(qid, "*"))}
         summary = r.hget(msg_key(qid), "q")
         left = "-" if summary is None else str(sum(json.loads(summary)[k] for k in "pd"))  # open recipients
-        lines.append(f"{qid}: left={left} tried={states} leases={leases}")
+        lines.append(f"{qid}: left={left} recipients={states} leases={leases}")
         lines += ["  " + j for j in _jobs_naming(r, qid)] or ["  no RQ job names it"]
         lines += [f"  in the pending list of {d}" for d in _pending_at(r, qid)]
         lines += ["  log: " + ln for ln in logs.splitlines() if qid in ln][-15:]

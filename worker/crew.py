@@ -83,6 +83,13 @@ class Permits:
         got = self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
         return Permit(self._sem) if got else None
 
+    def take_many(self, n: int) -> list[Permit]:
+        """Up to ``n`` permits, as many as are free now."""
+        out: list[Permit] = []
+        while len(out) < n and (permit := self.take()) is not None:
+            out.append(permit)
+        return out
+
 
 @dataclass(slots=True)
 class Seat:
@@ -153,18 +160,33 @@ class Crew:
         return handed
 
     def _staff(self, destination: str, lane: Lane) -> bool:
-        """Start conversations while the lane has more parcels waiting than conversations."""
+        """Start conversations while the lane has more parcels waiting than conversations; the
+        slots they need are asked for together, one round trip for all of them."""
         started = False
-        while not self.stopping.is_set() and lane.understaffed(self.monotonic()):
-            permit = self.permits.take()
-            if permit is None:
+        while not self.stopping.is_set():
+            permits = self.permits.take_many(lane.shortfall(self.monotonic()))
+            if not permits:
                 break
-            with permit:  # given back here unless the conversation takes it
-                got = self._connection(destination, lane)
-                if got is None:
-                    lane.pause(self.monotonic() + STAFF_PAUSE)
-                    break
-                seat = Seat(permit.keep(), got[1], got[0])
+            try:
+                connections = self._connections(destination, lane, len(permits))
+            except BaseException:
+                for permit in permits:
+                    permit.free()
+                raise
+            for permit in permits[len(connections) :]:
+                permit.free()
+            used = permits[: len(connections)]
+            seats = [Seat(p, slot, got) for p, (got, slot) in zip(used, connections, strict=True)]
+            self._start(destination, lane, seats)
+            started = started or bool(connections)
+            if len(connections) < len(permits):
+                lane.pause(self.monotonic() + STAFF_PAUSE)
+                break
+        return started
+
+    def _start(self, destination: str, lane: Lane, seats: list[Seat]) -> None:
+        """A thread for each seat's conversation; a seat that gets none is let go of."""
+        for n, seat in enumerate(seats):
             lane.started()
             try:
                 threading.Thread(
@@ -176,17 +198,34 @@ class Crew:
             except BaseException:
                 with seat:
                     self.lanes.ended(destination, lane)
+                for rest in seats[n + 1 :]:
+                    with rest:
+                        pass
                 raise
-            started = True
-        return started
 
-    def _connection(self, destination: str, lane: Lane) -> tuple[Opened | None, Slot] | None:
-        """A cached idle connection (it holds its slot) to one of the lane's addresses, or a slot
-        for a new connection; None when the destination's window is full."""
+    def _connections(self, destination: str, lane: Lane, n: int) -> list[tuple[Opened | None, Slot]]:
+        """Up to ``n``: cached idle connections (each holds its slot) to the lane's addresses first,
+        then slots for new connections, as many as the destination's window has free."""
+        out: list[tuple[Opened | None, Slot]] = []
+        while len(out) < n and (cached := self._cached(destination, lane)) is not None:
+            out.append(cached)
+        if len(out) < n:
+            try:
+                out += [(None, slot) for slot in self.limits.acquire_many(destination, n - len(out))]
+            except BaseException:
+                for opened, slot in out:
+                    with slot:
+                        if opened is not None:
+                            opened.conn.quit()
+                raise
+        return out
+
+    def _cached(self, destination: str, lane: Lane) -> tuple[Opened, Slot] | None:
+        """A cached idle connection to one of the lane's addresses (others are closed), or None."""
         while True:
             cached = self.cache.take(destination)
             if cached is None:
-                break
+                return None
             conn, extra = cached
             assert isinstance(extra, tuple)
             slot, to, sent = extra
@@ -196,8 +235,6 @@ class Crew:
                 return Opened(conn, where[0], sent, to), slot
             with slot:
                 conn.quit()
-        slot = self.limits.acquire(destination)
-        return None if slot is None else (None, slot)
 
     def _converse(self, destination: str, lane: Lane, seat: Seat) -> None:
         reached = False

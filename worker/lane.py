@@ -125,11 +125,11 @@ class Lane:
             return self._last
 
     # -- conversations -------------------------------------------------------------------------------
-    def understaffed(self, now: float) -> bool:
-        """More parcels wait than conversations run, and the lane is not pausing after a full
+    def shortfall(self, now: float) -> int:
+        """How many more parcels wait than conversations run; 0 while the lane pauses after a full
         window."""
         with self._lock:
-            return now >= self._pause_until and len(self._queue) > self._conversations
+            return 0 if now < self._pause_until else max(0, len(self._queue) - self._conversations)
 
     def pause(self, until: float) -> None:
         """The destination's window was full: no new conversation is asked for before ``until``

@@ -61,9 +61,12 @@ WANTS_LOOK = 0.2
 WANTS_SLACK_MS = 2000
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
-# KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, token, limit, initial window, this
+# KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, limit, initial window, this
 # process's id, want ms, slots this process holds for the destination, the destination,
-# WANTS_SLACK_MS. 1 = taken, 0 = all busy.
+# WANTS_SLACK_MS, then one token per slot asked for. Returns how many were taken (the first tokens).
+# Asking for several at once (a lane short of several conversations) is one round trip and one
+# write for all of them (issue 15: an acquire a connection was a third of what the destination
+# limits cost Redis on the ceiling load, and connections to slow servers carry one message or two).
 # Lapsed slots (a dead holder's) are dropped only when the window looks full: a write fewer per
 # connection while there is room.
 # Fairness between processes: a process refused a slot names itself in ``want`` ("id:slots it
@@ -75,36 +78,43 @@ STATE_TTL = 86400  # an idle destination's window and failure count are forgotte
 # smtp-source to one destination, 2 workers). The neediest claims it: a busy process wanting
 # more must not keep a starved one out.
 _ACQUIRE = """
-local limit = tonumber(ARGV[4])
-local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[5])
+local limit = tonumber(ARGV[3])
+local asked = #ARGV - 9
+local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[4])
 if window > limit then window = limit end
 if window < 1 then window = 1 end
 local held = redis.call('ZCARD', KEYS[1])
-if held >= window then
+if held + asked > window then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
   held = redis.call('ZCARD', KEYS[1])
 end
 local want = redis.call('GET', KEYS[3])
 local wp, wm
 if want then wp, wm = string.match(want, '^(.*):(%d+)$') end
-local mine = tonumber(ARGV[8])
-if held >= window or (held + 1 >= window and wp and wp ~= ARGV[6]) then
-  if not wp or wp == ARGV[6] or mine < tonumber(wm) then
-    redis.call('SET', KEYS[3], ARGV[6] .. ':' .. ARGV[8], 'PX', ARGV[7])
+local room = window - held
+if wp and wp ~= ARGV[5] then room = room - 1 end  -- the last free slot waits for the claimant
+if room > asked then room = asked end
+if room < asked then
+  if not wp or wp == ARGV[5] or tonumber(ARGV[7]) < tonumber(wm) then
+    redis.call('SET', KEYS[3], ARGV[5] .. ':' .. ARGV[7], 'PX', ARGV[6])
     local now_ms = math.floor(tonumber(ARGV[1]) * 1000)
-    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]) + tonumber(ARGV[10]), ARGV[9])
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - tonumber(ARGV[10]))
-    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]) + 2 * tonumber(ARGV[10]))
+    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[6]) + tonumber(ARGV[9]), ARGV[8])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - tonumber(ARGV[9]))
+    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]) + 2 * tonumber(ARGV[9]))
   end
-  return 0
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
-if wp == ARGV[6] then
+  if room <= 0 then return 0 end
+elseif wp == ARGV[5] then
   redis.call('DEL', KEYS[3])
-  redis.call('ZREM', KEYS[4], ARGV[9])
+  redis.call('ZREM', KEYS[4], ARGV[8])
 end
-return 1
+local add = {}
+for i = 1, room do
+  add[#add + 1] = ARGV[2]
+  add[#add + 1] = ARGV[9 + i]
+end
+redis.call('ZADD', KEYS[1], unpack(add))
+redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
+return room
 """
 
 # KEYS: slots; ARGV: expiry, token... Push the leases on (only those still held).
@@ -237,9 +247,17 @@ class DestinationLimits:
     def acquire(self, destination: str) -> Slot | None:
         """A connection slot for ``destination``, or None when its window is full. The caller
         frees it (``with slot:``)."""
-        token = uuid.uuid4().hex
+        got = self.acquire_many(destination, 1)
+        return got[0] if got else None
+
+    def acquire_many(self, destination: str, n: int) -> list[Slot]:
+        """Up to ``n`` connection slots for ``destination`` in one round trip: as many as its
+        window has free (none when it is full; fewer than asked make this process claim the next
+        one freed, as a refusal does). Each is freed by its holder."""
+        if n < 1:
+            return []
+        tokens = [uuid.uuid4().hex for _ in range(n)]
         now = self.clock()
-        initial = min(INITIAL_WINDOW, self.concurrency)
         keys = [
             dest_key(destination, "slots"),
             dest_key(destination, "state"),
@@ -249,21 +267,21 @@ class DestinationLimits:
         args: list[str | float] = [
             now,
             now + SLOT_TTL,
-            token,
             self.concurrency,
-            initial,
+            min(INITIAL_WINDOW, self.concurrency),
             self.process,
             WANT_MS,
             self._mine(destination),
             destination,
             WANTS_SLACK_MS,
+            *tokens,
         ]
-        if not self._acquire(keys=keys, args=args):
-            return None
-        slot = Slot(self, destination, token)
+        taken = int(self._acquire(keys=keys, args=args))
+        slots = [Slot(self, destination, token) for token in tokens[:taken]]
         with self._lock:
-            self._held[token] = slot
-        return slot
+            for slot in slots:
+                self._held[slot.token] = slot
+        return slots
 
     def _free(self, slot: Slot) -> None:
         """Slot.free(): the slot leaves the heartbeat and the destination's set."""

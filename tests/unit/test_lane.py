@@ -49,21 +49,22 @@ def test_a_parcel_with_nothing_pending_is_not_added() -> None:
     assert len(lane) == 0
 
 
-def test_understaffed_counts_conversations_and_honours_the_pause() -> None:
+def test_shortfall_counts_conversations_and_honours_the_pause() -> None:
     lane = Lane([target()])
     lane.add([parcel("Q1"), parcel("Q2")], Owner())
-    assert lane.understaffed(now=0.0)
+    assert lane.shortfall(now=0.0) == 2
     lane.started()
+    assert lane.shortfall(now=0.0) == 1
     lane.started()
-    assert not lane.understaffed(now=0.0)  # two parcels, two conversations
+    assert lane.shortfall(now=0.0) == 0  # two parcels, two conversations
     assert not lane.ended()  # one still runs
     lane.pause(until=5.0)
-    assert not lane.understaffed(now=4.9) and lane.understaffed(now=5.0)
+    assert lane.shortfall(now=4.9) == 0 and lane.shortfall(now=5.0) == 1
     assert lane.ended()  # the last one; and a conversation ending lifts the pause
     lane.pause(until=5.0)
     lane.started()
     lane.ended()
-    assert lane.understaffed(now=0.0)
+    assert lane.shortfall(now=0.0) == 2
 
 
 def test_lanes_forget_a_lane_when_the_last_job_and_conversation_are_gone() -> None:

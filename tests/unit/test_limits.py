@@ -222,3 +222,25 @@ def test_a_claim_is_read_once_a_look_for_all_the_conversations(
     assert len(gets) == 1
     clock.now += WANTS_LOOK
     assert not busy.should_yield("y.test") and len(gets) == 2
+
+
+def test_several_slots_in_one_call_as_many_as_the_window_has_free(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """A lane short of several conversations asks once; it gets what is free and, short of what it
+    asked, claims the next slot freed, as a refusal does."""
+    busy, starved = limits(r, clock, concurrency=20), limits(r, clock, concurrency=20)
+    first = busy.acquire_many("y.test", 3)
+    assert len(first) == 3 and r.get("mtaq:dest:y.test:want") is None  # room for all: no claim
+    more = busy.acquire_many("y.test", 10)
+    assert len(more) == INITIAL_WINDOW - 3 == slots(r) - 3 and busy.held() == INITIAL_WINDOW
+    assert busy.process in str(r.get("mtaq:dest:y.test:want"))
+    assert starved.acquire_many("y.test", 4) == []  # full; holding none, it takes the claim over
+    assert starved.process in str(r.get("mtaq:dest:y.test:want"))
+    first[0].free()
+    first[1].free()
+    # two free: the last one is kept for the claimant, so the busy process gets one of its four
+    assert len(busy.acquire_many("y.test", 4)) == 1
+    got = starved.acquire_many("y.test", 1)
+    assert len(got) == 1 and r.get("mtaq:dest:y.test:want") is None  # all it asked: claim ended
+    assert slots(r) == INITIAL_WINDOW and busy.acquire_many("y.test", 0) == []
+    for slot in [*first[2:], *more, *got]:
+        slot.free()

@@ -22,7 +22,7 @@ def test_a_job_a_worker_took_and_never_started_is_found_where_it_waits() -> None
     assert "in ['ready list']" in describe_stuck(r, "")
     r.lmove(queue.ready_key, queue.taken_key, "LEFT", "RIGHT")  # dequeued by a worker, then killed
     said = describe_stuck(r, "Dec  6 mtaq/worker: Q1: to=<b@a.test>, status=sent\nother line\n")
-    assert said.startswith("Q1: left=1 tried={} leases={}")
+    assert said.startswith("Q1: left=1 recipients={0: ('pending', 0, 0.0)} leases={}")
     assert "status=queued" in said and "in ['intermediate list']: drain('a.test', " in said
     assert "in the pending list of a.test" in said
     assert "  log: Dec  6 mtaq/worker: Q1: to=<b@a.test>, status=sent" in said and "other line" not in said

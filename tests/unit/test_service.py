@@ -317,3 +317,21 @@ def test_a_message_counted_finished_with_a_recipient_still_open_is_kept(
     found = service.store.load_many([qid])[0]
     assert found is not None and found[1][0].state is RcptState.DELIVERED and 1 not in found[1]
     assert "counted finished with a recipient still open; kept" in caplog.text
+
+
+def test_a_lane_short_of_conversations_asks_for_all_their_slots_at_once(
+    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[int] = []
+    real = service.crew.limits.acquire_many
+
+    def counting(destination: str, n: int) -> Any:
+        asked.append(n)
+        return real(destination, n)
+
+    monkeypatch.setattr(service.crew.limits, "acquire_many", counting)
+    ids = [queue(service, f"Q{i}", f"u{i}@y.test") for i in range(4)]
+    service.deliver("y.test", ids)
+    assert asked[0] == 4 and sum(asked) == 4  # one round trip for the four conversations' slots
+    assert sorted(rc for _, _, (rc,) in peer.taken) == [f"u{i}@y.test" for i in range(4)]
+    nothing_held(service, r)

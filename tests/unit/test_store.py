@@ -50,7 +50,9 @@ def test_commit_writes_body_once_state_and_one_job_per_destination(spool: Spool,
     # one key a message: no state written for a recipient not yet tried, no counter of its own
     assert sorted(r.hkeys(msg_key("Q1"))) == [b"body", b"env", b"q", b"v"]
     assert not r.exists(rcpt_key("Q1"), left_key("Q1"))
-    assert store.statuses("Q1") == {} and store.load_many(["Q1"])[0] is not None
+    assert store.statuses("Q1") == {i: RecipientStatus() for i in range(3)}  # none tried yet: pending
+    loaded = store.load_many(["Q1"])[0]
+    assert loaded is not None and loaded[0].body == b"body" and loaded[1] == {}  # the load: states tried
     assert r.zscore(INDEX, "Q1") == 1000.0
     # one drain job per destination, which will take the message off its pending list
     jobs = spool.queue.rq.get_jobs()

@@ -81,7 +81,7 @@ def test_the_last_outcome_removes_a_message_with_no_report_due(store: Store, old
 def test_an_index_the_message_does_not_have_is_not_a_pending_recipient(store: Store) -> None:
     store.commit([message("Q1", "a@one.test")])
     assert store.set_status_list([("Q1", 1, DEFERRED), ("Q9", 0, DEFERRED)]) == [-2, -2]
-    assert store.statuses("Q1") == {}
+    assert store.statuses("Q1") == {0: RecipientStatus()}
     agree(store)
 
 
