@@ -278,6 +278,7 @@ class ConnectionCache:
         self.on_drop = on_drop
         self._idle: dict[str, list[tuple[SMTPConnection, object, float]]] = {}
         self._lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
 
     def take(self, key: str) -> tuple[SMTPConnection, object] | None:
         self.sweep()
@@ -297,6 +298,25 @@ class ConnectionCache:
             return
         with self._lock:
             self._idle.setdefault(key, []).append((conn, extra, time.monotonic()))
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep_when_due, name="mtaq-idle-sweep", daemon=True)
+                self._sweeper.start()
+
+    def _sweep_when_due(self) -> None:
+        """Close each idle connection once it has waited ``idle_limit``, whatever else the process
+        does: an idle connection holds its destination's slot, and swept only when this process
+        next took a connection or beat its heartbeat (5 s), a process whose work for a destination
+        had ended kept slots another process's job waited for (bench.slowdest: the last messages
+        of a destination went at 3 a second for 5 s, about one run in two). Runs while connections
+        are idle; the next give() starts it again."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    self._sweeper = None
+                    return
+                due = min(t for idle in self._idle.values() for _, _, t in idle) + self.idle_limit
+            time.sleep(max(0.0, due - time.monotonic()) + 0.01)
+            self.sweep()
 
     def sweep(self, *, everything: bool = False) -> None:
         now = time.monotonic()

@@ -54,3 +54,20 @@ def test_a_cached_connection_holds_its_slot_until_the_cache_drops_it() -> None:
     assert limits.held() == 1  # the idle connection is still a connection
     cache.sweep(everything=True)
     assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
+
+
+def test_an_idle_connection_lets_its_slot_go_after_the_idle_limit_by_itself() -> None:
+    """Nobody takes from the cache or beats a heartbeat: the connection still goes when its idle
+    time is up, and its slot with it (another process's job may be waiting for that slot)."""
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    cache = ConnectionCache(0.05, on_drop=_free_slot)
+    slot = limits.acquire("y.test")
+    assert slot is not None
+    conn = FakeConnection(FakePeer(), "192.0.2.1")
+    cache.give("y.test", conn, (slot.keep(), None, 1))
+    assert limits.held() == 1
+    deadline = time.monotonic() + 5.0
+    while limits.held() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert limits.held() == 0 and len(cache) == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
