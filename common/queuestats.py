@@ -72,7 +72,7 @@ def _summary(envelope: Envelope, hops: list[str], size: int | None = None) -> st
     n, t = len(hops), repr(envelope.received_at)
     b = "" if size is None else f',"b":{int(size)}'
     if n and hops.count(hops[0]) == n:
-        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0{b}}}'
+        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0{b},"k":1}}'
     names = list(dict.fromkeys(hops))
     idx = [names.index(h) for h in hops]
     doc: dict[str, object] = {
@@ -86,6 +86,7 @@ def _summary(envelope: Envelope, hops: list[str], size: int | None = None) -> st
     }
     if size is not None:
         doc["b"] = int(size)
+    doc["k"] = 1
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -201,18 +202,20 @@ local function qs_flush(counts, acc)
     if acc[n] and acc[n] ~= 0 then redis.call('HINCRBY', counts, QS_FIELDS[n], acc[n]) end
   end
 end
--- Whether queue id ``qid`` is in the hold set: one SCARD a script call first, and no question per
--- message while nothing is held (the usual case: a delivered message's removal asked SISMEMBER
--- each time). The scripts that use it only ever take messages out of the set.
+-- Whether queue id ``qid`` is in the hold set. A summary with ``k`` says so itself (``g`` = 1 while
+-- held: the hold script keeps it with the set, issue 15: no Redis command for it); one without (an
+-- older mtaq's) is asked about: one SCARD a script call first, and no question per message while
+-- nothing is held. The scripts that use it only ever take messages out of the set.
 local qs_holds = nil
-local function qs_is_held(hold, qid)
+local function qs_is_held(hold, qid, q)
+  if q and q.k then return q.g == 1 end
   if qs_holds == nil then qs_holds = redis.call('SCARD', hold) > 0 end
   return qs_holds and redis.call('SISMEMBER', hold, qid) == 1
 end
 local function qs_copy(q)
   local o = {}
   for j, v in ipairs(q.o) do o[j] = v end
-  return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t, b = q.b}
+  return {h = q.h, i = q.i, n = q.n, o = o, p = q.p, d = q.d, t = q.t, b = q.b, k = q.k, g = q.g}
 end
 -- A message removed: its share of the counters and indexes taken out as its summary ``q`` has it
 -- (none when q is nil: counted nowhere), then its message hash, recipients hash and left counter,
@@ -221,7 +224,7 @@ end
 local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
   local held = nil
   if q then
-    held = qs_is_held(hold, qid)
+    held = qs_is_held(hold, qid, q)
     -- the body's octets as committed (``b``; a summary of an older mtaq has none: the body's)
     qs_account(K, qid, {q = q, held = held, size = q.b or redis.call('HSTRLEN', msg, 'body')}, nil)
   end
@@ -263,6 +266,10 @@ if raw then
   local h = ARGV[3] == '1'
   local K = {counts = KEYS[3], deferred = KEYS[4], dests = KEYS[5], prefix = ARGV[2]}
   qs_account(K, ARGV[1], {q = q, held = not h, size = 0}, {q = q, held = h, size = 0})
+  if q.k then  -- the summary keeps the flag (qs_is_held)
+    q.g = h and 1 or nil
+    redis.call('HSET', KEYS[2], 'q', cjson.encode(q))
+  end
 end
 return 1
 """
@@ -320,25 +327,31 @@ end
 local held = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
 local size = redis.call('HSTRLEN', KEYS[1], 'body')
 q.b = size
+q.k = 1  -- the hold flag kept here from now on, as the set says
+if held then q.g = 1 end
 local raw = redis.call('HGET', KEYS[1], 'q')
 local changed = 1
+local write = true
 if raw then
   local old = cjson.decode(raw)
+  local oldheld = held  -- what the counters were kept with: the summary's flag, where it has one
+  if old.k then oldheld = old.g == 1 end
   changed = 0
-  if old.p ~= q.p or old.d ~= q.d or #old.h ~= #q.h then changed = 1 end
+  if old.p ~= q.p or old.d ~= q.d or #old.h ~= #q.h or oldheld ~= held then changed = 1 end
   for j = 1, #q.h do
     if changed == 0 and (old.h[j] ~= q.h[j] or old.o[j] ~= q.o[j]) then changed = 1 end
   end
   if changed == 1 then
     local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}
-    qs_account(K, ARGV[1], {q = old, held = held, size = size}, nil)
+    qs_account(K, ARGV[1], {q = old, held = oldheld, size = size}, nil)
   end
+  write = changed == 1 or not old.k  -- an older summary gets the flag, counted as it was
 end
 if changed == 1 then
   local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}
   qs_account(K, ARGV[1], nil, {q = q, held = held, size = size})
-  redis.call('HSET', KEYS[1], 'q', cjson.encode(q))
 end
+if write then redis.call('HSET', KEYS[1], 'q', cjson.encode(q)) end
 -- the indexes as the summary says, whatever else has touched them
 for j, d in ipairs(q.h) do
   if q.o[j] > 0 then

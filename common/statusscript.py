@@ -66,7 +66,7 @@ if ARGV[3] == '2' and q and q.p + q.d == 1 then
 end
 local after = q
 if q and ARGV[5] ~= state then
-  after = qs_status(K, ARGV[6], q, state, ARGV[5], tonumber(ARGV[1]), qs_is_held(KEYS[6], ARGV[6]))
+  after = qs_status(K, ARGV[6], q, state, ARGV[5], tonumber(ARGV[1]), qs_is_held(KEYS[6], ARGV[6], q))
 end
 if not inline then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

@@ -34,9 +34,10 @@ def agree(r: fakeredis.FakeRedis) -> None:
 
 def test_summary_names_destinations_once_and_each_recipients() -> None:
     env = msg(1, ["a.test", "b.test", "a.test"], 5.5).envelope
-    assert summary(env, domain_of) == '{"h":["a.test","b.test"],"t":"5.5","n":3,"i":[0,1,0],"o":[2,1],"p":3,"d":0}'
+    want = '{"h":["a.test","b.test"],"t":"5.5","n":3,"i":[0,1,0],"o":[2,1],"p":3,"d":0,"k":1}'
+    assert summary(env, domain_of) == want
     one = msg(2, ["a.test", "a.test"], 5.0).envelope
-    assert summary(one, domain_of) == '{"h":["a.test"],"t":"5.0","n":2,"o":[2],"p":2,"d":0}'
+    assert summary(one, domain_of) == '{"h":["a.test"],"t":"5.0","n":2,"o":[2],"p":2,"d":0,"k":1}'
     plan = commit_plan([(env, 10), (one, 20)], domain_of)
     assert (plan.size, plan.recipients) == (30, 5)
     assert plan.by_destination == {"a.test": {"Q0001": 5.5, "Q0002": 5.0}, "b.test": {"Q0001": 5.5}}

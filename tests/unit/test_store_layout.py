@@ -4,6 +4,8 @@ hash, and a message an older mtaq queued (states in ``mtaq:rcpt:<id>``, a counte
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 import redis
@@ -96,4 +98,22 @@ def test_the_sweeps_repair_counts_the_states_where_they_are(store: Store, older:
     # counted from the states where they are: the summary was right, nothing to change
     changed, _, _, pending, deferred = store.repair(loaded[0].envelope, domain_of)
     assert (changed, pending, deferred) == (0, 1, 1)
+    agree(store)
+
+
+def test_a_summary_without_the_hold_flag_asks_the_hold_set_and_the_repair_adds_the_flag(store: Store) -> None:
+    store.commit([message("Q1", "a@one.test", "b@one.test")])
+    assert store.hold(["Q1"]) == ["Q1"]
+    assert json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")["g"] == 1
+    older = json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")
+    del older["k"], older["g"]  # as an older mtaq wrote it: the hold set alone says it is held
+    store.redis.hset(msg_key("Q1"), "q", json.dumps(older))
+    assert store.set_status_list([("Q1", 0, DEFERRED)]) == [-3]
+    agree(store)  # counted as held, from the set
+    loaded = store.load_many(["Q1"])[0]
+    assert loaded is not None
+    assert store.repair(loaded[0].envelope, domain_of)[0] == 0  # nothing to correct ...
+    q = json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")
+    assert (q["k"], q["g"]) == (1, 1)  # ... but the flag is kept in the summary from now on
+    assert store.unhold(["Q1"]) == ["Q1"] and "g" not in json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")
     agree(store)

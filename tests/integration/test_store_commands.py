@@ -1,0 +1,46 @@
+"""What a message costs Redis, command by command, on a real redis-server (INFO commandstats counts
+the commands a script runs as well as the client's): one key a message, and a delivered
+message's outcome that asks nothing about the hold set (issue 15)."""
+
+from __future__ import annotations
+
+import redis
+
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.statusscript import SET_STATUSES
+from common.store import REMOVED, Message, Store
+from tests.redisserver import RedisServer
+
+
+def calls(r: redis.Redis) -> dict[str, int]:
+    got = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
+    got.pop("info", None)  # this very question
+    return got
+
+
+def spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
+
+
+def message(qid: str) -> Message:
+    env = Envelope(id=qid, sender="s@x.test", recipients=[Recipient("u@y.test")], received_at=1000.0)
+    return Message(env, b"Subject: t\r\n\r\nbody\r\n")
+
+
+def test_a_delivered_message_of_one_recipient(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    store = Store(r)
+    before = calls(r)
+    store.commit([message("Q1"), message("Q2")])
+    committed = spent(before, calls(r))
+    assert committed["hset"] == 2 and "set" not in committed  # one key a message, no counter
+    assert store.hold(["Q2"]) == ["Q2"]  # something is held: an older summary would ask the set
+    r.script_load(SET_STATUSES)  # as a running worker has it
+    before = calls(r)
+    done = RecipientStatus(state=RcptState.DELIVERED, reply="250 ok", attempts=1)
+    assert store.set_status_list([("Q1", 0, done)], last={"Q1": "y.test"}) == [REMOVED]
+    outcome = spent(before, calls(r))
+    assert "scard" not in outcome and "sismember" not in outcome and "srem" not in outcome, outcome
+    # the state and the summary in one read; the message, its index entries and its lease removed
+    assert outcome["hmget"] == 1 and "hget" not in outcome and outcome["del"] == 2, outcome
+    assert sum(outcome.values()) == 9, outcome  # EVALSHA, HMGET, DEL x2, ZREM x2, HINCRBY x3
