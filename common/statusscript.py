@@ -25,7 +25,8 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 # ``r<index>``, absent while pending) and says so in field ``v``; its open recipients are its
 # summary's pending plus deferred (``q``). One key a message instead of three: two commands fewer at
 # the commit, one at the load, one per outcome (issue 15). A message an older mtaq queued has them
-# in ``mtaq:rcpt:<id>`` with its counter in ``mtaq:left:<id>``, and is finished that way.
+# in ``mtaq:rcpt:<id>`` with its counter in ``mtaq:left:<id>``, and is finished that way. An older
+# worker cannot read this layout: upgrading stops every older worker first (docs/architecture.md).
 REMOVED = -4  # what SET_STATUS_BODY returns when the outcome finished its message and removed it
 LAYOUT_FIELD = "v"
 LAYOUT_INLINE = "2"
@@ -80,7 +81,7 @@ else
   redis.call('HSET', KEYS[4], 'r' .. ARGV[1], ARGV[2])
 end
 if ARGV[3] == '0' then return -3 end
-if after then return after.p + after.d end
+if after then return math.max(0, after.p + after.d) end  -- a drifted summary: the finisher looks
 -- no summary (nothing this mtaq writes lacks one; the sweep's repair writes it): count the states
 local open = 0
 for k = 0, #cjson.decode(redis.call('HGET', KEYS[4], 'env'))['rcpt'] - 1 do

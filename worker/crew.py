@@ -164,7 +164,9 @@ class Crew:
         slots they need are asked for together, one round trip for all of them."""
         started = False
         while not self.stopping.is_set():
-            permits = self.permits.take_many(lane.shortfall(self.monotonic()))
+            # no more than the destination could ever allow: permits taken for nothing are
+            # missed by the other lanes until the round trip is over
+            permits = self.permits.take_many(min(lane.shortfall(self.monotonic()), self.limits.concurrency))
             if not permits:
                 break
             try:
@@ -198,26 +200,26 @@ class Crew:
             except BaseException:
                 with seat:
                     self.lanes.ended(destination, lane)
+                    _hang_up(seat.opened)
                 for rest in seats[n + 1 :]:
                     with rest:
-                        pass
+                        _hang_up(rest.opened)
                 raise
 
     def _connections(self, destination: str, lane: Lane, n: int) -> list[tuple[Opened | None, Slot]]:
         """Up to ``n``: cached idle connections (each holds its slot) to the lane's addresses first,
         then slots for new connections, as many as the destination's window has free."""
         out: list[tuple[Opened | None, Slot]] = []
-        while len(out) < n and (cached := self._cached(destination, lane)) is not None:
-            out.append(cached)
-        if len(out) < n:
-            try:
+        try:
+            while len(out) < n and (cached := self._cached(destination, lane)) is not None:
+                out.append(cached)
+            if len(out) < n:
                 out += [(None, slot) for slot in self.limits.acquire_many(destination, n - len(out))]
-            except BaseException:
-                for opened, slot in out:
-                    with slot:
-                        if opened is not None:
-                            opened.conn.quit()
-                raise
+        except BaseException:
+            for opened, slot in out:
+                with slot:
+                    _hang_up(opened)
+            raise
         return out
 
     def _cached(self, destination: str, lane: Lane) -> tuple[Opened, Slot] | None:
@@ -302,6 +304,12 @@ class Crew:
         """Conversations end after their transaction; idle connections close."""
         self.stopping.set()
         self.cache.sweep(everything=True)
+
+
+def _hang_up(opened: Opened | None) -> None:
+    """Close a cached connection a conversation will not have after all."""
+    if opened is not None:
+        opened.conn.quit()
 
 
 def _free_slot(extra: object) -> None:

@@ -95,8 +95,9 @@ local room = window - held
 if wp and wp ~= ARGV[5] then room = room - 1 end  -- the last free slot waits for the claimant
 if room > asked then room = asked end
 if room < asked then
-  if not wp or wp == ARGV[5] or tonumber(ARGV[7]) < tonumber(wm) then
-    redis.call('SET', KEYS[3], ARGV[5] .. ':' .. ARGV[7], 'PX', ARGV[6])
+  local mine = tonumber(ARGV[7]) + math.max(room, 0)  -- what it holds once this call is done
+  if not wp or wp == ARGV[5] or mine < tonumber(wm) then
+    redis.call('SET', KEYS[3], ARGV[5] .. ':' .. mine, 'PX', ARGV[6])
     local now_ms = math.floor(tonumber(ARGV[1]) * 1000)
     redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[6]) + tonumber(ARGV[9]), ARGV[8])
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - tonumber(ARGV[9]))

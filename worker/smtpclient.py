@@ -299,8 +299,9 @@ class ConnectionCache:
         with self._lock:
             self._idle.setdefault(key, []).append((conn, extra, time.monotonic()))
             if self._sweeper is None:
-                self._sweeper = threading.Thread(target=self._sweep_when_due, name="mtaq-idle-sweep", daemon=True)
-                self._sweeper.start()
+                sweeper = threading.Thread(target=self._sweep_when_due, name="mtaq-idle-sweep", daemon=True)
+                sweeper.start()
+                self._sweeper = sweeper
 
     def _sweep_when_due(self) -> None:
         """Close each idle connection once it has waited ``idle_limit``, whatever else the process
@@ -309,14 +310,21 @@ class ConnectionCache:
         had ended kept slots another process's job waited for (bench.slowdest: the last messages
         of a destination went at 3 a second for 5 s, about one run in two). Runs while connections
         are idle; the next give() starts it again."""
-        while True:
+        me = threading.current_thread()
+        try:
+            while True:
+                with self._lock:
+                    if not self._idle:
+                        self._sweeper = None  # under the lock: a give() after this starts another
+                        return
+                    due = min(t for idle in self._idle.values() for _, _, t in idle) + self.idle_limit
+                time.sleep(max(0.0, due - time.monotonic()) + 0.01)
+                self.sweep()
+        except BaseException:
             with self._lock:
-                if not self._idle:
-                    self._sweeper = None
-                    return
-                due = min(t for idle in self._idle.values() for _, _, t in idle) + self.idle_limit
-            time.sleep(max(0.0, due - time.monotonic()) + 0.01)
-            self.sweep()
+                if self._sweeper is me:
+                    self._sweeper = None  # the next give() starts another
+            raise
 
     def sweep(self, *, everything: bool = False) -> None:
         now = time.monotonic()

@@ -232,7 +232,9 @@ def test_several_slots_in_one_call_as_many_as_the_window_has_free(r: fakeredis.F
     assert len(first) == 3 and r.get("mtaq:dest:y.test:want") is None  # room for all: no claim
     more = busy.acquire_many("y.test", 10)
     assert len(more) == INITIAL_WINDOW - 3 == slots(r) - 3 and busy.held() == INITIAL_WINDOW
-    assert busy.process in str(r.get("mtaq:dest:y.test:want"))
+    # the claim names what the process holds once the call is done: a process holding fewer
+    # takes it over, one holding more does not
+    assert r.get("mtaq:dest:y.test:want") == f"{busy.process}:{INITIAL_WINDOW}".encode()
     assert starved.acquire_many("y.test", 4) == []  # full; holding none, it takes the claim over
     assert starved.process in str(r.get("mtaq:dest:y.test:want"))
     first[0].free()

@@ -320,8 +320,9 @@ def test_a_message_counted_finished_with_a_recipient_still_open_is_kept(
 
 
 def test_a_lane_short_of_conversations_asks_for_all_their_slots_at_once(
-    service: DeliveryService, peer: FakePeer, r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+    peer: FakePeer, r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    service = service_on(r, peer, clock, worker_concurrency=8, destination_concurrency=4)
     asked: list[int] = []
     real = service.crew.limits.acquire_many
 
@@ -330,8 +331,9 @@ def test_a_lane_short_of_conversations_asks_for_all_their_slots_at_once(
         return real(destination, n)
 
     monkeypatch.setattr(service.crew.limits, "acquire_many", counting)
-    ids = [queue(service, f"Q{i}", f"u{i}@y.test") for i in range(4)]
+    ids = [queue(service, f"Q{i}", f"u{i}@y.test") for i in range(6)]
     service.deliver("y.test", ids)
-    assert asked[0] == 4 and sum(asked) == 4  # one round trip for the four conversations' slots
-    assert sorted(rc for _, _, (rc,) in peer.taken) == [f"u{i}@y.test" for i in range(4)]
-    nothing_held(service, r)
+    # one round trip for the four conversations' slots; not more than the destination allows
+    assert asked[0] == 4 and sum(asked) == 4
+    assert sorted(rc for _, _, (rc,) in peer.taken) == [f"u{i}@y.test" for i in range(6)]
+    service.stop()

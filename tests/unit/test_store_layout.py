@@ -117,3 +117,14 @@ def test_a_summary_without_the_hold_flag_asks_the_hold_set_and_the_repair_adds_t
     assert (q["k"], q["g"]) == (1, 1)  # ... but the flag is kept in the summary from now on
     assert store.unhold(["Q1"]) == ["Q1"] and "g" not in json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")
     agree(store)
+
+
+def test_a_summary_that_undercounts_never_answers_a_negative_count(store: Store) -> None:
+    """The count of open recipients is the summary's: drifted below the truth it answers 0 (the
+    finisher then looks at the states: worker/service.py), never a negative number that another
+    answer's code would take it for."""
+    store.commit([message("Q1", "a@one.test", "b@one.test")])
+    q = json.loads(store.redis.hget(msg_key("Q1"), "q") or b"{}")
+    q["p"] = 0
+    store.redis.hset(msg_key("Q1"), "q", json.dumps(q))
+    assert store.set_status_list([("Q1", 0, DELIVERED)]) == [0]
