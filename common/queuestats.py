@@ -61,18 +61,21 @@ def _layout(envelope: Envelope, hop: Callable[[str], str]) -> dict[str, object]:
     return out
 
 
-def summary(envelope: Envelope, hop: Callable[[str], str], size: int | None = None) -> str:
+def summary(envelope: Envelope, hop: Callable[[str], str], size: int | None = None, *, keeps_hold: bool = True) -> str:
     """The summary of a message as committed: every recipient pending; ``size``, the body's octets,
-    when known (the removal then takes it from here, not from an HSTRLEN of the body)."""
-    return _summary(envelope, [hop(r.address) for r in envelope.recipients], size)
+    when known (the removal then takes it from here, not from an HSTRLEN of the body);
+    ``keeps_hold``: it keeps its hold flag (``k``: qs_is_held), which an older mtaq's hold
+    command would not keep (the layout gate, common/store.py LAYOUT_KEY, says when it may)."""
+    return _summary(envelope, [hop(r.address) for r in envelope.recipients], size, keeps_hold)
 
 
-def _summary(envelope: Envelope, hops: list[str], size: int | None = None) -> str:
+def _summary(envelope: Envelope, hops: list[str], size: int | None = None, keeps_hold: bool = True) -> str:
     # on every commit: the usual message, one destination, without json.dumps of a dict
     n, t = len(hops), repr(envelope.received_at)
     b = "" if size is None else f',"b":{int(size)}'
+    k = ',"k":1' if keeps_hold else ""
     if n and hops.count(hops[0]) == n:
-        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0{b},"k":1}}'
+        return f'{{"h":[{json.dumps(hops[0])}],"t":"{t}","n":{n},"o":[{n}],"p":{n},"d":0{b}{k}}}'
     names = list(dict.fromkeys(hops))
     idx = [names.index(h) for h in hops]
     doc: dict[str, object] = {
@@ -86,7 +89,8 @@ def _summary(envelope: Envelope, hops: list[str], size: int | None = None) -> st
     }
     if size is not None:
         doc["b"] = int(size)
-    doc["k"] = 1
+    if keeps_hold:
+        doc["k"] = 1
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -114,13 +118,15 @@ class CommitPlan:
         return out
 
 
-def commit_plan(messages: Sequence[tuple[Envelope, int]], hop: Callable[[str], str]) -> CommitPlan:
+def commit_plan(
+    messages: Sequence[tuple[Envelope, int]], hop: Callable[[str], str], *, keeps_hold: bool = True
+) -> CommitPlan:
     """(envelope, body size) of new messages -> their summaries, index entries and counter increments."""
     plan = CommitPlan()
     dests: dict[str, dict[str, float]] = defaultdict(dict)
     for env, size in messages:
         hops = [hop(r.address) for r in env.recipients]
-        plan.summaries[env.id] = _summary(env, hops, size)
+        plan.summaries[env.id] = _summary(env, hops, size, keeps_hold)
         for h in hops:
             dests[h][env.id] = env.received_at
         plan.size += size
@@ -294,8 +300,8 @@ return 1
 # The sweep's recount of one message, from its recipient states. KEYS: message hash, recipients
 # hash, hold set, counts, deferred index, destinations set, queue index; ARGV: queue id,
 # destination index prefix, static summary (static_summary), the inline layout's mark
-# (common/statusscript.py LAYOUT). Returns false when the message is
-# gone, else {changed (0/1), size, held (0/1), pending, deferred}.
+# (common/statusscript.py LAYOUT), '1' when the summary may keep the hold flag (the layout gate).
+# Returns false when the message is gone, else {changed (0/1), size, held (0/1), pending, deferred}.
 REPAIR = (
     LIB
     + """
@@ -327,8 +333,10 @@ end
 local held = redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1
 local size = redis.call('HSTRLEN', KEYS[1], 'body')
 q.b = size
-q.k = 1  -- the hold flag kept here from now on, as the set says
-if held then q.g = 1 end
+if ARGV[5] == '1' then  -- the hold flag kept here from now on, as the set says (the gate is open)
+  q.k = 1
+  if held then q.g = 1 end
+end
 local raw = redis.call('HGET', KEYS[1], 'q')
 local changed = 1
 local write = true
@@ -345,7 +353,7 @@ if raw then
     local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}
     qs_account(K, ARGV[1], {q = old, held = oldheld, size = size}, nil)
   end
-  write = changed == 1 or not old.k  -- an older summary gets the flag, counted as it was
+  write = changed == 1 or (q.k and not old.k)  -- an older summary gets the flag, counted as it was
 end
 if changed == 1 then
   local K = {counts = KEYS[4], deferred = KEYS[5], dests = KEYS[6], prefix = ARGV[2]}

@@ -3,6 +3,7 @@ needs all three: a commit stores messages and their delivery jobs in one MULTI/E
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from common.events import Event
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
 from common.settings import Settings
-from common.store import Message, Store
+from common.store import Message, Store, StoreError
 
 __all__ = ["Spool"]
 
@@ -33,7 +34,13 @@ class Spool:
             replica_timeout=settings.redis_replica_timeout,
             strict_replicas=strict_replicas,
             events_max=settings.events_max,
+            inline=False,
         )
+        # one key a message once every worker reads it (common/store.py LAYOUT_KEY); Redis down now
+        # leaves it closed until the process asks again (the ingress each second, the workers each
+        # heartbeat)
+        with contextlib.suppress(StoreError):
+            store.refresh_layout()
         return cls(store, DeliveryQueue.from_settings(settings, r), Router.from_settings(settings))
 
     def commit(

@@ -26,7 +26,8 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 # summary's pending plus deferred (``q``). One key a message instead of three: two commands fewer at
 # the commit, one at the load, one per outcome (issue 15). A message an older mtaq queued has them
 # in ``mtaq:rcpt:<id>`` with its counter in ``mtaq:left:<id>``, and is finished that way. An older
-# worker cannot read this layout: upgrading stops every older worker first (docs/architecture.md).
+# worker cannot read this layout: it is written only once every worker reads it (the layout gate,
+# common/store.py LAYOUT_KEY).
 REMOVED = -4  # what SET_STATUS_BODY returns when the outcome finished its message and removed it
 LAYOUT_FIELD = "v"
 LAYOUT_INLINE = "2"

@@ -9,6 +9,7 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
                     warning was queued
 ``mtaq:rcpt:<id>``, ``mtaq:left:<id>``  a message queued by an older mtaq (no ``v``): its
                     recipients' states (hash: index -> JSON) and how many are not yet final
+``mtaq:layout``     string: "2" once every worker reads one key a message (LAYOUT_KEY, the gate)
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
 ``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, and the metrics' own
                     (common/metrics.py: accepted, connections, rejected:<code>, latency buckets ...)
@@ -74,6 +75,12 @@ SAMPLE_LOCK = PREFIX + "samples-lock"
 PRIMARY_SEEN = PREFIX + "redis:primary"
 FAILOVERS = PREFIX + "redis:failovers"
 FAILOVER_TIME = PREFIX + "redis:last-failover"
+# One key a message (common/statusscript.py LAYOUT) is written only once every worker reads it: a
+# worker says so in its RQ worker hash (WORKER_LAYOUT_FIELD), and a worker that finds every
+# registered worker saying so sets LAYOUT_KEY, for good (Store.open_layout). Until then new mail
+# is written as an older mtaq wrote it, which every version reads: a rolling upgrade.
+LAYOUT_KEY = PREFIX + "layout"
+WORKER_LAYOUT_FIELD = "mtaq_layout"
 COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an interrupted commit is settled in
 
 # Queue monitoring (issue 16): counters and indexes kept in the round trips that change the queue
@@ -313,8 +320,12 @@ class Store:
         replica_timeout: float = 1.0,
         strict_replicas: bool = True,
         events_max: int = 0,
+        inline: bool = True,
     ) -> None:
         self.redis = r
+        # new messages in one key (LAYOUT); else as an older mtaq wrote them (processes start with
+        # False and ask Redis: refresh_layout)
+        self.inline = inline
         # redis_min_replicas: commits and recipient outcomes wait for this many replicas (WAIT).
         # strict (the ingress): too few is StoreNotReplicated, a 451; else (a worker, whose writes
         # record what already happened and cannot be taken back) a warning in the log.
@@ -351,7 +362,8 @@ class Store:
         writer that lost its connection before the answer (``has_commit_mark``): its messages may be
         finished and gone already, but the mark outlives them. ``hop`` names a recipient's
         destination for the queue's indexes."""
-        plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop)
+        inline = self.inline
+        plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop, keeps_hold=inline)
         with _translated():
             pipe = self._pipeline(transaction=True)
             for m in messages:
@@ -360,12 +372,18 @@ class Store:
                 # a memoryview: redis-py writes it as it is (one sendall), where hiredis's packer
                 # copied a 1 MiB body into the command, growing it as it went (1.1 ms a MiB)
                 body = memoryview(m.body)
-                # one key: no state is written for a recipient not yet tried (LAYOUT), and the
-                # summary counts the open ones (issue 15: two commands a message fewer)
-                pipe.hset(
-                    msg_key(env.id),
-                    mapping={"env": env.to_json(), "body": body, "q": summary, LAYOUT_FIELD: LAYOUT_INLINE},
-                )
+                if inline:
+                    # one key: no state is written for a recipient not yet tried (LAYOUT), and the
+                    # summary counts the open ones (issue 15: two commands a message fewer)
+                    pipe.hset(
+                        msg_key(env.id),
+                        mapping={"env": env.to_json(), "body": body, "q": summary, LAYOUT_FIELD: LAYOUT_INLINE},
+                    )
+                    continue
+                pipe.hset(msg_key(env.id), mapping={"env": env.to_json(), "body": body, "q": summary})
+                fresh = RecipientStatus().to_json()
+                pipe.hset(rcpt_key(env.id), mapping={str(i): fresh for i in range(len(env.recipients))})
+                pipe.set(left_key(env.id), len(env.recipients))
             if messages:
                 # one ZADD for the whole batch: a command a message fewer (issue 15)
                 pipe.zadd(INDEX, {m.envelope.id: m.envelope.received_at for m in messages})
@@ -399,6 +417,31 @@ class Store:
         pipe.timeout_ms = max(1, int(self.replica_timeout * 1000))
         pipe.strict = self.strict_replicas
         return pipe
+
+    # -- the layout gate (LAYOUT_KEY) ------------------------------------------------------------------
+    def refresh_layout(self) -> bool:
+        """Whether new messages are written in one key: asked of Redis until it says yes, then
+        never again (the gate does not close)."""
+        if not self.inline:
+            with _translated():
+                self.inline = self.redis.get(LAYOUT_KEY) in (LAYOUT_INLINE, LAYOUT_INLINE.encode())
+        return self.inline
+
+    def open_layout(self, worker_keys: Sequence[str]) -> bool:
+        """Open the gate if every worker registered (RQ's worker hashes ``worker_keys``) reads one
+        key a message; True when it is open."""
+        if self.refresh_layout():
+            return True
+        if not worker_keys:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for key in worker_keys:
+            pipe.hget(key, WORKER_LAYOUT_FIELD)
+        if all(is_inline(mark) for mark in pipe.execute()):
+            self.redis.set(LAYOUT_KEY, LAYOUT_INLINE)
+            self.inline = True
+            log.info("every worker reads one key a message: new mail is written so from now on")
+        return self.inline
 
     # -- reading ----------------------------------------------------------------------------------
     def has_commit_mark(self, mark: str) -> bool:
@@ -626,5 +669,5 @@ class Store:
         recipient states (queuestats.REPAIR); with ``client`` a pipeline, queued on it."""
         qid = envelope.id
         keys = [msg_key(qid), rcpt_key(qid), HOLD, QCOUNTS, QDEFERRED, QDESTS, INDEX]
-        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop), LAYOUT_INLINE]
+        args = [qid, QDEST_PREFIX, queuestats.static_summary(envelope, hop), LAYOUT_INLINE, "1" if self.inline else ""]
         return self._repair(keys=keys, args=args, client=client)

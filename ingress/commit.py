@@ -250,6 +250,8 @@ class Committer:
         """Keep the queue size fresh for gate(); Redis being down shows up at commit, not here."""
         while True:
             with contextlib.suppress(StoreError):
+                if not self.spool.store.inline:  # until every worker reads one key a message
+                    await asyncio.to_thread(self.spool.store.refresh_layout)
                 seen = self.committed
                 size = await asyncio.to_thread(self.spool.store.queue_size)
                 # a commit that ended while ZCARD ran may be missing from its answer: never let a

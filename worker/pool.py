@@ -44,7 +44,8 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
-from common.store import RECOVERY_LOCK
+from common.statusscript import LAYOUT_INLINE
+from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
 from worker import rqbook
 from worker.crew import Permit, Permits
 from worker.service import DeliveryService
@@ -285,6 +286,21 @@ class ConcurrentWorker(SimpleWorker):
         self._beat.start()
         threading.Thread(target=self._recovery_loop, name="mtaq-recovery", daemon=True).start()
 
+    def serialize(self) -> dict[str, Any]:
+        """RQ's worker hash, and what it reads: one key a message (common/store.py LAYOUT_KEY)."""
+        out: dict[str, Any] = super().serialize()
+        out[WORKER_LAYOUT_FIELD] = LAYOUT_INLINE
+        return out
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        self._open_layout()
+
+    def _open_layout(self) -> None:
+        """Open the layout gate once every registered worker reads one key a message."""
+        if not self.service.store.inline:
+            self.service.store.open_layout(sorted(worker_registration.get_keys(connection=self.connection)))
+
     def _heartbeat_loop(self) -> None:
         while not self._beat_stop.wait(HEARTBEAT):
             try:
@@ -310,6 +326,8 @@ class ConcurrentWorker(SimpleWorker):
                 execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
             pipe.execute()
         self.service.heartbeat()
+        if not self.service.store.inline:  # until every worker reads one key a message
+            self.service.store.refresh_layout()
         if not running:
             self._set_idle_if_done()
 
@@ -348,6 +366,7 @@ class ConcurrentWorker(SimpleWorker):
             try:
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
+                self._open_layout()  # the dead ones forgotten: those left say what they read
                 self._rescue_intermediate(queue)
                 self._enqueue_overdue(queue)
                 self._rearm_lost()

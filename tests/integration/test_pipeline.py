@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from common.store import LAYOUT_KEY, msg_key
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, message
 from tests.integration.eventually import GENEROUS
@@ -312,3 +313,20 @@ def test_8bit_mail_to_a_server_without_8bitmime_is_converted(
     assert body == b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln, =C3=A7a va?\r\n"
     assert parse(got).get_content() == parse(data).get_content() == text
     assert mta.logs().count("8BITMIME to 7BIT MIME conversion") == 1
+
+
+def test_new_mail_is_one_key_once_the_workers_say_they_read_it(
+    sender_zone: ZoneServer, mta_factory: Callable[..., MTA]
+) -> None:
+    """The layout gate (common/store.py LAYOUT_KEY) on real processes: a worker registers saying it
+    reads one key a message, finds no other worker, opens the gate; an ingress started after it
+    writes new mail in one key."""
+    sender_zone.add("d.test.", "MX", "10 mx.d.test.")
+    sender_zone.add("mx.d.test.", "A", "127.0.0.9")  # nobody listens there: the message stays queued
+    mta = mta_factory()
+    mta.start_worker()
+    assert wait_for(lambda: mta.store.redis.get(LAYOUT_KEY) == b"2", GENEROUS), mta.logs()
+    mta.start_ingress()
+    qid = mta.send(SENDER, ["u@d.test"], message("one key"))
+    assert mta.store.redis.hget(msg_key(qid), "v") == b"2" and not mta.store.redis.exists(f"mtaq:rcpt:{qid}")
+    assert "every worker reads one key a message" in mta.logs()

@@ -45,6 +45,13 @@ class FakeStore:
         self.replicas = 0  # redis_min_replicas
         self.marks: set[str] = set()
         self.redis: object = None
+        self.inline = True  # the layout gate (common/store.py LAYOUT_KEY) open
+        self.layout_asked = 0
+
+    def refresh_layout(self) -> bool:
+        self.layout_asked += 1
+        self.inline = True
+        return True
 
     def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         if self.error is not None:
@@ -321,3 +328,18 @@ def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
     (outcome,) = run(go())
     assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
     assert store.committed == [] and clock.now >= SETTLE_WAIT
+
+
+def test_the_watch_asks_for_the_layout_gate_until_it_is_open() -> None:
+    async def go() -> tuple[int, bool]:
+        store = FakeStore()
+        store.inline = False  # not every worker reads one key a message yet
+        sleeps = Sleeps()
+        c = Committer(store, sleep=sleeps)  # type: ignore[arg-type]
+        task = asyncio.create_task(c.watch_queue(interval=1.0))
+        while len(sleeps.asked) < 2:  # two rounds of the watch
+            await asyncio.sleep(0)
+        task.cancel()
+        return store.layout_asked, store.inline
+
+    assert run(go()) == (1, True)  # asked once: open, then never again

@@ -16,7 +16,8 @@ from rq.serializers import JSONSerializer
 
 from common.envelope import Envelope, Recipient
 from common.jobqueue import CRASH_RETRY
-from common.store import Message
+from common.statusscript import LAYOUT_INLINE
+from common.store import LAYOUT_KEY, WORKER_LAYOUT_FIELD, Message, Store
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
@@ -73,7 +74,7 @@ def test_a_burst_runs_the_queued_jobs_and_the_mail_goes_out(
 
 def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
     w = worker(r, service)
-    w.register_birth()  # type: ignore[no-untyped-call]
+    w.register_birth()
     with service.leases.taken(["Q1"], "y.test"):
         key = "mtaq:lease:Q1:y.test"
         r.pexpire(key, 50)
@@ -124,7 +125,7 @@ def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
     """RQ's loop beats after every job it starts (three writes a job): within HEARTBEAT seconds of
     the last beat nothing is written; past that the loop's beat goes through."""
     w = worker(r, service)
-    w.register_birth()  # type: ignore[no-untyped-call]
+    w.register_birth()
     w.beat()
     r.expire(w.key, 5)
     w.heartbeat()
@@ -138,7 +139,7 @@ def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRe
     """The heartbeat read the running jobs just before one ended and was deleted: its beat must not
     create the job's hash again (a hash of last_heartbeat alone, with no TTL: rq#1450)."""
     w = worker(r, service)
-    w.register_birth()  # type: ignore[no-untyped-call]
+    w.register_birth()
     q = service.spool.queue.rq
     job = q.enqueue("os.getpid", result_ttl=0)
     execution = w.prepare_execution(job)
@@ -175,3 +176,22 @@ def test_a_drain_job_run_again_after_a_failure_delivers_what_it_took(
     [next_id] = service.queue.rq.get_job_ids()[1:]
     service.drain("y.test", next_id)
     assert len(peer.taken) == 3 and service.intake.load == 0
+
+
+def test_a_worker_says_it_reads_one_key_a_message_and_opens_the_gate_when_all_do(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """The layout gate (common/store.py LAYOUT_KEY): new mail is written in one key only once every
+    registered worker reads it; a worker of an older mtaq (no mark in its RQ hash) keeps it closed."""
+    service.store.inline = False
+    r.sadd("rq:workers", "rq:worker:older")
+    r.hset("rq:worker:older", mapping={"name": "older", "state": "busy"})  # an older mtaq's worker
+    w = worker(r, service)
+    w.register_birth()
+    assert r.hget(w.key, WORKER_LAYOUT_FIELD) == LAYOUT_INLINE.encode()
+    assert not service.store.inline and r.get(LAYOUT_KEY) is None  # the older one still runs
+    r.srem("rq:workers", "rq:worker:older")  # gone (RQ's clean-up forgets a dead worker)
+    w._open_layout()
+    assert service.store.inline and r.get(LAYOUT_KEY) == LAYOUT_INLINE.encode()
+    other = Store(r, inline=False)
+    assert other.refresh_layout() and other.inline  # any process sees it at its next look

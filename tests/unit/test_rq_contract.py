@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
 from common.jobqueue import DeliveryQueue
+from common.store import Store
 from worker.intake import Intake
 from worker.pool import ConcurrentWorker
 
@@ -41,6 +42,7 @@ class _Service:
         self.stopped = False
         self.intake = Intake(10, 10, lambda: 0)
         self.queue = DeliveryQueue(r)
+        self.store = Store(r)  # the layout gate's (open: one key a message)
 
     def heartbeat(self) -> None:
         self.beats += 1
@@ -89,6 +91,9 @@ OVERRIDES = {
     # a Redis failover: RQ's loop quits on an error these raise; ours wait it out
     "check_for_suspension",
     "heartbeat",
+    # the worker's hash says what it reads (one key a message), and a birth may open the layout gate
+    "serialize",
+    "register_birth",
 }
 
 

@@ -128,3 +128,21 @@ def test_a_summary_that_undercounts_never_answers_a_negative_count(store: Store)
     q["p"] = 0
     store.redis.hset(msg_key("Q1"), "q", json.dumps(q))
     assert store.set_status_list([("Q1", 0, DELIVERED)]) == [0]
+
+
+def test_until_the_gate_opens_new_mail_is_written_as_an_older_mtaq_wrote_it() -> None:
+    """A process that has not seen the layout gate open (an older worker may run) writes the
+    recipients hash, the counter and a summary without the hold flag, which every version reads."""
+    store = Store(fakeredis.FakeRedis(server=fakeredis.FakeServer()), inline=False)
+    store.commit([message("Q1", "a@one.test", "b@one.test")])
+    r = store.redis
+    assert r.hget(msg_key("Q1"), "v") is None and r.hlen(rcpt_key("Q1")) == 2 and r.get(left_key("Q1")) == b"2"
+    assert "k" not in json.loads(r.hget(msg_key("Q1"), "q") or b"{}")
+    assert store.set_status_list([("Q1", 0, DELIVERED)]) == [1]
+    assert store.hold(["Q1"]) == ["Q1"]
+    agree(store)
+    loaded = store.load_many(["Q1"])[0]
+    assert loaded is not None
+    store.repair(loaded[0].envelope, domain_of)
+    assert "k" not in json.loads(r.hget(msg_key("Q1"), "q") or b"{}")  # the repair adds no flag either
+    assert store.set_status_list([("Q1", 1, DELIVERED)]) == [0]
