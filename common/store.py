@@ -204,6 +204,13 @@ def tlsrpt_sent_key(day: str) -> str:
     return f"{PREFIX}tlsrpt-sent:{day}"
 
 
+def open_layout_gate(url: str) -> None:
+    """Open the layout gate (LAYOUT_KEY) on a Redis only processes of this version use: `mtaq run`'s
+    embedded one."""
+    with redis.Redis.from_url(url) as r:
+        r.set(LAYOUT_KEY, LAYOUT_INLINE)
+
+
 class StoreError(Exception):
     """Nothing was stored."""
 

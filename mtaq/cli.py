@@ -19,6 +19,7 @@ from common.dkimkeys import KeyTableError, load_table
 from common.logging import setup_logging
 from common.redisconn import NoRedis, connect
 from common.settings import Settings, add_arguments, hostname_problem
+from common.store import open_layout_gate
 from common.transport import TransportTable, TransportTableError
 from ingress.auth import set_password
 from mtaq.dkimcmd import add_dkim_parser, cmd_dkim
@@ -65,6 +66,10 @@ def cmd_run(settings: Settings) -> int:
             embedded.start()
             log.info("embedded redis-server on %s (AOF, appendfsync %s)", embedded.socket, settings.redis_appendfsync)
             settings = settings.replace(redis_url=embedded.url)
+            # this Redis is ours alone, and every process on it is started here, of this version:
+            # the layout gate opens now, not once the first worker has registered (new mail in the
+            # meantime would be written in the older layout)
+            open_layout_gate(settings.redis_url)
         if settings.metrics_listen:
             serve_monitor(settings)
         # the children count into Redis (common/metrics.py); this process alone serves the listener

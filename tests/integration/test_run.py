@@ -9,6 +9,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
+from common.store import INDEX, LAYOUT_KEY, msg_key
 from tests.dnsserver import ZoneServer
 from tests.fixtures import message
 from tests.integration.eventually import GENEROUS, eventually
@@ -32,6 +35,9 @@ def test_run_keeps_the_queue_across_restarts_and_delivers(
             code, resp = s.ehlo("client.test")
             assert code == 250 and b"PIPELINING" in resp
             s.sendmail("alice@client.test", ["bob@a.test"], message("kept"))
+        # `mtaq run` opens the layout gate itself (its Redis is its own): one key a message, no worker yet
+        with redis.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
+            assert r.get(LAYOUT_KEY) == b"2" and r.hget(msg_key(r.zrange(INDEX, 0, 0)[0].decode()), "v") == b"2"
         listing = queue_listing(data_dir)  # another command finds the embedded Redis via data_dir
         assert "alice@client.test" in listing and "bob@a.test" in listing and "1 Request." in listing
     finally:
