@@ -7,7 +7,8 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
                     RecipientStatus JSON once it has been tried (absent: pending); ``v`` = 2, the
                     layout (common/statusscript.py LAYOUT); ``warned`` (time) once its delay
                     warning was queued
-``mtaq:rcpt:<id>``, ``mtaq:left:<id>``  a message queued by an older mtaq (no ``v``): its
+``mtaq:rcpt:<id>``, ``mtaq:left:<id>``  a message in the older layout (no ``v``: an older mtaq's,
+                    or written while the layout gate was closed): its
                     recipients' states (hash: index -> JSON) and how many are not yet final
 ``mtaq:layout``     string: "2" once every worker reads one key a message (LAYOUT_KEY, the gate)
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
@@ -37,7 +38,6 @@ StoreFull, never a redis-py exception: callers decide what to answer without kno
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +48,10 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event
+from common.msglayout import field, is_inline, state_field, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
+from common.storeio import Replicated, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable, translated
 
 __all__ = [
     "SWEEP_LOCK",
@@ -115,31 +117,6 @@ def rcpt_key(qid: str) -> str:
 
 def left_key(qid: str) -> str:
     return f"{PREFIX}left:{qid}"
-
-
-def state_field(index: int) -> str:
-    """The field of a message hash that holds recipient ``index``'s state (LAYOUT_INLINE)."""
-    return f"r{index}"
-
-
-def states_of(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:
-    """Recipient states from a message hash's fields (HGETALL, or the ``r<n>`` ones): those tried."""
-    out: dict[int, RecipientStatus] = {}
-    for k, v in fields.items():
-        name = k.decode() if isinstance(k, bytes) else k
-        if name[:1] == "r" and name[1:].isdigit():
-            out[int(name[1:])] = RecipientStatus.from_json(v)
-    return out
-
-
-def states_of_older(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:
-    """Recipient states from the ``mtaq:rcpt:<id>`` hash of a message an older mtaq queued."""
-    return {int(k): RecipientStatus.from_json(v) for k, v in fields.items()}
-
-
-def is_inline(layout: Any) -> bool:
-    """Whether a message hash's ``v`` field says its states are in it (else: the older keys)."""
-    return layout in (LAYOUT_INLINE, LAYOUT_INLINE.encode())
 
 
 def commit_mark_key(mark: str) -> str:
@@ -209,80 +186,6 @@ def open_layout_gate(url: str) -> None:
     embedded one."""
     with redis.Redis.from_url(url) as r:
         r.set(LAYOUT_KEY, LAYOUT_INLINE)
-
-
-class StoreError(Exception):
-    """Nothing was stored."""
-
-
-class StoreUnavailable(StoreError):
-    """Redis is unreachable, timed out or failed: try again later (SMTP 451 4.3.0)."""
-
-
-class StoreFull(StoreError):
-    """Redis refuses to grow (OOM under noeviction): try again later (SMTP 452 4.3.1)."""
-
-
-class StoreNotReplicated(StoreUnavailable):
-    """Written on the primary, but fewer replicas than asked acknowledged it in time: not yet safe
-    from the loss of that machine (SMTP 451 4.3.0: the client retries; at-least-once allows the
-    second copy that may follow)."""
-
-
-class _Replicated(redis.client.Pipeline):
-    """A pipeline that sends ``WAIT replicas timeout`` on its own connection right after its
-    commands, before the connection goes back to the pool: WAIT counts the replicas that have this
-    connection's writes, so it must follow them on the same socket. (A retry after a dropped
-    connection runs the commands again, and WAIT again after them.)"""
-
-    replicas = 1
-    timeout_ms = 1000
-    strict = True  # raise StoreNotReplicated; else log it (a worker's outcomes are written anyway)
-
-    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
-        result = super()._execute_transaction(connection, commands, raise_on_error)
-        self._wait(connection)
-        return result
-
-    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
-        result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
-        self._wait(connection)
-        return result
-
-    def _wait(self, connection: Any) -> None:
-        connection.send_command("WAIT", self.replicas, self.timeout_ms)
-        acked = int(connection.read_response())
-        if acked >= self.replicas:
-            return
-        why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
-        if self.strict:
-            raise StoreNotReplicated(why)
-        log.warning("outcomes written on the primary only: %s", why)
-
-
-def _is_full(e: redis.RedisError) -> bool:
-    # redis-py maps the "OOM" error prefix to OutOfMemoryError and strips it from the text; inside
-    # MULTI/EXEC the text becomes "Command # 1 (HSET ...) of pipeline caused error: command not
-    # allowed when used memory > 'maxmemory'." Match the class, and the text for other clients.
-    if isinstance(e, redis.exceptions.OutOfMemoryError):
-        return True
-    return isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e))
-
-
-def _field(h: Mapping[Any, Any], name: str) -> Any:
-    """A field of an HGETALL answer, whether the client decodes responses or not."""
-    got = h.get(name.encode())
-    return h.get(name) if got is None else got
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as e:
-        raise (StoreFull if _is_full(e) else StoreUnavailable)(str(e)) from e
-    except OSError as e:  # a socket error redis-py did not wrap
-        raise StoreUnavailable(str(e)) from e
 
 
 # KEYS: lease; ARGV: token. End a lease only if it is still ours (a job that overran its lease
@@ -371,7 +274,7 @@ class Store:
         destination for the queue's indexes."""
         inline = self.inline
         plan = queuestats.commit_plan([(m.envelope, len(m.body)) for m in messages], hop, keeps_hold=inline)
-        with _translated():
+        with translated():
             pipe = self._pipeline(transaction=True)
             for m in messages:
                 env = m.envelope
@@ -419,7 +322,7 @@ class Store:
         when none are asked for)."""
         if not self.replicas:
             return self.redis.pipeline(transaction=transaction)
-        pipe = _Replicated(self.redis.connection_pool, self.redis.response_callbacks, transaction, None)
+        pipe = Replicated(self.redis.connection_pool, self.redis.response_callbacks, transaction, None)
         pipe.replicas = self.replicas
         pipe.timeout_ms = max(1, int(self.replica_timeout * 1000))
         pipe.strict = self.strict_replicas
@@ -430,7 +333,7 @@ class Store:
         """Whether new messages are written in one key: asked of Redis until it says yes, then
         never again (the gate does not close)."""
         if not self.inline:
-            with _translated():
+            with translated():
                 self.inline = self.redis.get(LAYOUT_KEY) in (LAYOUT_INLINE, LAYOUT_INLINE.encode())
         return self.inline
 
@@ -453,7 +356,7 @@ class Store:
     # -- reading ----------------------------------------------------------------------------------
     def has_commit_mark(self, mark: str) -> bool:
         """Whether the commit that carried ``mark`` (commit's ``mark``) was stored."""
-        with _translated():
+        with translated():
             return bool(self.redis.exists(commit_mark_key(mark)))
 
     def load(self, qid: str) -> Message | None:
@@ -474,7 +377,7 @@ class Store:
         for qid in ids:
             pipe.hgetall(msg_key(qid))
         found: list[dict[Any, Any]] = pipe.execute()
-        older = [n for n, h in enumerate(found) if h and not is_inline(_field(h, LAYOUT_FIELD))]
+        older = [n for n, h in enumerate(found) if h and not is_inline(field(h, LAYOUT_FIELD))]
         kept: dict[int, dict[Any, Any]] = {}
         if older:
             pipe = self.redis.pipeline(transaction=False)
@@ -483,7 +386,7 @@ class Store:
             kept = dict(zip(older, pipe.execute(), strict=True))
         out: list[tuple[Message, dict[int, RecipientStatus]] | None] = []
         for n, h in enumerate(found):
-            env, body = _field(h, "env"), _field(h, "body")
+            env, body = field(h, "env"), field(h, "body")
             if env is None or body is None:
                 out.append(None)
                 continue
@@ -529,7 +432,7 @@ class Store:
         return {i: RecipientStatus() if v is None else RecipientStatus.from_json(v) for i, v in enumerate(got)}
 
     def queue_size(self) -> int:
-        with _translated():
+        with translated():
             return int(self.redis.zcard(INDEX))
 
     def queue_ids(self, start: int = 0, end: int = -1) -> list[str]:

@@ -17,9 +17,10 @@ import redis
 
 from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
+from common.msglayout import is_inline, state_field, states_of_older
 from common.routing import next_hop
 from common.statusscript import LAYOUT_FIELD
-from common.store import HOLD, INDEX, is_inline, msg_key, rcpt_key, state_field, states_of_older
+from common.store import HOLD, INDEX, msg_key, rcpt_key
 
 __all__ = [
     "AGE_BUCKETS",

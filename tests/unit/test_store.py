@@ -16,13 +16,13 @@ from common.store import (
     Store,
     StoreFull,
     StoreUnavailable,
-    _translated,
     lease_key,
     left_key,
     msg_key,
     qdest_key,
     rcpt_key,
 )
+from common.storeio import translated
 
 
 def make_spool(r: redis.Redis, job_max_messages: int = 100) -> Spool:
@@ -217,7 +217,7 @@ def test_walk_and_enqueue_sized(spool: Spool, store: Store) -> None:
     ],
 )
 def test_redis_errors_become_store_errors(error: Exception, raised: type[Exception]) -> None:
-    with pytest.raises(raised), _translated():
+    with pytest.raises(raised), translated():
         raise error
 
 

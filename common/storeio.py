@@ -1,0 +1,85 @@
+"""How the store's writes reach Redis: its errors as the store's own (StoreUnavailable, StoreFull),
+never a redis-py exception, so that callers decide what to answer without knowing redis-py; and a
+pipeline that waits for replicas (redis_min_replicas). common/store.py uses them and re-exports the
+errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+__all__ = ["Replicated", "StoreError", "StoreFull", "StoreNotReplicated", "StoreUnavailable", "translated"]
+
+log = logging.getLogger("mtaq.store")
+
+
+class StoreError(Exception):
+    """Nothing was stored."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis is unreachable, timed out or failed: try again later (SMTP 451 4.3.0)."""
+
+
+class StoreFull(StoreError):
+    """Redis refuses to grow (OOM under noeviction): try again later (SMTP 452 4.3.1)."""
+
+
+class StoreNotReplicated(StoreUnavailable):
+    """Written on the primary, but fewer replicas than asked acknowledged it in time: not yet safe
+    from the loss of that machine (SMTP 451 4.3.0: the client retries; at-least-once allows the
+    second copy that may follow)."""
+
+
+class Replicated(redis.client.Pipeline):
+    """A pipeline that sends ``WAIT replicas timeout`` on its own connection right after its
+    commands, before the connection goes back to the pool: WAIT counts the replicas that have this
+    connection's writes, so it must follow them on the same socket. (A retry after a dropped
+    connection runs the commands again, and WAIT again after them.)"""
+
+    replicas = 1
+    timeout_ms = 1000
+    strict = True  # raise StoreNotReplicated; else log it (a worker's outcomes are written anyway)
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_transaction(connection, commands, raise_on_error)
+        self._wait(connection)
+        return result
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
+        self._wait(connection)
+        return result
+
+    def _wait(self, connection: Any) -> None:
+        connection.send_command("WAIT", self.replicas, self.timeout_ms)
+        acked = int(connection.read_response())
+        if acked >= self.replicas:
+            return
+        why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
+        if self.strict:
+            raise StoreNotReplicated(why)
+        log.warning("outcomes written on the primary only: %s", why)
+
+
+def _is_full(e: redis.RedisError) -> bool:
+    # redis-py maps the "OOM" error prefix to OutOfMemoryError and strips it from the text; inside
+    # MULTI/EXEC the text becomes "Command # 1 (HSET ...) of pipeline caused error: command not
+    # allowed when used memory > 'maxmemory'." Match the class, and the text for other clients.
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(e, redis.ResponseError) and (str(e).startswith("OOM") or "maxmemory" in str(e))
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise (StoreFull if _is_full(e) else StoreUnavailable)(str(e)) from e
+    except OSError as e:  # a socket error redis-py did not wrap
+        raise StoreUnavailable(str(e)) from e
