@@ -4,13 +4,13 @@ either. Pure: common/store.py and the queue listing (mtaq/ops/queueview.py) read
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.envelope import RecipientStatus
 from common.statusscript import LAYOUT_INLINE
 
-__all__ = ["field", "is_inline", "state_field", "states_of", "states_of_older"]
+__all__ = ["field", "is_inline", "state_field", "states_listed", "states_of", "states_of_older"]
 
 
 def state_field(index: int) -> str:
@@ -26,6 +26,11 @@ def states_of(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:
         if name[:1] == "r" and name[1:].isdigit():
             out[int(name[1:])] = RecipientStatus.from_json(v)
     return out
+
+
+def states_listed(values: Sequence[Any]) -> dict[int, RecipientStatus]:
+    """Recipient states from an HMGET of the fields ``r0``, ``r1`` ... in order: those tried."""
+    return {i: RecipientStatus.from_json(v) for i, v in enumerate(values) if v is not None}
 
 
 def states_of_older(fields: Mapping[Any, Any]) -> dict[int, RecipientStatus]:

@@ -48,7 +48,7 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event
-from common.msglayout import field, is_inline, state_field, states_of, states_of_older
+from common.msglayout import field, is_inline, state_field, states_listed, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
 from common.storeio import Replicated, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable, translated
@@ -334,7 +334,7 @@ class Store:
         never again (the gate does not close)."""
         if not self.inline:
             with translated():
-                self.inline = self.redis.get(LAYOUT_KEY) in (LAYOUT_INLINE, LAYOUT_INLINE.encode())
+                self.inline = is_inline(self.redis.get(LAYOUT_KEY))
         return self.inline
 
     def open_layout(self, worker_keys: Sequence[str]) -> bool:
@@ -428,8 +428,8 @@ class Store:
         if not is_inline(layout):
             return states_of_older(self.redis.hgetall(rcpt_key(qid)))
         n = len(Envelope.from_json(env).recipients)
-        got = self.redis.hmget(msg_key(qid), [state_field(i) for i in range(n)]) if n else []
-        return {i: RecipientStatus() if v is None else RecipientStatus.from_json(v) for i, v in enumerate(got)}
+        tried = states_listed(self.redis.hmget(msg_key(qid), [state_field(i) for i in range(n)]) if n else [])
+        return {i: tried.get(i, RecipientStatus()) for i in range(n)}
 
     def queue_size(self) -> int:
         with translated():

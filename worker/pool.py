@@ -326,8 +326,7 @@ class ConcurrentWorker(SimpleWorker):
                 execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
             pipe.execute()
         self.service.heartbeat()
-        if not self.service.store.inline:  # until every worker reads one key a message
-            self.service.store.refresh_layout()
+        self.service.store.refresh_layout()  # asks Redis only until every worker reads one key a message
         if not running:
             self._set_idle_if_done()
 

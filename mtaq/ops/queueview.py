@@ -17,7 +17,7 @@ import redis
 
 from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
-from common.msglayout import is_inline, state_field, states_of_older
+from common.msglayout import is_inline, state_field, states_listed, states_of_older
 from common.routing import next_hop
 from common.statusscript import LAYOUT_FIELD
 from common.store import HOLD, INDEX, msg_key, rcpt_key
@@ -129,10 +129,7 @@ def load_views(
                 pipe.hgetall(rcpt_key(part[n]))
         states = pipe.execute() if envs else []
         for (n, (env, layout)), got in zip(envs.items(), states, strict=True):
-            if is_inline(layout):
-                parsed = {i: RecipientStatus.from_json(v) for i, v in enumerate(got) if v is not None}
-            else:
-                parsed = states_of_older(got)
+            parsed = states_listed(got) if is_inline(layout) else states_of_older(got)
             rcpts = tuple(
                 RcptView(rc.address, next_hop(rc.address, relayhost), parsed.get(i, RecipientStatus()))
                 for i, rc in enumerate(env.recipients)
