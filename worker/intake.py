@@ -6,9 +6,10 @@ messages), job slots were enough; a drain job (common/jobqueue.py) takes up to `
 and a worker that took a job for every free slot would hold ten times what its conversations can
 send while another worker process's conversations wait. So a worker takes a job only while the
 parcels waiting in its lanes (taken by no conversation yet), with the shares of the jobs that have
-not put theirs there yet, come to fewer than ``want``: its conversations always have the next
-message at hand, the rest stays pending for whichever process has room, and the jobs stay large
-(RQ's bookkeeping is paid per job)."""
+not put theirs there yet, come to fewer than ``want`` (fewer than one share while all its
+conversation permits are in use): its conversations always have the next message at hand, the rest
+stays pending for whichever process has room, and the jobs stay large (RQ's bookkeeping is paid
+per job)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ class Intake:
         draw: int,
         waiting: Callable[[], int],
         *,
+        free: Callable[[], int] = lambda: 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.want = max(1, want)
         self.draw = max(1, draw)
         self.waiting = waiting  # parcels in this process's lanes that no conversation has taken
+        self.free = free  # conversation permits not in use
         self.clock = clock
         self._reserved: dict[str, int] = {}  # job id -> messages it will add to the lanes
         self._cond = threading.Condition()
@@ -44,10 +47,20 @@ class Intake:
             reserved = sum(self._reserved.values())
         return reserved + self.waiting()
 
+    def has_room(self) -> bool:
+        """Fewer than ``want`` messages wait here; and while every conversation permit is in use,
+        fewer than a drain job's share: what waits then waits for a conversation of this process
+        to end, while another process with a free one could send it now (bench.slowdest: with
+        every permit of one worker busy, 33 messages for one destination waited in it for a
+        second while the other worker had permits to spare, and the last messages needed another
+        round of the destinations' 1 s at DATA)."""
+        load = self.load
+        return load < self.want and (load < self.draw or self.free() > 0)
+
     def wait_room(self, timeout: float) -> bool:
-        """Whether fewer than ``want`` messages wait here, waiting up to ``timeout`` seconds."""
+        """Whether there is room here (``has_room``), waiting up to ``timeout`` seconds."""
         deadline = self.clock() + timeout
-        while self.load >= self.want:
+        while not self.has_room():
             left = deadline - self.clock()
             if left <= 0:
                 return False

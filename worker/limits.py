@@ -7,8 +7,9 @@ In Postfix's queue manager's spirit (qmgr: destination concurrency, slow start, 
   expired members, so a slot held by a dead process lapses after ``SLOT_TTL`` seconds; the
   holder's heartbeat (every few seconds) pushes the expiry on.
 - **Slow start.** The slots on offer are ``window``, not ``destination_concurrency``: a destination
-  starts at ``INITIAL_WINDOW`` connections and the window grows by one for each message delivered,
-  up to ``destination_concurrency``; a failed connection takes one off.
+  starts at ``INITIAL_WINDOW`` connections and the window grows by one for each connection the
+  destination greets and each message delivered, up to ``destination_concurrency``; a failed
+  connection takes one off (docs/architecture.md says why a greeting counts).
 - **Dead destinations.** ``destination_failure_limit`` connection failures in a row mark the
   destination down (``mtaq:dest:<d>:down`` with a TTL of ``destination_retry_time``): jobs for it
   are handed back to RQ's scheduler until then instead of every worker trying it again.
@@ -43,7 +44,10 @@ INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
 SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
 FULL_QUIET = 5.0  # seconds a full window's successes go unrecorded (a failure still counts at once)
 YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
-WANT_MS = 1000  # a refused process keeps its claim on the next free slot this long (it asks again sooner)
+# a refused process keeps its claim on the next free slot this long (it asks again every STAFF_PAUSE
+# while refused); a process that no longer needs one held others off that long (1 s: bench.slowdest's
+# last messages of a destination went over fewer connections than it allowed)
+WANT_MS = 500
 # Which destinations have a claim (``want``) anywhere: a sorted set, destination -> the claim's
 # expiry in ms, that the acquire script keeps beside the claims. A process reads it at most every
 # WANTS_LOOK seconds for all its conversations (a claim waits that much longer to be seen: 0.5 s
@@ -340,6 +344,18 @@ class DestinationLimits:
             self._yielded_at[destination] = now
         return True
 
+    def wanted_elsewhere(self, destination: str) -> bool:
+        """Whether another process waits for one of ``destination``'s slots (its ``want``): an
+        idle connection of this process then gives its slot up (worker/crew.py)."""
+        now = self.clock()
+        if destination not in self._claimed(now):
+            return False
+        raw = self._claim(destination, now)
+        if raw is None:
+            return False
+        who = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")[0]
+        return who != self.process
+
     def _claimed(self, now: float) -> frozenset[str]:
         """The destinations some process has a claim on (WANTS_KEY)."""
         return self._look(
@@ -380,15 +396,18 @@ class DestinationLimits:
                 self._looks = {k: v for k, v in self._looks.items() if v[0] > now}
         return said
 
-    def succeeded(self, destination: str) -> None:
-        """A message got through: the window grows, the failure count starts again. Once the
-        window is full and no failure was seen, the news is not written for a while (every write
-        waits for Redis's fsync)."""
+    def succeeded(self, destination: str) -> bool:
+        """A connection was greeted or a message got through: the window grows, the failure count
+        starts again. Once the window is full and no failure was seen, the news is not written for
+        a while (every write waits for Redis's fsync). True when the window grew and is not full
+        yet: it has room it did not have."""
         now = self.clock()
         if self._full_until.get(destination, 0.0) > now:
-            return
+            return False
         if self._feed(destination, True, "") == "full":
             self._full_until[destination] = now + FULL_QUIET
+            return False
+        return True
 
     def failed(self, destination: str, reason: str) -> bool:
         """A connection failed; True when that marked the destination down."""

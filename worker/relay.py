@@ -165,8 +165,8 @@ def converse(
 ) -> tuple[Opened | None, bool]:
     """One conversation: take parcels from ``lane`` and send them, target after target, until
     none is left for it. Returns the connection still open and reusable (for the cache), else None,
-    and whether it reached any server. ``feedback(ok, why)`` hears of each failed connection and
-    each delivered message (slow start, dead destinations)."""
+    and whether it reached any server. ``feedback(ok, why)`` hears of each failed connection, each
+    connection the server greeted and each delivered message (slow start, dead destinations)."""
     targets = lane.targets
     reached = opened is not None
     tried = reached  # whether it tried any server: one that found nothing to send failed nowhere
@@ -212,6 +212,11 @@ def converse(
                     break  # the next address
                 opened = Opened(conn, t, to=target, relaxed=relaxed)
                 reached = True
+                # slow start: a server that limits connections says so when it greets (421, or no
+                # answer at all), so a greeted connection grows the window at once: a server slow
+                # to accept mail (1 s at DATA) held the window at 5 for a second, then 10 for
+                # another (bench.slowdest)
+                feedback(True, "")
             parcel = lane.take(t, relaxed)
             if parcel is None:
                 break

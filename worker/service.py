@@ -116,7 +116,7 @@ class DeliveryService:
         # destinations' jobs (bench.slowdest, one process of 100: e2e 99-108 msgs/s at 1x, 113-114
         # at 2x, as main)
         want = max(2 * self.concurrency, self.queue.draw_size)
-        self.intake = Intake(want, self.queue.draw_size, self.lanes.waiting)
+        self.intake = Intake(want, self.queue.draw_size, self.lanes.waiting, free=self.crew.permits.free)
 
     @property
     def concurrency(self) -> int:

@@ -71,3 +71,25 @@ def test_an_idle_connection_lets_its_slot_go_after_the_idle_limit_by_itself() ->
     while limits.held() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert limits.held() == 0 and len(cache) == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
+
+
+def test_an_idle_connection_gives_its_slot_up_soon_when_another_process_wants_one() -> None:
+    """Within ``look_every`` instead of the idle limit: a process whose mail for a destination is
+    done does not keep slots another process's conversations wait for."""
+    r = fakeredis.FakeRedis()
+    clock = FakeClock(time.time())
+    holder = DestinationLimits(r, concurrency=1, clock=clock)
+    other = DestinationLimits(r, concurrency=1, clock=clock)
+    cache = ConnectionCache(60.0, on_drop=_free_slot, release=holder.wanted_elsewhere, look_every=0.05)
+    slot = holder.acquire("y.test")
+    assert slot is not None
+    cache.give("y.test", FakeConnection(FakePeer(), "192.0.2.1"), (slot.keep(), None, 1))
+    time.sleep(0.2)
+    assert holder.held() == 1, "nobody wants it: it stays for the idle limit"
+    assert other.acquire("y.test") is None  # a claim
+    clock.now += 1.0  # the holder's next look at the claims sees it
+    deadline = time.monotonic() + 5.0
+    while holder.held() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holder.held() == 0 and len(cache) == 0
+    assert other.acquire("y.test") is not None

@@ -51,3 +51,18 @@ def test_a_job_that_ends_before_landing_gives_its_share_back() -> None:
     assert not i.wait_room(0)
     i.end("d")
     assert i.wait_room(0)
+
+
+def test_with_every_conversation_permit_in_use_no_more_than_one_share_waits_here() -> None:
+    """What waits here then waits for one of this process's conversations to end, while another
+    process with a free permit could send it now: the queue keeps it for that one."""
+    lanes, free = Lanes(), [0]
+    i = Intake(want=100, draw=10, waiting=lanes.waiting, free=lambda: free[0])
+    lanes.parcels = 9
+    assert i.has_room()  # less than a share waits: one more job keeps the conversations fed
+    lanes.parcels = 10
+    assert not i.has_room() and not i.wait_room(0.01)
+    free[0] = 1  # a conversation ended: its permit may take the next job's mail
+    assert i.has_room()
+    lanes.parcels = 100
+    assert not i.has_room()  # ``want`` still bounds it

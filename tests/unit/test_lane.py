@@ -67,6 +67,40 @@ def test_shortfall_counts_conversations_and_honours_the_pause() -> None:
     assert lane.shortfall(now=0.0) == 2
 
 
+def test_where_transactions_are_slow_a_conversation_in_one_is_not_counted_on() -> None:
+    now = [0.0]
+    lane = Lane([target()], clock=lambda: now[0])
+    lane.add([parcel(f"Q{i}") for i in range(6)], Owner())
+    lane.started()
+    lane.started()
+    assert lane.shortfall(now=0.0) == 4  # two starting conversations will take two of the six
+    first, second = lane.take(0), lane.take(0)
+    assert first is not None and second is not None
+    assert lane.shortfall(now=0.0) == 2  # quick so far (nothing measured): busy ones count
+    now[0] = 1.0
+    lane.finished(first)  # a second a transaction: the moving average passes SLOW_TRANSACTION
+    assert lane.shortfall(now=1.0) == 3  # one in a transaction, one free: three of four wait
+    third = lane.take(0)
+    assert third is not None
+    assert lane.shortfall(now=1.0) == 3  # both in a transaction: the three left want their own
+    lane.back(third, 1)
+    assert lane.shortfall(now=1.0) == 3  # four wait, one conversation is free for them
+
+
+def test_where_transactions_are_quick_a_busy_conversation_takes_the_next_parcel() -> None:
+    now = [0.0]
+    lane = Lane([target()], clock=lambda: now[0])
+    lane.add([parcel(f"Q{i}") for i in range(6)], Owner())
+    lane.started()
+    lane.started()
+    p = lane.take(0)
+    assert p is not None
+    now[0] = 0.01
+    lane.finished(p)  # 10 ms a transaction
+    assert lane.take(0) is not None and lane.take(0) is not None
+    assert lane.shortfall(now=0.01) == 1  # two busy for a moment: they take two of the three left
+
+
 def test_lanes_forget_a_lane_when_the_last_job_and_conversation_are_gone() -> None:
     lanes = Lanes()
     with lanes.joined("y.test", [target()]) as lane:

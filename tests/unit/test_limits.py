@@ -246,3 +246,19 @@ def test_several_slots_in_one_call_as_many_as_the_window_has_free(r: fakeredis.F
     assert slots(r) == INITIAL_WINDOW and busy.acquire_many("y.test", 0) == []
     for slot in [*first[2:], *more, *got]:
         slot.free()
+
+
+def test_a_claim_says_the_destination_is_wanted_elsewhere_but_not_by_its_own_process(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    """What an idle connection asks before it keeps its slot (worker/crew.py)."""
+    holder, other = limits(r, clock, concurrency=1), limits(r, clock, concurrency=1)
+    assert holder.acquire("y.test") is not None
+    assert not holder.wanted_elsewhere("y.test")
+    assert holder.acquire("y.test") is None  # its own claim
+    clock.now += WANTS_LOOK
+    assert not holder.wanted_elsewhere("y.test")
+    assert other.acquire("y.test") is None  # holding none, the other takes the claim over
+    clock.now += WANTS_LOOK
+    assert holder.wanted_elsewhere("y.test") and not other.wanted_elsewhere("y.test")
+    assert not holder.wanted_elsewhere("z.test")

@@ -106,3 +106,14 @@ def test_stopping_ends_the_conversation_before_the_next_message() -> None:
     opened, reached = converse(lane, FakeDialer(peer), stopping=lambda: True)
     # it tried no server, so it failed at none: "reached", or what waits would get its failure
     assert (opened, reached) == (None, True) and peer.opened == [] and len(lane) == 1
+
+
+def test_slow_start_hears_of_each_greeted_connection_and_each_delivered_message() -> None:
+    """A server that limits connections says so as it greets (worker/limits.py): a greeted
+    connection grows the window before its first message is through."""
+    peer = FakePeer(replies={"later@y.test": (451, "4.3.0 try later")})
+    lane, owner = Lane([target()]), Owner()
+    lane.add([parcel("Q1", "ok@y.test"), parcel("Q2", "later@y.test")], owner)
+    heard: list[bool] = []
+    converse(lane, FakeDialer(peer), feedback=lambda ok, why: heard.append(ok))
+    assert heard == [True, True]  # the greeting, then Q1 delivered (Q2's deferral says nothing)
