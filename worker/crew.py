@@ -40,6 +40,7 @@ LOOK_EVERY = 0.2  # seconds between a waiting job's looks at its lane
 # messages its jobs had drawn were that late (smtp-source, 2 workers: p99 2.2-7.1 s in about one
 # run of six)
 WANT_LOOK = 0.25
+STARVING_FOR = 1.0  # seconds a lane's mark as waiting for a permit lasts (it looks every LOOK_EVERY)
 
 
 class Permit:
@@ -155,6 +156,13 @@ class Crew:
         self.sleep = sleep
         self.monotonic = monotonic
         self.stopping = threading.Event()
+        # lanes with mail and no conversation that found every permit in use: the next permit freed
+        # is theirs, not a busy lane's (bench.slowdest: a worker held 35 messages of a destination
+        # with no conversation on it for over a second while its other lanes took each permit freed)
+        # (marked each time the lane looks and finds none; a mark older than STARVING_FOR is
+        # forgotten: the lane got one, or its job is gone)
+        self._starving: dict[str, float] = {}
+        self._starving_lock = threading.Lock()
 
     def tend(self, destination: str, lane: Lane, owner: JobOwner, parcels: list[Parcel]) -> list[Parcel]:
         """Until the job's parcels are done: start conversations while the lane has more parcels
@@ -186,7 +194,15 @@ class Crew:
         while not self.stopping.is_set():
             # no more than the destination could ever allow: permits taken for nothing are
             # missed by the other lanes until the round trip is over
-            permits = self.permits.take_many(min(lane.shortfall(self.monotonic()), self.limits.concurrency))
+            wanted = min(lane.shortfall(self.monotonic()), self.limits.concurrency)
+            if wanted and lane.conversations and self._others_starve(destination):
+                break  # a lane with none goes first
+            permits = self.permits.take_many(wanted)
+            with self._starving_lock:
+                if wanted and not permits and not lane.conversations:
+                    self._starving[destination] = self.monotonic()
+                else:
+                    self._starving.pop(destination, None)
             if not permits:
                 break
             try:
@@ -205,6 +221,15 @@ class Crew:
                 lane.pause(self.monotonic() + STAFF_PAUSE)
                 break
         return started
+
+    def _others_starve(self, destination: str) -> bool:
+        """Whether another lane waits for a permit with no conversation (marked recently)."""
+        with self._starving_lock:
+            if not self._starving:
+                return False
+            since = self.monotonic() - STARVING_FOR
+            self._starving = {d: t for d, t in self._starving.items() if t >= since}
+            return any(d != destination for d in self._starving)
 
     def _start(self, destination: str, lane: Lane, seats: list[Seat]) -> None:
         """A thread for each seat's conversation; a seat that gets none is let go of."""

@@ -10,7 +10,7 @@ import pytest
 
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakeConnection, FakePeer
-from worker.crew import Permits, Seat, _free_slot
+from worker.crew import Crew, Permits, Seat, _free_slot
 from worker.limits import DestinationLimits
 from worker.smtpclient import ConnectionCache
 
@@ -93,3 +93,38 @@ def test_an_idle_connection_gives_its_slot_up_soon_when_another_process_wants_on
         time.sleep(0.01)
     assert holder.held() == 0 and len(cache) == 0
     assert other.acquire("y.test") is not None
+
+
+def test_a_lane_with_mail_and_no_conversation_gets_the_next_free_permit_before_a_busy_one() -> None:
+    """Every permit in use: the lane that has none marks itself, and a lane that already has
+    conversations leaves the next freed permit to it."""
+    from common.envelope import Envelope, Recipient
+    from tests.unit.fakepeer import FakeDialer, target
+    from worker.lane import Lane, Lanes
+    from worker.parcel import Parcel
+
+    class Keep:
+        def record(self, parcel: Parcel, positions: list[int]) -> None: ...
+
+        def done(self, parcel: Parcel) -> None: ...
+
+    def parcels(n: int) -> list[Parcel]:
+        return [
+            Parcel(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient("u@y.test")]), b"x", [0])
+            for i in range(n)
+        ]
+
+    r = fakeredis.FakeRedis()
+    clock = FakeClock(time.time())
+    crew = Crew(FakeDialer(FakePeer()), DestinationLimits(r, clock=clock), Lanes(), 1, monotonic=clock)
+    busy, starved = Lane([target()]), Lane([target()])
+    busy.add(parcels(3), Keep())
+    starved.add(parcels(3), Keep())
+    busy.started()  # a conversation runs on it: it holds the one permit
+    held = crew.permits.take()
+    assert held is not None
+    assert not crew._staff("starved.test", starved)  # no permit: marked
+    held.free()
+    assert not crew._staff("busy.test", busy) and crew.permits.free() == 1, "left to the starved lane"
+    clock.now += 2.0  # the mark lapses when nobody renews it (the lane got one, or its job ended)
+    assert crew._others_starve("busy.test") is False
