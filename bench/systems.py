@@ -124,18 +124,27 @@ class Mtaq:
             raise RuntimeError(f"{self.name}: {e}\n{self.log_tail()}") from None
 
     def _wait_workers(self, timeout: float = 30.0) -> None:
-        """Until every worker says it takes jobs: the load measures a running MTA, as Postfix's
-        queue manager runs once its port answers (the ingress answered 0.5-1 s before the workers
-        had imported their code: bench.slowdest's first messages waited for them)."""
+        """Until every worker has registered with RQ (``rq:workers`` in the embedded Redis): the load
+        measures a running MTA, as Postfix's queue manager runs once its port answers (the ingress
+        answered 0.5-1 s before the workers had imported their code: bench.slowdest's first
+        messages waited for them)."""
+        import redis  # the harness's own (the system under test may be another checkout)
+
         want = int(self.env.get("MTAQ_WORKERS", "2"))
+        sock = self.base / "var" / "redis.sock"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log.read_text(errors="replace").count("worker on queue") >= want:
-                return
+            if sock.exists():
+                try:
+                    with redis.Redis(unix_socket_path=str(sock), socket_timeout=2) as r:
+                        if int(r.scard("rq:workers")) >= want:
+                            return
+                except redis.RedisError:
+                    pass  # still starting
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError("exited before its workers started")
             time.sleep(0.05)
-        raise RuntimeError(f"its {want} workers did not start within {timeout:.0f}s")
+        raise RuntimeError(f"its {want} workers did not register within {timeout:.0f}s")
 
     def stop(self) -> None:
         stop_proc(self.proc)

@@ -188,8 +188,13 @@ class Crew:
         return handed
 
     def _staff(self, destination: str, lane: Lane) -> bool:
-        """Start conversations while the lane has more parcels waiting than conversations; the
-        slots they need are asked for together, one round trip for all of them."""
+        """Start conversations while the lane has more parcels waiting than conversations will
+        take soon; the slots they need are asked for together, one round trip for all of them.
+        False at once while another thread does it for the lane (``Lane.staffing``)."""
+        with lane.staffing() as mine:
+            return mine and self._staff_now(destination, lane)
+
+    def _staff_now(self, destination: str, lane: Lane) -> bool:
         started = False
         while not self.stopping.is_set():
             # no more than the destination could ever allow: permits taken for nothing are

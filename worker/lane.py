@@ -62,6 +62,7 @@ class Lane:
         self._transaction: float | None = None  # how long a parcel stays taken: a moving average
         self._users = 0  # jobs with parcels in it (Lanes counts them)
         self._pause_until = 0.0  # monotonic time before which no new conversation is asked for
+        self._staffing = threading.Lock()  # held by the one thread starting conversations (``staffing``)
         self._last = NO_HOST
 
     # -- parcels -------------------------------------------------------------------------------------
@@ -174,6 +175,19 @@ class Lane:
         (the jobs waiting on a lane ask in turn, not all at once)."""
         with self._lock:
             self._pause_until = until
+
+    @contextmanager
+    def staffing(self) -> Iterator[bool]:
+        """Whether this thread may start the lane's conversations now. One thread at a time: each
+        reads the shortfall before its round trip for slots and counts what it starts only after,
+        so two at once started a conversation each for one parcel (a job's look, and conversations
+        whose greetings grew the window, worker/crew.py); the others leave it to that one."""
+        got = self._staffing.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                self._staffing.release()
 
     def grew(self) -> None:
         """The destination's window grew: the next look may ask at once."""

@@ -220,7 +220,11 @@ def converse(
             parcel = lane.take(t, relaxed)
             if parcel is None:
                 break
-            pace()
+            try:
+                pace()
+            except BaseException:
+                lane.back(parcel, t)  # not sent: it waits for its turn again, here
+                raise
             try:
                 alive = _send_parcel(
                     opened.conn, parcel, parcel.pending(), relay, target, record, last=t + 1 >= len(targets)
@@ -230,12 +234,13 @@ def converse(
                 lane.back(parcel, t + 1)
                 raise
             opened.sent += 1
-            if any(o.state is RcptState.DELIVERED for o in parcel.outcomes.values()):
-                feedback(True, "")  # slow start: the window grows while deliveries succeed
+            delivered = any(o.state is RcptState.DELIVERED for o in parcel.outcomes.values())
             if parcel.pending() and t + 1 < len(targets):
                 lane.back(parcel, t + 1)  # deferred here: the next MX may take it
             else:
                 lane.finished(parcel)
+            if delivered:
+                feedback(True, "")  # slow start: the window grows while deliveries succeed
             if not alive or not opened.conn.alive:
                 opened.conn.close()
                 opened = None

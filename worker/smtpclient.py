@@ -295,7 +295,7 @@ class ConnectionCache:
         self._sweeper: threading.Thread | None = None
 
     def take(self, key: str) -> tuple[SMTPConnection, object] | None:
-        self.sweep()
+        self.sweep(release=False)  # the idle limit only: the sweeper thread asks ``release``
         while True:
             with self._lock:
                 idle = self._idle.get(key)
@@ -341,13 +341,14 @@ class ConnectionCache:
                     self._sweeper = None  # the next give() starts another
             raise
 
-    def sweep(self, *, everything: bool = False) -> None:
+    def sweep(self, *, everything: bool = False, release: bool = True) -> None:
         now = time.monotonic()
         stale: list[tuple[SMTPConnection, object]] = []
-        with self._lock:
-            keys = list(self._idle)
-        # asked outside the lock: it may read Redis
-        released = {k for k in keys if self.release(k)} if self.release is not None and not everything else set()
+        released: set[str] = set()
+        if release and self.release is not None and not everything:
+            with self._lock:
+                keys = list(self._idle)
+            released = {k for k in keys if self.release(k)}  # asked outside the lock: it may read Redis
         with self._lock:
             for key, idle in list(self._idle.items()):
                 limit = self.look_every if key in released else self.idle_limit

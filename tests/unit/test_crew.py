@@ -11,7 +11,7 @@ import pytest
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakeConnection, FakePeer
 from worker.crew import Crew, Permits, Seat, _free_slot
-from worker.limits import DestinationLimits
+from worker.limits import DestinationLimits, Slot
 from worker.smtpclient import ConnectionCache
 
 
@@ -89,10 +89,12 @@ def test_an_idle_connection_gives_its_slot_up_soon_when_another_process_wants_on
     assert other.acquire("y.test") is None  # a claim
     clock.now += 1.0  # the holder's next look at the claims sees it
     deadline = time.monotonic() + 5.0
-    while holder.held() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    got = None
+    while got is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        got = other.acquire("y.test")  # the waiting process asks again (its claim lapses in real time)
     assert holder.held() == 0 and len(cache) == 0
-    assert other.acquire("y.test") is not None
+    assert got is not None
 
 
 def test_a_lane_with_mail_and_no_conversation_gets_the_next_free_permit_before_a_busy_one() -> None:
@@ -128,3 +130,50 @@ def test_a_lane_with_mail_and_no_conversation_gets_the_next_free_permit_before_a
     assert not crew._staff("busy.test", busy) and crew.permits.free() == 1, "left to the starved lane"
     clock.now += 2.0  # the mark lapses when nobody renews it (the lane got one, or its job ended)
     assert crew._others_starve("busy.test") is False
+
+
+def test_two_threads_staffing_one_lane_start_one_conversation_for_one_parcel() -> None:
+    """Each reads the shortfall before its round trip for slots: without the lane's staffing lock,
+    five threads (a job's look, conversations whose greetings grew the window) started five."""
+    import threading
+
+    from common.envelope import Envelope, Recipient
+    from tests.unit.fakepeer import FakeDialer, target
+    from worker.lane import Lane, Lanes
+    from worker.parcel import Parcel
+
+    class Keep:
+        def record(self, parcel: Parcel, positions: list[int]) -> None: ...
+
+        def done(self, parcel: Parcel) -> None: ...
+
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=time.time)
+    real = limits.acquire_many
+
+    def slow(destination: str, n: int) -> list[Slot]:
+        time.sleep(0.05)  # the round trip, long enough for the others to read the same shortfall
+        return real(destination, n)
+
+    limits.acquire_many = slow  # type: ignore[method-assign]
+    crew = Crew(FakeDialer(FakePeer()), limits, Lanes(), 50)
+    one = Lane([target()])
+    envs = [Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient("u@y.test")]) for i in range(6)]
+    one.add([Parcel(e, b"x", [0]) for e in envs], Keep())
+    for _ in range(5):
+        one.started()
+    assert one.shortfall(time.monotonic()) == 1
+    begun: list[Seat] = []
+
+    def start(destination: str, lane: Lane, seats: list[Seat]) -> None:
+        for seat in seats:
+            lane.started()
+            begun.append(seat)
+
+    crew._start = start  # type: ignore[method-assign]
+    threads = [threading.Thread(target=crew._staff, args=("y.test", one)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(begun) == 1 and limits.held() == 1

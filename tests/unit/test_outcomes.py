@@ -90,3 +90,36 @@ def test_a_job_share_waits_for_its_parcels(store: Store) -> None:
     threading.Timer(0.05, share.done, (q,)).start()
     assert share.wait(5.0)
     assert JobShare(b, [p]).withdrawn([p]) == [p]
+
+
+def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stopped: conversations do not go on delivering what a killed worker would send again."""
+    now = [0.0]
+    writer = OutcomeWriter(store, stall=0.5, monotonic=lambda: now[0])
+    b, p = batch(store, writer, FakeClock(2000.0))
+    release = threading.Event()
+    entered = threading.Event()
+    real = store.set_status_list
+
+    def stuck(*a: object, **kw: object) -> list[int]:
+        entered.set()
+        release.wait(5)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "set_status_list", stuck)
+    p.outcomes[0] = SENT
+    b.record_final(p, [0])  # the write begins and hangs
+    assert entered.wait(5)
+    p.outcomes[1] = SENT
+    b.record_final(p, [1])  # the write has not taken ``stall`` yet: handed in, no wait
+    now[0] = 1.0
+    held = threading.Thread(target=lambda: b.record_final(p, [1]))
+    held.start()
+    held.join(0.3)
+    assert held.is_alive(), "the next transaction waits for the stalled write"
+    release.set()
+    held.join(5)
+    assert not held.is_alive()
+    b.drain()

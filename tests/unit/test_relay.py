@@ -117,3 +117,22 @@ def test_slow_start_hears_of_each_greeted_connection_and_each_delivered_message(
     heard: list[bool] = []
     converse(lane, FakeDialer(peer), feedback=lambda ok, why: heard.append(ok))
     assert heard == [True, True]  # the greeting, then Q1 delivered (Q2's deferral says nothing)
+
+
+def test_a_parcel_whose_pacing_fails_goes_back_to_its_lane() -> None:
+    """``pace`` asks Redis (destination_rate): when that fails the parcel was not sent, and it
+    waits for its turn again rather than being lost with the conversation."""
+    lane, owner = Lane([target()]), Owner()
+    lane.add([parcel("Q1", "ok@y.test")], owner)
+
+    def broken() -> None:
+        raise ConnectionError("Redis unavailable")
+
+    try:
+        converse(lane, FakeDialer(FakePeer()), pace=broken)
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the failure is the conversation's")
+    assert len(lane) == 1 and owner.finished == []
+    assert lane.shortfall(now=0.0) == 1  # nothing is counted as in a conversation's hands
