@@ -125,6 +125,30 @@ def test_destination_concurrency_is_shared_by_every_worker(
     assert box.connections < len(rcpts) / 2, box.connections
 
 
+@pytest.mark.slow
+def test_slow_start_grows_as_connections_are_greeted_not_as_messages_get_through(
+    dns: ZoneServer, sinks: Callable[..., SinkServer], mta_factory: Callable[..., MTA]
+) -> None:
+    """A destination that takes 3 s over each message: more than the first 5 connections (the
+    initial window) are open before any message is through. Slow start counted deliveries only,
+    and such a server held the window at 5 until its first answers (worker/limits.py)."""
+    route(dns, "slowstart.test", "127.0.0.2")
+    box = sinks("127.0.0.2")
+    box.data_delay = 3.0
+    mta = mta_factory(destination_concurrency=20, log_level="INFO")
+    mta.start_ingress()
+    mta.start_worker(1)
+    rcpts = [f"u{i}@slowstart.test" for i in range(40)]
+    assert len(send_all(mta.port, rcpts, sessions=10)) == 40
+    # True only while nothing has arrived: once a message is through, it can never become so
+    assert wait_for(lambda: box.max_open >= 10 and not box.messages, GENEROUS, interval=0.02), (
+        f"{box.max_open} connections at most, {len(box.messages)} messages through\n" + mta.logs()[-3000:]
+    )
+    assert wait_for(lambda: len(box.messages) >= 40, 2 * GENEROUS, interval=0.1), mta.logs()[-3000:]
+    assert sorted(box.recipients()) == sorted(rcpts)
+    assert box.max_open <= 20
+
+
 def test_a_dead_destination_is_suspended_not_hammered(
     dns: ZoneServer, mta_factory: Callable[..., MTA], mx_port: int
 ) -> None:
