@@ -8,6 +8,12 @@ resolver only, which cannot be pointed at a loopback port, so Postfix gets a ``t
 entry per domain (``dN.slow.test smtp:[127.0.0.1N]:PORT``) instead: the same servers, without the
 (cached, sub-millisecond) MX lookup.
 
+``smtp-sink -w 1`` answers DATA on its event loop's whole-second timer, not a second after the
+command: a connection carries about one message a second, in step with the clock, so the load is
+rounds of up to 200 messages (10 destinations x 20 connections) and end to end comes in whole
+rounds (about 5.3, 6.3 or 7.3 s for 1,000 messages), by how many connection-rounds a system left
+unused and where in its second the load began (docs/performance.md, December 7).
+
 Load: bench/loadgen.py, 1,000 messages of 2 KiB from 20 sessions, message n to domain n % 10;
 mtaq (`mtaq run` defaults; --workers N adds a second mtaq) against Postfix with its defaults;
 end-to-end msgs/s, latency and peak PSS, ratios to Postfix. Bounded by --timeout: a system that
