@@ -332,13 +332,10 @@ class DestinationLimits:
             if now < self._yielded_at.get(destination, -YIELD_GAP) + YIELD_GAP:
                 return False
         mine = self._mine(destination)
-        if mine < 2 or destination not in self._claimed(now):
+        if mine < 2:
             return False
-        raw = self._claim(destination, now)
-        if raw is None:
-            return False
-        who, _, theirs = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
-        if who == self.process or not theirs.isdigit() or mine < int(theirs) + 2:
+        theirs = self._claim_elsewhere(destination, now)
+        if theirs is None or not theirs.isdigit() or mine < int(theirs) + 2:
             return False
         with self._lock:
             self._yielded_at[destination] = now
@@ -347,14 +344,18 @@ class DestinationLimits:
     def wanted_elsewhere(self, destination: str) -> bool:
         """Whether another process waits for one of ``destination``'s slots (its ``want``): an
         idle connection of this process then gives its slot up (worker/crew.py)."""
-        now = self.clock()
+        return self._claim_elsewhere(destination, self.clock()) is not None
+
+    def _claim_elsewhere(self, destination: str, now: float) -> str | None:
+        """The slots another process claiming ``destination`` holds, as its ``want`` says them
+        ("process:slots"); None when nobody claims or this process does."""
         if destination not in self._claimed(now):
-            return False
+            return None
         raw = self._claim(destination, now)
         if raw is None:
-            return False
-        who = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")[0]
-        return who != self.process
+            return None
+        who, _, theirs = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
+        return None if who == self.process else theirs
 
     def _claimed(self, now: float) -> frozenset[str]:
         """The destinations some process has a claim on (WANTS_KEY)."""
