@@ -77,35 +77,34 @@ class Permits:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
-        self._sem = threading.BoundedSemaphore(self.capacity)
-        self._lock = threading.Lock()
-        self._in_use = 0
+        self._cond = threading.Condition()
+        self._in_use = 0  # the one count: what is taken, what is free and who waits all read it
 
     def take(self, timeout: float = 0.0) -> Permit | None:
         """A permit, or None when every one is still in use after ``timeout`` seconds (0: at once)."""
-        got = self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
-        if not got:
-            return None
-        with self._lock:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._in_use < self.capacity, timeout if timeout > 0 else 0):
+                return None
             self._in_use += 1
         return Permit(self)
 
     def take_many(self, n: int) -> list[Permit]:
         """Up to ``n`` permits, as many as are free now."""
-        out: list[Permit] = []
-        while len(out) < n and (permit := self.take()) is not None:
-            out.append(permit)
-        return out
+        with self._cond:
+            got = max(0, min(n, self.capacity - self._in_use))
+            self._in_use += got
+        return [Permit(self) for _ in range(got)]
 
     def free(self) -> int:
         """How many are not in use now."""
-        with self._lock:
+        with self._cond:
             return self.capacity - self._in_use
 
     def _give_back(self) -> None:
-        with self._lock:
+        """Permit.free(): once per permit (the Permit sees to that)."""
+        with self._cond:
             self._in_use -= 1
-        self._sem.release()
+            self._cond.notify()
 
 
 @dataclass(slots=True)

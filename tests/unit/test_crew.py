@@ -23,7 +23,7 @@ def test_a_permit_is_given_back_once_and_a_kept_one_by_its_new_holder() -> None:
         kept = p.keep()
     assert permits.take() is None  # handed on, not given back
     kept.free()
-    kept.free()  # once only: a BoundedSemaphore would raise on a second release
+    kept.free()  # once only: a second give-back would count a permit still held as free
     again = permits.take()
     assert again is not None and permits.take() is None
     again.free()
