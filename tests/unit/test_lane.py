@@ -4,6 +4,7 @@ forgetting a lane once no job uses it and no conversation runs on it."""
 from __future__ import annotations
 
 from common.envelope import Envelope, RcptState, Recipient
+from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import target
 from worker.lane import Lane, Lanes
 from worker.parcel import Outcome, Parcel
@@ -67,17 +68,22 @@ def test_shortfall_counts_conversations_and_honours_the_pause() -> None:
     assert lane.shortfall(now=0.0) == 2
 
 
-def test_where_transactions_are_slow_a_conversation_in_one_is_not_counted_on() -> None:
-    now = [0.0]
-    lane = Lane([target()], clock=lambda: now[0])
+def six_parcels_two_conversations(clock: FakeClock) -> Lane:
+    lane = Lane([target()], clock=clock)
     lane.add([parcel(f"Q{i}") for i in range(6)], Owner())
     lane.started()
     lane.started()
+    return lane
+
+
+def test_where_transactions_are_slow_a_conversation_in_one_is_not_counted_on() -> None:
+    clock = FakeClock(0.0)
+    lane = six_parcels_two_conversations(clock)
     assert lane.shortfall(now=0.0) == 4  # two starting conversations will take two of the six
     first, second = lane.take(0), lane.take(0)
     assert first is not None and second is not None
     assert lane.shortfall(now=0.0) == 2  # quick so far (nothing measured): busy ones count
-    now[0] = 1.0
+    clock.now = 1.0
     lane.finished(first)  # a second a transaction: the moving average passes SLOW_TRANSACTION
     assert lane.shortfall(now=1.0) == 3  # one in a transaction, one free: three of four wait
     third = lane.take(0)
@@ -88,14 +94,11 @@ def test_where_transactions_are_slow_a_conversation_in_one_is_not_counted_on() -
 
 
 def test_where_transactions_are_quick_a_busy_conversation_takes_the_next_parcel() -> None:
-    now = [0.0]
-    lane = Lane([target()], clock=lambda: now[0])
-    lane.add([parcel(f"Q{i}") for i in range(6)], Owner())
-    lane.started()
-    lane.started()
+    clock = FakeClock(0.0)
+    lane = six_parcels_two_conversations(clock)
     p = lane.take(0)
     assert p is not None
-    now[0] = 0.01
+    clock.now = 0.01
     lane.finished(p)  # 10 ms a transaction
     assert lane.take(0) is not None and lane.take(0) is not None
     assert lane.shortfall(now=0.01) == 1  # two busy for a moment: they take two of the three left
