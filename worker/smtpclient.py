@@ -267,6 +267,9 @@ class SMTPConnection:
             self.client.eof()
 
 
+CLOSE_WAIT = 10.0  # how long a sweep of everything waits for another thread's QUITs (each at most 5 s)
+
+
 class ConnectionCache:
     """Idle connections kept between jobs, per destination, as Postfix's scache does
     (smtp_connection_cache_time_limit). Each keeps what it was opened with (``extra``: its target
@@ -292,6 +295,12 @@ class ConnectionCache:
         self.look_every = look_every
         self._idle: dict[str, list[tuple[SMTPConnection, object, float]]] = {}
         self._lock = threading.Lock()
+        # connections a sweep has taken out of ``_idle`` and not yet closed and dropped (their slot
+        # still held): a sweep of everything waits for them, so that when it returns every slot
+        # is given back even while the sweeper thread was closing one (CI: a slot still held
+        # after sweep(everything=True), the sweeper had taken the connection a moment before)
+        self._closing = 0
+        self._closed = threading.Condition(self._lock)
         self._sweeper: threading.Thread | None = None
 
     def take(self, key: str) -> tuple[SMTPConnection, object] | None:
@@ -358,9 +367,20 @@ class ConnectionCache:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
-        for conn, extra in stale:
-            conn.quit()
-            self._drop(conn, extra)
+            self._closing += len(stale)
+        try:
+            for conn, extra in stale:
+                try:
+                    conn.quit()
+                    self._drop(conn, extra)
+                finally:
+                    with self._lock:
+                        self._closing -= 1
+                        self._closed.notify_all()
+        finally:
+            if everything:
+                with self._lock:
+                    self._closed.wait_for(lambda: self._closing == 0, timeout=CLOSE_WAIT)
 
     def _drop(self, conn: SMTPConnection, extra: object) -> None:
         conn.close()

@@ -73,6 +73,30 @@ def test_an_idle_connection_lets_its_slot_go_after_the_idle_limit_by_itself() ->
     assert limits.held() == 0 and len(cache) == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
 
 
+def test_a_sweep_of_everything_returns_only_once_the_sweeper_has_dropped_what_it_took() -> None:
+    """The sweeper thread has taken an idle connection out and is still saying QUIT when the
+    process sweeps everything (stopping): the sweep waits, so every slot is free when it returns."""
+    import threading
+
+    class SlowQuit(FakeConnection):
+        def quit(self) -> None:
+            quitting.set()
+            time.sleep(0.3)
+            super().quit()
+
+    quitting = threading.Event()
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    cache = ConnectionCache(0.01, on_drop=_free_slot)
+    slot = limits.acquire("y.test")
+    assert slot is not None
+    cache.give("y.test", SlowQuit(FakePeer(), "192.0.2.1"), (slot.keep(), None, 1))
+    assert quitting.wait(5.0)  # the sweeper has it
+    assert len(cache) == 0 and limits.held() == 1
+    cache.sweep(everything=True)
+    assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
+
+
 def test_an_idle_connection_gives_its_slot_up_soon_when_another_process_wants_one() -> None:
     """Within ``look_every`` instead of the idle limit: a process whose mail for a destination is
     done does not keep slots another process's conversations wait for."""
