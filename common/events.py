@@ -3,8 +3,9 @@
 
 An event is one recipient's news: its message was received, delivered, deferred (``transient``),
 bounced, expired, delayed (a delay warning went to the sender) or refused because the address is
-suppressed. In the stream each event is an entry of string fields (``to_fields``); the webhook
-sends a JSON array of objects (``to_json_obj``); ``from_fields`` reads an entry back. The ``id`` is
+suppressed. In the stream an entry holds the events of one write as the JSON array the webhook
+sends (``entry_fields``, objects of ``to_json_obj``); ``parse_entries`` reads entries back, an
+older mtaq's one-event entries of string fields (``to_fields``) too. The ``id`` is
 chosen before the write and stored with the event, so it is the same on every retry of a POST;
 for outcomes it is derived from the queue id, recipient and attempt, so a job that runs again after
 a crash writes the same id. Builders are pure (the clock is passed in).
@@ -15,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -26,10 +28,14 @@ from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
 
 __all__ = [
+    "ENTRY_FIELD",
     "SIGNATURE_HEADER",
     "Event",
     "EventType",
     "delayed_event",
+    "entry_events",
+    "entry_fields",
+    "event_json",
     "message_id_of",
     "outcome_event",
     "outcome_type",
@@ -116,10 +122,43 @@ class Event:
         out["attempt"] = self.attempt
         return out
 
+    @classmethod
+    def from_json_obj(cls, obj: Mapping[str, Any]) -> Event:
+        return cls.from_fields({k: "" if v is None else str(v) for k, v in obj.items()})
+
+
+# A stream entry holds the events of one write (a group commit's receptions, an outcome writer's
+# call): field ENTRY_FIELD, the JSON array the webhook POSTs (issue 15: one XADD a write, where one
+# a recipient was a Redis command a message of its own). An entry an older mtaq wrote is one event
+# in string fields (``to_fields``); readers take both.
+ENTRY_FIELD = "events"
+
+
+def event_json(ev: Event) -> str:
+    """One event as the entry's array holds it (and the webhook sends it)."""
+    return json.dumps(ev.to_json_obj(), separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_fields(events: Sequence[Event]) -> dict[str, str]:
+    """The stream entry of events written together."""
+    return {ENTRY_FIELD: "[" + ",".join(event_json(ev) for ev in events) + "]"}
+
 
 def parse_entries(raw: Any) -> list[tuple[str, Event]]:
-    """(stream id, event) of what XRANGE returns (or one stream's part of XREADGROUP's answer)."""
-    return [(_text(sid), Event.from_fields(fields)) for sid, fields in raw or []]
+    """(stream id, event) for every event of what XRANGE returns (or one stream's part of
+    XREADGROUP's answer), in stream order; the events of one entry share its id."""
+    out: list[tuple[str, Event]] = []
+    for sid, fields in raw or []:
+        out += [(_text(sid), ev) for ev in entry_events(fields)]
+    return out
+
+
+def entry_events(fields: Mapping[Any, Any]) -> list[Event]:
+    """The events of one stream entry: an array (ENTRY_FIELD) or an older mtaq's single event."""
+    batch = fields.get(ENTRY_FIELD, fields.get(ENTRY_FIELD.encode()))
+    if batch is None:
+        return [Event.from_fields(fields)]
+    return [Event.from_json_obj(obj) for obj in json.loads(batch)]
 
 
 def _text(v: Any) -> str:

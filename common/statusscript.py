@@ -6,6 +6,7 @@ open recipient with no report due, removes the message. common/store.py runs it
 from __future__ import annotations
 
 from common import queuestats
+from common.events import ENTRY_FIELD
 
 __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES_PER_CALL"]
 
@@ -14,8 +15,8 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 # index, the (message, destination) lease; ARGV: recipient index, new status JSON, final (1/0, or 2:
 # final, and the message goes with it if this was its last open recipient: no report is due, the
 # caller knows), stat name, new state, queue id, destination index prefix, then optionally the
-# events' MAXLEN and the event's field/value pairs (the event is written exactly when the state is:
-# a re-run job reports nothing twice).
+# events' MAXLEN and the event as JSON (common/events.py event_json), kept for the call's one
+# stream entry exactly when the state is written: a re-run job reports nothing twice.
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where
@@ -51,17 +52,13 @@ if not old then  -- pending, if the message has such a recipient
 end
 local state = old and cjson.decode(old)['s'] or 'pending'
 if state == 'delivered' or state == 'bounced' then return -1 end
-if #ARGV > 7 then  -- first: should it fail, the script fails having written nothing
-  local unpack = unpack or table.unpack
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
-end
+if ARGV[9] then events[#events + 1] = ARGV[9] end  -- XADD once a call, at its end
 counted[KEYS[3]] = counted[KEYS[3]] or {}
 counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY once a call, at its end
 local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
 if ARGV[3] == '2' and q and q.p + q.d == 1 then
   -- the last open recipient: removed as queuestats.DELETE removes
-  qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
-  redis.call('DEL', KEYS[11])  -- the job's lease on it
+  qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q, KEYS[11])  -- and the job's lease on it
   return """
     + str(REMOVED)
     + """
@@ -103,11 +100,11 @@ return open
 # then 4 per entry: its rcpt hash, left counter, message hash, lease (or the index again). ARGV:
 # the number of entries, the destination index prefix, the events' MAXLEN; then per entry the
 # number of its arguments and the arguments: field, new status JSON, final, stat name, state, queue
-# id, then the event's field/value pairs when it has one. Returns each entry's answer.
+# id, then the event's JSON when it has one. Returns each entry's answer.
 SET_STATUSES = (
     queuestats.LIB
     + queuestats.STATUS_ACCOUNT
-    + "local counted, qs_acc = {}, {}\nlocal function one(KEYS, ARGV)\n"
+    + "local counted, qs_acc, events = {}, {}, {}\nlocal function one(KEYS, ARGV)\n"
     + SET_STATUS_BODY
     + """
 end
@@ -119,13 +116,18 @@ for e = 1, tonumber(ARGV[1]) do
              KEYS[6], KEYS[7], KEYS[k + 4]}
   local A = {unpack(ARGV, a + 1, a + 6)}
   A[7] = ARGV[2]
-  if n > 6 then
-    A[8] = ARGV[3]
-    for i = a + 7, a + n do A[#A + 1] = ARGV[i] end
-  end
+  if n > 6 then A[8], A[9] = ARGV[3], ARGV[a + 7] end
   out[e] = one(K, A)
   k = k + 4
   a = a + n + 1
+end
+if #events > 0 then
+  -- the call's events in one entry (common/events.py ENTRY_FIELD); last, after the states: it
+  -- fails only on a stream key of another type, which no mtaq writes
+  local batch = '[' .. table.concat(events, ',') .. ']'
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[3], '*', '"""
+    + ENTRY_FIELD
+    + """', batch)
 end
 for key, fields in pairs(counted) do
   for field, by in pairs(fields) do redis.call('HINCRBY', key, field, by) end

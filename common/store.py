@@ -47,7 +47,7 @@ import redis
 
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
-from common.events import Event
+from common.events import Event, entry_fields, event_json
 from common.msglayout import field, is_inline, state_field, states_listed, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
@@ -313,9 +313,9 @@ class Store:
 
     def stage_events(self, pipe: Any, events: Sequence[Event]) -> None:
         """Add events to the stream in ``pipe`` (nothing when events are off)."""
-        if self.events_max > 0:
-            for ev in events:
-                pipe.xadd(EVENTS, ev.to_fields(), maxlen=self.events_max, approximate=True)
+        if self.events_max > 0 and events:
+            # one entry for the write's events (common/events.py ENTRY_FIELD): one XADD a commit
+            pipe.xadd(EVENTS, entry_fields(events), maxlen=self.events_max, approximate=True)
 
     def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
         """A pipeline of writes that must reach ``replicas`` replicas before they count (plain
@@ -489,7 +489,7 @@ class Store:
                     qid,
                 ]
                 if ev is not None:
-                    one += [x for kv in ev.to_fields().items() for x in kv]
+                    one.append(event_json(ev))
                 args += [str(len(one)), *one]
             calls.append((keys, args))
         for attempt in range(2):

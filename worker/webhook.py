@@ -155,8 +155,10 @@ class WebhookSender:
         for _, entries in answer or []:
             for sid, fields in entries:
                 # a pending entry trimmed from the stream (events_max) comes back without fields
-                sid_text = sid.decode() if isinstance(sid, bytes) else str(sid)
-                out.append((sid_text, parse_entries([(sid, fields)])[0][1] if fields else None))
+                if fields:
+                    out += parse_entries([(sid, fields)])
+                else:
+                    out.append((sid.decode() if isinstance(sid, bytes) else str(sid), None))
         return out
 
     def body(self, events: Sequence[Event]) -> bytes:
@@ -170,10 +172,13 @@ class WebhookSender:
         got = self.read(block)
         if not got:
             return False
-        ids = [sid for sid, _ in got]
+        ids = list(dict.fromkeys(sid for sid, _ in got))  # an entry holds one write's events
         events = [ev for _, ev in got if ev is not None]
-        if events:
-            body = self.body(events)
+        # at most ``batch`` events a POST; the entries acknowledged once all their events are sent
+        # (a POST that fails sends the earlier ones again: at least once, the ids tell)
+        for at in range(0, len(events), self.batch):
+            chunk = events[at : at + self.batch]
+            body = self.body(chunk)
             headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body)}
             headers["User-Agent"] = "mtaq-webhook"
             try:
@@ -182,7 +187,7 @@ class WebhookSender:
             except OSError as e:
                 why = f"unreachable ({getattr(e, 'reason', None) or e})"
             if why:
-                self._failed(why, len(events))
+                self._failed(why, len(events) - at)
                 return False
         self.redis.xack(EVENTS, EVENTS_GROUP, *ids)
         if self.backoff:

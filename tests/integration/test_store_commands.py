@@ -8,7 +8,7 @@ import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.statusscript import SET_STATUSES
-from common.store import REMOVED, Message, Store
+from common.store import REMOVED, Message, Store, lease_key, msg_key
 from tests.redisserver import RedisServer
 
 
@@ -36,11 +36,14 @@ def test_a_delivered_message_of_one_recipient(redis_server: RedisServer) -> None
     assert committed["hset"] == 2 and "set" not in committed  # one key a message, no counter
     assert store.hold(["Q2"]) == ["Q2"]  # something is held: an older summary would ask the set
     r.script_load(SET_STATUSES)  # as a running worker has it
+    assert store.lease(["Q1"], "y.test", "job-1", 20.0) == ["Q1"]
     before = calls(r)
     done = RecipientStatus(state=RcptState.DELIVERED, reply="250 ok", attempts=1)
     assert store.set_status_list([("Q1", 0, done)], last={"Q1": "y.test"}) == [REMOVED]
     outcome = spent(before, calls(r))
     assert "scard" not in outcome and "sismember" not in outcome and "srem" not in outcome, outcome
     # the state and the summary in one read; the message, its index entries and its lease removed
-    assert outcome["hmget"] == 1 and "hget" not in outcome and outcome["del"] == 2, outcome
-    assert sum(outcome.values()) == 9, outcome  # EVALSHA, HMGET, DEL x2, ZREM x2, HINCRBY x3
+    # (the lease in the message's DEL)
+    assert outcome["hmget"] == 1 and "hget" not in outcome and outcome["del"] == 1, outcome
+    assert sum(outcome.values()) == 8, outcome  # EVALSHA, HMGET, DEL, ZREM x2, HINCRBY x3
+    assert not r.exists(lease_key("Q1", "y.test"), msg_key("Q1"))

@@ -135,3 +135,24 @@ def test_outcome_event_is_written_exactly_when_the_state_is() -> None:
     deferred = RecipientStatus(RcptState.DEFERRED, 1, "4.0.0", "451 later", "mx")
     assert store.set_status_list([("ABC123", 1, deferred)], events=[None]) == [-3]
     assert len(_stream(store)) == 1
+
+
+def test_one_write_is_one_entry_and_an_older_mtaqs_entries_still_read() -> None:
+    """A group commit's receptions and an outcome writer's call are one stream entry each (issue
+    15: one XADD a write); an entry of one event in string fields (an older mtaq's) reads too."""
+    r = fakeredis.FakeRedis()
+    store = Store(r, events_max=1000)
+    old = Event(id="OLD.0.delivery.1", type=EventType.DELIVERY, time=0.5, queue_id="OLD", attempt=1)
+    r.xadd(EVENTS, old.to_fields())
+    store.commit([Message(ENV, BODY)], events=receptions([(ENV, BODY)], 1.0))
+    assert r.xlen(EVENTS) == 2
+    done = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok", "mx", updated=5.0)
+    evs: list[Event | None] = [outcome_event(ENV, i, done, "<m1@client.test>") for i in (0, 1)]
+    assert store.set_status_list([("ABC123", 0, done), ("ABC123", 1, done)], events=evs) == [1, 0]
+    assert r.xlen(EVENTS) == 3
+    got = parse_entries(r.xrange(EVENTS))
+    assert [ev.id for _, ev in got] == [
+        "OLD.0.delivery.1", "ABC123.0.reception", "ABC123.1.reception", "ABC123.0.delivery.1", "ABC123.1.delivery.1"
+    ]  # fmt: skip
+    assert [ev for _, ev in got[3:]] == evs and got[0][1] == old
+    assert len({sid for sid, _ in got}) == 3  # the events of one write share its entry's id

@@ -50,7 +50,8 @@ def write(r: fakeredis.FakeRedis, n: int, start: int = 0) -> list[str]:
         Event(id=f"e{i}", type=EventType.DELIVERY, time=float(i), recipient=f"r{i}@x.test")
         for i in range(start, start + n)
     ]
-    store.stage_events(pipe, evs)
+    for ev in evs:
+        store.stage_events(pipe, [ev])  # an entry each (a write of several is one entry: below)
     pipe.execute()
     return [e.id for e in evs]
 
@@ -118,6 +119,25 @@ def test_one_holder_and_a_take_over_that_resends_what_was_not_acknowledged() -> 
     assert rec.ids == ids
     b.release()
     assert r.get(EVENTS_SENDER_LOCK) is None
+
+
+def test_an_entry_of_many_events_goes_in_posts_of_batch_events_and_is_acknowledged_once() -> None:
+    r, rec, clock = fakeredis.FakeRedis(), Receiver(), Clock()
+    store = Store(r, events_max=1000)
+    evs = [Event(id=f"e{i}", type=EventType.RECEPTION, time=1.0, recipient=f"r{i}@x.test") for i in range(7)]
+    with r.pipeline() as pipe:
+        store.stage_events(pipe, evs)  # one group commit's receptions: one entry
+        pipe.execute()
+    assert r.xlen(EVENTS) == 1
+    s = sender(r, rec, clock)
+    rec.status = 500
+    assert not s.step(block=None)  # the first POST fails: nothing acknowledged
+    rec.status = 200
+    clock.t += s.backoff
+    assert s.step(block=None)
+    assert rec.ids == [e.id for e in evs] and [len(json.loads(b)) for b in rec.bodies[1:]] == [3, 3, 1]
+    pending: Any = r.xpending(EVENTS, EVENTS_GROUP)
+    assert pending["pending"] == 0
 
 
 def test_trimmed_pending_entries_are_acknowledged_and_skipped() -> None:
