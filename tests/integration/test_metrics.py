@@ -76,8 +76,8 @@ def test_metrics_of_mtaq_run_count_real_traffic(
                 and value(t, "mtaq_deliveries_total", '{status="deferred"}') == 1
                 and value(t, "mtaq_queue_messages", '{state="deferred"}') == 1
                 and value(t, "mtaq_connections_total") == 3  # wait_port's probe, and the two above
-                # the processes add their counters to Redis once a second: wait for them too (a
-                # scrape reads counters now, in milliseconds, and can come before that second)
+                # the processes add their counters to Redis every 5 s: wait for them too (a
+                # scrape reads counters now, in milliseconds, and can come before that write)
                 and value(t, "mtaq_messages_accepted_total") == 5
                 and value(t, "mtaq_delivery_latency_seconds_count") == 5
             )
