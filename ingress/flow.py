@@ -92,18 +92,19 @@ def read_backlog(
 ) -> Backlog:
     """One look at the delivery queue (one round trip): LLEN of RQ's ready list; the jobs workers
     hold: LLEN of its intermediate list (taken, not yet registered: counted nowhere else) plus the
-    ZCARD of its started registry; the messages pending and a drain job's size (GET
-    ``pending_key``, ``per_job_key``, when given)."""
+    ZCARD of its started registry; the messages pending and a drain job's size (``pending_key``,
+    ``per_job_key``, when given: one MGET, a command a poll fewer than two GETs, issue 15)."""
     pipe = r.pipeline(transaction=False)
     pipe.llen(ready_key)
     pipe.llen(taken_key)
     pipe.zcard(running_key)
-    for key in (pending_key, per_job_key):
-        if key:
-            pipe.get(key)
+    counts = [key for key in (pending_key, per_job_key) if key]
+    if counts:
+        pipe.mget(counts)
     ready, just_taken, running, *extra = pipe.execute()
-    pending = max(0, int(extra[0] or 0)) if pending_key else 0
-    per_job = max(0.0, float(extra[-1] or 0)) if per_job_key else 0.0
+    got = extra[0] if counts else []
+    pending = max(0, int(got[0] or 0)) if pending_key else 0
+    per_job = max(0.0, float(got[-1] or 0)) if per_job_key else 0.0
     return Backlog(int(ready), int(just_taken) + int(running), taken, pending, per_job)
 
 
