@@ -19,8 +19,9 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
-``mtaq:events``     stream of delivery events (common/events.py), capped at ``events_max`` entries;
-                    the consumer group ``webhook`` is the webhook sender's (worker/webhook.py)
+``mtaq:events``     stream of delivery events (common/events.py), an entry a write (its events as a
+                    JSON array), capped at ``events_max`` entries; the consumer group ``webhook`` is
+                    the webhook sender's (worker/webhook.py)
 ``mtaq:events:sender`` string with a TTL: the process sending the webhook now (one per deployment)
 ``mtaq:suppressed`` sorted set: suppressed address -> until (epoch seconds) (common/suppression.py)
 ``mtaq:suppressed:since`` hash: suppressed address -> when it was suppressed
