@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+from typing import Any
 
 import fakeredis
 import pytest
@@ -143,7 +144,8 @@ def test_one_write_is_one_entry_and_an_older_mtaqs_entries_still_read() -> None:
     r = fakeredis.FakeRedis()
     store = Store(r, events_max=1000)
     old = Event(id="OLD.0.delivery.1", type=EventType.DELIVERY, time=0.5, queue_id="OLD", attempt=1)
-    r.xadd(EVENTS, old.to_fields())
+    fields: dict[Any, Any] = dict(old.to_fields())
+    r.xadd(EVENTS, fields)
     store.commit([Message(ENV, BODY)], events=receptions([(ENV, BODY)], 1.0))
     assert r.xlen(EVENTS) == 2
     done = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok", "mx", updated=5.0)
