@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis
 
 from worker.lane import Lane, Lanes, Owner
-from worker.limits import DestinationLimits, Slot
+from worker.limits import DestinationLimits, Slot, free_slots
 from worker.parcel import Parcel
 from worker.relay import Dialer, Opened, converse
 from worker.smtpclient import ConnectionCache
@@ -151,7 +151,7 @@ class Crew:
         # slots gets it at once instead of after cache_time (bench.slowdest: a process whose share
         # of a destination's mail was done kept 10 of its 20 slots idle for a second, then the
         # other took them one STAFF_PAUSE at a time)
-        self.cache = ConnectionCache(cache_time, on_drop=_free_slot, release=limits.wanted_elsewhere)
+        self.cache = ConnectionCache(cache_time, on_drop=_free_slots, release=limits.wanted_elsewhere)
         self.sleep = sleep
         self.monotonic = monotonic
         self.stopping = threading.Event()
@@ -367,8 +367,7 @@ def _hang_up(opened: Opened | None) -> None:
         opened.conn.quit()
 
 
-def _free_slot(extra: object) -> None:
-    """The connection cache dropped an idle connection: its slot goes with it."""
-    slot = extra[0] if isinstance(extra, tuple) else None
-    if isinstance(slot, Slot):
-        slot.free()
+def _free_slots(extras: Sequence[object]) -> None:
+    """The connection cache dropped idle connections: their slots go with them (one call a
+    destination for a sweep's)."""
+    free_slots([e[0] for e in extras if isinstance(e, tuple) and e and isinstance(e[0], Slot)])

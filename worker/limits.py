@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -34,7 +34,7 @@ import redis
 
 from common.store import PREFIX, dest_key
 
-__all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot"]
+__all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot", "free_slots"]
 
 log = logging.getLogger("mtaq.limits")
 
@@ -65,6 +65,21 @@ WANTS_LOOK = 0.2
 WANTS_SLACK_MS = 2000
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
 
+# Every script below writes state that needs no durability: connection slots and claims that lapse
+# in seconds, a slow-start window and failure count, a destination's down flag and pace, all of
+# which a restarted or failed-over Redis may forget (windows start again at INITIAL_WINDOW, no slot
+# is held, no destination is down). So they are kept out of the append-only file and off replicas
+# (effects replication with REPL_NONE): a script that appends nothing makes Redis neither write
+# nor fsync for its round trip. Issue 15: a writing round trip cost Redis 65-70 us of CPU with
+# `appendfsync always` on this machine, 19-20 us without the append (/tmp micro-benchmark, 3,000
+# ZADD and ZREM each way), and the destination limits were about one writing round trip a
+# delivered message on the ceiling load. (An AOF rewrite snapshots memory and so may still carry
+# them: lapsed slots are dropped by score, the rest expires.) fakeredis has no set_repl: there the
+# scripts replicate as any other.
+NOT_DURABLE = (
+    "if redis.set_repl and redis.REPL_NONE then redis.replicate_commands() redis.set_repl(redis.REPL_NONE) end\n"
+)
+
 # KEYS: slots, state, want, wants (WANTS_KEY); ARGV: now, expiry, limit, initial window, this
 # process's id, want ms, slots this process holds for the destination, the destination,
 # WANTS_SLACK_MS, then one token per slot asked for. Returns how many were taken (the first tokens).
@@ -81,7 +96,9 @@ STATE_TTL = 86400  # an idle destination's window and failure count are forgotte
 # SLOT_WAIT for a slot, then was handed back: its messages went 5-7 s late (drain jobs,
 # smtp-source to one destination, 2 workers). The neediest claims it: a busy process wanting
 # more must not keep a starved one out.
-_ACQUIRE = """
+_ACQUIRE = (
+    NOT_DURABLE
+    + """
 local limit = tonumber(ARGV[3])
 local asked = #ARGV - 9
 local window = tonumber(redis.call('HGET', KEYS[2], 'window') or ARGV[4])
@@ -121,9 +138,12 @@ redis.call('ZADD', KEYS[1], unpack(add))
 redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000) + 1000)
 return room
 """
+)
 
 # KEYS: slots; ARGV: expiry, token... Push the leases on (only those still held).
-_REFRESH = """
+_REFRESH = (
+    NOT_DURABLE
+    + """
 local n = 0
 for i = 2, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
@@ -134,6 +154,7 @@ end
 if n > 0 then redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[1]) * 1000) + 1000) end
 return n
 """
+)
 
 # KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
 # Returns 1 when this failure marked the destination down, 2 when a success found the window full.
@@ -143,7 +164,9 @@ return n
 # only reads is not appended to the AOF, so Redis neither writes nor fsyncs for it (each process
 # reports one such success a destination every FULL_QUIET seconds: each one was a write and an
 # fsync).
-_FEEDBACK = """
+_FEEDBACK = (
+    NOT_DURABLE
+    + """
 local state = redis.call('HMGET', KEYS[1], 'window', 'failures')
 local window = tonumber(state[1] or ARGV[3])
 local limit = tonumber(ARGV[2])
@@ -167,9 +190,12 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return result
 """
+)
 
 # KEYS: rate; ARGV: now, interval. Returns the seconds to wait before sending (a string: Lua floats).
-_RATE = """
+_RATE = (
+    NOT_DURABLE
+    + """
 local now = tonumber(ARGV[1])
 local at = tonumber(redis.call('GET', KEYS[1]) or '0')
 if at < now then at = now end
@@ -177,6 +203,16 @@ local nxt = at + tonumber(ARGV[2])
 redis.call('SET', KEYS[1], tostring(nxt), 'PX', math.floor((nxt - now) * 1000) + 1000)
 return tostring(at - now)
 """
+)
+
+
+# KEYS: slots; ARGV: tokens. Slots given back (a script only to keep it out of the AOF: above).
+_RELEASE = (
+    NOT_DURABLE
+    + """
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
+"""
+)
 
 
 class Slot:
@@ -199,9 +235,12 @@ class Slot:
         return Slot(self._limits, self.destination, self.token)
 
     def free(self) -> None:
-        if self._owned:
-            self._owned = False
-            self._limits._free(self)
+        free_slots([self])
+
+    def _give_up(self) -> bool:
+        """Whether this holder still owned the slot (it does not now): free_slots frees it once."""
+        owned, self._owned = self._owned, False
+        return owned
 
     def __enter__(self) -> Slot:
         return self
@@ -211,6 +250,17 @@ class Slot:
 
     def __repr__(self) -> str:
         return f"Slot({self.destination!r}, {self.token!r}, held={self._owned})"
+
+
+def free_slots(slots: Sequence[Slot]) -> None:
+    """Give slots back, each once whoever else frees it, those of one destination (and one
+    process's limits) in one call."""
+    by: dict[tuple[int, str], list[Slot]] = {}
+    for slot in slots:
+        if slot._give_up():
+            by.setdefault((id(slot._limits), slot.destination), []).append(slot)
+    for group in by.values():
+        group[0]._limits._free(group)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +292,7 @@ class DestinationLimits:
         self._refresh = r.register_script(_REFRESH)
         self._feedback = r.register_script(_FEEDBACK)
         self._rate = r.register_script(_RATE)
+        self._release = r.register_script(_RELEASE)
         self.process = uuid.uuid4().hex  # names this process in a destination's ``want``
         self._held: dict[str, Slot] = {}
         self._full_until: dict[str, float] = {}
@@ -288,14 +339,18 @@ class DestinationLimits:
                 self._held[slot.token] = slot
         return slots
 
-    def _free(self, slot: Slot) -> None:
-        """Slot.free(): the slot leaves the heartbeat and the destination's set."""
+    def _free(self, slots: Sequence[Slot]) -> None:
+        """free_slots(): slots of one destination leave the heartbeat and the destination's set."""
         with self._lock:
-            self._held.pop(slot.token, None)
+            for slot in slots:
+                self._held.pop(slot.token, None)
+        destination = slots[0].destination
         try:
-            self.redis.zrem(dest_key(slot.destination, "slots"), slot.token)
+            self._release(keys=[dest_key(destination, "slots")], args=[slot.token for slot in slots])
         except redis.RedisError:
-            log.warning("could not free a connection slot for %s; it lapses in %.0fs", slot.destination, SLOT_TTL)
+            log.warning(
+                "could not free %d connection slot(s) for %s; they lapse in %.0fs", len(slots), destination, SLOT_TTL
+            )
 
     def heartbeat(self) -> int:
         """Push on the leases of every slot this process holds; returns how many are held."""

@@ -280,12 +280,12 @@ class ConnectionCache:
         self,
         idle_limit: float = 1.0,
         *,
-        on_drop: Callable[[object], None] | None = None,
+        on_drop: Callable[[Sequence[object]], None] | None = None,
         release: Callable[[str], bool] | None = None,
         look_every: float = 0.2,
     ) -> None:
         self.idle_limit = idle_limit
-        self.on_drop = on_drop
+        self.on_drop = on_drop  # what the dropped connections were kept with, a sweep's together
         # ``release(key)``: idle connections to ``key`` are better closed once idle ``look_every``
         # (their destination's slots are wanted elsewhere), asked every ``look_every`` while idle.
         # Not at once: a process sending to a busy destination has its next job's messages within
@@ -369,15 +369,21 @@ class ConnectionCache:
                     del self._idle[key]
             self._closing += len(stale)
         try:
-            for conn, extra in stale:
-                try:
-                    conn.quit()
-                    self._drop(conn, extra)
-                finally:
-                    with self._lock:
-                        self._closing -= 1
-                        self._closed.notify_all()
+            try:
+                for conn, _ in stale:
+                    try:
+                        conn.quit()
+                    finally:
+                        conn.close()
+            finally:
+                # their slots given back in one call (issue 15: a sweep often closes several idle
+                # connections of one destination together; a call each was a Redis command each)
+                if stale and self.on_drop is not None:
+                    self.on_drop([extra for _, extra in stale])
         finally:
+            with self._lock:
+                self._closing -= len(stale)
+                self._closed.notify_all()
             if everything:
                 with self._lock:
                     self._closed.wait_for(lambda: self._closing == 0, timeout=CLOSE_WAIT)
@@ -385,7 +391,7 @@ class ConnectionCache:
     def _drop(self, conn: SMTPConnection, extra: object) -> None:
         conn.close()
         if self.on_drop is not None:
-            self.on_drop(extra)
+            self.on_drop([extra])
 
     def __len__(self) -> int:
         with self._lock:

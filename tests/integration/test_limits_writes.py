@@ -47,3 +47,37 @@ def test_a_claim_is_listed_for_every_process_to_see(redis_server: RedisServer) -
     assert starved.acquire("y.test") is None
     assert r.zrangebyscore(WANTS_KEY, int(time.time() * 1000), "+inf") == [b"y.test"]
     assert busy.should_yield("y.test")
+
+
+def _aof(rs: RedisServer) -> bytes:
+    """Everything in the server's append-only file(s) (Redis 7 keeps several in a directory)."""
+    return b"".join(p.read_bytes() for p in rs.dir.rglob("*.aof*") if p.is_file())
+
+
+def test_the_limits_are_kept_out_of_the_append_only_file_and_a_restart_forgets_them(
+    redis_server: RedisServer,
+) -> None:
+    """Slots, claims, windows, failure counts and down flags need no durability: a round trip
+    that appends nothing costs Redis no write and no fsync (issue 15). A restart starts them over."""
+    r = redis.Redis.from_url(redis_server.url)
+    lim = DestinationLimits(r, concurrency=1, clock=time.time)
+    r.set("mtaq:durable-probe", "1")  # a write that must be in the file (the test's own check)
+    slot = lim.acquire("y.test")
+    assert slot is not None and lim.acquire("y.test") is None  # the window is full: a claim
+    assert lim.succeeded("y.test") is not None
+    for _ in range(10):
+        lim.failed("y.test", "refused")
+    assert lim.down("y.test") is not None and lim.heartbeat() == 1
+    slot.free()
+    assert r.zcard("mtaq:dest:y.test:slots") == 0
+    aof = _aof(redis_server)
+    assert b"mtaq:durable-probe" in aof
+    assert b"mtaq:dest:" not in aof, aof[-2000:]
+    other = lim.acquire("y.test")
+    assert other is not None and r.zcard("mtaq:dest:y.test:slots") == 1
+    redis_server.kill()  # a crash: what the file has is what comes back
+    redis_server.start()
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.get("mtaq:durable-probe") == b"1"
+    assert r.keys("mtaq:dest:*") == []  # no slot held, not down, the window back to its start
+    assert DestinationLimits(r, concurrency=1, clock=time.time).down("y.test") is None

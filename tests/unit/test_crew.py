@@ -4,13 +4,14 @@ kept for the next job takes its slot to the cache, which frees it when it drops 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import fakeredis
 import pytest
 
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakeConnection, FakePeer
-from worker.crew import Crew, Permits, Seat, _free_slot
+from worker.crew import Crew, Permits, Seat, _free_slots
 from worker.limits import DestinationLimits, Slot
 from worker.smtpclient import ConnectionCache
 
@@ -46,7 +47,7 @@ def test_a_seat_lets_go_of_its_permit_and_slot_when_its_block_fails() -> None:
 def test_a_cached_connection_holds_its_slot_until_the_cache_drops_it() -> None:
     r = fakeredis.FakeRedis()
     limits = DestinationLimits(r, clock=FakeClock(time.time()))
-    cache = ConnectionCache(on_drop=_free_slot)
+    cache = ConnectionCache(on_drop=_free_slots)
     permit, slot = Permits(1).take(), limits.acquire("y.test")
     assert permit is not None and slot is not None
     with Seat(permit, slot, None) as seat:
@@ -56,12 +57,35 @@ def test_a_cached_connection_holds_its_slot_until_the_cache_drops_it() -> None:
     assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0
 
 
+def test_a_sweep_gives_a_destinations_slots_back_in_one_call_and_each_once() -> None:
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    calls: list[list[Any]] = []
+    release = limits._release
+
+    def counted(keys: list[str], args: list[Any]) -> Any:
+        calls.append(list(args))
+        return release(keys=keys, args=args)
+
+    limits._release = counted  # type: ignore[assignment]
+    cache = ConnectionCache(on_drop=_free_slots)
+    slots = limits.acquire_many("y.test", 3) + limits.acquire_many("z.test", 1)
+    assert len(slots) == 4 and limits.held() == 4
+    for slot in slots:
+        cache.give(slot.destination, FakeConnection(FakePeer(), "192.0.2.1"), (slot.keep(), None, 1))
+    cache.sweep(everything=True)
+    assert limits.held() == 0 and r.zcard("mtaq:dest:y.test:slots") == 0 and r.zcard("mtaq:dest:z.test:slots") == 0
+    assert sorted(len(c) for c in calls) == [1, 3]  # one call a destination
+    _free_slots([(slots[0], None, 1)])  # already handed on and freed: nothing again
+    assert len(calls) == 2
+
+
 def test_an_idle_connection_lets_its_slot_go_after_the_idle_limit_by_itself() -> None:
     """Nobody takes from the cache or beats a heartbeat: the connection still goes when its idle
     time is up, and its slot with it (another process's job may be waiting for that slot)."""
     r = fakeredis.FakeRedis()
     limits = DestinationLimits(r, clock=FakeClock(time.time()))
-    cache = ConnectionCache(0.05, on_drop=_free_slot)
+    cache = ConnectionCache(0.05, on_drop=_free_slots)
     slot = limits.acquire("y.test")
     assert slot is not None
     conn = FakeConnection(FakePeer(), "192.0.2.1")
@@ -87,7 +111,7 @@ def test_a_sweep_of_everything_returns_only_once_the_sweeper_has_dropped_what_it
     quitting = threading.Event()
     r = fakeredis.FakeRedis()
     limits = DestinationLimits(r, clock=FakeClock(time.time()))
-    cache = ConnectionCache(0.01, on_drop=_free_slot)
+    cache = ConnectionCache(0.01, on_drop=_free_slots)
     slot = limits.acquire("y.test")
     assert slot is not None
     cache.give("y.test", SlowQuit(FakePeer(), "192.0.2.1"), (slot.keep(), None, 1))
@@ -104,7 +128,7 @@ def test_an_idle_connection_gives_its_slot_up_soon_when_another_process_wants_on
     clock = FakeClock(time.time())
     holder = DestinationLimits(r, concurrency=1, clock=clock)
     other = DestinationLimits(r, concurrency=1, clock=clock)
-    cache = ConnectionCache(60.0, on_drop=_free_slot, release=holder.wanted_elsewhere, look_every=0.05)
+    cache = ConnectionCache(60.0, on_drop=_free_slots, release=holder.wanted_elsewhere, look_every=0.05)
     slot = holder.acquire("y.test")
     assert slot is not None
     cache.give("y.test", FakeConnection(FakePeer(), "192.0.2.1"), (slot.keep(), None, 1))
