@@ -4,13 +4,14 @@ either. Pure: common/store.py and the queue listing (mtaq/ops/queueview.py) read
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.envelope import RecipientStatus
 from common.statusscript import LAYOUT_INLINE
 
-__all__ = ["field", "is_inline", "state_field", "states_listed", "states_of", "states_of_older"]
+__all__ = ["field", "hold_flag", "is_inline", "state_field", "states_listed", "states_of", "states_of_older"]
 
 
 def state_field(index: int) -> str:
@@ -47,3 +48,17 @@ def field(h: Mapping[Any, Any], name: str) -> Any:
     """A field of an HGETALL answer, whether the client decodes responses or not."""
     got = h.get(name.encode())
     return h.get(name) if got is None else got
+
+
+def hold_flag(summary: Any) -> bool | None:
+    """Whether a message's summary (its field ``q``) says it is held; None when the summary does
+    not keep the flag (``k``: an older mtaq's, or none), and the hold set has to say."""
+    if summary is None:
+        return None
+    try:
+        q = json.loads(summary)
+    except ValueError:
+        return None
+    if not isinstance(q, dict) or not q.get("k"):
+        return None
+    return q.get("g") == 1

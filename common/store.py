@@ -49,7 +49,7 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event, entry_fields, event_json
-from common.msglayout import field, is_inline, state_field, states_listed, states_of, states_of_older
+from common.msglayout import field, hold_flag, is_inline, state_field, states_listed, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
 from common.storeio import Replicated, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable, translated
@@ -374,17 +374,45 @@ class Store:
     def load_many(self, ids: Sequence[str]) -> list[tuple[Message, dict[int, RecipientStatus]] | None]:
         """Messages with their recipient states (those tried; the others are pending), in one round
         trip (a second for messages an older mtaq queued); None for one that is gone."""
+        return self._load(ids, with_hold=False)[0]
+
+    def load_with_hold(
+        self, ids: Sequence[str]
+    ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
+        """``load_many``, and those of ``ids`` on hold, in the same round trip: a summary that keeps
+        the hold flag (``k``, common/queuestats.py qs_is_held) says it, read with the message; the
+        hold set is asked only for the others (an older mtaq's summaries), in the second round trip
+        that older messages take anyway. Issue 15: an SMISMEMBER and a round trip a job fewer."""
+        return self._load(ids, with_hold=True)
+
+    def _load(
+        self, ids: Sequence[str], *, with_hold: bool
+    ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
             pipe.hgetall(msg_key(qid))
         found: list[dict[Any, Any]] = pipe.execute()
         older = [n for n, h in enumerate(found) if h and not is_inline(field(h, LAYOUT_FIELD))]
+        held: set[str] = set()
+        ask: list[str] = []  # messages whose summary does not keep the hold flag
+        if with_hold:
+            for qid, h in zip(ids, found, strict=True):
+                flag = hold_flag(field(h, "q")) if h else False
+                if flag is None:
+                    ask.append(qid)
+                elif flag:
+                    held.add(qid)
         kept: dict[int, dict[Any, Any]] = {}
-        if older:
+        if older or ask:
             pipe = self.redis.pipeline(transaction=False)
             for n in older:
                 pipe.hgetall(rcpt_key(ids[n]))
-            kept = dict(zip(older, pipe.execute(), strict=True))
+            if ask:
+                pipe.smismember(HOLD, ask)
+            answers = pipe.execute()
+            kept = dict(zip(older, answers[: len(older)], strict=True))
+            if ask:
+                held |= {qid for qid, on in zip(ask, answers[-1], strict=True) if on}
         out: list[tuple[Message, dict[int, RecipientStatus]] | None] = []
         for n, h in enumerate(found):
             env, body = field(h, "env"), field(h, "body")
@@ -393,14 +421,7 @@ class Store:
                 continue
             message = Message(Envelope.from_json(env), body if isinstance(body, bytes) else body.encode())
             out.append((message, states_of_older(kept[n]) if n in kept else states_of(h)))
-        return out
-
-    def held(self, ids: Sequence[str]) -> set[str]:
-        """Those of ``ids`` that are on hold."""
-        if not ids:
-            return set()
-        flags = self.redis.smismember(HOLD, list(ids))
-        return {qid for qid, on in zip(ids, flags, strict=True) if on}
+        return out, held
 
     def hold(self, ids: Sequence[str]) -> list[str]:
         """Put messages on hold (`mtaq queue hold`): no delivery, no expiry, no bounce until

@@ -153,8 +153,8 @@ class DeliveryService:
         ids = list(ids)
         if not force and self._suspended(destination, ids):
             return
-        held = self.store.held(ids)
-        job = plan(destination, ids, self.store.load_many(ids), held, self.spool.router.hop, self.clock(), force=force)
+        loaded, held = self.store.load_with_hold(ids)
+        job = plan(destination, ids, loaded, held, self.spool.router.hop, self.clock(), force=force)
         with self.leases.taken(list(job.due), destination) as lease:
             busy = job.busy(lease.taken)
             if busy:

@@ -47,3 +47,23 @@ def test_a_delivered_message_of_one_recipient(redis_server: RedisServer) -> None
     assert outcome["hmget"] == 1 and "hget" not in outcome and outcome["del"] == 1, outcome
     assert sum(outcome.values()) == 8, outcome  # EVALSHA, HMGET, DEL, ZREM x2, HINCRBY x3
     assert not r.exists(lease_key("Q1", "y.test"), msg_key("Q1"))
+
+
+def test_a_jobs_load_reads_the_hold_flag_with_the_message(redis_server: RedisServer) -> None:
+    """A summary that keeps the hold flag says whether its message is held: the load is one
+    HGETALL a message, no look at the hold set (issue 15); an older summary asks the set."""
+    r = redis.Redis.from_url(redis_server.url)
+    store = Store(r, inline=True)
+    store.commit([message("Q1"), message("Q2")])
+    assert store.hold(["Q2"]) == ["Q2"]
+    before = calls(r)
+    loaded, held = store.load_with_hold(["Q1", "Q2", "GONE"])
+    assert held == {"Q2"} and [x is not None for x in loaded] == [True, True, False]
+    assert spent(before, calls(r)) == {"hgetall": 3}
+    older = Store(r, inline=False)  # summaries without the flag, as an older mtaq wrote them
+    older.commit([message("Q3"), message("Q4")])
+    assert older.hold(["Q4"]) == ["Q4"]
+    before = calls(r)
+    loaded, held = store.load_with_hold(["Q3", "Q4"])
+    assert held == {"Q4"} and all(x is not None for x in loaded)
+    assert spent(before, calls(r))["smismember"] == 1
