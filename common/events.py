@@ -28,11 +28,13 @@ from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
 
 __all__ = [
+    "ENTRY_COUNT_FIELD",
     "ENTRY_FIELD",
     "SIGNATURE_HEADER",
     "Event",
     "EventType",
     "delayed_event",
+    "entry_count",
     "entry_events",
     "entry_fields",
     "event_json",
@@ -132,6 +134,9 @@ class Event:
 # a recipient was a Redis command a message of its own). An entry an older mtaq wrote is one event
 # in string fields (``to_fields``); readers take both.
 ENTRY_FIELD = "events"
+# and how many events it holds: `events_max` counts events, so the stream's length in entries is
+# events_max over the events an entry holds on average (common/store.py EVENTS_PER_ENTRY)
+ENTRY_COUNT_FIELD = "n"
 
 
 def event_json(ev: Event) -> str:
@@ -141,7 +146,7 @@ def event_json(ev: Event) -> str:
 
 def entry_fields(events: Sequence[Event]) -> dict[str, str]:
     """The stream entry of events written together."""
-    return {ENTRY_FIELD: "[" + ",".join(event_json(ev) for ev in events) + "]"}
+    return {ENTRY_FIELD: "[" + ",".join(event_json(ev) for ev in events) + "]", ENTRY_COUNT_FIELD: str(len(events))}
 
 
 def parse_entries(raw: Any) -> list[tuple[str, Event]]:
@@ -283,3 +288,12 @@ def sign(secret: bytes, body: bytes) -> str:
 
 def signature_ok(secret: bytes, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(secret, body), header.strip())
+
+
+def entry_count(fields: Mapping[Any, Any]) -> int:
+    """How many events a stream entry holds (an older mtaq's one-event entries: 1)."""
+    raw = fields.get(ENTRY_COUNT_FIELD, fields.get(ENTRY_COUNT_FIELD.encode()))
+    try:
+        return max(1, int(raw)) if raw is not None else 1
+    except ValueError:
+        return 1

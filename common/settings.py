@@ -195,7 +195,7 @@ class Settings:
     verify_timeout: float = _opt(10.0, "seconds a recipient verification may take; then 450 4.1.1", ("ingress",))
     # -- delivery events, webhook, suppression (issue 19; docs/events.md)
     events_max: int = _opt(
-        1_000_000, "entries the Redis stream mtaq:events keeps, a write's events each (XADD MAXLEN ~; 0 = no events)"
+        1_000_000, "delivery events the Redis stream mtaq:events keeps, about (XADD MAXLEN ~; 0 = no events)"
     )
     events_webhook: str = _opt(
         "",

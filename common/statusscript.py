@@ -6,7 +6,7 @@ open recipient with no report due, removes the message. common/store.py runs it
 from __future__ import annotations
 
 from common import queuestats
-from common.events import ENTRY_FIELD
+from common.events import ENTRY_COUNT_FIELD, ENTRY_FIELD
 
 __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES_PER_CALL"]
 
@@ -109,6 +109,18 @@ SET_STATUSES = (
     + """
 end
 local unpack = unpack or table.unpack
+-- the call's events in one entry (common/events.py ENTRY_FIELD, ENTRY_COUNT_FIELD), after the
+-- states it reports; ARGV[3] is the stream's length in entries (common/store.py)
+local function flush_events()
+  if #events == 0 then return end
+  local batch = '[' .. table.concat(events, ',') .. ']'
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[3], '*', '"""
+    + ENTRY_FIELD
+    + """', batch, '"""
+    + ENTRY_COUNT_FIELD
+    + """', #events)
+  events = {}
+end
 local out, k, a = {}, 7, 4
 for e = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
@@ -117,18 +129,16 @@ for e = 1, tonumber(ARGV[1]) do
   local A = {unpack(ARGV, a + 1, a + 6)}
   A[7] = ARGV[2]
   if n > 6 then A[8], A[9] = ARGV[3], ARGV[a + 7] end
-  out[e] = one(K, A)
+  local ok, got = pcall(one, K, A)
+  if not ok then
+    flush_events()  -- the entries before it are written, and their events with them
+    error(got)
+  end
+  out[e] = got
   k = k + 4
   a = a + n + 1
 end
-if #events > 0 then
-  -- the call's events in one entry (common/events.py ENTRY_FIELD); last, after the states: it
-  -- fails only on a stream key of another type, which no mtaq writes
-  local batch = '[' .. table.concat(events, ',') .. ']'
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[3], '*', '"""
-    + ENTRY_FIELD
-    + """', batch)
-end
+flush_events()
 for key, fields in pairs(counted) do
   for field, by in pairs(fields) do redis.call('HINCRBY', key, field, by) end
 end

@@ -20,8 +20,8 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
 ``mtaq:samples-lock`` string with a TTL: the exporter that wrote the last sample
 ``mtaq:events``     stream of delivery events (common/events.py), an entry a write (its events as a
-                    JSON array), capped at ``events_max`` entries; the consumer group ``webhook`` is
-                    the webhook sender's (worker/webhook.py)
+                    JSON array), capped at about ``events_max`` events (common/eventstream.py); the
+                    consumer group ``webhook`` is the webhook sender's (worker/webhook.py)
 ``mtaq:events:sender`` string with a TTL: the process sending the webhook now (one per deployment)
 ``mtaq:suppressed`` sorted set: suppressed address -> until (epoch seconds) (common/suppression.py)
 ``mtaq:suppressed:since`` hash: suppressed address -> when it was suppressed
@@ -49,6 +49,7 @@ import redis
 from common import queuestats
 from common.envelope import Envelope, RcptState, RecipientStatus, domain_of
 from common.events import Event, entry_fields, event_json
+from common.eventstream import StreamBound
 from common.msglayout import field, hold_flag, is_inline, state_field, states_listed, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
@@ -244,6 +245,7 @@ class Store:
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas
         self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
+        self.events_bound = StreamBound(r, EVENTS, events_max)  # ... in entries of several
         self._set_statuses = r.register_script(SET_STATUSES)
         self._end_lease = r.register_script(_END_LEASE)
         self._renew_lease = r.register_script(_RENEW_LEASE)
@@ -316,7 +318,7 @@ class Store:
         """Add events to the stream in ``pipe`` (nothing when events are off)."""
         if self.events_max > 0 and events:
             # one entry for the write's events (common/events.py ENTRY_FIELD): one XADD a commit
-            pipe.xadd(EVENTS, entry_fields(events), maxlen=self.events_max, approximate=True)
+            pipe.xadd(EVENTS, entry_fields(events), maxlen=self.events_bound.entries(), approximate=True)
 
     def _pipeline(self, *, transaction: bool) -> redis.client.Pipeline:
         """A pipeline of writes that must reach ``replicas`` replicas before they count (plain
@@ -496,7 +498,7 @@ class Store:
         for start in range(0, len(entries), STATUSES_PER_CALL):
             keys = [STATS, QCOUNTS, HOLD, QDEFERRED, QDESTS, EVENTS, INDEX]
             count = min(STATUSES_PER_CALL, len(entries) - start)
-            args = [str(count), QDEST_PREFIX, str(self.events_max)]
+            args = [str(count), QDEST_PREFIX, str(self.events_bound.entries() if with_events else 0)]
             for n in range(start, start + count):
                 qid, idx, st = entries[n]
                 ev = events[n] if with_events else None

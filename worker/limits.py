@@ -259,8 +259,14 @@ def free_slots(slots: Sequence[Slot]) -> None:
     for slot in slots:
         if slot._give_up():
             by.setdefault((id(slot._limits), slot.destination), []).append(slot)
+    failed: BaseException | None = None
     for group in by.values():
-        group[0]._limits._free(group)
+        try:
+            group[0]._limits._free(group)
+        except Exception as e:  # the other destinations' slots are still given back
+            failed = failed or e
+    if failed is not None:
+        raise failed
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ One driver runs in one thread; a worker runs many (worker/pool.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -267,7 +268,11 @@ class SMTPConnection:
             self.client.eof()
 
 
-CLOSE_WAIT = 10.0  # how long a sweep of everything waits for another thread's QUITs (each at most 5 s)
+log = logging.getLogger("mtaq.worker")
+
+# how long a sweep of everything waits for another thread's QUITs (each at most 5 s; a slot not given
+# back by then lapses in SLOT_TTL, worker/limits.py)
+CLOSE_WAIT = 30.0
 
 
 class ConnectionCache:
@@ -352,7 +357,7 @@ class ConnectionCache:
 
     def sweep(self, *, everything: bool = False, release: bool = True) -> None:
         now = time.monotonic()
-        stale: list[tuple[SMTPConnection, object]] = []
+        stale: dict[str, list[tuple[SMTPConnection, object]]] = {}
         released: set[str] = set()
         if release and self.release is not None and not everything:
             with self._lock:
@@ -362,36 +367,54 @@ class ConnectionCache:
             for key, idle in list(self._idle.items()):
                 limit = self.look_every if key in released else self.idle_limit
                 keep = [(c, e, t) for c, e, t in idle if not everything and now - t <= limit]
-                stale.extend((c, e) for c, e, t in idle if everything or now - t > limit)
+                gone = [(c, e) for c, e, t in idle if everything or now - t > limit]
+                if gone:
+                    stale[key] = gone
                 if keep:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
-            self._closing += len(stale)
+            self._closing += sum(len(g) for g in stale.values())
+        for key, gone in stale.items():
+            try:
+                self._close_all(gone)
+            except Exception:  # the other destinations' connections still go, and their slots
+                log.exception("closing idle connections to %s failed", key)
+        if everything:
+            with self._lock:
+                self._closed.wait_for(lambda: self._closing == 0, timeout=CLOSE_WAIT)
+
+    def _close_all(self, gone: list[tuple[SMTPConnection, object]]) -> None:
+        """QUIT and close a destination's connections a sweep took out (counted in ``_closing``),
+        then give their slots back in one call (issue 15: a sweep often closes several idle
+        connections of one destination together; a call each was a Redis command each). A slow
+        QUIT holds up its own destination's slots only."""
         try:
             try:
-                for conn, _ in stale:
+                for conn, _ in gone:
                     try:
                         conn.quit()
                     finally:
                         conn.close()
             finally:
-                # their slots given back in one call (issue 15: a sweep often closes several idle
-                # connections of one destination together; a call each was a Redis command each)
-                if stale and self.on_drop is not None:
-                    self.on_drop([extra for _, extra in stale])
+                if self.on_drop is not None:
+                    self.on_drop([extra for _, extra in gone])
         finally:
             with self._lock:
-                self._closing -= len(stale)
+                self._closing -= len(gone)
                 self._closed.notify_all()
-            if everything:
-                with self._lock:
-                    self._closed.wait_for(lambda: self._closing == 0, timeout=CLOSE_WAIT)
 
     def _drop(self, conn: SMTPConnection, extra: object) -> None:
-        conn.close()
-        if self.on_drop is not None:
-            self.on_drop([extra])
+        with self._lock:
+            self._closing += 1
+        try:
+            conn.close()
+            if self.on_drop is not None:
+                self.on_drop([extra])
+        finally:
+            with self._lock:
+                self._closing -= 1
+                self._closed.notify_all()
 
     def __len__(self) -> int:
         with self._lock:

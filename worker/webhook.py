@@ -48,7 +48,9 @@ __all__ = [
 log = logging.getLogger("mtaq.webhook")
 
 CONSUMER = "sender"  # one name for whoever holds the lease: the next holder inherits the pending list
-LEASE_TTL = 15.0  # seconds a dead holder keeps the lease; more than a round (BLOCK + POST_TIMEOUT)
+# seconds a dead holder keeps the lease: more than a read and a POST (BLOCK + POST_TIMEOUT); pushed on
+# before each further POST of a round (a round of entries of many events may take many POSTs)
+LEASE_TTL = 15.0
 POST_TIMEOUT = 10.0
 BLOCK = 1.0  # seconds a read waits for new events: a waiting event goes out within about a second
 MIN_BACKOFF = 1.0
@@ -177,6 +179,13 @@ class WebhookSender:
         # at most ``batch`` events a POST; the entries acknowledged once all their events are sent
         # (a POST that fails sends the earlier ones again: at least once, the ids tell)
         for at in range(0, len(events), self.batch):
+            if at and not self.hold():
+                # a round of many POSTs (entries of many events) outlasting the lease: another
+                # sender has it now and sends these from the group's pending list; stop here
+                log.info(
+                    "webhook sender: lease lost during a round; %d event(s) left to the new holder", len(events) - at
+                )
+                return False
             chunk = events[at : at + self.batch]
             body = self.body(chunk)
             headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body)}
@@ -223,6 +232,9 @@ class WebhookSender:
                 except (redis.RedisError, OSError) as e:
                     log.warning("webhook sender: Redis unavailable (%s)", e)
                     stopping.wait(1.0)
+                except Exception:  # an entry it cannot read (a newer mtaq's?): said, retried, never fatal
+                    log.exception("webhook sender: round failed; next try in %.0fs", MAX_BACKOFF)
+                    stopping.wait(MAX_BACKOFF)
         finally:
             if holding:
                 with contextlib.suppress(redis.RedisError, OSError):  # else it lapses by itself

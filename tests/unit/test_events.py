@@ -158,3 +158,47 @@ def test_one_write_is_one_entry_and_an_older_mtaqs_entries_still_read() -> None:
     ]  # fmt: skip
     assert [ev for _, ev in got[3:]] == evs and got[0][1] == old
     assert len({sid for sid, _ in got}) == 3  # the events of one write share its entry's id
+
+
+def test_the_stream_is_bounded_in_events_whatever_an_entry_holds() -> None:
+    """events_max counts events: with entries of ten, the stream keeps about a tenth as many
+    entries (common/eventstream.py reads the entries' counts off the stream)."""
+    from common.eventstream import SAMPLE_EVERY, StreamBound
+    from tests.unit.fakeclock import FakeClock
+
+    r = fakeredis.FakeRedis()
+    store = Store(r, events_max=1000)
+    clock = FakeClock(0.0)
+    store.events_bound = StreamBound(r, EVENTS, 1000, clock=clock)
+    assert store.events_bound.entries() == 1000  # an empty stream: an event an entry
+    ten = [Event(id=f"e{i}", type=EventType.RECEPTION, time=1.0) for i in range(10)]
+    for _ in range(300):
+        with r.pipeline() as pipe:
+            store.stage_events(pipe, ten)
+            pipe.execute()
+    assert store.events_bound.per_entry == 1.0  # looked at once, SAMPLE_EVERY ago at most
+    clock.now += SAMPLE_EVERY
+    assert store.events_bound.entries() == 100 and store.events_bound.per_entry == 10.0
+    with r.pipeline() as pipe:
+        store.stage_events(pipe, ten)
+        pipe.execute()
+    assert 100 <= r.xlen(EVENTS) <= 200  # (MAXLEN ~: Redis trims whole nodes)
+    r.xadd(EVENTS, dict(Event(id="old", type=EventType.DELIVERY, time=0.5).to_fields()))  # type: ignore[arg-type]
+    assert store.events_bound.sample() < 10.0  # an older mtaq's entry counts one
+
+
+def test_a_call_that_fails_midway_still_reports_what_it_wrote() -> None:
+    """The outcomes a call recorded before an entry failed (a damaged message hash) keep their
+    events: an event is written exactly when its state is, even in a call that fails."""
+    from common.store import msg_key
+
+    r = fakeredis.FakeRedis()
+    store = Store(r, events_max=1000)
+    store.commit([Message(ENV, BODY)])
+    r.hset(msg_key("BAD"), mapping={"v": "2"})  # no envelope, no summary
+    done = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 ok", "mx", updated=5.0)
+    ev = outcome_event(ENV, 0, done, "<m1@client.test>")
+    with pytest.raises(Exception):  # noqa: B017 (the script's error, as Redis gives it)
+        store.set_status_list([("ABC123", 0, done), ("BAD", 0, done)], events=[ev, ev])
+    assert store.statuses("ABC123")[0].state is RcptState.DELIVERED
+    assert _stream(store) == [ev]

@@ -140,6 +140,29 @@ def test_an_entry_of_many_events_goes_in_posts_of_batch_events_and_is_acknowledg
     assert pending["pending"] == 0
 
 
+def test_a_round_that_loses_the_lease_between_posts_stops_and_acknowledges_nothing() -> None:
+    r, clock = fakeredis.FakeRedis(), Clock()
+    store = Store(r, events_max=1000)
+    evs = [Event(id=f"e{i}", type=EventType.RECEPTION, time=1.0, recipient=f"r{i}@x.test") for i in range(7)]
+    with r.pipeline() as pipe:
+        store.stage_events(pipe, evs)
+        pipe.execute()
+
+    class Slow(Receiver):
+        def __call__(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+            status = super().__call__(url, body, headers)
+            r.set(EVENTS_SENDER_LOCK, "another-sender")  # this POST took longer than the lease
+            return status
+
+    rec = Slow()
+    s = sender(r, rec, clock)
+    assert s.hold()
+    assert not s.step(block=None)
+    assert rec.ids == ["e0", "e1", "e2"]  # one POST, then it saw the lease gone
+    pending: Any = r.xpending(EVENTS, EVENTS_GROUP)
+    assert pending["pending"] == 1  # the new holder sends the entry (again: the ids tell)
+
+
 def test_trimmed_pending_entries_are_acknowledged_and_skipped() -> None:
     r, rec, clock = fakeredis.FakeRedis(), Receiver(), Clock()
     write(r, 2)
