@@ -135,7 +135,7 @@ class Event:
 # in string fields (``to_fields``); readers take both.
 ENTRY_FIELD = "events"
 # and how many events it holds: `events_max` counts events, so the stream's length in entries is
-# events_max over the events an entry holds on average (common/store.py EVENTS_PER_ENTRY)
+# events_max over the events an entry holds on average (common/eventstream.py)
 ENTRY_COUNT_FIELD = "n"
 
 
@@ -160,10 +160,26 @@ def parse_entries(raw: Any) -> list[tuple[str, Event]]:
 
 def entry_events(fields: Mapping[Any, Any]) -> list[Event]:
     """The events of one stream entry: an array (ENTRY_FIELD) or an older mtaq's single event."""
-    batch = fields.get(ENTRY_FIELD, fields.get(ENTRY_FIELD.encode()))
+    batch = _field(fields, ENTRY_FIELD)
     if batch is None:
         return [Event.from_fields(fields)]
     return [Event.from_json_obj(obj) for obj in json.loads(batch)]
+
+
+def entry_count(fields: Mapping[Any, Any]) -> int:
+    """How many events a stream entry holds (an older mtaq's one-event entries: 1)."""
+    raw = _field(fields, ENTRY_COUNT_FIELD)
+    try:
+        return max(1, int(raw)) if raw is not None else 1
+    except ValueError:
+        return 1
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> Any:
+    """A field of a stream entry, whether the client decodes responses or not (common/msglayout.py
+    ``field`` does this for hashes; it sits above this module)."""
+    got = fields.get(name)
+    return fields.get(name.encode()) if got is None else got
 
 
 def _text(v: Any) -> str:
@@ -288,12 +304,3 @@ def sign(secret: bytes, body: bytes) -> str:
 
 def signature_ok(secret: bytes, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(secret, body), header.strip())
-
-
-def entry_count(fields: Mapping[Any, Any]) -> int:
-    """How many events a stream entry holds (an older mtaq's one-event entries: 1)."""
-    raw = fields.get(ENTRY_COUNT_FIELD, fields.get(ENTRY_COUNT_FIELD.encode()))
-    try:
-        return max(1, int(raw)) if raw is not None else 1
-    except ValueError:
-        return 1
