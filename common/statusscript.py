@@ -15,8 +15,8 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 # index, the (message, destination) lease; ARGV: recipient index, new status JSON, final (1/0, or 2:
 # final, and the message goes with it if this was its last open recipient: no report is due, the
 # caller knows), stat name, new state, queue id, destination index prefix, then optionally the
-# events' MAXLEN and the event as JSON (common/events.py event_json), kept for the call's one
-# stream entry exactly when the state is written: a re-run job reports nothing twice.
+# event as JSON (common/events.py event_json), kept for the call's one stream entry exactly when
+# the state is written: a re-run job reports nothing twice.
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where
@@ -52,7 +52,7 @@ if not old then  -- pending, if the message has such a recipient
 end
 local state = old and cjson.decode(old)['s'] or 'pending'
 if state == 'delivered' or state == 'bounced' then return -1 end
-if ARGV[9] then events[#events + 1] = ARGV[9] end  -- XADD once a call, at its end
+if ARGV[8] then events[#events + 1] = ARGV[8] end  -- XADD once a call, at its end
 counted[KEYS[3]] = counted[KEYS[3]] or {}
 counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY once a call, at its end
 local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
@@ -128,7 +128,7 @@ for e = 1, tonumber(ARGV[1]) do
              KEYS[6], KEYS[7], KEYS[k + 4]}
   local A = {unpack(ARGV, a + 1, a + 6)}
   A[7] = ARGV[2]
-  if n > 6 then A[8], A[9] = ARGV[3], ARGV[a + 7] end
+  if n > 6 then A[8] = ARGV[a + 7] end  -- the event, when the entry has one
   local ok, got = pcall(one, K, A)
   if not ok then
     flush_events()  -- the entries before it are written, and their events with them
