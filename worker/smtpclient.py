@@ -400,9 +400,7 @@ class ConnectionCache:
                 if self.on_drop is not None:
                     self.on_drop([extra for _, extra in gone])
         finally:
-            with self._lock:
-                self._closing -= len(gone)
-                self._closed.notify_all()
+            self._closed_now(len(gone))
 
     def _drop(self, conn: SMTPConnection, extra: object) -> None:
         with self._lock:
@@ -412,9 +410,13 @@ class ConnectionCache:
             if self.on_drop is not None:
                 self.on_drop([extra])
         finally:
-            with self._lock:
-                self._closing -= 1
-                self._closed.notify_all()
+            self._closed_now(1)
+
+    def _closed_now(self, n: int) -> None:
+        """``n`` connections counted in ``_closing`` are closed and their slots given back."""
+        with self._lock:
+            self._closing -= n
+            self._closed.notify_all()
 
     def __len__(self) -> int:
         with self._lock:
