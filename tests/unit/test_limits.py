@@ -87,6 +87,19 @@ def test_a_slot_without_heartbeat_lapses(r: fakeredis.FakeRedis, clock: FakeCloc
     assert other.acquire("y.test") is not None
 
 
+def test_a_heartbeat_pushes_on_only_the_slots_still_held(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """The refresh is one ZADD XX for every token of a destination: a slot dropped meanwhile (a
+    lapse another process's acquire pruned, or an operator) is not taken back by it."""
+    lim = limits(r, clock, concurrency=3)
+    a, b = lim.acquire("y.test"), lim.acquire("y.test")
+    assert a is not None and b is not None
+    r.zrem("mtaq:dest:y.test:slots", b.token)  # gone behind this process's back
+    clock.now += 5
+    lim.heartbeat()
+    scores: dict[bytes, float] = dict(r.zrange("mtaq:dest:y.test:slots", 0, -1, withscores=True))  # type: ignore[arg-type]
+    assert list(scores) == [a.token.encode()] and scores[a.token.encode()] == pytest.approx(clock.now + SLOT_TTL)
+
+
 def test_a_process_refused_a_slot_gets_the_next_one_freed(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     """A process whose conversations hold a destination's slots does not take back the slot one
     of them frees while another process waits for one: that one gets it (a burst to one
