@@ -76,7 +76,7 @@ def classify(cmd: str, args: Sequence[str], script: str = "") -> str:
     if cmd in ("MULTI", "EXEC", "WATCH", "UNWATCH"):
         return NEXT
     if cmd in ("EXPIRE", "PEXPIRE", "PERSIST", "EXPIREAT", "PEXPIREAT"):
-        return SAME
+        return "heartbeat+maintenance" if key.startswith("mtaq:holder:") else SAME  # a job's leases pushed on
     if cmd in ("EVAL", "EVALSHA"):
         return _script_phase(cmd, args)
     if cmd in ("HELLO", "PING", "SCRIPT", "INFO", "CLIENT", "SELECT", "MONITOR"):
@@ -105,7 +105,9 @@ _MTAQ_PREFIXES = (
     ("mtaq:dest:", "destination limits"),
     ("mtaq:mta-sts:", "destination limits"),
     ("mtaq:tlsrpt", "destination limits"),
-    ("mtaq:lease:", "worker load+lease"),
+    ("mtaq:lease:", "worker load+lease"),  # an older mtaq's, a key a message
+    ("mtaq:leases:", "worker load+lease"),
+    ("mtaq:holder:", "heartbeat+maintenance"),  # a job's leases pushed on (PEXPIRE)
     ("mtaq:drawn:", "RQ finish"),  # a drain job's list of what it took, dropped at its end
     ("mtaq:pend-count", "ingress flow control"),
     ("mtaq:drawn-avg", "ingress flow control"),
@@ -132,6 +134,8 @@ def _script_phase(cmd: str, args: Sequence[str]) -> str:
         return "RQ dequeue+start"  # common/jobqueue.py _DRAW: a drain job takes its share
     if first == "mtaq:stats":
         return "outcome write"  # common/statusscript.py SET_STATUSES (the keys every entry shares first)
+    if first.startswith("mtaq:leases:"):
+        return "worker load+lease"  # common/leasebook.py: a job's leases taken or ended, the sweep's prune
     if first.startswith("mtaq:lease:"):
         # store._RENEW_LEASE (token, ms: the heartbeat's) or _END_LEASE (token)
         return "heartbeat+maintenance" if len(argv) > 1 else "worker load+lease"

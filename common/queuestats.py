@@ -227,18 +227,14 @@ end
 -- (none when q is nil: counted nowhere), then its message hash, recipients hash and left counter,
 -- its queue index entry and its hold. The deletion (DELETE) and an outcome that finishes its
 -- message (common/statusscript.py) both remove through this.
-local function qs_remove(K, qid, msg, rcpt, left, index, hold, q, lease)
+local function qs_remove(K, qid, msg, rcpt, left, index, hold, q)
   local held = nil
   if q then
     held = qs_is_held(hold, qid, q)
     -- the body's octets as committed (``b``; a summary of an older mtaq has none: the body's)
     qs_account(K, qid, {q = q, held = held, size = q.b or redis.call('HSTRLEN', msg, 'body')}, nil)
   end
-  if lease then
-    redis.call('DEL', msg, rcpt, left, lease)  -- the job's lease with it: one command (issue 15)
-  else
-    redis.call('DEL', msg, rcpt, left)
-  end
+  redis.call('DEL', msg, rcpt, left)
   redis.call('ZREM', index, qid)
   if held ~= false then redis.call('SREM', hold, qid) end
 end

@@ -12,7 +12,8 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 
 # KEYS: rcpt hash, left counter (both only for a message an older mtaq queued: see LAYOUT), stats
 # hash, message hash, counts, hold set, deferred index, destinations set, events stream, queue
-# index, the (message, destination) lease; ARGV: recipient index, new status JSON, final (1/0, or 2:
+# index, the queue index again (once a lease: common/leasebook.py); ARGV: recipient index, new
+# status JSON, final (1/0, or 2:
 # final, and the message goes with it if this was its last open recipient: no report is due, the
 # caller knows), stat name, new state, queue id, destination index prefix, then optionally the
 # event as JSON (common/events.py event_json), kept for the call's one stream entry exactly when
@@ -58,7 +59,7 @@ counted[KEYS[3]][ARGV[4]] = (counted[KEYS[3]][ARGV[4]] or 0) + 1  -- HINCRBY onc
 local K = {counts = KEYS[5], deferred = KEYS[7], dests = KEYS[8], prefix = ARGV[7], acc = qs_acc}
 if ARGV[3] == '2' and q and q.p + q.d == 1 then
   -- the last open recipient: removed as queuestats.DELETE removes
-  qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q, KEYS[11])  -- and the job's lease on it
+  qs_remove(K, ARGV[6], KEYS[4], KEYS[1], KEYS[2], KEYS[10], KEYS[6], q)
   return """
     + str(REMOVED)
     + """
@@ -97,7 +98,7 @@ return open
 # earlier entries uncounted there: counters, not the queue; the sweep recounts them, `mtaq queue sweep`).
 # What every entry shares is given once, not per entry (fewer words to pack and for Redis to read).
 # KEYS: stats hash, counts, hold set, deferred index, destinations set, events stream, queue index;
-# then 4 per entry: its rcpt hash, left counter, message hash, lease (or the index again). ARGV:
+# then 4 per entry: its rcpt hash, left counter, message hash, the queue index again. ARGV:
 # the number of entries, the destination index prefix, the events' MAXLEN; then per entry the
 # number of its arguments and the arguments: field, new status JSON, final, stat name, state, queue
 # id, then the event's JSON when it has one. Returns each entry's answer.

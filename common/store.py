@@ -14,7 +14,9 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:index``      sorted set: queue id -> arrival time (mailq listing, queue size for backpressure)
 ``mtaq:stats``      hash of counters: received, delivered, bounced, deferred, and the metrics' own
                     (common/metrics.py: accepted, connections, rejected:<code>, latency buckets ...)
-``mtaq:lease:<id>:<destination>``  string with a TTL: the job working on that message for that destination
+``mtaq:leases:<destination>`` hash: queue id -> the token of the job working on that message for
+                    that destination (common/leasebook.py); a lease counts while its holder key lives
+``mtaq:holder:<token>`` string with a TTL: a job's leases are alive (pushed on by its worker's heartbeat)
 ``mtaq:sweep-lock`` string with a TTL: the worker sweeping the queue now
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
@@ -125,8 +127,15 @@ def commit_mark_key(mark: str) -> str:
     return f"{PREFIX}committed:{mark}"
 
 
-def lease_key(qid: str, destination: str) -> str:
-    return f"{PREFIX}lease:{qid}:{destination}"
+def leases_key(destination: str) -> str:
+    return f"{PREFIX}leases:{destination}"
+
+
+HOLDER_PREFIX = PREFIX + "holder:"
+
+
+def holder_key(token: str) -> str:
+    return HOLDER_PREFIX + token
 
 
 # Per-destination pending lists drained by one job at a time (issue 15, common/jobqueue.py):
@@ -190,19 +199,6 @@ def open_layout_gate(url: str) -> None:
         r.set(LAYOUT_KEY, LAYOUT_INLINE)
 
 
-# KEYS: lease; ARGV: token. End a lease only if it is still ours (a job that overran its lease
-# must not end the next holder's).
-_END_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: lease; ARGV: token, ms. Push on a lease only while it is still ours.
-_RENEW_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
 # The delay warning of a message is claimed in its own hash (HSETNX), so it goes away with the
 # message; KEYS: msg hash; ARGV: field, time. 1 when this caller claimed it, 0 when claimed before or gone.
 WARNED_FIELD = "warned"
@@ -247,8 +243,6 @@ class Store:
         self.events_max = events_max  # the stream mtaq:events holds about this many; 0: no events
         self.events_bound = StreamBound(r, EVENTS, events_max)  # ... in entries of several
         self._set_statuses = r.register_script(SET_STATUSES)
-        self._end_lease = r.register_script(_END_LEASE)
-        self._renew_lease = r.register_script(_RENEW_LEASE)
         self._claim_warning = r.register_script(_CLAIM_WARNING)
         self._hold = r.register_script(queuestats.HOLD)
         self._repair = r.register_script(queuestats.REPAIR)
@@ -304,9 +298,11 @@ class Store:
                 # EVAL: see _delete
                 pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
             self._delete(pipe, list(delete))
-            leases = [lease_key(qid, dest) for qid, dest in unlease]
-            if leases:
-                pipe.delete(*leases)
+            by_dest: dict[str, list[str]] = {}
+            for qid, dest in unlease:
+                by_dest.setdefault(dest, []).append(qid)
+            for dest, qids in by_dest.items():
+                pipe.hdel(leases_key(dest), *qids)  # the messages go: whoever held them
             if also is not None:
                 also(pipe)
             self.stage_events(pipe, events)
@@ -489,7 +485,7 @@ class Store:
         ``also`` adds commands to the same round trip (the suppression of a hard bounce).
         ``last``: queue id -> destination of messages whose final outcome here finishes them with
         no report due (the caller asks the report maker): when it is their last open recipient,
-        the message, its index entries and its lease for that destination go in the same script
+        the message and its index entries go in the same script
         (returns -4); else it is an outcome like any other."""
         if not entries:
             return []
@@ -503,7 +499,7 @@ class Store:
                 qid, idx, st = entries[n]
                 ev = events[n] if with_events else None
                 dest = (last or {}).get(qid) if st.final else None
-                keys += [rcpt_key(qid), left_key(qid), msg_key(qid), INDEX if dest is None else lease_key(qid, dest)]
+                keys += [rcpt_key(qid), left_key(qid), msg_key(qid), INDEX]
                 one = [
                     str(idx),
                     st.to_json(),
@@ -532,40 +528,6 @@ class Store:
                     raise
                 self.redis.script_load(SET_STATUSES)  # a restarted Redis forgot it; nothing ran
         raise AssertionError("unreachable")
-
-    # -- leases: one job at a time works on a (message, destination) ---------------------------------
-    def lease(self, qids: Sequence[str], destination: str, token: str, seconds: float) -> list[str]:
-        """Take the lease of each message for this destination; returns those taken. A lease held
-        by another job (a duplicate chain, a flush, a sweep) means that job is on it now."""
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in qids:
-            pipe.set(lease_key(qid, destination), token, nx=True, px=max(1000, int(seconds * 1000)))
-        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
-
-    def lease_left(self, qids: Sequence[str], destination: str) -> float:
-        """Seconds until the last of these leases lapses (0 when none is held any more)."""
-        if not qids:
-            return 0.0
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in qids:
-            pipe.pttl(lease_key(qid, destination))
-        return max(0, *(int(ms) for ms in pipe.execute())) / 1000
-
-    def end_leases(self, qids: Sequence[str], destination: str, token: str) -> None:
-        """End leases taken by lease() (only those still held by ``token``)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for qid in qids:
-            self._end_lease(keys=[lease_key(qid, destination)], args=[token], client=pipe)
-        pipe.execute()
-
-    def renew_leases(self, held: Sequence[tuple[str, str, Sequence[str]]], seconds: float) -> None:
-        """Push on leases for another ``seconds``: ``held`` is (token, destination, queue ids) per
-        holder; a lease another token holds now is left alone. One round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for token, destination, qids in held:
-            for qid in qids:
-                self._renew_lease(keys=[lease_key(qid, destination)], args=[token, int(seconds * 1000)], client=pipe)
-        pipe.execute()
 
     def unhold(self, ids: Sequence[str]) -> list[str]:
         """Take messages off hold (`mtaq queue release`); returns those that were held."""

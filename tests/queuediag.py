@@ -12,7 +12,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from common.jobqueue import DRAIN_FUNC, DeliveryQueue, QueuedJob
-from common.store import INDEX, Store, lease_key, msg_key, pend_key
+from common.store import INDEX, Store, holder_key, leases_key, msg_key, pend_key
 
 __all__ = ["describe_stuck"]
 
@@ -74,7 +74,11 @@ def describe_stuck(r: redis.Redis, logs: str, limit: int = 3) -> str:
     lines = []
     for qid in ids:
         states = {i: (st.state.value, st.attempts, st.next_attempt) for i, st in Store(r).statuses(qid).items()}
-        leases = {_text(k): _text(r.get(k) or b"") for k in r.scan_iter(lease_key(qid, "*"))}
+        leases = {  # destination -> the holding job's token, and whether it is alive
+            _text(k)[len(leases_key("")) :]: (_text(t), bool(r.exists(holder_key(_text(t)))))
+            for k in r.scan_iter(leases_key("*"))
+            if (t := r.hget(k, qid)) is not None
+        }
         summary = r.hget(msg_key(qid), "q")
         left = "-" if summary is None else str(sum(json.loads(summary)[k] for k in "pd"))  # open recipients
         lines.append(f"{qid}: left={left} recipients={states} leases={leases}")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from common.dkimkeys import KeyTable
 from common.envelope import RecipientStatus
+from common.leasebook import FINISH, LeaseBook
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
@@ -55,6 +56,7 @@ class Finisher:
         self.dsn = dsn
         self.sign = sign
         self.clock = clock
+        self.leases = LeaseBook(spool.store.redis)
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool) -> Finisher:
@@ -79,11 +81,11 @@ class Finisher:
         message is left to the next sweep."""
         if not done:
             return set()
-        store, queue = self.spool.store, self.spool.queue
+        queue = self.spool.queue
         now = self.clock()
         reports = {m.envelope.id: self.dsn(m, st, self.hostname, now) for m, st in done}
         due = [q for q, r in reports.items() if r is not None]
-        claimed = set(store.lease(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
+        claimed = set(self.leases.take(due, FINISH, uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
         others = [q for q in due if q not in claimed]
         if others and destination is not None:
             # another finisher has it, or had it and died: look again once its claim has lapsed
@@ -98,5 +100,6 @@ class Finisher:
             log.info("%s: removed", msg.envelope.id)
         ids = [m.envelope.id for m, _ in done]
         unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
+        unlease += [(q, FINISH) for q in ids if q in claimed]  # the claims go with their messages
         self.spool.commit(dsns, delete=ids, unlease=unlease)
         return set(ids)

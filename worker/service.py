@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from common.envelope import RcptState, RecipientStatus
+from common.leasebook import LeaseBook
 from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
@@ -106,7 +107,7 @@ class DeliveryService:
             )
         self.lanes = Lanes()
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
-        self.leases = Leases(spool.store, LEASE_TTL, clock)
+        self.leases = Leases(LeaseBook(spool.store.redis), LEASE_TTL, clock)
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
@@ -162,7 +163,7 @@ class DeliveryService:
                 # leases have lapsed (a live holder's are pushed on meanwhile, and the look sees them
                 # busy again), so that nothing is left without a job. A live holder leaves them
                 # final or with a retry of their own, and the look finds nothing to do.
-                left = self.store.lease_left(busy, destination)
+                left = self.leases.book.left(busy, destination)
                 self.queue.schedule(destination, busy, min(left, LEASE_TTL) + random.uniform(1.0, 3.0))
             batch = Batch(self.store, self.clock, self.writer, job.loaded, destination, self._quiet)
             batch.finished.extend(job.complete)
@@ -172,10 +173,9 @@ class DeliveryService:
                     self._run(destination, batch, parcels, landed)
             finally:
                 batch.drain()
-                lease.ended |= batch.removed  # with their messages, by the outcome's script
                 if batch.finished:
                     # the leases of the messages deleted end in the same transaction
-                    lease.ended |= self.finish_messages(batch, set(lease.taken))
+                    self.finish_messages(batch, set(lease.taken))
         for hop, qids in job.reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)

@@ -8,7 +8,8 @@ a time (a Redis lock) walks the queue every ``maintenance_interval`` and
   while (a job may be finishing them right now);
 - queues a job now for recipients overdue by more than a job's lifetime: never tried although
   queued that long, or deferred past their next attempt. A job they still have is harmless: the
-  lease keeps two jobs off one message, and a recipient not yet due is left alone.
+  lease keeps two jobs off one message, and a recipient not yet due is left alone;
+- drops dead jobs' leases that nobody took over (common/leasebook.py).
 Expired recipients need nothing special: the job bounces them when it finds them past the lifetime.
 The same walk recounts the queue's counters and indexes (common/queuerecount.Recount): whatever
 drifted is corrected.
@@ -25,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
+from common.leasebook import FINISH, LeaseBook
 from common.queuerecount import Recount, RecountReport
 from common.spool import Spool
-from common.store import SWEEP_LOCK, Message
+from common.store import QDESTS, SWEEP_LOCK, Message
 from worker.finisher import Finisher
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
@@ -44,6 +46,7 @@ class SweepReport:
     messages: int = 0
     finished: int = 0
     requeued: int = 0
+    pruned: int = 0  # dead jobs' leases dropped
     recount: RecountReport | None = None
 
 
@@ -67,6 +70,11 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
         report.recount = counting.finish()
     finally:
         counting.close()
+    # dead jobs' leases on messages nobody leased again (deleted, or finished by another job): at
+    # the destinations with open mail and the finisher's claims; an idle destination's go with
+    # its hash (common/leasebook.py HASH_TTL)
+    dests = [d.decode() if isinstance(d, bytes) else str(d) for d in store.redis.smembers(QDESTS)]
+    report.pruned = LeaseBook(store.redis).prune([*dests, FINISH])
     if report.finished or report.requeued:
         log.warning(
             "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.leasebook import LeaseBook
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
@@ -144,10 +145,11 @@ def test_a_leased_message_is_left_to_the_job_holding_it(
     box = sinks("127.0.0.2")
     ctx = ctx_factory()
     qid = queue(ctx, "bob@a.test")
-    assert ctx.store.lease([qid], "a.test", "other-job", 30) == [qid]
+    book = LeaseBook(ctx.store.redis)
+    assert book.take([qid], "a.test", "other-job", 30) == [qid]
     jobs.deliver("a.test", [qid])
     assert box.attempts == 0 and ctx.store.load(qid) is not None
-    ctx.store.end_leases([qid], "a.test", "other-job")
+    book.end([qid], "a.test", "other-job")
     jobs.deliver("a.test", [qid])
     assert [m[1] for m in box.messages] == [["bob@a.test"]]
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.leasebook import LeaseBook
 from common.statusscript import SET_STATUSES
-from common.store import REMOVED, Message, Store, lease_key, msg_key
+from common.store import REMOVED, Message, Store, leases_key, msg_key
 from tests.redisserver import RedisServer
 
 
@@ -36,17 +37,46 @@ def test_a_delivered_message_of_one_recipient(redis_server: RedisServer) -> None
     assert committed["hset"] == 2 and "set" not in committed  # one key a message, no counter
     assert store.hold(["Q2"]) == ["Q2"]  # something is held: an older summary would ask the set
     r.script_load(SET_STATUSES)  # as a running worker has it
-    assert store.lease(["Q1"], "y.test", "job-1", 20.0) == ["Q1"]
+    book = LeaseBook(r)
+    assert book.take(["Q1"], "y.test", "job-1", 20.0) == ["Q1"]
     before = calls(r)
     done = RecipientStatus(state=RcptState.DELIVERED, reply="250 ok", attempts=1)
     assert store.set_status_list([("Q1", 0, done)], last={"Q1": "y.test"}) == [REMOVED]
     outcome = spent(before, calls(r))
     assert "scard" not in outcome and "sismember" not in outcome and "srem" not in outcome, outcome
-    # the state and the summary in one read; the message, its index entries and its lease removed
-    # (the lease in the message's DEL)
+    # the state and the summary in one read; the message and its index entries removed
     assert outcome["hmget"] == 1 and "hget" not in outcome and outcome["del"] == 1, outcome
     assert sum(outcome.values()) == 8, outcome  # EVALSHA, HMGET, DEL, ZREM x2, HINCRBY x3
-    assert not r.exists(lease_key("Q1", "y.test"), msg_key("Q1"))
+    assert not r.exists(msg_key("Q1"))
+    assert book.holder("Q1", "y.test") == "job-1"  # until the job ends its leases, all at once
+    book.end(["Q1"], "y.test", "job-1")
+    assert not r.exists(leases_key("y.test"), "mtaq:holder:job-1")
+
+
+def test_a_jobs_leases_cost_the_same_however_many_messages_it_has(redis_server: RedisServer) -> None:
+    """issue 15: a job's leases are taken in one script call (HMGET, HSET, the hash's and the
+    holder's TTL), pushed on with one PEXPIRE and ended in one call (HMGET, HDEL, DEL), where a
+    lease a key a message was a SET a message. Another live job's leases are not taken; a dead
+    one's (its holder key gone) are."""
+    r = redis.Redis.from_url(redis_server.url)
+    book = LeaseBook(r)
+    ids = [f"Q{n}" for n in range(16)]
+    assert book.take(ids[:2], "y.test", "other", 20.0) == ids[:2]
+    before = calls(r)
+    assert book.take(ids, "y.test", "job-1", 20.0) == ids[2:]
+    taken = spent(before, calls(r))
+    assert sum(taken.values()) == 6 and taken["exists"] == 1, taken  # + one look at the other holder
+    book.end(["Q99"], "y.test", "nobody")  # the script loaded, as a running worker has it
+    before = calls(r)
+    book.renew(["job-1"], 20.0)
+    book.end(ids, "y.test", "job-1")
+    assert spent(before, calls(r)) == {"pexpire": 1, "evalsha": 1, "hmget": 1, "hdel": 1, "del": 1}
+    assert [book.holder(q, "y.test") for q in ids[:3]] == ["other", "other", None]
+    r.delete("mtaq:holder:other")  # its worker died: its leases lapse with it
+    assert book.take(ids[:2], "y.test", "job-2", 20.0) == ids[:2]
+    assert book.prune(["y.test"]) == 0
+    r.delete("mtaq:holder:job-2")
+    assert book.prune(["y.test"]) == 2 and not r.exists(leases_key("y.test"))
 
 
 def test_a_jobs_load_reads_the_hold_flag_with_the_message(redis_server: RedisServer) -> None:

@@ -79,6 +79,9 @@ def test_phases_by_command_and_key() -> None:
     assert classify("EVALSHA", ["sha", "11", *outcome]) == "outcome write"
     assert classify("EVALSHA", ["sha", "1", "mtaq:lease:A:d", "token", "30000"]) == "heartbeat+maintenance"
     assert classify("EVALSHA", ["sha", "1", "mtaq:lease:A:d", "token"]) == "worker load+lease"
+    job = ["mtaq:leases:d", "mtaq:holder:t", "t", "20000", "mtaq:holder:", "86400000", "A", "B"]
+    assert classify("EVALSHA", ["sha", "2", *job]) == "worker load+lease"  # a job's leases taken
+    assert classify("PEXPIRE", ["mtaq:holder:t", "20000"]) == "heartbeat+maintenance"  # pushed on
     assert classify("HINCRBY", ["mtaq:queue:counts", "r:active", "-1"], "outcome write") == "queue counters"
     assert classify("XADD", ["mtaq:events", "MAXLEN", "~", "1000", "*"], "outcome write") == "events"
     assert classify("HSET", ["mtaq:rcpt:A", "0", "{}"], "outcome write") == "outcome write"

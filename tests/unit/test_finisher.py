@@ -10,10 +10,11 @@ import pytest
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.jobqueue import DeliveryQueue
+from common.leasebook import LeaseBook
 from common.routing import Router
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message, Store, lease_key
+from common.store import Message, Store, leases_key
 from tests.dkimkeys import dkimpy_verify, write_table
 from worker.finisher import Finisher
 
@@ -57,12 +58,13 @@ def test_a_bounce_queues_its_dsn_and_deletes_the_message_together(spool: Spool) 
         and [r.address for r in dsn.envelope.recipients] == ["a@client.test"]
     )
     assert b"Action: failed" in dsn.body
-    assert spool.store.redis.exists(lease_key("Q1", "finish")) == 1  # the claim, lapsing by itself
+    # the claim went with the message (its holder key lapses by itself)
+    assert spool.store.redis.hlen(leases_key("finish")) == 0
 
 
 def test_a_message_another_finisher_claimed_is_left_and_looked_at_again(spool: Spool) -> None:
     queued(spool, "Q1", RcptState.BOUNCED)
-    assert spool.store.lease(["Q1"], "finish", "another", 30.0) == ["Q1"]
+    assert LeaseBook(spool.store.redis).take(["Q1"], "finish", "another", 30.0) == ["Q1"]
     before = set(spool.queue.waiting_job_ids())  # the job the commit stored
     assert finisher(spool).finish([loaded(spool, "Q1")], "a.test") == set()
     assert spool.store.queue_ids() == ["Q1"]  # no second report, not deleted
@@ -72,7 +74,7 @@ def test_a_message_another_finisher_claimed_is_left_and_looked_at_again(spool: S
 
 def test_without_a_destination_a_claimed_message_waits_for_the_next_sweep(spool: Spool) -> None:
     queued(spool, "Q1", RcptState.BOUNCED)
-    spool.store.lease(["Q1"], "finish", "another", 30.0)
+    LeaseBook(spool.store.redis).take(["Q1"], "finish", "another", 30.0)
     before = spool.queue.waiting_job_ids()
     assert finisher(spool).finish([loaded(spool, "Q1")]) == set()
     assert spool.queue.waiting_job_ids() == before
@@ -81,11 +83,11 @@ def test_without_a_destination_a_claimed_message_waits_for_the_next_sweep(spool:
 
 def test_no_report_due_deletes_unclaimed_and_gives_back_the_jobs_lease(spool: Spool) -> None:
     queued(spool, "Q1", RcptState.DELIVERED)
-    spool.store.lease(["Q1"], "a.test", "job-token", 30.0)
+    LeaseBook(spool.store.redis).take(["Q1"], "a.test", "job-token", 30.0)
     assert finisher(spool).finish([loaded(spool, "Q1")], "a.test", leased={"Q1"}) == {"Q1"}
     assert spool.store.queue_ids() == []  # delivered, NOTIFY not asked: no report
     r = spool.store.redis
-    assert r.exists(lease_key("Q1", "a.test")) == 0 and r.exists(lease_key("Q1", "finish")) == 0
+    assert r.hlen(leases_key("a.test")) == 0 and r.hlen(leases_key("finish")) == 0
 
 
 def test_never_a_report_for_a_bounce(spool: Spool) -> None:

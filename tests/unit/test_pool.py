@@ -75,15 +75,15 @@ def test_a_burst_runs_the_queued_jobs_and_the_mail_goes_out(
 def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
     w = worker(r, service)
     w.register_birth()
-    with service.leases.taken(["Q1"], "y.test"):
-        key = "mtaq:lease:Q1:y.test"
+    with service.leases.taken(["Q1"], "y.test") as lease:
+        key = f"mtaq:holder:{lease.token}"  # the job's leases live while this key does
         r.pexpire(key, 50)
         clock = service.clock
         assert isinstance(clock, FakeClock)
         clock.now += service.leases.ttl / 4  # a lease is pushed on once a quarter of its TTL old
         w.beat()
         assert r.pttl(key) > 1000
-    assert not r.exists(key)
+    assert not r.exists(key) and not r.hlen("mtaq:leases:y.test")
 
 
 def test_scheduled_jobs_rqs_scheduler_left_behind_are_queued(r: fakeredis.FakeRedis, service: DeliveryService) -> None:

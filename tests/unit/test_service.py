@@ -16,8 +16,9 @@ import pytest
 
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, RcptState, Recipient
+from common.leasebook import LeaseBook
 from common.mx import Target
-from common.store import Message, lease_key, msg_key
+from common.store import Message, leases_key, msg_key
 from ingress.signing import TrustedMail
 from tests.dkimkeys import dkimpy_verify, write_table
 from tests.unit.fakeclock import FakeClock
@@ -82,7 +83,7 @@ def nothing_held(svc: DeliveryService, r: fakeredis.FakeRedis) -> None:
     conversations_ended(svc)
     svc.crew.cache.sweep(everything=True)
     assert svc.in_flight() == 0 and svc.limits.held() == 0
-    assert not r.keys("mtaq:lease:*") and r.zcard("mtaq:dest:y.test:slots") == 0
+    assert not r.keys("mtaq:leases:*") and not r.keys("mtaq:holder:*") and r.zcard("mtaq:dest:y.test:slots") == 0
     assert all(svc.crew.permits.take() is not None for _ in range(svc.concurrency))
     assert len(svc.lanes) == 0
 
@@ -122,15 +123,16 @@ def test_held_and_busy_messages_are_left_alone(
     monkeypatch.setattr(service.queue, "schedule", scheduled)
     held, busy = queue(service, "QH", "u@y.test"), queue(service, "QB", "v@y.test")
     service.store.hold([held])
-    r.set(lease_key(busy, "y.test"), "another-job", px=int(LEASE_TTL * 1000) - 7000)
+    book = LeaseBook(r)
+    assert book.take([busy], "y.test", "another-job", LEASE_TTL - 7) == [busy]
     service.deliver("y.test", [held, busy])
     assert peer.taken == [] and peer.opened == []
     (dest, ids, delay), *more = scheduled.calls
     # looked at again just after the lease lapses (a dead worker's: pushed on no more), not a whole
     # LEASE_TTL later
     assert (dest, ids, more) == ("y.test", [busy], []) and LEASE_TTL - 7 < delay < LEASE_TTL - 7 + 3.1
-    assert r.get(lease_key(busy, "y.test")) == b"another-job"  # not ours to end
-    r.delete(lease_key(busy, "y.test"))
+    assert book.holder(busy, "y.test") == "another-job"  # not ours to end
+    book.end([busy], "y.test", "another-job")
     nothing_held(service, r)
 
 
@@ -158,12 +160,14 @@ def test_leases_are_renewed_while_held_and_ended_when_the_job_fails(
     seen: list[int] = []
 
     def explode(destination: str, port: int) -> list[Target]:
-        r.pexpire(lease_key(qid, "y.test"), 5000)
+        holder = f"mtaq:holder:{LeaseBook(r).holder(qid, 'y.test')}"  # the job's leases live while this key does
+        assert r.keys("mtaq:holder:*") == [holder.encode()]
+        r.pexpire(holder, 5000)
         service.heartbeat()  # a young lease is left alone (a write saved: most jobs end young)
-        seen.append(int(r.pttl(lease_key(qid, "y.test"))))
+        seen.append(int(r.pttl(holder)))
         clock.now += LEASE_TTL / 4
         service.heartbeat()  # a quarter of its TTL old: the worker's heartbeat pushes it on
-        seen.append(int(r.pttl(lease_key(qid, "y.test"))))
+        seen.append(int(r.pttl(holder)))
         raise Boom()
 
     monkeypatch.setattr(service.resolver, "targets", explode)
@@ -251,7 +255,7 @@ def test_a_message_finished_with_no_report_due_goes_with_its_outcome(
     reports = service.store.queue_ids()
     assert len(reports) == 1 and service.store.load(reports[0]) is not None  # the success report, queued
     assert service.store.stats()["delivered"] == 2
-    assert not r.keys("mtaq:lease:*:y.test")  # the finisher's claim on Q2 lapses by itself (FINISH_CLAIM)
+    assert r.hlen(leases_key("y.test")) == 0 and r.hlen(leases_key("finish")) == 0  # gone with Q2
 
 
 def test_signatures_prepared_at_the_ingress_are_finished_at_delivery_or_the_mail_waits(
