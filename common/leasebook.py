@@ -1,6 +1,8 @@
 """Leases, a job at a time: one job at a time works on a (message, destination). The keys are
 common/store.py's (``mtaq:leases:<destination>``, ``mtaq:holder:<token>``); worker/leases.py holds a
-process's, and the finisher claims reports with them (destination "finish")."""
+process's. Also the finisher's claims (``claim``): a key a message that lapses by itself, so that a
+finisher that saw the message before another deleted it finds the claim taken for FINISH_CLAIM
+after the delete and builds no second report."""
 
 from __future__ import annotations
 
@@ -8,11 +10,10 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from common.store import HOLDER_PREFIX, holder_key, leases_key
+from common.store import HOLDER_PREFIX, claim_key, holder_key, leases_key
 
-__all__ = ["FINISH", "HASH_TTL", "PRUNE_LEASES", "LeaseBook"]
+__all__ = ["HASH_TTL", "PRUNE_LEASES", "LeaseBook"]
 
-FINISH = "finish"  # the finisher's claims on the reports it builds (worker/finisher.py): a destination of their own
 HASH_TTL = 86400.0  # seconds a destination's leases outlive its last take (jobs end within job_timeout)
 
 # Leases, a job at a time (issue 15): a job's leases on its messages for a destination are fields
@@ -27,10 +28,25 @@ HASH_TTL = 86400.0  # seconds a destination's leases outlive its last take (jobs
 # Redis, not a cluster.
 # KEYS: the destination's leases, this job's holder key; ARGV: token, ms, holder prefix, the hash's
 # ms (HASH_TTL), queue ids. Returns the ids taken.
-_TAKE_LEASES = """
+# Lua's unpack() is bounded by its stack (8000 values): long lists go to Redis 1000 at a time.
+_CHUNKED = """
+local function chunked(cmd, key, list)
+  local out = {}
+  for i = 1, #list, 1000 do
+    local got = redis.call(cmd, key, unpack(list, i, math.min(#list, i + 999)))
+    if type(got) == 'table' then
+      for _, v in ipairs(got) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+"""
+_TAKE_LEASES = (
+    _CHUNKED
+    + """
 local ids = {}
 for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
-local cur = redis.call('HMGET', KEYS[1], unpack(ids))
+local cur = chunked('HMGET', KEYS[1], ids)
 local alive, set, got = {}, {}, {}
 for i, q in ipairs(ids) do
   local h = cur[i]
@@ -46,29 +62,37 @@ for i, q in ipairs(ids) do
   end
 end
 if #got > 0 then
-  redis.call('HSET', KEYS[1], unpack(set))
+  chunked('HSET', KEYS[1], set)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 end
 return got
 """
+)
 
 # KEYS: the destination's leases, the job's holder key; ARGV: token, queue ids. Ends those still
 # the job's (one another job took over after this one's holder key lapsed is left alone).
-_END_LEASES = """
-local cur = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+_END_LEASES = (
+    _CHUNKED
+    + """
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+local cur = chunked('HMGET', KEYS[1], ids)
 local mine = {}
 for i = 1, #cur do
-  if cur[i] == ARGV[1] then mine[#mine + 1] = ARGV[i + 1] end
+  if cur[i] == ARGV[1] then mine[#mine + 1] = ids[i] end
 end
-if #mine > 0 then redis.call('HDEL', KEYS[1], unpack(mine)) end
+chunked('HDEL', KEYS[1], mine)
 redis.call('DEL', KEYS[2])
 return #mine
 """
+)
 
 # KEYS: a destination's leases; ARGV: holder prefix. Drops the fields whose holder is gone (the
 # sweep's: a dead job's leases on messages nobody leased again). Returns how many.
-PRUNE_LEASES = """
+PRUNE_LEASES = (
+    _CHUNKED
+    + """
 local all = redis.call('HGETALL', KEYS[1])
 local alive, dead = {}, {}
 for i = 1, #all, 2 do
@@ -76,9 +100,10 @@ for i = 1, #all, 2 do
   if alive[h] == nil then alive[h] = redis.call('EXISTS', ARGV[1] .. h) == 1 end
   if not alive[h] then dead[#dead + 1] = all[i] end
 end
-if #dead > 0 then redis.call('HDEL', KEYS[1], unpack(dead)) end
+chunked('HDEL', KEYS[1], dead)
 return #dead
 """
+)
 
 
 def _text(x: bytes | str) -> str:
@@ -104,6 +129,15 @@ class LeaseBook:
         keys = [leases_key(destination), holder_key(token)]
         args: list[str | int] = [token, ms, HOLDER_PREFIX, int(HASH_TTL * 1000), *qids]
         return [_text(x) for x in self._take(keys=keys, args=args)]
+
+    def claim(self, qids: Sequence[str], what: str, token: str, seconds: float) -> list[str]:
+        """Claim each message for ``what`` (the finisher's "finish") for ``seconds``, whatever
+        happens to it meanwhile; returns those claimed. A key a message (SET NX PX): claims are
+        few (a report's), and one outlives the message it claims."""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            pipe.set(claim_key(qid, what), token, nx=True, px=max(1000, int(seconds * 1000)))
+        return [qid for qid, ok in zip(qids, pipe.execute(), strict=True) if ok]
 
     def holder(self, qid: str, destination: str) -> str | None:
         """The token of the live job holding this message's lease for this destination, or None."""

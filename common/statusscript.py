@@ -13,11 +13,10 @@ __all__ = ["LAYOUT_FIELD", "LAYOUT_INLINE", "REMOVED", "SET_STATUSES", "STATUSES
 # KEYS: rcpt hash, left counter (both only for a message an older mtaq queued: see LAYOUT), stats
 # hash, message hash, counts, hold set, deferred index, destinations set, events stream, queue
 # index, the queue index again (once a lease: common/leasebook.py); ARGV: recipient index, new
-# status JSON, final (1/0, or 2:
-# final, and the message goes with it if this was its last open recipient: no report is due, the
-# caller knows), stat name, new state, queue id, destination index prefix, then optionally the
-# event as JSON (common/events.py event_json), kept for the call's one stream entry exactly when
-# the state is written: a re-run job reports nothing twice.
+# status JSON, final (1/0, or 2: final, and the message goes with it if this was its last open
+# recipient: no report is due, the caller knows), stat name, new state, queue id, destination
+# index prefix, then optionally the event as JSON (common/events.py event_json), kept for the
+# call's one stream entry exactly when the state is written: a re-run job reports nothing twice.
 # Returns the recipients left when the status became final, -1 when it already was final (a re-run
 # job: nothing changes), -2 when the message is gone, -3 after a non-final update, -4 when the
 # message was finished and removed here (issue 15: the outcome and the delete in one script, where

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from common.dkimkeys import KeyTable
 from common.envelope import RecipientStatus
-from common.leasebook import FINISH, LeaseBook
+from common.leasebook import LeaseBook
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message
@@ -85,7 +85,7 @@ class Finisher:
         now = self.clock()
         reports = {m.envelope.id: self.dsn(m, st, self.hostname, now) for m, st in done}
         due = [q for q, r in reports.items() if r is not None]
-        claimed = set(self.leases.take(due, FINISH, uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
+        claimed = set(self.leases.claim(due, "finish", uuid.uuid4().hex, FINISH_CLAIM)) if due else set()
         others = [q for q in due if q not in claimed]
         if others and destination is not None:
             # another finisher has it, or had it and died: look again once its claim has lapsed
@@ -100,6 +100,5 @@ class Finisher:
             log.info("%s: removed", msg.envelope.id)
         ids = [m.envelope.id for m, _ in done]
         unlease = [(q, destination) for q in ids if q in leased] if destination is not None else []
-        unlease += [(q, FINISH) for q in ids if q in claimed]  # the claims go with their messages
         self.spool.commit(dsns, delete=ids, unlease=unlease)
         return set(ids)

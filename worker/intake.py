@@ -30,10 +30,16 @@ class Intake:
         waiting: Callable[[], int],
         *,
         free: Callable[[], int] = lambda: 1,
+        busy: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.want = max(1, want)
         self.draw = max(1, draw)
+        # what may wait here while every conversation permit is in use: one round of this
+        # process's conversations with a destination (0: a drain job's share). A share is two
+        # rounds (common/jobqueue.py), so it cannot be the bound: with every permit busy a process
+        # would take jobs until twice its conversations waited in it
+        self.busy = max(1, busy or draw)
         self.waiting = waiting  # parcels in this process's lanes that no conversation has taken
         self.free = free  # conversation permits not in use
         self.clock = clock
@@ -49,13 +55,13 @@ class Intake:
 
     def has_room(self) -> bool:
         """Fewer than ``want`` messages wait here; and while every conversation permit is in use,
-        fewer than a drain job's share: what waits then waits for a conversation of this process
+        fewer than ``busy``: what waits then waits for a conversation of this process
         to end, while another process with a free one could send it now (bench.slowdest: with
         every permit of one worker busy, 33 messages for one destination waited in it for a
         second while the other worker had permits to spare, and the last messages needed another
         round of the destinations' 1 s at DATA)."""
         load = self.load
-        return load < self.want and (load < self.draw or self.free() > 0)
+        return load < self.want and (load < self.busy or self.free() > 0)
 
     def wait_room(self, timeout: float) -> bool:
         """Whether there is room here (``has_room``), waiting up to ``timeout`` seconds."""

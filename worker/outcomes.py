@@ -89,7 +89,6 @@ class Batch:
         self.quiet = quiet
         self.recorded: dict[str, dict[int, RecipientStatus]] = {qid: {} for qid in loaded}
         self.finished: list[str] = []
-        self.removed: set[str] = set()  # finished and removed by their outcome's own script
         self._lock = threading.Condition()
         self._writing = 0  # record_final turns handed to the writer, not yet written
         self._error: BaseException | None = None
@@ -156,8 +155,7 @@ class Batch:
                 self.recorded[qid][idx] = st
                 if code == 0:
                     self.finished.append(qid)
-                elif code == REMOVED:
-                    self.removed.add(qid)
+                elif code == REMOVED:  # finished and removed by its outcome's own script
                     log.info("%s: removed", qid)
 
     def record_final(self, p: Parcel, positions: list[int]) -> None:

@@ -18,10 +18,10 @@ One job = one destination, some messages. It
 
 Redis round trips per job: one to load the batch, one to lease it, a share of the writer's turns
 for the final recipients, one for the deferred ones, one to finish the completed messages that
-need it, one to end the leases of the messages not finished. A message of one recipient finished
-with no report due is removed by its outcome's own script, with its lease (worker/outcomes.py
-``Batch.last``): no finishing round trip for it (issue 15, docs/architecture.md "What a message
-costs Redis").
+need it, one to end its leases (all of them: a job's leases are one hash's fields,
+common/leasebook.py). A message of one recipient finished with no report due is removed by its
+outcome's own script (worker/outcomes.py ``Batch.last``): no finishing round trip for it (issue
+15, docs/architecture.md "What a message costs Redis").
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class DeliveryService:
         # destinations' jobs (bench.slowdest, one process of 100: e2e 99-108 msgs/s at 1x, 113-114
         # at 2x, as main)
         want = max(2 * self.concurrency, self.queue.draw_size)
-        self.intake = Intake(want, self.queue.draw_size, self.lanes.waiting, free=self.crew.permits.free)
+        busy = min(self.concurrency, settings.destination_concurrency)  # one round (Intake.busy)
+        self.intake = Intake(want, self.queue.draw_size, self.lanes.waiting, free=self.crew.permits.free, busy=busy)
 
     @property
     def concurrency(self) -> int:

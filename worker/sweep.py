@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.envelope import RcptState, RecipientStatus
-from common.leasebook import FINISH, LeaseBook
+from common.leasebook import LeaseBook
 from common.queuerecount import Recount, RecountReport
 from common.spool import Spool
 from common.store import QDESTS, SWEEP_LOCK, Message
@@ -65,22 +65,24 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
     grace = job_timeout + 120.0
     report = SweepReport()
     counting = Recount(store, spool.router.hop)
+    # dead jobs' leases on messages nobody leased again (deleted, or finished by another job), at
+    # the destinations listed before the recount drops the emptied ones; an idle destination's go
+    # with its hash (common/leasebook.py HASH_TTL)
+    dests = [d.decode() if isinstance(d, bytes) else str(d) for d in store.redis.smembers(QDESTS)]
+    report.pruned = LeaseBook(store.redis).prune(dests)
     try:
         _walk(spool, finisher, report, counting, now, grace)
         report.recount = counting.finish()
     finally:
         counting.close()
-    # dead jobs' leases on messages nobody leased again (deleted, or finished by another job): at
-    # the destinations with open mail and the finisher's claims; an idle destination's go with
-    # its hash (common/leasebook.py HASH_TTL)
-    dests = [d.decode() if isinstance(d, bytes) else str(d) for d in store.redis.smembers(QDESTS)]
-    report.pruned = LeaseBook(store.redis).prune([*dests, FINISH])
-    if report.finished or report.requeued:
+    if report.finished or report.requeued or report.pruned:
         log.warning(
-            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue",
+            "sweep: %d message(s) in queue, finished %d left behind, requeued %d overdue, "
+            "dropped %d lease(s) of dead jobs",
             report.messages,
             report.finished,
             report.requeued,
+            report.pruned,
         )
     return report
 

@@ -14,7 +14,7 @@ from common.leasebook import LeaseBook
 from common.routing import Router
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message, Store, leases_key
+from common.store import Message, Store, claim_key, leases_key
 from tests.dkimkeys import dkimpy_verify, write_table
 from worker.finisher import Finisher
 
@@ -58,13 +58,12 @@ def test_a_bounce_queues_its_dsn_and_deletes_the_message_together(spool: Spool) 
         and [r.address for r in dsn.envelope.recipients] == ["a@client.test"]
     )
     assert b"Action: failed" in dsn.body
-    # the claim went with the message (its holder key lapses by itself)
-    assert spool.store.redis.hlen(leases_key("finish")) == 0
+    assert spool.store.redis.exists(claim_key("Q1", "finish")) == 1  # the claim, lapsing by itself
 
 
 def test_a_message_another_finisher_claimed_is_left_and_looked_at_again(spool: Spool) -> None:
     queued(spool, "Q1", RcptState.BOUNCED)
-    assert LeaseBook(spool.store.redis).take(["Q1"], "finish", "another", 30.0) == ["Q1"]
+    assert LeaseBook(spool.store.redis).claim(["Q1"], "finish", "another", 30.0) == ["Q1"]
     before = set(spool.queue.waiting_job_ids())  # the job the commit stored
     assert finisher(spool).finish([loaded(spool, "Q1")], "a.test") == set()
     assert spool.store.queue_ids() == ["Q1"]  # no second report, not deleted
@@ -74,7 +73,7 @@ def test_a_message_another_finisher_claimed_is_left_and_looked_at_again(spool: S
 
 def test_without_a_destination_a_claimed_message_waits_for_the_next_sweep(spool: Spool) -> None:
     queued(spool, "Q1", RcptState.BOUNCED)
-    LeaseBook(spool.store.redis).take(["Q1"], "finish", "another", 30.0)
+    LeaseBook(spool.store.redis).claim(["Q1"], "finish", "another", 30.0)
     before = spool.queue.waiting_job_ids()
     assert finisher(spool).finish([loaded(spool, "Q1")]) == set()
     assert spool.queue.waiting_job_ids() == before
@@ -87,7 +86,7 @@ def test_no_report_due_deletes_unclaimed_and_gives_back_the_jobs_lease(spool: Sp
     assert finisher(spool).finish([loaded(spool, "Q1")], "a.test", leased={"Q1"}) == {"Q1"}
     assert spool.store.queue_ids() == []  # delivered, NOTIFY not asked: no report
     r = spool.store.redis
-    assert r.hlen(leases_key("a.test")) == 0 and r.hlen(leases_key("finish")) == 0
+    assert r.hlen(leases_key("a.test")) == 0 and r.exists(claim_key("Q1", "finish")) == 0
 
 
 def test_never_a_report_for_a_bounce(spool: Spool) -> None:
@@ -114,3 +113,15 @@ def test_the_sweep_and_queue_bounce_sign_their_dsns(spool: Spool, tmp_path: path
     Finisher.from_settings(Settings(hostname="mtaq.test"), spool).finish([loaded(spool, "Q2")])
     unsigned = [spool.store.load(q) for q in spool.store.queue_ids() if q != dsn_id]
     assert len(unsigned) == 1 and unsigned[0] is not None and b"DKIM-Signature" not in unsigned[0].body
+
+
+def test_a_finisher_that_saw_the_message_before_another_deleted_it_builds_no_second_report(spool: Spool) -> None:
+    """The claim outlives the message it claims (FINISH_CLAIM): a job whose view of a finished
+    message was taken before the sweep (or another job) finished it finds the claim taken, and
+    queues no second report (the review of d48efd3, where the claim went with the message)."""
+    queued(spool, "Q1", RcptState.BOUNCED)
+    stale = loaded(spool, "Q1")
+    assert finisher(spool).finish([loaded(spool, "Q1")]) == {"Q1"}  # the sweep: report and delete
+    [report] = spool.store.queue_ids()
+    assert finisher(spool).finish([stale], "a.test") == set()  # the job, a minute later
+    assert spool.store.queue_ids() == [report]

@@ -66,3 +66,19 @@ def test_with_every_conversation_permit_in_use_no_more_than_one_share_waits_here
     assert i.has_room()
     lanes.parcels = 100
     assert not i.has_room()  # ``want`` still bounds it
+
+
+def test_with_shares_of_two_rounds_a_busy_process_still_holds_one_round_at_most() -> None:
+    """A drain job's share is two rounds of a process's conversations (common/jobqueue.py), as
+    much as ``want``: the bound while every permit is in use is one round (``busy``), or a busy
+    process would take jobs until twice its conversations waited in it (the review of 95dee87)."""
+    lanes, free = Lanes(), [0]
+    i = Intake(want=20, draw=20, waiting=lanes.waiting, free=lambda: free[0], busy=10)
+    lanes.parcels = 9
+    assert i.has_room()
+    lanes.parcels = 10
+    assert not i.has_room()
+    free[0] = 2
+    assert i.has_room() and i.share("job") == 20
+    lanes.parcels = 20
+    assert not i.has_room()

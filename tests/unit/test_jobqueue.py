@@ -13,6 +13,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, DeliveryQueue, QueuedJob
+from common.settings import Settings
 from common.store import pend_key
 
 
@@ -135,3 +136,16 @@ def test_running_destinations_counts_the_started_registry(dq: DeliveryQueue) -> 
         r.zadd(dq.running_key, {f"{job_id}:exec": time.time() + 60})
     assert dq.running_destinations() == Counter({"a.test": 2, "b.test": 1})
     assert dq.counts().running == 3
+
+
+@pytest.mark.parametrize(
+    ("conversations", "limit", "job_max", "share"),
+    [(10, 20, 100, 20), (100, 20, 100, 20), (4, 20, 100, 8), (10, 20, 5, 5)],
+)
+def test_a_drain_jobs_share_is_two_rounds_of_a_process_within_the_limits(
+    conversations: int, limit: int, job_max: int, share: int
+) -> None:
+    """min(2 * worker_concurrency, destination_concurrency, job_max_messages): RQ's bookkeeping is
+    paid per job (issue 15), and a process holds twice its conversations anyway."""
+    settings = Settings(worker_concurrency=conversations, destination_concurrency=limit, job_max_messages=job_max)
+    assert DeliveryQueue.from_settings(settings, fakeredis.FakeRedis()).draw_size == share
