@@ -5,6 +5,7 @@ and `mtaq queue list` share."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from typing import Any
 import redis
 
 from common.envelope import Envelope
-from common.queuestats import COUNTER_FIELDS
-from common.store import INDEX, QCOUNTS, QDEFERRED, QDESTS, Message, Store, msg_key, qdest_key
+from common.queuestats import COUNTER_FIELDS, DROP_EMPTY
+from common.store import INDEX, QCOUNTS, QDEFERRED, QDEST_PREFIX, QDESTS, QDESTS_GEN, Message, Store, msg_key, qdest_key
 
 __all__ = ["Recount", "RecountReport", "recount", "stream_ids"]
 
@@ -135,9 +136,7 @@ def _drop_strays(r: redis.Redis, chunk: int = 1000) -> int:
             if gone:
                 removed += int(r.zrem(key, *gone))
             start += len(ids) - len(gone)
-    for d in r.smembers(QDESTS):
-        if not r.exists(qdest_key(_text(d))):
-            r.srem(QDESTS, d)
+    r.eval(DROP_EMPTY, 2, QDESTS, QDESTS_GEN, QDEST_PREFIX, uuid.uuid4().hex)
     return removed
 
 

@@ -17,6 +17,7 @@ No other module builds a ``mtaq:`` key string. Keys (RQ keeps its own ``rq:`` ke
 ``mtaq:leases:<destination>`` hash: queue id -> the token of the job working on that message for
                     that destination (common/leasebook.py); a lease counts while its holder key lives
 ``mtaq:holder:<token>`` string with a TTL: a job's leases are alive (pushed on by its worker's heartbeat)
+``mtaq:lease:<id>:finish`` string with a TTL: a finisher's claim on building that message's report
 ``mtaq:sweep-lock`` string with a TTL: the worker sweeping the queue now
 ``mtaq:hold``       set: queue ids an operator put on hold (`mtaq queue hold`); never delivered until released
 ``mtaq:samples``    sorted set: time -> JSON sample of queue depth and counters (the status page's chart)
@@ -42,6 +43,8 @@ StoreFull, never a redis-py exception: callers decide what to answer without kno
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +98,7 @@ COMMIT_MARK_TTL = 3600  # seconds a commit's mark lasts: far longer than an inte
 QCOUNTS = PREFIX + "queue:counts"  # hash: bytes, m:deferred, m:held, r:active, r:deferred, r:held
 QDEFERRED = PREFIX + "queue:deferred"  # zset: queue id -> arrival, messages with a deferred recipient
 QDESTS = PREFIX + "queue:dests"  # set: destinations that have an index
+QDESTS_GEN = PREFIX + "queue:dests-gen"  # string: changes whenever a destination leaves QDESTS
 QDEST_PREFIX = PREFIX + "queue:dest:"  # + destination: zset, queue id -> arrival, open recipients there
 
 
@@ -125,6 +129,10 @@ def left_key(qid: str) -> str:
 
 def commit_mark_key(mark: str) -> str:
     return f"{PREFIX}committed:{mark}"
+
+
+def claim_key(qid: str, what: str) -> str:
+    return f"{PREFIX}lease:{qid}:{what}"
 
 
 def leases_key(destination: str) -> str:
@@ -246,6 +254,11 @@ class Store:
         self._claim_warning = r.register_script(_CLAIM_WARNING)
         self._hold = r.register_script(queuestats.HOLD)
         self._repair = r.register_script(queuestats.REPAIR)
+        # destinations this process's commits found in QDESTS, and under which generation
+        # (queuestats.COMMIT: their SADD is left out while the generation holds)
+        self._lock = threading.Lock()
+        self._dests_generation = ""
+        self._dests_known: set[str] = set()
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -296,7 +309,12 @@ class Store:
                 pipe.zadd(INDEX, {m.envelope.id: m.envelope.received_at for m in messages})
                 pipe.hincrby(STATS, "received", len(messages))
                 # EVAL: see _delete
-                pipe.eval(queuestats.COMMIT, 2, QCOUNTS, QDESTS, *plan.args(QDEST_PREFIX))
+                with self._lock:
+                    generation = self._dests_generation
+                    known = {d for d in plan.by_destination if d in self._dests_known}
+                args = plan.args(QDEST_PREFIX, generation, uuid.uuid4().hex, known)
+                at = len(pipe.command_stack)
+                pipe.eval(queuestats.COMMIT, 3, QCOUNTS, QDESTS, QDESTS_GEN, *args)
             self._delete(pipe, list(delete))
             by_dest: dict[str, list[str]] = {}
             for qid, dest in unlease:
@@ -308,7 +326,18 @@ class Store:
             self.stage_events(pipe, events)
             if mark:
                 pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
-            pipe.execute()
+            done = pipe.execute()
+        if messages:
+            answer = done[at]
+            self._listed(answer.decode() if isinstance(answer, bytes) else str(answer), plan.by_destination)
+
+    def _listed(self, generation: str, dests: Iterable[str]) -> None:
+        """These destinations are in QDESTS under ``generation`` (the commit's answer)."""
+        with self._lock:
+            if generation != self._dests_generation:
+                self._dests_generation = generation
+                self._dests_known.clear()
+            self._dests_known.update(dests)
 
     def stage_events(self, pipe: Any, events: Sequence[Event]) -> None:
         """Add events to the stream in ``pipe`` (nothing when events are off)."""

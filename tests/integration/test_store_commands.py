@@ -31,10 +31,12 @@ def message(qid: str) -> Message:
 def test_a_delivered_message_of_one_recipient(redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
     store = Store(r)
+    store.commit([message("Q0")])  # y.test listed in the destinations' set, under a generation
     before = calls(r)
     store.commit([message("Q1"), message("Q2")])
     committed = spent(before, calls(r))
     assert committed["hset"] == 2 and "set" not in committed  # one key a message, no counter
+    assert committed["get"] == 1 and "sadd" not in committed  # y.test listed already (queuestats.COMMIT)
     assert store.hold(["Q2"]) == ["Q2"]  # something is held: an older summary would ask the set
     r.script_load(SET_STATUSES)  # as a running worker has it
     book = LeaseBook(r)

@@ -6,12 +6,16 @@ import redis
 
 from common.envelope import LOG_STATUS, Envelope, RcptState, Recipient, RecipientStatus, outcome_of
 from common.jobqueue import DRAIN_FUNC, DeliveryQueue
+from common.queuestats import DROP_EMPTY
 from common.routing import Router, next_hop
 from common.spool import Spool
 from common.statusscript import STATUSES_PER_CALL
 from common.store import (
     INDEX,
     QCOUNTS,
+    QDEST_PREFIX,
+    QDESTS,
+    QDESTS_GEN,
     Message,
     Store,
     StoreFull,
@@ -66,6 +70,29 @@ def test_a_busy_destination_has_one_job_queued_however_many_commits(spool: Spool
     assert len(spool.queue.rq.get_jobs()) == 1
     assert spool.queue.pending_ids("one.test") == [f"Q{i}" for i in range(5)]
     assert spool.queue.pending() == 5
+
+
+def test_a_commit_lists_its_destinations_until_the_sweep_takes_one_out(store: Store) -> None:
+    """A destination with an index is in QDESTS (what the monitoring reads). A process that added
+    one leaves out its SADD while the set's generation holds (issue 15: an SADD a destination a
+    commit); the sweep's removal of an emptied destination starts a new generation, and then
+    every destination is added again."""
+    r = store.redis
+    store.commit([Message(env("Q1", "a@one.test", "b@two.test"), b"x")])
+    assert r.smembers(QDESTS) == {b"one.test", b"two.test"} and r.exists(QDESTS_GEN)
+    r.srem(QDESTS, "one.test")  # behind the writers' back: the generation says it is still there
+    store.commit([Message(env("Q2", "a@one.test"), b"x")])
+    assert r.smembers(QDESTS) == {b"two.test"}, "a destination it listed under this generation: no SADD"
+    store.commit([Message(env("Q3", "a@three.test"), b"x")])
+    assert r.smembers(QDESTS) == {b"two.test", b"three.test"}, "one it did not list yet: added"
+    r.zrem(qdest_key("two.test"), "Q1")  # two.test's index empty: the sweep takes it out
+    assert r.eval(DROP_EMPTY, 2, QDESTS, QDESTS_GEN, QDEST_PREFIX, "g2") == 1
+    assert r.smembers(QDESTS) == {b"three.test"} and r.get(QDESTS_GEN) == b"g2"
+    store.commit([Message(env("Q4", "a@one.test"), b"x")])
+    assert r.smembers(QDESTS) == {b"one.test", b"three.test"}, "a new generation: listed again"
+    r.delete(QDESTS, QDESTS_GEN)  # a flushed or restored Redis
+    store.commit([Message(env("Q5", "a@one.test"), b"x")])
+    assert r.smembers(QDESTS) == {b"one.test"} and r.exists(QDESTS_GEN)
 
 
 def test_commit_hands_the_body_to_redis_py_uncopied(store: Store) -> None:
