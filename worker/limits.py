@@ -33,6 +33,7 @@ from typing import Any, TypeVar, cast
 import redis
 
 from common.store import PREFIX, dest_key
+from worker.claimwatch import ClaimWatch
 
 __all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot", "free_slots"]
 
@@ -120,7 +121,9 @@ if room < asked then
   if not wp or wp == ARGV[5] or mine < tonumber(wm) then
     redis.call('SET', KEYS[3], ARGV[5] .. ':' .. mine, 'PX', ARGV[6])
     local now_ms = math.floor(tonumber(ARGV[1]) * 1000)
-    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[6]) + tonumber(ARGV[9]), ARGV[8])
+    local listed = now_ms + tonumber(ARGV[6]) + tonumber(ARGV[9])
+    redis.call('ZADD', KEYS[4], listed, ARGV[8])
+    redis.call('PUBLISH', KEYS[4], ARGV[8] .. '\t' .. string.format('%d', listed))  -- worker/claimwatch.py
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - tonumber(ARGV[9]))
     redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]) + 2 * tonumber(ARGV[9]))
   end
@@ -128,6 +131,7 @@ if room < asked then
 elseif wp == ARGV[5] then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[8])
+  redis.call('PUBLISH', KEYS[4], ARGV[8] .. '\t0')
 end
 local add = {}
 for i = 1, room do
@@ -306,6 +310,7 @@ class DestinationLimits:
         self._full_until: dict[str, float] = {}
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
         self._looks: dict[str, tuple[float, Any]] = {}  # Redis key -> (read again from then, what it said)
+        self._watch = ClaimWatch(r, WANTS_KEY)  # the claims' listing, over pub/sub
         self._lock = threading.Lock()
 
     def acquire(self, destination: str) -> Slot | None:
@@ -421,7 +426,11 @@ class DestinationLimits:
         return None if who == self.process else theirs
 
     def _claimed(self, now: float) -> frozenset[str]:
-        """The destinations some process has a claim on (WANTS_KEY)."""
+        """The destinations some process has a claim on (WANTS_KEY): as the subscription has them
+        (worker/claimwatch.py), or read from the set when it cannot say."""
+        listed = self._watch.listed(now)
+        if listed is not None:
+            return listed
         return self._look(
             WANTS_KEY,
             now,

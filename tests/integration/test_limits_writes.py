@@ -49,6 +49,35 @@ def test_a_claim_is_listed_for_every_process_to_see(redis_server: RedisServer) -
     assert busy.should_yield("y.test")
 
 
+def test_a_process_hears_of_claims_over_pub_sub_and_asks_redis_nothing_meanwhile(redis_server: RedisServer) -> None:
+    """worker/claimwatch.py on a real redis-server: the acquire script's PUBLISH reaches another
+    process's subscription, and a hundred conversations' questions while nothing is claimed cost
+    Redis no command (issue 15: the look at the listing was 0.37 commands a message)."""
+    r = redis.Redis.from_url(redis_server.url)
+    busy = DestinationLimits(r, concurrency=2, clock=time.time)
+    starved = DestinationLimits(r, concurrency=2, clock=time.time)
+    held = [busy.acquire("y.test"), busy.acquire("y.test")]
+    assert not busy.should_yield("y.test")  # subscribes, reads the listing once
+    before = r.info("commandstats")
+    assert not any(busy.should_yield("y.test") for _ in range(100))
+    after = r.info("commandstats")
+    after.pop("cmdstat_info")
+    assert after == {k: v for k, v in before.items() if k != "cmdstat_info"}
+    assert starved.acquire("y.test") is None  # a claim: published
+    deadline = time.monotonic() + 5
+    while not busy.should_yield("y.test") and time.monotonic() < deadline:
+        time.sleep(0.01)  # the message crosses a socket
+    assert time.monotonic() < deadline, "the claim was not heard of"
+    for slot in held:
+        assert slot is not None
+        slot.free()
+    assert starved.acquire("y.test") is not None  # unlisted: published too
+    deadline = time.monotonic() + 5
+    while "y.test" in busy._claimed(time.time()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time.monotonic() < deadline, "the claim's end was not heard of"
+
+
 def _aof(rs: RedisServer) -> bytes:
     """Everything in the server's append-only file(s) (Redis 7 keeps several in a directory)."""
     return b"".join(p.read_bytes() for p in rs.dir.rglob("*.aof*") if p.is_file())

@@ -10,6 +10,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
@@ -173,15 +174,8 @@ def test_the_process_holding_fewest_slots_claims_the_next_one(r: fakeredis.FakeR
     assert starved.acquire("y.test") is not None
 
 
-def test_a_process_looks_for_claims_once_for_all_its_conversations(
-    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No destination's ``want`` is read while no claim is listed, and the list is read at most
-    once every WANTS_LOOK seconds however many conversations ask; a claim made meanwhile is seen
-    at the next look."""
-    busy, starved = limits(r, clock, concurrency=3), limits(r, clock, concurrency=3)
-    for _ in range(3):
-        assert busy.acquire("y.test") is not None
+def counting(r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """The names of these Redis client methods, as they are called from now on."""
     asked: list[str] = []
 
     def counted(name: str) -> Callable[..., Any]:
@@ -193,19 +187,64 @@ def test_a_process_looks_for_claims_once_for_all_its_conversations(
 
         return call
 
-    for name in ("get", "zrangebyscore"):
+    for name in names:
         monkeypatch.setattr(r, name, counted(name))
+    return asked
+
+
+def test_a_process_reads_the_claims_once_and_hears_of_each_one_as_it_is_made(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing is read when the process subscribes (worker/claimwatch.py); after that no
+    conversation's question asks Redis anything while no claim is listed, a claim is heard of as
+    the acquire script publishes it, and its end as the claimer takes its slot."""
+    busy, starved = limits(r, clock, concurrency=3), limits(r, clock, concurrency=3)
+    slots = [busy.acquire("y.test") for _ in range(3)]
+    asked = counting(r, monkeypatch, "get", "zrangebyscore")
     assert not any(busy.should_yield("y.test") for _ in range(10)), "nobody waits"
+    assert asked == ["zrangebyscore"]  # once, when it subscribed
+    assert starved.acquire("y.test") is None  # a claim, published
+    assert busy.should_yield("y.test"), "heard of at once"
+    assert asked == ["zrangebyscore", "get"]  # and the claim itself read, as a listed one is
+    slots[0].free()  # type: ignore[union-attr]
+    assert starved.acquire("y.test") is not None  # the claimer takes its slot: unlisted
+    clock.now += YIELD_GAP
+    assert not busy.should_yield("y.test") and asked == ["zrangebyscore", "get"]
+
+
+def test_a_claim_nobody_unlists_lapses_with_its_listing(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    busy, starved = limits(r, clock, concurrency=3), limits(r, clock, concurrency=3)
+    for _ in range(3):
+        assert busy.acquire("y.test") is not None
+    assert starved.acquire("y.test") is None and busy.should_yield("y.test")
+    asked = counting(r, monkeypatch, "get", "zrangebyscore")
+    # the claimer died: its claim lapsed (WANT_MS) and its listing after it (WANTS_SLACK_MS)
+    clock.now += 1.0 + WANTS_SLACK_MS / 1000
+    assert not busy.should_yield("y.test") and asked == []
+
+
+def test_without_a_subscription_the_claims_are_read_once_a_look(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis refuses the subscription (or it fails): the set is read at most every WANTS_LOOK
+    seconds for all the conversations, as before the subscription was there."""
+
+    def refused(**kw: Any) -> Any:
+        raise redis.ConnectionError("no pub/sub here")
+
+    monkeypatch.setattr(r, "pubsub", refused)
+    busy, starved = limits(r, clock, concurrency=3), limits(r, clock, concurrency=3)
+    for _ in range(3):
+        assert busy.acquire("y.test") is not None
+    asked = counting(r, monkeypatch, "get", "zrangebyscore")
+    assert not any(busy.should_yield("y.test") for _ in range(10))
     assert asked == ["zrangebyscore"]
-    assert starved.acquire("y.test") is None  # a claim, listed in the wants
+    assert starved.acquire("y.test") is None
     assert not busy.should_yield("y.test"), "not seen before the next look"
     clock.now += WANTS_LOOK
-    assert busy.should_yield("y.test")
-    assert asked == ["zrangebyscore", "zrangebyscore", "get"]
-    # the claim lapsed (WANT_MS) and its listing after it (WANTS_SLACK_MS): the waiting process
-    # did not ask again
-    clock.now += 1.0 + WANTS_SLACK_MS / 1000
-    assert not busy.should_yield("y.test") and asked[-1] == "zrangebyscore"
+    assert busy.should_yield("y.test") and asked == ["zrangebyscore", "zrangebyscore", "get"]
 
 
 def test_a_listing_survives_clocks_apart_and_goes_with_the_claim(r: fakeredis.FakeRedis, clock: FakeClock) -> None:

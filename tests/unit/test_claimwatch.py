@@ -1,0 +1,62 @@
+"""worker/claimwatch.py on fakeredis: the listing read when the subscription opens, then kept by
+what is published; opened again (and read again) every RESUBSCRIBE seconds; None when it cannot
+say, and a fresh subscription after that."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from worker.claimwatch import RESUBSCRIBE, ClaimWatch
+
+KEY = "mtaq:dest:wants"
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_set_is_read_once_then_messages_keep_it() -> None:
+    r, ticks = fakeredis.FakeRedis(), Ticks()
+    r.zadd(KEY, {"a.test": 5000})
+    watch = ClaimWatch(r, KEY, monotonic=ticks)
+    assert watch.listed(1.0) == frozenset({"a.test"})  # listed until 5 s (ms), read at the subscription
+    r.publish(KEY, "b.test\t9000")
+    r.publish(KEY, "a.test\t0")  # its claimer took a slot
+    r.publish(KEY, "garbage")
+    assert watch.listed(2.0) == frozenset({"b.test"})
+    assert watch.listed(9.5) == frozenset(), "lapsed"
+
+
+def test_the_subscription_is_opened_again_and_the_set_read_again() -> None:
+    r, ticks = fakeredis.FakeRedis(), Ticks()
+    watch = ClaimWatch(r, KEY, monotonic=ticks)
+    assert watch.listed(1.0) == frozenset()
+    r.zadd(KEY, {"a.test": 5000})  # written, never published (a message lost with a connection)
+    assert watch.listed(1.0) == frozenset()
+    ticks.now += RESUBSCRIBE
+    assert watch.listed(1.0) == frozenset({"a.test"})
+
+
+def test_redis_trouble_says_nothing_and_the_next_look_subscribes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, ticks = fakeredis.FakeRedis(), Ticks()
+    watch = ClaimWatch(r, KEY, monotonic=ticks)
+    assert watch.listed(1.0) == frozenset()
+    sub = watch._sub
+
+    def broken(**kw: Any) -> Any:
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(sub, "get_message", broken)
+    assert watch.listed(1.0) is None  # the caller reads the set itself
+    r.zadd(KEY, {"a.test": 5000})
+    assert watch.listed(1.0) == frozenset({"a.test"}) and watch._sub is not sub
+    watch.close()
+    assert watch._sub is None
