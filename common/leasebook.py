@@ -40,13 +40,17 @@ local function chunked(cmd, key, list)
   end
   return out
 end
+-- the ids ARGV holds from ``first`` on, and the token the destination's hash names for each
+local function named(first)
+  local ids = {}
+  for i = first, #ARGV do ids[#ids + 1] = ARGV[i] end
+  return ids, chunked('HMGET', KEYS[1], ids)
+end
 """
 _TAKE_LEASES = (
     _CHUNKED
     + """
-local ids = {}
-for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
-local cur = chunked('HMGET', KEYS[1], ids)
+local ids, cur = named(5)
 local alive, set, got = {}, {}, {}
 for i, q in ipairs(ids) do
   local h = cur[i]
@@ -75,9 +79,7 @@ return got
 _END_LEASES = (
     _CHUNKED
     + """
-local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-local cur = chunked('HMGET', KEYS[1], ids)
+local ids, cur = named(2)
 local mine = {}
 for i = 1, #cur do
   if cur[i] == ARGV[1] then mine[#mine + 1] = ids[i] end

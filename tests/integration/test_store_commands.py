@@ -99,3 +99,17 @@ def test_a_jobs_load_reads_the_hold_flag_with_the_message(redis_server: RedisSer
     loaded, held = store.load_with_hold(["Q3", "Q4"])
     assert held == {"Q4"} and all(x is not None for x in loaded)
     assert spent(before, calls(r))["smismember"] == 1
+
+
+def test_a_job_of_thousands_of_messages_takes_and_ends_its_leases(redis_server: RedisServer) -> None:
+    """Lua's unpack() is bounded by its stack (8000 values): the lease scripts pass long lists to
+    Redis 1000 at a time (a bounce of 5,000 messages takes their leases in one call)."""
+    r = redis.Redis.from_url(redis_server.url)
+    book = LeaseBook(r)
+    ids = [f"Q{n}" for n in range(5000)]
+    assert book.take(ids, "y.test", "big", 20.0) == ids
+    assert r.hlen(leases_key("y.test")) == 5000
+    r.delete("mtaq:holder:big")  # its worker died
+    assert book.take(ids[:4500], "y.test", "next", 20.0) == ids[:4500]  # taken over
+    book.end(ids, "y.test", "next")
+    assert r.hlen(leases_key("y.test")) == 500 and book.prune(["y.test"]) == 500

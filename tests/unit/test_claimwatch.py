@@ -10,21 +10,14 @@ import fakeredis
 import pytest
 import redis
 
+from tests.unit.fakeclock import FakeClock
 from worker.claimwatch import RESUBSCRIBE, ClaimWatch
 
 KEY = "mtaq:dest:wants"
 
 
-class Ticks:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_set_is_read_once_then_messages_keep_it() -> None:
-    r, ticks = fakeredis.FakeRedis(), Ticks()
+    r, ticks = fakeredis.FakeRedis(), FakeClock(100.0)
     r.zadd(KEY, {"a.test": 5000})
     watch = ClaimWatch(r, KEY, monotonic=ticks)
     assert watch.listed(1.0) == frozenset({"a.test"})  # listed until 5 s (ms), read at the subscription
@@ -36,7 +29,7 @@ def test_the_set_is_read_once_then_messages_keep_it() -> None:
 
 
 def test_the_subscription_is_opened_again_and_the_set_read_again() -> None:
-    r, ticks = fakeredis.FakeRedis(), Ticks()
+    r, ticks = fakeredis.FakeRedis(), FakeClock(100.0)
     watch = ClaimWatch(r, KEY, monotonic=ticks)
     assert watch.listed(1.0) == frozenset()
     r.zadd(KEY, {"a.test": 5000})  # written, never published (a message lost with a connection)
@@ -46,7 +39,7 @@ def test_the_subscription_is_opened_again_and_the_set_read_again() -> None:
 
 
 def test_redis_trouble_says_nothing_and_the_next_look_subscribes_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    r, ticks = fakeredis.FakeRedis(), Ticks()
+    r, ticks = fakeredis.FakeRedis(), FakeClock(100.0)
     watch = ClaimWatch(r, KEY, monotonic=ticks)
     assert watch.listed(1.0) == frozenset()
     sub = watch._sub
