@@ -195,3 +195,24 @@ def test_a_worker_says_it_reads_one_key_a_message_and_opens_the_gate_when_all_do
     assert service.store.inline and r.get(LAYOUT_KEY) == LAYOUT_INLINE.encode()
     other = Store(r, inline=False)
     assert other.refresh_layout() and other.inline  # any process sees it at its next look
+
+
+def test_an_execution_is_pushed_on_once_a_quarter_of_its_ttl_old(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """A job younger than a quarter of EXECUTION_TTL still has three quarters of it: its beat
+    writes nothing (issue 15: most jobs end before); an older one's expiry is pushed on."""
+    w = worker(r, service)
+    w.register_birth()
+    q = service.spool.queue.rq
+    job = q.enqueue("os.getpid", result_ttl=0)
+    execution = w.prepare_execution(job)
+    w._running[execution.id] = (job, execution, threading.Thread())
+    w._renewed[execution.id] = time.monotonic()  # as the loop starting it does
+    registry = q.started_job_registry.key
+    r.zadd(registry, {execution.composite_key: 1.0})  # lapsing, were it written
+    w.beat()
+    assert r.zscore(registry, execution.composite_key) == 1.0, "young: left alone"
+    w._renewed[execution.id] -= EXECUTION_TTL / 4
+    w.beat()
+    assert (r.zscore(registry, execution.composite_key) or 0) > time.time() + EXECUTION_TTL - 5
