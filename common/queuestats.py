@@ -139,10 +139,8 @@ def commit_plan(
     return plan
 
 
-# The commit's counters and indexes in one command of its MULTI/EXEC. KEYS: counts, destinations
-# set; ARGV: destination index prefix, octets, recipients, then per destination: its name, n, and n
-# (queue id, arrival) pairs.
-# KEYS: counts hash, destinations set, the set's generation. ARGV: index prefix, octets,
+# The commit's counters and indexes in one command of its MULTI/EXEC. KEYS: counts hash,
+# destinations set, the set's generation. ARGV: index prefix, octets,
 # recipients, the generation the writer knows, a new one (when the set has none), then per
 # destination: name, known (1/0), n, and n (queue id, arrival). Returns the set's generation.
 # A destination stays in the set while its index has an entry: only the sweep takes one out, and

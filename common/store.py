@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ QCOUNTS = PREFIX + "queue:counts"  # hash: bytes, m:deferred, m:held, r:active, 
 QDEFERRED = PREFIX + "queue:deferred"  # zset: queue id -> arrival, messages with a deferred recipient
 QDESTS = PREFIX + "queue:dests"  # set: destinations that have an index
 QDESTS_GEN = PREFIX + "queue:dests-gen"  # string: changes whenever a destination leaves QDESTS
+DESTS_KNOWN_FOR = 60.0  # seconds a process trusts what it knows of QDESTS (Store.commit)
 QDEST_PREFIX = PREFIX + "queue:dest:"  # + destination: zset, queue id -> arrival, open recipients there
 
 
@@ -259,6 +261,7 @@ class Store:
         self._lock = threading.Lock()
         self._dests_generation = ""
         self._dests_known: set[str] = set()
+        self._dests_until = 0.0  # monotonic: forget what is known from then (DESTS_KNOWN_FOR)
 
     # -- writing new mail -------------------------------------------------------------------------
     def commit(
@@ -310,6 +313,12 @@ class Store:
                 pipe.hincrby(STATS, "received", len(messages))
                 # EVAL: see _delete
                 with self._lock:
+                    if time.monotonic() >= self._dests_until:
+                        # forgotten once a minute: what only the generation cannot tell (a failover
+                        # that lost the SADD and kept the generation, an older sweep's removal)
+                        # costs at most a minute of a destination missing from the set
+                        self._dests_generation, self._dests_until = "", time.monotonic() + DESTS_KNOWN_FOR
+                        self._dests_known.clear()
                     generation = self._dests_generation
                     known = {d for d in plan.by_destination if d in self._dests_known}
                 args = plan.args(QDEST_PREFIX, generation, uuid.uuid4().hex, known)
@@ -326,7 +335,12 @@ class Store:
             self.stage_events(pipe, events)
             if mark:
                 pipe.set(commit_mark_key(mark), 1, ex=COMMIT_MARK_TTL)
-            done = pipe.execute()
+            try:
+                done = pipe.execute()
+            except redis.RedisError:
+                with self._lock:  # a lost connection may be a failover: ask the set again
+                    self._dests_generation = ""
+                raise
         if messages:
             answer = done[at]
             self._listed(answer.decode() if isinstance(answer, bytes) else str(answer), plan.by_destination)

@@ -359,6 +359,7 @@ class Crew:
         """Conversations end after their transaction; idle connections close."""
         self.stopping.set()
         self.cache.sweep(everything=True)
+        self.limits.close()
 
 
 def _hang_up(opened: Opened | None) -> None:

@@ -365,8 +365,14 @@ class DestinationLimits:
                 "could not free %d connection slot(s) for %s; they lapse in %.0fs", len(slots), destination, SLOT_TTL
             )
 
+    def close(self) -> None:
+        """The claims' subscription goes (the process stops)."""
+        self._watch.close()
+
     def heartbeat(self) -> int:
-        """Push on the leases of every slot this process holds; returns how many are held."""
+        """Push on the leases of every slot this process holds; returns how many are held. Also
+        reads what was published on the claims' channel meanwhile (ClaimWatch.tick)."""
+        self._watch.tick()
         with self._lock:
             by_dest: dict[str, list[str]] = {}
             for slot in self._held.values():

@@ -159,6 +159,7 @@ class ConcurrentWorker(SimpleWorker):
         with permit:  # given back here when the execution cannot be registered
             named = QueuedJob.of(job)
             self.service.intake.begin(job.id, None if job.func_name == DRAIN_FUNC else len(named.ids))
+            started = time.monotonic()  # before its expiry is set: the renewal is never late
             try:
                 execution = self.prepare_execution(job)
             except _REDIS_GONE as e:
@@ -174,7 +175,7 @@ class ConcurrentWorker(SimpleWorker):
             )
             with self._running_lock:
                 self._running[execution.id] = (job, execution, t)
-                self._renewed[execution.id] = time.monotonic()  # prepare_execution gave it EXECUTION_TTL
+                self._renewed[execution.id] = started  # prepare_execution gave it EXECUTION_TTL from then
         t.start()
 
     # -- RQ's bookkeeping per job, lean (worker/rqbook.py): two transactions a job
@@ -316,10 +317,12 @@ class ConcurrentWorker(SimpleWorker):
         now = time.monotonic()
         with self._running_lock:
             running = list(self._running.values())
-            # an execution is pushed on once a quarter of its TTL old, as the leases are
-            # (worker/leases.py): a job younger than that still has 15 s of its 20, and most jobs end
-            # before (issue 15: five commands a running job every beat were 0.3 of the 16 a
-            # message cost on the ceiling load)
+            # an execution is pushed on at the first beat once it is a quarter of its TTL old, as
+            # the leases are (worker/leases.py), then at every beat: a job younger than that still
+            # has 15 s of its 20, and most jobs end before (issue 15: five commands a running job
+            # every beat were 0.3 of the 16 a message cost on the ceiling load). The first renewal
+            # comes 5-10 s after the start, leaving about 9 s in hand (the registry's expiry is in
+            # whole seconds)
             due = [x for x in running if now - self._renewed.get(x[1].id, float("-inf")) >= EXECUTION_TTL / 4]
         with self.connection.pipeline() as pipe:
             self.heartbeat(EXECUTION_TTL + 60, pipeline=pipe)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.unit.fakeclock import FakeClock
-from worker.claimwatch import RESUBSCRIBE, ClaimWatch
+from worker.claimwatch import RESUBSCRIBE, RETRY_AFTER, ClaimWatch
 
 KEY = "mtaq:dest:wants"
 
@@ -38,7 +38,10 @@ def test_the_subscription_is_opened_again_and_the_set_read_again() -> None:
     assert watch.listed(1.0) == frozenset({"a.test"})
 
 
-def test_redis_trouble_says_nothing_and_the_next_look_subscribes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redis_trouble_says_nothing_and_a_new_subscription_waits_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failure the watch says nothing (the caller reads the set itself, once a look) and
+    opens no new subscription for RETRY_AFTER seconds: Redis gone must not cost every
+    conversation a connection attempt."""
     r, ticks = fakeredis.FakeRedis(), FakeClock(100.0)
     watch = ClaimWatch(r, KEY, monotonic=ticks)
     assert watch.listed(1.0) == frozenset()
@@ -48,8 +51,24 @@ def test_redis_trouble_says_nothing_and_the_next_look_subscribes_again(monkeypat
         raise redis.ConnectionError("gone")
 
     monkeypatch.setattr(sub, "get_message", broken)
-    assert watch.listed(1.0) is None  # the caller reads the set itself
+    assert watch.listed(1.0) is None
     r.zadd(KEY, {"a.test": 5000})
+    assert watch.listed(1.0) is None and watch._sub is None, "not again at once"
+    ticks.now += RETRY_AFTER
     assert watch.listed(1.0) == frozenset({"a.test"}) and watch._sub is not sub
     watch.close()
     assert watch._sub is None
+
+
+def test_the_heartbeat_reads_the_subscription_and_lets_an_unused_one_go() -> None:
+    r, ticks = fakeredis.FakeRedis(), FakeClock(100.0)
+    watch = ClaimWatch(r, KEY, monotonic=ticks)
+    assert watch.listed(1.0) == frozenset()
+    r.publish(KEY, "a.test\t9000")
+    watch.tick()  # read now: Redis keeps nothing for it in the meantime
+    assert watch._scores == {"a.test": 9000}
+    ticks.now += RESUBSCRIBE  # nobody asked for that long
+    watch.tick()
+    assert watch._sub is None
+    r.zadd(KEY, {"b.test": 9000})
+    assert watch.listed(1.0) == frozenset({"b.test"}), "the next question subscribes again"

@@ -95,6 +95,29 @@ def test_a_commit_lists_its_destinations_until_the_sweep_takes_one_out(store: St
     assert r.smembers(QDESTS) == {b"one.test"} and r.exists(QDESTS_GEN)
 
 
+def test_what_a_process_knows_of_the_listed_destinations_lasts_a_minute_or_until_a_failure() -> None:
+    """What the generation cannot tell (a failover that lost the SADD but kept the generation; an
+    older mtaq's sweep, which removes without a new generation) is asked again a minute later,
+    and at once after a commit failed (a lost connection may be a failover)."""
+    server = fakeredis.FakeServer()
+    r = fakeredis.FakeRedis(server=server)
+    store = Store(r)
+    store.commit([Message(env("Q1", "a@one.test"), b"x")])
+    r.srem(QDESTS, "one.test")  # lost, the generation kept
+    store.commit([Message(env("Q2", "a@one.test"), b"x")])
+    assert not r.sismember(QDESTS, "one.test")
+    store._dests_until = 0.0  # a minute later
+    store.commit([Message(env("Q3", "a@one.test"), b"x")])
+    assert r.sismember(QDESTS, "one.test")
+    r.srem(QDESTS, "one.test")
+    server.connected = False
+    with pytest.raises(StoreUnavailable):
+        store.commit([Message(env("Q4", "a@one.test"), b"x")])
+    server.connected = True
+    store.commit([Message(env("Q5", "a@one.test"), b"x")])
+    assert r.sismember(QDESTS, "one.test")
+
+
 def test_commit_hands_the_body_to_redis_py_uncopied(store: Store) -> None:
     """The body goes into the transaction as a view of the message's own bytes: redis-py writes a
     memoryview as it is, where hiredis's packer copies a bytes argument into the command."""
