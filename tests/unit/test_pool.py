@@ -8,10 +8,13 @@ import datetime
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
+from rq import Queue
 from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from common.envelope import Envelope, Recipient
@@ -135,15 +138,21 @@ def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
     assert r.ttl(w.key) > 5
 
 
-def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
-    """The heartbeat read the running jobs just before one ended and was deleted: its beat must not
-    create the job's hash again (a hash of last_heartbeat alone, with no TTL: rq#1450)."""
+def running_job(r: fakeredis.FakeRedis, service: DeliveryService) -> tuple[ConcurrentWorker, Queue, Job, Any]:
+    """A registered worker running one job (its execution registered, as RQ's loop leaves it)."""
     w = worker(r, service)
     w.register_birth()
     q = service.spool.queue.rq
     job = q.enqueue("os.getpid", result_ttl=0)
     execution = w.prepare_execution(job)
     w._running[execution.id] = (job, execution, threading.Thread())
+    return w, q, job, execution
+
+
+def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    """The heartbeat read the running jobs just before one ended and was deleted: its beat must not
+    create the job's hash again (a hash of last_heartbeat alone, with no TTL: rq#1450)."""
+    w, q, job, execution = running_job(r, service)
     assert r.zscore(q.started_job_registry.key, execution.composite_key) is not None
     r.delete(job.key)  # the job ended and went, as the beat was reading the running jobs
     w.beat()
@@ -202,12 +211,7 @@ def test_an_execution_is_pushed_on_once_a_quarter_of_its_ttl_old(
 ) -> None:
     """A job younger than a quarter of EXECUTION_TTL still has three quarters of it: its beat
     writes nothing (issue 15: most jobs end before); an older one's expiry is pushed on."""
-    w = worker(r, service)
-    w.register_birth()
-    q = service.spool.queue.rq
-    job = q.enqueue("os.getpid", result_ttl=0)
-    execution = w.prepare_execution(job)
-    w._running[execution.id] = (job, execution, threading.Thread())
+    w, q, _, execution = running_job(r, service)
     w._renewed[execution.id] = time.monotonic()  # as the loop starting it does
     registry = q.started_job_registry.key
     r.zadd(registry, {execution.composite_key: 1.0})  # lapsing, were it written
