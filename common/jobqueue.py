@@ -39,6 +39,7 @@ from rq.serializers import JSONSerializer
 
 from common.settings import Settings
 from common.store import ARMED, DRAWN_AVG, PEND_COUNT, drawn_key, pend_key
+from common.storeio import reply_text
 
 __all__ = ["CRASH_RETRY", "DELIVER_FUNC", "DRAIN_FUNC", "DeliveryQueue", "QueueCounts", "QueuedJob"]
 
@@ -276,7 +277,7 @@ class DeliveryQueue:
         ttl = self.job_timeout + DRAWN_TTL_EXTRA
         keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
         got = self._draw(keys=keys, args=[destination, job_id, max(1, limit), ttl, next_id, *writes])
-        return [_text(x) for x in got]
+        return [reply_text(x) for x in got]
 
     def drawn_done(self, job_id: str) -> None:
         """The drain job's messages are delivered, deferred with a job of their own, or gone."""
@@ -284,15 +285,15 @@ class DeliveryQueue:
 
     def pending_ids(self, destination: str) -> list[str]:
         """The ids in ``destination``'s pending list (an operator's question: the whole list)."""
-        return [_text(x) for x in self.rq.connection.lrange(pend_key(destination), 0, -1)]
+        return [reply_text(x) for x in self.rq.connection.lrange(pend_key(destination), 0, -1)]
 
     def drawn(self, job_id: str) -> list[str]:
         """The ids drain job ``job_id`` took (none once it finished)."""
-        return [_text(x) for x in self.rq.connection.lrange(drawn_key(job_id), 0, -1)]
+        return [reply_text(x) for x in self.rq.connection.lrange(drawn_key(job_id), 0, -1)]
 
     def armed(self) -> dict[str, str]:
         """Destination -> the drain job queued for its pending list."""
-        return {_text(d): _text(j) for d, j in self.rq.connection.hgetall(ARMED).items()}
+        return {reply_text(d): reply_text(j) for d, j in self.rq.connection.hgetall(ARMED).items()}
 
     def empty(self) -> None:
         """Nothing queued to run: RQ's ready list emptied (its jobs deleted, as ``rq empty`` does),
@@ -415,10 +416,6 @@ class DeliveryQueue:
         for job in Job.fetch_many(list(job_ids), connection=conn, serializer=JSONSerializer):
             if job is not None:
                 job.delete()
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 def _overwritten(cmd: tuple[Any, ...], later: Sequence[tuple[Any, ...]]) -> bool:

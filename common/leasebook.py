@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import redis
 
 from common.store import HOLDER_PREFIX, claim_key, holder_key, leases_key
+from common.storeio import reply_text
 
 __all__ = ["HASH_TTL", "PRUNE_LEASES", "LeaseBook"]
 
@@ -108,10 +109,6 @@ return #dead
 )
 
 
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
 class LeaseBook:
     """The lease operations on one Redis, each one round trip."""
 
@@ -130,7 +127,7 @@ class LeaseBook:
         ms = max(1000, int(seconds * 1000))
         keys = [leases_key(destination), holder_key(token)]
         args: list[str | int] = [token, ms, HOLDER_PREFIX, int(HASH_TTL * 1000), *qids]
-        return [_text(x) for x in self._take(keys=keys, args=args)]
+        return [reply_text(x) for x in self._take(keys=keys, args=args)]
 
     def claim(self, qids: Sequence[str], what: str, token: str, seconds: float) -> list[str]:
         """Claim each message for ``what`` (the finisher's "finish") for ``seconds``, whatever
@@ -144,15 +141,15 @@ class LeaseBook:
     def holder(self, qid: str, destination: str) -> str | None:
         """The token of the live job holding this message's lease for this destination, or None."""
         token = self.redis.hget(leases_key(destination), qid)
-        if token is None or not self.redis.exists(holder_key(_text(token))):
+        if token is None or not self.redis.exists(holder_key(reply_text(token))):
             return None
-        return _text(token)
+        return reply_text(token)
 
     def left(self, qids: Sequence[str], destination: str) -> float:
         """Seconds until the last of these leases lapses (0 when none is held any more)."""
         if not qids:
             return 0.0
-        holders = {_text(t) for t in self.redis.hmget(leases_key(destination), list(qids)) if t}
+        holders = {reply_text(t) for t in self.redis.hmget(leases_key(destination), list(qids)) if t}
         if not holders:
             return 0.0
         pipe = self.redis.pipeline(transaction=False)

@@ -16,14 +16,11 @@ import redis
 from common.envelope import Envelope
 from common.queuestats import COUNTER_FIELDS, DROP_EMPTY
 from common.store import INDEX, QCOUNTS, QDEFERRED, QDEST_PREFIX, QDESTS, QDESTS_GEN, Message, Store, msg_key, qdest_key
+from common.storeio import reply_text
 
 __all__ = ["Recount", "RecountReport", "recount", "stream_ids"]
 
 log = logging.getLogger("mtaq.queuerecount")
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def stream_ids(r: redis.Redis, chunk: int = 500, first: int = 50) -> Iterator[list[str]]:
@@ -37,7 +34,7 @@ def stream_ids(r: redis.Redis, chunk: int = 500, first: int = 50) -> Iterator[li
     while True:
         low = "-inf" if after is None else repr(after)
         got: Any = r.zrangebyscore(INDEX, low, "+inf", start=0, num=size + len(seen), withscores=True)
-        fresh = [(_text(q), float(s)) for q, s in got if _text(q) not in seen]
+        fresh = [(reply_text(q), float(s)) for q, s in got if reply_text(q) not in seen]
         if not fresh:
             return
         fresh = fresh[:size]
@@ -73,7 +70,7 @@ class Recount:
         self.totals: Counter[str] = Counter()
         self._watch = store.redis.pipeline(transaction=True)
         self._watch.watch(QCOUNTS)  # type: ignore[no-untyped-call]
-        self._before = {_text(k): int(v) for k, v in store.redis.hgetall(QCOUNTS).items()}
+        self._before = {reply_text(k): int(v) for k, v in store.redis.hgetall(QCOUNTS).items()}
 
     def add(self, messages: Sequence[Message]) -> None:
         pipe = self.store.redis.pipeline(transaction=False)
@@ -100,7 +97,7 @@ class Recount:
         self.report.removed = _drop_strays(r)
         want: dict[Any, int] = {f: self.totals.get(f, 0) for f in COUNTER_FIELDS}
         try:
-            now = {_text(k): int(v) for k, v in self._watch.hgetall(QCOUNTS).items()}
+            now = {reply_text(k): int(v) for k, v in self._watch.hgetall(QCOUNTS).items()}
             self.report.drift = {f: now.get(f, 0) - v for f, v in want.items() if now.get(f, 0) != v}
             self._watch.multi()
             self._watch.delete(QCOUNTS)
@@ -125,11 +122,11 @@ def _drop_strays(r: redis.Redis, chunk: int = 1000) -> int:
     """Index entries of messages no longer queued (left by something that bypassed the scripts):
     removed, and destinations whose index is empty taken out of the set. Returns how many."""
     removed = 0
-    keys = [QDEFERRED] + [qdest_key(_text(d)) for d in r.smembers(QDESTS)]
+    keys = [QDEFERRED] + [qdest_key(reply_text(d)) for d in r.smembers(QDESTS)]
     for key in keys:
         start = 0
         while True:
-            ids = [_text(x) for x in r.zrange(key, start, start + chunk - 1)]
+            ids = [reply_text(x) for x in r.zrange(key, start, start + chunk - 1)]
             if not ids:
                 break
             gone = [q for q, s in zip(ids, r.zmscore(INDEX, ids), strict=True) if s is None]

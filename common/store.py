@@ -59,7 +59,15 @@ from common.eventstream import StreamBound
 from common.msglayout import field, hold_flag, is_inline, state_field, states_listed, states_of, states_of_older
 from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATUSES_PER_CALL
 from common.statusscript import REMOVED as REMOVED
-from common.storeio import Replicated, StoreError, StoreFull, StoreNotReplicated, StoreUnavailable, translated
+from common.storeio import (
+    Replicated,
+    StoreError,
+    StoreFull,
+    StoreNotReplicated,
+    StoreUnavailable,
+    reply_text,
+    translated,
+)
 
 __all__ = [
     "SWEEP_LOCK",
@@ -343,7 +351,7 @@ class Store:
                 raise
         if messages:
             answer = done[at]
-            self._listed(answer.decode() if isinstance(answer, bytes) else str(answer), plan.by_destination)
+            self._listed(reply_text(answer), plan.by_destination)
 
     def _listed(self, generation: str, dests: Iterable[str]) -> None:
         """These destinations are in QDESTS under ``generation`` (the commit's answer)."""
@@ -480,7 +488,7 @@ class Store:
         return [qid for qid, changed in zip(ids, pipe.execute(), strict=True) if changed]
 
     def held_ids(self) -> list[str]:
-        return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.smembers(HOLD))
+        return sorted(reply_text(x) for x in self.redis.smembers(HOLD))
 
     def statuses(self, qid: str) -> dict[int, RecipientStatus]:
         """The state of each of a message's recipients, those not yet tried pending ({} when the
@@ -499,10 +507,10 @@ class Store:
             return int(self.redis.zcard(INDEX))
 
     def queue_ids(self, start: int = 0, end: int = -1) -> list[str]:
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in self.redis.zrange(INDEX, start, end)]
+        return [reply_text(x) for x in self.redis.zrange(INDEX, start, end)]
 
     def stats(self) -> dict[str, int]:
-        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in self.redis.hgetall(STATS).items()}
+        return {reply_text(k): int(v) for k, v in self.redis.hgetall(STATS).items()}
 
     # -- recipient state --------------------------------------------------------------------------
     def set_statuses(self, updates: Mapping[str, Mapping[int, RecipientStatus]]) -> dict[str, list[int]]:

@@ -12,9 +12,22 @@ from typing import Any
 
 import redis
 
-__all__ = ["Replicated", "StoreError", "StoreFull", "StoreNotReplicated", "StoreUnavailable", "translated"]
+__all__ = [
+    "Replicated",
+    "StoreError",
+    "StoreFull",
+    "StoreNotReplicated",
+    "StoreUnavailable",
+    "reply_text",
+    "translated",
+]
 
 log = logging.getLogger("mtaq.store")
+
+
+def reply_text(v: Any) -> str:
+    """A Redis reply's bytes (or a decoded client's str) as str: every reader's one conversion."""
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class StoreError(Exception):

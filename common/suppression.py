@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from common.store import SUPPRESSED, SUPPRESSED_CHANGES, SUPPRESSED_SINCE
+from common.storeio import reply_text
 
 __all__ = [
     "CHANGES_MAX",
@@ -122,8 +123,8 @@ class SuppressionList:
         pipe.zrangebyscore(SUPPRESSED, f"({now!r}", "+inf", withscores=True)
         pipe.hgetall(SUPPRESSED_SINCE)
         listed, since = pipe.execute()
-        since_of = {_text(k): float(v) for k, v in since.items()}
-        out = [Entry(_text(a), since_of.get(_text(a), 0.0), float(u)) for a, u in listed]
+        since_of = {reply_text(k): float(v) for k, v in since.items()}
+        out = [Entry(reply_text(a), since_of.get(reply_text(a), 0.0), float(u)) for a, u in listed]
         return sorted(out, key=lambda e: e.address)
 
     def lookup(self, address: str) -> Entry | None:
@@ -135,10 +136,6 @@ class SuppressionList:
         if until is None or float(until) <= self.clock():
             return None
         return Entry(a, float(since or 0.0), float(until))
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class SuppressionCache:
@@ -172,17 +169,17 @@ class SuppressionCache:
         pipe.xrange(SUPPRESSED_CHANGES, "-", "+", count=1)
         pipe.xrange(SUPPRESSED_CHANGES, f"({self._last}", "+", count=10_000)
         first, changes = pipe.execute()
-        if first and self._last != "0-0" and _id_after(_text(first[0][0]), self._last):
+        if first and self._last != "0-0" and _id_after(reply_text(first[0][0]), self._last):
             self._reload()  # trimmed past what this copy has seen: changes were lost to it
             return
         for sid, fields in changes:
             self._apply(fields)
-            self._last = _text(sid)
+            self._last = reply_text(sid)
         if len(changes) == 10_000:
             self.refresh()
 
     def _apply(self, fields: Any) -> None:
-        d = {_text(k): _text(v) for k, v in fields.items()}
+        d = {reply_text(k): reply_text(v) for k, v in fields.items()}
         until = float(d.get("u", "0"))
         if until > 0:
             self._entries[d["a"]] = (float(d.get("s", "0")), until)
@@ -195,9 +192,9 @@ class SuppressionCache:
         pipe.hgetall(SUPPRESSED_SINCE)
         pipe.xrevrange(SUPPRESSED_CHANGES, "+", "-", count=1)
         listed, since, last = pipe.execute()
-        since_of = {_text(k): float(v) for k, v in since.items()}
-        self._entries = {_text(a): (since_of.get(_text(a), 0.0), float(u)) for a, u in listed}
-        self._last = _text(last[0][0]) if last else "0-0"
+        since_of = {reply_text(k): float(v) for k, v in since.items()}
+        self._entries = {reply_text(a): (since_of.get(reply_text(a), 0.0), float(u)) for a, u in listed}
+        self._last = reply_text(last[0][0]) if last else "0-0"
 
 
 def _id_after(a: str, b: str) -> bool:

@@ -23,6 +23,7 @@ from common.replication import ReplicationView
 from common.settings import Settings
 from common.spool import Spool
 from common.store import INDEX, QDESTS, StoreError, dest_key
+from common.storeio import reply_text
 from mtaq.ops.exporter import Monitor
 from mtaq.ops.queueindex import deferred_sample, exact_counts, read_counts, selected_ids
 from mtaq.ops.queueview import MessageView, load_views
@@ -238,7 +239,7 @@ def throttled(r: redis.Redis) -> list[tuple[str, str, float]]:
     one round trip, no SCAN of a keyspace that grows with the queue."""
     pattern = dest_key("*", "down")
     prefix, suffix = pattern.split("*")
-    keys = [dest_key(d.decode() if isinstance(d, bytes) else str(d), "down") for d in r.smembers(QDESTS)]
+    keys = [dest_key(reply_text(d), "down") for d in r.smembers(QDESTS)]
     if not keys:
         return []
     pipe = r.pipeline(transaction=False)

@@ -28,15 +28,13 @@ from typing import Any
 
 import redis
 
+from common.storeio import reply_text
+
 __all__ = ["RESUBSCRIBE", "RETRY_AFTER", "SUBSCRIBE_WAIT", "ClaimWatch"]
 
 RESUBSCRIBE = 30.0  # seconds a subscription serves before it is opened again
 SUBSCRIBE_WAIT = 1.0  # seconds to wait for Redis to confirm a subscription
 RETRY_AFTER = 5.0  # seconds without a new subscription after one failed (the set is read meanwhile)
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 class ClaimWatch:
@@ -121,7 +119,7 @@ class ClaimWatch:
             got: list[tuple[bytes | str, float]] = self.redis.zrangebyscore(
                 self.channel, "-inf", "+inf", withscores=True
             )  # type: ignore[assignment]
-            scores = {_text(d): int(s) for d, s in got}
+            scores = {reply_text(d): int(s) for d, s in got}
         except redis.RedisError:
             if sub is not None:
                 with contextlib.suppress(redis.RedisError):

@@ -30,6 +30,7 @@ from common.leasebook import LeaseBook
 from common.queuerecount import Recount, RecountReport
 from common.spool import Spool
 from common.store import QDESTS, SWEEP_LOCK, Message
+from common.storeio import reply_text
 from worker.finisher import Finisher
 
 __all__ = ["SweepReport", "start_sweeper", "sweep"]
@@ -68,7 +69,7 @@ def sweep(spool: Spool, finisher: Finisher, job_timeout: float, now: float | Non
     # dead jobs' leases on messages nobody leased again (deleted, or finished by another job), at
     # the destinations listed before the recount drops the emptied ones; an idle destination's go
     # with its hash (common/leasebook.py HASH_TTL)
-    dests = [d.decode() if isinstance(d, bytes) else str(d) for d in store.redis.smembers(QDESTS)]
+    dests = [reply_text(d) for d in store.redis.smembers(QDESTS)]
     report.pruned = LeaseBook(store.redis).prune(dests)
     try:
         _walk(spool, finisher, report, counting, now, grace)

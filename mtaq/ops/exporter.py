@@ -35,6 +35,7 @@ from common.jobqueue import DeliveryQueue
 from common.replication import ReplicationView, primary_address, read_replication
 from common.smtp.hostport import parse_hostport
 from common.store import INDEX, QDESTS, SAMPLE_LOCK, SAMPLES, STATS, dest_key
+from common.storeio import reply_text
 from mtaq.ops.queueindex import QueueCounts, counted_shape, read_counts
 from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, QueueShape
 from mtaq.ops.statuspage import Sample, WorkerInfo, render, sample_from_json
@@ -48,10 +49,6 @@ HEARTBEAT_FRESH = 90.0
 SAMPLE_INTERVAL = 60.0
 SAMPLES_KEPT = 2 * 3600.0
 TOP_DESTINATIONS = 20
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass
@@ -74,7 +71,7 @@ class Monitor:
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for k, v in self.redis.hgetall(STATS).items():
-            out[_text(k)] = float(v)
+            out[reply_text(k)] = float(v)
         return out
 
     def shape(self) -> QueueShape:
@@ -121,7 +118,7 @@ class Monitor:
         now = self.clock()
         pattern = dest_key("*", "slots")
         prefix, suffix = pattern.split("*")
-        keys = [dest_key(_text(d), "slots") for d in self.redis.smembers(QDESTS)]
+        keys = [dest_key(reply_text(d), "slots") for d in self.redis.smembers(QDESTS)]
         if keys:
             pipe = self.redis.pipeline(transaction=False)
             for k in keys:

@@ -11,12 +11,12 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
 from common.envelope import RcptState
 from common.store import HOLD, INDEX, QCOUNTS, QDEFERRED, QDESTS, qdest_key
+from common.storeio import reply_text
 from mtaq.ops.queueview import AGE_BUCKETS, QUEUE_STATES, MessageView, QueueShape, age_bucket, load_views
 
 __all__ = [
@@ -29,10 +29,6 @@ __all__ = [
 ]
 
 REASONS_SAMPLE = 200  # deferred messages whose replies give `stats` its top deferral reasons
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass
@@ -100,13 +96,13 @@ def read_counts(r: redis.Redis, now: float, *, top: int | None = None) -> QueueC
     pipe.zrange(INDEX, 0, 0, withscores=True)
     pipe.smembers(QDESTS)
     raw, messages, first, dests = pipe.execute()
-    c = {_text(k): int(v) for k, v in raw.items()}
+    c = {reply_text(k): int(v) for k, v in raw.items()}
     out = QueueCounts(now, messages=int(messages), size=max(0, c.get("bytes", 0)))
     held, deferred = max(0, c.get("m:held", 0)), max(0, c.get("m:deferred", 0))
     out.by_state = {"active": max(0, out.messages - held - deferred), "deferred": deferred, "held": held}
     out.recipients = {s: max(0, c.get(f"r:{s}", 0)) for s in QUEUE_STATES}
     out.oldest = float(first[0][1]) if first else None
-    names = sorted(_text(d) for d in dests)
+    names = sorted(reply_text(d) for d in dests)
     if top is not None and len(names) > top:
         pipe = r.pipeline(transaction=False)
         for d in names:
@@ -138,7 +134,7 @@ def read_counts(r: redis.Redis, now: float, *, top: int | None = None) -> QueueC
 
 def deferred_sample(r: redis.Redis, relayhost: str, n: int = REASONS_SAMPLE) -> list[MessageView]:
     """The ``n`` most recently arrived messages with a deferred recipient."""
-    ids = [_text(x) for x in r.zrange(QDEFERRED, -n, -1)]
+    ids = [reply_text(x) for x in r.zrange(QDEFERRED, -n, -1)]
     return list(load_views(r, relayhost, ids=ids))
 
 
@@ -160,14 +156,14 @@ def selected_ids(
     the caller still checks each view); None when no filter names an index."""
     cutoff = "+inf" if older_than is None else f"({now - older_than!r}"
     if hold:
-        ids = [_text(x) for x in r.smembers(HOLD)]
+        ids = [reply_text(x) for x in r.smembers(HOLD)]
         scores = r.zmscore(INDEX, ids) if ids else []
         ranked = sorted((s, q) for q, s in zip(ids, scores, strict=True) if s is not None)
         return [q for s, q in ranked if older_than is None or s < now - older_than]
     if domain is not None:
-        return [_text(x) for x in r.zrangebyscore(qdest_key(domain.lower().rstrip(".")), "-inf", cutoff)]
+        return [reply_text(x) for x in r.zrangebyscore(qdest_key(domain.lower().rstrip(".")), "-inf", cutoff)]
     if deferred:
-        return [_text(x) for x in r.zrangebyscore(QDEFERRED, "-inf", cutoff)]
+        return [reply_text(x) for x in r.zrangebyscore(QDEFERRED, "-inf", cutoff)]
     if older_than is not None:
-        return [_text(x) for x in r.zrangebyscore(INDEX, "-inf", cutoff)]
+        return [reply_text(x) for x in r.zrangebyscore(INDEX, "-inf", cutoff)]
     return None

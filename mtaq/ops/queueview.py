@@ -21,6 +21,7 @@ from common.msglayout import is_inline, state_field, states_listed, states_of_ol
 from common.routing import next_hop
 from common.statusscript import LAYOUT_FIELD
 from common.store import HOLD, INDEX, msg_key, rcpt_key
+from common.storeio import reply_text
 
 __all__ = [
     "AGE_BUCKETS",
@@ -98,17 +99,13 @@ class MessageView:
 QUEUE_STATES = ("active", "deferred", "held")
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def load_views(
     r: redis.Redis, relayhost: str = "", *, ids: Sequence[str] | None = None, chunk: int = 500
 ) -> Iterator[MessageView]:
     """Messages in arrival order (or ``ids`` in their order), one round trip per chunk; messages
     finished meanwhile, and unknown ids, are left out."""
     if ids is None:
-        ids = [_text(x) for x in r.zrange(INDEX, 0, -1)]
+        ids = [reply_text(x) for x in r.zrange(INDEX, 0, -1)]
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         pipe = r.pipeline(transaction=False)
