@@ -298,12 +298,12 @@ class DeliveryService:
             log.debug("%d message(s) for %s retry in %.0fs", len(retry_ids), destination, retry_delay)
 
     # -- finishing ----------------------------------------------------------------------------------
-    def finish_messages(self, batch: Batch, leased: Collection[str] = ()) -> set[str]:
+    def finish_messages(self, batch: Batch, leased: Collection[str] = ()) -> None:
         """Every recipient of these messages is final: queue the DSNs their senders asked for and
         remove the messages, all in one transaction. A message with recipients at other
         destinations has its states read again (another job finished those). ``leased``: messages
         whose lease for the batch's destination this job holds; those deleted lose it in the same
-        transaction. Returns the ids deleted."""
+        transaction."""
         views: Loaded = {}
         stale: list[str] = []
         for qid in dict.fromkeys(batch.finished):
@@ -322,7 +322,7 @@ class DeliveryService:
                 log.warning("%s: counted finished with a recipient still open; kept", found[0].envelope.id)
                 continue
             views[found[0].envelope.id] = found
-        return self.finisher.finish(list(views.values()), batch.destination, leased)
+        self.finisher.finish(list(views.values()), batch.destination, leased)
 
     # -- liveness -----------------------------------------------------------------------------------
     def heartbeat(self) -> None:
