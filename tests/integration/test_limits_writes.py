@@ -10,6 +10,7 @@ import time
 import redis
 
 from tests.redisserver import RedisServer
+from tests.sinks import wait_for
 from worker.limits import WANTS_KEY, DestinationLimits
 
 
@@ -64,18 +65,12 @@ def test_a_process_hears_of_claims_over_pub_sub_and_asks_redis_nothing_meanwhile
     after.pop("cmdstat_info")
     assert after == {k: v for k, v in before.items() if k != "cmdstat_info"}
     assert starved.acquire("y.test") is None  # a claim: published
-    deadline = time.monotonic() + 5
-    while not busy.should_yield("y.test") and time.monotonic() < deadline:
-        time.sleep(0.01)  # the message crosses a socket
-    assert time.monotonic() < deadline, "the claim was not heard of"
+    assert wait_for(lambda: busy.should_yield("y.test"), 5, 0.01), "the claim was not heard of"  # across a socket
     for slot in held:
         assert slot is not None
         slot.free()
     assert starved.acquire("y.test") is not None  # unlisted: published too
-    deadline = time.monotonic() + 5
-    while "y.test" in busy._claimed(time.time()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert time.monotonic() < deadline, "the claim's end was not heard of"
+    assert wait_for(lambda: "y.test" not in busy._claimed(time.time()), 5, 0.01), "the claim's end was not heard of"
 
 
 def _aof(rs: RedisServer) -> bytes:

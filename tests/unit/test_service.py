@@ -21,6 +21,7 @@ from common.mx import Target
 from common.store import Message, leases_key, msg_key
 from ingress.signing import TrustedMail
 from tests.dkimkeys import dkimpy_verify, write_table
+from tests.sinks import wait_for
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker.limits import DestinationLimits
@@ -73,9 +74,7 @@ def conversations_ended(svc: DeliveryService) -> None:
     their connections to the cache. Wait for them (a lane goes once its last conversation has
     ended): else a connection cached after a sweep keeps its slot (make test from a clean clone,
     twice: held() == 1 after the sweep)."""
-    deadline = time.monotonic() + 10.0
-    while len(svc.lanes) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: not len(svc.lanes), 10.0, 0.01)
 
 
 def nothing_held(svc: DeliveryService, r: fakeredis.FakeRedis) -> None:
