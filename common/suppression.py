@@ -31,6 +31,7 @@ __all__ = [
 
 CHANGES_MAX = 100_000  # changes kept for caches that catch up; one further behind reloads the list
 PRUNE_BATCH = 1000  # expired entries dropped per change (each change prunes some: no sweeper needed)
+_CHUNK = 10_000  # changes a cache's refresh reads at a time
 
 # KEYS: zset, since hash, changes stream; ARGV: now, changes max, then triples (address, since,
 # until) where until 0 means remove. Expired entries go as a side effect, PRUNE_BATCH at a time.
@@ -165,17 +166,21 @@ class SuppressionCache:
         if self._last is None:
             self._reload()
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xrange(SUPPRESSED_CHANGES, "-", "+", count=1)
-        pipe.xrange(SUPPRESSED_CHANGES, f"({self._last}", "+", count=10_000)
-        first, changes = pipe.execute()
-        if first and self._last != "0-0" and _id_after(reply_text(first[0][0]), self._last):
-            self._reload()  # trimmed past what this copy has seen: changes were lost to it
-            return
+        # One XRANGE from the last change applied, that change included: the stream is only ever
+        # trimmed from its head, so while the copy is current the reply starts with it, and a reply
+        # that does not was trimmed past it (changes lost to the copy). It was an XRANGE of the
+        # head and another of what follows: twice the commands, once a second per ingress process.
+        seen = self._last != "0-0"
+        changes: Any = self.redis.xrange(SUPPRESSED_CHANGES, self._last if seen else "-", "+", count=_CHUNK + seen)
+        if seen:
+            if not changes or reply_text(changes[0][0]) != self._last:
+                self._reload()
+                return
+            changes = changes[1:]
         for sid, fields in changes:
             self._apply(fields)
             self._last = reply_text(sid)
-        if len(changes) == 10_000:
+        if len(changes) == _CHUNK:
             self.refresh()
 
     def _apply(self, fields: Any) -> None:
@@ -195,10 +200,3 @@ class SuppressionCache:
         since_of = {reply_text(k): float(v) for k, v in since.items()}
         self._entries = {reply_text(a): (since_of.get(reply_text(a), 0.0), float(u)) for a, u in listed}
         self._last = reply_text(last[0][0]) if last else "0-0"
-
-
-def _id_after(a: str, b: str) -> bool:
-    """Stream id ``a`` comes after ``b``."""
-    ams, _, aseq = a.partition("-")
-    bms, _, bseq = b.partition("-")
-    return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))

@@ -15,6 +15,7 @@ import redis
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
 from worker.limits import (
+    FULL_QUIET,
     INITIAL_WINDOW,
     SLOT_TTL,
     WANTS_KEY,
@@ -131,6 +132,30 @@ def test_slow_start_grows_and_failures_shrink_then_mark_down(r: fakeredis.FakeRe
     assert lim.failed("y.test", "connect to mx: refused")
     down = lim.down("y.test")
     assert down is not None and down.reason == "connect to mx: refused" and 0 < down.seconds <= 60
+
+
+def test_a_full_window_s_successes_go_unrecorded_for_a_while(
+    r: fakeredis.FakeRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lim = limits(r, clock, concurrency=INITIAL_WINDOW + 1)
+    fed: list[bool] = []
+    feed = lim._feed
+
+    def counted(destination: str, ok: bool, reason: str) -> str:
+        fed.append(ok)
+        return feed(destination, ok, reason)
+
+    monkeypatch.setattr(lim, "_feed", counted)
+    assert lim.succeeded("y.test") is False and lim.window("y.test") == INITIAL_WINDOW + 1  # full now
+    clock.now += FULL_QUIET - 1
+    assert lim.succeeded("y.test") is False and fed == [True], "quiet: not written"
+    clock.now += 2
+    assert lim.succeeded("y.test") is False and fed == [True, True], "the quiet is over"
+    lim.failed("y.test", "refused")
+    assert lim.window("y.test") == INITIAL_WINDOW
+    lim.succeeded("y.test")
+    assert fed[-2:] == [False, True], "a failure ends the quiet"
+    assert lim.window("y.test") == INITIAL_WINDOW + 1, "the window grew back at once"
 
 
 def test_rate_spaces_the_messages(r: fakeredis.FakeRedis, clock: FakeClock) -> None:

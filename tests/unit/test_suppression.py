@@ -69,6 +69,29 @@ def test_cache_follows_changes_without_reloading(r: fakeredis.FakeRedis) -> None
     assert cache.check("b@x.test") is None  # expired in the copy without a word from Redis
 
 
+def test_a_current_cache_asks_redis_one_command_a_refresh(
+    r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    sl = SuppressionList(r, clock)
+    sl.add(["a@x.test"], DAY)
+    cache = SuppressionCache(r, clock)
+    cache.refresh()
+    sent: list[object] = []
+    send: Any = r.execute_command
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        sent.append(args[0])
+        return send(*args, **kw)
+
+    monkeypatch.setattr(r, "execute_command", counted)
+    cache.refresh()
+    sl.add(["b@x.test"], DAY)
+    n = len(sent)
+    cache.refresh()
+    assert sent[:1] == ["XRANGE"] and sent[n:] == ["XRANGE"] and cache.check("b@x.test") is not None
+
+
 def test_cache_reloads_when_the_changes_it_needs_were_trimmed(r: fakeredis.FakeRedis) -> None:
     clock = Clock()
     sl = SuppressionList(r, clock)
