@@ -73,6 +73,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=2048, help="octets per message (2048)")
     p.add_argument("--wait", type=float, default=1.0, help="seconds each sink waits before answering DATA (1)")
     p.add_argument("--conversations", type=int, default=CONVERSATIONS, help="per worker process (10)")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=10.0,
+        help="seconds of each system up without mail measured first: what of Redis's cost does not grow with mail (10)",
+    )
     p.add_argument("--phases", action="store_true", help="also a MONITOR run at the largest worker count")
     p.add_argument("--monitor-dump", type=Path, help="with --phases: the raw MONITOR lines to this file")
     p.add_argument("--runs", type=int, default=1)
@@ -95,6 +101,7 @@ def ceiling_table(rows: Sequence[Row]) -> str:
     head = (
         f"{'workers':>7}{'msgs/s':>9}{'scale':>7}{'delivered':>10}{'cmds/msg':>10}{'trips/msg':>10}"
         f"{'Redis CPU ms/msg':>18}{'sys':>5}{'one Redis core, msgs/s':>24}"
+        f"{'idle ms/s':>10}{'less idle: ms/msg':>19}{'cmds/msg':>9}{'one core':>9}"
     )
     out = [head]
     base = {r.result.run: r.result.e2e_rate for r in rows if r.workers == min(x.workers for x in rows)}
@@ -107,8 +114,15 @@ def ceiling_table(rows: Sequence[Row]) -> str:
             f"{r.workers:>7}{rate or 0:>9.1f}{scale:>7}{r.result.delivered or 0:>10}"
             f"{f.get('commands_per_msg', '-'):>10}{f.get('round_trips_per_msg', '-'):>10}"
             f"{f.get('cpu_ms_per_msg', '-'):>18}{_share(f.get('sys_share')):>5}{f.get('one_core_msgs_s', '-'):>24}"
+            f"{f.get('idle_cpu_ms_per_s', '-'):>10}{f.get('marginal_cpu_ms_per_msg', '-'):>19}"
+            f"{_less(f.get('commands_per_msg'), f.get('idle_commands_per_msg')):>9}"
+            f"{f.get('marginal_one_core_msgs_s', '-'):>9}"
         )
     return "\n".join(out)
+
+
+def _less(total: float | None, idle: float | None) -> str:
+    return "-" if total is None or idle is None else f"{total - idle:.1f}"
 
 
 def _share(x: float | None) -> str:
@@ -177,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in in_order(a.workers, run + 1):
                 n += 1
                 s = system(a, tmp / f"{n:03d}-w{w}", dns.port, port, w)
-                probe = RedisCost(s.base / "var" / "redis.sock")
+                probe = RedisCost(s.base / "var" / "redis.sock", idle=a.idle)
                 r = measure_and_print(s, load, group, around=probe, run=run)
                 if r is not None:
                     rows.append(Row(w, r, probe.cost))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,12 @@ class Cost:
     tally: Tally | None = None
     sys_s: float = 0.0  # of cpu_s, in the kernel: socket reads and writes, the AOF's write and fsync
     reads: int = 0  # client reads the server processed (INFO total_reads_processed): round trips
+    seconds: float = 0.0  # how long the load took, entry to exit
+    # Redis with the system up and no mail (RedisCost ``idle``): its own timers (serverCron at hz 10)
+    # and the system's heartbeats and polls, per second. What of the load's figures is that: it
+    # does not grow with the messages, so it is a smaller share of each at a higher rate.
+    idle_cpu_s_per_s: float | None = None
+    idle_commands_per_s: float | None = None
 
     @property
     def total(self) -> int:
@@ -268,6 +275,14 @@ class Cost:
             out["sys_share"] = round(self.sys_s / self.cpu_s, 2) if self.cpu_s > 0 else 0.0
         if self.tally is not None:
             out["client_commands_per_msg"] = round(sum(self.tally.client.values()) / n, 1)
+        if self.idle_cpu_s_per_s is not None and self.idle_commands_per_s is not None and self.seconds > 0:
+            idle_ms = self.idle_cpu_s_per_s * self.seconds * 1000 / n
+            out["idle_cpu_ms_per_msg"] = round(idle_ms, 3)
+            out["idle_commands_per_msg"] = round(self.idle_commands_per_s * self.seconds / n, 1)
+            out["idle_cpu_ms_per_s"] = round(self.idle_cpu_s_per_s * 1000, 2)
+            marginal = cpu_ms - idle_ms
+            out["marginal_cpu_ms_per_msg"] = round(marginal, 3)
+            out["marginal_one_core_msgs_s"] = round(1000 / marginal) if marginal > 0 else 0
         return out
 
 
@@ -288,10 +303,11 @@ class RedisCost:
     """``around`` for bench/harness.py: the system's Redis (its unix socket) measured from entry to
     exit; ``monitor`` also feeds every command to a Tally (costs Redis CPU: a run of its own)."""
 
-    def __init__(self, sock: Path, *, monitor: bool = False, dump: Path | None = None) -> None:
+    def __init__(self, sock: Path, *, monitor: bool = False, dump: Path | None = None, idle: float = 0.0) -> None:
         self.sock = sock
         self.monitor = monitor
         self.dump = dump  # the raw MONITOR lines too (to read what a rule left in "other")
+        self.idle = idle  # seconds of the system up without mail measured first (Cost.idle_*)
         self.cost: Cost | None = None
 
     @contextlib.contextmanager
@@ -305,12 +321,29 @@ class RedisCost:
         try:
             if feed:
                 feed.start()
+            idle_cpu = idle_commands = None
+            if self.idle > 0:
+                quiet0, qcpu0, t = r.info("commandstats"), r.info("cpu"), time.monotonic()
+                time.sleep(self.idle)
+                quiet1, qcpu1, took = r.info("commandstats"), r.info("cpu"), time.monotonic() - t
+                idle_cpu = (_cpu(qcpu1) - _cpu(qcpu0)) / took
+                # less the two INFO cpu of ours (diff_commandstats already leaves out one INFO)
+                idle_commands = (sum(diff_commandstats(quiet0, quiet1).values()) - 2) / took
             before, cpu0, reads0 = r.info("commandstats"), r.info("cpu"), _reads(r)
+            t0 = time.monotonic()
             yield
+            seconds = time.monotonic() - t0
             after, cpu1, reads1 = r.info("commandstats"), r.info("cpu"), _reads(r)
             sys_s = float(cpu1["used_cpu_sys"]) - float(cpu0["used_cpu_sys"])
             self.cost = Cost(
-                diff_commandstats(before, after), _cpu(cpu1) - _cpu(cpu0), tally, sys_s, max(0, reads1 - reads0 - 3)
+                diff_commandstats(before, after),
+                _cpu(cpu1) - _cpu(cpu0),
+                tally,
+                sys_s,
+                max(0, reads1 - reads0 - 3),
+                seconds,
+                idle_cpu,
+                None if idle_commands is None else max(0.0, idle_commands),
             )
         finally:
             stop.set()

@@ -21,7 +21,7 @@ def smtp_sink() -> str:
 def test_a_tiny_ceiling_run_measures_redis_per_message_and_its_phases(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--workers", "1", "--messages", "10", "--wait", "0", "--phases", "--timeout", "60"]
+    argv = ["--workers", "1", "--messages", "10", "--wait", "0", "--phases", "--timeout", "60", "--idle", "1"]
     assert ceiling.main([*argv, "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "one Redis core, msgs/s" in out and "where the commands go" in out
@@ -31,6 +31,8 @@ def test_a_tiny_ceiling_run_measures_redis_per_message_and_its_phases(
     assert row["workers"] == 1 and row["delivered"] == 10
     # every message crossed Redis several times: committed, loaded, its outcome written
     assert 10 < row["commands_per_msg"] < 200 and row["cpu_ms_per_msg"] > 0 and row["round_trips_per_msg"] > 2
+    # a second of the system up without mail first: Redis's timers and the system's heartbeats
+    assert row["idle_cpu_ms_per_s"] > 0 and 0 < row["marginal_cpu_ms_per_msg"] < row["cpu_ms_per_msg"]
     phases = doc["phases"]
     assert phases["ingress commit"]["client"] >= 1  # HSET msg (one key a message); ZADD index a commit
     # one script call a writer's turn, whatever it carries

@@ -32,6 +32,18 @@ def test_the_ceiling_is_one_core_over_the_cpu_per_message() -> None:
     assert Cost(Counter(), 0.0).per_message(0)["one_core_msgs_s"] == 0  # nothing measured: no ceiling
 
 
+def test_what_redis_costs_idle_is_taken_out_as_its_share_of_the_load_s_time() -> None:
+    # 1,000 messages in 20 s; idle, Redis spent 2 ms a second and ran 20 commands a second
+    cost = Cost(Counter({"hset": 12_000}), cpu_s=0.5, seconds=20.0, idle_cpu_s_per_s=0.002, idle_commands_per_s=20.0)
+    f = cost.per_message(1000)
+    assert f["idle_cpu_ms_per_msg"] == 0.04 and f["idle_commands_per_msg"] == 0.4 and f["idle_cpu_ms_per_s"] == 2.0
+    assert f["marginal_cpu_ms_per_msg"] == 0.46 and f["marginal_one_core_msgs_s"] == round(1000 / 0.46)
+    assert f["cpu_ms_per_msg"] == 0.5, "the figure judged stays the whole cost"
+    table = ceiling_table([Row(4, result(4, 1000, 20.0), cost)])
+    assert table.splitlines()[1].split()[-4:] == ["2.0", "0.46", "11.6", str(round(1000 / 0.46))]
+    assert "idle" not in Cost(Counter(), 0.5).per_message(1000), "not measured: not reported"
+
+
 def test_the_table_scales_against_one_worker_and_judges_the_largest() -> None:
     rows = [
         Row(1, result(1, 800, 80.0), Cost(Counter({"get": 40_000}), 0.8)),
