@@ -33,12 +33,14 @@ from typing import Any
 
 import redis
 from rq import SimpleWorker, worker_registration
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution, ExecutionRegistry
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import clean_registries
+from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
@@ -63,6 +65,13 @@ EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
 # (RECOVERY_INTERVAL), after the 20 s its first execution took to lapse. Were the scheduler
 # merely slow, the job is queued twice: the second run finds its messages leased or done.
 SCHEDULER_LATE = 5.0
+# Seconds between the looks of RQ's scheduler for due jobs (RQ's default is 1). A look and its
+# heartbeat are about ten Redis commands (a SCRIPT EXISTS, the heartbeat's transaction with its
+# lock script, the registry's ZRANGEBYSCORE): half of what the whole system asked Redis a second
+# while idle, and 0.28 of the 16 commands a delivered message cost on issue 15's ceiling load.
+# What it moves are our retries (minutes apart) and hand-backs (seconds): one is up to this much
+# later, well inside SCHEDULER_LATE, after which a worker moves it itself.
+SCHEDULER_INTERVAL = 2
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
 # The clean-up's lock outlives a worker killed while cleaning by this much: every clean-up waits
 # for it meanwhile, so it is short (a clean-up that takes longer overlaps the next one, which
@@ -103,6 +112,40 @@ class ConcurrentWorker(SimpleWorker):
         self._beaten_at = -HEARTBEAT  # monotonic time of the last heartbeat of the worker's key
 
     # -- RQ's loop, with room for many jobs
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """RQ's own (rq/worker/base.py), with our SCHEDULER_INTERVAL: the scheduler runs in a process
+        of its own in whichever worker holds its lock, and RQ gives no other way to set it."""
+        # RQ's scheduler is untyped: Any keeps mypy --strict from asking for its types
+        scheduler: Any = RQScheduler(
+            self.queues,
+            connection=self.connection,
+            interval=SCHEDULER_INTERVAL,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler = scheduler
+        scheduler.acquire_locks()
+        if not scheduler.acquired_locks:
+            return
+        if burst:
+            try:
+                scheduler.register_birth()
+                scheduler.enqueue_scheduled_jobs()
+            finally:
+                scheduler.release_locks()
+                scheduler.register_death()
+        else:
+            scheduler.start()
+
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:

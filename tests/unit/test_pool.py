@@ -24,7 +24,14 @@ from common.store import LAYOUT_KEY, WORKER_LAYOUT_FIELD, Message, Store
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
-from worker.pool import EXECUTION_TTL, HEARTBEAT, INTERMEDIATE_GRACE, SCHEDULER_LATE, ConcurrentWorker
+from worker.pool import (
+    EXECUTION_TTL,
+    HEARTBEAT,
+    INTERMEDIATE_GRACE,
+    SCHEDULER_INTERVAL,
+    SCHEDULER_LATE,
+    ConcurrentWorker,
+)
 from worker.service import LEASE_TTL, DeliveryService
 
 
@@ -99,6 +106,14 @@ def test_scheduled_jobs_rqs_scheduler_left_behind_are_queued(r: fakeredis.FakeRe
     # the one its scheduler should have moved long ago is queued; a just-due one is left to it
     assert queue.job_ids == [late.id]
     assert queue.scheduled_job_registry.get_job_ids() == [recent.id]
+
+
+def test_rqs_scheduler_runs_at_our_interval(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    w = worker(r, service)
+    job = service.queue.rq.enqueue_in(datetime.timedelta(seconds=-1), "worker.jobs.deliver", "x.test", ["A"])
+    w._start_scheduler(burst=True)  # a burst's scheduler moves what is due at once, then stops
+    assert w.scheduler is not None and w.scheduler.interval == SCHEDULER_INTERVAL < SCHEDULER_LATE
+    assert job.id in service.queue.rq.job_ids
 
 
 def test_a_job_a_dead_worker_took_goes_back_to_the_head_of_the_queue(

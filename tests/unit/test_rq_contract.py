@@ -94,6 +94,8 @@ OVERRIDES = {
     # the worker's hash says what it reads (one key a message), and a birth may open the layout gate
     "serialize",
     "register_birth",
+    # RQ's scheduler at our interval (worker/pool.py SCHEDULER_INTERVAL)
+    "_start_scheduler",
 }
 
 
