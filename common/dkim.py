@@ -180,13 +180,23 @@ class Parsed:
     message: bytes
     fields: list[tuple[bytes, bytes]]
     well_formed: bool
-    body: bytes
+    body_at: int  # where the body starts in ``message`` (its length when it has none)
 
     @classmethod
     def of(cls, message: bytes) -> Parsed:
-        head, body = split_message(message)
+        # the header block only: a partition copied the body too (1 MiB: ~0.1 ms of the ingress's
+        # loop), which only a signature reads
+        end = message.find(b"\r\n\r\n")
+        if end < 0:
+            head, body_at = (message[:-2] if message.endswith(b"\r\n") else message), len(message)
+        else:
+            head, body_at = message[:end], end + 4
         fields, ok = parse_head(head)
-        return cls(message, fields, ok, body)
+        return cls(message, fields, ok, body_at)
+
+    @property
+    def body(self) -> bytes:
+        return self.message[self.body_at :]
 
     def names(self) -> set[bytes]:
         """The fields' names present, lower case."""
@@ -197,7 +207,7 @@ class Parsed:
         if not fields:
             return self
         more, ok = parse_head(fields[:-2])
-        return Parsed(fields + self.message, more + self.fields, ok and self.well_formed, self.body)
+        return Parsed(fields + self.message, more + self.fields, ok and self.well_formed, self.body_at + len(fields))
 
     def from_domain(self) -> str | None:
         """The domain of the From: field's mailbox, lower case; None when there is not exactly one

@@ -135,7 +135,7 @@ def test_from_domain() -> None:
 def test_from_domain_shortcut_and_parser_agree(
     value: bytes, domain: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    parsed = dkim.Parsed(b"", [(b"From", value)], True, b"")
+    parsed = dkim.Parsed(b"", [(b"From", value)], True, 0)
     assert parsed.from_domain() == domain
     monkeypatch.setattr(dkim, "_PLAIN_FROM", re.compile(rb"(?!)"))  # the email package's parser only
     assert parsed.from_domain() == domain

@@ -3,12 +3,13 @@ input cut anywhere: the same message, the same refusal, the same end, the same i
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.smtp.text import DOT_HOPS
 from ingress.limits import MAX_TEXT_LINE
-from ingress.readers import DataReader, DataStep, LineReader
+from ingress.readers import DataReader, DataStep, LineReader, _only_crlf
 
 
 class LineAtATime(DataReader):
@@ -94,3 +95,17 @@ def test_line_lengths_at_the_limit_anywhere_in_a_chunk() -> None:
         bad = head + b"k" * (MAX_TEXT_LINE - 1) + b"\r\n"
         got = read(DataReader(10_000_000), [bad, b".\r\n"])
         assert got[1] is not None and got == read(LineAtATime(10_000_000), [bad, b".\r\n"])
+
+
+@pytest.mark.parametrize("line", [b"x" * 76, b"", b"a"], ids=["78-octet lines", "empty lines", "1-octet lines"])
+def test_bare_cr_and_lf_are_found_by_either_way_of_looking(line: bytes) -> None:
+    # long lines take the replaces, LF-dense text the octet scan (readers._DENSE): both must agree
+    text = bytearray((line + b"\r\n") * 3000)
+    assert _only_crlf(text, len(text))
+    n = len(line) + 2
+    for at in (0, n, n * 1500, len(text) - n):  # line boundaries: first, second, middle, last
+        for bad in (b"\r", b"\n"):
+            spoiled = text[:at] + b"q" + bad + b"q\r\n" + text[at:]
+            assert not _only_crlf(spoiled, len(spoiled)), (line, at, bad)
+    tail = text + b"partial line\r"  # what follows ``end`` is no part of the check
+    assert _only_crlf(tail, len(text)) and not _only_crlf(tail + b"x\r\n", len(tail) + 3)
