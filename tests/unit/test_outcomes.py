@@ -123,3 +123,36 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     held.join(5)
     assert not held.is_alive()
     b.drain()
+
+
+def test_outcomes_that_come_together_go_in_one_write(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of transactions' outcomes (remote servers answer DATA together) is one script call."""
+    writer = OutcomeWriter(store, gather=(0.5, 5.0))  # a generous gap: what the test does between is not timed
+    b, p = batch(store, writer, FakeClock(2000.0))
+    sizes: list[int] = []
+    real = store.set_status_list
+
+    def counted(entries: list[object], **kw: object) -> list[int]:
+        sizes.append(len(entries))
+        return real(entries, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "set_status_list", counted)
+    p.outcomes[0] = SENT
+    b.record_final(p, [0])
+    p.outcomes[1] = SENT
+    b.record_final(p, [1])
+    b.drain()
+    assert sizes == [2]
+    assert {n: st.state for n, st in store.statuses("Q1").items()} == {0: RcptState.DELIVERED, 1: RcptState.DELIVERED}
+
+
+def test_a_lone_outcome_is_written_after_the_gap_without_company(store: Store) -> None:
+    writer = OutcomeWriter(store, gather=(0.05, 0.2))
+    b, p = batch(store, writer, FakeClock(2000.0))
+    p.outcomes[0] = SENT
+    b.record_final(p, [0])
+    done = threading.Thread(target=b.drain)
+    done.start()
+    done.join(10)  # written after the gap (0.05 s): nothing else is coming
+    assert not done.is_alive()
+    assert store.statuses("Q1")[0].state is RcptState.DELIVERED
