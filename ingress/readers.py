@@ -96,23 +96,22 @@ def _has_long_line(buf: bytearray, end: int) -> bool:
 # A CR that an LF does not follow: with an LF at buf[end - 1] (complete lines) a search up to ``end``
 # finds every bare CR (_only_crlf's way for text of very short lines).
 _BARE_CR = re.compile(rb"\r[^\n]")
-# Text whose first _SAMPLE octets hold an LF every _DENSE octets or more often is checked octet by
-# octet: the replaces below cost a hop per CR and per LF, so on 1 MiB of empty lines they took 8.8
-# ms where the scan takes 2.5 (on text of 78-octet lines 0.3-0.6 ms where the scan takes 1.1).
-_SAMPLE = 4096
+# Text with an LF every _DENSE octets or more often is checked octet by octet: the replaces below
+# pay a hop per CR and per LF, so on 1 MiB of empty lines they took 8.8 ms where the scan takes 2.5
+# (on text of 78-octet lines 0.3-0.6 ms where the scan takes 1.1). The LFs are counted over the
+# whole text (0.35 ms a MiB, and the scan needs the count anyway): a sample of its head would let
+# crafted text choose the dear way.
 _DENSE = 24
 
 
 def _only_crlf(buf: bytearray, end: int) -> bool:
     """Whether every CR and every LF in ``buf[:end]`` (complete lines) is part of a CRLF: the text
     without its CRs, each LF then written CRLF, is the text itself only then. Both replaces hop from
-    one octet to the next with memchr, in C, and the comparison is a memcmp: 0.3-0.6 ms a MiB in the
-    reads' chunks, where a regular expression for bare CRs and two counts (octet-at-a-time loops)
-    took 1.1 ms, 30 % of what the ingress spent on a 1 MiB message."""
-    sample = min(end, _SAMPLE)
-    if buf.count(b"\n", 0, sample) * _DENSE >= sample:
+    one octet to the next with memchr, in C, and the comparison is a memcmp."""
+    lfs = buf.count(b"\n", 0, end)
+    if lfs * _DENSE >= end:
         # once no CR stands alone, CRLFs are as many as CRs, and an LF more than them is a bare one
-        return _BARE_CR.search(buf, 0, end) is None and buf.count(b"\n", 0, end) == buf.count(b"\r", 0, end)
+        return _BARE_CR.search(buf, 0, end) is None and lfs == buf.count(b"\r", 0, end)
     # the whole buffer when what follows ``end`` (a line's start) holds neither: no slice copied
     whole = end == len(buf) or (buf.find(b"\r", end) < 0 and buf.find(b"\n", end) < 0)
     part = buf if whole else buf[:end]
@@ -135,6 +134,10 @@ class DataReader:
         self._prev_crlf = True  # the previous line (or the DATA command) ended in CRLF
         self._in_long_line = False  # discarding the rest of an overlong text line
         self._too_big = self._too_long = self._bare = self._nul = False
+        # octets at the head of the buffer that go a line at a time: _bulk found a line among them it
+        # cannot take, and looking again after each line would read them all again (quadratic: 64
+        # KiB of short lines before a NUL took 1.4 s of the event loop)
+        self._line_by_line = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -151,7 +154,9 @@ class DataReader:
                 self._too_long = self._in_long_line = True
                 self._drop()
                 lines.keep_last_octet()
+                self._line_by_line = 0
             return DataStep.MORE
+        self._line_by_line = max(0, self._line_by_line - len(line))
         crlf = line.endswith(b"\r\n")
         if self._in_long_line:
             self._in_long_line = False
@@ -187,6 +192,8 @@ class DataReader:
         buf = lines._buf
         if not self._prev_crlf or self._in_long_line or self._too_big or self._too_long or self._bare or self._nul:
             return False
+        if self._line_by_line:
+            return False
         if buf.startswith(b"."):
             return False
         end = buf.rfind(b"\n") + 1  # complete lines only
@@ -195,7 +202,9 @@ class DataReader:
             end = dot + 1  # up to the line that starts with a dot (a bare LF before it: see below)
         if end == 0:
             return False
-        # the checks read the buffer in place (C loops, no copy, no list of lines)
+        # the checks read the buffer in place (C loops, no copy, no list of lines); a line that
+        # fails one is among the first ``end`` octets, which then go a line at a time
+        self._line_by_line = end
         if len(self._data) + end > self.max_size:
             return False
         if not _only_crlf(buf, end) or buf.find(b"\0", 0, end) >= 0:
@@ -203,6 +212,7 @@ class DataReader:
         # a line of MAX_TEXT_LINE octets or more with its CR (content + CRLF over the limit)
         if _has_long_line(buf, end):
             return False
+        self._line_by_line = 0
         with memoryview(buf) as view:
             self._data += view[:end]
         del buf[:end]

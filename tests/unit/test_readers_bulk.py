@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.smtp.text import DOT_HOPS
+from ingress import readers
 from ingress.limits import MAX_TEXT_LINE
 from ingress.readers import DataReader, DataStep, LineReader, _only_crlf
 
@@ -109,3 +110,34 @@ def test_bare_cr_and_lf_are_found_by_either_way_of_looking(line: bytes) -> None:
             assert not _only_crlf(spoiled, len(spoiled)), (line, at, bad)
     tail = text + b"partial line\r"  # what follows ``end`` is no part of the check
     assert _only_crlf(tail, len(text)) and not _only_crlf(tail + b"x\r\n", len(tail) + 3)
+
+
+def test_a_bad_line_late_in_a_chunk_is_not_looked_for_again_after_every_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lines before it go one at a time, once: a look at the rest after each was quadratic (64
+    KiB of short lines before a NUL held the event loop for 1.4 s)."""
+    looks: list[int] = []
+    real = readers._only_crlf
+
+    def counted(buf: bytearray, end: int) -> bool:
+        looks.append(end)
+        return real(buf, end)
+
+    monkeypatch.setattr(readers, "_only_crlf", counted)
+    lines, data = LineReader(), DataReader(10_000_000)
+    lines.feed(b"a\r\n" * 20_000 + b"b\0\r\n" + b"c\r\n" * 10 + b".\r\n")
+    steps = 0
+    while data.step(lines) is not DataStep.END:
+        steps += 1
+    assert data.refusal is not None and data.refusal.code == 554
+    assert len(looks) == 1 and steps == 20_011
+
+
+def test_after_the_lines_it_could_not_take_the_bulk_path_takes_over_again() -> None:
+    lines, data = LineReader(), DataReader(10_000_000)
+    long_ok = b"x" * 990 + b"\r\n"
+    lines.feed(b"a\r\n" * 5 + b"." * 1 + b"dot\r\n" + long_ok * 3 + b"b\r\n" * 1000)
+    steps = 0
+    while data.step(lines) is not DataStep.MORE:
+        steps += 1
+    assert data.refusal is None and steps < 20, "the dot line alone went a line at a time"
+    assert bytes(data._data) == b"a\r\n" * 5 + b"dot\r\n" + long_ok * 3 + b"b\r\n" * 1000
