@@ -77,7 +77,9 @@ def measure(
     note = ""
     system.start()
     try:
-        with Sampler(system.roots()) as sampler, around(system) if around else contextlib.nullcontext():
+        # ``around`` first: what it measures before the load (bench/rediscost.py ``idle``) is no part
+        # of the load's CPU
+        with around(system) if around else contextlib.nullcontext(), Sampler(system.roots()) as sampler:
             t0 = time.time()
             started = time.monotonic()
 

@@ -299,6 +299,9 @@ def diff_commandstats(before: Mapping[str, Any], after: Mapping[str, Any]) -> Co
     return +out
 
 
+IDLE_SETTLE = 2.0  # seconds the system runs before its idle cost is measured
+
+
 class RedisCost:
     """``around`` for bench/harness.py: the system's Redis (its unix socket) measured from entry to
     exit; ``monitor`` also feeds every command to a Tally (costs Redis CPU: a run of its own)."""
@@ -323,12 +326,13 @@ class RedisCost:
                 feed.start()
             idle_cpu = idle_commands = None
             if self.idle > 0:
+                time.sleep(IDLE_SETTLE)  # the system's start-up (scripts loaded, first clean-ups) over
                 quiet0, qcpu0, t = r.info("commandstats"), r.info("cpu"), time.monotonic()
                 time.sleep(self.idle)
                 quiet1, qcpu1, took = r.info("commandstats"), r.info("cpu"), time.monotonic() - t
                 idle_cpu = (_cpu(qcpu1) - _cpu(qcpu0)) / took
-                # less the two INFO cpu of ours (diff_commandstats already leaves out one INFO)
-                idle_commands = (sum(diff_commandstats(quiet0, quiet1).values()) - 2) / took
+                # diff_commandstats leaves out one INFO of ours; the INFO cpu between is the other
+                idle_commands = (sum(diff_commandstats(quiet0, quiet1).values()) - 1) / took
             before, cpu0, reads0 = r.info("commandstats"), r.info("cpu"), _reads(r)
             t0 = time.monotonic()
             yield

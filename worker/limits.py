@@ -44,11 +44,12 @@ _T = TypeVar("_T")
 INITIAL_WINDOW = 5  # Postfix initial_destination_concurrency
 SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
 # Seconds a full window's successes go unrecorded in a process (a failure still counts at once, and
-# ends its quiet: its next success is recorded, resetting the failures). Each recorded one is two
-# Redis commands that change nothing; at 5 s they were 0.2 of the 16 a message cost on issue 15's
-# ceiling load (4 processes, 10 destinations). A process that stays quiet longer delays only what
-# its own successes would say: another's failures have their own next success to reset them.
-FULL_QUIET = 30.0
+# ends its quiet: its next success is recorded, resetting the failures). Only a recorded success
+# resets the failure count every process shares, so a longer quiet lets failures of processes that
+# never succeed (a host the remote refuses) add up for longer while the others deliver: at 30 s, 5
+# of them in 30 s marked the destination down for everyone (a helper's review), for 0.2 of the 16
+# Redis commands a message on issue 15's ceiling load.
+FULL_QUIET = 5.0
 YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
 # a refused process keeps its claim on the next free slot this long (it asks again every STAFF_PAUSE
 # while refused); a process that no longer needs one held others off that long (1 s: bench.slowdest's

@@ -58,8 +58,9 @@ log = logging.getLogger("mtaq.worker")
 
 HEARTBEAT = 5.0  # seconds between heartbeats of executions and leases
 EXECUTION_TTL = 20  # seconds an execution outlives its worker's last heartbeat
-# A scheduled job this late means RQ's scheduler is not running: it looks every second, and after
-# the death of the worker it ran in, another worker takes over its lock only after RQ's 120 s
+# A scheduled job this late means RQ's scheduler is not running: it looks every SCHEDULER_INTERVAL
+# (registry scores are whole seconds: about 3 s of margin), and after the death of the worker it
+# ran in, another worker takes over its lock only after RQ's 120 s
 # fallback period. Within the minute a dead process's mail has to move, 30 s was too long: a job
 # re-run after a crash and killed again waits its 5 s retry, then this, then the next clean-up
 # (RECOVERY_INTERVAL), after the 20 s its first execution took to lapse. Were the scheduler

@@ -32,7 +32,8 @@ def test_a_tiny_ceiling_run_measures_redis_per_message_and_its_phases(
     # every message crossed Redis several times: committed, loaded, its outcome written
     assert 10 < row["commands_per_msg"] < 200 and row["cpu_ms_per_msg"] > 0 and row["round_trips_per_msg"] > 2
     # a second of the system up without mail first: Redis's timers and the system's heartbeats
-    assert row["idle_cpu_ms_per_s"] > 0 and 0 < row["marginal_cpu_ms_per_msg"] < row["cpu_ms_per_msg"]
+    # (what is left may be near nothing on 10 messages: the idle rate times a load of seconds)
+    assert row["idle_cpu_ms_per_s"] > 0 and row["marginal_cpu_ms_per_msg"] < row["cpu_ms_per_msg"]
     phases = doc["phases"]
     assert phases["ingress commit"]["client"] >= 1  # HSET msg (one key a message); ZADD index a commit
     # one script call a writer's turn, whatever it carries
