@@ -128,10 +128,18 @@ def keys_for(table: Mapping[str, Sequence[SigningKey]], domain: str) -> Sequence
 
 def split_message(message: bytes) -> tuple[bytes, bytes]:
     """(header block without its final CRLF, body). A message without an empty line is all header."""
-    head, sep, body = message.partition(b"\r\n\r\n")
-    if not sep:
-        return (message[:-2] if message.endswith(b"\r\n") else message), b""
-    return head, body
+    head, body_at = split_head(message)
+    return head, message[body_at:]
+
+
+def split_head(message: bytes) -> tuple[bytes, int]:
+    """(header block without its final CRLF, where the body starts): the body is not copied (1 MiB:
+    ~0.1 ms of the ingress's loop, for what only a signature reads). A message without an empty
+    line is all header, and its body starts at its end."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return (message[:-2] if message.endswith(b"\r\n") else message), len(message)
+    return message[:end], end + 4
 
 
 _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")  # RFC 5322 §3.6.8 ftext, then the colon
@@ -184,13 +192,7 @@ class Parsed:
 
     @classmethod
     def of(cls, message: bytes) -> Parsed:
-        # the header block only: a partition copied the body too (1 MiB: ~0.1 ms of the ingress's
-        # loop), which only a signature reads
-        end = message.find(b"\r\n\r\n")
-        if end < 0:
-            head, body_at = (message[:-2] if message.endswith(b"\r\n") else message), len(message)
-        else:
-            head, body_at = message[:end], end + 4
+        head, body_at = split_head(message)
         fields, ok = parse_head(head)
         return cls(message, fields, ok, body_at)
 
