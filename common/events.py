@@ -26,6 +26,7 @@ from typing import Any
 
 from common.classify import classify
 from common.envelope import Envelope, RcptState, RecipientStatus
+from common.storeio import reply_text
 
 __all__ = [
     "ENTRY_COUNT_FIELD",
@@ -100,7 +101,7 @@ class Event:
 
     @classmethod
     def from_fields(cls, raw: Mapping[Any, Any]) -> Event:
-        d = {_text(k): _text(v) for k, v in raw.items()}
+        d = {reply_text(k, "replace"): reply_text(v, "replace") for k, v in raw.items()}
         return cls(
             id=d["id"],
             type=EventType(d["type"]),
@@ -154,7 +155,7 @@ def parse_entries(raw: Any) -> list[tuple[str, Event]]:
     XREADGROUP's answer), in stream order; the events of one entry share its id."""
     out: list[tuple[str, Event]] = []
     for sid, fields in raw or []:
-        out += [(_text(sid), ev) for ev in entry_events(fields)]
+        out += [(reply_text(sid, "replace"), ev) for ev in entry_events(fields)]
     return out
 
 
@@ -180,10 +181,6 @@ def _field(fields: Mapping[Any, Any], name: str) -> Any:
     ``field`` does this for hashes; it sits above this module)."""
     got = fields.get(name)
     return fields.get(name.encode()) if got is None else got
-
-
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 # -- builders -------------------------------------------------------------------------------------

@@ -320,12 +320,13 @@ class Store:
                 pipe.zadd(INDEX, {m.envelope.id: m.envelope.received_at for m in messages})
                 pipe.hincrby(STATS, "received", len(messages))
                 # EVAL: see _delete
+                now = time.monotonic()
                 with self._lock:
-                    if time.monotonic() >= self._dests_until:
+                    if now >= self._dests_until:
                         # forgotten once a minute: what only the generation cannot tell (a failover
                         # that lost the SADD and kept the generation, an older sweep's removal)
                         # costs at most a minute of a destination missing from the set
-                        self._dests_generation, self._dests_until = "", time.monotonic() + DESTS_KNOWN_FOR
+                        self._dests_generation, self._dests_until = "", now + DESTS_KNOWN_FOR
                         self._dests_known.clear()
                     generation = self._dests_generation
                     known = {d for d in plan.by_destination if d in self._dests_known}

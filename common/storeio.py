@@ -25,9 +25,10 @@ __all__ = [
 log = logging.getLogger("mtaq.store")
 
 
-def reply_text(v: Any) -> str:
-    """A Redis reply's bytes (or a decoded client's str) as str: every reader's one conversion."""
-    return v.decode() if isinstance(v, bytes) else str(v)
+def reply_text(v: Any, errors: str = "strict") -> str:
+    """A Redis reply's bytes (or a decoded client's str) as str: every reader's one conversion.
+    ``errors="replace"`` where the bytes are anyone's (an event's fields, a published message)."""
+    return v.decode("utf-8", errors) if isinstance(v, bytes) else str(v)
 
 
 class StoreError(Exception):

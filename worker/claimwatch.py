@@ -141,10 +141,7 @@ class ClaimWatch:
         while (m := self._sub.get_message(timeout=0.0)) is not None:
             if m.get("type") != "message":
                 continue
-            data = m["data"]
-            destination, _, score = (
-                data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-            ).rpartition("\t")
+            destination, _, score = reply_text(m["data"], "replace").rpartition("\t")
             if score == "0":
                 self._scores.pop(destination, None)
             elif score.isascii() and score.isdigit():
