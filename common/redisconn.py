@@ -4,7 +4,16 @@ embedded server of `mtaq run` in data_dir.
 Through the Sentinels a client follows a failover on its own: redis-py's Sentinel pool asks them for
 the primary on every new connection, and a connection to a primary that has since become a replica
 fails (READONLY) and is replaced, so no process needs a restart. While no primary is known, commands
-raise ``redis.ConnectionError`` (MasterNotFoundError), which the ingress turns into ``451 4.3.0``."""
+raise ``redis.ConnectionError`` (MasterNotFoundError), which the ingress turns into ``451 4.3.0``.
+
+A primary that hung and comes back after the Sentinels promoted its replica still believes it is
+the primary until they turn it into a replica, seconds later; the connections a process made to it
+before the failover write to it meanwhile, and what they write is lost when it resyncs (the
+deployment test saw a job's outcomes and removals land there while the same job's end landed on
+the new primary: its messages were left with no job, for the sweep). The servers of the ha set-up
+refuse writes without a replica in sync (``min-replicas-to-write``, docs/high-availability.md),
+and ``FencedConnection`` makes that refusal (NOREPLICAS) what READONLY already is: the connection
+dropped, a ``redis.ConnectionError``, which every role waits out as it waits out a failover."""
 
 from __future__ import annotations
 
@@ -12,12 +21,12 @@ import os
 from typing import Any
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from common.redispack import CommandPacker
 from common.settings import Settings
 
-__all__ = ["NoRedis", "connect", "embedded_socket", "read_secret", "redis_url", "sentinel"]
+__all__ = ["FencedConnection", "NoRedis", "connect", "embedded_socket", "read_secret", "redis_url", "sentinel"]
 
 
 class NoRedis(RuntimeError):
@@ -52,6 +61,25 @@ def read_secret(path: str, what: str) -> str | None:
         raise NoRedis(f"cannot read {what} {path!r}: {e.strerror or e}; check the path and its permissions") from None
 
 
+NOREPLICAS = "NOREPLICAS"  # Redis's error when fewer replicas than min-replicas-to-write are in sync
+
+
+class FencedConnection(SentinelManagedConnection):
+    """A connection to the primary the Sentinels name that treats the primary's refusal to write
+    for want of replicas (NOREPLICAS) as a lost primary: dropped, and ``redis.ConnectionError``.
+    Nothing was written (Redis refuses every write then, and a script at its first write), so what
+    retries it loses nothing."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as e:
+            if not str(e).startswith(NOREPLICAS):
+                raise
+            self.disconnect()  # type: ignore[no-untyped-call]
+            raise redis.ConnectionError(f"the primary takes no writes: {e}") from e
+
+
 def sentinel(settings: Settings, *, timeout: float = 5.0) -> Sentinel:
     """A client of the Sentinels named by ``redis_sentinels`` (the caller checked it is set)."""
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -81,7 +109,7 @@ def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float
         kwargs["password"] = password
     if settings.redis_sentinels:
         client: redis.Redis = sentinel(settings, timeout=min(timeout, 5.0)).master_for(
-            settings.redis_sentinel_master, **kwargs
+            settings.redis_sentinel_master, connection_class=FencedConnection, **kwargs
         )
         return client
     return redis.Redis.from_url(redis_url(settings), **kwargs)

