@@ -26,7 +26,16 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 from common.redispack import CommandPacker
 from common.settings import Settings
 
-__all__ = ["FencedConnection", "NoRedis", "connect", "embedded_socket", "read_secret", "redis_url", "sentinel"]
+__all__ = [
+    "FencedConnection",
+    "NoRedis",
+    "NoReplicasError",
+    "connect",
+    "embedded_socket",
+    "read_secret",
+    "redis_url",
+    "sentinel",
+]
 
 
 class NoRedis(RuntimeError):
@@ -64,6 +73,10 @@ def read_secret(path: str, what: str) -> str | None:
 NOREPLICAS = "NOREPLICAS"  # Redis's error when fewer replicas than min-replicas-to-write are in sync
 
 
+class NoReplicasError(redis.ConnectionError):
+    """The primary refuses writes: fewer replicas in sync than its min-replicas-to-write."""
+
+
 class FencedConnection(SentinelManagedConnection):
     """A connection to the primary the Sentinels name that treats the primary's refusal to write
     for want of replicas (NOREPLICAS) as a lost primary: dropped, and ``redis.ConnectionError``.
@@ -74,10 +87,12 @@ class FencedConnection(SentinelManagedConnection):
         try:
             return super().read_response(*args, **kwargs)
         except redis.ResponseError as e:
-            if not str(e).startswith(NOREPLICAS):
+            text = str(e)
+            # Redis 7 answers a script's refused write so too; 6.2 wraps it in the script's ERR
+            if not (text.startswith(NOREPLICAS) or f"-{NOREPLICAS} " in text):
                 raise
             self.disconnect()  # type: ignore[no-untyped-call]
-            raise redis.ConnectionError(f"the primary takes no writes: {e}") from e
+            raise NoReplicasError(f"the primary takes no writes: {e}") from e
 
 
 def sentinel(settings: Settings, *, timeout: float = 5.0) -> Sentinel:

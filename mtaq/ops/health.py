@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
+from common.redisconn import NoReplicasError
 from common.replication import primary_address, read_replication
 from common.settings import Settings
 from common.smtp.hostport import parse_hostport
@@ -50,6 +51,14 @@ def check_redis(r: redis.Redis) -> Check:
     try:
         r.ping()
         view = read_replication(r, primary_address(r), time.time())
+    except NoReplicasError:
+        # the ha set-up's fence (docs/high-availability.md): up, but nothing can be written
+        return Check(
+            "redis",
+            False,
+            "the primary takes no writes: fewer replicas in sync than its min-replicas-to-write; "
+            "bring the replica back (or wait for Sentinel to resync the old primary)",
+        )
     except (redis.RedisError, OSError) as e:
         return Check(
             "redis", False, f"no answer ({e}); is redis-server running and redis_url (or redis_sentinels) right?"

@@ -25,6 +25,7 @@ import redis
 
 from common.redisconn import connect
 from common.settings import Settings
+from mtaq.ops.health import check_redis
 from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.hacluster import Cluster, ReplicaServer
@@ -233,3 +234,22 @@ def test_a_primary_that_hung_through_a_failover_loses_no_write_a_client_saw_succ
         assert wait_for(lambda: cluster.online_replicas(replica) == 1, 60), "the old primary never rejoined"
         on_new = int(replica.client(socket_timeout=2).get("fence") or 0)
         assert on_new == told, f"{told - on_new} of {told} writes the client saw succeed are lost"
+
+
+def test_a_primary_short_of_replicas_refuses_writes_as_a_lost_connection(tmp_path: Path) -> None:
+    """min-replicas-to-write with its replica missing: every write fails as if Redis were
+    unreachable (what every role already waits out), nothing is written, and `mtaq health` says
+    why in one line."""
+    with Cluster(tmp_path / "ha", replicas=0, min_replicas=1) as cluster:
+        client = connect(Settings(hostname="mtaq.test", redis_sentinels=cluster.sentinel_setting), timeout=2.0)
+        with pytest.raises(redis.ConnectionError, match="takes no writes"):
+            client.set("fence", 1)
+        with pytest.raises(redis.ConnectionError), client.pipeline() as pipe:  # a transaction: refused whole
+            pipe.incr("fence")
+            pipe.set("other", 1)
+            pipe.execute()
+        with pytest.raises(redis.ConnectionError):  # a script: refused at its first write
+            client.eval("redis.call('SET', 'fence', 2) return 1", 0)
+        assert client.get("fence") is None and client.get("other") is None  # reads still answer
+        check = check_redis(client)
+        assert not check.ok and "takes no writes" in check.detail and "replica" in check.detail, check
