@@ -46,6 +46,7 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
+from common.redisconn import NoReplicasError
 from common.statusscript import LAYOUT_INLINE
 from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
 from worker import rqbook
@@ -87,6 +88,7 @@ INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 BURST_POLL = 0.05  # seconds between looks at the queue while a burst waits for its running jobs
 SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
+BIRTH_RETRY = 0.5  # seconds between tries to register while the primary takes no writes
 
 
 _REDIS_GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -341,7 +343,21 @@ class ConcurrentWorker(SimpleWorker):
         return out
 
     def register_birth(self) -> None:
-        super().register_birth()  # type: ignore[no-untyped-call]
+        """RQ's, waiting while the primary takes no writes for want of a replica in sync (the ha
+        set-up's fence, docs/high-availability.md): at `docker compose up` the replica syncs a
+        moment after the primary answers, and a worker that quit then was restarted over and over."""
+        said = False
+        while True:
+            try:
+                super().register_birth()  # type: ignore[no-untyped-call]
+                break
+            except NoReplicasError as e:
+                if self._stop_requested:
+                    raise
+                if not said:
+                    log.warning("worker %s: waiting for Redis to take writes (%s)", self.name, e)
+                    said = True
+                time.sleep(BIRTH_RETRY)
         self._open_layout()
 
     def _open_layout(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 from rq import Queue
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
@@ -235,3 +236,33 @@ def test_an_execution_is_pushed_on_once_a_quarter_of_its_ttl_old(
     w._renewed[execution.id] -= EXECUTION_TTL / 4
     w.beat()
     assert (r.zscore(registry, execution.composite_key) or 0) > time.time() + EXECUTION_TTL - 5
+
+
+def test_a_worker_waits_to_register_while_the_primary_takes_no_writes(
+    r: fakeredis.FakeRedis, service: DeliveryService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At `docker compose up --profile ha` the replica syncs a moment after the primary answers,
+    and the primary takes no writes until then (min-replicas-to-write): the worker waits to
+    register instead of quitting. Any other Redis error at birth still ends it (a wrong password
+    must be said, not waited out)."""
+    import rq.worker
+
+    from common.redisconn import NoReplicasError
+
+    refusals: list[Exception] = [NoReplicasError("NOREPLICAS"), NoReplicasError("NOREPLICAS")]
+    real = rq.worker.BaseWorker.register_birth
+
+    def birth(self: ConcurrentWorker) -> None:
+        if refusals:
+            raise refusals.pop(0)
+        real(self)  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(rq.worker.BaseWorker, "register_birth", birth)
+    monkeypatch.setattr("worker.pool.BIRTH_RETRY", 0.0)
+    w = worker(r, service)
+    w.register_birth()
+    assert not refusals and r.exists(w.key)
+
+    refusals.append(redis.AuthenticationError("invalid password"))
+    with pytest.raises(redis.AuthenticationError):
+        worker(r, service).register_birth()
