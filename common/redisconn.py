@@ -18,7 +18,7 @@ dropped, a ``redis.ConnectionError``, which every role waits out as it waits out
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -85,14 +85,24 @@ class FencedConnection(SentinelManagedConnection):
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().read_response(*args, **kwargs)
+            response = super().read_response(*args, **kwargs)
         except redis.ResponseError as e:
-            text = str(e)
-            # Redis 7 answers a script's refused write so too; 6.2 wraps it in the script's ERR
-            if not (text.startswith(NOREPLICAS) or f"-{NOREPLICAS} " in text):
+            # the text: NOREPLICAS first; a script's refused write in Redis 6.2's ERR; an EXECABORT
+            # when the count dropped between MULTI's commands and the EXEC
+            if NOREPLICAS not in str(e):
                 raise
-            self.disconnect()  # type: ignore[no-untyped-call]
-            raise NoReplicasError(f"the primary takes no writes: {e}") from e
+            self._refused(e)
+        if type(response) is list:
+            # an EXEC's array: a script queued in MULTI is refused at its first write there, and
+            # Redis refuses every write of the transaction then (nothing in it was written)
+            for item in response:
+                if isinstance(item, redis.ResponseError) and NOREPLICAS in str(item):
+                    self._refused(item)
+        return response
+
+    def _refused(self, e: redis.ResponseError) -> NoReturn:
+        self.disconnect()  # type: ignore[no-untyped-call]
+        raise NoReplicasError(f"the primary takes no writes: {e}") from e
 
 
 def sentinel(settings: Settings, *, timeout: float = 5.0) -> Sentinel:

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from common.redisconn import NoReplicasError
 from common.store import FAILOVER_TIME, FAILOVERS, PRIMARY_SEEN
 
 __all__ = [
@@ -44,6 +45,9 @@ class ReplicationView:
     replicas: tuple[Replica, ...] = field(default=())
     failovers: int = 0
     last_failover: float | None = None
+    # the primary refuses writes: fewer replicas in sync than its min-replicas-to-write (the ha
+    # set-up's fence, docs/high-availability.md); seen when recording the primary was refused
+    fenced: bool = False
 
     @property
     def online(self) -> int:
@@ -53,6 +57,8 @@ class ReplicationView:
         """The operator's lines (``mtaq queue stats``, ``mtaq health``)."""
         who = self.primary or "this Redis"
         out = [f"redis: {who} is {self.role} with {self.online} replica(s) online"]
+        if self.fenced:
+            out[0] += "; it takes no writes: fewer replicas in sync than its min-replicas-to-write"
         for r in self.replicas:
             out.append(f"  replica {r.address} {r.state}, {r.lag_bytes} bytes behind, last ack {r.lag_seconds} s ago")
         if self.failovers:
@@ -106,15 +112,26 @@ def read_replication(r: redis.Redis, primary: str, now: float) -> ReplicationVie
     """The view, from the primary ``r`` connects to; ``primary`` is its address as the Sentinels
     name it ("" without Sentinels: nothing to compare, no failover counted)."""
     role, replicas = parse_replication(r.info("replication"))
-    failovers = note_primary(r, primary, now) if primary else int(r.get(FAILOVERS) or 0)
+    fenced = False
+    try:
+        failovers = note_primary(r, primary, now) if primary else int(r.get(FAILOVERS) or 0)
+    except NoReplicasError:
+        # the failover is counted by the next reader that may write: the view still stands
+        failovers, fenced = int(r.get(FAILOVERS) or 0), True
     raw = r.get(FAILOVER_TIME)
     last = float(raw) if isinstance(raw, bytes | str) else None
-    return ReplicationView(role, primary, replicas, failovers, last)
+    return ReplicationView(role, primary, replicas, failovers, last, fenced)
 
 
 def online_replicas(r: redis.Redis) -> int:
-    """Replicas the primary ``r`` connects to has online now (one INFO round trip)."""
-    return sum(1 for x in parse_replication(r.info("replication"))[1] if x.state == "online")
+    """Replicas the primary ``r`` connects to has online and in sync now (one INFO round trip).
+    With min-replicas-to-write set, INFO also counts the replicas whose last acknowledgement is
+    recent enough for it (``min_slaves_good_slaves``): a replica that stalled stays "online" in
+    the list for a while, but the primary already refuses writes for want of it."""
+    info = r.info("replication")
+    online = sum(1 for x in parse_replication(info)[1] if x.state == "online")
+    good = info.get("min_slaves_good_slaves")
+    return online if good is None else min(online, int(good))
 
 
 def primary_address(r: redis.Redis) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import redis
 
+from common.redisconn import NoReplicasError
+
 __all__ = [
     "Replicated",
     "StoreError",
@@ -93,6 +95,10 @@ def _is_full(e: redis.RedisError) -> bool:
 def translated() -> Iterator[None]:
     try:
         yield
+    except NoReplicasError as e:
+        # refused whole for want of replicas in sync (the ha set-up's fence): not written, and
+        # not a primary lost mid-write that the ingress would wait to settle
+        raise StoreNotReplicated(str(e)) from e
     except redis.RedisError as e:
         raise (StoreFull if _is_full(e) else StoreUnavailable)(str(e)) from e
     except OSError as e:  # a socket error redis-py did not wrap

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from common.redisconn import NoReplicasError
 from common.replication import primary_address, read_replication
 from common.settings import Settings
 from common.smtp.hostport import parse_hostport
@@ -51,20 +50,15 @@ def check_redis(r: redis.Redis) -> Check:
     try:
         r.ping()
         view = read_replication(r, primary_address(r), time.time())
-    except NoReplicasError:
-        # the ha set-up's fence (docs/high-availability.md): up, but nothing can be written
-        return Check(
-            "redis",
-            False,
-            "the primary takes no writes: fewer replicas in sync than its min-replicas-to-write; "
-            "bring the replica back (or wait for Sentinel to resync the old primary)",
-        )
     except (redis.RedisError, OSError) as e:
         return Check(
             "redis", False, f"no answer ({e}); is redis-server running and redis_url (or redis_sentinels) right?"
         )
     # "PONG; 10.0.0.5:6379 is master with 1 replica(s) online": which host is primary, and its replicas
-    return Check("redis", True, "PONG; " + view.lines()[0].removeprefix("redis: "))
+    line = "PONG; " + view.lines()[0].removeprefix("redis: ")
+    if view.fenced:  # the ha set-up's fence (docs/high-availability.md): up, but nothing is written
+        return Check("redis", False, line + "; bring a replica back (Sentinel resyncs an old primary)")
+    return Check("redis", True, line)
 
 
 def check_ingress(listen: str, timeout: float = 5.0) -> Check:

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from common.redisconn import connect
+from common.replication import online_replicas, parse_replication
 from common.settings import Settings
 from mtaq.ops.health import check_redis
 from tests.dnsserver import ZoneServer
@@ -253,3 +254,25 @@ def test_a_primary_short_of_replicas_refuses_writes_as_a_lost_connection(tmp_pat
         assert client.get("fence") is None and client.get("other") is None  # reads still answer
         check = check_redis(client)
         assert not check.ok and "takes no writes" in check.detail and "replica" in check.detail, check
+
+
+def test_a_stalled_replica_stops_counting_when_the_primary_stops_counting_it(tmp_path: Path) -> None:
+    """A replica that stops acknowledging (SIGSTOP) stays "online" in INFO's list for a while, but
+    the primary refuses writes once its last acknowledgement is older than min-replicas-max-lag: the
+    ingress's gate (online_replicas) must not reopen on the list alone and send every commit into a
+    refusal."""
+    with Cluster(tmp_path / "ha") as cluster:
+        primary, replica = cluster.servers[0], cluster.servers[1]
+        r = primary.client(socket_timeout=2)
+        assert online_replicas(r) == 1
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: online_replicas(r) == 0, 15, interval=0.1)
+            listed = parse_replication(r.info("replication"))[1]
+            assert [x.state for x in listed] == ["online"]  # the list alone would still count it
+            with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+                r.set("fence", 1)
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert wait_for(lambda: online_replicas(r) == 1, 15, interval=0.1)
