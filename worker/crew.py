@@ -142,8 +142,10 @@ class Crew:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         cache_time: float = 1.0,
+        hold: Callable[[], None] = lambda: None,
     ) -> None:
         self.dialer = dialer
+        self.hold = hold  # before each transaction: waits while outcomes cannot be recorded
         self.limits = limits
         self.lanes = lanes
         self.permits = Permits(capacity)
@@ -331,6 +333,7 @@ class Crew:
             lane.left()
 
     def _pace(self, destination: str) -> None:
+        self.hold()
         wait = self.limits.pace(destination)
         if wait > 0:
             self.sleep(wait)

@@ -28,13 +28,16 @@ __all__ = ["WRITE_PATIENCE", "Batch", "JobShare", "OutcomeWriter", "write_outcom
 log = logging.getLogger("mtaq.worker")
 
 WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back before the job fails
-# A write that has taken longer than this (Redis stopped, restarting, saturated) holds the next
-# transaction of every conversation that hands outcomes in meanwhile, until it is done: a worker
-# killed then sends again whatever it had delivered and not yet recorded, and without the hold its
-# conversations went on delivering through a Redis outage (the chaos test, a worker killed every
-# second and Redis stopped for 5 s: 42 messages of 2,000 sent twice after we had read the 250, in
-# one run of many). A write takes milliseconds otherwise: nothing waits.
-WRITE_STALL = 0.5
+# A write that has taken longer than this (Redis stopped, restarting, saturated) holds every
+# conversation of the process before its next transaction, and any that hands outcomes in
+# meanwhile, until it is done: a worker killed then sends again whatever it had delivered and not
+# yet recorded, and without the hold its conversations went on delivering through a Redis outage
+# (the chaos test, a worker killed every second and Redis stopped for 5 s: 42 messages of 2,000
+# sent twice after we had read the 250, in one run of many). At 0.5 s a conversation with a server
+# that answers in 50 ms still delivered ten messages into the outage before it was held (the chaos
+# test's worker killed right after Redis came back: up to 11 sent twice after their 250). A write
+# takes milliseconds otherwise (its fsync, the 1-4 ms gather): nothing waits.
+WRITE_STALL = 0.2
 # Before a write, the writer gathers: it waits while outcomes keep coming, GATHER_GAP seconds after
 # the last at most, GATHER_MAX after the first. Transactions end in bursts (remote servers answer
 # DATA together: smtp-sink -w answers on its one-second timer, real ones after their own queue
@@ -251,8 +254,18 @@ class OutcomeWriter:
                 self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-            while self._writing_since is not None and self.monotonic() - self._writing_since > self.stall:
-                self._cond.wait(0.1)
+            self._hold()
+
+    def hold(self) -> None:
+        """Before a transaction (worker/crew.py): returns at once unless the write in progress has
+        taken longer than ``stall``; then once it is over. What a conversation delivers while
+        nothing can be recorded is what a killed worker sends again."""
+        with self._cond:
+            self._hold()
+
+    def _hold(self) -> None:
+        while self._writing_since is not None and self.monotonic() - self._writing_since > self.stall:
+            self._cond.wait(0.05)
 
     def _written(self) -> None:
         """The write in progress is over: conversations held by it go on."""

@@ -106,9 +106,9 @@ class DeliveryService:
                 smarthost_from_settings(settings),  # SmarthostError: one line, exit 78 (mtaq/cli.py)
             )
         self.lanes = Lanes()
-        self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep)
-        self.leases = Leases(LeaseBook(spool.store.redis), LEASE_TTL, clock)
         self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
+        self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep, hold=self.writer.hold)
+        self.leases = Leases(LeaseBook(spool.store.redis), LEASE_TTL, clock)
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
         self.tls = tls  # MTA-STS and DANE (worker/tlsgate.py); None: opportunistic TLS everywhere
         # another job while fewer messages wait here for a conversation than twice its

@@ -225,3 +225,29 @@ def test_two_threads_staffing_one_lane_start_one_conversation_for_one_parcel() -
     for t in threads:
         t.join()
     assert len(begun) == 1 and limits.held() == 1
+
+
+def test_each_transaction_first_waits_for_the_hold_the_service_gives_its_crew() -> None:
+    """The hold (worker/outcomes.py OutcomeWriter.hold: a stalled outcome write) comes before the
+    destination's pacing, before every transaction; the service gives its crew its writer's."""
+    from tests.unit.fakepeer import FakeDialer, service_on
+    from worker.lane import Lanes
+
+    calls: list[str] = []
+    r = fakeredis.FakeRedis()
+    limits = DestinationLimits(r, clock=FakeClock(time.time()))
+    real = limits.pace
+
+    def pace(destination: str) -> float:
+        calls.append("pace")
+        return real(destination)
+
+    limits.pace = pace  # type: ignore[method-assign]
+    crew = Crew(FakeDialer(FakePeer()), limits, Lanes(), 1, hold=lambda: calls.append("hold"))
+    crew._pace("y.test")
+    assert calls == ["hold", "pace"]
+    svc = service_on(r, FakePeer(), FakeClock(time.time()))
+    try:
+        assert svc.crew.hold == svc.writer.hold
+    finally:
+        svc.stop()

@@ -119,9 +119,15 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     held.start()
     held.join(0.3)
     assert held.is_alive(), "the next transaction waits for the stalled write"
+    before = threading.Thread(target=writer.hold)  # a conversation about to start a transaction
+    before.start()
+    before.join(0.3)
+    assert before.is_alive(), "no transaction starts while the write is stalled"
     release.set()
     held.join(5)
-    assert not held.is_alive()
+    before.join(5)
+    assert not held.is_alive() and not before.is_alive()
+    writer.hold()  # nothing stalled: at once
     b.drain()
 
 
