@@ -309,10 +309,14 @@ class OutcomeWriter:
                     self._cond.wait()
                 self._gather()
                 turn, self._pending = self._pending, []
-                self._writing_since = self.monotonic()
             entries = [e for _, updates in turn for e in _entries(updates)]
             try:
-                codes = write_outcomes(self.store, entries, self.extras(turn, entries))
+                # the events, suppressions and finished messages are worked out first (a DSN
+                # built to see whether one is due can take milliseconds): the stall measures Redis
+                extras = self.extras(turn, entries)
+                with self._cond:
+                    self._writing_since = self.monotonic()
+                codes = write_outcomes(self.store, entries, extras)
             except BaseException as e:  # every job of the turn fails and is run again
                 self._written()
                 for batch, _ in turn:

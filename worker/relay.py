@@ -225,6 +225,12 @@ def converse(
             except BaseException:
                 lane.back(parcel, t)  # not sent: it waits for its turn again, here
                 raise
+            if stopping():
+                # asked to stop while paced or held (worker/outcomes.py: a stalled outcome write,
+                # Redis down): not sent, it goes back with the rest, and nothing is delivered that
+                # might not be recorded
+                lane.back(parcel, t)
+                break
             try:
                 alive = _send_parcel(
                     opened.conn, parcel, parcel.pending(), relay, target, record, last=t + 1 >= len(targets)

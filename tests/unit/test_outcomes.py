@@ -127,7 +127,10 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     held.join(5)
     before.join(5)
     assert not held.is_alive() and not before.is_alive()
-    writer.hold()  # nothing stalled: at once
+    free = threading.Thread(target=writer.hold)  # nothing stalled: at once
+    free.start()
+    free.join(5)
+    assert not free.is_alive()
     b.drain()
 
 

@@ -136,3 +136,21 @@ def test_a_parcel_whose_pacing_fails_goes_back_to_its_lane() -> None:
         raise AssertionError("the failure is the conversation's")
     assert len(lane) == 1 and owner.finished == []
     assert lane.shortfall(now=0.0) == 1  # nothing is counted as in a conversation's hands
+
+
+def test_a_conversation_asked_to_stop_while_held_sends_nothing_more() -> None:
+    """A stop that comes while ``pace`` waits (the outcome writer's hold while Redis is down, or
+    the destination's pacing): the parcel taken goes back to its lane unsent, not delivered when the
+    hold lifts with nowhere to record it."""
+    lane, owner = Lane([target()]), Owner()
+    lane.add([parcel("Q1", "ok@y.test"), parcel("Q2", "ok@y.test")], owner)
+    stop = False
+
+    def held() -> None:
+        nonlocal stop
+        stop = True  # SIGTERM arrives during the wait
+
+    peer = FakePeer()
+    converse(lane, FakeDialer(peer), pace=held, stopping=lambda: stop)
+    assert owner.recorded == [] and owner.finished == []
+    assert len(lane) == 2  # both wait in the lane, for the hand-back
