@@ -326,6 +326,11 @@ class OutcomeWriter:
             at = 0
             for batch, updates in turn:
                 n = sum(map(len, updates.values()))
-                batch.written(updates, codes[at : at + n])
+                try:
+                    batch.written(updates, codes[at : at + n])
+                except Exception as e:  # a bug: that job fails (RQ runs it again), the thread lives on
+                    log.exception("outcomes written, but not taken in by their job")
+                    batch.settled(e)
+                else:
+                    batch.settled(None)
                 at += n
-                batch.settled(None)

@@ -165,3 +165,38 @@ def test_a_lone_outcome_is_written_after_the_gap_without_company(store: Store) -
     done.join(10)  # written after the gap (0.05 s): nothing else is coming
     assert not done.is_alive()
     assert store.statuses("Q1")[0].state is RcptState.DELIVERED
+
+
+def test_a_job_that_cannot_take_in_its_written_outcomes_fails_and_the_writer_lives_on(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread serves every job of the process: an error taking in one job's answer
+    fails that job (RQ runs it again), and the next job's outcomes are still written."""
+    writer = OutcomeWriter(store, gather=(0.0, 0.0))
+    b, p = batch(store, writer, FakeClock(2000.0))
+    real = type(b).written
+
+    def broken(self: object, *a: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(type(b), "written", broken)
+    p.outcomes[0] = SENT
+    b.record_final(p, [0])
+    raised: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            b.drain()
+        except ValueError as e:
+            raised.append(e)
+
+    waiting = threading.Thread(target=drain)
+    waiting.start()
+    waiting.join(5)
+    assert not waiting.is_alive() and len(raised) == 1, "the job hears of the error, it does not wait for ever"
+    monkeypatch.setattr(type(b), "written", real)
+    b2, p2 = batch(store, writer, FakeClock(2000.0))
+    p2.outcomes[0] = SENT
+    b2.record_final(p2, [0])
+    b2.drain()  # written: the thread is alive
+    assert b2.recorded[p2.envelope.id][0].state is RcptState.DELIVERED
