@@ -244,6 +244,7 @@ class OutcomeWriter:
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
         self._thread: threading.Thread | None = None
         self._writing_since: float | None = None  # when the write in progress began
+        self._held = False  # a conversation has waited for the write in progress (logged once)
 
     def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         """Hand these outcomes to the next write; returns at once unless the write in progress has
@@ -264,13 +265,21 @@ class OutcomeWriter:
             self._hold()
 
     def _hold(self) -> None:
+        if self._writing_since is not None and not self._held and self.monotonic() - self._writing_since > self.stall:
+            self._held = True  # said once a stall: every conversation comes here
+            log.warning(
+                "an outcome write has taken over %.1f s (Redis slow or away): conversations wait for it", self.stall
+            )
         while self._writing_since is not None and self.monotonic() - self._writing_since > self.stall:
             self._cond.wait(0.05)
 
     def _written(self) -> None:
         """The write in progress is over: conversations held by it go on."""
         with self._cond:
+            if self._held and self._writing_since is not None:
+                log.info("the stalled outcome write is over after %.1f s", self.monotonic() - self._writing_since)
             self._writing_since = None
+            self._held = False
             self._cond.notify_all()
 
     def extras(

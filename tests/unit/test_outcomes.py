@@ -93,9 +93,10 @@ def test_a_job_share_waits_for_its_parcels(store: Store) -> None:
 
 
 def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis stopped: conversations do not go on delivering what a killed worker would send again."""
+    caplog.set_level("INFO", logger="mtaq.worker")
     now = [0.0]
     writer = OutcomeWriter(store, stall=0.5, monotonic=lambda: now[0])
     b, p = batch(store, writer, FakeClock(2000.0))
@@ -127,6 +128,8 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     held.join(5)
     before.join(5)
     assert not held.is_alive() and not before.is_alive()
+    said = [r.getMessage() for r in caplog.records if "outcome write" in r.getMessage()]
+    assert len(said) == 2 and "taken over 0.5 s" in said[0] and "is over" in said[1], said  # once each
     free = threading.Thread(target=writer.hold)  # nothing stalled: at once
     free.start()
     free.join(5)
