@@ -38,6 +38,8 @@ WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back
 # test's worker killed right after Redis came back: up to 11 sent twice after their 250). A write
 # takes milliseconds otherwise (its fsync, the 1-4 ms gather): nothing waits.
 WRITE_STALL = 0.2
+AWAIT_POLL = 0.5  # seconds between PINGs after a write failed for want of Redis
+_REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 # Before a write, the writer gathers: it waits while outcomes keep coming, GATHER_GAP seconds after
 # the last at most, GATHER_MAX after the first. Transactions end in bursts (remote servers answer
 # DATA together: smtp-sink -w answers on its one-second timer, real ones after their own queue
@@ -212,7 +214,7 @@ def write_outcomes(
     while True:
         try:
             return store.set_status_list(entries, **(extras or {}))
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+        except _REDIS_AWAY:
             if time.monotonic() > deadline:
                 raise
             log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
@@ -234,12 +236,14 @@ class OutcomeWriter:
         stall: float = WRITE_STALL,
         gather: tuple[float, float] = (GATHER_GAP, GATHER_MAX),
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.store = store
         self.feedback = feedback
         self.stall = stall
         self.gap, self.gather_max = gather
         self.monotonic = monotonic
+        self.sleep = sleep
         self._cond = threading.Condition()
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
         self._thread: threading.Thread | None = None
@@ -311,6 +315,15 @@ class OutcomeWriter:
                 return
             seen = len(self._pending)
 
+    def _await_redis(self) -> None:
+        """Until Redis answers a PING, every AWAIT_POLL seconds (the stall, and so the hold, goes on)."""
+        while True:
+            try:
+                self.store.redis.ping()
+                return
+            except _REDIS_AWAY:
+                self.sleep(AWAIT_POLL)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -327,9 +340,14 @@ class OutcomeWriter:
                     self._writing_since = self.monotonic()
                 codes = write_outcomes(self.store, entries, extras)
             except BaseException as e:  # every job of the turn fails and is run again
-                self._written()
                 for batch, _ in turn:
                     batch.settled(e)
+                if isinstance(e, _REDIS_AWAY):
+                    # Redis away past WRITE_PATIENCE: the conversations stay held until it answers
+                    # (released now, each would deliver for another stall's worth before the next
+                    # write held them again, with nowhere to record what it sent)
+                    self._await_redis()
+                self._written()
                 continue
             self._written()
             at = 0

@@ -203,3 +203,53 @@ def test_a_job_that_cannot_take_in_its_written_outcomes_fails_and_the_writer_liv
     b2.record_final(p2, [0])
     b2.drain()  # written: the thread is alive
     assert b2.recorded[p2.envelope.id][0].state is RcptState.DELIVERED
+
+
+def test_after_a_write_that_gave_up_on_redis_conversations_stay_held_until_it_answers(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis away past WRITE_PATIENCE: the jobs of that write fail (RQ runs them again), and no
+    conversation starts another transaction until Redis answers a PING; released at once, each
+    would deliver into the outage until the next write stalled."""
+    import redis as redislib
+
+    monkeypatch.setattr("worker.outcomes.WRITE_PATIENCE", -1.0)  # the first failure is the last
+    back = threading.Event()
+
+    def away(*a: object, **kw: object) -> list[int]:
+        raise redislib.ConnectionError("Redis away")
+
+    def ping() -> bool:
+        if not back.is_set():
+            raise redislib.ConnectionError("Redis away")
+        return True
+
+    monkeypatch.setattr(store, "set_status_list", away)
+    monkeypatch.setattr(store.redis, "ping", ping)
+
+    def nap(seconds: float) -> None:
+        back.wait(0.01)
+
+    writer = OutcomeWriter(store, stall=0.0, sleep=nap)
+    b, p = batch(store, writer, FakeClock(2000.0))
+    p.outcomes[0] = SENT
+    b.record_final(p, [0])
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            b.drain()
+        except redislib.ConnectionError as e:
+            failed.append(e)
+
+    job = threading.Thread(target=drain)
+    job.start()
+    job.join(5)
+    assert not job.is_alive() and len(failed) == 1, "the job hears at once that its outcome was not written"
+    held = threading.Thread(target=writer.hold)
+    held.start()
+    held.join(0.3)
+    assert held.is_alive(), "no transaction while Redis does not answer"
+    back.set()
+    held.join(5)
+    assert not held.is_alive(), "released once Redis answers"
