@@ -254,7 +254,8 @@ class Store:
         self.inline = inline
         # redis_min_replicas: commits and recipient outcomes wait for this many replicas (WAIT).
         # strict (the ingress): too few is StoreNotReplicated, a 451; else (a worker, whose writes
-        # record what already happened and cannot be taken back) a warning in the log.
+        # record what already happened) WAIT again for a while, then StoreNotReplicated: the job is
+        # run again (common/storeio.py Replicated.patience).
         self.replicas = replicas
         self.replica_timeout = replica_timeout
         self.strict_replicas = strict_replicas

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,7 +60,13 @@ class Replicated(redis.client.Pipeline):
 
     replicas = 1
     timeout_ms = 1000
-    strict = True  # raise StoreNotReplicated; else log it (a worker's outcomes are written anyway)
+    # True (the ingress): too few replicas is StoreNotReplicated at once, a 451. False (a worker's
+    # outcomes, which have happened): WAIT again until ``patience`` seconds have passed, then
+    # StoreNotReplicated, and the job is run again. Going on with a write no replica has lets a
+    # job end on the new primary while its outcomes sit on a primary that hung through a failover
+    # and is about to be resynced (docs/high-availability.md "One primary at a time").
+    strict = True
+    patience = 5.0
 
     def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
         result = super()._execute_transaction(connection, commands, raise_on_error)
@@ -72,14 +79,19 @@ class Replicated(redis.client.Pipeline):
         return result
 
     def _wait(self, connection: Any) -> None:
-        connection.send_command("WAIT", self.replicas, self.timeout_ms)
-        acked = int(connection.read_response())
-        if acked >= self.replicas:
-            return
-        why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
-        if self.strict:
-            raise StoreNotReplicated(why)
-        log.warning("outcomes written on the primary only: %s", why)
+        deadline = time.monotonic() + (0.0 if self.strict else self.patience)
+        said = False
+        while True:
+            connection.send_command("WAIT", self.replicas, self.timeout_ms)
+            acked = int(connection.read_response())
+            if acked >= self.replicas:
+                return
+            why = f"{acked} of {self.replicas} replica(s) acknowledged the write within {self.timeout_ms} ms"
+            if time.monotonic() >= deadline:
+                raise StoreNotReplicated(why)
+            if not said:
+                log.warning("written on the primary only so far (%s): waiting up to %.0f s", why, self.patience)
+                said = True
 
 
 def _is_full(e: redis.RedisError) -> bool:

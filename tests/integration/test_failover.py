@@ -31,6 +31,7 @@ from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.hacluster import Cluster, ReplicaServer
 from tests.integration.eventually import GENEROUS
+from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, tagged, wait_for
 
 MESSAGES = 1500
@@ -211,6 +212,9 @@ def test_a_primary_that_hung_through_a_failover_loses_no_write_a_client_saw_succ
         settings = Settings(hostname="mtaq.test", redis_sentinels=cluster.sentinel_setting)
         client = connect(settings, timeout=2.0)
         assert client.incr("fence") == 1  # the connection the client keeps: to the primary
+        # on the replica before the primary hangs: replication is asynchronous, and a write the
+        # replica never had is lost by any failover (that one is WAIT's business, not the fence's)
+        assert client.wait(1, 5000) == 1
         old = cluster.primary()
         replica = next(s for s in cluster.servers if s is not old)
         assert old.pid is not None
@@ -221,20 +225,32 @@ def test_a_primary_that_hung_through_a_failover_loses_no_write_a_client_saw_succ
             ), "Sentinel did not promote the replica"
         finally:
             os.kill(old.pid, signal.SIGCONT)
-        told = 1
-        refused = 0
-        deadline = time.monotonic() + 60
+        told = confirmed = 1
+        answers: list[tuple[float, int, int]] = []  # when after SIGCONT, what INCR answered, WAIT's count
+        errors: list[tuple[float, str]] = []
+        resumed = time.monotonic()
+        deadline = resumed + 60
         while told < 6:
-            assert time.monotonic() < deadline, f"no write succeeded in 60 s ({refused} refused)"
+            assert time.monotonic() < deadline, f"no write succeeded in 60 s ({errors[-3:]})"
             try:
-                client.incr("fence")
+                value = client.incr("fence")
                 told += 1
-            except redis.ConnectionError:
-                refused += 1
+                acked = client.wait(1, 1000)  # what mtaq asks after a write (redis_min_replicas)
+                confirmed += acked >= 1
+                answers.append((round(time.monotonic() - resumed, 3), value, acked))
+            except redis.ConnectionError as e:
+                errors.append((round(time.monotonic() - resumed, 3), str(e)[:60]))
                 time.sleep(0.05)
         assert wait_for(lambda: cluster.online_replicas(replica) == 1, 60), "the old primary never rejoined"
         on_new = int(replica.client(socket_timeout=2).get("fence") or 0)
-        assert on_new == told, f"{told - on_new} of {told} writes the client saw succeed are lost"
+        seen = f"{answers}; refused: {errors[:3]}"
+        # A command that reaches the old primary in the event-loop turn in which it reads its
+        # replica's link closed still runs: Redis frees the replica's client after that turn, and
+        # counts the replicas in sync then (docs/high-availability.md says what that leaves). One
+        # at most; without the fence the client went on writing there until Sentinel demoted it.
+        assert told - on_new <= 1, f"{told - on_new} of {told} writes the client saw succeed are lost: {seen}"
+        # and WAIT, which mtaq asks after every write, never confirms a write the new primary lacks
+        assert confirmed <= on_new, f"a write a replica confirmed is lost: {seen}"
 
 
 def test_a_primary_short_of_replicas_refuses_writes_as_a_lost_connection(tmp_path: Path) -> None:
@@ -276,3 +292,27 @@ def test_a_stalled_replica_stops_counting_when_the_primary_stops_counting_it(tmp
         finally:
             os.kill(replica.pid, signal.SIGCONT)
         assert wait_for(lambda: online_replicas(r) == 1, 15, interval=0.1)
+
+
+def test_a_workers_write_no_replica_has_fails_its_job_after_waiting(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's write (strict_replicas=False) that no replica acknowledges: WAIT is asked again
+    for ``patience`` seconds, then StoreNotReplicated, so the job fails and runs again. Going on
+    let a job end on the new primary while its outcomes sat on a primary that hung through the
+    failover, to be thrown away when it resynced (messages left with no job)."""
+    from common.envelope import RcptState, RecipientStatus
+    from common.store import Store
+    from common.storeio import Replicated, StoreNotReplicated
+
+    monkeypatch.setattr(Replicated, "patience", 0.5)
+    store = Store(redis.Redis.from_url(redis_server.url), replicas=1, replica_timeout=0.1, strict_replicas=False)
+    began = time.monotonic()
+    with pytest.raises(StoreNotReplicated):
+        store.set_status_list([("Q1", 0, RecipientStatus(RcptState.DELIVERED))])
+    assert 0.5 <= time.monotonic() - began < 3.0
+    strict = Store(redis.Redis.from_url(redis_server.url), replicas=1, replica_timeout=0.1)
+    began = time.monotonic()
+    with pytest.raises(StoreNotReplicated):  # the ingress: at once
+        strict.set_status_list([("Q1", 0, RecipientStatus(RcptState.DELIVERED))])
+    assert time.monotonic() - began < 0.5
