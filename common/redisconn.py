@@ -27,6 +27,7 @@ from common.redispack import CommandPacker
 from common.settings import Settings
 
 __all__ = [
+    "REDIS_AWAY",
     "FencedConnection",
     "NoRedis",
     "NoReplicasError",
@@ -71,6 +72,9 @@ def read_secret(path: str, what: str) -> str | None:
 
 
 NOREPLICAS = "NOREPLICAS"  # Redis's error when fewer replicas than min-replicas-to-write are in sync
+# Redis away for now, as every role waits it out: no connection, no answer in time, a Redis still
+# loading its AOF (BusyLoadingError) or taking no writes (NoReplicasError): both ConnectionErrors
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
 
 
 class NoReplicasError(redis.ConnectionError):

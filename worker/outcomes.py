@@ -12,11 +12,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import redis
-
 from common import metrics
 from common.classify import classify
 from common.envelope import LOG_STATUS, RcptState, RecipientStatus
+from common.redisconn import REDIS_AWAY
 from common.store import REMOVED, Message, Store
 from worker.feedback import Feedback
 from worker.parcel import Outcome, Parcel
@@ -39,7 +38,6 @@ WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back
 # takes milliseconds otherwise (its fsync, the 1-4 ms gather): nothing waits.
 WRITE_STALL = 0.2
 AWAIT_POLL = 0.5  # seconds between PINGs after a write failed for want of Redis
-_REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 # Before a write, the writer gathers: it waits while outcomes keep coming, GATHER_GAP seconds after
 # the last at most, GATHER_MAX after the first. Transactions end in bursts (remote servers answer
 # DATA together: smtp-sink -w answers on its one-second timer, real ones after their own queue
@@ -214,7 +212,7 @@ def write_outcomes(
     while True:
         try:
             return store.set_status_list(entries, **(extras or {}))
-        except _REDIS_AWAY:
+        except REDIS_AWAY:
             if time.monotonic() > deadline:
                 raise
             log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
@@ -268,13 +266,16 @@ class OutcomeWriter:
         with self._cond:
             self._hold()
 
+    def _stalled(self) -> bool:
+        return self._writing_since is not None and self.monotonic() - self._writing_since > self.stall
+
     def _hold(self) -> None:
-        if self._writing_since is not None and not self._held and self.monotonic() - self._writing_since > self.stall:
+        if not self._held and self._stalled():
             self._held = True  # said once a stall: every conversation comes here
             log.warning(
                 "an outcome write has taken over %.1f s (Redis slow or away): conversations wait for it", self.stall
             )
-        while self._writing_since is not None and self.monotonic() - self._writing_since > self.stall:
+        while self._stalled():
             self._cond.wait(0.05)
 
     def _written(self) -> None:
@@ -321,7 +322,7 @@ class OutcomeWriter:
             try:
                 self.store.redis.ping()
                 return
-            except _REDIS_AWAY:
+            except REDIS_AWAY:
                 self.sleep(AWAIT_POLL)
 
     def _run(self) -> None:
@@ -342,7 +343,7 @@ class OutcomeWriter:
             except BaseException as e:  # every job of the turn fails and is run again
                 for batch, _ in turn:
                     batch.settled(e)
-                if isinstance(e, _REDIS_AWAY):
+                if isinstance(e, REDIS_AWAY):
                     # Redis away past WRITE_PATIENCE: the conversations stay held until it answers
                     # (released now, each would deliver for another stall's worth before the next
                     # write held them again, with nowhere to record what it sent)

@@ -46,7 +46,7 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
-from common.redisconn import NoReplicasError
+from common.redisconn import REDIS_AWAY, NoReplicasError
 from common.statusscript import LAYOUT_INLINE
 from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
 from worker import rqbook
@@ -89,9 +89,6 @@ STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 BURST_POLL = 0.05  # seconds between looks at the queue while a burst waits for its running jobs
 SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
 BIRTH_RETRY = 0.5  # seconds between tries to register while the primary takes no writes
-
-
-_REDIS_GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class ConcurrentWorker(SimpleWorker):
@@ -179,7 +176,7 @@ class ConcurrentWorker(SimpleWorker):
                     if max_idle_time is not None and not self._running and idle > max_idle_time:
                         return None
                     continue
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                except REDIS_AWAY as e:
                     log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
                     time.sleep(1.0)
                     continue
@@ -208,7 +205,7 @@ class ConcurrentWorker(SimpleWorker):
             started = time.monotonic()  # before its expiry is set: the renewal is never late
             try:
                 execution = self.prepare_execution(job)
-            except _REDIS_GONE as e:
+            except REDIS_AWAY as e:
                 self.service.intake.end(job.id)
                 # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
                 # from which the recovery hands it back (_rescue_intermediate)
@@ -309,7 +306,7 @@ class ConcurrentWorker(SimpleWorker):
         self._suspension_seen = time.monotonic()
         try:
             super().check_for_suspension(burst)
-        except _REDIS_GONE as e:
+        except REDIS_AWAY as e:
             log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
             time.sleep(1.0)
 
@@ -325,7 +322,7 @@ class ConcurrentWorker(SimpleWorker):
         self._beaten_at = time.monotonic()
         try:
             super().heartbeat(timeout)
-        except _REDIS_GONE as e:
+        except REDIS_AWAY as e:
             log.warning("worker %s: heartbeat failed (%s); the heartbeat thread tries again", self.name, e)
 
     # -- liveness
