@@ -8,7 +8,6 @@ arrives, so that none of the SMTP smuggling sequences (``\\n.\\n``, ``\\n.\\r\\n
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 
 from common.smtp.text import line_dot
@@ -93,29 +92,25 @@ def _has_long_line(buf: bytearray, end: int) -> bool:
     return False
 
 
-# A CR that an LF does not follow: with an LF at buf[end - 1] (complete lines) a search up to ``end``
-# finds every bare CR (_only_crlf's way for text of very short lines).
-_BARE_CR = re.compile(rb"\r[^\n]")
-# Text with an LF every _DENSE octets or more often is checked octet by octet: the replaces below
-# pay a hop per CR and per LF, so on 1 MiB of empty lines they took 8.8 ms where the scan takes 2.5
-# (on text of 78-octet lines 0.3-0.6 ms where the scan takes 1.1). The LFs are counted over the
-# whole text (0.35 ms a MiB, and the scan needs the count anyway): a sample of its head would let
-# crafted text choose the dear way.
-_DENSE = 24
+# Translation tables for _only_crlf: CR (or LF) to 1, every other octet to 0.
+_CR_MARKS = bytes(1 if octet == 0x0D else 0 for octet in range(256))
+_LF_MARKS = bytes(1 if octet == 0x0A else 0 for octet in range(256))
+_TAIL_KEPT = 4096
 
 
 def _only_crlf(buf: bytearray, end: int) -> bool:
-    """Whether every CR and every LF in ``buf[:end]`` (complete lines) is part of a CRLF: the text
-    without its CRs, each LF then written CRLF, is the text itself only then. Both replaces hop from
-    one octet to the next with memchr, in C, and the comparison is a memcmp."""
-    lfs = buf.count(b"\n", 0, end)
-    if lfs * _DENSE >= end:
-        # once no CR stands alone, CRLFs are as many as CRs, and an LF more than them is a bare one
-        return _BARE_CR.search(buf, 0, end) is None and lfs == buf.count(b"\r", 0, end)
-    # the whole buffer when what follows ``end`` (a line's start) holds neither: no slice copied
-    whole = end == len(buf) or (buf.find(b"\r", end) < 0 and buf.find(b"\n", end) < 0)
-    part = buf if whole else buf[:end]
-    return part.replace(b"\r", b"").replace(b"\n", b"\r\n") == part
+    """Whether every CR and every LF in ``buf[:end]`` (complete lines) is part of a CRLF: with each
+    CR marked, and each LF, a CR's mark at i must meet an LF's at i + 1 and an LF's only that, so
+    the CRs' marks are the LFs' shifted by one octet (and no LF starts the text). Two translations
+    and a memcmp, a fixed cost an octet however short the lines. It replaced a count of the LFs
+    that chose between two replaces (a hop per CR and per LF) and an octet scan for LF-dense
+    text: DataReader on 1 MiB of 80-octet lines 1.45 -> 1.23 ms, of empty lines 3.6 -> 1.2."""
+    # what follows ``end`` (a line's start, or the lines after a dot) is translated too when it is
+    # short, sparing a copy of the rest; it is no part of the comparison
+    part = buf if len(buf) - end <= _TAIL_KEPT else buf[:end]
+    crs, lfs = part.translate(_CR_MARKS), part.translate(_LF_MARKS)
+    with memoryview(crs) as cr, cr[: end - 1] as before_last:
+        return lfs[0] == 0 and lfs.startswith(before_last, 1)
 
 
 class DataStep(Enum):

@@ -100,7 +100,7 @@ def test_line_lengths_at_the_limit_anywhere_in_a_chunk() -> None:
 
 @pytest.mark.parametrize("line", [b"x" * 76, b"", b"a"], ids=["78-octet lines", "empty lines", "1-octet lines"])
 def test_bare_cr_and_lf_are_found_by_either_way_of_looking(line: bytes) -> None:
-    # long lines take the replaces, LF-dense text the octet scan (readers._DENSE): both must agree
+    # every shape of line: 78-octet lines, empty ones, one-octet ones
     text = bytearray((line + b"\r\n") * 3000)
     assert _only_crlf(text, len(text))
     n = len(line) + 2
@@ -110,6 +110,8 @@ def test_bare_cr_and_lf_are_found_by_either_way_of_looking(line: bytes) -> None:
             assert not _only_crlf(spoiled, len(spoiled)), (line, at, bad)
     tail = text + b"partial line\r"  # what follows ``end`` is no part of the check
     assert _only_crlf(tail, len(text)) and not _only_crlf(tail + b"x\r\n", len(tail) + 3)
+    lines_after_a_dot = text + b"bare\n" * 2000  # more than is translated along (readers._TAIL_KEPT)
+    assert _only_crlf(lines_after_a_dot, len(text))
 
 
 def test_a_bad_line_late_in_a_chunk_is_not_looked_for_again_after_every_line(monkeypatch: pytest.MonkeyPatch) -> None:
