@@ -48,7 +48,7 @@ class Settings:
     )
     redis_appendfsync: str = _opt(
         "always",
-        "embedded Redis: always (250 means on disk) or everysec (faster; a power cut may lose up to 1 s "
+        "embedded Redis: always (250 means on disk) or everysec (faster; a power cut may lose up to 2 s "
         "of accepted mail)",
         ("run",),
     )

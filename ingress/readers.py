@@ -197,8 +197,8 @@ class DataReader:
             end = dot + 1  # up to the line that starts with a dot (a bare LF before it: see below)
         if end == 0:
             return False
-        # the checks read the buffer in place (C loops, no copy, no list of lines); a line that
-        # fails one is among the first ``end`` octets, which then go a line at a time
+        # the checks are C loops over the buffer (two translations of it, no list of lines); a line
+        # that fails one is among the first ``end`` octets, which then go a line at a time
         self._line_by_line = end
         if len(self._data) + end > self.max_size:
             return False
