@@ -104,7 +104,7 @@ def _only_crlf(buf: bytearray, end: int) -> bool:
     the CRs' marks are the LFs' shifted by one octet (and no LF starts the text). Two translations
     and a memcmp, a fixed cost an octet however short the lines. It replaced a count of the LFs
     that chose between two replaces (a hop per CR and per LF) and an octet scan for LF-dense
-    text: DataReader on 1 MiB of 80-octet lines 1.45 -> 1.23 ms, of empty lines 3.6 -> 1.2."""
+    text: DataReader on 1 MiB of 80-octet lines 1.45 -> 1.17 ms, of empty lines 3.6 -> 1.16."""
     # what follows ``end`` (a line's start, or the lines after a dot) is translated too when it is
     # short, sparing a copy of the rest; it is no part of the comparison
     part = buf if len(buf) - end <= _TAIL_KEPT else buf[:end]

@@ -74,7 +74,7 @@ AOF_REWRITE_MIN_SIZE = "1gb"
 # Redis's timer (serverCron) runs this many times a second, not 10. Each run refreshes allocator and
 # RSS statistics (/proc), the cached time, the clients' buffers and the expiry of keys: with no mail,
 # that was most of what Redis cost. Three idle redis-servers side by side for 30 s, three times
-# (30 s, three times, session 12): 3.9-5.7 ms of CPU a second at hz 10, 1.9-2.8 at 2, 1.0-1.8 at 1;
+# (session 12): 3.9-5.7 ms of CPU a second at hz 10, 1.9-2.8 at 2, 1.0-1.8 at 1;
 # with `mtaq run --workers 4` up and no mail, 16 commands a second from mtaq add about 1.5 ms.
 # What a lower hz delays: a blocking command's timeout (BLMOVE, XREADGROUP, WAIT) and SIGTERM are
 # seen at the next run, up to 0.5 s late: the workers' idle BLMOVE waits 5-5.5 s instead of 5 s,
