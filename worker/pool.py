@@ -41,6 +41,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
+from rq.suspension import WORKERS_SUSPENDED
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
@@ -305,7 +306,13 @@ class ConcurrentWorker(SimpleWorker):
             return
         self._suspension_seen = time.monotonic()
         try:
-            super().check_for_suspension(burst)
+            # RQ's look (rq.suspension.is_suspended) heartbeats the worker in the same transaction:
+            # a write, and an fsync, a second a busy worker, where the heartbeat thread beats every
+            # HEARTBEAT seconds anyway (issue 15: 0.3 of the 15 Redis commands a message on the
+            # ceiling load). A plain read first; RQ's own loop, which beats while it waits, only
+            # once an operator has suspended the workers.
+            if self.connection.exists(WORKERS_SUSPENDED):
+                super().check_for_suspension(burst)
         except REDIS_AWAY as e:
             log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
             time.sleep(1.0)

@@ -14,9 +14,11 @@ import fakeredis
 import pytest
 import redis
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.suspension import suspend
 
 from common.envelope import Envelope, Recipient
 from common.jobqueue import CRASH_RETRY
@@ -31,6 +33,7 @@ from worker.pool import (
     INTERMEDIATE_GRACE,
     SCHEDULER_INTERVAL,
     SCHEDULER_LATE,
+    SUSPENSION_CHECK,
     ConcurrentWorker,
 )
 from worker.service import LEASE_TTL, DeliveryService
@@ -152,6 +155,26 @@ def test_rqs_heartbeat_after_each_job_is_left_to_the_heartbeat_thread(
     w._beaten_at -= HEARTBEAT
     w.heartbeat()
     assert r.ttl(w.key) > 5
+
+
+def test_the_suspension_look_writes_nothing_and_still_sees_rq_suspend(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """RQ's look at `rq suspend`'s flag heartbeats the worker in the same transaction: a write a
+    second a busy worker. Ours reads the flag alone, and leaves the waiting to RQ once it is set."""
+    w = worker(r, service)
+    w.register_birth()
+    w.beat()
+    r.expire(w.key, 5)
+    before = r.hget(w.key, "last_heartbeat")
+    w._beaten_at -= HEARTBEAT  # a heartbeat would go through now: the look must not make one
+    w.check_for_suspension(burst=True)
+    assert r.hget(w.key, "last_heartbeat") == before and 0 < r.ttl(w.key) <= 5
+    suspend(r)
+    w.check_for_suspension(burst=True)  # within SUSPENSION_CHECK of the last look: not asked
+    w._suspension_seen -= SUSPENSION_CHECK
+    with pytest.raises(StopRequested):  # RQ's answer to a suspended burst
+        w.check_for_suspension(burst=True)
 
 
 def running_job(r: fakeredis.FakeRedis, service: DeliveryService) -> tuple[ConcurrentWorker, Queue, Job, Any]:
