@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import redis
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
-from common.redispack import CommandPacker
+from common.redispack import CommandPacker, one_write
 from common.settings import Settings
 
 __all__ = [
@@ -138,7 +138,10 @@ def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float
         kwargs["password"] = password
     if settings.redis_sentinels:
         client: redis.Redis = sentinel(settings, timeout=min(timeout, 5.0)).master_for(
-            settings.redis_sentinel_master, connection_class=FencedConnection, **kwargs
+            settings.redis_sentinel_master, connection_class=one_write(FencedConnection), **kwargs
         )
         return client
-    return redis.Redis.from_url(redis_url(settings), **kwargs)
+    url = redis_url(settings)
+    # the class the URL's scheme names (a Unix socket, TLS, TCP), writing a pipeline in one piece
+    base = redis.connection.parse_url(url).get("connection_class", redis.Connection)  # type: ignore[no-untyped-call]
+    return redis.Redis.from_url(url, connection_class=one_write(base), **kwargs)
