@@ -11,15 +11,16 @@ redis-py does (str as UTF-8, numbers by repr); anything else goes the redis-py w
 - bool, None and other types: redis-py's DataError, as before;
 - a command name given with a space in it ("CLIENT SETNAME"): redis-py splits it.
 
-``one_write`` gives a connection class that writes a pipeline in one ``sendall``. redis-py's
-packs it into pieces of 6,000 octets at most, a memoryview (a message body) its own piece, and
-sends each with its own ``sendall``: the ingress's group commit of 20 messages of 2 KiB was about
-40 of them. Each one releases the GIL and takes it back, which in a process whose event loop keeps
-the GIL busy waits up to ``sys.getswitchinterval()`` (5 ms): such a commit took 48 ms against 6.6
-joined (/tmp micro-benchmark, a thread spinning beside it). And Redis, handed the transaction a
-piece at a time, woke for each: 26 reads for that commit against 3 (INFO total_reads_processed),
-a wake-up a message on issue 15's ceiling load. Pieces of ``KEEP_APART`` octets or more (large
-bodies) are still written as they are, uncopied; everything between them is joined into one.
+``one_write`` gives a connection class that joins a pipeline's short pieces into writes of up to
+``KEEP_APART`` (64 KiB): a group commit of small messages in one or two ``sendall``. redis-py's
+packs a pipeline into pieces of 6,000 octets at most, a memoryview (a message body) a piece of
+its own, and sends each with its own ``sendall``: the ingress's group commit of 20 messages of
+2 KiB was about 40 of them. Each one releases the GIL and takes it back, which in a process whose
+event loop keeps the GIL busy waits for it: such a commit took 32 ms against 6.2 joined (/tmp
+micro-benchmark, a thread spinning beside it). And Redis, handed the transaction a piece at a
+time, woke for each: 26 reads for that commit alone, 8.9 beside the spinning thread, against 3
+(INFO total_reads_processed). Pieces of ``KEEP_APART`` octets or more (large bodies) are written
+as they are, uncopied.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ __all__ = ["KEEP_APART", "CommandPacker", "one_write"]
 
 _PLAIN = frozenset((str, bytes, int, float))
 _BUFFER_CUTOFF = 6000  # redis-py's own: values longer than this are sent as their own chunk
-# Pieces this long or longer are written as they are; shorter ones are joined, a copy of at most
-# this much between two long ones (a few microseconds).
+# Pieces this long or longer are written as they are; shorter ones are joined into writes of about
+# this much at most (a copy of a few microseconds each). Bounded, not one write a pipeline: the
+# socket timeout applies to a whole sendall, and Redis reads a plain pipeline only as fast as it
+# runs its commands (a helper's review: 40,000 slow script calls in one write timed out at
+# socket_timeout 1 s, where pieces of 6,000 octets took 17 s without a timeout; `mtaq queue release
+# --all` is one such pipeline), and a pipeline of hundreds of MiB would be copied whole.
 KEEP_APART = 64 * 1024
 
 
@@ -70,14 +75,17 @@ class _OneWrite:
             return pieces
         out: list[Any] = []
         run: list[Any] = []
+        size = 0
         for piece in pieces:
-            if len(piece) < KEEP_APART:
-                run.append(piece)
-                continue
-            if run:
+            n = len(piece)
+            if run and (n >= KEEP_APART or size + n > KEEP_APART):
                 out.append(b"".join(run))
-                run = []
-            out.append(piece)
+                run, size = [], 0
+            if n >= KEEP_APART:
+                out.append(piece)
+            else:
+                run.append(piece)
+                size += n
         if run:
             out.append(b"".join(run))
         return out
@@ -91,5 +99,8 @@ def one_write(base: type[Any]) -> type[Any]:
     the same class for the same base, so that every pool of a process shares it."""
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = _CLASSES.setdefault(base, type(f"OneWrite{base.__name__}", (_OneWrite, base), {}))
+        name = f"OneWrite{base.__name__}"
+        cls = _CLASSES.setdefault(base, type(name, (_OneWrite, base), {"__module__": __name__}))
+        # a module attribute, so that a connection pickles (a pool handed to a spawned process)
+        globals().setdefault(name, cls)
     return cls

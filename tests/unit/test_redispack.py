@@ -107,3 +107,20 @@ def test_long_pieces_are_written_uncopied_between_joined_runs() -> None:
     out = ours.pack_commands(cmds)
     assert len(out) == 3 and out[1] is big
     assert _octets(out) == _octets(Connection(command_packer=PACKER).pack_commands(cmds))  # type: ignore[no-untyped-call]
+
+
+def test_a_long_pipeline_of_short_pieces_goes_in_writes_of_keep_apart_at_most() -> None:
+    """One sendall must finish within the socket timeout, and Redis reads a plain pipeline only as
+    fast as it runs it: the joined writes are bounded, and nothing is copied whole."""
+    cmds = [("HSET", f"mtaq:msg:Q{n}", "q", "x" * 300) for n in range(2000)]
+    out = one_write(Connection)(command_packer=PACKER).pack_commands(cmds)
+    assert len(out) > 5 and all(len(piece) <= KEEP_APART for piece in out)
+    assert _octets(out) == _octets(Connection(command_packer=PACKER).pack_commands(cmds))  # type: ignore[no-untyped-call]
+
+
+def test_its_connections_pickle() -> None:
+    """A class made at run time is still a module attribute (a pool handed to a spawned process)."""
+    import pickle
+
+    cls = one_write(Connection)
+    assert pickle.loads(pickle.dumps(cls)) is cls
