@@ -348,7 +348,9 @@ def test_a_lane_short_of_conversations_asks_for_all_their_slots_at_once(
     monkeypatch.setattr(service.crew.limits, "acquire_many", counting)
     ids = [queue(service, f"Q{i}", f"u{i}@y.test") for i in range(6)]
     service.deliver("y.test", ids)
-    # one round trip for the four conversations' slots; not more than the destination allows
-    assert asked[0] == 4 and sum(asked) == 4
+    # one round trip for the four conversations' slots; no ask for more than the destination allows.
+    # (A job's look before the four have taken their parcels sees 6 waiting for 4 conversations and
+    # asks for 2 more, refused while the window is full: CI saw it 1 run in 6 on a busy machine.)
+    assert asked[0] == 4 and max(asked) <= 4
     assert sorted(rc for _, _, (rc,) in peer.taken) == [f"u{i}@y.test" for i in range(6)]
     service.stop()
