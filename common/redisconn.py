@@ -142,6 +142,7 @@ def connect(settings: Settings, *, timeout: float = 10.0, connect_timeout: float
         )
         return client
     url = redis_url(settings)
-    # the class the URL's scheme names (a Unix socket, TLS, TCP), writing a pipeline in one piece
+    # the class the URL's scheme names (a Unix socket, TLS, TCP), its pipelines' short pieces joined
+    # into few writes (common/redispack.py one_write)
     base = redis.connection.parse_url(url).get("connection_class", redis.Connection)  # type: ignore[no-untyped-call]
     return redis.Redis.from_url(url, connection_class=one_write(base), **kwargs)

@@ -95,8 +95,8 @@ _CLASSES: dict[type[Any], type[Any]] = {}
 
 
 def one_write(base: type[Any]) -> type[Any]:
-    """``base`` (a redis-py connection class) writing a pipeline's short pieces in one ``sendall``:
-    the same class for the same base, so that every pool of a process shares it."""
+    """``base`` (a redis-py connection class) joining a pipeline's short pieces into writes of up to
+    KEEP_APART: the same class for the same base, so that every pool of a process shares it."""
     cls = _CLASSES.get(base)
     if cls is None:
         name = f"OneWrite{base.__name__}"
