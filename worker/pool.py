@@ -309,8 +309,8 @@ class ConcurrentWorker(SimpleWorker):
             # RQ's look (rq.suspension.is_suspended) heartbeats the worker in the same transaction:
             # a write, and an fsync, a second a busy worker, where the heartbeat thread beats every
             # HEARTBEAT seconds anyway (issue 15: heartbeat+maintenance 0.74 -> 0.52 of the 15 Redis
-            # commands a message on the ceiling load, MONITOR). A plain read first; RQ's own loop, which beats while it waits, only
-            # once an operator has suspended the workers.
+            # commands a message on the ceiling load, MONITOR). A plain read first; RQ's own loop,
+            # which beats while it waits, only once an operator has suspended the workers.
             if self.connection.exists(WORKERS_SUSPENDED):
                 super().check_for_suspension(burst)
         except REDIS_AWAY as e:
