@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 
 import pytest
 
@@ -91,3 +92,16 @@ def test_text_line_carries_each_records_own_second() -> None:
         record.created, record.msecs = created, (created % 1) * 1000
         assert fmt.format(record) == plain.format(record)
         assert fmt.format(record).endswith(" INFO ABCDEF0123: removed")
+
+
+def test_json_time_carries_each_records_own_second_and_offset() -> None:
+    """JsonFormatter shares the once-a-second formatting: each record still shows its own time, to
+    the millisecond, with the local UTC offset."""
+    fmt = JsonFormatter("worker")
+    base = 1_796_000_000.0
+    for created in (base + 0.2, base + 0.9, base + 1.0, base + 0.5, base + 3600.7, base + 1.3):
+        record = logging.LogRecord("mtaq.worker", logging.INFO, __file__, 1, "%s: removed", ("ABCDEF0123",), None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        local = time.localtime(created)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".{int(record.msecs):03d}" + time.strftime("%z", local)
+        assert json.loads(fmt.format(record))["time"] == expected
