@@ -99,7 +99,7 @@ def test_line_lengths_at_the_limit_anywhere_in_a_chunk() -> None:
 
 
 @pytest.mark.parametrize("line", [b"x" * 76, b"", b"a"], ids=["78-octet lines", "empty lines", "1-octet lines"])
-def test_bare_cr_and_lf_are_found_by_either_way_of_looking(line: bytes) -> None:
+def test_bare_cr_and_lf_are_found_in_every_shape_of_line(line: bytes) -> None:
     # every shape of line: 78-octet lines, empty ones, one-octet ones
     text = bytearray((line + b"\r\n") * 3000)
     assert _only_crlf(text, len(text))
