@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 6
 CHAOS_WORKERS ?= 3
 
-.PHONY: run test lint typecheck unit integration docs bench bench-scaling bench-ceiling clean
+.PHONY: run test lint typecheck bytecode unit integration docs bench bench-scaling bench-ceiling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# Our modules compiled before anything starts: where PYTHONDONTWRITEBYTECODE=1 (CI, many
+# containers) Python never writes bytecode, and every mtaq process the tests start compiled our
+# 111 modules again (a worker start 0.47 -> 0.36 s of CPU; the chaos test starts one a second).
+# Up to date, this takes 0.07 s.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q ingress worker common mtaq bench tests > /dev/null
+
+run: $(STAMP) bytecode
 	$(BIN)/mtaq run
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint typecheck bytecode
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --ignore=tests/chaos $(PYTEST_ARGS)
 	$(BIN)/pytest -q -n $(CHAOS_WORKERS) tests/chaos $(PYTEST_ARGS)
 
