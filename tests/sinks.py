@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -41,11 +41,25 @@ from tests.ports import free_port
 __all__ = [
     "Delivery",
     "SinkServer",
+    "first_taken",
     "tagged",
     "wait_for",
 ]
 
 HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
+
+
+def first_taken(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> dict[str, float]:
+    """When each tagged message was first taken (time.monotonic(), by the tag's first group)."""
+    first: dict[str, float] = {}
+    for box in boxes:
+        with box.lock:
+            for d in box.deliveries:
+                m = tag.search(d.data)
+                if m:
+                    key = m.group(1).decode()
+                    first[key] = min(d.at, first.get(key, d.at))
+    return first
 
 
 def tagged(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> Counter[str]:
@@ -84,6 +98,7 @@ class Delivery:
     mail_options: list[str]
     peer: str
     peer_port: int = 0  # the client's source port: tells the connections apart
+    at: float = field(default_factory=time.monotonic)  # when the sink took it (before its 250)
 
 
 class SinkServer:
