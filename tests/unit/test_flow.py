@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import fakeredis
 import pytest
@@ -202,9 +203,10 @@ class StepSleep:
         self._naps.append(nap)
         await nap
 
-    def release(self) -> None:
-        for nap in self._naps:
-            if not nap.done():
+    def release(self, only: float | None = None) -> None:
+        """Every pending sleep ends, or only those asked for ``only`` seconds."""
+        for seconds, nap in zip(self.asked, self._naps, strict=True):
+            if not nap.done() and (only is None or seconds == only):
                 nap.set_result(None)
 
 
@@ -237,6 +239,79 @@ def test_the_poller_keeps_pace_while_mail_comes_and_idles_until_the_next_mail() 
             if len(sleep.asked) == 3:
                 break
         assert len(reads) == 3 and sleep.asked[-1] == IDLE_INTERVAL
+        poller.cancel()
+        sleep.release()
+        await settle()
+
+    asyncio.run(go())
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Let the poller's read (a thread) and its task run until ``check`` holds (2 s at most)."""
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the poller did not get there")
+
+
+def test_a_lag_that_goes_on_with_no_mail_coming_is_not_polled_at_pace() -> None:
+    from ingress.flow import ACTIVE_FOR, IDLE_INTERVAL
+
+    async def go() -> None:
+        clock, sleep = FakeClock(), StepSleep()
+        reads: list[float] = []
+
+        def read(taken: float) -> Backlog:
+            reads.append(taken)
+            return Backlog(10, 10, taken)  # lagging every time: the workers never catch up
+
+        g = FlowGate(read, delay=1.0, limit=4, interval=0.1, clock=clock, sleep=sleep)
+        poller = asyncio.ensure_future(g.watch())
+        await _until(lambda: sleep.asked == [IDLE_INTERVAL])
+        g.must_wait()  # a MAIL: polled at pace, and the lag is seen
+        await _until(lambda: sleep.asked == [IDLE_INTERVAL, 0.1])
+        assert g.engaged
+        # all mail taken, none held, the lag goes on: nobody reads the next sample
+        clock.now += ACTIVE_FOR
+        sleep.release(0.1)
+        await _until(lambda: len(reads) == 3)
+        await _until(lambda: len(sleep.asked) == 3)
+        assert sleep.asked[-1] == IDLE_INTERVAL and g.engaged
+        g.must_wait()  # the next MAIL wakes it at once
+        await _until(lambda: len(reads) == 4)
+        poller.cancel()
+        sleep.release()
+        await settle()
+
+    asyncio.run(go())
+
+
+def test_a_held_mail_keeps_the_poller_at_pace_past_active_for() -> None:
+    from ingress.flow import ACTIVE_FOR
+
+    async def go() -> None:
+        clock, sleep = FakeClock(), StepSleep()
+        lag = [True]
+
+        def read(taken: float) -> Backlog:
+            return Backlog(10, 10, taken) if lag[0] else Backlog(0, 0, taken)
+
+        # a delay longer than ACTIVE_FOR: the MAIL is still held when its time at pace is over
+        g = FlowGate(read, delay=3 * ACTIVE_FOR, limit=4, interval=0.1, clock=clock, sleep=sleep)
+        poller = asyncio.ensure_future(g.watch())
+        g.must_wait()
+        await _until(lambda: 0.1 in sleep.asked)
+        held = asyncio.ensure_future(g.wait())
+        await _until(lambda: g.holding == 1)
+        clock.now += ACTIVE_FOR
+        paced = sleep.asked.count(0.1)
+        sleep.release(0.1)
+        await _until(lambda: sleep.asked.count(0.1) == paced + 1)  # still at pace for the held MAIL
+        lag[0] = False
+        sleep.release(0.1)
+        await _until(lambda: held.done())
+        assert held.result() is True and g.holding == 0
         poller.cancel()
         sleep.release()
         await settle()
