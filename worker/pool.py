@@ -89,6 +89,12 @@ INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 BURST_POLL = 0.05  # seconds between looks at the queue while a burst waits for its running jobs
 SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
+# The read timeout of the thread that serves the worker's command channel (`rq` stop-job, shutdown).
+# RQ's is 60 s, and at shutdown RQ unsubscribes, then stops the thread and waits for it (redis-py 8's
+# stop() joins): a thread that read the UNSUBSCRIBE's answer before stop() waits those 60 s for a new
+# subscription, and the worker's exit with it (`mtaq run` 27 s and more after Ctrl-C, found in
+# session 14). A read that times out sends no command: the thread only wakes, once a second.
+PUBSUB_POLL = 1.0
 BIRTH_RETRY = 0.5  # seconds between tries to register while the primary takes no writes
 
 
@@ -146,6 +152,16 @@ class ConcurrentWorker(SimpleWorker):
                 scheduler.register_death()
         else:
             scheduler.start()
+
+    def subscribe(self) -> None:
+        """RQ's (rq/worker/base.py), the thread's read timeout PUBSUB_POLL: RQ gives no other way to
+        set it."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        thread: Any = self.pubsub.run_in_thread(  # RQ declares the attribute None
+            sleep_time=PUBSUB_POLL, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+        self.pubsub_thread = thread
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None

@@ -31,6 +31,7 @@ from worker.pool import (
     EXECUTION_TTL,
     HEARTBEAT,
     INTERMEDIATE_GRACE,
+    PUBSUB_POLL,
     SCHEDULER_INTERVAL,
     SCHEDULER_LATE,
     SUSPENSION_CHECK,
@@ -289,3 +290,24 @@ def test_a_worker_waits_to_register_while_the_primary_takes_no_writes(
     refusals.append(redis.AuthenticationError("invalid password"))
     with pytest.raises(redis.AuthenticationError):
         worker(r, service).register_birth()
+
+
+def test_the_command_channel_thread_stops_within_a_poll_after_it_read_the_unsubscribe(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    # RQ's shutdown: unsubscribe, then stop the thread and wait for it. A thread that read the
+    # UNSUBSCRIBE's answer first waits for a new subscription as long as its read timeout (RQ's is
+    # 60 s): the worker's exit waited with it.
+    w = worker(r, service)
+    w.subscribe()
+    thread = w.pubsub_thread
+    time.sleep(0.05)
+    w.pubsub.unsubscribe()
+    time.sleep(0.05)  # RQ's main thread descheduled between its two calls: the thread reads first
+    stopper = threading.Thread(target=thread.stop, daemon=True)
+    started = time.monotonic()
+    stopper.start()
+    stopper.join(PUBSUB_POLL + 2)
+    assert not stopper.is_alive() and not thread.is_alive()
+    assert time.monotonic() - started <= PUBSUB_POLL + 1
+    w.pubsub.close()
