@@ -300,9 +300,10 @@ def test_the_command_channel_thread_stops_within_a_poll_after_it_read_the_unsubs
     # 60 s): the worker's exit waited with it.
     w = worker(r, service)
     w.subscribe()
-    thread = w.pubsub_thread
+    thread: Any = w.pubsub_thread
+    pubsub: Any = w.pubsub
     time.sleep(0.05)
-    w.pubsub.unsubscribe()
+    pubsub.unsubscribe()
     time.sleep(0.05)  # RQ's main thread descheduled between its two calls: the thread reads first
     stopper = threading.Thread(target=thread.stop, daemon=True)
     started = time.monotonic()
@@ -310,4 +311,4 @@ def test_the_command_channel_thread_stops_within_a_poll_after_it_read_the_unsubs
     stopper.join(PUBSUB_POLL + 2)
     assert not stopper.is_alive() and not thread.is_alive()
     assert time.monotonic() - started <= PUBSUB_POLL + 1
-    w.pubsub.close()
+    pubsub.close()

@@ -96,6 +96,8 @@ OVERRIDES = {
     "register_birth",
     # RQ's scheduler at our interval (worker/pool.py SCHEDULER_INTERVAL)
     "_start_scheduler",
+    # the command channel's thread at our read timeout (worker/pool.py PUBSUB_POLL)
+    "subscribe",
 }
 
 
