@@ -208,10 +208,10 @@ class FlowGate:
             return True
         self.held += 1
         self.held_total += 1
-        self.holding += 1
         metrics.flow_held()
         released = asyncio.ensure_future(self._caught_up.wait())
         nap = asyncio.ensure_future(self.sleep(self.delay))
+        self.holding += 1
         try:
             await asyncio.wait({released, nap}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -238,13 +238,16 @@ class FlowGate:
             await self.step()
             # At the pace while a MAIL may be waiting for the next sample: not while a lag merely
             # goes on (all mail taken, the workers still delivering), where nobody reads it. The
-            # next MAIL wakes the poller; the "off" line comes at an idle poll then.
+            # next MAIL wakes the poller; the "off" line comes at an idle poll then. While the gate
+            # is closed, idle polls keep the sample younger than STALE_AFTER: a MAIL reads an older
+            # one as none and would go through while the lag goes on (found in review).
             if self.holding or self.clock() - self._last_mail < ACTIVE_FOR:
                 await self.sleep(self.interval)
                 continue
+            idle = IDLE_INTERVAL if self._caught_up.is_set() else min(IDLE_INTERVAL, STALE_AFTER / 2)
             self._mail.clear()
             mail = asyncio.ensure_future(self._mail.wait())
-            nap = asyncio.ensure_future(self.sleep(IDLE_INTERVAL))
+            nap = asyncio.ensure_future(self.sleep(idle))
             try:
                 await asyncio.wait({mail, nap}, return_when=asyncio.FIRST_COMPLETED)
             finally:

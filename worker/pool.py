@@ -93,7 +93,9 @@ SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks
 # RQ's is 60 s, and at shutdown RQ unsubscribes, then stops the thread and waits for it (redis-py 8's
 # stop() joins): a thread that read the UNSUBSCRIBE's answer before stop() waits those 60 s for a new
 # subscription, and the worker's exit with it (`mtaq run` 27 s and more after Ctrl-C, found in
-# session 14). A read that times out sends no command: the thread only wakes, once a second.
+# session 14). A read that times out sends no command: the thread wakes once a second, and the
+# connection's health check (a PING after 30 s without a reply) goes every 30 s, where it went
+# every 60 (a review's MONITOR of a subscribed thread).
 PUBSUB_POLL = 1.0
 BIRTH_RETRY = 0.5  # seconds between tries to register while the primary takes no writes
 

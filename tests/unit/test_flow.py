@@ -255,7 +255,7 @@ async def _until(check: Callable[[], bool]) -> None:
     raise AssertionError("the poller did not get there")
 
 
-def test_a_lag_that_goes_on_with_no_mail_coming_is_not_polled_at_pace() -> None:
+def test_a_lag_that_goes_on_with_no_mail_coming_is_polled_once_a_second() -> None:
     from ingress.flow import ACTIVE_FOR, IDLE_INTERVAL
 
     async def go() -> None:
@@ -268,18 +268,20 @@ def test_a_lag_that_goes_on_with_no_mail_coming_is_not_polled_at_pace() -> None:
 
         g = FlowGate(read, delay=1.0, limit=4, interval=0.1, clock=clock, sleep=sleep)
         poller = asyncio.ensure_future(g.watch())
-        await _until(lambda: sleep.asked == [IDLE_INTERVAL])
-        g.must_wait()  # a MAIL: polled at pace, and the lag is seen
-        await _until(lambda: sleep.asked == [IDLE_INTERVAL, 0.1])
+        # no MAIL yet, the gate closed by the first sample: idle, at a pace that keeps it fresh
+        await _until(lambda: sleep.asked == [STALE_AFTER / 2])
+        g.must_wait()  # a MAIL: polled at pace
+        await _until(lambda: sleep.asked == [STALE_AFTER / 2, 0.1])
         assert g.engaged
         # all mail taken, none held, the lag goes on: nobody reads the next sample
         clock.now += ACTIVE_FOR
         sleep.release(0.1)
         await _until(lambda: len(reads) == 3)
         await _until(lambda: len(sleep.asked) == 3)
-        assert sleep.asked[-1] == IDLE_INTERVAL and g.engaged
-        g.must_wait()  # the next MAIL wakes it at once
-        await _until(lambda: len(reads) == 4)
+        # once a second, not five times: the sample stays younger than STALE_AFTER for the next MAIL
+        assert sleep.asked[-1] == STALE_AFTER / 2 < IDLE_INTERVAL and g.engaged
+        assert g.must_wait()  # and that MAIL is held: the lag is still on
+        await _until(lambda: len(reads) == 4)  # the MAIL woke it at once
         poller.cancel()
         sleep.release()
         await settle()
