@@ -210,6 +210,15 @@ class StepSleep:
                 nap.set_result(None)
 
 
+async def _until(check: Callable[[], bool]) -> None:
+    """Let the poller's read (a thread) and its task run until ``check`` holds (2 s at most)."""
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the poller did not get there")
+
+
 def test_the_poller_keeps_pace_while_mail_comes_and_idles_until_the_next_mail() -> None:
     from ingress.flow import ACTIVE_FOR, IDLE_INTERVAL
 
@@ -227,32 +236,17 @@ def test_the_poller_keeps_pace_while_mail_comes_and_idles_until_the_next_mail() 
         await asyncio.sleep(0.01)  # the read runs in a thread
         assert len(reads) == 1 and sleep.asked == [IDLE_INTERVAL]  # no mail yet: idle
         g.must_wait()  # a MAIL wakes it: a read at once, before the idle nap ends
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if len(reads) == 2:
-                break
+        await _until(lambda: len(reads) == 2)
         assert len(reads) == 2 and sleep.asked == [IDLE_INTERVAL, 0.1]  # then at its pace
         clock.now += ACTIVE_FOR  # no MAIL since: idle again after the next read
         sleep.release()
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if len(sleep.asked) == 3:
-                break
+        await _until(lambda: len(sleep.asked) == 3)
         assert len(reads) == 3 and sleep.asked[-1] == IDLE_INTERVAL
         poller.cancel()
         sleep.release()
         await settle()
 
     asyncio.run(go())
-
-
-async def _until(check: Callable[[], bool]) -> None:
-    """Let the poller's read (a thread) and its task run until ``check`` holds (2 s at most)."""
-    for _ in range(200):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the poller did not get there")
 
 
 def test_a_lag_that_goes_on_with_no_mail_coming_is_polled_once_a_second() -> None:
