@@ -33,11 +33,17 @@ WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back
 # yet recorded, and without the hold its conversations went on delivering through a Redis outage
 # (the chaos test, a worker killed every second and Redis stopped for 5 s: 42 messages of 2,000
 # sent twice after we had read the 250, in one run of many). At 0.5 s a conversation with a server
-# that answers in 50 ms still delivered ten messages into the outage before it was held (the chaos
-# test's worker killed right after Redis came back: up to 11 sent twice after their 250). A write
-# takes milliseconds otherwise (its fsync, the 1-4 ms gather): nothing waits.
-WRITE_STALL = 0.2
-AWAIT_POLL = 0.5  # seconds between PINGs after a write failed for want of Redis
+# that answers in 50 ms still delivered ten messages into the outage before it was held; at 0.2 s,
+# 15 of one run's 19 such duplicates were taken by the sinks 70-230 ms after Redis stopped (the
+# workers were killed before it came back). A write takes 3-6 ms (its gather and fsync; p99 about
+# 30 ms with a worker starting every second on 2 CPUs): a hold that a slow write causes costs its
+# conversations the rest of that write, and nothing is logged unless it lasts STALL_WARN.
+WRITE_STALL = 0.05
+STALL_WARN = 1.0  # seconds a stall lasts before it is logged (an outage, not a slow write)
+# Seconds between attempts while Redis is away (a write, then PINGs past WRITE_PATIENCE): the sooner
+# a write goes through once Redis is back, the fewer deliveries a worker killed then sends again.
+RETRY_PAUSE = 0.1
+RETRY_LOG_EVERY = 5.0  # seconds between the warnings of one outage
 # Before a write, the writer gathers: it waits while outcomes keep coming, GATHER_GAP seconds after
 # the last at most, GATHER_MAX after the first. Transactions end in bursts (remote servers answer
 # DATA together: smtp-sink -w answers on its one-second timer, real ones after their own queue
@@ -203,20 +209,29 @@ def _entries(updates: dict[str, dict[int, RecipientStatus]]) -> list[tuple[str, 
 
 
 def write_outcomes(
-    store: Store, entries: Sequence[tuple[str, int, RecipientStatus]], extras: Mapping[str, Any] | None = None
+    store: Store,
+    entries: Sequence[tuple[str, int, RecipientStatus]],
+    extras: Mapping[str, Any] | None = None,
+    *,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[int]:
     """Record outcomes in one round trip (with ``extras``: their events and suppressions,
     worker/feedback.py). A Redis that is restarting is waited for (WRITE_PATIENCE): the mail has
     gone, and a failed job would send it again."""
-    deadline = time.monotonic() + WRITE_PATIENCE
+    deadline = monotonic() + WRITE_PATIENCE
+    next_log = 0.0
     while True:
         try:
             return store.set_status_list(entries, **(extras or {}))
         except REDIS_AWAY:
-            if time.monotonic() > deadline:
+            now = monotonic()
+            if now > deadline:
                 raise
-            log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
-            time.sleep(0.5)
+            if now >= next_log:
+                log.warning("Redis unavailable: %d outcome(s) wait to be recorded", len(entries))
+                next_log = now + RETRY_LOG_EVERY
+            sleep(RETRY_PAUSE)
 
 
 class OutcomeWriter:
@@ -246,7 +261,7 @@ class OutcomeWriter:
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
         self._thread: threading.Thread | None = None
         self._writing_since: float | None = None  # when the write in progress began
-        self._held = False  # a conversation has waited for the write in progress (logged once)
+        self._warned = False  # the write in progress has held conversations past STALL_WARN (logged once)
 
     def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         """Hand these outcomes to the next write; returns at once unless the write in progress has
@@ -270,21 +285,23 @@ class OutcomeWriter:
         return self._writing_since is not None and self.monotonic() - self._writing_since > self.stall
 
     def _hold(self) -> None:
-        if not self._held and self._stalled():
-            self._held = True  # said once a stall: every conversation comes here
-            log.warning(
-                "an outcome write has taken over %.1f s (Redis slow or away): conversations wait for it", self.stall
-            )
         while self._stalled():
+            since = self._writing_since
+            if not self._warned and since is not None and self.monotonic() - since > STALL_WARN:
+                self._warned = True  # said once a stall: every conversation comes here
+                log.warning(
+                    "an outcome write has taken over %.1f s (Redis slow or away): conversations wait for it",
+                    STALL_WARN,
+                )
             self._cond.wait(0.05)
 
     def _written(self) -> None:
         """The write in progress is over: conversations held by it go on."""
         with self._cond:
-            if self._held and self._writing_since is not None:
+            if self._warned and self._writing_since is not None:
                 log.info("the stalled outcome write is over after %.1f s", self.monotonic() - self._writing_since)
             self._writing_since = None
-            self._held = False
+            self._warned = False
             self._cond.notify_all()
 
     def extras(
@@ -317,13 +334,13 @@ class OutcomeWriter:
             seen = len(self._pending)
 
     def _await_redis(self) -> None:
-        """Until Redis answers a PING, every AWAIT_POLL seconds (the stall, and so the hold, goes on)."""
+        """Until Redis answers a PING, every RETRY_PAUSE seconds (the stall, and so the hold, goes on)."""
         while True:
             try:
                 self.store.redis.ping()
                 return
             except REDIS_AWAY:
-                self.sleep(AWAIT_POLL)
+                self.sleep(RETRY_PAUSE)
 
     def _run(self) -> None:
         while True:
@@ -339,7 +356,7 @@ class OutcomeWriter:
                 extras = self.extras(turn, entries)
                 with self._cond:
                     self._writing_since = self.monotonic()
-                codes = write_outcomes(self.store, entries, extras)
+                codes = write_outcomes(self.store, entries, extras, monotonic=self.monotonic, sleep=self.sleep)
             except BaseException as e:  # every job of the turn fails and is run again
                 for batch, _ in turn:
                     batch.settled(e)

@@ -160,12 +160,13 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         mta.redis, mta.logs()
     )
     # Issue 15 asks for <= 0.5 % (target 0.2 %), naming the window between the remote's 250 and our
-    # record of it (the outcome writer's batching): the duplicates we had logged as sent. Measured
-    # 0-9 of 2,000 (up to 0.45 %, the more the busier the machine), 0.8-1.45 % in all: the rest were
-    # sent by a worker killed after the remote recorded the message and before that worker had read
-    # its 250 (every copy of a duplicate carries one queue id: none come from a client sending
-    # again), which on this saturated machine (a worker started every second) is tens of
-    # milliseconds. Held to 1 % here, where other tests share the 2 CPUs.
+    # record of it (the outcome writer's batching): the duplicates we had logged as sent. CI once
+    # counted 22 of 2,000: most were delivered in the 0.2 s a write stalled on the stopped Redis
+    # before conversations were held, by workers killed the moment it came back (the loop catches up
+    # its kills then). Since the hold engages after 50 ms (worker/outcomes.py WRITE_STALL) it is 5-6
+    # here, most of them in the first second, while three workers start at once. The rest (the
+    # remote took the message, the worker died before it read the 250: the receiver's window, RFC
+    # 1047) only a receiver can shut. Held to 1 % here, where other tests share the 2 CPUs.
     assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"
     # all duplicates: a guard against regressions
     assert duplicates <= len(accepted) * 0.03

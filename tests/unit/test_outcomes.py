@@ -4,6 +4,7 @@ commit (recorded, finished, errors raised by drain), a job's share of a lane."""
 from __future__ import annotations
 
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -15,7 +16,15 @@ from common.routing import Router
 from common.spool import Spool
 from common.store import Message, Store
 from tests.unit.fakeclock import FakeClock
-from worker.outcomes import Batch, JobShare, OutcomeWriter
+from worker.outcomes import (
+    RETRY_LOG_EVERY,
+    RETRY_PAUSE,
+    STALL_WARN,
+    Batch,
+    JobShare,
+    OutcomeWriter,
+    write_outcomes,
+)
 from worker.parcel import Outcome, Parcel
 
 SENT = Outcome(RcptState.DELIVERED, "2.0.0", "250 2.0.0 Ok", "mx.test[192.0.2.1]:25", "mx.test")
@@ -115,7 +124,7 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     assert entered.wait(5)
     p.outcomes[1] = SENT
     b.record_final(p, [1])  # the write has not taken ``stall`` yet: handed in, no wait
-    now[0] = 1.0
+    now[0] = 0.9
     held = threading.Thread(target=lambda: b.record_final(p, [1]))
     held.start()
     held.join(0.3)
@@ -124,12 +133,20 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     before.start()
     before.join(0.3)
     assert before.is_alive(), "no transaction starts while the write is stalled"
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "outcome write" in r.getMessage()]
+
+    assert said() == [], "a hold shorter than STALL_WARN is a slow write, not an outage: nothing logged"
+    now[0] = 0.5 + STALL_WARN
+    deadline = time.monotonic() + 5
+    while not said() and time.monotonic() < deadline:
+        time.sleep(0.01)
     release.set()
     held.join(5)
     before.join(5)
     assert not held.is_alive() and not before.is_alive()
-    said = [r.getMessage() for r in caplog.records if "outcome write" in r.getMessage()]
-    assert len(said) == 2 and "taken over 0.5 s" in said[0] and "is over" in said[1], said  # once each
+    assert len(said()) == 2 and "taken over 1.0 s" in said()[0] and "is over" in said()[1], said()  # once each
     free = threading.Thread(target=writer.hold)  # nothing stalled: at once
     free.start()
     free.join(5)
@@ -250,3 +267,39 @@ def test_after_a_write_that_gave_up_on_redis_conversations_stay_held_until_it_an
     back.set()
     held.join(5)
     assert not held.is_alive(), "released once Redis answers"
+
+
+def test_a_write_retries_soon_after_redis_is_back_and_warns_every_few_seconds(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarting: the write goes through within RETRY_PAUSE of its return (a worker killed
+    before then sends those deliveries again), and the outage is logged every RETRY_LOG_EVERY
+    seconds, not at every attempt."""
+    caplog.set_level("INFO", logger="mtaq.worker")
+    now = [100.0]
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+
+    failures = [0]
+    real = store.set_status_list
+
+    def restarting(*a: object, **kw: object) -> list[int]:
+        if now[0] < 112.0:  # away for 12 s
+            failures[0] += 1
+            raise redis.ConnectionError("Connection refused")
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "set_status_list", restarting)
+    writer = OutcomeWriter(store)
+    b, p = batch(store, writer, FakeClock(2000.0))
+    p.outcomes[0] = SENT
+    entries = [(p.envelope.id, 0, b.account_attempt(p, 0, 2000.0, None))]
+    write_outcomes(store, entries, monotonic=lambda: now[0], sleep=sleep)
+    assert set(pauses) == {RETRY_PAUSE}
+    assert 112.0 <= now[0] < 112.0 + RETRY_PAUSE + 1e-9, "written at the first attempt after Redis is back"
+    warned = [r for r in caplog.records if "wait to be recorded" in r.getMessage()]
+    assert len(warned) == 1 + int(12 // RETRY_LOG_EVERY), (len(warned), failures[0])
+    assert store.statuses(p.envelope.id)[0].state is RcptState.DELIVERED
