@@ -38,6 +38,7 @@ __all__ = [
     "delivery_attempt",
     "delivery_failure",
     "delivery_tls",
+    "outcome_stall",
     "replies_sent",
 ]
 
@@ -52,6 +53,7 @@ CONNECTIONS = "connections"
 RECEIVED_BYTES = "received_bytes"
 RETRIES = "retries"
 IN_FLOW_HELD = "in_flow_held"
+OUTCOME_STALLS = "outcome_write_stalls"
 REJECTED_PREFIX = "rejected:"
 LATENCY_BUCKET_PREFIX = "latency_le:"  # one field per bucket, not cumulative; "+Inf" last
 LATENCY_SUM_MS = "latency_sum_ms"  # milliseconds: every field of the hash stays an integer
@@ -177,6 +179,12 @@ def accepted(size: int) -> None:
 def flow_held() -> None:
     """ingress: a MAIL waited for delivery to catch up (mail input flow control, ingress/flow.py)."""
     counters.add(IN_FLOW_HELD)
+
+
+def outcome_stall() -> None:
+    """worker: an outcome write outlasted WRITE_STALL and held the process's conversations
+    (worker/outcomes.py): Redis slow or away."""
+    counters.add(OUTCOME_STALLS)
 
 
 def delivery_failure(state: str, klass: str) -> None:

@@ -298,8 +298,11 @@ class OutcomeWriter:
     def _written(self) -> None:
         """The write in progress is over: conversations held by it go on."""
         with self._cond:
-            if self._warned and self._writing_since is not None:
-                log.info("the stalled outcome write is over after %.1f s", self.monotonic() - self._writing_since)
+            since = self._writing_since
+            if since is not None and self.monotonic() - since > self.stall:
+                metrics.outcome_stall()
+                if self._warned:
+                    log.info("the stalled outcome write is over after %.1f s", self.monotonic() - since)
             self._writing_since = None
             self._warned = False
             self._cond.notify_all()

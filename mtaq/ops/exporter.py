@@ -226,6 +226,11 @@ class MtaqCollector(Collector):
         yield counter("mtaq_connections", "SMTP connections to the ingress, refused ones included", m.CONNECTIONS)
         yield counter("mtaq_received_bytes", "Octets of message data accepted by the ingress", m.RECEIVED_BYTES)
         yield counter("mtaq_retries", "Delivery attempts of a recipient tried before (retries)", m.RETRIES)
+        yield counter(
+            "mtaq_outcome_write_stalls",
+            "Outcome writes that outlasted 50 ms and held a worker's conversations (Redis slow or away)",
+            m.OUTCOME_STALLS,
+        )
         rej = CounterMetricFamily(
             "mtaq_messages_rejected", "Commands refused by the ingress, by reply code", labels=["code"]
         )

@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 import redis
 
+from common import metrics
 from common.envelope import Envelope, RcptState, Recipient
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
@@ -106,6 +107,8 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
 ) -> None:
     """Redis stopped: conversations do not go on delivering what a killed worker would send again."""
     caplog.set_level("INFO", logger="mtaq.worker")
+    stalls: list[str] = []
+    monkeypatch.setattr(metrics.counters, "add", lambda key, n=1: stalls.append(key))
     now = [0.0]
     writer = OutcomeWriter(store, stall=0.5, monotonic=lambda: now[0])
     b, p = batch(store, writer, FakeClock(2000.0))
@@ -147,6 +150,7 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     before.join(5)
     assert not held.is_alive() and not before.is_alive()
     assert len(said()) == 2 and "taken over 1.0 s" in said()[0] and "is over" in said()[1], said()  # once each
+    assert stalls.count(metrics.OUTCOME_STALLS) == 1, "counted once, for the Prometheus exporter"
     free = threading.Thread(target=writer.hold)  # nothing stalled: at once
     free.start()
     free.join(5)
