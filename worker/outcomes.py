@@ -45,7 +45,7 @@ STALL_WARN = 1.0  # seconds a stall lasts before it is logged (an outage, not a 
 RETRY_PAUSE = 0.1
 RETRY_LOG_EVERY = 5.0  # seconds between the warnings of one outage
 # Before a write, the writer gathers: it waits while outcomes keep coming, GATHER_GAP seconds after
-# the last at most, GATHER_MAX after the first was handed in. Transactions end in bursts (remote servers answer
+# the last at most, GATHER_MAX after the first. Transactions end in bursts (remote servers answer
 # DATA together: smtp-sink -w answers on its one-second timer, real ones after their own queue
 # writes), and without it a burst went out in a write per round trip of the one before: 2.5
 # outcomes a write on issue 15's ceiling load, where each write also costs its script call, the
@@ -260,7 +260,6 @@ class OutcomeWriter:
         self._cond = threading.Condition()
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
         self._thread: threading.Thread | None = None
-        self._first_at = 0.0  # when the oldest outcome waiting for the next write was handed in
         self._writing_since: float | None = None  # when the write in progress began
         self._warned = False  # the write in progress has held conversations past STALL_WARN (logged once)
 
@@ -268,8 +267,6 @@ class OutcomeWriter:
         """Hand these outcomes to the next write; returns at once unless the write in progress has
         taken longer than ``stall``: then once it is over (WRITE_STALL says why)."""
         with self._cond:
-            if not self._pending:
-                self._first_at = self.monotonic()
             self._pending.append((batch, updates))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
@@ -325,16 +322,13 @@ class OutcomeWriter:
         return out or None
 
     def _gather(self) -> None:
-        """Wait while outcomes keep coming (GATHER_GAP, GATHER_MAX); the lock held on entry and exit.
-        GATHER_MAX counts from when the oldest of them was handed in, not from when this thread
-        woke: on a busy host the wake alone can take that long, and the outcomes came meanwhile
-        (the chaos test: writes that began 10-40 ms after their oldest outcome, where the gather
-        had waited its whole GATHER_MAX after a late wake)."""
+        """Wait while outcomes keep coming (GATHER_GAP, GATHER_MAX); the lock held on entry and exit."""
         if self.gap <= 0:
             return
+        start = self.monotonic()
         seen = len(self._pending)
         while True:
-            left = self.gather_max - (self.monotonic() - self._first_at)
+            left = self.gather_max - (self.monotonic() - start)
             if left <= 0:
                 return
             self._cond.wait(min(self.gap, left))

@@ -307,22 +307,3 @@ def test_a_write_retries_soon_after_redis_is_back_and_warns_every_few_seconds(
     warned = [r for r in caplog.records if "wait to be recorded" in r.getMessage()]
     assert len(warned) == 1 + int(12 // RETRY_LOG_EVERY), (len(warned), failures[0])
     assert store.statuses(p.envelope.id)[0].state is RcptState.DELIVERED
-
-
-def test_the_gather_counts_from_the_oldest_outcome_not_from_the_writers_wake(store: Store) -> None:
-    """A writer thread that woke late (a busy host) finds outcomes that have already waited
-    GATHER_MAX: it writes them at once rather than waiting again."""
-    now = [10.0]
-    writer = OutcomeWriter(store, gather=(0.3, 1.0), monotonic=lambda: now[0])
-    writer._first_at = 10.0 - 1.0  # handed in GATHER_MAX ago
-    with writer._cond:
-        t0 = time.monotonic()
-        writer._gather()
-        late = time.monotonic() - t0
-    assert late < 0.2, f"waited {late:.3f} s for outcomes that had already waited GATHER_MAX"
-    writer._first_at = 10.0  # handed in just now: a gap's wait for more
-    with writer._cond:
-        t0 = time.monotonic()
-        writer._gather()
-        fresh = time.monotonic() - t0
-    assert fresh >= 0.25, f"a fresh outcome waited only {fresh:.3f} s for others (GATHER_GAP 0.3)"
