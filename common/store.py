@@ -411,6 +411,11 @@ class Store:
         with translated():
             return bool(self.redis.exists(commit_mark_key(mark)))
 
+    def has_any(self, qids: Sequence[str]) -> bool:
+        """Whether any of these messages is stored (one EXISTS): a commit is all or nothing."""
+        with translated():
+            return bool(qids) and bool(self.redis.exists(*[msg_key(q) for q in qids]))
+
     def load(self, qid: str) -> Message | None:
         found = self.load_many([qid])[0]
         return None if found is None else found[0]

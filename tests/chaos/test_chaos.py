@@ -34,7 +34,7 @@ KILLING = 30
 SINKS = [f"127.0.0.{i}" for i in range(2, 7)]
 DATA_DELAY = 0.05  # each sink waits this long after the end of DATA before it takes the message
 _TAG = re.compile(rb"X-Chaos: (c\d+)")
-_SENT = re.compile(r"to=<(u\d+)@c\d\.test>.* status=sent ")
+_SENT = re.compile(r"([0-9A-F]+): to=<(u\d+)@c\d\.test>.* status=sent ")
 
 
 @pytest.mark.slow
@@ -131,10 +131,22 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
     missing = sorted(accepted - set(seen))
     duplicates = sum(c - 1 for c in seen.values() if c > 1)
     # Where each duplicate came from: a copy we logged as sent (the remote's 250 read, the record of
-    # it lost with the worker: our window) or one we never logged (the worker died before it read
-    # the 250 the remote gave: every MTA sends that one again)
-    sent = Counter(m.group(1) for m in _SENT.finditer(mta.logs()))
-    ours = sum(min(c, sent[f"u{tag[1:]}"]) - 1 for tag, c in seen.items() if c > 1 and sent[f"u{tag[1:]}"] > 1)
+    # it lost with the worker: our window), one we never logged (the worker died before it read the
+    # 250 the remote gave: every MTA sends that one again), or a message the ingress stored twice
+    # (two queue ids: its client sent it again after a 451 for a commit Redis had stored, which the
+    # ingress now settles, ingress/commit.py SETTLE_WAIT_ALONE)
+    by_rcpt: dict[str, Counter[str]] = {}
+    for m in _SENT.finditer(mta.logs()):
+        by_rcpt.setdefault(m.group(2), Counter())[m.group(1)] += 1
+    sent = Counter({u: sum(q.values()) for u, q in by_rcpt.items()})
+    ours = sum(
+        min(c - 1, sum(n - 1 for n in by_rcpt[f"u{tag[1:]}"].values()))
+        for tag, c in seen.items()
+        if c > 1 and sent[f"u{tag[1:]}"] > 1
+    )
+    stored_twice = sum(
+        min(c - 1, len(by_rcpt[f"u{tag[1:]}"]) - 1) for tag, c in seen.items() if c > 1 and f"u{tag[1:]}" in by_rcpt
+    )
     # Of those we never logged: taken by a sink within DATA_DELAY after a worker was killed, so sent
     # whole before the kill, and taken by the sink before it saw the connection close (aiosmtpd drops
     # a transaction whose client it has seen go): the remote's window, which only the remote can shut
@@ -149,8 +161,9 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         f"({100 * duplicates / len(accepted):.2f} %; {duplicates / max(1, second):.2f} a worker killed), "
         f"{second} s of killing, {recovered:.1f} s after it to empty queue, {workers} workers started, "
         f"{len(set(arrived_by_kills_end))} arrived by the end of the killing; duplicates after a 250 we had "
-        f"read: {ours}, before it: {duplicates - ours} ({after_death} of them taken by a sink in the "
-        f"{DATA_DELAY * 1000:.0f} ms after a worker was killed)"
+        f"read: {ours}, before it: {duplicates - ours - stored_twice} ({after_death} of them taken by a sink in the "
+        f"{DATA_DELAY * 1000:.0f} ms after a worker was killed); stored twice by the ingress (a client sent "
+        f"it again): {stored_twice}"
     )
     if missing:
         logs = mta.logs().splitlines()
@@ -163,8 +176,10 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
     # record of it (the outcome writer's batching): the duplicates we had logged as sent. CI once
     # counted 22 of 2,000: most were delivered in the 0.2 s a write stalled on the stopped Redis
     # before conversations were held, by workers killed the moment it came back (the loop catches up
-    # its kills then). Since the hold engages after 50 ms (worker/outcomes.py WRITE_STALL) it is 5-6
-    # here, most of them in the first second, while three workers start at once. The rest (the
+    # its kills then). Since the hold engages after 50 ms (worker/outcomes.py WRITE_STALL) it is 1-7
+    # here, most of them in the first second, while three workers start at once; ten more in one
+    # run were a commit stored by Redis as it was killed, and sent again by clients told 451 (now
+    # counted apart, and settled by the ingress). The rest (the
     # remote took the message, the worker died before it read the 250: the receiver's window, RFC
     # 1047) only a receiver can shut. Held to 1 % here, where other tests share the 2 CPUs.
     assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import redis
 
 from common.envelope import Envelope, Recipient
 from common.store import Message, StoreFull, StoreNotReplicated, StoreUnavailable
@@ -15,9 +16,11 @@ from ingress.commit import (
     OOM_PAUSE,
     REPLICA_PAUSE,
     SETTLE_WAIT,
+    SETTLE_WAIT_ALONE,
     WAIT_BYTES,
     Committer,
     StorageRefused,
+    never_sent,
     storage_reply,
 )
 
@@ -343,3 +346,116 @@ def test_the_watch_asks_for_the_layout_gate_until_it_is_open() -> None:
         return store.layout_asked, store.inline
 
     assert run(go()) == (1, True)  # asked once: open, then never again
+
+
+class AloneInterrupted(FakeStore):
+    """One Redis (no replicas required) killed during the first commit: restarted, it has the
+    batch (applied and appended to its AOF before the answer was lost) or not."""
+
+    def __init__(self, error: Exception, stored: bool, back_at: float, clock: Clock) -> None:
+        super().__init__(error=error)
+        self.stored = stored
+        self.back_at = back_at
+        self.clock = clock
+        self.there: set[str] = set()
+        self.redis = self
+        self.pings = 0
+
+    def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
+        assert not mark, "no mark without replicas: its SET would cost every commit a command"
+        if self.error is not None:
+            error, self.error = self.error, None
+            if self.stored:
+                self.there.update(m.envelope.id for m in messages)
+            raise error
+        self.there.update(m.envelope.id for m in messages)
+        return super().commit(messages)
+
+    def ping(self) -> bool:
+        self.pings += 1
+        if self.clock.now < self.back_at:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return True
+
+    def has_any(self, qids: Sequence[str]) -> bool:
+        return any(q in self.there for q in qids)
+
+
+def _refused_chained() -> StoreUnavailable:
+    """As redis-py raises it: ConnectionError in the handling of ConnectionRefusedError."""
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")  # noqa: B904
+    except redis.ConnectionError as e:
+        try:
+            raise StoreUnavailable(str(e)) from e
+        except StoreUnavailable as s:
+            return s
+
+
+def test_never_sent_tells_a_refused_connection_from_one_broken_after_the_commit_went() -> None:
+    assert never_sent(_refused_chained())
+    assert not never_sent(StoreUnavailable("Connection closed by server."))
+    assert not never_sent(StoreUnavailable("Timeout reading from socket"))
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_one_redis_killed_mid_commit_stores_each_message_once_and_answers_250(stored: bool) -> None:
+    """The chaos test: Redis killed while a commit of ten was on its way; restarted, it had them, and
+    the 451 made ten clients send a second copy."""
+    clock = Clock()
+    start = clock.now
+    store = AloneInterrupted(StoreUnavailable("Connection closed by server."), stored, back_at=start + 2, clock=clock)
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
+
+    assert run(go()) == [None, None]  # both clients get 250, once Redis is back ...
+    assert clock.now >= start + 2 and store.pings >= 2
+    # ... and the batch was stored again only where Redis had not got it
+    assert store.committed == ([] if stored else ["1", "2"])
+
+
+def test_one_redis_refusing_the_connection_answers_451_at_once() -> None:
+    clock = Clock()
+    start = clock.now
+    store = AloneInterrupted(_refused_chained(), stored=False, back_at=start, clock=clock)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert store.pings == 0 and clock.now == start, "nothing was sent: no settling"
+
+
+def test_one_redis_that_stays_away_answers_451_after_settle_wait_alone() -> None:
+    clock = Clock()
+    start = clock.now
+    store = AloneInterrupted(StoreUnavailable("Connection reset by peer"), stored=False, back_at=1e9, clock=clock)
+
+    async def nap(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert SETTLE_WAIT_ALONE <= clock.now - start < SETTLE_WAIT
+    assert c_gate_open(store)
+
+
+def c_gate_open(store: FakeStore) -> bool:
+    """Without replicas a settled failure does not close the gate (REPLICA_PAUSE is theirs)."""
+    return Committer(store).gate() is None  # type: ignore[arg-type]
