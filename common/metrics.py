@@ -182,8 +182,8 @@ def flow_held() -> None:
 
 
 def outcome_stall() -> None:
-    """worker: an outcome write outlasted WRITE_STALL and held the process's conversations
-    (worker/outcomes.py): Redis slow or away."""
+    """worker: an outcome write outlasted its stall limit (worker/outcomes.py WRITE_STALL): the
+    process's conversations that reached a transaction meanwhile waited for it. Redis slow or away."""
     counters.add(OUTCOME_STALLS)
 
 

@@ -21,7 +21,7 @@ from common.store import Message, StoreError, StoreFull, StoreNotReplicated, Sto
 from ingress import replies
 from ingress.replies import Reply
 
-__all__ = ["WAIT_BYTES", "Committer", "StorageRefused", "never_sent", "storage_reply"]
+__all__ = ["WAIT_BYTES", "Committer", "StorageRefused", "answer_lost", "never_sent", "storage_reply"]
 
 log = logging.getLogger("mtaq.ingress")
 
@@ -42,10 +42,15 @@ SETTLE_POLL = 0.5
 # the server, reset, timed out) may have been stored all the same: Redis applies MULTI/EXEC and
 # appends it to its AOF before it answers, and a Redis killed in between has it when it starts
 # again. A 451 then made the client send a second copy (the chaos test: 10 messages accepted twice
-# at one Redis kill). Such a commit is settled as a failover's is, by whether the batch's messages
-# are there once Redis answers (its own keys: no mark to write on every commit), for this long at
-# most; a commit refused at connect was never sent and gets its 451 at once.
+# at one Redis kill). So the committer asks, every SETTLE_POLL_ALONE for SETTLE_WAIT_ALONE at most,
+# whether the batch's messages are there (its own keys: no mark to write on every commit), and
+# answers 250 if they are. If they are not, or Redis stays away, the 451 stands: the batch is not
+# stored again, because without a mark "not there" may be a commit still on its way (a hung Redis
+# that runs the old EXEC when it resumes) or one delivered and removed already, and a second commit
+# under the same queue ids would be delivered twice and counted twice. A commit refused at connect
+# was never sent and gets its 451 at once.
 SETTLE_WAIT_ALONE = 10.0
+SETTLE_POLL_ALONE = 0.1
 # A batch that holds this many octets of messages is written without waiting for more: what a
 # commit costs then grows with its octets (Redis reads, appends and fsyncs each one), not with its
 # commits, so waiting only holds every session of the batch back together. With 1 MiB messages from
@@ -60,18 +65,35 @@ class StorageRefused(Exception):
         self.reply = reply
 
 
-def never_sent(e: BaseException) -> bool:
-    """Whether a StoreUnavailable came from a connection that could not be made (refused, or no
-    Unix socket): nothing of the commit reached Redis. Our clients make one attempt (no retries),
-    so the error is that attempt's."""
+def _chain(e: BaseException) -> list[BaseException]:
+    """An exception and its causes: StoreUnavailable <- redis.ConnectionError <- OSError."""
+    out: list[BaseException] = []
     seen: BaseException | None = e
-    for _ in range(8):  # an exception's chain: StoreUnavailable <- redis.ConnectionError <- OSError
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError | FileNotFoundError):
-            return True
+    while seen is not None and len(out) < 8:
+        out.append(seen)
         seen = seen.__cause__ or seen.__context__
+    return out
+
+
+def never_sent(e: BaseException) -> bool:
+    """Whether a StoreUnavailable came from a connection that could not be made (refused, no Unix
+    socket, a connect that timed out or failed authentication, a Redis still loading): nothing of
+    the commit reached Redis. Our clients make one attempt a command (common/redisconn.py connect:
+    no retries), so the error is that attempt's."""
+    for x in _chain(e):
+        if isinstance(x, ConnectionRefusedError | FileNotFoundError):
+            return True
+        if isinstance(x, redis.AuthenticationError | redis.BusyLoadingError):
+            return True
+        if isinstance(x, redis.ConnectionError | redis.TimeoutError) and "connecting to" in str(x).lower():
+            return True  # redis-py's words for a failed connect ("Error 113 connecting to ...")
     return False
+
+
+def answer_lost(e: BaseException) -> bool:
+    """Whether the connection broke (closed, reset, timed out) rather than Redis answering with an
+    error (READONLY, MISCONF, a script's error: nothing stored)."""
+    return any(isinstance(x, redis.ConnectionError | redis.TimeoutError | OSError) for x in _chain(e)[1:])
 
 
 def storage_reply(e: Exception) -> Reply:
@@ -153,8 +175,10 @@ class Committer:
                 try:
                     jobs = await asyncio.to_thread(self._commit, [p.message for p in batch], mark)
                 except StoreUnavailable as e:
-                    if isinstance(e, StoreNotReplicated) or never_sent(e):
+                    if isinstance(e, StoreNotReplicated):
                         raise
+                    if not self.spool.store.replicas and (never_sent(e) or not answer_lost(e)):
+                        raise  # Redis answered (an error) or never heard of it: nothing stored
                     # Redis or the primary went away mid-commit: the batch may be stored (and
                     # replicated; then a 451 makes the client send it again, a second copy) or not
                     if self.spool.store.replicas:
@@ -204,36 +228,37 @@ class Committer:
         return self.spool.commit(messages, **extra)
 
     async def _settle(self, messages: list[Message], mark: str, error: StoreError) -> int:
-        """After a commit broke off (``mark``: with replicas required): wait (SETTLE_WAIT with
-        replicas, else SETTLE_WAIT_ALONE) for Redis, or for a primary with its replicas, then store
-        the batch again unless it is there: the commit's mark with replicas (the commit was
-        replicated before the old primary died: its messages may even be delivered and gone by
-        now), else its messages. Either way every message is stored once, and its client gets 250
-        late rather than a 451 that makes it send a second copy. (Without a mark, a batch delivered
-        and gone before Redis answered here is stored again: sent twice, as a 451 would have made
-        it.) Raises ``error`` if Redis does not come back in time. Returns the delivery jobs stored
+        """After a commit broke off. With replicas required (``mark``): wait (up to SETTLE_WAIT) for
+        a primary with its replicas, then store the batch again unless that primary has the
+        commit's mark. If it has, the commit was replicated before the old primary died (its
+        replicas synced from the new one since): its messages may even be delivered and gone by
+        now. Either way its client gets 250 late rather than a 451 that makes it send a second
+        copy. With one Redis: 250 if its messages are there once Redis answers (SETTLE_WAIT_ALONE
+        says why it goes no further). Raises ``error`` otherwise. Returns the delivery jobs stored
         now."""
         store = self.spool.store
-        deadline = self.clock() + (SETTLE_WAIT if store.replicas else SETTLE_WAIT_ALONE)
-        ids = [m.envelope.id for m in messages]
+        if not store.replicas:
+            ids = [m.envelope.id for m in messages]
+            deadline = self.clock() + SETTLE_WAIT_ALONE
+            while self.clock() < deadline:
+                with contextlib.suppress(StoreError, OSError, redis.RedisError):
+                    if not await asyncio.to_thread(store.has_any, ids):
+                        break
+                    log.info("interrupted queue write settled: %d message(s) stored before", len(messages))
+                    return 0
+                await self.sleep(SETTLE_POLL_ALONE)
+            raise error
+        deadline = self.clock() + SETTLE_WAIT
         while self.clock() < deadline:
             with contextlib.suppress(StoreError, OSError, redis.RedisError):
-                if await asyncio.to_thread(self._writable):
-                    stored = store.has_commit_mark if mark else lambda _: store.has_any(ids)
-                    if await asyncio.to_thread(stored, mark):
+                if await asyncio.to_thread(online_replicas, store.redis) >= store.replicas:
+                    if await asyncio.to_thread(store.has_commit_mark, mark):
                         log.info("interrupted queue write settled: %d message(s) stored before", len(messages))
                         return 0
                     log.info("interrupted queue write settled: %d message(s) stored now", len(messages))
                     return await asyncio.to_thread(self._commit, messages, mark)
             await self.sleep(SETTLE_POLL)
         raise error
-
-    def _writable(self) -> bool:
-        """Redis answers, and with replicas required the primary has them."""
-        store = self.spool.store
-        if store.replicas:
-            return online_replicas(store.redis) >= store.replicas
-        return bool(store.redis.ping())
 
     async def _gather(self) -> None:
         """Wait up to ``wait`` for more messages, but only while some session with a transaction

@@ -39,6 +39,9 @@ WRITE_PATIENCE = 30.0  # seconds a delivery outcome waits for Redis to come back
 # 30 ms with a worker starting every second on 2 CPUs): a hold that a slow write causes costs its
 # conversations the rest of that write, and nothing is logged unless it lasts STALL_WARN.
 WRITE_STALL = 0.05
+# With redis_min_replicas every write also waits for a replica's WAIT acknowledgement (a round trip
+# to it, which may be a zone away): held after 50 ms, conversations would wait at every write.
+WRITE_STALL_REPLICATED = 0.2
 STALL_WARN = 1.0  # seconds a stall lasts before it is logged (an outage, not a slow write)
 # Seconds between attempts while Redis is away (a write, then PINGs past WRITE_PATIENCE): the sooner
 # a write goes through once Redis is back, the fewer deliveries a worker killed then sends again.
@@ -246,13 +249,15 @@ class OutcomeWriter:
         store: Store,
         feedback: Feedback | None = None,
         *,
-        stall: float = WRITE_STALL,
+        stall: float | None = None,
         gather: tuple[float, float] = (GATHER_GAP, GATHER_MAX),
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.store = store
         self.feedback = feedback
+        if stall is None:
+            stall = WRITE_STALL_REPLICATED if store.replicas else WRITE_STALL
         self.stall = stall
         self.gap, self.gather_max = gather
         self.monotonic = monotonic
@@ -359,7 +364,7 @@ class OutcomeWriter:
                 extras = self.extras(turn, entries)
                 with self._cond:
                     self._writing_since = self.monotonic()
-                codes = write_outcomes(self.store, entries, extras, monotonic=self.monotonic, sleep=self.sleep)
+                codes = write_outcomes(self.store, entries, extras)  # WRITE_PATIENCE in real time
             except BaseException as e:  # every job of the turn fails and is run again
                 for batch, _ in turn:
                     batch.settled(e)

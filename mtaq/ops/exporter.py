@@ -228,7 +228,8 @@ class MtaqCollector(Collector):
         yield counter("mtaq_retries", "Delivery attempts of a recipient tried before (retries)", m.RETRIES)
         yield counter(
             "mtaq_outcome_write_stalls",
-            "Outcome writes that outlasted 50 ms and held a worker's conversations (Redis slow or away)",
+            "Outcome writes that outlasted their stall limit (50 ms; 200 ms with replicas required): meanwhile "
+            "the worker's conversations wait before their next transaction (Redis slow or away)",
             m.OUTCOME_STALLS,
         )
         rej = CounterMetricFamily(

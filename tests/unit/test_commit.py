@@ -20,6 +20,7 @@ from ingress.commit import (
     WAIT_BYTES,
     Committer,
     StorageRefused,
+    answer_lost,
     never_sent,
     storage_reply,
 )
@@ -359,7 +360,7 @@ class AloneInterrupted(FakeStore):
         self.clock = clock
         self.there: set[str] = set()
         self.redis = self
-        self.pings = 0
+        self.asked = 0
 
     def commit(self, messages: Sequence[Message], *, mark: str = "") -> int:
         assert not mark, "no mark without replicas: its SET would cost every commit a command"
@@ -368,16 +369,12 @@ class AloneInterrupted(FakeStore):
             if self.stored:
                 self.there.update(m.envelope.id for m in messages)
             raise error
-        self.there.update(m.envelope.id for m in messages)
         return super().commit(messages)
 
-    def ping(self) -> bool:
-        self.pings += 1
-        if self.clock.now < self.back_at:
-            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-        return True
-
     def has_any(self, qids: Sequence[str]) -> bool:
+        self.asked += 1
+        if self.clock.now < self.back_at:
+            raise StoreUnavailable("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
         return any(q in self.there for q in qids)
 
 
@@ -401,26 +398,79 @@ def test_never_sent_tells_a_refused_connection_from_one_broken_after_the_commit_
     assert not never_sent(StoreUnavailable("Timeout reading from socket"))
 
 
-@pytest.mark.parametrize("stored", [True, False])
-def test_one_redis_killed_mid_commit_stores_each_message_once_and_answers_250(stored: bool) -> None:
-    """The chaos test: Redis killed while a commit of ten was on its way; restarted, it had them, and
-    the 451 made ten clients send a second copy."""
-    clock = Clock()
-    start = clock.now
-    store = AloneInterrupted(StoreUnavailable("Connection closed by server."), stored, back_at=start + 2, clock=clock)
+def _lost_answer() -> StoreUnavailable:
+    """As redis-py raises a connection the server closed mid-read, through common/store.py."""
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise redis.ConnectionError("Connection closed by server.")  # noqa: B904
+    except redis.ConnectionError as e:
+        try:
+            raise StoreUnavailable(str(e)) from e
+        except StoreUnavailable as s:
+            return s
 
+
+def _answered(text: str) -> StoreUnavailable:
+    """Redis answered with an error (common/store.py translated(): a ResponseError)."""
+    try:
+        raise StoreUnavailable(text) from redis.ResponseError(text)
+    except StoreUnavailable as s:
+        return s
+
+
+def _nap_for(clock: Clock) -> Any:
     async def nap(seconds: float) -> None:
         clock.now += seconds
         await asyncio.sleep(0)
 
+    return nap
+
+
+def test_answer_lost_tells_a_broken_connection_from_an_error_redis_answered() -> None:
+    assert answer_lost(_lost_answer()) and not never_sent(_lost_answer())
+    assert not answer_lost(_answered("READONLY You can't write against a read only replica."))
+    assert never_sent(_refused_chained())
+    timeout = StoreUnavailable("Timeout connecting to server")
+    timeout.__cause__ = redis.TimeoutError("Timeout connecting to server")
+    assert never_sent(timeout)
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_one_redis_killed_mid_commit_answers_250_when_it_has_the_batch(stored: bool) -> None:
+    """The chaos test: Redis killed while a commit of ten was on its way; restarted, it had them, and
+    the 451 made ten clients send a second copy. Not there: the 451 stands (never a second commit
+    under the same queue ids, which a late EXEC or a delivered batch would make a double)."""
+    clock = Clock()
+    start = clock.now
+    store = AloneInterrupted(_lost_answer(), stored, back_at=start + 2, clock=clock)
+
     async def go() -> list[object]:
-        c = Committer(store, clock=clock, sleep=nap)  # type: ignore[arg-type]
+        c = Committer(store, clock=clock, sleep=_nap_for(clock))  # type: ignore[arg-type]
         return list(await asyncio.gather(c.submit(msg("1")), c.submit(msg("2")), return_exceptions=True))
 
-    assert run(go()) == [None, None]  # both clients get 250, once Redis is back ...
-    assert clock.now >= start + 2 and store.pings >= 2
-    # ... and the batch was stored again only where Redis had not got it
-    assert store.committed == ([] if stored else ["1", "2"])
+    outcomes = run(go())
+    if stored:
+        assert outcomes == [None, None]  # both clients get 250, once Redis is back
+    else:
+        assert all(isinstance(o, StorageRefused) and o.reply is replies.STORAGE_FAILED for o in outcomes)
+    assert start + 2 <= clock.now < start + SETTLE_WAIT_ALONE, "answered as soon as Redis could say"
+    assert store.committed == [], "never stored a second time"
+
+
+def test_an_error_redis_answered_is_451_at_once() -> None:
+    clock = Clock()
+    start = clock.now
+    store = AloneInterrupted(_answered("MISCONF Errors writing to the AOF file"), False, back_at=start, clock=clock)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=_nap_for(clock))  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    (outcome,) = run(go())
+    assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
+    assert clock.now == start and store.asked == 0, "Redis answered: nothing to settle"
 
 
 def test_one_redis_refusing_the_connection_answers_451_at_once() -> None:
@@ -434,13 +484,13 @@ def test_one_redis_refusing_the_connection_answers_451_at_once() -> None:
 
     (outcome,) = run(go())
     assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
-    assert store.pings == 0 and clock.now == start, "nothing was sent: no settling"
+    assert store.asked == 0 and clock.now == start, "nothing was sent: no settling"
 
 
 def test_one_redis_that_stays_away_answers_451_after_settle_wait_alone() -> None:
     clock = Clock()
     start = clock.now
-    store = AloneInterrupted(StoreUnavailable("Connection reset by peer"), stored=False, back_at=1e9, clock=clock)
+    store = AloneInterrupted(_lost_answer(), stored=False, back_at=1e9, clock=clock)
 
     async def nap(seconds: float) -> None:
         clock.now += seconds
@@ -459,3 +509,24 @@ def test_one_redis_that_stays_away_answers_451_after_settle_wait_alone() -> None
 def c_gate_open(store: FakeStore) -> bool:
     """Without replicas a settled failure does not close the gate (REPLICA_PAUSE is theirs)."""
     return Committer(store).gate() is None  # type: ignore[arg-type]
+
+
+def test_with_replicas_a_refused_connect_is_still_settled_through_the_failover() -> None:
+    """The primary a Sentinel named refuses before the failover is done: settled as before (the
+    new primary then takes the batch), not 451 at once."""
+
+    class RefusedPrimary(Interrupted):
+        def __init__(self) -> None:
+            super().__init__(replicated=False)
+            self.error = _refused_chained()
+
+    clock = Clock()
+    store = RefusedPrimary()
+    assert isinstance(store.redis, FakeInfo)
+
+    async def go() -> list[object]:
+        c = Committer(store, clock=clock, sleep=_nap(clock, store.redis, clock.now + 5))  # type: ignore[arg-type]
+        return list(await asyncio.gather(c.submit(msg("1")), return_exceptions=True))
+
+    assert run(go()) == [None]
+    assert store.committed == ["1"]
