@@ -13,6 +13,10 @@ PYTEST_ARGS ?=
 # after a killed worker, recovery within a minute) is their own scenario's, and with the whole
 # suite beside them on 2 cores Redis's fsync and the workers' threads slowed down enough to double
 # the window between a remote's 250 and our record of it (33 of 2,000 sent again, 0 alone).
+# The one that counts duplicates (marked alone) runs last and by itself: beside the other chaos
+# tests, which kill workers and Redis of their own on the same 2 cores, its count of deliveries
+# sent again after we had read the 250 was 22, 33 and 68 in three runs (CI and .ci/run), 1-15
+# run alone; its scenario is what issue 15 measures, not the CPU its neighbours take.
 PYTEST_WORKERS ?= 6
 CHAOS_WORKERS ?= 3
 
@@ -38,7 +42,8 @@ run: $(STAMP) bytecode
 
 test: $(STAMP) lint typecheck bytecode
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --ignore=tests/chaos $(PYTEST_ARGS)
-	$(BIN)/pytest -q -n $(CHAOS_WORKERS) tests/chaos $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(CHAOS_WORKERS) -m "not alone" tests/chaos $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m alone tests/chaos $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -38,6 +38,7 @@ _SENT = re.compile(r"([0-9A-F]+): to=<(u\d+)@c\d\.test>.* status=sent ")
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # the Makefile says why
 def test_chaos_loses_nothing_and_recovers_within_a_minute(
     dns: ZoneServer,
     redis_server: RedisServer,
@@ -173,15 +174,15 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         mta.redis, mta.logs()
     )
     # Issue 15 asks for <= 0.5 % (target 0.2 %), naming the window between the remote's 250 and our
-    # record of it (the outcome writer's batching): the duplicates we had logged as sent. CI once
-    # counted 22 of 2,000: most were delivered in the 0.2 s a write stalled on the stopped Redis
-    # before conversations were held, by workers killed the moment it came back (the loop catches up
-    # its kills then). Since the hold engages after 50 ms (worker/outcomes.py WRITE_STALL) it is 1-7
-    # here, most of them in the first second, while three workers start at once; ten more in one
-    # run were a commit stored by Redis as it was killed, and sent again by clients told 451 (now
-    # counted apart, and settled by the ingress). The rest (the
-    # remote took the message, the worker died before it read the 250: the receiver's window, RFC
-    # 1047) only a receiver can shut. Held to 1 % here, where other tests share the 2 CPUs.
+    # record of it (the outcome writer's batching): the duplicates we had logged as sent. In one
+    # timeline run 15 of 19 were delivered in the 0.2 s an outcome write stalled on the stopped
+    # Redis before conversations were held, by workers killed the moment it came back (the loop
+    # catches up its kills then); since the hold engages after 50 ms (worker/outcomes.py
+    # WRITE_STALL), 1-11 in ten runs, most in a kill's last few milliseconds. Messages the ingress
+    # stored twice (a client told 451 for a commit Redis had kept) are counted apart, and settled by
+    # the ingress since. The rest (the remote took the message, the worker died before it read the
+    # 250: the receiver's window, RFC 1047) only a receiver can shut. Held to 1 %: the ingress,
+    # Redis, 30 workers started and the test's sinks and clients share 2 CPUs.
     assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"
     # all duplicates: a guard against regressions
     assert duplicates <= len(accepted) * 0.03
