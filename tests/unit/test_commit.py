@@ -378,18 +378,22 @@ class AloneInterrupted(FakeStore):
         return any(q in self.there for q in qids)
 
 
-def _refused_chained() -> StoreUnavailable:
-    """As redis-py raises it: ConnectionError in the handling of ConnectionRefusedError."""
+def _raised(cause: OSError, text: str) -> StoreUnavailable:
+    """As redis-py raises it (its error in the handling of the socket's), through common/store.py."""
     try:
         try:
-            raise ConnectionRefusedError(111, "Connection refused")
-        except ConnectionRefusedError:
-            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")  # noqa: B904
+            raise cause
+        except OSError:
+            raise redis.ConnectionError(text)  # noqa: B904
     except redis.ConnectionError as e:
         try:
             raise StoreUnavailable(str(e)) from e
         except StoreUnavailable as s:
             return s
+
+
+def _refused_chained() -> StoreUnavailable:
+    return _raised(ConnectionRefusedError(111, "Connection refused"), "Error 111 connecting to 127.0.0.1:6379.")
 
 
 def test_never_sent_tells_a_refused_connection_from_one_broken_after_the_commit_went() -> None:
@@ -399,17 +403,8 @@ def test_never_sent_tells_a_refused_connection_from_one_broken_after_the_commit_
 
 
 def _lost_answer() -> StoreUnavailable:
-    """As redis-py raises a connection the server closed mid-read, through common/store.py."""
-    try:
-        try:
-            raise ConnectionResetError(104, "Connection reset by peer")
-        except ConnectionResetError:
-            raise redis.ConnectionError("Connection closed by server.")  # noqa: B904
-    except redis.ConnectionError as e:
-        try:
-            raise StoreUnavailable(str(e)) from e
-        except StoreUnavailable as s:
-            return s
+    """A connection the server closed mid-read."""
+    return _raised(ConnectionResetError(104, "Connection reset by peer"), "Connection closed by server.")
 
 
 def _answered(text: str) -> StoreUnavailable:
