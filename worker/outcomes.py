@@ -42,6 +42,11 @@ WRITE_STALL = 0.05
 # With redis_min_replicas every write also waits for a replica's WAIT acknowledgement (a round trip
 # to it, which may be a zone away): held after 50 ms, conversations would wait at every write.
 WRITE_STALL_REPLICATED = 0.2
+# A Redis far away (its round trip alone tens of milliseconds) would make every write a stall: the
+# limit is also STALL_FACTOR times the process's usual write (a running average of its writes'
+# times, each counted at most WRITE_STALL_REPLICATED, so an outage does not lift it for long), up
+# to WRITE_STALL_REPLICATED, the limit before session 15.
+STALL_FACTOR = 4.0
 STALL_WARN = 1.0  # seconds a stall lasts before it is logged (an outage, not a slow write)
 # Seconds between attempts while Redis is away (a write, then PINGs past WRITE_PATIENCE): the sooner
 # a write goes through once Redis is back, the fewer deliveries a worker killed then sends again.
@@ -256,9 +261,11 @@ class OutcomeWriter:
     ) -> None:
         self.store = store
         self.feedback = feedback
+        self._adaptive = stall is None  # a limit given (tests) is the limit
         if stall is None:
             stall = WRITE_STALL_REPLICATED if store.replicas else WRITE_STALL
         self.stall = stall
+        self._usual = 0.005  # seconds a write takes here, a running average (STALL_FACTOR)
         self.gap, self.gather_max = gather
         self.monotonic = monotonic
         self.sleep = sleep
@@ -286,8 +293,14 @@ class OutcomeWriter:
         with self._cond:
             self._hold()
 
+    def limit(self) -> float:
+        """Seconds a write may take before it holds conversations (WRITE_STALL, STALL_FACTOR)."""
+        if not self._adaptive:
+            return self.stall
+        return max(self.stall, min(WRITE_STALL_REPLICATED, STALL_FACTOR * self._usual))
+
     def _stalled(self) -> bool:
-        return self._writing_since is not None and self.monotonic() - self._writing_since > self.stall
+        return self._writing_since is not None and self.monotonic() - self._writing_since > self.limit()
 
     def _hold(self) -> None:
         while self._stalled():
@@ -304,10 +317,13 @@ class OutcomeWriter:
         """The write in progress is over: conversations held by it go on."""
         with self._cond:
             since = self._writing_since
-            if since is not None and self.monotonic() - since > self.stall:
+            took = self.monotonic() - since if since is not None else 0.0
+            if since is not None and took > self.limit():
                 metrics.outcome_stall()
                 if self._warned:
-                    log.info("the stalled outcome write is over after %.1f s", self.monotonic() - since)
+                    log.info("the stalled outcome write is over after %.1f s", took)
+            if since is not None:
+                self._usual += (min(took, WRITE_STALL_REPLICATED) - self._usual) * 0.2
             self._writing_since = None
             self._warned = False
             self._cond.notify_all()

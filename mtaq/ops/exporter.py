@@ -228,7 +228,7 @@ class MtaqCollector(Collector):
         yield counter("mtaq_retries", "Delivery attempts of a recipient tried before (retries)", m.RETRIES)
         yield counter(
             "mtaq_outcome_write_stalls",
-            "Outcome writes that outlasted their stall limit (50 ms; 200 ms with replicas required): meanwhile "
+            "Outcome writes that outlasted their stall limit (50 ms, more for a Redis far away): meanwhile "
             "the worker's conversations wait before their next transaction (Redis slow or away)",
             m.OUTCOME_STALLS,
         )

@@ -20,7 +20,10 @@ from tests.unit.fakeclock import FakeClock
 from worker.outcomes import (
     RETRY_LOG_EVERY,
     RETRY_PAUSE,
+    STALL_FACTOR,
     STALL_WARN,
+    WRITE_STALL,
+    WRITE_STALL_REPLICATED,
     Batch,
     JobShare,
     OutcomeWriter,
@@ -307,3 +310,35 @@ def test_a_write_retries_soon_after_redis_is_back_and_warns_every_few_seconds(
     warned = [r for r in caplog.records if "wait to be recorded" in r.getMessage()]
     assert len(warned) == 1 + int(12 // RETRY_LOG_EVERY), (len(warned), failures[0])
     assert store.statuses(p.envelope.id)[0].state is RcptState.DELIVERED
+
+
+def test_the_stall_limit_follows_a_redis_far_away_up_to_the_old_limit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that always take 60 ms (a Redis a long round trip away) must not each hold the
+    conversations: the limit rises to STALL_FACTOR times the usual write, at most
+    WRITE_STALL_REPLICATED; writes of a few milliseconds keep it at WRITE_STALL."""
+    now = [0.0]
+    took = [0.06]
+    writer = OutcomeWriter(store, monotonic=lambda: now[0])
+    assert writer.limit() == WRITE_STALL
+    real = store.set_status_list
+
+    def far(*a: object, **kw: object) -> list[int]:
+        now[0] += took[0]
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "set_status_list", far)
+    b, p = batch(store, writer, FakeClock(2000.0))
+    for _ in range(20):
+        p.outcomes[0] = SENT
+        b.record_final(p, [0])
+        b.drain()
+    assert writer.limit() == pytest.approx(WRITE_STALL_REPLICATED), writer.limit()
+    assert STALL_FACTOR * 0.06 > WRITE_STALL_REPLICATED > 0.06 > WRITE_STALL
+    took[0] = 0.003
+    for _ in range(30):
+        p.outcomes[0] = SENT
+        b.record_final(p, [0])
+        b.drain()
+    assert writer.limit() == WRITE_STALL, "back to 50 ms once writes are quick again"
