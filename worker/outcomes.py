@@ -317,12 +317,12 @@ class OutcomeWriter:
         """The write in progress is over: conversations held by it go on."""
         with self._cond:
             since = self._writing_since
-            took = self.monotonic() - since if since is not None else 0.0
-            if since is not None and took > self.limit():
-                metrics.outcome_stall()
-                if self._warned:
-                    log.info("the stalled outcome write is over after %.1f s", took)
             if since is not None:
+                took = self.monotonic() - since
+                if took > self.limit():
+                    metrics.outcome_stall()
+                    if self._warned:
+                        log.info("the stalled outcome write is over after %.1f s", took)
                 self._usual += (min(took, WRITE_STALL_REPLICATED) - self._usual) * 0.2
             self._writing_since = None
             self._warned = False
