@@ -22,6 +22,7 @@ certificate from a given trustme CA (a test's "public" CA) for ``hostname``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import ssl
 import threading
@@ -41,25 +42,25 @@ from tests.ports import free_port
 __all__ = [
     "Delivery",
     "SinkServer",
-    "first_taken",
     "tagged",
+    "taken_on_dropped",
     "wait_for",
 ]
 
 HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
 
 
-def first_taken(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> dict[str, float]:
-    """When each tagged message was first taken (time.monotonic(), by the tag's first group)."""
-    first: dict[str, float] = {}
+def taken_on_dropped(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> Counter[str]:
+    """How many copies of each tagged message were taken on a connection that then ended without
+    QUIT: the sender died or hung up after the dot, maybe before it read the 250 (RFC 1047)."""
+    counts: Counter[str] = Counter()
     for box in boxes:
         with box.lock:
             for d in box.deliveries:
                 m = tag.search(d.data)
-                if m:
-                    key = m.group(1).decode()
-                    first[key] = min(d.at, first.get(key, d.at))
-    return first
+                if m and d.session in box.dropped_sessions:
+                    counts[m.group(1).decode()] += 1
+    return counts
 
 
 def tagged(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> Counter[str]:
@@ -98,6 +99,7 @@ class Delivery:
     mail_options: list[str]
     peer: str
     peer_port: int = 0  # the client's source port: tells the connections apart
+    session: int = 0  # the connection's number at this sink (1, 2, ...): dropped_sessions says how it ended
     at: float = field(default_factory=time.monotonic)  # when the sink took it (before its 250)
 
 
@@ -144,6 +146,10 @@ class SinkServer:
         self.connections = 0  # connections accepted in all
         self.open_connections = 0  # connections open now
         self.max_open = 0  # the most connections ever open at once
+        # session number -> when (time.monotonic()) a connection ended without QUIT: the client died or
+        # hung up; a copy taken on such a session may never have had its 250 read (RFC 1047)
+        self.dropped_sessions: dict[int, float] = {}
+        self.session_numbers = itertools.count(1)  # never reset: a number names one connection for good
         self.lock = threading.Lock()
         # AUTH (RFC 4954) after STARTTLS only, when set: user -> password; logins: (user, accepted)
         self.auth: dict[str, str] | None = None
@@ -217,6 +223,7 @@ class SinkServer:
             self.hangups = 0
             self.attempts = 0
             self.connections = 0
+            self.dropped_sessions.clear()
             self.max_open = self.open_connections
 
     def trust(self, context: ssl.SSLContext) -> None:
@@ -256,10 +263,13 @@ class _CountingSMTP(SMTP):
     def __init__(self, sink: SinkServer, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink = sink
+        self.session_number = 0
+        self.quit_sent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         with self._sink.lock:
             self._sink.connections += 1
+            self.session_number = next(self._sink.session_numbers)
             self._sink.open_connections += 1
             self._sink.max_open = max(self._sink.max_open, self._sink.open_connections)
         super().connection_made(transport)
@@ -273,9 +283,15 @@ class _CountingSMTP(SMTP):
             arg = " ".join(words)
         await super().smtp_MAIL(arg)
 
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.quit_sent = True
+        await super().smtp_QUIT(arg)
+
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink.lock:
             self._sink.open_connections -= 1
+            if not self.quit_sent:
+                self._sink.dropped_sessions[self.session_number] = time.monotonic()
         super().connection_lost(error)
 
 
@@ -357,6 +373,7 @@ class _Handler:
                 mail_options=list(envelope.mail_options),
                 peer=peer,
                 peer_port=int(session.peer[1]) if isinstance(session.peer, tuple) else 0,
+                session=getattr(server, "session_number", 0),
             )
         )
         return self.sink.data_reply or "250 2.0.0 Ok: queued"

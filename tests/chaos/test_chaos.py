@@ -24,7 +24,7 @@ from tests.dnsserver import ZoneServer
 from tests.fixtures import MTA, route
 from tests.queuediag import describe_stuck
 from tests.redisserver import RedisServer
-from tests.sinks import SinkServer, first_taken, tagged, wait_for
+from tests.sinks import SinkServer, tagged, taken_on_dropped, wait_for
 
 MESSAGES = 2000
 # Seconds of killing at least (past the Redis and ingress events, and on until every message has
@@ -138,32 +138,32 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
     by_rcpt: dict[str, Counter[str]] = {}
     for m in _SENT.finditer(mta.logs()):
         by_rcpt.setdefault(m.group(2), Counter())[m.group(1)] += 1
-    sent = Counter({u: sum(q.values()) for u, q in by_rcpt.items()})
-    ours = sum(
-        min(c - 1, sum(n - 1 for n in by_rcpt[f"u{tag[1:]}"].values()))
-        for tag, c in seen.items()
-        if c > 1 and sent[f"u{tag[1:]}"] > 1
-    )
-    stored_twice = sum(
-        min(c - 1, len(by_rcpt[f"u{tag[1:]}"]) - 1) for tag, c in seen.items() if c > 1 and f"u{tag[1:]}" in by_rcpt
-    )
-    # Of those we never logged: taken by a sink within DATA_DELAY after a worker was killed, so sent
-    # whole before the kill, and taken by the sink before it saw the connection close (aiosmtpd drops
-    # a transaction whose client it has seen go): the remote's window, which only the remote can shut
-    taken = first_taken(boxes, _TAG)
-    after_death = sum(
-        c - 1
-        for tag, c in seen.items()
-        if c > 1 and sent[f"u{tag[1:]}"] <= 1 and any(0 <= taken[tag] - k < DATA_DELAY for k in kills)
-    )
+    dropped = taken_on_dropped(boxes, _TAG)
+    ours = stored_twice = window = 0
+    for tag, c in seen.items():
+        if c < 2:
+            continue
+        queued = by_rcpt.get(f"u{tag[1:]}", Counter())
+        extra = c - 1
+        stored_t = min(extra, max(0, len(queued) - 1))
+        ours_t = min(extra - stored_t, sum(n - 1 for n in queued.values()))
+        # Of those we never logged as sent: copies taken on a connection that then ended without QUIT,
+        # the worker killed after its dot, before (or as) it read the 250. aiosmtpd drops a transaction
+        # whose client it has seen go, so these are the ones it took before it saw the close: the
+        # remote's window (RFC 1047), which only the remote can shut
+        window_t = min(extra - stored_t - ours_t, dropped[tag])
+        stored_twice += stored_t
+        ours += ours_t
+        window += window_t
+    other = duplicates - ours - stored_twice - window
     print(
         f"\nchaos: {len(accepted)} accepted, {len(seen)} arrived, {len(missing)} missing, {duplicates} duplicates "
         f"({100 * duplicates / len(accepted):.2f} %; {duplicates / max(1, second):.2f} a worker killed), "
         f"{second} s of killing, {recovered:.1f} s after it to empty queue, {workers} workers started, "
         f"{len(set(arrived_by_kills_end))} arrived by the end of the killing; duplicates after a 250 we had "
-        f"read: {ours}, before it: {duplicates - ours - stored_twice} ({after_death} of them taken by a sink in the "
-        f"{DATA_DELAY * 1000:.0f} ms after a worker was killed); stored twice by the ingress (a client sent "
-        f"it again): {stored_twice}"
+        f"read: {ours}; taken on a connection its worker dropped after the dot, its 250 unread (the "
+        f"remote's window): {window}; stored twice by the ingress (a client sent it again): {stored_twice}; "
+        f"other: {other}; {sum(len(b.dropped_sessions) for b in boxes)} connections ended without QUIT"
     )
     if missing:
         logs = mta.logs().splitlines()
@@ -173,15 +173,15 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
         mta.redis, mta.logs()
     )
     # Issue 15 asks for <= 0.5 % (target 0.2 %), naming the window between the remote's 250 and our
-    # record of it (the outcome writer's batching): the duplicates we had logged as sent. In one
-    # timeline run 15 of 19 were delivered in the 0.2 s an outcome write stalled on the stopped
-    # Redis before conversations were held, by workers killed the moment it came back (the loop
-    # catches up its kills then); since the hold engages after 50 ms (worker/outcomes.py
-    # WRITE_STALL), 1-11 in ten runs, most in a kill's last few milliseconds. Messages the ingress
-    # stored twice (a client told 451 for a commit Redis had kept) are counted apart, and settled by
-    # the ingress since. The rest (the remote took the message, the worker died before it read the
-    # 250: the receiver's window, RFC 1047) only a receiver can shut. Held to 1 %: the ingress,
-    # Redis, 30 workers started and the test's sinks and clients share 2 CPUs.
+    # record of it (the outcome writer's batching): the duplicates we had logged as sent. Since the
+    # hold engages after 50 ms (worker/outcomes.py WRITE_STALL) they are the deliveries of a killed
+    # worker whose outcomes it had not yet written: in one timeline run all 9 were taken by the sinks
+    # in the 10 ms before the kill, conversations the hold had released together after Redis's stop
+    # (in step since, so their transactions end together). 2-16 in twenty runs. Held to 1 %: the
+    # ingress, Redis, 30 workers started and the test's sinks and clients share 2 CPUs.
     assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"
-    # all duplicates: a guard against regressions
-    assert duplicates <= len(accepted) * 0.03
+    # The remote's window is not bounded here: how many conversations a kill catches between their
+    # dot and the remote's 250 is the scenario's (10 a worker, the sinks' 50 ms) and the sinks' lag
+    # in seeing the close (CI's 2 CPUs: 48 in one run). Anything else sent twice is a regression:
+    # a message sent again that nothing here explains (0 in the runs since sessions were tracked).
+    assert other <= len(accepted) * 0.005, f"{other} duplicates neither ours, the remote's window nor stored twice"
