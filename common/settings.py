@@ -39,6 +39,14 @@ class Settings:
     redis_url: str = _opt("", "Redis URL; unset with `mtaq run` = the embedded redis-server in data_dir")
     data_dir: str = _opt("./var", "where the embedded Redis keeps its AOF and socket")
     workers: int = _opt(2, "worker processes started by `mtaq run`", ("run",))
+    journal_dir: str = _opt(
+        "",
+        "where each worker process appends the outcomes it has read and not yet recorded in Redis; "
+        "another worker on this host records those of one that died, before its job runs again "
+        "(unset = data_dir/journal; off = no journal: what a killed worker had delivered and not "
+        "recorded is sent again)",
+        ("worker",),
+    )
     processes: int = _opt(0, "ingress processes sharing the port (0 = CPU count; `run` uses 1)", ("ingress",))
     queue_name: str = _opt("mtaq", "the RQ queue the workers take jobs from")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -97,6 +97,9 @@ class MTA:
             # many tests queue mail with no worker running: mail input flow control would hold
             # each MAIL in_flow_delay there (tests/integration/test_ingress_live_flow.py turns it on)
             "in_flow_delay": "0",
+            # the workers' outcome journals (worker/journal.py) in this test's directory, not the
+            # checkout's var/ that every test's workers would share
+            "data_dir": str(log_dir / "var"),
         }
         base.update({k: str(v) for k, v in settings.items()})
         for k, v in base.items():

@@ -16,6 +16,7 @@ from common.settings import Settings
 from common.spool import Spool
 from worker.dane import enable_dnssec
 from worker.dsn import make_dsn
+from worker.journal import OutcomeJournal
 from worker.limits import DestinationLimits
 from worker.service import DeliveryService
 from worker.signing import DeliverySigner, ReportSigner
@@ -32,9 +33,16 @@ def install(service: DeliveryService | None) -> None:
     _service = service
 
 
-def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float] = time.time) -> DeliveryService:
+def make_service(
+    settings: Settings,
+    spool: Spool,
+    *,
+    clock: Callable[[], float] = time.time,
+    journal: OutcomeJournal | None = None,
+) -> DeliveryService:
     """A delivery service from settings: the resolver (with the addresses we listen on, for loop
-    detection), the shared destination limits on the store's Redis, and ``clock``."""
+    detection), the shared destination limits on the store's Redis, ``clock``, and the process's
+    outcome ``journal`` (worker/journal.py)."""
     dns = make_resolver(settings.dns_server_list)
     if settings.dane:
         enable_dnssec(dns)  # DO and AD on every question: the MX answers' AD bit counts too
@@ -66,6 +74,7 @@ def make_service(settings: Settings, spool: Spool, *, clock: Callable[[], float]
         dkim=DeliverySigner(keys),
         clock=clock,
         tls=tls,
+        journal=journal,
     )
 
 

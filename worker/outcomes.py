@@ -18,6 +18,7 @@ from common.envelope import LOG_STATUS, RcptState, RecipientStatus
 from common.redisconn import REDIS_AWAY
 from common.store import REMOVED, Message, Store
 from worker.feedback import Feedback
+from worker.journal import ADOPT_EVERY, Entries, OutcomeJournal, adopt, encode
 from worker.parcel import Outcome, Parcel
 from worker.plan import Loaded
 from worker.relay import log_attempt
@@ -258,9 +259,13 @@ class OutcomeWriter:
         gather: tuple[float, float] = (GATHER_GAP, GATHER_MAX),
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        journal: OutcomeJournal | None = None,
     ) -> None:
         self.store = store
         self.feedback = feedback
+        # this process's outcome journal (worker/journal.py): every outcome handed in is appended
+        # there first, and the file holds what is not yet in Redis; None: no journal
+        self.journal = journal
         self._adaptive = stall is None  # a limit given (tests) is the limit
         if stall is None:
             stall = WRITE_STALL_REPLICATED if store.replicas else WRITE_STALL
@@ -271,6 +276,7 @@ class OutcomeWriter:
         self.sleep = sleep
         self._cond = threading.Condition()
         self._pending: list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] = []
+        self._lines: list[bytes] = []  # the journal's lines of _pending
         self._thread: threading.Thread | None = None
         self._writing_since: float | None = None  # when the write in progress began
         self._warned = False  # the write in progress has held conversations past STALL_WARN (logged once)
@@ -278,13 +284,28 @@ class OutcomeWriter:
     def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
         """Hand these outcomes to the next write; returns at once unless the write in progress has
         taken longer than ``stall``: then once it is over (WRITE_STALL says why)."""
+        line = encode(_entries(updates)) if self.journal is not None else b""
         with self._cond:
+            if self.journal is not None:
+                self.journal.append(line)  # under the lock: the file's lines stay those of _pending
+                self._lines.append(line)
             self._pending.append((batch, updates))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
-                self._thread.start()
+            self._start()
             self._cond.notify_all()
             self._hold()
+
+    def start(self) -> None:
+        """Adopt dead processes' journals on this host now, before any job runs here (a job would
+        send their messages again), and start the writing thread, which looks again every
+        ADOPT_EVERY seconds (without start: at the first outcome)."""
+        self._adopt()
+        with self._cond:
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mtaq-outcomes", daemon=True)
+            self._thread.start()
 
     def hold(self) -> None:
         """Before a transaction (worker/crew.py): returns at once unless the write in progress has
@@ -366,13 +387,64 @@ class OutcomeWriter:
             except REDIS_AWAY:
                 self.sleep(RETRY_PAUSE)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
+    def _adopt(self) -> None:
+        """Record what dead processes' journals hold (worker/journal.py); a journal that cannot be
+        recorded now (Redis away) is left for the next look."""
+        if self.journal is None:
+            return
+        try:
+            adopt(self.journal.directory, self.journal.path, self._record_adopted)
+        except OSError as e:  # the directory went, or is not ours to read: said, tried again later
+            log.warning("outcome journals in %s: %s", self.journal.directory, e)
+
+    def _record_adopted(self, entries: Entries) -> None:
+        """A dead process's outcomes that Redis does not have yet, with their events and suppressions;
+        the job it died in, run again, finds those recipients final and finishes the messages."""
+        qids = list(dict.fromkeys(q for q, _, _ in entries))
+        found = dict(zip(qids, self.store.load_many(qids), strict=True))
+        todo = []
+        for qid, idx, st in entries:
+            got = found.get(qid)
+            if got is None:  # finished since
+                continue
+            msg, statuses = got
+            if idx < len(msg.envelope.recipients) and not statuses.get(idx, RecipientStatus()).final:
+                todo.append((qid, idx, st))
+        if todo:
+            messages = {q: got[0] for q, got in found.items() if got is not None}
+            extras = self.feedback.extras(todo, messages) if self.feedback is not None else {}
+            self.store.set_status_list(todo, **extras)
+
+    def _next_turn(self, look_at: float) -> list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] | None:
+        """The outcomes to write next, once they have gathered; None: time to adopt journals."""
+        with self._cond:
+            while not self._pending:
+                if self.journal is None:
                     self._cond.wait()
-                self._gather()
-                turn, self._pending = self._pending, []
+                    continue
+                if self.monotonic() >= look_at:
+                    return None
+                self._cond.wait(ADOPT_EVERY)
+            self._gather()
+            turn, self._pending = self._pending, []
+            return turn
+
+    def _done_with(self) -> None:
+        """A turn is written (or failed: its jobs run again): the journal keeps what still waits."""
+        with self._cond:
+            if self.journal is not None:
+                self.journal.keep_only(self._lines[len(self._lines) - len(self._pending) :])
+                self._lines = self._lines[len(self._lines) - len(self._pending) :]
+
+    def _run(self) -> None:
+        look_at = self.monotonic()  # a dead process's journal is adopted first
+        while True:
+            if self.journal is not None and self.monotonic() >= look_at:
+                self._adopt()
+                look_at = self.monotonic() + ADOPT_EVERY
+            turn = self._next_turn(look_at)
+            if turn is None:
+                continue
             entries = [e for _, updates in turn for e in _entries(updates)]
             try:
                 # the events, suppressions and finished messages are worked out first (a DSN
@@ -389,8 +461,10 @@ class OutcomeWriter:
                     # (released now, each would deliver for another stall's worth before the next
                     # write held them again, with nowhere to record what it sent)
                     self._await_redis()
+                self._done_with()
                 self._written()
                 continue
+            self._done_with()
             self._written()
             at = 0
             for batch, updates in turn:

@@ -5,10 +5,12 @@ RQ's scheduler, which carries our retries."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
+from redis import Redis
 from rq.serializers import JSONSerializer
 
 from common.heap import settle
@@ -17,6 +19,7 @@ from common.redisconn import connect
 from common.settings import Settings
 from common.spool import Spool
 from worker.jobs import install, make_service
+from worker.journal import journal_at
 from worker.pool import RECOVERY_INTERVAL, ConcurrentWorker
 from worker.service import DeliveryService
 from worker.sweep import start_sweeper
@@ -55,7 +58,13 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     setup_logging("worker", settings.log_level, settings.log_format)
     r = connect(settings, timeout=WORKER_TTL + 30, connect_timeout=10)
     spool = Spool.from_settings(settings, r, strict_replicas=False)
-    service = make_service(settings, spool)
+    with journal_at(settings.journal_dir or os.path.join(settings.data_dir, "journal")) as journal:
+        service = make_service(settings, spool, journal=journal)
+        service.writer.start()  # a dead worker's journal on this host is recorded before any job
+        return _work(settings, r, spool, service, burst)
+
+
+def _work(settings: Settings, r: Redis, spool: Spool, service: DeliveryService, burst: bool) -> int:
     install(service)
     start_sweeper(
         spool,

@@ -42,6 +42,7 @@ from worker.delays import warn_delayed
 from worker.feedback import Feedback
 from worker.finisher import DsnMaker, Finisher, ReportSign
 from worker.intake import Intake
+from worker.journal import OutcomeJournal
 from worker.lane import Lanes
 from worker.leases import Leases
 from worker.limits import DestinationLimits
@@ -86,6 +87,7 @@ class DeliveryService:
         sleep: Callable[[float], None] = time.sleep,
         dialer: Dialer | None = None,
         tls: TLSGate | None = None,
+        journal: OutcomeJournal | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -106,7 +108,8 @@ class DeliveryService:
                 smarthost_from_settings(settings),  # SmarthostError: one line, exit 78 (mtaq/cli.py)
             )
         self.lanes = Lanes()
-        self.writer = OutcomeWriter(spool.store, Feedback(spool.store, settings.suppression_ttl, clock))
+        feedback = Feedback(spool.store, settings.suppression_ttl, clock)
+        self.writer = OutcomeWriter(spool.store, feedback, journal=journal)
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep, hold=self.writer.hold)
         self.leases = Leases(LeaseBook(spool.store.redis), LEASE_TTL, clock)
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)
