@@ -43,8 +43,8 @@ class Settings:
         "",
         "where each worker process appends the outcomes it has read and not yet recorded in Redis; "
         "another worker on this host records those of one that died, before its job runs again "
-        "(unset = data_dir/journal; off = no journal: what a killed worker had delivered and not "
-        "recorded is sent again)",
+        "(unset = data_dir/journal; a local disk: the files are lockf-locked; off = no journal: what a "
+        "killed worker had delivered and not recorded is sent again)",
         ("worker",),
     )
     processes: int = _opt(0, "ingress processes sharing the port (0 = CPU count; `run` uses 1)", ("ingress",))

@@ -6,6 +6,8 @@ transaction's outcomes and go on."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -18,7 +20,7 @@ from common.envelope import LOG_STATUS, RcptState, RecipientStatus
 from common.redisconn import REDIS_AWAY
 from common.store import REMOVED, Message, Store
 from worker.feedback import Feedback
-from worker.journal import ADOPT_EVERY, Entries, OutcomeJournal, adopt, encode
+from worker.journal import ADOPT_EVERY, OutcomeJournal, adopt, encode, record_adopted
 from worker.parcel import Outcome, Parcel
 from worker.plan import Loaded
 from worker.relay import log_attempt
@@ -287,8 +289,11 @@ class OutcomeWriter:
         line = encode(_entries(updates)) if self.journal is not None else b""
         with self._cond:
             if self.journal is not None:
-                self.journal.append(line)  # under the lock: the file's lines stay those of _pending
-                self._lines.append(line)
+                try:
+                    self.journal.append(line)  # under the lock: the file's lines follow _pending's
+                    self._lines.append(line)
+                except OSError as e:
+                    self._journal_failed(e)
             self._pending.append((batch, updates))
             self._start()
             self._cond.notify_all()
@@ -389,31 +394,37 @@ class OutcomeWriter:
 
     def _adopt(self) -> None:
         """Record what dead processes' journals hold (worker/journal.py); a journal that cannot be
-        recorded now (Redis away) is left for the next look."""
-        if self.journal is None:
+        recorded now (Redis away) is left for the next look. Never raises: the thread lives on."""
+        journal = self.journal
+        if journal is None:
             return
         try:
-            adopt(self.journal.directory, self.journal.path, self._record_adopted)
-        except OSError as e:  # the directory went, or is not ours to read: said, tried again later
-            log.warning("outcome journals in %s: %s", self.journal.directory, e)
+            adopt(journal.directory, journal.path, functools.partial(record_adopted, self.store, self.feedback))
+        except Exception:  # the directory gone, or a bug: said, looked at again later
+            log.exception("adopting the outcome journals in %s failed", journal.directory)
 
-    def _record_adopted(self, entries: Entries) -> None:
-        """A dead process's outcomes that Redis does not have yet, with their events and suppressions;
-        the job it died in, run again, finds those recipients final and finishes the messages."""
-        qids = list(dict.fromkeys(q for q, _, _ in entries))
-        found = dict(zip(qids, self.store.load_many(qids), strict=True))
-        todo = []
-        for qid, idx, st in entries:
-            got = found.get(qid)
-            if got is None:  # finished since
-                continue
-            msg, statuses = got
-            if idx < len(msg.envelope.recipients) and not statuses.get(idx, RecipientStatus()).final:
-                todo.append((qid, idx, st))
-        if todo:
-            messages = {q: got[0] for q, got in found.items() if got is not None}
-            extras = self.feedback.extras(todo, messages) if self.feedback is not None else {}
-            self.store.set_status_list(todo, **extras)
+    def _journal_failed(self, error: OSError) -> None:
+        """The journal could not be written (a disk full): the process goes on without it, as before
+        the journal (a worker killed sends again what it had not recorded). The lock held."""
+        if self.journal is None:
+            return
+        log.warning(
+            "outcome journal %s off: %s (what a killed worker had not recorded is sent again)", self.journal.path, error
+        )
+        with contextlib.suppress(OSError):
+            self.journal.close()  # removed: this process writes what waits itself
+        self.journal = None
+        self._lines = []
+
+    def close(self) -> None:
+        """The process ends: its journal is closed, and removed unless outcomes still wait in it
+        (jobs past their grace, Redis away), which another worker on the host then records."""
+        with self._cond:
+            if self.journal is not None:
+                with contextlib.suppress(OSError):
+                    self.journal.close(remove=not self._lines)
+                self.journal = None
+                self._lines = []
 
     def _next_turn(self, look_at: float) -> list[tuple[Batch, dict[str, dict[int, RecipientStatus]]]] | None:
         """The outcomes to write next, once they have gathered; None: time to adopt journals."""
@@ -433,11 +444,14 @@ class OutcomeWriter:
         """A turn is written (or failed: its jobs run again): the journal keeps what still waits."""
         with self._cond:
             if self.journal is not None:
-                self.journal.keep_only(self._lines[len(self._lines) - len(self._pending) :])
                 self._lines = self._lines[len(self._lines) - len(self._pending) :]
+                try:
+                    self.journal.written(self._lines)
+                except OSError as e:
+                    self._journal_failed(e)
 
     def _run(self) -> None:
-        look_at = self.monotonic()  # a dead process's journal is adopted first
+        look_at = self.monotonic()  # a dead process's journal is adopted first (start() has too)
         while True:
             if self.journal is not None and self.monotonic() >= look_at:
                 self._adopt()

@@ -61,7 +61,10 @@ def main(settings: Settings, *, burst: bool = False) -> int:
     with journal_at(settings.journal_dir or os.path.join(settings.data_dir, "journal")) as journal:
         service = make_service(settings, spool, journal=journal)
         service.writer.start()  # a dead worker's journal on this host is recorded before any job
-        return _work(settings, r, spool, service, burst)
+        try:
+            return _work(settings, r, spool, service, burst)
+        finally:
+            service.writer.close()  # the journal kept if outcomes still wait in it
 
 
 def _work(settings: Settings, r: Redis, spool: Spool, service: DeliveryService, burst: bool) -> int:

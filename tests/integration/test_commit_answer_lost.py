@@ -7,8 +7,6 @@ byte but drops the connection, unanswered, on the first reply that follows an EX
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -22,61 +20,33 @@ from common.spool import Spool
 from common.store import Message, msg_key
 from ingress.commit import Committer
 from tests.redisserver import RedisServer
+from tests.tcprelay import TcpRelay, Verdict
 
 
-class AnswerEater:
+class AnswerEater(TcpRelay):
     """127.0.0.1:<port> -> Redis; the first reply after the client sent EXEC is not relayed: both
     sides of that connection are closed instead (Redis has run the transaction)."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
         self.armed.set()
         self.eaten = threading.Event()
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            exec_sent = threading.Event()
-            for src, dst, up in ((client, server, True), (server, client, False)):
-                t = threading.Thread(target=self._pipe, args=(src, dst, up, exec_sent), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool, exec_sent: threading.Event) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if up and b"EXEC" in data.upper():
-                    exec_sent.set()
-                if not up and exec_sent.is_set() and self.armed.is_set():
-                    self.armed.clear()
-                    self.eaten.set()
-                    break  # the answer goes nowhere
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)  # a FIN now, whatever the other direction's thread does
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
+    def verdict(self, data: bytes, up: bool, state: dict[str, object]) -> Verdict:
+        if up and b"EXEC" in data.upper():
+            state["exec_sent"] = True
+        if not up and state.get("exec_sent") and self.armed.is_set():
+            self.armed.clear()
+            self.eaten.set()
+            return Verdict.CUT  # the answer goes nowhere
+        return Verdict.FORWARD
 
 
 @pytest.fixture
 def eater(redis_server: RedisServer) -> Iterator[AnswerEater]:
-    e = AnswerEater(redis_server.port)
-    try:
-        yield e
-    finally:
-        e.close()
+    with AnswerEater(redis_server.port) as relay:
+        yield relay
 
 
 def _message(qid: str) -> Message:

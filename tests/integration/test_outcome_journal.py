@@ -5,10 +5,8 @@ journal a dead process left keeps its messages from being sent again."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from tests.fixtures import MTA, message, route
 from tests.integration.eventually import GENEROUS
 from tests.redisserver import RedisServer
 from tests.sinks import SinkServer, wait_for
+from tests.tcprelay import TcpRelay, Verdict
 from worker.journal import SUFFIX, encode
 
 SENDER = "app@client.test"
@@ -30,55 +29,24 @@ SENDER = "app@client.test"
 DELIVERED_STATUS = b'"s":"delivered"'
 
 
-class Freezer:
+class Freezer(TcpRelay):
     """127.0.0.1:<port> -> Redis, relaying both ways until a client sends DELIVERED_STATUS: from then
     on (that write included) what the clients send is dropped, as if the worker had died first."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.frozen = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:  # Redis gone (the test's end)
-                client.close()
-                continue
-            for src, dst, up in ((client, server, True), (server, client, False)):
-                threading.Thread(target=self._pipe, args=(src, dst, up), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if up and DELIVERED_STATUS in data:
-                    self.frozen.set()
-                if up and self.frozen.is_set():
-                    continue  # dropped: Redis never sees it
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
+    def verdict(self, data: bytes, up: bool, state: dict[str, object]) -> Verdict:
+        if up and DELIVERED_STATUS in data:
+            self.frozen.set()
+        return Verdict.DROP if up and self.frozen.is_set() else Verdict.FORWARD
 
 
 @pytest.fixture
 def freezer(redis_server: RedisServer) -> Iterator[Freezer]:
-    f = Freezer(redis_server.port)
-    try:
-        yield f
-    finally:
-        f.close()
+    with Freezer(redis_server.port) as relay:
+        yield relay
 
 
 def _journals(mta: MTA) -> list[Path]:

@@ -19,8 +19,9 @@ from common.events import parse_entries
 from common.store import EVENTS, Store
 from tests.unit.fakeclock import FakeClock
 from tests.unit.test_outcomes import SENT, batch, store  # noqa: F401  (store: the fixture)
+from worker import journal
 from worker.feedback import Feedback
-from worker.journal import OutcomeJournal, adopt, decode, encode, journal_at
+from worker.journal import ABANDON_AFTER, OutcomeJournal, adopt, decode, encode, journal_at
 from worker.outcomes import OutcomeWriter
 
 DONE = RecipientStatus(RcptState.DELIVERED, 1, "2.0.0", "250 2.0.0 Ok", "mx.test[192.0.2.1]:25", "mx.test")
@@ -41,20 +42,43 @@ def test_lines_read_back_and_a_line_cut_short_is_counted_not_raised() -> None:
     assert entries[0][2] == DONE and bad == 1
 
 
-def test_the_file_keeps_what_waits_and_a_clean_close_removes_it(tmp_path: Path) -> None:
+def test_the_file_is_emptied_when_nothing_waits_and_a_clean_close_removes_it(tmp_path: Path) -> None:
     with OutcomeJournal(tmp_path) as j:
         a, b = encode([("Q1", 0, DONE)]), encode([("Q2", 0, DONE)])
         j.append(a)
         j.append(b)
         assert j.path.read_bytes() == a + b
-        j.keep_only([b])
-        assert j.path.read_bytes() == b
-        j.append(a)
-        assert j.path.read_bytes() == b + a  # appended at the end the cut left
-        j.keep_only([])
+        j.written([b])  # a is in Redis, b waits: the file stays as it is (a kill now leaves b in it)
+        assert j.path.read_bytes() == a + b
+        j.written([])
         assert j.path.read_bytes() == b""
+        j.append(a)
+        assert j.path.read_bytes() == a  # appended at the end the cut left
         path = j.path
-    assert not path.exists()
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_big_file_is_written_again_with_what_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "REWRITE_AT", 100)
+    with OutcomeJournal(tmp_path) as j:
+        lines = [encode([(f"Q{n}", 0, DONE)]) for n in range(3)]
+        for line in lines:
+            j.append(line)
+        j.written(lines[2:])
+        assert j.path.read_bytes() == lines[2]
+
+
+def test_a_journal_kept_at_close_is_adopted_and_one_made_by_a_parent_is_not_removed_by_its_child(
+    tmp_path: Path,
+) -> None:
+    j = OutcomeJournal(tmp_path)
+    j.append(encode([("Q1", 0, DONE)]))
+    j.close(remove=False)
+    assert j.path.exists() and adopt(tmp_path, None, lambda entries: None) == 1
+    j = OutcomeJournal(tmp_path)
+    j._pid = -1  # as a forked child sees it
+    j.close()
+    assert j.path.exists()
 
 
 @contextlib.contextmanager
@@ -89,6 +113,28 @@ def test_a_live_processs_journal_is_left_and_a_dead_ones_adopted_and_removed(tmp
         assert adopt(tmp_path, None, got.append) == 2
     assert [[(q, i) for q, i, _ in e] for e in got] == [[("Q1", 0), ("Q1", 1)]]
     assert not dead.exists() and live.exists()
+
+
+def test_the_adopter_holds_the_lock_while_it_records(tmp_path: Path) -> None:
+    _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
+    seen: list[str] = []
+
+    def record(entries: object) -> None:
+        probe = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(tmp_path / "host-99999-dead.journal")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seen.append(probe.stdout)
+
+    assert adopt(tmp_path, None, record) == 1 and seen == ["held\n"]
+
+
+def test_a_file_that_cannot_be_read_does_not_stop_the_others(tmp_path: Path) -> None:
+    (tmp_path / "a-directory.journal").mkdir()  # sorts first; os.open of it for writing fails
+    dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
+    assert adopt(tmp_path, None, lambda entries: None) == 1 and not dead.exists()
 
 
 def test_a_process_leaves_its_own_journal_alone(tmp_path: Path) -> None:
@@ -128,7 +174,7 @@ _PROBE = (
 )
 
 
-def test_a_journal_that_cannot_be_recorded_now_stays_for_the_next_look(
+def test_a_journal_that_cannot_be_recorded_stays_for_the_next_look_until_it_is_given_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
@@ -138,7 +184,9 @@ def test_a_journal_that_cannot_be_recorded_now_stays_for_the_next_look(
 
     assert adopt(tmp_path, None, away) == 0
     assert dead.exists() and "not recorded now (Redis away)" in caplog.text
-    assert adopt(tmp_path, None, lambda entries: None) == 1 and not dead.exists()
+    later = dead.stat().st_mtime + ABANDON_AFTER + 1
+    assert adopt(tmp_path, None, away, now=lambda: later) == 1
+    assert not dead.exists() and "given up" in caplog.text
 
 
 def test_a_journal_another_adopter_holds_is_skipped(tmp_path: Path) -> None:
@@ -216,3 +264,36 @@ def test_a_writer_records_a_dead_processs_outcomes_with_their_events_and_skips_f
     assert found[1][0] == DONE and found[1][1] == DONE  # the final one already there stays as it was
     events = [ev for _, ev in parse_entries(store.redis.xrange(EVENTS))]
     assert [(ev.type.value, ev.queue_id, ev.recipient) for ev in events] == [("delivery", "Q1", "u@y.test")]
+
+
+def test_a_journal_that_cannot_be_written_is_turned_off_and_the_job_goes_on(
+    store: Store,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with OutcomeJournal(tmp_path) as j:
+
+        def full(line: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        j.append = full  # type: ignore[method-assign]
+        writer = OutcomeWriter(store, journal=j)
+        b, p = batch(store, writer, FakeClock(2000.0))
+        p.outcomes = {0: SENT, 1: SENT}
+        b.record_final(p, [0, 1])
+        b.drain()  # returns: written without the journal
+        assert b.finished == ["Q1"] and writer.journal is None
+        assert "outcome journal" in caplog.text and "No space left" in caplog.text
+        assert not j.path.exists()
+
+
+def test_a_writer_closed_with_outcomes_waiting_keeps_its_journal(store: Store, tmp_path: Path) -> None:  # noqa: F811
+    with OutcomeJournal(tmp_path) as j:
+        writer = OutcomeWriter(store, journal=j)
+        writer._lines.append(encode([("Q1", 0, DONE)]))  # as if handed in and not yet written
+        writer.close()
+        assert j.path.exists() and writer.journal is None
+    with OutcomeJournal(tmp_path / "other") as j:
+        writer = OutcomeWriter(store, journal=j)
+        writer.close()
+        assert not j.path.exists()
