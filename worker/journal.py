@@ -3,7 +3,7 @@ of its own on the host.
 
 The outcome writer (worker/outcomes.py) records final outcomes in Redis in groups, a few
 milliseconds after the remote's reply; a worker killed in between used to forget those deliveries,
-and its job, run again once its execution lapsed, sent them a second time (the chaos test: 2-16 of
+and its job, run again once its execution lapsed, sent them a second time (the chaos test: 1-16 of
 2,000 messages a run, a worker SIGKILLed every second). Each transaction's outcomes are now also
 appended to this file the moment they are handed to the writer: one write(2) of a line, without
 fsync, which the kernel keeps when the process dies (a machine lost loses it: at least once, as

@@ -174,12 +174,12 @@ def test_chaos_loses_nothing_and_recovers_within_a_minute(
     )
     # Issue 15 asks for <= 0.5 % (target 0.2 %), naming the window between the remote's 250 and our
     # record of it (the outcome writer's batching): the duplicates we had logged as sent. They were
-    # the deliveries of a killed worker whose outcomes it had not yet written (2-16 a run; in one
+    # the deliveries of a killed worker whose outcomes it had not yet written (1-16 a run; in one
     # timeline run all 9 were taken in the 10 ms before the kill). Since the outcome journal
-    # (worker/journal.py) another worker records those: 0-1 a run, the kill falling between the log
-    # line and the journal's write. Held to 1 %: the ingress, Redis, 30 workers started and the
-    # test's sinks and clients share 2 CPUs.
-    assert ours <= len(accepted) * 0.01, f"{ours} sent again after we had read the remote's 250"
+    # (worker/journal.py) another worker records those: 0-7 a run (0 in 10 of 14), the 7 killed
+    # between the log line and the journal's write, which now comes first (0 since). What is left
+    # here is a journal not adopted before the dead worker's job ran again.
+    assert ours <= len(accepted) * 0.005, f"{ours} sent again after we had read the remote's 250"
     # The remote's window is not bounded here: how many conversations a kill catches between their
     # dot and the remote's 250 is the scenario's (10 a worker, the sinks' 50 ms) and the sinks' lag
     # in seeing the close (CI's 2 CPUs: 48 in one run). Anything else sent twice is a regression:
