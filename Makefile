@@ -13,13 +13,13 @@ PYTEST_ARGS ?=
 # after a killed worker, recovery within a minute) is their own scenario's, and with the whole
 # suite beside them on 2 cores Redis's fsync and the workers' threads slowed down enough to double
 # the window between a remote's 250 and our record of it (33 of 2,000 sent again, 0 alone).
-# The one that counts duplicates (CHAOS_ALONE) runs last and by itself: beside the other chaos
-# tests, which kill workers and Redis of their own on the same 2 cores, its count of deliveries
-# sent again after we had read the 250 was 22, 33 and 68 in three runs (CI and .ci/run), 1-15
-# run alone; its scenario is what issue 15 measures, not the CPU its neighbours take.
+# They run all at once: the one that counts duplicates ran last and by itself while its count of
+# deliveries sent again after we had read the 250 grew with its neighbours' CPU (22, 33 and 68
+# beside them, 1-15 alone): the window between a remote's 250 and our record of it. Since the
+# outcome journal (worker/journal.py) records what a killed worker had not written, it is 0 beside
+# them too (five runs), and the chaos phase takes 57-64 s where it took 47 + 51.
 PYTEST_WORKERS ?= 6
-CHAOS_WORKERS ?= 3
-CHAOS_ALONE = tests/chaos/test_chaos.py::test_chaos_loses_nothing_and_recovers_within_a_minute
+CHAOS_WORKERS ?= 5
 
 .PHONY: run test lint typecheck bytecode unit integration docs bench bench-scaling bench-ceiling clean
 
@@ -43,8 +43,7 @@ run: $(STAMP) bytecode
 
 test: $(STAMP) lint typecheck bytecode
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal --ignore=tests/chaos $(PYTEST_ARGS)
-	$(BIN)/pytest -q -n $(CHAOS_WORKERS) tests/chaos --deselect $(CHAOS_ALONE) $(PYTEST_ARGS)
-	$(BIN)/pytest -q $(CHAOS_ALONE) $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS left it out
+	$(BIN)/pytest -q -n $(CHAOS_WORKERS) tests/chaos $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -37,7 +37,7 @@ _TAG = re.compile(rb"X-Chaos: (c\d+)")
 _SENT = re.compile(r"([0-9A-F]+): to=<(u\d+)@c\d\.test>.* status=sent ")
 
 
-@pytest.mark.slow  # make test runs it last, by itself (the Makefile's CHAOS_ALONE says why)
+@pytest.mark.slow
 def test_chaos_loses_nothing_and_recovers_within_a_minute(
     dns: ZoneServer,
     redis_server: RedisServer,
