@@ -51,15 +51,22 @@ HANGUP_POINTS = frozenset({"MAIL", "RCPT", "DATA"})
 
 
 def taken_on_dropped(boxes: Iterable[SinkServer], tag: re.Pattern[bytes]) -> Counter[str]:
-    """How many copies of each tagged message were taken on a connection that then ended without
-    QUIT: the sender died or hung up after the dot, maybe before it read the 250 (RFC 1047)."""
-    counts: Counter[str] = Counter()
+    """How many copies of each tagged message were the last transaction of a connection that then
+    ended without another command (no QUIT, no MAIL, no RSET), and were followed by a later copy:
+    the sender died or hung up after its dot, maybe before it read the 250, and sent it again
+    (RFC 1047)."""
+    copies: dict[str, list[tuple[float, bool]]] = {}
     for box in boxes:
         with box.lock:
             for d in box.deliveries:
                 m = tag.search(d.data)
-                if m and d.session in box.dropped_sessions:
-                    counts[m.group(1).decode()] += 1
+                if m:
+                    cut = d.session in box.dropped_sessions and box.last_taken.get(d.session) is d
+                    copies.setdefault(m.group(1).decode(), []).append((d.at, cut))
+    counts: Counter[str] = Counter()
+    for key, found in copies.items():
+        latest = max(at for at, _ in found)
+        counts[key] = sum(1 for at, cut in found if cut and at < latest)
     return counts
 
 
@@ -147,8 +154,12 @@ class SinkServer:
         self.open_connections = 0  # connections open now
         self.max_open = 0  # the most connections ever open at once
         # session number -> when (time.monotonic()) a connection ended without QUIT: the client died or
-        # hung up; a copy taken on such a session may never have had its 250 read (RFC 1047)
+        # hung up (or the sink did: hangup_on); the session's last_taken, if it has one, may never
+        # have had its 250 read (RFC 1047)
         self.dropped_sessions: dict[int, float] = {}
+        # session number -> the delivery taken on it with no command since (a MAIL, RSET, NOOP or
+        # QUIT after it says the client read its 250)
+        self.last_taken: dict[int, Delivery] = {}
         self.session_numbers = itertools.count(1)  # never reset: a number names one connection for good
         self.lock = threading.Lock()
         # AUTH (RFC 4954) after STARTTLS only, when set: user -> password; logins: (user, accepted)
@@ -224,6 +235,7 @@ class SinkServer:
             self.attempts = 0
             self.connections = 0
             self.dropped_sessions.clear()
+            self.last_taken.clear()
             self.max_open = self.open_connections
 
     def trust(self, context: ssl.SSLContext) -> None:
@@ -254,6 +266,7 @@ class SinkServer:
     def _record(self, delivery: Delivery) -> None:
         with self.lock:
             self.deliveries.append(delivery)
+            self.last_taken[delivery.session] = delivery
             self.messages.append((delivery.mail_from, list(delivery.rcpt_tos), delivery.data))
 
 
@@ -275,6 +288,7 @@ class _CountingSMTP(SMTP):
         super().connection_made(transport)
 
     async def smtp_MAIL(self, arg: str) -> None:
+        self._answered()
         # aiosmtpd refuses parameters it does not know (555): take REQUIRETLS off first, counted
         if self._sink.requiretls and arg and " REQUIRETLS" in arg.upper():
             words = [w for w in arg.split(" ") if w.upper() != "REQUIRETLS"]
@@ -285,7 +299,21 @@ class _CountingSMTP(SMTP):
 
     async def smtp_QUIT(self, arg: str) -> None:
         self.quit_sent = True
+        self._answered()
         await super().smtp_QUIT(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self._answered()
+        await super().smtp_RSET(arg)
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        self._answered()
+        await super().smtp_NOOP(arg)
+
+    def _answered(self) -> None:
+        """A command after a delivery: the client had read that delivery's 250."""
+        with self._sink.lock:
+            self._sink.last_taken.pop(self.session_number, None)
 
     def connection_lost(self, error: Exception | None) -> None:
         with self._sink.lock:

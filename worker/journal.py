@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from common.envelope import RecipientStatus
+from common.redisconn import REDIS_AWAY
 from common.store import Store
 from worker.feedback import Feedback
 
@@ -56,7 +57,7 @@ ABANDON_AFTER = 600.0
 # The file keeps the lines already written while others wait (adoption skips recipients Redis has
 # final): it is emptied when nothing waits, or written again with what waits once it is this big.
 # Cutting it on every write left a kill between the cut and the rewrite with nothing in it.
-REWRITE_AT = 1 << 20
+REWRITE_AT = 64 << 10  # about 250 lines of a transaction each
 SUFFIX = ".journal"
 
 Entries = list[tuple[str, int, RecipientStatus]]
@@ -104,6 +105,7 @@ class OutcomeJournal:
             making.unlink(missing_ok=True)
             raise
         self._size = 0
+        self._keep = False
 
     def append(self, line: bytes) -> None:
         """One write(2) a line. A process killed in it may leave part of the line (``decode`` skips
@@ -119,8 +121,12 @@ class OutcomeJournal:
             return
         os.ftruncate(self._fd, 0)  # O_APPEND: the next write goes to the new end
         self._size = 0
-        for line in lines:
-            self.append(line)
+        if lines:
+            self.append(b"".join(lines))  # one write: a kill between the cut and it is one syscall wide
+
+    def keep(self) -> None:
+        """At ``close`` the file stays (outcomes wait in it): its lock goes with the process."""
+        self._keep = True
 
     def close(self, *, remove: bool = True) -> None:
         """Close; ``remove``: the file goes too (nothing in it waits). Kept, it is adopted by another
@@ -128,7 +134,7 @@ class OutcomeJournal:
         it removes it: a forked child that ends normally must not take its parent's journal."""
         if self._fd < 0:
             return
-        if remove and os.getpid() == self._pid:
+        if remove and not self._keep and os.getpid() == self._pid:
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = -1
@@ -154,13 +160,14 @@ def _read_all(fd: int) -> bytes:
 def adopt(
     directory: str | os.PathLike[str],
     own: Path | None,
-    record: Callable[[Entries], None],
+    record: Callable[[Entries], object],
     *,
     now: Callable[[], float] = time.time,
 ) -> int:
     """Adopt every journal in ``directory`` whose process is gone (its lock is free): ``record`` its
-    entries, then remove it. A journal whose ``record`` raises stays for the next look, until it is
-    ABANDON_AFTER seconds old. Returns how many entries were handed to ``record``."""
+    entries (it may return how many it wrote), then remove it. A journal whose ``record`` raises
+    stays for the next look, until it is ABANDON_AFTER seconds old (Redis away: for as long as it
+    is). Returns how many entries were handed to ``record``."""
     total = 0
     for path in sorted(Path(directory).glob(f"*{SUFFIX}")):
         if path == own:
@@ -172,7 +179,7 @@ def adopt(
     return total
 
 
-def _adopt_one(path: Path, record: Callable[[Entries], None], now: Callable[[], float]) -> int:
+def _adopt_one(path: Path, record: Callable[[Entries], object], now: Callable[[], float]) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # lockf's exclusive lock wants it writable
     except FileNotFoundError:  # adopted by another worker meanwhile
@@ -192,9 +199,11 @@ def _adopt_one(path: Path, record: Callable[[Entries], None], now: Callable[[], 
             log.warning("%s: %d journal line(s) could not be read; those messages may be sent again", path.name, bad)
         if entries:
             try:
-                record(entries)
+                written = record(entries)
             except Exception as e:  # Redis away, most likely: the file stays for the next look
-                if now() - info.st_mtime < ABANDON_AFTER:
+                # given up only when Redis answers and the entries still cannot be recorded (one of
+                # them unreadable): with Redis away, what they say may still spare a second copy
+                if isinstance(e, REDIS_AWAY) or now() - info.st_mtime < ABANDON_AFTER:
                     log.warning("%s: outcomes not recorded now (%s); tried again in %.0f s", path.name, e, ADOPT_EVERY)
                     return 0
                 log.error(
@@ -205,14 +214,21 @@ def _adopt_one(path: Path, record: Callable[[Entries], None], now: Callable[[], 
                     e,
                 )
             else:
-                log.info("adopted %d outcome(s) of a stopped worker process from %s", len(entries), path.name)
+                n = written if isinstance(written, int) else len(entries)
+                log.info(
+                    "adopted %d outcome(s) of a stopped worker process from %s (of %d in it; the others "
+                    "recorded already)",
+                    n,
+                    path.name,
+                    len(entries),
+                )
         path.unlink(missing_ok=True)
         return len(entries)
     finally:
         os.close(fd)
 
 
-def record_adopted(store: Store, feedback: Feedback | None, entries: Entries) -> None:
+def record_adopted(store: Store, feedback: Feedback | None, entries: Entries) -> int:
     """A dead process's outcomes that Redis does not have yet, with their events and suppressions;
     the job it died in, run again, finds those recipients final and finishes the messages."""
     qids = list(dict.fromkeys(q for q, _, _ in entries))
@@ -229,6 +245,7 @@ def record_adopted(store: Store, feedback: Feedback | None, entries: Entries) ->
         messages = {q: got[0] for q, got in found.items() if got is not None}
         extras = feedback.extras(todo, messages) if feedback is not None else {}
         store.set_status_list(todo, **extras)
+    return len(todo)
 
 
 @contextlib.contextmanager

@@ -207,10 +207,12 @@ class Batch:
             self._writing += 1
         # handed in (and so in the journal) before the log line and metrics: a worker killed while
         # it logs, its threads waiting for the interpreter on a busy host, has sent nothing that
-        # the journal does not hold (the chaos test: 7 of one run's deliveries logged, then sent again)
-        self.writer.submit(self, {p.envelope.id: {i: st for i, (_, st) in done.items()}})
+        # the journal does not hold (the chaos test: 7 of one run's deliveries logged, then sent
+        # again); the hold of a stalled write comes after the log line, which it would delay
+        self.writer.submit(self, {p.envelope.id: {i: st for i, (_, st) in done.items()}}, hold=False)
         for i, (out, _) in done.items():
             self._account(p, i, out, now)
+        self.writer.hold()
 
     def settled(self, error: BaseException | None) -> None:
         """The writer is done with one ``record_final`` (``error``: it could not be written)."""
@@ -283,6 +285,8 @@ class OutcomeWriter:
         # this process's outcome journal (worker/journal.py): every outcome handed in is appended
         # there first, and the file holds what is not yet in Redis; None: no journal
         self.journal = journal
+        # where dead processes' journals are looked for, and this process's own (not adopted)
+        self._journals = (journal.directory, journal.path) if journal is not None else None
         self._adaptive = stall is None  # a limit given (tests) is the limit
         if stall is None:
             stall = WRITE_STALL_REPLICATED if store.replicas else WRITE_STALL
@@ -298,9 +302,10 @@ class OutcomeWriter:
         self._writing_since: float | None = None  # when the write in progress began
         self._warned = False  # the write in progress has held conversations past STALL_WARN (logged once)
 
-    def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]]) -> None:
+    def submit(self, batch: Batch, updates: dict[str, dict[int, RecipientStatus]], *, hold: bool = True) -> None:
         """Hand these outcomes to the next write; returns at once unless the write in progress has
-        taken longer than ``stall``: then once it is over (WRITE_STALL says why)."""
+        taken longer than ``stall``: then once it is over (WRITE_STALL says why). ``hold=False``:
+        at once in any case (the caller holds after its log line, ``hold``)."""
         line = encode(_entries(updates)) if self.journal is not None else b""
         with self._cond:
             if self.journal is not None:
@@ -312,7 +317,8 @@ class OutcomeWriter:
             self._pending.append((batch, updates))
             self._start()
             self._cond.notify_all()
-            self._hold()
+            if hold:
+                self._hold()
 
     def start(self) -> None:
         """Adopt dead processes' journals on this host now, before any job runs here (a job would
@@ -409,14 +415,15 @@ class OutcomeWriter:
 
     def _adopt(self) -> None:
         """Record what dead processes' journals hold (worker/journal.py); a journal that cannot be
-        recorded now (Redis away) is left for the next look. Never raises: the thread lives on."""
-        journal = self.journal
-        if journal is None:
+        recorded now (Redis away) is left for the next look. Never raises: the thread lives on.
+        Goes on when this process's own journal has been turned off (a disk full)."""
+        if self._journals is None:
             return
+        directory, own = self._journals
         try:
-            adopt(journal.directory, journal.path, functools.partial(record_adopted, self.store, self.feedback))
+            adopt(directory, own, functools.partial(record_adopted, self.store, self.feedback))
         except Exception:  # the directory gone, or a bug: said, looked at again later
-            log.exception("adopting the outcome journals in %s failed", journal.directory)
+            log.exception("adopting the outcome journals in %s failed", directory)
 
     def _journal_failed(self, error: OSError) -> None:
         """The journal could not be written (a disk full): the process goes on without it, as before
@@ -432,12 +439,16 @@ class OutcomeWriter:
         self._lines = []
 
     def close(self) -> None:
-        """The process ends: its journal is closed, and removed unless outcomes still wait in it
-        (jobs past their grace, Redis away), which another worker on the host then records."""
+        """The process ends: its journal is closed and removed, unless outcomes still wait in it
+        (jobs past their grace, Redis away): then it stays, locked until the process is gone, for
+        another worker on the host to record (while this one lives, its writer may still write them)."""
         with self._cond:
             if self.journal is not None:
-                with contextlib.suppress(OSError):
-                    self.journal.close(remove=not self._lines)
+                if self._lines:
+                    self.journal.keep()
+                else:
+                    with contextlib.suppress(OSError):
+                        self.journal.close()
                 self.journal = None
                 self._lines = []
 
@@ -445,12 +456,13 @@ class OutcomeWriter:
         """The outcomes to write next, once they have gathered; None: time to adopt journals."""
         with self._cond:
             while not self._pending:
-                if self.journal is None:
+                if self._journals is None:
                     self._cond.wait()
                     continue
-                if self.monotonic() >= look_at:
+                now = self.monotonic()
+                if now >= look_at:
                     return None
-                self._cond.wait(ADOPT_EVERY)
+                self._cond.wait(min(ADOPT_EVERY, look_at - now))
             self._gather()
             turn, self._pending = self._pending, []
             return turn
@@ -468,7 +480,7 @@ class OutcomeWriter:
     def _run(self) -> None:
         look_at = self.monotonic()  # a dead process's journal is adopted first (start() has too)
         while True:
-            if self.journal is not None and self.monotonic() >= look_at:
+            if self._journals is not None and self.monotonic() >= look_at:
                 self._adopt()
                 look_at = self.monotonic() + ADOPT_EVERY
             turn = self._next_turn(look_at)

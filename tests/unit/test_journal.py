@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from common.envelope import RcptState, RecipientStatus
 from common.events import parse_entries
@@ -189,6 +190,16 @@ def test_a_journal_that_cannot_be_recorded_stays_for_the_next_look_until_it_is_g
     assert not dead.exists() and "given up" in caplog.text
 
 
+def test_a_journal_is_not_given_up_while_redis_is_away(tmp_path: Path) -> None:
+    dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
+
+    def away(entries: object) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    later = dead.stat().st_mtime + ABANDON_AFTER + 1
+    assert adopt(tmp_path, None, away, now=lambda: later) == 0 and dead.exists()
+
+
 def test_a_journal_another_adopter_holds_is_skipped(tmp_path: Path) -> None:
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
     with _locked_elsewhere(dead):
@@ -292,7 +303,10 @@ def test_a_writer_closed_with_outcomes_waiting_keeps_its_journal(store: Store, t
         writer = OutcomeWriter(store, journal=j)
         writer._lines.append(encode([("Q1", 0, DONE)]))  # as if handed in and not yet written
         writer.close()
-        assert j.path.exists() and writer.journal is None
+        assert writer.journal is None
+        probe = subprocess.run([sys.executable, "-c", _PROBE, str(j.path)], capture_output=True, text=True, check=True)
+        assert probe.stdout == "held\n"  # locked while this process may still write what waits
+    assert j.path.exists()  # kept when the process's journal closes, for the next worker
     with OutcomeJournal(tmp_path / "other") as j:
         writer = OutcomeWriter(store, journal=j)
         writer.close()

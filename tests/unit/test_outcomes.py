@@ -110,6 +110,7 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
 ) -> None:
     """Redis stopped: conversations do not go on delivering what a killed worker would send again."""
     caplog.set_level("INFO", logger="mtaq.worker")
+    caplog.set_level("INFO", logger="mtaq.delivery")
     stalls: list[str] = []
     monkeypatch.setattr(metrics.counters, "add", lambda key, n=1: stalls.append(key))
     now = [0.0]
@@ -135,6 +136,8 @@ def test_a_write_that_stalls_holds_the_next_transactions_until_it_is_over(
     held.start()
     held.join(0.3)
     assert held.is_alive(), "the next transaction waits for the stalled write"
+    lines = [r.getMessage() for r in caplog.records if "to=<v@y.test>" in r.getMessage()]
+    assert len(lines) == 2, "its delivery line is written first: the hold does not delay it"
     before = threading.Thread(target=writer.hold)  # a conversation about to start a transaction
     before.start()
     before.join(0.3)
