@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -47,6 +48,7 @@ from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
 from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
+from common.pdeathsig import set_parent_death_signal
 from common.redisconn import REDIS_AWAY, NoReplicasError
 from common.statusscript import LAYOUT_INLINE
 from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
@@ -100,6 +102,23 @@ PUBSUB_POLL = 1.0
 BIRTH_RETRY = 0.5  # seconds between tries to register while the primary takes no writes
 
 
+class _Scheduler(RQScheduler):
+    """RQ's scheduler, stopped when the worker that forked it dies: RQ's own outlived a worker
+    SIGKILLed (the OOM killer), running on with the scheduler lock, a process nobody watches."""
+
+    def start(self) -> Any:
+        self._parent = os.getpid()
+        return super().start()  # type: ignore[no-untyped-call]  # RQ's scheduler is untyped
+
+    def work(self) -> None:
+        # the forked child, first thing: SIGTERM (RQ's graceful stop, its locks released) when the
+        # worker dies, or now if it already has
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != self._parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().work()  # type: ignore[no-untyped-call]
+
+
 class ConcurrentWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
 
@@ -132,7 +151,7 @@ class ConcurrentWorker(SimpleWorker):
         """RQ's own (rq/worker/base.py), with our SCHEDULER_INTERVAL: the scheduler runs in a process
         of its own in whichever worker holds its lock, and RQ gives no other way to set it."""
         # RQ's scheduler is untyped: Any keeps mypy --strict from asking for its types
-        scheduler: Any = RQScheduler(
+        scheduler: Any = _Scheduler(
             self.queues,
             connection=self.connection,
             interval=SCHEDULER_INTERVAL,

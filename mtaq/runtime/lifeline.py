@@ -15,15 +15,14 @@ The supervisor's pid reaches a child in ``MTAQ_SUPERVISOR_PID`` (subprocesses) o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+
+from common.pdeathsig import set_parent_death_signal
 
 __all__ = [
     "SUPERVISOR_ENV",
@@ -37,32 +36,16 @@ __all__ = [
 log = logging.getLogger("mtaq.supervisor")
 
 SUPERVISOR_ENV = "MTAQ_SUPERVISOR_PID"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How often the fallback looks at the parent, and how long a child stopping for lack of one may
 # take before it exits anyway (its graceful stop is bounded by shutdown_grace; this bounds a hang).
 WATCH_INTERVAL = 1.0
 ORPHAN_GRACE = 60.0
 
-_libc: ctypes.CDLL | None = None
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Ask the kernel for ``sig`` when the parent dies (Linux); False where there is no such thing.
-
-    Async-signal-safe enough for a preexec_fn: the library is loaded beforehand (see
-    preexec_die_with), so the call is one prctl(2)."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return False
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return int(_libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
-
 
 def preexec_die_with(parent_pid: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A ``preexec_fn`` for subprocess.Popen: the child gets ``sig`` when ``parent_pid`` dies, and
     exits at once if it already has (between fork and prctl)."""
-    set_parent_death_signal(0)  # load libc in the parent: nothing to look up in the child
+    set_parent_death_signal(0)  # load libc in the parent: nothing to look up in the child (0: none)
 
     def preexec() -> None:
         set_parent_death_signal(sig)

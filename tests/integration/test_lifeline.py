@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,11 @@ import redis
 from mtaq.runtime.embedded import EmbeddedRedis, find_redis_server
 from mtaq.runtime.supervise import EXIT_FATAL
 from tests.dnsserver import ZoneServer
-from tests.fixtures import ROOT, message, route
-from tests.integration.eventually import GENEROUS
+from tests.fixtures import MTA, ROOT, message, route
+from tests.integration.eventually import GENEROUS, eventually
 from tests.mtaqrun import queue_listing, start_run, stop
 from tests.ports import free_port, wait_port
-from tests.procs import alive, descendants, listeners, refused
+from tests.procs import alive, children, descendants, listeners, refused
 from tests.redisserver import RedisServer
 from tests.sinks import wait_for
 
@@ -207,3 +207,19 @@ def test_ingress_on_a_port_in_use_says_so_in_one_line_and_exits(redis_server: Re
         assert r.returncode == EXIT_FATAL, r
         assert f"127.0.0.1:{taken_port} is in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len([ln for ln in r.stderr.splitlines() if "in use" in ln]) == 1
+
+
+def test_the_scheduler_a_worker_forked_stops_when_the_worker_is_killed(
+    mta_factory: Callable[..., MTA],
+) -> None:
+    """RQ's scheduler is a process the worker holding its lock forks: a worker SIGKILLed (the OOM
+    killer) left it running on, with the lock, watched by nobody."""
+    mta = mta_factory()
+    mta.start_worker()  # alone: it takes the scheduler lock
+    worker = mta.procs["worker0"]
+    eventually(lambda: children(worker.pid) != [] and "Scheduler for" in mta.logs(), "the scheduler process")
+    [scheduler] = children(worker.pid)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    mta.procs.pop("worker0")
+    eventually(lambda: not alive(scheduler), f"the scheduler (pid {scheduler}) gone with its worker")
