@@ -128,13 +128,13 @@ class OutcomeJournal:
         """At ``close`` the file stays (outcomes wait in it): its lock goes with the process."""
         self._keep = True
 
-    def close(self, *, remove: bool = True) -> None:
-        """Close; ``remove``: the file goes too (nothing in it waits). Kept, it is adopted by another
+    def close(self) -> None:
+        """Close, and remove the file unless it is kept (``keep``): a kept one is adopted by another
         worker once this process has gone (its lock went with the close). Only the process that made
         it removes it: a forked child that ends normally must not take its parent's journal."""
         if self._fd < 0:
             return
-        if remove and not self._keep and os.getpid() == self._pid:
+        if not self._keep and os.getpid() == self._pid:
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = -1
@@ -160,12 +160,12 @@ def _read_all(fd: int) -> bytes:
 def adopt(
     directory: str | os.PathLike[str],
     own: Path | None,
-    record: Callable[[Entries], object],
+    record: Callable[[Entries], int],
     *,
     now: Callable[[], float] = time.time,
 ) -> int:
     """Adopt every journal in ``directory`` whose process is gone (its lock is free): ``record`` its
-    entries (it may return how many it wrote), then remove it. A journal whose ``record`` raises
+    entries (it returns how many it wrote), then remove it. A journal whose ``record`` raises
     stays for the next look, until it is ABANDON_AFTER seconds old (Redis away: for as long as it
     is). Returns how many entries were handed to ``record``."""
     total = 0
@@ -179,7 +179,7 @@ def adopt(
     return total
 
 
-def _adopt_one(path: Path, record: Callable[[Entries], object], now: Callable[[], float]) -> int:
+def _adopt_one(path: Path, record: Callable[[Entries], int], now: Callable[[], float]) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # lockf's exclusive lock wants it writable
     except FileNotFoundError:  # adopted by another worker meanwhile
@@ -214,11 +214,10 @@ def _adopt_one(path: Path, record: Callable[[Entries], object], now: Callable[[]
                     e,
                 )
             else:
-                n = written if isinstance(written, int) else len(entries)
                 log.info(
                     "adopted %d outcome(s) of a stopped worker process from %s (of %d in it; the others "
                     "recorded already)",
-                    n,
+                    written,
                     path.name,
                     len(entries),
                 )

@@ -128,7 +128,7 @@ class Batch:
         status it leaves (to be written). ``delay``: when it is tried again if deferred (None: it
         is past queue_lifetime, and bounces)."""
         out, st = self._attempt(p, i, now, delay)
-        self._account(p, i, out, now)
+        self._account(p, i, out, st, now)
         return st
 
     def _attempt(self, p: Parcel, i: int, now: float, delay: float | None) -> tuple[Outcome, RecipientStatus]:
@@ -157,11 +157,11 @@ class Batch:
             next_attempt=now + delay if out.state is RcptState.DEFERRED and delay else 0.0,
         )
 
-    def _account(self, p: Parcel, i: int, out: Outcome, now: float) -> None:
-        """An attempt's delivery log line and metrics."""
+    def _account(self, p: Parcel, i: int, out: Outcome, st: RecipientStatus, now: float) -> None:
+        """An attempt's delivery log line and metrics (``st``: the status ``_attempt`` made of it)."""
         log_attempt(p.envelope.id, p.envelope.recipients[i].address, out, p.envelope.received_at)
-        old = self.loaded[p.envelope.id][1].get(i, RecipientStatus())
-        metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, old.attempts)
+        tried_before = st.attempts - 1  # _attempt counted this one in
+        metrics.delivery_attempt(out.state is not RcptState.DEFERRED, now - p.envelope.received_at, tried_before)
         if out.state is not RcptState.DELIVERED:
             metrics.delivery_failure(out.state.value, classify(out.dsn, out.reply).value)
         metrics.delivery_tls(out.tls, LOG_STATUS[out.state])
@@ -210,8 +210,8 @@ class Batch:
         # the journal does not hold (the chaos test: 7 of one run's deliveries logged, then sent
         # again); the hold of a stalled write comes after the log line, which it would delay
         self.writer.submit(self, {p.envelope.id: {i: st for i, (_, st) in done.items()}}, hold=False)
-        for i, (out, _) in done.items():
-            self._account(p, i, out, now)
+        for i, (out, st) in done.items():
+            self._account(p, i, out, st, now)
         self.writer.hold()
 
     def settled(self, error: BaseException | None) -> None:
@@ -361,8 +361,15 @@ class OutcomeWriter:
             self._cond.wait(0.05)
 
     def _written(self) -> None:
-        """The write in progress is over: conversations held by it go on."""
+        """The write in progress is over (written, or failed: its jobs run again): conversations
+        held by it go on, and the journal keeps what still waits."""
         with self._cond:
+            if self.journal is not None:
+                self._lines = self._lines[len(self._lines) - len(self._pending) :]
+                try:
+                    self.journal.written(self._lines)
+                except OSError as e:
+                    self._journal_failed(e)
             since = self._writing_since
             if since is not None:
                 took = self.monotonic() - since
@@ -467,16 +474,6 @@ class OutcomeWriter:
             turn, self._pending = self._pending, []
             return turn
 
-    def _done_with(self) -> None:
-        """A turn is written (or failed: its jobs run again): the journal keeps what still waits."""
-        with self._cond:
-            if self.journal is not None:
-                self._lines = self._lines[len(self._lines) - len(self._pending) :]
-                try:
-                    self.journal.written(self._lines)
-                except OSError as e:
-                    self._journal_failed(e)
-
     def _run(self) -> None:
         look_at = self.monotonic()  # a dead process's journal is adopted first (start() has too)
         while True:
@@ -502,10 +499,8 @@ class OutcomeWriter:
                     # (released now, each would deliver for another stall's worth before the next
                     # write held them again, with nowhere to record what it sent)
                     self._await_redis()
-                self._done_with()
                 self._written()
                 continue
-            self._done_with()
             self._written()
             at = 0
             for batch, updates in turn:

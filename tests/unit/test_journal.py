@@ -74,8 +74,9 @@ def test_a_journal_kept_at_close_is_adopted_and_one_made_by_a_parent_is_not_remo
 ) -> None:
     j = OutcomeJournal(tmp_path)
     j.append(encode([("Q1", 0, DONE)]))
-    j.close(remove=False)
-    assert j.path.exists() and adopt(tmp_path, None, lambda entries: None) == 1
+    j.keep()
+    j.close()
+    assert j.path.exists() and adopt(tmp_path, None, lambda entries: 0) == 1
     j = OutcomeJournal(tmp_path)
     j._pid = -1  # as a forked child sees it
     j.close()
@@ -110,8 +111,13 @@ def test_a_live_processs_journal_is_left_and_a_dead_ones_adopted_and_removed(tmp
     live = tmp_path / "host-1-live.journal"
     live.write_bytes(encode([("L1", 0, DONE)]))
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]), encode([("Q1", 1, DONE)]))
+
+    def record(entries: list[tuple[str, int, RecipientStatus]]) -> int:
+        got.append(entries)
+        return len(entries)
+
     with _locked_elsewhere(live):
-        assert adopt(tmp_path, None, got.append) == 2
+        assert adopt(tmp_path, None, record) == 2
     assert [[(q, i) for q, i, _ in e] for e in got] == [[("Q1", 0), ("Q1", 1)]]
     assert not dead.exists() and live.exists()
 
@@ -120,7 +126,7 @@ def test_the_adopter_holds_the_lock_while_it_records(tmp_path: Path) -> None:
     _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
     seen: list[str] = []
 
-    def record(entries: object) -> None:
+    def record(entries: object) -> int:
         probe = subprocess.run(
             [sys.executable, "-c", _PROBE, str(tmp_path / "host-99999-dead.journal")],
             capture_output=True,
@@ -128,6 +134,7 @@ def test_the_adopter_holds_the_lock_while_it_records(tmp_path: Path) -> None:
             check=True,
         )
         seen.append(probe.stdout)
+        return 1
 
     assert adopt(tmp_path, None, record) == 1 and seen == ["held\n"]
 
@@ -135,13 +142,13 @@ def test_the_adopter_holds_the_lock_while_it_records(tmp_path: Path) -> None:
 def test_a_file_that_cannot_be_read_does_not_stop_the_others(tmp_path: Path) -> None:
     (tmp_path / "a-directory.journal").mkdir()  # sorts first; os.open of it for writing fails
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
-    assert adopt(tmp_path, None, lambda entries: None) == 1 and not dead.exists()
+    assert adopt(tmp_path, None, lambda entries: 0) == 1 and not dead.exists()
 
 
 def test_a_process_leaves_its_own_journal_alone(tmp_path: Path) -> None:
     with OutcomeJournal(tmp_path) as j:
         j.append(encode([("Q1", 0, DONE)]))
-        assert adopt(tmp_path, j.path, lambda entries: None) == 0 and j.path.exists()
+        assert adopt(tmp_path, j.path, lambda entries: 0) == 0 and j.path.exists()
 
 
 def test_the_lock_is_the_processs_not_its_childrens(tmp_path: Path) -> None:
@@ -180,7 +187,7 @@ def test_a_journal_that_cannot_be_recorded_stays_for_the_next_look_until_it_is_g
 ) -> None:
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
 
-    def away(entries: object) -> None:
+    def away(entries: object) -> int:
         raise ConnectionError("Redis away")
 
     assert adopt(tmp_path, None, away) == 0
@@ -193,7 +200,7 @@ def test_a_journal_that_cannot_be_recorded_stays_for_the_next_look_until_it_is_g
 def test_a_journal_is_not_given_up_while_redis_is_away(tmp_path: Path) -> None:
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
 
-    def away(entries: object) -> None:
+    def away(entries: object) -> int:
         raise redis.ConnectionError("Connection refused")
 
     later = dead.stat().st_mtime + ABANDON_AFTER + 1
@@ -203,7 +210,7 @@ def test_a_journal_is_not_given_up_while_redis_is_away(tmp_path: Path) -> None:
 def test_a_journal_another_adopter_holds_is_skipped(tmp_path: Path) -> None:
     dead = _dead_journal(tmp_path, encode([("Q1", 0, DONE)]))
     with _locked_elsewhere(dead):
-        assert adopt(tmp_path, None, lambda entries: None) == 0 and dead.exists()
+        assert adopt(tmp_path, None, lambda entries: 0) == 0 and dead.exists()
 
 
 def test_a_directory_we_cannot_use_turns_the_journal_off_with_one_warning(
