@@ -78,11 +78,17 @@ SCHEDULER_LATE = 5.0
 # later, well inside SCHEDULER_LATE, after which a worker moves it itself.
 SCHEDULER_INTERVAL = 2
 RECOVERY_INTERVAL = 10  # seconds between RQ registry clean-ups (abandoned jobs re-run)
-# The clean-up's lock outlives a worker killed while cleaning by this much: every clean-up waits
-# for it meanwhile, so it is short (a clean-up that takes longer overlaps the next one, which
-# finds the jobs the first has re-run gone from the registry). 30 s made a dead process's
-# mail wait up to 30 s more (chaos test: 47 s to an empty queue after the killing).
-RECOVERY_LOCK_TTL = RECOVERY_INTERVAL + 2
+# The clean-up's lock is a turn, not a mutex: whoever takes it cleans, and it is left to lapse, so
+# one clean-up runs every RECOVERY_INTERVAL or so for the whole deployment however many workers
+# try. Dropped at the end of each clean-up, as it was, every worker cleaned every interval: with 4
+# workers about 15 round trips each (RQ's registries, the worker registry, the overdue and lost
+# jobs), 6 round trips a second, the largest of what the system asked Redis by the clock (issue 15:
+# each round trip wakes Redis, about 0.1 ms of its CPU on this machine, with nothing to do for
+# most). It also bounds how long a worker killed while cleaning holds every clean-up up (30 s made
+# a dead process's mail wait up to 30 s more: chaos test, 47 s to an empty queue after the killing);
+# a clean-up that takes longer overlaps the next one, which finds the jobs the first has re-run
+# gone from the registry.
+RECOVERY_LOCK_TTL = RECOVERY_INTERVAL - 1
 DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen when idle
 # seconds a dequeued job may go unregistered before it is handed back: a live worker registers it
 # in a round trip or two; were it only slow, the job runs twice, and the second run finds its
@@ -90,7 +96,11 @@ DEQUEUE_WAIT = 5  # seconds one BLMOVE waits: how soon a stop request is seen wh
 INTERMEDIATE_GRACE = 5.0
 STOP_GRACE = 30.0  # seconds a warm shutdown waits for the jobs in flight
 BURST_POLL = 0.05  # seconds between looks at the queue while a burst waits for its running jobs
-SUSPENSION_CHECK = 1.0  # seconds between looks at `rq suspend`'s flag (RQ looks before every job)
+# Seconds between looks at `rq suspend`'s flag (RQ looks before every job). The heartbeat reads
+# it with its own writes every HEARTBEAT seconds; the loop asks itself only when that look is
+# older than this (the heartbeat thread stuck): a look a second of its own was a round trip a
+# second a worker for a flag an operator sets by hand.
+SUSPENSION_CHECK = HEARTBEAT + 1.0
 # The read timeout of the thread that serves the worker's command channel (`rq` stop-job, shutdown).
 # RQ's is 60 s, and at shutdown RQ unsubscribes, then stops the thread and waits for it (redis-py 8's
 # stop() joins): a thread that read the UNSUBSCRIBE's answer before stop() waits those 60 s for a new
@@ -137,6 +147,7 @@ class ConcurrentWorker(SimpleWorker):
         self._beat: threading.Thread | None = None
         self._done = rqbook.Tally()  # successful jobs and working time, written by the heartbeat
         self._suspension_seen = -SUSPENSION_CHECK  # monotonic time of the last look at `rq suspend`
+        self._suspended = False  # what that look saw
         self._beaten_at = -HEARTBEAT  # monotonic time of the last heartbeat of the worker's key
 
     # -- RQ's loop, with room for many jobs
@@ -339,16 +350,18 @@ class ConcurrentWorker(SimpleWorker):
     # such an error that lasts seconds: wait it out instead, as the dequeue does.
     def check_for_suspension(self, burst: bool) -> None:
         # RQ looks before every job: a round trip per job for a flag an operator sets by hand
-        if time.monotonic() - self._suspension_seen < SUSPENSION_CHECK:
-            return
-        self._suspension_seen = time.monotonic()
         try:
             # RQ's look (rq.suspension.is_suspended) heartbeats the worker in the same transaction:
             # a write, and an fsync, a second a busy worker, where the heartbeat thread beats every
             # HEARTBEAT seconds anyway (issue 15: heartbeat+maintenance 0.74 -> 0.52 of the 15 Redis
-            # commands a message on the ceiling load, MONITOR). A plain read first; RQ's own loop,
-            # which beats while it waits, only once an operator has suspended the workers.
-            if self.connection.exists(WORKERS_SUSPENDED):
+            # commands a message on the ceiling load, MONITOR). A plain read (the heartbeat's, or
+            # our own when that is stale: SUSPENSION_CHECK) first; RQ's own loop, which beats while
+            # it waits, only once an operator has suspended the workers.
+            now = time.monotonic()
+            if now - self._suspension_seen >= SUSPENSION_CHECK:
+                self._suspended = bool(self.connection.exists(WORKERS_SUSPENDED))
+                self._suspension_seen = now
+            if self._suspended:
                 super().check_for_suspension(burst)
         except REDIS_AWAY as e:
             log.warning("worker %s: Redis unavailable (%s); trying again in 1s", self.name, e)
@@ -426,6 +439,7 @@ class ConcurrentWorker(SimpleWorker):
             # whole seconds)
             due = [x for x in running if now - self._renewed.get(x[1].id, float("-inf")) >= EXECUTION_TTL / 4]
         with self.connection.pipeline() as pipe:
+            pipe.exists(WORKERS_SUSPENDED)  # the loop's look at `rq suspend` (SUSPENSION_CHECK)
             self.heartbeat(EXECUTION_TTL + 60, pipeline=pipe)
             self._done.flush(pipe, self.key)
             if running and self.get_state() != WorkerStatus.BUSY:
@@ -437,7 +451,8 @@ class ConcurrentWorker(SimpleWorker):
                 # job every beat, and one landing just after the job ended and was deleted would
                 # leave a job hash of that field alone, without a TTL (rq#1450)
                 execution.heartbeat(job.started_job_registry, EXECUTION_TTL, pipeline=pipe)
-            pipe.execute()
+            suspended = pipe.execute()[0]
+        self._suspended, self._suspension_seen = bool(suspended), now
         with self._running_lock:
             for _, execution, _ in due:
                 if execution.id in self._running:
@@ -479,16 +494,12 @@ class ConcurrentWorker(SimpleWorker):
             key = f"{RECOVERY_LOCK}:{queue.name}"
             if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_LOCK_TTL):
                 continue
-            try:
-                clean_registries(queue, self._exc_handlers)
-                worker_registration.clean_worker_registry(queue)
-                self._open_layout()  # the dead ones forgotten: those left say what they read
-                self._rescue_intermediate(queue)
-                self._enqueue_overdue(queue)
-                self._rearm_lost()
-            finally:
-                if self.connection.get(key) in (self.name, self.name.encode()):
-                    self.connection.delete(key)
+            clean_registries(queue, self._exc_handlers)
+            worker_registration.clean_worker_registry(queue)
+            self._open_layout()  # the dead ones forgotten: those left say what they read
+            self._rescue_intermediate(queue)
+            self._enqueue_overdue(queue)
+            self._rearm_lost()
         self.last_cleaned_at = rq_now()  # type: ignore[assignment]
 
     def _rearm_lost(self) -> None:

@@ -5,6 +5,7 @@ the service's leases."""
 from __future__ import annotations
 
 import datetime
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from rq.suspension import suspend
 from common.envelope import Envelope, Recipient
 from common.jobqueue import CRASH_RETRY
 from common.statusscript import LAYOUT_INLINE
-from common.store import LAYOUT_KEY, WORKER_LAYOUT_FIELD, Message, Store
+from common.store import LAYOUT_KEY, RECOVERY_LOCK, WORKER_LAYOUT_FIELD, Message, Store
 from tests.unit.fakeclock import FakeClock
 from tests.unit.fakepeer import FakePeer, service_on
 from worker import jobs
@@ -32,6 +33,8 @@ from worker.pool import (
     HEARTBEAT,
     INTERMEDIATE_GRACE,
     PUBSUB_POLL,
+    RECOVERY_INTERVAL,
+    RECOVERY_LOCK_TTL,
     SCHEDULER_INTERVAL,
     SCHEDULER_LATE,
     SUSPENSION_CHECK,
@@ -176,6 +179,44 @@ def test_the_suspension_look_writes_nothing_and_still_sees_rq_suspend(
     w._suspension_seen -= SUSPENSION_CHECK
     with pytest.raises(StopRequested):  # RQ's answer to a suspended burst
         w.check_for_suspension(burst=True)
+
+
+def test_the_heartbeat_reads_rq_suspend_for_the_loop(
+    r: fakeredis.FakeRedis, service: DeliveryService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop asks Redis itself only when the heartbeat's look is older than SUSPENSION_CHECK:
+    a flag set is seen at the next beat, with no round trip of the loop's own."""
+    w = worker(r, service)
+    w.register_birth()
+    w.beat()
+    w.check_for_suspension(burst=True)  # the beat saw no flag: nothing asked, nothing raised
+    suspend(r)
+    w.check_for_suspension(burst=True)  # the beat's look is fresh: the flag is not seen yet
+    w.beat()
+    asked: list[object] = []
+    monkeypatch.setattr(r, "exists", lambda *keys: asked.append(keys))
+    with pytest.raises(StopRequested):
+        w.check_for_suspension(burst=True)
+    assert asked == []
+
+
+def test_one_registry_clean_up_a_turn_however_many_workers(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
+    """The clean-up's lock is left to lapse (RECOVERY_LOCK_TTL): a second worker looking within
+    the turn cleans nothing, and the first, killed while cleaning, holds the others up no longer."""
+    first, second = worker(r, service), worker(r, service)
+    for w in (first, second):
+        w.register_birth()
+    cleaned: list[str] = []
+    for w in (first, second):
+        w._rearm_lost = functools.partial(cleaned.append, w.name)  # type: ignore[method-assign]
+    first.clean_registries()
+    second.clean_registries()
+    assert cleaned == [first.name]
+    key = f"{RECOVERY_LOCK}:{service.queue.rq.name}"
+    assert 0 < r.ttl(key) <= RECOVERY_LOCK_TTL < RECOVERY_INTERVAL
+    r.delete(key)  # the turn lapsed
+    second.clean_registries()
+    assert cleaned == [first.name, second.name]
 
 
 def running_job(r: fakeredis.FakeRedis, service: DeliveryService) -> tuple[ConcurrentWorker, Queue, Job, Any]:
