@@ -311,11 +311,12 @@ class Committer:
             with contextlib.suppress(StoreError):
                 if not self.spool.store.inline:  # until every worker reads one key a message
                     await asyncio.to_thread(self.spool.store.refresh_layout)
-                seen = self.committed
-                size = await asyncio.to_thread(self.spool.store.queue_size)
-                # a commit that ended while ZCARD ran may be missing from its answer: never let a
-                # stale count undo it (the next round corrects any excess)
-                self._queue_size = size if self.committed == seen else max(size, self._queue_size)
+                if self.max_queue:  # only gate() reads it: no ZCARD a second without a limit
+                    seen = self.committed
+                    size = await asyncio.to_thread(self.spool.store.queue_size)
+                    # a commit that ended while ZCARD ran may be missing from its answer: never
+                    # let a stale count undo it (the next round corrects any excess)
+                    self._queue_size = size if self.committed == seen else max(size, self._queue_size)
             with contextlib.suppress(StoreError, OSError, redis.RedisError):
                 await self._check_replicas()
             await self.sleep(interval)

@@ -44,6 +44,7 @@ class FakeStore:
     def __init__(self, error: Exception | None = None, size: int = 0) -> None:
         self.error = error
         self.size = size
+        self.sizes_asked = 0
         self.committed: list[str] = []
         self.store = self
         self.replicas = 0  # redis_min_replicas
@@ -67,6 +68,7 @@ class FakeStore:
         return 1 if messages else 0  # one delivery job: every test message goes to one next hop
 
     def queue_size(self) -> int:
+        self.sizes_asked += 1
         return self.size
 
 
@@ -332,6 +334,23 @@ def test_a_commit_cut_off_for_good_answers_451_after_settle_wait() -> None:
     (outcome,) = run(go())
     assert isinstance(outcome, StorageRefused) and outcome.reply is replies.STORAGE_FAILED
     assert store.committed == [] and clock.now >= SETTLE_WAIT
+
+
+def test_without_max_queue_the_watch_does_not_count_the_queue() -> None:
+    """The count is for gate()'s max_queue alone: without a limit, no ZCARD a second."""
+
+    async def go() -> int:
+        store = FakeStore(size=5)
+        sleeps = Sleeps()
+        c = Committer(store, sleep=sleeps)  # type: ignore[arg-type]
+        task = asyncio.create_task(c.watch_queue(interval=1.0))
+        while len(sleeps.asked) < 2:
+            await asyncio.sleep(0)
+        task.cancel()
+        assert c.gate() is None
+        return store.sizes_asked
+
+    assert run(go()) == 0
 
 
 def test_the_watch_asks_for_the_layout_gate_until_it_is_open() -> None:
