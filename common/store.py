@@ -536,11 +536,15 @@ class Store:
         events: Sequence[Event | None] = (),
         also: Callable[[Any], None] | None = None,
         last: Mapping[str, str] | None = None,
+        ride: Callable[[Any], Callable[[Sequence[Any]], None] | None] | None = None,
     ) -> list[int]:
         """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
         same id may come more than once (the worker's outcome writer merges several jobs' turns).
         ``events[n]`` (when given) is written with entry n, by the script, only if its state is;
-        ``also`` adds commands to the same round trip (the suppression of a hard bounce).
+        ``also`` adds commands to the same round trip (the suppression of a hard bounce);
+        ``ride`` too, after it, and returns the function that takes their answers once the write
+        has succeeded (worker/limits.py ``ride``: slow start's news, by EVAL, which cannot miss a
+        script: an error of theirs would fail the write, whose outcomes Redis then has).
         ``last``: queue id -> destination of messages whose final outcome here finishes them with
         no report due (the caller asks the report maker): when it is their last open recipient,
         the message and its index entries go in the same script
@@ -578,13 +582,18 @@ class Store:
                 pipe.evalsha(self._set_statuses.sha, len(keys), *keys, *args)
             if also is not None:
                 also(pipe)
+            start = len(pipe)
+            taken = ride(pipe) if ride is not None and not attempt else None  # ran once: not again
             try:
-                answers = pipe.execute()[: len(calls)]
-                return [int(x) for answer in answers for x in answer]
+                answers = pipe.execute()
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
                 self.redis.script_load(SET_STATUSES)  # a restarted Redis forgot it; nothing ran
+                continue
+            if taken is not None:
+                taken(answers[start:])
+            return [int(x) for answer in answers[: len(calls)] for x in answer]
         raise AssertionError("unreachable")
 
     def unhold(self, ids: Sequence[str]) -> list[str]:

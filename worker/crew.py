@@ -340,7 +340,11 @@ class Crew:
 
     def _feedback(self, destination: str, lane: Lane, ok: bool, why: str) -> None:
         try:
-            if ok:
+            if ok and not self.limits.limited(destination):
+                # the window has not held this process back lately: growing it now starts nothing,
+                # so the news rides the next outcome write (DestinationLimits.news)
+                self.limits.news(destination)
+            elif ok:
                 if self.limits.succeeded(destination):
                     # the window grew: parcels waiting need not wait for their job's next look
                     # (LOOK_EVERY, after a STAFF_PAUSE), which made slow start take 0.2 s a step
@@ -352,6 +356,14 @@ class Crew:
             log.warning("%s: could not record the connection outcome (Redis unavailable)", destination)
         except Exception:  # starting a conversation failed: this one goes on, the job looks again
             log.exception("%s: could not start another conversation", destination)
+
+    def grew(self, destination: str) -> None:
+        """The destination's window grew with deliveries' news (DestinationLimits.ride, on the
+        outcome writer's thread): its lane asks at its next look, without the pause a refusal
+        left (the conversations are started by the job's look, not on the writer's thread)."""
+        lane = self.lanes.get(destination)
+        if lane is not None:
+            lane.grew()
 
     def heartbeat(self) -> None:
         """Push on the slots this process holds; close idle connections past their time."""

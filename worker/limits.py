@@ -50,6 +50,10 @@ SLOT_TTL = 15.0  # seconds a slot outlives its holder's last heartbeat
 # of them in 30 s marked the destination down for everyone (a helper's review), for 0.2 of the 16
 # Redis commands a message on issue 15's ceiling load.
 FULL_QUIET = 5.0
+# Seconds a destination counts as holding this process back (``limited``) after its window refused
+# it a slot: a success then grows the window at once, and the lane starts another conversation;
+# otherwise the news rides the next outcome write (``news``).
+LIMITED_FOR = 5.0
 YIELD_GAP = 0.25  # seconds between two slots one process gives up for another's waiting jobs
 # a refused process keeps its claim on the next free slot this long (it asks again every STAFF_PAUSE
 # while refused); a process that no longer needs one held others off that long (1 s: bench.slowdest's
@@ -168,8 +172,10 @@ return n
 """
 )
 
-# KEYS: state, down; ARGV: ok (1/0), limit, initial, failure limit, down ms, reason, state ttl.
-# Returns 1 when this failure marked the destination down, 2 when a success found the window full.
+# KEYS: state, down; ARGV: successes (0: a failure), limit, initial, failure limit, down ms, reason,
+# state ttl. Returns 1 when this failure marked the destination down, 2 when a success found the
+# window full (0: it grew). Successes come several at once when they rode an outcome write
+# (DestinationLimits.delivered): the window grows by one for each, as if each had come alone.
 # A success sets the TTL only when it creates the state (one write fewer per message while the
 # window grows): a destination busy all day starts its slow start again a day after it began. A
 # success that changes nothing (the window full, no failure counted) writes nothing: a script that
@@ -183,8 +189,8 @@ local state = redis.call('HMGET', KEYS[1], 'window', 'failures')
 local window = tonumber(state[1] or ARGV[3])
 local limit = tonumber(ARGV[2])
 local result = 0
-if ARGV[1] == '1' then
-  local grown = math.min(window + 1, limit)
+if ARGV[1] ~= '0' then
+  local grown = math.min(window + tonumber(ARGV[1]), limit)
   if grown >= limit then result = 2 end
   if state[1] and window == grown and (not state[2] or tonumber(state[2]) == 0) then return result end
   local created = redis.call('HSET', KEYS[1], 'window', grown, 'failures', 0)
@@ -314,6 +320,8 @@ class DestinationLimits:
         self.process = uuid.uuid4().hex  # names this process in a destination's ``want``
         self._held: dict[str, Slot] = {}
         self._full_until: dict[str, float] = {}
+        self._due: dict[str, int] = {}  # destination -> successes whose news rides the next outcome write
+        self._refused_at: dict[str, float] = {}  # destination -> when its window last refused a slot here
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
         self._looks: dict[str, tuple[float, Any]] = {}  # Redis key -> (read again from then, what it said)
         self._watch = ClaimWatch(r, WANTS_KEY)  # the claims' listing, over pub/sub
@@ -352,6 +360,8 @@ class DestinationLimits:
             *tokens,
         ]
         taken = int(self._acquire(keys=keys, args=args))
+        if taken < n:
+            self._refused_at[destination] = now
         slots = [Slot(self, destination, token) for token in tokens[:taken]]
         with self._lock:
             for slot in slots:
@@ -494,15 +504,65 @@ class DestinationLimits:
             return False
         return True
 
+    def limited(self, destination: str) -> bool:
+        """Whether the window refused this process a slot for ``destination`` in the last
+        LIMITED_FOR seconds: only then does a success that grows it now start another conversation."""
+        return self.clock() - self._refused_at.get(destination, float("-inf")) < LIMITED_FOR
+
+    def news(self, destination: str) -> None:
+        """A success (a greeting, a delivery) as ``succeeded``, whose news rides the outcome writer's
+        next round trip (``ride``) rather than taking one of its own: for a destination whose window
+        holds nobody back here (``limited``), growing it at once starts nothing. Each success's
+        news was a round trip of its own, 0.37 a delivered message on issue 15's ceiling load (4
+        workers, 10 destinations answering after 1 s, 4 conversations each: a window of 5 never
+        full), each waking Redis for one script."""
+        if self._full_until.get(destination, 0.0) > self.clock():
+            return
+        with self._lock:
+            self._due[destination] = self._due.get(destination, 0) + 1
+
+    def ride(self, pipe: Any, grew: Callable[[str], None]) -> Callable[[Sequence[Any]], None] | None:
+        """The successes' news (``news``) queued in ``pipe``, last, a destination's successes in one
+        script call; the function returned takes their answers once the pipe has run: a window that
+        grew is told to ``grew`` (the lane may start another conversation at its next look), a full
+        one goes quiet as ``succeeded`` makes it. None: nothing to send."""
+        with self._lock:
+            due, self._due = self._due, {}
+        now = self.clock()
+        staged = [(d, n) for d, n in due.items() if self._full_until.get(d, 0.0) <= now]
+        if not staged:
+            return None
+        for destination, n in staged:
+            keys, args = self._feed_call(destination, n, "")
+            # EVAL, not EVALSHA: a Redis that restarted or failed over has no script cached, and
+            # a NOSCRIPT here would fail the outcome write it rides (Store.set_status_list). A
+            # registered Script in a pipeline asks SCRIPT EXISTS first: a round trip more.
+            pipe.eval(_FEEDBACK, len(keys), *keys, *args)
+
+        def fed(answers: Sequence[Any]) -> None:
+            # on the outcome writer's thread, between its write and the jobs it wakes: never raises
+            try:
+                for (destination, _), answer in zip(staged, answers, strict=False):
+                    if int(answer) == 2:
+                        self._full_until[destination] = self.clock() + FULL_QUIET
+                    else:
+                        grew(destination)
+            except Exception:
+                log.exception("slow start: the deliveries' news was sent, but not taken in")
+
+        return fed
+
     def failed(self, destination: str, reason: str) -> bool:
         """A connection failed; True when that marked the destination down."""
         self._full_until.pop(destination, None)
+        with self._lock:  # successes not sent yet came before it: sent after, they would undo its count
+            self._due.pop(destination, None)
         return self._feed(destination, False, reason) == "down"
 
-    def _feed(self, destination: str, ok: bool, reason: str) -> str:
+    def _feed_call(self, destination: str, successes: int, reason: str) -> tuple[list[str], list[str | int]]:
         keys = [dest_key(destination, "state"), dest_key(destination, "down")]
-        args = [
-            "1" if ok else "0",
+        args: list[str | int] = [
+            successes,
             self.concurrency,
             min(INITIAL_WINDOW, self.concurrency),
             self.failure_limit,
@@ -510,6 +570,10 @@ class DestinationLimits:
             reason or "connection failures",
             STATE_TTL,
         ]
+        return keys, args
+
+    def _feed(self, destination: str, ok: bool, reason: str) -> str:
+        keys, args = self._feed_call(destination, 1 if ok else 0, reason)
         result = int(self._feedback(keys=keys, args=args))
         if result == 1:
             log.warning(

@@ -279,9 +279,13 @@ class OutcomeWriter:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         journal: OutcomeJournal | None = None,
+        ride: Callable[[Any], Callable[[Sequence[Any]], None] | None] | None = None,
     ) -> None:
         self.store = store
         self.feedback = feedback
+        # commands that go in each write's round trip, with their own answers (Store.set_status_list
+        # ``ride``): the deliveries' news for slow start (worker/limits.py DestinationLimits.ride)
+        self.ride = ride
         # this process's outcome journal (worker/journal.py): every outcome handed in is appended
         # there first, and the file holds what is not yet in Redis; None: no journal
         self.journal = journal
@@ -394,6 +398,8 @@ class OutcomeWriter:
         if self.feedback is not None:
             messages = {qid: batch.loaded[qid][0] for batch, updates in turn for qid in updates if qid in batch.loaded}
             out.update(self.feedback.extras(entries, messages))
+        if self.ride is not None:
+            out["ride"] = self.ride
         return out or None
 
     def _gather(self) -> None:

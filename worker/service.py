@@ -109,7 +109,10 @@ class DeliveryService:
             )
         self.lanes = Lanes()
         feedback = Feedback(spool.store, settings.suppression_ttl, clock)
-        self.writer = OutcomeWriter(spool.store, feedback, journal=journal)
+        # slow start's news of a success rides the next outcome write (DestinationLimits.news)
+        self.writer = OutcomeWriter(
+            spool.store, feedback, journal=journal, ride=lambda pipe: limits.ride(pipe, self.crew.grew)
+        )
         self.crew = Crew(dialer, limits, self.lanes, settings.worker_concurrency, sleep=sleep, hold=self.writer.hold)
         self.leases = Leases(LeaseBook(spool.store.redis), LEASE_TTL, clock)
         self.finisher = Finisher(spool, settings.hostname, dsn=dsn, sign=sign, clock=clock)

@@ -17,6 +17,7 @@ from tests.unit.fakeclock import FakeClock
 from worker.limits import (
     FULL_QUIET,
     INITIAL_WINDOW,
+    LIMITED_FOR,
     SLOT_TTL,
     WANTS_KEY,
     WANTS_LOOK,
@@ -339,3 +340,54 @@ def test_a_claim_says_the_destination_is_wanted_elsewhere_but_not_by_its_own_pro
     clock.now += WANTS_LOOK
     assert holder.wanted_elsewhere("y.test") and not other.wanted_elsewhere("y.test")
     assert not holder.wanted_elsewhere("z.test")
+
+
+def test_deliveries_news_rides_a_pipe_and_a_full_window_goes_quiet(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """``news`` queues the news for the outcome writer's round trip (``ride``): a destination's
+    deliveries in one script call, the window grown by one each; once it is full, news is not
+    sent for FULL_QUIET."""
+    lim = limits(r, clock, concurrency=INITIAL_WINDOW + 2)
+    lim.succeeded("x.test")  # the script is in Redis (a ride that finds it missing loads it: test_outcomes)
+    grew: list[str] = []
+    assert lim.ride(r.pipeline(transaction=False), grew.append) is None, "no news: nothing queued"
+    lim.news("y.test")
+    lim.news("z.test")
+    lim.news("y.test")
+    pipe = r.pipeline(transaction=False)
+    fed = lim.ride(pipe, grew.append)
+    assert fed is not None and len(pipe) == 2
+    fed(pipe.execute(raise_on_error=False))
+    assert lim.window("y.test") == INITIAL_WINDOW + 2 and lim.window("z.test") == INITIAL_WINDOW + 1
+    assert grew == ["z.test"], "y.test's window is full: quiet rather than grown"
+    lim.news("y.test")
+    pipe = r.pipeline(transaction=False)
+    fed = lim.ride(pipe, grew.append)
+    assert fed is None and len(pipe) == 0, "quiet"
+    clock.now += FULL_QUIET + 1
+    lim.news("y.test")
+    assert lim.ride(r.pipeline(transaction=False), grew.append) is not None, "the quiet is over"
+
+
+def test_a_window_that_refused_a_slot_holds_the_process_back_for_a_while(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    """``limited``: the crew sends a success's news at once only while the window holds this process
+    back (it refused a slot in the last LIMITED_FOR seconds); else the news rides (``news``)."""
+    lim = limits(r, clock, concurrency=20)
+    assert not lim.limited("y.test")
+    got = lim.acquire_many("y.test", INITIAL_WINDOW - 1)
+    assert len(got) == INITIAL_WINDOW - 1 and not lim.limited("y.test"), "room for all: not held back"
+    assert len(lim.acquire_many("y.test", 3)) == 1 and lim.limited("y.test")
+    clock.now += LIMITED_FOR + 0.1
+    assert not lim.limited("y.test")
+
+
+def test_a_failure_drops_the_news_of_successes_before_it(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """Sent after the failure, a success that came before it would reset its count."""
+    lim = limits(r, clock, concurrency=20, failure_limit=2)
+    lim.succeeded("x.test")  # the script is in Redis
+    lim.news("y.test")
+    lim.failed("y.test", "refused")
+    pipe = r.pipeline(transaction=False)
+    assert lim.ride(pipe, lambda d: None) is None and len(pipe) == 0
+    assert lim.failed("y.test", "refused"), "two in a row"

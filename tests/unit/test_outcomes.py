@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
 
 from common import metrics
-from common.envelope import Envelope, RcptState, Recipient
+from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
 from common.jobqueue import DeliveryQueue
 from common.routing import Router
 from common.spool import Spool
+from common.statusscript import SET_STATUSES
 from common.store import Message, Store
 from tests.unit.fakeclock import FakeClock
+from worker.limits import INITIAL_WINDOW, DestinationLimits
 from worker.outcomes import (
     RETRY_LOG_EVERY,
     RETRY_PAUSE,
@@ -32,6 +35,7 @@ from worker.outcomes import (
 from worker.parcel import Outcome, Parcel
 
 SENT = Outcome(RcptState.DELIVERED, "2.0.0", "250 2.0.0 Ok", "mx.test[192.0.2.1]:25", "mx.test")
+SENT_STATUS = RecipientStatus(RcptState.DELIVERED, attempts=1, reply="250 2.0.0 Ok")
 LATER = Outcome(RcptState.DEFERRED, "4.3.0", "host said: 451 4.3.0 busy", "mx.test[192.0.2.1]:25", "mx.test")
 
 
@@ -80,6 +84,53 @@ def test_final_outcomes_are_written_by_the_writer_and_the_message_found_finished
     assert set(b.recorded["Q1"]) == {0, 1} and b.finished == ["Q1"]
     found = store.load_many(["Q1"])[0]
     assert found is not None and all(s.state is RcptState.DELIVERED for s in found[1].values())
+
+
+def test_the_deliveries_news_rides_the_outcome_write(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow start's news of a delivery (DestinationLimits.news) goes in the round trip that
+    records it, not in one of its own; a window that grew is told to the crew (``grew``)."""
+    clock = FakeClock(2000.0)
+    limits = DestinationLimits(store.redis, concurrency=INITIAL_WINDOW + 3, clock=clock)
+    limits.succeeded("x.test")  # the scripts are in Redis (test_news_rides_a_redis_that_forgot_the_scripts)
+    store.redis.script_load(SET_STATUSES)
+    grew: list[str] = []
+    writes: list[int] = []
+    write = store.set_status_list
+
+    def counted(entries: Any, **kw: Any) -> list[int]:
+        writes.append(len(entries))
+        return write(entries, **kw)
+
+    def alone(*a: object) -> str:
+        raise AssertionError("news sent in a round trip of its own")
+
+    monkeypatch.setattr(store, "set_status_list", counted)
+    monkeypatch.setattr(limits, "_feed", alone)
+    writer = OutcomeWriter(store, ride=lambda pipe: limits.ride(pipe, grew.append))
+    b, p = batch(store, writer, clock)
+    p.outcomes = {0: SENT, 1: SENT}
+    limits.news("y.test")
+    limits.news("y.test")
+    b.record_final(p, [0, 1])
+    b.drain()
+    assert writes == [2]
+    assert limits.window("y.test") == INITIAL_WINDOW + 2 and grew == ["y.test"]
+
+
+def test_news_rides_a_redis_that_forgot_the_scripts(store: Store) -> None:
+    """A Redis that restarted or failed over has no script cached: the outcomes are written (the
+    writer's script loaded, and the write sent again, as before), and the news, sent by EVAL, ran
+    in the first send (not again: the window grew once); its answer went with that send's error."""
+    clock = FakeClock(2000.0)
+    limits = DestinationLimits(store.redis, concurrency=INITIAL_WINDOW + 3, clock=clock)
+    grew: list[str] = []
+    store.redis.script_flush()
+    limits.news("y.test")
+    assert store.set_status_list([("Q1", 0, SENT_STATUS)], ride=lambda pipe: limits.ride(pipe, grew.append)) == [1]
+    assert grew == [] and limits.window("y.test") == INITIAL_WINDOW + 1
+    limits.news("y.test")
+    store.set_status_list([("Q1", 1, SENT_STATUS)], ride=lambda pipe: limits.ride(pipe, grew.append))
+    assert grew == ["y.test"] and limits.window("y.test") == INITIAL_WINDOW + 2
 
 
 def test_a_write_that_fails_fails_the_job_at_drain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
