@@ -358,16 +358,17 @@ class Crew:
             log.exception("%s: could not start another conversation", destination)
 
     def grew(self, destination: str) -> None:
-        """The destination's window grew with deliveries' news (DestinationLimits.ride, on the
-        outcome writer's thread): its lane asks at its next look, without the pause a refusal
-        left (the conversations are started by the job's look, not on the writer's thread)."""
+        """The destination's window grew with successes' news that rode another write
+        (DestinationLimits.ride: the outcome writer's, a job's, the heartbeat's): its lane asks at
+        its next look, without the pause a refusal left (conversations are started by the job's
+        look, not on the thread that wrote)."""
         lane = self.lanes.get(destination)
         if lane is not None:
             lane.grew()
 
     def heartbeat(self) -> None:
         """Push on the slots this process holds; close idle connections past their time."""
-        self.limits.heartbeat()
+        self.limits.heartbeat(self.grew)
         self.cache.sweep()
 
     def stop(self) -> None:

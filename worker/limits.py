@@ -23,6 +23,7 @@ dead destination, and pace messages: none of which it does, so the slots are our
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -174,17 +175,15 @@ return n
 
 # KEYS: state, down; ARGV: successes (0: a failure), limit, initial, failure limit, down ms, reason,
 # state ttl. Returns 1 when this failure marked the destination down, 2 when a success found the
-# window full (0: it grew). Successes come several at once when they rode an outcome write
-# (DestinationLimits.delivered): the window grows by one for each, as if each had come alone.
+# window full (0: it grew). Successes come several at once when their news waited for a ride
+# (DestinationLimits.news): the window grows by one for each, as if each had come alone.
 # A success sets the TTL only when it creates the state (one write fewer per message while the
 # window grows): a destination busy all day starts its slow start again a day after it began. A
 # success that changes nothing (the window full, no failure counted) writes nothing: a script that
 # only reads is not appended to the AOF, so Redis neither writes nor fsyncs for it (each process
 # reports one such success a destination every FULL_QUIET seconds: each one was a write and an
 # fsync).
-_FEEDBACK = (
-    NOT_DURABLE
-    + """
+_FEEDBACK_BODY = """
 local state = redis.call('HMGET', KEYS[1], 'window', 'failures')
 local window = tonumber(state[1] or ARGV[3])
 local limit = tonumber(ARGV[2])
@@ -208,6 +207,15 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return result
 """
+_FEEDBACK = NOT_DURABLE + _FEEDBACK_BODY
+# The same for a ride in another write's pipeline (DestinationLimits.ride): an error of its own (an
+# OOM under noeviction, a key of another type) is -1, not an error reply, which would fail the
+# write it rides after Redis had applied it (the outcomes, then sent again).
+_FEEDBACK_RIDE = (
+    NOT_DURABLE
+    + "local ok, result = pcall(function()\n"
+    + _FEEDBACK_BODY
+    + "end)\nif ok then return result end\nreturn -1\n"
 )
 
 # KEYS: rate; ARGV: now, interval. Returns the seconds to wait before sending (a string: Lua floats).
@@ -322,6 +330,7 @@ class DestinationLimits:
         self._full_until: dict[str, float] = {}
         self._due: dict[str, int] = {}  # destination -> successes whose news rides the next outcome write
         self._refused_at: dict[str, float] = {}  # destination -> when its window last refused a slot here
+        self._failed_at: dict[str, float] = {}  # destination -> when a connection to it last failed here
         self._yielded_at: dict[str, float] = {}  # destination -> when a connection last gave its slot up
         self._looks: dict[str, tuple[float, Any]] = {}  # Redis key -> (read again from then, what it said)
         self._watch = ClaimWatch(r, WANTS_KEY)  # the claims' listing, over pub/sub
@@ -362,6 +371,11 @@ class DestinationLimits:
         taken = int(self._acquire(keys=keys, args=args))
         if taken < n:
             self._refused_at[destination] = now
+            with self._lock:
+                queued = self._due.pop(destination, 0)
+            if queued:  # the window holds this process back now: the news it waited with counts
+                with contextlib.suppress(redis.RedisError):  # lost: the next success brings its own
+                    self._feed(destination, queued, "")
         slots = [Slot(self, destination, token) for token in tokens[:taken]]
         with self._lock:
             for slot in slots:
@@ -385,21 +399,26 @@ class DestinationLimits:
         """The claims' subscription goes (the process stops)."""
         self._watch.close()
 
-    def heartbeat(self) -> int:
-        """Push on the leases of every slot this process holds; returns how many are held. Also
-        reads what was published on the claims' channel meanwhile (ClaimWatch.tick)."""
+    def heartbeat(self, grew: Callable[[str], None] = lambda destination: None) -> int:
+        """Push on the leases of every slot this process holds; returns how many are held. News
+        still waiting for a ride (no outcome written since: a greeting, then a deferral) goes with
+        it (``grew`` as in ``ride``). Also reads what was published on the claims' channel
+        meanwhile (ClaimWatch.tick)."""
         self._watch.tick()
         with self._lock:
             by_dest: dict[str, list[str]] = {}
             for slot in self._held.values():
                 by_dest.setdefault(slot.destination, []).append(slot.token)
-        if not by_dest:
-            return 0
         expiry = self.clock() + SLOT_TTL
         pipe = self.redis.pipeline(transaction=False)
         for dest, tokens in by_dest.items():
             self._refresh(keys=[dest_key(dest, "slots")], args=[expiry, *tokens], client=pipe)
-        pipe.execute()
+        start = len(pipe)
+        fed = self.ride(pipe, grew)
+        if len(pipe):
+            answers = pipe.execute()
+            if fed is not None:
+                fed(answers[start:])
         return sum(len(t) for t in by_dest.values())
 
     def held(self) -> int:
@@ -497,9 +516,11 @@ class DestinationLimits:
         a while (every write waits for Redis's fsync). True when the window grew and is not full
         yet: it has room it did not have."""
         now = self.clock()
+        with self._lock:  # news queued for a ride goes with it (``news``)
+            queued = self._due.pop(destination, 0)
         if self._full_until.get(destination, 0.0) > now:
             return False
-        if self._feed(destination, True, "") == "full":
+        if self._feed(destination, 1 + queued, "") == "full":
             self._full_until[destination] = now + FULL_QUIET
             return False
         return True
@@ -535,29 +556,34 @@ class DestinationLimits:
         for destination, n in staged:
             keys, args = self._feed_call(destination, n, "")
             # EVAL, not EVALSHA: a Redis that restarted or failed over has no script cached, and
-            # a NOSCRIPT here would fail the outcome write it rides (Store.set_status_list). A
-            # registered Script in a pipeline asks SCRIPT EXISTS first: a round trip more.
-            pipe.eval(_FEEDBACK, len(keys), *keys, *args)
+            # a NOSCRIPT here would fail the write it rides (Store.set_status_list); a registered
+            # Script in a pipeline asks SCRIPT EXISTS first, a round trip more
+            pipe.eval(_FEEDBACK_RIDE, len(keys), *keys, *args)
 
         def fed(answers: Sequence[Any]) -> None:
-            # on the outcome writer's thread, between its write and the jobs it wakes: never raises
+            # on the thread that wrote (the outcome writer's, a job's, the heartbeat's), between
+            # its write and what it wakes: never raises
             try:
                 for (destination, _), answer in zip(staged, answers, strict=False):
-                    if int(answer) == 2:
+                    result = int(answer)
+                    if result == 2 and self._failed_at.get(destination, float("-inf")) < now:
                         self._full_until[destination] = self.clock() + FULL_QUIET
-                    else:
+                    elif result == 0:
                         grew(destination)
             except Exception:
-                log.exception("slow start: the deliveries' news was sent, but not taken in")
+                log.exception("slow start: the successes' news was sent, but not taken in")
 
         return fed
 
     def failed(self, destination: str, reason: str) -> bool:
-        """A connection failed; True when that marked the destination down."""
+        """A connection failed; True when that marked the destination down. Successes whose news
+        waits for a ride came before it: they go first, in the same round trip (sent after, they
+        would reset its count)."""
         self._full_until.pop(destination, None)
-        with self._lock:  # successes not sent yet came before it: sent after, they would undo its count
-            self._due.pop(destination, None)
-        return self._feed(destination, False, reason) == "down"
+        with self._lock:
+            queued = self._due.pop(destination, 0)
+            self._failed_at[destination] = self.clock()
+        return self._feed(destination, 0, reason, before=queued) == "down"
 
     def _feed_call(self, destination: str, successes: int, reason: str) -> tuple[list[str], list[str | int]]:
         keys = [dest_key(destination, "state"), dest_key(destination, "down")]
@@ -572,9 +598,17 @@ class DestinationLimits:
         ]
         return keys, args
 
-    def _feed(self, destination: str, ok: bool, reason: str) -> str:
-        keys, args = self._feed_call(destination, 1 if ok else 0, reason)
-        result = int(self._feedback(keys=keys, args=args))
+    def _feed(self, destination: str, successes: int, reason: str, *, before: int = 0) -> str:
+        """One feedback call (``successes``; 0: a failure), after ``before`` successes' own."""
+        keys, args = self._feed_call(destination, successes, reason)
+        if before:
+            pipe = self.redis.pipeline(transaction=False)
+            first_keys, first_args = self._feed_call(destination, before, "")
+            pipe.eval(_FEEDBACK_RIDE, len(first_keys), *first_keys, *first_args)
+            pipe.eval(_FEEDBACK, len(keys), *keys, *args)
+            result = int(pipe.execute()[-1])
+        else:
+            result = int(self._feedback(keys=keys, args=args))
         if result == 1:
             log.warning(
                 "%s: %d connection failures in a row: delivery suspended for %.0fs (%s)",

@@ -13,8 +13,8 @@ an asyncio loop would need an asyncio RQ and redis client underneath, which RQ i
 - A heartbeat thread pushes on, every ``HEARTBEAT`` seconds, the worker's key, every execution a
   quarter of ``EXECUTION_TTL`` old, and the leases the delivery service holds (messages, connection slots). A
   worker killed with SIGKILL stops heartbeating: its executions lapse after ``EXECUTION_TTL``
-  seconds and RQ's registry clean-up (run every ``RECOVERY_INTERVAL`` seconds by every worker, in a
-  thread of its own so that a young worker takes jobs at once) re-runs
+  seconds and RQ's registry clean-up (about every ``RECOVERY_INTERVAL`` seconds by one worker in
+  turn, in a thread of its own so that a young worker takes jobs at once) re-runs
   their jobs at once (CRASH_RETRY); the message leases lapse with them, so the re-run may take them.
 - Job timeouts: RQ's ``TimerDeathPenalty`` (the SIGALRM one only works in the main thread).
 - SIGTERM (warm shutdown): no more jobs are taken; conversations end after the transaction in
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -148,6 +149,7 @@ class ConcurrentWorker(SimpleWorker):
         self._done = rqbook.Tally()  # successful jobs and working time, written by the heartbeat
         self._suspension_seen = -SUSPENSION_CHECK  # monotonic time of the last look at `rq suspend`
         self._suspended = False  # what that look saw
+        self._turn_left: float | None = None  # seconds left of another worker's clean-up turn, when refused
         self._beaten_at = -HEARTBEAT  # monotonic time of the last heartbeat of the worker's key
 
     # -- RQ's loop, with room for many jobs
@@ -490,9 +492,18 @@ class ConcurrentWorker(SimpleWorker):
         """RQ's registry clean-up (abandoned jobs re-run, dead workers forgotten), under a lock of
         our own: RQ's lasts 899 s, so a worker killed while cleaning would stop every clean-up for a
         quarter of an hour, and the mail of every worker that dies meanwhile with it."""
+        self._turn_left = None
         for queue in self.queues:
             key = f"{RECOVERY_LOCK}:{queue.name}"
-            if not self.connection.set(key, self.name, nx=True, ex=RECOVERY_LOCK_TTL):
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.set(key, self.name, nx=True, ex=RECOVERY_LOCK_TTL)
+                pipe.pttl(key)
+                took, left_ms = pipe.execute()
+            if not took:
+                # another worker's turn: look again once it lapses (_recovery_loop), not a whole
+                # interval later, or a turn whose holder died would leave up to two intervals
+                # between clean-ups
+                self._turn_left = max(0.0, int(left_ms) / 1000.0)
                 continue
             clean_registries(queue, self._exc_handlers)
             worker_registration.clean_worker_registry(queue)
@@ -569,5 +580,14 @@ class ConcurrentWorker(SimpleWorker):
                 self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
             except Exception as e:
                 log.warning("worker %s: registry clean-up failed (%s); next in %ds", self.name, e, RECOVERY_INTERVAL)
-            if self._beat_stop.wait(RECOVERY_INTERVAL):
+            if self._beat_stop.wait(self.next_clean_up()):
                 return
+
+    def next_clean_up(self) -> float:
+        """Seconds until this worker asks for the clean-up's turn again: RECOVERY_INTERVAL after its
+        own turn; after another's, just past that turn's end (the waiting workers spread over a
+        second: one of them takes it), so that one clean-up follows another about every
+        RECOVERY_LOCK_TTL seconds whoever is alive."""
+        if self._turn_left is None:
+            return float(RECOVERY_INTERVAL)
+        return min(float(RECOVERY_INTERVAL), self._turn_left + random.uniform(0.05, 1.0))

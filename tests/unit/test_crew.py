@@ -251,3 +251,30 @@ def test_each_transaction_first_waits_for_the_hold_the_service_gives_its_crew() 
         assert svc.crew.hold == svc.writer.hold
     finally:
         svc.stop()
+
+
+def test_a_success_is_sent_at_once_only_where_the_window_holds_the_process_back() -> None:
+    """worker/crew.py ``_feedback``: a success for a destination whose window refused this process
+    a slot lately is sent at once (the window grows now, the lane may start another conversation);
+    elsewhere its news waits for the next write (DestinationLimits.news), and a window that grew
+    with it is told to its lane (``grew``)."""
+    from tests.unit.fakepeer import FakeDialer
+    from worker.lane import Lane, Lanes
+    from worker.limits import INITIAL_WINDOW
+
+    r = fakeredis.FakeRedis()
+    clock = FakeClock(time.time())
+    limits = DestinationLimits(r, clock=clock)
+    lanes = Lanes()
+    crew = Crew(FakeDialer(FakePeer()), limits, lanes, 1, monotonic=clock)
+    lane = Lane([])
+    crew._feedback("free.test", lane, True, "")
+    assert limits.window("free.test") == INITIAL_WINDOW and limits._due == {"free.test": 1}, "waits"
+    limits.acquire_many("held.test", INITIAL_WINDOW + 1)  # refused one: held back from now on
+    crew._feedback("held.test", lane, True, "")
+    assert limits.window("held.test") == INITIAL_WINDOW + 1 and "held.test" not in limits._due, "at once"
+    with lanes.joined("free.test", []) as joined:
+        joined.pause(clock() + 60.0)
+        crew.heartbeat()  # no write went: the heartbeat takes the news
+        assert limits.window("free.test") == INITIAL_WINDOW + 1
+        assert joined._pause_until == 0.0, "the lane was told its window grew"

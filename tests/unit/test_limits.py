@@ -142,9 +142,9 @@ def test_a_full_window_s_successes_go_unrecorded_for_a_while(
     fed: list[bool] = []
     feed = lim._feed
 
-    def counted(destination: str, ok: bool, reason: str) -> str:
-        fed.append(ok)
-        return feed(destination, ok, reason)
+    def counted(destination: str, successes: int, reason: str, **kw: int) -> str:
+        fed.append(successes > 0)
+        return feed(destination, successes, reason, **kw)
 
     monkeypatch.setattr(lim, "_feed", counted)
     assert lim.succeeded("y.test") is False and lim.window("y.test") == INITIAL_WINDOW + 1  # full now
@@ -347,7 +347,6 @@ def test_deliveries_news_rides_a_pipe_and_a_full_window_goes_quiet(r: fakeredis.
     deliveries in one script call, the window grown by one each; once it is full, news is not
     sent for FULL_QUIET."""
     lim = limits(r, clock, concurrency=INITIAL_WINDOW + 2)
-    lim.succeeded("x.test")  # the script is in Redis (a ride that finds it missing loads it: test_outcomes)
     grew: list[str] = []
     assert lim.ride(r.pipeline(transaction=False), grew.append) is None, "no news: nothing queued"
     lim.news("y.test")
@@ -382,12 +381,34 @@ def test_a_window_that_refused_a_slot_holds_the_process_back_for_a_while(
     assert not lim.limited("y.test")
 
 
-def test_a_failure_drops_the_news_of_successes_before_it(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
-    """Sent after the failure, a success that came before it would reset its count."""
+def test_news_waiting_for_a_ride_goes_first_with_a_failure(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """Successes whose news waits for a ride came before a failure: they go first, in the failure's
+    round trip. A failure, a greeting, a failure, a greeting... is not failures in a row."""
     lim = limits(r, clock, concurrency=20, failure_limit=2)
-    lim.succeeded("x.test")  # the script is in Redis
-    lim.news("y.test")
-    lim.failed("y.test", "refused")
+    for _ in range(3):
+        lim.news("y.test")
+        assert not lim.failed("y.test", "refused"), "the success in between reset the count"
+    assert r.hget("mtaq:dest:y.test:state", "failures") == b"1"
     pipe = r.pipeline(transaction=False)
-    assert lim.ride(pipe, lambda d: None) is None and len(pipe) == 0
+    assert lim.ride(pipe, lambda d: None) is None and len(pipe) == 0, "nothing left to ride"
     assert lim.failed("y.test", "refused"), "two in a row"
+
+
+def test_queued_news_goes_with_a_success_sent_at_once_a_refusal_and_the_heartbeat(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    """News never waits long for a ride: a success sent at once (the window holds the process back)
+    takes it along, so does a refusal (it holds the process back from now on), and the heartbeat
+    sends what no write took (a greeting, then a deferral)."""
+    lim = limits(r, clock, concurrency=20)
+    lim.news("y.test")
+    lim.news("y.test")
+    lim.succeeded("y.test")
+    assert lim.window("y.test") == INITIAL_WINDOW + 3
+    lim.acquire_many("z.test", INITIAL_WINDOW)
+    lim.news("z.test")
+    assert lim.acquire_many("z.test", 2) == [] and lim.window("z.test") == INITIAL_WINDOW + 1
+    lim.news("w.test")
+    grew: list[str] = []
+    lim.heartbeat(grew.append)
+    assert lim.window("w.test") == INITIAL_WINDOW + 1 and grew == ["w.test"]

@@ -91,8 +91,7 @@ def test_the_deliveries_news_rides_the_outcome_write(store: Store, monkeypatch: 
     records it, not in one of its own; a window that grew is told to the crew (``grew``)."""
     clock = FakeClock(2000.0)
     limits = DestinationLimits(store.redis, concurrency=INITIAL_WINDOW + 3, clock=clock)
-    limits.succeeded("x.test")  # the scripts are in Redis (test_news_rides_a_redis_that_forgot_the_scripts)
-    store.redis.script_load(SET_STATUSES)
+    store.redis.script_load(SET_STATUSES)  # test_news_rides_a_redis_that_forgot_the_scripts: when not
     grew: list[str] = []
     writes: list[int] = []
     write = store.set_status_list
@@ -131,6 +130,19 @@ def test_news_rides_a_redis_that_forgot_the_scripts(store: Store) -> None:
     limits.news("y.test")
     store.set_status_list([("Q1", 1, SENT_STATUS)], ride=lambda pipe: limits.ride(pipe, grew.append))
     assert grew == ["y.test"] and limits.window("y.test") == INITIAL_WINDOW + 2
+
+
+def test_news_that_fails_in_redis_fails_no_outcome_write(store: Store) -> None:
+    """An error of the news's own (a key of another type here; an OOM under noeviction) is its
+    script's -1, not an error reply: the outcomes it rode are written, and taken as written."""
+    clock = FakeClock(2000.0)
+    limits = DestinationLimits(store.redis, concurrency=INITIAL_WINDOW + 3, clock=clock)
+    grew: list[str] = []
+    store.redis.set("mtaq:dest:y.test:state", "not a hash")
+    store.redis.script_load(SET_STATUSES)
+    limits.news("y.test")
+    assert store.set_status_list([("Q1", 0, SENT_STATUS)], ride=lambda pipe: limits.ride(pipe, grew.append)) == [1]
+    assert grew == []
 
 
 def test_a_write_that_fails_fails_the_job_at_drain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -214,6 +214,9 @@ def test_one_registry_clean_up_a_turn_however_many_workers(r: fakeredis.FakeRedi
     assert cleaned == [first.name]
     key = f"{RECOVERY_LOCK}:{service.queue.rq.name}"
     assert 0 < r.ttl(key) <= RECOVERY_LOCK_TTL < RECOVERY_INTERVAL
+    assert first.next_clean_up() == RECOVERY_INTERVAL, "its own turn: a whole interval"
+    left = r.pttl(key) / 1000.0
+    assert left - 0.5 < second.next_clean_up() <= left + 1.0 < RECOVERY_INTERVAL, "another's: just past its end"
     r.delete(key)  # the turn lapsed
     second.clean_registries()
     assert cleaned == [first.name, second.name]
