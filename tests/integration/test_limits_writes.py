@@ -22,20 +22,20 @@ def dirty(r: redis.Redis) -> int:
 def test_a_success_that_changes_nothing_writes_nothing(redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
     lim = DestinationLimits(r, concurrency=7, clock=time.time)
-    assert lim._feed("y.test", True, "") == ""  # window 5 -> 6, created: written
+    assert lim._feed("y.test", 1, "") == ""  # window 5 -> 6, created: written
     before = dirty(r)
-    assert lim._feed("y.test", True, "") == "full"  # 6 -> 7, the limit: written
+    assert lim._feed("y.test", 1, "") == "full"  # 6 -> 7, the limit: written
     assert dirty(r) > before and lim.window("y.test") == 7
     before = dirty(r)
-    assert lim._feed("y.test", True, "") == "full"  # full, no failure counted: nothing to write
+    assert lim._feed("y.test", 1, "") == "full"  # full, no failure counted: nothing to write
     assert dirty(r) == before
     assert not lim.failed("y.test", "refused")  # a failure is written, and the window shrinks
     assert dirty(r) > before and lim.window("y.test") == 6
     before = dirty(r)
-    assert lim._feed("y.test", True, "") == "full"  # grows again, clears the failure count: written
+    assert lim._feed("y.test", 1, "") == "full"  # grows again, clears the failure count: written
     assert dirty(r) > before and lim.window("y.test") == 7
     before = dirty(r)
-    assert lim._feed("y.test", True, "") == "full"
+    assert lim._feed("y.test", 1, "") == "full"
     assert dirty(r) == before
 
 
@@ -91,7 +91,8 @@ def test_the_limits_are_kept_out_of_the_append_only_file_and_a_restart_forgets_t
     assert lim.succeeded("y.test") is not None
     for _ in range(10):
         lim.failed("y.test", "refused")
-    assert lim.down("y.test") is not None and lim.heartbeat() == 1
+    lim.news("z.test")  # its ride (the heartbeat's here) is kept out too
+    assert lim.down("y.test") is not None and lim.heartbeat() == 1 and r.exists("mtaq:dest:z.test:state") == 1
     slot.free()
     assert r.zcard("mtaq:dest:y.test:slots") == 0
     aof = _aof(redis_server)
@@ -105,3 +106,21 @@ def test_the_limits_are_kept_out_of_the_append_only_file_and_a_restart_forgets_t
     assert r.get("mtaq:durable-probe") == b"1"
     assert r.keys("mtaq:dest:*") == []  # no slot held, not down, the window back to its start
     assert DestinationLimits(r, concurrency=1, clock=time.time).down("y.test") is None
+
+
+def test_news_that_fails_in_redis_is_its_own_business(redis_server: RedisServer) -> None:
+    """The ridden script catches its own errors (a real Redis's pcall around redis.call): a key of
+    another type makes it answer -1, not an error that would fail the write it rides."""
+    r = redis.Redis.from_url(redis_server.url)
+    lim = DestinationLimits(r, concurrency=7, clock=time.time)
+    r.set("mtaq:dest:y.test:state", "not a hash")
+    lim.news("y.test")
+    lim.news("x.test")
+    grew: list[str] = []
+    pipe = r.pipeline(transaction=False)
+    pipe.set("mtaq:probe", "1")
+    fed = lim.ride(pipe, grew.append)
+    assert fed is not None
+    answers = pipe.execute()  # raises on an error reply
+    fed(answers[1:])
+    assert sorted(answers[1:]) == [-1, 0] and grew == ["x.test"]
