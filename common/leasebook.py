@@ -75,8 +75,9 @@ return got
 """
 )
 
-# KEYS: the destination's leases, the job's holder key; ARGV: token, queue ids. Ends those still
-# the job's (one another job took over after this one's holder key lapsed is left alone).
+# KEYS: the destination's leases, the job's holder key, then keys the job is done with (its drawn
+# list: LeaseBook.end ``done``); ARGV: token, queue ids. Ends those still the job's (one another
+# job took over after this one's holder key lapsed is left alone).
 _END_LEASES = (
     _CHUNKED
     + """
@@ -86,7 +87,7 @@ for i = 1, #cur do
   if cur[i] == ARGV[1] then mine[#mine + 1] = ids[i] end
 end
 chunked('HDEL', KEYS[1], mine)
-redis.call('DEL', KEYS[2])
+redis.call('DEL', unpack(KEYS, 2))
 return #mine
 """
 )
@@ -157,10 +158,14 @@ class LeaseBook:
             pipe.pttl(holder_key(token))
         return max(0, *(int(ms) for ms in pipe.execute())) / 1000
 
-    def end(self, qids: Sequence[str], destination: str, token: str) -> None:
-        """End the leases job ``token`` took with take() (only those still its own)."""
+    def end(self, qids: Sequence[str], destination: str, token: str, done: Sequence[str] = ()) -> None:
+        """End the leases job ``token`` took with take() (only those still its own), and delete the
+        keys ``done`` names in the same call (a drain job's drawn list: its last write and fsync
+        were a round trip of their own, one of the seven a job made on issue 15's ceiling load)."""
         if qids:
-            self._end(keys=[leases_key(destination), holder_key(token)], args=[token, *qids])
+            self._end(keys=[leases_key(destination), holder_key(token), *done], args=[token, *qids])
+        elif done:
+            self.redis.delete(*done)
 
     def renew(self, tokens: Sequence[str], seconds: float) -> None:
         """Push on the leases of these jobs for another ``seconds``: one PEXPIRE of each job's

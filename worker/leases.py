@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.leasebook import LeaseBook
 
@@ -26,6 +26,8 @@ class Lease:
     token: str
     taken: list[str]  # the messages whose lease the job got (the others another job holds)
     renewed: float = 0.0  # when the leases were taken or last pushed on (the Leases' clock)
+    # keys to delete with the leases' end if the block ends without an error (Leases.taken ``done``)
+    done: list[str] = field(default_factory=list)
 
 
 class Leases:
@@ -39,20 +41,26 @@ class Leases:
     @contextmanager
     def taken(self, qids: Sequence[str], destination: str) -> Iterator[Lease]:
         """Take the leases of ``qids`` for ``destination``; the block sees which it got. They are
-        renewed by the heartbeat while the block runs and ended when it ends."""
+        renewed by the heartbeat while the block runs and ended when it ends, with the keys the
+        block put in ``lease.done`` if it ended without an error (in one round trip)."""
         token = uuid.uuid4().hex
         got = self.book.take(list(qids), destination, token, self.ttl) if qids else []
         lease = Lease(destination, token, got, renewed=self.clock())
         if got:
             with self._lock:
                 self._held[token] = lease
+        failed = False
         try:
             yield lease
+        except BaseException:
+            failed = True
+            raise
         finally:
             with self._lock:
                 self._held.pop(token, None)
-            if got:
-                self.book.end(got, destination, token)
+            done = () if failed else lease.done
+            if got or done:
+                self.book.end(got, destination, token, done)
 
     def renew(self) -> None:
         """Push on the leases held now that are a quarter of their TTL old (the worker's heartbeat,

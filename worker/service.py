@@ -36,7 +36,7 @@ from common.leasebook import LeaseBook
 from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
-from common.store import Message
+from common.store import Message, drawn_key
 from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
@@ -140,30 +140,45 @@ class DeliveryService:
         """A drain job (common/jobqueue.py): deliver what it takes off ``destination``'s pending
         list. Its list of what it took goes only once they are dealt with: a re-run after a crash
         delivers the same messages (recipients already final are skipped)."""
+        dropped = False
         try:
             ids = self.queue.draw(destination, job_id, self.intake.share(job_id))
             if ids:
-                self.deliver(destination, ids, landed=lambda: self.intake.landed(job_id))
+                dropped = self.deliver(
+                    destination, ids, landed=lambda: self.intake.landed(job_id), done=[drawn_key(job_id)]
+                )
         finally:
             self.intake.landed(job_id)
-        self.queue.drawn_done(job_id)
+        if not dropped:
+            self.queue.drawn_done(job_id)
 
     def deliver(
-        self, destination: str, ids: Sequence[str], force: bool = False, landed: Callable[[], None] | None = None
-    ) -> None:
+        self,
+        destination: str,
+        ids: Sequence[str],
+        force: bool = False,
+        landed: Callable[[], None] | None = None,
+        done: Sequence[str] = (),
+    ) -> bool:
         """Deliver the due recipients of these messages that go to ``destination``.
 
         ``force`` (a flush) also takes deferred recipients whose next attempt is not due yet and
         tries a throttled destination. A message another job holds the lease of (for this
         destination) is left to that job. Messages found with every recipient final (their
         finishing was interrupted) are finished here. ``landed`` is told once the parcels are in
-        their lane (worker/intake.py)."""
+        their lane (worker/intake.py). ``done``: keys the caller deletes once these messages are
+        dealt with (a drain job's drawn list), deleted with the leases' end when nothing is left
+        to do after it; True when they were."""
         ids = list(ids)
         if not force and self._suspended(destination, ids):
-            return
+            return False
         loaded, held = self.store.load_with_hold(ids)
         job = plan(destination, ids, loaded, held, self.spool.router.hop, self.clock(), force=force)
         with self.leases.taken(list(job.due), destination) as lease:
+            if not job.reroute:
+                # deleted with the leases' end if the block ends without an error (a failed job
+                # keeps its drawn list for its re-run); a reroute below comes first
+                lease.done = list(done)
             busy = job.busy(lease.taken)
             if busy:
                 # Another job holds them now, or a dead worker's job did: look again once the
@@ -186,6 +201,7 @@ class DeliveryService:
         for hop, qids in job.reroute.items():
             log.info("%d message(s) for %s now go to %s", len(qids), destination, hop)
             self.queue.enqueue_now(hop, qids)
+        return bool(lease.done)
 
     def _signed(self, destination: str, batch: Batch, parcels: list[Parcel]) -> list[Parcel]:
         """The parcels with the DKIM signatures the ingress prepared finished in front of their

@@ -271,6 +271,35 @@ def test_a_drain_job_run_again_after_a_failure_delivers_what_it_took(
     assert len(peer.taken) == 3 and service.intake.load == 0
 
 
+def test_a_drain_job_drops_its_drawn_list_with_its_leases_end(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drawn list goes in the leases' end script, not in a round trip (a write, an fsync) of
+    its own; a job that fails inside its leases keeps it for its re-run."""
+    msgs = [
+        Message(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient(f"u{i}@y.test")]), b"x\r\n")
+        for i in range(2)
+    ]
+    service.spool.commit(msgs)
+    [job_id] = service.queue.rq.get_job_ids()
+    alone: list[str] = []
+    monkeypatch.setattr(service.queue, "drawn_done", alone.append)
+    run = service._run
+
+    def dies(*args: object, **kw: object) -> None:
+        raise RuntimeError("a bug mid-job")
+
+    monkeypatch.setattr(service, "_run", dies)
+    with pytest.raises(RuntimeError):
+        service.drain("y.test", job_id)
+    assert service.queue.drawn(job_id) == ["Q0", "Q1"] and alone == [], "kept for the re-run"
+    assert r.hgetall("mtaq:leases:y.test") == {}, "the leases ended all the same"
+    monkeypatch.setattr(service, "_run", run)
+    service.drain("y.test", job_id)
+    assert service.queue.drawn(job_id) == [] and alone == [], "dropped with the leases' end"
+    assert len(peer.taken) == 2
+
+
 def test_a_worker_says_it_reads_one_key_a_message_and_opens_the_gate_when_all_do(
     r: fakeredis.FakeRedis, service: DeliveryService
 ) -> None:

@@ -354,3 +354,17 @@ def test_a_lane_short_of_conversations_asks_for_all_their_slots_at_once(
     assert asked[0] == 4 and max(asked) <= 4
     assert sorted(rc for _, _, (rc,) in peer.taken) == [f"u{i}@y.test" for i in range(6)]
     service.stop()
+
+
+def test_the_leases_end_deletes_what_the_job_is_done_with_in_the_same_call() -> None:
+    """LeaseBook.end ``done``: a drain job's drawn list goes in the script that ends its leases (one
+    write fewer a job), or alone when the job took no lease."""
+    r = fakeredis.FakeRedis()
+    book = LeaseBook(r)
+    r.rpush("mtaq:drawn:J1", "Q1")
+    assert book.take(["Q1"], "y.test", "T1", 20.0) == ["Q1"]
+    book.end(["Q1"], "y.test", "T1", ["mtaq:drawn:J1"])
+    assert not r.exists("mtaq:drawn:J1", "mtaq:holder:T1") and r.hgetall(leases_key("y.test")) == {}
+    r.rpush("mtaq:drawn:J2", "Q2")
+    book.end([], "y.test", "T2", ["mtaq:drawn:J2"])
+    assert not r.exists("mtaq:drawn:J2")
