@@ -243,20 +243,26 @@ def test_a_beat_racing_the_end_of_a_job_leaves_no_stub_of_it(r: fakeredis.FakeRe
     assert not r.exists(job.key)
 
 
-def test_a_drain_job_run_again_after_a_failure_delivers_what_it_took(
-    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def drain_job(service: DeliveryService, n: int) -> str:
+    """``n`` messages to y.test committed: the id of the drain job they armed."""
     msgs = [
         Message(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient(f"u{i}@y.test")]), b"x\r\n")
-        for i in range(3)
+        for i in range(n)
     ]
     service.spool.commit(msgs)
     [job_id] = service.queue.rq.get_job_ids()
+    return job_id
+
+
+def dies(*args: object, **kw: object) -> None:
+    raise RuntimeError("the worker died mid-job")
+
+
+def test_a_drain_job_run_again_after_a_failure_delivers_what_it_took(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = drain_job(service, 3)
     real = service.deliver
-
-    def dies(*args: object, **kw: object) -> None:
-        raise RuntimeError("worker died mid-job")
-
     monkeypatch.setattr(service, "deliver", dies)
     with pytest.raises(RuntimeError):
         service.drain("y.test", job_id)
@@ -276,19 +282,10 @@ def test_a_drain_job_drops_its_drawn_list_with_its_leases_end(
 ) -> None:
     """The drawn list goes in the leases' end script, not in a round trip (a write, an fsync) of
     its own; a job that fails inside its leases keeps it for its re-run."""
-    msgs = [
-        Message(Envelope(id=f"Q{i}", sender="a@x.test", recipients=[Recipient(f"u{i}@y.test")]), b"x\r\n")
-        for i in range(2)
-    ]
-    service.spool.commit(msgs)
-    [job_id] = service.queue.rq.get_job_ids()
+    job_id = drain_job(service, 2)
     alone: list[str] = []
     monkeypatch.setattr(service.queue, "drawn_done", alone.append)
     run = service._run
-
-    def dies(*args: object, **kw: object) -> None:
-        raise RuntimeError("a bug mid-job")
-
     monkeypatch.setattr(service, "_run", dies)
     with pytest.raises(RuntimeError):
         service.drain("y.test", job_id)
