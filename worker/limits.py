@@ -371,8 +371,7 @@ class DestinationLimits:
         taken = int(self._acquire(keys=keys, args=args))
         if taken < n:
             self._refused_at[destination] = now
-            with self._lock:
-                queued = self._due.pop(destination, 0)
+            queued = self._take_news(destination)
             if queued:  # the window holds this process back now: the news it waited with counts
                 with contextlib.suppress(redis.RedisError):  # lost: the next success brings its own
                     self._feed(destination, queued, "")
@@ -516,8 +515,7 @@ class DestinationLimits:
         a while (every write waits for Redis's fsync). True when the window grew and is not full
         yet: it has room it did not have."""
         now = self.clock()
-        with self._lock:  # news queued for a ride goes with it (``news``)
-            queued = self._due.pop(destination, 0)
+        queued = self._take_news(destination)  # news queued for a ride goes with it (``news``)
         if self._full_until.get(destination, 0.0) > now:
             return False
         if self._feed(destination, 1 + queued, "") == "full":
@@ -554,11 +552,7 @@ class DestinationLimits:
         if not staged:
             return None
         for destination, n in staged:
-            keys, args = self._feed_call(destination, n, "")
-            # EVAL, not EVALSHA: a Redis that restarted or failed over has no script cached, and
-            # a NOSCRIPT here would fail the write it rides (Store.set_status_list); a registered
-            # Script in a pipeline asks SCRIPT EXISTS first, a round trip more
-            pipe.eval(_FEEDBACK_RIDE, len(keys), *keys, *args)
+            self._stage_news(pipe, destination, n)
 
         def fed(answers: Sequence[Any]) -> None:
             # on the thread that wrote (the outcome writer's, a job's, the heartbeat's), between
@@ -580,10 +574,21 @@ class DestinationLimits:
         waits for a ride came before it: they go first, in the same round trip (sent after, they
         would reset its count)."""
         self._full_until.pop(destination, None)
+        self._failed_at[destination] = self.clock()
+        return self._feed(destination, 0, reason, before=self._take_news(destination)) == "down"
+
+    def _take_news(self, destination: str) -> int:
+        """The successes queued for a ride to ``destination`` (``news``), taken out of the queue."""
         with self._lock:
-            queued = self._due.pop(destination, 0)
-            self._failed_at[destination] = self.clock()
-        return self._feed(destination, 0, reason, before=queued) == "down"
+            return self._due.pop(destination, 0)
+
+    def _stage_news(self, pipe: Any, destination: str, successes: int) -> None:
+        """Queue ``successes``' news in ``pipe``, the script that answers -1 for its own errors."""
+        keys, args = self._feed_call(destination, successes, "")
+        # EVAL, not EVALSHA: a Redis that restarted or failed over has no script cached, and a
+        # NOSCRIPT here would fail the write it rides (Store.set_status_list); a registered Script
+        # in a pipeline asks SCRIPT EXISTS first, a round trip more
+        pipe.eval(_FEEDBACK_RIDE, len(keys), *keys, *args)
 
     def _feed_call(self, destination: str, successes: int, reason: str) -> tuple[list[str], list[str | int]]:
         keys = [dest_key(destination, "state"), dest_key(destination, "down")]
@@ -603,8 +608,7 @@ class DestinationLimits:
         keys, args = self._feed_call(destination, successes, reason)
         if before:
             pipe = self.redis.pipeline(transaction=False)
-            first_keys, first_args = self._feed_call(destination, before, "")
-            pipe.eval(_FEEDBACK_RIDE, len(first_keys), *first_keys, *first_args)
+            self._stage_news(pipe, destination, before)
             pipe.eval(_FEEDBACK, len(keys), *keys, *args)
             result = int(pipe.execute()[-1])
         else:
