@@ -76,6 +76,9 @@ WANTS_LOOK = 0.2
 # one GET of a ``want`` that is gone, which is what every look cost before.
 WANTS_SLACK_MS = 2000
 STATE_TTL = 86400  # an idle destination's window and failure count are forgotten after a day
+# A failure's time is kept this long for the rides staged before it (``ride``'s answer must not start
+# a full window's quiet after it): far longer than a write can take (WRITE_PATIENCE, 30 s).
+FAILED_KEPT = 600.0
 
 # Every script below writes state that needs no durability: connection slots and claims that lapse
 # in seconds, a slow-start window and failure count, a destination's down flag and pace, all of
@@ -404,6 +407,7 @@ class DestinationLimits:
         it (``grew`` as in ``ride``). Also reads what was published on the claims' channel
         meanwhile (ClaimWatch.tick)."""
         self._watch.tick()
+        self._forget(self.clock())
         with self._lock:
             by_dest: dict[str, list[str]] = {}
             for slot in self._held.values():
@@ -419,6 +423,20 @@ class DestinationLimits:
             if fed is not None:
                 fed(answers[start:])
         return sum(len(t) for t in by_dest.values())
+
+    def _forget(self, now: float) -> None:
+        """Drop what the per-destination tables say that no longer counts (a full window's quiet
+        over, a refusal past LIMITED_FOR, a yield past YIELD_GAP, a failure past FAILED_KEPT): a
+        worker that reaches new domains all day kept an entry for each of them until it stopped."""
+        for table, until in (
+            (self._full_until, now),
+            (self._refused_at, now - LIMITED_FOR),
+            (self._yielded_at, now - YIELD_GAP),
+            (self._failed_at, now - FAILED_KEPT),
+        ):
+            for destination, at in list(table.items()):
+                if at <= until:
+                    table.pop(destination, None)
 
     def held(self) -> int:
         with self._lock:

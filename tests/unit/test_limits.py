@@ -15,6 +15,7 @@ import redis
 from common.store import dest_key
 from tests.unit.fakeclock import FakeClock
 from worker.limits import (
+    FAILED_KEPT,
     FULL_QUIET,
     INITIAL_WINDOW,
     LIMITED_FOR,
@@ -412,3 +413,20 @@ def test_queued_news_goes_with_a_success_sent_at_once_a_refusal_and_the_heartbea
     grew: list[str] = []
     lim.heartbeat(grew.append)
     assert lim.window("w.test") == INITIAL_WINDOW + 1 and grew == ["w.test"]
+
+
+def test_the_heartbeat_forgets_what_no_longer_counts_per_destination(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    """A worker reaching new domains all day kept an entry for each in its per-destination tables
+    until it stopped; the heartbeat drops those that no longer count, and keeps those that do."""
+    lim = limits(r, clock, concurrency=INITIAL_WINDOW)
+    lim.acquire_many("old.test", INITIAL_WINDOW + 2)  # refused
+    lim.failed("old.test", "refused")
+    lim.succeeded("old.test")  # the window is full now: quiet
+    assert "old.test" in lim._full_until
+    lim._yielded_at["old.test"] = clock()
+    clock.now += FAILED_KEPT + 1
+    lim.acquire_many("new.test", INITIAL_WINDOW + 2)
+    lim.heartbeat()
+    tables = (lim._full_until, lim._refused_at, lim._yielded_at, lim._failed_at)
+    assert not any("old.test" in t for t in tables)
+    assert lim.limited("new.test") and "new.test" in lim._refused_at
