@@ -7,6 +7,7 @@ after the delete and builds no second report."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 
@@ -166,6 +167,17 @@ class LeaseBook:
             self._end(keys=[leases_key(destination), holder_key(token), *done], args=[token, *qids])
         elif done:
             self.redis.delete(*done)
+
+    def end_in(self, pipe: Any, qids: Sequence[str], destination: str, token: str, done: Sequence[str] = ()) -> None:
+        """``end`` queued in ``pipe``, a pipeline of another write (a job's success, worker/rqbook.py
+        ``succeeded``: one writing round trip a job fewer). By EVAL, not EVALSHA: a Redis that lost
+        its scripts (a restart, a failover) answers NOSCRIPT to the pipeline's other writes' round
+        trip, and redis-py's pipeline would check the scripts first, a round trip of its own."""
+        if qids:
+            keys = [leases_key(destination), holder_key(token), *done]
+            pipe.eval(_END_LEASES, len(keys), *keys, token, *qids)
+        elif done:
+            pipe.delete(*done)
 
     def renew(self, tokens: Sequence[str], seconds: float) -> None:
         """Push on the leases of these jobs for another ``seconds``: one PEXPIRE of each job's

@@ -433,21 +433,32 @@ class Store:
         return self._load(ids, with_hold=False)[0]
 
     def load_with_hold(
-        self, ids: Sequence[str]
+        self, ids: Sequence[str], ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None
     ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
         """``load_many``, and those of ``ids`` on hold, in the same round trip: a summary that keeps
         the hold flag (``k``, common/queuestats.py qs_is_held) says it, read with the message; the
         hold set is asked only for the others (an older mtaq's summaries), in the second round trip
-        that older messages take anyway. Issue 15: an SMISMEMBER and a round trip a job fewer."""
-        return self._load(ids, with_hold=True)
+        that older messages take anyway. Issue 15: an SMISMEMBER and a round trip a job fewer.
+        ``ride`` queues reads of another owner's in the same round trip, after the load's, and
+        returns the function their answers go to (worker/limits.py ``DownLook``: whether the
+        destination is down, a round trip a job fewer)."""
+        return self._load(ids, with_hold=True, ride=ride)
 
     def _load(
-        self, ids: Sequence[str], *, with_hold: bool
+        self,
+        ids: Sequence[str],
+        *,
+        with_hold: bool,
+        ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None,
     ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
             pipe.hgetall(msg_key(qid))
-        found: list[dict[Any, Any]] = pipe.execute()
+        taken = ride(pipe) if ride is not None else None
+        answers = pipe.execute()
+        found: list[dict[Any, Any]] = answers[: len(ids)]
+        if taken is not None:
+            taken(answers[len(ids) :])
         older = [n for n, h in enumerate(found) if h and not is_inline(field(h, LAYOUT_FIELD))]
         held: set[str] = set()
         ask: list[str] = []  # messages whose summary does not keep the hold flag

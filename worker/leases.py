@@ -1,21 +1,79 @@
 """The (message, destination) leases this process's jobs hold: one job at a time works on a
 message for a destination (common/leasebook.py). A job takes its leases with ``Leases.taken`` and
 they end when its block ends, on every path (those of messages its outcomes removed too: they are
-fields of the destination's hash, ended in one call). While held they are pushed on by the worker's
+fields of the destination's hash, ended in one call), or, on a job's thread of the worker pool,
+with the job's success write (``ends_with_success``). While held they are pushed on by the worker's
 heartbeat (``renew``: one PEXPIRE a job), so a dead worker's leases lapse within ``ttl``."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+
+import redis
 
 from common.leasebook import LeaseBook
 
-__all__ = ["Lease", "Leases"]
+__all__ = ["Lease", "Leases", "ends_with_success", "staged_ends"]
+
+log = logging.getLogger("mtaq.worker")
+
+# The lease ends a job leaves for its success write (``ends_with_success``), per thread: RQ runs a
+# job's function and then its success bookkeeping on the job's own thread (worker/pool.py).
+_staged = threading.local()
+
+
+@dataclass(frozen=True, slots=True)
+class StagedEnd:
+    """A job's leases ended without an error, to be ended in another write's pipeline."""
+
+    book: LeaseBook
+    qids: list[str]
+    destination: str
+    token: str
+    done: list[str]
+
+    def queue(self, pipe: Any) -> None:
+        self.book.end_in(pipe, self.qids, self.destination, self.token, self.done)
+
+
+@contextmanager
+def ends_with_success() -> Iterator[None]:
+    """On this thread, for the block (one job: worker/pool.py ``_perform``), leases that end without
+    an error are not ended in a round trip of their own: the end is staged for the job's success
+    write (``staged_ends``, worker/rqbook.py ``succeeded``), one writing round trip and fsync a job
+    fewer (issue 15). Ends still staged when the block ends (the job failed after its leases'
+    block, or its success could not be written) are made then; if Redis is away they lapse with
+    their holder key (``ttl``), as a dead worker's leases do, and a drawn list stays for its job's
+    re-run, as after a crash."""
+    _staged.ends = []
+    try:
+        yield
+    finally:
+        left: list[StagedEnd] = _staged.ends
+        del _staged.ends
+        if left:
+            try:
+                with left[0].book.redis.pipeline(transaction=False) as pipe:
+                    for end in left:
+                        end.queue(pipe)
+                    pipe.execute()
+            except redis.RedisError as e:
+                log.warning("leases of %d job(s) not ended (%s): they lapse", len(left), e)
+
+
+def staged_ends() -> list[StagedEnd]:
+    """The lease ends staged on this thread, taken: the caller writes them (``StagedEnd.queue``)."""
+    ends: list[StagedEnd] = getattr(_staged, "ends", [])
+    if ends:
+        _staged.ends = []
+    return ends
 
 
 @dataclass(slots=True)
@@ -42,7 +100,8 @@ class Leases:
     def taken(self, qids: Sequence[str], destination: str) -> Iterator[Lease]:
         """Take the leases of ``qids`` for ``destination``; the block sees which it got. They are
         renewed by the heartbeat while the block runs and ended when it ends, with the keys the
-        block put in ``lease.done`` if it ended without an error (in one round trip)."""
+        block put in ``lease.done`` if it ended without an error (in one round trip, or staged for
+        the job's success write within ``ends_with_success``)."""
         token = uuid.uuid4().hex
         got = self.book.take(list(qids), destination, token, self.ttl) if qids else []
         lease = Lease(destination, token, got, renewed=self.clock())
@@ -58,8 +117,11 @@ class Leases:
         finally:
             with self._lock:
                 self._held.pop(token, None)
-            done = () if failed else lease.done
-            if got or done:
+            done = [] if failed else lease.done
+            staged: list[StagedEnd] | None = None if failed else getattr(_staged, "ends", None)
+            if (got or done) and staged is not None:
+                staged.append(StagedEnd(self.book, got, destination, token, list(done)))
+            elif got or done:
                 self.book.end(got, destination, token, done)
 
     def renew(self) -> None:

@@ -36,7 +36,7 @@ import redis
 from common.store import PREFIX, dest_key
 from worker.claimwatch import ClaimWatch
 
-__all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "Slot", "free_slots"]
+__all__ = ["INITIAL_WINDOW", "SLOT_TTL", "DestinationLimits", "Down", "DownLook", "Slot", "free_slots"]
 
 log = logging.getLogger("mtaq.limits")
 
@@ -302,6 +302,34 @@ def free_slots(slots: Sequence[Slot]) -> None:
 class Down:
     reason: str
     seconds: float  # until the destination is tried again
+
+    @classmethod
+    def read(cls, pttl: Any, reason: Any) -> Down | None:
+        """From the down key's PTTL and value; None when it is not there (or lapsed between)."""
+        ttl = int(pttl)
+        if ttl == -2 or reason is None:  # no such key
+            return None
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        return cls(text, max(0.0, ttl / 1000.0))
+
+
+@dataclass(slots=True)
+class DownLook:
+    """``DestinationLimits.down`` asked in another round trip: ``stage`` queues the reads in a
+    pipeline (a job's load, common/store.py ``load_with_hold`` ``ride``), ``found`` is the answer
+    once it has run. The look before each job was a round trip of its own (issue 15)."""
+
+    key: str
+    found: Down | None = None
+
+    def stage(self, pipe: Any) -> Callable[[Sequence[Any]], None]:
+        pipe.pttl(self.key)
+        pipe.get(self.key)
+
+        def take(answers: Sequence[Any]) -> None:
+            self.found = Down.read(answers[0], answers[1])
+
+        return take
 
 
 class DestinationLimits:
@@ -644,17 +672,17 @@ class DestinationLimits:
 
     def down(self, destination: str) -> Down | None:
         """Why and for how long the destination is throttled, or None."""
-        # asked before every job: one command while the destination is up (the usual answer),
-        # the reason only when it is down
+        # one command while the destination is up (the usual answer), the reason only when it is
+        # down; a job asks with its load instead (look_down)
         key = dest_key(destination, "down")
         ttl = int(self.redis.pttl(key))
         if ttl == -2:  # no such key
             return None
-        reason = self.redis.get(key)
-        if reason is None:  # lapsed meanwhile
-            return None
-        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        return Down(text, max(0.0, ttl / 1000.0))
+        return Down.read(ttl, self.redis.get(key))
+
+    def look_down(self, destination: str) -> DownLook:
+        """``down``, to be asked in another round trip (``DownLook.stage``)."""
+        return DownLook(dest_key(destination, "down"))
 
     def window(self, destination: str) -> int:
         raw = self.redis.hget(dest_key(destination, "state"), "window")

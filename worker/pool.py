@@ -55,6 +55,7 @@ from common.statusscript import LAYOUT_INLINE
 from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
 from worker import rqbook
 from worker.crew import Permit, Permits
+from worker.leases import ends_with_success, staged_ends
 from worker.service import DeliveryService
 
 __all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
@@ -295,7 +296,7 @@ class ConcurrentWorker(SimpleWorker):
             self._forget_lapsed_executions(job)
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
-        rqbook.succeeded(self.connection, job, execution)
+        rqbook.succeeded(self.connection, job, execution, also=staged_ends())
         self.executions.pop(execution.id, None)
         if job.started_at is not None and job.ended_at is not None:
             self._done.add((job.ended_at - job.started_at).total_seconds())
@@ -322,7 +323,9 @@ class ConcurrentWorker(SimpleWorker):
             self.connection.zrem(registry.key, *gone)
 
     def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
-        with permit:
+        # the job's leases end with its success write (rqbook.succeeded), not in a round trip of
+        # their own; or when the block ends, if that write did not take them
+        with permit, ends_with_success():
             try:
                 self.perform_job(job, queue, execution)
             except Exception:

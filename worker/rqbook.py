@@ -15,8 +15,9 @@ expiry, the job hash with status ``started``):
 - ``succeeded``: a delivery job keeps no result (``result_ttl=0``) and has no dependents, so what
   RQ does on success comes down to removing the execution and the job: one pipeline of DEL (job,
   execution, the job's execution registry), ZREM (StartedJobRegistry) and SREM (the worker's
-  index). RQ reads the job's executions first (a round trip per execution), watches its
-  dependents, heartbeats the job once more and removes the execution twice.
+  index), which also ends the job's leases (worker/leases.py ``ends_with_success``). RQ reads
+  the job's executions first (a round trip per execution), watches its dependents, heartbeats
+  the job once more and removes the execution twice.
 
 The worker's statistics (successful jobs, working time) are added up here and written with the
 worker's next heartbeat (worker/pool.py ``beat``), a few seconds late, instead of twice per job.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from rq.executions import Execution, ExecutionRegistry
@@ -33,6 +35,7 @@ from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
 
 from common.jobqueue import DELIVER_FUNC, DRAIN_FUNC
+from worker.leases import StagedEnd
 
 __all__ = ["Tally", "lean", "start", "succeeded"]
 
@@ -73,11 +76,15 @@ def start(connection: Any, job: Job, worker_name: str, ttl: int, intermediate_ke
     return execution
 
 
-def succeeded(connection: Any, job: Job, execution: Execution) -> None:
-    """The job returned: its execution and the job itself go (result_ttl=0: no result is kept).
-    Not a transaction (a MULTI and an EXEC fewer a job): cut short, it leaves registry entries
-    naming a job that is gone, which RQ's clean-up drops as it does an expired one's."""
+def succeeded(connection: Any, job: Job, execution: Execution, also: Sequence[StagedEnd] = ()) -> None:
+    """The job returned: its execution and the job itself go (result_ttl=0: no result is kept),
+    with the ends of the leases the job left for this write (``also``: worker/leases.py
+    ``ends_with_success``; one writing round trip a job fewer). Not a transaction (a MULTI and an
+    EXEC fewer a job): cut short, it leaves registry entries naming a job that is gone, which RQ's
+    clean-up drops as it does an expired one's, and leases that lapse with their holder key."""
     with connection.pipeline(transaction=False) as pipe:
+        for end in also:
+            end.queue(pipe)
         pipe.delete(job.key, execution.key, ExecutionRegistry(job_id=job.id, connection=connection).key)
         job.started_job_registry.remove_execution(execution, pipeline=pipe)  # ZREM
         pipe.srem(execution.worker_executions_key, execution.composite_key)

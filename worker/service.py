@@ -45,7 +45,7 @@ from worker.intake import Intake
 from worker.journal import OutcomeJournal
 from worker.lane import Lanes
 from worker.leases import Leases
-from worker.limits import DestinationLimits
+from worker.limits import DestinationLimits, Down
 from worker.outcomes import Batch, JobShare, OutcomeWriter
 from worker.parcel import Outcome, Parcel, Undeliverable, default_left, fail_all
 from worker.plan import Loaded, Plan, all_final, plan
@@ -170,9 +170,11 @@ class DeliveryService:
         dealt with (a drain job's drawn list), deleted with the leases' end when nothing is left
         to do after it; True when they were."""
         ids = list(ids)
-        if not force and self._suspended(destination, ids):
+        # whether the destination is down, asked in the load's round trip (not one of its own)
+        look = None if force else self.limits.look_down(destination)
+        loaded, held = self.store.load_with_hold(ids, ride=look.stage if look is not None else None)
+        if look is not None and self._suspended(destination, ids, look.found):
             return False
-        loaded, held = self.store.load_with_hold(ids)
         job = plan(destination, ids, loaded, held, self.spool.router.hop, self.clock(), force=force)
         with self.leases.taken(list(job.due), destination) as lease:
             if not job.reroute:
@@ -230,9 +232,8 @@ class DeliveryService:
         """No report is due for a message finished with these states."""
         return self.finisher.dsn(msg, states, self.finisher.hostname, self.clock()) is None
 
-    def _suspended(self, destination: str, ids: list[str]) -> bool:
+    def _suspended(self, destination: str, ids: list[str], down: Down | None) -> bool:
         """A destination marked down (worker/limits.py): the job goes back to the scheduler."""
-        down = self.limits.down(destination)
         if down is None:
             return False
         delay = down.seconds + random.uniform(0.0, 5.0)

@@ -4,6 +4,8 @@ message's outcome that asks nothing about the hold set (issue 15)."""
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
@@ -11,6 +13,7 @@ from common.leasebook import LeaseBook
 from common.statusscript import SET_STATUSES
 from common.store import REMOVED, Message, Store, leases_key, msg_key
 from tests.redisserver import RedisServer
+from worker.limits import DestinationLimits
 
 
 def calls(r: redis.Redis) -> dict[str, int]:
@@ -113,3 +116,38 @@ def test_a_job_of_thousands_of_messages_takes_and_ends_its_leases(redis_server: 
     assert book.take(ids[:4500], "y.test", "next", 20.0) == ids[:4500]  # taken over
     book.end(ids, "y.test", "next")
     assert r.hlen(leases_key("y.test")) == 500 and book.prune(["y.test"]) == 500
+
+
+def test_a_jobs_leases_end_in_another_writes_pipeline_even_after_redis_lost_its_scripts(
+    redis_server: RedisServer,
+) -> None:
+    """LeaseBook.end_in (worker/leases.py ``ends_with_success``): the end rides a job's success
+    write by EVAL, so a Redis whose script cache was flushed (a restart, a failover) takes it in that
+    same round trip; the drawn list goes with it. With the job's destination down asked in its
+    load's round trip (worker/limits.py DownLook), on the same Redis."""
+    r = redis.Redis.from_url(redis_server.url)
+    book = LeaseBook(r)
+    assert book.take(["Q1", "Q2"], "y.test", "job-1", 20.0) == ["Q1", "Q2"]
+    r.rpush("mtaq:drawn:J1", "Q1", "Q2")
+    r.script_flush()
+    before = calls(r)
+    with r.pipeline(transaction=False) as pipe:
+        book.end_in(pipe, ["Q1", "Q2"], "y.test", "job-1", ["mtaq:drawn:J1"])
+        pipe.delete("rq:job:J1")  # the success write's own
+        pipe.execute()
+    ended = spent(before, calls(r))
+    assert ended.get("eval") == 1 and "script" not in ended and "evalsha" not in ended, ended
+    assert not r.exists(leases_key("y.test"), "mtaq:holder:job-1", "mtaq:drawn:J1")
+    store = Store(r)
+    store.commit([message("Q3")])
+    r.set("mtaq:dest:y.test:down", "too many failures", px=30_000)
+    for expect_down in (True, False):
+        look = DestinationLimits(r, concurrency=1, clock=time.time).look_down("y.test")
+        [found], _ = store.load_with_hold(["Q3"], ride=look.stage)
+        assert found is not None and found[0].envelope.id == "Q3"
+        if expect_down:
+            assert look.found is not None and look.found.reason == "too many failures"
+            assert 29.0 < look.found.seconds <= 30.0
+            r.delete("mtaq:dest:y.test:down")
+        else:
+            assert look.found is None

@@ -368,3 +368,25 @@ def test_the_leases_end_deletes_what_the_job_is_done_with_in_the_same_call() -> 
     r.rpush("mtaq:drawn:J2", "Q2")
     book.end([], "y.test", "T2", ["mtaq:drawn:J2"])
     assert not r.exists("mtaq:drawn:J2")
+
+
+def test_a_job_asks_whether_its_destination_is_down_in_its_load_s_round_trip(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DestinationLimits.look_down rides Store.load_with_hold: no round trip of its own a job, and a
+    destination marked down still sends the job back to the scheduler, untried; a flush goes."""
+
+    def own_round_trip(destination: str) -> None:
+        raise AssertionError("asked in a round trip of its own")
+
+    monkeypatch.setattr(service.limits, "down", own_round_trip)
+    scheduled = Scheduled()
+    monkeypatch.setattr(service.queue, "schedule", scheduled)
+    qid = queue(service, "Q1", "u@y.test")
+    r.set("mtaq:dest:y.test:down", "too many failures", px=30_000)
+    service.deliver("y.test", [qid])
+    [(dest, ids, delay)] = scheduled.calls
+    assert (dest, ids) == ("y.test", [qid]) and 30.0 - 1 <= delay <= 30.0 + 5.0 and peer.opened == []
+    r.delete("mtaq:dest:y.test:down")
+    service.deliver("y.test", [qid])
+    assert [rc for _, _, (rc,) in peer.taken] == ["u@y.test"] and len(scheduled.calls) == 1
