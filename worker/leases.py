@@ -20,7 +20,7 @@ import redis
 
 from common.leasebook import LeaseBook
 
-__all__ = ["Lease", "Leases", "ends_with_success", "staged_ends"]
+__all__ = ["Lease", "Leases", "StagedEnd", "end_now", "ends_with_success", "restage", "staged_ends"]
 
 log = logging.getLogger("mtaq.worker")
 
@@ -52,28 +52,47 @@ def ends_with_success() -> Iterator[None]:
     block, or its success could not be written) are made then; if Redis is away they lapse with
     their holder key (``ttl``), as a dead worker's leases do, and a drawn list stays for its job's
     re-run, as after a crash."""
+    outer: list[StagedEnd] | None = getattr(_staged, "ends", None)
     _staged.ends = []
     try:
         yield
     finally:
         left: list[StagedEnd] = _staged.ends
-        del _staged.ends
-        if left:
-            try:
-                with left[0].book.redis.pipeline(transaction=False) as pipe:
-                    for end in left:
-                        end.queue(pipe)
-                    pipe.execute()
-            except redis.RedisError as e:
-                log.warning("leases of %d job(s) not ended (%s): they lapse", len(left), e)
+        if outer is None:
+            del _staged.ends
+        else:
+            _staged.ends = outer
+        end_now(left)
 
 
 def staged_ends() -> list[StagedEnd]:
-    """The lease ends staged on this thread, taken: the caller writes them (``StagedEnd.queue``)."""
+    """The lease ends staged on this thread, taken: the caller writes them (``StagedEnd.queue``),
+    or gives them back with ``restage`` if it could not."""
     ends: list[StagedEnd] = getattr(_staged, "ends", [])
     if ends:
         _staged.ends = []
     return ends
+
+
+def restage(ends: Sequence[StagedEnd]) -> None:
+    """Give back ends taken with ``staged_ends`` whose write failed: they are made with the
+    thread's next write of them, or when ``ends_with_success`` exits. (Ending twice does nothing:
+    the script ends only the fields that still name the job's token.)"""
+    if ends and hasattr(_staged, "ends"):
+        _staged.ends[:0] = ends
+
+
+def end_now(ends: Sequence[StagedEnd]) -> None:
+    """Make these ends in one round trip now; with Redis away they lapse with their holder key."""
+    if not ends:
+        return
+    try:
+        with ends[0].book.redis.pipeline(transaction=False) as pipe:
+            for end in ends:
+                end.queue(pipe)
+            pipe.execute()
+    except redis.RedisError as e:
+        log.warning("leases of %d job(s) not ended (%s): they lapse", len(ends), e)
 
 
 @dataclass(slots=True)

@@ -681,7 +681,8 @@ class DestinationLimits:
         return Down.read(ttl, self.redis.get(key))
 
     def look_down(self, destination: str) -> DownLook:
-        """``down``, to be asked in another round trip (``DownLook.stage``)."""
+        """``down``, to be asked in another round trip (``DownLook.stage``): one on the Redis these
+        limits live on (the delivery service's store's, worker/jobs.py ``make_service``)."""
         return DownLook(dest_key(destination, "down"))
 
     def window(self, destination: str) -> int:

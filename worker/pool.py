@@ -55,7 +55,7 @@ from common.statusscript import LAYOUT_INLINE
 from common.store import RECOVERY_LOCK, WORKER_LAYOUT_FIELD
 from worker import rqbook
 from worker.crew import Permit, Permits
-from worker.leases import ends_with_success, staged_ends
+from worker.leases import end_now, ends_with_success, restage, staged_ends
 from worker.service import DeliveryService
 
 __all__ = ["EXECUTION_TTL", "HEARTBEAT", "RECOVERY_INTERVAL", "ConcurrentWorker"]
@@ -296,7 +296,12 @@ class ConcurrentWorker(SimpleWorker):
             self._forget_lapsed_executions(job)
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
-        rqbook.succeeded(self.connection, job, execution, also=staged_ends())
+        ends = staged_ends()  # the job's leases end in the same write (worker/leases.py)
+        try:
+            rqbook.succeeded(self.connection, job, execution, also=ends)
+        except BaseException:
+            restage(ends)  # made when the job's thread leaves them (_perform), or they lapse
+            raise
         self.executions.pop(execution.id, None)
         if job.started_at is not None and job.ended_at is not None:
             self._done.add((job.ended_at - job.started_at).total_seconds())
@@ -322,12 +327,27 @@ class ConcurrentWorker(SimpleWorker):
         if gone:
             self.connection.zrem(registry.key, *gone)
 
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        # a job that failed after its leases' block: its ends go before RQ queues it again (its
+        # first retry is immediate), or the re-run would find its messages leased
+        end_now(staged_ends())
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
     def _perform(self, job: Job, queue: Queue, execution: Any, permit: Permit) -> None:
-        # the job's leases end with its success write (rqbook.succeeded), not in a round trip of
-        # their own; or when the block ends, if that write did not take them
-        with permit, ends_with_success():
+        with permit:
             try:
-                self.perform_job(job, queue, execution)
+                # the job's leases end with its success write (rqbook.succeeded), not in a round
+                # trip of their own; ends that write did not take are made when this block ends,
+                # before the job stops counting as running (teardown waits for that)
+                with ends_with_success():
+                    self.perform_job(job, queue, execution)
             except Exception:
                 # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
                 log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)

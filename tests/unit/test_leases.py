@@ -10,7 +10,7 @@ import pytest
 
 from common.leasebook import LeaseBook
 from common.store import leases_key
-from worker.leases import Leases, ends_with_success, staged_ends
+from worker.leases import Leases, ends_with_success, restage, staged_ends
 
 
 @pytest.fixture
@@ -83,3 +83,26 @@ def test_ends_left_are_given_up_quietly_when_redis_is_away() -> None:
         server.connected = False  # every command now fails with a ConnectionError
     server.connected = True
     assert set(held(r)) == {b"Q1"}
+
+
+def test_ends_given_back_after_a_failed_write_are_made_when_the_job_ends(r: fakeredis.FakeRedis) -> None:
+    """worker/pool.py: a success write that raised gives its ends back (``restage``)."""
+    leases = Leases(LeaseBook(r), 20.0)
+    with ends_with_success():
+        with leases.taken(["Q1"], "y.test"):
+            pass
+        ends = staged_ends()
+        restage(ends)  # the write failed
+        assert set(held(r)) == {b"Q1"}
+    assert held(r) == {}
+
+
+def test_a_nested_block_leaves_the_outer_one_its_ends(r: fakeredis.FakeRedis) -> None:
+    leases = Leases(LeaseBook(r), 20.0)
+    with ends_with_success():
+        with leases.taken(["Q1"], "y.test"):
+            pass
+        with ends_with_success(), leases.taken(["Q2"], "y.test"):
+            pass
+        assert set(held(r)) == {b"Q1"}, "the inner block made its own ends only"
+        assert len(staged_ends()) == 1

@@ -82,6 +82,8 @@ OVERRIDES = {
     "dequeue_job_and_maintain_ttl",
     "execute_job",
     "handle_job_success",
+    # a job's staged lease ends written before RQ queues it again (worker/leases.py)
+    "handle_job_failure",
     # RQ's bookkeeping per job in two transactions (worker/rqbook.py)
     "prepare_execution",
     "prepare_job_execution",
@@ -341,3 +343,34 @@ def test_a_delivery_job_s_leases_end_in_its_success_write(worker: ConcurrentWork
     assert set(seen["after the block"]) == {b"q1"}, "ended in a round trip of its own"
     assert writes == [1], "not in the success write"
     assert r.hgetall(leases_key("example.test")) == {} and not r.keys("mtaq:holder:*")
+
+
+def test_a_job_that_fails_after_its_lease_block_ends_them_before_rq_queues_it_again(
+    worker: ConcurrentWorker, r: fakeredis.FakeRedis
+) -> None:
+    """Its first retry is immediate (CRASH_RETRY): a re-run that found its messages still leased by
+    the failed run would leave them for 20 s."""
+    leases = Leases(LeaseBook(r), 20.0)
+    at_failure: list[dict[Any, Any]] = []
+    real = BaseWorker.handle_job_failure
+
+    def deliver(destination: str, ids: list[str], force: bool = False) -> None:
+        with leases.taken(ids, destination):
+            pass
+        raise RuntimeError("a reroute could not be queued")
+
+    def handle_job_failure(self: BaseWorker, job: Job, *args: Any, **kw: Any) -> None:
+        at_failure.append(r.hgetall(leases_key("example.test")))
+        real(self, job, *args, **kw)
+
+    DeliveryQueue(r).enqueue_now("example.test", ["q1"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
+        mp.setattr(BaseWorker, "handle_job_failure", handle_job_failure)
+        try:
+            worker.work(burst=True, max_jobs=1, logging_level="ERROR")
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+    assert at_failure and at_failure[0] == {}, "still leased when RQ handled the failure"
