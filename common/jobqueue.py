@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,6 +278,27 @@ class DeliveryQueue:
         keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
         got = self._draw(keys=keys, args=[destination, job_id, max(1, limit), ttl, next_id, *writes])
         return [reply_text(x) for x in got]
+
+    def draw_in(
+        self, pipe: Any, destination: str, job_id: str, limit: int
+    ) -> Callable[[Sequence[Any]], list[str] | None]:
+        """``draw`` queued in ``pipe``, a pipeline of another write (RQ's start of the job,
+        worker/rqbook.py ``start``: a writing round trip a drain job fewer), by EVAL (a Redis that
+        lost its scripts takes it in the same round trip). Returns the function that reads its
+        answer: the ids, or None if the script failed (the job then draws for itself: a draw is
+        the same whether or not one ran before it)."""
+        next_id, writes = self._job_writes(destination)
+        ttl = self.job_timeout + DRAWN_TTL_EXTRA
+        keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
+        pipe.eval(_DRAW, len(keys), *keys, destination, job_id, max(1, limit), ttl, next_id, *writes)
+
+        def drawn(answers: Sequence[Any]) -> list[str] | None:
+            got = answers[0] if answers else None
+            if not isinstance(got, list):  # an error reply (an OOM under noeviction)
+                return None
+            return [reply_text(x) for x in got]
+
+        return drawn
 
     def drawn_done(self, job_id: str) -> None:
         """The drain job's messages are delivered, deferred with a job of their own, or gone."""

@@ -37,7 +37,7 @@ import redis
 from rq import SimpleWorker, worker_registration
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout
-from rq.executions import Execution, ExecutionRegistry
+from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
@@ -48,7 +48,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import WorkerStatus
 
-from common.jobqueue import CRASH_RETRY, DRAIN_FUNC, QueuedJob
+from common.jobqueue import DRAIN_FUNC, QueuedJob
 from common.pdeathsig import set_parent_death_signal
 from common.redisconn import REDIS_AWAY, NoReplicasError
 from common.statusscript import LAYOUT_INLINE
@@ -258,7 +258,7 @@ class ConcurrentWorker(SimpleWorker):
             try:
                 execution = self.prepare_execution(job)
             except REDIS_AWAY as e:
-                self.service.intake.end(job.id)
+                self.service.job_ended(job.id)
                 # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
                 # from which the recovery hands it back (_rescue_intermediate)
                 log.warning(
@@ -276,8 +276,11 @@ class ConcurrentWorker(SimpleWorker):
     # -- RQ's bookkeeping per job, lean (worker/rqbook.py): two transactions a job
     def prepare_execution(self, job: Job) -> Execution:
         queue = self.queue_class(job.origin, connection=self.connection, serializer=self.serializer)
+        # a drain job's draw goes in the same transaction (a writing round trip a job fewer)
+        named = QueuedJob.of(job)
+        ride = self.service.start_ride(named.destination, job.id) if job.func_name == DRAIN_FUNC else None
         execution = rqbook.start(
-            self.connection, job, self.name, self.get_heartbeat_ttl(job), queue.intermediate_queue_key
+            self.connection, job, self.name, self.get_heartbeat_ttl(job), queue.intermediate_queue_key, ride
         )
         self.executions[execution.id] = execution
         if self.get_state() != WorkerStatus.BUSY:  # a write when the state changes, not per job
@@ -293,7 +296,7 @@ class ConcurrentWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         if not rqbook.lean(job, self.default_result_ttl):  # not a delivery job: RQ's own way
-            self._forget_lapsed_executions(job)
+            rqbook.forget_lapsed_executions(self.connection, job)
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         ends = staged_ends()  # the job's leases end in the same write (worker/leases.py)
@@ -305,27 +308,6 @@ class ConcurrentWorker(SimpleWorker):
         self.executions.pop(execution.id, None)
         if job.started_at is not None and job.ended_at is not None:
             self._done.add((job.ended_at - job.started_at).total_seconds())
-
-    def _forget_lapsed_executions(self, job: Job) -> None:
-        """A job re-run after its worker died still lists the dead execution in its
-        ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
-        entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
-        found in Redis". Drop such entries first. A job never retried (all of CRASH_RETRY left)
-        had no execution before this one: no round trip for it. (rqbook.succeeded deletes the
-        registry whole: a delivery job needs none of this.)"""
-        if job.retries_left is not None and job.retries_left >= CRASH_RETRY.max:
-            return
-        registry = ExecutionRegistry(job.id, connection=self.connection)
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.connection.zrange(registry.key, 0, -1)]
-        if len(ids) < 2:
-            return
-        with self.connection.pipeline() as pipe:
-            for eid in ids:
-                pipe.exists(Execution(eid, job.id, connection=self.connection).key)
-            alive = pipe.execute()
-        gone = [eid for eid, there in zip(ids, alive, strict=True) if not there]
-        if gone:
-            self.connection.zrem(registry.key, *gone)
 
     def handle_job_failure(
         self,
@@ -352,7 +334,7 @@ class ConcurrentWorker(SimpleWorker):
                 # Redis gone while RQ recorded the outcome: the execution lapses and RQ re-runs the job
                 log.exception("worker %s: job %s could not be completed in RQ", self.name, job.id)
             finally:
-                self.service.intake.end(job.id)
+                self.service.job_ended(job.id)
                 with self._running_lock:
                     self._running.pop(execution.id, None)
                     self._renewed.pop(execution.id, None)

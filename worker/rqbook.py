@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
 
-from common.jobqueue import DELIVER_FUNC, DRAIN_FUNC
+from common.jobqueue import CRASH_RETRY, DELIVER_FUNC, DRAIN_FUNC
 from worker.leases import StagedEnd
 
-__all__ = ["Tally", "lean", "start", "succeeded"]
+__all__ = ["Tally", "forget_lapsed_executions", "lean", "start", "succeeded"]
 
 
 def lean(job: Job, default_result_ttl: int) -> bool:
@@ -48,9 +48,19 @@ def lean(job: Job, default_result_ttl: int) -> bool:
     return ours and job.get_result_ttl(default_result_ttl) == 0 and not job.repeats_left
 
 
-def start(connection: Any, job: Job, worker_name: str, ttl: int, intermediate_key: str) -> Execution:
+def start(
+    connection: Any,
+    job: Job,
+    worker_name: str,
+    ttl: int,
+    intermediate_key: str,
+    ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None,
+) -> Execution:
     """Register the execution of ``job`` by ``worker_name`` for ``ttl`` seconds (until the next
-    heartbeat) and mark the job started, in one transaction; returns the execution."""
+    heartbeat) and mark the job started, in one transaction; returns the execution. ``ride``
+    queues the job's own first write in the same transaction (a drain job's draw: worker/service.py
+    ``start_ride``) and returns the function its answers go to; an error of its own fails nothing
+    here (its function sees it)."""
     execution = Execution(uuid.uuid4().hex, job.id, connection=connection, worker_name=worker_name)
     execution._job = job
     job.worker_name = worker_name
@@ -71,7 +81,14 @@ def start(connection: Any, job: Job, worker_name: str, ttl: int, intermediate_ke
             },
         )
         pipe.lrem(intermediate_key, 1, job.id)
-        pipe.execute()
+        ours = len(pipe)
+        taken = ride(pipe) if ride is not None else None
+        answers = pipe.execute(raise_on_error=False)
+    for answer in answers[:ours]:
+        if isinstance(answer, Exception):
+            raise answer
+    if taken is not None:
+        taken(answers[ours:])
     job._status = JobStatus.STARTED
     return execution
 
@@ -90,6 +107,28 @@ def succeeded(connection: Any, job: Job, execution: Execution, also: Sequence[St
         pipe.srem(execution.worker_executions_key, execution.composite_key)
         pipe.execute()
     job._status = JobStatus.FINISHED
+
+
+def forget_lapsed_executions(connection: Any, job: Job) -> None:
+    """A job re-run after its worker died still lists the dead execution in its
+    ExecutionRegistry for 60 s after that execution's hash expired (RQ scores the registry
+    entry at TTL + 60), and RQ's clean-up of a finished job then fails with "Execution ... not
+    found in Redis". Drop such entries first. A job never retried (all of CRASH_RETRY left)
+    had no execution before this one: no round trip for it. (rqbook.succeeded deletes the
+    registry whole: a delivery job needs none of this.)"""
+    if job.retries_left is not None and job.retries_left >= CRASH_RETRY.max:
+        return
+    registry = ExecutionRegistry(job.id, connection=connection)
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in connection.zrange(registry.key, 0, -1)]
+    if len(ids) < 2:
+        return
+    with connection.pipeline() as pipe:
+        for eid in ids:
+            pipe.exists(Execution(eid, job.id, connection=connection).key)
+        alive = pipe.execute()
+    gone = [eid for eid, there in zip(ids, alive, strict=True) if not there]
+    if gone:
+        connection.zrem(registry.key, *gone)
 
 
 class Tally:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from common.envelope import RcptState, RecipientStatus
 from common.leasebook import LeaseBook
@@ -125,6 +127,9 @@ class DeliveryService:
         want = max(2 * self.concurrency, self.queue.draw_size)
         busy = min(self.concurrency, settings.destination_concurrency)  # one round (Intake.busy)
         self.intake = Intake(want, self.queue.draw_size, self.lanes.waiting, free=self.crew.permits.free, busy=busy)
+        # drain job id -> what its draw took when RQ started it (start_ride), until the job runs
+        self._drawn: dict[str, list[str]] = {}
+        self._drawn_lock = threading.Lock()
 
     @property
     def concurrency(self) -> int:
@@ -136,13 +141,40 @@ class DeliveryService:
         return self.crew.stopping.is_set()
 
     # -- the job ------------------------------------------------------------------------------------
+    def start_ride(self, destination: str, job_id: str) -> Callable[[Any], Callable[[Sequence[Any]], None]]:
+        """A drain job's draw, to go in RQ's start of the job (worker/rqbook.py ``start`` ``ride``,
+        worker/pool.py): a writing round trip a job fewer. What it drew waits for ``drain``, which
+        draws for itself if it finds nothing (the ride failed, or its answer was lost)."""
+
+        def stage(pipe: Any) -> Callable[[Sequence[Any]], None]:
+            drawn = self.queue.draw_in(pipe, destination, job_id, self.intake.share(job_id))
+
+            def take(answers: Sequence[Any]) -> None:
+                ids = drawn(answers)
+                if ids is not None:
+                    with self._drawn_lock:
+                        self._drawn[job_id] = ids
+
+            return take
+
+        return stage
+
+    def job_ended(self, job_id: str) -> None:
+        """The job is over here, however it ended (worker/pool.py): what it held is given back."""
+        self.intake.end(job_id)
+        with self._drawn_lock:
+            self._drawn.pop(job_id, None)
+
     def drain(self, destination: str, job_id: str) -> None:
         """A drain job (common/jobqueue.py): deliver what it takes off ``destination``'s pending
-        list. Its list of what it took goes only once they are dealt with: a re-run after a crash
-        delivers the same messages (recipients already final are skipped)."""
+        list (or took when RQ started it: ``start_ride``). Its list of what it took goes only once
+        they are dealt with: a re-run after a crash delivers the same messages (recipients already
+        final are skipped)."""
         dropped = False
+        with self._drawn_lock:
+            drawn = self._drawn.pop(job_id, None)
         try:
-            ids = self.queue.draw(destination, job_id, self.intake.share(job_id))
+            ids = drawn if drawn is not None else self.queue.draw(destination, job_id, self.intake.share(job_id))
             if ids:
                 dropped = self.deliver(
                     destination, ids, landed=lambda: self.intake.landed(job_id), done=[drawn_key(job_id)]

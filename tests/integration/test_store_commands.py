@@ -9,7 +9,10 @@ import time
 import redis
 
 from common.envelope import Envelope, RcptState, Recipient, RecipientStatus
+from common.jobqueue import DRAIN_FUNC, DeliveryQueue
 from common.leasebook import LeaseBook
+from common.routing import Router
+from common.spool import Spool
 from common.statusscript import SET_STATUSES
 from common.store import REMOVED, Message, Store, leases_key, msg_key
 from tests.redisserver import RedisServer
@@ -151,3 +154,19 @@ def test_a_jobs_leases_end_in_another_writes_pipeline_even_after_redis_lost_its_
             r.delete("mtaq:dest:y.test:down")
         else:
             assert look.found is None
+
+
+def test_a_drain_jobs_draw_rides_a_transaction_on_a_redis_that_lost_its_scripts(redis_server: RedisServer) -> None:
+    """DeliveryQueue.draw_in (worker/rqbook.py start): by EVAL inside RQ's MULTI/EXEC, the share
+    moved into the job's list and the next drain job queued for what is left, on a real Redis."""
+    r = redis.Redis.from_url(redis_server.url)
+    queue = DeliveryQueue(r, job_func=DRAIN_FUNC, draw_size=2)
+    Spool(Store(r), queue, Router()).commit([message(f"D{n}") for n in range(3)])
+    [job_id] = queue.rq.get_job_ids()
+    r.script_flush()
+    with r.pipeline() as pipe:
+        pipe.set("rq:job:started-mark", "1")  # RQ's own writes of the start
+        drawn = queue.draw_in(pipe, "y.test", job_id, 2)
+        answers = pipe.execute(raise_on_error=False)
+    assert drawn(answers[1:]) == ["D0", "D1"] == queue.drawn(job_id)
+    assert queue.pending_ids("y.test") == ["D2"] and len(queue.rq.get_job_ids()) == 2, "the next job queued"

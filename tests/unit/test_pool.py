@@ -90,6 +90,32 @@ def test_a_burst_runs_the_queued_jobs_and_the_mail_goes_out(
     assert len(service.queue.rq) == 0 and len(service.queue.rq.started_job_registry) == 0
 
 
+def test_a_drain_jobs_draw_rides_rqs_start_of_it(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """worker/service.py start_ride: the draw goes in the transaction that registers the job's
+    execution (rqbook.start), not in a round trip of the job's own; a draw that failed there leaves
+    the job to draw for itself (below)."""
+    drain_job(service, 5)
+
+    def own_round_trip(*args: object) -> list[str]:
+        raise AssertionError("drew in a round trip of its own")
+
+    monkeypatch.setattr(service.queue, "draw", own_round_trip)
+    assert worker(r, service).work(burst=True, with_scheduler=False)
+    assert sorted(x for _, _, (x,) in peer.taken) == [f"u{i}@y.test" for i in range(5)]
+    assert service._drawn == {} and service.queue.pending_ids("y.test") == []
+
+
+def test_a_drain_job_whose_draw_failed_in_rqs_start_draws_for_itself(
+    r: fakeredis.FakeRedis, service: DeliveryService, peer: FakePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = drain_job(service, 2)
+    monkeypatch.setattr(service.queue, "draw_in", lambda *a: lambda answers: None)  # an error reply
+    assert worker(r, service).work(burst=True, with_scheduler=False)
+    assert len(peer.taken) == 2 and service.queue.drawn(job_id) == []
+
+
 def test_the_heartbeat_pushes_on_the_services_leases(r: fakeredis.FakeRedis, service: DeliveryService) -> None:
     w = worker(r, service)
     w.register_birth()
