@@ -294,7 +294,7 @@ class DeliveryQueue:
 
         def drawn(answers: Sequence[Any]) -> list[str] | None:
             got = answers[0] if answers else None
-            if not isinstance(got, list):  # an error reply (an OOM under noeviction)
+            if not isinstance(got, list):  # an error reply of the script (a key of another type)
                 return None
             return [reply_text(x) for x in got]
 

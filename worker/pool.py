@@ -260,7 +260,10 @@ class ConcurrentWorker(SimpleWorker):
             except REDIS_AWAY as e:
                 self.service.job_ended(job.id)
                 # a failover between the dequeue and this: the job waits in RQ's intermediate queue,
-                # from which the recovery hands it back (_rescue_intermediate)
+                # from which the recovery hands it back (_rescue_intermediate); or, if the start's
+                # transaction was applied and its answer lost, it is in the StartedJobRegistry and
+                # RQ's clean-up runs it again once the execution lapses (a drain job's re-run finds
+                # what the start drew)
                 log.warning(
                     "worker %s: Redis unavailable starting job %s (%s); it is handed back", self.name, job.id, e
                 )
@@ -277,8 +280,10 @@ class ConcurrentWorker(SimpleWorker):
     def prepare_execution(self, job: Job) -> Execution:
         queue = self.queue_class(job.origin, connection=self.connection, serializer=self.serializer)
         # a drain job's draw goes in the same transaction (a writing round trip a job fewer)
-        named = QueuedJob.of(job)
-        ride = self.service.start_ride(named.destination, job.id) if job.func_name == DRAIN_FUNC else None
+        ride = None
+        if job.func_name == DRAIN_FUNC and len(job.args or ()) > 1:
+            # drain(destination, its id): the list it draws into is named by the argument
+            ride = self.service.start_ride(str(job.args[0]), str(job.args[1]))
         execution = rqbook.start(
             self.connection, job, self.name, self.get_heartbeat_ttl(job), queue.intermediate_queue_key, ride
         )

@@ -151,9 +151,11 @@ class DeliveryService:
 
             def take(answers: Sequence[Any]) -> None:
                 ids = drawn(answers)
-                if ids is not None:
-                    with self._drawn_lock:
+                with self._drawn_lock:
+                    if ids is not None:
                         self._drawn[job_id] = ids
+                    else:  # none of an earlier run's either: the job draws for itself
+                        self._drawn.pop(job_id, None)
 
             return take
 

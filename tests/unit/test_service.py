@@ -13,6 +13,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
 from common.dkimkeys import KeyTable
 from common.envelope import Envelope, RcptState, Recipient
@@ -390,3 +391,22 @@ def test_a_job_asks_whether_its_destination_is_down_in_its_load_s_round_trip(
     r.delete("mtaq:dest:y.test:down")
     service.deliver("y.test", [qid])
     assert [rc for _, _, (rc,) in peer.taken] == ["u@y.test"] and len(scheduled.calls) == 1
+
+
+def test_a_draw_that_failed_in_rqs_start_leaves_no_earlier_runs_ids(
+    r: fakeredis.FakeRedis, service: DeliveryService
+) -> None:
+    """start_ride: an error reply of the ridden draw leaves the job to draw for itself, whatever an
+    earlier run of the same job id left."""
+    service._drawn["J1"] = ["Q0"]
+    with r.pipeline() as pipe:
+        take = service.start_ride("y.test", "J1")(pipe)
+    take([redis.ResponseError("WRONGTYPE")])
+    assert "J1" not in service._drawn
+    with r.pipeline() as pipe:
+        take = service.start_ride("y.test", "J1")(pipe)
+        pipe.execute()
+    take([[b"Q1"]])
+    assert service._drawn["J1"] == ["Q1"]
+    service.job_ended("J1")
+    assert service._drawn == {}
