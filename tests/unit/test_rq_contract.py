@@ -286,6 +286,22 @@ def test_our_job_arguments_travel_as_json(r: fakeredis.FakeRedis) -> None:
     assert job.func_name == "worker.jobs.deliver" and job.retries_left == 20
 
 
+def burst(worker: ConcurrentWorker, deliver: Callable[..., None], *patches: tuple[object, str, object]) -> bool:
+    """The worker's loop in burst mode, its jobs' ``worker.jobs.deliver`` replaced by ``deliver`` (and
+    each (target, name, value) of ``patches`` set); work() installs signal handlers of its own, put
+    back after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
+        for target, name, value in patches:
+            mp.setattr(target, name, value)
+        try:
+            return bool(worker.work(burst=True, logging_level="ERROR"))
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+
 def test_a_delivery_job_is_booked_in_two_transactions_and_leaves_nothing(
     worker: ConcurrentWorker, r: fakeredis.FakeRedis
 ) -> None:
@@ -302,14 +318,7 @@ def test_a_delivery_job_is_booked_in_two_transactions_and_leaves_nothing(
 
     DeliveryQueue(r).enqueue_now("example.test", ["q1"])
     job_id = q.get_job_ids()[0]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
-        try:
-            assert worker.work(burst=True, logging_level="ERROR") is True
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
+    assert burst(worker, deliver) is True
     assert seen["running"] == [job_id] and seen["status"] == JobStatus.STARTED
     assert len(seen["executions"]) == 1
     assert not r.exists(f"rq:job:{job_id}", f"rq:executions:{job_id}"), "the finished job was left behind"
@@ -337,15 +346,7 @@ def test_a_delivery_job_s_leases_end_in_its_success_write(worker: ConcurrentWork
         real(connection, job, execution, also)
 
     DeliveryQueue(r).enqueue_now("example.test", ["q1"])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
-        mp.setattr(rqbook, "succeeded", succeeded)
-        try:
-            assert worker.work(burst=True, logging_level="ERROR") is True
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
+    assert burst(worker, deliver, (rqbook, "succeeded", succeeded)) is True
     assert set(seen["after the block"]) == {b"q1"}, "ended in a round trip of its own"
     assert writes == [1], "not in the success write"
     assert r.hgetall(leases_key("example.test")) == {} and not r.keys("mtaq:holder:*")
@@ -370,13 +371,5 @@ def test_a_job_that_fails_after_its_lease_block_ends_them_before_rq_queues_it_ag
         real(self, job, *args, **kw)
 
     DeliveryQueue(r).enqueue_now("example.test", ["q1"])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("worker.jobs"), "deliver", deliver)
-        mp.setattr(BaseWorker, "handle_job_failure", handle_job_failure)
-        try:
-            worker.work(burst=True, max_jobs=1, logging_level="ERROR")
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
+    burst(worker, deliver, (BaseWorker, "handle_job_failure", handle_job_failure))
     assert at_failure and at_failure[0] == {}, "still leased when RQ handled the failure"
