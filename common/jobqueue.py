@@ -273,11 +273,15 @@ class DeliveryQueue:
         """Drain job ``job_id`` starting: up to ``limit`` queue ids off ``destination``'s pending
         list into the job's own list (or, run again after a crash, what that list holds), the
         job's mark dropped, and the next drain job queued if ids are left. One round trip."""
+        keys, args = self._draw_call(destination, job_id, limit)
+        return [reply_text(x) for x in self._draw(keys=keys, args=args)]
+
+    def _draw_call(self, destination: str, job_id: str, limit: int) -> tuple[list[str], list[Any]]:
+        """The draw script's keys and arguments (the next drain job's RQ writes among them)."""
         next_id, writes = self._job_writes(destination)
         ttl = self.job_timeout + DRAWN_TTL_EXTRA
         keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
-        got = self._draw(keys=keys, args=[destination, job_id, max(1, limit), ttl, next_id, *writes])
-        return [reply_text(x) for x in got]
+        return keys, [destination, job_id, max(1, limit), ttl, next_id, *writes]
 
     def draw_in(
         self, pipe: Any, destination: str, job_id: str, limit: int
@@ -287,10 +291,8 @@ class DeliveryQueue:
         lost its scripts takes it in the same round trip). Returns the function that reads its
         answer: the ids, or None if the script failed (the job then draws for itself: a draw is
         the same whether or not one ran before it)."""
-        next_id, writes = self._job_writes(destination)
-        ttl = self.job_timeout + DRAWN_TTL_EXTRA
-        keys = [pend_key(destination), ARMED, PEND_COUNT, drawn_key(job_id), DRAWN_AVG]
-        pipe.eval(_DRAW, len(keys), *keys, destination, job_id, max(1, limit), ttl, next_id, *writes)
+        keys, args = self._draw_call(destination, job_id, limit)
+        pipe.eval(_DRAW, len(keys), *keys, *args)
 
         def drawn(answers: Sequence[Any]) -> list[str] | None:
             got = answers[0] if answers else None

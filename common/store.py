@@ -61,6 +61,7 @@ from common.statusscript import LAYOUT_FIELD, LAYOUT_INLINE, SET_STATUSES, STATU
 from common.statusscript import REMOVED as REMOVED
 from common.storeio import (
     Replicated,
+    Ride,
     StoreError,
     StoreFull,
     StoreNotReplicated,
@@ -433,7 +434,7 @@ class Store:
         return self._load(ids, with_hold=False)[0]
 
     def load_with_hold(
-        self, ids: Sequence[str], ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None
+        self, ids: Sequence[str], ride: Ride | None = None
     ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
         """``load_many``, and those of ``ids`` on hold, in the same round trip: a summary that keeps
         the hold flag (``k``, common/queuestats.py qs_is_held) says it, read with the message; the
@@ -449,7 +450,7 @@ class Store:
         ids: Sequence[str],
         *,
         with_hold: bool,
-        ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None,
+        ride: Ride | None = None,
     ) -> tuple[list[tuple[Message, dict[int, RecipientStatus]] | None], set[str]]:
         pipe = self.redis.pipeline(transaction=False)
         for qid in ids:
@@ -547,7 +548,7 @@ class Store:
         events: Sequence[Event | None] = (),
         also: Callable[[Any], None] | None = None,
         last: Mapping[str, str] | None = None,
-        ride: Callable[[Any], Callable[[Sequence[Any]], None] | None] | None = None,
+        ride: Ride | None = None,
     ) -> list[int]:
         """``set_statuses`` for (queue id, recipient index, status) entries, in one round trip; the
         same id may come more than once (the worker's outcome writer merges several jobs' turns).

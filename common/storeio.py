@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -17,6 +17,7 @@ from common.redisconn import NoReplicasError
 
 __all__ = [
     "Replicated",
+    "Ride",
     "StoreError",
     "StoreFull",
     "StoreNotReplicated",
@@ -26,6 +27,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("mtaq.store")
+
+# Commands of another owner's that go in a round trip a caller makes anyway: the function queues
+# them in the pipeline and returns the one their answers go to once it has run (None: nothing
+# queued). Used by the job's load, RQ's start of a job and the outcome writes (issue 15).
+Ride = Callable[[Any], Callable[[Sequence[Any]], None] | None]
 
 
 def reply_text(v: Any, errors: str = "strict") -> str:

@@ -137,11 +137,12 @@ class Leases:
             with self._lock:
                 self._held.pop(token, None)
             done = [] if failed else lease.done
-            staged: list[StagedEnd] | None = None if failed else getattr(_staged, "ends", None)
-            if (got or done) and staged is not None:
-                staged.append(StagedEnd(self.book, got, destination, token, list(done)))
-            elif got or done:
-                self.book.end(got, destination, token, done)
+            if got or done:
+                staged: list[StagedEnd] | None = None if failed else getattr(_staged, "ends", None)
+                if staged is not None:
+                    staged.append(StagedEnd(self.book, got, destination, token, list(done)))
+                else:
+                    self.book.end(got, destination, token, done)
 
     def renew(self) -> None:
         """Push on the leases held now that are a quarter of their TTL old (the worker's heartbeat,

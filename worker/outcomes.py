@@ -19,6 +19,7 @@ from common.classify import classify
 from common.envelope import LOG_STATUS, RcptState, RecipientStatus
 from common.redisconn import REDIS_AWAY
 from common.store import REMOVED, Message, Store
+from common.storeio import Ride
 from worker.feedback import Feedback
 from worker.journal import ADOPT_EVERY, OutcomeJournal, adopt, encode, record_adopted
 from worker.parcel import Outcome, Parcel
@@ -279,7 +280,7 @@ class OutcomeWriter:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         journal: OutcomeJournal | None = None,
-        ride: Callable[[Any], Callable[[Sequence[Any]], None] | None] | None = None,
+        ride: Ride | None = None,
     ) -> None:
         self.store = store
         self.feedback = feedback

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rq.executions import Execution, ExecutionRegistry
@@ -35,6 +35,7 @@ from rq.job import Job, JobStatus
 from rq.utils import now, utcformat
 
 from common.jobqueue import CRASH_RETRY, DELIVER_FUNC, DRAIN_FUNC
+from common.storeio import Ride
 from worker.leases import StagedEnd
 
 __all__ = ["Tally", "forget_lapsed_executions", "lean", "start", "succeeded"]
@@ -54,7 +55,7 @@ def start(
     worker_name: str,
     ttl: int,
     intermediate_key: str,
-    ride: Callable[[Any], Callable[[Sequence[Any]], None]] | None = None,
+    ride: Ride | None = None,
 ) -> Execution:
     """Register the execution of ``job`` by ``worker_name`` for ``ttl`` seconds (until the next
     heartbeat) and mark the job started, in one transaction; returns the execution. ``ride``

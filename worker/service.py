@@ -39,6 +39,7 @@ from common.mx import MXResolver
 from common.settings import Settings
 from common.spool import Spool
 from common.store import Message, drawn_key
+from common.storeio import Ride
 from worker.crew import Crew
 from worker.delays import warn_delayed
 from worker.feedback import Feedback
@@ -141,7 +142,7 @@ class DeliveryService:
         return self.crew.stopping.is_set()
 
     # -- the job ------------------------------------------------------------------------------------
-    def start_ride(self, destination: str, job_id: str) -> Callable[[Any], Callable[[Sequence[Any]], None]]:
+    def start_ride(self, destination: str, job_id: str) -> Ride:
         """A drain job's draw, to go in RQ's start of the job (worker/rqbook.py ``start`` ``ride``,
         worker/pool.py): a writing round trip a job fewer. What it drew waits for ``drain``, which
         draws for itself if it finds nothing (the ride failed, or its answer was lost)."""

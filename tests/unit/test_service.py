@@ -401,11 +401,13 @@ def test_a_draw_that_failed_in_rqs_start_leaves_no_earlier_runs_ids(
     service._drawn["J1"] = ["Q0"]
     with r.pipeline() as pipe:
         take = service.start_ride("y.test", "J1")(pipe)
+    assert take is not None, "a drain's draw is always queued"
     take([redis.ResponseError("WRONGTYPE")])
     assert "J1" not in service._drawn
     with r.pipeline() as pipe:
         take = service.start_ride("y.test", "J1")(pipe)
         pipe.execute()
+    assert take is not None
     take([[b"Q1"]])
     assert service._drawn["J1"] == ["Q1"]
     service.job_ended("J1")
